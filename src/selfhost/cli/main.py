@@ -1,0 +1,37 @@
+"""Entry point of the `selfhost` console script.
+
+Each command group lives in its own module; this file only wires them into one
+Typer app and turns user errors into a one-line message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from selfhost.errors import SelfhostError
+
+app = typer.Typer(
+    name="selfhost",
+    help="Run open-weight language models on your own hardware, and know what it costs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register_commands() -> None:
+    from selfhost.cli import run as run_cmd
+
+    run_cmd.register(app)
+
+
+def main() -> None:
+    _register_commands()
+    try:
+        app()
+    except SelfhostError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(1)

@@ -1,0 +1,22 @@
+"""Errors a user or client can cause.
+
+Every error here carries a message that names the offending value and what
+would have been accepted. The CLI prints it as one line and exits non-zero; the
+server turns it into an OpenAI-shaped 4xx response.
+"""
+
+
+class SelfhostError(Exception):
+    """Base class of every error a user can cause and fix."""
+
+
+class ModelNotFoundError(SelfhostError):
+    """A model reference that is neither a usable folder nor a reachable Hub id."""
+
+
+class UnsupportedModelError(SelfhostError):
+    """A checkpoint whose architecture or weight format selfhost will not run."""
+
+
+class InvalidParameterError(SelfhostError, ValueError):
+    """A sampling, engine or command parameter outside its valid range."""
