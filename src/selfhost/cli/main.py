@@ -26,6 +26,9 @@ def _register_commands() -> None:
     from selfhost.cli import run as run_cmd
 
     run_cmd.register(app)
+    from selfhost.cli import bench as bench_cmd
+
+    bench_cmd.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,227 @@
+"""`selfhost bench` (load-test an OpenAI-compatible endpoint or the in-process
+engine) and `selfhost runs list|compare` (read bench runs back from MLflow)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from selfhost.bench.dist import SYNTAX_HELP, parse_length_dist
+from selfhost.bench.runner import Level, LevelRun, plan_levels
+from selfhost.bench.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from selfhost.errors import InvalidParameterError
+
+console = Console()
+
+runs_app = typer.Typer(help="Read bench runs back from MLflow.", no_args_is_help=True)
+
+TrackingUri = Annotated[str, typer.Option("--tracking-uri", help="MLflow store: sqlite:///file.db or http://host:5000.")]
+Experiment = Annotated[str, typer.Option("--experiment", help="MLflow experiment holding bench runs.")]
+
+
+def _numbers(text: str | None, kind: type, flag: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidParameterError(f"{flag} {text!r} must be a comma-separated list of numbers, e.g. 1,4,16") from None
+    if not values:
+        raise InvalidParameterError(f"{flag} {text!r} names no value")
+    return values
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "model"
+
+
+def bench(
+    url: Annotated[Optional[str], typer.Option(help="API base of an OpenAI-compatible server, e.g. http://localhost:8000/v1.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model name the server serves (the request's `model`).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="SELFHOST_BENCH_API_KEY", help="Bearer token, if the endpoint needs one.")] = None,
+    api: Annotated[str, typer.Option(help="chat (/v1/chat/completions) or completions (/v1/completions).")] = "chat",
+    concurrency: Annotated[Optional[str], typer.Option(help="Requests in flight per level, e.g. 1,4,16,64 (the cap, with --request-rate).")] = None,
+    requests: Annotated[int, typer.Option(help="Requests sent at every level.")] = 64,
+    prompt_tokens: Annotated[str, typer.Option(help=f"Prompt length DIST: {SYNTAX_HELP}.")] = "fixed:256",
+    output_tokens: Annotated[str, typer.Option(help="Reply length DIST (sent as max_tokens).")] = "fixed:128",
+    dataset: Annotated[Optional[Path], typer.Option(help="JSONL/JSON prompts (prompt, messages or ShareGPT conversations) instead of synthetic ones.")] = None,
+    request_rate: Annotated[Optional[str], typer.Option(help="Poisson arrival rate(s) in requests/s, e.g. 2 or 1,2,4: one open-loop level per rate.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for prompts, lengths and arrivals; same seed, same requests.")] = 0,
+    timeout: Annotated[float, typer.Option(help="Seconds before one request counts as a timeout.")] = 300.0,
+    tokenizer: Annotated[Optional[str], typer.Option(help="HF tokenizer (folder or Hub id) for exact prompt lengths and for counting when the server sends no usage.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature sent with every request.")] = 0.0,
+    ignore_eos: Annotated[bool, typer.Option(help="Send ignore_eos so replies run to max_tokens (turn off for hosted APIs that reject it).")] = True,
+    backend: Annotated[Optional[str], typer.Option(help="Label: serving stack (auto-detected from /v1/models when possible).")] = None,
+    quantization: Annotated[Optional[str], typer.Option(help="Label: quantization of the served model (e.g. bf16, int8, Q4_K_M).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Label: hardware serving it (e.g. 1xH100, M2 Max).")] = None,
+    offline: Annotated[Optional[str], typer.Option(help="Run the workload through the in-process engine with this model instead of a server.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for result.json, requests.jsonl and plots [default: bench-results/<time>-<model>].")] = None,
+    tracking_uri: TrackingUri = DEFAULT_TRACKING_URI,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+    track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
+    run_name: Annotated[Optional[str], typer.Option(help="MLflow run name [default: model and time].")] = None,
+) -> None:
+    """Measure latency and throughput of an OpenAI-compatible endpoint (or the in-process engine)."""
+    from selfhost.bench.result import BenchResult, RunInfo
+    from selfhost.bench.report import result_table, write_outputs
+    from selfhost.bench.stats import level_stats
+    from selfhost.bench.workload import dataset_workload, synthetic_workload
+
+    if (url is None) == (offline is None):
+        raise InvalidParameterError("give exactly one of --url (a server) or --offline MODEL (the in-process engine)")
+    if url is not None and not model:
+        raise InvalidParameterError("--model is required with --url: the name the server knows the model by")
+    model_name = model or offline
+    assert model_name is not None
+    levels = plan_levels(_numbers(concurrency, int, "--concurrency"), _numbers(request_rate, float, "--request-rate"))
+    output_dist = parse_length_dist(output_tokens)
+    counter = None
+    if tokenizer is not None:
+        from selfhost.bench.tokens import load_token_counter
+
+        counter = load_token_counter(tokenizer)
+    if dataset is not None:
+        workload = dataset_workload(dataset, requests, output_dist, seed)
+    else:
+        workload = synthetic_workload(requests, parse_length_dist(prompt_tokens), output_dist, seed, counter)
+
+    started = datetime.now(timezone.utc)
+    name = run_name or f"{_slug(model_name)}-{started.astimezone():%Y%m%d-%H%M%S}"
+    out_dir = out or Path("bench-results") / name
+
+    if offline is not None:
+        from selfhost.bench.offline import check_levels
+
+        check_levels(levels)
+        info = RunInfo("offline", model_name, backend=backend or "selfhost-offline", quantization=quantization, device=device)
+    else:
+        from selfhost.bench.client import EndpointConfig
+
+        config = EndpointConfig(url, model_name, api, api_key, timeout, temperature, ignore_eos)
+        detected = backend or asyncio.run(_detect_backend(config))
+        info = RunInfo("http", model_name, url, api, detected, quantization, device)
+
+    tracked = None
+    if track:
+        from selfhost.bench.tracking import run_params, start_run
+
+        # MLflow retries an unreachable server for minutes by default; fail fast instead.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        tracked = start_run(tracking_uri, experiment, name, run_params(info, workload, levels, timeout))
+
+    runs: list[LevelRun] = []
+    interrupted = False
+    console.print(f"[bold]bench[/] {info.model} @ {info.url or 'in-process engine'}: {workload.describe()}, "
+                  f"levels {', '.join(level.label for level in levels)}")
+    try:
+        with _ProgressBar(len(levels) * len(workload.requests)) as (on_level, on_record):
+            if offline is not None:
+                from selfhost.bench.offline import load_engine, run_offline_levels
+
+                llm, sampling_params_cls = load_engine(offline)
+                run_offline_levels(llm, sampling_params_cls, workload.requests, levels, runs, on_level, on_record)
+            else:
+                asyncio.run(_run_http(config, counter, workload.requests, levels, runs, seed, on_level, on_record))
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print("[yellow]interrupted: writing what finished[/]")
+
+    result = BenchResult(
+        info=info,
+        workload=workload.to_dict(),
+        levels=tuple(level_stats(run) for run in runs),
+        started_at=started.isoformat(timespec="seconds"),
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        interrupted=interrupted,
+        tracking={"uri": tracking_uri, "experiment": experiment, "run_id": tracked.run_id} if tracked else None,
+    )
+    files = write_outputs(result, runs, out_dir)
+    console.print(result_table(result))
+    if tracked is not None:
+        tracked.finish(result, files)
+    console.print(f"results in {out_dir}/" + (f"; MLflow run {tracked.run_id} in {tracking_uri}" if tracked else ""))
+    if interrupted:
+        raise typer.Exit(130)
+
+
+async def _detect_backend(config) -> str | None:
+    from selfhost.bench.client import EndpointClient, detect_backend
+
+    async with EndpointClient(config) as client:
+        return detect_backend(await client.list_models())
+
+
+async def _run_http(config, counter, requests, levels: list[Level], runs: list[LevelRun], seed, on_level, on_record) -> None:
+    from selfhost.bench.client import EndpointClient
+    from selfhost.bench.runner import run_levels
+
+    async with EndpointClient(config, counter) as client:
+        await run_levels(client.send, requests, levels, runs, seed, on_level, on_record)
+
+
+class _ProgressBar:
+    """A rich progress bar over all requests of all levels, as two callbacks."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(), console=console, transient=True,
+        )
+        self.task = self.bar.add_task("starting", total=total, errors=0)
+        self.errors = 0
+
+    def __enter__(self):
+        self.bar.__enter__()
+
+        def on_level(level: Level) -> None:
+            self.bar.update(self.task, description=f"level {level.label}")
+
+        def on_record(record) -> None:
+            self.errors += 0 if record.ok else 1
+            self.bar.update(self.task, advance=1, errors=self.errors)
+
+        return on_level, on_record
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+
+@runs_app.command("list")
+def runs_list(
+    tracking_uri: TrackingUri = DEFAULT_TRACKING_URI,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+    limit: Annotated[int, typer.Option(help="How many recent runs to show.")] = 20,
+) -> None:
+    """Recent bench runs, newest first."""
+    from selfhost.bench.runs import recent_runs, runs_table
+
+    found = recent_runs(tracking_uri, experiment, limit)
+    if not found:
+        console.print(f"no bench runs in experiment {experiment!r} at {tracking_uri}")
+        return
+    console.print(runs_table(found))
+
+
+@runs_app.command("compare")
+def runs_compare(
+    run_ids: Annotated[list[str], typer.Argument(help="Run ids (or unique prefixes of 6+ characters).")],
+    tracking_uri: TrackingUri = DEFAULT_TRACKING_URI,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+) -> None:
+    """Bench runs side by side: params, headline metrics, and every level."""
+    from selfhost.bench.runs import compare_table, find_runs
+
+    console.print(compare_table(find_runs(tracking_uri, experiment, run_ids)))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
+    app.add_typer(runs_app, name="runs")

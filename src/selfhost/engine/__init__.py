@@ -1,0 +1,1 @@
+"""Scheduling, KV memory and the step loop that drives a model."""

@@ -1,0 +1,78 @@
+"""One request's state while it is being generated."""
+
+from __future__ import annotations
+
+import torch
+
+from selfhost.engine.detokenizer import IncrementalDetokenizer
+from selfhost.layers.sampler import SamplerRow
+from selfhost.outputs import RequestOutput, TokenLogprob
+from selfhost.sampling_params import SamplingParams
+from selfhost.tokenizer import Tokenizer
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        max_len: int,
+    ):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.output_ids: list[int] = []
+        self.detok = IncrementalDetokenizer(tokenizer, params.stop)
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        # Never run past the model's context: the length budget is the smaller of both.
+        self.max_output = min(params.max_tokens, max_len - len(prompt_ids))
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eos_token_ids))
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        self.sampler_row = SamplerRow(params, prompt_ids, self.output_ids, generator)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_id: int, logprob: tuple[float, list[tuple[int, float]]] | None) -> None:
+        """Record one sampled token and decide whether the sequence is done."""
+        self.output_ids.append(token_id)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(TokenLogprob(token_id, logprob[0], dict(logprob[1])))
+        if token_id in self.stop_ids:
+            # A stop token ends the text but is not part of it.
+            self.finish_reason = "stop"
+            self.detok.flush()
+            return
+        self.detok.add(token_id)
+        if self.detok.stopped:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.max_output:
+            self.finish_reason = "length"
+            self.detok.flush()
+
+    def take_delta(self) -> str:
+        return self.detok.take_delta(final=self.is_finished)
+
+    def to_output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_ids,
+            text=self.detok.text,
+            token_ids=list(self.output_ids),
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+        )

@@ -1,0 +1,1 @@
+"""Building blocks of decoder-only transformers. Plain numbers in, no transformers imports."""

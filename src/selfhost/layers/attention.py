@@ -1,0 +1,121 @@
+"""Self-attention: projections, q/k norm and rotary here; the cache behind a seam.
+
+`Attention.forward` never touches KV memory itself. It hands q, k, v to the
+`KVStore` the engine passes in, which writes the new keys and values wherever
+its memory layout keeps them (one contiguous buffer, or paged blocks) and
+returns the attention output. That is the one place a paged cache plugs in.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfhost.layers.norm import RMSNorm
+from selfhost.layers.rotary import apply_rotary
+
+
+class KVStore(Protocol):
+    def attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,  # (T, num_heads, head_dim)
+        k: torch.Tensor,  # (T, num_kv_heads, head_dim)
+        v: torch.Tensor,  # (T, num_kv_heads, head_dim)
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:  # (T, num_heads, head_dim)
+        ...
+
+
+def causal_mask(q_start: int, num_queries: int, num_keys: int, sliding_window: int | None, device) -> torch.Tensor:
+    """Boolean (num_queries, num_keys) mask; query i sits at position q_start + i."""
+    q_pos = torch.arange(q_start, q_start + num_queries, device=device).unsqueeze(1)
+    k_pos = torch.arange(num_keys, device=device).unsqueeze(0)
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= q_pos - k_pos < sliding_window
+    return allowed
+
+
+def attend_one_sequence(
+    q: torch.Tensor,  # (T, H, D)
+    k: torch.Tensor,  # (Hkv, L, D): cached keys at positions 0..L-1
+    v: torch.Tensor,  # (Hkv, L, D)
+    q_start: int,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Causal (optionally windowed, soft-capped) attention of one sequence's queries over its keys."""
+    num_queries, num_heads, head_dim = q.shape
+    num_kv_heads, num_keys, _ = k.shape
+    needs_mask = num_queries > 1 or (sliding_window is not None and num_keys > sliding_window)
+    if softcap is None:
+        qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
+        mask = causal_mask(q_start, num_queries, num_keys, sliding_window, q.device) if needs_mask else None
+        out = F.scaled_dot_product_attention(
+            qh, k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads
+        )
+        return out[0].transpose(0, 1)  # (T, H, D)
+    # Soft-capping squashes the scores before softmax, which SDPA cannot do: spell it out.
+    group = num_heads // num_kv_heads
+    qh = q.view(num_queries, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # (Hkv, G, T, D)
+    scores = torch.matmul(qh.reshape(num_kv_heads, group * num_queries, head_dim), k.transpose(1, 2))
+    scores = scores.view(num_kv_heads, group, num_queries, num_keys).float() * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if needs_mask:
+        mask = causal_mask(q_start, num_queries, num_keys, sliding_window, q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    out = torch.matmul(probs.view(num_kv_heads, group * num_queries, num_keys), v)  # (Hkv, G*T, D)
+    return out.view(num_kv_heads, group, num_queries, head_dim).permute(2, 0, 1, 3).reshape(
+        num_queries, num_heads, head_dim
+    )
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        layer_idx: int,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm_eps: float | None,
+        norm_weight_offset: float,
+        sliding_window: int | None,
+        softcap: float | None,
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        # q, k and v share one matmul; checkpoints with separate weights are packed at load.
+        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_bias)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, norm_weight_offset)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, norm_weight_offset)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = kv.attend(self.layer_idx, q, k, v, self.scale, self.sliding_window, self.softcap)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))

@@ -1,0 +1,23 @@
+"""RMSNorm, with the (1 + w) weight convention Gemma checkpoints use."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, weight_offset: float = 0.0):
+        super().__init__()
+        self.eps = eps
+        # Gemma stores w and scales by (1 + w); Llama-style stores the scale itself.
+        self.weight_offset = weight_offset
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the activation dtype, as the reference does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_offset:
+            return (x32 * (self.weight.float() + self.weight_offset)).to(x.dtype)
+        return self.weight * x32.to(x.dtype)

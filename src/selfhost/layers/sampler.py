@@ -1,0 +1,104 @@
+"""Turn a step's logits into next tokens, one row per sequence.
+
+Penalties, temperature and the top-k / top-p / min-p filters are applied as
+batched tensor ops; only the final draw loops over rows, because each request
+may carry its own seeded generator (that is what makes `seed` reproducible
+whatever else shares the batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from selfhost.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplerRow:
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]
+    # Per row: (chosen logprob, [(alt id, alt logprob), ...]) or None when not asked for.
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.has_penalties:
+            continue
+        if p.repetition_penalty != 1.0:
+            # Multiplicative penalty over prompt and output tokens alike.
+            seen = torch.tensor(row.prompt_ids + row.output_ids, dtype=torch.long, device=logits.device).unique()
+            scores = logits[i, seen]
+            logits[i, seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+        if row.output_ids and (p.presence_penalty or p.frequency_penalty):
+            # Additive OpenAI-style penalties count generated tokens only.
+            out = torch.tensor(row.output_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p, as -inf masks."""
+    device = logits.device
+    temps = torch.tensor([r.params.temperature for r in rows], device=device).unsqueeze(1)
+    logits = logits / temps
+    top_ks = [r.params.top_k for r in rows]
+    top_ps = [r.params.top_p for r in rows]
+    min_ps = [r.params.min_p for r in rows]
+    if any(k is not None for k in top_ks) or any(p < 1.0 for p in top_ps):
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[1]
+        k = torch.tensor([min(k or vocab, vocab) for k in top_ks], device=device).unsqueeze(1)
+        ranks = torch.arange(vocab, device=device).unsqueeze(0)
+        remove = ranks >= k
+        probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        mass_before = probs.cumsum(dim=-1) - probs
+        remove |= mass_before >= torch.tensor(top_ps, device=device).unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
+    if any(p > 0 for p in min_ps):
+        probs = logits.softmax(dim=-1)
+        threshold = torch.tensor(min_ps, device=device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
+    """logits: (N, vocab) fp32, one row per entry of `rows`."""
+    want_logprobs = [r.params.logprobs is not None for r in rows]
+    raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+
+    if any(r.params.has_penalties for r in rows):
+        logits = apply_penalties(logits.clone(), rows)
+    chosen = logits.argmax(dim=-1)
+    sampled_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+    if sampled_rows:
+        sub_rows = [rows[i] for i in sampled_rows]
+        probs = filter_logits(logits[sampled_rows], sub_rows).softmax(dim=-1)
+        draws = [torch.multinomial(probs[j], 1, generator=r.generator) for j, r in enumerate(sub_rows)]
+        chosen[sampled_rows] = torch.cat(draws)
+
+    token_ids = chosen.tolist()
+    logprobs: list = [None] * len(rows)
+    if raw_logprobs is not None:
+        max_k = max(r.params.logprobs or 0 for r in rows)
+        chosen_lp = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+        top_vals, top_ids = raw_logprobs.topk(max(max_k, 1), dim=-1)
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        for i, row in enumerate(rows):
+            if want_logprobs[i]:
+                k = row.params.logprobs
+                logprobs[i] = (chosen_lp[i], list(zip(top_ids[i][:k], top_vals[i][:k])))
+    return SampleResult(token_ids, logprobs)

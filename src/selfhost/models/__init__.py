@@ -1,0 +1,1 @@
+"""Model families: Hugging Face config -> ModelSpec, the decoder, and weight loading."""

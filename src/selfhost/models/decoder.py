@@ -1,0 +1,115 @@
+"""The decoder-only transformer every supported family is an instance of.
+
+Inputs are flat: all tokens of a step in one (T,) tensor with their positions,
+so the same forward serves one sequence or a packed batch; the KV store passed
+in knows which sequence each token belongs to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selfhost.layers.activation import gated
+from selfhost.layers.attention import Attention, KVStore
+from selfhost.layers.norm import RMSNorm
+from selfhost.layers.rotary import RotaryEmbedding
+from selfhost.models.spec import ModelSpec
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = gated(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        norm = lambda: RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_weight_offset)  # noqa: E731
+        self.self_attn = Attention(
+            layer_idx=layer_idx,
+            hidden_size=spec.hidden_size,
+            num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            scale=spec.attn_scale,
+            qkv_bias=spec.qkv_bias,
+            o_bias=spec.o_bias,
+            qk_norm_eps=spec.rms_norm_eps if spec.qk_norm else None,
+            norm_weight_offset=spec.norm_weight_offset,
+            sliding_window=spec.layer_windows[layer_idx],
+            softcap=spec.attn_softcap,
+        )
+        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation, spec.mlp_bias)
+        # Checkpoint names differ in meaning: in Llama-style layers
+        # `post_attention_layernorm` is the norm *before* the MLP; in Gemma 2/3
+        # it normalises the attention output and `pre_feedforward_layernorm`
+        # precedes the MLP.
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich = spec.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore) -> torch.Tensor:
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, kv)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn_out)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    """`model.*` in the checkpoint: embeddings, layers and the final norm."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_weight_offset)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec, max_len: int):
+        super().__init__()
+        self.spec = spec
+        self.model = DecoderBody(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.max_len = max_len
+        self.rotaries = nn.ModuleList(RotaryEmbedding(r, max_len) for r in spec.ropes)
+
+    def reset_rotaries(self) -> None:
+        """Recompute rotary tables on the weights' device (after building on meta)."""
+        device = self.lm_head.weight.device
+        self.rotaries = nn.ModuleList(RotaryEmbedding(r, self.max_len).to(device) for r in self.spec.ropes)
+
+    def tie_weights(self) -> None:
+        if self.spec.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore) -> torch.Tensor:
+        """(T,) token ids and positions -> (T, hidden) final hidden states."""
+        x = self.model.embed_tokens(input_ids)  # (T, hidden)
+        if self.spec.embed_scale is not None:
+            # The reference rounds the scale to the activation dtype first.
+            x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
+        tables = [rotary.lookup(positions, x.dtype) for rotary in self.rotaries]
+        for layer, rope_idx in zip(self.model.layers, self.spec.layer_rope):
+            cos, sin = tables[rope_idx]
+            x = layer(x, cos, sin, kv)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab) fp32 logits, soft-capped where the family does."""
+        logits = self.lm_head(hidden).float()
+        if self.spec.final_softcap is not None:
+            logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
+        return logits

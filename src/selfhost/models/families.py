@@ -1,0 +1,240 @@
+"""One function per architecture: a Hugging Face config.json dict -> ModelSpec.
+
+Also how each family's checkpoint tensors map onto our module names: separate
+q/k/v and gate/up weights are packed into one matmul at load time, so the
+loader is a single generic loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from selfhost.errors import UnsupportedModelError
+from selfhost.layers.rotary import RopeSpec
+from selfhost.models.spec import ModelSpec
+
+# checkpoint name -> (our fused module, shard index within it)
+PACKED_WEIGHTS: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+_ACTIVATION_NAMES = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
+
+_DEFAULT_THETA = 10_000.0
+
+
+def _rope_params(cfg: dict[str, Any], layer_type: str) -> dict[str, Any]:
+    """Rope settings for one layer type, from either config.json format.
+
+    Newer transformers write `rope_parameters` (flat, or nested by layer type);
+    checkpoints on the Hub mostly carry `rope_theta` + `rope_scaling`.
+    """
+    params = cfg.get("rope_parameters")
+    if params and layer_type in params and isinstance(params[layer_type], dict):
+        params = dict(params[layer_type])
+    elif params and ("rope_type" in params or "rope_theta" in params or "type" in params):
+        params = dict(params)
+    else:
+        params = dict(cfg.get("rope_scaling") or {})
+        if layer_type == "sliding_attention" and "rope_local_base_freq" in cfg:
+            # Gemma 3: local layers use their own base and never the scaling.
+            params = {"rope_theta": cfg["rope_local_base_freq"]}
+        params.setdefault("rope_theta", cfg.get("rope_theta", _DEFAULT_THETA))
+    params.setdefault("rope_theta", cfg.get("rope_theta", _DEFAULT_THETA))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    if "partial_rotary_factor" not in params and cfg.get("partial_rotary_factor") is not None:
+        params["partial_rotary_factor"] = cfg["partial_rotary_factor"]
+    return params
+
+
+def _rope_spec(cfg: dict[str, Any], layer_type: str, head_dim: int) -> RopeSpec:
+    p = _rope_params(cfg, layer_type)
+    rope_type = p["rope_type"]
+    rotary_dim = int(head_dim * p.get("partial_rotary_factor", 1.0))
+    max_position = cfg.get("max_position_embeddings", 2048)
+    original = cfg.get("original_max_position_embeddings") or p.get("original_max_position_embeddings")
+    common = dict(theta=float(p["rope_theta"]), rotary_dim=rotary_dim, rope_type=rope_type)
+    if rope_type == "default":
+        return RopeSpec(**common)
+    if rope_type == "linear":
+        return RopeSpec(**common, factor=float(p["factor"]))
+    if rope_type == "llama3":
+        return RopeSpec(
+            **common,
+            factor=float(p["factor"]),
+            low_freq_factor=float(p["low_freq_factor"]),
+            high_freq_factor=float(p["high_freq_factor"]),
+            original_max_position=int(original or max_position),
+        )
+    if rope_type == "longrope":
+        original = int(original or max_position)
+        factor = p.get("factor") or max_position / original
+        attention_factor = p.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return RopeSpec(
+            **common,
+            original_max_position=original,
+            short_factor=tuple(p["short_factor"]),
+            long_factor=tuple(p["long_factor"]),
+            attention_factor=float(attention_factor),
+        )
+    raise UnsupportedModelError(
+        f"rope scaling type {rope_type!r} is not supported; supported: default, linear, llama3, longrope"
+    )
+
+
+def _base(cfg: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Fields every family reads the same way."""
+    num_heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+    fields = dict(
+        architecture=cfg["architectures"][0],
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        activation=_ACTIVATION_NAMES.get(cfg.get("hidden_act", "silu"), cfg.get("hidden_act", "silu")),
+        max_position=cfg.get("max_position_embeddings", 2048),
+        attn_scale=head_dim**-0.5,
+        tie_embeddings=cfg.get("tie_word_embeddings", False),
+    )
+    fields.update(overrides)
+    return fields
+
+
+def _layer_layout(cfg: dict[str, Any], head_dim: int, layer_types: list[str], window: int | None) -> dict[str, Any]:
+    """Per-layer sliding windows and rope tables from a list of layer types."""
+    distinct = sorted(set(layer_types))
+    ropes = tuple(_rope_spec(cfg, t, head_dim) for t in distinct)
+    return dict(
+        layer_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
+        layer_rope=tuple(distinct.index(t) for t in layer_types),
+        ropes=ropes,
+    )
+
+
+def _uniform_layers(cfg: dict[str, Any], fields: dict[str, Any], window: int | None) -> dict[str, Any]:
+    layer_types = ["sliding_attention" if window else "full_attention"] * fields["num_layers"]
+    return _layer_layout(cfg, fields["head_dim"], layer_types, window)
+
+
+def llama(cfg: dict[str, Any]) -> ModelSpec:
+    bias = cfg.get("attention_bias", False)
+    fields = _base(cfg, qkv_bias=bias, o_bias=bias, mlp_bias=cfg.get("mlp_bias", False))
+    return ModelSpec(**fields, **_uniform_layers(cfg, fields, None))
+
+
+def mistral(cfg: dict[str, Any]) -> ModelSpec:
+    fields = _base(cfg)
+    return ModelSpec(**fields, **_uniform_layers(cfg, fields, cfg.get("sliding_window")))
+
+
+def _qwen_layer_types(cfg: dict[str, Any]) -> tuple[list[str], int | None]:
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    layer_types = cfg.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= cfg.get("max_window_layers", 0) else "full_attention"
+        for i in range(cfg["num_hidden_layers"])
+    ]
+    return layer_types, window
+
+
+def qwen2(cfg: dict[str, Any]) -> ModelSpec:
+    fields = _base(cfg, qkv_bias=True)
+    layer_types, window = _qwen_layer_types(cfg)
+    return ModelSpec(**fields, **_layer_layout(cfg, fields["head_dim"], layer_types, window))
+
+
+def qwen3(cfg: dict[str, Any]) -> ModelSpec:
+    bias = cfg.get("attention_bias", False)
+    fields = _base(cfg, qkv_bias=bias, o_bias=bias, qk_norm=True)
+    layer_types, window = _qwen_layer_types(cfg)
+    return ModelSpec(**fields, **_layer_layout(cfg, fields["head_dim"], layer_types, window))
+
+
+def phi3(cfg: dict[str, Any]) -> ModelSpec:
+    fields = _base(cfg)
+    return ModelSpec(**fields, **_uniform_layers(cfg, fields, cfg.get("sliding_window")))
+
+
+def _gemma_fields(cfg: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    bias = cfg.get("attention_bias", False)
+    # Gemma checkpoints say "gelu" for historical reasons but were trained with the tanh approximation.
+    return _base(
+        cfg,
+        activation="gelu_tanh",
+        norm_weight_offset=1.0,
+        embed_scale=cfg["hidden_size"] ** 0.5,
+        tie_embeddings=cfg.get("tie_word_embeddings", True),
+        qkv_bias=bias,
+        o_bias=bias,
+        **overrides,
+    )
+
+
+def gemma(cfg: dict[str, Any]) -> ModelSpec:
+    fields = _gemma_fields(cfg)
+    return ModelSpec(**fields, **_uniform_layers(cfg, fields, None))
+
+
+def gemma2(cfg: dict[str, Any]) -> ModelSpec:
+    fields = _gemma_fields(
+        cfg,
+        attn_scale=cfg.get("query_pre_attn_scalar", 256) ** -0.5,
+        sandwich_norms=True,
+        attn_softcap=cfg.get("attn_logit_softcapping"),
+        final_softcap=cfg.get("final_logit_softcapping"),
+    )
+    layer_types = cfg.get("layer_types") or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg["num_hidden_layers"])
+    ]
+    return ModelSpec(**fields, **_layer_layout(cfg, fields["head_dim"], layer_types, cfg.get("sliding_window")))
+
+
+def gemma3(cfg: dict[str, Any]) -> ModelSpec:
+    fields = _gemma_fields(
+        cfg,
+        attn_scale=cfg.get("query_pre_attn_scalar", 256) ** -0.5,
+        sandwich_norms=True,
+        qk_norm=True,
+        attn_softcap=cfg.get("attn_logit_softcapping"),
+        final_softcap=cfg.get("final_logit_softcapping"),
+    )
+    pattern = cfg.get("sliding_window_pattern", 6)
+    layer_types = cfg.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(cfg["num_hidden_layers"])
+    ]
+    return ModelSpec(**fields, **_layer_layout(cfg, fields["head_dim"], layer_types, cfg.get("sliding_window")))
+
+
+ARCHITECTURES: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
+    "LlamaForCausalLM": llama,
+    "MistralForCausalLM": mistral,
+    "Qwen2ForCausalLM": qwen2,
+    "Qwen3ForCausalLM": qwen3,
+    "GemmaForCausalLM": gemma,
+    "Gemma2ForCausalLM": gemma2,
+    "Gemma3ForCausalLM": gemma3,
+    "Phi3ForCausalLM": phi3,
+}
+
+
+def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
+    architectures = cfg.get("architectures") or []
+    for arch in architectures:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]({**cfg, "architectures": [arch]})
+    raise UnsupportedModelError(
+        f"architecture {architectures or 'unknown'} is not supported natively; "
+        f"supported: {', '.join(ARCHITECTURES)}"
+    )

@@ -1,0 +1,30 @@
+"""What generation returns to callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log probability of the chosen token and the most likely alternatives (id -> logprob)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
+@dataclass
+class RequestOutput:
+    """The result of one prompt. `finish_reason` is "stop" or "length" once finished."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None

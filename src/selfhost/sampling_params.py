@@ -1,0 +1,67 @@
+"""SamplingParams: how one request chooses its tokens and when it stops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from selfhost.errors import InvalidParameterError
+
+MAX_LOGPROBS = 20
+
+
+def _check(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise InvalidParameterError(f"{name}={value!r} is invalid: expected {expected}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings.
+
+    temperature 0 means greedy. `stop` strings end generation and are not part
+    of the returned text. `logprobs=k` returns the chosen token's log
+    probability plus the k most likely alternatives at each step (k may be 0).
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        # Accept a single string or any sequence for the tuple fields.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
+        _check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(self.top_k is None or self.top_k >= 1, "top_k", self.top_k, "None or an integer >= 1")
+        _check(0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
+        _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "a number > 0")
+        _check(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "a number in [-2, 2]")
+        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "a number in [-2, 2]")
+        _check(all(s for s in stop), "stop", stop, "non-empty strings")
+        _check(
+            self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+            "logprobs",
+            self.logprobs,
+            f"None or an integer in [0, {MAX_LOGPROBS}]",
+        )
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -1,0 +1,66 @@
+"""Tokenization and chat templates, read from the checkpoint's tokenizer files.
+
+Encoding, special tokens and the chat template are exactly transformers'
+(`AutoTokenizer`), so prompts tokenize as the model's authors intended.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from selfhost.errors import InvalidParameterError, UnsupportedModelError
+
+
+class Tokenizer:
+    def __init__(self, model_dir: Path):
+        from transformers import AutoTokenizer
+
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(model_dir))
+        except (OSError, ValueError) as err:
+            raise UnsupportedModelError(f"cannot load a tokenizer from {model_dir}: {err}") from err
+        self.eos_token_ids = self._eos_ids(model_dir)
+
+    def _eos_ids(self, model_dir: Path) -> frozenset[int]:
+        ids = set()
+        if self.hf.eos_token_id is not None:
+            ids.add(self.hf.eos_token_id)
+        # generation_config.json often lists more end tokens (e.g. Llama 3's <|eot_id|>).
+        gen_path = model_dir / "generation_config.json"
+        if gen_path.exists():
+            eos = json.loads(gen_path.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return frozenset(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.hf.chat_template)
+
+    def encode(self, text: str) -> list[int]:
+        """Plain prompt: special tokens (e.g. BOS) added the way transformers adds them."""
+        return self.hf.encode(text, add_special_tokens=True)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> str:
+        if not self.has_chat_template:
+            raise InvalidParameterError("this model's tokenizer has no chat_template; use a plain prompt instead")
+        return self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        # The rendered template already carries BOS and friends: add nothing more.
+        text = self.render_chat(messages, add_generation_prompt, **kwargs)
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """Text of one token as the OpenAI logprobs field shows it."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
