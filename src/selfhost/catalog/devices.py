@@ -1,0 +1,84 @@
+"""The device catalog (data/devices.toml) and user-described devices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+
+from selfhost.catalog._data import read_data
+from selfhost.catalog.names import unknown_name_error
+from selfhost.errors import InvalidParameterError
+
+DEVICE_KINDS = ("gpu", "soc", "cpu")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device's memory, speed, power and price; see devices.toml for each field's meaning."""
+
+    id: str
+    name: str
+    kind: str
+    memory_gb: float
+    bandwidth_gb_s: float
+    peak_fp16_tflops: float
+    peak_int8_tops: float
+    peak_fp32_tflops: float
+    reserved_gb: float = 0.0
+    bandwidth_efficiency: float = 0.7
+    compute_efficiency: float = 0.5
+    power_w: float = 0.0
+    price_usd: float | None = None
+    rent_usd_per_hour: float | None = None
+    sources: tuple[str, ...] = field(default=())
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        # These reach users through --mem/--bandwidth, so they raise the typed user error.
+        if self.kind not in DEVICE_KINDS:
+            raise InvalidParameterError(f"device kind must be one of {DEVICE_KINDS}, got {self.kind!r}")
+        for name in ("memory_gb", "bandwidth_gb_s", "peak_fp16_tflops", "peak_int8_tops", "peak_fp32_tflops"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise InvalidParameterError(f"device {self.id}: {name} must be > 0, got {value}")
+        if not 0 <= self.reserved_gb < self.memory_gb:
+            raise InvalidParameterError(
+                f"device {self.id}: reserved_gb must be in [0, memory_gb={self.memory_gb}), got {self.reserved_gb}"
+            )
+        for name in ("bandwidth_efficiency", "compute_efficiency"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise InvalidParameterError(f"device {self.id}: {name} must be in (0, 1], got {value}")
+        if self.power_w < 0:
+            raise InvalidParameterError(f"device {self.id}: power_w must be >= 0, got {self.power_w}")
+        for name in ("price_usd", "rent_usd_per_hour"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InvalidParameterError(f"device {self.id}: {name} must be >= 0, got {value}")
+
+    @property
+    def usable_bytes(self) -> float:
+        return (self.memory_gb - self.reserved_gb) * 1e9
+
+    def peak_flops(self, compute_dtype: str) -> float:
+        """Dense matmul peak in FLOP/s for the dtype the matmuls run in."""
+        tflops = {"fp32": self.peak_fp32_tflops, "fp16": self.peak_fp16_tflops, "int8": self.peak_int8_tops}
+        return tflops[compute_dtype] * 1e12
+
+
+@cache
+def load_devices() -> dict[str, DeviceSpec]:
+    devices = {}
+    for key, row in read_data("devices.toml").items():
+        row = dict(row)
+        row.pop("retrieved")
+        devices[key] = DeviceSpec(id=key, sources=tuple(row.pop("sources")), **row)
+    return devices
+
+
+def get_device(device_id: str) -> DeviceSpec:
+    devices = load_devices()
+    key = device_id.strip().lower()
+    if key not in devices:
+        raise unknown_name_error("device", device_id, [*devices, "custom", "local"])
+    return devices[key]

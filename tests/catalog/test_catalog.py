@@ -1,0 +1,107 @@
+import datetime as dt
+
+import pytest
+
+from selfhost.catalog import (
+    get_device,
+    get_licence,
+    get_model,
+    load_api_prices,
+    load_devices,
+    load_licences,
+    load_models,
+    resolve_alias,
+)
+from selfhost.errors import InvalidParameterError, SelfhostError
+
+MODELS = list(load_models().values())
+
+
+@pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.alias)
+def test_every_model_is_sourced_and_dated(spec):
+    assert spec.sources and spec.sources[0].startswith("https://huggingface.co/")
+    assert spec.sources[0].endswith("config.json")
+    assert spec.retrieved == dt.date(2026, 11, 25)
+    assert spec.params_source
+    get_licence(spec.licence)  # every licence id resolves
+
+
+@pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.alias)
+def test_parameter_count_from_architecture_matches_published(spec):
+    computed_b = spec.weight_params / 1e9
+    assert computed_b == pytest.approx(spec.params_b, rel=0.03)
+    if spec.arch.is_moe:
+        assert spec.active_params / 1e9 == pytest.approx(spec.active_params_b, rel=0.03)
+
+
+def test_catalog_covers_the_issue_families():
+    families = {m.family for m in MODELS}
+    assert {"llama3", "mistral", "mixtral", "gemma2", "gemma3", "qwen2.5", "qwen3",
+            "deepseek-r1-distill", "deepseek-v3", "phi", "smollm2", "tinyllama"} <= families
+    aliases = {m.alias for m in MODELS}
+    for alias in ["llama3.1:8b", "llama3.1:70b", "llama3.1:405b", "llama3.2:1b", "llama3.2:3b",
+                  "qwen2.5:0.5b", "qwen2.5:72b", "deepseek-r1:1.5b", "deepseek-r1:70b", "deepseek-v3",
+                  "phi2", "phi3:mini", "phi3.5:mini", "phi4", "gemma3:1b", "gemma2:27b"]:
+        assert alias in aliases
+
+
+def test_aliases_and_repos_are_unique():
+    aliases = [m.alias for m in MODELS]
+    repos = [m.hf_repo.lower() for m in MODELS]
+    assert len(set(aliases)) == len(aliases)
+    assert len(set(repos)) == len(repos)
+
+
+def test_resolve_alias():
+    assert resolve_alias("qwen2.5:0.5b") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert resolve_alias("llama3.2:1b") == "meta-llama/Llama-3.2-1B-Instruct"
+    assert resolve_alias(" Llama3.2:1B ") == "meta-llama/Llama-3.2-1B-Instruct"
+    assert resolve_alias("meta-llama/Llama-3.2-1B-Instruct") is None  # already a repo id
+    assert resolve_alias("not-a-model") is None
+
+
+def test_get_model_by_alias_or_repo():
+    assert get_model("meta-llama/Llama-3.1-8B-Instruct").alias == "llama3.1:8b"
+    assert get_model("LLAMA3.1:8B").alias == "llama3.1:8b"
+
+
+def test_unknown_names_suggest_close_ones():
+    with pytest.raises(InvalidParameterError, match="did you mean 'llama3.1:8b'"):
+        get_model("lama3.1:8b")
+    with pytest.raises(SelfhostError, match="'h100'"):
+        get_device("h10")
+
+
+def test_known_llama_8b_facts():
+    arch = get_model("llama3.1:8b").arch
+    assert (arch.layers, arch.hidden, arch.kv_heads, arch.head_dim, arch.vocab) == (32, 4096, 8, 128, 128256)
+
+
+def test_licence_terms():
+    licences = load_licences()
+    assert licences["llama3_1"].max_monthly_users == 700_000_000
+    assert licences["qwen_research"].commercial_use is False
+    assert licences["apache-2_0"].max_monthly_users is None
+    assert get_model("qwen2.5:3b").licence == "qwen_research"
+    assert get_model("qwen2.5:72b").licence == "qwen"
+    assert get_model("deepseek-r1:8b").licence == "llama3_1"
+
+
+def test_devices_and_prices_are_sourced():
+    devices = load_devices()
+    assert {"rpi5-8gb", "jetson-orin-nano-8gb", "jetson-agx-orin-64gb", "apple-m4-pro-24gb", "x86-desktop",
+            "rtx4090", "l4", "a100-80gb", "h100", "h200"} <= set(devices)
+    for device in devices.values():
+        assert device.sources
+        assert device.price_usd is not None or device.rent_usd_per_hour is not None
+    for price in load_api_prices().values():
+        assert price.source.startswith("https://") and price.output_usd_per_m >= price.input_usd_per_m
+
+
+def test_catalog_import_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, selfhost.catalog as c; c.resolve_alias('qwen2.5:0.5b'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
