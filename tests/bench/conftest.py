@@ -1,0 +1,17 @@
+import pytest
+
+from tests.bench.fake_openai import FakeServer
+
+
+@pytest.fixture(scope="session")
+def fake_server():
+    server = FakeServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake(fake_server):
+    """The shared fake server with its state reset for this test."""
+    fake_server.state.reset()
+    return fake_server
