@@ -29,6 +29,9 @@ def _register_commands() -> None:
     from selfhost.cli import bench as bench_cmd
 
     bench_cmd.register(app)
+    from selfhost.cli import plan as plan_cmd
+
+    plan_cmd.register(app)
 
 
 def main() -> None:

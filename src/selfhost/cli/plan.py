@@ -1,0 +1,284 @@
+"""`selfhost models`, `selfhost fit` and `selfhost cost`: pick a model, check it fits, price it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from selfhost.catalog import DeviceSpec, get_device, get_model, load_api_prices, load_models
+from selfhost.errors import InvalidParameterError
+from selfhost.plan.bench_result import read_bench_result
+from selfhost.plan.cost import CostComparison, SelfHostSetup
+from selfhost.plan.fit import FitReport, is_edge_capable, plan_fit, rank_fits
+from selfhost.plan.licence import licence_warnings
+from selfhost.plan.precision import PRECISIONS, get_precision
+from selfhost.plan.units import format_count, parse_bytes, parse_count, parse_rate
+
+console = Console()
+
+# Used for --device custom when --tflops is not given; printed as an assumption.
+CUSTOM_DEFAULT_TFLOPS = 10.0
+
+DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="Catalog device id, 'custom' or 'local'.")]
+QuantOpt = Annotated[str | None, typer.Option("--quant", "-q", help="fp32, fp16, int8 or int4.")]
+ContextOpt = Annotated[int | None, typer.Option(help="Tokens per sequence (prompt + output); default min(4096, model max).")]
+ConcurrencyOpt = Annotated[int, typer.Option(help="Sequences served at once.")]
+MemOpt = Annotated[str | None, typer.Option("--mem", help="custom device memory, e.g. 16GB.")]
+BandwidthOpt = Annotated[str | None, typer.Option("--bandwidth", help="custom device bandwidth, e.g. 100GB/s.")]
+TflopsOpt = Annotated[float | None, typer.Option("--tflops", help="custom device dense fp16 TFLOPS.")]
+KindOpt = Annotated[str, typer.Option("--kind", help="custom device kind: gpu, soc or cpu.")]
+UsersOpt = Annotated[str | None, typer.Option("--monthly-users", help="Monthly active users of the deployment, e.g. 800M.")]
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise InvalidParameterError(f"{name} must be > 0, got {value}")
+
+
+def resolve_device(
+    name: str, mem: str | None = None, bandwidth: str | None = None, tflops: float | None = None, kind: str = "gpu"
+) -> DeviceSpec:
+    key = name.strip().lower()
+    if key == "local":
+        from selfhost.plan.local_device import measure_local_device
+
+        with console.status("measuring this machine..."):
+            return measure_local_device()
+    if key == "custom":
+        if mem is None or bandwidth is None:
+            raise InvalidParameterError("--device custom needs --mem (e.g. 16GB) and --bandwidth (e.g. 100GB/s)")
+        _positive("--tflops", tflops)
+        peak = tflops if tflops is not None else CUSTOM_DEFAULT_TFLOPS
+        return DeviceSpec(
+            id="custom", name=f"custom {kind}", kind=kind, memory_gb=parse_bytes(mem) / 1e9,
+            bandwidth_gb_s=parse_rate(bandwidth) / 1e9, peak_fp16_tflops=peak, peak_int8_tops=peak,
+            peak_fp32_tflops=peak / 2, sources=("user",),
+            notes="" if tflops is not None else f"--tflops not given: assumed {CUSTOM_DEFAULT_TFLOPS:g} TFLOPS fp16.",
+        )
+    if mem or bandwidth or tflops:
+        raise InvalidParameterError("--mem/--bandwidth/--tflops describe a custom device; use them with --device custom")
+    return get_device(key)
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        console.print(f"[yellow]warning:[/] {line}", highlight=False)
+
+
+def models(
+    family: Annotated[str | None, typer.Option(help="Family, e.g. llama3, qwen2.5, gemma3.")] = None,
+    max_params: Annotated[str | None, typer.Option("--max-params", help="Largest total size, e.g. 8B or 500M.")] = None,
+    licence: Annotated[str | None, typer.Option("--licence", help="Licence id or name part, e.g. apache, mit, llama.")] = None,
+    edge: Annotated[bool, typer.Option("--edge", help="Only models that run int4 at 4k context on an 8 GB Jetson.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Also show licence names, publishers and Hub repos.")] = False,
+) -> None:
+    """List the model catalog, filtered."""
+    from selfhost.catalog import get_licence
+
+    limit = parse_count(max_params, what="--max-params") if max_params else None
+    _positive("--max-params", limit)
+    table = Table(title="selfhost model catalog")
+    columns = ["alias", "family", "params", "context", "licence", "released", "edge"]
+    if wide:
+        columns += ["publisher", "Hub repo"]
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("params", "context") else "left", no_wrap=column == "alias")
+    shown = 0
+    for spec in load_models().values():
+        lic = get_licence(spec.licence)
+        if family and family.lower() not in spec.family.lower():
+            continue
+        if limit and spec.params_b * 1e9 > limit:
+            continue
+        if licence and licence.lower() not in (spec.licence + " " + lic.name).lower():
+            continue
+        edge_ok = is_edge_capable(spec)
+        if edge and not edge_ok:
+            continue
+        params = f"{spec.params_b:g}B" + (f" ({spec.active_params_b:g}B act.)" if spec.active_params_b else "")
+        row = [spec.alias, spec.family, params, format_count(spec.arch.max_context),
+               lic.name if wide else spec.licence, str(spec.release_date), "yes" if edge_ok else ""]
+        if wide:
+            row += [f"{spec.publisher} ({spec.country})", spec.hf_repo]
+        table.add_row(*row)
+        shown += 1
+    if not shown:
+        raise InvalidParameterError("no catalog model matches those filters")
+    console.print(table)
+
+
+def _print_fit(report: FitReport) -> None:
+    r, mem, speed = report.request, report.memory, report.speed
+    table = Table(title=f"{r.model.alias} on {r.device.name}, {r.precision.name}, context {r.context:,} x {r.concurrency}")
+    table.add_column("memory")
+    table.add_column("GB", justify="right")
+    for label, value in (("weights (incl. quant scales)", mem.weights_bytes), ("KV cache", mem.kv_cache_bytes),
+                         ("activations / workspace", mem.workspace_bytes), ("runtime overhead", mem.overhead_bytes),
+                         ("total", mem.total_bytes), ("usable on device", r.device.usable_bytes)):
+        table.add_row(label, f"{value / 1e9:,.2f}")
+    console.print(table)
+    if report.fits:
+        console.print(f"[green]fits[/] with {report.headroom_bytes / 1e9:,.2f} GB headroom")
+    else:
+        console.print(f"[red]does not fit[/]: {-report.headroom_bytes / 1e9:,.2f} GB short")
+    console.print(f"largest context at concurrency {r.concurrency}: {report.max_context:,} tokens; "
+                  f"most sequences at context {r.context:,}: {report.max_concurrency:,}")
+    console.print(f"decode: {speed.decode_tok_s:,.1f} tokens/s total, {speed.decode_tok_s_per_seq:,.1f} per sequence "
+                  f"({speed.decode_bound}-bound); prefill: {speed.prefill_tok_s:,.0f} tokens/s")
+    if r.device.notes and r.device.id in ("custom", "local"):
+        console.print(f"[dim]{r.device.notes}[/]")
+
+
+def fit(
+    model: Annotated[str | None, typer.Argument(help="Catalog alias or Hub id; omit to rank every model.")] = None,
+    device: DeviceOpt = "rtx4090",
+    quant: QuantOpt = None,
+    context: ContextOpt = None,
+    concurrency: ConcurrencyOpt = 1,
+    mem: MemOpt = None,
+    bandwidth: BandwidthOpt = None,
+    tflops: TflopsOpt = None,
+    kind: KindOpt = "gpu",
+    monthly_users: UsersOpt = None,
+    top: Annotated[int, typer.Option(help="Rows to show when ranking.")] = 25,
+) -> None:
+    """Will MODEL fit DEVICE, with what headroom and speed? Without MODEL: rank what fits."""
+    _positive("--context", context)
+    _positive("--concurrency", concurrency)
+    _positive("--top", top)
+    users = parse_count(monthly_users, what="--monthly-users") if monthly_users else None
+    dev = resolve_device(device, mem, bandwidth, tflops, kind)
+    if model is None:
+        precisions = (get_precision(quant).name,) if quant else tuple(PRECISIONS)
+        reports = rank_fits(dev, context or 4096, concurrency, precisions)
+        if not reports:
+            raise InvalidParameterError(f"no catalog model fits {dev.name} at context {context or 4096} x {concurrency}")
+        table = Table(title=f"What fits {dev.name} ({dev.usable_bytes / 1e9:,.1f} GB usable), context {context or 4096:,} x {concurrency}")
+        for column in ("model", "quant", "memory GB", "headroom GB", "max context", "decode tok/s", "prefill tok/s", "licence"):
+            table.add_column(column, justify="left" if column in ("model", "quant", "licence") else "right")
+        for report in reports[:top]:
+            r = report.request
+            table.add_row(r.model.alias, r.precision.name, f"{report.memory.total_bytes / 1e9:,.1f}",
+                          f"{report.headroom_bytes / 1e9:,.1f}", f"{report.max_context:,}",
+                          f"{report.speed.decode_tok_s:,.1f}", f"{report.speed.prefill_tok_s:,.0f}", r.model.licence)
+        console.print(table)
+        if len(reports) > top:
+            console.print(f"[dim]{len(reports) - top} more fit; use --top to see them[/]")
+        return
+    spec = get_model(model)
+    _print_fit(plan_fit(spec, dev, get_precision(quant or "fp16"), context, concurrency))
+    _warn(licence_warnings(spec, users))
+
+
+def cost(
+    model: Annotated[str, typer.Argument(help="Catalog alias or Hub id.")],
+    volume: Annotated[str, typer.Option("--volume", "-v", help="Tokens per month (prompt + output), e.g. 1B.")],
+    device: DeviceOpt = "rtx4090",
+    quant: QuantOpt = None,
+    context: ContextOpt = None,
+    concurrency: ConcurrencyOpt = 8,
+    output_share: Annotated[float, typer.Option(help="Share of the volume that is generated output.")] = 0.25,
+    api: Annotated[list[str] | None, typer.Option(help="API price id(s) to compare; default all.")] = None,
+    years: Annotated[float, typer.Option(help="Years to amortise a purchase over.")] = 3.0,
+    electricity: Annotated[float, typer.Option(help="Electricity price, US$ per kWh.")] = 0.15,
+    price: Annotated[float | None, typer.Option(help="Override the purchase price, US$.")] = None,
+    power: Annotated[float | None, typer.Option(help="Override the power draw, W.")] = None,
+    rent: Annotated[float | None, typer.Option(help="Rent instead of buying, US$ per hour.")] = None,
+    bench_result: Annotated[Path | None, typer.Option(help="Benchmark JSON with measured output_tok_s.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write cost.png and cost.html into this folder.")] = None,
+    mem: MemOpt = None,
+    bandwidth: BandwidthOpt = None,
+    tflops: TflopsOpt = None,
+    kind: KindOpt = "gpu",
+    monthly_users: UsersOpt = None,
+) -> None:
+    """Self-hosting MODEL on DEVICE against per-token APIs: $/M tokens, crossover, break-even."""
+    tokens = parse_count(volume, what="--volume")
+    if tokens < 0:
+        raise InvalidParameterError(f"--volume must be >= 0, got {volume}")
+    if not 0 <= output_share <= 1:
+        raise InvalidParameterError(f"--output-share must be in [0, 1], got {output_share}")
+    _positive("--concurrency", concurrency)
+    _positive("--context", context)
+    users = parse_count(monthly_users, what="--monthly-users") if monthly_users else None
+    spec, dev = get_model(model), resolve_device(device, mem, bandwidth, tflops, kind)
+    precision = get_precision(quant or "int4")
+    report = plan_fit(spec, dev, precision, context, concurrency)
+
+    decode_tok_s, prefill_tok_s, source = report.speed.decode_tok_s, report.speed.prefill_tok_s, "estimated by fit"
+    if bench_result is not None:
+        measured = read_bench_result(bench_result)
+        decode_tok_s, source = measured.output_tok_s, f"measured ({bench_result})"
+        prefill_tok_s = measured.prompt_tok_s or prefill_tok_s
+    elif not report.fits:
+        raise InvalidParameterError(
+            f"{spec.alias} at {precision.name} needs {report.memory.total_bytes / 1e9:,.1f} GB with context "
+            f"{report.request.context:,} x {concurrency}; {dev.name} has {dev.usable_bytes / 1e9:,.1f} GB usable. "
+            "Try --quant int4, a smaller --context/--concurrency, or a bigger --device"
+        )
+    # Seconds per token of the workload's mix: output at decode speed, prompt at prefill speed.
+    throughput = 1 / (output_share / decode_tok_s + (1 - output_share) / prefill_tok_s)
+
+    if price is not None and rent is not None:
+        raise InvalidParameterError("give --price (buy) or --rent (rent), not both")
+    if rent is None and price is None and dev.price_usd is None and dev.rent_usd_per_hour is None:
+        raise InvalidParameterError(f"{dev.name} has no price or rent in the catalog; pass --price or --rent")
+    renting = rent is not None or (price is None and dev.price_usd is None)
+    setup = SelfHostSetup(
+        device_name=dev.name, throughput_tok_s=throughput, power_w=power if power is not None else dev.power_w,
+        price_usd=None if renting else (price if price is not None else dev.price_usd),
+        rent_usd_per_hour=(rent if rent is not None else dev.rent_usd_per_hour) if renting else None,
+        amortisation_years=years, electricity_usd_per_kwh=electricity,
+    )
+    prices = load_api_prices()
+    if api:
+        from selfhost.catalog import get_api_price
+
+        chosen = [get_api_price(name) for name in api]
+    else:
+        chosen = list(prices.values())
+    comparisons = [CostComparison(setup, f"{p.provider} {p.model}", p.blended_usd_per_m(output_share)) for p in chosen]
+
+    console.print(f"{spec.alias} ({precision.name}) on {dev.name}: {throughput:,.1f} tokens/s in a "
+                  f"{output_share:.0%}-output mix ({source}; decode {decode_tok_s:,.1f}, prefill {prefill_tok_s:,.0f})")
+    self_month = setup.monthly_usd(tokens)
+    self_per_m = setup.usd_per_m_tokens(tokens)
+    console.print(f"self-hosted at {format_count(tokens)} tokens/month: ${self_month:,.2f}/month"
+                  + (f", ${self_per_m:,.3f} per million tokens" if self_per_m is not None else "")
+                  + f" ({setup.devices_needed(tokens)} device(s), {setup.utilisation(tokens):.0%} busy); "
+                  f"best case ${setup.floor_usd_per_m_tokens:,.3f}/M when fully busy")
+    table = Table(title=f"Against APIs at {format_count(tokens)} tokens/month")
+    headers = ("API", "API $/M", "API $/month", "self $/month", "crossover tokens/month", "break-even month")
+    for column in headers:
+        table.add_column(column, justify="left" if column == "API" else "right")
+    rows = []
+    for comparison in comparisons:
+        crossover = comparison.crossover_tokens_per_month
+        months = comparison.break_even_months(tokens)
+        row = [comparison.api_name, f"{comparison.api_usd_per_m_tokens:,.2f}",
+               f"{comparison.api_monthly_usd(tokens):,.2f}", f"{self_month:,.2f}",
+               format_count(crossover) if crossover is not None else "never",
+               (f"{months:,.1f}" if months is not None else ("rented" if setup.is_rented else "never"))]
+        rows.append(row)
+        table.add_row(*row)
+    console.print(table)
+    notes = sorted({note for comparison in comparisons for note in comparison.explain(tokens)})
+    for note in notes:
+        console.print(f"[dim]- {note}[/]", highlight=False)
+    _warn(licence_warnings(spec, users))
+    if out is not None:
+        from selfhost.plan.report import write_report
+
+        dates = ", ".join(sorted({f"{p.provider} as of {p.as_of}" for p in chosen}))
+        png, html = write_report(comparisons, tokens, f"{spec.alias} on {dev.name}", rows, notes, dates, out)
+        console.print(f"wrote {png} and {html}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("models")(models)
+    app.command("fit")(fit)
+    app.command("cost")(cost)

@@ -1,0 +1,89 @@
+"""Memory a model needs on a device: weights, KV cache, workspace and runtime overhead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from selfhost.catalog import DeviceSpec, ModelSpec
+from selfhost.plan.precision import Precision
+
+# Prompts are assumed to be prefilled in chunks of at most this many tokens, which
+# bounds the activation workspace whatever the context length.
+PREFILL_CHUNK_TOKENS = 2048
+# Fixed cost of the Python/PyTorch process itself, paid in model memory only where
+# the host process shares it (CPUs and unified-memory SoCs).
+HOST_RUNTIME_BYTES = 0.35e9
+# Caching allocators round and fragment: a share of every dynamic allocation is lost.
+ALLOCATOR_SLACK = 0.05
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    weights_bytes: float
+    kv_cache_bytes: float
+    workspace_bytes: float
+    overhead_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.kv_cache_bytes + self.workspace_bytes + self.overhead_bytes
+
+
+def embedding_split(model: ModelSpec) -> tuple[int, int]:
+    """(input embedding params, separate output head params; 0 when tied)."""
+    table = model.arch.vocab * model.arch.hidden
+    return table, (0 if model.arch.tied_embeddings else table)
+
+
+def weights_bytes(model: ModelSpec, precision: Precision) -> float:
+    """Stored weights: linear layers (and an untied output head) at the weight precision;
+    the input embedding table and any vision tower stay at activation precision."""
+    embed, head = embedding_split(model)
+    linear = model.arch.total_params() - embed - head
+    vision = model.vision_params_b * 1e9
+    return (linear + head) * precision.bytes_per_weight + (embed + vision) * precision.act_bytes
+
+
+def kv_elements_per_token(model: ModelSpec, context: int) -> float:
+    """KV-cache elements one sequence holds per token of its `context`, summed over layers.
+
+    Sliding-window layers hold at most `sliding_window` tokens, so at long
+    contexts they contribute less than one token's worth per token.
+    """
+    arch = model.arch
+    if arch.attention == "mla":
+        # One compressed latent plus the rotary key per layer, shared by all heads.
+        per_layer = arch.kv_lora_rank + arch.qk_rope_head_dim
+    else:
+        per_layer = 2 * arch.kv_heads * arch.head_dim  # K and V
+    full_layers = arch.layers - arch.sliding_layers
+    window = min(context, arch.sliding_window) if arch.sliding_layers else 0
+    held_tokens = full_layers * context + arch.sliding_layers * window
+    return per_layer * held_tokens / context
+
+
+def kv_cache_bytes(model: ModelSpec, precision: Precision, context: int, concurrency: int) -> float:
+    return concurrency * context * kv_elements_per_token(model, context) * precision.kv_bytes
+
+
+def workspace_bytes(model: ModelSpec, precision: Precision, context: int, concurrency: int) -> float:
+    """Peak activations of one prefill chunk plus the fp32 logits of a decode batch."""
+    arch = model.arch
+    mlp_width = arch.moe_intermediate * arch.experts_per_token if arch.is_moe else arch.intermediate
+    q_dim, kv_dim = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    # residual + normed input + attention output, q/k/v, and the two MLP branches
+    per_token = (3 * arch.hidden + q_dim + 2 * kv_dim + 2 * mlp_width) * precision.act_bytes
+    chunk = min(context, PREFILL_CHUNK_TOKENS)
+    logits = concurrency * arch.vocab * 4
+    return chunk * per_token + logits
+
+
+def memory_breakdown(
+    model: ModelSpec, device: DeviceSpec, precision: Precision, context: int, concurrency: int
+) -> MemoryBreakdown:
+    weights = weights_bytes(model, precision)
+    kv = kv_cache_bytes(model, precision, context, concurrency)
+    work = workspace_bytes(model, precision, context, concurrency)
+    host = HOST_RUNTIME_BYTES if device.kind in ("cpu", "soc") else 0.0
+    overhead = host + ALLOCATOR_SLACK * (kv + work)
+    return MemoryBreakdown(weights, kv, work, overhead)

@@ -1,0 +1,58 @@
+"""Weight precisions the planner knows, and what each costs per parameter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from selfhost.catalog.names import unknown_name_error
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How linear-layer weights are stored, and what the rest of the model runs in.
+
+    Quantized formats store `weight_bits` per weight plus `scale_bytes_per_group`
+    (fp16 scale, and zero point for int4) per `group_size` weights. Embedding
+    tables, norms, the KV cache and activations stay at `act_bytes`: weight-only
+    quantization dequantizes to fp16 before the matmul, so `compute_dtype` is fp16.
+    """
+
+    name: str
+    weight_bits: int
+    act_bytes: int
+    compute_dtype: str
+    group_size: int = 0
+    scale_bytes_per_group: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in (4, 8, 16, 32):
+            raise ValueError(f"weight_bits must be 4, 8, 16 or 32, got {self.weight_bits}")
+        if self.scale_bytes_per_group and self.group_size <= 0:
+            raise ValueError(f"{self.name}: a scale needs group_size > 0, got {self.group_size}")
+
+    @property
+    def bytes_per_weight(self) -> float:
+        scales = self.scale_bytes_per_group / self.group_size if self.group_size else 0.0
+        return self.weight_bits / 8 + scales
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes per KV-cache element: the activation dtype (the cache is not quantized)."""
+        return self.act_bytes
+
+
+PRECISIONS: dict[str, Precision] = {
+    "fp32": Precision("fp32", weight_bits=32, act_bytes=4, compute_dtype="fp32"),
+    "fp16": Precision("fp16", weight_bits=16, act_bytes=2, compute_dtype="fp16"),
+    # One fp16 scale per 128 weights: +1.6% over the int8 payload.
+    "int8": Precision("int8", weight_bits=8, act_bytes=2, compute_dtype="fp16", group_size=128, scale_bytes_per_group=2),
+    # fp16 scale + fp16 zero point per 128 weights: +6% over the int4 payload.
+    "int4": Precision("int4", weight_bits=4, act_bytes=2, compute_dtype="fp16", group_size=128, scale_bytes_per_group=4),
+}
+
+
+def get_precision(name: str) -> Precision:
+    key = name.strip().lower().replace("bf16", "fp16")
+    if key not in PRECISIONS:
+        raise unknown_name_error("precision", name, PRECISIONS)
+    return PRECISIONS[key]

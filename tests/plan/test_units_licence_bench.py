@@ -1,0 +1,50 @@
+import json
+
+import pytest
+
+from selfhost.catalog import get_model
+from selfhost.errors import InvalidParameterError
+from selfhost.plan.bench_result import read_bench_result
+from selfhost.plan.licence import licence_warnings
+from selfhost.plan.units import parse_bytes, parse_count, parse_rate
+
+
+def test_units():
+    assert parse_bytes("16GB") == 16e9
+    assert parse_bytes("512 MiB") == 512 * 2**20
+    assert parse_bytes("8") == 8e9
+    assert parse_rate("100GB/s") == 100e9
+    assert parse_count("800M") == 8e8
+    assert parse_count("1.5B") == 1.5e9
+    assert parse_count("1e9") == 1e9
+    with pytest.raises(InvalidParameterError, match="'lots'"):
+        parse_count("lots")
+    with pytest.raises(InvalidParameterError, match="'-3GB'"):
+        parse_bytes("-3GB")
+
+
+def test_llama_licence_guard_at_800m_users():
+    warnings = licence_warnings(get_model("llama3.1:8b"), monthly_users=800e6)
+    assert any("700,000,000" in w for w in warnings)
+    assert not any("700,000,000" in w for w in licence_warnings(get_model("llama3.1:8b"), monthly_users=1e6))
+    assert not licence_warnings(get_model("qwen2.5:7b"), monthly_users=800e6)  # Apache-2.0
+
+
+def test_non_commercial_licence_warns():
+    assert any("commercial" in w for w in licence_warnings(get_model("qwen2.5:3b")))
+
+
+def test_bench_result(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"schema": "selfhost.bench.throughput/1", "output_tok_s": 250.0}))
+    assert read_bench_result(path).output_tok_s == 250.0
+    path.write_text(json.dumps({"schema": "selfhost.bench/1", "output_tok_s": 80, "levels": []}))
+    assert read_bench_result(path).output_tok_s == 80.0
+    path.write_text(json.dumps({"schema": "selfhost.bench.throughput/1", "output_tok_s": 0}))
+    with pytest.raises(InvalidParameterError, match="output_tok_s"):
+        read_bench_result(path)
+    path.write_text("{not json")
+    with pytest.raises(InvalidParameterError, match="not JSON"):
+        read_bench_result(path)
+    with pytest.raises(InvalidParameterError, match="cannot read"):
+        read_bench_result(tmp_path / "missing.json")
