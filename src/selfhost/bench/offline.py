@@ -6,9 +6,12 @@ batches of c prompts to `LLM.generate`, so up to c sequences decode together.
 
 `generate` blocks until the whole batch is done and reports no per-token times,
 so an offline record has an end-to-end latency (the batch's wall time) and
-token counts, but no TTFT, TPOT or inter-token gaps; throughput is exact.
-Prompts are sent as plain text (`BenchRequest.prompt_text`), without a chat
-template: compare with a server run using `--api completions`.
+exact token counts, but no TTFT, TPOT or inter-token gaps; throughput is exact.
+With api "chat" conversations go through `LLM.chat` (the model's chat template,
+as a server's /v1/chat/completions would); with "completions" the plain
+`BenchRequest.prompt_text` goes through `LLM.generate`. One SamplingParams
+serves a whole call, so a batch whose requests want different max_tokens is
+sent as one call per distinct length.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def run_offline_levels(
     requests: Sequence[BenchRequest],
     levels: Sequence[Level],
     into: list[LevelRun],
+    api: str = "chat",
     on_level: Callable[[Level], None] = lambda level: None,
     on_record: Callable[[RequestRecord], None] = lambda record: None,
 ) -> None:
@@ -66,24 +70,26 @@ def run_offline_levels(
             assert level.concurrency is not None
             for first in range(0, len(requests), level.concurrency):
                 batch = requests[first : first + level.concurrency]
-                params = [
-                    sampling_params_cls(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True) for r in batch
-                ]
-                start_s = time.perf_counter()
-                outputs = llm.generate([r.prompt_text() for r in batch], params)
-                end_s = time.perf_counter()
-                for request, output in zip(batch, outputs):
-                    prompt_ids = getattr(output, "prompt_token_ids", None)
-                    record = RequestRecord(
-                        index=request.index,
-                        start_s=start_s - zero_s,
-                        end_s=end_s - zero_s,
-                        prompt_tokens=len(prompt_ids) if prompt_ids is not None else request.planned_prompt_tokens,
-                        output_tokens=len(output.token_ids),
-                        tokens_source="engine",
-                    )
-                    run.records.append(record)
-                    on_record(record)
+                for max_tokens in sorted({r.max_tokens for r in batch}):
+                    group = [r for r in batch if r.max_tokens == max_tokens]
+                    params = sampling_params_cls(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+                    start_s = time.perf_counter()
+                    if api == "chat":
+                        outputs = llm.chat([r.chat_messages() for r in group], params)
+                    else:
+                        outputs = llm.generate([r.prompt_text() for r in group], params)
+                    end_s = time.perf_counter()
+                    for request, output in zip(group, outputs):
+                        record = RequestRecord(
+                            index=request.index,
+                            start_s=start_s - zero_s,
+                            end_s=end_s - zero_s,
+                            prompt_tokens=len(output.prompt_token_ids),
+                            output_tokens=len(output.token_ids),
+                            tokens_source="engine",
+                        )
+                        run.records.append(record)
+                        on_record(record)
             run.completed = True
         finally:
             run.duration_s = time.perf_counter() - zero_s

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from selfhost.bench.result import BenchResult, write_result
@@ -27,7 +28,7 @@ def _s(dist: Distribution | None, field: str) -> str:
 def result_table(result: BenchResult) -> Table:
     info = result.info
     where = info.url or "in-process engine"
-    title = f"{info.model} @ {where}" + ("  [interrupted]" if result.interrupted else "")
+    title = escape(f"{info.model} @ {where}") + ("  (interrupted)" if result.interrupted else "")
     table = Table(title=title, caption=_caption(result))
     for name in ("level", "ok/sent", "errors", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms",
                  "TPOT p50 ms", "TPOT p99 ms", "ITL p99 ms", "E2E p50 s", "E2E p99 s", "max in flight"):
@@ -59,7 +60,7 @@ def _caption(result: BenchResult) -> str:
     parts = [f"workload: {result.workload.get('source')}, output {result.workload.get('output_tokens')}"]
     if sources - {"usage"}:
         parts.append(f"token counts from: {', '.join(sorted(sources))} (server sent no usage)")
-    return "; ".join(parts)
+    return escape("; ".join(parts))
 
 
 def write_records(runs: Sequence[LevelRun], path: Path) -> Path:

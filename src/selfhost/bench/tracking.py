@@ -85,6 +85,10 @@ class TrackedRun:
     experiment: str
     run_id: str
 
+    def describe(self) -> dict[str, str]:
+        """Where the run lives, for the result file."""
+        return {"uri": self.client.tracking_uri, "experiment": self.experiment, "run_id": self.run_id}
+
     def finish(self, result: BenchResult, files: Mapping[str, Path]) -> None:
         """Log metrics (best level unprefixed, every level as `<label>.<metric>`),
         the artifacts, and close the run."""

@@ -12,14 +12,13 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from selfhost.bench.dist import SYNTAX_HELP, parse_length_dist
 from selfhost.bench.runner import Level, LevelRun, plan_levels
 from selfhost.bench.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 from selfhost.errors import InvalidParameterError
-
-console = Console()
 
 runs_app = typer.Typer(help="Read bench runs back from MLflow.", no_args_is_help=True)
 
@@ -70,45 +69,39 @@ def bench(
     run_name: Annotated[Optional[str], typer.Option(help="MLflow run name [default: model and time].")] = None,
 ) -> None:
     """Measure latency and throughput of an OpenAI-compatible endpoint (or the in-process engine)."""
-    from selfhost.bench.result import BenchResult, RunInfo
-    from selfhost.bench.report import result_table, write_outputs
-    from selfhost.bench.stats import level_stats
-    from selfhost.bench.workload import dataset_workload, synthetic_workload
+    from selfhost.bench.client import APIS, EndpointConfig
+    from selfhost.bench.result import RunInfo
 
     if (url is None) == (offline is None):
         raise InvalidParameterError("give exactly one of --url (a server) or --offline MODEL (the in-process engine)")
     if url is not None and not model:
         raise InvalidParameterError("--model is required with --url: the name the server knows the model by")
+    if api not in APIS:
+        raise InvalidParameterError(f"--api {api!r} is not one of {sorted(APIS)}")
     model_name = model or offline
     assert model_name is not None
     levels = plan_levels(_numbers(concurrency, int, "--concurrency"), _numbers(request_rate, float, "--request-rate"))
-    output_dist = parse_length_dist(output_tokens)
     counter = None
     if tokenizer is not None:
         from selfhost.bench.tokens import load_token_counter
 
         counter = load_token_counter(tokenizer)
-    if dataset is not None:
-        workload = dataset_workload(dataset, requests, output_dist, seed)
-    else:
-        workload = synthetic_workload(requests, parse_length_dist(prompt_tokens), output_dist, seed, counter)
+    workload = _workload(dataset, requests, prompt_tokens, output_tokens, seed, counter)
 
-    started = datetime.now(timezone.utc)
-    name = run_name or f"{_slug(model_name)}-{started.astimezone():%Y%m%d-%H%M%S}"
-    out_dir = out or Path("bench-results") / name
-
+    config = None
     if offline is not None:
         from selfhost.bench.offline import check_levels
 
         check_levels(levels)
-        info = RunInfo("offline", model_name, backend=backend or "selfhost-offline", quantization=quantization, device=device)
+        info = RunInfo("offline", model_name, api=api, backend=backend or "selfhost-offline",
+                       quantization=quantization, device=device)
     else:
-        from selfhost.bench.client import EndpointConfig
-
         config = EndpointConfig(url, model_name, api, api_key, timeout, temperature, ignore_eos)
         detected = backend or asyncio.run(_detect_backend(config))
         info = RunInfo("http", model_name, url, api, detected, quantization, device)
 
+    started = datetime.now(timezone.utc)
+    name = run_name or f"{_slug(model_name)}-{started.astimezone():%Y%m%d-%H%M%S}"
     tracked = None
     if track:
         from selfhost.bench.tracking import run_params, start_run
@@ -117,22 +110,42 @@ def bench(
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         tracked = start_run(tracking_uri, experiment, name, run_params(info, workload, levels, timeout))
 
+    console = Console()
+    console.print(escape(f"bench {info.model} @ {info.url or 'in-process engine'}: {workload.describe()}, "
+                         f"levels {', '.join(level.label for level in levels)}"))
     runs: list[LevelRun] = []
     interrupted = False
-    console.print(f"[bold]bench[/] {info.model} @ {info.url or 'in-process engine'}: {workload.describe()}, "
-                  f"levels {', '.join(level.label for level in levels)}")
     try:
-        with _ProgressBar(len(levels) * len(workload.requests)) as (on_level, on_record):
-            if offline is not None:
+        with _ProgressBar(console, len(levels) * len(workload.requests)) as (on_level, on_record):
+            if config is None:
                 from selfhost.bench.offline import load_engine, run_offline_levels
 
                 llm, sampling_params_cls = load_engine(offline)
-                run_offline_levels(llm, sampling_params_cls, workload.requests, levels, runs, on_level, on_record)
+                run_offline_levels(llm, sampling_params_cls, workload.requests, levels, runs, api, on_level, on_record)
             else:
                 asyncio.run(_run_http(config, counter, workload.requests, levels, runs, seed, on_level, on_record))
     except KeyboardInterrupt:
         interrupted = True
         console.print("[yellow]interrupted: writing what finished[/]")
+    _finish(console, info, workload, runs, started, interrupted, tracked, out or Path("bench-results") / name)
+    if interrupted:
+        raise typer.Exit(130)
+
+
+def _workload(dataset, num_requests, prompt_tokens, output_tokens, seed, counter):
+    from selfhost.bench.workload import dataset_workload, synthetic_workload
+
+    output_dist = parse_length_dist(output_tokens)
+    if dataset is not None:
+        return dataset_workload(dataset, num_requests, output_dist, seed)
+    return synthetic_workload(num_requests, parse_length_dist(prompt_tokens), output_dist, seed, counter)
+
+
+def _finish(console, info, workload, runs, started, interrupted, tracked, out_dir: Path) -> None:
+    """Statistics, files, table, and the MLflow run closed: also after Ctrl-C."""
+    from selfhost.bench.report import result_table, write_outputs
+    from selfhost.bench.result import BenchResult
+    from selfhost.bench.stats import level_stats
 
     result = BenchResult(
         info=info,
@@ -141,15 +154,14 @@ def bench(
         started_at=started.isoformat(timespec="seconds"),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         interrupted=interrupted,
-        tracking={"uri": tracking_uri, "experiment": experiment, "run_id": tracked.run_id} if tracked else None,
+        tracking=tracked.describe() if tracked else None,
     )
     files = write_outputs(result, runs, out_dir)
     console.print(result_table(result))
     if tracked is not None:
         tracked.finish(result, files)
-    console.print(f"results in {out_dir}/" + (f"; MLflow run {tracked.run_id} in {tracking_uri}" if tracked else ""))
-    if interrupted:
-        raise typer.Exit(130)
+    where = f"; MLflow run {tracked.run_id} in {tracked.client.tracking_uri}" if tracked else ""
+    console.print(escape(f"results in {out_dir}/{where}"))
 
 
 async def _detect_backend(config) -> str | None:
@@ -170,7 +182,7 @@ async def _run_http(config, counter, requests, levels: list[Level], runs: list[L
 class _ProgressBar:
     """A rich progress bar over all requests of all levels, as two callbacks."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, console: Console, total: int) -> None:
         self.bar = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(), console=console, transient=True,
@@ -203,6 +215,7 @@ def runs_list(
     """Recent bench runs, newest first."""
     from selfhost.bench.runs import recent_runs, runs_table
 
+    console = Console()
     found = recent_runs(tracking_uri, experiment, limit)
     if not found:
         console.print(f"no bench runs in experiment {experiment!r} at {tracking_uri}")
@@ -219,7 +232,7 @@ def runs_compare(
     """Bench runs side by side: params, headline metrics, and every level."""
     from selfhost.bench.runs import compare_table, find_runs
 
-    console.print(compare_table(find_runs(tracking_uri, experiment, run_ids)))
+    Console().print(compare_table(find_runs(tracking_uri, experiment, run_ids)))
 
 
 def register(app: typer.Typer) -> None:
