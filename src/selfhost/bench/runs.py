@@ -74,7 +74,8 @@ def _num(value: float | None) -> str:
 def runs_table(runs: Sequence[Any]) -> Table:
     table = Table(title="bench runs, newest first")
     for name in ("run id", "started", "status", "model", "backend", "device", "levels", "out tok/s", "TTFT p50 ms"):
-        table.add_column(name)
+        # Ids are what users copy into `runs compare`: never wrap them.
+        table.add_column(name, no_wrap=name == "run id", min_width=SHORT_ID if name == "run id" else None)
     for run in runs:
         params, metrics = run.data.params, run.data.metrics
         ttft = metrics.get("ttft_p50_s")
@@ -90,9 +91,9 @@ def runs_table(runs: Sequence[Any]) -> Table:
 def compare_table(runs: Sequence[Any]) -> Table:
     """Runs as columns; params, headline metrics (best level), then per level."""
     table = Table(title="bench runs compared (headline metrics are at each run's best level)")
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     for run in runs:
-        table.add_column(run.info.run_id[:SHORT_ID], justify="right")
+        table.add_column(run.info.run_id[:SHORT_ID], justify="right", min_width=SHORT_ID)
     table.add_row("started", *[_when(run) for run in runs])
     table.add_row("status", *[run.info.status for run in runs])
     for name in COMPARED_PARAMS:

@@ -36,9 +36,11 @@ class TrackingError(SelfhostError):
 
 def open_client(tracking_uri: str) -> Any:
     """An MlflowClient for `tracking_uri`, with MLflow's start-up chatter muted."""
+    from mlflow import MlflowClient
+
+    # After the import: importing mlflow sets its own logger back to INFO.
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
 
