@@ -8,7 +8,7 @@ import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -43,30 +43,30 @@ def _slug(text: str) -> str:
 
 
 def bench(
-    url: Annotated[Optional[str], typer.Option(help="API base of an OpenAI-compatible server, e.g. http://localhost:8000/v1.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model name the server serves (the request's `model`).")] = None,
-    api_key: Annotated[Optional[str], typer.Option(envvar="SELFHOST_BENCH_API_KEY", help="Bearer token, if the endpoint needs one.")] = None,
+    url: Annotated[str | None, typer.Option(help="API base of an OpenAI-compatible server, e.g. http://localhost:8000/v1.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name the server serves (the request's `model`).")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="SELFHOST_BENCH_API_KEY", help="Bearer token, if the endpoint needs one.")] = None,
     api: Annotated[str, typer.Option(help="chat (/v1/chat/completions) or completions (/v1/completions).")] = "chat",
-    concurrency: Annotated[Optional[str], typer.Option(help="Requests in flight per level, e.g. 1,4,16,64 (the cap, with --request-rate).")] = None,
+    concurrency: Annotated[str | None, typer.Option(help="Requests in flight per level, e.g. 1,4,16,64 [default: 1,4,16,64]; with --request-rate, one value: the in-flight cap.")] = None,
     requests: Annotated[int, typer.Option(help="Requests sent at every level.")] = 64,
     prompt_tokens: Annotated[str, typer.Option(help=f"Prompt length DIST: {SYNTAX_HELP}.")] = "fixed:256",
     output_tokens: Annotated[str, typer.Option(help="Reply length DIST (sent as max_tokens).")] = "fixed:128",
-    dataset: Annotated[Optional[Path], typer.Option(help="JSONL/JSON prompts (prompt, messages or ShareGPT conversations) instead of synthetic ones.")] = None,
-    request_rate: Annotated[Optional[str], typer.Option(help="Poisson arrival rate(s) in requests/s, e.g. 2 or 1,2,4: one open-loop level per rate.")] = None,
+    dataset: Annotated[Path | None, typer.Option(help="JSONL/JSON prompts (prompt, messages or ShareGPT conversations) instead of synthetic ones.")] = None,
+    request_rate: Annotated[str | None, typer.Option(help="Poisson arrival rate(s) in requests/s, e.g. 2 or 1,2,4: one open-loop level per rate.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for prompts, lengths and arrivals; same seed, same requests.")] = 0,
     timeout: Annotated[float, typer.Option(help="Seconds before one request counts as a timeout.")] = 300.0,
-    tokenizer: Annotated[Optional[str], typer.Option(help="HF tokenizer (folder or Hub id) for exact prompt lengths and for counting when the server sends no usage.")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="HF tokenizer (folder or Hub id) for exact prompt lengths and for counting when the server sends no usage.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature sent with every request.")] = 0.0,
     ignore_eos: Annotated[bool, typer.Option(help="Send ignore_eos so replies run to max_tokens (turn off for hosted APIs that reject it).")] = True,
-    backend: Annotated[Optional[str], typer.Option(help="Label: serving stack (auto-detected from /v1/models when possible).")] = None,
-    quantization: Annotated[Optional[str], typer.Option(help="Label: quantization of the served model (e.g. bf16, int8, Q4_K_M).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Label: hardware serving it (e.g. 1xH100, M2 Max).")] = None,
-    offline: Annotated[Optional[str], typer.Option(help="Run the workload through the in-process engine with this model instead of a server.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for result.json, requests.jsonl and plots [default: bench-results/<time>-<model>].")] = None,
+    backend: Annotated[str | None, typer.Option(help="Label: serving stack (auto-detected from /v1/models when possible).")] = None,
+    quantization: Annotated[str | None, typer.Option(help="Label: quantization of the served model (e.g. bf16, int8, Q4_K_M).")] = None,
+    device: Annotated[str | None, typer.Option(help="Label: hardware serving it (e.g. 1xH100, M2 Max).")] = None,
+    offline: Annotated[str | None, typer.Option(help="Run the workload through the in-process engine with this model instead of a server.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for result.json, requests.jsonl and plots [default: bench-results/<model>-<time>].")] = None,
     tracking_uri: TrackingUri = DEFAULT_TRACKING_URI,
     experiment: Experiment = DEFAULT_EXPERIMENT,
     track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
-    run_name: Annotated[Optional[str], typer.Option(help="MLflow run name [default: model and time].")] = None,
+    run_name: Annotated[str | None, typer.Option(help="MLflow run name [default: model and time].")] = None,
 ) -> None:
     """Measure latency and throughput of an OpenAI-compatible endpoint (or the in-process engine)."""
     from selfhost.bench.client import APIS, EndpointConfig
@@ -97,8 +97,8 @@ def bench(
                        quantization=quantization, device=device)
     else:
         config = EndpointConfig(url, model_name, api, api_key, timeout, temperature, ignore_eos)
-        detected = backend or asyncio.run(_detect_backend(config))
-        info = RunInfo("http", model_name, url, api, detected, quantization, device)
+        detected = asyncio.run(_detect_backend(config))  # also fails fast on a dead endpoint
+        info = RunInfo("http", model_name, url, api, backend or detected, quantization, device)
 
     started = datetime.now(timezone.utc)
     name = run_name or f"{_slug(model_name)}-{started.astimezone():%Y%m%d-%H%M%S}"
@@ -165,6 +165,7 @@ def _finish(console, info, workload, runs, started, interrupted, tracked, out_di
 
 
 async def _detect_backend(config) -> str | None:
+    """Backend named by /v1/models; raises EndpointError if the server is down."""
     from selfhost.bench.client import EndpointClient, detect_backend
 
     async with EndpointClient(config) as client:
