@@ -119,10 +119,10 @@ def test_ctrl_c_still_writes_what_it_has(fake, tmp_path):
     fake.state.reset(ttft_s=0.05, itl_s=0.01)
     out = tmp_path / "out"
     args = ["bench", "--url", fake.url, "--model", "ok", "--concurrency", "2", "--requests", "400",
-            "--output-tokens", "fixed:5", "--out", str(out), "--no-track"]
+            "--output-tokens", "fixed:5", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-c", CLI_SCRIPT, *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while len(fake.state.bodies) < 6 and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -133,3 +133,7 @@ def test_ctrl_c_still_writes_what_it_has(fake, tmp_path):
     (level,) = data["levels"]
     assert level["completed"] is False and 4 <= level["num_ok"] < 400
     assert (out / "requests.jsonl").read_text().count("\n") == level["num_requests"]
+    from mlflow import MlflowClient
+
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(data["tracking"]["run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["interrupted"] == "true"

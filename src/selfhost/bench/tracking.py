@@ -114,6 +114,14 @@ class TrackedRun:
             raise TrackingError(f"cannot log run {self.run_id} to {self.client.tracking_uri!r}: {err.message}") from None
 
 
+    def fail(self) -> None:
+        """Close the run as FAILED when the command dies before `finish`."""
+        try:
+            self.client.set_terminated(self.run_id, "FAILED")
+        except mlflow_error_type():
+            pass  # already failing; the original error is the one to show
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 

@@ -88,11 +88,12 @@ def bench(
         counter = load_token_counter(tokenizer)
     workload = _workload(dataset, requests, prompt_tokens, output_tokens, seed, counter)
 
-    config = None
+    config = engine = None
     if offline is not None:
-        from selfhost.bench.offline import check_levels
+        from selfhost.bench.offline import check_levels, load_engine
 
         check_levels(levels)
+        engine = load_engine(offline)  # before tracking: a bad model leaves no dangling MLflow run
         info = RunInfo("offline", model_name, api=api, backend=backend or "selfhost-offline",
                        quantization=quantization, device=device)
     else:
@@ -110,26 +111,36 @@ def bench(
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         tracked = start_run(tracking_uri, experiment, name, run_params(info, workload, levels, timeout))
 
+    runs: list[LevelRun] = []  # filled as requests finish, so Ctrl-C keeps them
+    try:
+        interrupted = _measure(config, engine, counter, workload, levels, runs, seed, api, info)
+        _finish(info, workload, runs, started, interrupted, tracked, out or Path("bench-results") / name)
+    except Exception:
+        if tracked is not None:
+            tracked.fail()
+        raise
+    if interrupted:
+        raise typer.Exit(130)
+
+
+def _measure(config, engine, counter, workload, levels, runs: list[LevelRun], seed, api, info) -> bool:
+    """Apply the load level by level; True if Ctrl-C cut it short."""
     console = Console()
     console.print(escape(f"bench {info.model} @ {info.url or 'in-process engine'}: {workload.describe()}, "
                          f"levels {', '.join(level.label for level in levels)}"))
-    runs: list[LevelRun] = []
-    interrupted = False
     try:
         with _ProgressBar(console, len(levels) * len(workload.requests)) as (on_level, on_record):
-            if config is None:
-                from selfhost.bench.offline import load_engine, run_offline_levels
+            if engine is not None:
+                from selfhost.bench.offline import run_offline_levels
 
-                llm, sampling_params_cls = load_engine(offline)
+                llm, sampling_params_cls = engine
                 run_offline_levels(llm, sampling_params_cls, workload.requests, levels, runs, api, on_level, on_record)
             else:
                 asyncio.run(_run_http(config, counter, workload.requests, levels, runs, seed, on_level, on_record))
     except KeyboardInterrupt:
-        interrupted = True
         console.print("[yellow]interrupted: writing what finished[/]")
-    _finish(console, info, workload, runs, started, interrupted, tracked, out or Path("bench-results") / name)
-    if interrupted:
-        raise typer.Exit(130)
+        return True
+    return False
 
 
 def _workload(dataset, num_requests, prompt_tokens, output_tokens, seed, counter):
@@ -141,7 +152,7 @@ def _workload(dataset, num_requests, prompt_tokens, output_tokens, seed, counter
     return synthetic_workload(num_requests, parse_length_dist(prompt_tokens), output_dist, seed, counter)
 
 
-def _finish(console, info, workload, runs, started, interrupted, tracked, out_dir: Path) -> None:
+def _finish(info, workload, runs, started, interrupted, tracked, out_dir: Path) -> None:
     """Statistics, files, table, and the MLflow run closed: also after Ctrl-C."""
     from selfhost.bench.report import result_table, write_outputs
     from selfhost.bench.result import BenchResult
@@ -157,6 +168,7 @@ def _finish(console, info, workload, runs, started, interrupted, tracked, out_di
         tracking=tracked.describe() if tracked else None,
     )
     files = write_outputs(result, runs, out_dir)
+    console = Console()
     console.print(result_table(result))
     if tracked is not None:
         tracked.finish(result, files)
