@@ -91,6 +91,9 @@ def test_failures_are_reported_not_raised(cli, fake, in_tmp):
     (level,) = json.loads((in_tmp / "o" / "result.json").read_text())["levels"]
     assert level["errors"]["http"] == 3 and level["num_ok"] == 6
     assert not (in_tmp / "mlflow.db").exists()
+    listed = runner.invoke(cli, ["runs", "list"])  # reading must not create a store
+    assert isinstance(listed.exception, SelfhostError) and "mlflow.db" in str(listed.exception)
+    assert not (in_tmp / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from selfhost.bench.tracking import RUN_KIND_TAG, TrackingError, mlflow_error_type, experiment_id, open_client
 
+SQLITE_PREFIX = "sqlite:///"
 MIN_PREFIX = 6
 SHORT_ID = 8
 COMPARED_PARAMS = ("endpoint", "model", "backend", "quantization", "device", "mode", "concurrency",
@@ -35,15 +37,24 @@ def _search(client: Any, exp_id: str, max_results: int) -> list[Any]:
         raise TrackingError(f"cannot search runs in {client.tracking_uri!r}: {err.message}") from None
 
 
+def _open_existing(tracking_uri: str) -> Any:
+    """Open a store for reading; a missing SQLite file is an error, not a new empty store."""
+    if tracking_uri.startswith(SQLITE_PREFIX) and not Path(tracking_uri[len(SQLITE_PREFIX):]).exists():
+        raise TrackingError(
+            f"no MLflow store at {tracking_uri!r}: run `selfhost bench` here first, or pass --tracking-uri"
+        )
+    return open_client(tracking_uri)
+
+
 def recent_runs(tracking_uri: str, experiment: str, limit: int = 20) -> list[Any]:
-    client = open_client(tracking_uri)
+    client = _open_existing(tracking_uri)
     exp_id = experiment_id(client, experiment, create=False)
     return [] if exp_id is None else _search(client, exp_id, limit)
 
 
 def find_runs(tracking_uri: str, experiment: str, run_ids: Sequence[str]) -> list[Any]:
     """Runs by full id or unique prefix, in the order given."""
-    client = open_client(tracking_uri)
+    client = _open_existing(tracking_uri)
     exp_id = experiment_id(client, experiment, create=False)
     known = _search(client, exp_id, 5000) if exp_id is not None else []
     found = []
