@@ -20,3 +20,7 @@ class UnsupportedModelError(SelfhostError):
 
 class InvalidParameterError(SelfhostError, ValueError):
     """A sampling, engine or command parameter outside its valid range."""
+
+
+class CollectionNotFoundError(SelfhostError):
+    """A RAG collection name that the vector store does not hold."""

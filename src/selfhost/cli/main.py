@@ -32,6 +32,9 @@ def _register_commands() -> None:
     from selfhost.cli import plan as plan_cmd
 
     plan_cmd.register(app)
+    from selfhost.cli import rag as rag_cmd
+
+    rag_cmd.register(app)
 
 
 def main() -> None:

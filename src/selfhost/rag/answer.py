@@ -1,0 +1,134 @@
+"""Answer a question from retrieved chunks, with numbered sources the answer cites.
+
+When no retrieved chunk is similar enough to the question, no model is called:
+the answer says that the collection has nothing on it. A small model given
+unrelated context tends to answer anyway, which is the failure RAG is for.
+
+Generation is a plain callable from chat messages to text, so a selfhost model,
+any OpenAI-compatible endpoint, or a test double all plug in the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from selfhost.errors import InvalidParameterError, SelfhostError
+from selfhost.rag.retrieve import Hit, Retriever
+
+Generate = Callable[[list[dict]], str]
+
+# For all-MiniLM-L6-v2, unrelated text scores roughly -0.1..0.2 and on-topic text
+# 0.3 and up; other models may need a different --min-score.
+DEFAULT_MIN_SIMILARITY = 0.25
+
+SYSTEM_PROMPT = (
+    "You answer questions using only the numbered sources the user gives you. "
+    "Cite the sources you use in square brackets, like [1] or [2][3]. "
+    "If the sources do not contain the answer, say that you do not know; do not guess."
+)
+
+_CITATION = re.compile(r"\[(\d+)\]")
+
+
+@dataclass(frozen=True)
+class Source:
+    number: int  # the [n] the prompt and answer use, from 1
+    path: str
+    chunk_index: int
+    text: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    sources: list[Source]  # what the model was shown, in [n] order; empty when nothing was relevant
+    cited: list[int]  # source numbers the answer actually cites, in first-mention order
+
+    @property
+    def is_grounded(self) -> bool:
+        return bool(self.sources)
+
+
+def build_messages(question: str, sources: list[Source]) -> list[dict]:
+    blocks = [f"[{s.number}] (from {s.path}, chunk {s.chunk_index})\n{s.text}" for s in sources]
+    user = "Sources:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}\nAnswer with citations:"
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def cited_numbers(text: str, num_sources: int) -> list[int]:
+    seen: list[int] = []
+    for match in _CITATION.finditer(text):
+        number = int(match.group(1))
+        if 1 <= number <= num_sources and number not in seen:
+            seen.append(number)
+    return seen
+
+
+def answer_question(
+    question: str,
+    retriever: Retriever,
+    generate: Generate,
+    k: int = 5,
+    min_similarity: float = DEFAULT_MIN_SIMILARITY,
+    path: str | None = None,
+) -> Answer:
+    """Retrieve, keep hits at least `min_similarity` to the question, and generate from them."""
+    if not question.strip():
+        raise InvalidParameterError("question is empty")
+    hits: list[Hit] = retriever.search(question, k=k, mode="hybrid", path=path)
+    relevant = [h for h in hits if h.similarity >= min_similarity]
+    if not relevant:
+        return Answer(
+            text=f"I found nothing relevant to this question in collection {retriever.collection!r}, so I will not answer it.",
+            sources=[],
+            cited=[],
+        )
+    sources = [
+        Source(i, h.chunk.path, h.chunk.chunk_index, h.chunk.text, h.similarity)
+        for i, h in enumerate(relevant, start=1)
+    ]
+    text = generate(build_messages(question, sources)).strip()
+    return Answer(text=text, sources=sources, cited=cited_numbers(text, len(sources)))
+
+
+def local_generator(model: str | None, max_tokens: int = 256) -> Generate:
+    """Generate with a selfhost model in this process (the default model when `model` is None)."""
+    try:
+        from selfhost import LLM, SamplingParams
+    except ImportError as err:
+        raise SelfhostError(
+            "local generation needs selfhost's LLM API, which this install lacks; "
+            "pass --url http://HOST/v1 to use an OpenAI-compatible server instead"
+        ) from err
+    llm = LLM(model)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+    def generate(messages: list[dict]) -> str:
+        return llm.chat(messages, params)[0].text
+
+    return generate
+
+
+def http_generator(url: str, model: str | None = None, api_key: str | None = None, max_tokens: int = 256) -> Generate:
+    """Generate with any OpenAI-compatible chat endpoint at `url` (ending in /v1)."""
+    import httpx
+
+    base = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def generate(messages: list[dict]) -> str:
+        body = {"model": model or "default", "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        try:
+            response = httpx.post(f"{base}/chat/completions", json=body, headers=headers, timeout=300.0)
+        except httpx.HTTPError as err:
+            raise SelfhostError(f"cannot reach chat endpoint {base}/chat/completions: {err}") from err
+        if response.status_code != 200:
+            raise SelfhostError(
+                f"chat endpoint {base} answered {response.status_code}: {response.text[:200]}"
+            )
+        return response.json()["choices"][0]["message"]["content"] or ""
+
+    return generate
