@@ -18,11 +18,12 @@ def workload(n, seed=0):
 
 
 def run(url, model, requests, levels, seed=0):
+    """Run `levels`, each sending the same `requests`."""
     runs: list[LevelRun] = []
 
     async def go():
         async with EndpointClient(EndpointConfig(url, model, timeout_s=5)) as client:
-            await run_levels(client.send, requests, levels, runs, seed)
+            await run_levels(client.send, [requests] * len(levels), levels, runs, seed)
 
     asyncio.run(go())
     return runs

@@ -24,6 +24,22 @@ def test_synthetic_is_reproducible_and_sized():
     assert a.describe() == "prompt=uniform:10-50 output=uniform:4-16 n=20 seed=3"
 
 
+def test_levels_get_fresh_prompts_of_the_same_lengths(tmp_path):
+    prompt = parse_length_dist("uniform:10-50")
+    workload = synthetic_workload(6, prompt, OUT, seed=1, num_levels=3)
+    assert workload.requests == synthetic_workload(6, prompt, OUT, seed=1).requests
+    texts = [{r.messages for r in level} for level in workload.per_level]
+    assert not (texts[0] & texts[1]) and not (texts[1] & texts[2])  # nothing for a prefix cache to reuse
+    shapes = {tuple((r.planned_prompt_tokens, r.max_tokens) for r in level) for level in workload.per_level}
+    assert len(shapes) == 1
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"p{i}"}) for i in range(10)))
+    levels = dataset_workload(path, 4, OUT, seed=0, num_levels=3).per_level
+    assert len({r.messages for level in levels[:2] for r in level}) == 8  # disjoint while the file lasts
+    assert [r.max_tokens for r in levels[0]] == [r.max_tokens for r in levels[2]]
+
+
 def test_requests_must_be_positive():
     with pytest.raises(InvalidParameterError, match="-1"):
         synthetic_workload(-1, OUT, OUT)

@@ -52,7 +52,7 @@ def check_levels(levels: Sequence[Level]) -> None:
 def run_offline_levels(
     llm: Any,
     sampling_params_cls: Any,
-    requests: Sequence[BenchRequest],
+    requests_by_level: Sequence[Sequence[BenchRequest]],
     levels: Sequence[Level],
     into: list[LevelRun],
     api: str = "chat",
@@ -61,7 +61,8 @@ def run_offline_levels(
 ) -> None:
     """Like runner.run_levels, through `llm.generate`; LevelRuns fill batch by batch."""
     check_levels(levels)
-    for level in levels:
+    assert len(requests_by_level) == len(levels), (len(requests_by_level), len(levels))
+    for level, requests in zip(levels, requests_by_level):
         run = LevelRun(level)
         into.append(run)
         on_level(level)

@@ -3,7 +3,8 @@
 A level is either closed-loop (exactly `concurrency` requests in flight, a new
 one sent as soon as one finishes) or open-loop (requests arrive as a Poisson
 process at `request_rate` per second, optionally capped at `concurrency` in
-flight). Every level sends the whole workload, so levels are comparable.
+flight). Every level sends a full request set of the same lengths, so levels
+are comparable.
 
 Records land in caller-owned LevelRun objects as they finish, which is what lets
 an interrupted run (Ctrl-C cancels the asyncio task) still report what it has.
@@ -133,15 +134,17 @@ async def run_level(
 
 async def run_levels(
     send: SendFn,
-    requests: Sequence[BenchRequest],
+    requests_by_level: Sequence[Sequence[BenchRequest]],
     levels: Sequence[Level],
     into: list[LevelRun],
     seed: int = 0,
     on_level: Callable[[Level], None] = lambda level: None,
     on_record: Callable[[RequestRecord], None] = lambda record: None,
 ) -> None:
-    """Run the levels in order; each LevelRun is appended to `into` before it starts."""
-    for level in levels:
+    """Run the levels in order, level i sending `requests_by_level[i]`; each
+    LevelRun is appended to `into` before it starts."""
+    assert len(requests_by_level) == len(levels), (len(requests_by_level), len(levels))
+    for level, requests in zip(levels, requests_by_level):
         run = LevelRun(level)
         into.append(run)
         on_level(level)

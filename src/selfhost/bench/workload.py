@@ -14,6 +14,10 @@ array) of records in one of three shapes:
 
 A record may carry "max_tokens" to fix its reply length; otherwise the output
 DIST decides. The same seed always yields the same requests in the same order.
+
+Each load level gets its own request set with the same lengths but different
+prompts (synthetic: other words; datasets: the next records), so a server's
+prefix cache cannot serve a later level from an earlier one.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ class DatasetError(SelfhostError):
     """A prompts file that is missing, unreadable or holds no usable record."""
 
 
-# Short, frequent words: each is a single token (with its leading space) in the
-# GPT-2, Llama and Qwen vocabularies, so word count approximates token count.
+# Short, frequent English words. Large BPE vocabularies (GPT-2, Llama 3, Qwen)
+# usually hold each as one token with its leading space, so word count
+# approximates token count; --tokenizer makes lengths exact.
 _WORDS = (
     "the of and to in is for on that with as by at from this be are was it an or "
     "have not but all can more one new will about time year people day man way "
@@ -86,13 +91,21 @@ class BenchRequest:
 
 @dataclass(frozen=True)
 class Workload:
-    """The requests of a run and how they were made (for reports and tracking)."""
+    """The requests of a run, one set per load level, and how they were made."""
 
     source: str  # "synthetic" or the dataset path
     prompt_tokens: str | None  # DIST string for synthetic prompts
     output_tokens: str  # DIST string
     seed: int
-    requests: tuple[BenchRequest, ...]
+    per_level: tuple[tuple[BenchRequest, ...], ...]
+
+    def __post_init__(self) -> None:
+        assert self.per_level and len({len(requests) for requests in self.per_level}) == 1, "ragged levels"
+
+    @property
+    def requests(self) -> tuple[BenchRequest, ...]:
+        """The first level's requests (every level has as many, of the same lengths)."""
+        return self.per_level[0]
 
     def describe(self) -> str:
         prompt = f"prompt={self.prompt_tokens}" if self.prompt_tokens else f"dataset={self.source}"
@@ -108,9 +121,10 @@ class Workload:
         }
 
 
-def _check_count(num_requests: int) -> None:
+def _check_counts(num_requests: int, num_levels: int) -> None:
     if num_requests < 1:
         raise InvalidParameterError(f"--requests {num_requests} must be >= 1")
+    assert num_levels >= 1, num_levels
 
 
 def _synthetic_prompt(rng: random.Random, num_tokens: int, counter: TokenCounter | None) -> str:
@@ -130,16 +144,19 @@ def synthetic_workload(
     output_dist: LengthDist,
     seed: int = 0,
     counter: TokenCounter | None = None,
+    num_levels: int = 1,
 ) -> Workload:
-    _check_count(num_requests)
+    _check_counts(num_requests, num_levels)
     rng = random.Random(seed)
-    requests = []
-    for index in range(num_requests):
-        prompt_len = prompt_dist.sample(rng)
-        output_len = output_dist.sample(rng)
-        prompt = _synthetic_prompt(rng, prompt_len, counter)
-        requests.append(BenchRequest(index, (("user", prompt),), output_len, prompt_len))
-    return Workload("synthetic", str(prompt_dist), str(output_dist), seed, tuple(requests))
+    lengths = [(prompt_dist.sample(rng), output_dist.sample(rng)) for _ in range(num_requests)]
+    per_level = []
+    for level in range(num_levels):
+        words_rng = random.Random(f"{seed}/level{level}")  # str seeds are stable across processes
+        per_level.append(tuple(
+            BenchRequest(index, (("user", _synthetic_prompt(words_rng, prompt_len, counter)),), output_len, prompt_len)
+            for index, (prompt_len, output_len) in enumerate(lengths)
+        ))
+    return Workload("synthetic", str(prompt_dist), str(output_dist), seed, tuple(per_level))
 
 
 def _messages_from_plain(record: dict) -> list[tuple[str, str]]:
@@ -208,10 +225,13 @@ def _record_messages(record: Any) -> list[tuple[str, str]]:
     return []
 
 
-def dataset_workload(path: str | Path, num_requests: int, output_dist: LengthDist, seed: int = 0) -> Workload:
-    """Requests from a prompts file: records are shuffled with `seed` and reused
-    cyclically when `num_requests` exceeds their number."""
-    _check_count(num_requests)
+def dataset_workload(
+    path: str | Path, num_requests: int, output_dist: LengthDist, seed: int = 0, num_levels: int = 1
+) -> Workload:
+    """Requests from a prompts file. Records are shuffled with `seed`; level i
+    takes the i-th run of `num_requests` records, wrapping around (so levels
+    share prompts only when the file is smaller than requests x levels)."""
+    _check_counts(num_requests, num_levels)
     path = Path(path)
     usable = []
     for record in _read_records(path):
@@ -225,9 +245,12 @@ def dataset_workload(path: str | Path, num_requests: int, output_dist: LengthDis
         )
     rng = random.Random(seed)
     rng.shuffle(usable)
-    requests = []
-    for index in range(num_requests):
-        messages, fixed = usable[index % len(usable)]
-        output_len = output_dist.sample(rng)  # drawn always, so lengths do not shift with `fixed`
-        requests.append(BenchRequest(index, messages, fixed or output_len))
-    return Workload(str(path), None, str(output_dist), seed, tuple(requests))
+    output_lens = [output_dist.sample(rng) for _ in range(num_requests)]
+    per_level = []
+    for level in range(num_levels):
+        requests = []
+        for index, output_len in enumerate(output_lens):
+            messages, fixed = usable[(level * num_requests + index) % len(usable)]
+            requests.append(BenchRequest(index, messages, fixed or output_len))
+        per_level.append(tuple(requests))
+    return Workload(str(path), None, str(output_dist), seed, tuple(per_level))

@@ -86,7 +86,7 @@ def bench(
         from selfhost.bench.tokens import load_token_counter
 
         counter = load_token_counter(tokenizer)
-    workload = _workload(dataset, requests, prompt_tokens, output_tokens, seed, counter)
+    workload = _workload(dataset, requests, prompt_tokens, output_tokens, seed, counter, len(levels))
 
     config = engine = None
     if offline is not None:
@@ -134,22 +134,23 @@ def _measure(config, engine, counter, workload, levels, runs: list[LevelRun], se
                 from selfhost.bench.offline import run_offline_levels
 
                 llm, sampling_params_cls = engine
-                run_offline_levels(llm, sampling_params_cls, workload.requests, levels, runs, api, on_level, on_record)
+                run_offline_levels(llm, sampling_params_cls, workload.per_level, levels, runs, api, on_level, on_record)
             else:
-                asyncio.run(_run_http(config, counter, workload.requests, levels, runs, seed, on_level, on_record))
+                asyncio.run(_run_http(config, counter, workload.per_level, levels, runs, seed, on_level, on_record))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: writing what finished[/]")
         return True
     return False
 
 
-def _workload(dataset, num_requests, prompt_tokens, output_tokens, seed, counter):
+def _workload(dataset, num_requests, prompt_tokens, output_tokens, seed, counter, num_levels):
     from selfhost.bench.workload import dataset_workload, synthetic_workload
 
     output_dist = parse_length_dist(output_tokens)
     if dataset is not None:
-        return dataset_workload(dataset, num_requests, output_dist, seed)
-    return synthetic_workload(num_requests, parse_length_dist(prompt_tokens), output_dist, seed, counter)
+        return dataset_workload(dataset, num_requests, output_dist, seed, num_levels)
+    prompt_dist = parse_length_dist(prompt_tokens)
+    return synthetic_workload(num_requests, prompt_dist, output_dist, seed, counter, num_levels)
 
 
 def _finish(info, workload, runs, started, interrupted, tracked, out_dir: Path) -> None:
@@ -184,12 +185,12 @@ async def _detect_backend(config) -> str | None:
         return detect_backend(await client.list_models())
 
 
-async def _run_http(config, counter, requests, levels: list[Level], runs: list[LevelRun], seed, on_level, on_record) -> None:
+async def _run_http(config, counter, per_level, levels: list[Level], runs: list[LevelRun], seed, on_level, on_record) -> None:
     from selfhost.bench.client import EndpointClient
     from selfhost.bench.runner import run_levels
 
     async with EndpointClient(config, counter) as client:
-        await run_levels(client.send, requests, levels, runs, seed, on_level, on_record)
+        await run_levels(client.send, per_level, levels, runs, seed, on_level, on_record)
 
 
 class _ProgressBar:
