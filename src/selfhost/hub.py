@@ -34,6 +34,8 @@ def resolve_model(ref: str | None, allow_pickle: bool = False, revision: str | N
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"{ref} is a folder but has no config.json; expected a Hugging Face checkpoint")
         return path
+    if ref.startswith(("/", "./", "../", "~")):
+        raise ModelNotFoundError(f"folder {ref} does not exist; expected a Hugging Face checkpoint folder")
     repo_id = _alias_target(ref) or ref
     if not _HUB_ID.match(repo_id):
         raise ModelNotFoundError(

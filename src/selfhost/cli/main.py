@@ -42,5 +42,5 @@ def main() -> None:
     try:
         app()
     except SelfhostError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
         sys.exit(1)

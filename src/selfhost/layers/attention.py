@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfhost.layers.linear import Linear
 from selfhost.layers.norm import RMSNorm
 from selfhost.layers.rotary import apply_rotary
 
@@ -100,8 +101,8 @@ class Attention(nn.Module):
         self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         # q, k and v share one matmul; checkpoints with separate weights are packed at load.
-        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_bias)
+        self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, hidden_size, bias=o_bias)
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, norm_weight_offset)
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, norm_weight_offset)

@@ -12,6 +12,7 @@ from torch import nn
 
 from selfhost.layers.activation import gated
 from selfhost.layers.attention import Attention, KVStore
+from selfhost.layers.linear import Linear
 from selfhost.layers.norm import RMSNorm
 from selfhost.layers.rotary import RotaryEmbedding
 from selfhost.models.spec import ModelSpec
@@ -20,8 +21,8 @@ from selfhost.models.spec import ModelSpec
 class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = gated(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +83,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = DecoderBody(spec)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.max_len = max_len
         self.rotaries = nn.ModuleList(RotaryEmbedding(r, max_len) for r in spec.ropes)
 

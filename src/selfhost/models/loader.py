@@ -12,9 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from rich.progress import Progress
 
 from selfhost.errors import UnsupportedModelError
+from selfhost.layers.linear import configure_cpu_blas
 from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS, spec_from_config
 from selfhost.models.spec import ModelSpec
@@ -64,6 +66,8 @@ def _shard_slices(spec: ModelSpec) -> dict[str, list[tuple[int, int]]]:
 def load_model(
     model_dir: Path, dtype: torch.dtype, device: torch.device, max_len: int | None = None, allow_pickle: bool = False
 ) -> CausalLM:
+    if device.type == "cpu":
+        configure_cpu_blas()
     spec = spec_from_config(read_config(model_dir))
     files = weight_files(model_dir, allow_pickle)
     max_len = min(max_len or spec.max_position, spec.max_position)
@@ -76,7 +80,8 @@ def load_model(
     params = dict(model.named_parameters())
     slices = _shard_slices(spec)
     loaded: set[str] = set()
-    with Progress(transient=True) as progress:
+    # stderr, so piped generated text stays clean
+    with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"loading {model_dir.name}", total=len(params))
         for name, tensor in iter_tensors(files):
             module_path, _, leaf = name.rpartition(".")

@@ -1,0 +1,3 @@
+from selfhost.cli.main import main
+
+main()

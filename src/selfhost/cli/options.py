@@ -1,0 +1,58 @@
+"""Options shared by the commands that load a model and sample from it.
+
+Declared once here so `run`, `chat` and later `serve` read the same flags with
+the same defaults and help text.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from selfhost.sampling_params import SamplingParams
+
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
+Temperature = Annotated[float, typer.Option(help="0 = greedy; higher = more random.")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of tokens with this mass.")]
+TopK = Annotated[int | None, typer.Option(help="Keep only the k most likely tokens.")]
+MinP = Annotated[float, typer.Option(help="Drop tokens less likely than min-p x the most likely one.")]
+RepetitionPenalty = Annotated[float, typer.Option(help="> 1 discourages repeating prompt and output tokens.")]
+Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
+Stop = Annotated[list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")]
+Dtype = Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
+AllowPickle = Annotated[
+    bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights (can run code; trust the source).")
+]
+
+
+def sampling_params(
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int | None,
+    stop: list[str] | None,
+) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple(stop or ()),
+    )
+
+
+def load_llm(model: str | None, dtype: str, device: str, allow_pickle: bool):
+    from rich.console import Console
+
+    from selfhost import LLM
+
+    Console(stderr=True).print(f"loading {model or 'the embedded demo model'}...", style="dim")
+    return LLM(model, dtype=dtype, device=device, allow_pickle=allow_pickle)

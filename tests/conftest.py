@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from tests.tiny_models import make_tiny_checkpoint
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: a saved tiny checkpoint (model + tokenizer) per architecture name, built once."""
+    cache = {}
+
+    def build(name: str):
+        if name not in cache:
+            cache[name] = make_tiny_checkpoint(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_checkpoint):
+    from selfhost import LLM
+
+    return LLM(str(tiny_checkpoint("llama")))

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from selfhost import SamplingParams
+from selfhost.errors import InvalidParameterError
+from selfhost.layers.sampler import SamplerRow, filter_logits, sample
+
+
+def test_seed_reproducible_and_seeds_differ(tiny_llm):
+    params = dict(max_tokens=24, temperature=1.0, ignore_eos=True)
+    a = tiny_llm.generate("To be", SamplingParams(seed=7, **params))[0].token_ids
+    b = tiny_llm.generate("To be", SamplingParams(seed=7, **params))[0].token_ids
+    c = tiny_llm.generate("To be", SamplingParams(seed=8, **params))[0].token_ids
+    assert a == b
+    assert a != c
+
+
+def test_stream_deltas_equal_final_text(tiny_llm):
+    params = SamplingParams(max_tokens=30, seed=3, ignore_eos=True)
+    streamed = "".join(tiny_llm.stream("To be, or not", params))
+    assert streamed == tiny_llm.generate("To be, or not", params)[0].text
+
+
+def test_stop_string_in_generation(tiny_llm):
+    base = tiny_llm.generate("To be", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+    stop = base.text[10:13]
+    assert len(stop) == 3
+    out = tiny_llm.generate("To be", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert out.text == base.text[: base.text.find(stop)]
+    assert out.finish_reason == "stop"
+
+
+def test_stop_token_ids_and_max_tokens(tiny_llm):
+    base = tiny_llm.generate("To be", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert len(base.token_ids) == 12 and base.finish_reason == "length"
+    stop_id = base.token_ids[5]
+    out = tiny_llm.generate(
+        "To be", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop_id])
+    )[0]
+    first = base.token_ids.index(stop_id)
+    assert out.token_ids == base.token_ids[: first + 1]
+    assert out.finish_reason == "stop"
+
+
+def rows(*params):
+    return [SamplerRow(p, [1, 2], [], torch.Generator().manual_seed(0)) for p in params]
+
+
+def test_top_k_top_p_min_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda p: torch.isfinite(filter_logits(logits.clone(), rows(p))).squeeze(0).tolist()  # noqa: E731
+    assert kept(SamplingParams(top_k=2)) == [True, True, False, False]
+    assert kept(SamplingParams(top_p=0.8)) == [True, True, False, False]
+    assert kept(SamplingParams(top_p=0.81)) == [True, True, True, False]
+    assert kept(SamplingParams(min_p=0.25)) == [True, True, True, False]
+    assert kept(SamplingParams(min_p=0.5)) == [True, True, False, False]
+
+
+def test_penalties_change_the_choice():
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    row = SamplerRow(SamplingParams(temperature=0, frequency_penalty=0.5), [2], [0], None)
+    assert sample(logits.clone(), [row]).token_ids == [1]
+    row = SamplerRow(SamplingParams(temperature=0, repetition_penalty=1.2), [0], [], None)
+    assert sample(logits.clone(), [row]).token_ids == [1]
+    row = SamplerRow(SamplingParams(temperature=0), [0], [0], None)
+    assert sample(logits.clone(), [row]).token_ids == [0]
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logits = probs.log().unsqueeze(0)
+    row = SamplerRow(SamplingParams(), [1], [], torch.Generator().manual_seed(0))
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        counts[sample(logits.clone(), [row]).token_ids[0]] += 1
+    assert torch.allclose(counts / counts.sum(), probs, atol=0.03)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(logprobs=50), "logprobs"),
+        (dict(presence_penalty=3), "presence_penalty"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
+def test_invalid_params_name_the_field(kwargs, name):
+    with pytest.raises(InvalidParameterError, match=name):
+        SamplingParams(**kwargs)
