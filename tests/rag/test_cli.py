@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from selfhost.cli.rag import register
+from selfhost.errors import CollectionNotFoundError
+from tests.rag.corpus import QUERIES, write_corpus
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Run `selfhost rag ...` in-process against a store indexed through the CLI itself."""
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # keep `rag` a sub-command, as in the real app
+    root = tmp_path_factory.mktemp("cli")
+    docs = write_corpus(root / "docs")
+    store = str(root / "store")
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(app, ["rag", *args, "--store", store], catch_exceptions=True)
+
+    result = run("index", str(docs), "-c", "topics")
+    assert result.exit_code == 0, result.output
+    assert "30 added" in result.output
+    return run, docs
+
+
+def test_list_search_and_reindex(cli):
+    run, docs = cli
+    listed = run("list")
+    assert "topics" in listed.output and "all-MiniLM-L6-v2" in listed.output
+    found = run("search", "what does a seismograph measure", "-c", "topics", "-k", "2", "--json")
+    assert found.exit_code == 0, found.output
+    hits = [json.loads(line) for line in found.output.splitlines()]
+    assert hits[0]["path"].endswith("earthquakes.txt") and len(hits) == 2
+    again = run("index", str(docs), "-c", "topics")
+    assert "0 added, 0 updated, 0 removed, 30 unchanged" in again.output
+
+
+def test_ask_with_a_local_selfhost_model_returns_answer_and_sources(cli, tiny_checkpoint):
+    run, _ = cli
+    model = str(tiny_checkpoint("llama"))
+    result = run("ask", "what is the event horizon", "-c", "topics", "--model", model, "--max-tokens", "8", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output.splitlines()[-1])
+    assert isinstance(payload["answer"], str)
+    assert payload["sources"] and payload["sources"][0]["path"].endswith("black_holes.txt")
+    assert [s["number"] for s in payload["sources"]] == list(range(1, len(payload["sources"]) + 1))
+
+
+def test_eval_writes_json(cli, tmp_path):
+    run, _ = cli
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"_id": doc, "text": q}) + "\n" for q, doc in QUERIES.items()))
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{doc}\t{doc}\t1\n" for doc in QUERIES.values()))
+    out = tmp_path / "res.json"
+    result = run("eval", "-c", "topics", "--queries", str(queries), "--qrels", str(qrels), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["num_queries"] == 30 and saved["results"]["hybrid"]["recall@10"] == 1.0
+
+
+def test_unknown_collection_is_a_clear_error(cli):
+    run, _ = cli
+    result = run("ask", "anything", "-c", "nope")
+    assert isinstance(result.exception, CollectionNotFoundError)
+    assert "no collection 'nope'" in str(result.exception)
+    dropped = run("drop", "nope")
+    assert isinstance(dropped.exception, CollectionNotFoundError)
+
+
+def test_entry_point_prints_one_line_and_exits_1(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", "from selfhost.cli.main import main; main()",
+         "rag", "search", "x", "-c", "nope", "--store", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("error: no collection 'nope'")
+    assert len(done.stderr.strip().splitlines()) == 1
