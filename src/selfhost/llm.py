@@ -7,9 +7,8 @@ from collections.abc import Iterator, Sequence as Seq
 from typing import Any
 
 from selfhost.device import pick_device, pick_dtype
-from selfhost.engine.sequence import Sequence
-from selfhost.engine.single_stream import SingleStreamEngine
-from selfhost.errors import InvalidParameterError
+from selfhost.engine.config import EngineConfig
+from selfhost.engine.llm_engine import LLMEngine, free_memory_bytes
 from selfhost.hub import resolve_model
 from selfhost.models.loader import load_model
 from selfhost.outputs import RequestOutput
@@ -37,6 +36,10 @@ class LLM:
         max_model_len: int | None = None,
         allow_pickle: bool = False,
         revision: str | None = None,
+        kv_cache_memory: str | int | float | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 1024,
+        enable_prefix_caching: bool = True,
     ):
         self.model_dir = resolve_model(model, allow_pickle=allow_pickle, revision=revision)
         self.device = pick_device(device)
@@ -44,7 +47,18 @@ class LLM:
         self.tokenizer = Tokenizer(self.model_dir)
         self.model = load_model(self.model_dir, self.dtype, self.device, max_model_len, allow_pickle)
         self.max_model_len = self.model.max_len
-        self._engine = SingleStreamEngine(self.model, self.device, self.dtype)
+        if kv_cache_memory is None:
+            # Enough for every sequence at full context, but never more than 30% of free memory.
+            full = max_num_seqs * self.max_model_len * self.model.spec.kv_bytes_per_token * self.model.lm_head.weight.element_size()
+            kv_cache_memory = min(full, int(free_memory_bytes(self.device) * 0.3))
+        self.engine_config = EngineConfig(
+            kv_cache_memory=kv_cache_memory,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        self.engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.dtype, self.device)
         self._request_ids = itertools.count()
 
     def generate(
@@ -52,13 +66,17 @@ class LLM:
     ) -> list[RequestOutput]:
         """One output per prompt; a prompt is a string or a list of token ids."""
         params = params or SamplingParams()
-        outputs = []
-        for prompt_ids in self._normalise(prompts):
-            seq = self._sequence(prompt_ids, params)
-            for _ in self._engine.stream(seq):
-                pass
-            outputs.append(seq.to_output())
-        return outputs
+        seqs = []
+        try:
+            for ids in self._normalise(prompts):
+                seqs.append(self.engine.add_request(self._next_id(), ids, params))
+            while any(not s.is_finished for s in seqs):
+                self.engine.step()
+        finally:
+            for seq in seqs:  # an interrupted call must not leave blocks behind
+                if not seq.is_finished:
+                    self.engine.abort(seq.request_id)
+        return [seq.to_output() for seq in seqs]
 
     def chat(
         self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None
@@ -69,11 +87,16 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text as it is generated for one prompt (stop strings never leak)."""
-        seq = self._sequence(self._normalise(prompt)[0], params or SamplingParams())
-        for _ in self._engine.stream(seq):
-            delta = seq.take_delta()
-            if delta:
-                yield delta
+        seq = self.engine.add_request(self._next_id(), self._normalise(prompt)[0], params or SamplingParams())
+        try:
+            while not seq.is_finished:
+                if seq in self.engine.step():
+                    delta = seq.take_delta()
+                    if delta:
+                        yield delta
+        finally:
+            if not seq.is_finished:
+                self.engine.abort(seq.request_id)
 
     def _normalise(self, prompts: Prompt | Seq[Prompt]) -> list[list[int]]:
         if isinstance(prompts, str):
@@ -82,15 +105,5 @@ class LLM:
             prompts = [prompts]
         return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
 
-    def _sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        if not prompt_ids:
-            raise InvalidParameterError("prompt is empty: it must contain at least one token")
-        if len(prompt_ids) >= self.max_model_len:
-            raise InvalidParameterError(
-                f"prompt has {len(prompt_ids)} tokens; this model's context holds {self.max_model_len}"
-            )
-        vocab = self.model.spec.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidParameterError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        return Sequence(str(next(self._request_ids)), prompt_ids, params, self.tokenizer, self.max_model_len)
+    def _next_id(self) -> str:
+        return f"llm-{next(self._request_ids)}"

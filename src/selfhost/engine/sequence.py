@@ -23,6 +23,7 @@ class Sequence:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
+        self.token_ids: list[int] = list(prompt_ids)  # prompt + output, what the KV cache holds
         self.output_ids: list[int] = []
         self.detok = IncrementalDetokenizer(tokenizer, params.stop)
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
@@ -34,14 +35,19 @@ class Sequence:
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
         self.sampler_row = SamplerRow(params, prompt_ids, self.output_ids, generator)
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        # KV bookkeeping, owned by the scheduler and block manager.
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_preemptions = 0
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -50,6 +56,7 @@ class Sequence:
     def append(self, token_id: int, logprob: tuple[float, list[tuple[int, float]]] | None) -> None:
         """Record one sampled token and decide whether the sequence is done."""
         self.output_ids.append(token_id)
+        self.token_ids.append(token_id)
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(TokenLogprob(token_id, logprob[0], dict(logprob[1])))
         if token_id in self.stop_ids:
@@ -73,6 +80,6 @@ class Sequence:
             prompt_token_ids=self.prompt_ids,
             text=self.detok.text,
             token_ids=list(self.output_ids),
-            logprobs=self.logprobs,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
             finish_reason=self.finish_reason,
         )

@@ -1,0 +1,159 @@
+"""LLMEngine: requests in, one scheduled batch per `step()`, outputs out.
+
+Owns the paged KV cache (sized once from the memory budget), the block
+manager, the scheduler and the model runner. Not thread-safe: AsyncEngine
+drives it from a single worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from selfhost.engine.block_manager import BlockManager
+from selfhost.engine.config import EngineConfig
+from selfhost.engine.model_runner import ModelRunner
+from selfhost.engine.paged_cache import PagedKVCache
+from selfhost.engine.scheduler import Scheduler
+from selfhost.engine.sequence import Sequence
+from selfhost.errors import InvalidParameterError
+from selfhost.models.decoder import CausalLM
+from selfhost.sampling_params import SamplingParams
+from selfhost.tokenizer import Tokenizer
+
+log = logging.getLogger("selfhost.engine")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    prefix_hit_rate: float
+    tokens_last_step: int
+    num_steps: int
+    num_preemptions: int
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def plan_num_blocks(config: EngineConfig, model: CausalLM, dtype: torch.dtype, device: torch.device) -> int:
+    budget = config.kv_cache_bytes_or_fraction
+    if isinstance(budget, float):
+        budget = int(free_memory_bytes(device) * budget)
+    per_block = PagedKVCache.bytes_per_block(model.spec, config.block_size, dtype)
+    num_blocks = budget // per_block
+    if num_blocks < 1:
+        raise InvalidParameterError(
+            f"kv_cache_memory={config.kv_cache_memory!r} holds no KV block ({per_block} bytes each)"
+        )
+    return num_blocks
+
+
+class LLMEngine:
+    def __init__(
+        self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig, dtype: torch.dtype, device: torch.device
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        num_blocks = plan_num_blocks(config, model, dtype, device)
+        self.cache = PagedKVCache(model.spec, num_blocks, config.block_size, dtype, device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache, device)
+        self.capacity_tokens = num_blocks * config.block_size
+        self.sequences: dict[str, Sequence] = {}
+        self._tokens_last_step = 0
+        self._num_steps = 0
+        log.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB)",
+            num_blocks,
+            config.block_size,
+            self.capacity_tokens,
+            num_blocks * PagedKVCache.bytes_per_block(model.spec, config.block_size, dtype) / 2**30,
+        )
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Validate and queue a request; it joins the running batch at the next step with room."""
+        if request_id in self.sequences:
+            raise InvalidParameterError(f"request id {request_id!r} is already running")
+        if not prompt_ids:
+            raise InvalidParameterError("prompt is empty: it must contain at least one token")
+        max_len = self.model.max_len
+        if len(prompt_ids) >= max_len:
+            raise InvalidParameterError(f"prompt has {len(prompt_ids)} tokens; this model's context holds {max_len}")
+        vocab = self.model.spec.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidParameterError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        seq = Sequence(request_id, list(prompt_ids), params, self.tokenizer, max_len)
+        worst_case = len(seq.prompt_ids) + seq.max_output
+        if worst_case > self.capacity_tokens:
+            raise InvalidParameterError(
+                f"request needs up to {worst_case} tokens of KV cache; the cache holds {self.capacity_tokens} "
+                "(raise kv_cache_memory or lower max_tokens)"
+            )
+        self.sequences[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> Sequence | None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq)
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+        return seq
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[Sequence]:
+        """Run one batch; return the sequences that got a new token (finished ones included)."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        finishing, result = self.runner.run(chunks)
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+        updated = []
+        if result is not None:
+            for chunk, token_id, logprob in zip(finishing, result.token_ids, result.logprobs):
+                seq = chunk.seq
+                seq.append(token_id, logprob)
+                updated.append(seq)
+        for chunk in chunks:
+            self.block_manager.commit_full_blocks(chunk.seq)
+        for seq in updated:
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+                self.sequences.pop(seq.request_id, None)
+        self._tokens_last_step = sum(c.num_tokens for c in chunks)
+        self._num_steps += 1
+        return updated
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=bm.num_used,
+            kv_blocks_free=bm.num_free,
+            kv_blocks_total=bm.num_blocks,
+            prefix_hit_rate=bm.prefix_hit_rate,
+            tokens_last_step=self._tokens_last_step,
+            num_steps=self._num_steps,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
