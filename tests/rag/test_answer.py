@@ -1,7 +1,3 @@
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
-
 import pytest
 
 from selfhost.errors import InvalidParameterError, SelfhostError
@@ -43,36 +39,6 @@ def test_citations_outside_the_sources_are_ignored():
 def test_empty_question_is_refused(retriever):
     with pytest.raises(InvalidParameterError, match="empty"):
         answer_question("  ", retriever, RecordingGenerator(""))
-
-
-@pytest.fixture
-def chat_server():
-    """A loopback OpenAI-style /v1/chat/completions that echoes how many messages it got."""
-    received = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append((self.path, body))
-            reply = {"choices": [{"message": {"role": "assistant", "content": "From the sources [1]."}}]}
-            if body["model"] == "missing":
-                self.send_response(404)
-                reply = {"error": {"message": "no such model"}}
-            else:
-                self.send_response(200)
-            payload = json.dumps(reply).encode()
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1", received
-    server.shutdown()
 
 
 def test_openai_compatible_endpoint(chat_server, retriever):

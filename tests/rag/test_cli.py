@@ -85,3 +85,22 @@ def test_entry_point_prints_one_line_and_exits_1(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().startswith("error: no collection 'nope'")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_ask_through_an_openai_endpoint_prints_answer_and_cited_sources(cli, chat_server):
+    run, _ = cli
+    url, received = chat_server
+    result = run("ask", "what is the event horizon", "-c", "topics", "--url", url, "--model", "m")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "From the sources [1]."
+    assert "Sources" in lines
+    assert any(line.startswith("*[1] ") and "black_holes.txt chunk 0" in line for line in lines)
+    assert received[0][1]["model"] == "m"
+
+
+def test_ask_with_nothing_relevant_says_so(cli):
+    run, _ = cli
+    result = run("ask", "qwxz plorf vantablim", "-c", "topics", "--min-score", "0.6")
+    assert result.exit_code == 0, result.output
+    assert "nothing relevant" in result.output and "Sources" not in result.output

@@ -76,3 +76,24 @@ def test_keyword_index_follows_reindex(tmp_path, embedder):
         retriever = Retriever(store, "c", embedder)
         assert retriever.search("zanzibar", mode="keyword") == []
         assert retriever.search("reykjavik", mode="keyword")[0].chunk.text.startswith("Reykjavik")
+
+
+def test_collection_keeps_its_model_and_chunking(tmp_path, embedder):
+    import pytest
+
+    from selfhost.errors import InvalidParameterError
+    from selfhost.rag.chunk import ChunkConfig
+
+    docs = write_corpus(tmp_path / "docs")
+    with VectorStore(tmp_path / "store") as store:
+        ingest([docs], store, "c", embedder, ChunkConfig(max_tokens=64, overlap_tokens=8))
+        with pytest.raises(InvalidParameterError, match="uses chunks of 64 tokens"):
+            ingest([docs], store, "c", embedder, ChunkConfig(max_tokens=100, overlap_tokens=8))
+        with pytest.raises(InvalidParameterError, match="do not fit"):
+            ingest([docs], store, "d", embedder, ChunkConfig(max_tokens=400, overlap_tokens=8))
+        assert store.info("c").settings == {"max_tokens": 64, "overlap_tokens": 8}
+        from selfhost.rag.embed import Embedder
+
+        same_weights_other_name = Embedder(str(embedder.folder))
+        with pytest.raises(InvalidParameterError, match="built with embedding model 'all-MiniLM-L6-v2'"):
+            ingest([docs], store, "c", same_weights_other_name)

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 rag_app = typer.Typer(
     help="Ground answers in your own documents: index, search, ask, evaluate.",
@@ -139,7 +140,8 @@ def search(
     for rank, hit in enumerate(hits, start=1):
         snippet = " ".join(hit.chunk.text.split())[:100]
         source = f"{_display_path(hit.chunk.path)} #{hit.chunk.chunk_index}"
-        table.add_row(str(rank), f"{hit.score:.4f}", f"{hit.similarity:.3f}", source, snippet)
+        # Document text may contain [brackets] that rich would read as markup.
+        table.add_row(str(rank), f"{hit.score:.4f}", f"{hit.similarity:.3f}", Text(source), Text(snippet))
     console.print(table)
 
 
@@ -179,15 +181,16 @@ def ask(
         ]
         print(json.dumps({"answer": result.text, "sources": sources, "cited": result.cited}))
         return
-    console.print(result.text, highlight=False)
+    console.print(result.text, highlight=False, markup=False)
     if result.sources:
-        console.print("\n[bold]Sources[/]")
+        console.print("\nSources", style="bold")
         for source in result.sources:
             mark = "*" if source.number in result.cited else " "
             console.print(
                 f"{mark}[{source.number}] {_display_path(source.path)} chunk {source.chunk_index} "
                 f"(cos {source.similarity:.2f})",
                 highlight=False,
+                markup=False,
             )
 
 

@@ -90,6 +90,14 @@ def resolve_embedding_model(ref: str | None) -> Path:
         ) from err
 
 
+def _canonical_name(ref: str | None) -> str:
+    """The name a collection records: one spelling per model, absolute for folders."""
+    if ref is None or ref in _BUNDLED_NAMES:
+        return DEFAULT_EMBEDDING_MODEL
+    folder = Path(ref).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else ref
+
+
 def _read_pooling(folder: Path) -> str:
     """The pooling a sentence-transformers folder declares; mean for a bare encoder."""
     pooling_config = folder / "1_Pooling" / "config.json"
@@ -130,7 +138,7 @@ class Embedder:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.folder = resolve_embedding_model(model)
-        self.model_name = model or DEFAULT_EMBEDDING_MODEL
+        self.model_name = _canonical_name(model)
         config = AutoConfig.from_pretrained(self.folder)
         architectures = getattr(config, "architectures", None) or []
         if architectures and all(a.endswith(_GENERATIVE_SUFFIXES) for a in architectures):

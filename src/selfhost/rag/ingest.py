@@ -49,7 +49,13 @@ def _under(path: str, roots: Sequence[Path]) -> bool:
 
 def _open_collection(store: VectorStore, collection: str, embedder: Embedder, chunking: ChunkConfig | None) -> ChunkConfig:
     """Create the collection on first use; afterwards insist on its model and chunk sizes."""
+    if chunking is not None and chunking.max_tokens > embedder.max_text_tokens:
+        raise InvalidParameterError(
+            f"chunks of {chunking.max_tokens} tokens do not fit {embedder.model_name!r}, which reads "
+            f"{embedder.max_text_tokens} tokens of text; use at most that"
+        )
     if not store.has_collection(collection):
+        # A little headroom: joining units can add a token or two to the summed count.
         chunking = chunking or ChunkConfig(max_tokens=min(ChunkConfig.max_tokens, embedder.max_text_tokens - 4))
         settings = {"max_tokens": chunking.max_tokens, "overlap_tokens": chunking.overlap_tokens}
         store.create_collection(collection, embedder.dim, embedder.model_name, settings)

@@ -210,23 +210,13 @@ class VectorStore:
         """path -> content hash of every file in the collection (read from each file's first chunk)."""
         m = self._models
         first = m.Filter(must=[m.FieldCondition(key="chunk_index", match=m.MatchValue(value=0))])
-        return {
-            p["path"]: p["content_hash"]
-            for p in self._scroll(name, payload=["path", "content_hash"], scroll_filter=first)
-        }
+        points = self._scroll(name, payload=["path", "content_hash"], scroll_filter=first)
+        return {p.payload["path"]: p.payload["content_hash"] for p in points}
 
     def chunks(self, name: str) -> Iterator[tuple[str, Chunk]]:
         """Every (point id, chunk) in the collection, in the database's order."""
-        m = self._models
-        offset = None
-        while True:
-            points, offset = self.client.scroll(
-                name, limit=_SCROLL_BATCH, offset=offset, with_payload=True, with_vectors=False
-            )
-            for point in points:
-                yield str(point.id), Chunk.from_payload(point.payload)
-            if offset is None:
-                return
+        for point in self._scroll(name, payload=True):
+            yield str(point.id), Chunk.from_payload(point.payload)
 
     def get(self, name: str, point_ids: Sequence[str]) -> dict[str, tuple[Chunk, np.ndarray]]:
         """Chunk and vector of each id that exists."""
@@ -244,14 +234,13 @@ class VectorStore:
         )
         return [(str(p.id), float(p.score), Chunk.from_payload(p.payload)) for p in response.points]
 
-    def _scroll(self, name: str, payload: list[str], scroll_filter=None) -> Iterator[dict]:
+    def _scroll(self, name: str, payload, scroll_filter=None) -> Iterator:
         offset = None
         while True:
             points, offset = self.client.scroll(
                 name, scroll_filter=scroll_filter, limit=_SCROLL_BATCH, offset=offset,
                 with_payload=payload, with_vectors=False,
             )
-            for point in points:
-                yield point.payload
+            yield from points
             if offset is None:
                 return
