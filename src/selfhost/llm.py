@@ -12,6 +12,8 @@ from selfhost.engine.llm_engine import LLMEngine, free_memory_bytes
 from selfhost.hub import resolve_model
 from selfhost.models.loader import load_model
 from selfhost.outputs import RequestOutput
+from selfhost.quant.apply import quantize_model
+from selfhost.quant.config import QuantConfig
 from selfhost.sampling_params import SamplingParams
 from selfhost.tokenizer import Tokenizer
 
@@ -24,7 +26,8 @@ class LLM:
 
     `model` is a local folder, a Hugging Face Hub id, a catalog alias, or None
     for the embedded demo model. On CPU the default dtype is float32; on CUDA
-    bfloat16 (float16 where bf16 is unsupported).
+    bfloat16 (float16 where bf16 is unsupported). `quantization="int8"|"int4"`
+    quantizes the weights right after loading (docs/QUANTIZATION.md).
     """
 
     def __init__(
@@ -40,16 +43,20 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 1024,
         enable_prefix_caching: bool = True,
+        quantization: str | None = None,
     ):
         self.model_dir = resolve_model(model, allow_pickle=allow_pickle, revision=revision)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = Tokenizer(self.model_dir)
+        quant_config = QuantConfig(method=quantization) if quantization is not None else None  # fail before the load
         self.model = load_model(self.model_dir, self.dtype, self.device, max_model_len, allow_pickle)
+        if quant_config is not None:  # on the fly; `selfhost quantize` writes the same modules to disk
+            quantize_model(self.model, quant_config)
         self.max_model_len = self.model.max_len
         if kv_cache_memory is None:
             # Enough for every sequence at full context, but never more than 30% of free memory.
-            full = max_num_seqs * self.max_model_len * self.model.spec.kv_bytes_per_token * self.model.lm_head.weight.element_size()
+            full = max_num_seqs * self.max_model_len * self.model.spec.kv_bytes_per_token * self.dtype.itemsize
             kv_cache_memory = min(full, int(free_memory_bytes(self.device) * 0.3))
         self.engine_config = EngineConfig(
             kv_cache_memory=kv_cache_memory,

@@ -68,7 +68,12 @@ def load_model(
 ) -> CausalLM:
     if device.type == "cpu":
         configure_cpu_blas()
-    spec = spec_from_config(read_config(model_dir))
+    cfg = read_config(model_dir)
+    if "quantization_config" in cfg:  # written by `selfhost quantize`: quantized modules, own tensor names
+        from selfhost.quant.apply import load_quantized_model
+
+        return load_quantized_model(model_dir, cfg, dtype, device, max_len)
+    spec = spec_from_config(cfg)
     files = weight_files(model_dir, allow_pickle)
     max_len = min(max_len or spec.max_position, spec.max_position)
     with torch.device("meta"):

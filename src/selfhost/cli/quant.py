@@ -1,0 +1,100 @@
+"""`selfhost quantize`, `selfhost perplexity` and `selfhost export gguf`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from selfhost.errors import InvalidParameterError
+
+Model = Annotated[str, typer.Argument(help="Local folder, Hugging Face Hub id or catalog alias.")]
+TextFile = Annotated[Path, typer.Option("--text", help="UTF-8 text file to score.")]
+
+export_app = typer.Typer(help="Export a model to other runtimes' formats.", no_args_is_help=True)
+err = Console(stderr=True)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidParameterError(f"cannot read text file {path}: {e}") from e
+
+
+def quantize(
+    model: Model,
+    method: Annotated[str, typer.Option("--method", help="int8 (per-row scales) or int4 (group-wise).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the quantized checkpoint.")],
+    group_size: Annotated[int | None, typer.Option(help="int4 group size; default: the largest of 128/64/32/16 "
+                                                       "that divides every layer.")] = None,
+    symmetric: Annotated[bool, typer.Option("--symmetric", help="int4: zero point fixed at 8.")] = False,
+    keep_head: Annotated[bool, typer.Option("--keep-head", help="Keep embeddings and output head in full "
+                                                                "precision (default: int8).")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Also compare fp32/int8/int4: memory, decode tok/s, "
+                                                          "perplexity; table + PNG in the output folder.")] = False,
+    text: Annotated[Path | None, typer.Option("--text", help="Text for the report's perplexity.")] = None,
+) -> None:
+    """Write a quantized copy of MODEL (safetensors + quantization_config in config.json)."""
+    from selfhost.hub import resolve_model
+    from selfhost.quant.checkpoint import quantize_checkpoint
+    from selfhost.quant.config import QuantConfig
+
+    config = QuantConfig(method=method, group_size=group_size, symmetric=symmetric,
+                         head_method=None if keep_head else "int8")
+    text_value = _read_text(text) if text is not None else None
+    model_dir = resolve_model(model)
+    resolved = quantize_checkpoint(model_dir, out, config)
+    detail = f", group size {resolved.group_size}" if resolved.uses_groups else ""
+    err.print(f"wrote {out} ({method}{detail})")
+    if report:
+        from selfhost.quant import report as rep
+
+        results = rep.measure(str(model_dir), text_value, group_size=resolved.group_size)
+        rep.print_table(results)
+        err.print(f"plot: {rep.plot(results, out / 'quantization_report.png')}")
+
+
+def perplexity(
+    model: Model,
+    text: TextFile,
+    quantization: Annotated[str | None, typer.Option(help="Quantize on the fly: int8 or int4.")] = None,
+    window: Annotated[int | None, typer.Option(help="Tokens per window (default: min(context, 512)).")] = None,
+    stride: Annotated[int | None, typer.Option(help="Tokens the window advances (default: window / 2).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+) -> None:
+    """Sliding-window perplexity of MODEL on a text file."""
+    from selfhost import LLM
+    from selfhost.quant.perplexity import perplexity as compute
+
+    content = _read_text(text)
+    llm = LLM(model, device=device, quantization=quantization, max_num_seqs=1)
+    result = compute(llm.model, llm.tokenizer.encode(content), window, stride)
+    print(f"perplexity {result.perplexity:.4f}  ({result.num_tokens} tokens, window {result.window}, "
+          f"stride {result.stride}, mean NLL {result.mean_nll:.4f} nats)")
+
+
+@export_app.command("gguf")
+def export_gguf(
+    model: Model,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Path of the .gguf file to write.")],
+    type_: Annotated[str, typer.Option("--type", help="f16, q8_0 or q4_0.")] = "f16",
+) -> None:
+    """Write MODEL as a GGUF file for llama.cpp / Ollama."""
+    from selfhost.hub import resolve_model
+    from selfhost.quant.gguf_export import export_gguf as export
+
+    types = export(resolve_model(model), out, type_)
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t.name] = counts.get(t.name, 0) + 1
+    summary = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+    err.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; tensors: {summary})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize)
+    app.command("perplexity")(perplexity)
+    app.add_typer(export_app, name="export")

@@ -1,0 +1,119 @@
+"""The offline step: a full-precision checkpoint folder -> a quantized one.
+
+Works tensor by tensor on the files (no model forward, no fused copies):
+q/k/v and gate/up are quantized row-wise, so quantizing the separate
+checkpoint tensors gives exactly the rows of our fused modules. The output
+folder appears whole or not at all: everything is written to a temporary
+folder beside it and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from selfhost.errors import InvalidParameterError
+from selfhost.models.decoder import CausalLM
+from selfhost.models.families import PACKED_WEIGHTS, spec_from_config
+from selfhost.models.loader import iter_tensors, read_config, weight_files
+from selfhost.quant.apply import quantization_plan
+from selfhost.quant.config import QuantConfig
+from selfhost.quant.int4 import quantize_int4
+from selfhost.quant.int8 import quantize_int8
+
+WEIGHTS_FILE = "model.safetensors"
+# Source files that the quantized folder replaces rather than copies.
+_REPLACED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_REPLACED_NAMES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def quantized_tensors(name: str, weight: torch.Tensor, method: str, config: QuantConfig) -> dict[str, torch.Tensor]:
+    """Stored tensors for one weight: `<module>.qweight`, `.scales` (and `.zeros` for int4)."""
+    module = name.removesuffix(".weight")
+    if method == "int8":
+        q, scales = quantize_int8(weight)
+        return {f"{module}.qweight": q, f"{module}.scales": scales}
+    q, scales, zeros = quantize_int4(weight, config.group_size, config.symmetric)
+    return {f"{module}.qweight": q, f"{module}.scales": scales, f"{module}.zeros": zeros}
+
+
+def _our_module(tensor_name: str) -> tuple[str, str]:
+    """Checkpoint tensor name -> (our module name, leaf): q_proj maps to its fused qkv_proj."""
+    module_path, _, leaf = tensor_name.rpartition(".")
+    parent, _, module = module_path.rpartition(".")
+    if module in PACKED_WEIGHTS:
+        module_path = f"{parent}.{PACKED_WEIGHTS[module][0]}"
+    return module_path, leaf
+
+
+def check_writable(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InvalidParameterError(f"output folder {out_dir} already exists and is not empty; choose a new folder")
+    parent = out_dir.resolve().parent
+    if not parent.is_dir():
+        raise InvalidParameterError(f"cannot write {out_dir}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidParameterError(f"cannot write {out_dir}: no write permission on folder {parent}")
+
+
+def quantize_checkpoint(model_dir: Path, out_dir: Path, config: QuantConfig) -> QuantConfig:
+    """Write a quantized copy of `model_dir` to `out_dir`; returns the config with its group size resolved."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg = read_config(model_dir)
+    if "quantization_config" in cfg:
+        method = cfg["quantization_config"].get("method") or cfg["quantization_config"].get("quant_method")
+        raise InvalidParameterError(
+            f"{model_dir} is already quantized ({method}); quantize its full-precision checkpoint instead"
+        )
+    check_writable(out_dir)
+    spec = spec_from_config(cfg)
+    with torch.device("meta"):
+        model = CausalLM(spec, max_len=1)
+    config, plan = quantization_plan(model, config)
+    head_tied = spec.tie_embeddings and "lm_head" in plan
+
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.resolve().parent))
+    except PermissionError as err:
+        raise InvalidParameterError(f"cannot write {out_dir}: {err.strerror} ({err.filename})") from err
+    try:
+        os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        tensors: dict[str, torch.Tensor] = {}
+        for name, tensor in iter_tensors(weight_files(model_dir, allow_pickle=False)):
+            module, leaf = _our_module(name)
+            if head_tied and module == "lm_head":
+                continue  # the embedding's quantized rows serve as the head
+            if module in plan and leaf == "weight":
+                tensors.update(quantized_tensors(name, tensor, plan[module], config))
+            else:
+                tensors[name] = tensor.contiguous()
+        _save(tensors, tmp_dir / WEIGHTS_FILE)
+        _copy_side_files(model_dir, tmp_dir)
+        cfg["quantization_config"] = config.to_json()
+        (tmp_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above); rename needs the name free
+        os.rename(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return config
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt", "quantized_by": "selfhost"})
+    os.chmod(path, 0o644)
+
+
+def _copy_side_files(model_dir: Path, out_dir: Path) -> None:
+    """Tokenizer, generation config, chat template, licence: everything but the weights and config."""
+    for path in model_dir.iterdir():
+        if path.is_file() and path.suffix not in _REPLACED_SUFFIXES and path.name not in _REPLACED_NAMES:
+            shutil.copy2(path, out_dir / path.name)

@@ -1,0 +1,203 @@
+"""Export a full-precision checkpoint as one GGUF file that llama.cpp and Ollama load.
+
+Tensors come from our loaded CausalLM, so any checkpoint selfhost reads
+exports the same way. Two layout changes happen on the way out:
+- fused qkv_proj and gate_up_proj are split back into llama.cpp's separate
+  attn_q/attn_k/attn_v and ffn_gate/ffn_up tensors;
+- for the "llama" architecture, llama.cpp rotates adjacent pairs of q/k
+  features (2i, 2i+1) where Hugging Face checkpoints pair i with i + d/2, so
+  each head's q and k rows are interleaved to match.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from selfhost.errors import InvalidParameterError, UnsupportedModelError
+from selfhost.layers.rotary import _base_inv_freq, _llama3_inv_freq
+from selfhost.models.decoder import CausalLM
+from selfhost.models.spec import ModelSpec
+from selfhost.quant.gguf_vocab import write_vocab
+
+Q = gguf.GGMLQuantizationType
+# --type -> (tensor type of 2-D weights, file type recorded in the header)
+GGUF_TYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    name: str  # llama.cpp architecture
+    interleave_qk: bool  # llama.cpp rotates adjacent pairs for this architecture
+
+
+# Our architectures -> llama.cpp's. Gemma (norm offsets, embedding scale,
+# soft-capping) and Phi-3 (longrope) need their own conventions: not yet.
+GGUF_ARCHES: dict[str, GGUFArch] = {
+    "LlamaForCausalLM": GGUFArch("llama", interleave_qk=True),
+    "MistralForCausalLM": GGUFArch("llama", interleave_qk=True),
+    "Qwen2ForCausalLM": GGUFArch("qwen2", interleave_qk=False),
+    "Qwen3ForCausalLM": GGUFArch("qwen3", interleave_qk=False),
+}
+
+T = gguf.MODEL_TENSOR
+
+
+def _name(kind: gguf.MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:
+    base = gguf.TENSOR_NAMES[kind]
+    return f"{base.format(bid=layer) if layer is not None else base}.{suffix}"
+
+
+def interleave_rotary_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Per head, rows [x_0..x_{d/2-1}, y_0..y_{d/2-1}] -> [x_0, y_0, x_1, y_1, ...]; works for weights and biases."""
+    head_dim = w.shape[0] // num_heads
+    rest = w.shape[1:]
+    return w.reshape(num_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model: CausalLM, arch: GGUFArch) -> dict[str, torch.Tensor]:
+    """llama.cpp tensor name -> fp32 tensor in llama.cpp's row layout (our (out, in) weights)."""
+    spec = model.spec
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    inter = spec.intermediate_size
+    out = {_name(T.TOKEN_EMBD): model.model.embed_tokens.weight, _name(T.OUTPUT_NORM): model.model.norm.weight}
+    if not spec.tie_embeddings:
+        out[_name(T.OUTPUT)] = model.lm_head.weight
+    rope_freqs = _rope_freqs(spec)
+    if rope_freqs is not None:
+        out[_name(T.ROPE_FREQS)] = rope_freqs
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for suffix in ("weight", "bias"):
+            qkv = getattr(attn.qkv_proj, suffix)
+            if qkv is None:
+                continue
+            wq, wk, wv = qkv[:q], qkv[q : q + kv], qkv[q + kv :]
+            if arch.interleave_qk:
+                wq, wk = interleave_rotary_rows(wq, spec.num_heads), interleave_rotary_rows(wk, spec.num_kv_heads)
+            out |= {_name(T.ATTN_Q, i, suffix): wq, _name(T.ATTN_K, i, suffix): wk, _name(T.ATTN_V, i, suffix): wv}
+        out[_name(T.ATTN_OUT, i)] = attn.o_proj.weight
+        if attn.o_proj.bias is not None:
+            out[_name(T.ATTN_OUT, i, "bias")] = attn.o_proj.bias
+        if attn.q_norm is not None:
+            out[_name(T.ATTN_Q_NORM, i)] = attn.q_norm.weight
+            out[_name(T.ATTN_K_NORM, i)] = attn.k_norm.weight
+        out[_name(T.ATTN_NORM, i)] = layer.input_layernorm.weight
+        out[_name(T.FFN_NORM, i)] = layer.post_attention_layernorm.weight
+        out[_name(T.FFN_GATE, i)] = mlp.gate_up_proj.weight[:inter]
+        out[_name(T.FFN_UP, i)] = mlp.gate_up_proj.weight[inter:]
+        out[_name(T.FFN_DOWN, i)] = mlp.down_proj.weight
+    return {name: t.detach().float().contiguous() for name, t in out.items()}
+
+
+def _rope_freqs(spec: ModelSpec) -> torch.Tensor | None:
+    """llama.cpp divides each rotary frequency by rope_freqs[i]: Llama 3.1 scaling as a tensor."""
+    rope = spec.ropes[0]
+    if rope.rope_type != "llama3":
+        return None
+    return _base_inv_freq(rope) / _llama3_inv_freq(rope)
+
+
+def _check_supported(spec: ModelSpec) -> GGUFArch:
+    arch = GGUF_ARCHES.get(spec.architecture)
+    if arch is None:
+        raise UnsupportedModelError(
+            f"GGUF export of {spec.architecture} is not supported yet; supported: {', '.join(GGUF_ARCHES)}"
+        )
+    if any(w is not None and w < spec.max_position for w in spec.layer_windows):
+        raise UnsupportedModelError(
+            f"{spec.architecture} with sliding-window attention cannot be exported: llama.cpp's "
+            f"{arch.name} architecture attends globally"
+        )
+    rope = spec.ropes[0]
+    if len(spec.ropes) != 1 or rope.rope_type not in ("default", "linear", "llama3") or rope.rotary_dim != spec.head_dim:
+        raise UnsupportedModelError(f"rope {rope.rope_type!r} (rotary dim {rope.rotary_dim}) cannot be exported to GGUF yet")
+    return arch
+
+
+def _write_metadata(writer: gguf.GGUFWriter, spec: ModelSpec, arch: GGUFArch, file_type: gguf.LlamaFileType,
+                    name: str) -> None:
+    rope = spec.ropes[0]
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(spec.max_position)
+    writer.add_embedding_length(spec.hidden_size)
+    writer.add_block_count(spec.num_layers)
+    writer.add_feed_forward_length(spec.intermediate_size)
+    writer.add_head_count(spec.num_heads)
+    writer.add_head_count_kv(spec.num_kv_heads)
+    writer.add_key_length(spec.head_dim)
+    writer.add_value_length(spec.head_dim)
+    writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
+    writer.add_vocab_size(spec.vocab_size)
+    writer.add_rope_dimension_count(rope.rotary_dim)
+    writer.add_rope_freq_base(rope.theta)
+    if rope.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope.factor)
+
+
+def _encode(tensor: torch.Tensor, weight_type: Q) -> tuple[np.ndarray, Q]:
+    """1-D tensors (norms, biases, rope_freqs) stay f32; 2-D weights take the requested type,
+    or f16 where a row does not fill whole quantization blocks."""
+    data = tensor.numpy()
+    if data.ndim == 1:
+        return data.astype(np.float32), Q.F32
+    if weight_type == Q.F16:
+        return data.astype(np.float16), Q.F16
+    block = gguf.GGML_QUANT_SIZES[weight_type][0]
+    if data.shape[-1] % block:
+        return data.astype(np.float16), Q.F16
+    return gguf.quants.quantize(data, weight_type), weight_type
+
+
+def export_gguf(model_dir: Path, out_path: Path, gguf_type: str) -> dict[str, Q]:
+    """Write `model_dir` as a GGUF file of `gguf_type` (f16, q8_0, q4_0); returns each tensor's type.
+
+    The file is written beside `out_path` under a temporary name and renamed
+    into place, so a failed export leaves nothing behind.
+    """
+    from selfhost.models.loader import load_model, read_config
+
+    if gguf_type not in GGUF_TYPES:
+        raise InvalidParameterError(f"GGUF type {gguf_type!r} is unknown; choose one of {', '.join(GGUF_TYPES)}")
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if "quantization_config" in read_config(model_dir):
+        raise InvalidParameterError(
+            f"{model_dir} is a selfhost-quantized checkpoint; export its full-precision source instead"
+        )
+    parent = out_path.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidParameterError(f"cannot write {out_path}: folder {parent} is missing or not writable")
+    model = load_model(model_dir, torch.float32, torch.device("cpu"))
+    arch = _check_supported(model.spec)
+    weight_type, file_type = GGUF_TYPES[gguf_type]
+
+    tmp_path = parent / f".{out_path.name}.{os.getpid()}.tmp"
+    types = {}
+    try:
+        writer = gguf.GGUFWriter(str(tmp_path), arch.name)
+        _write_metadata(writer, model.spec, arch, file_type, model_dir.resolve().name)
+        write_vocab(writer, model_dir, model.spec.vocab_size)
+        for name, tensor in gguf_tensors(model, arch).items():
+            data, types[name] = _encode(tensor, weight_type)
+            writer.add_tensor(name, data, raw_dtype=types[name])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp_path, out_path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return types

@@ -1,0 +1,146 @@
+"""int8 weights: symmetric, one scale per output row; drop-in Linear and Embedding.
+
+Kernels (chosen once, in `prepare`):
+- "fbgemm": CPU. PyTorch's fbgemm dynamic-quantized linear quantizes the
+  activation row to 8 bits on the fly and runs an integer GEMM. A decode step
+  reads a quarter of the fp32 bytes, and fbgemm's int8 kernels run at least as
+  fast as our OpenBLAS fp32 path per byte (benchmarks/quant_cpu.py).
+  `aten._weight_int8pack_mm` was measured 5-40x slower than fbgemm here.
+- "dequant": anywhere else (CUDA, CPUs or builds without fbgemm): the int8
+  weight is cast to the activation dtype inside the matmul and the per-row
+  scale applied to the output; exact weight-only int8.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT8_KERNELS = ("fbgemm", "dequant")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int8 (out, in) and fp32 scales (out,), weight ~= q * scale[:, None]."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return qweight.float() * scales.float()[:, None]
+
+
+@functools.cache
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+@functools.cache
+def _cpu_has_vnni() -> bool:
+    # Without VNNI, fbgemm's u8 x s8 pair sums can saturate int16: activations
+    # are then quantized to 7 bits (reduce_range) to stay exact.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def default_int8_kernel(device: torch.device) -> str:
+    return "fbgemm" if device.type == "cpu" and fbgemm_available() else "dequant"
+
+
+def _fbgemm_pack(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao; still the fastest here
+        warnings.simplefilter("ignore")
+        zero_points = torch.zeros(qweight.shape[0], dtype=torch.long)
+        qw = torch._make_per_channel_quantized_tensor(qweight.cpu(), scales.double().cpu(), zero_points, 0)
+        return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float().cpu())
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + b, with q int8 (out, in) and one scale per output row."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.kernel: str | None = None
+        self._packed = None
+        self._reduce_range = not _cpu_has_vnni()
+        self._storage_bytes = 0
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Int8Linear:
+        q, scales = quantize_int8(linear.weight)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
+                     linear.weight.dtype)
+        module.qweight, module.scales = q, scales.to(linear.weight.device)
+        if linear.bias is not None:
+            module.bias = linear.bias.detach().clone()
+        return module
+
+    def prepare(self, kernel: str | None = None) -> None:
+        """Turn the stored weights into the kernel's layout; once, after loading."""
+        kernel = kernel or default_int8_kernel(self.qweight.device)
+        assert kernel in INT8_KERNELS, kernel
+        self._storage_bytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.bias)
+                                  if t is not None)
+        if kernel == "fbgemm":
+            self._packed = _fbgemm_pack(self.qweight, self.scales, self.bias)
+            # The packed copy is all the kernel reads; do not keep the weight twice.
+            # (An Int8Embedding sharing the tensor keeps its own reference.)
+            self.qweight = None
+        self.kernel = kernel
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of the quantized format: int8 weight, scales, bias."""
+        return self._storage_bytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            shape = x.shape
+            out = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, self._reduce_range)
+            return out.view(*shape[:-1], self.out_features).to(x.dtype)
+        out = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings stored int8 per row; looked-up rows are dequantized."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.float32, device=device))
+        self.out_dtype = dtype
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding) -> Int8Embedding:
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.weight.device, embedding.weight.dtype)
+        module.qweight, module.scales = quantize_int8(embedding.weight)
+        return module
+
+    def prepare(self, kernel: str | None = None) -> None:
+        pass
+
+    @property
+    def storage_bytes(self) -> int:
+        return self.qweight.numel() + self.scales.numel() * self.scales.element_size()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight[ids].to(self.out_dtype)  # (T, hidden)
+        return rows * self.scales[ids].to(self.out_dtype).unsqueeze(-1)
