@@ -35,6 +35,9 @@ def _register_commands() -> None:
     from selfhost.cli import rag as rag_cmd
 
     rag_cmd.register(app)
+    from selfhost.cli import train as train_cmd
+
+    train_cmd.register(app)
     from selfhost.cli import quant as quant_cmd
 
     quant_cmd.register(app)

@@ -1,0 +1,1 @@
+"""Training: corpus and tokenizer, the loop, checkpoints, export to a Hugging Face folder."""
