@@ -44,9 +44,9 @@ def write_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> No
             f"tokenizer model {model.get('type')!r} cannot be exported to GGUF yet; supported: BPE"
         )
     hf = AutoTokenizer.from_pretrained(str(model_dir))
-    id_to_token = {i: t for t, i in model["vocab"].items()}
-    special = {a["id"]: a["content"] for a in tok.get("added_tokens", [])}
-    id_to_token.update(special)
+    # The tokenizer class may add tokens of its own (Qwen2 adds <|endoftext|>): ask it, not the file.
+    id_to_token = {i: t for t, i in hf.get_vocab().items()}
+    added = hf.added_tokens_decoder  # id -> AddedToken
     if max(id_to_token) >= vocab_size:
         raise UnsupportedModelError(f"tokenizer has id {max(id_to_token)}, beyond the model's {vocab_size} embeddings")
 
@@ -57,9 +57,9 @@ def write_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> No
         if text is None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-        elif i in special:
+        elif i in added:
             tokens.append(text)
-            types.append(gguf.TokenType.CONTROL if _is_special(tok, i) else gguf.TokenType.USER_DEFINED)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         elif byte_fallback and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             tokens.append(text)
             types.append(gguf.TokenType.BYTE)
@@ -90,7 +90,3 @@ def write_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> No
     writer.add_add_eos_token(hf.eos_token_id is not None and with_specials[-1:] == [hf.eos_token_id] != without[-1:])
     if hf.chat_template:
         writer.add_chat_template(hf.chat_template)
-
-
-def _is_special(tok: dict, token_id: int) -> bool:
-    return any(a["id"] == token_id and a.get("special", False) for a in tok.get("added_tokens", []))

@@ -1,0 +1,167 @@
+"""GGUF export read back with gguf.GGUFReader: every key and every tensor checked.
+
+Tensors are compared with the source checkpoint's own tensors (read with
+safetensors, not through selfhost's model), after undoing the llama q/k row
+interleave, so a wrong split or permutation cannot cancel out.
+"""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfhost.errors import InvalidParameterError, UnsupportedModelError
+from selfhost.quant.gguf_export import export_gguf, interleave_rotary_rows
+from selfhost.tokenizer import Tokenizer
+
+Q = gguf.GGMLQuantizationType
+# max |error| allowed, as a fraction of the tensor's largest magnitude
+TOLERANCE = {Q.F32: 1e-7, Q.F16: 1e-3, Q.Q8_0: 1 / 127, Q.Q4_0: 1 / 7}
+LAYER_NAMES = {  # llama.cpp name -> Hugging Face name inside model.layers.N
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+
+
+def _source_name(gguf_name):
+    if gguf_name.startswith("blk."):
+        _, layer, rest = gguf_name.split(".", 2)
+        return f"model.layers.{layer}.{LAYER_NAMES[rest]}"
+    return GLOBAL_NAMES[gguf_name]
+
+
+def _deinterleave(w, num_heads):
+    head_dim = w.shape[0] // num_heads
+    return w.reshape(num_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key):
+    return reader.fields[key].contents()
+
+
+@pytest.mark.parametrize(
+    "family,arch,gguf_type",
+    [("llama", "llama", "f16"), ("llama", "llama", "q8_0"), ("llama", "llama", "q4_0"),
+     ("llama3-rope", "llama", "q8_0"), ("qwen2", "qwen2", "q8_0"), ("qwen3", "qwen3", "f16")],
+)
+def test_every_key_and_tensor_read_back(tiny_checkpoint, tmp_path, family, arch, gguf_type):
+    src = tiny_checkpoint(family)
+    cfg = json.loads((src / "config.json").read_text())
+    out = tmp_path / "m.gguf"
+    types = export_gguf(src, out, gguf_type)
+    reader = gguf.GGUFReader(str(out))
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+    tied = cfg.get("tie_word_embeddings", False)
+    expected_keys = {
+        "GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture", "general.name",
+        "general.file_type", "general.quantization_version",
+        *(f"{arch}.{k}" for k in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                                  "attention.head_count", "attention.head_count_kv", "attention.key_length",
+                                  "attention.value_length", "attention.layer_norm_rms_epsilon", "vocab_size",
+                                  "rope.dimension_count", "rope.freq_base")),
+        "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+        "tokenizer.chat_template",
+    }
+    tok = Tokenizer(src)
+    if tok.hf.unk_token_id is not None:
+        expected_keys.add("tokenizer.ggml.unknown_token_id")
+        assert _field(reader, "tokenizer.ggml.unknown_token_id") == tok.hf.unk_token_id
+    assert set(reader.fields) == expected_keys
+    assert _field(reader, "general.architecture") == arch
+    assert _field(reader, "general.file_type") == {"f16": 1, "q8_0": 7, "q4_0": 2}[gguf_type]
+    for key, value in {
+        "context_length": cfg["max_position_embeddings"], "embedding_length": cfg["hidden_size"],
+        "block_count": cfg["num_hidden_layers"], "feed_forward_length": cfg["intermediate_size"],
+        "attention.head_count": cfg["num_attention_heads"], "attention.head_count_kv": cfg["num_key_value_heads"],
+        "attention.key_length": head_dim, "attention.value_length": head_dim, "vocab_size": cfg["vocab_size"],
+        "rope.dimension_count": head_dim, "rope.freq_base": cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+    }.items():
+        assert _field(reader, f"{arch}.{key}") == pytest.approx(value), key
+    assert _field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(cfg["rms_norm_eps"])
+
+    vocab = tok.hf.get_vocab()
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == cfg["vocab_size"]
+    assert all(tokens[i] == t for t, i in vocab.items())
+    assert tokens[len(vocab)] == f"[PAD{len(vocab)}]"
+    assert _field(reader, "tokenizer.ggml.token_type")[1] == gguf.TokenType.CONTROL  # <s>
+    merges = json.loads((src / "tokenizer.json").read_text())["model"]["merges"]
+    assert _field(reader, "tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m) for m in merges]
+    assert _field(reader, "tokenizer.ggml.bos_token_id") == tok.hf.bos_token_id
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.hf.eos_token_id
+    assert _field(reader, "tokenizer.ggml.add_bos_token") is True
+    assert _field(reader, "tokenizer.chat_template") == tok.hf.chat_template
+    assert _field(reader, "tokenizer.ggml.pre") == "gpt-2"
+
+    source = load_file(str(src / "model.safetensors"))
+    names = {t.name for t in reader.tensors}
+    expected = {n for n in (_gguf_name(s) for s in source) if n is not None}
+    if family == "llama3-rope":
+        expected.add("rope_freqs.weight")
+    assert names == expected
+    assert ("output.weight" in names) is not tied
+    for t in reader.tensors:
+        assert t.tensor_type == types[t.name]
+        if t.name == "rope_freqs.weight":
+            assert t.data.shape == (head_dim // 2,) and t.data.min() >= 1.0 and t.data.max() == pytest.approx(8.0)
+            continue
+        data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
+        ref = source[_source_name(t.name)].float().numpy()
+        if arch == "llama" and t.name.split(".")[-2] in ("attn_q", "attn_k"):
+            heads = cfg["num_attention_heads"] if "attn_q" in t.name else cfg["num_key_value_heads"]
+            data = _deinterleave(data, heads)
+        assert data.shape == ref.shape, t.name
+        expected_type = Q.F32 if ref.ndim == 1 else {"f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[gguf_type]
+        assert t.tensor_type == expected_type, t.name
+        assert np.abs(data - ref).max() <= TOLERANCE[t.tensor_type] * np.abs(ref).max() + 1e-6, t.name
+
+
+def _gguf_name(source_name):
+    for g, s in GLOBAL_NAMES.items():
+        if s == source_name:
+            return g
+    if source_name.startswith("model.layers."):
+        _, _, layer, rest = source_name.split(".", 3)
+        for g, s in LAYER_NAMES.items():
+            if s == rest:
+                return f"blk.{layer}.{g}"
+    return None
+
+
+def test_interleave_pairs_half_split_features():
+    w = torch.arange(8).float().reshape(8, 1)  # 2 heads of head_dim 4: rows x0 x1 y0 y1 per head
+    assert interleave_rotary_rows(w, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert np.array_equal(_deinterleave(interleave_rotary_rows(w, 2).numpy(), 2), w.numpy())
+
+
+def test_unsupported_inputs_are_clear_and_leave_no_file(tiny_checkpoint, tmp_path):
+    with pytest.raises(InvalidParameterError, match="'q5_k'"):
+        export_gguf(tiny_checkpoint("llama"), tmp_path / "m.gguf", "q5_k")
+    with pytest.raises(UnsupportedModelError, match="GemmaForCausalLM"):
+        export_gguf(tiny_checkpoint("gemma"), tmp_path / "m.gguf", "f16")
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        export_gguf(tiny_checkpoint("mistral"), tmp_path / "m.gguf", "f16")
+    with pytest.raises(InvalidParameterError, match="missing or not writable"):
+        export_gguf(tiny_checkpoint("llama"), tmp_path / "nope" / "m.gguf", "f16")
+    assert list(tmp_path.iterdir()) == []
