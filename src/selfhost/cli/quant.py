@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from selfhost.errors import InvalidParameterError
+from selfhost.errors import InvalidParameterError, SelfhostError
 
 Model = Annotated[str, typer.Argument(help="Local folder, Hugging Face Hub id or catalog alias.")]
 TextFile = Annotated[Path, typer.Option("--text", help="UTF-8 text file to score.")]
@@ -84,7 +84,11 @@ def export_gguf(
 ) -> None:
     """Write MODEL as a GGUF file for llama.cpp / Ollama."""
     from selfhost.hub import resolve_model
-    from selfhost.quant.gguf_export import export_gguf as export
+
+    try:
+        from selfhost.quant.gguf_export import export_gguf as export
+    except ModuleNotFoundError as e:
+        raise SelfhostError(f"GGUF export needs the {e.name!r} package: pip install 'selfhost[gguf]'") from e
 
     types = export(resolve_model(model), out, type_)
     counts: dict[str, int] = {}
