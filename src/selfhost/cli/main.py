@@ -41,6 +41,9 @@ def _register_commands() -> None:
     from selfhost.cli import quant as quant_cmd
 
     quant_cmd.register(app)
+    from selfhost.cli import serve as serve_cmd
+
+    serve_cmd.register(app)
 
 
 def main() -> None:

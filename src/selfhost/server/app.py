@@ -1,0 +1,159 @@
+"""create_app(settings): the FastAPI app behind `selfhost serve`.
+
+State lives on `app.state` (settings, models, metrics, serving); models load in
+the lifespan, off the event loop. Routes: OpenAI under /v1, Ollama under /api,
+operations (/health, /metrics, /stats) and the web page at /.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import selfhost
+from selfhost.server import ollama_routes, openai_routes
+from selfhost.server.errors import APIError, install_error_handlers
+from selfhost.server.metrics import ServerMetrics
+from selfhost.server.models import ModelRegistry
+from selfhost.server.serving import Serving
+from selfhost.server.settings import ServerSettings
+
+STATIC_DIR = Path(__file__).parent / "static"
+access_log = logging.getLogger("selfhost.access")
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer key check for /v1 and /api; a no-op when the server has no keys."""
+    keys = request.app.state.settings.api_key
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+    if not any(secrets.compare_digest(token.encode(), key.encode()) for key in keys):
+        raise APIError("missing or invalid API key: send 'Authorization: Bearer <key>'", 401,
+                       code="invalid_api_key")
+
+
+class AccessLog:
+    """Pure ASGI middleware: one JSON log line and one request count per HTTP request.
+
+    Pure ASGI (not BaseHTTPMiddleware) so streamed bodies pass through untouched.
+    """
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_and_record(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            # The route template, not the raw path, keeps label cardinality bounded.
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(scope["method"], label, str(status[0])).inc()
+            access_log.info(json.dumps({
+                "method": scope["method"], "path": scope["path"], "status": status[0],
+                "duration_ms": round((time.perf_counter() - start) * 1e3, 1),
+                "client": (scope.get("client") or ["?"])[0],
+            }))
+
+
+class AssumeJSON:
+    """POST bodies under /v1 and /api are JSON whatever the Content-Type says.
+
+    Ollama's documented examples (`curl -d '{...}'`) send form-encoded headers; without
+    this FastAPI would not parse the body and report a confusing type error.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith(("/v1/", "/api/")):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    models = ModelRegistry(settings)
+    metrics = ServerMetrics(models)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await models.preload()
+        models.start_reaper()
+        if app.state.on_ready is not None:  # the CLI's start-up banner
+            app.state.on_ready(app)
+        try:
+            yield
+        finally:
+            await models.shutdown()
+
+    app = FastAPI(title="selfhost", version=selfhost.__version__, lifespan=lifespan,
+                  description="OpenAI- and Ollama-compatible server for open-weight models.")
+    app.state.settings = settings
+    app.state.models = models
+    app.state.metrics = metrics
+    app.state.serving = Serving(models, metrics, settings.max_n)
+    app.state.on_ready = None
+    install_error_handlers(app)
+    auth = [Depends(require_api_key)]
+    app.include_router(openai_routes.router, dependencies=auth)
+    app.include_router(ollama_routes.router, dependencies=auth)
+    _add_operations(app)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if settings.cors:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors, allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(AssumeJSON)
+    app.add_middleware(AccessLog, metrics=metrics)
+    return app
+
+
+def _add_operations(app: FastAPI) -> None:
+    @app.get("/health", tags=["operations"])
+    async def health(request: Request) -> dict:
+        return {"status": "ok", "models": request.app.state.models.names()}
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/stats", tags=["operations"])
+    async def stats(request: Request) -> dict:
+        """What the web page's live panel shows: tokens/s and each model's engine state."""
+        state = request.app.state
+        per_model = {}
+        for name, served in list(state.models.models.items()):
+            s = served.engine.stats()
+            per_model[name] = {
+                "running": s.num_running, "waiting": s.num_waiting, "kv_blocks_used": s.kv_blocks_used,
+                "kv_blocks_total": s.kv_blocks_total, "kv_usage": s.kv_blocks_used / max(s.kv_blocks_total, 1),
+                "prefix_hit_rate": s.prefix_hit_rate, "active_requests": served.active,
+            }
+        return {"tokens_per_s": round(state.metrics.tokens_per_s(), 2), "models": per_model}
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")

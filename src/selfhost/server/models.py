@@ -1,0 +1,222 @@
+"""ModelRegistry: which models the server holds, loading, keep-alive and the memory budget.
+
+Models named at start-up are preloaded and stay. With `allow_load`, any other
+reference (folder, Hub id, catalog alias) loads on its first request and is
+unloaded after `keep_alive_s` without requests. A load that would push weights +
+KV caches over `memory_budget` first unloads idle on-demand models, and if that
+is not enough fails with a 507 naming the figures; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selfhost.hub import EMBEDDED_MODEL_NAME
+from selfhost.server.errors import APIError, ModelMemoryError
+from selfhost.server.settings import ServerSettings
+
+log = logging.getLogger("selfhost.server")
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def split_model_arg(arg: str | None) -> tuple[str, str | None]:
+    """'NAME=REF' -> (NAME, REF); 'REF' -> (REF, REF); None -> the demo model."""
+    if arg is None or arg in ("default", EMBEDDED_MODEL_NAME):
+        return EMBEDDED_MODEL_NAME, None
+    if "=" in arg:
+        name, ref = arg.split("=", 1)
+        return name, ref
+    return arg, arg
+
+
+def canonical(name: str) -> str:
+    # Ollama clients add ':latest' to bare names.
+    return name.removesuffix(":latest")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    ref: str | None
+    llm: object  # selfhost.LLM
+    engine: object  # selfhost.AsyncEngine
+    pinned: bool
+    weight_bytes: int
+    kv_cache_bytes: int
+    keep_alive_s: float
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    active: int = 0
+    json_vocab: object | None = None  # built on the first JSON-mode request
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes
+
+    @property
+    def expires_at(self) -> float | None:
+        """Wall-clock time of the keep-alive unload; None for pinned models."""
+        if self.pinned or self.keep_alive_s < 0:
+            return None
+        return time.time() + self.keep_alive_s - (time.monotonic() - self.last_used)
+
+    def is_idle_for(self, seconds: float) -> bool:
+        return self.active == 0 and time.monotonic() - self.last_used >= seconds
+
+    def begin(self) -> None:
+        self.active += 1
+        self.last_used = time.monotonic()
+
+    def end(self) -> None:
+        self.active -= 1
+        self.last_used = time.monotonic()
+
+
+class ModelRegistry:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.models: dict[str, ServedModel] = {}
+        self._load_lock = asyncio.Lock()
+        self._reaper: asyncio.Task | None = None
+
+    # -- lookup ---------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def default_name(self) -> str | None:
+        return next(iter(self.models), None)
+
+    async def get(self, name: str) -> ServedModel:
+        """The model called `name`, loading it first when the server allows that."""
+        name = canonical(name)
+        served = self.models.get(name)
+        if served is not None:
+            return served
+        if not self.settings.allow_load:
+            available = ", ".join(self.models) or "none"
+            raise APIError(
+                f"model {name!r} is not loaded (loaded: {available}); start the server with --allow-load "
+                "to load models on request",
+                404, param="model", code="model_not_found",
+            )
+        async with self._load_lock:  # one load at a time keeps the budget arithmetic honest
+            if name not in self.models:
+                await self._load(name, name, pinned=False)
+        return self.models[name]
+
+    # -- loading ----------------------------------------------------------------
+
+    async def preload(self) -> None:
+        for arg in self.settings.models or [None]:
+            name, ref = split_model_arg(arg)
+            await self._load(name, ref, pinned=True)
+
+    async def _load(self, name: str, ref: str | None, pinned: bool) -> None:
+        from selfhost.hub import resolve_model
+
+        model_dir = await asyncio.to_thread(resolve_model, ref)
+        self._make_room(self._estimate_weight_bytes(model_dir), name)
+        log.info("loading model %s from %s", name, model_dir)
+        start = time.perf_counter()
+        served = await asyncio.to_thread(self._build, name, ref, str(model_dir), pinned)
+        budget = self.settings.memory_budget_bytes
+        if budget is not None and self.used_bytes() + served.memory_bytes > budget:
+            await asyncio.to_thread(self._release, served)
+            raise ModelMemoryError(
+                f"model {name!r} needs {_gib(served.memory_bytes)} (weights {_gib(served.weight_bytes)} + KV cache "
+                f"{_gib(served.kv_cache_bytes)}); {_gib(self.used_bytes())} of the {_gib(budget)} budget is in use"
+            )
+        self.models[name] = served
+        log.info("loaded %s in %.1fs: %s weights, %d KV tokens", name, time.perf_counter() - start,
+                 _gib(served.weight_bytes), served.llm.engine.capacity_tokens)
+
+    def _build(self, name: str, ref: str | None, model_dir: str, pinned: bool) -> ServedModel:
+        from selfhost import LLM, AsyncEngine
+        from selfhost.engine.paged_cache import PagedKVCache
+
+        s = self.settings
+        llm = LLM(model_dir, dtype=s.dtype, device=s.device, max_model_len=s.max_model_len,
+                  kv_cache_memory=s.kv_cache_memory, max_num_seqs=s.max_num_seqs)
+        weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
+        weight_bytes += sum(t.numel() * t.element_size() for t in llm.model.buffers())
+        per_block = PagedKVCache.bytes_per_block(llm.model.spec, llm.engine_config.block_size, llm.dtype)
+        kv_bytes = llm.engine.block_manager.num_blocks * per_block
+        return ServedModel(name, ref, llm, AsyncEngine(llm), pinned, weight_bytes, kv_bytes, s.keep_alive_s)
+
+    def _estimate_weight_bytes(self, model_dir: Path) -> int:
+        """Weights on disk, scaled to the dtype they will be loaded in (a lower bound before loading)."""
+        files = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+        try:
+            config = json.loads((model_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            return files
+        stored = _DTYPE_BYTES.get(config.get("torch_dtype") or config.get("dtype") or "", 0)
+        target = _DTYPE_BYTES.get(self.settings.dtype, 4 if self.settings.device in ("auto", "cpu") else 2)
+        return files * target // stored if stored else files
+
+    def used_bytes(self) -> int:
+        return sum(m.memory_bytes for m in self.models.values())
+
+    def _make_room(self, needed_bytes: int, name: str) -> None:
+        budget = self.settings.memory_budget_bytes
+        if budget is None:
+            return
+        idle = sorted((m for m in self.models.values() if not m.pinned and m.active == 0), key=lambda m: m.last_used)
+        while idle and self.used_bytes() + needed_bytes > budget:
+            self.unload(idle.pop(0).name)
+        if self.used_bytes() + needed_bytes > budget:
+            raise ModelMemoryError(
+                f"model {name!r} needs at least {_gib(needed_bytes)} for its weights; {_gib(self.used_bytes())} of "
+                f"the {_gib(budget)} memory budget is held by models in use (raise --memory-budget)"
+            )
+
+    # -- unloading ------------------------------------------------------------
+
+    def unload(self, name: str) -> None:
+        served = self.models.pop(name, None)
+        if served is not None:
+            log.info("unloading model %s", name)
+            self._release(served)
+
+    @staticmethod
+    def _release(served: ServedModel) -> None:
+        served.engine.shutdown()
+        device = served.llm.device
+        served.llm = served.engine = None
+        gc.collect()
+        if getattr(device, "type", None) == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    async def _reap_idle(self) -> None:
+        interval = max(0.2, min(5.0, self.settings.keep_alive_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            for served in list(self.models.values()):
+                if not served.pinned and served.keep_alive_s >= 0 and served.is_idle_for(served.keep_alive_s):
+                    # Popped on the loop, so no request can pick it up between the check and the unload.
+                    del self.models[served.name]
+                    log.info("unloading model %s (idle for %.0fs)", served.name, served.keep_alive_s)
+                    await asyncio.to_thread(self._release, served)
+
+    def start_reaper(self) -> None:
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+
+    async def shutdown(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for name in list(self.models):
+            await asyncio.to_thread(self.unload, name)
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB"

@@ -1,0 +1,74 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models. Logic lives in serving."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from selfhost.server import openai_serving as oai
+from selfhost.server.errors import APIError
+from selfhost.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from selfhost.server.serving import Serving, event_stream, sse_error
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+def _sse_response(request: Request, events) -> StreamingResponse:
+    return StreamingResponse(event_stream(request, events, sse_error), media_type="text/event-stream",
+                             headers=SSE_HEADERS)
+
+
+@router.post("/chat/completions", response_model=oai.ChatCompletionResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    serving = _serving(request)
+    served = await serving.model(req.model)
+    prompt_ids = await serving.tokenize_chat(served, req.message_dicts())
+    gen = await serving.prepare(
+        served, [prompt_ids], req.requested_max_tokens,
+        lambda max_tokens, i: req.sampling_params(max_tokens, req.num_logprobs, i),
+        n=req.n, json_mode=req.json_mode,
+        max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+        prompt_param="messages",
+    )
+    if req.stream:
+        return _sse_response(request, oai.chat_completion_stream(serving, req, gen))
+    return await oai.chat_completion(serving, req, gen)
+
+
+@router.post("/completions", response_model=oai.CompletionResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def completions(req: CompletionRequest, request: Request):
+    serving = _serving(request)
+    served = await serving.model(req.model)
+    prompts = [await serving.tokenize(served, p) for p in req.prompts()]
+    gen = await serving.prepare(
+        served, prompts, req.requested_max_tokens,
+        lambda max_tokens, i: req.sampling_params(max_tokens, req.logprobs, i), n=req.n,
+    )
+    if req.stream:
+        return _sse_response(request, oai.completion_stream(serving, req, gen))
+    return await oai.completion(serving, req, gen)
+
+
+def _card(served) -> ModelCard:
+    return ModelCard(id=served.name, created=int(served.loaded_at), max_model_len=served.llm.max_model_len)
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_card(m) for m in request.app.state.models.models.values()])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    served = request.app.state.models.models.get(model_id)
+    if served is None:
+        raise APIError(f"model {model_id!r} is not loaded", 404, param="model", code="model_not_found")
+    return _card(served)

@@ -1,0 +1,148 @@
+"""OpenAI response shapes for chat and completions, whole or as server-sent events."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from selfhost.outputs import TokenLogprob
+from selfhost.server.protocol import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
+    CompletionResponse, DeltaMessage, TokenLogprobEntry, TopLogprob, UsageInfo, random_id,
+)
+from selfhost.server.serving import Generation, Serving, sse
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def _finish(reason: str | None) -> str | None:
+    return None if reason is None else "stop" if reason == "abort" else reason
+
+
+# -- logprobs -------------------------------------------------------------------
+
+def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> ChoiceLogprobs:
+    def top(token_id: int, logprob: float) -> TopLogprob:
+        text = tokenizer.token_text(token_id)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    content = []
+    for e in entries:
+        head = top(e.token_id, e.logprob)
+        alts = [top(t, lp) for t, lp in e.top.items()]
+        content.append(TokenLogprobEntry(**head.model_dump(), top_logprobs=alts))
+    return ChoiceLogprobs(content=content)
+
+
+def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int,
+                        echo_ids: list[int] = ()) -> CompletionLogprobs:
+    """Echoed prompt tokens carry no logprob (the engine does not score prompts)."""
+    out = CompletionLogprobs()
+    for token_id, e in [(t, None) for t in echo_ids] + [(e.token_id, e) for e in entries]:
+        text = tokenizer.token_text(token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(None if e is None else e.logprob)
+        out.top_logprobs.append(None if e is None else {tokenizer.token_text(t): lp for t, lp in e.top.items()})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+# -- chat -------------------------------------------------------------------------
+
+async def chat_completion(serving: Serving, req: ChatCompletionRequest, gen: Generation) -> ChatCompletionResponse:
+    results = await serving.collect(gen)
+    tokenizer = gen.served.llm.tokenizer
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=r.text),
+            logprobs=chat_logprobs(tokenizer, r.logprobs) if req.logprobs else None,
+            finish_reason=_finish(r.finish_reason),
+        )
+        for i, r in enumerate(results)
+    ]
+    usage = _usage(gen.num_prompt_tokens, sum(len(r.token_ids) for r in results))
+    return ChatCompletionResponse(id=random_id("chatcmpl"), model=req.model, choices=choices, usage=usage)
+
+
+async def chat_completion_stream(serving: Serving, req: ChatCompletionRequest, gen: Generation) -> AsyncIterator[str]:
+    chunk_id, created, tokenizer = random_id("chatcmpl"), int(time.time()), gen.served.llm.tokenizer
+
+    def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+        return sse(ChatCompletionChunk(id=chunk_id, created=created, model=req.model, choices=choices,
+                                       usage=usage).model_dump_json())
+
+    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                 for i in range(len(gen.jobs))])
+    completion_tokens = [0] * len(gen.jobs)
+    async for index, delta in serving.run(gen):
+        completion_tokens[index] = delta.num_output_tokens
+        if not delta.text and not delta.is_finished and not (req.logprobs and delta.logprobs):
+            continue  # a token still inside a stop-string check or a partial character
+        choice = ChatChunkChoice(index=index, delta=DeltaMessage(content=delta.text),
+                                 finish_reason=_finish(delta.finish_reason))
+        if req.logprobs and delta.logprobs:
+            choice.logprobs = chat_logprobs(tokenizer, delta.logprobs)
+        yield chunk([choice])
+    if req.include_usage:
+        yield chunk([], _usage(gen.num_prompt_tokens, sum(completion_tokens)))
+    yield sse("[DONE]")
+
+
+# -- completions ------------------------------------------------------------------
+
+def _echo_text(req: CompletionRequest, gen: Generation, job: int, tokenizer) -> str:
+    n_per_prompt = len(gen.jobs) // len(gen.prompts)
+    prompt = req.prompts()[job // n_per_prompt]
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+
+
+async def completion(serving: Serving, req: CompletionRequest, gen: Generation) -> CompletionResponse:
+    results = await serving.collect(gen)
+    tokenizer = gen.served.llm.tokenizer
+    choices = []
+    for i, r in enumerate(results):
+        prefix = _echo_text(req, gen, i, tokenizer) if req.echo else ""
+        logprobs = None
+        if req.logprobs is not None:
+            echo_ids = gen.jobs[i][0] if req.echo else []
+            logprobs = completion_logprobs(tokenizer, r.logprobs, 0, echo_ids)
+        choices.append(CompletionChoice(index=i, text=prefix + r.text, logprobs=logprobs,
+                                        finish_reason=_finish(r.finish_reason)))
+    usage = _usage(gen.num_prompt_tokens, sum(len(r.token_ids) for r in results))
+    return CompletionResponse(id=random_id("cmpl"), model=req.model, choices=choices, usage=usage)
+
+
+async def completion_stream(serving: Serving, req: CompletionRequest, gen: Generation) -> AsyncIterator[str]:
+    chunk_id, created, tokenizer = random_id("cmpl"), int(time.time()), gen.served.llm.tokenizer
+
+    def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        return sse(CompletionResponse(id=chunk_id, created=created, model=req.model, choices=choices,
+                                      usage=usage).model_dump_json())
+
+    offsets = [0] * len(gen.jobs)
+    if req.echo:
+        for i, (prompt_ids, _) in enumerate(gen.jobs):
+            text = _echo_text(req, gen, i, tokenizer)
+            logprobs = completion_logprobs(tokenizer, [], 0, prompt_ids) if req.logprobs is not None else None
+            offsets[i] = len(text)
+            yield chunk([CompletionChoice(index=i, text=text, logprobs=logprobs)])
+    completion_tokens = [0] * len(gen.jobs)
+    async for index, delta in serving.run(gen):
+        completion_tokens[index] = delta.num_output_tokens
+        if not delta.text and not delta.is_finished and not (req.logprobs is not None and delta.logprobs):
+            continue
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = completion_logprobs(tokenizer, delta.logprobs or [], offsets[index])
+        offsets[index] += len(delta.text)
+        yield chunk([CompletionChoice(index=index, text=delta.text, logprobs=logprobs,
+                                      finish_reason=_finish(delta.finish_reason))])
+    if req.include_usage:
+        yield chunk([], _usage(gen.num_prompt_tokens, sum(completion_tokens)))
+    yield sse("[DONE]")

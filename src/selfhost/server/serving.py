@@ -1,0 +1,229 @@
+"""The generation logic both APIs share: prompt -> validated jobs -> merged deltas -> metrics.
+
+Routes turn a wire request into a `Generation` with `prepare()` (tokenize off
+the event loop, check the context window, build one SamplingParams per choice),
+then consume `run()` (one `(choice_index, StreamDelta)` per engine step and
+choice) either as a stream or through `collect()`. Streams go out through
+`event_stream()`, which checks for a vanished client before every chunk and
+ends a failed stream with an error event instead of a cut connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from selfhost.errors import SelfhostError
+from selfhost.outputs import StreamDelta, TokenLogprob
+from selfhost.sampling_params import SamplingParams
+from selfhost.server.errors import APIError, from_selfhost_error
+from selfhost.server.json_mode import JsonObjectProcessor, JsonSamplingParams, JsonVocab
+from selfhost.server.metrics import ServerMetrics
+from selfhost.server.models import ServedModel
+
+log = logging.getLogger("selfhost.server")
+
+# Builds the params of choice `i` given the resolved max_tokens.
+ParamsFactory = Callable[[int, int], SamplingParams]
+
+
+@dataclass
+class Generation:
+    served: ServedModel
+    prompts: list[list[int]]  # token ids per prompt
+    jobs: list[tuple[list[int], SamplingParams]]  # one per choice: prompt i * n + j
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+@dataclass
+class ChoiceResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, served: ServedModel, param: str, prompt_param: str
+) -> int:
+    """OpenAI semantics: no limit means 'up to the context window'; an explicit one must fit in it."""
+    llm = served.llm
+    window = llm.max_model_len
+    if prompt_len >= window:
+        raise APIError(f"the prompt has {prompt_len} tokens; model {served.name!r} has a context window of "
+                       f"{window} tokens", param=prompt_param,
+                       code="context_length_exceeded")
+    room = min(window, llm.engine.capacity_tokens) - prompt_len
+    if requested is None:
+        if room < 1:
+            raise APIError(f"the prompt has {prompt_len} tokens; the KV cache holds {llm.engine.capacity_tokens}",
+                           param=prompt_param, code="context_length_exceeded")
+        return room
+    if prompt_len + requested > window:
+        raise APIError(f"{param}={requested} plus the prompt's {prompt_len} tokens exceeds model {served.name!r}'s "
+                       f"context window of {window} tokens (at most {window - prompt_len})",
+                       param=param, code="context_length_exceeded")
+    return requested
+
+
+class Serving:
+    def __init__(self, models, metrics: ServerMetrics, max_n: int):
+        self.models = models
+        self.metrics = metrics
+        self.max_n = max_n
+
+    async def model(self, name: str) -> ServedModel:
+        return await self.models.get(name)
+
+    async def tokenize_chat(self, served: ServedModel, messages: list[dict]) -> list[int]:
+        tokenizer = served.llm.tokenizer
+        if not tokenizer.has_chat_template:
+            raise APIError(f"model {served.name!r} has no chat template; use /v1/completions with a plain prompt",
+                           param="messages", code="no_chat_template")
+        return await asyncio.to_thread(tokenizer.encode_chat, messages)
+
+    async def tokenize(self, served: ServedModel, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return await asyncio.to_thread(served.llm.tokenizer.encode, prompt)
+        vocab = served.llm.model.spec.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    async def prepare(
+        self, served: ServedModel, prompts: list[list[int]], requested_max_tokens: int | None,
+        make_params: ParamsFactory, n: int = 1, json_mode: bool = False, max_tokens_param: str = "max_tokens",
+        prompt_param: str = "prompt",
+    ) -> Generation:
+        if n > self.max_n:
+            raise APIError(f"n={n} is more than this server allows ({self.max_n}); see --max-n", param="n")
+        jobs = []
+        for prompt_ids in prompts:
+            if not prompt_ids:
+                raise APIError("the prompt is empty: it must contain at least one token", param="prompt")
+            max_tokens = resolve_max_tokens(
+                requested_max_tokens, len(prompt_ids), served, max_tokens_param, prompt_param
+            )
+            for choice in range(n):
+                try:
+                    params = make_params(max_tokens, choice)
+                except SelfhostError as err:
+                    raise from_selfhost_error(err) from err
+                if json_mode:
+                    params = JsonSamplingParams.wrap(params, JsonObjectProcessor(await self._json_vocab(served), max_tokens))
+                jobs.append((prompt_ids, params))
+        return Generation(served, prompts, jobs, uuid.uuid4().hex[:16])
+
+    async def _json_vocab(self, served: ServedModel) -> JsonVocab:
+        if served.json_vocab is None:
+            served.json_vocab = await asyncio.to_thread(JsonVocab, served.llm.tokenizer)
+        return served.json_vocab
+
+    async def run(self, gen: Generation) -> AsyncIterator[tuple[int, StreamDelta]]:
+        """Every choice's deltas as they come; aborts all of them if the consumer stops early."""
+        served = gen.served
+        served.begin()
+        first_token: float | None = None
+        num_output = [0] * len(gen.jobs)
+        try:
+            async with aclosing(self._merged(served.engine, gen)) as deltas:
+                async for index, delta in deltas:
+                    if first_token is None:
+                        first_token = time.perf_counter()
+                    new = delta.num_output_tokens - num_output[index]
+                    num_output[index] = delta.num_output_tokens
+                    self.metrics.observe_tokens(new)
+                    yield index, delta
+        finally:
+            served.end()
+            self.metrics.observe_request(served.name, gen.num_prompt_tokens, sum(num_output),
+                                         gen.started, first_token, time.perf_counter())
+
+    @staticmethod
+    async def _merged(engine, gen: Generation) -> AsyncIterator[tuple[int, StreamDelta]]:
+        if len(gen.jobs) == 1:  # the common case, without a task per choice
+            prompt_ids, params = gen.jobs[0]
+            async with aclosing(engine.generate(prompt_ids, params, gen.request_id)) as deltas:
+                async for delta in deltas:
+                    yield 0, delta
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, prompt_ids: list[int], params: SamplingParams) -> None:
+            try:
+                async with aclosing(engine.generate(prompt_ids, params, f"{gen.request_id}-{index}")) as deltas:
+                    async for delta in deltas:
+                        queue.put_nowait((index, delta))
+            except Exception as err:  # handed to the consumer, which raises it
+                queue.put_nowait((index, err))
+
+        tasks = [asyncio.create_task(pump(i, p, sp)) for i, (p, sp) in enumerate(gen.jobs)]
+        unfinished = len(tasks)
+        try:
+            while unfinished:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item.is_finished:
+                    unfinished -= 1
+                yield index, item
+        finally:
+            for task in tasks:  # cancelling a pump closes its generator, which aborts the request
+                task.cancel()
+
+    async def collect(self, gen: Generation) -> list[ChoiceResult]:
+        results = [ChoiceResult() for _ in gen.jobs]
+        async with aclosing(self.run(gen)) as deltas:
+            async for index, delta in deltas:
+                r = results[index]
+                r.text += delta.text
+                r.token_ids += delta.token_ids
+                r.logprobs += delta.logprobs or []
+                r.finish_reason = delta.finish_reason
+        return results
+
+
+def error_body(err: Exception) -> dict:
+    if isinstance(err, APIError):
+        return err.body()
+    if isinstance(err, SelfhostError):
+        return from_selfhost_error(err).body()
+    log.exception("stream failed", exc_info=err)
+    return APIError(f"internal error: {type(err).__name__}", 500, code="internal_error").body()
+
+
+async def event_stream(request: Request, events: AsyncIterator[str], on_error: Callable[[Exception], str]):
+    """Bytes for a StreamingResponse: stop (and abort) when the client leaves; end a failure cleanly."""
+    try:
+        async with aclosing(events) as items:
+            async for item in items:
+                if await request.is_disconnected():
+                    log.info("client went away; aborting its request")
+                    return
+                yield item
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:
+        yield on_error(err)
+
+
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+def sse_error(err: Exception) -> str:
+    return sse(json.dumps(error_body(err))) + sse("[DONE]")

@@ -1,0 +1,74 @@
+"""ServerSettings: every `selfhost serve` option, written once.
+
+Each field is an environment variable (`SELFHOST_PORT=9000`, `SELFHOST_API_KEY=...`)
+and a CLI flag (`--port 9000`); cli/serve.py generates the flags from these fields,
+so defaults and help texts live only here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from selfhost.engine.config import parse_memory
+
+# Lists come from the environment as 'a,b' (not JSON) and from the CLI as repeated flags.
+StrList = Annotated[list[str], NoDecode]
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SELFHOST_", extra="ignore")
+
+    models: StrList = Field(
+        default_factory=list,
+        description="Models to preload: folder, Hub id or alias, optionally NAME=REF. None: the embedded demo model.",
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
+    allow_load: bool = Field(False, description="Load models that were not preloaded on their first request.")
+    api_key: StrList = Field(
+        default_factory=list, description="Require this bearer key on /v1 and /api (repeatable; env: comma list)."
+    )
+    cors: StrList = Field(default_factory=list, description="Allow browser requests from this origin (or '*').")
+    kv_cache_memory: str | None = Field(
+        None, description="KV cache per model: bytes like '2GiB' or a fraction of free memory like '0.3'."
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Most requests batched at once per model.")
+    max_model_len: int | None = Field(None, ge=16, description="Cap the context window (default: the model's).")
+    dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
+    memory_budget: str | None = Field(
+        None, description="Total memory for all loaded models (weights + KV), e.g. '12GiB'; over it a load fails."
+    )
+    keep_alive_s: float = Field(300.0, ge=0, description="Unload an on-demand model idle this long (preloaded stay).")
+    max_n: int = Field(8, ge=1, description="Largest `n` (choices per request) accepted.")
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+
+    @field_validator("models", "api_key", "cors", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        # Env vars arrive as one string: SELFHOST_API_KEY=k1,k2
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("kv_cache_memory", "memory_budget")
+    @classmethod
+    def _check_memory(cls, value):
+        if value is not None:
+            parse_memory(value)  # raises InvalidParameterError naming the value
+        return value
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        if self.memory_budget is None:
+            return None
+        budget = parse_memory(self.memory_budget)
+        if isinstance(budget, float):  # a fraction of the memory free right now
+            from selfhost.device import pick_device
+            from selfhost.engine.llm_engine import free_memory_bytes
+
+            budget = int(free_memory_bytes(pick_device(self.device)) * budget)
+        return budget
