@@ -14,10 +14,10 @@ import sys
 OMP_POLICY_APPLIED = "torch" not in sys.modules or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from selfhost.outputs import RequestOutput, TokenLogprob
+from selfhost.outputs import RequestOutput, StreamDelta, TokenLogprob
 from selfhost.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "TokenLogprob"]
+__all__ = ["LLM", "AsyncEngine", "SamplingParams", "RequestOutput", "StreamDelta", "TokenLogprob"]
 __version__ = "0.1.0"
 
 
@@ -27,4 +27,8 @@ def __getattr__(name: str):
         from selfhost.llm import LLM
 
         return LLM
+    if name == "AsyncEngine":
+        from selfhost.engine.async_engine import AsyncEngine
+
+        return AsyncEngine
     raise AttributeError(name)

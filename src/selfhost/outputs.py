@@ -28,3 +28,20 @@ class RequestOutput:
     @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """What one request gained in one engine step (AsyncEngine.generate yields these)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None

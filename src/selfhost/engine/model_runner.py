@@ -44,15 +44,15 @@ class ModelRunner:
                 single_lens.append(start + 1)
             else:
                 multi.append((len(input_ids) - num, num, start, table))
-        max_blocks = max((len(t) for t in single_tables), default=0)
+        # Pad tables only to the longest context in the step, not the longest table.
+        max_blocks = -(-max(single_lens, default=0) // bs)
         meta = StepMetadata(
             slot_mapping=self._tensor(slots),
             num_single=len(single_tables),
-            single_block_tables=self._tensor([t + [0] * (max_blocks - len(t)) for t in single_tables])
+            single_block_tables=self._tensor([t[:max_blocks] + [0] * (max_blocks - len(t)) for t in single_tables])
             if single_tables
             else None,
             single_context_lens=self._tensor(single_lens) if single_lens else None,
-            single_max_len=max(single_lens, default=0),
             chunks=[(first, num, start, self._tensor(table)) for first, num, start, table in multi],
         )
         return self._tensor(input_ids), self._tensor(positions), meta

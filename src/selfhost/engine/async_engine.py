@@ -1,0 +1,159 @@
+"""AsyncEngine: the batching engine behind an asyncio API.
+
+One worker thread owns the LLMEngine and loops over `step()`; asyncio callers
+talk to it through a command queue (add / abort) and receive per-step deltas on
+their own asyncio.Queue. Model work never runs on the event loop, and a
+cancelled consumer (a client that went away) aborts its request, which frees
+its KV blocks at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from selfhost.engine.sequence import Sequence
+from selfhost.outputs import StreamDelta
+from selfhost.sampling_params import SamplingParams
+
+log = logging.getLogger("selfhost.engine")
+
+
+@dataclass
+class _Request:
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    seq: Sequence | None = None
+    sent_tokens: int = 0
+    sent_logprobs: int = 0
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    request: _Request
+    accepted: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    """Wraps an `LLM`; use it instead of (not alongside) that LLM's own generate methods."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.engine = llm.engine
+        self.tokenizer = llm.tokenizer
+        self._commands: queue.Queue = queue.Queue()
+        self._requests: dict[str, _Request] = {}
+        self._stopped = False
+        self._worker = threading.Thread(target=self._run, name="selfhost-engine", daemon=True)
+        self._worker.start()
+
+    # -- asyncio side ----------------------------------------------------------
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[StreamDelta]:
+        """Yield one StreamDelta per step that produced tokens, the last with a finish_reason."""
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        request = _Request(asyncio.get_running_loop(), asyncio.Queue())
+        command = _Add(request_id, prompt_ids, params, request)
+        self._commands.put(command)
+        await asyncio.wrap_future(command.accepted)  # raises the engine's validation error, if any
+        finished = False
+        try:
+            while True:
+                delta = await request.outputs.get()
+                if isinstance(delta, BaseException):
+                    raise delta
+                yield delta
+                if delta.is_finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks (safe to call from any thread)."""
+        self._commands.put(_Abort(request_id))
+
+    def stats(self):
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._commands.put(None)
+        self._worker.join(timeout=10)
+
+    # -- worker thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopped:
+            # Block only when idle; otherwise drain what arrived during the last step.
+            self._handle(self._commands.get() if not self.engine.has_work else None)
+            while not self._commands.empty():
+                self._handle(self._commands.get_nowait())
+            if self._stopped or not self.engine.has_work:
+                continue
+            try:
+                updated = self.engine.step()
+            except Exception as err:  # a bug must not take the server down: fail the batch, keep serving
+                log.exception("engine step failed; failing the running requests")
+                for request_id in list(self._requests):
+                    self._fail(request_id, err)
+                continue
+            for seq in updated:
+                self._deliver(seq)
+
+    def _handle(self, command) -> None:
+        if isinstance(command, _Add):
+            try:
+                command.request.seq = self.engine.add_request(command.request_id, command.prompt_ids, command.params)
+            except Exception as err:  # validation errors go back to the caller
+                command.accepted.set_exception(err)
+                return
+            self._requests[command.request_id] = command.request
+            command.accepted.set_result(None)
+        elif isinstance(command, _Abort):
+            self._requests.pop(command.request_id, None)
+            self.engine.abort(command.request_id)
+
+    def _deliver(self, seq: Sequence) -> None:
+        request = self._requests.get(seq.request_id)
+        if request is None:
+            return
+        new_tokens = seq.output_ids[request.sent_tokens :]
+        new_logprobs = None
+        if seq.logprobs is not None:
+            new_logprobs = seq.logprobs[request.sent_logprobs :]
+            request.sent_logprobs = len(seq.logprobs)
+        request.sent_tokens = len(seq.output_ids)
+        delta = StreamDelta(
+            request_id=seq.request_id,
+            text=seq.take_delta(),
+            token_ids=new_tokens,
+            logprobs=new_logprobs,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_output_tokens=len(seq.output_ids),
+        )
+        if seq.is_finished:
+            self._requests.pop(seq.request_id, None)
+        request.loop.call_soon_threadsafe(request.outputs.put_nowait, delta)
+
+    def _fail(self, request_id: str, err: Exception) -> None:
+        request = self._requests.pop(request_id)
+        self.engine.abort(request_id)
+        request.loop.call_soon_threadsafe(request.outputs.put_nowait, err)

@@ -1,0 +1,80 @@
+import asyncio
+import time
+
+import pytest
+
+from selfhost import LLM, AsyncEngine, SamplingParams
+from selfhost.errors import InvalidParameterError
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    eng = AsyncEngine(LLM(str(tiny_checkpoint("llama")), kv_cache_memory="4MiB"))
+    yield eng
+    eng.shutdown()
+
+
+async def collect(engine, prompt, params, request_id):
+    text, ids, last = [], [], None
+    async for delta in engine.generate(prompt, params, request_id):
+        text.append(delta.text)
+        ids.extend(delta.token_ids)
+        last = delta
+    return "".join(text), ids, last
+
+
+def wait_idle(engine, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        stats = engine.stats()
+        if stats.num_running == 0 and stats.num_waiting == 0:
+            return stats
+        time.sleep(0.02)
+    raise AssertionError("engine did not go idle")
+
+
+def test_concurrent_streams_match_offline_generation(engine):
+    prompts = [[5 + i, 6, 7, 8 + i] * (i + 1) for i in range(8)]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, params, f"req-{i}") for i, p in enumerate(prompts)))
+
+    results = asyncio.run(main())
+    wait_idle(engine)
+    expected = engine.llm.generate(prompts, params)
+    for (text, ids, last), out in zip(results, expected):
+        assert ids == out.token_ids
+        assert text == out.text
+        assert last.finish_reason == "length" and last.num_output_tokens == 16
+        assert last.num_prompt_tokens == len(out.prompt_token_ids)
+
+
+def test_cancelled_consumer_aborts_and_frees_blocks(engine):
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+    async def main():
+        stream = engine.generate([5, 6, 7], params, "to-cancel")
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got == 3:
+                break  # the client went away mid-stream
+        await stream.aclose()
+        return got
+
+    assert asyncio.run(main()) == 3
+    stats = wait_idle(engine)
+    assert stats.kv_blocks_used == 0
+
+
+def test_validation_errors_reach_the_caller(engine):
+    async def main():
+        async for _ in engine.generate([], SamplingParams(), "empty"):
+            pass
+
+    with pytest.raises(InvalidParameterError, match="empty"):
+        asyncio.run(main())
+    # and the engine still serves
+    text, ids, last = asyncio.run(collect(engine, [5, 6], SamplingParams(max_tokens=3, temperature=0), "after"))
+    assert len(ids) >= 1 and last.is_finished
