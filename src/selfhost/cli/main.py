@@ -6,6 +6,7 @@ Typer app and turns user errors into a one-line message and a non-zero exit.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -46,7 +47,19 @@ def _register_commands() -> None:
     serve_cmd.register(app)
 
 
+def _configure_logging() -> None:
+    # selfhost's own INFO lines (model loaded, KV capacity) go to stderr; libraries stay at WARNING.
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
+    logger = logging.getLogger("selfhost")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main() -> None:
+    _configure_logging()
     _register_commands()
     try:
         app()
