@@ -36,12 +36,16 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None
+    # Callables (output_ids, logits_row) -> logits_row applied before sampling,
+    # e.g. the server's JSON mode masking tokens that would break the JSON.
+    logits_processors: tuple = ()
 
     def __post_init__(self):
         # Accept a single string or any sequence for the tuple fields.
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "logits_processors", tuple(self.logits_processors or ()))
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
         _check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0 (0 = greedy)")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")

@@ -82,12 +82,10 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
 
     if any(r.params.has_penalties for r in rows):
         logits = apply_penalties(logits.clone(), rows)
-    # Optional hook (added for the server's JSON mode, server/json_mode.py): params may carry
-    # `logits_processors`, callables (output_ids, logits_row) -> logits_row. Plain SamplingParams have none.
-    if any(getattr(r.params, "logits_processors", ()) for r in rows):
+    if any(r.params.logits_processors for r in rows):
         logits = logits.clone()
         for i, row in enumerate(rows):
-            for process in getattr(row.params, "logits_processors", ()):
+            for process in row.params.logits_processors:
                 logits[i] = process(row.output_ids, logits[i])
     chosen = logits.argmax(dim=-1)
     sampled_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
