@@ -9,6 +9,7 @@ from typing import Any
 from selfhost.device import pick_device, pick_dtype
 from selfhost.engine.config import EngineConfig
 from selfhost.engine.llm_engine import LLMEngine, free_memory_bytes
+from selfhost.errors import InvalidParameterError
 from selfhost.hub import resolve_model
 from selfhost.models.loader import load_model
 from selfhost.outputs import RequestOutput
@@ -67,11 +68,13 @@ class LLM:
         )
         self.engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.dtype, self.device)
         self._request_ids = itertools.count()
+        self.driven_by_async_engine = False  # set by AsyncEngine, which then owns `engine`
 
     def generate(
         self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None
     ) -> list[RequestOutput]:
         """One output per prompt; a prompt is a string or a list of token ids."""
+        self._check_not_driven()
         params = params or SamplingParams()
         seqs = []
         try:
@@ -94,6 +97,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text as it is generated for one prompt (stop strings never leak)."""
+        self._check_not_driven()
         seq = self.engine.add_request(self._next_id(), self._normalise(prompt)[0], params or SamplingParams())
         try:
             while not seq.is_finished:
@@ -111,6 +115,11 @@ class LLM:
         elif prompts and isinstance(prompts[0], int):
             prompts = [prompts]
         return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+
+    def _check_not_driven(self) -> None:
+        # The engine is single-threaded: two drivers would step it concurrently.
+        if self.driven_by_async_engine:
+            raise InvalidParameterError("this LLM is driven by an AsyncEngine; call AsyncEngine.generate instead")
 
     def _next_id(self) -> str:
         return f"llm-{next(self._request_ids)}"

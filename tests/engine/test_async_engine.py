@@ -14,6 +14,11 @@ def engine(tiny_checkpoint):
     eng.shutdown()
 
 
+@pytest.fixture(scope="module")
+def offline(tiny_checkpoint):
+    return LLM(str(tiny_checkpoint("llama")), kv_cache_memory="4MiB")
+
+
 async def collect(engine, prompt, params, request_id):
     text, ids, last = [], [], None
     async for delta in engine.generate(prompt, params, request_id):
@@ -33,7 +38,7 @@ def wait_idle(engine, timeout=10.0):
     raise AssertionError("engine did not go idle")
 
 
-def test_concurrent_streams_match_offline_generation(engine):
+def test_concurrent_streams_match_offline_generation(engine, offline):
     prompts = [[5 + i, 6, 7, 8 + i] * (i + 1) for i in range(8)]
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
 
@@ -42,7 +47,7 @@ def test_concurrent_streams_match_offline_generation(engine):
 
     results = asyncio.run(main())
     wait_idle(engine)
-    expected = engine.llm.generate(prompts, params)
+    expected = offline.generate(prompts, params)
     for (text, ids, last), out in zip(results, expected):
         assert ids == out.token_ids
         assert text == out.text
@@ -78,3 +83,8 @@ def test_validation_errors_reach_the_caller(engine):
     # and the engine still serves
     text, ids, last = asyncio.run(collect(engine, [5, 6], SamplingParams(max_tokens=3, temperature=0), "after"))
     assert len(ids) >= 1 and last.is_finished
+
+
+def test_llm_driven_by_an_async_engine_refuses_direct_use(engine):
+    with pytest.raises(InvalidParameterError, match="AsyncEngine"):
+        engine.llm.generate([5, 6], SamplingParams(max_tokens=2))

@@ -52,6 +52,7 @@ class AsyncEngine:
 
     def __init__(self, llm):
         self.llm = llm
+        llm.driven_by_async_engine = True
         self.engine = llm.engine
         self.tokenizer = llm.tokenizer
         self._commands: queue.Queue = queue.Queue()
