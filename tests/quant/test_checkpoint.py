@@ -17,10 +17,12 @@ def _leftovers(folder):
 
 def test_writes_weights_config_and_tokenizer(tiny_checkpoint, tmp_path):
     out = tmp_path / "q"
-    quantize_checkpoint(tiny_checkpoint("llama"), out, QuantConfig(method="int4"))
+    plan = quantize_checkpoint(tiny_checkpoint("llama"), out, QuantConfig(method="int4", head_method="int8"))
+    assert plan["lm_head"] == plan["model.embed_tokens"] == "int8"
+    assert plan["model.layers.2.mlp.down_proj"] == "int4"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"] == {
-        "quant_method": "selfhost", "format_version": 1, "method": "int4", "group_size": 64,
+        "quant_method": "selfhost", "format_version": 1, "method": "int4", "group_size": None,
         "symmetric": False, "head_method": "int8", "skip_modules": [],
     }
     assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(_leftovers(out))

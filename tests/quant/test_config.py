@@ -28,14 +28,22 @@ def test_group_size_is_for_int4_only():
 def test_group_size_not_dividing_a_layer_names_value_layer_and_options():
     config = QuantConfig(method="int4", group_size=128)
     with pytest.raises(InvalidParameterError, match=r"group size 128 does not divide the 576 input features of .*qkv_proj.*64, 32, 16"):
-        config.resolved({"model.layers.0.self_attn.qkv_proj": 576, "model.layers.0.mlp.down_proj": 1536})
+        config.check_layers({"model.layers.0.self_attn.qkv_proj": 576, "model.layers.0.mlp.down_proj": 1536})
 
 
-def test_default_group_size_is_the_largest_that_divides_every_layer():
-    assert QuantConfig(method="int4").resolved({"a": 576, "b": 1536}).group_size == 64
-    assert QuantConfig(method="int4").resolved({"a": 4096, "b": 11008}).group_size == 128
-    with pytest.raises(InvalidParameterError, match="no int4 group size"):
-        QuantConfig(method="int4").resolved({"a": 100})
+def test_default_group_size_is_per_layer_the_largest_that_divides():
+    config = QuantConfig(method="int4")
+    config.check_layers({"a": 576, "b": 1536, "c": 432})
+    assert [config.group_size_for(k) for k in (576, 1536, 432, 4096)] == [64, 128, 16, 128]
+    assert QuantConfig(method="int4", group_size=32).group_size_for(4096) == 32
+    with pytest.raises(InvalidParameterError, match="no int4 group size .* 100 input features of a"):
+        config.check_layers({"a": 100})
+
+
+def test_head_method_defaults_to_the_method():
+    assert QuantConfig(method="int4").resolved_head_method == "int4"
+    assert QuantConfig(method="int8", head_method="int4").uses_groups
+    assert QuantConfig(method="int8", head_method="int4", group_size=32).group_size == 32
 
 
 def test_json_round_trip_and_foreign_methods():

@@ -28,11 +28,13 @@ def quantize(
     model: Model,
     method: Annotated[str, typer.Option("--method", help="int8 (per-row scales) or int4 (group-wise).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the quantized checkpoint.")],
-    group_size: Annotated[int | None, typer.Option(help="int4 group size; default: the largest of 128/64/32/16 "
-                                                       "that divides every layer.")] = None,
+    group_size: Annotated[int | None, typer.Option(help="int4 group size; default: per layer, the largest of "
+                                                       "128/64/32/16 that divides its inputs.")] = None,
     symmetric: Annotated[bool, typer.Option("--symmetric", help="int4: zero point fixed at 8.")] = False,
+    head_method: Annotated[str | None, typer.Option(help="Embeddings and output head: int8 or int4 "
+                                                         "(default: same as --method).")] = None,
     keep_head: Annotated[bool, typer.Option("--keep-head", help="Keep embeddings and output head in full "
-                                                                "precision (default: int8).")] = False,
+                                                                "precision.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Also compare fp32/int8/int4: memory, decode tok/s, "
                                                           "perplexity; table + PNG in the output folder.")] = False,
     text: Annotated[Path | None, typer.Option("--text", help="Text for the report's perplexity.")] = None,
@@ -42,17 +44,21 @@ def quantize(
     from selfhost.quant.checkpoint import quantize_checkpoint
     from selfhost.quant.config import QuantConfig
 
-    config = QuantConfig(method=method, group_size=group_size, symmetric=symmetric,
-                         head_method=None if keep_head else "int8")
+    skip = ("model.embed_tokens", "lm_head") if keep_head else ()
+    config = QuantConfig(method=method, group_size=group_size, symmetric=symmetric, head_method=head_method,
+                         skip_modules=skip)
     text_value = _read_text(text) if text is not None else None
     model_dir = resolve_model(model)
-    resolved = quantize_checkpoint(model_dir, out, config)
-    detail = f", group size {resolved.group_size}" if resolved.uses_groups else ""
-    err.print(f"wrote {out} ({method}{detail})")
+    plan = quantize_checkpoint(model_dir, out, config)
+    groups = "" if not config.uses_groups else (
+        f", group size {group_size}" if group_size else ", group size per layer (largest of 128/64/32/16 dividing it)")
+    err.print(f"wrote {out} ({method}{groups}; {len(plan)} modules quantized)")
     if report:
         from selfhost.quant import report as rep
 
-        results = rep.measure(str(model_dir), text_value, group_size=resolved.group_size)
+        other = QuantConfig(method="int4" if method == "int8" else "int8", skip_modules=skip)
+        variants = {"fp32": None, method: config, other.method: other}
+        results = rep.measure(str(model_dir), text_value, {k: variants[k] for k in ("fp32", "int8", "int4")})
         rep.print_table(results)
         err.print(f"plot: {rep.plot(results, out / 'quantization_report.png')}")
 

@@ -25,15 +25,14 @@ EMBEDDING = "model.embed_tokens"
 HEAD = "lm_head"
 
 
-def quantization_plan(model: CausalLM, config: QuantConfig) -> tuple[QuantConfig, dict[str, str]]:
-    """{module name: method} for every module the config quantizes, and the config with its group size resolved."""
+def quantization_plan(model: CausalLM, config: QuantConfig) -> dict[str, str]:
+    """{module name: method} for every module the config quantizes; raises if a layer cannot be grouped."""
     plan = {}
     for name, module in model.named_modules():
         if name in config.skip_modules:
             continue
         if name in (EMBEDDING, HEAD):
-            if config.head_method is not None:
-                plan[name] = config.head_method
+            plan[name] = config.resolved_head_method
         elif isinstance(module, nn.Linear):
             plan[name] = config.method
     if model.spec.tie_embeddings and (EMBEDDING not in plan or HEAD not in plan):
@@ -42,8 +41,8 @@ def quantization_plan(model: CausalLM, config: QuantConfig) -> tuple[QuantConfig
     unknown = [n for n in config.skip_modules if n not in dict(model.named_modules())]
     if unknown:
         raise InvalidParameterError(f"skip_modules names {unknown[0]!r}, which is not a module of this model")
-    grouped = {n: _in_features(model.get_submodule(n)) for n, m in plan.items() if m == "int4"}
-    return config.resolved(grouped), plan
+    config.check_layers({n: _in_features(model.get_submodule(n)) for n, m in plan.items() if m == "int4"})
+    return plan
 
 
 def _in_features(module: nn.Module) -> int:
@@ -56,21 +55,23 @@ def _quantized_like(module: nn.Module, method: str, config: QuantConfig) -> nn.M
     if isinstance(module, nn.Embedding):
         if method == "int8":
             return Int8Embedding(module.num_embeddings, module.embedding_dim, device, dtype)
-        return Int4Embedding(module.num_embeddings, module.embedding_dim, config.group_size, device, dtype)
+        group_size = config.group_size_for(module.embedding_dim)
+        return Int4Embedding(module.num_embeddings, module.embedding_dim, group_size, device, dtype)
     bias = module.bias is not None
     if method == "int8":
         return Int8Linear(module.in_features, module.out_features, bias, device, dtype)
-    return Int4Linear(module.in_features, module.out_features, bias, config.group_size, device, dtype)
+    return Int4Linear(module.in_features, module.out_features, bias, config.group_size_for(module.in_features), device,
+                      dtype)
 
 
 def _quantize(module: nn.Module, method: str, config: QuantConfig) -> nn.Module:
     if isinstance(module, nn.Embedding):
         if method == "int8":
             return Int8Embedding.from_float(module)
-        return Int4Embedding.from_float(module, config.group_size, config.symmetric)
+        return Int4Embedding.from_float(module, config.group_size_for(module.embedding_dim), config.symmetric)
     if method == "int8":
         return Int8Linear.from_float(module)
-    return Int4Linear.from_float(module, config.group_size, config.symmetric)
+    return Int4Linear.from_float(module, config.group_size_for(module.in_features), config.symmetric)
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -87,6 +88,7 @@ def _tie_head(model: CausalLM) -> None:
     for buffer in ("qweight", "scales", "zeros"):
         if hasattr(embed, buffer):
             setattr(head, buffer, getattr(embed, buffer))
+    head.tied_to_embedding = True  # its stored bytes are the embedding's
     model.lm_head = head
 
 
@@ -103,7 +105,7 @@ def quantize_model(model: CausalLM, config: QuantConfig, kernel: str | None = No
     """
     if _is_quantized(model):
         raise InvalidParameterError("this model is already quantized; load its full-precision checkpoint instead")
-    config, plan = quantization_plan(model, config)
+    plan = quantization_plan(model, config)
     tied = model.spec.tie_embeddings and EMBEDDING in plan and HEAD in plan
     for name, method in plan.items():
         if tied and name == HEAD:
@@ -128,7 +130,8 @@ def weight_bytes(model: nn.Module) -> int:
     total, seen = 0, set()
     for module in model.modules():
         if isinstance(module, QUANTIZED_MODULES):
-            total += module.storage_bytes
+            # A tied head stores nothing of its own (the fbgemm kernel does keep a packed copy in RAM).
+            total += 0 if getattr(module, "tied_to_embedding", False) else module.storage_bytes
             continue
         for param in module.parameters(recurse=False):
             if id(param) not in seen:
@@ -155,7 +158,7 @@ def load_quantized_model(model_dir: Path, cfg: dict, dtype: torch.dtype, device:
     max_len = min(max_len or spec.max_position, spec.max_position)
     with torch.device("meta"):
         model = CausalLM(spec, max_len)
-        _, plan = quantization_plan(model, config)
+        plan = quantization_plan(model, config)
         tied = spec.tie_embeddings and EMBEDDING in plan and HEAD in plan
         for name, method in plan.items():
             if not (tied and name == HEAD):

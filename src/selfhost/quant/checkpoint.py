@@ -38,7 +38,7 @@ def quantized_tensors(name: str, weight: torch.Tensor, method: str, config: Quan
     if method == "int8":
         q, scales = quantize_int8(weight)
         return {f"{module}.qweight": q, f"{module}.scales": scales}
-    q, scales, zeros = quantize_int4(weight, config.group_size, config.symmetric)
+    q, scales, zeros = quantize_int4(weight, config.group_size_for(weight.shape[1]), config.symmetric)
     return {f"{module}.qweight": q, f"{module}.scales": scales, f"{module}.zeros": zeros}
 
 
@@ -61,8 +61,8 @@ def check_writable(out_dir: Path) -> None:
         raise InvalidParameterError(f"cannot write {out_dir}: no write permission on folder {parent}")
 
 
-def quantize_checkpoint(model_dir: Path, out_dir: Path, config: QuantConfig) -> QuantConfig:
-    """Write a quantized copy of `model_dir` to `out_dir`; returns the config with its group size resolved."""
+def quantize_checkpoint(model_dir: Path, out_dir: Path, config: QuantConfig) -> dict[str, str]:
+    """Write a quantized copy of `model_dir` to `out_dir`; returns {module name: method} of what was quantized."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = read_config(model_dir)
     if "quantization_config" in cfg:
@@ -74,7 +74,7 @@ def quantize_checkpoint(model_dir: Path, out_dir: Path, config: QuantConfig) -> 
     spec = spec_from_config(cfg)
     with torch.device("meta"):
         model = CausalLM(spec, max_len=1)
-    config, plan = quantization_plan(model, config)
+    plan = quantization_plan(model, config)
     head_tied = spec.tie_embeddings and "lm_head" in plan
 
     try:
@@ -102,7 +102,7 @@ def quantize_checkpoint(model_dir: Path, out_dir: Path, config: QuantConfig) -> 
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    return config
+    return plan
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -7,15 +7,16 @@ run itself: nothing is inferred from file or folder names.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from selfhost.errors import InvalidParameterError, UnsupportedModelError
 
 METHODS = ("int8", "int4")
-# embed_tokens and lm_head: None keeps them in the checkpoint's precision.
+# embed_tokens and lm_head: None = same as the method (skip_modules keeps them in full precision).
 HEAD_METHODS = ("int8", "int4", None)
-# Tried in order when the user gives no group size: the largest that divides every layer.
+# Without an explicit group size each layer takes the first of these that divides its input features.
+# Part of format version 1: a stored `group_size: null` means exactly this rule.
 GROUP_SIZE_CANDIDATES = (128, 64, 32, 16)
 QUANT_METHOD_TAG = "selfhost"  # `quant_method` in config.json, as Hugging Face names it
 FORMAT_VERSION = 1
@@ -31,20 +32,21 @@ class QuantConfig:
     """
 
     method: str
-    group_size: int | None = None  # int4 only; None = largest of GROUP_SIZE_CANDIDATES dividing every layer
+    # int4 only. None: per layer, the largest of GROUP_SIZE_CANDIDATES dividing its input features.
+    group_size: int | None = None
     symmetric: bool = False  # int4 only; int8 is always symmetric
-    head_method: str | None = "int8"  # embeddings and output head
-    skip_modules: tuple[str, ...] = ()  # module names kept in full precision, e.g. "model.layers.0.mlp.down_proj"
+    head_method: str | None = None  # embeddings and output head; None = same as `method`
+    skip_modules: tuple[str, ...] = ()  # kept in full precision, e.g. "lm_head", "model.layers.0.mlp.down_proj"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise InvalidParameterError(f"quantization method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         if self.head_method not in HEAD_METHODS:
             raise InvalidParameterError(
-                f"head method {self.head_method!r} is unknown; choose int8, int4 or None (keep full precision)"
+                f"head method {self.head_method!r} is unknown; choose int8, int4 or None (same as the method)"
             )
         if self.group_size is not None:
-            if self.method == "int8" and self.head_method != "int4":
+            if not self.uses_groups:
                 raise InvalidParameterError(
                     f"group size {self.group_size} applies to int4 only; int8 uses one scale per output row"
                 )
@@ -54,17 +56,21 @@ class QuantConfig:
             object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
 
     @property
+    def resolved_head_method(self) -> str:
+        return self.head_method or self.method
+
+    @property
     def uses_groups(self) -> bool:
-        return "int4" in (self.method, self.head_method)
+        return "int4" in (self.method, self.resolved_head_method)
 
-    def resolved(self, in_features: dict[str, int]) -> QuantConfig:
-        """This config with a concrete group size for layers {name: in_features} quantized group-wise.
+    def group_size_for(self, in_features: int) -> int:
+        """The int4 group size of a layer with `in_features` inputs (check_layers has vetted it)."""
+        if self.group_size is not None:
+            return self.group_size
+        return next(g for g in GROUP_SIZE_CANDIDATES if in_features % g == 0)
 
-        An explicit group size must divide every layer; the default picks the
-        largest candidate that does.
-        """
-        if not self.uses_groups or not in_features:
-            return self
+    def check_layers(self, in_features: dict[str, int]) -> None:
+        """Raise unless every group-quantized layer {name: in_features} can be split into groups."""
         sizes = sorted(set(in_features.values()))
         if self.group_size is not None:
             bad = {n: k for n, k in in_features.items() if k % self.group_size}
@@ -75,15 +81,15 @@ class QuantConfig:
                     f"group size {self.group_size} does not divide the {k} input features of {name}; "
                     f"group sizes that divide every layer ({', '.join(map(str, sizes))}): "
                     f"{', '.join(map(str, valid)) or 'none of ' + ', '.join(map(str, GROUP_SIZE_CANDIDATES))}"
+                    " (or leave the group size out: each layer then takes the largest that divides it)"
                 )
-            return self
-        for group_size in GROUP_SIZE_CANDIDATES:
-            if all(s % group_size == 0 for s in sizes):
-                return replace(self, group_size=group_size)
-        raise InvalidParameterError(
-            f"no int4 group size in {GROUP_SIZE_CANDIDATES} divides every layer's input features "
-            f"({', '.join(map(str, sizes))}); pass --group-size"
-        )
+            return
+        for name, k in in_features.items():
+            if all(k % g for g in GROUP_SIZE_CANDIDATES):
+                raise InvalidParameterError(
+                    f"no int4 group size in {GROUP_SIZE_CANDIDATES} divides the {k} input features of {name}; "
+                    "keep it in full precision (skip_modules) or use int8"
+                )
 
     def to_json(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD_TAG, "format_version": FORMAT_VERSION, **asdict(self)} | {

@@ -13,9 +13,6 @@ from pathlib import Path
 
 from selfhost.quant.config import QuantConfig
 
-VARIANTS = ("fp32", "int8", "int4")
-
-
 @dataclass(frozen=True)
 class VariantResult:
     name: str
@@ -38,19 +35,18 @@ def _decode_tok_s(llm, num_tokens: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def measure(model: str, text: str | None, group_size: int | None = None, decode_tokens: int = 64,
+def measure(model: str, text: str | None, variants: dict[str, QuantConfig | None], decode_tokens: int = 64,
             repeats: int = 3, window: int | None = None) -> list[VariantResult]:
+    """One row per variant (None = full precision), the model loaded afresh for each."""
     from selfhost import LLM
-    from selfhost.quant.apply import weight_bytes
+    from selfhost.quant.apply import quantize_model, weight_bytes
     from selfhost.quant.perplexity import perplexity
 
     results = []
-    for name in VARIANTS:
+    for name, config in variants.items():
         llm = LLM(model, device="cpu", dtype="float32", max_num_seqs=1)
-        if name != "fp32":
-            from selfhost.quant.apply import quantize_model
-
-            quantize_model(llm.model, QuantConfig(method=name, group_size=group_size if name == "int4" else None))
+        if config is not None:
+            quantize_model(llm.model, config)
         ppl = perplexity(llm.model, llm.tokenizer.encode(text), window).perplexity if text else None
         results.append(VariantResult(name, weight_bytes(llm.model), _decode_tok_s(llm, decode_tokens, repeats), ppl))
         del llm
