@@ -129,3 +129,15 @@ def test_weight_memory_counts_scales_and_tied_heads_once(tiny_checkpoint, family
     tied = int8.model.spec.tie_embeddings
     assert weight_bytes(int8.model) == layers + norms + embed * (1 if tied else 2)
     assert weight_bytes(int8.model) < 0.3 * weight_bytes(fp32.model)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_checkpoint_runs_in_bfloat16(tiny_checkpoint, tmp_path, method):
+    path = tiny_checkpoint("llama")
+    quantize_checkpoint(path, tmp_path / "q", QuantConfig(method=method))
+    fp32, bf16 = _llm(tmp_path / "q"), _llm(tmp_path / "q", dtype="bfloat16")
+    ids = fp32.tokenizer.encode(_CORPUS[:300])
+    assert bf16.model.model.embed_tokens(torch.tensor(ids[:3])).dtype == torch.bfloat16
+    a, b = _logits(fp32, ids), _logits(bf16, ids)
+    assert (a - b).abs().max() < 0.05 * (a.max() - a.min())
+    assert len(bf16.generate([PROMPT], GREEDY)[0].token_ids) == 16

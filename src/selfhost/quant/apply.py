@@ -165,11 +165,13 @@ def load_quantized_model(model_dir: Path, cfg: dict, dtype: torch.dtype, device:
                 _swap(model, name, _quantized_like(model.get_submodule(name), method, config))
     model.to_empty(device=device)
     model.to(dtype)  # floating tensors only: int8/uint8 weights keep their dtype
-    for module in model.modules():  # scales keep their stored precision
+    for module in model.modules():  # scales keep their stored precision; embeddings output the model dtype
         if isinstance(module, (Int8Linear, Int8Embedding)):
             module.scales = module.scales.float()
         elif isinstance(module, (Int4Linear, Int4Embedding)):
             module.scales = module.scales.half()
+        if isinstance(module, (Int8Embedding, Int4Embedding)):
+            module.out_dtype = dtype
     # CausalLM.reset_rotaries reads lm_head.weight's device, which a quantized head lacks.
     model.rotaries = nn.ModuleList(RotaryEmbedding(r, max_len).to(device) for r in spec.ropes)
 
