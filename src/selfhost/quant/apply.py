@@ -82,9 +82,12 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 def _tie_head(model: CausalLM) -> None:
     """A tied output head reads the embedding's quantized rows: one stored copy."""
     embed = model.model.embed_tokens
-    cls = Int8Linear if isinstance(embed, Int8Embedding) else Int4Linear
-    args = (embed.embedding_dim, embed.num_embeddings, False)
-    head = cls(*args, embed.group_size, dtype=embed.out_dtype) if cls is Int4Linear else cls(*args, dtype=embed.out_dtype)
+    rows, cols = embed.num_embeddings, embed.embedding_dim
+    with torch.device("meta"):  # placeholders only: the embedding's tensors replace them below
+        if isinstance(embed, Int8Embedding):
+            head = Int8Linear(cols, rows, False, dtype=embed.out_dtype)
+        else:
+            head = Int4Linear(cols, rows, False, embed.group_size, dtype=embed.out_dtype)
     for buffer in ("qweight", "scales", "zeros"):
         if hasattr(embed, buffer):
             setattr(head, buffer, getattr(embed, buffer))

@@ -37,7 +37,11 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
 
 @functools.cache
 def fbgemm_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+    return (
+        "fbgemm" in torch.backends.quantized.supported_engines
+        and hasattr(torch.ops.quantized, "linear_dynamic")
+        and hasattr(torch, "_make_per_channel_quantized_tensor")
+    )
 
 
 @functools.cache
