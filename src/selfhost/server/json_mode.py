@@ -13,7 +13,7 @@ complete object because the closing budget is reserved up front.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import replace
 
 import torch
 
@@ -27,16 +27,9 @@ _HEX = set("0123456789abcdefABCDEF")
 _NUM_FINAL = {"zero", "int", "frac", "exp"}
 
 
-@dataclass(frozen=True)
-class JsonSamplingParams(SamplingParams):
-    """SamplingParams plus per-row logits hooks: callables (output_ids, logits_row) -> logits_row."""
-
-    logits_processors: tuple = ()
-
-    @classmethod
-    def wrap(cls, params: SamplingParams, *processors) -> JsonSamplingParams:
-        values = {f.name: getattr(params, f.name) for f in fields(SamplingParams)}
-        return cls(**values, logits_processors=tuple(processors))
+def with_processors(params: SamplingParams, *processors) -> SamplingParams:
+    """A copy of `params` that also runs `processors` on its logits (SamplingParams.logits_processors)."""
+    return replace(params, logits_processors=params.logits_processors + tuple(processors))
 
 
 class JsonPrefix:
