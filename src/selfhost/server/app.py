@@ -151,7 +151,7 @@ def _add_operations(app: FastAPI) -> None:
             per_model[name] = {
                 "running": s.num_running, "waiting": s.num_waiting, "kv_blocks_used": s.kv_blocks_used,
                 "kv_blocks_total": s.kv_blocks_total, "kv_usage": s.kv_blocks_used / max(s.kv_blocks_total, 1),
-                "prefix_hit_rate": s.prefix_hit_rate, "active_requests": served.active,
+                "prefix_hit_rate": s.prefix_hit_rate, "active_requests": served.active, "steps": s.num_steps,
             }
         return {"tokens_per_s": round(state.metrics.tokens_per_s(), 2), "models": per_model}
 

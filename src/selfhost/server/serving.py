@@ -25,7 +25,7 @@ from selfhost.errors import SelfhostError
 from selfhost.outputs import StreamDelta, TokenLogprob
 from selfhost.sampling_params import SamplingParams
 from selfhost.server.errors import APIError, from_selfhost_error
-from selfhost.server.json_mode import JsonObjectProcessor, JsonSamplingParams, JsonVocab
+from selfhost.server.json_mode import JsonObjectProcessor, JsonVocab, with_processors
 from selfhost.server.metrics import ServerMetrics
 from selfhost.server.models import ServedModel
 
@@ -86,7 +86,9 @@ class Serving:
         self.max_n = max_n
 
     async def model(self, name: str) -> ServedModel:
-        return await self.models.get(name)
+        served = await self.models.get(name)
+        served.last_used = time.monotonic()  # keep-alive counts from the request's arrival
+        return served
 
     async def tokenize_chat(self, served: ServedModel, messages: list[dict]) -> list[int]:
         tokenizer = served.llm.tokenizer
@@ -124,7 +126,7 @@ class Serving:
                 except SelfhostError as err:
                     raise from_selfhost_error(err) from err
                 if json_mode:
-                    params = JsonSamplingParams.wrap(params, JsonObjectProcessor(await self._json_vocab(served), max_tokens))
+                    params = with_processors(params, JsonObjectProcessor(await self._json_vocab(served), max_tokens))
                 jobs.append((prompt_ids, params))
         return Generation(served, prompts, jobs, uuid.uuid4().hex[:16])
 

@@ -1,0 +1,140 @@
+"""HTTP overhead: the throughput workload through `selfhost serve` vs the offline engine, same run.
+
+    python benchmarks/server_overhead.py [--requests 32] [--output-tokens 128] [--rounds 1]
+
+Workload (as benchmarks/throughput.py): 32 requests, prompts of 64-512 tokens, 128 new tokens
+each, eos ignored, greedy, the ~125M random Llama, fp32 on CPU. Offline: `LLM.generate` on all
+prompts at once. HTTP: the same prompts (as token ids) sent to /v1/completions by 32 concurrent
+streaming clients against a `selfhost serve` subprocess with the same engine settings; the
+clients run in this process. Throughput = output tokens / wall time. Target: HTTP >= 85% of offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import selfhost  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import build_llama_125m  # noqa: E402
+from benchmarks.throughput import make_prompts  # noqa: E402
+
+KV_CACHE = "3GiB"
+MAX_BATCHED_TOKENS = 1024
+
+
+def offline_tok_s(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> float:
+    from selfhost import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), device="cpu", kv_cache_memory=KV_CACHE, max_num_batched_tokens=MAX_BATCHED_TOKENS)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    steps_before = llm.engine.stats().num_steps
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.token_ids) == new_tokens for o in outputs)
+    print(f"  offline: {llm.engine.stats().num_steps - steps_before} engine steps in {elapsed:.1f} s", flush=True)
+    return sum(len(o.token_ids) for o in outputs) / elapsed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SELFHOST_LOG_LEVEL": "warning"}
+    cmd = [sys.executable, "-m", "selfhost.cli", "serve", f"bench={model_dir}", "--port", str(port),
+           "--kv-cache-memory", KV_CACHE, "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start in 300 s")
+
+
+async def _one_stream(client: httpx.AsyncClient, prompt: list[int], new_tokens: int) -> int:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    usage = None
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+    return usage["completion_tokens"]
+
+
+async def http_tok_s(url: str, prompts: list[list[int]], new_tokens: int) -> float:
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await _one_stream(client, prompts[0][:64], 4)  # warm-up
+        steps_before = (await client.get("/stats")).json()["models"]["bench"]["steps"]
+        start = time.perf_counter()
+        produced = await asyncio.gather(*(_one_stream(client, p, new_tokens) for p in prompts))
+        elapsed = time.perf_counter() - start
+        steps = (await client.get("/stats")).json()["models"]["bench"]["steps"] - steps_before
+    print(f"  HTTP:    {steps} engine steps in {elapsed:.1f} s", flush=True)
+    assert all(n == new_tokens for n in produced), produced
+    return sum(produced) / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--output-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=1, help="alternate offline/HTTP this many times; report the best")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "selfhost-bench-llama125m")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model_dir = build_llama_125m(args.model_dir)
+    prompts = make_prompts(args.requests, 64, 512, seed=0)
+    offline, http = [], []
+    for round_ in range(args.rounds):
+        offline.append(offline_tok_s(model_dir, prompts, args.output_tokens))
+        print(f"round {round_ + 1}: offline {offline[-1]:.1f} tok/s", flush=True)
+        proc, url = start_server(model_dir, args.threads)
+        try:
+            http.append(asyncio.run(http_tok_s(url, prompts, args.output_tokens)))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        print(f"round {round_ + 1}: HTTP    {http[-1]:.1f} tok/s", flush=True)
+
+    best_offline, best_http = max(offline), max(http)
+    print(f"\n{args.requests} requests, prompts 64-512 tokens, {args.output_tokens} new tokens, fp32, "
+          f"{args.threads} threads, {args.requests} concurrent streaming clients")
+    print(f"  offline engine (LLM.generate)     {best_offline:8.1f} output tok/s")
+    print(f"  HTTP /v1/completions, streamed    {best_http:8.1f} output tok/s")
+    print(f"  HTTP / offline                    {best_http / best_offline:8.1%}   (target >= 85%)")
+    print(f"  load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
