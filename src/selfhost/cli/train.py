@@ -114,6 +114,9 @@ def list_models() -> None:
             EMBEDDED_MODEL_DIR)), *_trained_figures(EMBEDDED_MODEL_DIR))
     for repo_id, path, size_bytes in _cached_hub_models():
         table.add_row(repo_id, str(path), _human_bytes(size_bytes), "", "")
+    if not table.row_count:
+        Console().print("no models found: the embedded demo model is missing and the Hugging Face cache is empty")
+        return
     Console().print(table)
 
 
