@@ -3,7 +3,7 @@
 `qdrant-client` runs the same API in-process against a folder ("local mode")
 or over HTTP against a Qdrant server, so everything above this file is the same
 for both. Why Qdrant rather than Milvus Lite: measured on this project's 2-core
-box with 100k x 384 vectors, an unfiltered top-10 took ~10 ms in Qdrant local
+box with 100k x 384 vectors, an unfiltered top-10 took ~20 ms in Qdrant local
 mode (with DOT distance, see below) against ~370 ms in Milvus Lite; see
 docs/RAG.md for the figures.
 
