@@ -73,11 +73,11 @@ def perplexity(
 ) -> None:
     """Sliding-window perplexity of MODEL on a text file."""
     from selfhost import LLM
-    from selfhost.quant.perplexity import perplexity as compute
+    from selfhost.quant.perplexity import encode_text, perplexity as compute
 
     content = _read_text(text)
     llm = LLM(model, device=device, quantization=quantization, max_num_seqs=1)
-    result = compute(llm.model, llm.tokenizer.encode(content), window, stride)
+    result = compute(llm.model, encode_text(llm.tokenizer, content), window, stride)
     print(f"perplexity {result.perplexity:.4f}  ({result.num_tokens} tokens, window {result.window}, "
           f"stride {result.stride}, mean NLL {result.mean_nll:.4f} nats)")
 

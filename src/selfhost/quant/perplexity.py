@@ -35,6 +35,11 @@ class _WindowKV:
         return attend_one_sequence(q, k.transpose(0, 1), v.transpose(0, 1), 0, scale, sliding_window, softcap)
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a whole document (no warning about exceeding the model's context: windows handle that)."""
+    return tokenizer.hf.encode(text, add_special_tokens=True, verbose=False)
+
+
 @torch.inference_mode()
 def perplexity(model: CausalLM, token_ids: list[int], window: int | None = None, stride: int | None = None) -> PerplexityResult:
     """exp(mean negative log-likelihood) of `token_ids[1:]` given what precedes each."""

@@ -40,14 +40,14 @@ def measure(model: str, text: str | None, variants: dict[str, QuantConfig | None
     """One row per variant (None = full precision), the model loaded afresh for each."""
     from selfhost import LLM
     from selfhost.quant.apply import quantize_model, weight_bytes
-    from selfhost.quant.perplexity import perplexity
+    from selfhost.quant.perplexity import encode_text, perplexity
 
     results = []
     for name, config in variants.items():
         llm = LLM(model, device="cpu", dtype="float32", max_num_seqs=1)
         if config is not None:
             quantize_model(llm.model, config)
-        ppl = perplexity(llm.model, llm.tokenizer.encode(text), window).perplexity if text else None
+        ppl = perplexity(llm.model, encode_text(llm.tokenizer, text), window).perplexity if text else None
         results.append(VariantResult(name, weight_bytes(llm.model), _decode_tok_s(llm, decode_tokens, repeats), ppl))
         del llm
     return results
