@@ -104,3 +104,12 @@ def test_ask_with_nothing_relevant_says_so(cli):
     result = run("ask", "qwxz plorf vantablim", "-c", "topics", "--min-score", "0.6")
     assert result.exit_code == 0, result.output
     assert "nothing relevant" in result.output and "Sources" not in result.output
+
+
+def test_ask_with_the_embedded_demo_model(cli):
+    run, _ = cli
+    result = run("ask", "what is the event horizon", "-c", "topics", "--max-tokens", "12")
+    assert result.exit_code == 0, result.output
+    answer, _, sources = result.output.partition("\nSources\n")
+    assert answer.strip()  # the demo model writes pseudo-Shakespeare, but it writes
+    assert "black_holes.txt chunk 0" in sources
