@@ -88,6 +88,9 @@ def main() -> None:
     load_after = os.getloadavg()[0]
 
     median = {name: statistics.median(r) for name, r in rates.items()}
+    if max(load_before, load_after) > (os.cpu_count() or 1):
+        print("warning: the machine was oversubscribed during the runs; OpenBLAS's fp32 threads degrade the most "
+              "under contention, so the int8/fp32 ratio is inflated (compare with --threads 1)")
     print(f"model: Llama-shaped ~125M (hidden 576, 30 layers, 9/3 heads, vocab 32000), {args.threads} threads, "
           f"prompt {args.prompt_tokens} tokens, {args.tokens} new tokens, median of {args.repeats}; "
           f"load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} CPUs")
