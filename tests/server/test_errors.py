@@ -68,6 +68,7 @@ def test_bad_completions_input(http):
     assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": []}), 400)
     assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": [99999]}), 400, "prompt")
     assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 50}), 400, "logprobs")
+    assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": ["x"] * 100, "n": 4}), 400, "prompt")
 
 
 def test_unknown_route_and_method(http):

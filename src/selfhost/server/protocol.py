@@ -85,7 +85,7 @@ class SamplingFields(Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int = 0, **extra) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int = 0) -> SamplingParams:
         """Parameters for choice `choice` of `n`: each choice gets its own seed so they differ."""
         seed = None if self.seed is None else self.seed + choice
         return SamplingParams(
@@ -101,7 +101,6 @@ class SamplingFields(Lenient):
             stop=self.stop or (),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
-            **extra,
         )
 
 

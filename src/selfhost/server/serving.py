@@ -31,6 +31,9 @@ from selfhost.server.models import ServedModel
 
 log = logging.getLogger("selfhost.server")
 
+# One request may not flood the batch: prompts x n is bounded.
+MAX_CHOICES_PER_REQUEST = 256
+
 # Builds the params of choice `i` given the resolved max_tokens.
 ParamsFactory = Callable[[int, int], SamplingParams]
 
@@ -113,6 +116,9 @@ class Serving:
     ) -> Generation:
         if n > self.max_n:
             raise APIError(f"n={n} is more than this server allows ({self.max_n}); see --max-n", param="n")
+        if len(prompts) * n > MAX_CHOICES_PER_REQUEST:
+            raise APIError(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} completions; at most "
+                           f"{MAX_CHOICES_PER_REQUEST} per request", param="prompt")
         jobs = []
         for prompt_ids in prompts:
             if not prompt_ids:
