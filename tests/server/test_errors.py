@@ -112,3 +112,23 @@ def test_auth_on(server, http, auth_on):
 
 def test_auth_off(http):
     assert http.get("/v1/models").status_code == 200
+
+
+def test_stream_that_fails_midway_ends_cleanly(server, http, monkeypatch):
+    served = server.app.state.models.models[MODEL]
+    real_generate = served.engine.generate
+
+    async def failing(prompt, params, request_id):
+        async for delta in real_generate(prompt, params, request_id):
+            yield delta
+            raise RuntimeError("injected engine fault")
+
+    monkeypatch.setattr(served.engine, "generate", failing)
+    body = {"model": MODEL, "messages": MSG, "max_tokens": 20, "stream": True, "ignore_eos": True}
+    with http.stream("POST", CHAT, json=body) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert response.status_code == 200
+    assert events[-1] == "[DONE]" and '"server_error"' in events[-2]
+    monkeypatch.undo()
+    assert server.wait_idle().kv_blocks_used == 0
+    assert http.post(CHAT, json={"model": MODEL, "messages": MSG, "max_tokens": 2}).status_code == 200
