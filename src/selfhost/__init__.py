@@ -6,12 +6,10 @@
 """
 
 import os
-import sys
 
 # Before torch loads libgomp: idle OpenMP workers otherwise spin at full speed
 # and starve the BLAS threads that run the decode matmuls (layers/linear.py).
 # Measured on a 2-core machine: ~70 tok/s decode with PASSIVE, ~2 tok/s without.
-OMP_POLICY_APPLIED = "torch" not in sys.modules or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from selfhost.outputs import RequestOutput, StreamDelta, TokenLogprob
