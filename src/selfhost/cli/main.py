@@ -6,6 +6,7 @@ Typer app and turns user errors into a one-line message and a non-zero exit.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
@@ -23,28 +24,13 @@ app = typer.Typer(
 )
 
 
+# One module per command group, each exposing register(app).
+COMMAND_MODULES = ("run", "serve", "train", "quant", "plan", "bench", "rag")
+
+
 def _register_commands() -> None:
-    from selfhost.cli import run as run_cmd
-
-    run_cmd.register(app)
-    from selfhost.cli import bench as bench_cmd
-
-    bench_cmd.register(app)
-    from selfhost.cli import plan as plan_cmd
-
-    plan_cmd.register(app)
-    from selfhost.cli import rag as rag_cmd
-
-    rag_cmd.register(app)
-    from selfhost.cli import train as train_cmd
-
-    train_cmd.register(app)
-    from selfhost.cli import quant as quant_cmd
-
-    quant_cmd.register(app)
-    from selfhost.cli import serve as serve_cmd
-
-    serve_cmd.register(app)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"selfhost.cli.{name}").register(app)
 
 
 def _configure_logging() -> None:
