@@ -88,3 +88,16 @@ def test_validation_errors_reach_the_caller(engine):
 def test_llm_driven_by_an_async_engine_refuses_direct_use(engine):
     with pytest.raises(InvalidParameterError, match="AsyncEngine"):
         engine.llm.generate([5, 6], SamplingParams(max_tokens=2))
+
+
+def test_a_closed_event_loop_does_not_stop_the_engine(engine):
+    # The consumer's loop ends while its request still runs: deliveries must not kill the worker.
+    async def start_and_leave():
+        stream = engine.generate([5, 6, 7], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), "orphan")
+        await stream.__anext__()  # accepted and running; the generator is never closed
+
+    asyncio.run(start_and_leave())
+    stats = wait_idle(engine)
+    assert stats.kv_blocks_used == 0
+    text, ids, last = asyncio.run(collect(engine, [5, 6], SamplingParams(max_tokens=3, temperature=0), "alive"))
+    assert last.is_finished

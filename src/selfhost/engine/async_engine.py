@@ -152,9 +152,16 @@ class AsyncEngine:
         )
         if seq.is_finished:
             self._requests.pop(seq.request_id, None)
-        request.loop.call_soon_threadsafe(request.outputs.put_nowait, delta)
+        self._send(seq.request_id, request, delta)
+
+    def _send(self, request_id: str, request: _Request, item) -> None:
+        try:
+            request.loop.call_soon_threadsafe(request.outputs.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is gone: nobody is listening any more
+            self._requests.pop(request_id, None)
+            self.engine.abort(request_id)
 
     def _fail(self, request_id: str, err: Exception) -> None:
         request = self._requests.pop(request_id)
         self.engine.abort(request_id)
-        request.loop.call_soon_threadsafe(request.outputs.put_nowait, err)
+        self._send(request_id, request, err)
