@@ -57,7 +57,8 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _shard_slices(spec: ModelSpec) -> dict[str, list[tuple[int, int]]]:
+def shard_slices(spec: ModelSpec) -> dict[str, list[tuple[int, int]]]:
+    """Row ranges of each packed weight (qkv_proj, gate_up_proj) inside the fused matrix."""
     q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     inter = spec.intermediate_size
     return {"qkv_proj": [(0, q), (q, q + kv), (q + kv, q + 2 * kv)], "gate_up_proj": [(0, inter), (inter, 2 * inter)]}
@@ -83,7 +84,7 @@ def load_model(
     model.reset_rotaries()  # buffers computed on the meta device hold no values
 
     params = dict(model.named_parameters())
-    slices = _shard_slices(spec)
+    slices = shard_slices(spec)
     loaded: set[str] = set()
     # stderr, so piped generated text stays clean
     with Progress(console=Console(stderr=True), transient=True) as progress:

@@ -152,7 +152,7 @@ def load_quantized_model(model_dir: Path, cfg: dict, dtype: torch.dtype, device:
     copied into their rows of our fused modules, as the full-precision loader does.
     """
     from selfhost.models.families import PACKED_WEIGHTS, spec_from_config
-    from selfhost.models.loader import _shard_slices, iter_tensors, weight_files
+    from selfhost.models.loader import shard_slices, iter_tensors, weight_files
 
     config = QuantConfig.from_json(cfg["quantization_config"])
     if device.type == "cpu":
@@ -179,7 +179,7 @@ def load_quantized_model(model_dir: Path, cfg: dict, dtype: torch.dtype, device:
     model.rotaries = nn.ModuleList(RotaryEmbedding(r, max_len).to(device) for r in spec.ropes)
 
     targets = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if not n.startswith("rotaries")}
-    slices = _shard_slices(spec)
+    slices = shard_slices(spec)
     filled: dict[str, int] = {}
     for name, tensor in iter_tensors(weight_files(model_dir, allow_pickle=False)):
         module_path, _, leaf = name.rpartition(".")

@@ -18,7 +18,7 @@ import torch
 from selfhost.errors import SelfhostError
 from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS
-from selfhost.models.loader import _shard_slices
+from selfhost.models.loader import shard_slices
 
 # Messages render like speeches in a play, the only format the demo model knows.
 CHAT_TEMPLATE = (
@@ -43,7 +43,7 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 def hf_state_dict(model: CausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Our module names -> transformers' checkpoint names, fused weights split."""
-    slices = _shard_slices(model.spec)
+    slices = shard_slices(model.spec)
     unpacked: dict[str, list[str]] = {}
     for hf_name, (fused, shard) in PACKED_WEIGHTS.items():
         unpacked.setdefault(fused, [None] * len(slices[fused]))[shard] = hf_name
