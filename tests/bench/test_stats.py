@@ -44,7 +44,7 @@ def test_level_stats_throughput_and_errors():
     run = LevelRun(Level(2), ok + failed, duration_s=4.0, completed=True)
     stats = level_stats(run)
     assert (stats.num_requests, stats.num_ok, stats.num_errors) == (6, 4, 2)
-    assert stats.errors == {"timeout": 1, "http": 1, "stream": 0, "connect": 0, "transport": 0}
+    assert stats.errors == {"timeout": 1, "http": 1, "stream": 0, "connect": 0, "transport": 0, "engine": 0}
     assert stats.request_s == pytest.approx(1.0)
     assert stats.output_tok_s == pytest.approx(36 / 4.0)
     assert stats.input_tok_s == pytest.approx(400 / 4.0)

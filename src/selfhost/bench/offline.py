@@ -1,96 +1,102 @@
 """The same workload through the in-process engine, to show what the server adds.
 
-Uses only the public API (`from selfhost import LLM, SamplingParams`), imported
-when offline mode is asked for. A level of concurrency c sends the workload in
-batches of c prompts to `LLM.generate`, so up to c sequences decode together.
+`EngineClient.send` has the shape of `EndpointClient.send` (a BenchRequest in,
+a RequestRecord out), so the runner drives it with the same levels, closed-loop
+concurrency or Poisson arrivals, and the statistics come out the same way. It
+talks to `selfhost.AsyncEngine`, the engine `selfhost serve` wraps, built with
+the server's defaults: what differs from an HTTP run of the same flags is HTTP,
+JSON and SSE, request validation and the client's own parsing.
 
-`generate` blocks until the whole batch is done and reports no per-token times,
-so an offline record has an end-to-end latency (the batch's wall time) and
-exact token counts, but no TTFT, TPOT or inter-token gaps; throughput is exact.
-With api "chat" conversations go through `LLM.chat` (the model's chat template,
-as a server's /v1/chat/completions would); with "completions" the plain
-`BenchRequest.prompt_text` goes through `LLM.generate`. One SamplingParams
-serves a whole call, so a batch whose requests want different max_tokens is
-sent as one call per distinct length.
+Timing follows the HTTP client's rules: TTFT is the first delta that carries
+text, ITL the gaps between such deltas (one per engine step, as the server
+sends one chunk per step), E2E ends at the delta that finishes the request.
+Chat requests go through the model's chat template like /v1/chat/completions;
+`api="completions"` sends `BenchRequest.prompt_text()` like /v1/completions.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import time
-from collections.abc import Callable, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from selfhost.bench.record import RequestRecord
-from selfhost.bench.runner import Level, LevelRun
 from selfhost.bench.workload import BenchRequest
-from selfhost.errors import InvalidParameterError, SelfhostError
+from selfhost.errors import SelfhostError
 
 
 class OfflineUnavailableError(SelfhostError):
     """Offline mode asked for, but this install has no in-process engine API."""
 
 
-def load_engine(model: str) -> tuple[Any, Any]:
-    """(LLM instance, SamplingParams class) for `model`."""
+def load_engine(model: str) -> Any:
+    """An AsyncEngine over `LLM(model)`, sized like `selfhost serve`'s default. Call `shutdown()` when done."""
     try:
-        from selfhost import LLM, SamplingParams
+        from selfhost import LLM, AsyncEngine
     except ImportError:
         raise OfflineUnavailableError(
-            "--offline needs the in-process engine (`from selfhost import LLM`), which this install lacks"
+            "--offline needs the in-process engine (`from selfhost import LLM, AsyncEngine`), which this install lacks"
         ) from None
-    return LLM(model), SamplingParams
+    return AsyncEngine(LLM(model))
 
 
-def check_levels(levels: Sequence[Level]) -> None:
-    for level in levels:
-        if level.request_rate is not None or level.concurrency is None:
-            raise InvalidParameterError(
-                f"--offline runs closed-loop batches; level {level.label} uses --request-rate, which it cannot replay"
-            )
+class EngineClient:
+    """Sends bench requests to an AsyncEngine in this process."""
 
+    def __init__(
+        self, engine: Any, api: str = "chat", temperature: float = 0.0, ignore_eos: bool = True,
+        timeout_s: float = 300.0,
+    ) -> None:
+        from selfhost import SamplingParams
 
-def run_offline_levels(
-    llm: Any,
-    sampling_params_cls: Any,
-    requests_by_level: Sequence[Sequence[BenchRequest]],
-    levels: Sequence[Level],
-    into: list[LevelRun],
-    api: str = "chat",
-    on_level: Callable[[Level], None] = lambda level: None,
-    on_record: Callable[[RequestRecord], None] = lambda record: None,
-) -> None:
-    """Like runner.run_levels, through `llm.generate`; LevelRuns fill batch by batch."""
-    check_levels(levels)
-    assert len(requests_by_level) == len(levels), (len(requests_by_level), len(levels))
-    for level, requests in zip(levels, requests_by_level):
-        run = LevelRun(level)
-        into.append(run)
-        on_level(level)
-        zero_s = time.perf_counter()
+        self.engine = engine
+        self.api = api
+        self.timeout_s = timeout_s
+        self._params = lambda max_tokens: SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos
+        )
+        self._ids = itertools.count()
+
+    def prompt_ids(self, request: BenchRequest) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if self.api == "chat":
+            return tokenizer.encode_chat(request.chat_messages())
+        return tokenizer.encode(request.prompt_text())
+
+    async def send(self, request: BenchRequest, zero_s: float) -> RequestRecord:
+        """Generate one reply; `zero_s` is the level's start on time.perf_counter()."""
+        start_s = time.perf_counter()
+        text_times: list[float] = []
+        prompt_tokens: int | None = None
+        output_tokens = 0
+        error: tuple[str, str] | None = None
         try:
-            assert level.concurrency is not None
-            for first in range(0, len(requests), level.concurrency):
-                batch = requests[first : first + level.concurrency]
-                for max_tokens in sorted({r.max_tokens for r in batch}):
-                    group = [r for r in batch if r.max_tokens == max_tokens]
-                    params = sampling_params_cls(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-                    start_s = time.perf_counter()
-                    if api == "chat":
-                        outputs = llm.chat([r.chat_messages() for r in group], params)
-                    else:
-                        outputs = llm.generate([r.prompt_text() for r in group], params)
-                    end_s = time.perf_counter()
-                    for request, output in zip(group, outputs):
-                        record = RequestRecord(
-                            index=request.index,
-                            start_s=start_s - zero_s,
-                            end_s=end_s - zero_s,
-                            prompt_tokens=len(output.prompt_token_ids),
-                            output_tokens=len(output.token_ids),
-                            tokens_source="engine",
-                        )
-                        run.records.append(record)
-                        on_record(record)
-            run.completed = True
-        finally:
-            run.duration_s = time.perf_counter() - zero_s
+            async with asyncio.timeout(self.timeout_s):
+                params = self._params(request.max_tokens)
+                deltas = self.engine.generate(self.prompt_ids(request), params, f"bench-{next(self._ids)}")
+                async with aclosing(deltas):  # closing aborts the request if we stop early
+                    async for delta in deltas:
+                        if delta.text:
+                            text_times.append(time.perf_counter())
+                        prompt_tokens, output_tokens = delta.num_prompt_tokens, delta.num_output_tokens
+        except TimeoutError:
+            error = ("timeout", f"no complete reply within {self.timeout_s:g} s")
+        except SelfhostError as err:  # what a server would answer with a 400, e.g. a prompt over the context
+            error = ("engine", str(err))
+        except Exception as err:  # AsyncEngine hands a failed step's exception to every request in the batch
+            error = ("engine", repr(err))
+        end_s = time.perf_counter()
+        return RequestRecord(
+            index=request.index,
+            start_s=start_s - zero_s,
+            end_s=end_s - zero_s,
+            error=error[0] if error else None,
+            error_detail=error[1] if error else None,
+            ttft_s=text_times[0] - start_s if text_times else None,
+            itl_s=tuple(b - a for a, b in zip(text_times, text_times[1:])),
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens if error is None else 0,
+            tokens_source="engine",
+        )

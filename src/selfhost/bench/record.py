@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# Why a request failed. Kinds, not messages, are what reports count.
-ERROR_KINDS = ("timeout", "http", "stream", "connect", "transport")
+# Why a request failed. Kinds, not messages, are what reports count; "engine"
+# is offline mode's in-process engine refusing or failing a request.
+ERROR_KINDS = ("timeout", "http", "stream", "connect", "transport", "engine")
 
 # Where token counts came from, best first: the server's `usage`, a local
 # tokenizer, (last resort) one token per streamed chunk / the planned length,

@@ -58,7 +58,7 @@ def result_table(result: BenchResult) -> Table:
 def _caption(result: BenchResult) -> str:
     sources = {level.tokens_source for level in result.levels if level.tokens_source}
     parts = [f"workload: {result.workload.get('source')}, output {result.workload.get('output_tokens')}"]
-    if sources - {"usage"}:
+    if sources - {"usage", "engine"}:  # the engine counts its own token ids: exact, like usage
         parts.append(f"token counts from: {', '.join(sorted(sources))} (server sent no usage)")
     return escape("; ".join(parts))
 

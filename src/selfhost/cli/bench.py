@@ -88,12 +88,12 @@ def bench(
         counter = load_token_counter(tokenizer)
     workload = _workload(dataset, requests, prompt_tokens, output_tokens, seed, counter, len(levels))
 
-    config = engine = None
+    config = client = None
     if offline is not None:
-        from selfhost.bench.offline import check_levels, load_engine
+        from selfhost.bench.offline import EngineClient, load_engine
 
-        check_levels(levels)
-        engine = load_engine(offline)  # before tracking: a bad model leaves no dangling MLflow run
+        # Before tracking: a bad model leaves no dangling MLflow run.
+        client = EngineClient(load_engine(offline), api, temperature, ignore_eos, timeout)
         info = RunInfo("offline", model_name, api=api, backend=backend or "selfhost-offline",
                        quantization=quantization, device=device)
     else:
@@ -113,28 +113,30 @@ def bench(
 
     runs: list[LevelRun] = []  # filled as requests finish, so Ctrl-C keeps them
     try:
-        interrupted = _measure(config, engine, counter, workload, levels, runs, seed, api, info)
+        interrupted = _measure(config, client, counter, workload, levels, runs, seed, info)
         _finish(info, workload, runs, started, interrupted, tracked, out or Path("bench-results") / name)
     except Exception:
         if tracked is not None:
             tracked.fail()
         raise
+    finally:
+        if client is not None:
+            client.engine.shutdown()
     if interrupted:
         raise typer.Exit(130)
 
 
-def _measure(config, engine, counter, workload, levels, runs: list[LevelRun], seed, api, info) -> bool:
-    """Apply the load level by level; True if Ctrl-C cut it short."""
+def _measure(config, client, counter, workload, levels, runs: list[LevelRun], seed, info) -> bool:
+    """Apply the load level by level (over HTTP, or to the in-process `client`); True if Ctrl-C cut it short."""
+    from selfhost.bench.runner import run_levels
+
     console = Console()
     console.print(escape(f"bench {info.model} @ {info.url or 'in-process engine'}: {workload.describe()}, "
                          f"levels {', '.join(level.label for level in levels)}"))
     try:
         with _ProgressBar(console, len(levels) * len(workload.requests)) as (on_level, on_record):
-            if engine is not None:
-                from selfhost.bench.offline import run_offline_levels
-
-                llm, sampling_params_cls = engine
-                run_offline_levels(llm, sampling_params_cls, workload.per_level, levels, runs, api, on_level, on_record)
+            if client is not None:
+                asyncio.run(run_levels(client.send, workload.per_level, levels, runs, seed, on_level, on_record))
             else:
                 asyncio.run(_run_http(config, counter, workload.per_level, levels, runs, seed, on_level, on_record))
     except KeyboardInterrupt:
