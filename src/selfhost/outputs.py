@@ -16,7 +16,11 @@ class TokenLogprob:
 
 @dataclass
 class RequestOutput:
-    """The result of one prompt. `finish_reason` is "stop" or "length" once finished."""
+    """The result of one prompt. `finish_reason` is "stop" or "length" once finished.
+
+    `prompt_logprobs` (when asked for) has one entry per prompt token, None for
+    the first, which has no prefix to be predicted from.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -24,6 +28,7 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -41,6 +46,8 @@ class StreamDelta:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    # Set on a request's first delta only, when its params ask for prompt logprobs.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def is_finished(self) -> bool:

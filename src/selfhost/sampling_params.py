@@ -21,6 +21,9 @@ class SamplingParams:
     temperature 0 means greedy. `stop` strings end generation and are not part
     of the returned text. `logprobs=k` returns the chosen token's log
     probability plus the k most likely alternatives at each step (k may be 0).
+    `prompt_logprobs=k` does the same for every prompt token given its prefix
+    (the first token has none); such a request computes its whole prompt
+    rather than reusing prefix-cached blocks.
     """
 
     max_tokens: int = 256
@@ -36,6 +39,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     # Callables (output_ids, logits_row) -> logits_row applied before sampling,
     # e.g. the server's JSON mode masking tokens that would break the JSON.
     logits_processors: tuple = ()
@@ -59,6 +63,12 @@ class SamplingParams:
             self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
             "logprobs",
             self.logprobs,
+            f"None or an integer in [0, {MAX_LOGPROBS}]",
+        )
+        _check(
+            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+            "prompt_logprobs",
+            self.prompt_logprobs,
             f"None or an integer in [0, {MAX_LOGPROBS}]",
         )
 

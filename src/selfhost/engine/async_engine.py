@@ -140,6 +140,9 @@ class AsyncEngine:
         if seq.logprobs is not None:
             new_logprobs = seq.logprobs[request.sent_logprobs :]
             request.sent_logprobs = len(seq.logprobs)
+        # The prompt is fully scored by the step that yields the first token.
+        is_first = request.sent_tokens == 0
+        prompt_logprobs = list(seq.prompt_logprobs) if is_first and seq.prompt_logprobs is not None else None
         request.sent_tokens = len(seq.output_ids)
         delta = StreamDelta(
             request_id=seq.request_id,
@@ -149,6 +152,7 @@ class AsyncEngine:
             finish_reason=seq.finish_reason,
             num_prompt_tokens=len(seq.prompt_ids),
             num_output_tokens=len(seq.output_ids),
+            prompt_logprobs=prompt_logprobs,
         )
         if seq.is_finished:
             self._requests.pop(seq.request_id, None)

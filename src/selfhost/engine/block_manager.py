@@ -51,7 +51,8 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> None:
         """Attach cached blocks for the longest cached prefix of a new (or preempted) sequence."""
         assert not seq.block_table
-        if not self.enable_prefix_caching:
+        # A cached block's rows are never computed, so prompt logprobs could not be scored there.
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return
         tokens = seq.token_ids
         # The last token is always computed so the step yields its logits:

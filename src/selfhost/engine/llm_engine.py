@@ -125,12 +125,15 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        finishing, result = self.runner.run(chunks)
+        result = self.runner.run(chunks)
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+        for seq, scored in result.prompt_logprobs:
+            seq.prompt_logprobs.extend(scored)
         updated = []
-        if result is not None:
-            for chunk, token_id, logprob in zip(finishing, result.token_ids, result.logprobs):
+        if result.sampled is not None:
+            sampled = result.sampled
+            for chunk, token_id, logprob in zip(result.finishing, sampled.token_ids, sampled.logprobs):
                 seq = chunk.seq
                 seq.append(token_id, logprob)
                 updated.append(seq)

@@ -3,16 +3,33 @@
 Inputs are assembled as Python lists and cross to the device once per field.
 Only sequences whose chunk completes them need logits, so the LM head runs on
 those rows alone (a prompt chunk in the middle of a long prompt needs none).
+The exception is a request that asks for prompt logprobs: its prefill rows go
+through the LM head too, in slices, and only when such a request is in the step.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
 from selfhost.engine.paged_cache import PagedKVCache, StepMetadata
 from selfhost.engine.scheduler import ScheduledChunk
-from selfhost.layers.sampler import SampleResult, sample
+from selfhost.engine.sequence import Sequence
+from selfhost.layers.sampler import SampleResult, sample, score_tokens
 from selfhost.models.decoder import CausalLM
+from selfhost.outputs import TokenLogprob
+
+# Prompt rows scored per LM-head call: bounds the (rows, vocab) logits held at once.
+SCORE_ROWS_PER_SLICE = 256
+
+
+@dataclass(frozen=True)
+class StepResult:
+    finishing: list[ScheduledChunk]  # chunks that produced a token, in `sampled` order
+    sampled: SampleResult | None
+    # Newly scored prompt tokens per sequence, in prompt order.
+    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -58,21 +75,51 @@ class ModelRunner:
         return self._tensor(input_ids), self._tensor(positions), meta
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], SampleResult | None]:
-        """Forward the step; returns the chunks that produced a token and the sampled tokens."""
+    def run(self, chunks: list[ScheduledChunk]) -> StepResult:
+        """Forward the step; sample for chunks that complete their sequence, score asked-for prompt rows."""
         # Single-token queries first: they are attended as one batch (see paged_cache).
         chunks = sorted(chunks, key=lambda c: c.num_tokens != 1)
         input_ids, positions, meta = self._prepare(chunks)
         self.cache.meta = meta
         hidden = self.model(input_ids, positions, self.cache)
         self.cache.meta = None
-        ends, rows, finishing = 0, [], []
+        ends, rows, finishing, scoring = 0, [], [], []
         for chunk in chunks:
+            if chunk.seq.needs_prompt_logprobs:
+                scoring.append((chunk, ends))
             ends += chunk.num_tokens
             if chunk.completes_sequence:
                 rows.append(ends - 1)
                 finishing.append(chunk)
+        prompt_logprobs = self._score_prompts(hidden, scoring) if scoring else []
         if not finishing:
-            return [], None
+            return StepResult([], None, prompt_logprobs)
         logits = self.model.compute_logits(hidden[rows] if len(rows) < hidden.shape[0] else hidden)
-        return finishing, sample(logits, [c.seq.sampler_row for c in finishing])
+        return StepResult(finishing, sample(logits, [c.seq.sampler_row for c in finishing]), prompt_logprobs)
+
+    def _score_prompts(
+        self, hidden: torch.Tensor, scoring: list[tuple[ScheduledChunk, int]]
+    ) -> list[tuple[Sequence, list[TokenLogprob]]]:
+        """Log probabilities of the prompt tokens this step's chunks predict (row at position p predicts p + 1)."""
+        rows, targets, num_top, owners = [], [], [], []
+        for chunk, first_row in scoring:
+            seq = chunk.seq
+            # Skip tokens already scored: a preempted sequence recomputes its prompt from the start.
+            lo = max(chunk.start, len(seq.prompt_logprobs) - 1)
+            hi = min(chunk.start + chunk.num_tokens, len(seq.prompt_ids) - 1)
+            if hi <= lo:
+                continue
+            rows.extend(range(first_row + lo - chunk.start, first_row + hi - chunk.start))
+            targets.extend(seq.prompt_ids[lo + 1 : hi + 1])
+            num_top.extend([seq.params.prompt_logprobs] * (hi - lo))
+            owners.append((seq, hi - lo))
+        scored: list[TokenLogprob] = []
+        for i in range(0, len(rows), SCORE_ROWS_PER_SLICE):
+            part = slice(i, i + SCORE_ROWS_PER_SLICE)
+            logits = self.model.compute_logits(hidden[rows[part]])
+            scored.extend(score_tokens(logits, targets[part], num_top[part]))
+        out, i = [], 0
+        for seq, num in owners:
+            out.append((seq, scored[i : i + num]))
+            i += num
+        return out

@@ -27,6 +27,8 @@ class Sequence:
         self.output_ids: list[int] = []
         self.detok = IncrementalDetokenizer(tokenizer, params.stop)
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        # Grows as prefill chunks are scored; the first prompt token has no logprob.
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
         # Never run past the model's context: the length budget is the smaller of both.
         self.max_output = min(params.max_tokens, max_len - len(prompt_ids))
@@ -48,6 +50,11 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asked for prompt logprobs and some prompt tokens are not scored yet."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
 
     @property
     def is_finished(self) -> bool:
@@ -82,4 +89,5 @@ class Sequence:
             token_ids=list(self.output_ids),
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
             finish_reason=self.finish_reason,
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfhost.outputs import TokenLogprob
 from selfhost.sampling_params import SamplingParams
 
 
@@ -107,3 +108,21 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
                 k = row.params.logprobs
                 logprobs[i] = (chosen_lp[i], list(zip(top_ids[i][:k], top_vals[i][:k])))
     return SampleResult(token_ids, logprobs)
+
+
+def score_tokens(logits: torch.Tensor, target_ids: list[int], num_top: list[int]) -> list[TokenLogprob]:
+    """Log probability of a given next token per row, plus that row's `num_top[i]` best alternatives.
+
+    logits: (N, vocab) fp32, row i predicting `target_ids[i]`. Scores prompt
+    tokens, so no penalty, temperature or filter applies: the raw distribution.
+    """
+    logprobs = logits.log_softmax(dim=-1)
+    targets = torch.tensor(target_ids, dtype=torch.long, device=logits.device)
+    chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    max_k = max(num_top, default=0)
+    top_vals, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (logprobs[:, :0], logprobs[:, :0].long())
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    return [
+        TokenLogprob(t, lp, dict(zip(ids[:k], vals[:k])))
+        for t, lp, ids, vals, k in zip(target_ids, chosen, top_ids, top_vals, num_top)
+    ]
