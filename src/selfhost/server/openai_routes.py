@@ -50,7 +50,7 @@ async def completions(req: CompletionRequest, request: Request):
     prompts = [await serving.tokenize(served, p) for p in req.prompts()]
     gen = await serving.prepare(
         served, prompts, req.requested_max_tokens,
-        lambda max_tokens, i: req.sampling_params(max_tokens, req.logprobs, i), n=req.n,
+        lambda max_tokens, i: req.sampling_params(max_tokens, req.logprobs, i, req.num_prompt_logprobs), n=req.n,
     )
     if req.stream:
         return _sse_response(request, oai.completion_stream(serving, req, gen))

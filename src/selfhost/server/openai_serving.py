@@ -38,17 +38,28 @@ def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> ChoiceLogprobs:
     return ChoiceLogprobs(content=content)
 
 
-def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int,
-                        echo_ids: list[int] = ()) -> CompletionLogprobs:
-    """Echoed prompt tokens carry no logprob (the engine does not score prompts)."""
+def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int, echo_ids: list[int] = (),
+                        echo_logprobs: list[TokenLogprob | None] | None = None) -> CompletionLogprobs:
+    """Echoed prompt tokens (scored given their prefix; the first has none), then generated ones.
+
+    `text_offset` indexes the choice's text: echoed tokens count from 0, generated
+    ones from `offset` (where they start in that text); special tokens the text
+    leaves out, such as BOS, take no room.
+    """
+    special = set(tokenizer.hf.all_special_ids)
     out = CompletionLogprobs()
-    for token_id, e in [(t, None) for t in echo_ids] + [(e.token_id, e) for e in entries]:
-        text = tokenizer.token_text(token_id)
-        out.tokens.append(text)
-        out.token_logprobs.append(None if e is None else e.logprob)
-        out.top_logprobs.append(None if e is None else {tokenizer.token_text(t): lp for t, lp in e.top.items()})
-        out.text_offset.append(offset)
-        offset += len(text)
+
+    def add(pairs, at: int) -> None:
+        for token_id, e in pairs:
+            text = tokenizer.token_text(token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(None if e is None else e.logprob)
+            out.top_logprobs.append(None if e is None else {tokenizer.token_text(t): lp for t, lp in e.top.items()})
+            out.text_offset.append(at)
+            at += 0 if token_id in special else len(text)
+
+    add(zip(echo_ids, echo_logprobs if echo_logprobs is not None else [None] * len(echo_ids)), 0)
+    add(((e.token_id, e) for e in entries), offset)
     return out
 
 
@@ -111,7 +122,7 @@ async def completion(serving: Serving, req: CompletionRequest, gen: Generation) 
         logprobs = None
         if req.logprobs is not None:
             echo_ids = gen.jobs[i][0] if req.echo else []
-            logprobs = completion_logprobs(tokenizer, r.logprobs, 0, echo_ids)
+            logprobs = completion_logprobs(tokenizer, r.logprobs, len(prefix), echo_ids, r.prompt_logprobs)
         choices.append(CompletionChoice(index=i, text=prefix + r.text, logprobs=logprobs,
                                         finish_reason=_finish(r.finish_reason)))
     usage = _usage(gen.num_prompt_tokens, sum(len(r.token_ids) for r in results))
@@ -126,14 +137,17 @@ async def completion_stream(serving: Serving, req: CompletionRequest, gen: Gener
                                       usage=usage).model_dump_json())
 
     offsets = [0] * len(gen.jobs)
-    if req.echo:
-        for i, (prompt_ids, _) in enumerate(gen.jobs):
-            text = _echo_text(req, gen, i, tokenizer)
-            logprobs = completion_logprobs(tokenizer, [], 0, prompt_ids) if req.logprobs is not None else None
-            offsets[i] = len(text)
-            yield chunk([CompletionChoice(index=i, text=text, logprobs=logprobs)])
+    to_echo = set(range(len(gen.jobs))) if req.echo else set()
     completion_tokens = [0] * len(gen.jobs)
     async for index, delta in serving.run(gen):
+        if index in to_echo:  # with the first delta, which carries the prompt's logprobs
+            to_echo.discard(index)
+            text = _echo_text(req, gen, index, tokenizer)
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(tokenizer, [], 0, gen.jobs[index][0], delta.prompt_logprobs)
+            offsets[index] = len(text)
+            yield chunk([CompletionChoice(index=index, text=text, logprobs=logprobs)])
         completion_tokens[index] = delta.num_output_tokens
         if not delta.text and not delta.is_finished and not (req.logprobs is not None and delta.logprobs):
             continue

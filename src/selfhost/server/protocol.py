@@ -85,7 +85,9 @@ class SamplingFields(Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int = 0) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, choice: int = 0, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """Parameters for choice `choice` of `n`: each choice gets its own seed so they differ."""
         seed = None if self.seed is None else self.seed + choice
         return SamplingParams(
@@ -101,6 +103,7 @@ class SamplingFields(Lenient):
             stop=self.stop or (),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -153,6 +156,11 @@ class CompletionRequest(SamplingFields):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """`echo` with `logprobs` scores the echoed prompt too."""
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids)."""

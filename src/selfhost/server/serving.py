@@ -57,6 +57,7 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def resolve_max_tokens(
@@ -202,6 +203,8 @@ class Serving:
                 r.token_ids += delta.token_ids
                 r.logprobs += delta.logprobs or []
                 r.finish_reason = delta.finish_reason
+                if delta.prompt_logprobs is not None:
+                    r.prompt_logprobs = delta.prompt_logprobs
         return results
 
 
