@@ -10,6 +10,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from datetime import datetime, timezone
 
 from fastapi import APIRouter, Request
@@ -20,7 +21,7 @@ from selfhost.server.errors import APIError
 from selfhost.server.ollama_protocol import (
     OllamaBase, OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest, now_iso,
 )
-from selfhost.server.serving import Generation, Serving, error_body, event_stream
+from selfhost.server.serving import Generation, Serving, error_body, event_stream, unless_disconnected
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
@@ -65,17 +66,23 @@ async def _lines(serving: Serving, gen: Generation, model: str, body) -> AsyncIt
     yield _line({"model": model, "created_at": now_iso(), **body(""), **_final_fields(gen, first_ns, count, reason)})
 
 
+async def _whole(serving: Serving, gen: Generation, model: str, body) -> dict:
+    """`stream: false`: one object with the whole text and the final counts."""
+    first_ns, text, count, reason = None, [], 0, None
+    async with aclosing(serving.run(gen)) as deltas:
+        async for _, delta in deltas:
+            first_ns = first_ns or time.perf_counter_ns() - int(gen.started * 1e9)
+            text.append(delta.text)
+            count, reason = delta.num_output_tokens, delta.finish_reason
+    return {"model": model, "created_at": now_iso(), **body("".join(text)),
+            **_final_fields(gen, first_ns, count, reason)}
+
+
 async def _respond(request: Request, serving: Serving, req: OllamaBase, gen: Generation, body):
     if req.stream:
         events = event_stream(request, _lines(serving, gen, req.model, body), _ndjson_error)
         return StreamingResponse(events, media_type="application/x-ndjson")
-    first_ns, text, count, reason = None, [], 0, None
-    async for _, delta in serving.run(gen):
-        first_ns = first_ns or time.perf_counter_ns() - int(gen.started * 1e9)
-        text.append(delta.text)
-        count, reason = delta.num_output_tokens, delta.finish_reason
-    return {"model": req.model, "created_at": now_iso(), **body("".join(text)),
-            **_final_fields(gen, first_ns, count, reason)}
+    return await unless_disconnected(request, _whole(serving, gen, req.model, body))
 
 
 def _loaded(model: str, body: dict) -> dict:

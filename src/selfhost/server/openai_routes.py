@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 from selfhost.server import openai_serving as oai
 from selfhost.server.errors import APIError
 from selfhost.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from selfhost.server.serving import Serving, event_stream, sse_error
+from selfhost.server.serving import Serving, event_stream, sse_error, unless_disconnected
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -39,7 +39,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     )
     if req.stream:
         return _sse_response(request, oai.chat_completion_stream(serving, req, gen))
-    return await oai.chat_completion(serving, req, gen)
+    return await unless_disconnected(request, oai.chat_completion(serving, req, gen))
 
 
 @router.post("/completions", response_model=oai.CompletionResponse,
@@ -54,7 +54,7 @@ async def completions(req: CompletionRequest, request: Request):
     )
     if req.stream:
         return _sse_response(request, oai.completion_stream(serving, req, gen))
-    return await oai.completion(serving, req, gen)
+    return await unless_disconnected(request, oai.completion(serving, req, gen))
 
 
 def _card(served) -> ModelCard:

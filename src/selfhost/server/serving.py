@@ -5,7 +5,9 @@ the event loop, check the context window, build one SamplingParams per choice),
 then consume `run()` (one `(choice_index, StreamDelta)` per engine step and
 choice) either as a stream or through `collect()`. Streams go out through
 `event_stream()`, which checks for a vanished client before every chunk and
-ends a failed stream with an error event instead of a cut connection.
+ends a failed stream with an error event instead of a cut connection. Whole
+responses go through `unless_disconnected()`, which aborts the generation as
+soon as the client hangs up rather than when it would have finished.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import Request
 
@@ -230,6 +233,40 @@ async def event_stream(request: Request, events: AsyncIterator[str], on_error: C
         raise
     except Exception as err:
         yield on_error(err)
+
+
+T = TypeVar("T")
+
+# nginx's "client closed request": what the access log records for an abandoned response.
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def _disconnect(request: Request) -> None:
+    # Once the body is read, the server's next ASGI message for this request is its disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await a whole (non-streamed) response; if the client hangs up first, cancel the work.
+
+    Cancelling closes the generation's delta streams, which aborts its engine
+    requests and frees their KV blocks at the next step boundary.
+    """
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.create_task(_disconnect(request))
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        if work_task.done():
+            return work_task.result()
+        log.info("client went away before its response; aborting its request")
+        work_task.cancel()
+        await asyncio.gather(work_task, return_exceptions=True)
+        raise APIError("the client closed the connection before the response was ready", CLIENT_CLOSED_REQUEST,
+                       code="client_disconnected")
+    finally:
+        work_task.cancel()
+        watch_task.cancel()
 
 
 def sse(data: str) -> str:
