@@ -82,6 +82,24 @@ def test_bench_writes_files_and_logs_an_mlflow_run(cli, fake, in_tmp):
     assert isinstance(missing.exception, SelfhostError) and "ffffffffff" in str(missing.exception)
 
 
+def test_warmup_requests_are_sent_first_and_not_recorded(cli, fake, in_tmp):
+    fake.state.reset(ttft_s=0.0, itl_s=0.0)
+    store = f"sqlite:///{in_tmp / 'mlflow.db'}"  # absolute: MLflow caches the engine of a relative sqlite URI
+    result = runner.invoke(cli, bench_args(fake.url, "--warmup", "2", "--tracking-uri", store))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    data = json.loads((in_tmp / "out" / "result.json").read_text())
+    assert [level["num_requests"] for level in data["levels"]] == [6, 6]
+    assert len(fake.state.bodies) == 2 + 12 and data["workload"]["warmup_requests"] == 2
+    first = fake.state.bodies[2]["messages"][0]["content"]  # level c1's request 0
+    for warm in fake.state.bodies[:2]:  # same size, other order: no prefix-cache head start
+        assert warm["messages"][0]["content"].split() == first.split()[::-1]
+        assert warm["max_tokens"] == fake.state.bodies[2]["max_tokens"]
+    from mlflow import MlflowClient
+
+    run = MlflowClient(tracking_uri=store).get_run(data["tracking"]["run_id"])
+    assert run.data.params["warmup_requests"] == "2"
+
+
 def test_failures_are_reported_not_raised(cli, fake, in_tmp):
     fake.state.reset(ttft_s=0.0, itl_s=0.0)
     args = ["bench", "--url", fake.url, "--model", "flaky", "--concurrency", "2", "--requests", "9",
@@ -102,7 +120,8 @@ def test_failures_are_reported_not_raised(cli, fake, in_tmp):
      (["--url", "http://x/v1"], "--model is required"),
      (["--url", "http://x/v1", "--model", "m", "--concurrency", "1,a"], "1,a"),
      (["--url", "http://x/v1", "--model", "m", "--prompt-tokens", "zipf:2"], "zipf:2"),
-     (["--url", "http://x/v1", "--model", "m", "--api", "embeddings"], "embeddings")],
+     (["--url", "http://x/v1", "--model", "m", "--api", "embeddings"], "embeddings"),
+     (["--url", "http://x/v1", "--model", "m", "--warmup", "-1"], "--warmup -1")],
 )
 def test_user_errors_are_selfhost_errors(cli, args, needle):
     result = runner.invoke(cli, ["bench", *args, "--no-track"])

@@ -132,6 +132,14 @@ async def run_level(
         run.duration_s = time.perf_counter() - zero_s
 
 
+async def warm_up(send: SendFn, request: BenchRequest, count: int) -> None:
+    """Send `count` unrecorded requests one after another, so one-time costs
+    (lazy initialisation, first allocations, connection setup) stay out of the
+    first level's figures. Their failures are ignored: the levels record them."""
+    for _ in range(count):
+        await send(request, time.perf_counter())
+
+
 async def run_levels(
     send: SendFn,
     requests_by_level: Sequence[Sequence[BenchRequest]],

@@ -141,7 +141,9 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping
     return TrackedRun(client, experiment, run.info.run_id)
 
 
-def run_params(info: RunInfo, workload: Workload, levels: list[Level], timeout_s: float | None) -> dict[str, Any]:
+def run_params(
+    info: RunInfo, workload: Workload, levels: list[Level], timeout_s: float | None, warmup_requests: int = 0
+) -> dict[str, Any]:
     """The params every bench run logs, so runs can be filtered and compared."""
     concurrency = sorted({level.concurrency for level in levels if level.concurrency is not None})
     rates = [level.request_rate for level in levels if level.request_rate is not None]
@@ -162,4 +164,5 @@ def run_params(info: RunInfo, workload: Workload, levels: list[Level], timeout_s
         "num_requests": len(workload.requests),
         "seed": workload.seed,
         "timeout_s": timeout_s,
+        "warmup_requests": warmup_requests,
     }

@@ -89,6 +89,13 @@ class BenchRequest:
         return "\n".join(lines) + "\nassistant:"
 
 
+def warmup_request(like: BenchRequest) -> BenchRequest:
+    """A request of `like`'s size with its words reversed: it exercises the same
+    prompt and reply lengths without putting `like`'s prompt in a prefix cache."""
+    messages = tuple((role, " ".join(reversed(content.split()))) for role, content in like.messages)
+    return BenchRequest(-1, messages, like.max_tokens, like.planned_prompt_tokens)
+
+
 @dataclass(frozen=True)
 class Workload:
     """The requests of a run, one set per load level, and how they were made."""

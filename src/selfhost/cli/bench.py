@@ -54,6 +54,7 @@ def bench(
     dataset: Annotated[Path | None, typer.Option(help="JSONL/JSON prompts (prompt, messages or ShareGPT conversations) instead of synthetic ones.")] = None,
     request_rate: Annotated[str | None, typer.Option(help="Poisson arrival rate(s) in requests/s, e.g. 2 or 1,2,4: one open-loop level per rate.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for prompts, lengths and arrivals; same seed, same requests.")] = 0,
+    warmup: Annotated[int, typer.Option(help="Unrecorded requests sent one by one before the first level, so one-time costs stay out of the figures.")] = 0,
     timeout: Annotated[float, typer.Option(help="Seconds before one request counts as a timeout.")] = 300.0,
     tokenizer: Annotated[str | None, typer.Option(help="HF tokenizer (folder or Hub id) for exact prompt lengths and for counting when the server sends no usage.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature sent with every request.")] = 0.0,
@@ -78,6 +79,8 @@ def bench(
         raise InvalidParameterError("--model is required with --url: the name the server knows the model by")
     if api not in APIS:
         raise InvalidParameterError(f"--api {api!r} is not one of {sorted(APIS)}")
+    if warmup < 0:
+        raise InvalidParameterError(f"--warmup {warmup} must be >= 0")
     model_name = model or offline
     assert model_name is not None
     levels = plan_levels(_numbers(concurrency, int, "--concurrency"), _numbers(request_rate, float, "--request-rate"))
@@ -109,12 +112,12 @@ def bench(
 
         # MLflow retries an unreachable server for minutes by default; fail fast instead.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        tracked = start_run(tracking_uri, experiment, name, run_params(info, workload, levels, timeout))
+        tracked = start_run(tracking_uri, experiment, name, run_params(info, workload, levels, timeout, warmup))
 
     runs: list[LevelRun] = []  # filled as requests finish, so Ctrl-C keeps them
     try:
-        interrupted = _measure(config, client, counter, workload, levels, runs, seed, info)
-        _finish(info, workload, runs, started, interrupted, tracked, out or Path("bench-results") / name)
+        interrupted = _measure(config, client, counter, workload, levels, runs, seed, warmup, info)
+        _finish(info, workload, warmup, runs, started, interrupted, tracked, out or Path("bench-results") / name)
     except Exception:
         if tracked is not None:
             tracked.fail()
@@ -126,9 +129,11 @@ def bench(
         raise typer.Exit(130)
 
 
-def _measure(config, client, counter, workload, levels, runs: list[LevelRun], seed, info) -> bool:
+def _measure(config, client, counter, workload, levels, runs: list[LevelRun], seed, warmup, info) -> bool:
     """Apply the load level by level (over HTTP, or to the in-process `client`); True if Ctrl-C cut it short."""
-    from selfhost.bench.runner import run_levels
+    from selfhost.bench.workload import warmup_request
+
+    warm = warmup_request(workload.requests[0])
 
     console = Console()
     console.print(escape(f"bench {info.model} @ {info.url or 'in-process engine'}: {workload.describe()}, "
@@ -136,9 +141,10 @@ def _measure(config, client, counter, workload, levels, runs: list[LevelRun], se
     try:
         with _ProgressBar(console, len(levels) * len(workload.requests)) as (on_level, on_record):
             if client is not None:
-                asyncio.run(run_levels(client.send, workload.per_level, levels, runs, seed, on_level, on_record))
+                asyncio.run(_run(client, workload.per_level, levels, runs, seed, warm, warmup, on_level, on_record))
             else:
-                asyncio.run(_run_http(config, counter, workload.per_level, levels, runs, seed, on_level, on_record))
+                asyncio.run(_run_http(config, counter, workload.per_level, levels, runs, seed, warm, warmup,
+                                      on_level, on_record))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: writing what finished[/]")
         return True
@@ -155,7 +161,7 @@ def _workload(dataset, num_requests, prompt_tokens, output_tokens, seed, counter
     return synthetic_workload(num_requests, prompt_dist, output_dist, seed, counter, num_levels)
 
 
-def _finish(info, workload, runs, started, interrupted, tracked, out_dir: Path) -> None:
+def _finish(info, workload, warmup, runs, started, interrupted, tracked, out_dir: Path) -> None:
     """Statistics, files, table, and the MLflow run closed: also after Ctrl-C."""
     from selfhost.bench.report import result_table, write_outputs
     from selfhost.bench.result import BenchResult
@@ -163,7 +169,7 @@ def _finish(info, workload, runs, started, interrupted, tracked, out_dir: Path) 
 
     result = BenchResult(
         info=info,
-        workload=workload.to_dict(),
+        workload={**workload.to_dict(), "warmup_requests": warmup},
         levels=tuple(level_stats(run) for run in runs),
         started_at=started.isoformat(timespec="seconds"),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -187,12 +193,19 @@ async def _detect_backend(config) -> str | None:
         return detect_backend(await client.list_models())
 
 
-async def _run_http(config, counter, per_level, levels: list[Level], runs: list[LevelRun], seed, on_level, on_record) -> None:
+async def _run(client, per_level, levels: list[Level], runs: list[LevelRun], seed, warm, warmup, on_level, on_record) -> None:
+    """Warm up, then run the levels, through an EndpointClient or an EngineClient."""
+    from selfhost.bench.runner import run_levels, warm_up
+
+    await warm_up(client.send, warm, warmup)
+    await run_levels(client.send, per_level, levels, runs, seed, on_level, on_record)
+
+
+async def _run_http(config, counter, per_level, levels, runs, seed, warm, warmup, on_level, on_record) -> None:
     from selfhost.bench.client import EndpointClient
-    from selfhost.bench.runner import run_levels
 
     async with EndpointClient(config, counter) as client:
-        await run_levels(client.send, per_level, levels, runs, seed, on_level, on_record)
+        await _run(client, per_level, levels, runs, seed, warm, warmup, on_level, on_record)
 
 
 class _ProgressBar:
