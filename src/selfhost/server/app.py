@@ -21,10 +21,12 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import selfhost
-from selfhost.server import ollama_routes, openai_routes
+from selfhost.server import embedding_routes, ollama_routes, openai_routes
+from selfhost.server.embedding_serving import EmbeddingModels
 from selfhost.server.errors import APIError, install_error_handlers
 from selfhost.server.metrics import ServerMetrics
 from selfhost.server.models import ModelRegistry
+from selfhost.server.rag_serving import Collections
 from selfhost.server.serving import Serving
 from selfhost.server.settings import ServerSettings
 
@@ -111,6 +113,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             yield
         finally:
             await models.shutdown()
+            app.state.collections.close()
 
     app = FastAPI(title="selfhost", version=selfhost.__version__, lifespan=lifespan,
                   description="OpenAI- and Ollama-compatible server for open-weight models.")
@@ -118,10 +121,13 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.models = models
     app.state.metrics = metrics
     app.state.serving = Serving(models, metrics, settings.max_n)
+    app.state.embedding_models = EmbeddingModels(settings.embedding_model)
+    app.state.collections = Collections(settings.rag_store, settings.vector_url, app.state.embedding_models)
     app.state.on_ready = None
     install_error_handlers(app)
     auth = [Depends(require_api_key)]
     app.include_router(openai_routes.router, dependencies=auth)
+    app.include_router(embedding_routes.router, dependencies=auth)
     app.include_router(ollama_routes.router, dependencies=auth)
     _add_operations(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

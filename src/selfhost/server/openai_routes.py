@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from selfhost.server import openai_serving as oai
+from selfhost.server import openai_serving as oai, rag_serving
 from selfhost.server.errors import APIError
 from selfhost.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from selfhost.server.serving import Serving, event_stream, sse_error, unless_disconnected
@@ -28,15 +28,13 @@ def _sse_response(request: Request, events) -> StreamingResponse:
              responses={200: {"content": {"text/event-stream": {}}}})
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     serving = _serving(request)
+    if req.rag is not None:  # answer from a collection; the response adds `sources`
+        grounded = await rag_serving.ground(serving, request.app.state.collections, req)
+        if req.stream:
+            return _sse_response(request, rag_serving.chat_completion_stream(serving, req, grounded))
+        return JSONResponse(await unless_disconnected(request, rag_serving.chat_completion(serving, req, grounded)))
     served = await serving.model(req.model)
-    prompt_ids = await serving.tokenize_chat(served, req.message_dicts())
-    gen = await serving.prepare(
-        served, [prompt_ids], req.requested_max_tokens,
-        lambda max_tokens, i: req.sampling_params(max_tokens, req.num_logprobs, i),
-        n=req.n, json_mode=req.json_mode,
-        max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
-        prompt_param="messages",
-    )
+    gen = await oai.prepare_chat(serving, served, req, req.message_dicts())
     if req.stream:
         return _sse_response(request, oai.chat_completion_stream(serving, req, gen))
     return await unless_disconnected(request, oai.chat_completion(serving, req, gen))

@@ -65,6 +65,18 @@ def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int, ech
 
 # -- chat -------------------------------------------------------------------------
 
+async def prepare_chat(serving: Serving, served, req: ChatCompletionRequest, messages: list[dict]) -> Generation:
+    """Tokenize `messages` (the request's own, or rewritten ones) and build the request's jobs."""
+    prompt_ids = await serving.tokenize_chat(served, messages)
+    return await serving.prepare(
+        served, [prompt_ids], req.requested_max_tokens,
+        lambda max_tokens, i: req.sampling_params(max_tokens, req.num_logprobs, i),
+        n=req.n, json_mode=req.json_mode,
+        max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+        prompt_param="messages",
+    )
+
+
 async def chat_completion(serving: Serving, req: ChatCompletionRequest, gen: Generation) -> ChatCompletionResponse:
     results = await serving.collect(gen)
     tokenizer = gen.served.llm.tokenizer

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selfhost.sampling_params import MAX_LOGPROBS, SamplingParams
+from selfhost.server.rag_protocol import RagOptions
 
 
 def random_id(prefix: str) -> str:
@@ -113,6 +114,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
+    rag: RagOptions | None = None  # selfhost extension: answer from a collection (server/rag_serving.py)
 
     @model_validator(mode="after")
     def _check_chat(self):

@@ -7,6 +7,7 @@ so defaults and help texts live only here.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -45,8 +46,18 @@ class ServerSettings(BaseSettings):
     keep_alive_s: float = Field(300.0, ge=0, description="Unload an on-demand model idle this long (preloaded stay).")
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request) accepted.")
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    embedding_model: StrList = Field(
+        default_factory=lambda: ["all-MiniLM-L6-v2"],
+        description="Embedding model served at /v1/embeddings, loaded on first use: sentence-transformers / HF id "
+        "or folder, optionally NAME=REF (repeatable) [default: all-MiniLM-L6-v2, bundled].",
+    )
+    rag_store: Path | None = Field(
+        None, description="Folder of the embedded vector database that chat requests naming a collection search "
+        "[default: $SELFHOST_RAG_DIR or ~/.local/share/selfhost/rag, as `selfhost rag`].",
+    )
+    vector_url: str | None = Field(None, description="A Qdrant server URL instead of the embedded vector database.")
 
-    @field_validator("models", "api_key", "cors", mode="before")
+    @field_validator("models", "api_key", "cors", "embedding_model", mode="before")
     @classmethod
     def _split_commas(cls, value):
         # Env vars arrive as one string: SELFHOST_API_KEY=k1,k2

@@ -1,0 +1,181 @@
+"""Chat completions that answer from a RAG collection (the request's `rag` field).
+
+The last user message is the question. It is searched in the collection
+(hybrid dense + BM25, rag/retrieve.py); chunks similar enough to it become
+numbered sources in the grounded prompt of rag/answer.py, and the requested
+chat model generates as for any chat request. The response is a normal chat
+completion plus a top-level `sources` list; a stream carries `sources` in its
+first chunk (the one with the assistant role), before any text. When nothing
+relevant is found the model is not called: the answer says so, with no sources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfhost.errors import CollectionNotFoundError, SelfhostError
+from selfhost.server import openai_serving as oai
+from selfhost.server.embedding_serving import EmbeddingModels, LoadedEmbedder
+from selfhost.server.errors import APIError
+from selfhost.server.protocol import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, DeltaMessage, UsageInfo, random_id,
+)
+from selfhost.server.rag_protocol import RagOptions, SourceInfo
+from selfhost.server.serving import Generation, Serving, sse
+
+
+class Collections:
+    """The vector store chat requests answer from, opened on first use, and a Retriever per collection.
+
+    The embedded store is opened once and held (Qdrant's local mode locks its
+    folder, so `selfhost rag index` cannot write to it while the server runs;
+    use a Qdrant server via `--vector-url` to index and serve at the same time).
+    """
+
+    def __init__(self, store_dir: Path | None, vector_url: str | None, embedders: EmbeddingModels):
+        self.store_dir = store_dir
+        self.vector_url = vector_url
+        self.embedders = embedders
+        self._store = None
+        self._retrievers: dict[str, tuple[object, LoadedEmbedder]] = {}
+        self._open_lock = asyncio.Lock()
+        self._store_lock = threading.Lock()  # qdrant-client's local mode is not made for concurrent callers
+
+    async def search(self, options: RagOptions, question: str) -> list:
+        """Hybrid top-k hits for `question`; 404 for a collection the store does not hold."""
+        retriever, loaded = await self._retriever(options.collection)
+
+        def search():
+            with self._store_lock, loaded.lock:
+                return retriever.search(question, k=options.top_k, mode="hybrid", path=options.path)
+
+        return await asyncio.to_thread(search)
+
+    async def _retriever(self, name: str):
+        if name not in self._retrievers:
+            async with self._open_lock:
+                if name not in self._retrievers:
+                    self._retrievers[name] = await self._open_retriever(name)
+        return self._retrievers[name]
+
+    async def _open_retriever(self, name: str):
+        from selfhost.rag.retrieve import Retriever
+
+        store = await self._open_store()
+        try:
+            info = await asyncio.to_thread(self._locked, store.info, name)
+        except CollectionNotFoundError as err:
+            raise APIError(str(err), 404, param="rag.collection", code="collection_not_found") from err
+        loaded = await self.embedders.load(info.embedding_model)
+        retriever = await asyncio.to_thread(self._locked, Retriever, store, name, loaded.embedder)
+        return retriever, loaded
+
+    async def _open_store(self):
+        if self._store is None:
+            from selfhost.rag.store import VectorStore
+
+            try:
+                self._store = await asyncio.to_thread(
+                    VectorStore, self.store_dir, self.vector_url, os.environ.get("QDRANT_API_KEY")
+                )
+            except SelfhostError as err:  # the folder is locked by another process
+                raise APIError(str(err), 503, param="rag.collection", code="vector_store_unavailable") from err
+        return self._store
+
+    def _locked(self, fn, *args):
+        with self._store_lock:
+            return fn(*args)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+            self._retrievers.clear()
+
+
+@dataclass
+class GroundedChat:
+    sources: list[SourceInfo]  # empty when nothing relevant was found
+    gen: Generation | None  # None when there is nothing to generate from
+    refusal: str | None  # the answer when gen is None
+
+    def sources_json(self) -> list[dict]:
+        return [s.model_dump() for s in self.sources]
+
+
+async def ground(serving: Serving, collections: Collections, req: ChatCompletionRequest) -> GroundedChat:
+    """Search the collection for the last user message and prepare generation from what is relevant."""
+    from selfhost.rag.answer import DEFAULT_MIN_SIMILARITY, ground_conversation, nothing_relevant, relevant_sources
+
+    messages = req.message_dicts()
+    questions = [m["content"] for m in messages if m["role"] == "user"]
+    if not questions or not questions[-1].strip():
+        raise APIError("a request with `rag` needs a non-empty user message: the last one is the question",
+                       param="messages", code="invalid_value")
+    served = await serving.model(req.model)  # an unknown model fails before any search
+    options = req.rag
+    hits = await collections.search(options, questions[-1])
+    min_score = DEFAULT_MIN_SIMILARITY if options.min_score is None else options.min_score
+    sources = relevant_sources(hits, min_score)
+    wire = [SourceInfo(number=s.number, path=s.path, chunk_index=s.chunk_index, score=s.score,
+                       similarity=s.similarity, text=s.text) for s in sources]
+    if not sources:
+        return GroundedChat(wire, None, nothing_relevant(options.collection))
+    gen = await oai.prepare_chat(serving, served, req, ground_conversation(messages, sources))
+    return GroundedChat(wire, gen, None)
+
+
+async def chat_completion(serving: Serving, req: ChatCompletionRequest, grounded: GroundedChat) -> dict:
+    if grounded.gen is None:
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=grounded.refusal), finish_reason="stop")
+                   for i in range(req.n)]
+        response = ChatCompletionResponse(id=random_id("chatcmpl"), model=req.model, choices=choices,
+                                          usage=UsageInfo())
+    else:
+        response = await oai.chat_completion(serving, req, grounded.gen)
+    return {**response.model_dump(mode="json"), "sources": grounded.sources_json()}
+
+
+async def chat_completion_stream(
+    serving: Serving, req: ChatCompletionRequest, grounded: GroundedChat
+) -> AsyncIterator[str]:
+    events = _refusal_stream(req, grounded.refusal) if grounded.gen is None else (
+        oai.chat_completion_stream(serving, req, grounded.gen))
+    is_first = True
+    async with aclosing(events) as items:
+        async for event in items:
+            if is_first:
+                event = _with_field(event, "sources", grounded.sources_json())
+                is_first = False
+            yield event
+
+
+def _with_field(event: str, key: str, value) -> str:
+    """One more top-level field in a `data: {...}` server-sent event."""
+    body = json.loads(event.removeprefix("data: "))
+    body[key] = value
+    return sse(json.dumps(body))
+
+
+async def _refusal_stream(req: ChatCompletionRequest, text: str) -> AsyncIterator[str]:
+    chunk_id, created = random_id("chatcmpl"), int(time.time())
+
+    def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+        return sse(ChatCompletionChunk(id=chunk_id, created=created, model=req.model, choices=choices,
+                                       usage=usage).model_dump_json())
+
+    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(req.n)])
+    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text), finish_reason="stop")
+                 for i in range(req.n)])
+    if req.include_usage:
+        yield chunk([], UsageInfo())
+    yield sse("[DONE]")
