@@ -1,5 +1,8 @@
 """Quantize/dequantize round trips and the runtime modules against a dequantized fp32 reference."""
 
+import platform
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +17,15 @@ from selfhost.quant.int4 import (
     quantize_int4,
     unpack_int4,
 )
-from selfhost.quant.int8 import Int8Embedding, Int8Linear, dequantize_int8, fbgemm_available, quantize_int8
+from selfhost.quant import int8
+from selfhost.quant.int8 import (
+    Int8Embedding,
+    Int8Linear,
+    avx2_available,
+    dequantize_int8,
+    fbgemm_available,
+    quantize_int8,
+)
 
 
 @pytest.fixture
@@ -54,28 +65,74 @@ def test_int4_pack_round_trip():
     assert torch.equal(unpack_int4(pack_int4(q)), q)
 
 
-KERNELS_INT8 = ["dequant"] + (["fbgemm"] if fbgemm_available() else [])
+KERNELS_INT8 = ["dequant"] + (["fbgemm"] if fbgemm_available() else []) + (["avx2"] if avx2_available() else [])
 KERNELS_INT4 = ["dequant"] + (["int4pack_cpu"] if int4pack_cpu_available() else [])
-# dequant is exact up to fp32 summation order; fbgemm quantizes each activation
-# row to 8 bits; int4pack runs in bf16.
-TOLERANCE = {"dequant": 1e-5, "fbgemm": 0.02, "int4pack_cpu": 0.01}
+# dequant is exact up to fp32 summation order; fbgemm quantizes the activation
+# matrix to 8 (7 without VNNI) bits; avx2 quantizes activations to 8 bits per
+# block of 32 values; int4pack runs in bf16.
+TOLERANCE = {"dequant": 1e-5, "fbgemm": 0.02, "avx2": 0.02, "int4pack_cpu": 0.01}
 
 
 @pytest.mark.parametrize("kernel", KERNELS_INT8)
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_matches_dequantized_reference(kernel, bias):
+@pytest.mark.parametrize(
+    "in_features,out_features",
+    [(256, 96), (250, 97), (31, 5)],  # whole blocks and tiles; a partial last block and tile; less than one of each
+)
+def test_int8_linear_matches_dequantized_reference(kernel, bias, in_features, out_features):
     torch.manual_seed(1)
-    linear = nn.Linear(256, 96, bias=bias)
+    linear = nn.Linear(in_features, out_features, bias=bias)
     module = Int8Linear.from_float(linear)
     reference_weight = dequantize_int8(module.qweight, module.scales)
     module.prepare(kernel)
     assert module.kernel == kernel
     with torch.no_grad():
-        for x in (torch.randn(1, 256), torch.randn(5, 256)):  # decode and prefill shapes
+        # decode, prompt, and enough rows for the avx2 kernel to use several threads
+        for x in (torch.randn(1, in_features), torch.randn(5, in_features), torch.randn(2, 40, in_features)):
             ref = F.linear(x, reference_weight, linear.bias)
             out = module(x)
             assert out.shape == ref.shape and out.dtype == x.dtype
             assert (out - ref).abs().max() <= TOLERANCE[kernel] * ref.abs().max()
+
+
+def _block_quantized(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """What the avx2 kernel multiplies: each row in blocks of 32, rounded to int8 steps of absmax / 127."""
+    pad = -x.shape[-1] % block
+    blocks = F.pad(x, (0, pad)).unflatten(-1, (-1, block))
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(step > 0, torch.round(blocks / step), 0.0)
+    return (q * step).flatten(-2)[..., : x.shape[-1]]
+
+
+@pytest.mark.skipif(not avx2_available(), reason="the avx2 kernel cannot run here")
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (250, 97), (31, 5)])
+def test_avx2_kernel_is_exact_on_block_quantized_activations(in_features, out_features):
+    # Integer sums are exact, so the only error is the activations' rounding: pin that down.
+    torch.manual_seed(4)
+    module = Int8Linear.from_float(nn.Linear(in_features, out_features))
+    reference_weight = dequantize_int8(module.qweight, module.scales).double()
+    module.prepare("avx2")
+    with torch.no_grad():
+        for x in (torch.randn(1, in_features) * 3, torch.randn(37, in_features)):
+            ref = F.linear(_block_quantized(x).double(), reference_weight, module.bias.double())
+            assert (module(x).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="the extension targets x86-64")
+def test_avx2_extension_is_built_on_x86_64_linux():
+    # It is optional at install time, so a broken build would otherwise only show as slower decoding.
+    assert int8._int8_cpu is not None, "selfhost.quant._int8_cpu is missing: `pip install -e .` compiles it"
+
+
+def test_int8_kernel_falls_back_without_the_extension(monkeypatch):
+    monkeypatch.setattr(int8, "_int8_cpu", None)
+    int8.avx2_available.cache_clear()
+    try:
+        module = Int8Linear.from_float(nn.Linear(64, 32))
+        module.prepare()
+        assert module.kernel == ("fbgemm" if fbgemm_available() else "dequant")
+    finally:
+        int8.avx2_available.cache_clear()
 
 
 @pytest.mark.parametrize("kernel", KERNELS_INT4)

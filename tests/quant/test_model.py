@@ -20,6 +20,7 @@ from selfhost.quant.config import QuantConfig
 from selfhost.quant.int4 import Int4Linear
 from selfhost.quant.int8 import Int8Embedding, Int8Linear
 from selfhost.quant.perplexity import perplexity
+from tests.quant.test_kernels import KERNELS_INT8
 from tests.tiny_models import _CORPUS
 
 PROMPT = list(range(5, 21))
@@ -84,11 +85,13 @@ def test_saved_checkpoint_loads_to_identical_outputs(family, method, head_method
     assert weight_bytes(loaded.model) == weight_bytes(on_the_fly.model)
 
 
-def test_dequant_fallback_kernels_agree_with_fast_kernels(family):
+@pytest.mark.parametrize("config,kernel", [(QuantConfig(method="int4", group_size=32), None)]
+                         + [(QuantConfig(method="int8"), k) for k in KERNELS_INT8 if k != "dequant"])
+def test_dequant_fallback_kernels_agree_with_fast_kernels(family, config, kernel):
     path, _, ids, _ = family
     fast, fallback = _llm(path), _llm(path)
-    quantize_model(fast.model, QuantConfig(method="int4", group_size=32))
-    quantize_model(fallback.model, QuantConfig(method="int4", group_size=32), kernel="dequant")
+    quantize_model(fast.model, config, kernel=kernel)
+    quantize_model(fallback.model, config, kernel="dequant")
     a, b = _logits(fast, ids[:40]), _logits(fallback, ids[:40])
     assert (a - b).abs().max() < 0.01 * (b.max() - b.min())
 

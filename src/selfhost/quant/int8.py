@@ -1,14 +1,20 @@
 """int8 weights: symmetric, one scale per output row; drop-in Linear and Embedding.
 
 Kernels (chosen once, in `prepare`):
-- "fbgemm": CPU. PyTorch's fbgemm dynamic-quantized linear quantizes the
-  activation row to 8 bits on the fly and runs an integer GEMM. A decode step
-  reads a quarter of the fp32 bytes, and fbgemm's int8 kernels run at least as
-  fast as our OpenBLAS fp32 path per byte (benchmarks/quant_cpu.py).
-  `aten._weight_int8pack_mm` was measured 5-40x slower than fbgemm here.
+- "avx2": x86-64 CPUs with AVX2, when the optional C extension
+  (`_int8_cpu.c`, compiled by `pip install`) is present. Activations are
+  quantized to int8 in blocks of 32 values with a scale per block, products
+  are summed exactly in int32, and the weight is read in its stored layout
+  with software prefetching. A decode step streams the weights at close to
+  memory bandwidth (benchmarks/quant_cpu.py); prompts run 1.3-3x faster than
+  the fp32 path, slower than fbgemm's register-blocked GEMM.
+- "fbgemm": other CPUs with PyTorch's fbgemm dynamic-quantized linear, which
+  quantizes the activation matrix to 8 (7 without VNNI) bits on the fly and
+  keeps its own packed copy of the weight.
 - "dequant": anywhere else (CUDA, CPUs or builds without fbgemm): the int8
   weight is cast to the activation dtype inside the matmul and the per-row
   scale applied to the output; exact weight-only int8.
+`aten._weight_int8pack_mm` was measured 5-40x slower than fbgemm here.
 """
 
 from __future__ import annotations
@@ -20,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-INT8_KERNELS = ("fbgemm", "dequant")
+from selfhost.layers.linear import MULTITHREAD_MIN_ROWS
+
+try:
+    from selfhost.quant import _int8_cpu
+except ImportError:  # not compiled (no C compiler at install, or a source tree without `pip install`)
+    _int8_cpu = None
+
+INT8_KERNELS = ("avx2", "fbgemm", "dequant")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +46,12 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return qweight.float() * scales.float()[:, None]
+
+
+@functools.cache
+def avx2_available() -> bool:
+    """The compiled extension is importable and this CPU has AVX2 and FMA."""
+    return _int8_cpu is not None and _int8_cpu.available()
 
 
 @functools.cache
@@ -57,7 +76,23 @@ def _cpu_has_vnni() -> bool:
 
 
 def default_int8_kernel(device: torch.device) -> str:
-    return "fbgemm" if device.type == "cpu" and fbgemm_available() else "dequant"
+    if device.type != "cpu":
+        return "dequant"
+    if avx2_available():
+        return "avx2"
+    return "fbgemm" if fbgemm_available() else "dequant"
+
+
+def _avx2_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(M, K) fp32 -> (M, N) fp32 through the C kernel; weights contiguous on the CPU."""
+    x = x.contiguous()
+    rows, (out_features, in_features) = x.shape[0], qweight.shape
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    # Few rows are memory-bound and one thread nearly saturates memory (as for the fp32 path).
+    num_threads = 1 if rows < MULTITHREAD_MIN_ROWS else torch.get_num_threads()
+    _int8_cpu.linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                     out.data_ptr(), rows, out_features, in_features, num_threads)
+    return out
 
 
 def _fbgemm_pack(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
@@ -79,6 +114,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.kernel: str | None = None
         self._packed = None
+        self._bias_f32: torch.Tensor | None = None
         self._reduce_range = not _cpu_has_vnni()
         self._storage_bytes = 0
 
@@ -98,6 +134,10 @@ class Int8Linear(nn.Module):
         assert kernel in INT8_KERNELS, kernel
         self._storage_bytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.bias)
                                   if t is not None)
+        if kernel == "avx2":
+            assert avx2_available() and self.qweight.device.type == "cpu", "the avx2 kernel is not available here"
+            self.qweight, self.scales = self.qweight.contiguous(), self.scales.float().contiguous()
+            self._bias_f32 = None if self.bias is None else self.bias.float().contiguous()
         if kernel == "fbgemm":
             self._packed = _fbgemm_pack(self.qweight, self.scales, self.bias)
             # The packed copy is all the kernel reads; do not keep the weight twice.
@@ -111,6 +151,10 @@ class Int8Linear(nn.Module):
         return self._storage_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "avx2" and not x.requires_grad:
+            shape = x.shape
+            out = _avx2_linear(x.reshape(-1, shape[-1]).float(), self.qweight, self.scales, self._bias_f32)
+            return out.view(*shape[:-1], self.out_features).to(x.dtype)
         if self._packed is not None:
             shape = x.shape
             out = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, self._reduce_range)

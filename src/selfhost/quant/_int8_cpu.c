@@ -1,0 +1,285 @@
+/* int8-weight linear layers on x86-64 CPUs with AVX2: y = x @ (q * scale)^T + b.
+ *
+ * Built at install time as an optional extension (setup.py); selfhost.quant.int8
+ * falls back to PyTorch kernels when it is missing or the CPU lacks AVX2.
+ *
+ * Each activation row is quantized to int8 in blocks of 32 values, one fp32
+ * scale per block, so every product of 32 values is an exact integer sum:
+ *   y[m, n] = scale[n] * sum_b xscale[m, b] * sum_{k in b} xq[m, k] * q[n, k]
+ * The weight stays in its stored (out, in) int8 layout; nothing is repacked.
+ *
+ * Inner product of 32 int8 pairs: vpmaddubsw multiplies unsigned by signed
+ * bytes, so |x| is paired with q carrying x's sign. Both sides lie in
+ * [-127, 127] (the quantizers clamp there), so each pair sum is at most
+ * 2 * 127 * 127 = 32258 and never saturates int16.
+ *
+ * Work split: rows of the weight in tiles of 4, each tile kept in L1 while it
+ * meets every activation row of a chunk (prefill reads each weight once per
+ * chunk of CHUNK_ROWS rows). Threads (POSIX, started per call) split the
+ * weight's rows; the caller asks for one thread on small products.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SELFHOST_X86 1
+#include <immintrin.h>
+#include <pthread.h>
+#endif
+
+#define QBLOCK 32
+#define TILE 4
+#define CHUNK_ROWS 128
+#define MAX_THREADS 64
+/* Bytes ahead of the rows being read that each tile asks the caches for; 8-32 KiB measured
+ * equally fast here, nearly 3x faster than leaving it to the hardware prefetcher. */
+#define PREFETCH_BYTES 16384
+
+#ifdef SELFHOST_X86
+
+typedef struct {
+    const int8_t *xq;    /* (M, K) quantized activations */
+    const float *xscale; /* (M, nblocks) */
+    const int8_t *w;     /* (N, K) */
+    const float *wscale; /* (N,) */
+    const float *bias;   /* (N,) or NULL */
+    float *out;          /* (M, N) */
+    Py_ssize_t M, N, K, n_begin, n_end;
+} Job;
+
+static Py_ssize_t nblocks_of(Py_ssize_t K) { return (K + QBLOCK - 1) / QBLOCK; }
+
+/* Scalar quantization of one (possibly partial) block. */
+static void quantize_block_scalar(const float *x, Py_ssize_t len, int8_t *q, float *scale) {
+    float amax = 0.0f;
+    for (Py_ssize_t i = 0; i < len; i++) amax = fmaxf(amax, fabsf(x[i]));
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (Py_ssize_t i = 0; i < len; i++) q[i] = (int8_t)lrintf(x[i] * inv);
+    *scale = amax / 127.0f;
+}
+
+__attribute__((target("avx2,fma"))) static void quantize_rows_avx2(const float *x, Py_ssize_t M, Py_ssize_t K,
+                                                                   int8_t *xq, float *xscale) {
+    const Py_ssize_t nb = nblocks_of(K), full = K / QBLOCK;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (Py_ssize_t m = 0; m < M; m++) {
+        const float *xr = x + m * K;
+        int8_t *qr = xq + m * K;
+        float *sr = xscale + m * nb;
+        for (Py_ssize_t b = 0; b < full; b++) {
+            const float *p = xr + b * QBLOCK;
+            __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
+            __m256 v2 = _mm256_loadu_ps(p + 16), v3 = _mm256_loadu_ps(p + 24);
+            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, abs_mask), _mm256_and_ps(v1, abs_mask)),
+                                      _mm256_max_ps(_mm256_and_ps(v2, abs_mask), _mm256_and_ps(v3, abs_mask)));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            const float amax = _mm_cvtss_f32(m4);
+            const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            sr[b] = amax / 127.0f;
+            /* round to nearest even (the default mode), as lrintf in the scalar path */
+            __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+            __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+            /* packs work per 128-bit lane; the permute puts the 32 bytes back in order */
+            __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+            _mm256_storeu_si256((__m256i *)(qr + b * QBLOCK), _mm256_permutevar8x32_epi32(packed, order));
+        }
+        if (full < nb) quantize_block_scalar(xr + full * QBLOCK, K - full * QBLOCK, qr + full * QBLOCK, sr + full);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static inline float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Sum over the partial last block, in exact integers. */
+static float tail_dot(const int8_t *xq, const int8_t *w, Py_ssize_t from, Py_ssize_t K, float xscale) {
+    int32_t acc = 0;
+    for (Py_ssize_t k = from; k < K; k++) acc += (int32_t)xq[k] * (int32_t)w[k];
+    return (float)acc * xscale;
+}
+
+/* `rows` (1..TILE) weight rows starting at w against one activation row; writes `rows` dots.
+ * `prefetch`: the first activation row of a chunk pulls in the weights that follow. */
+__attribute__((target("avx2,fma"))) static void dot_tile_avx2(const int8_t *xq, const float *xscale, const int8_t *w,
+                                                              Py_ssize_t K, int rows, int prefetch, float *dots) {
+    const Py_ssize_t full = K / QBLOCK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[TILE] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    if (rows == TILE) {
+        const int8_t *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+        for (Py_ssize_t b = 0; b < full; b++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QBLOCK));
+            const __m256i ax = _mm256_abs_epi8(xv);
+            const __m256 d = _mm256_broadcast_ss(xscale + b);
+#define SELFHOST_ROW(r, wr)                                                                                   \
+    {                                                                                                         \
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + b * QBLOCK));                            \
+        if (prefetch) _mm_prefetch((const char *)(wr + b * QBLOCK + PREFETCH_BYTES), _MM_HINT_T0);             \
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), ones);        \
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);                                           \
+    }
+            SELFHOST_ROW(0, w0) SELFHOST_ROW(1, w1) SELFHOST_ROW(2, w2) SELFHOST_ROW(3, w3)
+#undef SELFHOST_ROW
+        }
+    } else {
+        for (int r = 0; r < rows; r++) {
+            const int8_t *wr = w + r * K;
+            for (Py_ssize_t b = 0; b < full; b++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QBLOCK));
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + b * QBLOCK));
+                const __m256i p =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(wv, xv)), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xscale + b), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        dots[r] = hsum_avx2(acc[r]);
+        if (full * QBLOCK < K) dots[r] += tail_dot(xq, w + r * K, full * QBLOCK, K, xscale[full]);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void run_job_avx2(const Job *j) {
+    const Py_ssize_t nb = nblocks_of(j->K);
+    float dots[TILE];
+    for (Py_ssize_t m0 = 0; m0 < j->M; m0 += CHUNK_ROWS) {
+        const Py_ssize_t m1 = m0 + CHUNK_ROWS < j->M ? m0 + CHUNK_ROWS : j->M;
+        for (Py_ssize_t n = j->n_begin; n < j->n_end; n += TILE) {
+            const int rows = (int)(j->n_end - n < TILE ? j->n_end - n : TILE);
+            for (Py_ssize_t m = m0; m < m1; m++) {
+                dot_tile_avx2(j->xq + m * j->K, j->xscale + m * nb, j->w + n * j->K, j->K, rows, m == m0, dots);
+                float *o = j->out + m * j->N + n;
+                for (int r = 0; r < rows; r++) o[r] = dots[r] * j->wscale[n + r] + (j->bias ? j->bias[n + r] : 0.0f);
+            }
+        }
+    }
+}
+
+static void *run_job_thread(void *arg) {
+    run_job_avx2((const Job *)arg);
+    return NULL;
+}
+
+static int cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* Returns 0, or -1 when memory or threads could not be had. Runs without the GIL. */
+static int linear_avx2(const float *x, const int8_t *w, const float *wscale, const float *bias, float *out,
+                       Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+    const Py_ssize_t nb = nblocks_of(K);
+    int8_t *xq = malloc((size_t)(M * K));
+    float *xscale = malloc(sizeof(float) * (size_t)(M * nb));
+    if (!xq || !xscale) {
+        free(xq), free(xscale);
+        return -1;
+    }
+    quantize_rows_avx2(x, M, K, xq, xscale);
+
+    /* Split the weight rows into num_threads ranges of whole tiles. */
+    const Py_ssize_t tiles = (N + TILE - 1) / TILE;
+    if (num_threads > tiles) num_threads = (int)tiles;
+    if (num_threads < 1) num_threads = 1;
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
+    Job jobs[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 0; t < num_threads; t++) {
+        Py_ssize_t begin = tiles * t / num_threads * TILE, end = tiles * (t + 1) / num_threads * TILE;
+        jobs[t] = (Job){xq, xscale, w, wscale, bias, out, M, N, K, begin, end < N ? end : N};
+    }
+    for (int t = 1; t < num_threads; t++)
+        started[t] = pthread_create(&threads[t], NULL, run_job_thread, &jobs[t]) == 0;
+    run_job_avx2(&jobs[0]);
+    for (int t = 1; t < num_threads; t++) {
+        if (started[t])
+            pthread_join(threads[t], NULL);
+        else
+            run_job_avx2(&jobs[t]); /* no thread to be had: do its share here */
+    }
+    free(xq), free(xscale);
+    return 0;
+}
+
+#endif /* SELFHOST_X86 */
+
+PyDoc_STRVAR(available_doc, "available() -> bool: this build and this CPU can run `linear`.");
+
+static PyObject *available(PyObject *self, PyObject *unused) {
+#ifdef SELFHOST_X86
+    return PyBool_FromLong(cpu_has_avx2());
+#else
+    return PyBool_FromLong(0);
+#endif
+}
+
+PyDoc_STRVAR(linear_doc,
+             "linear(x, w, wscale, bias, out, M, N, K, num_threads)\n\n"
+             "Addresses (ints) of C-contiguous buffers: x float32 (M, K), w int8 (N, K) in [-127, 127],\n"
+             "wscale float32 (N,), bias float32 (N,) or 0, out float32 (M, N). Writes out.");
+
+static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) {
+        PyErr_Format(PyExc_TypeError, "linear takes 9 arguments, got %zd", nargs);
+        return NULL;
+    }
+    void *ptr[5];
+    for (int i = 0; i < 5; i++) {
+        ptr[i] = PyLong_AsVoidPtr(args[i]);
+        if (PyErr_Occurred()) return NULL;
+    }
+    Py_ssize_t dims[3];
+    for (int i = 0; i < 3; i++) {
+        dims[i] = PyLong_AsSsize_t(args[5 + i]);
+        if (dims[i] == -1 && PyErr_Occurred()) return NULL;
+        if (dims[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "linear: dimension %zd is negative", dims[i]);
+            return NULL;
+        }
+    }
+    const long num_threads = PyLong_AsLong(args[8]);
+    if (num_threads == -1 && PyErr_Occurred()) return NULL;
+#ifdef SELFHOST_X86
+    if (!cpu_has_avx2()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX2/FMA");
+        return NULL;
+    }
+    if (!ptr[0] || !ptr[1] || !ptr[2] || !ptr[4]) {
+        PyErr_SetString(PyExc_ValueError, "linear: null buffer address");
+        return NULL;
+    }
+    if (dims[0] == 0 || dims[1] == 0) Py_RETURN_NONE;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = linear_avx2(ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], dims[0], dims[1], dims[2], (int)num_threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "built without x86-64 AVX2 support");
+    return NULL;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"available", available, METH_NOARGS, available_doc},
+    {"linear", (PyCFunction)(void (*)(void))linear, METH_FASTCALL, linear_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_int8_cpu", "int8-weight linear layers for x86-64 AVX2.",
+                                    -1, methods};
+
+PyMODINIT_FUNC PyInit__int8_cpu(void) { return PyModule_Create(&module); }
