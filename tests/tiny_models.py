@@ -90,9 +90,10 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
-def make_tiny_model(name: str, out_dir: Path, seed: int = 0) -> Path:
+def make_tiny_model(name: str, out_dir: Path, seed: int = 0, **changes) -> Path:
+    """`changes` override the family's config fields (a variant for one test)."""
     config_cls, overrides = TINY_CONFIGS[name]
-    config = getattr(transformers, config_cls)(**{**COMMON, **overrides})
+    config = getattr(transformers, config_cls)(**{**COMMON, **overrides, **changes})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init leaves norms at exactly 1 (or 0 for Gemma); perturb them so a
@@ -137,8 +138,8 @@ def save_tiny_tokenizer(out_dir: Path, vocab_size: int = 400) -> None:
     fast.save_pretrained(out_dir)
 
 
-def make_tiny_checkpoint(name: str, out_dir: Path, seed: int = 0) -> Path:
+def make_tiny_checkpoint(name: str, out_dir: Path, seed: int = 0, **changes) -> Path:
     """Model + tokenizer: a folder `LLM(...)` can load."""
-    make_tiny_model(name, out_dir, seed)
+    make_tiny_model(name, out_dir, seed, **changes)
     save_tiny_tokenizer(out_dir)
     return out_dir

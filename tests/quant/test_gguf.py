@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from selfhost.errors import InvalidParameterError, UnsupportedModelError
 from selfhost.quant.gguf_export import export_gguf, interleave_rotary_rows
 from selfhost.tokenizer import Tokenizer
+from tests.tiny_models import make_tiny_checkpoint
 
 Q = gguf.GGMLQuantizationType
 # max |error| allowed, as a fraction of the tensor's largest magnitude
@@ -155,13 +156,108 @@ def test_interleave_pairs_half_split_features():
     assert np.array_equal(_deinterleave(interleave_rotary_rows(w, 2).numpy(), 2), w.numpy())
 
 
+# Gemma 2/3 and Phi-3: llama.cpp name (without "blk.N.") -> checkpoint name inside model.layers.N.
+# Gemma's norms are stored as w and exported as 1 + w.
+_ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+         "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm", "ffn_down": "mlp.down_proj"}
+FAMILY_LAYER_NAMES = {
+    "gemma": _ATTN | {"ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj"},
+    "gemma2": _ATTN | {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                       "post_ffw_norm": "post_feedforward_layernorm", "ffn_gate": "mlp.gate_proj",
+                       "ffn_up": "mlp.up_proj"},
+    # Phi-3 checkpoints hold the fused projections llama.cpp reads.
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
+}
+FAMILY_LAYER_NAMES["gemma3"] = FAMILY_LAYER_NAMES["gemma2"] | {"attn_q_norm": "self_attn.q_norm",
+                                                               "attn_k_norm": "self_attn.k_norm"}
+BASE_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+             "attention.head_count_kv", "attention.key_length", "attention.value_length",
+             "attention.layer_norm_rms_epsilon", "vocab_size", "rope.dimension_count", "rope.freq_base")
+# keys beyond BASE_KEYS and the values they must hold, from the tiny configs
+FAMILY_KEYS = {
+    "gemma": {},
+    "gemma2": {"attention.sliding_window": 16, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gemma3": {"attention.sliding_window": 16, "rope.scaling.type": "linear", "rope.scaling.factor": 4.0},
+    "phi3": {"attention.sliding_window": 20, "rope.scaling.original_context_length": 128,
+             "rope.scaling.attn_factor": (1 + np.log(512 / 128) / np.log(128)) ** 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def gemma3_checkpoint(tmp_path_factory):
+    # llama.cpp fixes Gemma 3's pattern at five sliding layers per global one; the shared tiny config alternates.
+    return make_tiny_checkpoint("gemma3", tmp_path_factory.mktemp("gemma3-6"), num_hidden_layers=6,
+                                sliding_window_pattern=6)
+
+
+@pytest.mark.parametrize("family,gguf_type", [("gemma", "f16"), ("gemma2", "q8_0"), ("gemma3", "f16"),
+                                              ("phi3", "q8_0")])
+def test_gemma_and_phi3_keys_and_tensors_read_back(tiny_checkpoint, gemma3_checkpoint, tmp_path, family, gguf_type):
+    src = gemma3_checkpoint if family == "gemma3" else tiny_checkpoint(family)
+    cfg = json.loads((src / "config.json").read_text())
+    out = tmp_path / "m.gguf"
+    types = export_gguf(src, out, gguf_type)
+    reader = gguf.GGUFReader(str(out))
+
+    assert _field(reader, "general.architecture") == family
+    keys = {k.removeprefix(f"{family}.") for k in reader.fields if k.startswith(f"{family}.")}
+    assert keys == set(BASE_KEYS) | set(FAMILY_KEYS[family])
+    for key, value in FAMILY_KEYS[family].items():
+        expected = gguf.RopeScalingType(value).value if key == "rope.scaling.type" else value
+        assert _field(reader, f"{family}.{key}") == pytest.approx(expected), key
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert _field(reader, f"{family}.attention.key_length") == head_dim
+
+    source = load_file(str(src / "model.safetensors"))
+    norm_offset = 0.0 if family == "phi3" else 1.0
+    # llama.cpp scales Gemma queries by 1/sqrt(head_dim); the checkpoint by 1/sqrt(query_pre_attn_scalar).
+    q_scale = (head_dim / cfg.get("query_pre_attn_scalar", head_dim)) ** 0.5
+    expected = {"token_embd.weight": source["model.embed_tokens.weight"],
+                "output_norm.weight": source["model.norm.weight"] + norm_offset}
+    if "lm_head.weight" in source:
+        expected["output.weight"] = source["lm_head.weight"]
+    for i in range(cfg["num_hidden_layers"]):
+        for name, hf_name in FAMILY_LAYER_NAMES[family].items():
+            tensor = source[f"model.layers.{i}.{hf_name}.weight"]
+            if name.endswith("norm"):
+                tensor = tensor + norm_offset
+            if name == ("attn_q_norm" if family == "gemma3" else "attn_q"):  # folded where it survives q_norm
+                tensor = tensor * q_scale
+            expected[f"blk.{i}.{name}.weight"] = tensor
+    if family == "phi3":
+        rope = cfg["rope_parameters"]
+        expected["rope_factors_long.weight"] = torch.tensor(rope["long_factor"])
+        expected["rope_factors_short.weight"] = torch.tensor(rope["short_factor"])
+    assert {t.name for t in reader.tensors} == set(expected)
+    for t in reader.tensors:
+        assert t.tensor_type == types[t.name]
+        data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
+        ref = expected[t.name].float().numpy()
+        assert data.shape == ref.shape, t.name
+        assert np.abs(data - ref).max() <= TOLERANCE[t.tensor_type] * np.abs(ref).max() + 1e-6, t.name
+
+
 def test_unsupported_inputs_are_clear_and_leave_no_file(tiny_checkpoint, tmp_path):
     with pytest.raises(InvalidParameterError, match="'q5_k'"):
         export_gguf(tiny_checkpoint("llama"), tmp_path / "m.gguf", "q5_k")
-    with pytest.raises(UnsupportedModelError, match="GemmaForCausalLM"):
-        export_gguf(tiny_checkpoint("gemma"), tmp_path / "m.gguf", "f16")
     with pytest.raises(UnsupportedModelError, match="sliding-window"):
         export_gguf(tiny_checkpoint("mistral"), tmp_path / "m.gguf", "f16")
+    with pytest.raises(UnsupportedModelError, match=r"sliding layers \[0, 2\] differ from llama.cpp's fixed gemma3"):
+        export_gguf(tiny_checkpoint("gemma3"), tmp_path / "m.gguf", "f16")
     with pytest.raises(InvalidParameterError, match="missing or not writable"):
         export_gguf(tiny_checkpoint("llama"), tmp_path / "nope" / "m.gguf", "f16")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("family,changes,message", [
+    ("gemma2", dict(attn_logit_softcapping=None), "without attn logit soft-capping"),
+    ("gemma", dict(tie_word_embeddings=False), "untied output head"),
+    ("gemma3", dict(num_hidden_layers=6, sliding_window_pattern=6, attn_logit_softcapping=20.0),
+     "with attn logit soft-capping"),
+])
+def test_what_llama_cpp_cannot_express_is_refused(tmp_path, family, changes, message):
+    src = make_tiny_checkpoint(family, tmp_path / "src", **changes)
+    with pytest.raises(UnsupportedModelError, match=message):
+        export_gguf(src, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()

@@ -1,28 +1,35 @@
 """Export a full-precision checkpoint as one GGUF file that llama.cpp and Ollama load.
 
 Tensors come from our loaded CausalLM, so any checkpoint selfhost reads
-exports the same way. Two layout changes happen on the way out:
+exports the same way. Layout changes on the way out (gguf_arch.py says which
+architecture needs which):
 - fused qkv_proj and gate_up_proj are split back into llama.cpp's separate
-  attn_q/attn_k/attn_v and ffn_gate/ffn_up tensors;
+  attn_q/attn_k/attn_v and ffn_gate/ffn_up tensors, except for Phi-3, whose
+  llama.cpp graph reads them fused (attn_qkv; ffn_up holds gate then up);
 - for the "llama" architecture, llama.cpp rotates adjacent pairs of q/k
   features (2i, 2i+1) where Hugging Face checkpoints pair i with i + d/2, so
-  each head's q and k rows are interleaved to match.
+  each head's q and k rows are interleaved to match;
+- Gemma norms scale by (1 + w) and store w; llama.cpp multiplies by the
+  stored tensor, so 1 is added to every norm weight;
+- where llama.cpp scales queries differently from the checkpoint (Gemma 2/3
+  with query_pre_attn_scalar != head_dim), the ratio is folded into the query
+  projection, or into q_norm when one follows it.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
-from selfhost.errors import InvalidParameterError, UnsupportedModelError
+from selfhost.errors import InvalidParameterError
 from selfhost.layers.rotary import _base_inv_freq, _llama3_inv_freq
 from selfhost.models.decoder import CausalLM
 from selfhost.models.spec import ModelSpec
+from selfhost.quant.gguf_arch import GGUFArch, check_supported, global_rope, sliding_window
 from selfhost.quant.gguf_vocab import write_vocab
 
 Q = gguf.GGMLQuantizationType
@@ -33,21 +40,6 @@ GGUF_TYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
     "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 
-
-@dataclass(frozen=True)
-class GGUFArch:
-    name: str  # llama.cpp architecture
-    interleave_qk: bool  # llama.cpp rotates adjacent pairs for this architecture
-
-
-# Our architectures -> llama.cpp's. Gemma (norm offsets, embedding scale,
-# soft-capping) and Phi-3 (longrope) need their own conventions: not yet.
-GGUF_ARCHES: dict[str, GGUFArch] = {
-    "LlamaForCausalLM": GGUFArch("llama", interleave_qk=True),
-    "MistralForCausalLM": GGUFArch("llama", interleave_qk=True),
-    "Qwen2ForCausalLM": GGUFArch("qwen2", interleave_qk=False),
-    "Qwen3ForCausalLM": GGUFArch("qwen3", interleave_qk=False),
-}
 
 T = gguf.MODEL_TENSOR
 
@@ -69,12 +61,12 @@ def gguf_tensors(model: CausalLM, arch: GGUFArch) -> dict[str, torch.Tensor]:
     spec = model.spec
     q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     inter = spec.intermediate_size
-    out = {_name(T.TOKEN_EMBD): model.model.embed_tokens.weight, _name(T.OUTPUT_NORM): model.model.norm.weight}
+    norm = lambda m: m.weight.detach() + spec.norm_weight_offset  # noqa: E731  (Gemma's 1 + w)
+    q_scale = spec.attn_scale / arch.attn_scale(spec)  # folded into the queries when llama.cpp scales differently
+    out = {_name(T.TOKEN_EMBD): model.model.embed_tokens.weight, _name(T.OUTPUT_NORM): norm(model.model.norm)}
     if not spec.tie_embeddings:
         out[_name(T.OUTPUT)] = model.lm_head.weight
-    rope_freqs = _rope_freqs(spec)
-    if rope_freqs is not None:
-        out[_name(T.ROPE_FREQS)] = rope_freqs
+    out |= _rope_tensors(spec)
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         for suffix in ("weight", "bias"):
@@ -82,51 +74,52 @@ def gguf_tensors(model: CausalLM, arch: GGUFArch) -> dict[str, torch.Tensor]:
             if qkv is None:
                 continue
             wq, wk, wv = qkv[:q], qkv[q : q + kv], qkv[q + kv :]
+            if q_scale != 1.0 and attn.q_norm is None:
+                wq = wq * q_scale
             if arch.interleave_qk:
                 wq, wk = interleave_rotary_rows(wq, spec.num_heads), interleave_rotary_rows(wk, spec.num_kv_heads)
-            out |= {_name(T.ATTN_Q, i, suffix): wq, _name(T.ATTN_K, i, suffix): wk, _name(T.ATTN_V, i, suffix): wv}
+            if arch.fused_projections:
+                out[_name(T.ATTN_QKV, i, suffix)] = torch.cat([wq, wk, wv])
+            else:
+                out |= {_name(T.ATTN_Q, i, suffix): wq, _name(T.ATTN_K, i, suffix): wk,
+                        _name(T.ATTN_V, i, suffix): wv}
         out[_name(T.ATTN_OUT, i)] = attn.o_proj.weight
         if attn.o_proj.bias is not None:
             out[_name(T.ATTN_OUT, i, "bias")] = attn.o_proj.bias
         if attn.q_norm is not None:
-            out[_name(T.ATTN_Q_NORM, i)] = attn.q_norm.weight
-            out[_name(T.ATTN_K_NORM, i)] = attn.k_norm.weight
-        out[_name(T.ATTN_NORM, i)] = layer.input_layernorm.weight
-        out[_name(T.FFN_NORM, i)] = layer.post_attention_layernorm.weight
-        out[_name(T.FFN_GATE, i)] = mlp.gate_up_proj.weight[:inter]
-        out[_name(T.FFN_UP, i)] = mlp.gate_up_proj.weight[inter:]
+            out[_name(T.ATTN_Q_NORM, i)] = norm(attn.q_norm) * q_scale
+            out[_name(T.ATTN_K_NORM, i)] = norm(attn.k_norm)
+        out[_name(T.ATTN_NORM, i)] = norm(layer.input_layernorm)
+        if spec.sandwich_norms:  # Gemma 2/3: post_attention_layernorm normalises the attention output
+            out[_name(T.ATTN_POST_NORM, i)] = norm(layer.post_attention_layernorm)
+            out[_name(T.FFN_NORM, i)] = norm(layer.pre_feedforward_layernorm)
+            out[_name(T.FFN_POST_NORM, i)] = norm(layer.post_feedforward_layernorm)
+        else:
+            out[_name(T.FFN_NORM, i)] = norm(layer.post_attention_layernorm)
+        if arch.fused_projections:
+            out[_name(T.FFN_UP, i)] = mlp.gate_up_proj.weight  # gate rows, then up rows
+        else:
+            out[_name(T.FFN_GATE, i)] = mlp.gate_up_proj.weight[:inter]
+            out[_name(T.FFN_UP, i)] = mlp.gate_up_proj.weight[inter:]
         out[_name(T.FFN_DOWN, i)] = mlp.down_proj.weight
     return {name: t.detach().float().contiguous() for name, t in out.items()}
 
 
-def _rope_freqs(spec: ModelSpec) -> torch.Tensor | None:
-    """llama.cpp divides each rotary frequency by rope_freqs[i]: Llama 3.1 scaling as a tensor."""
-    rope = spec.ropes[0]
-    if rope.rope_type != "llama3":
-        return None
-    return _base_inv_freq(rope) / _llama3_inv_freq(rope)
-
-
-def _check_supported(spec: ModelSpec) -> GGUFArch:
-    arch = GGUF_ARCHES.get(spec.architecture)
-    if arch is None:
-        raise UnsupportedModelError(
-            f"GGUF export of {spec.architecture} is not supported yet; supported: {', '.join(GGUF_ARCHES)}"
-        )
-    if any(w is not None and w < spec.max_position for w in spec.layer_windows):
-        raise UnsupportedModelError(
-            f"{spec.architecture} with sliding-window attention cannot be exported: llama.cpp's "
-            f"{arch.name} architecture attends globally"
-        )
-    rope = spec.ropes[0]
-    if len(spec.ropes) != 1 or rope.rope_type not in ("default", "linear", "llama3") or rope.rotary_dim != spec.head_dim:
-        raise UnsupportedModelError(f"rope {rope.rope_type!r} (rotary dim {rope.rotary_dim}) cannot be exported to GGUF yet")
-    return arch
+def _rope_tensors(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Per-frequency divisors llama.cpp applies: Llama 3.1 scaling as one tensor, Phi-3's longrope as two
+    (llama.cpp picks the long factors when its context exceeds the original one)."""
+    rope = global_rope(spec)
+    if rope.rope_type == "llama3":
+        return {_name(T.ROPE_FREQS): _base_inv_freq(rope) / _llama3_inv_freq(rope)}
+    if rope.rope_type == "longrope":
+        return {_name(T.ROPE_FACTORS_LONG): torch.tensor(rope.long_factor, dtype=torch.float32),
+                _name(T.ROPE_FACTORS_SHORT): torch.tensor(rope.short_factor, dtype=torch.float32)}
+    return {}
 
 
 def _write_metadata(writer: gguf.GGUFWriter, spec: ModelSpec, arch: GGUFArch, file_type: gguf.LlamaFileType,
                     name: str) -> None:
-    rope = spec.ropes[0]
+    rope = global_rope(spec)
     writer.add_name(name)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -145,6 +138,16 @@ def _write_metadata(writer: gguf.GGUFWriter, spec: ModelSpec, arch: GGUFArch, fi
     if rope.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope.factor)
+    if rope.rope_type == "longrope":
+        writer.add_rope_scaling_orig_ctx_len(rope.original_max_position)
+        writer.add_rope_scaling_attn_factors(rope.attention_factor)
+    window = sliding_window(spec)
+    if window is not None:
+        writer.add_sliding_window(window)
+    if "attn" in arch.softcaps and spec.attn_softcap is not None:
+        writer.add_attn_logit_softcapping(spec.attn_softcap)
+    if "final" in arch.softcaps and spec.final_softcap is not None:
+        writer.add_final_logit_softcapping(spec.final_softcap)
 
 
 def _encode(tensor: torch.Tensor, weight_type: Q) -> tuple[np.ndarray, Q]:
@@ -180,7 +183,7 @@ def export_gguf(model_dir: Path, out_path: Path, gguf_type: str) -> dict[str, Q]
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise InvalidParameterError(f"cannot write {out_path}: folder {parent} is missing or not writable")
     model = load_model(model_dir, torch.float32, torch.device("cpu"))
-    arch = _check_supported(model.spec)
+    arch = check_supported(model.spec)
     weight_type, file_type = GGUF_TYPES[gguf_type]
 
     tmp_path = parent / f".{out_path.name}.{os.getpid()}.tmp"
