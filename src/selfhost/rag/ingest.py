@@ -21,6 +21,7 @@ import numpy as np
 
 from selfhost.errors import InvalidParameterError
 from selfhost.rag.chunk import ChunkConfig, chunk_text
+from selfhost.rag.dense import DenseIndex
 from selfhost.rag.embed import Embedder
 from selfhost.rag.keyword import KeywordIndex
 from selfhost.rag.readers import find_documents, read_document
@@ -111,6 +112,12 @@ def ingest(
     removed = sorted(p for p in indexed if _under(p, roots) and p not in present)
 
     vectors = embedder.embed([c.text for c in new_chunks], show_progress=show_progress).vectors
+    side_dir = store.side_dir(collection)
+    if new_chunks or updated or removed:
+        # The side indexes go stale from here on; forgetting them first means a crash
+        # mid-way leaves them missing (rebuilt on next use), never silently wrong.
+        KeywordIndex.invalidate(side_dir)
+        DenseIndex.invalidate(side_dir)
     # Old versions go only after the new vectors exist, so a failed embed loses nothing.
     store.delete_paths(collection, updated + removed)
     if new_chunks:
@@ -125,7 +132,8 @@ def ingest(
         num_chunks_written=len(new_chunks),
         num_chunks_total=store.count(collection),
     )
-    keyword_dir = store.side_dir(collection)
-    if report.changed or KeywordIndex.load(keyword_dir) is None:
-        KeywordIndex.build(store.chunks(collection)).save(keyword_dir)
+    if report.changed or KeywordIndex.load(side_dir) is None:
+        KeywordIndex.build(store.chunks(collection)).save(side_dir)
+    if store.is_embedded and (report.changed or DenseIndex.load(side_dir) is None):
+        DenseIndex.build(store.vectors(collection), embedder.dim).save(side_dir)
     return replace(report, seconds=time.perf_counter() - started)

@@ -62,6 +62,11 @@ class KeywordIndex:
         meta = {"point_ids": self.point_ids, "paths": self._paths}
         (folder / _META_FILE).write_text(json.dumps(meta))
 
+    @staticmethod
+    def invalidate(folder: Path) -> None:
+        """Forget the saved index (before the collection changes under it)."""
+        (folder / _META_FILE).unlink(missing_ok=True)
+
     @classmethod
     def load(cls, folder: Path) -> "KeywordIndex | None":
         """The saved index, or None when there is none."""
@@ -89,7 +94,8 @@ class KeywordIndex:
                 count=len(self._paths),
             )
         limit = min(limit, self.num_chunks)
+        # n_threads=0 scores in this thread; any other value starts a thread pool per query.
         docs, scores = self._retriever.retrieve(
-            query_tokens, k=limit, show_progress=False, n_threads=1, weight_mask=mask
+            query_tokens, k=limit, show_progress=False, n_threads=0, weight_mask=mask
         )
         return [(self.point_ids[d], float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]

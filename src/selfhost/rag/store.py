@@ -223,6 +223,25 @@ class VectorStore:
         points = self.client.retrieve(name, ids=list(point_ids), with_payload=True, with_vectors=True)
         return {str(p.id): (Chunk.from_payload(p.payload), np.asarray(p.vector, dtype=np.float32)) for p in points}
 
+    def get_chunks(self, name: str, point_ids: Sequence[str]) -> dict[str, Chunk]:
+        """Chunk of each id that exists, without its vector."""
+        points = self.client.retrieve(name, ids=list(point_ids), with_payload=True, with_vectors=False)
+        return {str(p.id): Chunk.from_payload(p.payload) for p in points}
+
+    def vectors(self, name: str) -> Iterator[tuple[str, str, np.ndarray]]:
+        """Every (point id, path, vector) in the collection, in the database's order."""
+        offset = None
+        while True:
+            points, offset = self.client.scroll(
+                name, limit=_SCROLL_BATCH, offset=offset, with_payload=["path"], with_vectors=True
+            )
+            if points:
+                batch = np.asarray([p.vector for p in points], dtype=np.float32)  # (batch, dim)
+                for point, vector in zip(points, batch):
+                    yield str(point.id), point.payload["path"], vector
+            if offset is None:
+                return
+
     def search(self, name: str, vector: np.ndarray, limit: int, path_prefix: str | None = None) -> list[tuple[str, float, Chunk]]:
         """Nearest chunks by dot product: (point id, score, chunk), best first."""
         response = self.client.query_points(
