@@ -67,6 +67,43 @@ def test_eval_writes_json(cli, tmp_path):
     assert saved["num_queries"] == 30 and saved["results"]["hybrid"]["recall@10"] == 1.0
 
 
+def test_eval_logs_run_params_and_metrics_to_mlflow(cli, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    run, _ = cli
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts under ./mlruns
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"_id": doc, "text": q, "relevant": [doc]}) + "\n" for q, doc in QUERIES.items()))
+    out, uri = tmp_path / "res.json", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run("eval", "-c", "topics", "--queries", str(queries), "--out", str(out), "-k", "5", "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+
+    client = MlflowClient(tracking_uri=uri)
+    [logged] = client.search_runs([client.get_experiment_by_name("selfhost-rag-eval").experiment_id])
+    assert logged.info.run_id == saved["tracking"]["run_id"] and logged.info.status == "FINISHED"
+    assert logged.data.tags["selfhost.kind"] == "rag-eval"
+    params = logged.data.params
+    assert params["collection"] == "topics" and params["embedding_model"] == "all-MiniLM-L6-v2"
+    assert params["num_queries"] == "30" and params["k"] == "5" and params["num_chunks"] == "30"
+    expected = {f"{mode}.{name.replace('@', '_at_')}": value
+                for mode, scores in saved["results"].items() for name, value in scores.items()}
+    assert set(expected) >= {"hybrid.recall_at_5", "dense.mrr_at_10", "keyword.ndcg_at_10"}
+    assert logged.data.metrics == pytest.approx(expected)
+    assert [a.path for a in client.list_artifacts(logged.info.run_id)] == ["res.json"]
+
+
+def test_eval_without_tracking_writes_no_store(cli, tmp_path, monkeypatch):
+    run, _ = cli
+    monkeypatch.chdir(tmp_path)
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"_id": "tcp", "text": "three-way handshake", "relevant": ["tcp"]}) + "\n")
+    result = run("eval", "-c", "topics", "--queries", str(queries), "--out", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    assert "tracking" not in json.loads((tmp_path / "r.json").read_text())
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
 def test_unknown_collection_is_a_clear_error(cli):
     run, _ = cli
     result = run("ask", "anything", "-c", "nope")

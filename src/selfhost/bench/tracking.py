@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,14 @@ class TrackedRun:
             metrics.update(level_metrics(result.best))
         for level in result.levels:
             metrics.update(level_metrics(level, prefix=f"{level.label}."))
+        self.close(metrics, files.values(), tags={"interrupted": str(result.interrupted).lower()},
+                   status="KILLED" if result.interrupted else "FINISHED")
+
+    def close(
+        self, metrics: Mapping[str, float], files: Iterable[Path] = (), tags: Mapping[str, str] | None = None,
+        status: str = "FINISHED",
+    ) -> None:
+        """Log flat metrics, tags and files, and end the run with `status` (any kind of run)."""
         try:
             from mlflow.entities import Metric
 
@@ -106,10 +114,11 @@ class TrackedRun:
             batch = [Metric(key, float(value), stamp_ms, 0) for key, value in metrics.items()]
             for start in range(0, len(batch), 500):  # MLflow caps a batch at 1000 metrics
                 self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
-            self.client.set_tag(self.run_id, "interrupted", str(result.interrupted).lower())
-            for path in files.values():
+            for key, value in (tags or {}).items():
+                self.client.set_tag(self.run_id, key, value)
+            for path in files:
                 self.client.log_artifact(self.run_id, str(path))
-            self.client.set_terminated(self.run_id, "KILLED" if result.interrupted else "FINISHED")
+            self.client.set_terminated(self.run_id, status)
         except mlflow_error_type() as err:
             raise TrackingError(f"cannot log run {self.run_id} to {self.client.tracking_uri!r}: {err.message}") from None
 
@@ -126,12 +135,14 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def start_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, Any]) -> TrackedRun:
-    """Open a RUNNING run holding `params` (None values are left out)."""
+def start_run(
+    tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, Any], kind: str = "bench"
+) -> TrackedRun:
+    """Open a RUNNING run holding `params` (None values are left out), tagged with its kind."""
     client = open_client(tracking_uri)
     exp_id = experiment_id(client, experiment, create=True)
     try:
-        run = client.create_run(exp_id, run_name=run_name, tags={RUN_KIND_TAG: "bench"})
+        run = client.create_run(exp_id, run_name=run_name, tags={RUN_KIND_TAG: kind})
         from mlflow.entities import Param
 
         clean = [Param(key, str(value)) for key, value in params.items() if value is not None]

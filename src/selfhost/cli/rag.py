@@ -215,6 +215,12 @@ def eval_retrieval(
     out: Path = typer.Option(Path("rag-eval.json"), "--out", help="Where to write the JSON results."),
     store: Optional[Path] = StoreOpt,
     vector_url: Optional[str] = VectorUrlOpt,
+    track: bool = typer.Option(False, "--track", help="Log the run to MLflow (params, metrics, the JSON file)."),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="MLflow store (implies --track): sqlite:///file.db or http://host:5000 "
+        "[default: sqlite:///mlflow.db, as selfhost bench]."
+    ),
+    experiment: str = typer.Option("selfhost-rag-eval", "--experiment", help="MLflow experiment name."),
 ) -> None:
     """recall@k, MRR@10 and nDCG@10 for dense, keyword and hybrid search."""
     from rich.progress import Progress
@@ -226,15 +232,38 @@ def eval_retrieval(
     eval_set = read_eval_set(queries, qrels)
     with _open_store(store, vector_url) as vector_store:
         retriever = Retriever(vector_store, collection)
-        with Progress(transient=True) as progress:
-            task = progress.add_task("evaluating", total=len(eval_set.queries))
-            results = evaluate(retriever, eval_set, k=k, on_query=lambda: progress.advance(task))
+        tracked = None
+        if track or tracking_uri is not None:
+            from selfhost.rag.tracking import DEFAULT_TRACKING_URI, start_eval_run
+
+            info = vector_store.info(collection)
+            tracked = start_eval_run(tracking_uri or DEFAULT_TRACKING_URI, experiment, {
+                "collection": collection, "store": vector_store.location, "embedding_model": info.embedding_model,
+                "num_chunks": info.num_chunks, "queries": str(queries), "qrels": str(qrels) if qrels else None,
+                "num_queries": len(eval_set.queries), "k": k,
+            })
+        try:
+            with Progress(transient=True) as progress:
+                task = progress.add_task("evaluating", total=len(eval_set.queries))
+                results = evaluate(retriever, eval_set, k=k, on_query=lambda: progress.advance(task))
+        except BaseException:
+            if tracked is not None:
+                tracked.fail()
+            raise
     table = Table("mode", *next(iter(results.values())).keys(), title=f"{collection}: {len(eval_set.queries)} queries")
     for mode, scores in results.items():
         table.add_row(mode, *(f"{v:.3f}" for v in scores.values()))
     console.print(table)
-    out.write_text(json.dumps({"collection": collection, "num_queries": len(eval_set.queries), "results": results}, indent=2))
+    record = {"collection": collection, "num_queries": len(eval_set.queries), "results": results}
+    if tracked is not None:
+        record["tracking"] = tracked.describe()
+    out.write_text(json.dumps(record, indent=2))
     console.print(f"wrote {out}")
+    if tracked is not None:
+        from selfhost.rag.tracking import finish_eval_run
+
+        finish_eval_run(tracked, results, out)
+        console.print(f"MLflow run {tracked.run_id} in {tracked.client.tracking_uri} (experiment {experiment})")
 
 
 def register(app: typer.Typer) -> None:
