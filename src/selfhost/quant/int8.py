@@ -83,16 +83,30 @@ def default_int8_kernel(device: torch.device) -> str:
     return "fbgemm" if fbgemm_available() else "dequant"
 
 
-def _avx2_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(M, K) fp32 -> (M, N) fp32 through the C kernel; weights contiguous on the CPU."""
-    x = x.contiguous()
-    rows, (out_features, in_features) = x.shape[0], qweight.shape
-    out = torch.empty(rows, out_features, dtype=torch.float32)
-    # Few rows are memory-bound and one thread nearly saturates memory (as for the fp32 path).
-    num_threads = 1 if rows < MULTITHREAD_MIN_ROWS else torch.get_num_threads()
-    _int8_cpu.linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                     out.data_ptr(), rows, out_features, in_features, num_threads)
-    return out
+def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """y = x @ (q * scale)^T + b for fp32 x of any leading shape, through the C kernel.
+
+    The weights' addresses are taken once: a decode step makes over a hundred
+    of these calls and attribute lookups would cost more than small products.
+    The closure holds the tensors, so the addresses stay valid.
+    """
+    assert qweight.is_contiguous() and scales.dtype == torch.float32 and scales.is_contiguous()
+    assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
+    out_features, in_features = qweight.shape
+    weight_ptr, scales_ptr, bias_ptr = qweight.data_ptr(), scales.data_ptr(), 0 if bias is None else bias.data_ptr()
+
+    def linear(x: torch.Tensor, _keep=(qweight, scales, bias)) -> torch.Tensor:
+        if not x.is_contiguous():
+            x = x.contiguous()
+        rows = x.numel() // in_features
+        out = torch.empty(*x.shape[:-1], out_features)
+        # Few rows are memory-bound and one thread nearly saturates memory (as for the fp32 path).
+        num_threads = 1 if rows < MULTITHREAD_MIN_ROWS else torch.get_num_threads()
+        _int8_cpu.linear(x.data_ptr(), weight_ptr, scales_ptr, bias_ptr, out.data_ptr(), rows, out_features,
+                         in_features, num_threads)
+        return out
+
+    return linear
 
 
 def _fbgemm_pack(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
@@ -114,7 +128,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.kernel: str | None = None
         self._packed = None
-        self._bias_f32: torch.Tensor | None = None
+        self._avx2 = None  # the avx2 kernel bound to this module's weights
         self._reduce_range = not _cpu_has_vnni()
         self._storage_bytes = 0
 
@@ -137,7 +151,8 @@ class Int8Linear(nn.Module):
         if kernel == "avx2":
             assert avx2_available() and self.qweight.device.type == "cpu", "the avx2 kernel is not available here"
             self.qweight, self.scales = self.qweight.contiguous(), self.scales.float().contiguous()
-            self._bias_f32 = None if self.bias is None else self.bias.float().contiguous()
+            bias = None if self.bias is None else self.bias.float().contiguous()
+            self._avx2 = _avx2_linear(self.qweight, self.scales, bias)
         if kernel == "fbgemm":
             self._packed = _fbgemm_pack(self.qweight, self.scales, self.bias)
             # The packed copy is all the kernel reads; do not keep the weight twice.
@@ -151,10 +166,8 @@ class Int8Linear(nn.Module):
         return self._storage_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "avx2" and not x.requires_grad:
-            shape = x.shape
-            out = _avx2_linear(x.reshape(-1, shape[-1]).float(), self.qweight, self.scales, self._bias_f32)
-            return out.view(*shape[:-1], self.out_features).to(x.dtype)
+        if self._avx2 is not None and not x.requires_grad:
+            return self._avx2(x) if x.dtype == torch.float32 else self._avx2(x.float()).to(x.dtype)
         if self._packed is not None:
             shape = x.shape
             out = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, self._reduce_range)
