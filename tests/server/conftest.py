@@ -63,9 +63,10 @@ class LoopbackServer:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_checkpoint):
+def server(tiny_checkpoint, tmp_path_factory):
     settings = ServerSettings(
         models=[f"{MODEL}={tiny_checkpoint('llama')}"], kv_cache_memory="64MiB", max_n=4, keep_alive_s=1.0,
+        rag_store=tmp_path_factory.mktemp("rag-store"),  # requests naming a collection never touch ~/.local
     )
     srv = LoopbackServer(settings).start()
     yield srv

@@ -23,7 +23,9 @@ class RagOptions(BaseModel):
     min_score: float | None = Field(
         None, ge=-1, le=1, description="Cosine below which a chunk is not relevant [default: 0.25]."
     )
-    path: str | None = Field(None, min_length=1, description="Only search this file or folder (server-side path).")
+    path: str | None = Field(
+        None, min_length=1, pattern=r"^[^\x00]*$", description="Only search this file or folder (server-side path)."
+    )
 
 
 class SourceInfo(BaseModel):

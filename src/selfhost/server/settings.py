@@ -49,11 +49,11 @@ class ServerSettings(BaseSettings):
     embedding_model: StrList = Field(
         default_factory=lambda: ["all-MiniLM-L6-v2"],
         description="Embedding model served at /v1/embeddings, loaded on first use: sentence-transformers / HF id "
-        "or folder, optionally NAME=REF (repeatable) [default: all-MiniLM-L6-v2, bundled].",
+        "or folder, optionally NAME=REF (repeatable; default: the bundled all-MiniLM-L6-v2).",
     )
     rag_store: Path | None = Field(
         None, description="Folder of the embedded vector database that chat requests naming a collection search "
-        "[default: $SELFHOST_RAG_DIR or ~/.local/share/selfhost/rag, as `selfhost rag`].",
+        "(default: $SELFHOST_RAG_DIR or ~/.local/share/selfhost/rag, as for `selfhost rag`).",
     )
     vector_url: str | None = Field(None, description="A Qdrant server URL instead of the embedded vector database.")
 
