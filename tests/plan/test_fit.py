@@ -25,8 +25,8 @@ def test_seed_7b_numbers():
     # The seed: 7B needs 28 GB at fp32 and 7 GB quantized to 8 bits.
     mistral = get_model("mistral:7b")
     assert weights_bytes(mistral, FP32) / 1e9 == pytest.approx(29.0, abs=0.1)  # 7.25B x 4
-    # (6.98B linear + 0.13B head) x 1.0156 B/weight + 0.13B fp16 input embedding x 2 B = 7.49 GB
-    assert weights_bytes(mistral, INT8) / 1e9 == pytest.approx(7.49, abs=0.01)
+    # 7.25B x 1.0156 B/weight (embedding tables are quantized with the rest) = 7.36 GB
+    assert weights_bytes(mistral, INT8) / 1e9 == pytest.approx(7.36, abs=0.01)
     assert INT8.bytes_per_weight == pytest.approx(1 + 2 / 128)
     assert INT4.bytes_per_weight == pytest.approx(0.5 + 4 / 128)
 

@@ -27,6 +27,9 @@ class DeviceSpec:
     reserved_gb: float = 0.0
     bandwidth_efficiency: float = 0.7
     compute_efficiency: float = 0.5
+    # Share of bandwidth the int8 matrix-vector kernel reaches where it differs from the
+    # float one (measured for `--device local` CPUs); None: bandwidth_efficiency.
+    int8_bandwidth_efficiency: float | None = None
     power_w: float = 0.0
     price_usd: float | None = None
     rent_usd_per_hour: float | None = None
@@ -45,9 +48,9 @@ class DeviceSpec:
             raise InvalidParameterError(
                 f"device {self.id}: reserved_gb must be in [0, memory_gb={self.memory_gb}), got {self.reserved_gb}"
             )
-        for name in ("bandwidth_efficiency", "compute_efficiency"):
+        for name in ("bandwidth_efficiency", "compute_efficiency", "int8_bandwidth_efficiency"):
             value = getattr(self, name)
-            if not 0 < value <= 1:
+            if value is not None and not 0 < value <= 1:
                 raise InvalidParameterError(f"device {self.id}: {name} must be in (0, 1], got {value}")
         if self.power_w < 0:
             raise InvalidParameterError(f"device {self.id}: power_w must be >= 0, got {self.power_w}")
@@ -59,6 +62,13 @@ class DeviceSpec:
     @property
     def usable_bytes(self) -> float:
         return (self.memory_gb - self.reserved_gb) * 1e9
+
+    def decode_bandwidth(self, weight_bits: int) -> float:
+        """Bytes/s a decode step streams weights at, for weights of `weight_bits`."""
+        efficiency = self.bandwidth_efficiency
+        if weight_bits == 8 and self.int8_bandwidth_efficiency is not None:
+            efficiency = self.int8_bandwidth_efficiency
+        return self.bandwidth_gb_s * 1e9 * efficiency
 
     def peak_flops(self, compute_dtype: str) -> float:
         """Dense matmul peak in FLOP/s for the dtype the matmuls run in."""

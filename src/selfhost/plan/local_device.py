@@ -3,7 +3,12 @@
 Memory comes from the OS; bandwidth from timing large numpy copies (a copy reads
 and writes every byte, so it moves twice the array size); compute from a short
 fp32 matmul. A CUDA GPU, when torch sees one, is measured the same way on the GPU.
-Takes about a second.
+
+On a CPU the decode kernels themselves are timed too, with the threads selfhost
+gives them: the fp32 matrix-vector product through numpy's OpenBLAS (selfhost's
+Linear) on one thread, and selfhost's Int8Linear on its default CPU kernel. Their
+bytes/s over the copy bandwidth are the device's bandwidth efficiencies. Takes a
+few seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from selfhost.catalog import DeviceSpec
 
 _COPY_BYTES = 256 * 2**20
 _REPEATS = 5
+_GEMV_BYTES = 64 * 2**20  # several times any CPU's last-level cache
 
 
 def _best_seconds(run, repeats: int = _REPEATS) -> float:
@@ -33,6 +39,63 @@ def measure_copy_bandwidth_gb_s(n_bytes: int = _COPY_BYTES) -> float:
     dst = np.empty_like(src)
     seconds = _best_seconds(lambda: np.copyto(dst, src))
     return 2 * n_bytes / seconds / 1e9
+
+
+# Decode kernels are timed on a stack of layer-shaped matrices (rows x 1024 inputs,
+# like a small model's projections; a 4096-wide matrix streams ~10% faster) held in
+# memory torch allocated, as selfhost's weights are: numpy asks the kernel for huge
+# pages on large arrays and torch does not, which alone is ~13% faster here.
+_GEMV_SHAPE = (3072, 1024)
+
+
+def measure_fp32_gemv_gb_s(n_bytes: int = _GEMV_BYTES) -> float:
+    """Weight bytes/s of one-row fp32 products through numpy's BLAS (selfhost's Linear)
+    on one thread: the count selfhost's decode steps start from and keep whenever
+    another process wants a core (layers/cpu_threads.py); on an idle machine they
+    may find two threads faster, and then decode beats this estimate."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    rows, cols = _GEMV_SHAPE
+    weights = [torch.ones(rows, cols).numpy() for _ in range(max(1, n_bytes // (rows * cols * 4)))]
+    x = np.ones((1, cols), dtype=np.float32)
+
+    def stream():
+        for weight in weights:
+            np.matmul(x, weight.T)
+
+    with threadpool_limits(1, user_api="blas"):
+        seconds = _best_seconds(stream)
+    return sum(w.nbytes for w in weights) / seconds / 1e9
+
+
+def measure_int8_gemv_gb_s(n_bytes: int = _GEMV_BYTES) -> float | None:
+    """Weight bytes/s of one-row products through selfhost's int8 linear layer on its
+    default CPU kernel (one thread for a row); None without a CPU int8 kernel."""
+    import torch
+
+    from selfhost.quant.int8 import Int8Linear, default_int8_kernel
+
+    if default_int8_kernel(torch.device("cpu")) == "dequant":
+        return None
+    rows, cols = _GEMV_SHAPE
+    layers = []
+    with torch.no_grad():
+        for _ in range(max(1, n_bytes // (rows * cols))):
+            layer = Int8Linear(cols, rows, bias=False)
+            layer.qweight = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+            layer.scales = torch.full((rows,), 1e-3)
+            layer.prepare()
+            layers.append(layer)
+        x = torch.ones(1, cols)
+
+        def stream():
+            for layer in layers:
+                layer(x)
+
+        stream()
+        seconds = _best_seconds(stream)
+    return len(layers) * rows * cols / seconds / 1e9
 
 
 def measure_matmul_tflops(size: int = 1024) -> float:
@@ -87,12 +150,22 @@ def measure_local_device(use_gpu: bool = True) -> DeviceSpec:
         gpu = _cuda_device()
         if gpu is not None:
             return gpu
+    copy, gemv, int8_gemv = measure_copy_bandwidth_gb_s(), measure_fp32_gemv_gb_s(), measure_int8_gemv_gb_s()
+    return local_cpu_device(copy, gemv, int8_gemv, measure_matmul_tflops())
+
+
+def local_cpu_device(copy_gb_s: float, fp32_gemv_gb_s: float, int8_gemv_gb_s: float | None,
+                     fp32_tflops: float) -> DeviceSpec:
+    """The DeviceSpec of this machine's CPU from its measured rates."""
     memory_gb = system_memory_gb()
-    fp32 = measure_matmul_tflops()
+    # A read-only stream can beat a copy; then the kernel's own rate is the bandwidth.
+    bandwidth = max(copy_gb_s, fp32_gemv_gb_s, int8_gemv_gb_s or 0.0)
     return DeviceSpec(
         id="local", name=f"this machine: {os.cpu_count()} CPU threads", kind="cpu", memory_gb=memory_gb,
-        reserved_gb=min(2.0, memory_gb * 0.2), bandwidth_gb_s=measure_copy_bandwidth_gb_s(),
-        peak_fp16_tflops=fp32, peak_int8_tops=fp32, peak_fp32_tflops=fp32,
-        bandwidth_efficiency=1.0, compute_efficiency=1.0, sources=("measured",),
-        notes="Measured with one process; other load on the machine lowers the numbers.",
+        reserved_gb=min(2.0, memory_gb * 0.2), bandwidth_gb_s=bandwidth,
+        peak_fp16_tflops=fp32_tflops, peak_int8_tops=fp32_tflops, peak_fp32_tflops=fp32_tflops,
+        bandwidth_efficiency=fp32_gemv_gb_s / bandwidth, compute_efficiency=1.0,
+        int8_bandwidth_efficiency=int8_gemv_gb_s / bandwidth if int8_gemv_gb_s else None, sources=("measured",),
+        notes=f"Measured with one process: copy {copy_gb_s:.1f} GB/s, fp32 decode kernel {fp32_gemv_gb_s:.1f} GB/s, "
+              f"int8 decode kernel {int8_gemv_gb_s or 0:.1f} GB/s; other load on the machine lowers the numbers.",
     )

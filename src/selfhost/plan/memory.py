@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from selfhost.catalog import DeviceSpec, ModelSpec
 from selfhost.plan.precision import Precision
 
-# Prompts are assumed to be prefilled in chunks of at most this many tokens, which
-# bounds the activation workspace whatever the context length.
-PREFILL_CHUNK_TOKENS = 2048
-# Fixed cost of the Python/PyTorch process itself, paid in model memory only where
-# the host process shares it (CPUs and unified-memory SoCs).
-HOST_RUNTIME_BYTES = 0.35e9
+# Prompts are prefilled in chunks of at most this many tokens (selfhost's default
+# max_num_batched_tokens), which bounds the activation workspace whatever the context.
+PREFILL_CHUNK_TOKENS = 1024
+# Fixed cost of the serving process itself (Python, PyTorch, numpy's OpenBLAS, the
+# transformers tokenizer), paid in model memory only where the host process shares
+# it (CPUs and unified-memory SoCs). Measured: 0.39 GB resident for selfhost with
+# the 10 MB demo model (benchmarks/fit_calibration.py, torch 2.x on x86-64 Linux).
+HOST_RUNTIME_BYTES = 0.38e9
 # Caching allocators round and fragment: a share of every dynamic allocation is lost.
 ALLOCATOR_SLACK = 0.05
 
@@ -22,7 +24,7 @@ class MemoryBreakdown:
     weights_bytes: float
     kv_cache_bytes: float
     workspace_bytes: float
-    overhead_bytes: float
+    overhead_bytes: float  # host runtime and allocator slack
 
     @property
     def total_bytes(self) -> float:
@@ -36,12 +38,12 @@ def embedding_split(model: ModelSpec) -> tuple[int, int]:
 
 
 def weights_bytes(model: ModelSpec, precision: Precision) -> float:
-    """Stored weights: linear layers (and an untied output head) at the weight precision;
-    the input embedding table and any vision tower stay at activation precision."""
-    embed, head = embedding_split(model)
-    linear = model.arch.total_params() - embed - head
+    """Stored weights: every decoder weight, embedding tables included, at the weight
+    precision (selfhost quantizes the tables with the linear layers); any vision
+    tower stays at activation precision."""
     vision = model.vision_params_b * 1e9
-    return (linear + head) * precision.bytes_per_weight + (embed + vision) * precision.act_bytes
+    return model.arch.total_params() * precision.bytes_per_weight + vision * precision.act_bytes
+
 
 
 def kv_elements_per_token(model: ModelSpec, context: int) -> float:
@@ -81,6 +83,7 @@ def workspace_bytes(model: ModelSpec, precision: Precision, context: int, concur
 def memory_breakdown(
     model: ModelSpec, device: DeviceSpec, precision: Precision, context: int, concurrency: int
 ) -> MemoryBreakdown:
+    precision = precision.for_device_kind(device.kind)
     weights = weights_bytes(model, precision)
     kv = kv_cache_bytes(model, precision, context, concurrency)
     work = workspace_bytes(model, precision, context, concurrency)

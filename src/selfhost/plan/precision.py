@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from selfhost.catalog.names import unknown_name_error
 
@@ -15,6 +15,10 @@ class Precision:
     (fp16 scale, and zero point for int4) per `group_size` weights. Embedding
     tables, norms, the KV cache and activations stay at `act_bytes`: weight-only
     quantization dequantizes to fp16 before the matmul, so `compute_dtype` is fp16.
+
+    selfhost on a CPU differs (`for_device_kind`): quantized weights run under
+    `cpu_act_bytes` activations (fp32, the CPU default dtype), so the KV cache
+    and activations are fp32 there.
     """
 
     name: str
@@ -23,6 +27,7 @@ class Precision:
     compute_dtype: str
     group_size: int = 0
     scale_bytes_per_group: int = 0
+    cpu_act_bytes: int | None = None  # None: act_bytes on every device
 
     def __post_init__(self) -> None:
         if self.weight_bits not in (4, 8, 16, 32):
@@ -36,6 +41,16 @@ class Precision:
         return self.weight_bits / 8 + scales
 
     @property
+    def is_quantized(self) -> bool:
+        return self.weight_bits < 16
+
+    def for_device_kind(self, kind: str) -> Precision:
+        """This precision as selfhost runs it on a device of `kind` ("cpu", "gpu", "soc")."""
+        if kind != "cpu":
+            return self
+        return replace(self, act_bytes=self.cpu_act_bytes or self.act_bytes)
+
+    @property
     def kv_bytes(self) -> int:
         """Bytes per KV-cache element: the activation dtype (the cache is not quantized)."""
         return self.act_bytes
@@ -45,9 +60,11 @@ PRECISIONS: dict[str, Precision] = {
     "fp32": Precision("fp32", weight_bits=32, act_bytes=4, compute_dtype="fp32"),
     "fp16": Precision("fp16", weight_bits=16, act_bytes=2, compute_dtype="fp16"),
     # One fp16 scale per 128 weights: +1.6% over the int8 payload.
-    "int8": Precision("int8", weight_bits=8, act_bytes=2, compute_dtype="fp16", group_size=128, scale_bytes_per_group=2),
+    "int8": Precision("int8", weight_bits=8, act_bytes=2, compute_dtype="fp16", group_size=128, scale_bytes_per_group=2,
+                      cpu_act_bytes=4),
     # fp16 scale + fp16 zero point per 128 weights: +6% over the int4 payload.
-    "int4": Precision("int4", weight_bits=4, act_bytes=2, compute_dtype="fp16", group_size=128, scale_bytes_per_group=4),
+    "int4": Precision("int4", weight_bits=4, act_bytes=2, compute_dtype="fp16", group_size=128, scale_bytes_per_group=4,
+                      cpu_act_bytes=4),
 }
 
 

@@ -1,4 +1,5 @@
-"""Roofline speed estimates: decode is bound by memory bandwidth, prefill by compute."""
+"""Speed estimates: decode is bound by memory bandwidth (or, for small models, by the
+runtime's per-step overhead), prefill by compute."""
 
 from __future__ import annotations
 
@@ -9,12 +10,25 @@ from selfhost.plan.memory import PREFILL_CHUNK_TOKENS, embedding_split, kv_cache
 from selfhost.plan.precision import Precision
 
 
+# What selfhost's eager decode loop costs per step besides moving weights: Python,
+# PyTorch dispatch and kernel launches, about constant per layer whatever its width.
+# Measured on this project's 2-core x86 machine with tiny random models of 1-16
+# layers (`benchmarks/fit_calibration.py --overhead`: fp32 0.16 ms + 0.105 ms per
+# layer, int8 0.12 ms + 0.109 ms; int4 not measured); a slower core pays more.
+DECODE_STEP_OVERHEAD_S = 0.15e-3  # engine step: scheduling, sampling, logits to host
+DECODE_LAYER_OVERHEAD_S = 0.11e-3
+
+
 @dataclass(frozen=True)
 class SpeedEstimate:
     decode_tok_s: float  # all sequences together
     decode_tok_s_per_seq: float
-    decode_bound: str  # "memory" or "compute"
+    decode_bound: str  # "memory", "compute" or "overhead"
     prefill_tok_s: float
+
+
+def decode_overhead_s(model: ModelSpec) -> float:
+    return DECODE_STEP_OVERHEAD_S + model.arch.layers * DECODE_LAYER_OVERHEAD_S
 
 
 def decode_weight_bytes(model: ModelSpec, precision: Precision, concurrency: int) -> float:
@@ -28,7 +42,7 @@ def decode_weight_bytes(model: ModelSpec, precision: Precision, concurrency: int
     embed, head = embedding_split(model)
     # The input embedding is a row lookup; the output head (or the tied table acting
     # as one) is read in full every step.
-    head_bytes = head * precision.bytes_per_weight if head else embed * precision.act_bytes
+    head_bytes = (head or embed) * precision.bytes_per_weight
     linear = arch.total_params() - embed - head
     if arch.is_moe:
         moe_layers = arch.layers - arch.dense_layers
@@ -47,7 +61,8 @@ def attention_flops_per_token(model: ModelSpec, context: int) -> float:
 def estimate_speed(
     model: ModelSpec, device: DeviceSpec, precision: Precision, context: int, concurrency: int
 ) -> SpeedEstimate:
-    bandwidth = device.bandwidth_gb_s * 1e9 * device.bandwidth_efficiency
+    precision = precision.for_device_kind(device.kind)
+    bandwidth = device.decode_bandwidth(precision.weight_bits)
     flops = device.peak_flops(precision.compute_dtype) * device.compute_efficiency
     matmul_flops = 2 * model.active_params  # one multiply-add per active weight
 
@@ -56,7 +71,14 @@ def estimate_speed(
     )
     memory_time_s = step_bytes / bandwidth
     compute_time_s = concurrency * (matmul_flops + attention_flops_per_token(model, context)) / flops
-    step_s = max(memory_time_s, compute_time_s)
+    overhead_s = decode_overhead_s(model)
+    device_time_s = max(memory_time_s, compute_time_s)
+    # A CPU runs the Python overhead and the kernels on the same cores, one after the
+    # other; an accelerator runs its kernels while the host queues the next ones.
+    step_s = device_time_s + overhead_s if device.kind == "cpu" else max(device_time_s, overhead_s)
+    bound = "memory" if memory_time_s >= compute_time_s else "compute"
+    if overhead_s > device_time_s:
+        bound = "overhead"
 
     # A prefill chunk reads the weights once and does causal attention over half
     # the chunk on average; it is compute bound unless the chunk is tiny.
@@ -66,6 +88,6 @@ def estimate_speed(
     return SpeedEstimate(
         decode_tok_s=concurrency / step_s,
         decode_tok_s_per_seq=1 / step_s,
-        decode_bound="memory" if memory_time_s >= compute_time_s else "compute",
+        decode_bound=bound,
         prefill_tok_s=chunk / chunk_s,
     )

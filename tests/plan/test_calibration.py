@@ -1,0 +1,59 @@
+"""fit's predictions against a real selfhost run of the demo model (memory only: speed
+depends on machine load and belongs to benchmarks/fit_calibration.py)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from selfhost.catalog import get_device
+from selfhost.plan.calibration import (
+    architecture_from_config,
+    checkpoint_precision,
+    measure_in_subprocess,
+    model_from_checkpoint,
+    predict,
+)
+from selfhost.plan.local_device import local_cpu_device
+from selfhost.plan.memory import memory_breakdown
+from selfhost.plan.precision import get_precision
+from selfhost.plan.speed import estimate_speed
+
+DEMO = Path(__file__).resolve().parents[2] / "src/selfhost/assets/shakespeare"
+
+
+def test_architecture_from_config_counts_the_checkpoints_weights():
+    arch = architecture_from_config(json.loads((DEMO / "config.json").read_text()))
+    assert (arch.layers, arch.hidden, arch.heads, arch.head_dim, arch.tied_embeddings) == (5, 160, 5, 32, True)
+    with safe_open(str(DEMO / "model.safetensors"), framework="pt") as f:
+        stored = sum(f.get_slice(name).get_shape()[0] * (f.get_slice(name).get_shape() + [1])[1] for name in f.keys())
+    # The planner leaves norms out: 11 vectors of 160 here.
+    assert arch.total_params() == stored - 11 * 160
+
+
+def test_demo_model_memory_prediction_is_within_15_percent_of_measured_peak():
+    context, new_tokens = 128, 16
+    run = measure_in_subprocess(DEMO, context, new_tokens, rounds=0)
+    report, _ = predict(DEMO, get_device("x86-desktop"), context, new_tokens)
+    assert run.timing is None
+    assert run.runtime_bytes < run.peak_bytes
+    assert report.memory.total_bytes == pytest.approx(run.peak_bytes, rel=0.15)
+
+
+def test_quantized_weights_run_under_fp32_activations_on_a_cpu():
+    model, int8 = model_from_checkpoint(DEMO), get_precision("int8")
+    cpu, gpu = get_device("x86-desktop"), get_device("rtx4090")
+    kv_elements = 2 * 5 * 5 * 32 * 100  # K and V x layers x kv heads x head dim x tokens
+    assert memory_breakdown(model, cpu, int8, 100, 1).kv_cache_bytes == kv_elements * 4
+    assert memory_breakdown(model, gpu, int8, 100, 1).kv_cache_bytes == kv_elements * 2
+    assert checkpoint_precision(DEMO).name == "fp32"
+
+
+def test_a_tiny_model_is_bound_by_per_step_overhead_not_bandwidth():
+    model, fp32 = model_from_checkpoint(DEMO), get_precision("fp32")
+    device = local_cpu_device(copy_gb_s=30.0, fp32_gemv_gb_s=30.0, int8_gemv_gb_s=None, fp32_tflops=0.5)
+    speed = estimate_speed(model, device, fp32, 128, 1)
+    assert speed.decode_bound == "overhead"
+    # Without the overhead term 10 MB at 30 GB/s would promise ~3,000 tokens/s.
+    assert speed.decode_tok_s < 1000
