@@ -52,6 +52,15 @@ def test_prompt_logprobs_equal_transformers(tiny_llm, reference):
     assert tiny_llm.generate(prompt, greedy())[0].prompt_logprobs is None
 
 
+def test_requests_without_prompt_logprobs_never_score_prompt_rows(tiny_llm, monkeypatch):
+    def fail(*args):
+        raise AssertionError("prompt rows were scored for a request that did not ask")
+
+    monkeypatch.setattr(tiny_llm.engine.runner, "_score_prompts", fail)
+    out = tiny_llm.generate([random_prompt(7), random_prompt(8, 3)], greedy(max_tokens=8))
+    assert all(len(o.token_ids) == 8 and o.prompt_logprobs is None for o in out)
+
+
 def test_chunked_prefill_batched_with_others(tiny_checkpoint, reference):
     # 7 tokens per step: every 40-token prompt is split across several steps and chunks share steps.
     llm = LLM(str(tiny_checkpoint("llama")), device="cpu", max_num_batched_tokens=7, kv_cache_memory="8MiB")
