@@ -103,7 +103,10 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.scrapes.append(scrape(self.url))
+            try:
+                self.scrapes.append(scrape(self.url))
+            except httpx.TransportError:  # a missed scrape is fine; a dead sampler thread is not
+                pass
             self.stop.wait(self.interval_s)
 
 
