@@ -16,6 +16,7 @@ import torch
 from selfhost.engine.paged_cache import PagedKVCache, StepMetadata
 from selfhost.engine.scheduler import ScheduledChunk
 from selfhost.engine.sequence import Sequence
+from selfhost.layers.cpu_threads import CpuThreads
 from selfhost.layers.sampler import SampleResult, sample, score_tokens
 from selfhost.models.decoder import CausalLM
 from selfhost.outputs import TokenLogprob
@@ -38,6 +39,7 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.block_size = cache.block_size
+        self.cpu_threads = CpuThreads.for_this_process() if device.type == "cpu" else None
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -74,9 +76,15 @@ class ModelRunner:
         )
         return self._tensor(input_ids), self._tensor(positions), meta
 
-    @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepResult:
         """Forward the step; sample for chunks that complete their sequence, score asked-for prompt rows."""
+        if self.cpu_threads is None:
+            return self._run(chunks)
+        with self.cpu_threads.step(sum(c.num_tokens for c in chunks)):
+            return self._run(chunks)
+
+    @torch.inference_mode()
+    def _run(self, chunks: list[ScheduledChunk]) -> StepResult:
         # Single-token queries first: they are attended as one batch (see paged_cache).
         chunks = sorted(chunks, key=lambda c: c.num_tokens != 1)
         input_ids, positions, meta = self._prepare(chunks)

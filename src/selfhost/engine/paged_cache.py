@@ -10,12 +10,21 @@ prompt chunks are attended one sequence at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 
 from selfhost.layers.attention import attend_one_sequence
 from selfhost.models.spec import ModelSpec
+
+try:
+    from selfhost.engine import _paged_attention_cpu
+except ImportError:  # not compiled (no C compiler at install, or a source tree without `pip install`)
+    _paged_attention_cpu = None
+
+# SELFHOST_PAGED_ATTENTION=torch keeps the gather-based torch path on CPU (to compare).
+CPU_KERNEL_ENABLED = _paged_attention_cpu is not None and os.environ.get("SELFHOST_PAGED_ATTENTION", "c") != "torch"
 
 
 @dataclass
@@ -27,32 +36,48 @@ class StepMetadata:
     single_context_lens: torch.Tensor | None  # (S,) keys visible to each, including itself
     # Multi-token chunks: (first token index in the step, num tokens, start position, block table)
     chunks: list[tuple[int, int, int, torch.Tensor]]
+    # Additive score masks of the single-token queries, per sliding window: built
+    # by the first layer that needs one, reused by every other layer of the step.
+    single_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def single_query_mask(self, num_kv_heads: int, padded_len: int, sliding_window: int | None) -> torch.Tensor:
+        """(Hkv*S, 1, L) fp32 additive mask: 0 where a query sees the key, -inf elsewhere."""
+        if sliding_window not in self.single_masks:
+            lens = self.single_context_lens
+            key_pos = torch.arange(padded_len, device=lens.device).unsqueeze(0)  # (1, L)
+            hidden = key_pos >= lens.unsqueeze(1)  # (S, L): padding past each context
+            if sliding_window is not None:
+                hidden |= key_pos <= lens.unsqueeze(1) - 1 - sliding_window
+            mask = torch.zeros(hidden.shape, dtype=torch.float32, device=lens.device).masked_fill_(hidden, float("-inf"))
+            # Batch rows are (kv head, sequence) pairs, kv head major.
+            self.single_masks[sliding_window] = mask.unsqueeze(1).repeat(num_kv_heads, 1, 1)
+        return self.single_masks[sliding_window]
 
 
 def batched_single_query_attention(
     q: torch.Tensor,  # (S, H, D)
     k: torch.Tensor,  # (Hkv, S, L, D) keys gathered per sequence, padded to L
     v: torch.Tensor,  # (Hkv, S, L, D)
-    context_lens: torch.Tensor,  # (S,)
+    mask: torch.Tensor,  # (Hkv*S, 1, L) fp32, additive
     scale: float,
-    sliding_window: int | None,
     softcap: float | None,
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, _, max_len, _ = k.shape
     group = num_heads // num_kv_heads
-    key_pos = torch.arange(max_len, device=q.device).unsqueeze(0)  # (1, L)
-    valid = key_pos < context_lens.unsqueeze(1)  # (S, L)
-    if sliding_window is not None:
-        valid &= key_pos > (context_lens.unsqueeze(1) - 1 - sliding_window)
     # One batched matmul over (kv head, sequence) pairs; the G query heads that
     # share a kv head are the rows of each product.
-    qg = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1).reshape(-1, group, head_dim)
-    scores = torch.bmm(qg, k.view(-1, max_len, head_dim).transpose(1, 2)).float() * scale  # (Hkv*S, G, L)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.view(num_kv_heads, num_seqs, group, max_len).masked_fill(~valid[None, :, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype).view(-1, group, max_len)
+    qg = q.reshape(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1).reshape(-1, group, head_dim)
+    keys_t = k.view(-1, max_len, head_dim).transpose(1, 2)  # (Hkv*S, D, L)
+    if softcap is None and q.dtype == torch.float32:
+        scores = torch.baddbmm(mask, qg, keys_t, alpha=scale)  # mask + scale * q.k in one kernel
+    else:
+        # Half precision scales and caps in fp32, as the reference does.
+        scores = torch.bmm(qg, keys_t).float() * scale  # (Hkv*S, G, L)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores += mask
+    probs = scores.softmax(dim=-1).to(v.dtype)
     out = torch.bmm(probs, v.view(-1, max_len, head_dim))  # (Hkv*S, G, D)
     return out.view(num_kv_heads, num_seqs, group, head_dim).transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
@@ -66,6 +91,8 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.meta: StepMetadata | None = None
+        # Single-token queries read fp32 blocks in place through the C kernel when it is built.
+        self.use_cpu_kernel = CPU_KERNEL_ENABLED and device.type == "cpu" and dtype == torch.float32
 
     @staticmethod
     def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
@@ -78,17 +105,23 @@ class PagedKVCache:
         # Write this step's keys and values into their slots first: queries see themselves.
         k_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-        out = torch.empty_like(q)
         num_single = meta.num_single
-        if num_single:
+        single_out = None
+        if num_single and self.use_cpu_kernel:
+            single_out = self._single_query_kernel(layer_idx, q[:num_single], scale, sliding_window, softcap)
+        elif num_single:
             tables = meta.single_block_tables  # (S, max_blocks)
             padded_len = tables.shape[1] * block_size
             flat = tables.flatten()
             gathered_k = k_layer.index_select(1, flat).view(num_kv_heads, num_single, padded_len, head_dim)
             gathered_v = v_layer.index_select(1, flat).view(num_kv_heads, num_single, padded_len, head_dim)
-            out[:num_single] = batched_single_query_attention(
-                q[:num_single], gathered_k, gathered_v, meta.single_context_lens, scale, sliding_window, softcap
-            )
+            mask = meta.single_query_mask(num_kv_heads, padded_len, sliding_window)
+            single_out = batched_single_query_attention(q[:num_single], gathered_k, gathered_v, mask, scale, softcap)
+        if single_out is not None and not meta.chunks:
+            return single_out
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if single_out is not None:
+            out[:num_single] = single_out
         for first, num, start, table in meta.chunks:
             end = start + num
             keys = k_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end]  # (Hkv, L, D)
@@ -96,4 +129,21 @@ class PagedKVCache:
             out[first : first + num] = attend_one_sequence(
                 q[first : first + num], keys, values, start, scale, sliding_window, softcap
             )
+        return out
+
+    def _single_query_kernel(self, layer_idx, q, scale, sliding_window, softcap) -> torch.Tensor:
+        """The C kernel: each single-token query reads its blocks where they lie, no gather."""
+        meta = self.meta
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        tables, lens = meta.single_block_tables, meta.single_context_lens
+        num_seqs, num_heads, head_dim = q.shape
+        _, num_kv_heads, num_blocks, block_size, _ = self.k.shape
+        _paged_attention_cpu.decode_attention(
+            q.data_ptr(), self.k[layer_idx].data_ptr(), self.v[layer_idx].data_ptr(),
+            tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
+            num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, tables.shape[1],
+            scale, softcap or 0.0, sliding_window or 0,
+            torch.get_num_threads(),  # the step's choice (cpu_threads.py)
+        )  # fmt: skip
         return out

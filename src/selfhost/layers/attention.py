@@ -111,12 +111,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads = self.qkv_proj(x).view(num_tokens, -1, self.head_dim)  # (T, H + 2*Hkv, D): q, k, v heads
+        num_qk = self.num_heads + self.num_kv_heads
+        v = heads[:, num_qk:]
+        if self.q_norm is None:
+            # q and k are adjacent heads: one rotation covers both.
+            qk = apply_rotary(heads[:, :num_qk], cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q = apply_rotary(self.q_norm(heads[:, : self.num_heads]), cos, sin)
+            k = apply_rotary(self.k_norm(heads[:, self.num_heads : num_qk]), cos, sin)
         out = kv.attend(self.layer_idx, q, k, v, self.scale, self.sliding_window, self.softcap)
         return self.o_proj(out.reshape(num_tokens, self.q_size))

@@ -85,28 +85,34 @@ def rope_angles(spec: RopeSpec, max_len: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables, looked up once per forward pass."""
+    """Precomputed cos/sin tables, looked up once per forward pass.
+
+    The sin table carries the rotate-half sign (-sin on the first half, +sin on
+    the second), so a rotation is two products over the rolled input instead of
+    negating and concatenating halves every layer.
+    """
 
     def __init__(self, spec: RopeSpec, max_len: int):
         super().__init__()
         self.rotary_dim = spec.rotary_dim
-        angles = rope_angles(spec, max_len)
-        emb = torch.cat([angles, angles], dim=-1)  # (max_len, rotary_dim)
-        self.register_buffer("cos", emb.cos() * spec.attention_factor, persistent=False)
-        self.register_buffer("sin", emb.sin() * spec.attention_factor, persistent=False)
+        angles = rope_angles(spec, max_len)  # (max_len, rotary_dim/2)
+        cos, sin = angles.cos() * spec.attention_factor, angles.sin() * spec.attention_factor
+        self.register_buffer("cos", torch.cat([cos, cos], dim=-1), persistent=False)
+        self.register_buffer("signed_sin", torch.cat([-sin, sin], dim=-1), persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # (T, 1, rotary_dim): broadcast over heads
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (T, heads, head_dim); only the first cos.shape[-1] dims rotate."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (T, heads, head_dim); only the first cos.shape[-1] dims rotate.
+
+    rotate_half(x) * sin == roll(x, half) * signed_sin, element by element.
+    """
     rotary_dim = cos.shape[-1]
     if rotary_dim == x.shape[-1]:
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return torch.addcmul(x * cos, x.roll(rotary_dim // 2, dims=-1), signed_sin)
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    rotated = torch.addcmul(x_rot * cos, x_rot.roll(rotary_dim // 2, dims=-1), signed_sin)
     return torch.cat((rotated, x_pass), dim=-1)

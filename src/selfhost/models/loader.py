@@ -16,7 +16,6 @@ from rich.console import Console
 from rich.progress import Progress
 
 from selfhost.errors import UnsupportedModelError
-from selfhost.layers.linear import configure_cpu_blas
 from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS, spec_from_config
 from selfhost.models.spec import ModelSpec
@@ -67,8 +66,6 @@ def shard_slices(spec: ModelSpec) -> dict[str, list[tuple[int, int]]]:
 def load_model(
     model_dir: Path, dtype: torch.dtype, device: torch.device, max_len: int | None = None, allow_pickle: bool = False
 ) -> CausalLM:
-    if device.type == "cpu":
-        configure_cpu_blas()
     cfg = read_config(model_dir)
     if "quantization_config" in cfg:  # written by `selfhost quantize`: quantized modules, own tensor names
         from selfhost.quant.apply import load_quantized_model

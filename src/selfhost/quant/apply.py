@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from selfhost.errors import InvalidParameterError, UnsupportedModelError
-from selfhost.layers.linear import configure_cpu_blas
 from selfhost.layers.rotary import RotaryEmbedding
 from selfhost.models.decoder import CausalLM
 from selfhost.quant.config import QuantConfig
@@ -155,8 +154,6 @@ def load_quantized_model(model_dir: Path, cfg: dict, dtype: torch.dtype, device:
     from selfhost.models.loader import shard_slices, iter_tensors, weight_files
 
     config = QuantConfig.from_json(cfg["quantization_config"])
-    if device.type == "cpu":
-        configure_cpu_blas()
     spec = spec_from_config(cfg)
     max_len = min(max_len or spec.max_position, spec.max_position)
     with torch.device("meta"):

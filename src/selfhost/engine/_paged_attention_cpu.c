@@ -1,0 +1,311 @@
+/* Single-query attention read straight from the paged KV cache, on CPU, fp32.
+ *
+ * Built at install time as an optional extension (setup.py). The torch path in
+ * paged_cache.py first gathers every sequence's blocks into a padded copy, once
+ * per layer per step; with 32 sequences of ~500 tokens that copy is the largest
+ * cost of a decode step. Here each (sequence, kv head) pair walks its block
+ * table and reads keys and values where they lie, so nothing is copied.
+ *
+ * Layouts (all contiguous):
+ *   q, out        (S, H, D)             query head i uses kv head i / (H / Hkv)
+ *   k, v          (Hkv, NB, BS, D)      one layer of the cache
+ *   block_tables  (S, MB) int64         block of each position / BS
+ *   context_lens  (S,) int64            keys visible to each query, itself included
+ * Per pair: the addresses of its visible keys and values are listed once; then
+ * for each of the G query heads sharing the kv head: scores, soft-cap, softmax,
+ * and the weighted sum of values.
+ * Threads (POSIX, started per call) split the pairs; the caller passes one
+ * thread for small steps.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SELFHOST_X86 1
+#include <immintrin.h>
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#include <pthread.h>
+#define SELFHOST_THREADS 1
+#endif
+
+#define MAX_THREADS 64
+
+typedef struct {
+    const float *q, *k, *v;
+    const int64_t *tables, *lens;
+    float *out;
+    Py_ssize_t num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks;
+    float scale, softcap; /* softcap 0: none */
+    Py_ssize_t window;    /* 0: every earlier key is visible */
+    Py_ssize_t item_begin, item_end; /* pairs: seq * num_kv_heads + kv_head */
+    int use_avx2;
+    int failed;
+} Job;
+
+/* ---- portable C: any CPU ---- */
+
+static void scores_scalar(const Job *job, const float *q, const float *const *keys, Py_ssize_t count, float *scores) {
+    for (Py_ssize_t p = 0; p < count; p++) {
+        float acc = 0.0f;
+        for (Py_ssize_t d = 0; d < job->head_dim; d++) acc += q[d] * keys[p][d];
+        scores[p] = acc * job->scale;
+    }
+}
+
+static void exp_shifted_scalar(float *row, Py_ssize_t count, float peak) {
+    for (Py_ssize_t p = 0; p < count; p++) row[p] = expf(row[p] - peak);
+}
+
+static void weighted_sum_scalar(const Job *job, const float *weights, const float *const *values, Py_ssize_t count,
+                                float *out) {
+    for (Py_ssize_t d = 0; d < job->head_dim; d++) out[d] = 0.0f;
+    for (Py_ssize_t p = 0; p < count; p++)
+        for (Py_ssize_t d = 0; d < job->head_dim; d++) out[d] += weights[p] * values[p][d];
+}
+
+#ifdef SELFHOST_X86
+/* ---- AVX2 + FMA ---- */
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* Eight dot products at once: the horizontal sums of eight accumulators fold
+ * into one vector with four hadd steps instead of eight separate reductions. */
+AVX2 static void scores_avx2(const Job *job, const float *q, const float *const *keys, Py_ssize_t count,
+                             float *scores) {
+    Py_ssize_t dim = job->head_dim, vec_dim = dim & ~(Py_ssize_t)7, p = 0;
+    __m256 scale = _mm256_set1_ps(job->scale);
+    for (; p + 8 <= count; p += 8) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        const float *const *k = keys + p;
+        for (Py_ssize_t d = 0; d < vec_dim; d += 8) {
+            __m256 qv = _mm256_loadu_ps(q + d);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[0] + d), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[1] + d), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[2] + d), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[3] + d), a3);
+            a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[4] + d), a4);
+            a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[5] + d), a5);
+            a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[6] + d), a6);
+            a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[7] + d), a7);
+        }
+        /* hadd pairs: each 128-bit lane ends with partial sums of keys 0-3 (u0) and 4-7 (u1). */
+        __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+        __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+        _mm256_storeu_ps(scores + p, _mm256_mul_ps(sums, scale));
+        for (Py_ssize_t d = vec_dim; d < dim; d++)
+            for (int j = 0; j < 8; j++) scores[p + j] += q[d] * k[j][d] * job->scale;
+    }
+    scores_scalar(job, q, keys + p, count - p, scores + p);
+}
+
+/* e^x for x <= 0: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor
+ * polynomial (relative error below 2e-7), 2^n built in the exponent bits. */
+AVX2 static __m256 exp_nonpositive_avx2(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f)); /* keeps 2^n a normal float; e^-87 is ~0 after softmax */
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  /* ln2 split: exact high part ... */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);      /* ... and the rest */
+    __m256 poly = _mm256_set1_ps(1.0f / 720.0f);
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 120.0f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 24.0f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 6.0f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.5f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f));
+    __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(poly, _mm256_castsi256_ps(two_n));
+}
+
+AVX2 static void exp_shifted_avx2(float *row, Py_ssize_t count, float peak) {
+    __m256 shift = _mm256_set1_ps(peak);
+    Py_ssize_t p = 0;
+    for (; p + 8 <= count; p += 8)
+        _mm256_storeu_ps(row + p, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + p), shift)));
+    exp_shifted_scalar(row + p, count - p, peak);
+}
+
+/* out = sum_p weights[p] * values[p], 64 dims at a time held in eight registers. */
+AVX2 static void weighted_sum_avx2(const Job *job, const float *weights, const float *const *values, Py_ssize_t count,
+                                   float *out) {
+    Py_ssize_t dim = job->head_dim, d0 = 0;
+    for (; d0 + 64 <= dim; d0 += 64) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (Py_ssize_t p = 0; p < count; p++) {
+            __m256 w = _mm256_set1_ps(weights[p]);
+            const float *v = values[p] + d0;
+            a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0);
+            a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
+            a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2);
+            a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), a3);
+            a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 32), a4);
+            a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 40), a5);
+            a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 48), a6);
+            a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 56), a7);
+        }
+        float *o = out + d0;
+        _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1), _mm256_storeu_ps(o + 16, a2), _mm256_storeu_ps(o + 24, a3);
+        _mm256_storeu_ps(o + 32, a4), _mm256_storeu_ps(o + 40, a5), _mm256_storeu_ps(o + 48, a6), _mm256_storeu_ps(o + 56, a7);
+    }
+    for (; d0 + 8 <= dim; d0 += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (Py_ssize_t p = 0; p < count; p++) acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[p]), _mm256_loadu_ps(values[p] + d0), acc);
+        _mm256_storeu_ps(out + d0, acc);
+    }
+    for (; d0 < dim; d0++) {
+        float acc = 0.0f;
+        for (Py_ssize_t p = 0; p < count; p++) acc += weights[p] * values[p][d0];
+        out[d0] = acc;
+    }
+}
+#endif
+
+/* Address of the key (or value) at `pos` of sequence `seq` for kv head `head`. */
+static const float *cached_row(const Job *job, const float *cache, Py_ssize_t seq, Py_ssize_t head, Py_ssize_t pos) {
+    int64_t block = job->tables[seq * job->max_blocks + pos / job->block_size];
+    Py_ssize_t row = (head * job->num_blocks + block) * job->block_size + pos % job->block_size;
+    return cache + row * job->head_dim;
+}
+
+static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *scores, const float **keys,
+                        const float **values) {
+    Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim;
+    Py_ssize_t len = job->lens[seq];
+    Py_ssize_t first = (job->window > 0 && len > job->window) ? len - job->window : 0;
+    Py_ssize_t count = len - first;
+    const float *q = job->q + (seq * job->num_heads + head * group) * dim;
+    float *out = job->out + (seq * job->num_heads + head * group) * dim;
+    if (count <= 0) {
+        memset(out, 0, sizeof(float) * (size_t)(group * dim));
+        return;
+    }
+    for (Py_ssize_t p = 0; p < count; p++) {
+        keys[p] = cached_row(job, job->k, seq, head, first + p);
+        values[p] = cached_row(job, job->v, seq, head, first + p);
+    }
+    for (Py_ssize_t g = 0; g < group; g++) {
+#ifdef SELFHOST_X86
+        if (job->use_avx2)
+            scores_avx2(job, q + g * dim, keys, count, scores);
+        else
+#endif
+            scores_scalar(job, q + g * dim, keys, count, scores);
+        if (job->softcap > 0.0f)
+            for (Py_ssize_t p = 0; p < count; p++) scores[p] = tanhf(scores[p] / job->softcap) * job->softcap;
+        float peak = scores[0], total = 0.0f;
+        for (Py_ssize_t p = 1; p < count; p++) peak = scores[p] > peak ? scores[p] : peak;
+#ifdef SELFHOST_X86
+        if (job->use_avx2)
+            exp_shifted_avx2(scores, count, peak);
+        else
+#endif
+            exp_shifted_scalar(scores, count, peak);
+        for (Py_ssize_t p = 0; p < count; p++) total += scores[p];
+        float inv = 1.0f / total;
+        for (Py_ssize_t p = 0; p < count; p++) scores[p] *= inv;
+#ifdef SELFHOST_X86
+        if (job->use_avx2)
+            weighted_sum_avx2(job, scores, values, count, out + g * dim);
+        else
+#endif
+            weighted_sum_scalar(job, scores, values, count, out + g * dim);
+    }
+}
+
+static void run_job(Job *job) {
+    Py_ssize_t longest = 1;
+    for (Py_ssize_t item = job->item_begin; item < job->item_end; item++) {
+        Py_ssize_t len = job->lens[item / job->num_kv_heads];
+        if (len > longest) longest = len;
+    }
+    float *scores = malloc(sizeof(float) * (size_t)longest);
+    const float **rows = malloc(sizeof(float *) * (size_t)(2 * longest));
+    if (scores == NULL || rows == NULL) {
+        free(scores), free(rows);
+        job->failed = 1;
+        return;
+    }
+    for (Py_ssize_t item = job->item_begin; item < job->item_end; item++)
+        attend_pair(job, item / job->num_kv_heads, item % job->num_kv_heads, scores, rows, rows + longest);
+    free(scores), free(rows);
+}
+
+#ifdef SELFHOST_THREADS
+static void *run_job_thread(void *arg) {
+    run_job((Job *)arg);
+    return NULL;
+}
+#endif
+
+static int cpu_has_avx2(void) {
+#ifdef SELFHOST_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+static PyObject *decode_attention(PyObject *self, PyObject *args) {
+    unsigned long long q, k, v, tables, lens, out;
+    Py_ssize_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
+    float scale, softcap;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKKKKnnnnnnnffni", &q, &k, &v, &tables, &lens, &out, &num_seqs, &num_heads,
+                          &num_kv_heads, &head_dim, &block_size, &num_blocks, &max_blocks, &scale, &softcap,
+                          &window, &num_threads))
+        return NULL;
+    if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || head_dim <= 0 || block_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "decode_attention: inconsistent head counts or sizes");
+        return NULL;
+    }
+    Py_ssize_t items = num_seqs * num_kv_heads;
+    if (num_threads < 1) num_threads = 1;
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
+    if (num_threads > items) num_threads = items > 0 ? (int)items : 1;
+    Job jobs[MAX_THREADS];
+    int use_avx2 = cpu_has_avx2();
+    for (int t = 0; t < num_threads; t++) {
+        jobs[t] = (Job){(const float *)q, (const float *)k, (const float *)v, (const int64_t *)tables,
+                        (const int64_t *)lens, (float *)out, num_heads, num_kv_heads, head_dim, block_size,
+                        num_blocks, max_blocks, scale, softcap, window, items * t / num_threads,
+                        items * (t + 1) / num_threads, use_avx2, 0};
+    }
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef SELFHOST_THREADS
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 1; t < num_threads; t++)
+        started[t] = pthread_create(&threads[t], NULL, run_job_thread, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    for (int t = 1; t < num_threads; t++) {
+        if (started[t])
+            pthread_join(threads[t], NULL);
+        else
+            run_job(&jobs[t]); /* could not start a thread: do its share here */
+    }
+#else
+    for (int t = 0; t < num_threads; t++) run_job(&jobs[t]);
+#endif
+    for (int t = 0; t < num_threads; t++) failed |= jobs[t].failed;
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"decode_attention", decode_attention, METH_VARARGS,
+     "Single-query attention over the paged cache (fp32, contiguous tensors passed as data pointers)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_paged_attention_cpu", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__paged_attention_cpu(void) { return PyModule_Create(&module); }

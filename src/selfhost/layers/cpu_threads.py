@@ -1,0 +1,147 @@
+"""How many CPU threads each inference step uses, chosen by measuring.
+
+A decode step on CPU is a few hundred tiny operations plus matrix-vector
+products that stream every weight once. Two facts shape the thread counts:
+
+* Tiny torch ops (a 9x64x80 `bmm`, a 576-wide norm) gain nothing from a
+  second thread and pay a fork/join each time: 7 us single-threaded against
+  30 us with two threads, measured on this class of machine. Steps with few
+  tokens therefore run torch ops on one thread.
+* A memory-bound matrix-vector product is about 1.8x faster on two BLAS
+  threads when the cores are free, and up to 40x *slower* when another
+  process holds a core, because each product waits for a descheduled worker.
+  Neither setting is right everywhere, so the policy measures: it runs on one
+  setting, now and then tries the other for a few steps, and keeps whichever
+  made steps faster. A probe that collapses is abandoned at once, and a losing
+  probe doubles the wait before the next one, so a busy machine pays little.
+
+`SELFHOST_BLAS_THREADS=<n>` pins the BLAS thread count instead (to compare,
+or when a machine is known to be dedicated).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from statistics import median
+from typing import Callable, Iterator
+
+import torch
+
+# Steps with fewer tokens than this are memory-bound: "small" steps.
+SMALL_STEP_MAX_TOKENS = int(os.environ.get("SELFHOST_BLAS_MULTITHREAD_ROWS", "32")) - 1
+PINNED_BLAS_THREADS = os.environ.get("SELFHOST_BLAS_THREADS")
+
+
+@dataclass(frozen=True)
+class ProbeSchedule:
+    window: int = 4  # steps per measurement of one setting
+    first_probe_after: int = 8  # steps before the first try of the other setting
+    max_probe_interval: int = 2048
+    min_gain: float = 0.05  # the other setting must be this much faster to switch
+    collapse_ratio: float = 3.0  # a probe step this much slower than usual stops the probe
+
+
+class ThreadChooser:
+    """Picks between candidate thread counts for one kind of step by timing steps.
+
+    `begin()` says which count the next step uses; `end(seconds)` records how
+    long it took. Pure bookkeeping: the caller applies the count.
+    """
+
+    def __init__(self, candidates: tuple[int, ...], schedule: ProbeSchedule = ProbeSchedule()):
+        assert len(candidates) == 2 or len(set(candidates)) == 1
+        self.schedule = schedule
+        self.current, self.other = candidates[0], candidates[-1]
+        self._recent = deque(maxlen=schedule.window)  # step times on `current`
+        self._probe: list[float] = []
+        self._probing = False
+        self._interval = schedule.first_probe_after
+        self._until_probe = schedule.first_probe_after
+        self._active = self.current
+
+    @property
+    def can_probe(self) -> bool:
+        return self.current != self.other
+
+    def begin(self) -> int:
+        if self.can_probe and not self._probing and self._until_probe <= 0 and len(self._recent) == self._recent.maxlen:
+            self._probing, self._probe = True, []
+        self._active = self.other if self._probing else self.current
+        return self._active
+
+    def end(self, seconds: float) -> None:
+        if not self._probing:
+            self._recent.append(seconds)
+            self._until_probe -= 1
+            return
+        self._probe.append(seconds)
+        usual = median(self._recent)
+        if seconds > self.schedule.collapse_ratio * usual:
+            self._finish_probe(won=False)
+        elif len(self._probe) == self.schedule.window:
+            self._finish_probe(won=median(self._probe) < (1 - self.schedule.min_gain) * usual)
+
+    def _finish_probe(self, won: bool) -> None:
+        self._probing = False
+        if won:
+            self.current, self.other = self.other, self.current
+            self._recent = deque(self._probe, maxlen=self.schedule.window)
+            self._interval = self.schedule.first_probe_after
+        else:
+            self._interval = min(2 * self._interval, self.schedule.max_probe_interval)
+        self._until_probe = self._interval
+
+
+def numpy_blas_thread_setter() -> Callable[[int], None]:
+    """Sets numpy's BLAS thread count through its C entry point, only when it changes."""
+    from threadpoolctl import ThreadpoolController
+
+    setters = [c.set_num_threads for c in ThreadpoolController().select(user_api="blas").lib_controllers]
+    current = [None]
+
+    def set_threads(num_threads: int) -> None:
+        if num_threads != current[0]:
+            for set_num_threads in setters:
+                set_num_threads(num_threads)
+            current[0] = num_threads
+
+    return set_threads
+
+
+class CpuThreads:
+    """Thread counts for torch ops and BLAS calls during one engine step on CPU."""
+
+    @classmethod
+    def for_this_process(cls) -> CpuThreads:
+        return cls(max(1, torch.get_num_threads()), numpy_blas_thread_setter())
+
+    def __init__(self, max_threads: int, set_blas_threads: Callable[[int], None]):
+        self.max_threads = max_threads
+        self._set_blas_threads = set_blas_threads
+        pinned = int(PINNED_BLAS_THREADS) if PINNED_BLAS_THREADS else None
+        small = (pinned,) if pinned else (1, max_threads)
+        large = (pinned,) if pinned else (max_threads, 1)
+        self.small_steps = ThreadChooser(small)
+        self.large_steps = ThreadChooser(large)
+        self.blas_threads = small[0]
+
+    @contextmanager
+    def step(self, num_tokens: int) -> Iterator[None]:
+        small = num_tokens <= SMALL_STEP_MAX_TOKENS
+        chooser = self.small_steps if small else self.large_steps
+        self.blas_threads = chooser.begin()
+        self._set_blas_threads(self.blas_threads)
+        # Tiny ops run best on one thread; big steps give torch what BLAS gets.
+        torch.set_num_threads(1 if small else self.blas_threads)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            torch.set_num_threads(self.max_threads)
+            # Big steps vary in size: compare them per token.
+            chooser.end(seconds if small else seconds / num_tokens)

@@ -1,0 +1,63 @@
+"""The per-step thread chooser: keeps the faster setting, abandons collapsing probes."""
+
+import torch
+
+from selfhost.layers.cpu_threads import CpuThreads, ProbeSchedule, ThreadChooser
+
+SCHEDULE = ProbeSchedule(window=3, first_probe_after=4, max_probe_interval=64)
+
+
+def drive(chooser: ThreadChooser, cost: dict[int, float], steps: int) -> list[int]:
+    """Run `steps` steps where each thread count takes cost[count] seconds; return the counts used."""
+    used = []
+    for _ in range(steps):
+        threads = chooser.begin()
+        used.append(threads)
+        chooser.end(cost[threads])
+    return used
+
+
+def test_switches_to_the_faster_setting_and_stays():
+    chooser = ThreadChooser((1, 2), SCHEDULE)
+    used = drive(chooser, {1: 0.030, 2: 0.018}, 40)
+    assert used[:4] == [1, 1, 1, 1]  # measures the first setting before probing
+    assert used[4:7] == [2, 2, 2]  # the probe
+    assert chooser.current == 2
+    # Later probes of the slower setting lose and become rarer.
+    assert used[7:].count(1) <= 6
+    assert used[-5:].count(2) >= 4
+
+
+def test_keeps_current_when_the_other_is_slower_and_backs_off():
+    chooser = ThreadChooser((1, 2), SCHEDULE)
+    used = drive(chooser, {1: 0.020, 2: 0.025}, 200)
+    assert chooser.current == 1
+    probe_starts = [i for i in range(1, len(used)) if used[i] == 2 and used[i - 1] == 1]
+    gaps = [b - a for a, b in zip(probe_starts, probe_starts[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0]  # exponential back-off
+
+
+def test_a_collapsing_probe_is_abandoned_after_one_step():
+    chooser = ThreadChooser((1, 2), SCHEDULE)
+    used = drive(chooser, {1: 0.020, 2: 0.800}, 12)
+    assert used[4] == 2 and used[5] == 1  # one slow step, then straight back
+    assert chooser.current == 1
+
+
+def test_a_single_candidate_never_probes():
+    chooser = ThreadChooser((1, 1), SCHEDULE)
+    assert not chooser.can_probe
+    assert set(drive(chooser, {1: 0.01}, 50)) == {1}
+
+
+def test_step_sets_blas_threads_and_one_torch_thread_for_small_steps():
+    seen = []
+    threads = CpuThreads(max_threads=2, set_blas_threads=seen.append)
+    before = torch.get_num_threads()
+    with threads.step(num_tokens=1):
+        assert torch.get_num_threads() == 1
+    with threads.step(num_tokens=256):
+        assert torch.get_num_threads() == threads.blas_threads == 2
+    assert seen == [1, 2]
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(before)
