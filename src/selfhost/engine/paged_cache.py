@@ -124,8 +124,11 @@ class PagedKVCache:
             out[:num_single] = single_out
         for first, num, start, table in meta.chunks:
             end = start + num
-            keys = k_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end]  # (Hkv, L, D)
-            values = v_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end]
+            if start == 0:  # a whole prompt, or its first chunk: its keys are this step's own
+                keys, values = k[first : first + num].transpose(0, 1), v[first : first + num].transpose(0, 1)
+            else:
+                keys = k_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end]  # (Hkv, L, D)
+                values = v_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end]
             out[first : first + num] = attend_one_sequence(
                 q[first : first + num], keys, values, start, scale, sliding_window, softcap
             )
