@@ -153,6 +153,12 @@ __attribute__((target("avx2,fma"))) static void dot_tile_avx2(const int8_t *xq, 
 __attribute__((target("avx2,fma"))) static void run_job_avx2(const Job *j) {
     const Py_ssize_t nb = nblocks_of(j->K);
     float dots[TILE];
+    {   /* the tiles prefetch PREFETCH_BYTES ahead: ask for the first stretch up front */
+        const char *start = (const char *)(j->w + j->n_begin * j->K);
+        Py_ssize_t bytes = (j->n_end - j->n_begin) * j->K;
+        if (bytes > PREFETCH_BYTES) bytes = PREFETCH_BYTES;
+        for (Py_ssize_t off = 0; off < bytes; off += 64) _mm_prefetch(start + off, _MM_HINT_T0);
+    }
     for (Py_ssize_t m0 = 0; m0 < j->M; m0 += CHUNK_ROWS) {
         const Py_ssize_t m1 = m0 + CHUNK_ROWS < j->M ? m0 + CHUNK_ROWS : j->M;
         for (Py_ssize_t n = j->n_begin; n < j->n_end; n += TILE) {
