@@ -18,7 +18,7 @@ def drive(chooser: ThreadChooser, cost: dict[int, float], steps: int) -> list[in
 
 
 def test_switches_to_the_faster_setting_and_stays():
-    chooser = ThreadChooser((1, 2), SCHEDULE)
+    chooser = ThreadChooser(1, 2, SCHEDULE)
     used = drive(chooser, {1: 0.030, 2: 0.018}, 40)
     assert used[:4] == [1, 1, 1, 1]  # measures the first setting before probing
     assert used[4:7] == [2, 2, 2]  # the probe
@@ -29,7 +29,7 @@ def test_switches_to_the_faster_setting_and_stays():
 
 
 def test_keeps_current_when_the_other_is_slower_and_backs_off():
-    chooser = ThreadChooser((1, 2), SCHEDULE)
+    chooser = ThreadChooser(1, 2, SCHEDULE)
     used = drive(chooser, {1: 0.020, 2: 0.025}, 200)
     assert chooser.current == 1
     probe_starts = [i for i in range(1, len(used)) if used[i] == 2 and used[i - 1] == 1]
@@ -38,14 +38,23 @@ def test_keeps_current_when_the_other_is_slower_and_backs_off():
 
 
 def test_a_collapsing_probe_is_abandoned_after_one_step():
-    chooser = ThreadChooser((1, 2), SCHEDULE)
+    chooser = ThreadChooser(1, 2, SCHEDULE)
     used = drive(chooser, {1: 0.020, 2: 0.800}, 12)
     assert used[4] == 2 and used[5] == 1  # one slow step, then straight back
     assert chooser.current == 1
 
 
+def test_a_collapse_on_the_fast_setting_drops_back_to_one_thread():
+    chooser = ThreadChooser(1, 2, SCHEDULE)
+    drive(chooser, {1: 0.030, 2: 0.018}, 10)
+    assert chooser.current == 2
+    used = drive(chooser, {1: 0.030, 2: 0.500}, 3)  # another process takes a core
+    assert used[0] == 2 and used[1:] == [1, 1]
+    assert chooser.current == 1
+
+
 def test_a_single_candidate_never_probes():
-    chooser = ThreadChooser((1, 1), SCHEDULE)
+    chooser = ThreadChooser(1, 1, SCHEDULE)
     assert not chooser.can_probe
     assert set(drive(chooser, {1: 0.01}, 50)) == {1}
 
@@ -57,7 +66,10 @@ def test_step_sets_blas_threads_and_one_torch_thread_for_small_steps():
     with threads.step(num_tokens=1):
         assert torch.get_num_threads() == 1
     with threads.step(num_tokens=256):
+        assert torch.get_num_threads() == threads.blas_threads == 1  # starts safe
+    threads.large_steps.current = 2
+    with threads.step(num_tokens=256):
         assert torch.get_num_threads() == threads.blas_threads == 2
-    assert seen == [1, 2]
+    assert seen == [1, 1, 2]
     assert torch.get_num_threads() == 2
     torch.set_num_threads(before)

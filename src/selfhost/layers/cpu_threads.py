@@ -10,10 +10,12 @@ products that stream every weight once. Two facts shape the thread counts:
 * A memory-bound matrix-vector product is about 1.8x faster on two BLAS
   threads when the cores are free, and up to 40x *slower* when another
   process holds a core, because each product waits for a descheduled worker.
-  Neither setting is right everywhere, so the policy measures: it runs on one
-  setting, now and then tries the other for a few steps, and keeps whichever
-  made steps faster. A probe that collapses is abandoned at once, and a losing
-  probe doubles the wait before the next one, so a busy machine pays little.
+  Neither setting is right everywhere, so the policy measures: it starts on
+  one thread (never the disaster), now and then tries all threads for a few
+  steps, and keeps whichever made steps faster. A probe that collapses is
+  abandoned at once, a losing probe doubles the wait before the next one, and
+  a collapse while on all threads (another process woke up) drops straight
+  back to one thread. A busy machine pays one slow step now and then.
 
 `SELFHOST_BLAS_THREADS=<n>` pins the BLAS thread count instead (to compare,
 or when a machine is known to be dedicated).
@@ -46,53 +48,70 @@ class ProbeSchedule:
 
 
 class ThreadChooser:
-    """Picks between candidate thread counts for one kind of step by timing steps.
+    """Picks the thread count for one kind of step by timing steps.
 
-    `begin()` says which count the next step uses; `end(seconds)` records how
-    long it took. Pure bookkeeping: the caller applies the count.
+    Two candidates: `safe` (one thread, slow but never collapses) and `fast`
+    (all threads). `begin()` says which count the next step uses; `end(seconds)`
+    records how long it took. Pure bookkeeping: the caller applies the count.
     """
 
-    def __init__(self, candidates: tuple[int, ...], schedule: ProbeSchedule = ProbeSchedule()):
-        assert len(candidates) == 2 or len(set(candidates)) == 1
+    def __init__(self, safe: int, fast: int, schedule: ProbeSchedule = ProbeSchedule()):
         self.schedule = schedule
-        self.current, self.other = candidates[0], candidates[-1]
+        self.safe, self.fast = safe, fast
+        self.current = safe
         self._recent = deque(maxlen=schedule.window)  # step times on `current`
         self._probe: list[float] = []
         self._probing = False
         self._interval = schedule.first_probe_after
         self._until_probe = schedule.first_probe_after
-        self._active = self.current
 
     @property
     def can_probe(self) -> bool:
-        return self.current != self.other
+        return self.safe != self.fast
+
+    @property
+    def other(self) -> int:
+        return self.fast if self.current == self.safe else self.safe
 
     def begin(self) -> int:
         if self.can_probe and not self._probing and self._until_probe <= 0 and len(self._recent) == self._recent.maxlen:
             self._probing, self._probe = True, []
-        self._active = self.other if self._probing else self.current
-        return self._active
+        return self.other if self._probing else self.current
 
     def end(self, seconds: float) -> None:
-        if not self._probing:
-            self._recent.append(seconds)
-            self._until_probe -= 1
+        usual = median(self._recent) if self._recent else None
+        collapsed = usual is not None and seconds > self.schedule.collapse_ratio * usual
+        if self._probing:
+            self._probe.append(seconds)
+            if collapsed:
+                self._finish_probe(won=False)
+            elif len(self._probe) == self.schedule.window:
+                self._finish_probe(won=median(self._probe) < (1 - self.schedule.min_gain) * usual)
             return
-        self._probe.append(seconds)
-        usual = median(self._recent)
-        if seconds > self.schedule.collapse_ratio * usual:
-            self._finish_probe(won=False)
-        elif len(self._probe) == self.schedule.window:
-            self._finish_probe(won=median(self._probe) < (1 - self.schedule.min_gain) * usual)
+        if collapsed and self.current == self.fast and self.can_probe:
+            self._switch(to=self.safe, times=[], won=False)  # contention: the fast setting just fell over
+            return
+        self._recent.append(seconds)
+        self._until_probe -= 1
 
     def _finish_probe(self, won: bool) -> None:
         self._probing = False
         if won:
-            self.current, self.other = self.other, self.current
-            self._recent = deque(self._probe, maxlen=self.schedule.window)
-            self._interval = self.schedule.first_probe_after
+            self._switch(to=self.other, times=self._probe, won=True)
         else:
-            self._interval = min(2 * self._interval, self.schedule.max_probe_interval)
+            self._back_off()
+
+    def _switch(self, to: int, times: list[float], won: bool) -> None:
+        self.current = to
+        self._recent = deque(times, maxlen=self.schedule.window)
+        if won:
+            self._interval = self.schedule.first_probe_after
+            self._until_probe = self._interval
+        else:
+            self._back_off()
+
+    def _back_off(self) -> None:
+        self._interval = min(2 * self._interval, self.schedule.max_probe_interval)
         self._until_probe = self._interval
 
 
@@ -123,11 +142,10 @@ class CpuThreads:
         self.max_threads = max_threads
         self._set_blas_threads = set_blas_threads
         pinned = int(PINNED_BLAS_THREADS) if PINNED_BLAS_THREADS else None
-        small = (pinned,) if pinned else (1, max_threads)
-        large = (pinned,) if pinned else (max_threads, 1)
-        self.small_steps = ThreadChooser(small)
-        self.large_steps = ThreadChooser(large)
-        self.blas_threads = small[0]
+        safe, fast = (pinned, pinned) if pinned else (1, max_threads)
+        self.small_steps = ThreadChooser(safe, fast)
+        self.large_steps = ThreadChooser(safe, fast)
+        self.blas_threads = safe
 
     @contextmanager
     def step(self, num_tokens: int) -> Iterator[None]:
