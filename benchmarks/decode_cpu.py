@@ -74,6 +74,8 @@ def main() -> None:
     print(f"  ratio selfhost/transformers: {best['selfhost'] / best['transformers']:.2f}x (target >= 2.5x)")
     same = outputs["selfhost"] == outputs["transformers"]
     print(f"  greedy tokens identical: {same}")
+    stats = llm.engine.stats()
+    print(f"  selfhost settled on {stats.cpu_threads_small_steps} BLAS thread(s) for decode steps")
 
 
 if __name__ == "__main__":

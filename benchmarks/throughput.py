@@ -108,7 +108,9 @@ def main() -> None:
     llm.generate(prompts[:2], selfhost.SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
 
     results = {"selfhost": selfhost_throughput(llm, prompts, args.output_tokens)}
-    print(f"selfhost: {results['selfhost']:.1f} tok/s", flush=True)
+    stats = llm.engine.stats()
+    print(f"selfhost: {results['selfhost']:.1f} tok/s (BLAS threads settled on: {stats.cpu_threads_small_steps} "
+          f"for small steps, {stats.cpu_threads_large_steps} for large)", flush=True)
     if not args.skip_hf:
         import transformers
 

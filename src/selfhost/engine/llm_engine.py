@@ -38,6 +38,9 @@ class EngineStats:
     tokens_last_step: int
     num_steps: int
     num_preemptions: int
+    # CPU only: BLAS threads the engine settled on for small (decode) and large (prefill, big batch) steps.
+    cpu_threads_small_steps: int | None = None
+    cpu_threads_large_steps: int | None = None
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -149,6 +152,7 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
+        threads = self.runner.cpu_threads
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -159,4 +163,6 @@ class LLMEngine:
             tokens_last_step=self._tokens_last_step,
             num_steps=self._num_steps,
             num_preemptions=self.scheduler.num_preemptions,
+            cpu_threads_small_steps=threads.small_steps.current if threads else None,
+            cpu_threads_large_steps=threads.large_steps.current if threads else None,
         )
