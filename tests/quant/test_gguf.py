@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from selfhost.errors import InvalidParameterError, UnsupportedModelError
 from selfhost.quant.gguf_export import export_gguf, interleave_rotary_rows
+from selfhost.quant.gguf_vocab import _adds_space_prefix
 from selfhost.tokenizer import Tokenizer
 from tests.tiny_models import make_tiny_checkpoint
 
@@ -261,3 +262,48 @@ def test_what_llama_cpp_cannot_express_is_refused(tmp_path, family, changes, mes
     with pytest.raises(UnsupportedModelError, match=message):
         export_gguf(src, tmp_path / "m.gguf", "f16")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("tokenizer_json,prepends", [
+    # Llama 2 / Mistral: the normalizer prepends "▁"
+    ({"normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                         {"type": "Replace", "content": "\u2581"}]}}, True),
+    # Gemma: spaces become "▁", nothing is prepended
+    ({"normalizer": {"type": "Replace", "content": "\u2581"}, "pre_tokenizer": {"type": "Split"}}, False),
+    # newer files: a Metaspace pre-tokenizer says it
+    ({"normalizer": None, "pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "first"}}, True),
+    ({"normalizer": None, "pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "never"}}, False),
+])
+def test_sentencepiece_space_prefix_follows_the_tokenizer(tokenizer_json, prepends):
+    # llama.cpp's SentencePiece tokenizer prepends a space unless add_space_prefix says not to.
+    assert _adds_space_prefix(tokenizer_json) is prepends
+
+
+def byte_fallback_checkpoint(out_dir, prepend_space: bool):
+    """A tiny Gemma with a SentencePiece-style tokenizer (BPE with byte fallback), written as
+    Llama 2 (a "▁" prepended to the text) or Gemma (no prefix) would write it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_models import _CORPUS, make_tiny_model
+
+    make_tiny_model("gemma", out_dir)
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    prefix = [normalizers.Prepend("\u2581")] if prepend_space else []
+    tok.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prepend_space else []))
+    specials = ["<pad>", "<s>", "</s>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([_CORPUS], trainers.BpeTrainer(vocab_size=500, special_tokens=specials))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>", add_bos_token=True).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.mark.parametrize("prepend_space", [True, False])
+def test_byte_fallback_vocab_is_sentencepiece_with_the_right_space_prefix(tmp_path, prepend_space):
+    src = byte_fallback_checkpoint(tmp_path / "src", prepend_space)
+    export_gguf(src, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert _field(reader, "tokenizer.ggml.model") == "llama"
+    assert _field(reader, "tokenizer.ggml.add_space_prefix") is prepend_space

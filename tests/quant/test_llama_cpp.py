@@ -15,6 +15,7 @@ import transformers
 
 from selfhost import LLM, SamplingParams
 from selfhost.quant.gguf_export import export_gguf
+from tests.quant.test_gguf import byte_fallback_checkpoint
 from tests.tiny_models import make_tiny_checkpoint
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -77,3 +78,13 @@ def test_llama_cpp_logits_and_greedy_match(checkpoint, tmp_path, family, gguf_ty
                 break
         greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         assert continuation == llm.generate([prompt], greedy)[0].token_ids
+
+
+@pytest.mark.parametrize("prepend_space", [True, False])  # Llama 2 / Mistral style, Gemma style
+def test_llama_cpp_tokenizes_sentencepiece_vocabularies_like_transformers(tmp_path, prepend_space):
+    src = byte_fallback_checkpoint(tmp_path / "src", prepend_space)
+    export_gguf(src, tmp_path / "m.gguf", "f16")
+    lc = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=256, verbose=False)
+    hf = transformers.AutoTokenizer.from_pretrained(src)
+    for text in (TEXT, "Héllo wörld — 東京 🙂"):  # merges, and bytes the vocabulary lacks
+        assert lc.tokenize(text.encode()) == hf.encode(text)

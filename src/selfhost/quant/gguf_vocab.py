@@ -30,6 +30,25 @@ def _pre_name(tok: dict) -> str:
     return "default"
 
 
+def _adds_space_prefix(tok: dict) -> bool:
+    """Whether tokenizer.json prepends "▁" to the text (Llama 2, Mistral) or not (Gemma).
+
+    llama.cpp's SentencePiece tokenizer prepends a space unless the file says otherwise.
+    """
+    def steps(section: dict | None, key: str) -> list[dict]:
+        if not section:
+            return []
+        return section.get(key, []) if section.get("type") == "Sequence" else [section]
+
+    for step in steps(tok.get("normalizer"), "normalizers"):
+        if step.get("type") == "Prepend" and step.get("prepend") == "\u2581":
+            return True
+    for step in steps(tok.get("pre_tokenizer"), "pretokenizers"):
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else "never") != "never"
+    return False
+
+
 def write_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
     """Add the tokenizer of `model_dir` to `writer`, padded to the model's `vocab_size` rows."""
     from transformers import AutoTokenizer
@@ -70,6 +89,7 @@ def write_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> No
 
     if byte_fallback:
         writer.add_tokenizer_model("llama")
+        writer.add_add_space_prefix(_adds_space_prefix(tok))
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
