@@ -186,8 +186,8 @@ static int cpu_has_avx2(void) {
 static int linear_avx2(const float *x, const int8_t *w, const float *wscale, const float *bias, float *out,
                        Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
     const Py_ssize_t nb = nblocks_of(K);
-    int8_t *xq = malloc((size_t)(M * K));
-    float *xscale = malloc(sizeof(float) * (size_t)(M * nb));
+    int8_t *xq = malloc((size_t)(M * K) + 1); /* + 1: never malloc(0), which may return NULL */
+    float *xscale = malloc(sizeof(float) * (size_t)(M * nb + 1));
     if (!xq || !xscale) {
         free(xq), free(xscale);
         return -1;
