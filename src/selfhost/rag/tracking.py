@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from selfhost.bench.tracking import DEFAULT_TRACKING_URI, TrackedRun, start_run
+from selfhost.bench.tracking import DEFAULT_TRACKING_URI, TrackedRun, TrackingError, start_run
 
 DEFAULT_EXPERIMENT = "selfhost-rag-eval"
 RUN_KIND = "rag-eval"
@@ -33,6 +33,10 @@ def eval_metrics(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]
 
 def start_eval_run(tracking_uri: str, experiment: str, params: Mapping[str, Any]) -> TrackedRun:
     """A RUNNING run named after the collection; opened before the evaluation so a bad store fails first."""
+    try:
+        import mlflow  # noqa: F401  (the rag extra does not bring it)
+    except ImportError as err:
+        raise TrackingError("--track needs MLflow: pip install 'selfhost[bench]'") from err
     return start_run(tracking_uri, experiment, f"rag-eval-{params['collection']}", params, kind=RUN_KIND)
 
 
