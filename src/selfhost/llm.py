@@ -29,6 +29,8 @@ class LLM:
     for the embedded demo model. On CPU the default dtype is float32; on CUDA
     bfloat16 (float16 where bf16 is unsupported). `quantization="int8"|"int4"`
     quantizes the weights right after loading (docs/QUANTIZATION.md).
+    `transformers_fallback=True` runs architectures selfhost has no native code
+    for through transformers' modeling code: same API, much slower.
     """
 
     def __init__(
@@ -45,13 +47,18 @@ class LLM:
         max_num_batched_tokens: int = 1024,
         enable_prefix_caching: bool = True,
         quantization: str | None = None,
+        transformers_fallback: bool = False,
     ):
         self.model_dir = resolve_model(model, allow_pickle=allow_pickle, revision=revision)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = Tokenizer(self.model_dir)
         quant_config = QuantConfig(method=quantization) if quantization is not None else None  # fail before the load
-        self.model = load_model(self.model_dir, self.dtype, self.device, max_model_len, allow_pickle)
+        self.model = load_model(
+            self.model_dir, self.dtype, self.device, max_model_len, allow_pickle, transformers_fallback
+        )
+        if quant_config is not None and getattr(self.model, "owns_kv_cache", False):
+            raise InvalidParameterError("quantization needs a natively supported architecture, not the transformers fallback")
         if quant_config is not None:  # on the fly; `selfhost quantize` writes the same modules to disk
             quantize_model(self.model, quant_config)
         self.max_model_len = self.model.max_len

@@ -49,10 +49,19 @@ def sampling_params(
     )
 
 
-def load_llm(model: str | None, dtype: str, device: str, allow_pickle: bool):
+TransformersFallback = Annotated[
+    bool,
+    typer.Option(
+        "--transformers-fallback",
+        help="Run an architecture without native support through transformers' modeling code (slower).",
+    ),
+]
+
+
+def load_llm(model: str | None, dtype: str, device: str, allow_pickle: bool, transformers_fallback: bool = False):
     from rich.console import Console
 
     from selfhost import LLM
 
     Console(stderr=True).print(f"loading {model or 'the embedded demo model'}...", style="dim")
-    return LLM(model, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    return LLM(model, dtype=dtype, device=device, allow_pickle=allow_pickle, transformers_fallback=transformers_fallback)

@@ -26,6 +26,7 @@ def run(
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
     allow_pickle: o.AllowPickle = False,
+    transformers_fallback: o.TransformersFallback = False,
 ) -> None:
     """Generate a continuation of PROMPT and stream it to the terminal.
 
@@ -36,7 +37,7 @@ def run(
         raise InvalidParameterError(f"expected [MODEL] PROMPT, got {len(args)} arguments; quote the prompt")
     model, prompt = (None, args[0]) if len(args) == 1 else (args[0], args[1])
     params = o.sampling_params(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
-    llm = o.load_llm(model, dtype, device, allow_pickle)
+    llm = o.load_llm(model, dtype, device, allow_pickle, transformers_fallback)
     source = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else prompt
     if not chat:
         sys.stdout.write(prompt)
@@ -60,10 +61,11 @@ def chat(
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
     allow_pickle: o.AllowPickle = False,
+    transformers_fallback: o.TransformersFallback = False,
 ) -> None:
     """Chat with a model in the terminal. Empty line or Ctrl-D quits; /reset clears the history."""
     params = o.sampling_params(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
-    llm = o.load_llm(model, dtype, device, allow_pickle)
+    llm = o.load_llm(model, dtype, device, allow_pickle, transformers_fallback)
     console = Console()
     history = [{"role": "system", "content": system}] if system else []
     while True:

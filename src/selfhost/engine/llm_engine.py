@@ -16,6 +16,7 @@ import torch
 from selfhost.engine.block_manager import BlockManager
 from selfhost.engine.config import EngineConfig
 from selfhost.engine.model_runner import ModelRunner
+from selfhost.engine.transformers_runner import TransformersRunner
 from selfhost.engine.paged_cache import PagedKVCache
 from selfhost.engine.scheduler import Scheduler
 from selfhost.engine.sequence import Sequence
@@ -71,10 +72,15 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         num_blocks = plan_num_blocks(config, model, dtype, device)
-        self.cache = PagedKVCache(model.spec, num_blocks, config.block_size, dtype, device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, device)
+        if getattr(model, "owns_kv_cache", False):
+            # The transformers fallback keeps its own caches; blocks still meter their memory.
+            self.cache = None
+            self.runner = TransformersRunner(model, device)
+        else:
+            self.cache = PagedKVCache(model.spec, num_blocks, config.block_size, dtype, device)
+            self.runner = ModelRunner(model, self.cache, device)
         self.capacity_tokens = num_blocks * config.block_size
         self.sequences: dict[str, Sequence] = {}
         self._tokens_last_step = 0
@@ -100,6 +106,8 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidParameterError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.prompt_logprobs is not None and not self.runner.supports_prompt_logprobs:
+            raise InvalidParameterError("prompt logprobs are not available with the transformers fallback")
         seq = Sequence(request_id, list(prompt_ids), params, self.tokenizer, max_len)
         worst_case = len(seq.prompt_ids) + seq.max_output
         if worst_case > self.capacity_tokens:

@@ -34,6 +34,8 @@ class StepResult:
 
 
 class ModelRunner:
+    supports_prompt_logprobs = True
+
     def __init__(self, model: CausalLM, cache: PagedKVCache, device: torch.device):
         self.model = model
         self.cache = cache

@@ -236,5 +236,6 @@ def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
             return ARCHITECTURES[arch]({**cfg, "architectures": [arch]})
     raise UnsupportedModelError(
         f"architecture {architectures or 'unknown'} is not supported natively; "
-        f"supported: {', '.join(ARCHITECTURES)}"
+        f"supported: {', '.join(ARCHITECTURES)}. --transformers-fallback (Python: transformers_fallback=True) "
+        "runs it through transformers instead, more slowly"
     )

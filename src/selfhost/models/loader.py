@@ -19,6 +19,7 @@ from selfhost.errors import UnsupportedModelError
 from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS, spec_from_config
 from selfhost.models.spec import ModelSpec
+from selfhost.models.transformers_fallback import TransformersModel, load_transformers_model
 
 
 def read_config(model_dir: Path) -> dict:
@@ -64,14 +65,25 @@ def shard_slices(spec: ModelSpec) -> dict[str, list[tuple[int, int]]]:
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, max_len: int | None = None, allow_pickle: bool = False
-) -> CausalLM:
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_len: int | None = None,
+    allow_pickle: bool = False,
+    transformers_fallback: bool = False,
+) -> CausalLM | TransformersModel:
+    """The native model for a supported family; else, when allowed, transformers' own (slower)."""
     cfg = read_config(model_dir)
     if "quantization_config" in cfg:  # written by `selfhost quantize`: quantized modules, own tensor names
         from selfhost.quant.apply import load_quantized_model
 
         return load_quantized_model(model_dir, cfg, dtype, device, max_len)
-    spec = spec_from_config(cfg)
+    try:
+        spec = spec_from_config(cfg)
+    except UnsupportedModelError:
+        if not transformers_fallback:
+            raise
+        return load_transformers_model(model_dir, dtype, device, max_len, allow_pickle)
     files = weight_files(model_dir, allow_pickle)
     max_len = min(max_len or spec.max_position, spec.max_position)
     with torch.device("meta"):

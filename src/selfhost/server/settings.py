@@ -40,6 +40,9 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="Cap the context window (default: the model's).")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
+    transformers_fallback: bool = Field(
+        False, description="Run architectures without native support through transformers (slower)."
+    )
     memory_budget: str | None = Field(
         None, description="Total memory for all loaded models (weights + KV), e.g. '12GiB'; over it a load fails."
     )
