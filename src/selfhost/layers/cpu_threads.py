@@ -33,8 +33,8 @@ from typing import Callable, Iterator
 
 import torch
 
-# Steps with fewer tokens than this are memory-bound: "small" steps.
-SMALL_STEP_MAX_TOKENS = int(os.environ.get("SELFHOST_BLAS_MULTITHREAD_ROWS", "32")) - 1
+# Steps up to this many tokens are memory-bound ("small"): decode batches, short prompts.
+SMALL_STEP_MAX_TOKENS = 31
 PINNED_BLAS_THREADS = os.environ.get("SELFHOST_BLAS_THREADS")
 
 
@@ -115,6 +115,15 @@ class ThreadChooser:
         self._until_probe = self._interval
 
 
+# Threads the running step gives compute kernels outside numpy (the int8 C kernel); None outside a step.
+_step_kernel_threads: int | None = None
+
+
+def kernel_threads() -> int:
+    """Threads a compute kernel may use now: the step's choice, else torch's setting."""
+    return _step_kernel_threads or torch.get_num_threads()
+
+
 def numpy_blas_thread_setter() -> Callable[[int], None]:
     """Sets numpy's BLAS thread count through its C entry point, only when it changes."""
     from threadpoolctl import ThreadpoolController
@@ -151,7 +160,8 @@ class CpuThreads:
     def step(self, num_tokens: int) -> Iterator[None]:
         small = num_tokens <= SMALL_STEP_MAX_TOKENS
         chooser = self.small_steps if small else self.large_steps
-        self.blas_threads = chooser.begin()
+        global _step_kernel_threads
+        self.blas_threads = _step_kernel_threads = chooser.begin()
         self._set_blas_threads(self.blas_threads)
         # Tiny ops run best on one thread; big steps give torch what BLAS gets.
         torch.set_num_threads(1 if small else self.blas_threads)
@@ -161,5 +171,6 @@ class CpuThreads:
         finally:
             seconds = time.perf_counter() - start
             torch.set_num_threads(self.max_threads)
+            _step_kernel_threads = None
             # Big steps vary in size: compare them per token.
             chooser.end(seconds if small else seconds / num_tokens)

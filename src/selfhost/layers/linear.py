@@ -22,8 +22,6 @@ from torch import nn
 
 # SELFHOST_CPU_BLAS=torch turns the detour off (to compare, or on a CPU where MKL wins).
 USE_NUMPY_BLAS = os.environ.get("SELFHOST_CPU_BLAS", "numpy") == "numpy"
-# Products with fewer rows than this are memory-bound (kernels outside numpy use it too).
-MULTITHREAD_MIN_ROWS = int(os.environ.get("SELFHOST_BLAS_MULTITHREAD_ROWS", "32"))
 
 
 class Linear(nn.Linear):

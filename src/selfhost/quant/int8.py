@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfhost.layers.linear import MULTITHREAD_MIN_ROWS
+from selfhost.layers.cpu_threads import kernel_threads
 
 try:
     from selfhost.quant import _int8_cpu
@@ -100,8 +100,7 @@ def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
             x = x.contiguous()
         rows = x.numel() // in_features
         out = torch.empty(*x.shape[:-1], out_features)
-        # Few rows are memory-bound and one thread nearly saturates memory (as for the fp32 path).
-        num_threads = 1 if rows < MULTITHREAD_MIN_ROWS else torch.get_num_threads()
+        num_threads = kernel_threads()  # the engine step's choice (layers/cpu_threads.py)
         _int8_cpu.linear(x.data_ptr(), weight_ptr, scales_ptr, bias_ptr, out.data_ptr(), rows, out_features,
                          in_features, num_threads)
         return out
