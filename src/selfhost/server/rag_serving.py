@@ -102,7 +102,7 @@ class Collections:
             self._retrievers.clear()
 
 
-@dataclass
+@dataclass(frozen=True)
 class GroundedChat:
     sources: list[SourceInfo]  # empty when nothing relevant was found
     gen: Generation | None  # None when there is nothing to generate from
