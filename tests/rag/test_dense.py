@@ -46,14 +46,16 @@ def test_top_is_exact_against_a_full_sort():
     assert len(index.top(scores, 10_000)) == 500
 
 
-def test_ingest_keeps_the_saved_matrix_in_step(tmp_path, embedder):
+def test_ingest_keeps_the_saved_matrix_in_step(tmp_path, embedder, monkeypatch):
     docs = write_corpus(tmp_path / "docs")
     with VectorStore(tmp_path / "store") as store:
         ingest([docs], store, "c", embedder)
         (docs / "tides.txt").write_text("Tides rise and fall with the moon.\n")
         (docs / "volcanoes.txt").unlink()
         (docs / "kites.txt").write_text("Kites fly on a string in steady wind.\n")
-        ingest([docs], store, "c", embedder)
+        with monkeypatch.context() as patch:  # the saved matrix is updated, not scrolled back out of Qdrant
+            patch.setattr(DenseIndex, "build", lambda *a: pytest.fail("rebuilt from the store"))
+            ingest([docs], store, "c", embedder)
         saved = DenseIndex.load(store.side_dir("c"))
         in_store = {pid: chunk for pid, chunk in store.chunks("c")}
         assert sorted(saved.point_ids) == sorted(in_store)

@@ -10,8 +10,9 @@ layers/linear.py) and an argpartition of the candidates.
 
 Qdrant stays the store of record. The matrix is a cache of it, saved beside the
 keyword index (`<store>/keyword/<collection>/dense.npy`): ingest drops it before
-changing the collection and rebuilds it afterwards, and a cache whose size does
-not match the collection is rebuilt on load. A Qdrant server searches itself
+changing the collection and saves the updated one afterwards (the old rows minus
+changed files plus the new vectors, or rebuilt from Qdrant when that does not add
+up), and a cache whose size does not match the collection is rebuilt on load. A Qdrant server searches itself
 (HNSW), so this is for the embedded store only.
 """
 
@@ -84,6 +85,18 @@ class DenseIndex:
             rows.append(vector)
         vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), dtype=np.float32)
         return cls(point_ids, paths, vectors)
+
+    def updated(
+        self, removed_paths: set[str], point_ids: list[str], paths: list[str], vectors: np.ndarray
+    ) -> "DenseIndex":
+        """A new index without the rows of `removed_paths` and with the given rows added (what ingest changed)."""
+        keep = np.fromiter((p not in removed_paths for p in self.paths), dtype=bool, count=len(self.paths))
+        rows = np.flatnonzero(keep)
+        return DenseIndex(
+            [self.point_ids[r] for r in rows] + list(point_ids),
+            [self.paths[r] for r in rows] + list(paths),
+            np.concatenate([self.vectors[rows], np.asarray(vectors, dtype=np.float32).reshape(-1, self.vectors.shape[1])]),
+        )
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

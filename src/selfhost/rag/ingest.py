@@ -113,6 +113,8 @@ def ingest(
 
     vectors = embedder.embed([c.text for c in new_chunks], show_progress=show_progress).vectors
     side_dir = store.side_dir(collection)
+    # Read before it is dropped below: updating it is far cheaper than scrolling every vector back out.
+    previous_dense = DenseIndex.load(side_dir) if store.is_embedded else None
     if new_chunks or updated or removed:
         # The side indexes go stale from here on; forgetting them first means a crash
         # mid-way leaves them missing (rebuilt on next use), never silently wrong.
@@ -134,6 +136,13 @@ def ingest(
     )
     if report.changed or KeywordIndex.load(side_dir) is None:
         KeywordIndex.build(store.chunks(collection)).save(side_dir)
-    if store.is_embedded and (report.changed or DenseIndex.load(side_dir) is None):
-        DenseIndex.build(store.vectors(collection), embedder.dim).save(side_dir)
+    if store.is_embedded and (report.changed or previous_dense is None):
+        dense = None
+        if previous_dense is not None:
+            dense = previous_dense.updated(
+                set(updated + removed), [c.point_id for c in new_chunks], [c.path for c in new_chunks], vectors
+            )
+        if dense is None or dense.num_chunks != report.num_chunks_total:
+            dense = DenseIndex.build(store.vectors(collection), embedder.dim)
+        dense.save(side_dir)
     return replace(report, seconds=time.perf_counter() - started)
