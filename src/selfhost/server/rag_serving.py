@@ -130,7 +130,13 @@ async def ground(serving: Serving, collections: Collections, req: ChatCompletion
                        similarity=s.similarity, text=s.text) for s in sources]
     if not sources:
         return GroundedChat(wire, None, nothing_relevant(options.collection))
-    gen = await oai.prepare_chat(serving, served, req, ground_conversation(messages, sources))
+    try:
+        gen = await oai.prepare_chat(serving, served, req, ground_conversation(messages, sources))
+    except APIError as err:
+        if err.code != "context_length_exceeded":
+            raise
+        raise APIError(f"{err.message} with {len(sources)} sources from {options.collection!r} in the prompt; "
+                       "ask for fewer with rag.top_k", err.status, param=err.param, code=err.code) from err
     return GroundedChat(wire, gen, None)
 
 
