@@ -111,7 +111,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore) -> torch.Tensor:
         num_tokens = x.shape[0]
-        heads = self.qkv_proj(x).view(num_tokens, -1, self.head_dim)  # (T, H + 2*Hkv, D): q, k, v heads
+        heads = self.qkv_proj.forward(x).view(num_tokens, -1, self.head_dim)  # (T, H + 2*Hkv, D): q, k, v heads
         num_qk = self.num_heads + self.num_kv_heads
         v = heads[:, num_qk:]
         if self.q_norm is None:
@@ -119,7 +119,7 @@ class Attention(nn.Module):
             qk = apply_rotary(heads[:, :num_qk], cos, sin)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         else:
-            q = apply_rotary(self.q_norm(heads[:, : self.num_heads]), cos, sin)
-            k = apply_rotary(self.k_norm(heads[:, self.num_heads : num_qk]), cos, sin)
+            q = apply_rotary(self.q_norm.forward(heads[:, : self.num_heads]), cos, sin)
+            k = apply_rotary(self.k_norm.forward(heads[:, self.num_heads : num_qk]), cos, sin)
         out = kv.attend(self.layer_idx, q, k, v, self.scale, self.sliding_window, self.softcap)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.o_proj.forward(out.reshape(num_tokens, self.q_size))

@@ -1,14 +1,17 @@
-"""Linear layers whose CPU inference matmul runs on the fastest BLAS at hand.
+"""Linear layers whose CPU inference matmul runs on the fastest kernel at hand.
 
-PyTorch's CPU wheels multiply with MKL, which takes slow generic code paths
-on AMD processors: a single-token decode step reads every weight once and
-MKL's matrix-vector product reaches about 16 GB/s on this class of machine,
-where numpy's bundled OpenBLAS reaches about 39 GB/s (benchmarks/decode_cpu.py
-shows the end-to-end effect). numpy arrays share the tensors' memory, so the
-detour costs no copy. Training (autograd), other dtypes and GPUs use F.linear.
+PyTorch's CPU wheels multiply with MKL, which takes slow generic code paths on
+AMD processors: a single-token decode step reads every weight once and MKL's
+matrix-vector product reaches about 16 GB/s on this class of machine. So fp32
+inference on CPU goes elsewhere, without copying any weight:
+- up to 31 rows (decode steps): selfhost's own product (`_matvec_cpu.c`,
+  compiled at install; prefetching, ~25 GB/s on one thread, and a worker pool
+  that never waits for a descheduled thread);
+- more rows (prompts, big batches), or where the extension is missing:
+  numpy's bundled OpenBLAS, compute-bound and efficient there.
+Training (autograd), other dtypes and GPUs use F.linear.
 
-How many threads the BLAS uses is decided per engine step (`cpu_threads.py`),
-not here: a product only runs on whatever count the step set.
+How many threads a product uses is decided per engine step (`cpu_threads.py`).
 """
 
 from __future__ import annotations
@@ -20,13 +23,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# SELFHOST_CPU_BLAS=torch turns the detour off (to compare, or on a CPU where MKL wins).
-USE_NUMPY_BLAS = os.environ.get("SELFHOST_CPU_BLAS", "numpy") == "numpy"
+from selfhost.layers.cpu_threads import SMALL_STEP_MAX_TOKENS, kernel_threads
+
+try:
+    from selfhost.layers import _matvec_cpu
+except ImportError:  # not compiled (no C compiler at install, or a source tree without `pip install`)
+    _matvec_cpu = None
+
+# SELFHOST_CPU_BLAS=torch turns the detour off (to compare, or on a CPU where MKL wins);
+# SELFHOST_CPU_BLAS=numpy keeps OpenBLAS for decode steps too.
+CPU_BLAS = os.environ.get("SELFHOST_CPU_BLAS", "auto")
+USE_MATVEC = CPU_BLAS == "auto" and _matvec_cpu is not None and _matvec_cpu.available()
 
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if USE_NUMPY_BLAS and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if CPU_BLAS == "torch" or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // self.in_features
+        if USE_MATVEC and rows <= SMALL_STEP_MAX_TOKENS and self.weight.is_contiguous():
+            x = x.contiguous()
+            out = torch.empty(*x.shape[:-1], self.out_features)
+            _matvec_cpu.matvec(x.data_ptr(), self.weight.data_ptr(), out.data_ptr(), rows, self.out_features,
+                               self.in_features, kernel_threads())
+        else:
             out = torch.from_numpy(np.matmul(x.numpy(), self.weight.detach().numpy().T))
-            return out if self.bias is None else out.add_(self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return out if self.bias is None else out.add_(self.bias)
