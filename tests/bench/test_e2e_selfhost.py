@@ -31,7 +31,8 @@ from selfhost.hub import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME
 from selfhost.tokenizer import Tokenizer
 
 NUM_REQUESTS = 8
-PROMPT_TOKENS, OUTPUT_TOKENS = "uniform:8-24", "fixed:12"
+# Long enough outputs that each level spans many /metrics scrapes even when the engine is fast.
+PROMPT_TOKENS, OUTPUT_TOKENS = "uniform:8-24", "fixed:96"
 LEVELS = {"c1": 1, "c4": 4}
 
 
@@ -95,7 +96,7 @@ def scrape(url: str) -> Scrape:
 class Sampler(threading.Thread):
     """Scrapes /metrics every `interval_s` until stopped."""
 
-    def __init__(self, url: str, interval_s: float = 0.02):
+    def __init__(self, url: str, interval_s: float = 0.005):
         super().__init__(daemon=True)
         self.url, self.interval_s = url, interval_s
         self.scrapes: list[Scrape] = []
