@@ -15,6 +15,7 @@ from selfhost.plan.calibration import (
     model_from_checkpoint,
     predict,
 )
+from selfhost.plan import speed as speed_module
 from selfhost.plan.local_device import local_cpu_device
 from selfhost.plan.memory import memory_breakdown
 from selfhost.plan.precision import get_precision
@@ -50,10 +51,14 @@ def test_quantized_weights_run_under_fp32_activations_on_a_cpu():
     assert checkpoint_precision(DEMO).name == "fp32"
 
 
-def test_a_tiny_model_is_bound_by_per_step_overhead_not_bandwidth():
+def test_a_tiny_model_is_bound_by_per_step_overhead_not_bandwidth(monkeypatch):
     model, fp32 = model_from_checkpoint(DEMO), get_precision("fp32")
     device = local_cpu_device(copy_gb_s=30.0, fp32_gemv_gb_s=30.0, int8_gemv_gb_s=None, fp32_tflops=0.5)
     speed = estimate_speed(model, device, fp32, 128, 1)
     assert speed.decode_bound == "overhead"
     # Without the overhead term 10 MB at 30 GB/s would promise ~3,000 tokens/s.
-    assert speed.decode_tok_s < 1000
+    monkeypatch.setattr(speed_module, "DECODE_STEP_OVERHEAD_S", 0.0)
+    monkeypatch.setattr(speed_module, "DECODE_LAYER_OVERHEAD_S", 0.0)
+    bandwidth_only = estimate_speed(model, device, fp32, 128, 1)
+    assert bandwidth_only.decode_tok_s > 2500
+    assert speed.decode_tok_s < 0.6 * bandwidth_only.decode_tok_s

@@ -13,10 +13,11 @@ from selfhost.plan.precision import Precision
 # What selfhost's eager decode loop costs per step besides moving weights: Python,
 # PyTorch dispatch and kernel launches, about constant per layer whatever its width.
 # Measured on this project's 2-core x86 machine with tiny random models of 1-16
-# layers (`benchmarks/fit_calibration.py --overhead`: fp32 0.16 ms + 0.105 ms per
-# layer, int8 0.12 ms + 0.109 ms; int4 not measured); a slower core pays more.
-DECODE_STEP_OVERHEAD_S = 0.15e-3  # engine step: scheduling, sampling, logits to host
-DECODE_LAYER_OVERHEAD_S = 0.11e-3
+# layers (`benchmarks/fit_calibration.py --overhead`, quiet machine, after the C
+# decode kernels landed: fp32 0.10 ms + 0.067 ms per layer, int8 0.10 ms + 0.063 ms;
+# int4 not measured); a slower core pays more.
+DECODE_STEP_OVERHEAD_S = 0.10e-3  # engine step: scheduling, sampling, logits to host
+DECODE_LAYER_OVERHEAD_S = 0.066e-3
 
 
 @dataclass(frozen=True)
