@@ -20,6 +20,7 @@ setup(
         Extension(
             "selfhost.quant._int8_cpu",
             ["src/selfhost/quant/_int8_cpu.c"],
+            depends=["src/selfhost/_cpu_pool.h"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             optional=True,
@@ -27,6 +28,7 @@ setup(
         Extension(
             "selfhost.layers._matvec_cpu",
             ["src/selfhost/layers/_matvec_cpu.c"],
+            depends=["src/selfhost/_cpu_pool.h"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             optional=True,

@@ -10,10 +10,10 @@
  *  - OpenBLAS splits a product between its threads in fixed shares, so when
  *    another process holds a core the caller waits for a descheduled worker
  *    and a step takes 10-40x longer.
- * Here the caller and a persistent worker pool take chunks of weight rows from
- * one atomic counter until none are left. A worker that is not running simply
- * takes no chunks: the caller does the whole product itself, at one-thread
- * speed, and never waits for a chunk nobody started.
+ * Here the caller and a persistent worker pool (../_cpu_pool.h) take chunks of
+ * weight rows from one atomic counter until none are left. A worker that is not
+ * running simply takes no chunks: the caller does the whole product itself, at
+ * one-thread speed, and never waits for a chunk nobody started.
  *
  * Layouts: x (M, K), W (N, K), y (M, N), all contiguous fp32.
  */
@@ -26,9 +26,8 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__STDC_NO_ATOMICS__)
 #define SELFHOST_MATVEC 1
 #include <immintrin.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
+
+#include "../_cpu_pool.h"
 #endif
 
 #ifdef SELFHOST_MATVEC
@@ -37,9 +36,6 @@
 #define TILE 4              /* weight rows whose dot products are formed together */
 #define CHUNK_ROWS 32       /* weight rows per unit of work taken from the counter */
 #define PREFETCH_BYTES 8192 /* how far ahead of each weight row to ask for cache lines */
-#define MAX_WORKERS 63
-#define SPIN_PAUSES 20000   /* ~10-50 us of pause before a waiting worker starts yielding */
-#define SPIN_YIELDS 200     /* then this many sched_yield()s before it sleeps */
 
 typedef struct {
     const float *x, *w;
@@ -100,107 +96,7 @@ static void run_chunk(const Product *p, Py_ssize_t chunk) {
     for (Py_ssize_t n = chunk * CHUNK_ROWS; n < end; n += TILE) tile_dots(p, n, end - n < TILE ? (int)(end - n) : TILE);
 }
 
-/* ---- the pool ----
- * `ticket` holds (generation << 32 | next chunk). Taking a chunk is a compare-and-swap
- * that only succeeds for the current generation, so a worker that wakes up late can never
- * take part of a newer product. The caller returns once every chunk has been done. */
-static struct {
-    pthread_t threads[MAX_WORKERS];
-    int num_workers;
-    pthread_mutex_t lock;
-    pthread_cond_t wake;
-    _Atomic uint64_t ticket;
-    _Atomic long done;
-    _Atomic int sleepers;
-    _Atomic int participants; /* workers with index below this may take chunks */
-    Product product;
-    long num_chunks;
-} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
-
-static int take_chunk(uint32_t generation, long num_chunks, long *chunk) {
-    uint64_t seen = atomic_load(&pool.ticket);
-    for (;;) {
-        if ((uint32_t)(seen >> 32) != generation || (long)(seen & 0xffffffffu) >= num_chunks) return 0;
-        if (atomic_compare_exchange_weak(&pool.ticket, &seen, seen + 1)) {
-            *chunk = (long)(seen & 0xffffffffu);
-            return 1;
-        }
-    }
-}
-
-static void work(uint32_t generation) {
-    Product p = pool.product;
-    long num_chunks = pool.num_chunks, chunk;
-    while (take_chunk(generation, num_chunks, &chunk)) {
-        run_chunk(&p, chunk);
-        atomic_fetch_add(&pool.done, 1);
-    }
-}
-
-static void *worker_main(void *arg) {
-    int index = (int)(intptr_t)arg;
-    uint32_t seen = (uint32_t)(atomic_load(&pool.ticket) >> 32);
-    for (;;) {
-        uint32_t generation;
-        long spins = 0;
-        while ((generation = (uint32_t)(atomic_load(&pool.ticket) >> 32)) == seen) {
-            if (spins < SPIN_PAUSES) {
-                _mm_pause();
-            } else if (spins < SPIN_PAUSES + SPIN_YIELDS) {
-                sched_yield();
-            } else {
-                pthread_mutex_lock(&pool.lock);
-                atomic_fetch_add(&pool.sleepers, 1);
-                while ((uint32_t)(atomic_load(&pool.ticket) >> 32) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-                atomic_fetch_sub(&pool.sleepers, 1);
-                pthread_mutex_unlock(&pool.lock);
-            }
-            spins++;
-        }
-        seen = generation;
-        if (index < atomic_load(&pool.participants)) work(generation);
-    }
-    return NULL;
-}
-
-static void start_workers(int wanted) {
-    if (wanted > MAX_WORKERS) wanted = MAX_WORKERS;
-    while (pool.num_workers < wanted) {
-        if (pthread_create(&pool.threads[pool.num_workers], NULL, worker_main, (void *)(intptr_t)pool.num_workers) != 0)
-            break; /* fewer helpers: the caller still does every remaining chunk */
-        pthread_detach(pool.threads[pool.num_workers]);
-        pool.num_workers++;
-    }
-}
-
-static void multiply(const Product *p, int num_threads) {
-    long num_chunks = (long)((p->N + CHUNK_ROWS - 1) / CHUNK_ROWS);
-    if (num_threads > 1) start_workers(num_threads - 1);
-    int helpers = num_threads - 1 < pool.num_workers ? num_threads - 1 : pool.num_workers;
-    if (helpers <= 0 || num_chunks < 2) {
-        for (long c = 0; c < num_chunks; c++) run_chunk(p, c);
-        return;
-    }
-    pool.product = *p;
-    pool.num_chunks = num_chunks;
-    atomic_store(&pool.done, 0);
-    atomic_store(&pool.participants, helpers);
-    uint32_t generation = (uint32_t)(atomic_load(&pool.ticket) >> 32) + 1;
-    atomic_store(&pool.ticket, (uint64_t)generation << 32); /* publishes the product: chunk 0 of a new generation */
-    if (atomic_load(&pool.sleepers) > 0) {
-        pthread_mutex_lock(&pool.lock);
-        pthread_cond_broadcast(&pool.wake);
-        pthread_mutex_unlock(&pool.lock);
-    }
-    work(generation);
-    /* Only chunks a worker has already taken can be outstanding; each is a few microseconds of work. */
-    for (long spins = 0; atomic_load(&pool.done) < num_chunks; spins++) {
-        if (spins < SPIN_PAUSES)
-            _mm_pause();
-        else
-            sched_yield();
-    }
-}
+static void run_chunk_of(const void *product, long chunk) { run_chunk((const Product *)product, chunk); }
 
 static int cpu_has_avx2(void) {
     __builtin_cpu_init();
@@ -230,13 +126,9 @@ static PyObject *matvec(PyObject *self, PyObject *args) {
         return NULL;
     }
     Product p = {(const float *)x, (const float *)w, (float *)y, M, N, K};
-    /* One product at a time: the pool has one slot. The GIL serialises callers; it is released
-     * only around the work, under this lock. */
-    static pthread_mutex_t one_caller = PTHREAD_MUTEX_INITIALIZER;
+    long num_chunks = (long)((N + CHUNK_ROWS - 1) / CHUNK_ROWS);
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&one_caller);
-    multiply(&p, num_threads < 1 ? 1 : num_threads);
-    pthread_mutex_unlock(&one_caller);
+    pool_run(run_chunk_of, &p, num_chunks, num_threads < 1 ? 1 : num_threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 #else

@@ -15,8 +15,8 @@
  *
  * Work split: rows of the weight in tiles of 4, each tile kept in L1 while it
  * meets every activation row of a chunk (prefill reads each weight once per
- * chunk of CHUNK_ROWS rows). Threads (POSIX, started per call) split the
- * weight's rows; the caller asks for one thread on small products.
+ * chunk of CHUNK_ROWS rows). Threads of a persistent pool (../_cpu_pool.h) take
+ * chunks of CHUNK_N weight rows as they are free; the engine step picks how many.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -29,13 +29,14 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SELFHOST_X86 1
 #include <immintrin.h>
-#include <pthread.h>
+
+#include "../_cpu_pool.h"
 #endif
 
 #define QBLOCK 32
 #define TILE 4
 #define CHUNK_ROWS 128
-#define MAX_THREADS 64
+#define CHUNK_N 64 /* weight rows per unit of work handed to the pool (a multiple of TILE) */
 /* Bytes ahead of the rows being read that each tile asks the caches for; 8-32 KiB measured
  * equally fast here, nearly 3x faster than leaving it to the hardware prefetcher. */
 #define PREFETCH_BYTES 16384
@@ -172,9 +173,12 @@ __attribute__((target("avx2,fma"))) static void run_job_avx2(const Job *j) {
     }
 }
 
-static void *run_job_thread(void *arg) {
-    run_job_avx2((const Job *)arg);
-    return NULL;
+/* One chunk of the product: weight rows [chunk * CHUNK_N, ...) against every activation row. */
+static void run_chunk(const void *whole, long chunk) {
+    Job job = *(const Job *)whole;
+    job.n_begin = (Py_ssize_t)chunk * CHUNK_N;
+    job.n_end = job.n_begin + CHUNK_N < job.N ? job.n_begin + CHUNK_N : job.N;
+    run_job_avx2(&job);
 }
 
 static int cpu_has_avx2(void) {
@@ -194,27 +198,9 @@ static int linear_avx2(const float *x, const int8_t *w, const float *wscale, con
     }
     quantize_rows_avx2(x, M, K, xq, xscale);
 
-    /* Split the weight rows into num_threads ranges of whole tiles. */
-    const Py_ssize_t tiles = (N + TILE - 1) / TILE;
-    if (num_threads > tiles) num_threads = (int)tiles;
-    if (num_threads < 1) num_threads = 1;
-    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
-    Job jobs[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 0; t < num_threads; t++) {
-        Py_ssize_t begin = tiles * t / num_threads * TILE, end = tiles * (t + 1) / num_threads * TILE;
-        jobs[t] = (Job){xq, xscale, w, wscale, bias, out, M, N, K, begin, end < N ? end : N};
-    }
-    for (int t = 1; t < num_threads; t++)
-        started[t] = pthread_create(&threads[t], NULL, run_job_thread, &jobs[t]) == 0;
-    run_job_avx2(&jobs[0]);
-    for (int t = 1; t < num_threads; t++) {
-        if (started[t])
-            pthread_join(threads[t], NULL);
-        else
-            run_job_avx2(&jobs[t]); /* no thread to be had: do its share here */
-    }
+    /* Chunks of weight rows go to whichever thread of the pool is free (../_cpu_pool.h). */
+    const Job whole = {xq, xscale, w, wscale, bias, out, M, N, K, 0, N};
+    pool_run(run_chunk, &whole, (long)((N + CHUNK_N - 1) / CHUNK_N), num_threads < 1 ? 1 : num_threads);
     free(xq), free(xscale);
     return 0;
 }
