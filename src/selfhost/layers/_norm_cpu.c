@@ -1,0 +1,94 @@
+/* RMSNorm over fp32 rows on CPU: out = x * rsqrt(mean(x^2) + eps) * (w + offset).
+ *
+ * Built at install time as an optional extension (setup.py). PyTorch's CPU
+ * rms_norm runs as several small ops (~9 us a call for a 576-wide row here);
+ * a decode step calls it twice per layer, which measured 0.55 ms of a 16 ms
+ * token on the ~125M benchmark model. This is one pass over the row to sum
+ * squares and one to scale, ~1 us.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SELFHOST_X86 1
+#include <immintrin.h>
+#endif
+
+static float sum_squares_scalar(const float *x, Py_ssize_t n) {
+    double acc = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) acc += (double)x[i] * x[i];
+    return (float)acc;
+}
+
+#ifdef SELFHOST_X86
+__attribute__((target("avx2,fma"))) static float sum_squares_avx2(const float *x, Py_ssize_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+        a1 = _mm256_fmadd_ps(v1, v1, a1);
+    }
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        a0 = _mm256_fmadd_ps(v, v, a0);
+    }
+    a0 = _mm256_add_ps(a0, a1);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    float acc = _mm_cvtss_f32(s);
+    for (; i < n; i++) acc += x[i] * x[i];
+    return acc;
+}
+
+static int cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+
+static void normalize_rows(const float *x, const float *w, float *out, Py_ssize_t rows, Py_ssize_t dim, float eps,
+                           float offset) {
+#ifdef SELFHOST_X86
+    static int use_avx2 = -1;
+    if (use_avx2 < 0) use_avx2 = cpu_has_avx2();
+#endif
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *row = x + r * dim;
+        float *dst = out + r * dim;
+        float squares;
+#ifdef SELFHOST_X86
+        squares = use_avx2 ? sum_squares_avx2(row, dim) : sum_squares_scalar(row, dim);
+#else
+        squares = sum_squares_scalar(row, dim);
+#endif
+        float scale = 1.0f / sqrtf(squares / (float)dim + eps);
+        for (Py_ssize_t i = 0; i < dim; i++) dst[i] = (row[i] * scale) * (w[i] + offset);
+    }
+}
+
+static PyObject *rms_norm(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, w, out;
+    Py_ssize_t rows, dim;
+    float eps, offset;
+    if (!PyArg_ParseTuple(args, "KKKnnff", &x, &w, &out, &rows, &dim, &eps, &offset)) return NULL;
+    if (rows < 0 || dim <= 0) {
+        PyErr_SetString(PyExc_ValueError, "rms_norm: rows must be >= 0 and dim > 0");
+        return NULL;
+    }
+    normalize_rows((const float *)x, (const float *)w, (float *)out, rows, dim, eps, offset);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"rms_norm", rms_norm, METH_VARARGS, "rms_norm(x, w, out, rows, dim, eps, offset): fp32 contiguous, addresses."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_norm_cpu", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__norm_cpu(void) { return PyModule_Create(&module); }
