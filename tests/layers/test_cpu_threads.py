@@ -4,7 +4,7 @@ import torch
 
 from selfhost.layers.cpu_threads import CpuThreads, ProbeSchedule, ThreadChooser
 
-SCHEDULE = ProbeSchedule(window=3, first_probe_after=4, max_probe_interval=64)
+SCHEDULE = ProbeSchedule(window=3, first_probe_after=4, first_probe_after_on_fast=16, max_probe_interval=64)
 
 
 def drive(chooser: ThreadChooser, cost: dict[int, float], steps: int) -> list[int]:
@@ -23,8 +23,10 @@ def test_switches_to_the_faster_setting_and_stays():
     assert used[:4] == [1, 1, 1, 1]  # measures the first setting before probing
     assert used[4:7] == [2, 2, 2]  # the probe
     assert chooser.current == 2
-    # Later probes of the slower setting lose and become rarer.
-    assert used[7:].count(1) <= 6
+    # On all threads, one thread is tried again only after first_probe_after_on_fast steps, and loses.
+    first_retry = used.index(1, 7)
+    assert first_retry == 7 + SCHEDULE.first_probe_after_on_fast
+    assert used[7:].count(1) == SCHEDULE.window
     assert used[-5:].count(2) >= 4
 
 

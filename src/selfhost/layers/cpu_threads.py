@@ -41,7 +41,10 @@ PINNED_BLAS_THREADS = os.environ.get("SELFHOST_BLAS_THREADS")
 @dataclass(frozen=True)
 class ProbeSchedule:
     window: int = 4  # steps per measurement of one setting
-    first_probe_after: int = 8  # steps before the first try of the other setting
+    first_probe_after: int = 8  # steps on one thread before the first try of all threads
+    # On all threads, trying one thread again is rarely worth its slow steps: a collapse
+    # already sends the chooser back at once, so this only catches slow drifts.
+    first_probe_after_on_fast: int = 128
     max_probe_interval: int = 2048
     min_gain: float = 0.05  # the other setting must be this much faster to switch
     collapse_ratio: float = 3.0  # a probe step this much slower than usual stops the probe
@@ -105,7 +108,8 @@ class ThreadChooser:
         self.current = to
         self._recent = deque(times, maxlen=self.schedule.window)
         if won:
-            self._interval = self.schedule.first_probe_after
+            on_fast = to == self.fast
+            self._interval = self.schedule.first_probe_after_on_fast if on_fast else self.schedule.first_probe_after
             self._until_probe = self._interval
         else:
             self._back_off()
