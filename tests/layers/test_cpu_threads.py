@@ -75,3 +75,14 @@ def test_step_sets_blas_threads_and_one_torch_thread_for_small_steps():
     assert seen == [1, 1, 2]
     assert torch.get_num_threads() == 2
     torch.set_num_threads(before)
+
+
+def test_one_transient_collapse_costs_few_steps_on_one_thread():
+    chooser = ThreadChooser(1, 2, SCHEDULE)
+    drive(chooser, {1: 0.030, 2: 0.018}, 10)
+    assert chooser.current == 2
+    drive(chooser, {1: 0.030, 2: 0.500}, 1)  # one step collides with another process
+    assert chooser.current == 1
+    used = drive(chooser, {1: 0.030, 2: 0.018}, 2 * SCHEDULE.first_probe_after + 2 * SCHEDULE.window)
+    assert chooser.current == 2
+    assert used.count(1) <= 2 * SCHEDULE.first_probe_after + SCHEDULE.window

@@ -65,8 +65,9 @@ class ThreadChooser:
         self._recent = deque(maxlen=schedule.window)  # step times on `current`
         self._probe: list[float] = []
         self._probing = False
-        self._interval = schedule.first_probe_after
-        self._until_probe = schedule.first_probe_after
+        # Steps to wait, while on each setting, before trying the other one.
+        self._wait = {safe: schedule.first_probe_after, fast: schedule.first_probe_after_on_fast}
+        self._until_probe = self._wait[safe]
 
     @property
     def can_probe(self) -> bool:
@@ -92,31 +93,32 @@ class ThreadChooser:
                 self._finish_probe(won=median(self._probe) < (1 - self.schedule.min_gain) * usual)
             return
         if collapsed and self.current == self.fast and self.can_probe:
-            self._switch(to=self.safe, times=[], won=False)  # contention: the fast setting just fell over
+            # Contention: the fast setting just fell over. Go back, and wait longer before
+            # the next try each time it happens.
+            self._back_off(self.safe)
+            self._move_to(self.safe, [])
             return
         self._recent.append(seconds)
         self._until_probe -= 1
 
     def _finish_probe(self, won: bool) -> None:
         self._probing = False
-        if won:
-            self._switch(to=self.other, times=self._probe, won=True)
-        else:
-            self._back_off()
+        if not won:
+            self._back_off(self.current)
+            self._until_probe = self._wait[self.current]
+            return
+        target = self.other
+        if target == self.fast:  # all threads proved faster: try them again soon after any fallback
+            self._wait[self.safe] = self.schedule.first_probe_after
+        self._move_to(target, self._probe)
 
-    def _switch(self, to: int, times: list[float], won: bool) -> None:
-        self.current = to
+    def _move_to(self, setting: int, times: list[float]) -> None:
+        self.current = setting
         self._recent = deque(times, maxlen=self.schedule.window)
-        if won:
-            on_fast = to == self.fast
-            self._interval = self.schedule.first_probe_after_on_fast if on_fast else self.schedule.first_probe_after
-            self._until_probe = self._interval
-        else:
-            self._back_off()
+        self._until_probe = self._wait[setting]
 
-    def _back_off(self) -> None:
-        self._interval = min(2 * self._interval, self.schedule.max_probe_interval)
-        self._until_probe = self._interval
+    def _back_off(self, setting: int) -> None:
+        self._wait[setting] = min(2 * self._wait[setting], self.schedule.max_probe_interval)
 
 
 # Threads the running step gives compute kernels outside numpy (the int8 C kernel); None outside a step.
