@@ -1,52 +1,40 @@
-"""Build step for the compiled CPU kernels: the AVX2 int8 linear layer
-(src/selfhost/quant/_int8_cpu.c), the fp32 few-row product used by decode steps
-(src/selfhost/layers/_matvec_cpu.c), RMSNorm (src/selfhost/layers/_norm_cpu.c) and
-attention over the paged KV cache
-(src/selfhost/engine/_paged_attention_cpu.c).
+"""Build step for selfhost's compiled CPU kernels, one extension each:
 
-Project metadata lives in pyproject.toml. Both extensions are optional: where they
-cannot be compiled, `pip install` still succeeds and selfhost uses PyTorch's
-kernels instead.
+- quant/_int8_cpu.c             int8-weight linear layers (AVX2)
+- layers/_matvec_cpu.c          the fp32 few-row product of decode steps
+- layers/_norm_cpu.c            RMSNorm in one pass
+- engine/_paged_attention_cpu.c decode attention read in place from the paged KV cache
+The two products share the worker pool in _cpu_pool.h.
+
+Project metadata lives in pyproject.toml. Every extension is optional: where one
+cannot be compiled, `pip install` still succeeds and selfhost uses PyTorch's (or
+numpy's) kernels instead.
 """
 
 import sys
 
 from setuptools import Extension, setup
 
-compile_args = [] if sys.platform == "win32" else ["-O3", "-std=c11"]
-link_args = [] if sys.platform == "win32" else ["-pthread"]
+POSIX = sys.platform != "win32"
+
+
+def kernel(module: str, uses_pool: bool = False) -> Extension:
+    """selfhost.<module> built from src/selfhost/<module path>.c."""
+    return Extension(
+        f"selfhost.{module}",
+        [f"src/selfhost/{module.replace('.', '/')}.c"],
+        depends=["src/selfhost/_cpu_pool.h"] if uses_pool else [],
+        extra_compile_args=["-O3", "-std=c11"] if POSIX else [],
+        extra_link_args=["-pthread", "-lm"] if POSIX else [],
+        optional=True,
+    )
+
 
 setup(
     ext_modules=[
-        Extension(
-            "selfhost.quant._int8_cpu",
-            ["src/selfhost/quant/_int8_cpu.c"],
-            depends=["src/selfhost/_cpu_pool.h"],
-            extra_compile_args=compile_args,
-            extra_link_args=link_args,
-            optional=True,
-        ),
-        Extension(
-            "selfhost.layers._matvec_cpu",
-            ["src/selfhost/layers/_matvec_cpu.c"],
-            depends=["src/selfhost/_cpu_pool.h"],
-            extra_compile_args=compile_args,
-            extra_link_args=link_args,
-            optional=True,
-        ),
-        Extension(
-            "selfhost.layers._norm_cpu",
-            ["src/selfhost/layers/_norm_cpu.c"],
-            extra_compile_args=compile_args,
-            extra_link_args=link_args + ([] if sys.platform == "win32" else ["-lm"]),
-            optional=True,
-        ),
-        Extension(
-            "selfhost.engine._paged_attention_cpu",
-            ["src/selfhost/engine/_paged_attention_cpu.c"],
-            extra_compile_args=compile_args,
-            extra_link_args=link_args + ([] if sys.platform == "win32" else ["-lm"]),
-            optional=True,
-        ),
+        kernel("quant._int8_cpu", uses_pool=True),
+        kernel("layers._matvec_cpu", uses_pool=True),
+        kernel("layers._norm_cpu"),
+        kernel("engine._paged_attention_cpu"),
     ]
 )

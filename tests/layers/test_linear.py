@@ -33,8 +33,11 @@ def test_three_dimensional_input_keeps_its_shape():
         assert torch.allclose(layer(x), F.linear(x, layer.weight), atol=1e-5)
 
 
-def test_c_product_is_built_where_a_compiler_exists():
+def test_c_kernels_of_layers_are_built_where_a_compiler_exists():
     import shutil
+
+    from selfhost.layers import norm
 
     if shutil.which("cc") or shutil.which("gcc"):
         assert linear._matvec_cpu is not None, "run `pip install -e .` to build the C kernels"
+        assert norm._norm_cpu is not None, "run `pip install -e .` to build the C kernels"
