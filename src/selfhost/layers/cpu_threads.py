@@ -7,9 +7,11 @@ products that stream every weight once. Two facts shape the thread counts:
   second thread and pay a fork/join each time: 7 us single-threaded against
   30 us with two threads, measured on this class of machine. Steps with few
   tokens therefore run torch ops on one thread.
-* A memory-bound matrix-vector product is about 1.8x faster on two BLAS
-  threads when the cores are free, and up to 40x *slower* when another
-  process holds a core, because each product waits for a descheduled worker.
+* A memory-bound matrix-vector product is about 1.8x faster on two threads
+  when the cores are free. When another process holds a core, OpenBLAS's
+  fixed split made it up to 40x *slower* (each product waits for a
+  descheduled worker); selfhost's own kernels (../_cpu_pool.h) fall back to
+  one-thread speed instead, but even they lose when the cores are busy.
   Neither setting is right everywhere, so the policy measures: it starts on
   one thread (never the disaster), now and then tries all threads for a few
   steps, and keeps whichever made steps faster. A probe that collapses is
@@ -17,7 +19,7 @@ products that stream every weight once. Two facts shape the thread counts:
   a collapse while on all threads (another process woke up) drops straight
   back to one thread. A busy machine pays one slow step now and then.
 
-`SELFHOST_BLAS_THREADS=<n>` pins the BLAS thread count instead (to compare,
+`SELFHOST_BLAS_THREADS=<n>` pins the matmul thread count instead (to compare,
 or when a machine is known to be dedicated).
 """
 
