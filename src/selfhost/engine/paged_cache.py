@@ -1,11 +1,15 @@
 """The paged KV cache and the per-step attention over it.
 
-Memory is one tensor per layer of shape (num_blocks, block_size, kv_heads,
-head_dim) for keys and the same for values. A step's tokens arrive flat;
-`StepMetadata` says where each token's KV goes (`slot_mapping`) and how the
-queries group into sequences. Single-token queries (decodes, and the last
-token of a prompt) are attended in one padded batch per layer; multi-token
-prompt chunks are attended one sequence at a time.
+Memory is one tensor for keys and one for values, head-major:
+(layers, kv_heads, num_blocks, block_size, head_dim). A step's tokens arrive
+flat; `StepMetadata` says where each token's KV goes (`slot_mapping`) and how
+the queries group into sequences.
+- Single-token queries (decodes, and the last token of a prompt): on CPU in
+  fp32, the C kernel (`_paged_attention_cpu.c`) walks each block table and reads
+  keys and values in place; elsewhere, the blocks are gathered into a padded
+  copy and attended as one batched matmul per layer.
+- Multi-token prompt chunks are attended one sequence at a time, over the
+  step's own keys when the chunk starts the prompt.
 """
 
 from __future__ import annotations
