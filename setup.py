@@ -4,7 +4,7 @@
 - layers/_matvec_cpu.c          the fp32 few-row product of decode steps
 - layers/_norm_cpu.c            RMSNorm in one pass
 - engine/_paged_attention_cpu.c decode attention read in place from the paged KV cache
-The two products share the worker pool in _cpu_pool.h.
+The products and the attention kernel share the worker pool in _cpu_pool.h.
 
 Project metadata lives in pyproject.toml. Every extension is optional: where one
 cannot be compiled, `pip install` still succeeds and selfhost uses PyTorch's (or
@@ -35,6 +35,6 @@ setup(
         kernel("quant._int8_cpu", uses_pool=True),
         kernel("layers._matvec_cpu", uses_pool=True),
         kernel("layers._norm_cpu"),
-        kernel("engine._paged_attention_cpu"),
+        kernel("engine._paged_attention_cpu", uses_pool=True),
     ]
 )

@@ -26,7 +26,8 @@
 #include <stdint.h>
 
 #define POOL_MAX_WORKERS 63
-#define POOL_SPIN_PAUSES 20000 /* ~0.2-0.5 ms of pause before a waiting thread starts yielding */
+#define POOL_SPIN_PAUSES 2000 /* ~20-50 us of pause before a waiting thread starts yielding: each kernel
+                                 * module has its own pool, so idle workers must give cores up quickly */
 #define POOL_SPIN_YIELDS 200   /* then this many sched_yield()s before a worker sleeps */
 
 typedef void (*pool_chunk_fn)(const void *context, long chunk);

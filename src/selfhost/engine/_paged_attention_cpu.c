@@ -14,8 +14,8 @@
  * Per pair: the addresses of its visible keys and values are listed once; then
  * for each of the G query heads sharing the kv head: scores, soft-cap, softmax,
  * and the weighted sum of values.
- * Threads (POSIX, started per call) split the pairs; the caller passes one
- * thread for small steps.
+ * Chunks of pairs go to the threads of the shared pool (../_cpu_pool.h) as
+ * they are free; the engine step decides how many threads take part.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,14 +28,11 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SELFHOST_X86 1
 #include <immintrin.h>
+
+#include "../_cpu_pool.h"
 #endif
 
-#if defined(__GNUC__) || defined(__clang__)
-#include <pthread.h>
-#define SELFHOST_THREADS 1
-#endif
-
-#define MAX_THREADS 64
+#define PAIRS_PER_CHUNK 4 /* (sequence, kv head) pairs per unit of work handed to the pool */
 
 typedef struct {
     const float *q, *k, *v;
@@ -46,7 +43,7 @@ typedef struct {
     Py_ssize_t window;    /* 0: every earlier key is visible */
     Py_ssize_t item_begin, item_end; /* pairs: seq * num_kv_heads + kv_head */
     int use_avx2;
-    int failed;
+    int *failed; /* set when scratch memory could not be had */
 } Job;
 
 /* ---- portable C: any CPU ---- */
@@ -228,7 +225,7 @@ static void run_job(Job *job) {
     const float **rows = malloc(sizeof(float *) * (size_t)(2 * longest));
     if (scores == NULL || rows == NULL) {
         free(scores), free(rows);
-        job->failed = 1;
+        *job->failed = 1;
         return;
     }
     for (Py_ssize_t item = job->item_begin; item < job->item_end; item++)
@@ -236,12 +233,13 @@ static void run_job(Job *job) {
     free(scores), free(rows);
 }
 
-#ifdef SELFHOST_THREADS
-static void *run_job_thread(void *arg) {
-    run_job((Job *)arg);
-    return NULL;
+/* One unit of pool work: PAIRS_PER_CHUNK consecutive (sequence, kv head) pairs. */
+static void run_chunk(const void *whole, long chunk) {
+    Job job = *(const Job *)whole;
+    job.item_begin = (Py_ssize_t)chunk * PAIRS_PER_CHUNK;
+    if (job.item_begin + PAIRS_PER_CHUNK < job.item_end) job.item_end = job.item_begin + PAIRS_PER_CHUNK;
+    run_job(&job);
 }
-#endif
 
 static int cpu_has_avx2(void) {
 #ifdef SELFHOST_X86
@@ -266,35 +264,17 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_ssize_t items = num_seqs * num_kv_heads;
-    if (num_threads < 1) num_threads = 1;
-    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
-    if (num_threads > items) num_threads = items > 0 ? (int)items : 1;
-    Job jobs[MAX_THREADS];
-    int use_avx2 = cpu_has_avx2();
-    for (int t = 0; t < num_threads; t++) {
-        jobs[t] = (Job){(const float *)q, (const float *)k, (const float *)v, (const int64_t *)tables,
-                        (const int64_t *)lens, (float *)out, num_heads, num_kv_heads, head_dim, block_size,
-                        num_blocks, max_blocks, scale, softcap, window, items * t / num_threads,
-                        items * (t + 1) / num_threads, use_avx2, 0};
-    }
     int failed = 0;
+    Job whole = {(const float *)q, (const float *)k, (const float *)v, (const int64_t *)tables, (const int64_t *)lens,
+                 (float *)out, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, scale, softcap,
+                 window, 0, items, cpu_has_avx2(), &failed};
+    long num_chunks = (long)((items + PAIRS_PER_CHUNK - 1) / PAIRS_PER_CHUNK);
     Py_BEGIN_ALLOW_THREADS
-#ifdef SELFHOST_THREADS
-    pthread_t threads[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 1; t < num_threads; t++)
-        started[t] = pthread_create(&threads[t], NULL, run_job_thread, &jobs[t]) == 0;
-    run_job(&jobs[0]);
-    for (int t = 1; t < num_threads; t++) {
-        if (started[t])
-            pthread_join(threads[t], NULL);
-        else
-            run_job(&jobs[t]); /* could not start a thread: do its share here */
-    }
+#ifdef SELFHOST_X86
+    pool_run(run_chunk, &whole, num_chunks, num_threads < 1 ? 1 : num_threads); /* ../_cpu_pool.h */
 #else
-    for (int t = 0; t < num_threads; t++) run_job(&jobs[t]);
+    for (long c = 0; c < num_chunks; c++) run_chunk(&whole, c);
 #endif
-    for (int t = 0; t < num_threads; t++) failed |= jobs[t].failed;
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
