@@ -92,9 +92,9 @@ class OllamaBase(Lenient):
         return value
 
 
-class OllamaMessage(Lenient):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+class TextOnly(Lenient):
+    """A request part that may carry Ollama's `images`, which text-only models refuse."""
+
     images: list[str] | None = None
 
     @field_validator("images")
@@ -103,25 +103,22 @@ class OllamaMessage(Lenient):
         if value:
             raise ValueError("images are not supported: selfhost serves text-only models")
         return value
+
+
+class OllamaMessage(TextOnly):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
 
 
 class OllamaChatRequest(OllamaBase):
     messages: list[OllamaMessage] = Field(default_factory=list)
 
 
-class OllamaGenerateRequest(OllamaBase):
+class OllamaGenerateRequest(OllamaBase, TextOnly):
     prompt: str = ""
     system: str | None = None
     raw: bool = False
-    images: list[str] | None = None
     context: list[int] | None = None  # accepted for compatibility; not used to continue a conversation
-
-    @field_validator("images")
-    @classmethod
-    def _no_images(cls, value):
-        if value:
-            raise ValueError("images are not supported: selfhost serves text-only models")
-        return value
 
 
 class OllamaShowRequest(Lenient):
