@@ -2,6 +2,7 @@
 
 - quant/_int8_cpu.c             int8-weight linear layers (AVX2)
 - layers/_matvec_cpu.c          the fp32 few-row product of decode steps
+- layers/_gemm_cpu.c            the fp32 many-row product of prompts and batches (AVX-512)
 - layers/_norm_cpu.c            RMSNorm in one pass
 - engine/_paged_attention_cpu.c decode attention read in place from the paged KV cache
 The products and the attention kernel share the worker pool in _cpu_pool.h.
@@ -34,6 +35,7 @@ setup(
     ext_modules=[
         kernel("quant._int8_cpu", uses_pool=True),
         kernel("layers._matvec_cpu", uses_pool=True),
+        kernel("layers._gemm_cpu", uses_pool=True),
         kernel("layers._norm_cpu"),
         kernel("engine._paged_attention_cpu", uses_pool=True),
     ]
