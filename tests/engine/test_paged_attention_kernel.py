@@ -91,3 +91,51 @@ def test_kernel_matches_torch_path_and_reference(num_heads, num_kv_heads, head_d
     expected = plain_attention(cache, 1, tables, lens, q, scale, window, softcap)
     assert (results[True] - expected).abs().max() < 1e-5
     assert (results[False] - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,block_size,window,softcap",
+    [(9, 3, 64, 16, None, None), (4, 2, 80, 8, 20, None), (8, 4, 256, 16, None, 50.0), (6, 1, 36, 4, 7, 30.0)],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+@needs_kernel
+def test_fused_rope_decode_step_equals_rotary_then_attend(num_heads, num_kv_heads, head_dim, block_size, window,
+                                                         softcap, threads):
+    from selfhost.layers.rotary import apply_rotary
+
+    lens = [1, 5, 16, 17, 33, 100, 64]
+    scale = head_dim**-0.5
+    gen = torch.Generator().manual_seed(3)
+    cos = torch.randn(len(lens), 1, head_dim, generator=gen)
+    sin = torch.randn(len(lens), 1, head_dim, generator=gen)
+    caches, outs = [], []
+    for fused in (True, False):
+        cache, meta, tables, q, k, v = random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed=11)
+        cache.meta = meta
+        heads = torch.cat([q, k, v], dim=1)  # the unrotated projection, as Attention has it
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            if fused:
+                out = cache.rope_attend_decode(1, heads, cos, sin, num_heads, scale, window, softcap)
+            else:
+                rotated = apply_rotary(heads[:, : num_heads + num_kv_heads], cos, sin)
+                out = cache.attend(1, rotated[:, :num_heads], rotated[:, num_heads:], v, scale, window, softcap)
+        finally:
+            torch.set_num_threads(before)
+        caches.append(cache)
+        outs.append(out)
+    # The rotation matches torch's bit for bit (a prompt chunk and a decode step must
+    # write the same key, or recomputation after preemption could change a greedy pick).
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert (outs[0] - outs[1]).abs().max() < 1e-6
+
+
+@needs_kernel
+def test_fused_step_declines_prompt_chunks_and_partial_rotary():
+    cache, meta, tables, q, k, v = random_step(4, 2, 64, 16, [5, 9], seed=1)
+    heads = torch.cat([q, k, v], dim=1)
+    cache.meta = meta
+    assert cache.rope_attend_decode(0, heads, torch.ones(2, 1, 32), torch.zeros(2, 1, 32), 4, 0.1, None, None) is None
+    meta.chunks = [(2, 3, 0, torch.tensor([1]))]
+    assert cache.rope_attend_decode(0, heads, torch.ones(2, 1, 64), torch.zeros(2, 1, 64), 4, 0.1, None, None) is None

@@ -113,6 +113,10 @@ class Attention(nn.Module):
         num_tokens = x.shape[0]
         heads = self.qkv_proj.forward(x).view(num_tokens, -1, self.head_dim)  # (T, H + 2*Hkv, D): q, k, v heads
         num_qk = self.num_heads + self.num_kv_heads
+        if self.q_norm is None and (fused := getattr(kv, "rope_attend_decode", None)) is not None:
+            out = fused(self.layer_idx, heads, cos, sin, self.num_heads, self.scale, self.sliding_window, self.softcap)
+            if out is not None:
+                return self.o_proj.forward(out.view(num_tokens, self.q_size))
         v = heads[:, num_qk:]
         if self.q_norm is None:
             # q and k are adjacent heads: one rotation covers both.
