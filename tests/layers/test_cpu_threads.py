@@ -86,3 +86,17 @@ def test_one_transient_collapse_costs_few_steps_on_one_thread():
     used = drive(chooser, {1: 0.030, 2: 0.018}, 2 * SCHEDULE.first_probe_after + 2 * SCHEDULE.window)
     assert chooser.current == 2
     assert used.count(1) <= 2 * SCHEDULE.first_probe_after + SCHEDULE.window
+
+
+def test_a_chooser_can_start_on_all_threads_and_still_falls_back_on_collapse():
+    chooser = ThreadChooser(1, 2, SCHEDULE, start_fast=True)
+    used = drive(chooser, {1: 0.030, 2: 0.018}, 10)
+    assert used == [2] * 10  # no probe of one thread before first_probe_after_on_fast steps
+    used = drive(chooser, {1: 0.030, 2: 0.500}, 3)
+    assert used[0] == 2 and used[1:] == [1, 1]
+
+
+def test_large_steps_start_on_all_threads_only_when_asked():
+    assert CpuThreads(2, lambda n: None).large_steps.current == 1
+    threads = CpuThreads(2, lambda n: None, large_steps_start_fast=True)
+    assert threads.large_steps.current == 2 and threads.small_steps.current == 1
