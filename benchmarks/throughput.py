@@ -131,15 +131,18 @@ def main() -> None:
 
     shared = make_prompts(1, 1024, 1024, seed=1)[0]
     prefix_prompts = [shared + p for p in make_prompts(16, 16, 48, seed=2)]
-    cold = LLM(str(model_dir), device="cpu", kv_cache_memory="2GiB", enable_prefix_caching=False)
-    ttft_cold = mean_ttft(cold, prefix_prompts)
-    del cold
-    ttft_warm = mean_ttft(llm, prefix_prompts)
+    # Two fresh engines, identical but for prefix caching: neither inherits scenario 1's
+    # state (a thread-count probe due on the next steps would tilt a two-step measurement).
+    ttft, hit_rate = {}, 0.0
+    for caching in (False, True):
+        engine_llm = LLM(str(model_dir), device="cpu", kv_cache_memory="2GiB", enable_prefix_caching=caching)
+        ttft[caching] = mean_ttft(engine_llm, prefix_prompts)
+        hit_rate = engine_llm.engine.stats().prefix_hit_rate
+        del engine_llm
     print("\nScenario 2: 16 requests sharing a 1024-token prefix, mean time to first token")
-    print(f"  without prefix caching {ttft_cold * 1e3:8.0f} ms")
-    print(f"  with prefix caching    {ttft_warm * 1e3:8.0f} ms   ({ttft_cold / ttft_warm:.1f}x lower; target >= 5x)")
-    print(f"  prefix hit rate over the run: {llm.engine.stats().prefix_hit_rate:.0%}")
-
+    print(f"  without prefix caching {ttft[False] * 1e3:8.0f} ms")
+    print(f"  with prefix caching    {ttft[True] * 1e3:8.0f} ms   ({ttft[False] / ttft[True]:.1f}x lower; target >= 5x)")
+    print(f"  prefix hit rate: {hit_rate:.0%}")
 
 if __name__ == "__main__":
     main()
