@@ -97,9 +97,9 @@ def calibrate(args: argparse.Namespace) -> None:
     wanted = set(filter(None, args.only.split(",")))
     print(f"{os.cpu_count()} CPU threads; context {args.context}, {args.new_tokens} new tokens, "
           f"median decode step over {args.rounds} generations")
-    print(f"{'':16} {'load1':>5} {'CPU':>5} {'copy':>5} {'gemv':>5} {'int8':>5} | {'memory':>8} {'measured':>8} "
+    print(f"{'':16} {'load1':>5} {'CPU':>5} {'copy':>5} {'gemv':>5} {'LLC':>5} {'int8':>5} | {'memory':>8} {'measured':>8} "
           f"{'resid':>6} {'VmHWM':>7} | {'tok/s':>8} {'measured':>8} {'resid':>6} {'on-CPU':>8} {'resid':>6}")
-    print(f"{'case':16} {'':>5} {'share':>5} {'GB/s':>5} {'GB/s':>5} {'GB/s':>5} | {'predict':>8} {'peak':>8} "
+    print(f"{'case':16} {'':>5} {'share':>5} {'GB/s':>5} {'GB/s':>5} {'GB/s':>5} {'GB/s':>5} | {'predict':>8} {'peak':>8} "
           f"{'':>6} {'':>7} | {'predict':>8} {'wall':>8} {'':>6} {'':>8} {'':>6}")
     misses = []
     for name, path in cases.items():
@@ -112,7 +112,7 @@ def calibrate(args: argparse.Namespace) -> None:
         speed_err = speed.decode_tok_s / timing.decode_tok_s - 1
         cpu_err = speed.decode_tok_s / timing.decode_tok_s_on_cpu - 1
         print(f"{name:16} {timing.load_average[0]:5.2f} {timing.cpu_share:5.2f} {timing.copy_gb_s:5.1f} "
-              f"{timing.fp32_gemv_gb_s:5.1f} {timing.int8_gemv_gb_s or 0:5.1f} | "
+              f"{timing.fp32_gemv_gb_s:5.1f} {timing.cached_gemv_gb_s or 0:5.1f} {timing.int8_gemv_gb_s or 0:5.1f} | "
               f"{report.memory.total_bytes / 1e6:6.0f}MB {run.peak_bytes / 1e6:6.0f}MB {mem_err:+6.1%} "
               f"{run.peak_rss_bytes / 1e6:5.0f}MB | {speed.decode_tok_s:8.1f} {timing.decode_tok_s:8.1f} "
               f"{speed_err:+6.1%} {timing.decode_tok_s_on_cpu:8.1f} {cpu_err:+6.1%}")

@@ -53,7 +53,9 @@ def test_quantized_weights_run_under_fp32_activations_on_a_cpu():
 
 def test_a_tiny_model_is_bound_by_per_step_overhead_not_bandwidth(monkeypatch):
     model, fp32 = model_from_checkpoint(DEMO), get_precision("fp32")
-    device = local_cpu_device(copy_gb_s=30.0, fp32_gemv_gb_s=30.0, int8_gemv_gb_s=None, fp32_tflops=0.5)
+    # The 10 MB model sits in a 32 MiB cache: read from there, its weights cost less than the overhead.
+    device = local_cpu_device(copy_gb_s=30.0, fp32_gemv_gb_s=30.0, int8_gemv_gb_s=None, fp32_tflops=0.5,
+                              cache_bytes=32 * 2**20, cached_gemv_gb_s=75.0)
     speed = estimate_speed(model, device, fp32, 128, 1)
     assert speed.decode_bound == "overhead"
     # Without the overhead term 10 MB at 30 GB/s would promise ~3,000 tokens/s.
@@ -62,3 +64,16 @@ def test_a_tiny_model_is_bound_by_per_step_overhead_not_bandwidth(monkeypatch):
     bandwidth_only = estimate_speed(model, device, fp32, 128, 1)
     assert bandwidth_only.decode_tok_s > 2500
     assert speed.decode_tok_s < 0.6 * bandwidth_only.decode_tok_s
+
+
+def test_a_step_that_fits_in_the_cache_streams_at_cache_speed():
+    model, fp32 = model_from_checkpoint(DEMO), get_precision("fp32")
+    ram_only = local_cpu_device(copy_gb_s=30.0, fp32_gemv_gb_s=30.0, int8_gemv_gb_s=None, fp32_tflops=0.5)
+    cached = local_cpu_device(copy_gb_s=30.0, fp32_gemv_gb_s=30.0, int8_gemv_gb_s=None, fp32_tflops=0.5,
+                              cache_bytes=32 * 2**20, cached_gemv_gb_s=75.0)
+    tiny_cache = local_cpu_device(copy_gb_s=30.0, fp32_gemv_gb_s=30.0, int8_gemv_gb_s=None, fp32_tflops=0.5,
+                                  cache_bytes=2**20, cached_gemv_gb_s=75.0)
+    speeds = {name: estimate_speed(model, dev, fp32, 128, 1).decode_tok_s
+              for name, dev in (("ram", ram_only), ("cached", cached), ("tiny", tiny_cache))}
+    assert speeds["cached"] > 1.2 * speeds["ram"]
+    assert speeds["tiny"] == speeds["ram"]  # 10 MB do not fit in 1 MiB: RAM speed

@@ -50,6 +50,8 @@ class DecodeTiming:
     fp32_gemv_gb_s: float
     int8_gemv_gb_s: float | None
     matmul_tflops: float
+    cache_bytes: int | None = None  # the last-level cache, and the fp32 kernel reading from it
+    cached_gemv_gb_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ def measured_device(timing: DecodeTiming) -> DeviceSpec:
     """`--device local` as a calibration run measured it, next to its decode timing."""
     from selfhost.plan.local_device import local_cpu_device
 
-    return local_cpu_device(timing.copy_gb_s, timing.fp32_gemv_gb_s, timing.int8_gemv_gb_s, timing.matmul_tflops)
+    return local_cpu_device(timing.copy_gb_s, timing.fp32_gemv_gb_s, timing.int8_gemv_gb_s, timing.matmul_tflops,
+                            timing.cache_bytes, timing.cached_gemv_gb_s)
 
 
 class _PeakSampler:
@@ -170,9 +173,12 @@ def _time_decode(llm, prompt: list[int], new_tokens: int, rounds: int) -> Decode
     from selfhost import SamplingParams
     from selfhost.plan import local_device as probe
 
-    def probe_machine() -> tuple[float, float, float | None, float]:
+    cache_bytes = probe.last_level_cache_bytes()
+
+    def probe_machine() -> tuple[float, float, float | None, float, float | None]:
         return (probe.measure_copy_bandwidth_gb_s(), probe.measure_fp32_gemv_gb_s(),
-                probe.measure_int8_gemv_gb_s(), probe.measure_matmul_tflops())
+                probe.measure_int8_gemv_gb_s(), probe.measure_matmul_tflops(),
+                probe.measure_cached_fp32_gemv_gb_s(cache_bytes) if cache_bytes else None)
 
     load = tuple(round(x, 2) for x in os.getloadavg())
     probes = [probe_machine()]
@@ -190,12 +196,12 @@ def _time_decode(llm, prompt: list[int], new_tokens: int, rounds: int) -> Decode
             process_s += time.process_time() - start_process
         wall_s += sum(steps_s[-new_tokens:])
     probes.append(probe_machine())
-    copy, gemv, int8_gemv, tflops = (None if None in pair else sum(pair) / 2 for pair in zip(*probes))
+    copy, gemv, int8_gemv, tflops, cached_gemv = (None if None in pair else sum(pair) / 2 for pair in zip(*probes))
     # Median steps: a burst of load from other processes moves them far less than a mean.
     return DecodeTiming(
         decode_tok_s=1 / statistics.median(steps_s), decode_tok_s_on_cpu=1 / statistics.median(steps_cpu_s),
         cpu_share=process_s / wall_s, load_average=load, copy_gb_s=copy, fp32_gemv_gb_s=gemv,
-        int8_gemv_gb_s=int8_gemv, matmul_tflops=tflops,
+        int8_gemv_gb_s=int8_gemv, matmul_tflops=tflops, cache_bytes=cache_bytes, cached_gemv_gb_s=cached_gemv,
     )
 
 

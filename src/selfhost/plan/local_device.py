@@ -4,9 +4,9 @@ Memory comes from the OS; bandwidth from timing large numpy copies (a copy reads
 and writes every byte, so it moves twice the array size); compute from a short
 fp32 matmul. A CUDA GPU, when torch sees one, is measured the same way on the GPU.
 
-On a CPU the decode kernels themselves are timed too, with the threads selfhost
-gives them: the fp32 matrix-vector product through numpy's OpenBLAS (selfhost's
-Linear) on one thread, and selfhost's Int8Linear on its default CPU kernel. Their
+On a CPU the engine's own kernels are timed, with the threads selfhost gives them:
+the one-row fp32 product through selfhost's Linear on one thread, selfhost's
+Int8Linear on its default CPU kernel, and a prompt-sized product through Linear. Their
 bytes/s over the copy bandwidth are the device's bandwidth efficiencies. Takes a
 few seconds.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -48,30 +49,77 @@ def measure_copy_bandwidth_gb_s(n_bytes: int = _COPY_BYTES) -> float:
 _GEMV_SHAPE = (3072, 1024)
 
 
-def measure_fp32_gemv_gb_s(n_bytes: int = _GEMV_BYTES) -> float:
-    """Weight bytes/s of one-row fp32 products through numpy's BLAS (selfhost's Linear)
-    on one thread: the count selfhost's decode steps start from and keep whenever
-    another process wants a core (layers/cpu_threads.py); on an idle machine they
-    may find two threads faster, and then decode beats this estimate."""
+def _linear_stack(rows: int, cols: int, count: int) -> list:
     import torch
-    from threadpoolctl import threadpool_limits
 
-    rows, cols = _GEMV_SHAPE
-    weights = [torch.ones(rows, cols).numpy() for _ in range(max(1, n_bytes // (rows * cols * 4)))]
-    x = np.ones((1, cols), dtype=np.float32)
+    from selfhost.layers.linear import Linear
+
+    with torch.device("meta"):
+        layers = [Linear(cols, rows, bias=False) for _ in range(count)]
+    for layer in layers:
+        layer.weight = torch.nn.Parameter(torch.ones(rows, cols), requires_grad=False)
+    return layers
+
+
+def _on_threads(threads: int, run) -> float:
+    """Best time of `run` with selfhost's kernels (and torch) given `threads` threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # what layers/cpu_threads.kernel_threads() hands out outside a step
+    try:
+        with torch.inference_mode():
+            run()
+            return _best_seconds(run)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _one_row_gb_s(layers: list, in_features: int, bytes_per_layer: int) -> float:
+    """Weight bytes/s of one-row products through `layers` in turn, on one thread."""
+    import torch
+
+    x = torch.ones(1, in_features)
 
     def stream():
-        for weight in weights:
-            np.matmul(x, weight.T)
+        for layer in layers:
+            layer(x)
 
-    with threadpool_limits(1, user_api="blas"):
-        seconds = _best_seconds(stream)
-    return sum(w.nbytes for w in weights) / seconds / 1e9
+    return len(layers) * bytes_per_layer / _on_threads(1, stream) / 1e9
+
+
+def measure_fp32_gemv_gb_s(n_bytes: int = _GEMV_BYTES) -> float:
+    """Weight bytes/s of one-row fp32 products through selfhost's Linear (its AVX-512 or
+    AVX2 kernel, else numpy's BLAS) on one thread: the count selfhost's decode steps
+    start from and keep whenever another process wants a core (layers/cpu_threads.py);
+    on an idle machine they may find two threads faster, and then decode beats this."""
+    rows, cols = _GEMV_SHAPE
+    return _one_row_gb_s(_linear_stack(rows, cols, max(1, n_bytes // (rows * cols * 4))), cols, rows * cols * 4)
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache Linux reports (sysfs), None where it does not."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except (OSError, ValueError):
+            continue
+    return max(sizes) if sizes else None
+
+
+def measure_cached_fp32_gemv_gb_s(cache_bytes: int) -> float:
+    """measure_fp32_gemv_gb_s for weights that fit in half the cache: they stay there."""
+    rows, cols = _GEMV_SHAPE[0] // 4, _GEMV_SHAPE[1]
+    count = max(1, cache_bytes // 2 // (rows * cols * 4))
+    return _one_row_gb_s(_linear_stack(rows, cols, count), cols, rows * cols * 4)
 
 
 def measure_int8_gemv_gb_s(n_bytes: int = _GEMV_BYTES) -> float | None:
     """Weight bytes/s of one-row products through selfhost's int8 linear layer on its
-    default CPU kernel (one thread for a row); None without a CPU int8 kernel."""
+    default CPU kernel, on one thread; None without a CPU int8 kernel."""
     import torch
 
     from selfhost.quant.int8 import Int8Linear, default_int8_kernel
@@ -87,27 +135,18 @@ def measure_int8_gemv_gb_s(n_bytes: int = _GEMV_BYTES) -> float | None:
             layer.scales = torch.full((rows,), 1e-3)
             layer.prepare()
             layers.append(layer)
-        x = torch.ones(1, cols)
-
-        def stream():
-            for layer in layers:
-                layer(x)
-
-        stream()
-        seconds = _best_seconds(stream)
-    return len(layers) * rows * cols / seconds / 1e9
+    return _one_row_gb_s(layers, cols, rows * cols)
 
 
 def measure_matmul_tflops(size: int = 1024) -> float:
-    """fp32 matmul FLOP/s on one BLAS thread or all, whichever is faster now: with
-    another process on a core, all-thread OpenBLAS can collapse to a fraction of one."""
-    from threadpoolctl import threadpool_limits
+    """fp32 FLOP/s of a prompt-sized product through selfhost's Linear, on one thread or
+    all, whichever is faster now (prompt steps start on all threads and fall back to one
+    when another process takes a core)."""
+    import torch
 
-    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
-    best = float("inf")
-    for threads in sorted({1, os.cpu_count() or 1}):
-        with threadpool_limits(threads, user_api="blas"):
-            best = min(best, _best_seconds(lambda: a @ a, repeats=3))
+    (layer,) = _linear_stack(size, size, 1)
+    x = torch.ones(size, size)
+    best = min(_on_threads(threads, lambda: layer(x)) for threads in sorted({1, os.cpu_count() or 1}))
     return 2 * size**3 / best / 1e12
 
 
@@ -158,11 +197,14 @@ def measure_local_device(use_gpu: bool = True) -> DeviceSpec:
         if gpu is not None:
             return gpu
     copy, gemv, int8_gemv = measure_copy_bandwidth_gb_s(), measure_fp32_gemv_gb_s(), measure_int8_gemv_gb_s()
-    return local_cpu_device(copy, gemv, int8_gemv, measure_matmul_tflops())
+    cache_bytes = last_level_cache_bytes()
+    cached_gemv = measure_cached_fp32_gemv_gb_s(cache_bytes) if cache_bytes else None
+    return local_cpu_device(copy, gemv, int8_gemv, measure_matmul_tflops(), cache_bytes, cached_gemv)
 
 
 def local_cpu_device(copy_gb_s: float, fp32_gemv_gb_s: float, int8_gemv_gb_s: float | None,
-                     fp32_tflops: float) -> DeviceSpec:
+                     fp32_tflops: float, cache_bytes: int | None = None,
+                     cached_gemv_gb_s: float | None = None) -> DeviceSpec:
     """The DeviceSpec of this machine's CPU from its measured rates."""
     memory_gb = system_memory_gb()
     # A read-only stream can beat a copy; then the kernel's own rate is the bandwidth.
@@ -172,7 +214,9 @@ def local_cpu_device(copy_gb_s: float, fp32_gemv_gb_s: float, int8_gemv_gb_s: fl
         reserved_gb=min(2.0, memory_gb * 0.2), bandwidth_gb_s=bandwidth,
         peak_fp16_tflops=fp32_tflops, peak_int8_tops=fp32_tflops, peak_fp32_tflops=fp32_tflops,
         bandwidth_efficiency=fp32_gemv_gb_s / bandwidth, compute_efficiency=1.0,
-        int8_bandwidth_efficiency=int8_gemv_gb_s / bandwidth if int8_gemv_gb_s else None, sources=("measured",),
-        notes=f"Measured with one process: copy {copy_gb_s:.1f} GB/s, fp32 decode kernel {fp32_gemv_gb_s:.1f} GB/s, "
+        int8_bandwidth_efficiency=int8_gemv_gb_s / bandwidth if int8_gemv_gb_s else None,
+        cache_bytes=cache_bytes, cache_bandwidth_gb_s=cached_gemv_gb_s, sources=("measured",),
+        notes=f"Measured with one process: copy {copy_gb_s:.1f} GB/s, fp32 decode kernel {fp32_gemv_gb_s:.1f} GB/s "
+              f"({cached_gemv_gb_s or 0:.1f} from a {(cache_bytes or 0) / 2**20:.0f} MiB cache), "
               f"int8 decode kernel {int8_gemv_gb_s or 0:.1f} GB/s; other load on the machine lowers the numbers.",
     )

@@ -13,11 +13,11 @@ from selfhost.plan.precision import Precision
 # What selfhost's eager decode loop costs per step besides moving weights: Python,
 # PyTorch dispatch and kernel launches, about constant per layer whatever its width.
 # Measured on this project's 2-core x86 machine with tiny random models of 1-16
-# layers (`benchmarks/fit_calibration.py --overhead`, quiet machine, after the C
-# decode kernels landed: fp32 0.10 ms + 0.067 ms per layer, int8 0.10 ms + 0.063 ms;
-# int4 not measured); a slower core pays more.
-DECODE_STEP_OVERHEAD_S = 0.10e-3  # engine step: scheduling, sampling, logits to host
-DECODE_LAYER_OVERHEAD_S = 0.066e-3
+# layers (`benchmarks/fit_calibration.py --overhead`, quiet machine, after the fused
+# rotary + cache write + attention call landed: fp32 0.08 ms + 0.036 ms per layer,
+# int8 0.08 ms + 0.034 ms; int4 not measured); a slower core pays more.
+DECODE_STEP_OVERHEAD_S = 0.08e-3  # engine step: scheduling, sampling, logits to host
+DECODE_LAYER_OVERHEAD_S = 0.036e-3
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def estimate_speed(
     step_bytes = decode_weight_bytes(model, precision, concurrency) + kv_cache_bytes(
         model, precision, context, concurrency
     )
-    memory_time_s = step_bytes / bandwidth
+    memory_time_s = step_bytes / device.decode_bandwidth(precision.weight_bits, step_bytes)
     compute_time_s = concurrency * (matmul_flops + attention_flops_per_token(model, context)) / flops
     overhead_s = decode_overhead_s(model)
     device_time_s = max(memory_time_s, compute_time_s)
