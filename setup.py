@@ -5,6 +5,7 @@
 - layers/_gemm_cpu.c            the fp32 many-row product of prompts and batches (AVX-512)
 - layers/_norm_cpu.c            RMSNorm in one pass
 - engine/_paged_attention_cpu.c decode attention read in place from the paged KV cache
+- engine/_prefill_attention_cpu.c prompt-chunk attention over the paged KV cache (AVX-512)
 The products and the attention kernel share the worker pool in _cpu_pool.h.
 
 Project metadata lives in pyproject.toml. Every extension is optional: where one
@@ -38,5 +39,6 @@ setup(
         kernel("layers._gemm_cpu", uses_pool=True),
         kernel("layers._norm_cpu"),
         kernel("engine._paged_attention_cpu", uses_pool=True),
+        kernel("engine._prefill_attention_cpu", uses_pool=True),
     ]
 )

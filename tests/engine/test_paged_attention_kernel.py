@@ -139,3 +139,72 @@ def test_fused_step_declines_prompt_chunks_and_partial_rotary():
     assert cache.rope_attend_decode(0, heads, torch.ones(2, 1, 32), torch.zeros(2, 1, 32), 4, 0.1, None, None) is None
     meta.chunks = [(2, 3, 0, torch.tensor([1]))]
     assert cache.rope_attend_decode(0, heads, torch.ones(2, 1, 64), torch.zeros(2, 1, 64), 4, 0.1, None, None) is None
+
+
+needs_prefill_kernel = pytest.mark.skipif(
+    not paged_cache.PREFILL_KERNEL_ENABLED, reason="needs the AVX-512 prefill kernel and an AVX-512 CPU"
+)
+
+
+def chunk_step(num_heads, num_kv_heads, head_dim, block_size, chunks, seed):
+    """A cache plus one step of prompt chunks (start, count) with their keys already written."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    ends = [start + count for start, count in chunks]
+    blocks_needed = [-(-end // block_size) for end in ends]
+    num_blocks = sum(blocks_needed) + 2
+    spec = SimpleNamespace(num_layers=2, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    cache = PagedKVCache(spec, num_blocks, block_size, torch.float32, torch.device("cpu"))
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    free = list(range(1, num_blocks))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(n)] for n in blocks_needed]
+    step_chunks, slots, first = [], [], 0
+    for (start, count), table in zip(chunks, tables):
+        step_chunks.append((first, count, start, torch.tensor(table)))
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(start, start + count)]
+        first += count
+    meta = StepMetadata(slot_mapping=torch.tensor(slots), num_single=0, single_block_tables=None,
+                        single_context_lens=None, chunks=step_chunks)
+    q = torch.randn(first, num_heads, head_dim, generator=gen)
+    k = torch.randn(first, num_kv_heads, head_dim, generator=gen)
+    v = torch.randn(first, num_kv_heads, head_dim, generator=gen)
+    return cache, meta, q, k, v
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,block_size,window",
+    [(9, 3, 64, 16, None), (8, 8, 128, 16, None), (4, 2, 32, 8, 20), (16, 1, 64, 4, 7), (6, 2, 96, 16, 100)],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+@needs_prefill_kernel
+def test_prefill_kernel_matches_torch_path(num_heads, num_kv_heads, head_dim, block_size, window, threads):
+    # Whole prompts, chunks that continue a cached prefix, odd sizes past every block edge.
+    chunks = [(0, 1), (0, 37), (50, 13), (0, 100), (129, 70), (16, 16)]
+    scale = head_dim**-0.5
+    results = {}
+    for use_kernel in (True, False):
+        cache, meta, q, k, v = chunk_step(num_heads, num_kv_heads, head_dim, block_size, chunks, seed=5)
+        cache.use_prefill_kernel = use_kernel
+        cache.meta = meta
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            results[use_kernel] = cache.attend(1, q, k, v, scale, window, None)
+        finally:
+            torch.set_num_threads(before)
+    assert (results[True] - results[False]).abs().max() < 2e-5
+
+
+@needs_prefill_kernel
+def test_prefill_kernel_reads_strided_queries():
+    # Attention.forward hands over q as a view into the rotated q|k tensor.
+    cache, meta, q, k, v = chunk_step(6, 2, 64, 16, [(0, 40), (10, 9)], seed=2)
+    cache.meta = meta
+    wide = torch.cat([q, k], dim=1)
+    strided = wide[:, :6]
+    assert not strided.is_contiguous()
+    got = cache.attend(0, strided, k, v, 0.125, None, None)
+    cache.use_prefill_kernel = False
+    assert (got - cache.attend(0, q, k, v, 0.125, None, None)).abs().max() < 2e-5

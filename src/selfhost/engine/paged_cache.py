@@ -26,9 +26,15 @@ try:
     from selfhost.engine import _paged_attention_cpu
 except ImportError:  # not compiled (no C compiler at install, or a source tree without `pip install`)
     _paged_attention_cpu = None
+try:
+    from selfhost.engine import _prefill_attention_cpu
+except ImportError:
+    _prefill_attention_cpu = None
 
-# SELFHOST_PAGED_ATTENTION=torch keeps the gather-based torch path on CPU (to compare).
-CPU_KERNEL_ENABLED = _paged_attention_cpu is not None and os.environ.get("SELFHOST_PAGED_ATTENTION", "c") != "torch"
+# SELFHOST_PAGED_ATTENTION=torch keeps the gather-based torch paths on CPU (to compare).
+_TORCH_ONLY = os.environ.get("SELFHOST_PAGED_ATTENTION", "c") == "torch"
+CPU_KERNEL_ENABLED = _paged_attention_cpu is not None and not _TORCH_ONLY
+PREFILL_KERNEL_ENABLED = _prefill_attention_cpu is not None and _prefill_attention_cpu.available() and not _TORCH_ONLY
 
 
 @dataclass
@@ -43,6 +49,19 @@ class StepMetadata:
     # Additive score masks of the single-token queries, per sliding window: built
     # by the first layer that needs one, reused by every other layer of the step.
     single_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _chunk_arrays: tuple[torch.Tensor, ...] | None = None
+
+    def chunk_arrays(self) -> tuple[torch.Tensor, ...]:
+        """The chunks as the prefill kernel takes them: padded block tables (C, max_blocks)
+        and each chunk's first row, token count and start position; built once per step."""
+        if self._chunk_arrays is None:
+            width = max(len(table) for _, _, _, table in self.chunks)
+            tables = torch.zeros(len(self.chunks), width, dtype=torch.long)
+            for row, (_, _, _, table) in enumerate(self.chunks):
+                tables[row, : len(table)] = table
+            columns = torch.tensor([chunk[:3] for chunk in self.chunks], dtype=torch.long).T.contiguous()
+            self._chunk_arrays = (tables, *columns)
+        return self._chunk_arrays
 
     def single_query_mask(self, num_kv_heads: int, padded_len: int, sliding_window: int | None) -> torch.Tensor:
         """(Hkv*S, 1, L) fp32 additive mask: 0 where a query sees the key, -inf elsewhere."""
@@ -95,8 +114,14 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.meta: StepMetadata | None = None
-        # Single-token queries read fp32 blocks in place through the C kernel when it is built.
+        # Single-token queries read fp32 blocks in place through the C kernel when it is built,
+        # and so do prompt chunks on CPUs with AVX-512.
         self.use_cpu_kernel = CPU_KERNEL_ENABLED and device.type == "cpu" and dtype == torch.float32
+        self.use_prefill_kernel = (
+            PREFILL_KERNEL_ENABLED and device.type == "cpu" and dtype == torch.float32
+            and spec.head_dim % 16 == 0 and spec.head_dim <= 1024
+            and num_blocks * block_size * spec.head_dim < 2**31  # gathered with int32 offsets
+        )  # fmt: skip
 
     @staticmethod
     def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
@@ -126,6 +151,9 @@ class PagedKVCache:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if single_out is not None:
             out[:num_single] = single_out
+        if self.use_prefill_kernel and softcap is None and q.shape[1] // num_kv_heads <= 16:
+            self._prefill_kernel(layer_idx, q, out, scale, sliding_window)
+            return out
         for first, num, start, table in meta.chunks:
             end = start + num
             if start == 0:  # a whole prompt, or its first chunk: its keys are this step's own
@@ -162,6 +190,20 @@ class PagedKVCache:
             torch.get_num_threads(),  # the step's choice (cpu_threads.py)
         )  # fmt: skip
         return out
+
+    def _prefill_kernel(self, layer_idx, q, out, scale, sliding_window) -> None:
+        """Every prompt chunk of the step in one C call, keys and values read in place."""
+        if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+            q = q.contiguous()
+        tables, first, count, start = self.meta.chunk_arrays()
+        _, num_kv_heads, num_blocks, block_size, head_dim = self.k.shape
+        _prefill_attention_cpu.prefill_attention(
+            q.data_ptr(), self.k[layer_idx].data_ptr(), self.v[layer_idx].data_ptr(), out.data_ptr(),
+            tables.data_ptr(), first.data_ptr(), count.data_ptr(), start.data_ptr(),
+            len(self.meta.chunks), q.stride(0), q.shape[1], num_kv_heads, head_dim, block_size, num_blocks,
+            tables.shape[1], sliding_window or 0, scale,
+            torch.get_num_threads(),  # the step's choice (cpu_threads.py)
+        )  # fmt: skip
 
     def _single_query_kernel(self, layer_idx, q, scale, sliding_window, softcap) -> torch.Tensor:
         """The C kernel: each single-token query reads its blocks where they lie, no gather."""

@@ -1,0 +1,340 @@
+/* Causal attention of prompt chunks over the paged KV cache, on CPU, fp32, AVX-512.
+ *
+ * Built at install time as an optional extension (setup.py); paged_cache.py uses it
+ * for the multi-token chunks of a step (prompts) where the CPU has AVX-512, and
+ * torch's scaled_dot_product_attention elsewhere.
+ *
+ * Why our own: torch's CPU attention reached ~90 GFLOP/s on a 512-token prompt here,
+ * and a chunk that continues a cached prefix first had every key and value gathered
+ * into a copy, once per layer. This kernel reads keys and values where they lie in
+ * the cache blocks and skips every block above the causal diagonal or outside the
+ * sliding window.
+ *
+ * The scheme is the usual online-softmax ("flash") attention. A work unit is one kv
+ * head and QUERY_BLOCK consecutive positions of one chunk: its rows are those
+ * positions' queries for every head of the group, so the keys and values it loads
+ * serve G heads at once. For each block of KEY_BLOCK keys:
+ *   - the keys are transposed into a (head_dim x KEY_BLOCK) panel;
+ *   - ROWS query rows at a time, the scores come from a register-blocked product
+ *     (ROWS x KEY_BLOCK accumulators, one broadcast query element per head_dim step);
+ *   - each row's running max, sum and output are rescaled and the block's
+ *     probabilities times the values are added to the output (kept in a buffer).
+ *
+ * Layouts (all fp32 unless said):
+ *   q, out            (T, H, D) rows of the step, q with row stride q_stride floats
+ *   k, v              (Hkv, NB, BS, D) one layer of the cache, this step's keys written
+ *   tables            (C, MB) int64, the block table of each chunk
+ *   first, count, start (C,) int64: the chunk's first row in the step, its number of
+ *                     tokens, the position of its first token
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__STDC_NO_ATOMICS__)
+#define SELFHOST_PREFILL 1
+#include <immintrin.h>
+
+#include "../_cpu_pool.h"
+#endif
+
+#ifdef SELFHOST_PREFILL
+
+#define AVX512 __attribute__((target("avx512f")))
+#define QUERY_BLOCK 32 /* query positions per unit of work */
+#define KEY_BLOCK 64   /* keys per step of the online softmax: four zmm of scores per row */
+#define ROWS 6         /* query rows per score product: 6 x 4 accumulators */
+#define MAX_GROUP 16   /* query heads per kv head this kernel takes (GQA groups are 1-16) */
+#define MAX_ROWS (QUERY_BLOCK * MAX_GROUP)
+
+typedef struct {
+    const float *q, *k, *v;
+    float *out;
+    const int64_t *tables, *first, *count, *start;
+    const int64_t *unit_chunk, *unit_position; /* per unit: its chunk and first query index in it */
+    Py_ssize_t q_stride, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
+    float scale;
+    _Atomic int *failed; /* set when a thread's scratch memory could not be had */
+} Job;
+
+/* e^x for x <= 0, as _paged_attention_cpu.c computes it: x = n ln2 + r, a degree-6
+ * polynomial for e^r (relative error below 2e-7), 2^n in the exponent bits. */
+AVX512 static __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 poly = _mm512_set1_ps(1.0f / 720.0f);
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 120.0f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 24.0f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 6.0f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.5f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
+    __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(poly, _mm512_castsi512_ps(two_n));
+}
+
+static const float *cached_row(const Job *job, const float *cache, const int64_t *table, Py_ssize_t head,
+                               Py_ssize_t pos) {
+    Py_ssize_t row = (head * job->num_blocks + table[pos / job->block_size]) * job->block_size + pos % job->block_size;
+    return cache + row * job->head_dim;
+}
+
+/* scores[r][0:64] = q_r . key_j for `rows` query rows against the transposed key panel. */
+AVX512 static inline __attribute__((always_inline)) void score_rows(const int rows, const float *const *q,
+                                                                    const float *panel, Py_ssize_t dim,
+                                                                    float *scores) {
+    __m512 acc[ROWS][4];
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+    for (Py_ssize_t d = 0; d < dim; d++) {
+        const float *keys = panel + d * KEY_BLOCK;
+        __m512 k0 = _mm512_load_ps(keys), k1 = _mm512_load_ps(keys + 16), k2 = _mm512_load_ps(keys + 32),
+               k3 = _mm512_load_ps(keys + 48);
+        for (int r = 0; r < rows; r++) {
+            __m512 x = _mm512_set1_ps(q[r][d]);
+            acc[r][0] = _mm512_fmadd_ps(x, k0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(x, k1, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(x, k2, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(x, k3, acc[r][3]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 4; c++) _mm512_store_ps(scores + r * KEY_BLOCK + c * 16, acc[r][c]);
+}
+
+#define SCORE_CASE(n) \
+    case n: score_rows(n, q, panel, dim, scores); break;
+
+AVX512 static void score_block(int rows, const float *const *q, const float *panel, Py_ssize_t dim, float *scores) {
+    switch (rows) { SCORE_CASE(1) SCORE_CASE(2) SCORE_CASE(3) SCORE_CASE(4) SCORE_CASE(5) SCORE_CASE(6) }
+}
+
+/* out_r = out_r * rescale_r + sum_j p_rj v_j for `rows` rows, 64 dims at a time: each
+ * value vector loaded once serves every row of the block. */
+AVX512 static inline __attribute__((always_inline)) void accumulate_rows(const int rows, float *const *out,
+                                                                         const float *rescale, const float *p,
+                                                                         const float *const *values, Py_ssize_t width,
+                                                                         Py_ssize_t dim) {
+    for (Py_ssize_t d0 = 0; d0 < dim; d0 += 64) {
+        const int vectors = dim - d0 >= 64 ? 4 : (int)((dim - d0) / 16);
+        __m512 acc[ROWS][4];
+        for (int r = 0; r < rows; r++) {
+            __m512 factor = _mm512_set1_ps(rescale[r]);
+            for (int c = 0; c < vectors; c++) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(out[r] + d0 + c * 16), factor);
+        }
+        for (Py_ssize_t j = 0; j < width; j++) {
+            const float *v = values[j] + d0;
+            __m512 v0 = _mm512_loadu_ps(v), v1 = v0, v2 = v0, v3 = v0;
+            if (vectors > 1) v1 = _mm512_loadu_ps(v + 16);
+            if (vectors > 2) v2 = _mm512_loadu_ps(v + 32);
+            if (vectors > 3) v3 = _mm512_loadu_ps(v + 48);
+            for (int r = 0; r < rows; r++) {
+                __m512 w = _mm512_set1_ps(p[r * KEY_BLOCK + j]);
+                acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
+                if (vectors > 1) acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
+                if (vectors > 2) acc[r][2] = _mm512_fmadd_ps(w, v2, acc[r][2]);
+                if (vectors > 3) acc[r][3] = _mm512_fmadd_ps(w, v3, acc[r][3]);
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < vectors; c++) _mm512_storeu_ps(out[r] + d0 + c * 16, acc[r][c]);
+    }
+}
+
+#define ACCUMULATE_CASE(n) \
+    case n: accumulate_rows(n, out, rescale, p, values, width, dim); break;
+
+AVX512 static void accumulate_block(int rows, float *const *out, const float *rescale, const float *p,
+                                    const float *const *values, Py_ssize_t width, Py_ssize_t dim) {
+    switch (rows) {
+        ACCUMULATE_CASE(1) ACCUMULATE_CASE(2) ACCUMULATE_CASE(3) ACCUMULATE_CASE(4) ACCUMULATE_CASE(5)
+        ACCUMULATE_CASE(6)
+    }
+}
+
+/* Per-unit scratch, one per thread. */
+typedef struct {
+    float panel[1024 * KEY_BLOCK] __attribute__((aligned(64))); /* head_dim <= 1024 */
+    float scores[MAX_ROWS * KEY_BLOCK] __attribute__((aligned(64)));
+    float row_max[MAX_ROWS], row_sum[MAX_ROWS], rescale[MAX_ROWS];
+    const float *q_rows[MAX_ROWS];
+    float *out_rows[MAX_ROWS];
+    Py_ssize_t row_pos[MAX_ROWS];
+    const float *values[KEY_BLOCK];
+} Scratch;
+
+static _Thread_local Scratch *scratch;
+
+AVX512 static void run_unit(const void *whole, long unit) {
+    const Job *job = (const Job *)whole;
+    if (scratch == NULL && posix_memalign((void **)&scratch, 64, sizeof(Scratch)) != 0) {
+        scratch = NULL;
+        atomic_store(job->failed, 1);
+        return;
+    }
+    Scratch *s = scratch;
+    const Py_ssize_t dim = job->head_dim, group = job->num_heads / job->num_kv_heads;
+    const Py_ssize_t head = unit % job->num_kv_heads, unit_in_heads = unit / job->num_kv_heads;
+    const Py_ssize_t chunk = job->unit_chunk[unit_in_heads], i0 = job->unit_position[unit_in_heads];
+    const Py_ssize_t n = job->count[chunk] - i0 < QUERY_BLOCK ? job->count[chunk] - i0 : QUERY_BLOCK;
+    const int64_t *table = job->tables + chunk * job->max_blocks;
+    const Py_ssize_t pos0 = job->start[chunk] + i0;  /* position of the unit's first query */
+    const Py_ssize_t row0 = job->first[chunk] + i0;  /* its row in the step */
+    const Py_ssize_t rows = n * group;
+    for (Py_ssize_t i = 0; i < n; i++)
+        for (Py_ssize_t g = 0; g < group; g++) {
+            Py_ssize_t r = g * n + i;
+            s->q_rows[r] = job->q + (row0 + i) * job->q_stride + (head * group + g) * dim;
+            s->out_rows[r] = job->out + ((row0 + i) * job->num_heads + head * group + g) * dim;
+            s->row_pos[r] = pos0 + i;
+            s->row_max[r] = -INFINITY, s->row_sum[r] = 0.0f;
+            memset(s->out_rows[r], 0, sizeof(float) * (size_t)dim);
+        }
+    Py_ssize_t lo = job->window > 0 && pos0 + 1 > job->window ? pos0 + 1 - job->window : 0;
+    Py_ssize_t hi = pos0 + n; /* keys [lo, hi) are visible to some row of the unit */
+    for (Py_ssize_t k0 = lo; k0 < hi; k0 += KEY_BLOCK) {
+        Py_ssize_t width = hi - k0 < KEY_BLOCK ? hi - k0 : KEY_BLOCK;
+        /* The panel is the block's keys transposed, 16 keys per gather (a scalar copy
+         * took ~30% of the kernel's time). Keys past the block's end repeat its first key:
+         * finite numbers that the mask below then ignores. */
+        const float *head_keys = job->k + head * job->num_blocks * job->block_size * dim;
+        for (int group16 = 0; group16 < KEY_BLOCK / 16; group16++) {
+            int32_t offsets[16] __attribute__((aligned(64)));
+            for (int j = 0; j < 16; j++) {
+                Py_ssize_t key = group16 * 16 + j < width ? k0 + group16 * 16 + j : k0;
+                offsets[j] = (int32_t)((cached_row(job, job->k, table, head, key) - head_keys));
+            }
+            __m512i index = _mm512_load_si512(offsets);
+            float *column = s->panel + group16 * 16;
+            for (Py_ssize_t d = 0; d < dim; d++)
+                _mm512_store_ps(column + d * KEY_BLOCK,
+                                _mm512_i32gather_ps(_mm512_add_epi32(index, _mm512_set1_epi32((int)d)), head_keys, 4));
+        }
+        for (Py_ssize_t j = 0; j < width; j++) s->values[j] = cached_row(job, job->v, table, head, k0 + j);
+        for (Py_ssize_t r0 = 0; r0 < rows; r0 += ROWS) {
+            int block_rows = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
+            score_block(block_rows, s->q_rows + r0, s->panel, dim, s->scores + r0 * KEY_BLOCK);
+        }
+        __m512 lane = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        __m512 scale = _mm512_set1_ps(job->scale);
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            Py_ssize_t pos = s->row_pos[r];
+            Py_ssize_t first_key = job->window > 0 && pos + 1 > job->window ? pos + 1 - job->window : 0;
+            float *row = s->scores + r * KEY_BLOCK;
+            /* keys k0 + c in [first_key, pos] count; others get probability 0 */
+            __m512 key_lo = _mm512_set1_ps((float)(first_key - k0)), key_hi = _mm512_set1_ps((float)(pos - k0));
+            __mmask16 keep[4];
+            __m512 peak = _mm512_set1_ps(-INFINITY);
+            for (int c = 0; c < 4; c++) {
+                __m512 index = _mm512_add_ps(lane, _mm512_set1_ps((float)(c * 16)));
+                keep[c] = _mm512_cmp_ps_mask(index, key_lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(index, key_hi, _CMP_LE_OQ);
+                __m512 x = _mm512_mul_ps(_mm512_load_ps(row + c * 16), scale);
+                _mm512_store_ps(row + c * 16, x);
+                peak = _mm512_mask_max_ps(peak, keep[c], peak, x);
+            }
+            float block_max = _mm512_reduce_max_ps(peak);
+            if (block_max == -INFINITY) { /* nothing visible to this row here */
+                memset(row, 0, sizeof(float) * KEY_BLOCK);
+                s->rescale[r] = 1.0f;
+                continue;
+            }
+            float new_max = block_max > s->row_max[r] ? block_max : s->row_max[r];
+            float rescale = s->row_max[r] == -INFINITY ? 0.0f : expf(s->row_max[r] - new_max);
+            __m512 shift = _mm512_set1_ps(new_max), total = _mm512_setzero_ps();
+            for (int c = 0; c < 4; c++) {
+                __m512 p = _mm512_maskz_mov_ps(keep[c], exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(row + c * 16), shift)));
+                _mm512_store_ps(row + c * 16, p);
+                total = _mm512_add_ps(total, p);
+            }
+            s->row_sum[r] = s->row_sum[r] * rescale + _mm512_reduce_add_ps(total);
+            s->row_max[r] = new_max;
+            s->rescale[r] = rescale;
+        }
+        for (Py_ssize_t r0 = 0; r0 < rows; r0 += ROWS)
+            accumulate_block(rows - r0 < ROWS ? (int)(rows - r0) : ROWS, s->out_rows + r0, s->rescale + r0,
+                             s->scores + r0 * KEY_BLOCK, s->values, width, dim);
+    }
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        float inv = s->row_sum[r] > 0.0f ? 1.0f / s->row_sum[r] : 0.0f;
+        for (Py_ssize_t d = 0; d < dim; d++) s->out_rows[r][d] *= inv;
+    }
+}
+
+static int cpu_has_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+}
+
+#endif /* SELFHOST_PREFILL */
+
+static PyObject *available(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+#ifdef SELFHOST_PREFILL
+    return PyBool_FromLong(cpu_has_avx512());
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *prefill_attention(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long q, k, v, out, tables, first, count, start;
+    Py_ssize_t num_chunks, q_stride, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
+    float scale;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnnnnnfi", &q, &k, &v, &out, &tables, &first, &count, &start,
+                          &num_chunks, &q_stride, &num_heads, &num_kv_heads, &head_dim, &block_size, &num_blocks,
+                          &max_blocks, &window, &scale, &num_threads))
+        return NULL;
+#ifdef SELFHOST_PREFILL
+    if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > MAX_GROUP ||
+        head_dim <= 0 || head_dim % 16 != 0 || head_dim > 1024 || block_size <= 0 || num_chunks < 0 ||
+        num_blocks * block_size * head_dim >= INT32_MAX) { /* key offsets within a head are gathered as int32 */
+        PyErr_SetString(PyExc_ValueError, "prefill_attention: unsupported head counts or sizes");
+        return NULL;
+    }
+    const int64_t *counts = (const int64_t *)count;
+    Py_ssize_t blocks = 0;
+    for (Py_ssize_t c = 0; c < num_chunks; c++) blocks += (counts[c] + QUERY_BLOCK - 1) / QUERY_BLOCK;
+    int64_t *unit_chunk = malloc(sizeof(int64_t) * (size_t)(blocks + 1)), *unit_position = malloc(sizeof(int64_t) * (size_t)(blocks + 1));
+    if (unit_chunk == NULL || unit_position == NULL) {
+        free(unit_chunk), free(unit_position);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t u = 0;
+    for (Py_ssize_t c = 0; c < num_chunks; c++)
+        for (Py_ssize_t i = 0; i < counts[c]; i += QUERY_BLOCK) unit_chunk[u] = c, unit_position[u++] = i;
+    _Atomic int failed = 0;
+    Job job = {(const float *)q, (const float *)k, (const float *)v, (float *)out, (const int64_t *)tables,
+               (const int64_t *)first, counts, (const int64_t *)start, unit_chunk, unit_position, q_stride,
+               num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window, scale, &failed};
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(run_unit, &job, (long)(blocks * num_kv_heads), num_threads < 1 ? 1 : num_threads);
+    Py_END_ALLOW_THREADS
+    free(unit_chunk), free(unit_position);
+    if (atomic_load(&failed)) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    (void)q, (void)k, (void)v, (void)out, (void)tables, (void)first, (void)count, (void)start, (void)num_chunks;
+    (void)q_stride, (void)num_heads, (void)num_kv_heads, (void)head_dim, (void)block_size, (void)num_blocks;
+    (void)max_blocks, (void)window, (void)scale, (void)num_threads;
+    PyErr_SetString(PyExc_RuntimeError, "prefill_attention: built without x86-64 support");
+    return NULL;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"available", available, METH_NOARGS, "True when this CPU has AVX-512F and the kernel was built for it."},
+    {"prefill_attention", prefill_attention, METH_VARARGS,
+     "Causal attention of prompt chunks over the paged cache (fp32, data pointers)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_prefill_attention_cpu", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__prefill_attention_cpu(void) { return PyModule_Create(&module); }
