@@ -6,10 +6,13 @@ flat; `StepMetadata` says where each token's KV goes (`slot_mapping`) and how
 the queries group into sequences.
 - Single-token queries (decodes, and the last token of a prompt): on CPU in
   fp32, the C kernel (`_paged_attention_cpu.c`) walks each block table and reads
-  keys and values in place; elsewhere, the blocks are gathered into a padded
-  copy and attended as one batched matmul per layer.
-- Multi-token prompt chunks are attended one sequence at a time, over the
-  step's own keys when the chunk starts the prompt.
+  keys and values in place (in a decode-only step it also applies rotary and
+  writes the new keys: `rope_attend_decode`); elsewhere, the blocks are gathered
+  into a padded copy and attended as one batched matmul per layer.
+- Multi-token prompt chunks: on AVX-512 CPUs in fp32, every chunk of the step in
+  one C call (`_prefill_attention_cpu.c`, keys read in place); elsewhere one
+  sequence at a time through SDPA, over the step's own keys when the chunk
+  starts the prompt and over its gathered blocks otherwise.
 """
 
 from __future__ import annotations
