@@ -23,8 +23,8 @@ def test_kernel_is_built_where_a_compiler_exists():
 needs_kernel = pytest.mark.skipif(paged_cache._paged_attention_cpu is None, reason="no C compiler: kernel not built")
 
 
-def random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed):
-    """A cache whose sequences own shuffled blocks, plus this step's single-token queries."""
+def random_cache(num_kv_heads, head_dim, block_size, lens, seed):
+    """A cache of random keys and values whose sequences (of `lens` tokens) own shuffled blocks."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     blocks_needed = [-(-n // block_size) for n in lens]
@@ -35,8 +35,13 @@ def random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed):
     cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
     free = list(range(1, num_blocks))
     rng.shuffle(free)
-    tables = [[free.pop() for _ in range(n)] for n in blocks_needed]
-    max_blocks = max(blocks_needed)
+    return cache, [[free.pop() for _ in range(n)] for n in blocks_needed], gen
+
+
+def random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed):
+    """A cache whose sequences own shuffled blocks, plus this step's single-token queries."""
+    cache, tables, gen = random_cache(num_kv_heads, head_dim, block_size, lens, seed)
+    max_blocks = max(len(t) for t in tables)
     meta = StepMetadata(
         slot_mapping=torch.tensor([t[(n - 1) // block_size] * block_size + (n - 1) % block_size for t, n in zip(tables, lens)]),
         num_single=len(lens),
@@ -148,18 +153,7 @@ needs_prefill_kernel = pytest.mark.skipif(
 
 def chunk_step(num_heads, num_kv_heads, head_dim, block_size, chunks, seed):
     """A cache plus one step of prompt chunks (start, count) with their keys already written."""
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    ends = [start + count for start, count in chunks]
-    blocks_needed = [-(-end // block_size) for end in ends]
-    num_blocks = sum(blocks_needed) + 2
-    spec = SimpleNamespace(num_layers=2, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    cache = PagedKVCache(spec, num_blocks, block_size, torch.float32, torch.device("cpu"))
-    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
-    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
-    free = list(range(1, num_blocks))
-    rng.shuffle(free)
-    tables = [[free.pop() for _ in range(n)] for n in blocks_needed]
+    cache, tables, gen = random_cache(num_kv_heads, head_dim, block_size, [s + c for s, c in chunks], seed)
     step_chunks, slots, first = [], [], 0
     for (start, count), table in zip(chunks, tables):
         step_chunks.append((first, count, start, torch.tensor(table)))
