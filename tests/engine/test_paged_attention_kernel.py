@@ -3,6 +3,7 @@
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +22,17 @@ def test_kernel_is_built_where_a_compiler_exists():
 
 
 needs_kernel = pytest.mark.skipif(paged_cache._paged_attention_cpu is None, reason="no C compiler: kernel not built")
+
+
+@contextmanager
+def torch_threads(count):
+    """The kernels take the step's thread count from torch: set it for a block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def random_cache(num_kv_heads, head_dim, block_size, lens, seed):
@@ -87,12 +99,8 @@ def test_kernel_matches_torch_path_and_reference(num_heads, num_kv_heads, head_d
         cache, meta, tables, q, k, v = random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed=7)
         cache.use_cpu_kernel = use_kernel
         cache.meta = meta
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             results[use_kernel] = cache.attend(1, q, k, v, scale, window, softcap)
-        finally:
-            torch.set_num_threads(before)
     expected = plain_attention(cache, 1, tables, lens, q, scale, window, softcap)
     assert (results[True] - expected).abs().max() < 1e-5
     assert (results[False] - expected).abs().max() < 1e-5
@@ -118,16 +126,12 @@ def test_fused_rope_decode_step_equals_rotary_then_attend(num_heads, num_kv_head
         cache, meta, tables, q, k, v = random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed=11)
         cache.meta = meta
         heads = torch.cat([q, k, v], dim=1)  # the unrotated projection, as Attention has it
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             if fused:
                 out = cache.rope_attend_decode(1, heads, cos, sin, num_heads, scale, window, softcap)
             else:
                 rotated = apply_rotary(heads[:, : num_heads + num_kv_heads], cos, sin)
                 out = cache.attend(1, rotated[:, :num_heads], rotated[:, num_heads:], v, scale, window, softcap)
-        finally:
-            torch.set_num_threads(before)
         caches.append(cache)
         outs.append(out)
     # The rotation matches torch's bit for bit (a prompt chunk and a decode step must
@@ -182,12 +186,8 @@ def test_prefill_kernel_matches_torch_path(num_heads, num_kv_heads, head_dim, bl
         cache, meta, q, k, v = chunk_step(num_heads, num_kv_heads, head_dim, block_size, chunks, seed=5)
         cache.use_prefill_kernel = use_kernel
         cache.meta = meta
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             results[use_kernel] = cache.attend(1, q, k, v, scale, window, None)
-        finally:
-            torch.set_num_threads(before)
     assert (results[True] - results[False]).abs().max() < 2e-5
 
 
