@@ -69,11 +69,11 @@ def random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed):
 
 def plain_attention(cache, layer, tables, lens, q, scale, window, softcap):
     """Reference: each sequence's keys laid out in order, softmax over the visible ones."""
-    num_kv_heads = cache.k.shape[1]
+    num_kv_heads = cache.v.shape[1]
     group = q.shape[1] // num_kv_heads
     outs = []
     for i, (table, n) in enumerate(zip(tables, lens)):
-        keys = cache.k[layer][:, table].flatten(1, 2)[:, :n]  # (Hkv, n, D)
+        keys = paged_cache.key_rows(cache.k[layer], torch.tensor(table))[:, :n]  # (Hkv, n, D)
         values = cache.v[layer][:, table].flatten(1, 2)[:, :n]
         first = max(0, n - window) if window else 0
         keys, values = keys.repeat_interleave(group, 0)[:, first:], values.repeat_interleave(group, 0)[:, first:]

@@ -14,7 +14,9 @@
  * head and QUERY_BLOCK consecutive positions of one chunk: its rows are those
  * positions' queries for every head of the group, so the keys and values it loads
  * serve G heads at once. For each block of KEY_BLOCK keys:
- *   - the keys are transposed into a (head_dim x KEY_BLOCK) panel;
+ *   - the keys are copied into a (head_dim x KEY_BLOCK) panel: the cache keeps
+ *     keys dims-major inside each block, so a 16-key run of one block is one
+ *     vector per dimension (runs that straddle blocks are gathered);
  *   - ROWS query rows at a time, the scores come from a register-blocked product
  *     (ROWS x KEY_BLOCK accumulators, one broadcast query element per head_dim step);
  *   - each row's running max, sum and output are rescaled and the block's
@@ -22,7 +24,8 @@
  *
  * Layouts (all fp32 unless said):
  *   q, out            (T, H, D) rows of the step, q with row stride q_stride floats
- *   k, v              (Hkv, NB, BS, D) one layer of the cache, this step's keys written
+ *   k                 (Hkv, NB, D, BS) one layer of the cache, keys dims-major in a block
+ *   v                 (Hkv, NB, BS, D) values as rows; this step's keys and values written
  *   tables            (C, MB) int64, the block table of each chunk
  *   first, count, start (C,) int64: the chunk's first row in the step, its number of
  *                     tokens, the position of its first token
@@ -197,23 +200,33 @@ AVX512 static void run_unit(const void *whole, long unit) {
         }
     Py_ssize_t lo = job->window > 0 && pos0 + 1 > job->window ? pos0 + 1 - job->window : 0;
     Py_ssize_t hi = pos0 + n; /* keys [lo, hi) are visible to some row of the unit */
-    for (Py_ssize_t k0 = lo; k0 < hi; k0 += KEY_BLOCK) {
+    const Py_ssize_t bs = job->block_size;
+    /* Blocks start on a multiple of 16 keys (the mask drops those before lo) so that
+     * whole 16-key runs of a cache block load as vectors. */
+    for (Py_ssize_t k0 = lo - lo % 16; k0 < hi; k0 += KEY_BLOCK) {
         Py_ssize_t width = hi - k0 < KEY_BLOCK ? hi - k0 : KEY_BLOCK;
-        /* The panel is the block's keys transposed, 16 keys per gather (a scalar copy
-         * took ~30% of the kernel's time). Keys past the block's end repeat its first key:
-         * finite numbers that the mask below then ignores. */
-        const float *head_keys = job->k + head * job->num_blocks * job->block_size * dim;
+        /* The panel holds the block's keys dims-major, as the cache stores them inside
+         * each of its blocks: 16 keys of one cache block are one vector load per
+         * dimension; 16 keys spanning blocks (or past the end, which repeat the first
+         * key: finite numbers the mask below ignores) are gathered. */
+        const float *head_keys = job->k + head * job->num_blocks * dim * bs;
         for (int group16 = 0; group16 < KEY_BLOCK / 16; group16++) {
+            Py_ssize_t pos = k0 + group16 * 16;
+            float *column = s->panel + group16 * 16;
+            if (bs % 16 == 0 && pos % 16 == 0 && pos + 16 <= hi) {
+                const float *keys = head_keys + table[pos / bs] * dim * bs + pos % bs;
+                for (Py_ssize_t d = 0; d < dim; d++) _mm512_store_ps(column + d * KEY_BLOCK, _mm512_loadu_ps(keys + d * bs));
+                continue;
+            }
             int32_t offsets[16] __attribute__((aligned(64)));
             for (int j = 0; j < 16; j++) {
-                Py_ssize_t key = group16 * 16 + j < width ? k0 + group16 * 16 + j : k0;
-                offsets[j] = (int32_t)((cached_row(job, job->k, table, head, key) - head_keys));
+                Py_ssize_t key = pos + j < hi ? pos + j : k0;
+                offsets[j] = (int32_t)(table[key / bs] * dim * bs + key % bs);
             }
             __m512i index = _mm512_load_si512(offsets);
-            float *column = s->panel + group16 * 16;
             for (Py_ssize_t d = 0; d < dim; d++)
-                _mm512_store_ps(column + d * KEY_BLOCK,
-                                _mm512_i32gather_ps(_mm512_add_epi32(index, _mm512_set1_epi32((int)d)), head_keys, 4));
+                _mm512_store_ps(column + d * KEY_BLOCK, _mm512_i32gather_ps(
+                    _mm512_add_epi32(index, _mm512_set1_epi32((int)(d * bs))), head_keys, 4));
         }
         for (Py_ssize_t j = 0; j < width; j++) s->values[j] = cached_row(job, job->v, table, head, k0 + j);
         for (Py_ssize_t r0 = 0; r0 < rows; r0 += ROWS) {

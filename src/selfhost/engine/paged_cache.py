@@ -1,7 +1,8 @@
 """The paged KV cache and the per-step attention over it.
 
-Memory is one tensor for keys and one for values, head-major:
-(layers, kv_heads, num_blocks, block_size, head_dim). A step's tokens arrive
+Memory is one tensor for keys and one for values, head-major: values
+(layers, kv_heads, num_blocks, block_size, head_dim), keys dims-major inside a
+block (layers, kv_heads, num_blocks, head_dim, block_size). A step's tokens arrive
 flat; `StepMetadata` says where each token's KV goes (`slot_mapping`) and how
 the queries group into sequences.
 - Single-token queries (decodes, and the last token of a prompt): on CPU in
@@ -53,6 +54,13 @@ class StepMetadata:
     # by the first layer that needs one, reused by every other layer of the step.
     single_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _chunk_arrays: tuple[torch.Tensor, ...] | None = None
+    _slot_split: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def slot_blocks_and_offsets(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's block and offset in it, from slot_mapping; built once per step."""
+        if self._slot_split is None:
+            self._slot_split = (self.slot_mapping // block_size, self.slot_mapping % block_size)
+        return self._slot_split
 
     def chunk_arrays(self) -> tuple[torch.Tensor, ...]:
         """The chunks as the prefill kernel takes them: padded block tables (C, max_blocks)
@@ -108,12 +116,21 @@ def batched_single_query_attention(
     return out.view(num_kv_heads, num_seqs, group, head_dim).transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
 
+def key_rows(k_layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The keys of `blocks` (one layer, dims-major blocks) as (Hkv, len(blocks) * block_size, D) rows."""
+    num_kv_heads, _, head_dim, block_size = k_layer.shape
+    return k_layer.index_select(1, blocks).transpose(2, 3).reshape(num_kv_heads, -1, head_dim)
+
+
 class PagedKVCache:
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
-        # Head-major blocks: gathering a sequence's blocks yields each kv head's keys
-        # as one contiguous (L, head_dim) run, ready for a batched matmul.
+        # Head-major blocks: gathering a sequence's blocks yields each kv head's values
+        # as one contiguous (L, head_dim) run, ready for a batched matmul. Inside a block
+        # keys are dims-major, (head_dim, block_size): a vector load then holds one
+        # dimension of consecutive keys, so the CPU kernels form a block's scores with
+        # plain multiply-adds (no horizontal sums, no transposition).
         shape = (spec.num_layers, spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.zeros(shape[:3] + (spec.head_dim, block_size), dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.meta: StepMetadata | None = None
@@ -132,10 +149,11 @@ class PagedKVCache:
 
     def attend(self, layer_idx, q, k, v, scale, sliding_window, softcap):
         meta = self.meta
-        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]  # (Hkv, num_blocks, block_size, D)
-        num_kv_heads, num_blocks, block_size, head_dim = k_layer.shape
+        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]  # (Hkv, num_blocks, D, block_size), (.., block_size, D)
+        num_kv_heads, num_blocks, block_size, head_dim = v_layer.shape
         # Write this step's keys and values into their slots first: queries see themselves.
-        k_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        blocks, offsets = meta.slot_blocks_and_offsets(block_size)
+        k_layer[:, blocks, :, offsets] = k  # advanced indices first: (T, Hkv, D)
         v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         num_single = meta.num_single
         single_out = None
@@ -145,7 +163,7 @@ class PagedKVCache:
             tables = meta.single_block_tables  # (S, max_blocks)
             padded_len = tables.shape[1] * block_size
             flat = tables.flatten()
-            gathered_k = k_layer.index_select(1, flat).view(num_kv_heads, num_single, padded_len, head_dim)
+            gathered_k = key_rows(k_layer, flat).view(num_kv_heads, num_single, padded_len, head_dim)
             gathered_v = v_layer.index_select(1, flat).view(num_kv_heads, num_single, padded_len, head_dim)
             mask = meta.single_query_mask(num_kv_heads, padded_len, sliding_window)
             single_out = batched_single_query_attention(q[:num_single], gathered_k, gathered_v, mask, scale, softcap)
@@ -162,7 +180,7 @@ class PagedKVCache:
             if start == 0:  # a whole prompt, or its first chunk: its keys are this step's own
                 keys, values = k[first : first + num].transpose(0, 1), v[first : first + num].transpose(0, 1)
             else:
-                keys = k_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end]  # (Hkv, L, D)
+                keys = key_rows(k_layer, table)[:, :end]  # (Hkv, L, D)
                 values = v_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end]
             out[first : first + num] = attend_one_sequence(
                 q[first : first + num], keys, values, start, scale, sliding_window, softcap
@@ -181,7 +199,7 @@ class PagedKVCache:
         num_tokens, _, head_dim = heads.shape
         if not self.use_cpu_kernel or meta.chunks or meta.num_single != num_tokens or cos.shape[-1] != head_dim:
             return None
-        _, num_kv_heads, num_blocks, block_size, _ = self.k.shape
+        _, num_kv_heads, num_blocks, block_size, _ = self.v.shape
         out = torch.empty(num_tokens, num_heads, head_dim)
         tables = meta.single_block_tables
         _paged_attention_cpu.rope_decode_attention(
@@ -199,7 +217,7 @@ class PagedKVCache:
         if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
             q = q.contiguous()
         tables, first, count, start = self.meta.chunk_arrays()
-        _, num_kv_heads, num_blocks, block_size, head_dim = self.k.shape
+        _, num_kv_heads, num_blocks, block_size, head_dim = self.v.shape
         _prefill_attention_cpu.prefill_attention(
             q.data_ptr(), self.k[layer_idx].data_ptr(), self.v[layer_idx].data_ptr(), out.data_ptr(),
             tables.data_ptr(), first.data_ptr(), count.data_ptr(), start.data_ptr(),
@@ -215,7 +233,7 @@ class PagedKVCache:
         out = torch.empty_like(q)
         tables, lens = meta.single_block_tables, meta.single_context_lens
         num_seqs, num_heads, head_dim = q.shape
-        _, num_kv_heads, num_blocks, block_size, _ = self.k.shape
+        _, num_kv_heads, num_blocks, block_size, _ = self.v.shape
         _paged_attention_cpu.decode_attention(
             q.data_ptr(), self.k[layer_idx].data_ptr(), self.v[layer_idx].data_ptr(),
             tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
