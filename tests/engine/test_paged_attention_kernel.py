@@ -24,6 +24,15 @@ def test_kernel_is_built_where_a_compiler_exists():
 needs_kernel = pytest.mark.skipif(paged_cache._paged_attention_cpu is None, reason="no C compiler: kernel not built")
 
 
+@pytest.fixture(params=[2, 1, 0], ids=["avx512", "avx2", "portable"])
+def isa(request):
+    """Each test runs the kernel on every instruction set this machine has (the C code
+    picks the widest; a lower cap exercises the narrower paths too)."""
+    before = paged_cache._paged_attention_cpu.limit_isa(request.param)
+    yield request.param
+    paged_cache._paged_attention_cpu.limit_isa(before)
+
+
 @contextmanager
 def torch_threads(count):
     """The kernels take the step's thread count from torch: set it for a block."""
@@ -91,7 +100,8 @@ def plain_attention(cache, layer, tables, lens, q, scale, window, softcap):
 )
 @pytest.mark.parametrize("threads", [1, 2])
 @needs_kernel
-def test_kernel_matches_torch_path_and_reference(num_heads, num_kv_heads, head_dim, block_size, window, softcap, threads):
+def test_kernel_matches_torch_path_and_reference(num_heads, num_kv_heads, head_dim, block_size, window, softcap, threads,
+                                                isa):
     lens = [1, 5, 16, 17, 33, 100, 64]
     scale = head_dim**-0.5
     results = {}
@@ -113,7 +123,7 @@ def test_kernel_matches_torch_path_and_reference(num_heads, num_kv_heads, head_d
 @pytest.mark.parametrize("threads", [1, 2])
 @needs_kernel
 def test_fused_rope_decode_step_equals_rotary_then_attend(num_heads, num_kv_heads, head_dim, block_size, window,
-                                                         softcap, threads):
+                                                         softcap, threads, isa):
     from selfhost.layers.rotary import apply_rotary
 
     lens = [1, 5, 16, 17, 33, 100, 64]

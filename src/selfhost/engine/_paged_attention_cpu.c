@@ -103,35 +103,47 @@ static void weighted_sum_scalar(const Job *job, const float *weights, const floa
 
 /* Eight keys at a time (one vector per dimension, from the dims-major block) against
  * up to four query heads: each key vector loaded once serves every head, and no
- * horizontal sums are needed. Requires BS % 8 == 0. */
+ * horizontal sums are needed. `heads` is a constant at each call site. */
+AVX2 static inline __attribute__((always_inline)) void run_scores_256(const int heads, const float *const *q,
+                                                                      const float *keys, Py_ssize_t bs,
+                                                                      Py_ssize_t dim, float scale, float *const *out,
+                                                                      __m256i keep) {
+    __m256 acc[4];
+    for (int h = 0; h < heads; h++) acc[h] = _mm256_setzero_ps();
+    for (Py_ssize_t d = 0; d < dim; d++) {
+        __m256 k = _mm256_loadu_ps(keys + d * bs);
+        for (int h = 0; h < heads; h++) acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(q[h][d]), k, acc[h]);
+    }
+    for (int h = 0; h < heads; h++) _mm256_maskstore_ps(out[h], keep, _mm256_mul_ps(acc[h], _mm256_set1_ps(scale)));
+}
+
+/* Requires BS % 8 == 0. */
 AVX2 static void scores_avx2(const Job *job, Py_ssize_t seq, Py_ssize_t head, const float *q, Py_ssize_t first,
                              Py_ssize_t len, float *scores) {
     Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim, bs = job->block_size;
     Py_ssize_t count = len - first;
-    __m256 scale = _mm256_set1_ps(job->scale);
-    for (Py_ssize_t b = first / bs; b * bs < len; b++) {
-        const float *block = key_block(job, seq, head, b);
-        for (Py_ssize_t j0 = 0; j0 < bs; j0 += 8) {
-            Py_ssize_t pos0 = b * bs + j0;
-            if (pos0 + 8 <= first || pos0 >= len) continue;
-            for (Py_ssize_t g0 = 0; g0 < group; g0 += 4) {
-                /* rows past the group repeat its first head; their sums are dropped */
-                const float *q0 = q + g0 * dim, *q1 = g0 + 1 < group ? q0 + dim : q0,
-                            *q2 = g0 + 2 < group ? q0 + 2 * dim : q0, *q3 = g0 + 3 < group ? q0 + 3 * dim : q0;
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (Py_ssize_t d = 0; d < dim; d++) {
-                    __m256 keys = _mm256_loadu_ps(block + d * bs + j0);
-                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(q0[d]), keys, a0);
-                    a1 = _mm256_fmadd_ps(_mm256_set1_ps(q1[d]), keys, a1);
-                    a2 = _mm256_fmadd_ps(_mm256_set1_ps(q2[d]), keys, a2);
-                    a3 = _mm256_fmadd_ps(_mm256_set1_ps(q3[d]), keys, a3);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (Py_ssize_t g0 = 0; g0 < group; g0 += 4) {
+        int heads = group - g0 < 4 ? (int)(group - g0) : 4;
+        const float *q_heads[4];
+        for (int h = 0; h < heads; h++) q_heads[h] = q + (g0 + h) * dim;
+        for (Py_ssize_t b = first / bs; b * bs < len; b++) {
+            const float *block = key_block(job, seq, head, b);
+            for (Py_ssize_t j0 = 0; j0 < bs; j0 += 8) {
+                Py_ssize_t pos0 = b * bs + j0;
+                if (pos0 + 8 <= first || pos0 >= len) continue;
+                /* lanes whose position is in [first, len): the others are not written */
+                __m256i position = _mm256_add_epi32(lane, _mm256_set1_epi32((int)(pos0 - first)));
+                __m256i keep = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_setzero_si256(), position),
+                                                   _mm256_cmpgt_epi32(_mm256_set1_epi32((int)count), position));
+                float *out[4];
+                for (int h = 0; h < heads; h++) out[h] = scores + (g0 + h) * count + (pos0 - first);
+                switch (heads) {
+                    case 1: run_scores_256(1, q_heads, block + j0, bs, dim, job->scale, out, keep); break;
+                    case 2: run_scores_256(2, q_heads, block + j0, bs, dim, job->scale, out, keep); break;
+                    case 3: run_scores_256(3, q_heads, block + j0, bs, dim, job->scale, out, keep); break;
+                    default: run_scores_256(4, q_heads, block + j0, bs, dim, job->scale, out, keep); break;
                 }
-                float sums[4][8];
-                _mm256_storeu_ps(sums[0], _mm256_mul_ps(a0, scale)), _mm256_storeu_ps(sums[1], _mm256_mul_ps(a1, scale));
-                _mm256_storeu_ps(sums[2], _mm256_mul_ps(a2, scale)), _mm256_storeu_ps(sums[3], _mm256_mul_ps(a3, scale));
-                for (Py_ssize_t h = 0; h < 4 && g0 + h < group; h++)
-                    for (int l = 0; l < 8; l++)
-                        if (pos0 + l >= first && pos0 + l < len) scores[(g0 + h) * count + pos0 + l - first] = sums[h][l];
             }
         }
     }
@@ -454,6 +466,19 @@ static int cpu_has_avx512(void) {
 #endif
 }
 
+/* The widest instruction set the kernels may use: 2 AVX-512, 1 AVX2, 0 portable C.
+ * Tests lower it to check every path on one machine. */
+static int isa_limit = 2;
+
+static PyObject *limit_isa(PyObject *self, PyObject *args) {
+    (void)self;
+    int level;
+    if (!PyArg_ParseTuple(args, "i", &level)) return NULL;
+    int before = isa_limit;
+    isa_limit = level;
+    return PyLong_FromLong(before);
+}
+
 static PyObject *run_pairs(Job *whole, Py_ssize_t num_seqs, int num_threads) {
     if (whole->num_kv_heads <= 0 || whole->num_heads % whole->num_kv_heads != 0 || whole->head_dim <= 0 ||
         whole->block_size <= 0 || (whole->cos != NULL && whole->head_dim % 2 != 0)) {
@@ -463,8 +488,8 @@ static PyObject *run_pairs(Job *whole, Py_ssize_t num_seqs, int num_threads) {
     int failed = 0;
     whole->item_begin = 0;
     whole->item_end = num_seqs * whole->num_kv_heads;
-    whole->use_avx2 = cpu_has_avx2();
-    whole->use_avx512 = cpu_has_avx512();
+    whole->use_avx2 = isa_limit >= 1 && cpu_has_avx2();
+    whole->use_avx512 = isa_limit >= 2 && cpu_has_avx512();
     whole->failed = &failed;
     long num_chunks = (long)((whole->item_end + PAIRS_PER_CHUNK - 1) / PAIRS_PER_CHUNK);
     Py_BEGIN_ALLOW_THREADS
@@ -519,6 +544,8 @@ static PyObject *rope_decode_attention(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS,
      "Single-query attention over the paged cache (fp32, contiguous tensors passed as data pointers)."},
+    {"limit_isa", limit_isa, METH_VARARGS,
+     "Cap the instruction set (2 AVX-512, 1 AVX2, 0 portable C); returns the previous cap. For tests."},
     {"rope_decode_attention", rope_decode_attention, METH_VARARGS,
      "A decode step's attention from the unrotated q/k/v projection: rotary, cache write and attention."},
     {NULL, NULL, 0, NULL},
