@@ -20,6 +20,7 @@ from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS, spec_from_config
 from selfhost.models.spec import ModelSpec
 from selfhost.models.transformers_fallback import TransformersModel, load_transformers_model
+from selfhost.models.weight_arena import place_weights_in_arena
 
 
 def read_config(model_dir: Path) -> dict:
@@ -91,6 +92,10 @@ def load_model(
     model.to_empty(device=device)
     model.to(dtype)
     model.reset_rotaries()  # buffers computed on the meta device hold no values
+    if spec.tie_embeddings:
+        model.tie_weights()  # before the arena, so the shared table gets one slot
+    if device.type == "cpu":
+        place_weights_in_arena(model)  # huge pages: decode streams every weight each step
 
     params = dict(model.named_parameters())
     slices = shard_slices(spec)
