@@ -44,8 +44,8 @@ def measure_copy_bandwidth_gb_s(n_bytes: int = _COPY_BYTES) -> float:
 
 # Decode kernels are timed on a stack of layer-shaped matrices (rows x 1024 inputs,
 # like a small model's projections; a 4096-wide matrix streams ~10% faster) held in
-# memory torch allocated, as selfhost's weights are: numpy asks the kernel for huge
-# pages on large arrays and torch does not, which alone is ~13% faster here.
+# one weight arena, as a loaded model's fp32 weights are (models/weight_arena.py):
+# huge pages where the kernel grants them, which alone streams ~5-13% faster here.
 _GEMV_SHAPE = (3072, 1024)
 
 
@@ -53,11 +53,15 @@ def _linear_stack(rows: int, cols: int, count: int) -> list:
     import torch
 
     from selfhost.layers.linear import Linear
+    from selfhost.models.weight_arena import place_weights_in_arena
 
     with torch.device("meta"):
         layers = [Linear(cols, rows, bias=False) for _ in range(count)]
     for layer in layers:
-        layer.weight = torch.nn.Parameter(torch.ones(rows, cols), requires_grad=False)
+        layer.weight = torch.nn.Parameter(torch.empty(rows, cols), requires_grad=False)
+    place_weights_in_arena(torch.nn.ModuleList(layers))
+    for layer in layers:
+        layer.weight.data.fill_(1.0)
     return layers
 
 
