@@ -12,6 +12,7 @@ from selfhost.engine.llm_engine import LLMEngine, free_memory_bytes
 from selfhost.errors import InvalidParameterError
 from selfhost.hub import resolve_model
 from selfhost.models.loader import load_model
+from selfhost.models.weight_arena import place_weights_in_arena
 from selfhost.outputs import RequestOutput
 from selfhost.quant.apply import quantize_model
 from selfhost.quant.config import QuantConfig
@@ -61,6 +62,10 @@ class LLM:
             raise InvalidParameterError("quantization needs a natively supported architecture, not the transformers fallback")
         if quant_config is not None:  # on the fly; `selfhost quantize` writes the same modules to disk
             quantize_model(self.model, quant_config)
+            if self.device.type == "cpu":
+                # The fp32 weights' arena stays alive while any parameter still views it
+                # (norms): move what remains into a small new one and let it go.
+                place_weights_in_arena(self.model, keep_values=True)
         self.max_model_len = self.model.max_len
         if kv_cache_memory is None:
             # Enough for every sequence at full context, but never more than 30% of free memory.

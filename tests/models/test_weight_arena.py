@@ -33,3 +33,14 @@ def test_loaded_cpu_model_uses_the_arena(tiny_checkpoint):
     model = load_model(tiny_checkpoint("llama"), torch.float32, torch.device("cpu"))
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert len(storages) == 1
+
+
+def test_quantizing_on_the_fly_lets_the_fp32_arena_go(tiny_checkpoint):
+    from selfhost import LLM
+
+    llm = LLM(str(tiny_checkpoint("llama")), device="cpu", quantization="int8")
+    params = list(llm.model.parameters())
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params}
+    # one small arena holding what stayed fp32, not the whole fp32 model's
+    assert len(storages) == 1
+    assert sum(storages.values()) <= sum(p.numel() * p.element_size() for p in params) + 64 * (len(params) + 1)

@@ -20,9 +20,11 @@ from torch import nn
 ALIGN_BYTES = 64  # every tensor starts on a cache line (the C kernels' vector loads)
 
 
-def place_weights_in_arena(model: nn.Module) -> int:
-    """Re-home every CPU parameter of `model` into one arena (values are not kept:
-    call before loading weights). Tied parameters stay tied. Returns the arena's bytes."""
+def place_weights_in_arena(model: nn.Module, keep_values: bool = False) -> int:
+    """Re-home every CPU parameter of `model` into one arena. Values are kept only when
+    asked (the loader calls this before loading). Tied parameters stay tied. Returns the
+    arena's bytes. Calling it again with keep_values=True after modules were replaced
+    (quantization) lets the old arena go: no parameter views it any more."""
     params = [p for p in model.parameters() if p.device.type == "cpu"]  # shared ones appear once
     sizes = [p.numel() * p.element_size() for p in params]
     total = sum(-(-size // ALIGN_BYTES) * ALIGN_BYTES for size in sizes)
@@ -32,6 +34,9 @@ def place_weights_in_arena(model: nn.Module) -> int:
     offset = -arena.data_ptr() % ALIGN_BYTES
     with torch.no_grad():
         for param, size in zip(params, sizes):
-            param.data = arena[offset : offset + size].view(param.dtype).view(param.shape)
+            slot = arena[offset : offset + size].view(param.dtype).view(param.shape)
+            if keep_values:
+                slot.copy_(param.data)
+            param.data = slot
             offset += -(-size // ALIGN_BYTES) * ALIGN_BYTES
     return total
