@@ -75,11 +75,19 @@ def test_metrics_and_stats(http):
 
 
 def test_access_log_is_structured(http, caplog):
+    def models_entries():
+        # Not simply the last record: a stream an earlier test dropped may log its own line late.
+        entries = [json.loads(r.getMessage()) for r in caplog.records if r.name == "selfhost.access"]
+        return [e for e in entries if e["path"] == "/v1/models"]
+
     with caplog.at_level("INFO", logger="selfhost.access"):
         http.get("/v1/models")
-    # Not simply the last record: a stream an earlier test dropped may log its own line late.
-    entries = [json.loads(r.getMessage()) for r in caplog.records if r.name == "selfhost.access"]
-    entry = next(e for e in reversed(entries) if e["path"] == "/v1/models")
+        # The server writes the line once the response is sent, which can be after the
+        # client has it: wait for it (the server runs in another thread).
+        deadline = time.monotonic() + 5
+        while not models_entries() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    entry = models_entries()[-1]
     assert entry["status"] == 200 and entry["duration_ms"] >= 0 and entry["method"] == "GET"
 
 
