@@ -20,12 +20,12 @@ from setuptools import Extension, setup
 POSIX = sys.platform != "win32"
 
 
-def kernel(module: str, uses_pool: bool = False) -> Extension:
-    """selfhost.<module> built from src/selfhost/<module path>.c."""
+def kernel(module: str, uses_pool: bool = False, headers: tuple[str, ...] = ()) -> Extension:
+    """selfhost.<module> built from src/selfhost/<module path>.c (headers: its own, under src/selfhost)."""
     return Extension(
         f"selfhost.{module}",
         [f"src/selfhost/{module.replace('.', '/')}.c"],
-        depends=["src/selfhost/_cpu_pool.h"] if uses_pool else [],
+        depends=(["src/selfhost/_cpu_pool.h"] if uses_pool else []) + [f"src/selfhost/{h}" for h in headers],
         extra_compile_args=["-O3", "-std=c11"] if POSIX else [],
         extra_link_args=["-pthread", "-lm"] if POSIX else [],
         optional=True,
@@ -38,7 +38,7 @@ setup(
         kernel("layers._matvec_cpu", uses_pool=True),
         kernel("layers._gemm_cpu", uses_pool=True),
         kernel("layers._norm_cpu"),
-        kernel("engine._paged_attention_cpu", uses_pool=True),
-        kernel("engine._prefill_attention_cpu", uses_pool=True),
+        kernel("engine._paged_attention_cpu", uses_pool=True, headers=("engine/_weighted_rows_avx512.h",)),
+        kernel("engine._prefill_attention_cpu", uses_pool=True, headers=("engine/_weighted_rows_avx512.h",)),
     ]
 )

@@ -40,6 +40,7 @@
 #include <immintrin.h>
 
 #include "../_cpu_pool.h"
+#include "_weighted_rows_avx512.h"
 #endif
 
 #define PAIRS_PER_CHUNK 4 /* (sequence, kv head) pairs per unit of work handed to the pool */
@@ -205,50 +206,15 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
     }
 }
 
-/* out[g] = sum_p weights[g][p] * values[p] for `heads` query heads at once, 64 dims a
- * pass: each value vector loaded once serves every head. Requires D % 16 == 0. */
-#define SUM_HEADS_AT_ONCE 6
-AVX512 static inline __attribute__((always_inline)) void run_sums_512(const int heads, const float *weights,
-                                                                      Py_ssize_t count, const float *const *values,
-                                                                      Py_ssize_t d0, int vectors, float *out,
-                                                                      Py_ssize_t dim) {
-    __m512 acc[SUM_HEADS_AT_ONCE][4];
-    for (int h = 0; h < heads; h++)
-        for (int c = 0; c < 4; c++) acc[h][c] = _mm512_setzero_ps();
-    for (Py_ssize_t p = 0; p < count; p++) {
-        const float *v = values[p] + d0;
-        __m512 v0 = _mm512_loadu_ps(v), v1 = v0, v2 = v0, v3 = v0;
-        if (vectors > 1) v1 = _mm512_loadu_ps(v + 16);
-        if (vectors > 2) v2 = _mm512_loadu_ps(v + 32);
-        if (vectors > 3) v3 = _mm512_loadu_ps(v + 48);
-        for (int h = 0; h < heads; h++) {
-            __m512 w = _mm512_set1_ps(weights[h * count + p]);
-            acc[h][0] = _mm512_fmadd_ps(w, v0, acc[h][0]);
-            if (vectors > 1) acc[h][1] = _mm512_fmadd_ps(w, v1, acc[h][1]);
-            if (vectors > 2) acc[h][2] = _mm512_fmadd_ps(w, v2, acc[h][2]);
-            if (vectors > 3) acc[h][3] = _mm512_fmadd_ps(w, v3, acc[h][3]);
-        }
-    }
-    for (int h = 0; h < heads; h++)
-        for (int c = 0; c < vectors; c++) _mm512_storeu_ps(out + h * dim + d0 + c * 16, acc[h][c]);
-}
-
-#define RUN_SUMS_CASE(n) \
-    case n: run_sums_512(n, weights, count, values, d0, vectors, out, dim); break;
-
-AVX512 static void weighted_sums_avx512(const Job *job, Py_ssize_t group, const float *all_weights,
-                                        const float *const *values, Py_ssize_t count, float *all_out) {
-    Py_ssize_t dim = job->head_dim;
-    for (Py_ssize_t g0 = 0; g0 < group; g0 += SUM_HEADS_AT_ONCE) {
-        int heads = group - g0 < SUM_HEADS_AT_ONCE ? (int)(group - g0) : SUM_HEADS_AT_ONCE;
-        const float *weights = all_weights + g0 * count;
-        float *out = all_out + g0 * dim;
-        for (Py_ssize_t d0 = 0; d0 < dim; d0 += 64) {
-            int vectors = dim - d0 >= 64 ? 4 : (int)((dim - d0) / 16);
-            switch (heads) {
-                RUN_SUMS_CASE(1) RUN_SUMS_CASE(2) RUN_SUMS_CASE(3) RUN_SUMS_CASE(4) RUN_SUMS_CASE(5) RUN_SUMS_CASE(6)
-            }
-        }
+/* out[g] = sum_p weights[g][p] * values[p] for the group's heads, WEIGHTED_ROWS_MAX at
+ * a time (_weighted_rows_avx512.h): each value row is loaded once for all of them. */
+AVX512 static void weighted_sums_avx512(const Job *job, Py_ssize_t group, const float *weights,
+                                        const float *const *values, Py_ssize_t count, float *out) {
+    float *rows[WEIGHTED_ROWS_MAX];
+    for (Py_ssize_t g0 = 0; g0 < group; g0 += WEIGHTED_ROWS_MAX) {
+        int heads = group - g0 < WEIGHTED_ROWS_MAX ? (int)(group - g0) : WEIGHTED_ROWS_MAX;
+        for (int h = 0; h < heads; h++) rows[h] = out + (g0 + h) * job->head_dim;
+        weighted_rows(heads, rows, NULL, weights + g0 * count, count, values, count, job->head_dim);
     }
 }
 

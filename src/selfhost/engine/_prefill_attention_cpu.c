@@ -43,6 +43,7 @@
 #include <immintrin.h>
 
 #include "../_cpu_pool.h"
+#include "_weighted_rows_avx512.h"
 #endif
 
 #ifdef SELFHOST_PREFILL
@@ -115,49 +116,6 @@ AVX512 static inline __attribute__((always_inline)) void score_rows(const int ro
 
 AVX512 static void score_block(int rows, const float *const *q, const float *panel, Py_ssize_t dim, float *scores) {
     switch (rows) { SCORE_CASE(1) SCORE_CASE(2) SCORE_CASE(3) SCORE_CASE(4) SCORE_CASE(5) SCORE_CASE(6) }
-}
-
-/* out_r = out_r * rescale_r + sum_j p_rj v_j for `rows` rows, 64 dims at a time: each
- * value vector loaded once serves every row of the block. */
-AVX512 static inline __attribute__((always_inline)) void accumulate_rows(const int rows, float *const *out,
-                                                                         const float *rescale, const float *p,
-                                                                         const float *const *values, Py_ssize_t width,
-                                                                         Py_ssize_t dim) {
-    for (Py_ssize_t d0 = 0; d0 < dim; d0 += 64) {
-        const int vectors = dim - d0 >= 64 ? 4 : (int)((dim - d0) / 16);
-        __m512 acc[ROWS][4];
-        for (int r = 0; r < rows; r++) {
-            __m512 factor = _mm512_set1_ps(rescale[r]);
-            for (int c = 0; c < vectors; c++) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(out[r] + d0 + c * 16), factor);
-        }
-        for (Py_ssize_t j = 0; j < width; j++) {
-            const float *v = values[j] + d0;
-            __m512 v0 = _mm512_loadu_ps(v), v1 = v0, v2 = v0, v3 = v0;
-            if (vectors > 1) v1 = _mm512_loadu_ps(v + 16);
-            if (vectors > 2) v2 = _mm512_loadu_ps(v + 32);
-            if (vectors > 3) v3 = _mm512_loadu_ps(v + 48);
-            for (int r = 0; r < rows; r++) {
-                __m512 w = _mm512_set1_ps(p[r * KEY_BLOCK + j]);
-                acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
-                if (vectors > 1) acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
-                if (vectors > 2) acc[r][2] = _mm512_fmadd_ps(w, v2, acc[r][2]);
-                if (vectors > 3) acc[r][3] = _mm512_fmadd_ps(w, v3, acc[r][3]);
-            }
-        }
-        for (int r = 0; r < rows; r++)
-            for (int c = 0; c < vectors; c++) _mm512_storeu_ps(out[r] + d0 + c * 16, acc[r][c]);
-    }
-}
-
-#define ACCUMULATE_CASE(n) \
-    case n: accumulate_rows(n, out, rescale, p, values, width, dim); break;
-
-AVX512 static void accumulate_block(int rows, float *const *out, const float *rescale, const float *p,
-                                    const float *const *values, Py_ssize_t width, Py_ssize_t dim) {
-    switch (rows) {
-        ACCUMULATE_CASE(1) ACCUMULATE_CASE(2) ACCUMULATE_CASE(3) ACCUMULATE_CASE(4) ACCUMULATE_CASE(5)
-        ACCUMULATE_CASE(6)
-    }
 }
 
 /* Per-unit scratch, one per thread. */
@@ -268,9 +226,9 @@ AVX512 static void run_unit(const void *whole, long unit) {
             s->row_max[r] = new_max;
             s->rescale[r] = rescale;
         }
-        for (Py_ssize_t r0 = 0; r0 < rows; r0 += ROWS)
-            accumulate_block(rows - r0 < ROWS ? (int)(rows - r0) : ROWS, s->out_rows + r0, s->rescale + r0,
-                             s->scores + r0 * KEY_BLOCK, s->values, width, dim);
+        for (Py_ssize_t r0 = 0; r0 < rows; r0 += WEIGHTED_ROWS_MAX)
+            weighted_rows(rows - r0 < WEIGHTED_ROWS_MAX ? (int)(rows - r0) : WEIGHTED_ROWS_MAX, s->out_rows + r0,
+                          s->rescale + r0, s->scores + r0 * KEY_BLOCK, KEY_BLOCK, s->values, width, dim);
     }
     for (Py_ssize_t r = 0; r < rows; r++) {
         float inv = s->row_sum[r] > 0.0f ? 1.0f / s->row_sum[r] : 0.0f;
