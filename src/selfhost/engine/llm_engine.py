@@ -8,7 +8,6 @@ drives it from a single worker thread.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from selfhost.engine.paged_cache import PagedKVCache
 from selfhost.engine.scheduler import Scheduler
 from selfhost.engine.sequence import Sequence
 from selfhost.errors import InvalidParameterError
+from selfhost.host_memory import available_memory_bytes
 from selfhost.models.decoder import CausalLM
 from selfhost.sampling_params import SamplingParams
 from selfhost.tokenizer import Tokenizer
@@ -45,10 +45,11 @@ class EngineStats:
 
 
 def free_memory_bytes(device: torch.device) -> int:
+    """Memory free for the KV cache on `device`: the GPU's free memory, or the host's MemAvailable."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available_memory_bytes()
 
 
 def plan_num_blocks(config: EngineConfig, model: CausalLM, dtype: torch.dtype, device: torch.device) -> int:

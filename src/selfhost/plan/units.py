@@ -1,30 +1,26 @@
-"""Parse the human quantities the CLI accepts: '16GB', '100GB/s', '800M', '1.5B'."""
+"""Parse the human quantities the planner's CLI accepts besides sizes: '100GB/s', '800M', '1.5B'.
+
+Memory sizes ('16GB', '512MiB') are read by selfhost.units, the one size parser.
+"""
 
 from __future__ import annotations
 
 import re
 
 from selfhost.errors import InvalidParameterError
+from selfhost.units import parse_size
 
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
-# Decimal units for storage and bandwidth, as vendors quote them; binary ones when asked for.
-_BYTE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _COUNT_SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
 
-def parse_bytes(text: str, *, what: str = "memory") -> float:
-    """'16GB' -> 16e9; a bare number means GB."""
-    match = re.fullmatch(_NUMBER + r"\s*([kmgt]i?b|b)?", text.strip().lower())
-    if not match:
-        raise InvalidParameterError(f"{what} must look like '16GB' or '512MiB', got {text!r}")
-    value, unit = float(match.group(1)), match.group(2)
-    return value * (_BYTE_UNITS[unit] if unit else 1e9)
-
-
 def parse_rate(text: str, *, what: str = "bandwidth") -> float:
-    """'100GB/s' -> 100e9 bytes per second; a bare number means GB/s."""
-    cleaned = text.strip().lower().removesuffix("/s").removesuffix("ps")
-    return parse_bytes(cleaned, what=what)
+    """'100GB/s' -> 100e9 bytes per second; a size per second, so the unit is required."""
+    cleaned = text.strip()
+    for suffix in ("/s", "ps", "/S", "PS"):
+        if cleaned.endswith(suffix):
+            return float(parse_size(cleaned.removesuffix(suffix), what=what))
+    raise InvalidParameterError(f"{what}={text!r} is invalid: expected a rate like '100GB/s' or '900GiB/s'")
 
 
 def parse_count(text: str, *, what: str = "count") -> float:
@@ -33,10 +29,6 @@ def parse_count(text: str, *, what: str = "count") -> float:
     if not match:
         raise InvalidParameterError(f"{what} must look like '800M', '1.5B' or '1e9', got {text!r}")
     return float(match.group(1)) * _COUNT_SUFFIXES[match.group(2)]
-
-
-def format_bytes(n_bytes: float) -> str:
-    return f"{n_bytes / 1e9:.2f} GB"
 
 
 def format_count(n: float) -> str:

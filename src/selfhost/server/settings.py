@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from selfhost.engine.config import parse_memory
+from selfhost.units import parse_size
 
 # Lists come from the environment as 'a,b' (not JSON) and from the CLI as repeated flags.
 StrList = Annotated[list[str], NoDecode]
@@ -34,7 +35,8 @@ class ServerSettings(BaseSettings):
     )
     cors: StrList = Field(default_factory=list, description="Allow browser requests from this origin (or '*').")
     kv_cache_memory: str | None = Field(
-        None, description="KV cache per model: bytes like '2GiB' or a fraction of free memory like '0.3'."
+        None, description="KV cache per model: a size like '2GiB', or a bare number in (0, 1] for that share of "
+        "free memory, like '0.3'."
     )
     max_num_seqs: int = Field(64, ge=1, description="Most requests batched at once per model.")
     max_model_len: int | None = Field(None, ge=16, description="Cap the context window (default: the model's).")
@@ -68,21 +70,20 @@ class ServerSettings(BaseSettings):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
-    @field_validator("kv_cache_memory", "memory_budget")
+    @field_validator("kv_cache_memory")
     @classmethod
-    def _check_memory(cls, value):
+    def _check_kv_cache_memory(cls, value):
         if value is not None:
             parse_memory(value)  # raises InvalidParameterError naming the value
         return value
 
+    @field_validator("memory_budget")
+    @classmethod
+    def _check_memory_budget(cls, value):
+        if value is not None:
+            parse_size(value, what="memory_budget")  # a size only: a total, not a share of what is free
+        return value
+
     @property
     def memory_budget_bytes(self) -> int | None:
-        if self.memory_budget is None:
-            return None
-        budget = parse_memory(self.memory_budget)
-        if isinstance(budget, float):  # a fraction of the memory free right now
-            from selfhost.device import pick_device
-            from selfhost.engine.llm_engine import free_memory_bytes
-
-            budget = int(free_memory_bytes(pick_device(self.device)) * budget)
-        return budget
+        return None if self.memory_budget is None else parse_size(self.memory_budget, what="memory_budget")
