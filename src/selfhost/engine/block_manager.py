@@ -1,21 +1,31 @@
 """Hands out fixed-size KV blocks and shares full blocks between sequences.
 
-A full block is identified by a hash of its tokens chained with the hash of
-every block before it, so two sequences share a block only when their whole
-prefix up to and including it is identical. Blocks whose last user finished
+A full block is identified by a SHA-256 digest of its token ids chained with
+the digest of the block before it, so two sequences share a block only when
+their whole prefix up to and including it is identical. The digest is
+cryptographic on purpose: with a 64-bit `hash()` one client could craft a
+prompt whose blocks collide with another client's and be served its KV. Blocks whose last user finished
 keep their contents and hash: they sit in an LRU pool and are reused on a
 prefix hit, or evicted (oldest first) when a fresh block is needed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict, deque
 
 from selfhost.engine.sequence import Sequence
 
+# Stands in for the parent digest of a sequence's first block, so every hashed message has one layout.
+ROOT_DIGEST = bytes(hashlib.sha256().digest_size)
 
-def block_hash(parent: int | None, tokens: list[int]) -> int:
-    return hash((parent, tuple(tokens)))
+
+def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+    """SHA-256 over the parent block's digest, then this block's token ids as little-endian int32."""
+    digest = hashlib.sha256(parent or ROOT_DIGEST)
+    digest.update(struct.pack(f"<{len(tokens)}i", *tokens))
+    return digest.digest()
 
 
 class BlockManager:
@@ -24,10 +34,10 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hashes: list[int | None] = [None] * num_blocks
+        self.block_hashes: list[bytes | None] = [None] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))  # empty, no cached content
         self.evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 but cached, LRU first
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.cached: dict[bytes, int] = {}  # digest -> block id
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
 

@@ -39,7 +39,7 @@ class Sequence:
         self.sampler_row = SamplerRow(params, prompt_ids, self.output_ids, generator)
         # KV bookkeeping, owned by the scheduler and block manager.
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []  # digest of each full, committed block
         self.num_computed_tokens = 0
         self.num_preemptions = 0
 
