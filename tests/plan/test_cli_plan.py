@@ -38,7 +38,7 @@ def test_cost_writes_report(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("fit", "lama3.1:8b", "--device", "rtx4090"), "did you mean 'llama3.1:8b'"),
     (("fit", "llama3.1:8b", "--device", "rtx490"), "did you mean 'rtx4090'"),
-    (("fit", "llama3.1:8b", "--device", "custom", "--mem", "16GB", "--bandwidth", "0GB/s"), "must be > 0"),
+    (("fit", "llama3.1:8b", "--device", "custom", "--mem", "16GB", "--bandwidth", "0GB/s"), "--bandwidth='0GB/s'"),
     (("fit", "llama3.1:8b", "--device", "custom", "--mem", "16GB"), "needs --mem"),
     (("fit", "llama3.1:8b", "--concurrency", "0"), "--concurrency must be > 0"),
     (("cost", "llama3.1:8b", "--volume", "-5M"), "--volume"),

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from selfhost.cli.console import make_console
 from rich.table import Table
 
 from selfhost.catalog import DeviceSpec, get_device, get_model, load_api_prices, load_models
@@ -16,9 +16,10 @@ from selfhost.plan.cost import CostComparison, SelfHostSetup
 from selfhost.plan.fit import FitReport, is_edge_capable, plan_fit, rank_fits
 from selfhost.plan.licence import licence_warnings
 from selfhost.plan.precision import PRECISIONS, get_precision
-from selfhost.plan.units import format_count, parse_bytes, parse_count, parse_rate
+from selfhost.plan.units import format_count, parse_count, parse_rate
+from selfhost.units import parse_size
 
-console = Console()
+console = make_console()
 
 # Used for --device custom when --tflops is not given; printed as an assumption.
 CUSTOM_DEFAULT_TFLOPS = 10.0
@@ -54,8 +55,8 @@ def resolve_device(
         _positive("--tflops", tflops)
         peak = tflops if tflops is not None else CUSTOM_DEFAULT_TFLOPS
         return DeviceSpec(
-            id="custom", name=f"custom {kind}", kind=kind, memory_gb=parse_bytes(mem) / 1e9,
-            bandwidth_gb_s=parse_rate(bandwidth) / 1e9, peak_fp16_tflops=peak, peak_int8_tops=peak,
+            id="custom", name=f"custom {kind}", kind=kind, memory_gb=parse_size(mem, what="--mem") / 1e9,
+            bandwidth_gb_s=parse_rate(bandwidth, what="--bandwidth") / 1e9, peak_fp16_tflops=peak, peak_int8_tops=peak,
             peak_fp32_tflops=peak / 2, sources=("user",),
             notes="" if tflops is not None else f"--tflops not given: assumed {CUSTOM_DEFAULT_TFLOPS:g} TFLOPS fp16.",
         )

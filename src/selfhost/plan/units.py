@@ -17,10 +17,13 @@ _COUNT_SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 def parse_rate(text: str, *, what: str = "bandwidth") -> float:
     """'100GB/s' -> 100e9 bytes per second; a size per second, so the unit is required."""
     cleaned = text.strip()
-    for suffix in ("/s", "ps", "/S", "PS"):
-        if cleaned.endswith(suffix):
-            return float(parse_size(cleaned.removesuffix(suffix), what=what))
-    raise InvalidParameterError(f"{what}={text!r} is invalid: expected a rate like '100GB/s' or '900GiB/s'")
+    size = cleaned[:-2] if cleaned.lower().endswith(("/s", "ps")) else None
+    try:
+        if size is not None:
+            return float(parse_size(size, what=what))
+    except InvalidParameterError:
+        pass
+    raise InvalidParameterError(f"{what}={text!r} is invalid: expected a size per second like '100GB/s' or '900GiB/s'")
 
 
 def parse_count(text: str, *, what: str = "count") -> float:
