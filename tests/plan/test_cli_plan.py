@@ -49,3 +49,59 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert message in out.stderr
+
+
+def _html_table(path):
+    """Rows of <th>/<td> texts of the page's table."""
+    from html.parser import HTMLParser
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.rows[-1].append(self.cell.strip())
+                self.cell = None
+
+    parser = Cells()
+    parser.feed(path.read_text())
+    return parser.rows
+
+
+def test_cost_report_rows_have_a_cell_under_every_header(tmp_path):
+    import json
+
+    out = selfhost("cost", "llama3.1:8b", "--device", "rtx4090", "--volume", "1B", "--api", "gpt-4o",
+                   "--api", "gpt-4o-mini", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    header, *rows = _html_table(tmp_path / "cost.html")
+    assert "self $/M" in header and len(rows) == 2
+    assert all(len(row) == len(header) for row in rows)
+    by_header = dict(zip(header, rows[0]))
+    summary = json.loads((tmp_path / "cost.json").read_text())
+    assert by_header["self $/M"] == f"{summary['apis'][0]['self_usd_per_m_tokens']:,.3f}"
+    assert by_header["API $/M"] == f"{summary['apis'][0]['api_usd_per_m_tokens']:,.2f}"
+
+
+def test_a_break_even_beyond_any_horizon_is_never_everywhere(tmp_path):
+    import json
+
+    out = selfhost("cost", "llama3.1:8b", "--device", "rtx4090", "--volume", "1", "--api", "gpt-4o",
+                   "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "366,097" not in out.stdout and "never" in out.stdout
+    header, row = _html_table(tmp_path / "cost.html")
+    assert dict(zip(header, row))["break-even month"] == "never"
+    assert json.loads((tmp_path / "cost.json").read_text())["apis"][0]["break_even_months"] is None

@@ -80,3 +80,14 @@ def test_renting_is_a_fixed_monthly_cost():
 def test_bad_setups_raise(kw, match):
     with pytest.raises(InvalidParameterError, match=match):
         bought(**kw)
+
+
+def test_a_payback_beyond_the_hardwares_life_is_never():
+    comparison = CostComparison(bought(), "api", api_usd_per_m_tokens=5.0)
+    # 1 token a month saves ~$5e-6: a payback of ~10^9 months is no break-even at all.
+    assert comparison.break_even_months(1) is None
+    assert any("break-even never" in note for note in comparison.explain(1))
+    # Paid back within the 36-month amortisation: a number.
+    life_volume = 3600.0 / 36 / (5e-6 - comparison.setup.energy_usd_per_token)
+    assert comparison.break_even_months(life_volume * 1.01) == pytest.approx(36 / 1.01)
+    assert comparison.break_even_months(life_volume * 0.99) is None

@@ -16,6 +16,7 @@ from selfhost.plan.cost import CostComparison, SelfHostSetup
 from selfhost.plan.fit import FitReport, is_edge_capable, plan_fit, rank_fits
 from selfhost.plan.licence import licence_warnings
 from selfhost.plan.precision import PRECISIONS, get_precision
+from selfhost.plan.report import HEADERS, comparison_rows, format_row
 from selfhost.plan.units import format_count, parse_count, parse_rate
 from selfhost.units import parse_size
 
@@ -253,19 +254,10 @@ def cost(
                   + f" ({setup.devices_needed(tokens)} device(s), {setup.utilisation(tokens):.0%} busy); "
                   f"best case ${setup.floor_usd_per_m_tokens:,.3f}/M when fully busy")
     table = Table(title=f"Against APIs at {format_count(tokens)} tokens/month")
-    headers = ("API", "API $/M", "API $/month", "self $/month", "crossover tokens/month", "break-even month")
-    for column in headers:
+    for column in HEADERS:
         table.add_column(column, justify="left" if column == "API" else "right")
-    rows = []
-    for comparison in comparisons:
-        crossover = comparison.crossover_tokens_per_month
-        months = comparison.break_even_months(tokens)
-        row = [comparison.api_name, f"{comparison.api_usd_per_m_tokens:,.2f}",
-               f"{comparison.api_monthly_usd(tokens):,.2f}", f"{self_month:,.2f}",
-               format_count(crossover) if crossover is not None else "never",
-               (f"{months:,.1f}" if months is not None else ("rented" if setup.is_rented else "never"))]
-        rows.append(row)
-        table.add_row(*row)
+    for row in comparison_rows(comparisons, tokens):
+        table.add_row(*format_row(row))
     console.print(table)
     notes = sorted({note for comparison in comparisons for note in comparison.explain(tokens)})
     for note in notes:
@@ -275,8 +267,8 @@ def cost(
         from selfhost.plan.report import write_report
 
         dates = ", ".join(sorted({f"{p.provider} as of {p.as_of}" for p in chosen}))
-        png, html = write_report(comparisons, tokens, f"{spec.alias} on {dev.name}", rows, notes, dates, out)
-        console.print(f"wrote {png} and {html}")
+        png, html, summary = write_report(comparisons, tokens, f"{spec.alias} on {dev.name}", notes, dates, out)
+        console.print(f"wrote {png}, {html} and {summary}")
 
 
 def register(app: typer.Typer) -> None:

@@ -57,11 +57,15 @@ class SelfHostSetup:
         return self.rent_usd_per_hour is not None
 
     @property
+    def amortisation_months(self) -> float:
+        return self.amortisation_years * 12
+
+    @property
     def fixed_usd_per_month(self) -> float:
         """F: what one device costs each month whether it serves or idles."""
         if self.is_rented:
             return self.rent_usd_per_hour * HOURS_PER_MONTH
-        return self.price_usd / (self.amortisation_years * 12)
+        return self.price_usd / self.amortisation_months
 
     @property
     def energy_usd_per_token(self) -> float:
@@ -129,12 +133,8 @@ class CostComparison:
         volume = self.setup.fixed_usd_per_month / margin
         return volume if volume <= self.setup.capacity_tokens_per_month else None
 
-    def break_even_months(self, tokens_per_month: float) -> float | None:
-        """Months until the purchase is paid back by what the API would have cost.
-
-        Only for bought hardware: upfront = price x devices needed; each month
-        saves the API bill minus electricity. None when nothing is saved.
-        """
+    def _payback_months(self, tokens_per_month: float) -> float | None:
+        """Upfront price over the monthly saving, whatever the horizon; None when nothing is saved."""
         setup = self.setup
         if setup.is_rented:
             return None
@@ -142,6 +142,17 @@ class CostComparison:
         if saving <= 0:
             return None
         return setup.devices_needed(tokens_per_month) * setup.price_usd / saving
+
+    def break_even_months(self, tokens_per_month: float) -> float | None:
+        """Months until the purchase is paid back by what the API would have cost.
+
+        Only for bought hardware: upfront = price x devices needed; each month
+        saves the API bill minus electricity. None ("never") when nothing is
+        saved, or when the payback takes longer than the amortisation period the
+        hardware is costed over: it is written off before it pays for itself.
+        """
+        months = self._payback_months(tokens_per_month)
+        return months if months is not None and months <= self.setup.amortisation_months else None
 
     def explain(self, tokens_per_month: float) -> list[str]:
         """Plain-language notes on the edge cases a reader could otherwise misread."""
@@ -159,6 +170,12 @@ class CostComparison:
             notes.append(
                 f"One device serves at most {setup.capacity_tokens_per_month:,.0f} tokens/month at "
                 f"{setup.throughput_tok_s:,.1f} tokens/s; this volume needs {needed} devices."
+            )
+        payback = self._payback_months(tokens_per_month)
+        if payback is not None and payback > setup.amortisation_months:
+            notes.append(
+                f"At this volume the {self.api_name} bill saved would pay the hardware back in {payback:,.0f} months, "
+                f"beyond its {setup.amortisation_years:g}-year amortisation: break-even never."
             )
         if self.crossover_tokens_per_month is None:
             notes.append(

@@ -1,13 +1,62 @@
-"""The cost report: a PNG of monthly cost against monthly volume, and an HTML page around it."""
+"""The cost comparison as a table (terminal, HTML, JSON) and a PNG of monthly cost against volume.
+
+Every output is built from the same rows: a value self-hosting never reaches
+(a crossover or a break-even) is None in the row, null in cost.json and "never"
+in the terminal and the HTML.
+"""
 
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import jinja2
 
 from selfhost.plan.cost import CostComparison
+from selfhost.plan.units import format_count
+
+# (row key, column header); the terminal table and the HTML page share these.
+COLUMNS = (
+    ("api", "API"),
+    ("api_usd_per_m_tokens", "API $/M"),
+    ("api_usd_per_month", "API $/month"),
+    ("self_usd_per_month", "self $/month"),
+    ("self_usd_per_m_tokens", "self $/M"),
+    ("crossover_tokens_per_month", "crossover tokens/month"),
+    ("break_even_months", "break-even month"),
+)
+HEADERS = tuple(header for _, header in COLUMNS)
+
+
+def comparison_rows(comparisons: list[CostComparison], tokens_per_month: float) -> list[dict]:
+    """One row per API: numbers, or None where self-hosting never gets there."""
+    rows = []
+    for comparison in comparisons:
+        setup = comparison.setup
+        rows.append({
+            "api": comparison.api_name,
+            "api_usd_per_m_tokens": comparison.api_usd_per_m_tokens,
+            "api_usd_per_month": comparison.api_monthly_usd(tokens_per_month),
+            "self_usd_per_month": setup.monthly_usd(tokens_per_month),
+            "self_usd_per_m_tokens": setup.usd_per_m_tokens(tokens_per_month),
+            "crossover_tokens_per_month": comparison.crossover_tokens_per_month,
+            "break_even_months": comparison.break_even_months(tokens_per_month),
+            "rented": setup.is_rented,
+        })
+    return rows
+
+
+def format_row(row: dict) -> list[str]:
+    """A row's cells as text, in COLUMNS order."""
+    self_per_m = row["self_usd_per_m_tokens"]
+    crossover, months = row["crossover_tokens_per_month"], row["break_even_months"]
+    return [
+        row["api"], f"{row['api_usd_per_m_tokens']:,.2f}", f"{row['api_usd_per_month']:,.2f}",
+        f"{row['self_usd_per_month']:,.2f}", f"{self_per_m:,.3f}" if self_per_m is not None else "-",
+        format_count(crossover) if crossover is not None else "never",
+        f"{months:,.1f}" if months is not None else ("rented" if row["rented"] else "never"),
+    ]
 
 _HTML = jinja2.Template("""<!doctype html>
 <html><head><meta charset="utf-8"><title>selfhost cost: {{ title }}</title>
@@ -16,8 +65,7 @@ th:first-child,td:first-child{text-align:left}</style></head>
 <body><h1>Self-hosting vs API: {{ title }}</h1>
 <p>Monthly volume: <b>{{ volume }}</b> tokens. Throughput: {{ throughput }} tokens/s.
 {{ setup_line }}</p>
-<table><tr><th>API</th><th>API $/M</th><th>API $/month</th><th>self $/month</th><th>self $/M</th>
-<th>crossover tokens/month</th><th>break-even month</th></tr>
+<table><tr>{% for header in headers %}<th>{{ header }}</th>{% endfor %}</tr>
 {% for row in rows %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>{% endfor %}
 </table>
 <img alt="monthly cost against monthly volume" src="data:image/png;base64,{{ png }}" width="100%">
@@ -64,11 +112,11 @@ def plot_costs(comparisons: list[CostComparison], volume: float, png_path: Path)
 
 
 def write_report(
-    comparisons: list[CostComparison], volume: float, title: str, rows: list[list[str]], notes: list[str],
-    price_dates: str, out_dir: Path,
-) -> tuple[Path, Path]:
-    """Write cost.png and cost.html into `out_dir`; return both paths."""
+    comparisons: list[CostComparison], volume: float, title: str, notes: list[str], price_dates: str, out_dir: Path,
+) -> tuple[Path, Path, Path]:
+    """Write cost.png, cost.html and cost.json into `out_dir`; return the three paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    rows = comparison_rows(comparisons, volume)
     png = plot_costs(comparisons, volume, out_dir / "cost.png")
     setup = comparisons[0].setup
     setup_line = (
@@ -78,8 +126,13 @@ def write_report(
     )
     html = _HTML.render(
         title=title, volume=f"{volume:,.0f}", throughput=f"{setup.throughput_tok_s:,.1f}", setup_line=setup_line,
-        rows=rows, notes=notes, price_dates=price_dates, png=base64.b64encode(png.read_bytes()).decode(),
+        headers=HEADERS, rows=[format_row(row) for row in rows], notes=notes, price_dates=price_dates,
+        png=base64.b64encode(png.read_bytes()).decode(),
     )
     html_path = out_dir / "cost.html"
     html_path.write_text(html)
-    return png, html_path
+    json_path = out_dir / "cost.json"
+    summary = {"title": title, "tokens_per_month": volume, "throughput_tok_s": setup.throughput_tok_s,
+               "apis": rows, "notes": notes, "api_prices": price_dates}
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return png, html_path, json_path
