@@ -105,3 +105,18 @@ def test_a_break_even_beyond_any_horizon_is_never_everywhere(tmp_path):
     header, row = _html_table(tmp_path / "cost.html")
     assert dict(zip(header, row))["break-even month"] == "never"
     assert json.loads((tmp_path / "cost.json").read_text())["apis"][0]["break_even_months"] is None
+
+
+def test_fit_on_a_cpu_defaults_to_fp32_as_the_engine_runs():
+    from selfhost.device import pick_dtype
+    from selfhost.plan.precision import default_precision
+
+    import torch
+
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert default_precision("cpu").name == "fp32" and default_precision("gpu").name == "fp16"
+    cpu = selfhost("fit", "qwen2.5:0.5b", "--device", "custom", "--kind", "cpu", "--mem", "16GB", "--bandwidth", "50GB/s")
+    assert cpu.returncode == 0, cpu.stderr
+    assert "cpu, fp32," in cpu.stdout
+    gpu = selfhost("fit", "qwen2.5:0.5b", "--device", "rtx4090")
+    assert "4090, fp16," in gpu.stdout

@@ -15,7 +15,7 @@ from selfhost.plan.bench_result import read_bench_result
 from selfhost.plan.cost import CostComparison, SelfHostSetup
 from selfhost.plan.fit import FitReport, is_edge_capable, plan_fit, rank_fits
 from selfhost.plan.licence import licence_warnings
-from selfhost.plan.precision import PRECISIONS, get_precision
+from selfhost.plan.precision import PRECISIONS, default_precision, get_precision
 from selfhost.plan.report import HEADERS, comparison_rows, format_row
 from selfhost.plan.units import format_count, parse_count, parse_rate
 from selfhost.units import parse_size
@@ -26,7 +26,8 @@ console = make_console()
 CUSTOM_DEFAULT_TFLOPS = 10.0
 
 DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="Catalog device id, 'custom' or 'local'.")]
-QuantOpt = Annotated[str | None, typer.Option("--quant", "-q", help="fp32, fp16, int8 or int4.")]
+QuantOpt = Annotated[str | None, typer.Option(
+    "--quant", "-q", help="fp32, fp16 (bf16), int8 or int4; fit's default: what selfhost runs at (fp32 on a CPU, fp16 on a GPU).")]
 ContextOpt = Annotated[int | None, typer.Option(help="Tokens per sequence (prompt + output); default min(4096, model max).")]
 ConcurrencyOpt = Annotated[int, typer.Option(help="Sequences served at once.")]
 MemOpt = Annotated[str | None, typer.Option("--mem", help="custom device memory, e.g. 16GB.")]
@@ -172,7 +173,8 @@ def fit(
             console.print(f"[dim]{len(reports) - top} more fit; use --top to see them[/]")
         return
     spec = get_model(model)
-    _print_fit(plan_fit(spec, dev, get_precision(quant or "fp16"), context, concurrency))
+    precision = get_precision(quant) if quant else default_precision(dev.kind)
+    _print_fit(plan_fit(spec, dev, precision, context, concurrency))
     _warn(licence_warnings(spec, users))
 
 

@@ -73,3 +73,10 @@ def get_precision(name: str) -> Precision:
     if key not in PRECISIONS:
         raise unknown_name_error("precision", name, PRECISIONS)
     return PRECISIONS[key]
+
+
+def default_precision(device_kind: str) -> Precision:
+    """What selfhost runs an unquantized checkpoint at on a device of `device_kind`:
+    fp32 on a CPU (selfhost.device.pick_dtype: bf16 matmuls are slow there without
+    AVX512-BF16), bf16/fp16 on an accelerator (planned alike: 2 bytes per weight)."""
+    return PRECISIONS["fp32" if device_kind == "cpu" else "fp16"]
