@@ -119,4 +119,4 @@ def test_fit_on_a_cpu_defaults_to_fp32_as_the_engine_runs():
     assert cpu.returncode == 0, cpu.stderr
     assert "cpu, fp32," in cpu.stdout
     gpu = selfhost("fit", "qwen2.5:0.5b", "--device", "rtx4090")
-    assert "4090, fp16," in gpu.stdout
+    assert "GB), fp16," in gpu.stdout
