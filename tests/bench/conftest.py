@@ -12,6 +12,8 @@ def fake_server():
 
 @pytest.fixture
 def fake(fake_server):
-    """The shared fake server with its state reset for this test."""
+    """The shared fake server with its state reset for this test (and after it, which
+    releases any request the test held)."""
     fake_server.state.reset()
-    return fake_server
+    yield fake_server
+    fake_server.state.reset()

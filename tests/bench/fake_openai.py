@@ -10,7 +10,9 @@ The model name picks the behaviour, so one server covers every case:
     no-done   all tokens and usage, but no `data: [DONE]`
     slow      wait `slow_s` before anything (to trip client timeouts)
 
-It records every request body and the peak number of requests in flight.
+It records every request body and the peak number of requests in flight. With
+`hold_after=N`, requests after the N-th (by arrival) send no token until the state
+is reset, so a test can act while a run is certainly mid-way, on any machine.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class FakeState:
     ttft_s: float = 0.05
     itl_s: float = 0.01
     slow_s: float = 5.0
+    hold_after: int | None = None
     owned_by: str = "vllm"
     bodies: list[dict] = field(default_factory=list)
     arrivals_s: list[float] = field(default_factory=list)
@@ -71,6 +74,7 @@ def create_app(state: FakeState) -> FastAPI:
     async def complete(request: Request, chat: bool):
         body = await request.json()
         state.bodies.append(body)
+        number = len(state.bodies)
         state.arrivals_s.append(time.perf_counter())
         mode = body["model"]
         if mode == "http500" or (mode == "flaky" and len(state.bodies) % 3 == 0):
@@ -81,6 +85,8 @@ def create_app(state: FakeState) -> FastAPI:
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
             try:
+                while state.hold_after is not None and number > state.hold_after:
+                    await asyncio.sleep(0.01)  # released by reset(); a cancelled client cancels this
                 if mode == "slow":
                     await asyncio.sleep(state.slow_s)
                 n = body["max_tokens"]
