@@ -24,6 +24,33 @@ app = typer.Typer(
 )
 
 
+def package_version() -> str:
+    """The installed distribution's version; the source tree's when selfhost is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("selfhost")
+    except PackageNotFoundError:
+        from selfhost import __version__
+
+        return __version__
+
+
+def _print_version(requested: bool) -> None:
+    if requested:
+        print(f"selfhost {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
+    ),
+) -> None:
+    pass  # options that apply before any command (the help text is the app's)
+
+
 # One module per command group, each exposing register(app).
 COMMAND_MODULES = ("run", "serve", "train", "quant", "plan", "bench", "rag")
 
