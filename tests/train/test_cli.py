@@ -121,3 +121,27 @@ def test_user_error_is_one_line_and_exit_1(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "missing.txt does not exist" in proc.stderr
+
+
+def test_a_run_no_better_than_unigram_says_so(cli, corpus_file, tmp_path):
+    out = tmp_path / "model"
+    result = invoke(cli, corpus_file, "-o", out, "--size", "tiny", "--steps", "2", "--eval-every", "2",
+                    "--lr", "1e-6", "--no-progress")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "training.json").read_text())
+    assert metrics["val_loss"] >= metrics["baselines"]["unigram"]["val_loss"]
+    said = " ".join(result.stderr.split())  # the console wraps long lines
+    assert "warning: the model's validation loss" in said and "not better than the unigram baseline" in said
+    assert "too few steps (2 run" in said and "--lr 1e-06" in said and "too little data" in said
+    report = (out / "TRAINING.md").read_text()
+    assert "**Warning:** the model's validation loss" in report and "too little data" in report
+
+
+def test_a_run_better_than_unigram_has_no_warning(cli, corpus_file, tmp_path):
+    out = tmp_path / "model"
+    result = invoke(cli, corpus_file, "-o", out, "--size", "tiny", "--steps", "40", "--lr", "1e-2",
+                    "--eval-every", "40", "--no-progress")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "training.json").read_text())
+    assert metrics["val_loss"] < metrics["baselines"]["unigram"]["val_loss"]
+    assert "warning:" not in result.stderr and "Warning" not in (out / "TRAINING.md").read_text()

@@ -32,7 +32,7 @@ from selfhost.train.data import (
 )
 from selfhost.train.export import check_output, export_model
 from selfhost.train.model import llama_config
-from selfhost.train.summary import render_training_md
+from selfhost.train.summary import render_training_md, unigram_warning
 from selfhost.train.trainer import Trainer
 
 METRICS_FILE = "training.json"
@@ -152,6 +152,9 @@ def _finish(trainer: Trainer, tok, output: OutputOptions, show_progress: bool, c
         f"unigram {baselines['unigram']:.4f}. Wrote {out}",
         highlight=False,
     )
+    warning = unigram_warning(metrics)
+    if warning is not None:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     if not output.keep_checkpoints and trainer.checkpoint_dir is not None:
         shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
     return out

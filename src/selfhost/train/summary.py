@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 
+def unigram_warning(m: dict) -> str | None:
+    """Why a run whose validation loss is no better than token frequencies alone is not a usable model."""
+    unigram = m["baselines"]["unigram"]["val_loss"]
+    if m["val_loss"] < unigram:
+        return None
+    cfg = m["train"]
+    return (
+        f"the model's validation loss {m['val_loss']:.4f} is not better than the unigram baseline {unigram:.4f}, "
+        "which ignores context entirely: the model has not learned anything usable yet. Likely causes: too few "
+        f"steps ({m['steps']:,} run; try --steps), a learning rate too high or too low (--lr {cfg['lr']:g}), "
+        f"or too little data ({m['train_tokens']:,} training tokens)."
+    )
+
+
 def render_training_md(m: dict) -> str:
     shape, cfg = m["model"], m["train"]
+    warning = unigram_warning(m)
+    warning_md = f"\n> **Warning:** {warning}\n" if warning else ""
     bigram, unigram = m["baselines"]["bigram"], m["baselines"]["unigram"]
     rows = [
         ("this model", m["val_loss"], m["val_ppl"]),
@@ -29,7 +45,7 @@ Trained by `selfhost train`. Reproduce with:
 | model | loss | perplexity |
 |---|---|---|
 {table}
-
+{warning_md}
 ## Run
 
 - parameters: {m['num_params']:,} ({shape['num_layers']} layers, hidden {shape['hidden_size']}, \
