@@ -12,21 +12,24 @@ import os
 # Measured on a 2-core machine: ~70 tok/s decode with PASSIVE, ~2 tok/s without.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from selfhost.outputs import RequestOutput, StreamDelta, TokenLogprob
-from selfhost.sampling_params import SamplingParams
+import importlib
 
 __all__ = ["LLM", "AsyncEngine", "SamplingParams", "RequestOutput", "StreamDelta", "TokenLogprob"]
 __version__ = "0.1.0"
 
+# Public name -> its module, imported on first use: torch takes seconds to import,
+# and `selfhost.layers` must be importable without the request types.
+_EXPORTS = {
+    "LLM": "selfhost.llm",
+    "AsyncEngine": "selfhost.engine.async_engine",
+    "SamplingParams": "selfhost.sampling_params",
+    "RequestOutput": "selfhost.outputs",
+    "StreamDelta": "selfhost.outputs",
+    "TokenLogprob": "selfhost.outputs",
+}
+
 
 def __getattr__(name: str):
-    # Importing torch takes seconds; defer it until the engine is actually used.
-    if name == "LLM":
-        from selfhost.llm import LLM
-
-        return LLM
-    if name == "AsyncEngine":
-        from selfhost.engine.async_engine import AsyncEngine
-
-        return AsyncEngine
-    raise AttributeError(name)
+    if name not in _EXPORTS:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

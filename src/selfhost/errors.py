@@ -19,7 +19,19 @@ class UnsupportedModelError(SelfhostError):
 
 
 class InvalidParameterError(SelfhostError, ValueError):
-    """A sampling, engine or command parameter outside its valid range."""
+    """A sampling, engine or command parameter outside its valid range.
+
+    `param` names the request field at fault when there is one ("prompt",
+    "max_tokens", ...), so a server can point at it without reading the message.
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InvalidParameterError):
+    """A prompt, or a prompt plus the tokens asked for, that does not fit the context window or the KV cache."""
 
 
 class CollectionNotFoundError(SelfhostError):

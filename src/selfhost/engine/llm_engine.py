@@ -19,6 +19,7 @@ from selfhost.engine.transformers_runner import TransformersRunner
 from selfhost.engine.paged_cache import PagedKVCache
 from selfhost.engine.scheduler import Scheduler
 from selfhost.engine.sequence import Sequence
+from selfhost.engine.validation import RequestLimits, validate_request
 from selfhost.errors import InvalidParameterError
 from selfhost.host_memory import available_memory_bytes
 from selfhost.models.decoder import CausalLM
@@ -83,6 +84,12 @@ class LLMEngine:
             self.cache = PagedKVCache(model.spec, num_blocks, config.block_size, dtype, device)
             self.runner = ModelRunner(model, self.cache, device)
         self.capacity_tokens = num_blocks * config.block_size
+        self.limits = RequestLimits(
+            vocab_size=model.spec.vocab_size,
+            max_model_len=model.max_len,
+            kv_capacity_tokens=self.capacity_tokens,
+            supports_prompt_logprobs=self.runner.supports_prompt_logprobs,
+        )
         self.sequences: dict[str, Sequence] = {}
         self._tokens_last_step = 0
         self._num_steps = 0
@@ -94,28 +101,17 @@ class LLMEngine:
             num_blocks * PagedKVCache.bytes_per_block(model.spec, config.block_size, dtype) / 2**30,
         )
 
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise the typed error `add_request` would raise; reads only fixed limits, so any thread may call it."""
+        validate_request(prompt_ids, params, self.limits)
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Validate and queue a request; it joins the running batch at the next step with room."""
         if request_id in self.sequences:
-            raise InvalidParameterError(f"request id {request_id!r} is already running")
-        if not prompt_ids:
-            raise InvalidParameterError("prompt is empty: it must contain at least one token")
-        max_len = self.model.max_len
-        if len(prompt_ids) >= max_len:
-            raise InvalidParameterError(f"prompt has {len(prompt_ids)} tokens; this model's context holds {max_len}")
-        vocab = self.model.spec.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidParameterError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if params.prompt_logprobs is not None and not self.runner.supports_prompt_logprobs:
-            raise InvalidParameterError("prompt logprobs are not available with the transformers fallback")
-        seq = Sequence(request_id, list(prompt_ids), params, self.tokenizer, max_len)
-        worst_case = len(seq.prompt_ids) + seq.max_output
-        if worst_case > self.capacity_tokens:
-            raise InvalidParameterError(
-                f"request needs up to {worst_case} tokens of KV cache; the cache holds {self.capacity_tokens} "
-                "(raise kv_cache_memory or lower max_tokens)"
-            )
+            raise InvalidParameterError(f"request id {request_id!r} is already running", param="request_id")
+        self.validate_request(prompt_ids, params)
+        max_output = self.limits.output_budget(len(prompt_ids), params.max_tokens)
+        seq = Sequence(request_id, list(prompt_ids), params, self.tokenizer, max_output)
         self.sequences[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq

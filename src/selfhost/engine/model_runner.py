@@ -127,7 +127,10 @@ class ModelRunner:
         for i in range(0, len(rows), SCORE_ROWS_PER_SLICE):
             part = slice(i, i + SCORE_ROWS_PER_SLICE)
             logits = self.model.compute_logits(hidden[rows[part]])
-            scored.extend(score_tokens(logits, targets[part], num_top[part]))
+            scored.extend(
+                TokenLogprob(token_id, logprob, dict(top))
+                for token_id, (logprob, top) in zip(targets[part], score_tokens(logits, targets[part], num_top[part]))
+            )
         out, i = [], 0
         for seq, num in owners:
             out.append((seq, scored[i : i + num]))

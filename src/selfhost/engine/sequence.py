@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-import torch
-
 from selfhost.engine.detokenizer import IncrementalDetokenizer
-from selfhost.layers.sampler import SamplerRow
+from selfhost.layers.sampler import Logprobs, SamplerRow
 from selfhost.outputs import RequestOutput, TokenLogprob
 from selfhost.sampling_params import SamplingParams
 from selfhost.tokenizer import Tokenizer
+
+
+def sampler_row(params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> SamplerRow:
+    """The sampler's plain per-row values for one request (it sees the live token lists)."""
+    return SamplerRow(
+        prompt_ids,
+        output_ids,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        num_logprobs=params.logprobs,
+        logits_processors=params.logits_processors,
+        seed=params.seed,  # the sampler makes the generator on the logits' device
+    )
 
 
 class Sequence:
@@ -18,7 +34,7 @@ class Sequence:
         prompt_ids: list[int],
         params: SamplingParams,
         tokenizer: Tokenizer,
-        max_len: int,
+        max_output: int,
     ):
         self.request_id = request_id
         self.prompt_ids = prompt_ids
@@ -30,13 +46,9 @@ class Sequence:
         # Grows as prefill chunks are scored; the first prompt token has no logprob.
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
-        # Never run past the model's context: the length budget is the smaller of both.
-        self.max_output = min(params.max_tokens, max_len - len(prompt_ids))
+        self.max_output = max_output  # max_tokens, capped by the engine at the context window
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eos_token_ids))
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed)
-        self.sampler_row = SamplerRow(params, prompt_ids, self.output_ids, generator)
+        self.sampler_row = sampler_row(params, prompt_ids, self.output_ids)
         # KV bookkeeping, owned by the scheduler and block manager.
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # digest of each full, committed block
@@ -60,7 +72,7 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.finish_reason is not None
 
-    def append(self, token_id: int, logprob: tuple[float, list[tuple[int, float]]] | None) -> None:
+    def append(self, token_id: int, logprob: Logprobs | None) -> None:
         """Record one sampled token and decide whether the sequence is done."""
         self.output_ids.append(token_id)
         self.token_ids.append(token_id)

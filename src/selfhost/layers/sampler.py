@@ -4,59 +4,94 @@ Penalties, temperature and the top-k / top-p / min-p filters are applied as
 batched tensor ops; only the final draw loops over rows, because each request
 may carry its own seeded generator (that is what makes `seed` reproducible
 whatever else shares the batch).
+
+A layer: it takes plain per-row values (`SamplerRow`) and returns plain
+tuples. The engine maps a request's SamplingParams onto a row and turns the
+tuples into its own output types.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from selfhost.outputs import TokenLogprob
-from selfhost.sampling_params import SamplingParams
+# (output_ids, logits_row) -> logits_row, applied before sampling (e.g. a JSON grammar mask).
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+# Chosen token's logprob and the top alternatives as [(token id, logprob), ...], best first.
+Logprobs = tuple[float, list[tuple[int, float]]]
 
 
 @dataclass
 class SamplerRow:
-    params: SamplingParams
+    """One sequence's sampling settings. `prompt_ids` / `output_ids` are the live lists the caller appends to."""
+
     prompt_ids: list[int]
     output_ids: list[int]
-    generator: torch.Generator | None
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    num_logprobs: int | None = None  # alternatives returned per token; None: no logprobs at all
+    logits_processors: tuple[LogitsProcessor, ...] = ()
+    seed: int | None = None
+    # One generator per device, made on first use: torch.multinomial only takes a
+    # generator on the device of the probabilities it draws from.
+    _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """This row's seeded generator on `device` (None without a seed); it advances with every draw."""
+        if self.seed is None:
+            return None
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return generator
 
 
 @dataclass(frozen=True)
 class SampleResult:
     token_ids: list[int]
-    # Per row: (chosen logprob, [(alt id, alt logprob), ...]) or None when not asked for.
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    logprobs: list[Logprobs | None]  # per row; None when the row asked for none
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
     for i, row in enumerate(rows):
-        p = row.params
-        if not p.has_penalties:
+        if not row.has_penalties:
             continue
-        if p.repetition_penalty != 1.0:
+        if row.repetition_penalty != 1.0:
             # Multiplicative penalty over prompt and output tokens alike.
             seen = torch.tensor(row.prompt_ids + row.output_ids, dtype=torch.long, device=logits.device).unique()
             scores = logits[i, seen]
-            logits[i, seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
-        if row.output_ids and (p.presence_penalty or p.frequency_penalty):
+            logits[i, seen] = torch.where(scores > 0, scores / row.repetition_penalty, scores * row.repetition_penalty)
+        if row.output_ids and (row.presence_penalty or row.frequency_penalty):
             # Additive OpenAI-style penalties count generated tokens only.
             out = torch.tensor(row.output_ids, dtype=torch.long, device=logits.device)
             counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+            logits[i] -= row.frequency_penalty * counts + row.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 
 
 def filter_logits(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p, as -inf masks."""
     device = logits.device
-    temps = torch.tensor([r.params.temperature for r in rows], device=device).unsqueeze(1)
+    temps = torch.tensor([r.temperature for r in rows], device=device).unsqueeze(1)
     logits = logits / temps
-    top_ks = [r.params.top_k for r in rows]
-    top_ps = [r.params.top_p for r in rows]
-    min_ps = [r.params.min_p for r in rows]
+    top_ks = [r.top_k for r in rows]
+    top_ps = [r.top_p for r in rows]
+    min_ps = [r.min_p for r in rows]
     if any(k is not None for k in top_ks) or any(p < 1.0 for p in top_ps):
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
         vocab = logits.shape[1]
@@ -78,39 +113,39 @@ def filter_logits(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
     """logits: (N, vocab) fp32, one row per entry of `rows`."""
-    want_logprobs = [r.params.logprobs is not None for r in rows]
+    want_logprobs = [r.num_logprobs is not None for r in rows]
     raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
 
-    if any(r.params.has_penalties for r in rows):
+    if any(r.has_penalties for r in rows):
         logits = apply_penalties(logits.clone(), rows)
-    if any(r.params.logits_processors for r in rows):
+    if any(r.logits_processors for r in rows):
         logits = logits.clone()
         for i, row in enumerate(rows):
-            for process in row.params.logits_processors:
+            for process in row.logits_processors:
                 logits[i] = process(row.output_ids, logits[i])
     chosen = logits.argmax(dim=-1)
-    sampled_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+    sampled_rows = [i for i, r in enumerate(rows) if not r.is_greedy]
     if sampled_rows:
         sub_rows = [rows[i] for i in sampled_rows]
         probs = filter_logits(logits[sampled_rows], sub_rows).softmax(dim=-1)
-        draws = [torch.multinomial(probs[j], 1, generator=r.generator) for j, r in enumerate(sub_rows)]
+        draws = [torch.multinomial(probs[j], 1, generator=r.generator(probs.device)) for j, r in enumerate(sub_rows)]
         chosen[sampled_rows] = torch.cat(draws)
 
     token_ids = chosen.tolist()
     logprobs: list = [None] * len(rows)
     if raw_logprobs is not None:
-        max_k = max(r.params.logprobs or 0 for r in rows)
+        max_k = max(r.num_logprobs or 0 for r in rows)
         chosen_lp = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
         top_vals, top_ids = raw_logprobs.topk(max(max_k, 1), dim=-1)
         top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
         for i, row in enumerate(rows):
             if want_logprobs[i]:
-                k = row.params.logprobs
+                k = row.num_logprobs
                 logprobs[i] = (chosen_lp[i], list(zip(top_ids[i][:k], top_vals[i][:k])))
     return SampleResult(token_ids, logprobs)
 
 
-def score_tokens(logits: torch.Tensor, target_ids: list[int], num_top: list[int]) -> list[TokenLogprob]:
+def score_tokens(logits: torch.Tensor, target_ids: list[int], num_top: list[int]) -> list[Logprobs]:
     """Log probability of a given next token per row, plus that row's `num_top[i]` best alternatives.
 
     logits: (N, vocab) fp32, row i predicting `target_ids[i]`. Scores prompt
@@ -122,7 +157,4 @@ def score_tokens(logits: torch.Tensor, target_ids: list[int], num_top: list[int]
     max_k = max(num_top, default=0)
     top_vals, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (logprobs[:, :0], logprobs[:, :0].long())
     top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    return [
-        TokenLogprob(t, lp, dict(zip(ids[:k], vals[:k])))
-        for t, lp, ids, vals, k in zip(target_ids, chosen, top_ids, top_vals, num_top)
-    ]
+    return [(lp, list(zip(ids[:k], vals[:k]))) for lp, ids, vals, k in zip(chosen, top_ids, top_vals, num_top)]

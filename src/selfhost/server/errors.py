@@ -9,6 +9,7 @@ answers it, not FastAPI's default 422.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -16,7 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from selfhost.errors import InvalidParameterError, ModelNotFoundError, SelfhostError, UnsupportedModelError
+from selfhost.errors import (
+    ContextLengthError,
+    InvalidParameterError,
+    ModelNotFoundError,
+    SelfhostError,
+    UnsupportedModelError,
+)
 
 log = logging.getLogger("selfhost.server")
 
@@ -36,6 +43,7 @@ _TYPES = {
 
 # Library errors a client can cause -> (status, code).
 _SELFHOST_ERRORS: dict[type[SelfhostError], tuple[int, str]] = {
+    ContextLengthError: (400, "context_length_exceeded"),
     InvalidParameterError: (400, "invalid_parameter"),
     ModelNotFoundError: (404, "model_not_found"),
     UnsupportedModelError: (400, "unsupported_model"),
@@ -64,12 +72,18 @@ class ModelMemoryError(APIError):
         super().__init__(message, status=507, param="model", code="memory_budget_exceeded")
 
 
-def from_selfhost_error(err: SelfhostError) -> APIError:
+def from_selfhost_error(err: SelfhostError, fields: Mapping[str, str] | None = None) -> APIError:
+    """The API error for a library error. `fields` renames the library's `param` (the engine's
+    "prompt", "max_tokens") to the request's own field ("messages", "max_completion_tokens")."""
+    param = getattr(err, "param", None)
+    if param is not None and fields:
+        param = fields.get(param, param)
+    status, code = 400, "invalid_request"
     for cls in type(err).__mro__:
         if cls in _SELFHOST_ERRORS:
             status, code = _SELFHOST_ERRORS[cls]
-            return APIError(str(err), status, code=code)
-    return APIError(str(err), 400, code="invalid_request")
+            break
+    return APIError(str(err), status, param=param, code=code)
 
 
 def _validation_error(err: RequestValidationError) -> APIError:

@@ -1,7 +1,8 @@
 """The generation logic both APIs share: prompt -> validated jobs -> merged deltas -> metrics.
 
 Routes turn a wire request into a `Generation` with `prepare()` (tokenize off
-the event loop, check the context window, build one SamplingParams per choice),
+the event loop, build one SamplingParams per choice, and run the engine's own
+request check so a bad request is a 400 before any stream starts),
 then consume `run()` (one `(choice_index, StreamDelta)` per engine step and
 choice) either as a stream or through `collect()`. Streams go out through
 `event_stream()`, which checks for a vanished client before every chunk and
@@ -63,23 +64,14 @@ class ChoiceResult:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
-def resolve_max_tokens(
-    requested: int | None, prompt_len: int, served: ServedModel, param: str, prompt_param: str
-) -> int:
-    """OpenAI semantics: no limit means 'up to the context window'; an explicit one must fit in it."""
-    llm = served.llm
-    window = llm.max_model_len
-    if prompt_len >= window:
-        raise APIError(f"the prompt has {prompt_len} tokens; model {served.name!r} has a context window of "
-                       f"{window} tokens", param=prompt_param,
-                       code="context_length_exceeded")
-    room = min(window, llm.engine.capacity_tokens) - prompt_len
+def resolve_max_tokens(requested: int | None, prompt_len: int, served: ServedModel, param: str) -> int:
+    """OpenAI semantics: no limit means 'as many as fit'; an explicit one must fit in the context window
+    (the engine would quietly stop at the window instead). The prompt itself is the engine's to check."""
+    limits = served.llm.engine.limits
     if requested is None:
-        if room < 1:
-            raise APIError(f"the prompt has {prompt_len} tokens; the KV cache holds {llm.engine.capacity_tokens}",
-                           param=prompt_param, code="context_length_exceeded")
-        return room
-    if prompt_len + requested > window:
+        return max(limits.room_for_output(prompt_len), 1)  # a prompt that leaves no room fails the engine's check
+    window = limits.max_model_len
+    if prompt_len < window < prompt_len + requested:
         raise APIError(f"{param}={requested} plus the prompt's {prompt_len} tokens exceeds model {served.name!r}'s "
                        f"context window of {window} tokens (at most {window - prompt_len})",
                        param=param, code="context_length_exceeded")
@@ -107,11 +99,7 @@ class Serving:
     async def tokenize(self, served: ServedModel, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return await asyncio.to_thread(served.llm.tokenizer.encode, prompt)
-        vocab = served.llm.model.spec.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
-        return list(prompt)
+        return list(prompt)  # ids outside the vocabulary are the engine's check, in prepare()
 
     async def prepare(
         self, served: ServedModel, prompts: list[list[int]], requested_max_tokens: int | None,
@@ -123,18 +111,18 @@ class Serving:
         if len(prompts) * n > MAX_CHOICES_PER_REQUEST:
             raise APIError(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} completions; at most "
                            f"{MAX_CHOICES_PER_REQUEST} per request", param="prompt")
+        # The engine's names for the request fields an error may point at -> this request's names.
+        fields = {"prompt": prompt_param, "max_tokens": max_tokens_param}
         jobs = []
         for prompt_ids in prompts:
-            if not prompt_ids:
-                raise APIError("the prompt is empty: it must contain at least one token", param="prompt")
-            max_tokens = resolve_max_tokens(
-                requested_max_tokens, len(prompt_ids), served, max_tokens_param, prompt_param
-            )
-            for choice in range(n):
-                try:
-                    params = make_params(max_tokens, choice)
-                except SelfhostError as err:
-                    raise from_selfhost_error(err) from err
+            max_tokens = resolve_max_tokens(requested_max_tokens, len(prompt_ids), served, max_tokens_param)
+            try:
+                choices = [make_params(max_tokens, choice) for choice in range(n)]
+                # The choices differ only in their seed; the engine checks each again when it is added.
+                served.llm.engine.validate_request(prompt_ids, choices[0])
+            except SelfhostError as err:
+                raise from_selfhost_error(err, fields) from err
+            for params in choices:
                 if json_mode:
                     params = with_processors(params, JsonObjectProcessor(await self._json_vocab(served), max_tokens))
                 jobs.append((prompt_ids, params))
