@@ -120,3 +120,17 @@ def test_fit_on_a_cpu_defaults_to_fp32_as_the_engine_runs():
     assert "cpu, fp32," in cpu.stdout
     gpu = selfhost("fit", "qwen2.5:0.5b", "--device", "rtx4090")
     assert "GB), fp16," in gpu.stdout
+
+
+@pytest.mark.parametrize("ref", ["meta-llama/Llama-3.1-8B", "HuggingFaceTB/SmolLM2-135M", "selfhost/shakespeare",
+                                 "src/selfhost/assets/shakespeare"])
+def test_fit_and_cost_take_the_references_the_help_promises(ref):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    ref = str(root / ref) if ref.startswith("src/") else ref
+    out = selfhost("fit", ref, "--device", "rtx4090")
+    assert out.returncode == 0, out.stderr
+    assert "fits" in out.stdout
+    priced = selfhost("cost", ref, "--device", "rtx4090", "--volume", "1B", "--api", "gpt-4o")
+    assert priced.returncode == 0, priced.stderr

@@ -19,8 +19,8 @@ class ModelSpec:
     family: str
     publisher: str
     country: str
-    release_date: dt.date
-    licence: str
+    release_date: dt.date | None  # None: not known (a model read from a config.json)
+    licence: str  # an id of licences.toml; "" when not known
     params_b: float
     params_source: str
     arch: Architecture
@@ -29,6 +29,8 @@ class ModelSpec:
     active_params_b: float | None = None
     vision_params_b: float = 0.0
     notes: str = ""
+    # Other Hub repos with this architecture (the base checkpoint, former names).
+    base_repos: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.params_b <= 0:
@@ -37,6 +39,11 @@ class ModelSpec:
             raise ValueError(f"model {self.alias}: needs at least one source")
         if self.arch.is_moe != (self.active_params_b is not None):
             raise ValueError(f"model {self.alias}: active_params_b is required for MoE models and only for them")
+
+    @property
+    def hub_repos(self) -> tuple[str, ...]:
+        """Every Hub id this entry answers to: its checkpoint first, then its base repos."""
+        return (self.hf_repo, *self.base_repos)
 
     @property
     def weight_params(self) -> int:
@@ -56,21 +63,29 @@ def load_models() -> dict[str, ModelSpec]:
     for row in read_data("models.toml")["model"]:
         row = dict(row)
         arch = Architecture(**row.pop("arch"))
-        spec = ModelSpec(arch=arch, sources=tuple(row.pop("sources")), **row)
+        sources, base_repos = tuple(row.pop("sources")), tuple(row.pop("base_repos", ()))
+        spec = ModelSpec(arch=arch, sources=sources, base_repos=base_repos, **row)
         if spec.alias in models:
             raise ValueError(f"duplicate model alias {spec.alias!r} in models.toml")
         models[spec.alias] = spec
     return models
 
 
+def find_model(name: str) -> ModelSpec | None:
+    """The catalog entry for an alias or any of its Hub repos (case-insensitive); None if none."""
+    wanted = name.strip().lower()
+    for spec in load_models().values():
+        if wanted == spec.alias.lower() or wanted in (repo.lower() for repo in spec.hub_repos):
+            return spec
+    return None
+
+
 def get_model(name: str) -> ModelSpec:
     """Look a model up by alias or Hugging Face repo id (case-insensitive)."""
-    models = load_models()
-    wanted = name.strip().lower()
-    for spec in models.values():
-        if wanted in (spec.alias.lower(), spec.hf_repo.lower()):
-            return spec
-    raise unknown_name_error("model", name, models)
+    spec = find_model(name)
+    if spec is None:
+        raise unknown_name_error("model", name, load_models())
+    return spec
 
 
 def resolve_alias(name: str) -> str | None:

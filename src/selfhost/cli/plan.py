@@ -9,7 +9,8 @@ import typer
 from selfhost.cli.console import make_console
 from rich.table import Table
 
-from selfhost.catalog import DeviceSpec, get_device, get_model, load_api_prices, load_models
+from selfhost.catalog import DeviceSpec, get_device, load_api_prices, load_models
+from selfhost.catalog.references import resolve_model_spec
 from selfhost.errors import InvalidParameterError
 from selfhost.plan.bench_result import read_bench_result
 from selfhost.plan.cost import CostComparison, SelfHostSetup
@@ -137,7 +138,8 @@ def _print_fit(report: FitReport) -> None:
 
 
 def fit(
-    model: Annotated[str | None, typer.Argument(help="Catalog alias or Hub id; omit to rank every model.")] = None,
+    model: Annotated[str | None, typer.Argument(
+        help="Catalog alias, Hub id (catalog, or config.json in the HF cache) or checkpoint folder; omit to rank every model.")] = None,
     device: DeviceOpt = "rtx4090",
     quant: QuantOpt = None,
     context: ContextOpt = None,
@@ -172,14 +174,15 @@ def fit(
         if len(reports) > top:
             console.print(f"[dim]{len(reports) - top} more fit; use --top to see them[/]")
         return
-    spec = get_model(model)
+    spec = resolve_model_spec(model)
     precision = get_precision(quant) if quant else default_precision(dev.kind)
     _print_fit(plan_fit(spec, dev, precision, context, concurrency))
     _warn(licence_warnings(spec, users))
 
 
 def cost(
-    model: Annotated[str, typer.Argument(help="Catalog alias or Hub id.")],
+    model: Annotated[str, typer.Argument(
+        help="Catalog alias, Hub id (catalog, or config.json in the HF cache) or checkpoint folder.")],
     volume: Annotated[str, typer.Option("--volume", "-v", help="Tokens per month (prompt + output), e.g. 1B.")],
     device: DeviceOpt = "rtx4090",
     quant: QuantOpt = None,
@@ -209,7 +212,7 @@ def cost(
     _positive("--concurrency", concurrency)
     _positive("--context", context)
     users = parse_count(monthly_users, what="--monthly-users") if monthly_users else None
-    spec, dev = get_model(model), resolve_device(device, mem, bandwidth, tflops, kind)
+    spec, dev = resolve_model_spec(model), resolve_device(device, mem, bandwidth, tflops, kind)
     precision = get_precision(quant or "int4")
     report = plan_fit(spec, dev, precision, context, concurrency)
 

@@ -10,6 +10,9 @@ def licence_warnings(model: ModelSpec, monthly_users: float | None = None, comme
 
     The licence text decides; these only flag the clauses operators trip over.
     """
+    if not model.licence:
+        return [f"{model.alias} is not in the catalog, so its licence is unknown here: read its model card "
+                "before deploying it."]
     licence = get_licence(model.licence)
     warnings = []
     if monthly_users is not None and licence.max_monthly_users is not None and monthly_users > licence.max_monthly_users:
