@@ -134,3 +134,17 @@ def test_fit_and_cost_take_the_references_the_help_promises(ref):
     assert "fits" in out.stdout
     priced = selfhost("cost", ref, "--device", "rtx4090", "--volume", "1B", "--api", "gpt-4o")
     assert priced.returncode == 0, priced.stderr
+
+
+def test_cost_refuses_a_bench_result_of_another_model(tmp_path):
+    import json
+
+    result = tmp_path / "qwen.json"
+    result.write_text(json.dumps({"schema": "selfhost.bench.throughput/1", "output_tok_s": 50.0, "model": "qwen2.5:7b"}))
+    out = selfhost("cost", "llama3.1:8b", "--volume", "1B", "--bench-result", str(result))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "measured model 'qwen2.5:7b', not llama3.1:8b" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    forced = selfhost("cost", "llama3.1:8b", "--volume", "1B", "--bench-result", str(result), "--any-bench-model")
+    assert forced.returncode == 0, forced.stderr
+    same = selfhost("cost", "qwen2.5:7b", "--volume", "1B", "--bench-result", str(result))
+    assert same.returncode == 0, same.stderr

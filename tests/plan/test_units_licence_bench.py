@@ -45,3 +45,20 @@ def test_bench_result(tmp_path):
         read_bench_result(path)
     with pytest.raises(InvalidParameterError, match="cannot read"):
         read_bench_result(tmp_path / "missing.json")
+
+
+def test_bench_result_names_its_model(tmp_path):
+    from selfhost.plan.bench_result import measured_model_matches
+
+    throughput = tmp_path / "t.json"
+    throughput.write_text(json.dumps({"schema": "selfhost.bench.throughput/1", "output_tok_s": 9.0, "model": "qwen2.5:7b"}))
+    assert read_bench_result(throughput).model == "qwen2.5:7b"
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps({"schema": "selfhost.bench/1", "output_tok_s": 9.0, "endpoint": {"model": "x/y"}}))
+    assert read_bench_result(full).model == "x/y"
+    llama = get_model("llama3.1:8b")
+    for same in ("llama3.1:8b", "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B",
+                 "/models/Llama-3.1-8B-Instruct"):
+        assert measured_model_matches(same, llama), same
+    for other in ("qwen2.5:7b", "Qwen/Qwen2.5-7B-Instruct", "/models/qwen", "gpt-4o"):
+        assert not measured_model_matches(other, llama), other

@@ -12,7 +12,7 @@ from rich.table import Table
 from selfhost.catalog import DeviceSpec, get_device, load_api_prices, load_models
 from selfhost.catalog.references import resolve_model_spec
 from selfhost.errors import InvalidParameterError
-from selfhost.plan.bench_result import read_bench_result
+from selfhost.plan.bench_result import measured_model_matches, read_bench_result
 from selfhost.plan.cost import CostComparison, SelfHostSetup
 from selfhost.plan.fit import FitReport, is_edge_capable, plan_fit, rank_fits
 from selfhost.plan.licence import licence_warnings
@@ -195,7 +195,9 @@ def cost(
     price: Annotated[float | None, typer.Option(help="Override the purchase price, US$.")] = None,
     power: Annotated[float | None, typer.Option(help="Override the power draw, W.")] = None,
     rent: Annotated[float | None, typer.Option(help="Rent instead of buying, US$ per hour.")] = None,
-    bench_result: Annotated[Path | None, typer.Option(help="Benchmark JSON with measured output_tok_s.")] = None,
+    bench_result: Annotated[Path | None, typer.Option(help="Benchmark JSON with measured output_tok_s, of MODEL.")] = None,
+    any_bench_model: Annotated[bool, typer.Option(
+        "--any-bench-model", help="Use --bench-result even if it measured another model.")] = False,
     out: Annotated[Path | None, typer.Option(help="Write cost.png and cost.html into this folder.")] = None,
     mem: MemOpt = None,
     bandwidth: BandwidthOpt = None,
@@ -219,7 +221,14 @@ def cost(
     decode_tok_s, prefill_tok_s, source = report.speed.decode_tok_s, report.speed.prefill_tok_s, "estimated by fit"
     if bench_result is not None:
         measured = read_bench_result(bench_result)
+        if measured.model is not None and not any_bench_model and not measured_model_matches(measured.model, spec):
+            raise InvalidParameterError(
+                f"{bench_result} measured model {measured.model!r}, not {spec.alias}: benchmark {spec.alias} "
+                "(or pass --any-bench-model to cost it with this throughput anyway)"
+            )
         decode_tok_s, source = measured.output_tok_s, f"measured ({bench_result})"
+        if measured.model is None:
+            source = f"measured ({bench_result}, which names no model)"
         prefill_tok_s = measured.prompt_tok_s or prefill_tok_s
     elif not report.fits:
         raise InvalidParameterError(

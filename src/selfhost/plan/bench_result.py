@@ -4,7 +4,7 @@ The file is a JSON object written by `selfhost bench` (or by hand):
 
     {
       "schema": "selfhost.bench.throughput/1",
-      "model": "llama3.1:8b",            # alias or Hub id, informational
+      "model": "llama3.1:8b",            # alias, Hub id or folder: must be the model being costed
       "device": "rtx4090",               # informational
       "precision": "int4",               # informational
       "concurrency": 16,
@@ -15,7 +15,9 @@ The file is a JSON object written by `selfhost bench` (or by hand):
 
 Only `schema` and `output_tok_s` are required. A full `selfhost bench` result
 file (schema "selfhost.bench/1", see docs/BENCH.md) carries the same top-level
-`output_tok_s` and is accepted as is.
+`output_tok_s` (and the model in `endpoint.model`) and is accepted as is.
+`selfhost cost` refuses a result whose model is not the one it costs
+(`measured_model_matches`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfhost.catalog import ModelSpec
+from selfhost.catalog.models import find_model
 from selfhost.errors import InvalidParameterError
 
 SCHEMA = "selfhost.bench.throughput/1"
@@ -35,6 +39,7 @@ class MeasuredThroughput:
     output_tok_s: float
     prompt_tok_s: float | None = None
     source: str = ""
+    model: str | None = None  # the model the benchmark ran, as the file names it
 
     def __post_init__(self) -> None:
         if not self.output_tok_s > 0:
@@ -60,4 +65,19 @@ def read_bench_result(path: str | Path) -> MeasuredThroughput:
         prompt = float(data["prompt_tok_s"]) if data.get("prompt_tok_s") is not None else None
     except (KeyError, TypeError, ValueError) as err:
         raise InvalidParameterError(f"benchmark result {path} needs a numeric output_tok_s") from err
-    return MeasuredThroughput(output, prompt, source=str(path))
+    endpoint = data.get("endpoint") if isinstance(data.get("endpoint"), dict) else {}
+    model = data.get("model") or endpoint.get("model")
+    return MeasuredThroughput(output, prompt, source=str(path), model=str(model) if model else None)
+
+
+def measured_model_matches(measured: str, model: ModelSpec) -> bool:
+    """Does the model a benchmark names (alias, Hub id, folder or served name) denote `model`?"""
+    name = measured.strip()
+    names = {model.alias.lower(), *(repo.lower() for repo in model.hub_repos)}
+    if name.lower() in names:
+        return True
+    entry = find_model(name)
+    if entry is not None:
+        return entry.alias == model.alias
+    # A checkpoint folder or a served name: its last part against the repos' names.
+    return Path(name).name.lower() in {Path(repo).name.lower() for repo in names}
