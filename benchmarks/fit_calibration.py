@@ -9,7 +9,7 @@ into the model (src/selfhost/plan), not into these numbers.
 
 Cases: the embedded demo model and the ~125M Llama shape of the engine
 benchmarks, each at fp32 and int8 (a `selfhost quantize`d copy). Each case runs
-in its own process (selfhost.plan.calibration explains what is measured); the
+in its own process (selfhost.bench.fit_calibration explains what is measured); the
 device is `--device local` as probed in that same process, next to the decode
 timing. Decode speed moves with machine load (the 1-minute load average is
 printed with each row): run it on a quiet machine.
@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import build_llama_125m  # noqa: E402
-from selfhost.plan.calibration import measure_in_subprocess, measured_device, predict  # noqa: E402
+from selfhost.bench.fit_calibration import measure_in_subprocess, measured_device, predict  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "src/selfhost/assets/shakespeare"
 MEMORY_TARGET, SPEED_TARGET = 0.15, 0.30

@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from selfhost.catalog import get_device
-from selfhost.plan.calibration import (
-    architecture_from_config,
+from selfhost.bench.device_probe import local_cpu_device
+from selfhost.bench.fit_calibration import (
     checkpoint_precision,
     measure_in_subprocess,
     model_from_checkpoint,
     predict,
 )
+from selfhost.catalog import get_device
+from selfhost.catalog.hf_config import architecture_from_config
 from selfhost.plan import speed as speed_module
-from selfhost.plan.local_device import local_cpu_device
 from selfhost.plan.memory import memory_breakdown
 from selfhost.plan.precision import get_precision
 from selfhost.plan.speed import estimate_speed

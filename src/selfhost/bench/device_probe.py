@@ -1,5 +1,8 @@
 """`--device local`: describe the machine selfhost runs on by measuring it briefly.
 
+The measuring half of `selfhost fit --device local` (it times selfhost's own
+kernels, so it imports the runtime); the planner only receives the DeviceSpec.
+
 Memory comes from the OS; bandwidth from timing large numpy copies (a copy reads
 and writes every byte, so it moves twice the array size); compute from a short
 fp32 matmul. A CUDA GPU, when torch sees one, is measured the same way on the GPU.
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from selfhost.catalog import DeviceSpec
+from selfhost.host_memory import total_memory_bytes
 
 _COPY_BYTES = 256 * 2**20
 _REPEATS = 5
@@ -155,7 +159,7 @@ def measure_matmul_tflops(size: int = 1024) -> float:
 
 
 def system_memory_gb() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return total_memory_bytes() / 1e9
 
 
 def _cuda_device() -> DeviceSpec | None:

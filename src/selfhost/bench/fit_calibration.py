@@ -1,5 +1,8 @@
 """Check `selfhost fit` against a measured selfhost run of a local checkpoint.
 
+The measuring side of the planner: it loads and runs models, so it lives in
+bench/, and hands plan/ only numbers (a DeviceSpec, a ModelSpec, measured sizes).
+
 `measure_run` loads the checkpoint with the public API, configured as the plan
 assumes (one sequence, `max_model_len` = the planned context, so the engine
 allocates exactly that KV cache), and measures in the same process:
@@ -20,7 +23,6 @@ Run it in a fresh process (`measure_in_subprocess`): memory is process-wide.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import statistics
@@ -31,7 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from selfhost.catalog import Architecture, DeviceSpec, ModelSpec
+from selfhost.catalog import DeviceSpec, ModelSpec
+from selfhost.catalog.hf_config import model_from_config_file
 from selfhost.plan.fit import FitReport, plan_fit
 from selfhost.plan.precision import Precision, get_precision
 from selfhost.plan.speed import SpeedEstimate, estimate_speed
@@ -64,27 +67,9 @@ class MeasuredRun:
     timing: DecodeTiming | None  # None when no timing rounds were asked for
 
 
-def architecture_from_config(config: dict) -> Architecture:
-    """Map a Llama-style Hugging Face config.json onto the planner's Architecture."""
-    heads = config["num_attention_heads"]
-    return Architecture(
-        layers=config["num_hidden_layers"], hidden=config["hidden_size"], intermediate=config["intermediate_size"],
-        heads=heads, kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads, vocab=config["vocab_size"],
-        max_context=config.get("max_position_embeddings", 2048),
-        tied_embeddings=config.get("tie_word_embeddings", False),
-        qkv_bias=config.get("attention_bias", False),
-    )
-
-
 def model_from_checkpoint(path: Path) -> ModelSpec:
-    arch = architecture_from_config(json.loads((Path(path) / "config.json").read_text()))
-    today = dt.date.today()
-    return ModelSpec(
-        alias=Path(path).name, hf_repo=str(path), name=Path(path).name, family="local", publisher="local",
-        country="", release_date=today, licence="apache-2_0", params_b=arch.total_params() / 1e9,
-        params_source="computed", arch=arch, sources=(str(Path(path) / "config.json"),), retrieved=today,
-    )
+    """The planner's ModelSpec of a checkpoint folder, from its config.json."""
+    return model_from_config_file(Path(path) / "config.json", Path(path).name)
 
 
 def checkpoint_precision(path: Path) -> Precision:
@@ -103,7 +88,7 @@ def predict(path: Path, device: DeviceSpec, context: int, new_tokens: int) -> tu
 
 def measured_device(timing: DecodeTiming) -> DeviceSpec:
     """`--device local` as a calibration run measured it, next to its decode timing."""
-    from selfhost.plan.local_device import local_cpu_device
+    from selfhost.bench.device_probe import local_cpu_device
 
     return local_cpu_device(timing.copy_gb_s, timing.fp32_gemv_gb_s, timing.int8_gemv_gb_s, timing.matmul_tflops,
                             timing.cache_bytes, timing.cached_gemv_gb_s)
@@ -171,7 +156,7 @@ def measure_run(path: Path, context: int, new_tokens: int, rounds: int = 3) -> M
 def _time_decode(llm, prompt: list[int], new_tokens: int, rounds: int) -> DecodeTiming:
     """Median time of one decode step (one sequence, after its prompt), over `rounds` generations."""
     from selfhost import SamplingParams
-    from selfhost.plan import local_device as probe
+    from selfhost.bench import device_probe as probe
 
     cache_bytes = probe.last_level_cache_bytes()
 
@@ -207,7 +192,7 @@ def _time_decode(llm, prompt: list[int], new_tokens: int, rounds: int) -> Decode
 
 def measure_in_subprocess(path: Path, context: int, new_tokens: int, rounds: int = 3) -> MeasuredRun:
     """`measure_run` in a fresh Python process, so its memory is this checkpoint's alone."""
-    cmd = [sys.executable, "-m", "selfhost.plan.calibration", str(path), str(context), str(new_tokens), str(rounds)]
+    cmd = [sys.executable, "-m", "selfhost.bench.fit_calibration", str(path), str(context), str(new_tokens), str(rounds)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"measuring {path} failed:\n{out.stderr[-2000:]}")

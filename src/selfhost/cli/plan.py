@@ -48,7 +48,7 @@ def resolve_device(
 ) -> DeviceSpec:
     key = name.strip().lower()
     if key == "local":
-        from selfhost.plan.local_device import measure_local_device
+        from selfhost.bench.device_probe import measure_local_device
 
         with console.status("measuring this machine..."):
             return measure_local_device()
