@@ -57,3 +57,39 @@ def test_user_errors_are_one_line_and_exit_1(tiny_checkpoint, tmp_path, args, me
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _one_line_error(args):
+    proc = subprocess.run([sys.executable, "-m", "selfhost.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    return lines[0]
+
+
+def test_export_refuses_an_existing_file_unless_forced(app, tiny_checkpoint, tmp_path):
+    src, out = tiny_checkpoint("llama"), tmp_path / "m.gguf"
+    out.write_bytes(b"an earlier export")
+    message = _one_line_error(["export", "gguf", src, "-o", out])
+    assert f"{out} already exists; pass --force" in message
+    assert out.read_bytes() == b"an earlier export"
+    result = runner.invoke(app, ["export", "gguf", str(src), "-o", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "llama"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary file left
+
+
+def test_quantize_refuses_a_non_empty_folder_unless_forced(app, tiny_checkpoint, tmp_path):
+    src, out = tiny_checkpoint("llama"), tmp_path / "q8"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    message = _one_line_error(["quantize", src, "--method", "int8", "-o", out])
+    assert "already exists and is not empty" in message and "--force" in message
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    result = runner.invoke(app, ["quantize", str(src), "--method", "int8", "-o", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    assert "quantization_config" in json.loads((out / "config.json").read_text())
+    assert not (out / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q8"]  # the replaced folder is gone
+    message = _one_line_error(["quantize", src, "--method", "int8", "-o", src, "--force"])
+    assert "is the model being quantized" in message

@@ -38,6 +38,7 @@ def quantize(
     report: Annotated[bool, typer.Option("--report", help="Also compare fp32/int8/int4: memory, decode tok/s, "
                                                           "perplexity; table + PNG in the output folder.")] = False,
     text: Annotated[Path | None, typer.Option("--text", help="Text for the report's perplexity.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Write a quantized copy of MODEL (safetensors + quantization_config in config.json)."""
     from selfhost.hub import resolve_model
@@ -49,7 +50,7 @@ def quantize(
                          skip_modules=skip)
     text_value = _read_text(text) if text is not None else None
     model_dir = resolve_model(model)
-    plan = quantize_checkpoint(model_dir, out, config)
+    plan = quantize_checkpoint(model_dir, out, config, overwrite=force)
     groups = "" if not config.uses_groups else (
         f", group size {group_size}" if group_size else ", group size per layer (largest of 128/64/32/16 dividing it)")
     err.print(f"wrote {out} ({method}{groups}; {len(plan)} modules quantized)")
@@ -87,6 +88,7 @@ def export_gguf(
     model: Model,
     out: Annotated[Path, typer.Option("--out", "-o", help="Path of the .gguf file to write.")],
     type_: Annotated[str, typer.Option("--type", help="f16, q8_0 or q4_0.")] = "f16",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
     """Write MODEL as a GGUF file for llama.cpp / Ollama."""
     from selfhost.hub import resolve_model
@@ -96,7 +98,7 @@ def export_gguf(
     except ModuleNotFoundError as e:
         raise SelfhostError(f"GGUF export needs the {e.name!r} package: pip install 'selfhost[gguf]'") from e
 
-    types = export(resolve_model(model), out, type_)
+    types = export(resolve_model(model), out, type_, overwrite=force)
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t.name] = counts.get(t.name, 0) + 1

@@ -51,9 +51,13 @@ def _our_module(tensor_name: str) -> tuple[str, str]:
     return module_path, leaf
 
 
-def check_writable(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InvalidParameterError(f"output folder {out_dir} already exists and is not empty; choose a new folder")
+def check_writable(out_dir: Path, overwrite: bool = False) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidParameterError(f"output path {out_dir} exists and is not a folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise InvalidParameterError(
+            f"output folder {out_dir} already exists and is not empty; choose a new folder or pass --force"
+        )
     parent = out_dir.resolve().parent
     if not parent.is_dir():
         raise InvalidParameterError(f"cannot write {out_dir}: folder {parent} does not exist")
@@ -61,16 +65,21 @@ def check_writable(out_dir: Path) -> None:
         raise InvalidParameterError(f"cannot write {out_dir}: no write permission on folder {parent}")
 
 
-def quantize_checkpoint(model_dir: Path, out_dir: Path, config: QuantConfig) -> dict[str, str]:
-    """Write a quantized copy of `model_dir` to `out_dir`; returns {module name: method} of what was quantized."""
+def quantize_checkpoint(model_dir: Path, out_dir: Path, config: QuantConfig, overwrite: bool = False) -> dict[str, str]:
+    """Write a quantized copy of `model_dir` to `out_dir`; returns {module name: method} of what was quantized.
+
+    An existing non-empty `out_dir` is replaced only with `overwrite`, once the new copy is complete.
+    """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.resolve() == model_dir.resolve():
+        raise InvalidParameterError(f"output folder {out_dir} is the model being quantized; choose a new folder")
     cfg = read_config(model_dir)
     if "quantization_config" in cfg:
         method = cfg["quantization_config"].get("method") or cfg["quantization_config"].get("quant_method")
         raise InvalidParameterError(
             f"{model_dir} is already quantized ({method}); quantize its full-precision checkpoint instead"
         )
-    check_writable(out_dir)
+    check_writable(out_dir, overwrite)
     spec = spec_from_config(cfg)
     with torch.device("meta"):
         model = CausalLM(spec, max_len=1)
@@ -96,9 +105,13 @@ def quantize_checkpoint(model_dir: Path, out_dir: Path, config: QuantConfig) -> 
         _copy_side_files(model_dir, tmp_dir)
         cfg["quantization_config"] = config.to_json()
         (tmp_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above); rename needs the name free
+        replaced = None
+        if out_dir.exists():  # empty, or to be replaced (checked above): rename needs the name free
+            replaced = tmp_dir.with_name(tmp_dir.name + ".replaced")
+            os.rename(out_dir, replaced)
         os.rename(tmp_dir, out_dir)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

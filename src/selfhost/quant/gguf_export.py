@@ -164,11 +164,20 @@ def _encode(tensor: torch.Tensor, weight_type: Q) -> tuple[np.ndarray, Q]:
     return gguf.quants.quantize(data, weight_type), weight_type
 
 
-def export_gguf(model_dir: Path, out_path: Path, gguf_type: str) -> dict[str, Q]:
+def check_output(out_path: Path, overwrite: bool) -> None:
+    """Refuse to clobber an existing file without permission, and never replace a folder."""
+    if out_path.is_dir():
+        raise InvalidParameterError(f"cannot write {out_path}: it is a folder; name the .gguf file to write")
+    if out_path.exists() and not overwrite:
+        raise InvalidParameterError(f"{out_path} already exists; pass --force to replace it")
+
+
+def export_gguf(model_dir: Path, out_path: Path, gguf_type: str, overwrite: bool = False) -> dict[str, Q]:
     """Write `model_dir` as a GGUF file of `gguf_type` (f16, q8_0, q4_0); returns each tensor's type.
 
     The file is written beside `out_path` under a temporary name and renamed
-    into place, so a failed export leaves nothing behind.
+    into place, so a failed export leaves nothing behind. An existing file at
+    `out_path` is replaced only with `overwrite` (and only once the new one is complete).
     """
     from selfhost.models.loader import load_model, read_config
 
@@ -179,6 +188,7 @@ def export_gguf(model_dir: Path, out_path: Path, gguf_type: str) -> dict[str, Q]
         raise InvalidParameterError(
             f"{model_dir} is a selfhost-quantized checkpoint; export its full-precision source instead"
         )
+    check_output(out_path, overwrite)
     parent = out_path.resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise InvalidParameterError(f"cannot write {out_path}: folder {parent} is missing or not writable")
