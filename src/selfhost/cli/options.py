@@ -6,6 +6,7 @@ the same defaults and help text.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import typer
@@ -19,7 +20,8 @@ TopK = Annotated[int | None, typer.Option(help="Keep only the k most likely toke
 MinP = Annotated[float, typer.Option(help="Drop tokens less likely than min-p x the most likely one.")]
 RepetitionPenalty = Annotated[float, typer.Option(help="> 1 discourages repeating prompt and output tokens.")]
 Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
-Stop = Annotated[list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")]
+Stop = Annotated[list[str] | None, typer.Option(help=r"Stop when this text appears (repeatable). \n, \t, \r and \\ "
+                                                   r"are read as escapes: --stop '\n\n' stops at a blank line.")]
 Dtype = Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 AllowPickle = Annotated[
@@ -45,8 +47,17 @@ def sampling_params(
         min_p=min_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
-        stop=tuple(stop or ()),
+        stop=tuple(unescape(s) for s in stop or ()),
     )
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+
+
+def unescape(text: str) -> str:
+    """Read \\n, \\t, \\r and \\\\ the way a user typing them in a shell means them; other backslashes stay."""
+    return _ESCAPE.sub(lambda m: _ESCAPES.get(m[1], m[0]), text)
 
 
 TransformersFallback = Annotated[
