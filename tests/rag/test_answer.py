@@ -1,7 +1,8 @@
 import pytest
 
 from selfhost.errors import InvalidParameterError, SelfhostError
-from selfhost.rag.answer import answer_question, cited_numbers, http_generator
+from selfhost.rag.answer import answer_question, build_messages, cited_numbers, http_generator
+from selfhost.rag.fit import PromptBudget
 
 
 class RecordingGenerator:
@@ -50,3 +51,20 @@ def test_openai_compatible_endpoint(chat_server, retriever):
     assert body["model"] == "remote-model" and body["temperature"] == 0.0
     with pytest.raises(SelfhostError, match="answered 404"):
         answer_question("what is the event horizon", retriever, http_generator(url, "missing"))
+
+
+def test_a_budget_fits_the_sources_and_the_answer_notes_it(retriever):
+    def count_words(messages):
+        return sum(len(m["content"].split()) for m in messages)
+
+    generate = RecordingGenerator("The boundary is the event horizon [1].")
+    question = "what is the boundary of a black hole called"
+    unfitted = answer_question(question, retriever, RecordingGenerator(""), k=3, min_similarity=-1.0)
+    assert len(unfitted.sources) == 3 and unfitted.note is None
+    # A window that holds the prompt with the top source whole but not the other two, plus a 4-word answer.
+    window = count_words(build_messages(question, unfitted.sources[:1])) + 4
+    result = answer_question(question, retriever, generate, k=3, min_similarity=-1.0,
+                             budget=lambda: PromptBudget(window, 4, count_words))
+    assert [s.number for s in result.sources] == [1] and result.sources[0] == unfitted.sources[0]
+    assert generate.calls[0] == build_messages(question, result.sources)
+    assert result.note == f"to fit the model's {window}-token context: 2 of 3 sources dropped"

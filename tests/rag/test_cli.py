@@ -150,3 +150,34 @@ def test_ask_with_the_embedded_demo_model(cli):
     answer, _, sources = result.output.partition("\nSources\n")
     assert answer.strip()  # the demo model writes pseudo-Shakespeare, but it writes
     assert "black_holes.txt chunk 0" in sources
+
+
+NOTES = {
+    f"note{i}.txt": f"Note {i}: the planning meeting for project Alpha is on Tuesday at ten in room {i}. "
+    "Bring the quarterly budget figures, the draft roadmap and the list of open hiring requests."
+    for i in range(1, 5)
+}
+
+
+def test_ask_with_the_demo_model_fits_four_short_notes_into_its_window(tmp_path):
+    """The default path on a fresh install: four short notes overflow the demo model's 256 tokens unfitted."""
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    for name, text in NOTES.items():
+        (docs / name).write_text(text + "\n")
+    runner = CliRunner()
+    store = ["--store", str(tmp_path / "store")]
+    indexed = runner.invoke(app, ["rag", "index", str(docs), "-c", "notes", *store])
+    assert indexed.exit_code == 0, indexed.output
+    result = runner.invoke(app, ["rag", "ask", "when is the project Alpha meeting?", "-c", "notes", "-k", "4",
+                                 "--max-tokens", "12", "--json", *store])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.splitlines()[-1])
+    assert isinstance(payload["answer"], str) and 1 <= len(payload["sources"]) < 4
+    said = " ".join(result.stderr.split())
+    assert said.startswith("note: to fit the model's 256-token context: ")
+    assert f"{4 - len(payload['sources'])} of 4 sources dropped" in said
+    assert payload["note"] == said.removeprefix("note: ")

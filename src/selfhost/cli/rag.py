@@ -33,10 +33,12 @@ def _open_store(store: Optional[Path], vector_url: Optional[str]):
 
 
 def _quiet_transformers() -> None:
-    # Weight-loading bars from transformers would interleave with ours.
+    # Weight-loading bars from transformers would interleave with ours; its warning that a
+    # prompt is over the window fires while `rag ask` measures one to fit it.
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _display_path(path: str) -> str:
@@ -162,24 +164,29 @@ def ask(
     vector_url: Optional[str] = VectorUrlOpt,
 ) -> None:
     """Answer a question from a collection, citing numbered sources."""
-    from selfhost.rag.answer import DEFAULT_MIN_SIMILARITY, answer_question, http_generator, local_generator
+    from selfhost.rag.answer import DEFAULT_MIN_SIMILARITY, LocalGenerator, answer_question, http_generator
     from selfhost.rag.retrieve import Retriever
 
     _quiet_transformers()
     with _open_store(store, vector_url) as vector_store:
         retriever = Retriever(vector_store, collection)  # fails fast on an unknown collection
+        budget = None  # a remote endpoint's window is unknown: its prompt goes as it is
         if url is not None:
             generate = http_generator(url, model, os.environ.get("OPENAI_API_KEY"), max_tokens)
         else:
-            generate = _lazy(lambda: local_generator(model, max_tokens))
+            generate = LocalGenerator(model, max_tokens)  # loads the model only if something is relevant
+            budget = generate.budget
         threshold = DEFAULT_MIN_SIMILARITY if min_score is None else min_score
-        result = answer_question(question, retriever, generate, k=k, min_similarity=threshold, path=path)
+        result = answer_question(question, retriever, generate, k=k, min_similarity=threshold, path=path,
+                                 budget=budget)
+    if result.note is not None:
+        typer.echo(f"note: {result.note}", err=True)
     if as_json:
         sources = [
             {"number": s.number, "path": s.path, "chunk": s.chunk_index, "similarity": s.similarity, "text": s.text}
             for s in result.sources
         ]
-        print(json.dumps({"answer": result.text, "sources": sources, "cited": result.cited}))
+        print(json.dumps({"answer": result.text, "sources": sources, "cited": result.cited, "note": result.note}))
         return
     console.print(result.text, highlight=False, markup=False)
     if result.sources:
@@ -192,18 +199,6 @@ def ask(
                 highlight=False,
                 markup=False,
             )
-
-
-def _lazy(make):
-    """Build the generator only when the answer step needs it (not when nothing is relevant)."""
-    built = []
-
-    def generate(messages):
-        if not built:
-            built.append(make())
-        return built[0](messages)
-
-    return generate
 
 
 @rag_app.command("eval")

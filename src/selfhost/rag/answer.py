@@ -5,7 +5,9 @@ the answer says that the collection has nothing on it. A small model given
 unrelated context tends to answer anyway, which is the failure RAG is for.
 
 Generation is a plain callable from chat messages to text, so a selfhost model,
-any OpenAI-compatible endpoint, or a test double all plug in the same way.
+any OpenAI-compatible endpoint, or a test double all plug in the same way. When
+the model's window is known (a local model), the sources are fitted into it
+first (rag/fit.py), and the answer notes what was dropped or cut.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from selfhost.errors import InvalidParameterError, SelfhostError
+from selfhost.rag.fit import PromptBudget, fit_sources
 from selfhost.rag.retrieve import Hit, Retriever
 
 Generate = Callable[[list[dict]], str]
@@ -47,6 +50,7 @@ class Answer:
     text: str
     sources: list[Source]  # what the model was shown, in [n] order; empty when nothing was relevant
     cited: list[int]  # source numbers the answer actually cites, in first-mention order
+    note: str | None = None  # what was dropped or cut to fit the model's context, if anything
 
     @property
     def is_grounded(self) -> bool:
@@ -102,34 +106,67 @@ def answer_question(
     k: int = 5,
     min_similarity: float = DEFAULT_MIN_SIMILARITY,
     path: str | None = None,
+    budget: Callable[[], PromptBudget] | None = None,
 ) -> Answer:
-    """Retrieve, keep hits at least `min_similarity` to the question, and generate from them."""
+    """Retrieve, keep hits at least `min_similarity` to the question, and generate from them.
+
+    With `budget` (the generating model's window and token counter, asked for only
+    when there is something to generate from), the sources are fitted into the window.
+    """
     if not question.strip():
         raise InvalidParameterError("question is empty")
     hits: list[Hit] = retriever.search(question, k=k, mode="hybrid", path=path)
     sources = relevant_sources(hits, min_similarity)
     if not sources:
         return Answer(text=nothing_relevant(retriever.collection), sources=[], cited=[])
+    note = None
+    if budget is not None:
+        window = budget()
+        fitted = fit_sources(sources, lambda kept: window.count_tokens(build_messages(question, kept)),
+                             window.context_tokens, window.max_tokens)
+        sources, note = fitted.sources, fitted.note()
     text = generate(build_messages(question, sources)).strip()
-    return Answer(text=text, sources=sources, cited=cited_numbers(text, len(sources)))
+    return Answer(text=text, sources=sources, cited=cited_numbers(text, len(sources)), note=note)
 
 
-def local_generator(model: str | None, max_tokens: int = 256) -> Generate:
+class LocalGenerator:
+    """Generate with a selfhost model in this process; the model loads on first use.
+
+    An answer never runs past the window: the engine stops it there, so
+    `budget()` is what lets the prompt leave it room.
+    """
+
+    def __init__(self, model: str | None, max_tokens: int = 256):
+        self.model = model  # None: the embedded demo model
+        self.max_tokens = max_tokens
+        self._llm = None
+
+    @property
+    def llm(self):
+        if self._llm is None:
+            try:
+                from selfhost import LLM
+            except ImportError as err:
+                raise SelfhostError(
+                    "local generation needs selfhost's LLM API, which this install lacks; "
+                    "pass --url http://HOST/v1 to use an OpenAI-compatible server instead"
+                ) from err
+            self._llm = LLM(self.model)
+        return self._llm
+
+    def budget(self) -> PromptBudget:
+        tokenizer = self.llm.tokenizer
+        return PromptBudget(self.llm.max_model_len, self.max_tokens, lambda m: len(tokenizer.encode_chat(m)))
+
+    def __call__(self, messages: list[dict]) -> str:
+        from selfhost import SamplingParams
+
+        return self.llm.chat(messages, SamplingParams(max_tokens=self.max_tokens, temperature=0.0))[0].text
+
+
+def local_generator(model: str | None, max_tokens: int = 256) -> LocalGenerator:
     """Generate with a selfhost model in this process (the default model when `model` is None)."""
-    try:
-        from selfhost import LLM, SamplingParams
-    except ImportError as err:
-        raise SelfhostError(
-            "local generation needs selfhost's LLM API, which this install lacks; "
-            "pass --url http://HOST/v1 to use an OpenAI-compatible server instead"
-        ) from err
-    llm = LLM(model)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-
-    def generate(messages: list[dict]) -> str:
-        return llm.chat(messages, params)[0].text
-
-    return generate
+    return LocalGenerator(model, max_tokens)
 
 
 def http_generator(url: str, model: str | None = None, api_key: str | None = None, max_tokens: int = 256) -> Generate:

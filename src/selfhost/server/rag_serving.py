@@ -3,9 +3,11 @@
 The last user message is the question. It is searched in the collection
 (hybrid dense + BM25, rag/retrieve.py); chunks similar enough to it become
 numbered sources in the grounded prompt of rag/answer.py, and the requested
-chat model generates as for any chat request. The response is a normal chat
-completion plus a top-level `sources` list; a stream carries `sources` in its
-first chunk (the one with the assistant role), before any text. When nothing
+chat model generates as for any chat request. The sources are fitted into the
+model's window with room for the answer (rag/fit.py: the lowest-ranked dropped,
+the next one cut short). The response is a normal chat completion plus a
+top-level `sources` list (and `sources_note` when some were dropped or cut); a
+stream carries them in its first chunk (the one with the assistant role), before any text. When nothing
 relevant is found the model is not called: the answer says so, with no sources.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
@@ -21,7 +24,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfhost.errors import CollectionNotFoundError, SelfhostError
+from selfhost.errors import CollectionNotFoundError, InvalidParameterError, SelfhostError
 from selfhost.server import openai_serving as oai
 from selfhost.server.embedding_serving import EmbeddingModels, LoadedEmbedder
 from selfhost.server.errors import APIError
@@ -31,6 +34,8 @@ from selfhost.server.protocol import (
 )
 from selfhost.server.rag_protocol import RagOptions, SourceInfo
 from selfhost.server.serving import Generation, Serving, sse
+
+log = logging.getLogger(__name__)
 
 
 class Collections:
@@ -107,9 +112,14 @@ class GroundedChat:
     sources: list[SourceInfo]  # empty when nothing relevant was found
     gen: Generation | None  # None when there is nothing to generate from
     refusal: str | None  # the answer when gen is None
+    note: str | None = None  # what was dropped or cut to fit the model's window
 
-    def sources_json(self) -> list[dict]:
-        return [s.model_dump() for s in self.sources]
+    def fields(self) -> dict:
+        """The top-level fields a grounded response adds to a chat completion."""
+        fields = {"sources": [s.model_dump() for s in self.sources]}
+        if self.note is not None:
+            fields["sources_note"] = self.note
+        return fields
 
 
 async def ground(serving: Serving, collections: Collections, req: ChatCompletionRequest) -> GroundedChat:
@@ -126,10 +136,13 @@ async def ground(serving: Serving, collections: Collections, req: ChatCompletion
     hits = await collections.search(options, questions[-1])
     min_score = DEFAULT_MIN_SIMILARITY if options.min_score is None else options.min_score
     sources = relevant_sources(hits, min_score)
+    if not sources:
+        return GroundedChat([], None, nothing_relevant(options.collection))
+    sources, note = await _fit_to_window(served, req, messages, sources)
+    if note is not None:
+        log.info("rag %r: %s", options.collection, note)
     wire = [SourceInfo(number=s.number, path=s.path, chunk_index=s.chunk_index, score=s.score,
                        similarity=s.similarity, text=s.text) for s in sources]
-    if not sources:
-        return GroundedChat(wire, None, nothing_relevant(options.collection))
     try:
         gen = await oai.prepare_chat(serving, served, req, ground_conversation(messages, sources))
     except APIError as err:
@@ -137,7 +150,28 @@ async def ground(serving: Serving, collections: Collections, req: ChatCompletion
             raise
         raise APIError(f"{err.message} with {len(sources)} sources from {options.collection!r} in the prompt; "
                        "ask for fewer with rag.top_k", err.status, param=err.param, code=err.code) from err
-    return GroundedChat(wire, gen, None)
+    return GroundedChat(wire, gen, None, note)
+
+
+async def _fit_to_window(served, req: ChatCompletionRequest, messages: list[dict], sources: list):
+    """The sources that fit the model's window with room for the answer, and a note on what did not."""
+    from selfhost.rag.answer import ground_conversation
+    from selfhost.rag.fit import answer_floor, fit_sources
+
+    tokenizer, window = served.llm.tokenizer, served.llm.max_model_len
+    if not tokenizer.has_chat_template:  # prepare_chat answers the request's error
+        return sources, None
+    # An explicit max_tokens is kept whole (OpenAI semantics); without one the answer gets the rest of
+    # the window, of which the sources leave it at least a quarter.
+    answer_tokens = req.requested_max_tokens or answer_floor(window, window)
+    try:
+        fitted = await asyncio.to_thread(
+            fit_sources, sources, lambda kept: len(tokenizer.encode_chat(ground_conversation(messages, kept))),
+            window, answer_tokens, answer_tokens,
+        )
+    except InvalidParameterError as err:
+        raise APIError(str(err), param="messages", code="context_length_exceeded") from err
+    return fitted.sources, fitted.note()
 
 
 async def chat_completion(serving: Serving, req: ChatCompletionRequest, grounded: GroundedChat) -> dict:
@@ -148,7 +182,7 @@ async def chat_completion(serving: Serving, req: ChatCompletionRequest, grounded
                                           usage=UsageInfo())
     else:
         response = await oai.chat_completion(serving, req, grounded.gen)
-    return {**response.model_dump(mode="json"), "sources": grounded.sources_json()}
+    return {**response.model_dump(mode="json"), **grounded.fields()}
 
 
 async def chat_completion_stream(
@@ -160,15 +194,15 @@ async def chat_completion_stream(
     async with aclosing(events) as items:
         async for event in items:
             if is_first:
-                event = _with_field(event, "sources", grounded.sources_json())
+                event = _with_fields(event, grounded.fields())
                 is_first = False
             yield event
 
 
-def _with_field(event: str, key: str, value) -> str:
-    """One more top-level field in a `data: {...}` server-sent event."""
+def _with_fields(event: str, fields: dict) -> str:
+    """More top-level fields in a `data: {...}` server-sent event."""
     body = json.loads(event.removeprefix("data: "))
-    body[key] = value
+    body.update(fields)
     return sse(json.dumps(body))
 
 
