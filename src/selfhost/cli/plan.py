@@ -27,8 +27,8 @@ console = make_console()
 CUSTOM_DEFAULT_TFLOPS = 10.0
 
 DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="Catalog device id, 'custom' or 'local'.")]
-QuantOpt = Annotated[str | None, typer.Option(
-    "--quant", "-q", help="fp32, fp16 (bf16), int8 or int4; fit's default: what selfhost runs at (fp32 on a CPU, fp16 on a GPU).")]
+QuantOpt = Annotated[str | None, typer.Option("--quant", "-q", help=(
+    "fp32, fp16 (bf16), int8 or int4; fit's default: what selfhost runs at (fp32 on a CPU, fp16 on a GPU)."))]
 ContextOpt = Annotated[int | None, typer.Option(help="Tokens per sequence (prompt + output); default min(4096, model max).")]
 ConcurrencyOpt = Annotated[int, typer.Option(help="Sequences served at once.")]
 MemOpt = Annotated[str | None, typer.Option("--mem", help="custom device memory, e.g. 16GB.")]
@@ -138,8 +138,9 @@ def _print_fit(report: FitReport) -> None:
 
 
 def fit(
-    model: Annotated[str | None, typer.Argument(
-        help="Catalog alias, Hub id (catalog, or config.json in the HF cache) or checkpoint folder; omit to rank every model.")] = None,
+    model: Annotated[str | None, typer.Argument(help=(
+        "Catalog alias, Hub id (catalog, or config.json in the HF cache) or checkpoint folder; "
+        "omit to rank every model."))] = None,
     device: DeviceOpt = "rtx4090",
     quant: QuantOpt = None,
     context: ContextOpt = None,
