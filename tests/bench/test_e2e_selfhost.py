@@ -213,3 +213,23 @@ def test_cost_takes_the_measured_throughput(bench_run):
     )
     assert done.returncode == 0, done.stderr
     assert f"measured ({bench_run.out / 'result.json'}); decode {measured:,.1f}" in done.stdout
+
+
+def test_default_lengths_fit_the_demo_models_context(live_server, tmp_path):
+    # The defaults (256 prompt + 128 reply tokens) overflow the demo model's 256-token window;
+    # the bench reads the window from /v1/models and shrinks them, so every request succeeds.
+    context = next(m["max_model_len"] for m in httpx.get(live_server + "/v1/models").json()["data"]
+                   if m["id"] == EMBEDDED_MODEL_NAME)
+    assert context == 256
+    app = typer.Typer()
+    register(app)
+    invoked = CliRunner().invoke(app, ["bench", "--url", live_server + "/v1", "--model", EMBEDDED_MODEL_NAME,
+                                       "--requests", "4", "--concurrency", "1,2", "--no-track",
+                                       "--out", str(tmp_path / "out")])
+    assert invoked.exit_code == 0, invoked.output + repr(invoked.exception)
+    assert f"lengths fitted to the {context}-token context" in invoked.output
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert [level["num_ok"] for level in result["levels"]] == [4, 4]
+    workload = result["workload"]
+    fitted = parse_length_dist(workload["prompt_tokens"]).upper + parse_length_dist(workload["output_tokens"]).upper
+    assert fitted <= context // 2

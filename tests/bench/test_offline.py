@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from selfhost.bench.dist import parse_length_dist
 from selfhost.bench.tokens import TokenizerLoadError, load_token_counter
 from selfhost.bench.workload import synthetic_workload
-from selfhost.cli.bench import register
+from selfhost.cli.bench import BenchFailedError, register
 from selfhost.hub import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME
 from selfhost.tokenizer import Tokenizer
 
@@ -68,8 +68,15 @@ def test_offline_replays_request_rates(cli, tmp_path):
 
 def test_requests_the_engine_refuses_are_counted_not_fatal(cli, tmp_path):
     # The demo model's context is 256 tokens: a server would answer 400, the engine raises.
-    data, records = run_offline(cli, tmp_path / "o", "--concurrency", "2", "--requests", "3",
-                                "--prompt-tokens", "fixed:300", "--output-tokens", "fixed:2")
+    out = tmp_path / "o"
+    result = CliRunner().invoke(cli, ["bench", "--offline", EMBEDDED_MODEL_NAME, "--out", str(out), "--no-track",
+                                      "--concurrency", "2", "--requests", "3", "--prompt-tokens", "fixed:300",
+                                      "--output-tokens", "fixed:2"])
+    # Every request failed: the run still writes its files and says why, then exits non-zero.
+    assert isinstance(result.exception, BenchFailedError), result.output + repr(result.exception)
+    assert "c2: 3 of 3 requests failed:" in result.output and "warning: prompts (fixed:300)" in result.output
+    data = json.loads((out / "result.json").read_text())
+    records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
     level = data["levels"][0]
     assert level["num_ok"] == 0 and level["errors"]["engine"] == 3
     assert all("context" in record["error_detail"] for record in records)

@@ -147,8 +147,7 @@ class EndpointClient:
                 ) as response:
                     status = response.status_code
                     if status >= 400:
-                        body = (await response.aread()).decode("utf-8", "replace")
-                        error = ("http", f"HTTP {status}: {body[:200]}")
+                        error = ("http", f"HTTP {status}: {_error_message(await response.aread())}")
                     else:
                         usage = await self._read_stream(response, chunk_times, texts)
         except (TimeoutError, httpx.TimeoutException):
@@ -223,6 +222,29 @@ class EndpointClient:
             output_tokens=output_tokens,
             tokens_source=source,
         )
+
+
+def _error_message(body: bytes) -> str:
+    """The message of an error response: OpenAI's {"error": {"message"}}, Ollama's {"error": "..."}, else the
+    body's start. Reports count failures by this text, so it must not carry the whole JSON envelope."""
+    text = body.decode("utf-8", "replace")
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return text[:200]
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"][:300]
+    return error[:300] if isinstance(error, str) else text[:200]
+
+
+def served_context(models: list[dict], model: str) -> int | None:
+    """Context window of `model` as /v1/models reports it (`max_model_len`, as vLLM and selfhost
+    name it), or None when the server does not say."""
+    for entry in models:
+        value = entry.get("max_model_len")
+        if entry.get("id") == model and isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def detect_backend(models: list[dict]) -> str | None:

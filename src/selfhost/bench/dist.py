@@ -50,6 +50,13 @@ class LengthDist:
         mean, std = self.low, self.high
         return int(min(max(1, round(rng.gauss(mean, std))), round(mean + 4 * std)))
 
+    @property
+    def upper(self) -> int:
+        """The longest length `sample` can return."""
+        if self.kind == "normal":
+            return int(round(self.low + 4 * self.high))
+        return int(self.high)
+
     def __str__(self) -> str:
         if self.kind == "fixed":
             return f"fixed:{int(self.low)}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,6 +62,20 @@ def _caption(result: BenchResult) -> str:
     if sources - {"usage", "engine"}:  # the engine counts its own token ids: exact, like usage
         parts.append(f"token counts from: {', '.join(sorted(sources))} (server sent no usage)")
     return escape("; ".join(parts))
+
+
+def failure_lines(runs: Sequence[LevelRun], most: int = 3) -> list[str]:
+    """Why requests failed, level by level: the `most` common messages with their counts."""
+    lines = []
+    for run in runs:
+        reasons = Counter(r.error_detail or r.error for r in run.records if not r.ok)
+        if not reasons:
+            continue
+        lines.append(f"{run.level.label}: {sum(reasons.values())} of {len(run.records)} requests failed:")
+        lines += [f"  {count} x {reason}" for reason, count in reasons.most_common(most)]
+        if len(reasons) > most:
+            lines.append(f"  and {len(reasons) - most} more (every request's reason is in {RECORDS_FILE})")
+    return lines
 
 
 def write_records(runs: Sequence[LevelRun], path: Path) -> Path:

@@ -6,8 +6,8 @@ MLflow server instead. mlflow is imported only when tracking is used, because
 it costs about a second and `selfhost --help` should not pay it.
 
 A run is opened before the load starts, so an unreachable tracking server fails
-the command before any time is spent, and closed as FINISHED, or KILLED when
-the benchmark was interrupted.
+the command before any time is spent, and closed as FINISHED, KILLED when the
+benchmark was interrupted, or FAILED when not one request succeeded.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ class TrackedRun:
             metrics.update(level_metrics(result.best))
         for level in result.levels:
             metrics.update(level_metrics(level, prefix=f"{level.label}."))
-        self.close(metrics, files.values(), tags={"interrupted": str(result.interrupted).lower()},
-                   status="KILLED" if result.interrupted else "FINISHED")
+        status = "KILLED" if result.interrupted else "FINISHED" if result.best is not None else "FAILED"
+        self.close(metrics, files.values(), tags={"interrupted": str(result.interrupted).lower()}, status=status)
 
     def close(
         self, metrics: Mapping[str, float], files: Iterable[Path] = (), tags: Mapping[str, str] | None = None,

@@ -15,15 +15,21 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from selfhost.bench.defaults import DEFAULT_OUTPUT_TOKENS, DEFAULT_PROMPT_TOKENS, choose_lengths
 from selfhost.bench.dist import SYNTAX_HELP, parse_length_dist
 from selfhost.bench.runner import Level, LevelRun, plan_levels
 from selfhost.bench.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
-from selfhost.errors import InvalidParameterError
+from selfhost.cli.console import make_console
+from selfhost.errors import InvalidParameterError, SelfhostError
 
 runs_app = typer.Typer(help="Read bench runs back from MLflow.", no_args_is_help=True)
 
 TrackingUri = Annotated[str, typer.Option("--tracking-uri", help="MLflow store: sqlite:///file.db or http://host:5000.")]
 Experiment = Annotated[str, typer.Option("--experiment", help="MLflow experiment holding bench runs.")]
+
+
+class BenchFailedError(SelfhostError):
+    """A run in which no request succeeded: nothing was measured."""
 
 
 def _numbers(text: str | None, kind: type, flag: str) -> list | None:
@@ -49,8 +55,8 @@ def bench(
     api: Annotated[str, typer.Option(help="chat (/v1/chat/completions) or completions (/v1/completions).")] = "chat",
     concurrency: Annotated[str | None, typer.Option(help="Requests in flight per level, e.g. 1,4,16,64 [default: 1,4,16,64]; with --request-rate, one value: the in-flight cap.")] = None,
     requests: Annotated[int, typer.Option(help="Requests sent at every level.")] = 64,
-    prompt_tokens: Annotated[str, typer.Option(help=f"Prompt length DIST: {SYNTAX_HELP}.")] = "fixed:256",
-    output_tokens: Annotated[str, typer.Option(help="Reply length DIST (sent as max_tokens).")] = "fixed:128",
+    prompt_tokens: Annotated[str | None, typer.Option(help=f"Prompt length DIST: {SYNTAX_HELP} [default: fixed:{DEFAULT_PROMPT_TOKENS}, shrunk to fit a smaller served context].")] = None,
+    output_tokens: Annotated[str | None, typer.Option(help=f"Reply length DIST (sent as max_tokens) [default: fixed:{DEFAULT_OUTPUT_TOKENS}, shrunk like the prompt].")] = None,
     dataset: Annotated[Path | None, typer.Option(help="JSONL/JSON prompts (prompt, messages or ShareGPT conversations) instead of synthetic ones.")] = None,
     request_rate: Annotated[str | None, typer.Option(help="Poisson arrival rate(s) in requests/s, e.g. 2 or 1,2,4: one open-loop level per rate.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for prompts, lengths and arrivals; same seed, same requests.")] = 0,
@@ -84,12 +90,14 @@ def bench(
     model_name = model or offline
     assert model_name is not None
     levels = plan_levels(_numbers(concurrency, int, "--concurrency"), _numbers(request_rate, float, "--request-rate"))
+    for dist in (prompt_tokens, output_tokens):  # malformed lengths fail before a model loads
+        if dist is not None:
+            parse_length_dist(dist)
     counter = None
     if tokenizer is not None:
         from selfhost.bench.tokens import load_token_counter
 
         counter = load_token_counter(tokenizer)
-    workload = _workload(dataset, requests, prompt_tokens, output_tokens, seed, counter, len(levels))
 
     config = client = None
     if offline is not None:
@@ -97,12 +105,20 @@ def bench(
 
         # Before tracking: a bad model leaves no dangling MLflow run.
         client = EngineClient(load_engine(offline), api, temperature, ignore_eos, timeout)
+        context_tokens = client.engine.llm.max_model_len
         info = RunInfo("offline", model_name, api=api, backend=backend or "selfhost-offline",
                        quantization=quantization, device=device)
     else:
         config = EndpointConfig(url, model_name, api, api_key, timeout, temperature, ignore_eos)
-        detected = asyncio.run(_detect_backend(config))  # also fails fast on a dead endpoint
+        detected, context_tokens = asyncio.run(_probe_endpoint(config))  # also fails fast on a dead endpoint
         info = RunInfo("http", model_name, url, api, backend or detected, quantization, device)
+    lengths = choose_lengths(prompt_tokens, output_tokens, context_tokens, model_name, dataset is not None)
+    try:
+        workload = _workload(dataset, requests, lengths.prompt, lengths.output, seed, counter, len(levels))
+    except BaseException:
+        if client is not None:
+            client.engine.shutdown()
+        raise
 
     started = datetime.now(timezone.utc)
     name = run_name or f"{_slug(model_name)}-{started.astimezone():%Y%m%d-%H%M%S}"
@@ -116,8 +132,9 @@ def bench(
 
     runs: list[LevelRun] = []  # filled as requests finish, so Ctrl-C keeps them
     try:
-        interrupted = _measure(config, client, counter, workload, levels, runs, seed, warmup, info)
-        _finish(info, workload, warmup, runs, started, interrupted, tracked, out or Path("bench-results") / name)
+        interrupted = _measure(config, client, counter, workload, levels, runs, seed, warmup, info, lengths.note)
+        result = _finish(info, workload, warmup, runs, started, interrupted, tracked,
+                         out or Path("bench-results") / name)
     except Exception:
         if tracked is not None:
             tracked.fail()
@@ -127,15 +144,20 @@ def bench(
             client.engine.shutdown()
     if interrupted:
         raise typer.Exit(130)
+    if result.best is None:  # the MLflow run is closed FAILED too
+        sent = sum(level.num_requests for level in result.levels)
+        raise BenchFailedError(f"all {sent} requests failed, so nothing was measured (reasons above)")
 
 
-def _measure(config, client, counter, workload, levels, runs: list[LevelRun], seed, warmup, info) -> bool:
+def _measure(config, client, counter, workload, levels, runs: list[LevelRun], seed, warmup, info, note) -> bool:
     """Apply the load level by level (over HTTP, or to the in-process `client`); True if Ctrl-C cut it short."""
     from selfhost.bench.workload import warmup_request
 
     warm = warmup_request(workload.requests[0])
 
-    console = Console()
+    console = make_console()
+    if note:
+        console.print(escape(note), style="yellow" if note.startswith("warning") else None)
     console.print(escape(f"bench {info.model} @ {info.url or 'in-process engine'}: {workload.describe()}, "
                          f"levels {', '.join(level.label for level in levels)}"))
     try:
@@ -161,9 +183,9 @@ def _workload(dataset, num_requests, prompt_tokens, output_tokens, seed, counter
     return synthetic_workload(num_requests, prompt_dist, output_dist, seed, counter, num_levels)
 
 
-def _finish(info, workload, warmup, runs, started, interrupted, tracked, out_dir: Path) -> None:
-    """Statistics, files, table, and the MLflow run closed: also after Ctrl-C."""
-    from selfhost.bench.report import result_table, write_outputs
+def _finish(info, workload, warmup, runs, started, interrupted, tracked, out_dir: Path):
+    """Statistics, files, table, why requests failed, and the MLflow run closed: also after Ctrl-C."""
+    from selfhost.bench.report import failure_lines, result_table, write_outputs
     from selfhost.bench.result import BenchResult
     from selfhost.bench.stats import level_stats
 
@@ -177,20 +199,24 @@ def _finish(info, workload, warmup, runs, started, interrupted, tracked, out_dir
         tracking=tracked.describe() if tracked else None,
     )
     files = write_outputs(result, runs, out_dir)
-    console = Console()
+    console = make_console()
     console.print(result_table(result))
+    for line in failure_lines(runs):
+        console.print(escape(line), style="red", highlight=False)
     if tracked is not None:
         tracked.finish(result, files)
     where = f"; MLflow run {tracked.run_id} in {tracked.client.tracking_uri}" if tracked else ""
     console.print(escape(f"results in {out_dir}/{where}"))
+    return result
 
 
-async def _detect_backend(config) -> str | None:
-    """Backend named by /v1/models; raises EndpointError if the server is down."""
-    from selfhost.bench.client import EndpointClient, detect_backend
+async def _probe_endpoint(config) -> tuple[str | None, int | None]:
+    """(backend, context window of the model) from /v1/models; raises EndpointError if the server is down."""
+    from selfhost.bench.client import EndpointClient, detect_backend, served_context
 
     async with EndpointClient(config) as client:
-        return detect_backend(await client.list_models())
+        models = await client.list_models()
+    return detect_backend(models), served_context(models, config.model)
 
 
 async def _run(client, per_level, levels: list[Level], runs: list[LevelRun], seed, warm, warmup, on_level, on_record) -> None:
@@ -244,7 +270,7 @@ def runs_list(
     """Recent bench runs, newest first."""
     from selfhost.bench.runs import recent_runs, runs_table
 
-    console = Console()
+    console = make_console()
     found = recent_runs(tracking_uri, experiment, limit)
     if not found:
         console.print(f"no bench runs in experiment {experiment!r} at {tracking_uri}")
@@ -261,7 +287,7 @@ def runs_compare(
     """Bench runs side by side: params, headline metrics, and every level."""
     from selfhost.bench.runs import compare_table, find_runs
 
-    Console().print(compare_table(find_runs(tracking_uri, experiment, run_ids)))
+    make_console().print(compare_table(find_runs(tracking_uri, experiment, run_ids)))
 
 
 def register(app: typer.Typer) -> None:

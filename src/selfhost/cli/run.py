@@ -6,7 +6,7 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from selfhost.cli.console import make_console
 
 from selfhost.cli import options as o
 from selfhost.errors import InvalidParameterError
@@ -66,7 +66,7 @@ def chat(
     """Chat with a model in the terminal. Empty line or Ctrl-D quits; /reset clears the history."""
     params = o.sampling_params(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
     llm = o.load_llm(model, dtype, device, allow_pickle, transformers_fallback)
-    console = Console()
+    console = make_console()
     history = [{"role": "system", "content": system}] if system else []
     while True:
         try:

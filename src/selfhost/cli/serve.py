@@ -7,13 +7,24 @@ once. A flag given on the command line wins over the environment.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import inspect
 import logging
+import socket
+import sys
 from typing import Annotated, Any, get_args, get_origin
 
 import typer
 
+from selfhost.cli.console import make_console
+from selfhost.errors import InvalidParameterError, SelfhostError
+
 SKIP_FLAGS = {"models"}  # the positional MODEL arguments
+
+
+class ServerStartError(SelfhostError):
+    """The server cannot start: its port is taken, or a preloaded model does not fit."""
 
 
 def _option(name: str, field) -> inspect.Parameter:
@@ -38,6 +49,8 @@ def _option(name: str, field) -> inspect.Parameter:
 
 
 def _build_command():
+    from pydantic import ValidationError
+
     from selfhost.server.settings import ServerSettings
 
     params = [inspect.Parameter(
@@ -50,7 +63,10 @@ def _build_command():
 
     def serve(**given: Any) -> None:
         """Serve models over HTTP: OpenAI API under /v1, Ollama API under /api, a chat page at /."""
-        settings = ServerSettings(**{k: v for k, v in given.items() if v not in (None, [])})
+        try:
+            settings = ServerSettings(**{k: v for k, v in given.items() if v not in (None, [])})
+        except ValidationError as err:
+            raise InvalidParameterError(_describe(err)) from None
         run_server(settings)
 
     serve.__signature__ = inspect.Signature(params)
@@ -58,25 +74,81 @@ def _build_command():
     return serve
 
 
+def _describe(err) -> str:
+    """A pydantic ValidationError of ServerSettings as one line naming the flag and the value."""
+    first = err.errors()[0]
+    name = str(first["loc"][0]) if first.get("loc") else "settings"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"--{name.replace('_', '-')} (or SELFHOST_{name.upper()}) {first.get('input')!r}: {message}"
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before any model loads, so a busy port fails in a second, not after a load."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts need no wait
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise ServerStartError(f"port {port} on {host} is already in use (another server?); stop it or "
+                                   "choose another with --port") from None
+        raise ServerStartError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
 def run_server(settings) -> None:
-    import uvicorn
+    """Bind the port, load the models, then serve; each failure is one line and exit 1."""
+    sock = listen_socket(settings.host, settings.port)
+    try:
+        import uvicorn
 
-    from selfhost.server.app import create_app
+        from selfhost.server.app import create_app
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    app.state.on_ready = _print_banner
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                log_level=settings.log_level.lower())
+        _configure_logging(settings.log_level)
+        app = create_app(settings)
+        port = sock.getsockname()[1]  # the real one when --port 0
+        app.state.on_ready = lambda app: _print_banner(app, port)
+        config = uvicorn.Config(app, log_config=None, access_log=False, log_level=settings.log_level.lower())
+        asyncio.run(_load_then_serve(app, uvicorn.Server(config), sock))
+    except KeyboardInterrupt:  # Ctrl-C while a model loads; once serving, uvicorn handles it
+        raise typer.Exit(130) from None
+    finally:
+        sock.close()
 
 
-def _print_banner(app) -> None:
-    from rich.console import Console
+async def _load_then_serve(app, server, sock: socket.socket) -> None:
+    """Preload outside uvicorn's lifespan, so a model that cannot load surfaces as the CLI's own error."""
+    from selfhost.server.errors import APIError
 
+    models = app.state.models
+    try:
+        await models.preload()
+    except BaseException as err:
+        await models.shutdown()  # the models that did load, before the one that failed
+        if isinstance(err, APIError):  # over --memory-budget: a 507 for a client, a user error here
+            raise ServerStartError(err.message) from None
+        raise
+    await server.serve(sockets=[sock])
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("selfhost").setLevel(level.upper())
+    # The access log is data: each record one JSON line as written, never wrapped or decorated by rich, and
+    # alone on stdout (banner and logs go to stderr), so `selfhost serve > access.jsonl` keeps exactly it.
+    access = logging.getLogger("selfhost.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.handlers = [handler]
+    access.propagate = False
+
+
+def _print_banner(app, port: int) -> None:
     s = app.state.settings
-    console = Console(stderr=True, highlight=False)
+    console = make_console(stderr=True, highlight=False)
     host = "localhost" if s.host in ("127.0.0.1", "0.0.0.0") else s.host
-    console.print(f"[bold]selfhost serve[/] on [link]http://{host}:{s.port}[/]  (chat page at /, OpenAI API at "
+    console.print(f"[bold]selfhost serve[/] on [link]http://{host}:{port}[/]  (chat page at /, OpenAI API at "
                   f"/v1, Ollama API at /api, metrics at /metrics)")
     for name, served in app.state.models.models.items():
         engine = served.llm.engine

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from selfhost.cli.console import make_console
 from rich.table import Table
 
 from selfhost.errors import InvalidParameterError
@@ -115,9 +115,9 @@ def list_models() -> None:
     for repo_id, path, size_bytes in _cached_hub_models():
         table.add_row(repo_id, str(path), _human_bytes(size_bytes), "", "")
     if not table.row_count:
-        Console().print("no models found: the embedded demo model is missing and the Hugging Face cache is empty")
+        make_console().print("no models found: the embedded demo model is missing and the Hugging Face cache is empty")
         return
-    Console().print(table)
+    make_console().print(table)
 
 
 def _trained_figures(model_dir: Path) -> tuple[str, str]:

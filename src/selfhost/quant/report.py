@@ -54,7 +54,7 @@ def measure(model: str, text: str | None, variants: dict[str, QuantConfig | None
 
 
 def print_table(results: list[VariantResult]) -> None:
-    from rich.console import Console
+    from selfhost.cli.console import make_console
     from rich.table import Table
 
     base = results[0]
@@ -66,7 +66,7 @@ def print_table(results: list[VariantResult]) -> None:
         dppl = f"{100 * (r.perplexity / base.perplexity - 1):+.2f}%" if r.perplexity and base.perplexity else "-"
         table.add_row(r.name, f"{r.weight_bytes / 1e6:.1f}", f"{r.weight_bytes / base.weight_bytes:.3f}",
                       f"{r.decode_tok_s:.1f}", f"{r.decode_tok_s / base.decode_tok_s:.2f}", ppl, dppl)
-    Console().print(table)
+    make_console().print(table)
 
 
 def plot(results: list[VariantResult], path: Path) -> Path:

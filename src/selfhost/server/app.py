@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -50,6 +51,8 @@ def require_api_key(request: Request) -> None:
 class AccessLog:
     """Pure ASGI middleware: one JSON log line and one request count per HTTP request.
 
+    Each record's message is the whole JSON object (with an ISO-8601 UTC `time`), so
+    any handler that writes the bare message writes one parseable line per request.
     Pure ASGI (not BaseHTTPMiddleware) so streamed bodies pass through untouched.
     """
 
@@ -74,6 +77,7 @@ class AccessLog:
             label = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(scope["method"], label, str(status[0])).inc()
             access_log.info(json.dumps({
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                 "method": scope["method"], "path": scope["path"], "status": status[0],
                 "duration_ms": round((time.perf_counter() - start) * 1e3, 1),
                 "client": (scope.get("client") or ["?"])[0],

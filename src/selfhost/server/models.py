@@ -51,6 +51,8 @@ class ServedModel:
     weight_bytes: int
     kv_cache_bytes: int
     keep_alive_s: float
+    num_params: int  # as the architecture defines them; packed int4 storage holds two per element
+    quantization: str | None  # `selfhost quantize` method from the folder's config.json; None: full precision
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0
@@ -85,6 +87,7 @@ class ModelRegistry:
         self.models: dict[str, ServedModel] = {}
         self._load_lock = asyncio.Lock()
         self._reaper: asyncio.Task | None = None
+        self._preloaded = False
 
     # -- lookup ---------------------------------------------------------------
 
@@ -115,9 +118,13 @@ class ModelRegistry:
     # -- loading ----------------------------------------------------------------
 
     async def preload(self) -> None:
+        """Load the start-up models; a no-op once done (the CLI preloads before the app's lifespan runs)."""
+        if self._preloaded:
+            return
         for arg in self.settings.models or [None]:
             name, ref = split_model_arg(arg)
             await self._load(name, ref, pinned=True)
+        self._preloaded = True
 
     async def _load(self, name: str, ref: str | None, pinned: bool) -> None:
         from selfhost.hub import resolve_model
@@ -150,7 +157,8 @@ class ModelRegistry:
         weight_bytes += sum(t.numel() * t.element_size() for t in llm.model.buffers())
         per_block = PagedKVCache.bytes_per_block(llm.model.spec, llm.engine_config.block_size, llm.dtype)
         kv_bytes = llm.engine.block_manager.num_blocks * per_block
-        return ServedModel(name, ref, llm, AsyncEngine(llm), pinned, weight_bytes, kv_bytes, s.keep_alive_s)
+        return ServedModel(name, ref, llm, AsyncEngine(llm), pinned, weight_bytes, kv_bytes, s.keep_alive_s,
+                           count_parameters(llm.model), _quantization(Path(model_dir)))
 
     def _estimate_weight_bytes(self, model_dir: Path) -> int:
         """Weights on disk, scaled to the dtype they will be loaded in (a lower bound before loading)."""
@@ -217,6 +225,30 @@ class ModelRegistry:
             self._reaper.cancel()
         for name in list(self.models):
             await asyncio.to_thread(self.unload, name)
+
+
+def count_parameters(model) -> int:
+    """Parameters of `model` as its spec defines them, not as stored: a quantized layer's packed
+    tensors hold fewer elements (two int4 values per byte) plus scales and zero points."""
+    import torch
+
+    from selfhost.models.decoder import CausalLM
+    from selfhost.models.spec import ModelSpec
+
+    if not isinstance(model.spec, ModelSpec):  # the transformers fallback: its own modules, never quantized
+        return sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):  # shapes only, no memory
+        reference = CausalLM(model.spec, max_len=1)
+    reference.tie_weights()
+    return sum(p.numel() for p in reference.parameters())  # a tied table counts once
+
+
+def _quantization(model_dir: Path) -> str | None:
+    from selfhost.models.loader import read_config
+    from selfhost.quant.config import QuantConfig
+
+    quantization = read_config(model_dir).get("quantization_config")
+    return QuantConfig.from_json(quantization).method if quantization is not None else None
 
 
 def _gib(num_bytes: int) -> str:

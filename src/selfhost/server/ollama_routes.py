@@ -120,11 +120,13 @@ async def generate(req: OllamaGenerateRequest, request: Request):
 
 def _details(served) -> dict:
     spec = served.llm.model.spec
-    params = served.weight_bytes / served.llm.dtype.itemsize
+    params = served.num_params
+    # A quantized folder names its method (INT4, INT8); otherwise the dtype the weights run in (FLOAT32, BFLOAT16).
+    level = served.quantization or str(served.llm.dtype).removeprefix("torch.")
     return {
         "parent_model": "", "format": "safetensors", "family": spec.architecture, "families": [spec.architecture],
         "parameter_size": f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.1f}M",
-        "quantization_level": str(served.llm.dtype).removeprefix("torch.").upper(),
+        "quantization_level": level.upper(),
     }
 
 
@@ -170,7 +172,7 @@ async def show(req: OllamaShowRequest, request: Request) -> dict:
         "parameters": "", "template": tokenizer.hf.chat_template or "",
         "details": _details(served),
         "model_info": {
-            "general.architecture": spec.architecture, "general.parameter_count": int(served.weight_bytes / served.llm.dtype.itemsize),
+            "general.architecture": spec.architecture, "general.parameter_count": served.num_params,
             f"{spec.architecture}.context_length": served.llm.max_model_len,
             f"{spec.architecture}.embedding_length": spec.hidden_size,
             f"{spec.architecture}.block_count": spec.num_layers,
