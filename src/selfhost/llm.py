@@ -12,9 +12,7 @@ from selfhost.engine.llm_engine import LLMEngine, free_memory_bytes
 from selfhost.errors import InvalidParameterError
 from selfhost.hub import resolve_model
 from selfhost.models.loader import load_model
-from selfhost.models.weight_arena import place_weights_in_arena
 from selfhost.outputs import RequestOutput
-from selfhost.quant.apply import quantize_model
 from selfhost.quant.config import QuantConfig
 from selfhost.sampling_params import SamplingParams
 from selfhost.tokenizer import Tokenizer
@@ -55,17 +53,10 @@ class LLM:
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = Tokenizer(self.model_dir)
         quant_config = QuantConfig(method=quantization) if quantization is not None else None  # fail before the load
+        # On the fly: loaded, then quantized; `selfhost quantize` writes the same modules to disk.
         self.model = load_model(
-            self.model_dir, self.dtype, self.device, max_model_len, allow_pickle, transformers_fallback
+            self.model_dir, self.dtype, self.device, max_model_len, allow_pickle, transformers_fallback, quant_config
         )
-        if quant_config is not None and getattr(self.model, "owns_kv_cache", False):
-            raise InvalidParameterError("quantization needs a natively supported architecture, not the transformers fallback")
-        if quant_config is not None:  # on the fly; `selfhost quantize` writes the same modules to disk
-            quantize_model(self.model, quant_config)
-            if self.device.type == "cpu":
-                # The fp32 weights' arena stays alive while any parameter still views it
-                # (norms): move what remains into a small new one and let it go.
-                place_weights_in_arena(self.model, keep_values=True)
         self.max_model_len = self.model.max_len
         if kv_cache_memory is None:
             # Enough for every sequence at full context, but never more than 30% of free memory.

@@ -1,8 +1,16 @@
-"""Build a CausalLM from a checkpoint folder (config.json + safetensors).
+"""Build a CausalLM from a checkpoint folder (config.json + safetensors): the one weight loader.
 
-The model is created on the meta device and every parameter is materialised
-straight from the checkpoint, so a model is never initialised twice. Separate
-q/k/v and gate/up tensors are copied into their slice of the fused weight.
+The model is created on the meta device in its final dtype and every tensor is
+materialised straight from the checkpoint, so a model is never initialised
+twice. Separate q/k/v and gate/up tensors are copied into their rows of the
+fused weight. The same loop loads a checkpoint written by `selfhost quantize`
+(config.json names its `quantization_config`): quant/ swaps empty quantized
+modules into the meta model first, and the loop fills their tensors, which
+keep the source checkpoint's names. On-the-fly quantization loads the full
+precision weights here, then hands the model to quant/ to shrink.
+
+Load, then shrink: quant/ imports models/, never the reverse at import time;
+this module reaches for quant/ only when a checkpoint or caller asks for it.
 """
 
 from __future__ import annotations
@@ -10,17 +18,23 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
 from rich.progress import Progress
+from torch import nn
 
-from selfhost.errors import UnsupportedModelError
+from selfhost.errors import InvalidParameterError, UnsupportedModelError
+from selfhost.layers.rotary import RotaryEmbedding
 from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS, spec_from_config
 from selfhost.models.spec import ModelSpec
 from selfhost.models.transformers_fallback import TransformersModel, load_transformers_model
 from selfhost.models.weight_arena import place_weights_in_arena
+
+if TYPE_CHECKING:
+    from selfhost.quant.config import QuantConfig
 
 
 def read_config(model_dir: Path) -> dict:
@@ -72,72 +86,101 @@ def load_model(
     max_len: int | None = None,
     allow_pickle: bool = False,
     transformers_fallback: bool = False,
+    quantization: QuantConfig | None = None,
 ) -> CausalLM | TransformersModel:
-    """The native model for a supported family; else, when allowed, transformers' own (slower)."""
-    cfg = read_config(model_dir)
-    if "quantization_config" in cfg:  # written by `selfhost quantize`: quantized modules, own tensor names
-        from selfhost.quant.apply import load_quantized_model
+    """The native model for a supported family; else, when allowed, transformers' own (slower).
 
-        return load_quantized_model(model_dir, cfg, dtype, device, max_len)
+    A checkpoint written by `selfhost quantize` loads into its quantized modules;
+    `quantization` quantizes a full-precision checkpoint right after loading.
+    """
+    cfg = read_config(model_dir)
+    stored = cfg.get("quantization_config")  # metadata written by `selfhost quantize`
     try:
         spec = spec_from_config(cfg)
     except UnsupportedModelError:
         if not transformers_fallback:
             raise
+        if quantization is not None or stored is not None:
+            raise InvalidParameterError(
+                "quantization needs a natively supported architecture, not the transformers fallback"
+            ) from None
         return load_transformers_model(model_dir, dtype, device, max_len, allow_pickle)
+    quant = None
+    if stored is not None or quantization is not None:
+        from selfhost.quant import apply as quant
+        from selfhost.quant.config import QuantConfig
+    if stored is not None:
+        stored = QuantConfig.from_json(stored)
+        if quantization is not None:
+            raise InvalidParameterError(
+                f"{model_dir} is already quantized ({stored.method}); load its full-precision checkpoint "
+                f"to quantize it to {quantization.method}"
+            )
     files = weight_files(model_dir, allow_pickle)
     max_len = min(max_len or spec.max_position, spec.max_position)
     with torch.device("meta"):
-        model = CausalLM(spec, max_len)
+        model = CausalLM(spec, max_len).to(dtype)  # no memory yet; every tensor in its final dtype
+        if stored is not None:
+            quant.swap_in_empty_modules(model, stored)  # quantized modules choose their own tensor dtypes
     model.to_empty(device=device)
-    model.to(dtype)
-    model.reset_rotaries()  # buffers computed on the meta device hold no values
-    if spec.tie_embeddings:
-        model.tie_weights()  # before the arena, so the shared table gets one slot
+    # Rotary tables are computed, not loaded (meta buffers hold no values).
+    model.rotaries = nn.ModuleList(RotaryEmbedding(rope, max_len).to(device) for rope in spec.ropes)
+    if spec.tie_embeddings:  # before the arena, so the shared table gets one slot
+        if stored is not None:
+            quant.tie_embeddings(model)
+        else:
+            model.tie_weights()
     if device.type == "cpu":
         place_weights_in_arena(model)  # huge pages: decode streams every weight each step
-
-    params = dict(model.named_parameters())
-    slices = shard_slices(spec)
-    loaded: set[str] = set()
-    # stderr, so piped generated text stays clean
-    with Progress(console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(f"loading {model_dir.name}", total=len(params))
-        for name, tensor in iter_tensors(files):
-            module_path, _, leaf = name.rpartition(".")
-            parent, _, module = module_path.rpartition(".")
-            if module in PACKED_WEIGHTS:
-                fused, shard = PACKED_WEIGHTS[module]
-                target_name = f"{parent}.{fused}.{leaf}"
-                start, end = slices[fused][shard]
-                target = params.get(target_name)
-                if target is None:
-                    continue
-                target.data[start:end].copy_(tensor)
-                loaded.add(f"{target_name}#{shard}")
-            else:
-                target = params.get(name)
-                if target is None:
-                    continue  # e.g. rotary inv_freq buffers some checkpoints carry
-                if target.shape != tensor.shape:
-                    raise UnsupportedModelError(
-                        f"tensor {name} has shape {tuple(tensor.shape)}, config implies {tuple(target.shape)}"
-                    )
-                target.data.copy_(tensor)
-                loaded.add(name)
-            progress.advance(task)
-
-    if spec.tie_embeddings:
-        model.tie_weights()
-        params.pop("lm_head.weight", None)
-    missing = [n for n in params if not _is_loaded(n, loaded, slices)]
-    if missing:
-        raise UnsupportedModelError(f"checkpoint {model_dir} lacks tensors: {', '.join(missing[:5])}")
+    load_weights(model, files, spec, model_dir)
+    if stored is not None:
+        quant.prepare_loaded(model, stored)
+    if quantization is not None:  # load, then shrink
+        quant.quantize_model(model, quantization)
+        if device.type == "cpu":
+            # The full-precision arena stays alive while any parameter still views it
+            # (norms): move what remains into a small new one and let it go.
+            place_weights_in_arena(model, keep_values=True)
     return model.eval()
 
 
-def _is_loaded(param_name: str, loaded: set[str], slices: dict[str, list[tuple[int, int]]]) -> bool:
-    if param_name in loaded:
-        return True
-    fused = param_name.rpartition(".")[0].rpartition(".")[2]
-    return fused in slices and all(f"{param_name}#{i}" in loaded for i in range(len(slices[fused])))
+@torch.no_grad()
+def load_weights(model: nn.Module, files: list[Path], spec: ModelSpec, model_dir: Path) -> None:
+    """Copy every checkpoint tensor into its parameter or buffer (a fused one's rows); raise if any stays unfilled.
+
+    Tensors keep the checkpoint's names (`q_proj.weight`, or `q_proj.qweight` and
+    `q_proj.scales` in a quantized one); tied tensors appear once, under the embedding.
+    """
+    targets = dict(model.named_parameters())
+    targets.update((n, b) for n, b in model.named_buffers() if not n.startswith("rotaries."))
+    slices = shard_slices(spec)
+    filled: dict[str, int] = {}  # name -> rows copied so far (a fused tensor fills in parts)
+    # stderr, so piped generated text stays clean
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(f"loading {model_dir.name}", total=len(targets))
+        for name, tensor in iter_tensors(files):
+            module_path, _, leaf = name.rpartition(".")
+            parent, _, module = module_path.rpartition(".")
+            rows = slice(None)
+            if module in PACKED_WEIGHTS:
+                fused, shard = PACKED_WEIGHTS[module]
+                name = f"{parent}.{fused}.{leaf}"
+                rows = slice(*slices[fused][shard])
+            target = targets.get(name)
+            if target is None:
+                continue  # e.g. rotary inv_freq buffers, or the head of a tied checkpoint
+            dest = target.data[rows]
+            if dest.shape != tensor.shape:
+                raise UnsupportedModelError(
+                    f"tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            filled[name] = filled.get(name, 0) + _rows(dest)
+            progress.advance(task)
+    missing = [n for n, t in targets.items() if filled.get(n, 0) != _rows(t)]
+    if missing:
+        raise UnsupportedModelError(f"checkpoint {model_dir} lacks tensors: {', '.join(missing[:5])}")
+
+
+def _rows(tensor: torch.Tensor) -> int:
+    return tensor.shape[0] if tensor.dim() else 1

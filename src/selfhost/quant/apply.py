@@ -1,19 +1,19 @@
-"""Swap quantized modules into a CausalLM: on the fly, or from a quantized checkpoint.
+"""Swap quantized modules into a CausalLM: on the fly, or to load a quantized checkpoint.
 
 The decoder never learns about quantization: every `Linear` (and the token
 embedding) is replaced by a module with the same call signature, chosen by
 the QuantConfig, and each swapped module picks its kernel once in `prepare`.
+Loading is models/loader.py's: for a quantized checkpoint it calls
+`swap_in_empty_modules` on the meta model, `tie_embeddings`, fills the
+tensors with its one loop, then calls `prepare_loaded`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from selfhost.errors import InvalidParameterError, UnsupportedModelError
-from selfhost.layers.rotary import RotaryEmbedding
+from selfhost.errors import InvalidParameterError
 from selfhost.models.decoder import CausalLM
 from selfhost.quant.config import QuantConfig
 from selfhost.quant.int4 import Int4Embedding, Int4Linear
@@ -49,7 +49,7 @@ def _in_features(module: nn.Module) -> int:
 
 
 def _quantized_like(module: nn.Module, method: str, config: QuantConfig) -> nn.Module:
-    """An empty quantized module shaped like `module` (on its device)."""
+    """An empty quantized module shaped like `module` (on its device; outputs in its dtype)."""
     device, dtype = module.weight.device, module.weight.dtype
     if isinstance(module, nn.Embedding):
         if method == "int8":
@@ -142,69 +142,28 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-@torch.no_grad()
-def load_quantized_model(model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.device,
-                         max_len: int | None = None) -> CausalLM:
-    """Build a CausalLM with quantized modules from a checkpoint written by `selfhost quantize`.
+def swap_in_empty_modules(model: CausalLM, config: QuantConfig) -> None:
+    """Replace every module the config quantizes by an empty quantized one of its shape.
 
-    Tensors keep the source checkpoint's names (`q_proj.qweight`, ...) and are
-    copied into their rows of our fused modules, as the full-precision loader does.
+    Called on a meta-device model in its final dtype, before its tensors exist; a tied
+    head is left for `tie_embeddings`, which shares the embedding's quantized rows.
     """
-    from selfhost.models.families import PACKED_WEIGHTS, spec_from_config
-    from selfhost.models.loader import shard_slices, iter_tensors, weight_files
+    plan = quantization_plan(model, config)
+    tied = model.spec.tie_embeddings and EMBEDDING in plan and HEAD in plan
+    for name, method in plan.items():
+        if not (tied and name == HEAD):
+            _swap(model, name, _quantized_like(model.get_submodule(name), method, config))
 
-    config = QuantConfig.from_json(cfg["quantization_config"])
-    spec = spec_from_config(cfg)
-    max_len = min(max_len or spec.max_position, spec.max_position)
-    with torch.device("meta"):
-        model = CausalLM(spec, max_len)
-        plan = quantization_plan(model, config)
-        tied = spec.tie_embeddings and EMBEDDING in plan and HEAD in plan
-        for name, method in plan.items():
-            if not (tied and name == HEAD):
-                _swap(model, name, _quantized_like(model.get_submodule(name), method, config))
-    model.to_empty(device=device)
-    model.to(dtype)  # floating tensors only: int8/uint8 weights keep their dtype
-    for module in model.modules():  # scales keep their stored precision; embeddings output the model dtype
-        if isinstance(module, (Int8Linear, Int8Embedding)):
-            module.scales = module.scales.float()
-        elif isinstance(module, (Int4Linear, Int4Embedding)):
-            module.scales = module.scales.half()
-        if isinstance(module, (Int8Embedding, Int4Embedding)):
-            module.out_dtype = dtype
-    # CausalLM.reset_rotaries reads lm_head.weight's device, which a quantized head lacks.
-    model.rotaries = nn.ModuleList(RotaryEmbedding(r, max_len).to(device) for r in spec.ropes)
 
-    targets = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if not n.startswith("rotaries")}
-    slices = shard_slices(spec)
-    filled: dict[str, int] = {}
-    for name, tensor in iter_tensors(weight_files(model_dir, allow_pickle=False)):
-        module_path, _, leaf = name.rpartition(".")
-        parent, _, module = module_path.rpartition(".")
-        rows = slice(None)
-        if module in PACKED_WEIGHTS:
-            fused, shard = PACKED_WEIGHTS[module]
-            name = f"{parent}.{fused}.{leaf}"
-            rows = slice(*slices[fused][shard])
-        target = targets.get(name)
-        if target is None:
-            continue
-        if target[rows].shape != tensor.shape:
-            raise UnsupportedModelError(
-                f"tensor {name} has shape {tuple(tensor.shape)}, the quantization config implies {tuple(target[rows].shape)}"
-            )
-        target[rows].copy_(tensor)
-        filled[name] = filled.get(name, 0) + target[rows].shape[0]
-
-    if tied:
+def tie_embeddings(model: CausalLM) -> None:
+    """Tie the output head to the embedding, quantized (one stored copy of its rows) or not."""
+    if isinstance(model.model.embed_tokens, QUANTIZED_MODULES):
         _tie_head(model)
-        targets = {n: t for n, t in targets.items() if not n.startswith(HEAD + ".")}
-    elif spec.tie_embeddings:
+    else:
         model.tie_weights()
-        targets.pop("lm_head.weight", None)
-    missing = [n for n, t in targets.items() if filled.get(n, 0) != t.shape[0]]
-    if missing:
-        raise UnsupportedModelError(f"quantized checkpoint {model_dir} lacks tensors: {', '.join(missing[:5])}")
+
+
+def prepare_loaded(model: CausalLM, config: QuantConfig) -> None:
+    """After a quantized checkpoint's tensors are loaded: pick each module's kernel."""
     _prepare(model, None)
     model.quant_config = config
-    return model.eval()
