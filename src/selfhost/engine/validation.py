@@ -48,7 +48,8 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, limits: Requ
         )
     if params.prompt_logprobs is not None and not limits.supports_prompt_logprobs:
         raise InvalidParameterError(
-            f"prompt_logprobs={params.prompt_logprobs} is not available with the transformers fallback",
+            f"prompt logprobs (prompt_logprobs={params.prompt_logprobs}) are not available with the transformers "
+            "fallback",
             param="prompt_logprobs",
         )
     capacity = limits.kv_capacity_tokens
