@@ -1,12 +1,13 @@
 """Build step for selfhost's compiled CPU kernels, one extension each:
 
+- _cpu_pool.c                   the process's one worker pool, which the kernels below reach
+                                through a capsule (their threads and chunks run on it)
 - quant/_int8_cpu.c             int8-weight linear layers (AVX2)
 - layers/_matvec_cpu.c          the fp32 few-row product of decode steps
 - layers/_gemm_cpu.c            the fp32 many-row product of prompts and batches (AVX-512)
 - layers/_norm_cpu.c            RMSNorm in one pass
 - engine/_paged_attention_cpu.c decode attention read in place from the paged KV cache
 - engine/_prefill_attention_cpu.c prompt-chunk attention over the paged KV cache (AVX-512)
-The products and the attention kernel share the worker pool in _cpu_pool.h.
 
 Project metadata lives in pyproject.toml. Every extension is optional: where one
 cannot be compiled, `pip install` still succeeds and selfhost uses PyTorch's (or
@@ -21,7 +22,10 @@ POSIX = sys.platform != "win32"
 
 
 def kernel(module: str, uses_pool: bool = False, headers: tuple[str, ...] = ()) -> Extension:
-    """selfhost.<module> built from src/selfhost/<module path>.c (headers: its own, under src/selfhost)."""
+    """selfhost.<module> built from src/selfhost/<module path>.c (headers: its own, under src/selfhost).
+
+    A module that uses the pool imports selfhost._cpu_pool when it loads; without it, the
+    module's import fails and selfhost takes PyTorch's path for that kernel."""
     return Extension(
         f"selfhost.{module}",
         [f"src/selfhost/{module.replace('.', '/')}.c"],
@@ -34,6 +38,7 @@ def kernel(module: str, uses_pool: bool = False, headers: tuple[str, ...] = ()) 
 
 setup(
     ext_modules=[
+        kernel("_cpu_pool", headers=("_cpu_pool.h",)),
         kernel("quant._int8_cpu", uses_pool=True),
         kernel("layers._matvec_cpu", uses_pool=True),
         kernel("layers._gemm_cpu", uses_pool=True),

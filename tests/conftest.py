@@ -1,4 +1,6 @@
 import pytest
+
+import selfhost  # noqa: F401  (before torch, as users should: it sets OpenMP's wait policy)
 import torch
 
 from tests.tiny_models import make_tiny_checkpoint

@@ -6,10 +6,14 @@
 """
 
 import os
+import sys
 
 # Before torch loads libgomp: idle OpenMP workers otherwise spin at full speed
-# and starve the BLAS threads that run the decode matmuls (layers/linear.py).
+# and starve the threads that run the decode products (layers/linear.py).
 # Measured on a 2-core machine: ~70 tok/s decode with PASSIVE, ~2 tok/s without.
+# libgomp reads the variable once, when torch loads it: if torch came first and the
+# user set no policy, it is too late, and the engine says so once (engine/cpu_threads.py).
+OMP_POLICY_MISSED = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import importlib

@@ -3,7 +3,6 @@
 import os
 import random
 import shutil
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -31,17 +30,6 @@ def isa(request):
     before = paged_cache._paged_attention_cpu.limit_isa(request.param)
     yield request.param
     paged_cache._paged_attention_cpu.limit_isa(before)
-
-
-@contextmanager
-def torch_threads(count):
-    """The kernels take the step's thread count from torch: set it for a block."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def random_cache(num_kv_heads, head_dim, block_size, lens, seed):
@@ -109,8 +97,8 @@ def test_kernel_matches_torch_path_and_reference(num_heads, num_kv_heads, head_d
         cache, meta, tables, q, k, v = random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed=7)
         cache.use_cpu_kernel = use_kernel
         cache.meta = meta
-        with torch_threads(threads):
-            results[use_kernel] = cache.attend(1, q, k, v, scale, window, softcap)
+        meta.num_threads = threads  # the kernels take the step's thread count from its metadata
+        results[use_kernel] = cache.attend(1, q, k, v, scale, window, softcap)
     expected = plain_attention(cache, 1, tables, lens, q, scale, window, softcap)
     assert (results[True] - expected).abs().max() < 1e-5
     assert (results[False] - expected).abs().max() < 1e-5
@@ -135,13 +123,13 @@ def test_fused_rope_decode_step_equals_rotary_then_attend(num_heads, num_kv_head
     for fused in (True, False):
         cache, meta, tables, q, k, v = random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed=11)
         cache.meta = meta
+        meta.num_threads = threads
         heads = torch.cat([q, k, v], dim=1)  # the unrotated projection, as Attention has it
-        with torch_threads(threads):
-            if fused:
-                out = cache.rope_attend_decode(1, heads, cos, sin, num_heads, scale, window, softcap)
-            else:
-                rotated = apply_rotary(heads[:, : num_heads + num_kv_heads], cos, sin)
-                out = cache.attend(1, rotated[:, :num_heads], rotated[:, num_heads:], v, scale, window, softcap)
+        if fused:
+            out = cache.rope_attend_decode(1, heads, cos, sin, num_heads, scale, window, softcap)
+        else:
+            rotated = apply_rotary(heads[:, : num_heads + num_kv_heads], cos, sin)
+            out = cache.attend(1, rotated[:, :num_heads], rotated[:, num_heads:], v, scale, window, softcap)
         caches.append(cache)
         outs.append(out)
     # The rotation matches torch's bit for bit (a prompt chunk and a decode step must
@@ -196,8 +184,8 @@ def test_prefill_kernel_matches_torch_path(num_heads, num_kv_heads, head_dim, bl
         cache, meta, q, k, v = chunk_step(num_heads, num_kv_heads, head_dim, block_size, chunks, seed=5)
         cache.use_prefill_kernel = use_kernel
         cache.meta = meta
-        with torch_threads(threads):
-            results[use_kernel] = cache.attend(1, q, k, v, scale, window, None)
+        meta.num_threads = threads
+        results[use_kernel] = cache.attend(1, q, k, v, scale, window, None)
     assert (results[True] - results[False]).abs().max() < 2e-5
 
 

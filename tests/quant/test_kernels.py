@@ -90,9 +90,10 @@ def test_int8_linear_matches_dequantized_reference(kernel, bias, in_features, ou
         # decode, prompt, and enough rows for the avx2 kernel to use several threads
         for x in (torch.randn(1, in_features), torch.randn(5, in_features), torch.randn(2, 40, in_features)):
             ref = F.linear(x, reference_weight, linear.bias)
-            out = module(x)
-            assert out.shape == ref.shape and out.dtype == x.dtype
-            assert (out - ref).abs().max() <= TOLERANCE[kernel] * ref.abs().max()
+            for num_threads in (1, 2):
+                out = module(x, num_threads)
+                assert out.shape == ref.shape and out.dtype == x.dtype
+                assert (out - ref).abs().max() <= TOLERANCE[kernel] * ref.abs().max()
 
 
 def _block_quantized(x: torch.Tensor, block: int = 32) -> torch.Tensor:

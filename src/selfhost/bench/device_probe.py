@@ -70,15 +70,15 @@ def _linear_stack(rows: int, cols: int, count: int) -> list:
 
 
 def _on_threads(threads: int, run) -> float:
-    """Best time of `run` with selfhost's kernels (and torch) given `threads` threads."""
+    """Best time of `run(threads)`: selfhost's kernels take the count as an argument, torch's ops get it too."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # what layers/cpu_threads.kernel_threads() hands out outside a step
+    torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            run()
-            return _best_seconds(run)
+            run(threads)
+            return _best_seconds(lambda: run(threads))
     finally:
         torch.set_num_threads(before)
 
@@ -89,9 +89,9 @@ def _one_row_gb_s(layers: list, in_features: int, bytes_per_layer: int) -> float
 
     x = torch.ones(1, in_features)
 
-    def stream():
+    def stream(threads: int):
         for layer in layers:
-            layer(x)
+            layer.forward(x, threads)
 
     return len(layers) * bytes_per_layer / _on_threads(1, stream) / 1e9
 
@@ -99,7 +99,7 @@ def _one_row_gb_s(layers: list, in_features: int, bytes_per_layer: int) -> float
 def measure_fp32_gemv_gb_s(n_bytes: int = _GEMV_BYTES) -> float:
     """Weight bytes/s of one-row fp32 products through selfhost's Linear (its AVX-512 or
     AVX2 kernel, else numpy's BLAS) on one thread: the count selfhost's decode steps
-    start from and keep whenever another process wants a core (layers/cpu_threads.py);
+    start from and keep whenever another process wants a core (engine/cpu_threads.py);
     on an idle machine they may find two threads faster, and then decode beats this."""
     rows, cols = _GEMV_SHAPE
     return _one_row_gb_s(_linear_stack(rows, cols, max(1, n_bytes // (rows * cols * 4))), cols, rows * cols * 4)
@@ -154,7 +154,7 @@ def measure_matmul_tflops(size: int = 1024) -> float:
 
     (layer,) = _linear_stack(size, size, 1)
     x = torch.ones(size, size)
-    best = min(_on_threads(threads, lambda: layer(x)) for threads in sorted({1, os.cpu_count() or 1}))
+    best = min(_on_threads(threads, lambda t: layer.forward(x, t)) for threads in sorted({1, os.cpu_count() or 1}))
     return 2 * size**3 / best / 1e12
 
 

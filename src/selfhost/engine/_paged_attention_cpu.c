@@ -519,4 +519,9 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_paged_attention_cpu", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__paged_attention_cpu(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__paged_attention_cpu(void) {
+#ifdef SELFHOST_X86
+    if (pool_import() < 0) return NULL; /* the process's one worker pool (../_cpu_pool.h) */
+#endif
+    return PyModule_Create(&module);
+}

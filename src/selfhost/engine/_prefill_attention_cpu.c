@@ -34,6 +34,7 @@
 #include <Python.h>
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -308,4 +309,9 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_prefill_attention_cpu", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__prefill_attention_cpu(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__prefill_attention_cpu(void) {
+#ifdef SELFHOST_PREFILL
+    if (pool_import() < 0) return NULL; /* the process's one worker pool (../_cpu_pool.h) */
+#endif
+    return PyModule_Create(&module);
+}

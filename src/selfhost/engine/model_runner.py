@@ -16,7 +16,7 @@ import torch
 from selfhost.engine.paged_cache import PagedKVCache, StepMetadata
 from selfhost.engine.scheduler import ScheduledChunk
 from selfhost.engine.sequence import Sequence
-from selfhost.layers.cpu_threads import CpuThreads
+from selfhost.engine.cpu_threads import CpuThreads
 from selfhost.layers.sampler import SampleResult, sample, score_tokens
 from selfhost.models.decoder import CausalLM
 from selfhost.outputs import TokenLogprob
@@ -46,7 +46,9 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
+    def _prepare(
+        self, chunks: list[ScheduledChunk], num_threads: int
+    ) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -75,23 +77,24 @@ class ModelRunner:
             else None,
             single_context_lens=self._tensor(single_lens) if single_lens else None,
             chunks=[(first, num, start, self._tensor(table)) for first, num, start, table in multi],
+            num_threads=num_threads,
         )
         return self._tensor(input_ids), self._tensor(positions), meta
 
     def run(self, chunks: list[ScheduledChunk]) -> StepResult:
         """Forward the step; sample for chunks that complete their sequence, score asked-for prompt rows."""
         if self.cpu_threads is None:
-            return self._run(chunks)
-        with self.cpu_threads.step(sum(c.num_tokens for c in chunks)):
-            return self._run(chunks)
+            return self._run(chunks, num_threads=1)
+        with self.cpu_threads.step(sum(c.num_tokens for c in chunks)) as num_threads:
+            return self._run(chunks, num_threads)
 
     @torch.inference_mode()
-    def _run(self, chunks: list[ScheduledChunk]) -> StepResult:
+    def _run(self, chunks: list[ScheduledChunk], num_threads: int) -> StepResult:
         # Single-token queries first: they are attended as one batch (see paged_cache).
         chunks = sorted(chunks, key=lambda c: c.num_tokens != 1)
-        input_ids, positions, meta = self._prepare(chunks)
+        input_ids, positions, meta = self._prepare(chunks, num_threads)
         self.cache.meta = meta
-        hidden = self.model(input_ids, positions, self.cache)
+        hidden = self.model(input_ids, positions, self.cache, num_threads)
         self.cache.meta = None
         ends, rows, finishing, scoring = 0, [], [], []
         for chunk in chunks:
@@ -101,14 +104,14 @@ class ModelRunner:
             if chunk.completes_sequence:
                 rows.append(ends - 1)
                 finishing.append(chunk)
-        prompt_logprobs = self._score_prompts(hidden, scoring) if scoring else []
+        prompt_logprobs = self._score_prompts(hidden, scoring, num_threads) if scoring else []
         if not finishing:
             return StepResult([], None, prompt_logprobs)
-        logits = self.model.compute_logits(hidden[rows] if len(rows) < hidden.shape[0] else hidden)
+        logits = self.model.compute_logits(hidden[rows] if len(rows) < hidden.shape[0] else hidden, num_threads)
         return StepResult(finishing, sample(logits, [c.seq.sampler_row for c in finishing]), prompt_logprobs)
 
     def _score_prompts(
-        self, hidden: torch.Tensor, scoring: list[tuple[ScheduledChunk, int]]
+        self, hidden: torch.Tensor, scoring: list[tuple[ScheduledChunk, int]], num_threads: int
     ) -> list[tuple[Sequence, list[TokenLogprob]]]:
         """Log probabilities of the prompt tokens this step's chunks predict (row at position p predicts p + 1)."""
         rows, targets, num_top, owners = [], [], [], []
@@ -126,7 +129,7 @@ class ModelRunner:
         scored: list[TokenLogprob] = []
         for i in range(0, len(rows), SCORE_ROWS_PER_SLICE):
             part = slice(i, i + SCORE_ROWS_PER_SLICE)
-            logits = self.model.compute_logits(hidden[rows[part]])
+            logits = self.model.compute_logits(hidden[rows[part]], num_threads)
             scored.extend(
                 TokenLogprob(token_id, logprob, dict(top))
                 for token_id, (logprob, top) in zip(targets[part], score_tokens(logits, targets[part], num_top[part]))

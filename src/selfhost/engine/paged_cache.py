@@ -50,6 +50,7 @@ class StepMetadata:
     single_context_lens: torch.Tensor | None  # (S,) keys visible to each, including itself
     # Multi-token chunks: (first token index in the step, num tokens, start position, block table)
     chunks: list[tuple[int, int, int, torch.Tensor]]
+    num_threads: int = 1  # threads the attention kernels take this step (the engine's choice, cpu_threads.py)
     # Additive score masks of the single-token queries, per sliding window: built
     # by the first layer that needs one, reused by every other layer of the step.
     single_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
@@ -208,7 +209,7 @@ class PagedKVCache:
             tables.data_ptr(), meta.single_context_lens.data_ptr(), out.data_ptr(),
             num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks, tables.shape[1],
             scale, softcap or 0.0, sliding_window or 0,
-            torch.get_num_threads(),  # the step's choice (cpu_threads.py)
+            meta.num_threads,
         )  # fmt: skip
         return out
 
@@ -223,7 +224,7 @@ class PagedKVCache:
             tables.data_ptr(), first.data_ptr(), count.data_ptr(), start.data_ptr(),
             len(self.meta.chunks), q.stride(0), q.shape[1], num_kv_heads, head_dim, block_size, num_blocks,
             tables.shape[1], sliding_window or 0, scale,
-            torch.get_num_threads(),  # the step's choice (cpu_threads.py)
+            self.meta.num_threads,
         )  # fmt: skip
 
     def _single_query_kernel(self, layer_idx, q, scale, sliding_window, softcap) -> torch.Tensor:
@@ -239,6 +240,6 @@ class PagedKVCache:
             tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
             num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, tables.shape[1],
             scale, softcap or 0.0, sliding_window or 0,
-            torch.get_num_threads(),  # the step's choice (cpu_threads.py)
+            meta.num_threads,
         )  # fmt: skip
         return out

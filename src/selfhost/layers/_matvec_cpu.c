@@ -146,4 +146,9 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_matvec_cpu", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__matvec_cpu(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__matvec_cpu(void) {
+#ifdef SELFHOST_MATVEC
+    if (pool_import() < 0) return NULL; /* the process's one worker pool (../_cpu_pool.h) */
+#endif
+    return PyModule_Create(&module);
+}

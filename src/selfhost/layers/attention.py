@@ -116,14 +116,16 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, num_threads: int = 1
+    ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        heads = self.qkv_proj.forward(x).view(num_tokens, -1, self.head_dim)  # (T, H + 2*Hkv, D): q, k, v heads
+        heads = self.qkv_proj.forward(x, num_threads).view(num_tokens, -1, self.head_dim)  # (T, H + 2*Hkv, D): q, k, v heads
         num_qk = self.num_heads + self.num_kv_heads
         if self.q_norm is None and (fused := getattr(kv, "rope_attend_decode", None)) is not None:
             out = fused(self.layer_idx, heads, cos, sin, self.num_heads, self.scale, self.sliding_window, self.softcap)
             if out is not None:
-                return self.o_proj.forward(out.view(num_tokens, self.q_size))
+                return self.o_proj.forward(out.view(num_tokens, self.q_size), num_threads)
         v = heads[:, num_qk:]
         if self.q_norm is None:
             # q and k are adjacent heads: one rotation covers both.
@@ -133,4 +135,4 @@ class Attention(nn.Module):
             q = apply_rotary(self.q_norm.forward(heads[:, : self.num_heads]), cos, sin)
             k = apply_rotary(self.k_norm.forward(heads[:, self.num_heads : num_qk]), cos, sin)
         out = kv.attend(self.layer_idx, q, k, v, self.scale, self.sliding_window, self.softcap)
-        return self.o_proj.forward(out.reshape(num_tokens, self.q_size))
+        return self.o_proj.forward(out.reshape(num_tokens, self.q_size), num_threads)

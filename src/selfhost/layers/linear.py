@@ -13,11 +13,12 @@ inference on CPU goes elsewhere, without copying any weight:
   ~25 GB/s on one thread);
 - more rows (prompts, big batches), or where no extension was compiled:
   numpy's bundled OpenBLAS, compute-bound and efficient there.
-All of selfhost's kernels share one scheme for threads: a worker pool that never
-waits for a descheduled thread (../_cpu_pool.h).
+All of selfhost's kernels run on the process's one worker pool, which never
+waits for a descheduled thread (../_cpu_pool.c).
 Training (autograd), other dtypes and GPUs use F.linear.
 
-How many threads a product uses is decided per engine step (`cpu_threads.py`).
+How many threads a product uses is the caller's argument: the engine decides it
+per step (engine/cpu_threads.py) and passes it down through the model's forward.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from selfhost.layers.cpu_threads import SMALL_STEP_MAX_TOKENS, kernel_threads
 
 try:
     from selfhost.layers import _matvec_cpu
@@ -45,21 +44,24 @@ except ImportError:
 CPU_BLAS = os.environ.get("SELFHOST_CPU_BLAS", "auto")
 USE_GEMM = CPU_BLAS == "auto" and _gemm_cpu is not None and _gemm_cpu.available()
 USE_MATVEC = CPU_BLAS == "auto" and not USE_GEMM and _matvec_cpu is not None and _matvec_cpu.available()
+# The AVX2 few-row product beats OpenBLAS up to this many rows (decode-sized steps).
+MATVEC_MAX_ROWS = 31
 
 
 class Linear(nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+        """x @ W^T + b; num_threads: threads selfhost's CPU kernels may use for this product."""
         if CPU_BLAS == "torch" or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         # Parameters straight from the dict: nn.Module.__getattr__ costs ~1 us a lookup on the decode path.
         weight, bias = self._parameters["weight"], self._parameters["bias"]
         rows = x.numel() // self.in_features
-        if (USE_GEMM or (USE_MATVEC and rows <= SMALL_STEP_MAX_TOKENS)) and weight.is_contiguous():
+        if (USE_GEMM or (USE_MATVEC and rows <= MATVEC_MAX_ROWS)) and weight.is_contiguous():
             x = x.contiguous()
             out = torch.empty(*x.shape[:-1], self.out_features)
             product = _gemm_cpu.gemm if USE_GEMM else _matvec_cpu.matvec
             product(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, self.out_features, self.in_features,
-                    kernel_threads())
+                    num_threads)
         else:
             out = torch.from_numpy(np.matmul(x.numpy(), weight.detach().numpy().T))
         return out if bias is None else out.add_(bias)

@@ -25,8 +25,8 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = gated(activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj.forward(self.act(self.gate_up_proj.forward(x)))
+    def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+        return self.down_proj.forward(self.act(self.gate_up_proj.forward(x, num_threads)), num_threads)
 
 
 class DecoderLayer(nn.Module):
@@ -59,16 +59,18 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, num_threads: int = 1
+    ) -> torch.Tensor:
         # Submodules are called through .forward: nn.Module.__call__ (hook dispatch) costs
         # ~1 ms per decoded token across 30 layers, and this model registers no hooks.
-        attn_out = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, kv)
+        attn_out = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, kv, num_threads)
         if self.sandwich:
             x = x + self.post_attention_layernorm.forward(attn_out)
-            mlp_out = self.mlp.forward(self.pre_feedforward_layernorm.forward(x))
+            mlp_out = self.mlp.forward(self.pre_feedforward_layernorm.forward(x), num_threads)
             return x + self.post_feedforward_layernorm.forward(mlp_out)
         x = x + attn_out
-        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
+        return x + self.mlp.forward(self.post_attention_layernorm.forward(x), num_threads)
 
 
 class DecoderBody(nn.Module):
@@ -99,8 +101,11 @@ class CausalLM(nn.Module):
         if self.spec.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore) -> torch.Tensor:
-        """(T,) token ids and positions -> (T, hidden) final hidden states."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore, num_threads: int = 1) -> torch.Tensor:
+        """(T,) token ids and positions -> (T, hidden) final hidden states.
+
+        num_threads: how many threads selfhost's CPU kernels use in this forward pass
+        (the engine chooses it per step); ignored on GPUs and by torch's own ops."""
         x = self.model.embed_tokens(input_ids)  # (T, hidden)
         if self.spec.embed_scale is not None:
             # The reference rounds the scale to the activation dtype first.
@@ -108,12 +113,12 @@ class CausalLM(nn.Module):
         tables = [rotary.lookup(positions, x.dtype) for rotary in self.rotaries]
         for layer, rope_idx in zip(self.model.layers, self.spec.layer_rope):
             cos, sin = tables[rope_idx]
-            x = layer.forward(x, cos, sin, kv)
+            x = layer.forward(x, cos, sin, kv, num_threads)
         return self.model.norm.forward(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) fp32 logits, soft-capped where the family does."""
-        logits = self.lm_head(hidden).float()
+        logits = self.lm_head.forward(hidden, num_threads).float()
         if self.spec.final_softcap is not None:
             logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
         return logits

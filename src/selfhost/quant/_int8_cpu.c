@@ -278,4 +278,9 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_int8_cpu", "int8-weight linear layers for x86-64 AVX2.",
                                     -1, methods};
 
-PyMODINIT_FUNC PyInit__int8_cpu(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__int8_cpu(void) {
+#ifdef SELFHOST_X86
+    if (pool_import() < 0) return NULL; /* the process's one worker pool (../_cpu_pool.h) */
+#endif
+    return PyModule_Create(&module);
+}

@@ -125,7 +125,8 @@ class Int4Linear(nn.Module):
         """Bytes of the quantized format: packed weight, scales, zero points, bias."""
         return self._storage_bytes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+        # num_threads is Linear's signature; torch's int4 kernel runs on torch's own threads.
         shape = x.shape
         if self._packed is not None:
             x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfhost.layers.cpu_threads import kernel_threads
 
 try:
     from selfhost.quant import _int8_cpu
@@ -95,12 +94,11 @@ def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
     out_features, in_features = qweight.shape
     weight_ptr, scales_ptr, bias_ptr = qweight.data_ptr(), scales.data_ptr(), 0 if bias is None else bias.data_ptr()
 
-    def linear(x: torch.Tensor, _keep=(qweight, scales, bias)) -> torch.Tensor:
+    def linear(x: torch.Tensor, num_threads: int, _keep=(qweight, scales, bias)) -> torch.Tensor:
         if not x.is_contiguous():
             x = x.contiguous()
         rows = x.numel() // in_features
         out = torch.empty(*x.shape[:-1], out_features)
-        num_threads = kernel_threads()  # the engine step's choice (layers/cpu_threads.py)
         _int8_cpu.linear(x.data_ptr(), weight_ptr, scales_ptr, bias_ptr, out.data_ptr(), rows, out_features,
                          in_features, num_threads)
         return out
@@ -164,9 +162,12 @@ class Int8Linear(nn.Module):
         """Bytes of the quantized format: int8 weight, scales, bias."""
         return self._storage_bytes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+        """num_threads: threads the C kernel may use (the engine step's choice); torch's kernels take torch's."""
         if self._avx2 is not None and not x.requires_grad:
-            return self._avx2(x) if x.dtype == torch.float32 else self._avx2(x.float()).to(x.dtype)
+            if x.dtype == torch.float32:
+                return self._avx2(x, num_threads)
+            return self._avx2(x.float(), num_threads).to(x.dtype)
         if self._packed is not None:
             shape = x.shape
             out = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, self._reduce_range)

@@ -10,7 +10,7 @@ products that stream every weight once. Two facts shape the thread counts:
 * A memory-bound matrix-vector product is about 1.8x faster on two threads
   when the cores are free. When another process holds a core, OpenBLAS's
   fixed split made it up to 40x *slower* (each product waits for a
-  descheduled worker); selfhost's own kernels (../_cpu_pool.h) fall back to
+  descheduled worker); selfhost's own kernels (../_cpu_pool.c) fall back to
   one-thread speed instead, but even they lose when the cores are busy.
   Neither setting is right everywhere, so the policy measures: it starts on
   one thread (never the disaster), now and then tries all threads for a few
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,15 +124,6 @@ class ThreadChooser:
         self._wait[setting] = min(2 * self._wait[setting], self.schedule.max_probe_interval)
 
 
-# Threads the running step gives compute kernels outside numpy (the int8 C kernel); None outside a step.
-_step_kernel_threads: int | None = None
-
-
-def kernel_threads() -> int:
-    """Threads a compute kernel may use now: the step's choice, else torch's setting."""
-    return _step_kernel_threads or torch.get_num_threads()
-
-
 def numpy_blas_thread_setter() -> Callable[[int], None]:
     """Sets numpy's BLAS thread count through its C entry point, only when it changes."""
     from threadpoolctl import ThreadpoolController
@@ -153,10 +145,19 @@ class CpuThreads:
 
     @classmethod
     def for_this_process(cls) -> CpuThreads:
-        from selfhost.layers import linear  # here: linear.py imports this module
+        import selfhost
+        from selfhost.layers import linear
+
+        if selfhost.OMP_POLICY_MISSED:
+            warnings.warn(
+                "torch was imported before selfhost, so OpenMP's idle threads busy-wait and slow CPU decoding down; "
+                "import selfhost first, or set OMP_WAIT_POLICY=PASSIVE in the environment",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
         # With selfhost's own product for large steps (chunks taken from a shared counter, see
-        # ../_cpu_pool.h) a busy core slows a step down instead of stalling it, so large steps
+        # ../_cpu_pool.c) a busy core slows a step down instead of stalling it, so large steps
         # start on all threads: a run of a few big prompt steps would otherwise spend them
         # all on one thread before the first probe (measured: 225 vs ~380 GFLOP/s).
         return cls(max(1, torch.get_num_threads()), numpy_blas_thread_setter(), large_steps_start_fast=linear.USE_GEMM)
@@ -171,20 +172,19 @@ class CpuThreads:
         self.blas_threads = safe
 
     @contextmanager
-    def step(self, num_tokens: int) -> Iterator[None]:
+    def step(self, num_tokens: int) -> Iterator[int]:
+        """Times one step; yields the thread count its kernels take (passed to them as an argument)."""
         small = num_tokens <= SMALL_STEP_MAX_TOKENS
         chooser = self.small_steps if small else self.large_steps
-        global _step_kernel_threads
-        self.blas_threads = _step_kernel_threads = chooser.begin()
+        self.blas_threads = chooser.begin()
         self._set_blas_threads(self.blas_threads)
-        # Tiny ops run best on one thread; big steps give torch what BLAS gets.
+        # Torch's own ops: tiny ones run best on one thread; big steps give torch what the kernels get.
         torch.set_num_threads(1 if small else self.blas_threads)
         start = time.perf_counter()
         try:
-            yield
+            yield self.blas_threads
         finally:
             seconds = time.perf_counter() - start
             torch.set_num_threads(self.max_threads)
-            _step_kernel_threads = None
             # Big steps vary in size: compare them per token.
             chooser.end(seconds if small else seconds / num_tokens)

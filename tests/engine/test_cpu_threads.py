@@ -1,8 +1,9 @@
 """The per-step thread chooser: keeps the faster setting, abandons collapsing probes."""
 
+import pytest
 import torch
 
-from selfhost.layers.cpu_threads import CpuThreads, ProbeSchedule, ThreadChooser
+from selfhost.engine.cpu_threads import CpuThreads, ProbeSchedule, ThreadChooser
 
 SCHEDULE = ProbeSchedule(window=3, first_probe_after=4, first_probe_after_on_fast=16, max_probe_interval=64)
 
@@ -100,3 +101,67 @@ def test_large_steps_start_on_all_threads_only_when_asked():
     assert CpuThreads(2, lambda n: None).large_steps.current == 1
     threads = CpuThreads(2, lambda n: None, large_steps_start_fast=True)
     assert threads.large_steps.current == 2 and threads.small_steps.current == 1
+
+
+class Recording:
+    """Stands in for a C kernel module: records the thread count each call passes, then runs the real kernel."""
+
+    def __init__(self, module, calls: list):
+        self._module, self._calls = module, calls
+
+    def __getattr__(self, name):
+        real = getattr(self._module, name)
+        if not callable(real) or name in ("available", "limit_isa"):
+            return real
+
+        def call(*args):
+            self._calls.append((name, args[-1] if name != "gemm" else args[6]))
+            return real(*args)
+
+        return call
+
+
+@pytest.mark.parametrize("chosen", [1, 2])
+def test_every_kernel_of_a_step_gets_the_choosers_thread_count(tiny_checkpoint, monkeypatch, chosen):
+    """The step's thread count is passed down to the products and the attention kernel alike
+    (decode attention used to read torch's count, which a decode step sets to 1)."""
+    from selfhost import LLM, SamplingParams
+    from selfhost.engine import paged_cache
+    from selfhost.layers import linear
+
+    if not (paged_cache.CPU_KERNEL_ENABLED and linear.USE_GEMM):
+        pytest.skip("needs the C attention kernel and the AVX-512 product (this CPU lacks AVX-512)")
+    llm = LLM(str(tiny_checkpoint("llama")), kv_cache_memory="64MiB")
+    threads = llm.engine.runner.cpu_threads
+    for chooser in (threads.small_steps, threads.large_steps):
+        chooser.safe = chooser.fast = chooser.current = chosen  # pinned: no probing
+    calls: list = []
+    monkeypatch.setattr(paged_cache, "_paged_attention_cpu", Recording(paged_cache._paged_attention_cpu, calls))
+    monkeypatch.setattr(linear, "_gemm_cpu", Recording(linear._gemm_cpu, calls))
+    llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    kernels = {name for name, _ in calls}
+    assert {"gemm", "rope_decode_attention"} <= kernels
+    assert {count for _, count in calls} == {chosen}
+
+
+@pytest.mark.parametrize(
+    "imports,environment,warned",
+    [
+        ("import torch, selfhost", {}, True),  # libgomp loaded with no policy: too late to set one
+        ("import selfhost, torch", {}, False),
+        ("import torch, selfhost", {"OMP_WAIT_POLICY": "PASSIVE"}, False),  # the user set it before torch
+    ],
+)
+def test_engine_warns_once_when_torch_was_imported_first(tiny_checkpoint, imports, environment, warned):
+    import os
+    import subprocess
+    import sys
+
+    code = f"""{imports}
+from selfhost import LLM
+LLM({str(tiny_checkpoint("llama"))!r}, kv_cache_memory="16MiB")
+LLM({str(tiny_checkpoint("llama"))!r}, kv_cache_memory="16MiB")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | environment
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stderr.count("torch was imported before selfhost") == (1 if warned else 0), out.stderr
