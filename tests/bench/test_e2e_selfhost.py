@@ -207,7 +207,7 @@ def test_the_mlflow_run_holds_params_metrics_and_plots(bench_run):
 def test_cost_takes_the_measured_throughput(bench_run):
     measured = bench_run.result["output_tok_s"]
     done = subprocess.run(
-        [sys.executable, "-m", "selfhost.cli", "cost", "qwen2.5:0.5b", "--volume", "100M", "--device", "rtx4090",
+        [sys.executable, "-m", "selfhost.cli", "cost", EMBEDDED_MODEL_NAME, "--volume", "100M", "--device", "rtx4090",
          "--bench-result", str(bench_run.out / "result.json")],
         capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"}, timeout=120,
     )

@@ -70,9 +70,9 @@ TransformersFallback = Annotated[
 
 
 def load_llm(model: str | None, dtype: str, device: str, allow_pickle: bool, transformers_fallback: bool = False):
-    from rich.console import Console
+    from selfhost.cli.console import make_console
 
     from selfhost import LLM
 
-    Console(stderr=True).print(f"loading {model or 'the embedded demo model'}...", style="dim")
+    make_console(stderr=True).print(f"loading {model or 'the embedded demo model'}...", style="dim")
     return LLM(model, dtype=dtype, device=device, allow_pickle=allow_pickle, transformers_fallback=transformers_fallback)

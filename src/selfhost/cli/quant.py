@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from selfhost.cli.console import make_console
 
 from selfhost.errors import InvalidParameterError, SelfhostError
 
@@ -14,7 +14,7 @@ Model = Annotated[str, typer.Argument(help="Local folder, Hugging Face Hub id or
 TextFile = Annotated[Path, typer.Option("--text", help="UTF-8 text file to score.")]
 
 export_app = typer.Typer(help="Export a model to other runtimes' formats.", no_args_is_help=True)
-err = Console(stderr=True)
+err = make_console(stderr=True)
 
 
 def _read_text(path: Path) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from selfhost.cli.console import make_console
 from rich.table import Table
 from rich.text import Text
 
@@ -16,7 +16,7 @@ rag_app = typer.Typer(
     help="Ground answers in your own documents: index, search, ask, evaluate.",
     no_args_is_help=True,
 )
-console = Console()
+console = make_console()
 
 # Options shared by every command that opens the vector store.
 StoreOpt = typer.Option(
