@@ -21,3 +21,12 @@ def test_version_falls_back_to_the_source_tree_when_not_installed(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
     assert main.package_version() == selfhost.__version__
+
+
+def test_log_lines_stay_whole_when_stderr_is_not_a_terminal():
+    code = (
+        "import logging, selfhost.cli.main as m; m._configure_logging(); "
+        "logging.getLogger('selfhost.test').info('x' * 200 + ' end')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr.splitlines() == ["INFO " + "x" * 200 + " end"]

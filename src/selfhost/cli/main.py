@@ -62,9 +62,14 @@ def _register_commands() -> None:
 
 def _configure_logging() -> None:
     # selfhost's own INFO lines (model loaded, KV capacity) go to stderr; libraries stay at WARNING.
-    from rich.logging import RichHandler
+    # On a terminal rich's handler; elsewhere (a file, a CI log) one plain line per record, never wrapped.
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
 
-    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logger = logging.getLogger("selfhost")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
