@@ -8,11 +8,13 @@
 import os
 import sys
 
-# Before torch loads libgomp: idle OpenMP workers otherwise spin at full speed
-# and starve the threads that run the decode products (layers/linear.py).
-# Measured on a 2-core machine: ~70 tok/s decode with PASSIVE, ~2 tok/s without.
-# libgomp reads the variable once, when torch loads it: if torch came first and the
-# user set no policy, it is too late, and the engine says so once (engine/cpu_threads.py).
+# Before torch loads libgomp: idle OpenMP workers otherwise spin and compete with the
+# threads that run selfhost's kernels. When decode products ran on OpenBLAS threads this
+# cost ~70 -> ~2 tok/s on a 2-core AMD machine; with selfhost's own pool (_cpu_pool.c)
+# and torch ops on one thread in decode steps, no difference was measured on a 2-core
+# Xeon (2026-12-06), but other CPUs and busier machines may differ. libgomp reads the
+# variable once, when torch loads it: if torch came first and the user set no policy, it
+# is too late, and the engine says so once (engine/cpu_threads.py).
 OMP_POLICY_MISSED = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

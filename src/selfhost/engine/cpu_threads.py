@@ -150,8 +150,8 @@ class CpuThreads:
 
         if selfhost.OMP_POLICY_MISSED:
             warnings.warn(
-                "torch was imported before selfhost, so OpenMP's idle threads busy-wait and slow CPU decoding down; "
-                "import selfhost first, or set OMP_WAIT_POLICY=PASSIVE in the environment",
+                "torch was imported before selfhost, so OpenMP's idle threads busy-wait, which can slow CPU "
+                "inference on a busy or small machine; import selfhost first, or set OMP_WAIT_POLICY=PASSIVE",
                 RuntimeWarning,
                 stacklevel=2,
             )
