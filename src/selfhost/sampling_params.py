@@ -71,11 +71,3 @@ class SamplingParams:
             self.prompt_logprobs,
             f"None or an integer in [0, {MAX_LOGPROBS}]",
         )
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
