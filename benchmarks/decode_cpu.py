@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--weight-dtype", default=None, help="bfloat16: selfhost keeps linear weights in bf16")
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "selfhost-bench-llama125m")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,7 +52,7 @@ def main() -> None:
             )
         return out[0, len(prompt) :].tolist()
 
-    llm = LLM(str(model_dir), device="cpu")
+    llm = LLM(str(model_dir), device="cpu", weight_dtype=args.weight_dtype)
     params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
 
     def selfhost_generate():

@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--sequential-requests", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true", help="only selfhost (quick check)")
+    ap.add_argument("--weight-dtype", default=None, help="bfloat16: selfhost keeps linear weights in bf16")
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "selfhost-bench-llama125m")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,7 +105,8 @@ def main() -> None:
 
     model_dir = build_llama_125m(args.model_dir)
     prompts = make_prompts(args.requests, 64, 512, seed=0)
-    llm = LLM(str(model_dir), device="cpu", kv_cache_memory="3GiB", max_num_batched_tokens=1024)
+    llm = LLM(str(model_dir), device="cpu", kv_cache_memory="3GiB", max_num_batched_tokens=1024,
+              weight_dtype=args.weight_dtype)
     llm.generate(prompts[:2], selfhost.SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
 
     results = {"selfhost": selfhost_throughput(llm, prompts, args.output_tokens)}
@@ -135,7 +137,8 @@ def main() -> None:
     # state (a thread-count probe due on the next steps would tilt a two-step measurement).
     ttft, hit_rate = {}, 0.0
     for caching in (False, True):
-        engine_llm = LLM(str(model_dir), device="cpu", kv_cache_memory="2GiB", enable_prefix_caching=caching)
+        engine_llm = LLM(str(model_dir), device="cpu", kv_cache_memory="2GiB", enable_prefix_caching=caching,
+                         weight_dtype=args.weight_dtype)
         ttft[caching] = mean_ttft(engine_llm, prefix_prompts)
         hit_rate = engine_llm.engine.stats().prefix_hit_rate
         del engine_llm

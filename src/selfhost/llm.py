@@ -18,6 +18,8 @@ from selfhost.sampling_params import SamplingParams
 from selfhost.tokenizer import Tokenizer
 
 Prompt = str | list[int]
+# weight_dtype -> whether linear weights are stored bf16 under fp32 activations.
+WEIGHT_DTYPES = {None: False, "bfloat16": True, "bf16": True}
 Message = dict[str, Any]
 
 
@@ -28,6 +30,9 @@ class LLM:
     for the embedded demo model. On CPU the default dtype is float32; on CUDA
     bfloat16 (float16 where bf16 is unsupported). `quantization="int8"|"int4"`
     quantizes the weights right after loading (docs/QUANTIZATION.md).
+    `weight_dtype="bfloat16"` keeps an fp32 CPU model's linear weights in bf16
+    (half the bytes a decode step reads; AMX/AVX512-BF16 matmuls for prompts and
+    batches) while activations, norms and the KV cache stay fp32.
     `transformers_fallback=True` runs architectures selfhost has no native code
     for through transformers' modeling code: same API, much slower.
     """
@@ -47,15 +52,20 @@ class LLM:
         enable_prefix_caching: bool = True,
         quantization: str | None = None,
         transformers_fallback: bool = False,
+        weight_dtype: str | None = None,
     ):
         self.model_dir = resolve_model(model, allow_pickle=allow_pickle, revision=revision)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = Tokenizer(self.model_dir)
         quant_config = QuantConfig(method=quantization) if quantization is not None else None  # fail before the load
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise InvalidParameterError(f"weight_dtype={weight_dtype!r} is not supported; choose None (the model's "
+                                        "dtype) or 'bfloat16'")
         # On the fly: loaded, then quantized; `selfhost quantize` writes the same modules to disk.
         self.model = load_model(
-            self.model_dir, self.dtype, self.device, max_model_len, allow_pickle, transformers_fallback, quant_config
+            self.model_dir, self.dtype, self.device, max_model_len, allow_pickle, transformers_fallback, quant_config,
+            bf16_weights=WEIGHT_DTYPES[weight_dtype],
         )
         self.max_model_len = self.model.max_len
         if kv_cache_memory is None:

@@ -29,6 +29,7 @@
 #include <Python.h>
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__STDC_NO_ATOMICS__)
@@ -47,7 +48,7 @@
 #define KC 256     /* slice of K packed at a time */
 
 typedef struct {
-    const float *x, *w;
+    const float *x, *w; /* w: fp32 (N, K); for gemm_bf16w, bf16 (N, K) held in the same pointer */
     float *y;
     Py_ssize_t M, N, K;
 } Product;
@@ -197,9 +198,101 @@ static void run_dot_chunk(const void *product, long chunk) {
     }
 }
 
+/* ---- few rows, bf16 weights: the same dot products on half the bytes -------------
+ * A 64-byte load holds 32 bf16 weights as 16 pairs; a bf16 value is the top half of
+ * an fp32, so the pair (w[2i], w[2i+1]) of lane i widens exactly as lane << 16 and
+ * lane & 0xffff0000, with no shuffles. The activation rows are split once per call
+ * into matching even/odd halves per 32 values (x_pairs), so each step is one weight
+ * load, two bit operations and two FMAs per row. K % 32 leftovers are widened one
+ * by one (zero-extend, shift) from the rows as given. */
+#define AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+typedef struct {
+    Product product; /* w points at bf16 values */
+    const float *x_pairs; /* each row's first K/32*32 values as [16 even, 16 odd] per 32 */
+} ProductBf16w;
+
+AVX512BW static inline __attribute__((always_inline)) void dot_kernel_bf16w(const int rows, const int cols,
+                                                                            const ProductBf16w *q, Py_ssize_t m0,
+                                                                            Py_ssize_t n0, int prefetch) {
+    const Product *p = &q->product;
+    const Py_ssize_t K = p->K, K32 = K & ~(Py_ssize_t)31;
+    const uint16_t *w = (const uint16_t *)p->w + n0 * K;
+    const float *x = p->x + m0 * K, *xp = q->x_pairs + m0 * K32;
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 acc[DOT_ROWS][W_TILE];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) acc[r][c] = _mm512_setzero_ps();
+    for (Py_ssize_t k = 0; k < K32; k += 32) {
+        __m512 even[W_TILE], odd[W_TILE];
+        for (int c = 0; c < cols; c++) {
+            if (prefetch) _mm_prefetch((const char *)(w + c * K + k) + PREFETCH_BYTES, _MM_HINT_T0);
+            __m512i pairs = _mm512_loadu_si512((const void *)(w + c * K + k));
+            even[c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+            odd[c] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
+        }
+        for (int r = 0; r < rows; r++) {
+            __m512 xe = _mm512_loadu_ps(xp + r * K32 + k), xo = _mm512_loadu_ps(xp + r * K32 + k + 16);
+            for (int c = 0; c < cols; c++) {
+                acc[r][c] = _mm512_fmadd_ps(xe, even[c], acc[r][c]);
+                acc[r][c] = _mm512_fmadd_ps(xo, odd[c], acc[r][c]);
+            }
+        }
+    }
+    for (Py_ssize_t k = K32; k < K; k += 16) {
+        __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512 wv[W_TILE];
+        for (int c = 0; c < cols; c++) {
+            __m256i halves = _mm256_maskz_loadu_epi16(mask, w + c * K + k);
+            wv[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+        }
+        for (int r = 0; r < rows; r++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * K + k);
+            for (int c = 0; c < cols; c++) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float *y = p->y + (m0 + r) * p->N + n0;
+        for (int c = 0; c < cols; c++) y[c] = _mm512_reduce_add_ps(acc[r][c]);
+    }
+}
+
+#define DOT_BF16W_CASE(r, c) \
+    case r * 8 + c: dot_kernel_bf16w(r, c, q, m0, n0, prefetch); break;
+#define DOT_BF16W_CASES(r) DOT_BF16W_CASE(r, 1) DOT_BF16W_CASE(r, 2) DOT_BF16W_CASE(r, 3) DOT_BF16W_CASE(r, 4)
+
+AVX512BW static void run_dot_chunk_bf16w(const void *product, long chunk) {
+    const ProductBf16w *q = (const ProductBf16w *)product;
+    const Product *p = &q->product;
+    Py_ssize_t end = ((Py_ssize_t)chunk + 1) * CHUNK_ROWS < p->N ? ((Py_ssize_t)chunk + 1) * CHUNK_ROWS : p->N;
+    for (Py_ssize_t n0 = (Py_ssize_t)chunk * CHUNK_ROWS; n0 < end; n0 += W_TILE) {
+        int cols = end - n0 < W_TILE ? (int)(end - n0) : W_TILE;
+        for (Py_ssize_t m0 = 0; m0 < p->M; m0 += DOT_ROWS) {
+            int rows = p->M - m0 < DOT_ROWS ? (int)(p->M - m0) : DOT_ROWS, prefetch = m0 == 0;
+            switch (rows * 8 + cols) {
+                DOT_BF16W_CASES(1) DOT_BF16W_CASES(2) DOT_BF16W_CASES(3) DOT_BF16W_CASES(4) DOT_BF16W_CASES(5)
+                DOT_BF16W_CASES(6)
+            }
+        }
+    }
+}
+
+/* x (M, K) -> per row, each block of 32 values as its 16 even-indexed then its 16 odd-indexed ones. */
+static void split_pairs(const float *x, Py_ssize_t M, Py_ssize_t K, float *x_pairs) {
+    const Py_ssize_t K32 = K & ~(Py_ssize_t)31;
+    for (Py_ssize_t m = 0; m < M; m++)
+        for (Py_ssize_t k = 0; k < K32; k += 32)
+            for (int i = 0; i < 16; i++) {
+                x_pairs[m * K32 + k + i] = x[m * K + k + 2 * i];
+                x_pairs[m * K32 + k + 16 + i] = x[m * K + k + 2 * i + 1];
+            }
+}
+
 static int cpu_has_avx512(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
+    /* BW and VL: the masked 16-bit loads of bf16 weights (every AVX-512 server CPU since Skylake-SP has them). */
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
 }
 
 #endif /* SELFHOST_GEMM */
@@ -242,9 +335,40 @@ static PyObject *gemm(PyObject *self, PyObject *args) {
 #endif
 }
 
+static PyObject *gemm_bf16w(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, w, y;
+    Py_ssize_t M, N, K;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKnnni", &x, &w, &y, &M, &N, &K, &num_threads)) return NULL;
+#ifdef SELFHOST_GEMM
+    if (M < 0 || N < 0 || K < 0 || N >= ((Py_ssize_t)1 << 31) * CHUNK_ROWS) {
+        PyErr_SetString(PyExc_ValueError, "gemm_bf16w: sizes out of range");
+        return NULL;
+    }
+    const Py_ssize_t K32 = K & ~(Py_ssize_t)31;
+    float *x_pairs = K32 ? malloc((size_t)(M * K32) * sizeof(float)) : NULL;
+    if (K32 && M && !x_pairs) return PyErr_NoMemory();
+    ProductBf16w q = {{(const float *)x, (const float *)w, (float *)y, M, N, K}, x_pairs};
+    long num_units = (long)((N + CHUNK_ROWS - 1) / CHUNK_ROWS);
+    Py_BEGIN_ALLOW_THREADS
+    if (x_pairs) split_pairs((const float *)x, M, K, x_pairs);
+    pool_run(run_dot_chunk_bf16w, &q, M > 0 ? num_units : 0, num_threads < 1 ? 1 : num_threads);
+    Py_END_ALLOW_THREADS
+    free(x_pairs);
+    Py_RETURN_NONE;
+#else
+    (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)num_threads;
+    PyErr_SetString(PyExc_RuntimeError, "gemm_bf16w: built without x86-64 support");
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
-    {"available", available, METH_NOARGS, "True when this CPU has AVX-512F and the kernel was built for it."},
+    {"available", available, METH_NOARGS, "True when this CPU has AVX-512F/BW/VL and the kernel was built for it."},
     {"gemm", gemm, METH_VARARGS, "y = x @ W^T for fp32 contiguous tensors passed as data pointers."},
+    {"gemm_bf16w", gemm_bf16w, METH_VARARGS,
+     "y = x @ W^T for fp32 x and y and bf16 W (contiguous, data pointers): dot products, for few rows of x."},
     {NULL, NULL, 0, NULL},
 };
 

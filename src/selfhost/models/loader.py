@@ -87,19 +87,27 @@ def load_model(
     allow_pickle: bool = False,
     transformers_fallback: bool = False,
     quantization: QuantConfig | None = None,
+    bf16_weights: bool = False,
 ) -> CausalLM | TransformersModel:
     """The native model for a supported family; else, when allowed, transformers' own (slower).
 
     A checkpoint written by `selfhost quantize` loads into its quantized modules;
-    `quantization` quantizes a full-precision checkpoint right after loading.
+    `quantization` quantizes a full-precision checkpoint right after loading;
+    `bf16_weights` stores an fp32 CPU model's linear weights in bf16 (models/bf16_weights.py).
     """
     cfg = read_config(model_dir)
     stored = cfg.get("quantization_config")  # metadata written by `selfhost quantize`
+    if bf16_weights and (dtype != torch.float32 or device.type != "cpu" or quantization is not None or stored):
+        raise InvalidParameterError(
+            "bf16 weights are an option of fp32 models on CPU, without quantization; on a GPU use dtype='bfloat16'"
+        )
     try:
         spec = spec_from_config(cfg)
     except UnsupportedModelError:
         if not transformers_fallback:
             raise
+        if bf16_weights:
+            raise InvalidParameterError("bf16 weights need a natively supported architecture, not the fallback") from None
         if quantization is not None or stored is not None:
             raise InvalidParameterError(
                 "quantization needs a natively supported architecture, not the transformers fallback"
@@ -141,6 +149,10 @@ def load_model(
             # The full-precision arena stays alive while any parameter still views it
             # (norms): move what remains into a small new one and let it go.
             place_weights_in_arena(model, keep_values=True)
+    if bf16_weights:
+        from selfhost.models.bf16_weights import use_bf16_weights
+
+        use_bf16_weights(model)
     return model.eval()
 
 

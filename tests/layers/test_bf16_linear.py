@@ -1,0 +1,117 @@
+"""Linear layers with bf16 weights and fp32 activations: the C kernel and torch's bf16 matmul
+against a float64 reference on the bf16-rounded weights; the converted model against fp32."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfhost.errors import InvalidParameterError
+from selfhost.layers import bf16_linear
+from selfhost.layers.bf16_linear import Bf16Linear, measure_few_rows_max
+
+needs_kernel = pytest.mark.skipif(not bf16_linear.c_kernel_available(),
+                                  reason="the bf16-weight C kernel needs AVX-512 (F, BW, VL)")
+
+
+def reference(x: torch.Tensor, layer: Bf16Linear) -> torch.Tensor:
+    """Exact sums of x times the stored (bf16) weights, in float64."""
+    out = x.double() @ layer.weight.double().T
+    return out if layer.bias is None else out + layer.bias.double()
+
+
+def random_layer(in_features: int, out_features: int, bias: bool, few_rows_max: int, seed: int) -> Bf16Linear:
+    gen = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen))
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=gen))
+    return Bf16Linear.from_linear(linear, few_rows_max)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13])
+@pytest.mark.parametrize("in_features,out_features", [(768, 96), (37, 53), (64, 31), (100, 130), (48, 5)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_c_kernel_sums_fp32_activations_times_bf16_weights(rows, in_features, out_features, threads):
+    # Widths below, at and past multiples of 32 (the paired main loop) and of 16 (the masked tail).
+    layer = random_layer(in_features, out_features, bias=True, few_rows_max=64, seed=rows + in_features)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got = layer(x, threads)
+    expected = reference(x, layer)
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    assert (got.double() - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [1, 9, 40])
+def test_torch_path_rounds_activations_and_products_to_bf16(rows):
+    layer = random_layer(96, 80, bias=False, few_rows_max=0, seed=3)
+    x = torch.randn(2, rows, 96, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        got = layer(x, 2)
+    expected = reference(x.bfloat16().float(), layer)  # then rounded once more, to bf16 (8-bit mantissa)
+    assert got.shape == (2, rows, 80)
+    error = (got.double() - expected).abs()
+    assert (error <= expected.abs() * 2**-8 + 1e-4 * expected.abs().max()).all()
+
+
+@needs_kernel
+def test_both_paths_agree_to_bf16_precision():
+    layer = random_layer(256, 128, bias=False, few_rows_max=64, seed=5)
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        c_kernel = layer(x)
+        layer.few_rows_max = 0
+        onednn = layer(x)
+    assert (c_kernel - onednn).abs().max() <= 2e-2 * c_kernel.abs().max()
+
+
+def test_the_switch_is_measured_from_the_probe_rows():
+    chosen = measure_few_rows_max(256, 512)
+    assert chosen in (0, *bf16_linear._PROBE_ROWS)
+    if not bf16_linear.c_kernel_available():
+        assert chosen == 0
+
+
+@pytest.fixture(scope="module")
+def demo_models():
+    from selfhost import LLM
+
+    return LLM(None, kv_cache_memory="64MiB"), LLM(None, kv_cache_memory="64MiB", weight_dtype="bfloat16")
+
+
+def test_converted_model_holds_bf16_linear_weights_in_half_the_bytes(demo_models):
+    fp32, bf16 = demo_models
+    linears = [m for m in bf16.model.modules() if isinstance(m, Bf16Linear)]
+    assert len(linears) == 1 + 4 * bf16.model.spec.num_layers  # lm_head; qkv, o, gate_up, down per layer
+    assert all(m.weight.dtype == torch.bfloat16 for m in linears)
+
+    def linear_bytes(model):
+        return sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules() if n.endswith("proj"))
+
+    assert linear_bytes(bf16.model) * 2 == linear_bytes(fp32.model)
+
+
+def test_converted_model_stays_close_to_fp32(demo_models):
+    from selfhost import SamplingParams
+
+    fp32, bf16 = demo_models
+    params = SamplingParams(max_tokens=64, temperature=0, logprobs=5)
+    a, b = (llm.generate("To be, or not", params)[0] for llm in (fp32, bf16))
+    first_a, first_b = a.logprobs[0], b.logprobs[0]
+    assert first_a.token_id == first_b.token_id
+    assert abs(first_a.logprob - first_b.logprob) < 0.05
+    agree = sum(x == y for x, y in zip(a.token_ids, b.token_ids))
+    assert agree >= 0.75 * len(a.token_ids)
+
+
+@pytest.mark.parametrize(
+    "options", [{"weight_dtype": "int8"}, {"weight_dtype": "bf16", "quantization": "int8"},
+                {"weight_dtype": "bf16", "dtype": "bfloat16"}]
+)
+def test_bad_weight_dtype_requests_are_refused_before_loading(options):
+    from selfhost import LLM
+
+    with pytest.raises(InvalidParameterError):
+        LLM(None, **options)
