@@ -3,7 +3,6 @@ against a float64 reference on the bf16-rounded weights; the converted model aga
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from selfhost.errors import InvalidParameterError
 from selfhost.layers import bf16_linear

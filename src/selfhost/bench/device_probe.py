@@ -17,32 +17,22 @@ few seconds.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
 from selfhost.catalog import DeviceSpec
 from selfhost.host_memory import total_memory_bytes
+from selfhost.timing import best_seconds
 
 _COPY_BYTES = 256 * 2**20
-_REPEATS = 5
 _GEMV_BYTES = 64 * 2**20  # several times any CPU's last-level cache
-
-
-def _best_seconds(run, repeats: int = _REPEATS) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def measure_copy_bandwidth_gb_s(n_bytes: int = _COPY_BYTES) -> float:
     src = np.ones(n_bytes // 8, dtype=np.float64)
     dst = np.empty_like(src)
-    seconds = _best_seconds(lambda: np.copyto(dst, src))
+    seconds = best_seconds(lambda: np.copyto(dst, src))
     return 2 * n_bytes / seconds / 1e9
 
 
@@ -78,7 +68,7 @@ def _on_threads(threads: int, run) -> float:
     try:
         with torch.inference_mode():
             run(threads)
-            return _best_seconds(lambda: run(threads))
+            return best_seconds(lambda: run(threads))
     finally:
         torch.set_num_threads(before)
 
@@ -178,7 +168,7 @@ def _cuda_device() -> DeviceSpec | None:
         torch.cuda.synchronize()
 
     copy()
-    bandwidth = 2 * _COPY_BYTES / _best_seconds(copy) / 1e9
+    bandwidth = 2 * _COPY_BYTES / best_seconds(copy) / 1e9
     a = torch.randn(4096, 4096, dtype=torch.float16, device="cuda")
 
     def matmul():
@@ -186,7 +176,7 @@ def _cuda_device() -> DeviceSpec | None:
         torch.cuda.synchronize()
 
     matmul()
-    fp16_tflops = 2 * 4096**3 / _best_seconds(matmul) / 1e12
+    fp16_tflops = 2 * 4096**3 / best_seconds(matmul) / 1e12
     free, total = torch.cuda.mem_get_info()
     # Measured peaks are what the planner's efficiency factors would otherwise discount.
     return DeviceSpec(

@@ -18,11 +18,11 @@ the outputs') to bf16: an 8-bit mantissa, a relative error of at most 2^-9 per v
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from selfhost.timing import best_seconds
 
 try:
     from selfhost.layers import _gemm_cpu
@@ -94,14 +94,9 @@ def _on_threads(num_threads: int, run):
         torch.set_num_threads(previous)
 
 
-def _best_seconds(run, repeats: int = 5) -> float:
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _warm_best_seconds(run) -> float:
+    run()  # first call: allocation, thread start
+    return best_seconds(run)
 
 
 @torch.inference_mode()
@@ -121,7 +116,7 @@ def measure_few_rows_max(in_features: int, out_features: int) -> int:
         few_rows_max = 0
         for rows in _PROBE_ROWS:
             x = torch.randn(rows, in_features)
-            if _best_seconds(lambda: layer.forward(x, 1)) > _best_seconds(lambda: torch_layer.forward(x, 1)):
+            if _warm_best_seconds(lambda: layer.forward(x, 1)) > _warm_best_seconds(lambda: torch_layer.forward(x, 1)):
                 break
             few_rows_max = rows
         return few_rows_max
