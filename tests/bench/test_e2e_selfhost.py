@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from selfhost.bench.workload import synthetic_workload
 from selfhost.cli.bench import register
 from selfhost.hub import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME
 from selfhost.tokenizer import Tokenizer
+from tests.live_server import free_port, wait_until_healthy
 
 NUM_REQUESTS = 8
 # Long enough outputs that each level spans many /metrics scrapes even when the engine is fast.
@@ -36,32 +35,17 @@ PROMPT_TOKENS, OUTPUT_TOKENS = "uniform:8-24", "fixed:96"
 LEVELS = {"c1": 1, "c4": 4}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server():
     """`selfhost serve` as a subprocess, as an operator would start it; yields its base URL."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "selfhost.cli", "serve", "--port", str(port), "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"selfhost serve did not come up: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
+        wait_until_healthy(url, proc, lambda: proc.stderr.read().decode())
         yield url
     finally:
         proc.terminate()

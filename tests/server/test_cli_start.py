@@ -12,6 +12,8 @@ import time
 
 import httpx
 
+from tests.live_server import free_port, wait_until_healthy
+
 # Wide enough that rich would not wrap the one-line error; the assertions check there is one line.
 ENV = {**os.environ, "COLUMNS": "400"}
 
@@ -27,12 +29,6 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) ->
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and all(f in lines[-1] for f in fragments), done.stderr
     assert not any("error" in line.lower() for line in lines[:-1]), done.stderr  # no uvicorn start-up failure
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_missing_folder(tmp_path):
@@ -75,15 +71,7 @@ def test_access_log_is_one_json_line_per_request(tmp_path):
                                 stdout=out, stderr=err, env=ENV)
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
-                time.sleep(0.2)
+            wait_until_healthy(url, proc, err_path.read_text)
             assert httpx.get(f"{url}/v1/models/{long_id}").status_code == 404
             done = httpx.post(url + "/v1/completions", json={"model": "selfhost/shakespeare", "prompt": "To be",
                                                             "max_tokens": 3})
