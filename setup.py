@@ -5,6 +5,7 @@
 - quant/_int8_cpu.c             int8-weight linear layers (AVX2)
 - layers/_matvec_cpu.c          the fp32 few-row product of decode steps
 - layers/_gemm_cpu.c            the fp32 many-row product of prompts and batches (AVX-512)
+- layers/_bf16_tiles_cpu.c      bf16-weight products in the AMX tile layout (AMX; AVX-512 for few rows)
 - layers/_norm_cpu.c            RMSNorm in one pass
 - engine/_paged_attention_cpu.c decode attention read in place from the paged KV cache
 - engine/_prefill_attention_cpu.c prompt-chunk attention over the paged KV cache (AVX-512)
@@ -42,6 +43,7 @@ setup(
         kernel("quant._int8_cpu", uses_pool=True),
         kernel("layers._matvec_cpu", uses_pool=True),
         kernel("layers._gemm_cpu", uses_pool=True),
+        kernel("layers._bf16_tiles_cpu", uses_pool=True),
         kernel("layers._norm_cpu"),
         kernel("engine._paged_attention_cpu", uses_pool=True, headers=("engine/_weighted_rows_avx512.h",)),
         kernel("engine._prefill_attention_cpu", uses_pool=True, headers=("engine/_weighted_rows_avx512.h",)),

@@ -10,22 +10,88 @@ from selfhost.layers.bf16_linear import Bf16Linear, measure_few_rows_max
 
 needs_kernel = pytest.mark.skipif(not bf16_linear.c_kernel_available(),
                                   reason="the bf16-weight C kernel needs AVX-512 (F, BW, VL)")
+needs_amx = pytest.mark.skipif(not bf16_linear.tiles_available(),
+                               reason="the 'tiles' layout needs AMX-BF16 (Sapphire Rapids or later)")
 
 
 def reference(x: torch.Tensor, layer: Bf16Linear) -> torch.Tensor:
     """Exact sums of x times the stored (bf16) weights, in float64."""
-    out = x.double() @ layer.weight.double().T
+    out = x.double() @ layer.dense_weight().double().T
     return out if layer.bias is None else out + layer.bias.double()
 
 
-def random_layer(in_features: int, out_features: int, bias: bool, few_rows_max: int, seed: int) -> Bf16Linear:
+def random_linear(in_features: int, out_features: int, bias: bool, seed: int) -> torch.nn.Linear:
     gen = torch.Generator().manual_seed(seed)
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen))
         if bias:
             linear.bias.copy_(torch.randn(out_features, generator=gen))
-    return Bf16Linear.from_linear(linear, few_rows_max)
+    return linear
+
+
+def random_layer(in_features: int, out_features: int, bias: bool, few_rows_max: int, seed: int,
+                 layout: str = "rows") -> Bf16Linear:
+    return Bf16Linear.from_linear(random_linear(in_features, out_features, bias, seed), few_rows_max, layout)
+
+
+# Widths below, at and past multiples of 32 (an AMX tile's depth) and of 16 and 64 (its width, a chunk's).
+TILE_SHAPES = [(768, 96), (37, 53), (64, 31), (100, 130), (48, 5), (576, 200)]
+
+
+@needs_amx
+@pytest.mark.parametrize("in_features,out_features", TILE_SHAPES)
+def test_tiles_layout_holds_the_rounded_weights(in_features, out_features):
+    linear = random_linear(in_features, out_features, bias=False, seed=in_features)
+    layer = Bf16Linear.from_linear(linear, layout="tiles")
+    assert torch.equal(layer.dense_weight(), linear.weight.to(torch.bfloat16))
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 31, 32, 33, 70])
+@pytest.mark.parametrize("in_features,out_features", TILE_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_tiles_few_rows_kernel_sums_exact_activations(rows, in_features, out_features, bias):
+    layer = random_layer(in_features, out_features, bias, few_rows_max=1000, seed=rows, layout="tiles")
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows + 1))
+    with torch.inference_mode():
+        got = layer(x, 1 + rows % 2)
+    expected = reference(x, layer)
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    assert (got.double() - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 64, 100, 513])
+@pytest.mark.parametrize("in_features,out_features", TILE_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_amx_product_rounds_only_the_activations(rows, in_features, out_features, bias):
+    # Sums leave the tiles as fp32: against exact sums of the bf16-rounded activations, only
+    # fp32 summation error remains (no rounding of the outputs to bf16, unlike torch's path).
+    layer = random_layer(in_features, out_features, bias, few_rows_max=0, seed=rows, layout="tiles")
+    x = torch.randn(2, rows, in_features, generator=torch.Generator().manual_seed(rows + 2))
+    with torch.inference_mode():
+        got = layer(x, 2)
+    expected = reference(x.bfloat16().float(), layer)
+    assert got.shape == (2, rows, out_features)
+    assert (got.double() - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+@needs_amx
+def test_tiles_layout_takes_other_dtypes_through_the_dense_weight():
+    layer = random_layer(96, 80, bias=True, few_rows_max=4, seed=9, layout="tiles")
+    x = torch.randn(3, 96, dtype=torch.float64)
+    expected = x @ layer.dense_weight().double().T + layer.bias.double()
+    assert torch.allclose(layer(x), expected)
+
+
+def test_tiles_layout_is_refused_where_the_cpu_lacks_amx():
+    if bf16_linear.tiles_available():
+        assert bf16_linear.best_layout() == "tiles"
+    else:
+        assert bf16_linear.best_layout() == "rows"
+        with pytest.raises(ValueError, match="AMX"):
+            Bf16Linear(64, 64, bias=False, layout="tiles")
 
 
 @needs_kernel
@@ -66,10 +132,15 @@ def test_both_paths_agree_to_bf16_precision():
     assert (c_kernel - onednn).abs().max() <= 2e-2 * c_kernel.abs().max()
 
 
-def test_the_switch_is_measured_from_the_probe_rows():
-    chosen = measure_few_rows_max(256, 512)
+@pytest.mark.parametrize("layout", ["rows", "tiles"])
+def test_the_switch_is_measured_from_the_probe_rows(layout):
+    if layout == "tiles" and not bf16_linear.tiles_available():
+        with pytest.raises(ValueError):
+            measure_few_rows_max(256, 512, layout)
+        return
+    chosen = measure_few_rows_max(256, 512, layout)
     assert chosen in (0, *bf16_linear._PROBE_ROWS)
-    if not bf16_linear.c_kernel_available():
+    if layout == "rows" and not bf16_linear.c_kernel_available():
         assert chosen == 0
 
 
@@ -84,12 +155,22 @@ def test_converted_model_holds_bf16_linear_weights_in_half_the_bytes(demo_models
     fp32, bf16 = demo_models
     linears = [m for m in bf16.model.modules() if isinstance(m, Bf16Linear)]
     assert len(linears) == 1 + 4 * bf16.model.spec.num_layers  # lm_head; qkv, o, gate_up, down per layer
-    assert all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert all(m.weight.dtype == torch.bfloat16 and m.layout == bf16_linear.best_layout() for m in linears)
+    fp32_linears = dict(fp32.model.named_modules())
+    for name, module in bf16.model.named_modules():
+        if isinstance(module, Bf16Linear):
+            assert torch.equal(module.dense_weight(), fp32_linears[name].weight.to(torch.bfloat16))
 
     def linear_bytes(model):
         return sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules() if n.endswith("proj"))
 
-    assert linear_bytes(bf16.model) * 2 == linear_bytes(fp32.model)
+    def padded(n: int, to: int) -> int:
+        return -(-n // to) * to
+
+    # "tiles" pads outputs to 64 and inputs to 32 (zero weights): half the bytes of the padded shape.
+    padded_fp32 = sum(padded(m.out_features, 64) * padded(m.in_features, 32) * 4 if m.layout == "tiles"
+                      else m.weight.numel() * 4 for n, m in bf16.model.named_modules() if n.endswith("proj"))
+    assert linear_bytes(bf16.model) * 2 == padded_fp32 and padded_fp32 >= linear_bytes(fp32.model)
 
 
 def test_converted_model_stays_close_to_fp32(demo_models):

@@ -4,16 +4,22 @@ A decode step on CPU streams every weight once, so bf16 weights (half the bytes
 of fp32) make it up to twice as fast; a prompt or a large batch is bound by
 compute, and CPUs with AMX or AVX512-BF16 multiply bf16 several times faster
 than fp32. Both are had without giving up fp32 activations (norms, attention,
-residual sums and the KV cache stay fp32, so outputs stay close to the fp32 run):
-- few rows: selfhost's C kernel (`_gemm_cpu.gemm_bf16w`) reads the bf16 weights
-  where they lie and widens them to fp32 in registers (exact), with fp32 sums;
-- more rows: the activations are rounded to bf16 and torch's bf16 matmul
-  (oneDNN, which uses AMX tiles where the CPU has them) sums in fp32 and rounds
-  each output to bf16 (torch has no fp32-output bf16 product on CPU).
-Where the switch between the two lies depends on the CPU, so it is measured
-(`measure_few_rows_max`) when a model is converted, not written down here.
-The only rounding is the weights' (and, past the switch, the activations' and
-the outputs') to bf16: an 8-bit mantissa, a relative error of at most 2^-9 per value.
+residual sums and the KV cache stay fp32, so outputs stay close to the fp32 run).
+
+Two weight layouts, chosen once per process from what the CPU has:
+- "tiles" (CPUs with AMX): the weights are reordered at load into the blocks AMX
+  multiplies (`_bf16_tiles_cpu.c`). Few rows: AVX-512 FMAs on the exact fp32
+  activations, each weight widened in registers. More rows: AMX tiles on the
+  activations rounded to bf16, with fp32 sums written out as fp32.
+- "rows" (other CPUs): W as it is, (out, in). Few rows: selfhost's C kernel
+  (`_gemm_cpu.gemm_bf16w`, AVX-512), exact activations. More rows: torch's bf16
+  matmul (oneDNN), which rounds the activations and each output to bf16 (torch
+  has no fp32-output bf16 product on CPU).
+Where the switch between few and more rows lies depends on the CPU, so it is
+measured (`measure_few_rows_max`) when a model is converted, not written down here.
+The only rounding is the weights' (and, past the switch, the activations' and,
+in "rows", the outputs') to bf16: an 8-bit mantissa, a relative error of at most
+2^-9 per value.
 """
 
 from __future__ import annotations
@@ -28,47 +34,94 @@ try:
     from selfhost.layers import _gemm_cpu
 except ImportError:  # not compiled (no C compiler at install, or a source tree without `pip install`)
     _gemm_cpu = None
+try:
+    from selfhost.layers import _bf16_tiles_cpu
+except ImportError:
+    _bf16_tiles_cpu = None
 
 # Rows tried when measuring where torch's bf16 matmul overtakes the C kernel.
 _PROBE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
 def c_kernel_available() -> bool:
+    """The "rows" layout's few-row kernel (AVX-512)."""
     return _gemm_cpu is not None and _gemm_cpu.available()
+
+
+def tiles_available() -> bool:
+    """The "tiles" layout: AMX for many rows (and AVX-512 for few), granted by the OS."""
+    return _bf16_tiles_cpu is not None and _bf16_tiles_cpu.available()
+
+
+def best_layout() -> str:
+    return "tiles" if tiles_available() else "rows"
 
 
 class Bf16Linear(nn.Module):
     """y = x @ W^T + b with W held in bf16; x and y in fp32 (other dtypes go through F.linear).
 
-    `few_rows_max`: up to this many rows the C kernel runs, above it torch's bf16
-    matmul (0: always torch). Set by the converter from a measurement.
+    `layout`: "tiles" or "rows" (see the module's docstring); "tiles" holds `weight`
+    as a flat, padded, reordered buffer (`dense_weight()` gives W back as (out, in)).
+    `few_rows_max`: up to this many rows the few-row kernel runs, above it the
+    many-row product (0: always the latter). Set by the converter from a measurement.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, few_rows_max: int = 0, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, few_rows_max: int = 0,
+                 layout: str = "rows", device=None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.bfloat16, device=device),
-                                   requires_grad=False)
+        if layout not in ("rows", "tiles"):
+            raise ValueError(f"unknown bf16 weight layout {layout!r}")
+        if layout == "tiles" and not tiles_available():
+            raise ValueError("the 'tiles' bf16 layout needs a CPU with AMX (and selfhost's compiled kernels)")
+        self.in_features, self.out_features, self.layout = in_features, out_features, layout
+        shape = ((_bf16_tiles_cpu.packed_size(out_features, in_features),) if layout == "tiles"
+                 else (out_features, in_features))
+        self.weight = nn.Parameter(torch.empty(shape, dtype=torch.bfloat16, device=device), requires_grad=False)
         self.register_parameter(
             "bias", nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         )
-        self.few_rows_max = few_rows_max if c_kernel_available() else 0
+        few_rows_kernel = tiles_available() if layout == "tiles" else c_kernel_available()
+        self.few_rows_max = few_rows_max if few_rows_kernel else 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, few_rows_max: int = 0) -> Bf16Linear:
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, few_rows_max,
+    def from_linear(cls, linear: nn.Linear, few_rows_max: int = 0, layout: str = "rows") -> Bf16Linear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, few_rows_max, layout,
                      linear.weight.device)
         with torch.no_grad():
-            module.weight.copy_(linear.weight)  # round to nearest even
+            rounded = linear.weight.to(torch.bfloat16).contiguous()  # round to nearest even
+            if layout == "tiles":
+                _bf16_tiles_cpu.pack(rounded.data_ptr(), module.weight.data_ptr(), linear.out_features,
+                                     linear.in_features)
+            else:
+                module.weight.copy_(rounded)
             if linear.bias is not None:
                 module.bias.copy_(linear.bias)
         return module
 
+    def dense_weight(self) -> torch.Tensor:
+        """W as (out_features, in_features) bf16, whatever the layout (a copy for "tiles")."""
+        if self.layout == "rows":
+            return self.weight
+        # Blocks of 16 outputs x 32 inputs; block row i holds the pairs (W[n][2i], W[n][2i+1]) for 16 n.
+        out_blocks = self.weight.numel() // (16 * 32 * -(-self.in_features // 32))
+        blocks = self.weight.view(out_blocks, -1, 16, 16, 2)  # (n block, k block, i, n, pair)
+        dense = blocks.permute(0, 3, 1, 2, 4).reshape(out_blocks * 16, -1)
+        return dense[: self.out_features, : self.in_features].contiguous()
+
     def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
-        """num_threads: threads the C kernel may use (the engine step's choice); torch's matmul takes torch's."""
+        """num_threads: threads selfhost's kernels use (the engine step's choice); also torch's, for its matmul."""
         weight, bias = self._parameters["weight"], self._parameters["bias"]
         rows = x.numel() // self.in_features
-        if rows <= self.few_rows_max and x.dtype == torch.float32 and x.device.type == "cpu":
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            out = F.linear(x, self.dense_weight().to(x.dtype))
+        elif self.layout == "tiles":
+            x = x.contiguous()
+            out = torch.empty(*x.shape[:-1], self.out_features)
+            product = _bf16_tiles_cpu.linear_few_rows if rows <= self.few_rows_max else _bf16_tiles_cpu.linear
+            product(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
+                    rows, self.out_features, self.in_features, num_threads)
+            return out
+        elif rows <= self.few_rows_max:
             x = x.contiguous()
             out = torch.empty(*x.shape[:-1], self.out_features)
             _gemm_cpu.gemm_bf16w(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, self.out_features,
@@ -78,7 +131,8 @@ class Bf16Linear(nn.Module):
         return out if bias is None else out.add_(bias.to(out.dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, few_rows_max={self.few_rows_max}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
+                f"few_rows_max={self.few_rows_max}")
 
 
 def _on_threads(num_threads: int, run):
@@ -100,23 +154,23 @@ def _warm_best_seconds(run) -> float:
 
 
 @torch.inference_mode()
-def measure_few_rows_max(in_features: int, out_features: int) -> int:
-    """The most rows for which the C kernel beats torch's bf16 matmul on a layer of this shape,
-    both on one thread (the count decode steps start from); 0 without the C kernel. Takes
-    well under a second."""
-    if not c_kernel_available():
+def measure_few_rows_max(in_features: int, out_features: int, layout: str = "rows") -> int:
+    """The most rows for which the layout's few-row kernel beats its many-row product on a layer
+    of this shape, both on one thread (the count decode steps start from); 0 without the few-row
+    kernel. Takes well under a second."""
+    if not (tiles_available() if layout == "tiles" else c_kernel_available()):
         return 0
-    layer = Bf16Linear(in_features, out_features, bias=False, few_rows_max=max(_PROBE_ROWS))
+    layer = Bf16Linear(in_features, out_features, bias=False, few_rows_max=max(_PROBE_ROWS), layout=layout)
     layer.weight.normal_()
-    torch_layer = Bf16Linear(in_features, out_features, bias=False, few_rows_max=0)
-    torch_layer.weight = layer.weight
+    many_rows_layer = Bf16Linear(in_features, out_features, bias=False, few_rows_max=0, layout=layout)
+    many_rows_layer.weight = layer.weight
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         few_rows_max = 0
         for rows in _PROBE_ROWS:
             x = torch.randn(rows, in_features)
-            if _warm_best_seconds(lambda: layer.forward(x, 1)) > _warm_best_seconds(lambda: torch_layer.forward(x, 1)):
+            if _warm_best_seconds(lambda: layer.forward(x, 1)) > _warm_best_seconds(lambda: many_rows_layer.forward(x, 1)):
                 break
             few_rows_max = rows
         return few_rows_max

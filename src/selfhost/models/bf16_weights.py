@@ -2,8 +2,9 @@
 
 See layers/bf16_linear.py for why and how the products run. Norm weights,
 embeddings and rotary tables stay fp32: they are a small share of the bytes a
-step reads. The switch between the C kernel and torch's bf16 matmul is measured
-once here, on the model's own layer width, and handed to every layer.
+step reads. The weight layout follows the CPU (AMX tiles where it has them), and
+the switch between the few-row kernel and the many-row product is measured once
+here, on the model's own layer width, and handed to every layer.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from selfhost.layers.bf16_linear import Bf16Linear, measure_few_rows_max
+from selfhost.layers.bf16_linear import Bf16Linear, best_layout, measure_few_rows_max
 from selfhost.layers.linear import Linear
 from selfhost.models.decoder import CausalLM
 from selfhost.models.weight_arena import place_weights_in_arena
@@ -24,18 +25,19 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def use_bf16_weights(model: CausalLM) -> int:
     """Replace every Linear (output head included) by a Bf16Linear; returns the measured few-rows switch."""
-    spec = model.spec
-    few_rows_max = measure_few_rows_max(spec.hidden_size, spec.intermediate_size)
+    spec, layout = model.spec, best_layout()
+    few_rows_max = measure_few_rows_max(spec.hidden_size, spec.intermediate_size, layout)
     for name, module in list(model.named_modules()):
         if type(module) is Linear:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
-                    Bf16Linear.from_linear(module, few_rows_max))
+                    Bf16Linear.from_linear(module, few_rows_max, layout))
     # The fp32 arena stays alive while any parameter views it: move everything into a new, smaller one.
     place_weights_in_arena(model, keep_values=True)
     model.bf16_few_rows_max = few_rows_max
-    log.info("linear weights in bf16: selfhost's kernel up to %d rows, torch's bf16 matmul beyond (measured)",
-             few_rows_max)
+    many_rows = "AMX tiles" if layout == "tiles" else "torch's bf16 matmul"
+    log.info("linear weights in bf16 (%s layout): selfhost's AVX-512 kernel up to %d rows, %s beyond (measured)",
+             layout, few_rows_max, many_rows)
     return few_rows_max
 
 

@@ -1,0 +1,432 @@
+/* y = x @ W^T with bf16 weights in the AMX tile layout: fp32 x and y, fp32 sums.
+ *
+ * Two products read the one packed copy of the weights:
+ * - many rows (`linear`, prompts and batched decode): Intel AMX tiles;
+ * - few rows (`linear_few_rows`, single-stream decode, which only streams weights):
+ *   AVX-512 FMAs on the exact fp32 rows, each packed row widened in registers.
+ * Which is faster for how many rows depends on the CPU: the caller measures it.
+ *
+ * Why AMX: one TDPBF16PS multiplies a 16x32 bf16 tile by a 32x16 one into 16x16
+ * fp32 sums, 8192 multiply-adds in one instruction, about 16x what AVX-512 FMAs
+ * give per cycle. PyTorch reaches the same units through oneDNN, but only with
+ * bf16 inputs and bf16 outputs and with the weights reordered on every call; here
+ * the weights are reordered once, at load (`pack`), the activations are rounded
+ * to bf16 inside the call, and the sums leave the tiles as fp32, so a layer's
+ * output is as exact as its bf16 weights allow.
+ *
+ * Packed layout (`pack`): W (N, K) bf16, zero-padded to N rounded up to 64
+ * and K32 = K rounded up to 32, stored as blocks of 16 outputs x 32 inputs. Block
+ * (nb, kb) is the B tile TDPBF16PS wants: row i holds, for each of the 16 outputs
+ * n, the input pair (W[n][32kb + 2i], W[n][32kb + 2i + 1]). The blocks of one
+ * 16-output group lie together, so a thread that owns some outputs streams one
+ * contiguous stretch of memory.
+ *
+ * A call: the rows of x are rounded to bf16 into a zero-padded buffer (M rounded
+ * up to 16, K32 wide); then each chunk takes 32 outputs (two B tiles) and walks all
+ * rows 32 at a time (two A tiles), 4 fp32 C tiles accumulating over K. The two B
+ * tiles of a chunk stay in L1/L2 while every row passes, so each weight is read
+ * from memory once per call whatever M is: bandwidth-bound for a decode step,
+ * compute-bound for a prompt.
+ *
+ * The tile registers are configured per thread at the start of each chunk and
+ * released at its end (so an idle pool thread does not carry 8 KiB of tile state
+ * through context switches). Linux hands out AMX state only to processes that ask
+ * (arch_prctl ARCH_REQ_XCOMP_PERM), done once when the module loads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../_cpu_pool.h"
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define SELFHOST_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+enum { TILE_ROWS = 16, TILE_K = 32, TILE_ELEMS = TILE_ROWS * TILE_K, OUT_PER_CHUNK = 32 };
+
+typedef struct __attribute__((aligned(64))) {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+typedef struct {
+    const uint16_t *xb; /* (Mp, K32) bf16, zero-padded */
+    const uint16_t *w;  /* packed, see above */
+    const float *bias;  /* N or NULL */
+    float *y;           /* (M, N) */
+    Py_ssize_t M, N, K32, Mp;
+    Py_ssize_t group_rows; /* rows a chunk covers: a multiple of 32 whose bf16 copy fits a quarter of L2 */
+    Py_ssize_t out_chunks; /* chunks across N per row group */
+} Product;
+
+typedef struct {
+    const float *x;
+    uint16_t *xb;
+    Py_ssize_t M, K, K32;
+} Rounding;
+
+static int amx_ready;          /* set once, when the module loads */
+static Py_ssize_t l2_bytes;     /* per core, as the C library reports it; set once, when the module loads */
+
+static int request_amx(void) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512bf16") ||
+        !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16"))
+        return 0;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+/* Rows per group: the group's bf16 rows take about a quarter of L2, leaving room for the
+ * weights streaming through and the outputs written; at least 32 rows (two A tiles). */
+static Py_ssize_t group_rows_for(Py_ssize_t K32, Py_ssize_t Mp) {
+    Py_ssize_t rows = (l2_bytes / 4) / (K32 * (Py_ssize_t)sizeof(uint16_t)) / 32 * 32;
+    if (rows < 32) rows = 32;
+    return rows < Mp ? rows : Mp;
+}
+
+/* Rows [16c, 16c + 16) of x to bf16 (round to nearest even), zeros past M and past K. */
+AMX static void round_rows(const void *context, long chunk) {
+    const Rounding *r = (const Rounding *)context;
+    for (Py_ssize_t m = chunk * TILE_ROWS; m < (chunk + 1) * TILE_ROWS; m++) {
+        uint16_t *out = r->xb + m * r->K32;
+        if (m >= r->M) {
+            memset(out, 0, (size_t)r->K32 * sizeof(uint16_t));
+            continue;
+        }
+        const float *in = r->x + m * r->K;
+        for (Py_ssize_t k = 0; k < r->K32; k += 32) {
+            Py_ssize_t left = r->K - k;
+            __mmask16 lo = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            __mmask16 hi = left >= 32 ? 0xffff : left > 16 ? (__mmask16)((1u << (left - 16)) - 1) : 0;
+            __m512 a = _mm512_maskz_loadu_ps(lo, in + k), b = _mm512_maskz_loadu_ps(hi, in + k + 16);
+            _mm512_storeu_si512((void *)(out + k), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        }
+    }
+}
+
+AMX static void configure_tiles(void) {
+    TileConfig config;
+    memset(&config, 0, sizeof config);
+    config.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = TILE_ROWS;
+        config.colsb[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* C tile t holds rows [m, m+16) x outputs [n, n+16): to y, with bias, only what lies inside (M, N). */
+#define STORE_TILE(t, m, n)                                                                          \
+    do {                                                                                             \
+        if (!p->bias && (m) + TILE_ROWS <= p->M && (n) + 16 <= p->N) {                               \
+            _tile_stored(t, p->y + (m) * p->N + (n), (long)(p->N * sizeof(float)));                  \
+        } else {                                                                                     \
+            _tile_stored(t, staging, 64);                                                            \
+            store_partial(p, staging, (m), (n));                                                     \
+        }                                                                                            \
+    } while (0)
+
+AMX static void store_partial(const Product *p, const float *staging, Py_ssize_t m0, Py_ssize_t n0) {
+    Py_ssize_t cols = p->N - n0 < 16 ? p->N - n0 : 16;
+    if (cols <= 0) return;
+    __mmask16 mask = (__mmask16)((1u << cols) - 1);
+    __m512 bias = p->bias ? _mm512_maskz_loadu_ps(mask, p->bias + n0) : _mm512_setzero_ps();
+    for (Py_ssize_t r = 0; r < TILE_ROWS && m0 + r < p->M; r++)
+        _mm512_mask_storeu_ps(p->y + (m0 + r) * p->N + n0, mask, _mm512_add_ps(_mm512_loadu_ps(staging + 16 * r), bias));
+}
+
+/* 32 outputs for one group of rows; chunks of the same row group are numbered together, so
+ * threads working at the same time share that group's rows (in L2/L3) and sweep the outputs. */
+AMX static void run_chunk(const void *context, long chunk) {
+    const Product *p = (const Product *)context;
+    const Py_ssize_t kblocks = p->K32 / TILE_K, stride = p->K32 * (Py_ssize_t)sizeof(uint16_t);
+    const Py_ssize_t n0 = (Py_ssize_t)(chunk % p->out_chunks) * OUT_PER_CHUNK;
+    const Py_ssize_t m_begin = (Py_ssize_t)(chunk / p->out_chunks) * p->group_rows;
+    const Py_ssize_t m_end = m_begin + p->group_rows < p->Mp ? m_begin + p->group_rows : p->Mp;
+    const uint16_t *b0 = p->w + (n0 / 16) * kblocks * TILE_ELEMS, *b1 = b0 + kblocks * TILE_ELEMS;
+    float staging[TILE_ROWS * 16] __attribute__((aligned(64)));
+    configure_tiles();
+    Py_ssize_t m = m_begin;
+    for (; m + 2 * TILE_ROWS <= m_end; m += 2 * TILE_ROWS) {
+        const uint16_t *a0 = p->xb + m * p->K32, *a1 = a0 + TILE_ROWS * p->K32;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
+            _tile_loadd(4, a0 + kb * TILE_K, stride);
+            _tile_loadd(6, b0 + kb * TILE_ELEMS, 64);
+            _tile_loadd(7, b1 + kb * TILE_ELEMS, 64);
+            _tile_loadd(5, a1 + kb * TILE_K, stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        STORE_TILE(0, m, n0);
+        STORE_TILE(1, m, n0 + 16);
+        STORE_TILE(2, m + TILE_ROWS, n0);
+        STORE_TILE(3, m + TILE_ROWS, n0 + 16);
+    }
+    if (m < m_end) { /* one block of 16 rows left */
+        const uint16_t *a0 = p->xb + m * p->K32;
+        _tile_zero(0);
+        _tile_zero(1);
+        for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
+            _tile_loadd(4, a0 + kb * TILE_K, stride);
+            _tile_loadd(6, b0 + kb * TILE_ELEMS, 64);
+            _tile_loadd(7, b1 + kb * TILE_ELEMS, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        STORE_TILE(0, m, n0);
+        STORE_TILE(1, m, n0 + 16);
+    }
+    _tile_release();
+}
+
+
+/* ---- few rows: AVX-512 on the packed layout ---------------------------------------
+ * Row i of block (nb, kb) is 16 pairs (W[n][32kb+2i], W[n][32kb+2i+1]); a bf16 value is
+ * the top half of an fp32, so the even members widen exactly as lane << 16 and the odd
+ * as lane & 0xffff0000. Each then meets one broadcast x value per row: the 16 lanes are
+ * 16 outputs, so sums need no horizontal reduction. A chunk is 4 blocks (64 outputs)
+ * and walks the rows 4 at a time; the chunk's weights stay in L2 across row passes. */
+enum { FEW_BLOCKS = 4, FEW_ROWS = 4 };
+
+typedef struct {
+    const float *x; /* (M, K32): K32 == K, or a zero-padded copy */
+    const uint16_t *w;
+    const float *bias;
+    float *y;
+    Py_ssize_t M, N, K32;
+} FewRows;
+
+#define FEW_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+FEW_AVX512 static inline __attribute__((always_inline)) void few_rows_kernel(const FewRows *p, int rows,
+                                                                             Py_ssize_t m0, Py_ssize_t nb0) {
+    const Py_ssize_t kblocks = p->K32 / TILE_K;
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 acc[FEW_ROWS][FEW_BLOCKS];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < FEW_BLOCKS; c++) acc[r][c] = _mm512_setzero_ps();
+    for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
+        const uint16_t *tile = p->w + (nb0 * kblocks + kb) * TILE_ELEMS;
+        for (int i = 0; i < 16; i++) {
+            __m512 even[FEW_BLOCKS], odd[FEW_BLOCKS];
+            for (int c = 0; c < FEW_BLOCKS; c++) {
+                __m512i pairs = _mm512_loadu_si512((const void *)(tile + c * kblocks * TILE_ELEMS + i * 32));
+                even[c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+                odd[c] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
+            }
+            for (int r = 0; r < rows; r++) {
+                const float *x = p->x + (m0 + r) * p->K32 + kb * TILE_K + 2 * i;
+                __m512 xe = _mm512_set1_ps(x[0]), xo = _mm512_set1_ps(x[1]);
+                for (int c = 0; c < FEW_BLOCKS; c++) {
+                    acc[r][c] = _mm512_fmadd_ps(xe, even[c], acc[r][c]);
+                    acc[r][c] = _mm512_fmadd_ps(xo, odd[c], acc[r][c]);
+                }
+            }
+        }
+    }
+    for (int c = 0; c < FEW_BLOCKS; c++) {
+        Py_ssize_t n0 = (nb0 + c) * 16, cols = p->N - n0 < 16 ? p->N - n0 : 16;
+        if (cols <= 0) break;
+        __mmask16 mask = (__mmask16)((1u << cols) - 1);
+        __m512 bias = p->bias ? _mm512_maskz_loadu_ps(mask, p->bias + n0) : _mm512_setzero_ps();
+        for (int r = 0; r < rows; r++)
+            _mm512_mask_storeu_ps(p->y + (m0 + r) * p->N + n0, mask, _mm512_add_ps(acc[r][c], bias));
+    }
+}
+
+FEW_AVX512 static void run_few_rows_chunk(const void *context, long chunk) {
+    const FewRows *p = (const FewRows *)context;
+    for (Py_ssize_t m0 = 0; m0 < p->M; m0 += FEW_ROWS) {
+        switch (p->M - m0 < FEW_ROWS ? (int)(p->M - m0) : FEW_ROWS) {
+            case 1: few_rows_kernel(p, 1, m0, (Py_ssize_t)chunk * FEW_BLOCKS); break;
+            case 2: few_rows_kernel(p, 2, m0, (Py_ssize_t)chunk * FEW_BLOCKS); break;
+            case 3: few_rows_kernel(p, 3, m0, (Py_ssize_t)chunk * FEW_BLOCKS); break;
+            default: few_rows_kernel(p, 4, m0, (Py_ssize_t)chunk * FEW_BLOCKS); break;
+        }
+    }
+}
+
+static int few_rows_ready; /* AVX-512 F/BW/VL; set once, when the module loads */
+
+#endif /* SELFHOST_AMX */
+
+static Py_ssize_t round_up(Py_ssize_t v, Py_ssize_t to) { return (v + to - 1) / to * to; }
+
+/* Outputs are padded (with zero weights) to a multiple of 64: whole chunks for both products. */
+#define PACK_OUT 64
+
+static PyObject *available(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+#ifdef SELFHOST_AMX
+    return PyBool_FromLong(amx_ready);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *few_rows_available(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+#ifdef SELFHOST_AMX
+    return PyBool_FromLong(few_rows_ready);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *packed_size(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t N, K;
+    if (!PyArg_ParseTuple(args, "nn", &N, &K)) return NULL;
+    if (N < 0 || K < 0) {
+        PyErr_SetString(PyExc_ValueError, "packed_size: negative size");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(round_up(N, PACK_OUT) * round_up(K, 32));
+}
+
+static PyObject *pack(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long w, packed;
+    Py_ssize_t N, K;
+    if (!PyArg_ParseTuple(args, "KKnn", &w, &packed, &N, &K)) return NULL;
+    if (N < 0 || K < 0) {
+        PyErr_SetString(PyExc_ValueError, "pack: negative size");
+        return NULL;
+    }
+    const uint16_t *src = (const uint16_t *)w;
+    uint16_t *dst = (uint16_t *)packed;
+    const Py_ssize_t N16 = round_up(N, PACK_OUT), K32 = round_up(K, 32), kblocks = K32 / 32;
+    for (Py_ssize_t nb = 0; nb < N16 / 16; nb++)
+        for (Py_ssize_t kb = 0; kb < kblocks; kb++)
+            for (Py_ssize_t i = 0; i < 16; i++)
+                for (Py_ssize_t n = 0; n < 16; n++)
+                    for (Py_ssize_t j = 0; j < 2; j++) {
+                        Py_ssize_t row = nb * 16 + n, col = kb * 32 + 2 * i + j;
+                        dst[((nb * kblocks + kb) * 16 + i) * 32 + 2 * n + j] =
+                            row < N && col < K ? src[row * K + col] : 0;
+                    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *linear(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, w, bias, y;
+    Py_ssize_t M, N, K;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKKnnni", &x, &w, &bias, &y, &M, &N, &K, &num_threads)) return NULL;
+#ifdef SELFHOST_AMX
+    if (!amx_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "linear: this CPU or kernel does not offer AMX");
+        return NULL;
+    }
+    if (M < 0 || N < 0 || K < 0 || N >= ((Py_ssize_t)1 << 31) * OUT_PER_CHUNK) {
+        PyErr_SetString(PyExc_ValueError, "linear: sizes out of range");
+        return NULL;
+    }
+    if (M == 0 || N == 0) Py_RETURN_NONE;
+    const Py_ssize_t K32 = round_up(K, 32), Mp = round_up(M, TILE_ROWS);
+    uint16_t *xb = aligned_alloc(64, (size_t)(Mp * K32) * sizeof(uint16_t) + 64);
+    if (!xb) return PyErr_NoMemory();
+    Rounding rounding = {(const float *)x, xb, M, K, K32};
+    const Py_ssize_t group_rows = group_rows_for(K32, Mp), out_chunks = round_up(N, OUT_PER_CHUNK) / OUT_PER_CHUNK;
+    Product p = {xb, (const uint16_t *)w, bias ? (const float *)bias : NULL, (float *)y, M, N, K32, Mp,
+                 group_rows, out_chunks};
+    int threads = num_threads < 1 ? 1 : num_threads;
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(round_rows, &rounding, (long)(Mp / TILE_ROWS), threads);
+    pool_run(run_chunk, &p, (long)(out_chunks * ((Mp + group_rows - 1) / group_rows)), threads);
+    Py_END_ALLOW_THREADS
+    free(xb);
+    Py_RETURN_NONE;
+#else
+    (void)x, (void)w, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)num_threads;
+    PyErr_SetString(PyExc_RuntimeError, "linear: built without AMX support");
+    return NULL;
+#endif
+}
+
+
+static PyObject *linear_few_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, w, bias, y;
+    Py_ssize_t M, N, K;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKKnnni", &x, &w, &bias, &y, &M, &N, &K, &num_threads)) return NULL;
+#ifdef SELFHOST_AMX
+    if (!few_rows_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "linear_few_rows: this CPU or kernel does not offer AVX-512");
+        return NULL;
+    }
+    if (M < 0 || N < 0 || K < 0 || N >= ((Py_ssize_t)1 << 31) * 16) {
+        PyErr_SetString(PyExc_ValueError, "linear_few_rows: sizes out of range");
+        return NULL;
+    }
+    if (M == 0 || N == 0) Py_RETURN_NONE;
+    const Py_ssize_t K32 = round_up(K, 32);
+    float *padded = NULL; /* the kernel reads whole blocks of 32 inputs: past K it must read zeros */
+    if (K32 != K) {
+        padded = calloc((size_t)(M * K32), sizeof(float));
+        if (!padded) return PyErr_NoMemory();
+        for (Py_ssize_t m = 0; m < M; m++) memcpy(padded + m * K32, (const float *)x + m * K, (size_t)K * sizeof(float));
+    }
+    FewRows p = {padded ? padded : (const float *)x, (const uint16_t *)w, bias ? (const float *)bias : NULL,
+                 (float *)y, M, N, K32};
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(run_few_rows_chunk, &p, (long)(round_up(N, PACK_OUT) / (16 * FEW_BLOCKS)), num_threads < 1 ? 1 : num_threads);
+    Py_END_ALLOW_THREADS
+    free(padded);
+    Py_RETURN_NONE;
+#else
+    (void)x, (void)w, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)num_threads;
+    PyErr_SetString(PyExc_RuntimeError, "linear_few_rows: built without AVX-512 support");
+    return NULL;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"available", available, METH_NOARGS, "True when this CPU has AMX-BF16, the OS granted it, and the kernel was built for it."},
+    {"few_rows_available", few_rows_available, METH_NOARGS, "True when `linear_few_rows` can run here (AVX-512 F/BW/VL)."},
+    {"packed_size", packed_size, METH_VARARGS, "packed_size(N, K) -> bf16 values `pack` writes for an (N, K) weight."},
+    {"pack", pack, METH_VARARGS, "pack(w, packed, N, K): bf16 (N, K) weight -> the tile layout `linear` reads."},
+    {"linear", linear, METH_VARARGS,
+     "linear(x, packed_w, bias_or_0, y, M, N, K, num_threads): y = x @ W^T (+ bias) on AMX; x rounded to bf16."},
+    {"linear_few_rows", linear_few_rows, METH_VARARGS,
+     "linear_few_rows(x, packed_w, bias_or_0, y, M, N, K, num_threads): the same product on AVX-512, x exact."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_bf16_tiles_cpu", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__bf16_tiles_cpu(void) {
+#ifdef SELFHOST_AMX
+    if (pool_import() < 0) return NULL; /* the process's one worker pool (../_cpu_pool.h) */
+    __builtin_cpu_init();
+    few_rows_ready = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl");
+    amx_ready = few_rows_ready && request_amx();
+    long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    l2_bytes = l2 > 0 ? l2 : 1 << 20; /* unknown: assume 1 MiB, common to recent server cores */
+#endif
+    return PyModule_Create(&module);
+}
