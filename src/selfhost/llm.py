@@ -6,6 +6,8 @@ import itertools
 from collections.abc import Iterator, Sequence as Seq
 from typing import Any
 
+import torch
+
 from selfhost.device import pick_device, pick_dtype
 from selfhost.engine.config import EngineConfig
 from selfhost.engine.llm_engine import LLMEngine, free_memory_bytes
@@ -20,6 +22,7 @@ from selfhost.tokenizer import Tokenizer
 Prompt = str | list[int]
 # weight_dtype -> whether linear weights are stored bf16 under fp32 activations.
 WEIGHT_DTYPES = {None: False, "bfloat16": True, "bf16": True}
+KV_CACHE_DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32")
 Message = dict[str, Any]
 
 
@@ -32,7 +35,9 @@ class LLM:
     quantizes the weights right after loading (docs/QUANTIZATION.md).
     `weight_dtype="bfloat16"` keeps an fp32 CPU model's linear weights in bf16
     (half the bytes a decode step reads; AMX/AVX512-BF16 matmuls for prompts and
-    batches) while activations, norms and the KV cache stay fp32.
+    batches) while activations and norms stay fp32. `kv_cache_dtype`: "auto" (bf16
+    under bf16 weights, else the model's dtype), "bfloat16" (half the bytes of keys
+    and values under fp32 activations) or "float32".
     `transformers_fallback=True` runs architectures selfhost has no native code
     for through transformers' modeling code: same API, much slower.
     """
@@ -53,6 +58,7 @@ class LLM:
         quantization: str | None = None,
         transformers_fallback: bool = False,
         weight_dtype: str | None = None,
+        kv_cache_dtype: str = "auto",
     ):
         self.model_dir = resolve_model(model, allow_pickle=allow_pickle, revision=revision)
         self.device = pick_device(device)
@@ -62,6 +68,7 @@ class LLM:
         if weight_dtype not in WEIGHT_DTYPES:
             raise InvalidParameterError(f"weight_dtype={weight_dtype!r} is not supported; choose None (the model's "
                                         "dtype) or 'bfloat16'")
+        self.kv_cache_dtype = pick_kv_cache_dtype(kv_cache_dtype, self.dtype, WEIGHT_DTYPES[weight_dtype])
         # On the fly: loaded, then quantized; `selfhost quantize` writes the same modules to disk.
         self.model = load_model(
             self.model_dir, self.dtype, self.device, max_model_len, allow_pickle, transformers_fallback, quant_config,
@@ -70,7 +77,7 @@ class LLM:
         self.max_model_len = self.model.max_len
         if kv_cache_memory is None:
             # Enough for every sequence at full context, but never more than 30% of free memory.
-            full = max_num_seqs * self.max_model_len * self.model.spec.kv_bytes_per_token * self.dtype.itemsize
+            full = max_num_seqs * self.max_model_len * self.model.spec.kv_bytes_per_token * self.kv_cache_dtype.itemsize
             kv_cache_memory = min(full, int(free_memory_bytes(self.device) * 0.3))
         self.engine_config = EngineConfig(
             kv_cache_memory=kv_cache_memory,
@@ -79,7 +86,8 @@ class LLM:
             max_model_len=self.max_model_len,
             enable_prefix_caching=enable_prefix_caching,
         )
-        self.engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.dtype, self.device)
+        self.engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.dtype, self.device,
+                                self.kv_cache_dtype)
         self._request_ids = itertools.count()
         self.driven_by_async_engine = False  # set by AsyncEngine, which then owns `engine`
 
@@ -136,3 +144,17 @@ class LLM:
 
     def _next_id(self) -> str:
         return f"llm-{next(self._request_ids)}"
+
+
+def pick_kv_cache_dtype(requested: str, dtype: torch.dtype, bf16_weights: bool) -> torch.dtype:
+    """What the KV cache stores: "auto" follows the weights (bf16 under bf16 weights), else the model's dtype."""
+    if requested not in KV_CACHE_DTYPES:
+        raise InvalidParameterError(f"kv_cache_dtype={requested!r} is not supported; choose one of "
+                                    "'auto', 'bfloat16', 'float32'")
+    if requested in ("bfloat16", "bf16") or (requested == "auto" and bf16_weights):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise InvalidParameterError(f"kv_cache_dtype='bfloat16' needs float32 or bfloat16 activations, not {dtype}")
+        return torch.bfloat16
+    if requested in ("float32", "fp32") and dtype != torch.float32:
+        raise InvalidParameterError(f"kv_cache_dtype='float32' needs dtype='float32' (the model runs in {dtype})")
+    return dtype

@@ -111,11 +111,14 @@ class Recording:
 
     def __getattr__(self, name):
         real = getattr(self._module, name)
-        if not callable(real) or name in ("available", "limit_isa"):
+        if not callable(real) or name in ("available", "limit_isa", "bf16_cache_available"):
             return real
+        # Where each kernel takes its thread count: gemm's is 7th; the attention kernels' comes
+        # just before their trailing kv_bf16 flag.
+        position = {"gemm": 6, "decode_attention": -2, "rope_decode_attention": -2, "prefill_attention": -2}[name]
 
         def call(*args):
-            self._calls.append((name, args[-1] if name != "gemm" else args[6]))
+            self._calls.append((name, args[position]))
             return real(*args)
 
         return call

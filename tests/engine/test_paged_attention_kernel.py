@@ -32,14 +32,14 @@ def isa(request):
     paged_cache._paged_attention_cpu.limit_isa(before)
 
 
-def random_cache(num_kv_heads, head_dim, block_size, lens, seed):
+def random_cache(num_kv_heads, head_dim, block_size, lens, seed, kv_dtype=torch.float32):
     """A cache of random keys and values whose sequences (of `lens` tokens) own shuffled blocks."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     blocks_needed = [-(-n // block_size) for n in lens]
     num_blocks = sum(blocks_needed) + 3
     spec = SimpleNamespace(num_layers=2, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    cache = PagedKVCache(spec, num_blocks, block_size, torch.float32, torch.device("cpu"))
+    cache = PagedKVCache(spec, num_blocks, block_size, torch.float32, torch.device("cpu"), kv_dtype)
     cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
     cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
     free = list(range(1, num_blocks))
@@ -47,9 +47,9 @@ def random_cache(num_kv_heads, head_dim, block_size, lens, seed):
     return cache, [[free.pop() for _ in range(n)] for n in blocks_needed], gen
 
 
-def random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed):
+def random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed, kv_dtype=torch.float32):
     """A cache whose sequences own shuffled blocks, plus this step's single-token queries."""
-    cache, tables, gen = random_cache(num_kv_heads, head_dim, block_size, lens, seed)
+    cache, tables, gen = random_cache(num_kv_heads, head_dim, block_size, lens, seed, kv_dtype)
     max_blocks = max(len(t) for t in tables)
     meta = StepMetadata(
         slot_mapping=torch.tensor([t[(n - 1) // block_size] * block_size + (n - 1) % block_size for t, n in zip(tables, lens)]),
@@ -70,8 +70,8 @@ def plain_attention(cache, layer, tables, lens, q, scale, window, softcap):
     group = q.shape[1] // num_kv_heads
     outs = []
     for i, (table, n) in enumerate(zip(tables, lens)):
-        keys = paged_cache.key_rows(cache.k[layer], torch.tensor(table))[:, :n]  # (Hkv, n, D)
-        values = cache.v[layer][:, table].flatten(1, 2)[:, :n]
+        keys = paged_cache.key_rows(cache.k[layer], torch.tensor(table))[:, :n].float()  # (Hkv, n, D)
+        values = cache.v[layer][:, table].flatten(1, 2)[:, :n].float()
         first = max(0, n - window) if window else 0
         keys, values = keys.repeat_interleave(group, 0)[:, first:], values.repeat_interleave(group, 0)[:, first:]
         scores = torch.einsum("hd,hld->hl", q[i], keys) * scale
@@ -153,9 +153,9 @@ needs_prefill_kernel = pytest.mark.skipif(
 )
 
 
-def chunk_step(num_heads, num_kv_heads, head_dim, block_size, chunks, seed):
+def chunk_step(num_heads, num_kv_heads, head_dim, block_size, chunks, seed, kv_dtype=torch.float32):
     """A cache plus one step of prompt chunks (start, count) with their keys already written."""
-    cache, tables, gen = random_cache(num_kv_heads, head_dim, block_size, [s + c for s, c in chunks], seed)
+    cache, tables, gen = random_cache(num_kv_heads, head_dim, block_size, [s + c for s, c in chunks], seed, kv_dtype)
     step_chunks, slots, first = [], [], 0
     for (start, count), table in zip(chunks, tables):
         step_chunks.append((first, count, start, torch.tensor(table)))
@@ -200,3 +200,90 @@ def test_prefill_kernel_reads_strided_queries():
     got = cache.attend(0, strided, k, v, 0.125, None, None)
     cache.use_prefill_kernel = False
     assert (got - cache.attend(0, q, k, v, 0.125, None, None)).abs().max() < 2e-5
+
+
+# ---- a bf16 cache under fp32 activations -------------------------------------------------
+
+needs_bf16_kernels = pytest.mark.skipif(
+    not paged_cache.bf16_cache_kernels_available(), reason="the kernels take a bf16 cache on AVX-512 CPUs only"
+)
+
+
+@pytest.mark.parametrize("use_kernel", [pytest.param(True, marks=needs_bf16_kernels), False], ids=["kernel", "torch"])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,block_size,window,softcap",
+    [(9, 3, 64, 16, None, None), (8, 8, 128, 16, None, None), (8, 4, 256, 16, None, 50.0), (4, 2, 64, 16, 20, None)],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_cache_decode_matches_reference_over_the_rounded_cache(use_kernel, num_heads, num_kv_heads, head_dim,
+                                                                   block_size, window, softcap, threads):
+    lens = [1, 5, 16, 17, 33, 100, 64]
+    scale = head_dim**-0.5
+    cache, meta, tables, q, k, v = random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed=7,
+                                               kv_dtype=torch.bfloat16)
+    assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+    assert cache.use_cpu_kernel == paged_cache.bf16_cache_kernels_available()
+    cache.use_cpu_kernel = use_kernel
+    cache.meta = meta
+    meta.num_threads = threads
+    got = cache.attend(1, q, k, v, scale, window, softcap)
+    assert got.dtype == torch.float32
+    # This step's keys and values went in rounded to nearest even, as torch rounds.
+    slot = meta.slot_mapping[3].item()
+    assert torch.equal(cache.v[1].flatten(1, 2)[:, slot], v[3].to(torch.bfloat16))
+    expected = plain_attention(cache, 1, tables, lens, q, scale, window, softcap)
+    assert (got - expected).abs().max() < 1e-5
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window,softcap", [(9, 3, 64, None, None), (8, 4, 128, 20, 30.0)])
+def test_bf16_cache_fused_step_rounds_like_torch(num_heads, num_kv_heads, head_dim, window, softcap):
+    from selfhost.layers.rotary import apply_rotary
+
+    lens = [1, 5, 16, 17, 33, 100, 64]
+    scale = head_dim**-0.5
+    gen = torch.Generator().manual_seed(3)
+    cos = torch.randn(len(lens), 1, head_dim, generator=gen)
+    sin = torch.randn(len(lens), 1, head_dim, generator=gen)
+    caches, outs = [], []
+    for fused in (True, False):
+        cache, meta, tables, q, k, v = random_step(num_heads, num_kv_heads, head_dim, 16, lens, seed=11,
+                                                   kv_dtype=torch.bfloat16)
+        v[0, 0, :4] = torch.tensor([float("nan"), float("inf"), 1 + 2**-8, 1 + 3 * 2**-8])  # NaN, ties to even
+        cache.meta = meta
+        heads = torch.cat([q, k, v], dim=1)
+        if fused:
+            out = cache.rope_attend_decode(1, heads, cos, sin, num_heads, scale, window, softcap)
+        else:
+            rotated = apply_rotary(heads[:, : num_heads + num_kv_heads], cos, sin)
+            cache.use_cpu_kernel = False
+            out = cache.attend(1, rotated[:, :num_heads], rotated[:, num_heads:], v, scale, window, softcap)
+        caches.append(cache)
+        outs.append(out)
+    # The C writer rounds exactly as torch does: the same cache bits, but for NaN's payload
+    # (torch's own scalar and vector conversions write different NaNs).
+    for fused_cache, torch_cache in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+        nan = fused_cache.isnan()
+        assert torch.equal(nan, torch_cache.isnan()) and nan.sum() == (1 if fused_cache is caches[0].v else 0)
+        assert torch.equal(fused_cache.view(torch.int16)[~nan], torch_cache.view(torch.int16)[~nan])
+    finite = [i for i in range(len(lens)) if i != 0]
+    assert (outs[0][finite] - outs[1][finite]).abs().max() < 1e-5
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,window",
+                         [(9, 3, 64, 16, None), (8, 8, 128, 16, None), (6, 2, 96, 16, 100)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_cache_prefill_kernel_matches_torch_path(num_heads, num_kv_heads, head_dim, block_size, window, threads):
+    chunks = [(0, 1), (0, 37), (50, 13), (0, 100), (129, 70), (16, 16)]
+    scale = head_dim**-0.5
+    results = {}
+    for use_kernel in (True, False):
+        cache, meta, q, k, v = chunk_step(num_heads, num_kv_heads, head_dim, block_size, chunks, seed=5,
+                                          kv_dtype=torch.bfloat16)
+        assert cache.use_prefill_kernel
+        cache.use_prefill_kernel = use_kernel
+        cache.meta = meta
+        meta.num_threads = threads
+        results[use_kernel] = cache.attend(1, q, k, v, scale, window, None)
+    assert (results[True] - results[False]).abs().max() < 2e-5

@@ -1,4 +1,5 @@
-/* Single-query attention read straight from the paged KV cache, on CPU, fp32.
+/* Single-query attention read straight from the paged KV cache, on CPU: fp32 queries and
+ * outputs over an fp32 cache, or (AVX-512 only, `kv_bf16`) a bf16 one, half the bytes.
  *
  * Built at install time as an optional extension (setup.py). The torch path in
  * paged_cache.py first gathers every sequence's blocks into a padded copy, once
@@ -46,7 +47,8 @@
 #define PAIRS_PER_CHUNK 4 /* (sequence, kv head) pairs per unit of work handed to the pool */
 
 typedef struct {
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v; /* fp32, or bf16 with kv_bf16 */
     const int64_t *tables, *lens;
     float *out;
     Py_ssize_t num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks;
@@ -58,8 +60,9 @@ typedef struct {
      * and writes the key and value into the cache slot before attending. */
     const float *cos, *sin; /* (S, D) per token; NULL: q is (S, H, D), rotated, keys already cached */
     const int64_t *slots;   /* (S,) flat cache slot (block * BS + offset) of each token */
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache;
     int use_avx2, use_avx512;
+    int kv_bf16; /* the cache holds bf16 (AVX-512 paths only) */
     int *failed; /* set when scratch memory could not be had */
 } Job;
 
@@ -67,9 +70,10 @@ typedef struct {
 
 /* Keys are stored dims-major inside each block: dim d of the block's key j is at
  * block[d * BS + j], so one vector load holds a dimension of consecutive keys. */
-static const float *key_block(const Job *job, Py_ssize_t seq, Py_ssize_t head, Py_ssize_t block_index) {
+static const void *key_block(const Job *job, Py_ssize_t seq, Py_ssize_t head, Py_ssize_t block_index) {
     int64_t block = job->tables[seq * job->max_blocks + block_index];
-    return job->k + (head * job->num_blocks + block) * job->head_dim * job->block_size;
+    Py_ssize_t element = (head * job->num_blocks + block) * job->head_dim * job->block_size;
+    return (const char *)job->k + element * (job->kv_bf16 ? 2 : 4);
 }
 
 /* scores[g * count + p] = scale * q_g . key(first + p) for the group's query heads. */
@@ -78,7 +82,7 @@ static void scores_scalar(const Job *job, Py_ssize_t seq, Py_ssize_t head, const
     Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim, bs = job->block_size;
     Py_ssize_t count = len - first;
     for (Py_ssize_t pos = first; pos < len; pos++) {
-        const float *key = key_block(job, seq, head, pos / bs) + pos % bs;
+        const float *key = (const float *)key_block(job, seq, head, pos / bs) + pos % bs;
         for (Py_ssize_t g = 0; g < group; g++) {
             float acc = 0.0f;
             for (Py_ssize_t d = 0; d < dim; d++) acc += q[g * dim + d] * key[d * bs];
@@ -129,7 +133,7 @@ AVX2 static void scores_avx2(const Job *job, Py_ssize_t seq, Py_ssize_t head, co
         const float *q_heads[4];
         for (int h = 0; h < heads; h++) q_heads[h] = q + (g0 + h) * dim;
         for (Py_ssize_t b = first / bs; b * bs < len; b++) {
-            const float *block = key_block(job, seq, head, b);
+            const float *block = (const float *)key_block(job, seq, head, b);
             for (Py_ssize_t j0 = 0; j0 < bs; j0 += 8) {
                 Py_ssize_t pos0 = b * bs + j0;
                 if (pos0 + 8 <= first || pos0 >= len) continue;
@@ -154,26 +158,33 @@ AVX2 static void scores_avx2(const Job *job, Py_ssize_t seq, Py_ssize_t head, co
 #define AVX512 __attribute__((target("avx512f")))
 #define MAX_HEADS_AT_ONCE 8
 
-/* scores of `heads` query heads for 16 consecutive keys of one block; lanes outside
- * `keep` are not written. `heads` is a constant at each call site (registers). */
-AVX512 static inline __attribute__((always_inline)) void run_scores_512(const int heads, const float *const *q,
-                                                                        const float *keys, Py_ssize_t bs,
+/* scores of `heads` query heads for the 16 consecutive keys from element `first` of one
+ * block; lanes outside `keep` are not written. `heads` and `bf16` are constants at each
+ * call site (registers, no branch in the loop). */
+AVX512 static inline __attribute__((always_inline)) void run_scores_512(const int heads, const int bf16,
+                                                                        const float *const *q, const void *block,
+                                                                        Py_ssize_t first, Py_ssize_t bs,
                                                                         Py_ssize_t dim, float scale, float *const *out,
                                                                         __mmask16 keep) {
     __m512 acc[MAX_HEADS_AT_ONCE];
     for (int h = 0; h < heads; h++) acc[h] = _mm512_setzero_ps();
     for (Py_ssize_t d = 0; d < dim; d++) {
-        __m512 k = _mm512_loadu_ps(keys + d * bs);
+        __m512 k = kv_load(block, first + d * bs, bf16);
         for (int h = 0; h < heads; h++) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(q[h][d]), k, acc[h]);
     }
     for (int h = 0; h < heads; h++) _mm512_mask_storeu_ps(out[h], keep, _mm512_mul_ps(acc[h], _mm512_set1_ps(scale)));
 }
 
-#define RUN_SCORES_CASE(n) \
-    case n: run_scores_512(n, q, keys, bs, dim, scale, out, keep); break;
+#define RUN_SCORES_CASE(n)                                                                \
+    case n:                                                                               \
+        if (bf16)                                                                         \
+            run_scores_512(n, 1, q, block, first, bs, dim, scale, out, keep);             \
+        else                                                                              \
+            run_scores_512(n, 0, q, block, first, bs, dim, scale, out, keep);             \
+        break;
 
-AVX512 static void run_scores(int heads, const float *const *q, const float *keys, Py_ssize_t bs, Py_ssize_t dim,
-                              float scale, float *const *out, __mmask16 keep) {
+AVX512 static void run_scores(int heads, int bf16, const float *const *q, const void *block, Py_ssize_t first,
+                              Py_ssize_t bs, Py_ssize_t dim, float scale, float *const *out, __mmask16 keep) {
     switch (heads) {
         RUN_SCORES_CASE(1) RUN_SCORES_CASE(2) RUN_SCORES_CASE(3) RUN_SCORES_CASE(4)
         RUN_SCORES_CASE(5) RUN_SCORES_CASE(6) RUN_SCORES_CASE(7) RUN_SCORES_CASE(8)
@@ -190,7 +201,7 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
         const float *q_heads[MAX_HEADS_AT_ONCE];
         for (int h = 0; h < heads; h++) q_heads[h] = q + (g0 + h) * dim;
         for (Py_ssize_t b = first / bs; b * bs < len; b++) {
-            const float *block = key_block(job, seq, head, b);
+            const void *block = key_block(job, seq, head, b);
             for (Py_ssize_t j0 = 0; j0 < bs; j0 += 16) {
                 Py_ssize_t pos0 = b * bs + j0;
                 if (pos0 + 16 <= first || pos0 >= len) continue;
@@ -200,7 +211,7 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
                 /* out[h] + lane = the score slot of position pos0 + lane (masked lanes unused) */
                 float *out[MAX_HEADS_AT_ONCE];
                 for (int h = 0; h < heads; h++) out[h] = scores + (g0 + h) * count + (pos0 - first);
-                run_scores(heads, q_heads, block + j0, bs, dim, job->scale, out, keep);
+                run_scores(heads, job->kv_bf16, q_heads, block, j0, bs, dim, job->scale, out, keep);
             }
         }
     }
@@ -209,12 +220,12 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
 /* out[g] = sum_p weights[g][p] * values[p] for the group's heads, WEIGHTED_ROWS_MAX at
  * a time (_weighted_rows_avx512.h): each value row is loaded once for all of them. */
 AVX512 static void weighted_sums_avx512(const Job *job, Py_ssize_t group, const float *weights,
-                                        const float *const *values, Py_ssize_t count, float *out) {
+                                        const void *const *values, Py_ssize_t count, float *out) {
     float *rows[WEIGHTED_ROWS_MAX];
     for (Py_ssize_t g0 = 0; g0 < group; g0 += WEIGHTED_ROWS_MAX) {
         int heads = group - g0 < WEIGHTED_ROWS_MAX ? (int)(group - g0) : WEIGHTED_ROWS_MAX;
         for (int h = 0; h < heads; h++) rows[h] = out + (g0 + h) * job->head_dim;
-        weighted_rows(heads, rows, NULL, weights + g0 * count, count, values, count, job->head_dim);
+        weighted_rows(heads, job->kv_bf16, rows, NULL, weights + g0 * count, count, values, count, job->head_dim);
     }
 }
 
@@ -315,24 +326,34 @@ static void rotate_and_store(const Job *job, Py_ssize_t seq, Py_ssize_t head, fl
     const float *cos = job->cos + seq * dim, *sin = job->sin + seq * dim;
     Py_ssize_t bs = job->block_size, slot = job->slots[seq];
     Py_ssize_t row_offset = (head * job->num_blocks * bs + slot) * dim;
-    memcpy(job->v_cache + row_offset, row + (job->num_heads + job->num_kv_heads + head) * dim,
-           sizeof(float) * (size_t)dim);
+    const float *value = row + (job->num_heads + job->num_kv_heads + head) * dim;
     /* the key is rotated next to the queries, then spread into its block's dims-major column */
     float *key = q_rotated + group * dim;
     rotate(job, row + (job->num_heads + head) * dim, cos, sin, key);
-    float *column = job->k_cache + (head * job->num_blocks + slot / bs) * dim * bs + slot % bs;
-    for (Py_ssize_t d = 0; d < dim; d++) column[d * bs] = key[d];
+    Py_ssize_t column = (head * job->num_blocks + slot / bs) * dim * bs + slot % bs;
+#ifdef SELFHOST_X86 /* a bf16 cache is taken on AVX-512 only (run_pairs) */
+    if (job->kv_bf16) {
+        uint16_t *v_cache = job->v_cache, *k_cache = job->k_cache;
+        for (Py_ssize_t d = 0; d < dim; d++) v_cache[row_offset + d] = bf16_round(value[d]);
+        for (Py_ssize_t d = 0; d < dim; d++) k_cache[column + d * bs] = bf16_round(key[d]);
+    } else
+#endif
+    {
+        float *v_cache = job->v_cache, *k_cache = job->k_cache;
+        memcpy(v_cache + row_offset, value, sizeof(float) * (size_t)dim);
+        for (Py_ssize_t d = 0; d < dim; d++) k_cache[column + d * bs] = key[d];
+    }
     for (Py_ssize_t g = 0; g < group; g++) rotate(job, row + (head * group + g) * dim, cos, sin, q_rotated + g * dim);
 }
 
 /* Address of the value at `pos` of sequence `seq` for kv head `head` (values are rows). */
-static const float *value_row(const Job *job, Py_ssize_t seq, Py_ssize_t head, Py_ssize_t pos) {
+static const void *value_row(const Job *job, Py_ssize_t seq, Py_ssize_t head, Py_ssize_t pos) {
     int64_t block = job->tables[seq * job->max_blocks + pos / job->block_size];
     Py_ssize_t row = (head * job->num_blocks + block) * job->block_size + pos % job->block_size;
-    return job->v + row * job->head_dim;
+    return (const char *)job->v + row * job->head_dim * (job->kv_bf16 ? 2 : 4);
 }
 
-static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *scores, const float **values,
+static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *scores, const void **values,
                         float *q_rotated) {
     Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim;
     Py_ssize_t len = job->lens[seq];
@@ -376,10 +397,10 @@ static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *
         if (grouped_sums) continue;
 #ifdef SELFHOST_X86
         if (job->use_avx2)
-            weighted_sum_avx2(job, row, values, count, out + g * dim);
+            weighted_sum_avx2(job, row, (const float *const *)values, count, out + g * dim);
         else
 #endif
-            weighted_sum_scalar(job, row, values, count, out + g * dim);
+            weighted_sum_scalar(job, row, (const float *const *)values, count, out + g * dim);
     }
 #ifdef SELFHOST_X86
     if (grouped_sums) weighted_sums_avx512(job, group, scores, values, count, out);
@@ -395,7 +416,7 @@ static void run_job(Job *job) {
     /* the group's scores, then its rotated query heads and key */
     Py_ssize_t group = job->num_heads / job->num_kv_heads;
     float *scores = malloc(sizeof(float) * (size_t)(group * longest + (group + 1) * job->head_dim));
-    const float **values = malloc(sizeof(float *) * (size_t)longest);
+    const void **values = malloc(sizeof(void *) * (size_t)longest);
     if (scores == NULL || values == NULL) {
         free(scores), free(values);
         *job->failed = 1;
@@ -445,6 +466,11 @@ static PyObject *limit_isa(PyObject *self, PyObject *args) {
     return PyLong_FromLong(before);
 }
 
+static PyObject *bf16_cache_available(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    return PyBool_FromLong(isa_limit >= 2 && cpu_has_avx512());
+}
+
 static PyObject *run_pairs(Job *whole, Py_ssize_t num_seqs, int num_threads) {
     if (whole->num_kv_heads <= 0 || whole->num_heads % whole->num_kv_heads != 0 || whole->head_dim <= 0 ||
         whole->block_size <= 0 || (whole->cos != NULL && whole->head_dim % 2 != 0)) {
@@ -456,6 +482,10 @@ static PyObject *run_pairs(Job *whole, Py_ssize_t num_seqs, int num_threads) {
     whole->item_end = num_seqs * whole->num_kv_heads;
     whole->use_avx2 = isa_limit >= 1 && cpu_has_avx2();
     whole->use_avx512 = isa_limit >= 2 && cpu_has_avx512();
+    if (whole->kv_bf16 && !(whole->use_avx512 && whole->block_size % 16 == 0 && whole->head_dim % 16 == 0)) {
+        PyErr_SetString(PyExc_ValueError, "decode_attention: a bf16 cache needs AVX-512, head_dim and block_size % 16 == 0");
+        return NULL;
+    }
     whole->failed = &failed;
     long num_chunks = (long)((whole->item_end + PAIRS_PER_CHUNK - 1) / PAIRS_PER_CHUNK);
     Py_BEGIN_ALLOW_THREADS
@@ -474,12 +504,12 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
     unsigned long long q, k, v, tables, lens, out;
     Py_ssize_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
     float scale, softcap;
-    int num_threads;
-    if (!PyArg_ParseTuple(args, "KKKKKKnnnnnnnffni", &q, &k, &v, &tables, &lens, &out, &num_seqs, &num_heads,
+    int num_threads, kv_bf16 = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKKnnnnnnnffni|p", &q, &k, &v, &tables, &lens, &out, &num_seqs, &num_heads,
                           &num_kv_heads, &head_dim, &block_size, &num_blocks, &max_blocks, &scale, &softcap,
-                          &window, &num_threads))
+                          &window, &num_threads, &kv_bf16))
         return NULL;
-    Job whole = {.q = (const float *)q, .k = (const float *)k, .v = (const float *)v,
+    Job whole = {.q = (const float *)q, .k = (const void *)k, .v = (const void *)v, .kv_bf16 = kv_bf16,
                  .tables = (const int64_t *)tables, .lens = (const int64_t *)lens, .out = (float *)out,
                  .num_heads = num_heads, .num_kv_heads = num_kv_heads, .head_dim = head_dim,
                  .block_size = block_size, .num_blocks = num_blocks, .max_blocks = max_blocks,
@@ -492,24 +522,26 @@ static PyObject *rope_decode_attention(PyObject *self, PyObject *args) {
     unsigned long long qkv, cos, sin, slots, k, v, tables, lens, out;
     Py_ssize_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
     float scale, softcap;
-    int num_threads;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKnnnnnnnffni", &qkv, &cos, &sin, &slots, &k, &v, &tables, &lens, &out,
+    int num_threads, kv_bf16 = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKnnnnnnnffni|p", &qkv, &cos, &sin, &slots, &k, &v, &tables, &lens, &out,
                           &num_seqs, &num_heads, &num_kv_heads, &head_dim, &block_size, &num_blocks, &max_blocks,
-                          &scale, &softcap, &window, &num_threads))
+                          &scale, &softcap, &window, &num_threads, &kv_bf16))
         return NULL;
-    Job whole = {.q = (const float *)qkv, .k = (const float *)k, .v = (const float *)v,
+    Job whole = {.q = (const float *)qkv, .k = (const void *)k, .v = (const void *)v, .kv_bf16 = kv_bf16,
                  .tables = (const int64_t *)tables, .lens = (const int64_t *)lens, .out = (float *)out,
                  .num_heads = num_heads, .num_kv_heads = num_kv_heads, .head_dim = head_dim,
                  .block_size = block_size, .num_blocks = num_blocks, .max_blocks = max_blocks,
                  .scale = scale, .softcap = softcap, .window = window,
                  .cos = (const float *)cos, .sin = (const float *)sin, .slots = (const int64_t *)slots,
-                 .k_cache = (float *)k, .v_cache = (float *)v};
+                 .k_cache = (void *)k, .v_cache = (void *)v};
     return run_pairs(&whole, num_seqs, num_threads);
 }
 
 static PyMethodDef methods[] = {
+    {"bf16_cache_available", bf16_cache_available, METH_NOARGS,
+     "True when the kernels take a bf16 cache here (AVX-512, within the limit_isa cap)."},
     {"decode_attention", decode_attention, METH_VARARGS,
-     "Single-query attention over the paged cache (fp32, contiguous tensors passed as data pointers)."},
+     "Single-query attention over the paged cache (fp32 q/out; fp32 or, with kv_bf16, bf16 cache; data pointers)."},
     {"limit_isa", limit_isa, METH_VARARGS,
      "Cap the instruction set (2 AVX-512, 1 AVX2, 0 portable C); returns the previous cap. For tests."},
     {"rope_decode_attention", rope_decode_attention, METH_VARARGS,

@@ -1,4 +1,4 @@
-/* Causal attention of prompt chunks over the paged KV cache, on CPU, fp32, AVX-512.
+/* Causal attention of prompt chunks over the paged KV cache, on CPU, fp32 or bf16 cache, AVX-512.
  *
  * Built at install time as an optional extension (setup.py); paged_cache.py uses it
  * for the multi-token chunks of a step (prompts) where the CPU has AVX-512, and
@@ -26,6 +26,7 @@
  *   q, out            (T, H, D) rows of the step, q with row stride q_stride floats
  *   k                 (Hkv, NB, D, BS) one layer of the cache, keys dims-major in a block
  *   v                 (Hkv, NB, BS, D) values as rows; this step's keys and values written
+ *                     (k and v fp32, or bf16 with kv_bf16: widened exactly as they are read)
  *   tables            (C, MB) int64, the block table of each chunk
  *   first, count, start (C,) int64: the chunk's first row in the step, its number of
  *                     tokens, the position of its first token
@@ -57,13 +58,15 @@
 #define MAX_ROWS (QUERY_BLOCK * MAX_GROUP)
 
 typedef struct {
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v; /* fp32, or bf16 with kv_bf16 */
     float *out;
     const int64_t *tables, *first, *count, *start;
     const int64_t *unit_chunk, *unit_position; /* per unit: its chunk and first query index in it */
     Py_ssize_t q_stride, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
     float scale;
     _Atomic int *failed; /* set when a thread's scratch memory could not be had */
+    int kv_bf16;
 } Job;
 
 /* e^x for x <= 0, as _paged_attention_cpu.c computes it: x = n ln2 + r, a degree-6
@@ -84,10 +87,10 @@ AVX512 static __m512 exp_nonpositive(__m512 x) {
     return _mm512_mul_ps(poly, _mm512_castsi512_ps(two_n));
 }
 
-static const float *cached_row(const Job *job, const float *cache, const int64_t *table, Py_ssize_t head,
-                               Py_ssize_t pos) {
+static const void *cached_row(const Job *job, const void *cache, const int64_t *table, Py_ssize_t head,
+                              Py_ssize_t pos) {
     Py_ssize_t row = (head * job->num_blocks + table[pos / job->block_size]) * job->block_size + pos % job->block_size;
-    return cache + row * job->head_dim;
+    return (const char *)cache + row * job->head_dim * (job->kv_bf16 ? 2 : 4);
 }
 
 /* scores[r][0:64] = q_r . key_j for `rows` query rows against the transposed key panel. */
@@ -127,7 +130,7 @@ typedef struct {
     const float *q_rows[MAX_ROWS];
     float *out_rows[MAX_ROWS];
     Py_ssize_t row_pos[MAX_ROWS];
-    const float *values[KEY_BLOCK];
+    const void *values[KEY_BLOCK];
 } Scratch;
 
 static _Thread_local Scratch *scratch;
@@ -168,13 +171,16 @@ AVX512 static void run_unit(const void *whole, long unit) {
          * each of its blocks: 16 keys of one cache block are one vector load per
          * dimension; 16 keys spanning blocks (or past the end, which repeat the first
          * key: finite numbers the mask below ignores) are gathered. */
-        const float *head_keys = job->k + head * job->num_blocks * dim * bs;
+        const Py_ssize_t head_offset = head * job->num_blocks * dim * bs; /* elements */
         for (int group16 = 0; group16 < KEY_BLOCK / 16; group16++) {
             Py_ssize_t pos = k0 + group16 * 16;
             float *column = s->panel + group16 * 16;
             if (bs % 16 == 0 && pos % 16 == 0 && pos + 16 <= hi) {
-                const float *keys = head_keys + table[pos / bs] * dim * bs + pos % bs;
-                for (Py_ssize_t d = 0; d < dim; d++) _mm512_store_ps(column + d * KEY_BLOCK, _mm512_loadu_ps(keys + d * bs));
+                Py_ssize_t keys = head_offset + table[pos / bs] * dim * bs + pos % bs;
+                if (job->kv_bf16)
+                    for (Py_ssize_t d = 0; d < dim; d++) _mm512_store_ps(column + d * KEY_BLOCK, kv_load(job->k, keys + d * bs, 1));
+                else
+                    for (Py_ssize_t d = 0; d < dim; d++) _mm512_store_ps(column + d * KEY_BLOCK, kv_load(job->k, keys + d * bs, 0));
                 continue;
             }
             int32_t offsets[16] __attribute__((aligned(64)));
@@ -182,6 +188,13 @@ AVX512 static void run_unit(const void *whole, long unit) {
                 Py_ssize_t key = pos + j < hi ? pos + j : k0;
                 offsets[j] = (int32_t)(table[key / bs] * dim * bs + key % bs);
             }
+            if (job->kv_bf16) { /* no 16-bit gather: one at a time (runs that straddle blocks are rare) */
+                const uint16_t *head_keys = (const uint16_t *)job->k + head_offset;
+                for (Py_ssize_t d = 0; d < dim; d++)
+                    for (int j = 0; j < 16; j++) column[d * KEY_BLOCK + j] = bf16_to_float(head_keys[offsets[j] + d * bs]);
+                continue;
+            }
+            const float *head_keys = (const float *)job->k + head_offset;
             __m512i index = _mm512_load_si512(offsets);
             for (Py_ssize_t d = 0; d < dim; d++)
                 _mm512_store_ps(column + d * KEY_BLOCK, _mm512_i32gather_ps(
@@ -228,8 +241,9 @@ AVX512 static void run_unit(const void *whole, long unit) {
             s->rescale[r] = rescale;
         }
         for (Py_ssize_t r0 = 0; r0 < rows; r0 += WEIGHTED_ROWS_MAX)
-            weighted_rows(rows - r0 < WEIGHTED_ROWS_MAX ? (int)(rows - r0) : WEIGHTED_ROWS_MAX, s->out_rows + r0,
-                          s->rescale + r0, s->scores + r0 * KEY_BLOCK, KEY_BLOCK, s->values, width, dim);
+            weighted_rows(rows - r0 < WEIGHTED_ROWS_MAX ? (int)(rows - r0) : WEIGHTED_ROWS_MAX, job->kv_bf16,
+                          s->out_rows + r0, s->rescale + r0, s->scores + r0 * KEY_BLOCK, KEY_BLOCK, s->values, width,
+                          dim);
     }
     for (Py_ssize_t r = 0; r < rows; r++) {
         float inv = s->row_sum[r] > 0.0f ? 1.0f / s->row_sum[r] : 0.0f;
@@ -258,10 +272,10 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
     unsigned long long q, k, v, out, tables, first, count, start;
     Py_ssize_t num_chunks, q_stride, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
     float scale;
-    int num_threads;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnnnnnfi", &q, &k, &v, &out, &tables, &first, &count, &start,
+    int num_threads, kv_bf16 = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnnnnnfi|p", &q, &k, &v, &out, &tables, &first, &count, &start,
                           &num_chunks, &q_stride, &num_heads, &num_kv_heads, &head_dim, &block_size, &num_blocks,
-                          &max_blocks, &window, &scale, &num_threads))
+                          &max_blocks, &window, &scale, &num_threads, &kv_bf16))
         return NULL;
 #ifdef SELFHOST_PREFILL
     if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > MAX_GROUP ||
@@ -282,9 +296,10 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
     for (Py_ssize_t c = 0; c < num_chunks; c++)
         for (Py_ssize_t i = 0; i < counts[c]; i += QUERY_BLOCK) unit_chunk[u] = c, unit_position[u++] = i;
     _Atomic int failed = 0;
-    Job job = {(const float *)q, (const float *)k, (const float *)v, (float *)out, (const int64_t *)tables,
+    Job job = {(const float *)q, (const void *)k, (const void *)v, (float *)out, (const int64_t *)tables,
                (const int64_t *)first, counts, (const int64_t *)start, unit_chunk, unit_position, q_stride,
-               num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window, scale, &failed};
+               num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window, scale, &failed,
+               kv_bf16};
     Py_BEGIN_ALLOW_THREADS
     pool_run(run_unit, &job, (long)(blocks * num_kv_heads), num_threads < 1 ? 1 : num_threads);
     Py_END_ALLOW_THREADS
@@ -294,7 +309,7 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
 #else
     (void)q, (void)k, (void)v, (void)out, (void)tables, (void)first, (void)count, (void)start, (void)num_chunks;
     (void)q_stride, (void)num_heads, (void)num_kv_heads, (void)head_dim, (void)block_size, (void)num_blocks;
-    (void)max_blocks, (void)window, (void)scale, (void)num_threads;
+    (void)max_blocks, (void)window, (void)scale, (void)num_threads, (void)kv_bf16;
     PyErr_SetString(PyExc_RuntimeError, "prefill_attention: built without x86-64 support");
     return NULL;
 #endif
@@ -303,7 +318,7 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, "True when this CPU has AVX-512F and the kernel was built for it."},
     {"prefill_attention", prefill_attention, METH_VARARGS,
-     "Causal attention of prompt chunks over the paged cache (fp32, data pointers)."},
+     "Causal attention of prompt chunks over the paged cache (fp32 q/out; fp32 or, with kv_bf16, bf16 cache)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,6 +4,10 @@
  * one kv head) and the prefill kernel (_prefill_attention_cpu.c: a block of query
  * rows). 64 dimensions a pass; each value vector loaded once serves every row.
  * rescale NULL: the rows start from zero. head_dim must be a multiple of 16.
+ * Values are fp32 or bf16 (a bf16 KV cache: half the bytes a decode step reads);
+ * `kv_load` widens 16 of either to fp32, exactly, and `bf16_round` is the one
+ * rounding the kernels use when they write into a bf16 cache: to nearest even, as
+ * torch's own conversion, so the two writers agree bit for bit (NaN stays a NaN).
  * Header-only; callers guard the include for x86-64 GCC/Clang.
  */
 #ifndef SELFHOST_WEIGHTED_ROWS_AVX512_H
@@ -11,26 +15,51 @@
 
 #include <Python.h>
 #include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+/* 16 cache values from element `index` of `base` (fp32, or bf16 when `bf16`) as fp32. */
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) __m512 kv_load(
+    const void *base, Py_ssize_t index, const int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)base + index);
+    __m256i halves = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t bf16_round(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN: the quiet one (the carry below could make it inf) */
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
 
 #define WEIGHTED_ROWS_MAX 6 /* 6 rows x 4 accumulators + 4 value vectors fit the 32 zmm registers */
 
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void weighted_rows_n(
-    const int rows, float *const *out, const float *rescale, const float *weights, Py_ssize_t weight_stride,
-    const float *const *values, Py_ssize_t count, Py_ssize_t dim) {
+    const int rows, const int bf16, float *const *out, const float *rescale, const float *weights,
+    Py_ssize_t weight_stride, const void *const *values, Py_ssize_t count, Py_ssize_t dim) {
     for (Py_ssize_t d0 = 0; d0 < dim; d0 += 64) {
         const int vectors = dim - d0 >= 64 ? 4 : (int)((dim - d0) / 16);
         __m512 acc[WEIGHTED_ROWS_MAX][4];
         for (int r = 0; r < rows; r++) {
             __m512 factor = _mm512_set1_ps(rescale ? rescale[r] : 0.0f);
-            for (int c = 0; c < vectors; c++)
-                acc[r][c] = rescale ? _mm512_mul_ps(_mm512_loadu_ps(out[r] + d0 + c * 16), factor) : _mm512_setzero_ps();
+            for (int c = 0; c < 4; c++) /* all four: the compiler cannot see that vectors >= 1 */
+                acc[r][c] = rescale && c < vectors ? _mm512_mul_ps(_mm512_loadu_ps(out[r] + d0 + c * 16), factor)
+                                                   : _mm512_setzero_ps();
         }
         for (Py_ssize_t j = 0; j < count; j++) {
-            const float *v = values[j] + d0;
-            __m512 v0 = _mm512_loadu_ps(v), v1 = v0, v2 = v0, v3 = v0;
-            if (vectors > 1) v1 = _mm512_loadu_ps(v + 16);
-            if (vectors > 2) v2 = _mm512_loadu_ps(v + 32);
-            if (vectors > 3) v3 = _mm512_loadu_ps(v + 48);
+            const void *v = values[j];
+            __m512 v0 = kv_load(v, d0, bf16), v1 = v0, v2 = v0, v3 = v0;
+            if (vectors > 1) v1 = kv_load(v, d0 + 16, bf16);
+            if (vectors > 2) v2 = kv_load(v, d0 + 32, bf16);
+            if (vectors > 3) v3 = kv_load(v, d0 + 48, bf16);
             for (int r = 0; r < rows; r++) {
                 __m512 w = _mm512_set1_ps(weights[r * weight_stride + j]);
                 acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
@@ -44,14 +73,20 @@ __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) 
     }
 }
 
-#define WEIGHTED_ROWS_CASE(n) \
-    case n: weighted_rows_n(n, out, rescale, weights, weight_stride, values, count, dim); break;
+#define WEIGHTED_ROWS_CASE(n)                                                                          \
+    case n:                                                                                            \
+        if (bf16)                                                                                      \
+            weighted_rows_n(n, 1, out, rescale, weights, weight_stride, values, count, dim);           \
+        else                                                                                           \
+            weighted_rows_n(n, 0, out, rescale, weights, weight_stride, values, count, dim);           \
+        break;
 
-/* weighted_rows_n for any `rows` (1..WEIGHTED_ROWS_MAX), each count compiled with its accumulators in registers. */
-__attribute__((target("avx512f"))) static void weighted_rows(int rows, float *const *out, const float *rescale,
-                                                           const float *weights, Py_ssize_t weight_stride,
-                                                           const float *const *values, Py_ssize_t count,
-                                                           Py_ssize_t dim) {
+/* weighted_rows_n for any `rows` (1..WEIGHTED_ROWS_MAX) and either value type, each compiled
+ * with its accumulators in registers. */
+__attribute__((target("avx512f"))) static void weighted_rows(int rows, int bf16, float *const *out,
+                                                           const float *rescale, const float *weights,
+                                                           Py_ssize_t weight_stride, const void *const *values,
+                                                           Py_ssize_t count, Py_ssize_t dim) {
     switch (rows) {
         WEIGHTED_ROWS_CASE(1) WEIGHTED_ROWS_CASE(2) WEIGHTED_ROWS_CASE(3)
         WEIGHTED_ROWS_CASE(4) WEIGHTED_ROWS_CASE(5) WEIGHTED_ROWS_CASE(6)

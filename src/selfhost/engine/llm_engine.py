@@ -68,12 +68,15 @@ def plan_num_blocks(config: EngineConfig, model: CausalLM, dtype: torch.dtype, d
 
 class LLMEngine:
     def __init__(
-        self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig, dtype: torch.dtype, device: torch.device
+        self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig, dtype: torch.dtype, device: torch.device,
+        kv_dtype: torch.dtype | None = None,
     ):
+        """dtype: the activations'; kv_dtype: what the KV cache stores (default: dtype)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        num_blocks = plan_num_blocks(config, model, dtype, device)
+        self.kv_dtype = kv_dtype = kv_dtype or dtype
+        num_blocks = plan_num_blocks(config, model, kv_dtype, device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         if getattr(model, "owns_kv_cache", False):
@@ -81,7 +84,7 @@ class LLMEngine:
             self.cache = None
             self.runner = TransformersRunner(model, device)
         else:
-            self.cache = PagedKVCache(model.spec, num_blocks, config.block_size, dtype, device)
+            self.cache = PagedKVCache(model.spec, num_blocks, config.block_size, dtype, device, kv_dtype)
             self.runner = ModelRunner(model, self.cache, device)
         self.capacity_tokens = num_blocks * config.block_size
         self.limits = RequestLimits(
@@ -94,11 +97,12 @@ class LLMEngine:
         self._tokens_last_step = 0
         self._num_steps = 0
         log.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB)",
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s)",
             num_blocks,
             config.block_size,
             self.capacity_tokens,
-            num_blocks * PagedKVCache.bytes_per_block(model.spec, config.block_size, dtype) / 2**30,
+            num_blocks * PagedKVCache.bytes_per_block(model.spec, config.block_size, kv_dtype) / 2**30,
+            str(kv_dtype).removeprefix("torch."),
         )
 
     def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -14,6 +14,12 @@ the queries group into sequences.
   one C call (`_prefill_attention_cpu.c`, keys read in place); elsewhere one
   sequence at a time through SDPA, over the step's own keys when the chunk
   starts the prompt and over its gathered blocks otherwise.
+
+The cache may hold bf16 under fp32 activations (`kv_dtype`): a batched decode step
+on CPU reads more bytes of keys and values than of weights, and bf16 halves them.
+Keys and values are rounded to bf16 (to nearest even) as they are written and widened
+exactly as they are read; the C kernels take a bf16 cache on AVX-512, the torch paths
+anywhere (they convert what they gather).
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ except ImportError:
 _TORCH_ONLY = os.environ.get("SELFHOST_PAGED_ATTENTION", "c") == "torch"
 CPU_KERNEL_ENABLED = _paged_attention_cpu is not None and not _TORCH_ONLY
 PREFILL_KERNEL_ENABLED = _prefill_attention_cpu is not None and _prefill_attention_cpu.available() and not _TORCH_ONLY
+
+
+def bf16_cache_kernels_available() -> bool:
+    """Both C kernels read (and the decode one writes) a bf16 cache on AVX-512 CPUs."""
+    return CPU_KERNEL_ENABLED and PREFILL_KERNEL_ENABLED and _paged_attention_cpu.bf16_cache_available()
 
 
 @dataclass
@@ -124,22 +135,29 @@ def key_rows(k_layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 
 class PagedKVCache:
-    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 kv_dtype: torch.dtype | None = None):
+        """dtype: the activations' (queries, outputs); kv_dtype: what the cache stores (default: dtype)."""
+        kv_dtype = kv_dtype or dtype
         # Head-major blocks: gathering a sequence's blocks yields each kv head's values
         # as one contiguous (L, head_dim) run, ready for a batched matmul. Inside a block
         # keys are dims-major, (head_dim, block_size): a vector load then holds one
         # dimension of consecutive keys, so the CPU kernels form a block's scores with
         # plain multiply-adds (no horizontal sums, no transposition).
         shape = (spec.num_layers, spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
-        self.k = torch.zeros(shape[:3] + (spec.head_dim, block_size), dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.zeros(shape[:3] + (spec.head_dim, block_size), dtype=kv_dtype, device=device)
+        self.v = torch.zeros(shape, dtype=kv_dtype, device=device)
         self.block_size = block_size
         self.meta: StepMetadata | None = None
+        self.kv_bf16 = kv_dtype == torch.bfloat16 and dtype == torch.float32
+        kernel_cache = kv_dtype == dtype or (
+            self.kv_bf16 and bf16_cache_kernels_available() and spec.head_dim % 16 == 0 and block_size % 16 == 0
+        )
         # Single-token queries read fp32 blocks in place through the C kernel when it is built,
-        # and so do prompt chunks on CPUs with AVX-512.
-        self.use_cpu_kernel = CPU_KERNEL_ENABLED and device.type == "cpu" and dtype == torch.float32
+        # and so do prompt chunks on CPUs with AVX-512 (bf16 blocks: AVX-512 for both).
+        self.use_cpu_kernel = CPU_KERNEL_ENABLED and device.type == "cpu" and dtype == torch.float32 and kernel_cache
         self.use_prefill_kernel = (
-            PREFILL_KERNEL_ENABLED and device.type == "cpu" and dtype == torch.float32
+            PREFILL_KERNEL_ENABLED and device.type == "cpu" and dtype == torch.float32 and kernel_cache
             and spec.head_dim % 16 == 0 and spec.head_dim <= 1024
             and num_blocks * block_size * spec.head_dim < 2**31  # gathered with int32 offsets
         )  # fmt: skip
@@ -154,8 +172,8 @@ class PagedKVCache:
         num_kv_heads, num_blocks, block_size, head_dim = v_layer.shape
         # Write this step's keys and values into their slots first: queries see themselves.
         blocks, offsets = meta.slot_blocks_and_offsets(block_size)
-        k_layer[:, blocks, :, offsets] = k  # advanced indices first: (T, Hkv, D)
-        v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        k_layer[:, blocks, :, offsets] = k.to(k_layer.dtype)  # advanced indices first: (T, Hkv, D)
+        v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(v_layer.dtype))
         num_single = meta.num_single
         single_out = None
         if num_single and self.use_cpu_kernel:
@@ -164,8 +182,8 @@ class PagedKVCache:
             tables = meta.single_block_tables  # (S, max_blocks)
             padded_len = tables.shape[1] * block_size
             flat = tables.flatten()
-            gathered_k = key_rows(k_layer, flat).view(num_kv_heads, num_single, padded_len, head_dim)
-            gathered_v = v_layer.index_select(1, flat).view(num_kv_heads, num_single, padded_len, head_dim)
+            gathered_k = key_rows(k_layer, flat).view(num_kv_heads, num_single, padded_len, head_dim).to(q.dtype)
+            gathered_v = v_layer.index_select(1, flat).view(num_kv_heads, num_single, padded_len, head_dim).to(q.dtype)
             mask = meta.single_query_mask(num_kv_heads, padded_len, sliding_window)
             single_out = batched_single_query_attention(q[:num_single], gathered_k, gathered_v, mask, scale, softcap)
         if single_out is not None and not meta.chunks:
@@ -180,9 +198,11 @@ class PagedKVCache:
             end = start + num
             if start == 0:  # a whole prompt, or its first chunk: its keys are this step's own
                 keys, values = k[first : first + num].transpose(0, 1), v[first : first + num].transpose(0, 1)
+                if k_layer.dtype != q.dtype:  # as the cache holds them, like every other path
+                    keys, values = keys.to(k_layer.dtype).to(q.dtype), values.to(v_layer.dtype).to(q.dtype)
             else:
-                keys = key_rows(k_layer, table)[:, :end]  # (Hkv, L, D)
-                values = v_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end]
+                keys = key_rows(k_layer, table)[:, :end].to(q.dtype)  # (Hkv, L, D)
+                values = v_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end].to(q.dtype)
             out[first : first + num] = attend_one_sequence(
                 q[first : first + num], keys, values, start, scale, sliding_window, softcap
             )
@@ -209,7 +229,7 @@ class PagedKVCache:
             tables.data_ptr(), meta.single_context_lens.data_ptr(), out.data_ptr(),
             num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks, tables.shape[1],
             scale, softcap or 0.0, sliding_window or 0,
-            meta.num_threads,
+            meta.num_threads, self.kv_bf16,
         )  # fmt: skip
         return out
 
@@ -224,7 +244,7 @@ class PagedKVCache:
             tables.data_ptr(), first.data_ptr(), count.data_ptr(), start.data_ptr(),
             len(self.meta.chunks), q.stride(0), q.shape[1], num_kv_heads, head_dim, block_size, num_blocks,
             tables.shape[1], sliding_window or 0, scale,
-            self.meta.num_threads,
+            self.meta.num_threads, self.kv_bf16,
         )  # fmt: skip
 
     def _single_query_kernel(self, layer_idx, q, scale, sliding_window, softcap) -> torch.Tensor:
@@ -240,6 +260,6 @@ class PagedKVCache:
             tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
             num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, tables.shape[1],
             scale, softcap or 0.0, sliding_window or 0,
-            meta.num_threads,
+            meta.num_threads, self.kv_bf16,
         )  # fmt: skip
         return out

@@ -155,7 +155,7 @@ class ModelRegistry:
                   transformers_fallback=s.transformers_fallback)
         weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
         weight_bytes += sum(t.numel() * t.element_size() for t in llm.model.buffers())
-        per_block = PagedKVCache.bytes_per_block(llm.model.spec, llm.engine_config.block_size, llm.dtype)
+        per_block = PagedKVCache.bytes_per_block(llm.model.spec, llm.engine_config.block_size, llm.kv_cache_dtype)
         kv_bytes = llm.engine.block_manager.num_blocks * per_block
         return ServedModel(name, ref, llm, AsyncEngine(llm), pinned, weight_bytes, kv_bytes, s.keep_alive_s,
                            count_parameters(llm.model), _quantization(Path(model_dir)))
