@@ -1,82 +1,93 @@
-"""Single-stream greedy decode: selfhost vs transformers `generate`, same weights, same run.
+"""Single-stream decode and time to first token: selfhost vs transformers vs vLLM's CPU build.
 
-    python benchmarks/decode_cpu.py [--tokens 128] [--threads 2] [--repeats 3]
+    python benchmarks/decode_cpu.py [--tokens 128] [--repeats 3] [--systems selfhost,transformers,vllm]
+    python benchmarks/decode_cpu.py --quick        # a smoke run: few tokens, short prompts
 
-Prints tokens/s for each and the ratio (issue target: selfhost >= 2.5x).
+Each system runs in a process of its own with only its own documented settings
+(benchmarks/peers/), on the same token ids, one after another; each gets --threads
+threads. The machine's read bandwidth and peak matmul rates are measured first.
+
+Decode: one prompt of --prompt-tokens, --tokens new tokens (eos ignored, greedy),
+best of --repeats runs, each on a prompt of its own. Columns: tokens/s; selfhost's
+speed-up over the row (> 1: selfhost is faster); the weight bytes one token reads
+and the share of the measured read bandwidth that makes at the row's speed.
+Prompt: one prompt of --ttft-tokens, time to its first token, best of --ttft-repeats;
+prompt GFLOP/s and its share of the peak matmul rate at the row's weight precision.
+"same tokens" compares every output with the first selfhost row's, token for token.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
 
-import selfhost  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import build_llama_125m, timed  # noqa: E402
+from benchmarks.common import make_prompts  # noqa: E402
+from benchmarks.peers import options, report  # noqa: E402
+from benchmarks.peers.driver import Peer, ensure_model, measure_limits, run_peer  # noqa: E402
+
+TASKS = ("decode", "ttft")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--weight-dtype", default=None, help="bfloat16: selfhost keeps linear weights in bf16")
-    ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "selfhost-bench-llama125m")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens per decode run (default: %(default)s)")
+    ap.add_argument("--prompt-tokens", type=int, default=16, help="decode prompt length (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed decode runs, best kept (default: %(default)s)")
+    ap.add_argument("--ttft-tokens", type=int, default=1024,
+                    help="prompt length for time to first token; 0 skips it (default: %(default)s)")
+    ap.add_argument("--ttft-repeats", type=int, default=3, help="timed prompt runs (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true", help="smoke sizes: 8 tokens, 1 repeat, a 128-token prompt")
+    options.add_peer_options(ap)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.tokens, args.repeats, args.ttft_tokens, args.ttft_repeats = 8, 1, 128, 1
 
-    import transformers
+    tasks = {"decode": _task("decode", args.prompt_tokens, args.tokens, args.repeats, seed=0)}
+    if args.ttft_tokens:
+        tasks["ttft"] = _task("ttft", args.ttft_tokens, 1, args.ttft_repeats, seed=1)
+    names = tuple(tasks)
+    peers = [*options.selfhost_peers(args, names)]
+    if options.wants(args, "transformers"):
+        peers.append(Peer("transformers", "transformers fp32", {"batching": "sequential"}, "fp32", names))
+    peers += options.vllm_peers(args, names)
 
-    from selfhost import LLM, SamplingParams
+    model_dir = ensure_model(args.model_dir)
+    limits, limits_error = measure_limits(args.threads)
+    launch = options.launchers(args)
+    work_dir = Path(tempfile.mkdtemp(prefix="selfhost-bench-decode-"))
+    runs = []
+    for peer in peers:
+        job = {"model_dir": str(model_dir), "threads": args.threads, "settings": peer.settings,
+               "tasks": [tasks[name] for name in peer.tasks]}
+        runs.append(run_peer(peer, launch[peer.system], job, work_dir, args.peer_timeout))
 
-    model_dir = build_llama_125m(args.model_dir)
-    prompt = torch.randint(3, 32000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    print()
+    print(*report.limits_lines(limits, limits_error), sep="\n")
+    print(f"\nSingle-stream decode: Llama-shaped ~125M random model, prompt {args.prompt_tokens} tokens, "
+          f"{args.tokens} new tokens, best of {args.repeats}, {args.threads} threads")
+    print(*report.speed_table(runs, "decode", report.best_tok_s, "tok/s", lambda v: f"{v:.1f}",
+                              higher_is_better=True, extra=report.decode_extra_columns(limits, model_dir)), sep="\n")
+    if "ttft" in tasks:
+        print(f"\nPrompt of {args.ttft_tokens} tokens: time to first token, best of {args.ttft_repeats}")
+        print(*report.speed_table(runs, "ttft", report.best_seconds, "TTFT ms", lambda s: f"{s * 1e3:.0f}",
+                                  higher_is_better=False,
+                                  extra=report.prompt_extra_columns(limits, model_dir, args.ttft_tokens)), sep="\n")
+    print()
+    print(*report.settings_lines(runs), sep="\n")
+    print(f"logs and results: {work_dir}")
+    if args.save_json:
+        args.save_json.write_text(json.dumps(report.to_json(limits, runs), indent=1))
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    hf_input = torch.tensor([prompt])
 
-    def hf_generate():
-        with torch.inference_mode():
-            out = hf.generate(
-                hf_input,
-                attention_mask=torch.ones_like(hf_input),
-                max_new_tokens=args.tokens,
-                min_new_tokens=args.tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        return out[0, len(prompt) :].tolist()
-
-    llm = LLM(str(model_dir), device="cpu", weight_dtype=args.weight_dtype)
-    params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
-
-    def selfhost_generate():
-        return llm.generate([prompt], params)[0].token_ids
-
-    hf_generate(), selfhost_generate()  # warm-up: allocator, thread pools
-    results = {"transformers": [], "selfhost": []}
-    outputs = {}
-    for _ in range(args.repeats):  # interleave so both see the same machine state
-        for name, fn in (("transformers", hf_generate), ("selfhost", selfhost_generate)):
-            seconds, tokens = timed(fn)
-            results[name].append(len(tokens) / seconds)
-            outputs[name] = tokens
-
-    best = {name: max(v) for name, v in results.items()}
-    print(f"model: Llama-shaped {sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M params, fp32, "
-          f"{args.threads} threads, prompt {args.prompt_tokens} tokens, {args.tokens} new tokens, best of {args.repeats}")
-    for name, tok_s in best.items():
-        print(f"  {name:13s} {tok_s:7.1f} tok/s   (runs: {', '.join(f'{x:.1f}' for x in results[name])})")
-    print(f"  ratio selfhost/transformers: {best['selfhost'] / best['transformers']:.2f}x (target >= 2.5x)")
-    same = outputs["selfhost"] == outputs["transformers"]
-    print(f"  greedy tokens identical: {same}")
-    stats = llm.engine.stats()
-    print(f"  selfhost settled on {stats.cpu_threads_small_steps} BLAS thread(s) for decode steps")
+def _task(name: str, prompt_tokens: int, max_tokens: int, repeats: int, seed: int) -> dict:
+    """One warm-up run and `repeats` timed runs, each on a prompt of its own."""
+    prompts = make_prompts(1 + repeats, prompt_tokens, prompt_tokens, seed)
+    return {"name": name, "runs": [[p] for p in prompts], "warmup_runs": 1, "max_tokens": max_tokens}
 
 
 if __name__ == "__main__":

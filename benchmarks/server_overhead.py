@@ -33,8 +33,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import build_llama_125m  # noqa: E402
-from benchmarks.throughput import make_prompts  # noqa: E402
+from benchmarks.common import build_llama_125m, make_prompts  # noqa: E402
 
 KV_CACHE = "3GiB"
 MAX_BATCHED_TOKENS = 1024

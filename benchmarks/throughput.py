@@ -1,151 +1,114 @@
-"""Offline throughput: selfhost's batching engine vs transformers, same weights, same run.
+"""Offline throughput and time to first token: selfhost vs transformers vs vLLM's CPU build.
 
-    python benchmarks/throughput.py [--requests 32] [--output-tokens 128] [--sequential-requests 4]
+    python benchmarks/throughput.py [--requests 32] [--output-tokens 128] [--systems selfhost,transformers,vllm]
+    python benchmarks/throughput.py --quick        # a smoke run: 4 short requests, 8 new tokens
 
-Scenario 1: 32 requests, prompts of 64-512 tokens, 128 new tokens each (eos ignored), fp32 on CPU.
-Systems: transformers `generate` one request at a time (measured on the first
---sequential-requests requests, reported as tokens/s), transformers `generate` as one padded
-static batch, transformers continuous batching (`generate_batch`), and selfhost.
-Scenario 2: 16 requests sharing a 1024-token prefix: mean time-to-first-token with and without
-prefix caching. Issue targets: >= 10x sequential, >= 2x transformers CB, >= 1.2x static batch;
-TTFT with prefix caching >= 5x lower.
+Each system runs in a process of its own with only its own documented settings
+(benchmarks/peers/), on the same token ids, one after another; each gets --threads
+threads. The machine's read bandwidth and peak matmul rates are measured first.
+
+Throughput: --requests requests with prompts of 64-512 tokens, --output-tokens new
+tokens each (eos ignored, greedy), all submitted at once; output tokens/s.
+transformers runs three ways (--transformers-batching): its continuous batching
+(`generate_batch`), one padded static batch, and one request at a time (on the
+first --sequential-requests requests only, reported as tokens/s).
+Prompt: one prompt of --ttft-tokens, time to its first token, best of --ttft-repeats,
+each on a prompt of its own; prompt GFLOP/s and its share of the peak matmul rate
+at the row's weight precision. "speed-up" is how many times faster the selfhost row
+is than the row (> 1: selfhost is faster); "same tokens" compares every output with
+the first selfhost row's. selfhost's prefix-caching scenario is benchmarks/prefix_caching.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import selfhost  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import build_llama_125m  # noqa: E402
+from benchmarks.common import make_prompts  # noqa: E402
+from benchmarks.peers import options, report  # noqa: E402
+from benchmarks.peers.driver import Peer, ensure_model, measure_limits, run_peer  # noqa: E402
 
-
-def make_prompts(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 32000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
-def hf_sequential(model, prompts, new_tokens):
-    start, produced = time.perf_counter(), 0
-    for p in prompts:
-        ids = torch.tensor([p])
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        produced += out.shape[1] - len(p)
-    return produced / (time.perf_counter() - start)
-
-
-def hf_static_batch(model, prompts, new_tokens):
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
-    return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - start)
-
-
-def hf_continuous_batching(model, prompts, new_tokens):
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        outputs = model.generate_batch(prompts, generation_config=config)
-    produced = sum(len(o.generated_tokens) for o in outputs.values())
-    return produced / (time.perf_counter() - start)
-
-
-def selfhost_throughput(llm, prompts, new_tokens):
-    from selfhost import SamplingParams
-
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
-
-
-def mean_ttft(llm, prompts) -> float:
-    """Submit all at once; time until each request's first token, averaged."""
-    from selfhost import SamplingParams
-
-    engine = llm.engine
-    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    start = time.perf_counter()
-    seqs = [engine.add_request(f"ttft-{i}-{start}", p, params) for i, p in enumerate(prompts)]
-    first = {}
-    while engine.has_work:
-        for seq in engine.step():
-            first.setdefault(seq.request_id, time.perf_counter() - start)
-    return sum(first[s.request_id] for s in seqs) / len(seqs)
+TRANSFORMERS_BATCHING = {"continuous": "transformers generate_batch", "static": "transformers static batch",
+                         "sequential": "transformers sequential"}
+KV_CACHE = "3GiB"  # selfhost's KV cache: every request's blocks fit at once
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--output-tokens", type=int, default=128)
-    ap.add_argument("--sequential-requests", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-hf", action="store_true", help="only selfhost (quick check)")
-    ap.add_argument("--weight-dtype", default=None, help="bfloat16: selfhost keeps linear weights in bf16")
-    ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "selfhost-bench-llama125m")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=32, help="requests submitted at once (default: %(default)s)")
+    ap.add_argument("--output-tokens", type=int, default=128, help="new tokens per request (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed throughput runs, each on prompts of its own, best kept (default: %(default)s)")
+    ap.add_argument("--transformers-batching", default=",".join(TRANSFORMERS_BATCHING),
+                    help="transformers rows: continuous, static, sequential (default: %(default)s)")
+    ap.add_argument("--sequential-requests", type=int, default=4,
+                    help="requests transformers runs one at a time (default: %(default)s)")
+    ap.add_argument("--skip-hf", action="store_true", help="no transformers rows (same as leaving it out of --systems)")
+    ap.add_argument("--ttft-tokens", type=int, default=1024,
+                    help="prompt length for time to first token; 0 skips it (default: %(default)s)")
+    ap.add_argument("--ttft-repeats", type=int, default=3, help="timed prompt runs (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke sizes: 4 requests of 16-64 tokens, 8 new tokens, 2 sequential, a 128-token prompt once")
+    options.add_peer_options(ap)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    prompt_range = (64, 512)
+    if args.quick:
+        args.requests, args.output_tokens, args.sequential_requests = 4, 8, 2
+        args.ttft_tokens, args.ttft_repeats, prompt_range = 128, 1, (16, 64)
 
-    from selfhost import LLM
+    # Every run draws prompts of its own, so no engine's prefix cache holds a timed prompt.
+    prompt_sets = [make_prompts(args.requests, *prompt_range, seed=run) for run in range(args.repeats)]
+    throughput = {"name": "throughput", "runs": prompt_sets, "warmup_runs": 0, "max_tokens": args.output_tokens}
+    sequential = {**throughput, "runs": [p[: args.sequential_requests] for p in prompt_sets]}
+    ttft_prompts = make_prompts(1 + args.ttft_repeats, args.ttft_tokens, args.ttft_tokens, seed=1000)
+    ttft = {"name": "ttft", "runs": [[p] for p in ttft_prompts], "warmup_runs": 1, "max_tokens": 1}
+    names = ("throughput", "ttft") if args.ttft_tokens else ("throughput",)
 
-    model_dir = build_llama_125m(args.model_dir)
-    prompts = make_prompts(args.requests, 64, 512, seed=0)
-    llm = LLM(str(model_dir), device="cpu", kv_cache_memory="3GiB", max_num_batched_tokens=1024,
-              weight_dtype=args.weight_dtype)
-    llm.generate(prompts[:2], selfhost.SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    peers = options.selfhost_peers(args, names, kv_cache_memory=KV_CACHE)
+    if options.wants(args, "transformers") and not args.skip_hf:
+        batching = options.parse_list(args.transformers_batching, tuple(TRANSFORMERS_BATCHING),
+                                      "--transformers-batching")
+        # One transformers row is timed on the prompt: plain `generate`, its usual single-request call.
+        prompt_row = "sequential" if "sequential" in batching else batching[0]
+        peers += [Peer("transformers", TRANSFORMERS_BATCHING[b], {"batching": b}, "fp32",
+                       names if b == prompt_row else ("throughput",)) for b in batching]
+    peers += options.vllm_peers(args, names)
 
-    results = {"selfhost": selfhost_throughput(llm, prompts, args.output_tokens)}
-    stats = llm.engine.stats()
-    print(f"selfhost: {results['selfhost']:.1f} tok/s (BLAS threads settled on: {stats.cpu_threads_small_steps} "
-          f"for small steps, {stats.cpu_threads_large_steps} for large)", flush=True)
-    if not args.skip_hf:
-        import transformers
+    model_dir = ensure_model(args.model_dir)
+    limits, limits_error = measure_limits(args.threads)
+    launch = options.launchers(args)
+    work_dir = Path(tempfile.mkdtemp(prefix="selfhost-bench-throughput-"))
+    runs = []
+    for peer in peers:
+        tasks = {"throughput": sequential if peer.settings.get("batching") == "sequential" else throughput,
+                 "ttft": ttft}
+        job = {"model_dir": str(model_dir), "threads": args.threads, "settings": peer.settings,
+               "tasks": [tasks[name] for name in peer.tasks]}
+        runs.append(run_peer(peer, launch[peer.system], job, work_dir, args.peer_timeout))
 
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        results["hf_sequential"] = hf_sequential(hf, prompts[: args.sequential_requests], args.output_tokens)
-        print(f"transformers sequential: {results['hf_sequential']:.1f} tok/s", flush=True)
-        results["hf_static_batch"] = hf_static_batch(hf, prompts, args.output_tokens)
-        print(f"transformers static batch: {results['hf_static_batch']:.1f} tok/s", flush=True)
-        results["hf_continuous_batching"] = hf_continuous_batching(hf, prompts, args.output_tokens)
-        print(f"transformers generate_batch: {results['hf_continuous_batching']:.1f} tok/s", flush=True)
+    print()
+    print(*report.limits_lines(limits, limits_error), sep="\n")
+    print(f"\n{args.requests} requests, prompts {prompt_range[0]}-{prompt_range[1]} tokens, {args.output_tokens} new "
+          f"tokens each, all submitted at once, {args.threads} threads (transformers sequential: first "
+          f"{args.sequential_requests} requests)")
+    print(*report.speed_table(runs, "throughput", report.best_tok_s, "output tok/s", lambda v: f"{v:.1f}",
+                              higher_is_better=True, extra={}), sep="\n")
+    if args.ttft_tokens:
+        print(f"\nPrompt of {args.ttft_tokens} tokens: time to first token, best of {args.ttft_repeats}")
+        print(*report.speed_table(runs, "ttft", report.best_seconds, "TTFT ms", lambda s: f"{s * 1e3:.0f}",
+                                  higher_is_better=False,
+                                  extra=report.prompt_extra_columns(limits, model_dir, args.ttft_tokens)), sep="\n")
+    print()
+    print(*report.settings_lines(runs), sep="\n")
+    print(f"logs and results: {work_dir}")
+    if args.save_json:
+        args.save_json.write_text(json.dumps(report.to_json(limits, runs), indent=1))
 
-    print(f"\nScenario 1: {args.requests} requests, prompts 64-512 tokens, {args.output_tokens} new tokens, "
-          f"fp32, {args.threads} threads")
-    for name, tok_s in results.items():
-        ratio = "" if name == "selfhost" else f"   selfhost is {results['selfhost'] / tok_s:.2f}x"
-        print(f"  {name:24s} {tok_s:8.1f} output tok/s{ratio}")
-    print("  targets: >= 10x sequential, >= 2x generate_batch, >= 1.2x static batch")
-
-    shared = make_prompts(1, 1024, 1024, seed=1)[0]
-    prefix_prompts = [shared + p for p in make_prompts(16, 16, 48, seed=2)]
-    # Two fresh engines, identical but for prefix caching: neither inherits scenario 1's
-    # state (a thread-count probe due on the next steps would tilt a two-step measurement).
-    ttft, hit_rate = {}, 0.0
-    for caching in (False, True):
-        engine_llm = LLM(str(model_dir), device="cpu", kv_cache_memory="2GiB", enable_prefix_caching=caching,
-                         weight_dtype=args.weight_dtype)
-        ttft[caching] = mean_ttft(engine_llm, prefix_prompts)
-        hit_rate = engine_llm.engine.stats().prefix_hit_rate
-        del engine_llm
-    print("\nScenario 2: 16 requests sharing a 1024-token prefix, mean time to first token")
-    print(f"  without prefix caching {ttft[False] * 1e3:8.0f} ms")
-    print(f"  with prefix caching    {ttft[True] * 1e3:8.0f} ms   ({ttft[False] / ttft[True]:.1f}x lower; target >= 5x)")
-    print(f"  prefix hit rate: {hit_rate:.0%}")
 
 if __name__ == "__main__":
     main()

