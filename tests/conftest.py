@@ -8,6 +8,15 @@ from tests.tiny_models import make_tiny_checkpoint
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """What selfhost caches per machine (weight_dtype="auto"'s measurement) goes to a folder of the
+    run's own, never the user's home; servers the tests start inherit it."""
+    import os
+
+    os.environ["SELFHOST_CACHE_DIR"] = str(tmp_path_factory.mktemp("selfhost-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: a saved tiny checkpoint (model + tokenizer) per architecture name, built once."""

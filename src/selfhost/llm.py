@@ -13,6 +13,7 @@ from selfhost.engine.config import EngineConfig
 from selfhost.engine.llm_engine import LLMEngine, free_memory_bytes
 from selfhost.errors import InvalidParameterError
 from selfhost.hub import resolve_model
+from selfhost.models.bf16_weights import uses_bf16_weights
 from selfhost.models.loader import load_model
 from selfhost.outputs import RequestOutput
 from selfhost.quant.config import QuantConfig
@@ -21,7 +22,7 @@ from selfhost.tokenizer import Tokenizer
 
 Prompt = str | list[int]
 # weight_dtype -> whether linear weights are stored bf16 under fp32 activations.
-WEIGHT_DTYPES = {None: False, "bfloat16": True, "bf16": True}
+WEIGHT_DTYPES = {None: False, "float32": False, "fp32": False, "bfloat16": True, "bf16": True, "auto": "auto"}
 KV_CACHE_DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32")
 Message = dict[str, Any]
 
@@ -35,9 +36,12 @@ class LLM:
     quantizes the weights right after loading (docs/QUANTIZATION.md).
     `weight_dtype="bfloat16"` keeps an fp32 CPU model's linear weights in bf16
     (half the bytes a decode step reads; AMX/AVX512-BF16 matmuls for prompts and
-    batches) while activations and norms stay fp32. `kv_cache_dtype`: "auto" (bf16
-    under bf16 weights, else the model's dtype), "bfloat16" (half the bytes of keys
-    and values under fp32 activations) or "float32".
+    batches) while activations and norms stay fp32; "auto" does so only where it
+    measures faster on this CPU (the choice is logged, cached per CPU, and shown in
+    `engine.stats()`); None or "float32" keeps the weights as loaded (exact parity
+    with transformers). `kv_cache_dtype`: "auto" (bf16 under bf16 weights, else the
+    model's dtype), "bfloat16" (half the bytes of keys and values under fp32
+    activations) or "float32".
     `transformers_fallback=True` runs architectures selfhost has no native code
     for through transformers' modeling code: same API, much slower.
     """
@@ -66,14 +70,16 @@ class LLM:
         self.tokenizer = Tokenizer(self.model_dir)
         quant_config = QuantConfig(method=quantization) if quantization is not None else None  # fail before the load
         if weight_dtype not in WEIGHT_DTYPES:
-            raise InvalidParameterError(f"weight_dtype={weight_dtype!r} is not supported; choose None (the model's "
-                                        "dtype) or 'bfloat16'")
-        self.kv_cache_dtype = pick_kv_cache_dtype(kv_cache_dtype, self.dtype, WEIGHT_DTYPES[weight_dtype])
+            raise InvalidParameterError(f"weight_dtype={weight_dtype!r} is not supported; choose None or 'float32' "
+                                        "(the weights as loaded), 'bfloat16' or 'auto'")
+        pick_kv_cache_dtype(kv_cache_dtype, self.dtype, False)  # refuse a bad value before the load
         # On the fly: loaded, then quantized; `selfhost quantize` writes the same modules to disk.
         self.model = load_model(
             self.model_dir, self.dtype, self.device, max_model_len, allow_pickle, transformers_fallback, quant_config,
             bf16_weights=WEIGHT_DTYPES[weight_dtype],
         )
+        self.weight_precision = getattr(self.model, "weight_precision", None)  # set where "auto" chose
+        self.kv_cache_dtype = pick_kv_cache_dtype(kv_cache_dtype, self.dtype, uses_bf16_weights(self.model))
         self.max_model_len = self.model.max_len
         if kv_cache_memory is None:
             # Enough for every sequence at full context, but never more than 30% of free memory.

@@ -69,6 +69,11 @@ def test_metrics_and_stats(http):
                  "selfhost_num_requests_waiting", "selfhost_kv_blocks_used", "selfhost_prefix_cache_hit_rate"):
         assert name in text, name
     assert 'route="/v1/completions",status="200"' in text
+    # The precision the server chose on this CPU (weight_dtype defaults to "auto"), as an info gauge.
+    precision = next(line for line in text.splitlines() if line.startswith("selfhost_precision_info{"))
+    weights = "bfloat16" if 'weights="bfloat16"' in precision else "float32"
+    assert f'weights="{weights}"' in precision and f'kv_cache="{weights}"' in precision
+    assert 'kernels="' in precision and precision.endswith(" 1.0")
     stats = http.get("/stats").json()
     assert stats["models"][MODEL]["kv_blocks_total"] > 0 and "tokens_per_s" in stats
     assert http.get("/health").json() == {"status": "ok", "models": [MODEL]}

@@ -25,8 +25,12 @@ Stop = Annotated[list[str] | None, typer.Option(help=r"Stop when this text appea
 Dtype = Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 WeightDtype = Annotated[
-    str | None,
-    typer.Option(help="bfloat16: keep an fp32 CPU model's linear weights in bf16 (faster; activations stay fp32)."),
+    str,
+    typer.Option(help="auto: bf16 linear weights where that measures faster on this CPU (activations stay fp32); "
+                 "bfloat16; float32: the weights as loaded (exact parity with transformers)."),
+]
+KvCacheDtype = Annotated[
+    str, typer.Option(help="auto (bf16 under bf16 weights, else the model's dtype), bfloat16, float32."),
 ]
 AllowPickle = Annotated[
     bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights (can run code; trust the source).")
@@ -74,11 +78,11 @@ TransformersFallback = Annotated[
 
 
 def load_llm(model: str | None, dtype: str, device: str, allow_pickle: bool, transformers_fallback: bool = False,
-             weight_dtype: str | None = None):
+             weight_dtype: str | None = None, kv_cache_dtype: str = "auto"):
     from selfhost.cli.console import make_console
 
     from selfhost import LLM
 
     make_console(stderr=True).print(f"loading {model or 'the embedded demo model'}...", style="dim")
     return LLM(model, dtype=dtype, device=device, allow_pickle=allow_pickle, transformers_fallback=transformers_fallback,
-               weight_dtype=weight_dtype)
+               weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype)

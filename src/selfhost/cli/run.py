@@ -24,7 +24,8 @@ def run(
     stop: o.Stop = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     dtype: o.Dtype = "auto",
-    weight_dtype: o.WeightDtype = None,
+    weight_dtype: o.WeightDtype = "auto",
+    kv_cache_dtype: o.KvCacheDtype = "auto",
     device: o.Device = "auto",
     allow_pickle: o.AllowPickle = False,
     transformers_fallback: o.TransformersFallback = False,
@@ -38,7 +39,7 @@ def run(
         raise InvalidParameterError(f"expected [MODEL] PROMPT, got {len(args)} arguments; quote the prompt")
     model, prompt = (None, args[0]) if len(args) == 1 else (args[0], args[1])
     params = o.sampling_params(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
-    llm = o.load_llm(model, dtype, device, allow_pickle, transformers_fallback, weight_dtype)
+    llm = o.load_llm(model, dtype, device, allow_pickle, transformers_fallback, weight_dtype, kv_cache_dtype)
     source = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else prompt
     if not chat:
         sys.stdout.write(prompt)
@@ -60,14 +61,15 @@ def chat(
     seed: o.Seed = None,
     stop: o.Stop = None,
     dtype: o.Dtype = "auto",
-    weight_dtype: o.WeightDtype = None,
+    weight_dtype: o.WeightDtype = "auto",
+    kv_cache_dtype: o.KvCacheDtype = "auto",
     device: o.Device = "auto",
     allow_pickle: o.AllowPickle = False,
     transformers_fallback: o.TransformersFallback = False,
 ) -> None:
     """Chat with a model in the terminal. Empty line or Ctrl-D quits; /reset clears the history."""
     params = o.sampling_params(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
-    llm = o.load_llm(model, dtype, device, allow_pickle, transformers_fallback, weight_dtype)
+    llm = o.load_llm(model, dtype, device, allow_pickle, transformers_fallback, weight_dtype, kv_cache_dtype)
     console = make_console()
     history = [{"role": "system", "content": system}] if system else []
     while True:

@@ -22,6 +22,7 @@ from selfhost.engine.sequence import Sequence
 from selfhost.engine.validation import RequestLimits, validate_request
 from selfhost.errors import InvalidParameterError
 from selfhost.host_memory import available_memory_bytes
+from selfhost.models.bf16_weights import linear_kernels, weight_dtype_name
 from selfhost.models.decoder import CausalLM
 from selfhost.sampling_params import SamplingParams
 from selfhost.tokenizer import Tokenizer
@@ -43,6 +44,10 @@ class EngineStats:
     # CPU only: BLAS threads the engine settled on for small (decode) and large (prefill, big batch) steps.
     cpu_threads_small_steps: int | None = None
     cpu_threads_large_steps: int | None = None
+    # Precision and the kernels it runs on (weight_dtype="auto" picks by measuring on this CPU).
+    weight_dtype: str | None = None
+    kv_cache_dtype: str | None = None
+    linear_kernels: str | None = None
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -76,6 +81,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.kv_dtype = kv_dtype = kv_dtype or dtype
+        self.weight_dtype = weight_dtype_name(model, dtype)
+        self.linear_kernels = linear_kernels(model)
         num_blocks = plan_num_blocks(config, model, kv_dtype, device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -174,4 +181,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             cpu_threads_small_steps=threads.small_steps.current if threads else None,
             cpu_threads_large_steps=threads.large_steps.current if threads else None,
+            weight_dtype=self.weight_dtype,
+            kv_cache_dtype=str(self.kv_dtype).removeprefix("torch."),
+            linear_kernels=self.linear_kernels,
         )

@@ -43,3 +43,29 @@ def use_bf16_weights(model: CausalLM) -> int:
 
 def uses_bf16_weights(model: nn.Module) -> bool:
     return any(isinstance(m, Bf16Linear) for m in model.modules())
+
+
+def weight_dtype_name(model: nn.Module, dtype: torch.dtype) -> str:
+    """What the linear weights are stored as: a quantization method, bfloat16, or the model's dtype."""
+    quant_config = getattr(model, "quant_config", None)
+    if quant_config is not None:
+        return quant_config.method
+    return "bfloat16" if uses_bf16_weights(model) else str(dtype).removeprefix("torch.")
+
+
+def linear_kernels(model: nn.Module) -> str:
+    """Which products a model's linear layers run on this CPU, in words (for stats and /metrics)."""
+    from selfhost.layers import linear
+
+    layer = next((m for m in model.modules() if isinstance(m, Bf16Linear)), None)
+    if layer is not None:
+        beyond = "AMX tiles" if layer.layout == "tiles" else "oneDNN bf16"
+        few = f"AVX-512 up to {layer.few_rows_max} rows, " if layer.few_rows_max else ""
+        return f"bf16 weights: {few}{beyond} beyond"
+    if not any(type(m) is Linear for m in model.modules()):
+        return "torch (quantized or fallback modules)"
+    if linear.USE_GEMM:
+        return "fp32: selfhost AVX-512 GEMM"
+    if linear.USE_MATVEC:
+        return f"fp32: selfhost AVX2 up to {linear.MATVEC_MAX_ROWS} rows, torch beyond"
+    return "fp32: torch"

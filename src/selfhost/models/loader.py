@@ -16,6 +16,7 @@ this module reaches for quant/ only when a checkpoint or caller asks for it.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +36,8 @@ from selfhost.models.weight_arena import place_weights_in_arena
 
 if TYPE_CHECKING:
     from selfhost.quant.config import QuantConfig
+
+log = logging.getLogger(__name__)
 
 
 def read_config(model_dir: Path) -> dict:
@@ -87,17 +90,23 @@ def load_model(
     allow_pickle: bool = False,
     transformers_fallback: bool = False,
     quantization: QuantConfig | None = None,
-    bf16_weights: bool = False,
+    bf16_weights: bool | str = False,
 ) -> CausalLM | TransformersModel:
     """The native model for a supported family; else, when allowed, transformers' own (slower).
 
     A checkpoint written by `selfhost quantize` loads into its quantized modules;
     `quantization` quantizes a full-precision checkpoint right after loading;
-    `bf16_weights` stores an fp32 CPU model's linear weights in bf16 (models/bf16_weights.py).
+    `bf16_weights` stores an fp32 CPU model's linear weights in bf16 (models/bf16_weights.py);
+    "auto" does so where that measures faster on this CPU (models/weight_precision.py) and
+    records the choice as `model.weight_precision`.
     """
     cfg = read_config(model_dir)
     stored = cfg.get("quantization_config")  # metadata written by `selfhost quantize`
-    if bf16_weights and (dtype != torch.float32 or device.type != "cpu" or quantization is not None or stored):
+    if bf16_weights == "auto":  # only where bf16 weights are an option at all; else the model as it is
+        native = _is_native(cfg)
+        bf16_weights = "auto" if (dtype == torch.float32 and device.type == "cpu" and quantization is None
+                                  and not stored and native) else False
+    if bf16_weights is True and (dtype != torch.float32 or device.type != "cpu" or quantization is not None or stored):
         raise InvalidParameterError(
             "bf16 weights are an option of fp32 models on CPU, without quantization; on a GPU use dtype='bfloat16'"
         )
@@ -149,11 +158,26 @@ def load_model(
             # The full-precision arena stays alive while any parameter still views it
             # (norms): move what remains into a small new one and let it go.
             place_weights_in_arena(model, keep_values=True)
+    model.weight_precision = None
+    if bf16_weights == "auto":
+        from selfhost.models.weight_precision import choose_weight_dtype
+
+        model.weight_precision = choose_weight_dtype(spec.hidden_size, spec.intermediate_size)
+        log.info("%s", model.weight_precision.describe())
+        bf16_weights = model.weight_precision.weight_dtype == "bfloat16"
     if bf16_weights:
         from selfhost.models.bf16_weights import use_bf16_weights
 
         use_bf16_weights(model)
     return model.eval()
+
+
+def _is_native(cfg: dict) -> bool:
+    try:
+        spec_from_config(cfg)
+        return True
+    except UnsupportedModelError:
+        return False
 
 
 @torch.no_grad()

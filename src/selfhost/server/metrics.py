@@ -33,11 +33,17 @@ class _EngineCollector:
             "prefix_hit_rate": GaugeMetricFamily("selfhost_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache", labels=["model"]),
             "num_preemptions": GaugeMetricFamily("selfhost_num_preemptions", "Requests preempted so far", labels=["model"]),
         }
+        precision = GaugeMetricFamily(
+            "selfhost_precision_info", "Weights' and KV cache's dtypes and the linear kernels chosen on this CPU (1)",
+            labels=["model", "weights", "kv_cache", "kernels"],
+        )
         for name, served in list(self.models.models.items()):
             stats = served.engine.stats()
             for field, gauge in gauges.items():
                 gauge.add_metric([name], getattr(stats, field))
+            precision.add_metric([name, stats.weight_dtype or "", stats.kv_cache_dtype or "", stats.linear_kernels or ""], 1)
         yield from gauges.values()
+        yield precision
 
 
 class ServerMetrics:

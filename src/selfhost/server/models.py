@@ -152,7 +152,8 @@ class ModelRegistry:
         s = self.settings
         llm = LLM(model_dir, dtype=s.dtype, device=s.device, max_model_len=s.max_model_len,
                   kv_cache_memory=s.kv_cache_memory, max_num_seqs=s.max_num_seqs,
-                  transformers_fallback=s.transformers_fallback)
+                  transformers_fallback=s.transformers_fallback, weight_dtype=s.weight_dtype,
+                  kv_cache_dtype=s.kv_cache_dtype)
         weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
         weight_bytes += sum(t.numel() * t.element_size() for t in llm.model.buffers())
         per_block = PagedKVCache.bytes_per_block(llm.model.spec, llm.engine_config.block_size, llm.kv_cache_dtype)

@@ -42,6 +42,12 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="Cap the context window (default: the model's).")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
+    weight_dtype: str = Field(
+        "auto", description="auto (bf16 linear weights where that measures faster on this CPU), bfloat16, or "
+        "float32 (the weights as loaded: exact parity with transformers)."
+    )
+    kv_cache_dtype: str = Field("auto", description="auto (bf16 under bf16 weights, else the model's dtype), "
+                                "bfloat16, float32.")
     transformers_fallback: bool = Field(
         False, description="Run architectures without native support through transformers (slower)."
     )
