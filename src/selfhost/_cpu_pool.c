@@ -28,6 +28,12 @@
  * Built with -DSELFHOST_POOL_NO_PYTHON it is plain C (tests/c/pool_stress_main.c
  * builds it that way under ThreadSanitizer).
  */
+#ifndef SELFHOST_POOL_NO_PYTHON
+/* Before any system header, as Python asks: it sets feature macros (_POSIX_C_SOURCE, ...)
+ * that those headers read, and Debian's aarch64 pyconfig.h warns when they came first. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#endif
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -213,8 +219,6 @@ long selfhost_pool_stress(long num_jobs, long max_chunks, int max_threads, uint6
 }
 
 #ifndef SELFHOST_POOL_NO_PYTHON
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
 
 static const SelfhostPoolApi api = {SELFHOST_POOL_API_VERSION, selfhost_pool_run};
 

@@ -21,12 +21,14 @@ typedef struct {
 } SelfhostPoolApi;
 
 #ifndef SELFHOST_POOL_IMPLEMENTATION_ONLY
-static const SelfhostPoolApi *selfhost_pool_api;
+/* `unused` and `inline`: a kernel may include this header on every CPU and use the pool
+ * only on some (the x86-only kernels built for aarch64); that must not warn. */
+__attribute__((unused)) static const SelfhostPoolApi *selfhost_pool_api;
 
 #define pool_run(fn, context, num_chunks, num_threads) selfhost_pool_api->run((fn), (context), (num_chunks), (num_threads))
 
 /* Fetches the pool's entry point; returns -1 with a Python exception set on failure. */
-static int pool_import(void) {
+static inline int pool_import(void) {
     /* PyCapsule_Import walks attributes, which exist only once the submodule is imported. */
     PyObject *module = PyImport_ImportModule("selfhost._cpu_pool");
     if (!module) return -1;

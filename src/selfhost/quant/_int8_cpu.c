@@ -1,7 +1,8 @@
-/* int8-weight linear layers on x86-64 CPUs with AVX2: y = x @ (q * scale)^T + b.
+/* int8-weight linear layers on CPU: y = x @ (q * scale)^T + b, on x86-64 CPUs
+ * with AVX2 and on aarch64 (NEON; the dotprod extension where the CPU has it).
  *
  * Built at install time as an optional extension (setup.py); selfhost.quant.int8
- * falls back to PyTorch kernels when it is missing or the CPU lacks AVX2.
+ * falls back to PyTorch kernels when it is missing or an x86-64 CPU lacks AVX2.
  *
  * Each activation row is quantized to int8 in blocks of 32 values, one fp32
  * scale per block, so every product of 32 values is an exact integer sum:
@@ -11,7 +12,9 @@
  * Inner product of 32 int8 pairs: vpmaddubsw multiplies unsigned by signed
  * bytes, so |x| is paired with q carrying x's sign. Both sides lie in
  * [-127, 127] (the quantizers clamp there), so each pair sum is at most
- * 2 * 127 * 127 = 32258 and never saturates int16.
+ * 2 * 127 * 127 = 32258 and never saturates int16. On aarch64, vmull_s8 and
+ * vmlal_s8 sum two signed products into each int16 lane, within the same bound;
+ * the dotprod extension's sdot sums four into int32 directly.
  *
  * Work split: rows of the weight in tiles of 4, each tile kept in L1 while it
  * meets every activation row of a chunk (prefill reads each weight once per
@@ -29,7 +32,16 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SELFHOST_X86 1
 #include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON) && (defined(__GNUC__) || defined(__clang__))
+#define SELFHOST_NEON 1
+#include <arm_neon.h>
+#if defined(__linux__)
+#include <sys/auxv.h> /* getauxval: whether this CPU has the dotprod extension */
+#endif
+#endif
 
+#if defined(SELFHOST_X86) || defined(SELFHOST_NEON)
+#define SELFHOST_INT8 1
 #include "../_cpu_pool.h"
 #endif
 
@@ -45,7 +57,7 @@
  * equally fast here, nearly 3x faster than leaving it to the hardware prefetcher. */
 #define PREFETCH_BYTES 16384
 
-#ifdef SELFHOST_X86
+#ifdef SELFHOST_INT8
 
 typedef struct {
     const int8_t *xq;    /* (M, K) quantized activations */
@@ -67,6 +79,17 @@ static void quantize_block_scalar(const float *x, Py_ssize_t len, int8_t *q, flo
     for (Py_ssize_t i = 0; i < len; i++) q[i] = (int8_t)lrintf(x[i] * inv);
     *scale = amax / 127.0f;
 }
+
+/* Sum over the partial last block, in exact integers. */
+static float tail_dot(const int8_t *xq, const int8_t *w, Py_ssize_t from, Py_ssize_t K, float xscale) {
+    int32_t acc = 0;
+    for (Py_ssize_t k = from; k < K; k++) acc += (int32_t)xq[k] * (int32_t)w[k];
+    return (float)acc * xscale;
+}
+
+#endif /* SELFHOST_INT8 */
+
+#ifdef SELFHOST_X86
 
 __attribute__((target("avx2,fma"))) static void quantize_rows_avx2(const float *x, Py_ssize_t M, Py_ssize_t K,
                                                                    int8_t *xq, float *xscale) {
@@ -105,13 +128,6 @@ __attribute__((target("avx2,fma"))) static inline float hsum_avx2(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
-}
-
-/* Sum over the partial last block, in exact integers. */
-static float tail_dot(const int8_t *xq, const int8_t *w, Py_ssize_t from, Py_ssize_t K, float xscale) {
-    int32_t acc = 0;
-    for (Py_ssize_t k = from; k < K; k++) acc += (int32_t)xq[k] * (int32_t)w[k];
-    return (float)acc * xscale;
 }
 
 /* `rows` (1..TILE) weight rows starting at w against one activation row; writes `rows` dots.
@@ -177,22 +193,171 @@ __attribute__((target("avx2,fma"))) static void run_job_avx2(const Job *j) {
     }
 }
 
-/* One chunk of the product: weight rows [chunk * CHUNK_N, ...) against every activation row. */
-static void run_chunk(const void *whole, long chunk) {
-    Job job = *(const Job *)whole;
-    job.n_begin = (Py_ssize_t)chunk * CHUNK_N;
-    job.n_end = job.n_begin + CHUNK_N < job.N ? job.n_begin + CHUNK_N : job.N;
-    run_job_avx2(&job);
-}
-
 static int cpu_has_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+/* What the shared driver below calls, whatever the instruction set. */
+static const char *isa_of_cpu(void) { return cpu_has_avx2() ? "avx2" : NULL; }
+static void quantize_rows(const float *x, Py_ssize_t M, Py_ssize_t K, int8_t *xq, float *xscale) {
+    quantize_rows_avx2(x, M, K, xq, xscale);
+}
+static void run_job(const Job *j) { run_job_avx2(j); }
+
+#endif /* SELFHOST_X86 */
+
+#ifdef SELFHOST_NEON
+
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20) /* <asm/hwcap.h>'s bit, for C libraries whose headers predate it */
+#endif
+/* GCC's arm_neon.h declares sdot for armv8.2-a+dotprod; that is no wider than the CPUs that have
+ * it, since dotprod is an Armv8.2 extension. */
+#if defined(__clang__)
+#define DOTPROD __attribute__((target("dotprod")))
+#else
+#define DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
+
+static int neon_has_dotprod; /* read once when the module loads */
+
+static int cpu_has_dotprod(void) {
+#if defined(__linux__)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+    return 0; /* no portable query elsewhere: plain NEON is correct on every aarch64 CPU */
+#endif
+}
+
+/* As quantize_rows_avx2, four lanes at a time: the same maxima, products and rounding
+ * (vcvtnq: to nearest even, as lrintf), and narrowings that saturate as packs does. */
+static void quantize_rows_neon(const float *x, Py_ssize_t M, Py_ssize_t K, int8_t *xq, float *xscale) {
+    const Py_ssize_t nb = nblocks_of(K), full = K / QBLOCK;
+    for (Py_ssize_t m = 0; m < M; m++) {
+        const float *xr = x + m * K;
+        int8_t *qr = xq + m * K;
+        float *sr = xscale + m * nb;
+        for (Py_ssize_t b = 0; b < full; b++) {
+            float32x4_t v[8];
+            for (int i = 0; i < 8; i++) v[i] = vld1q_f32(xr + b * QBLOCK + 4 * i);
+            float32x4_t mx = vabsq_f32(v[0]);
+            for (int i = 1; i < 8; i++) mx = vmaxq_f32(mx, vabsq_f32(v[i]));
+            const float amax = vmaxvq_f32(mx);
+            const float32x4_t inv = vdupq_n_f32(amax > 0.0f ? 127.0f / amax : 0.0f);
+            sr[b] = amax / 127.0f;
+            int16x8_t h[4];
+            for (int i = 0; i < 4; i++) {
+                h[i] = vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(vmulq_f32(v[2 * i], inv))),
+                                    vqmovn_s32(vcvtnq_s32_f32(vmulq_f32(v[2 * i + 1], inv))));
+            }
+            vst1q_s8(qr + b * QBLOCK, vcombine_s8(vqmovn_s16(h[0]), vqmovn_s16(h[1])));
+            vst1q_s8(qr + b * QBLOCK + 16, vcombine_s8(vqmovn_s16(h[2]), vqmovn_s16(h[3])));
+        }
+        if (full < nb) quantize_block_scalar(xr + full * QBLOCK, K - full * QBLOCK, qr + full * QBLOCK, sr + full);
+    }
+}
+
+/* Four int32 lanes that together hold one block's 32 products (x0, x1: its activations; w: its weights).
+ * Plain NEON: vmull_s8 and vmlal_high_s8 put two products in each int16 lane (at most
+ * 2 * 127 * 128 = 32512 even for a weight of -128: exact), then pairwise widening adds. */
+static inline int32x4_t block_sum_neon(int8x16_t x0, int8x16_t x1, const int8_t *w) {
+    const int8x16_t w0 = vld1q_s8(w), w1 = vld1q_s8(w + 16);
+    const int16x8_t p0 = vmlal_high_s8(vmull_s8(vget_low_s8(x0), vget_low_s8(w0)), x0, w0);
+    const int16x8_t p1 = vmlal_high_s8(vmull_s8(vget_low_s8(x1), vget_low_s8(w1)), x1, w1);
+    return vpadalq_s16(vpaddlq_s16(p0), p1);
+}
+
+/* The dotprod extension (Cortex-A55/A76 onwards, Graviton 2 onwards, Apple M1): sdot sums four products a lane. */
+DOTPROD static inline int32x4_t block_sum_dotprod(int8x16_t x0, int8x16_t x1, const int8_t *w) {
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), x0, vld1q_s8(w)), x1, vld1q_s8(w + 16));
+}
+
+/* dot_tile_avx2's work: `rows` (1..TILE) weight rows from w against one activation row, `rows`
+ * dots out. Written once as a macro and defined per block sum, because sdot may only appear in a
+ * function built for dotprod, and a call per block would cost more than the block itself. */
+#define SELFHOST_NEON_DOT_TILE(name, attributes, block_sum)                                                         \
+    attributes static void name(const int8_t *xq, const float *xscale, const int8_t *w, Py_ssize_t K, int rows,     \
+                                int prefetch, float *dots) {                                                        \
+        const Py_ssize_t full = K / QBLOCK, tail = full * QBLOCK;                                                   \
+        if (rows == TILE) {                                                                                         \
+            float32x4_t acc[TILE] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}; \
+            for (Py_ssize_t b = 0; b < full; b++) {                                                                 \
+                const int8x16_t x0 = vld1q_s8(xq + b * QBLOCK), x1 = vld1q_s8(xq + b * QBLOCK + 16);               \
+                for (int r = 0; r < TILE; r++) {                                                                    \
+                    const int8_t *wb = w + r * K + b * QBLOCK;                                                      \
+                    if (prefetch) __builtin_prefetch(wb + PREFETCH_BYTES, 0, 3);                                    \
+                    acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(block_sum(x0, x1, wb)), xscale[b]);                  \
+                }                                                                                                   \
+            }                                                                                                       \
+            for (int r = 0; r < TILE; r++) dots[r] = vaddvq_f32(acc[r]);                                            \
+        } else {                                                                                                    \
+            for (int r = 0; r < rows; r++) {                                                                        \
+                float32x4_t acc = vdupq_n_f32(0.0f);                                                                \
+                for (Py_ssize_t b = 0; b < full; b++) {                                                             \
+                    const int8x16_t x0 = vld1q_s8(xq + b * QBLOCK), x1 = vld1q_s8(xq + b * QBLOCK + 16);           \
+                    acc = vfmaq_n_f32(acc, vcvtq_f32_s32(block_sum(x0, x1, w + r * K + b * QBLOCK)), xscale[b]);    \
+                }                                                                                                   \
+                dots[r] = vaddvq_f32(acc);                                                                          \
+            }                                                                                                       \
+        }                                                                                                           \
+        if (tail < K)                                                                                               \
+            for (int r = 0; r < rows; r++) dots[r] += tail_dot(xq, w + r * K, tail, K, xscale[full]);              \
+    }
+
+SELFHOST_NEON_DOT_TILE(dot_tile_neon, , block_sum_neon)
+SELFHOST_NEON_DOT_TILE(dot_tile_dotprod, DOTPROD, block_sum_dotprod)
+#undef SELFHOST_NEON_DOT_TILE
+
+typedef void (*dot_tile_fn)(const int8_t *xq, const float *xscale, const int8_t *w, Py_ssize_t K, int rows,
+                            int prefetch, float *dots);
+
+/* run_job_avx2's loops around the NEON tiles. */
+static void run_job_neon(const Job *j) {
+    const dot_tile_fn dot_tile = neon_has_dotprod ? dot_tile_dotprod : dot_tile_neon;
+    const Py_ssize_t nb = nblocks_of(j->K);
+    float dots[TILE];
+    {   /* the tiles prefetch PREFETCH_BYTES ahead: ask for the first stretch up front */
+        const char *start = (const char *)(j->w + j->n_begin * j->K);
+        Py_ssize_t bytes = (j->n_end - j->n_begin) * j->K;
+        if (bytes > PREFETCH_BYTES) bytes = PREFETCH_BYTES;
+        for (Py_ssize_t off = 0; off < bytes; off += 64) __builtin_prefetch(start + off, 0, 3);
+    }
+    for (Py_ssize_t m0 = 0; m0 < j->M; m0 += CHUNK_ROWS) {
+        const Py_ssize_t m1 = m0 + CHUNK_ROWS < j->M ? m0 + CHUNK_ROWS : j->M;
+        for (Py_ssize_t n = j->n_begin; n < j->n_end; n += TILE) {
+            const int rows = (int)(j->n_end - n < TILE ? j->n_end - n : TILE);
+            for (Py_ssize_t m = m0; m < m1; m++) {
+                dot_tile(j->xq + m * j->K, j->xscale + m * nb, j->w + n * j->K, j->K, rows, m == m0, dots);
+                float *o = j->out + m * j->N + n;
+                for (int r = 0; r < rows; r++) o[r] = dots[r] * j->wscale[n + r] + (j->bias ? j->bias[n + r] : 0.0f);
+            }
+        }
+    }
+}
+
+/* What the shared driver below calls, whatever the instruction set. */
+static const char *isa_of_cpu(void) { return neon_has_dotprod ? "neon-dotprod" : "neon"; }
+static void quantize_rows(const float *x, Py_ssize_t M, Py_ssize_t K, int8_t *xq, float *xscale) {
+    quantize_rows_neon(x, M, K, xq, xscale);
+}
+static void run_job(const Job *j) { run_job_neon(j); }
+
+#endif /* SELFHOST_NEON */
+
+#ifdef SELFHOST_INT8
+
+/* One chunk of the product: weight rows [chunk * CHUNK_N, ...) against every activation row. */
+static void run_chunk(const void *whole, long chunk) {
+    Job job = *(const Job *)whole;
+    job.n_begin = (Py_ssize_t)chunk * CHUNK_N;
+    job.n_end = job.n_begin + CHUNK_N < job.N ? job.n_begin + CHUNK_N : job.N;
+    run_job(&job);
+}
+
 /* Returns 0, or -1 when memory or threads could not be had. Runs without the GIL. */
-static int linear_avx2(const float *x, const int8_t *w, const float *wscale, const float *bias, float *out,
-                       Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+static int linear_cpu(const float *x, const int8_t *w, const float *wscale, const float *bias, float *out,
+                      Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
     const Py_ssize_t nb = nblocks_of(K);
     int8_t *xq = malloc((size_t)(M * K) + 1); /* + 1: never malloc(0), which may return NULL */
     float *xscale = malloc(sizeof(float) * (size_t)(M * nb + 1));
@@ -200,7 +365,7 @@ static int linear_avx2(const float *x, const int8_t *w, const float *wscale, con
         free(xq), free(xscale);
         return -1;
     }
-    quantize_rows_avx2(x, M, K, xq, xscale);
+    quantize_rows(x, M, K, xq, xscale);
 
     /* Chunks of weight rows go to whichever thread of the pool is free (../_cpu_pool.h). */
     const Job whole = {xq, xscale, w, wscale, bias, out, M, N, K, 0, N};
@@ -209,16 +374,27 @@ static int linear_avx2(const float *x, const int8_t *w, const float *wscale, con
     return 0;
 }
 
-#endif /* SELFHOST_X86 */
+#endif /* SELFHOST_INT8 */
 
 PyDoc_STRVAR(available_doc, "available() -> bool: this build and this CPU can run `linear`.");
 
 static PyObject *available(PyObject *self, PyObject *unused) {
-#ifdef SELFHOST_X86
-    return PyBool_FromLong(cpu_has_avx2());
+#ifdef SELFHOST_INT8
+    return PyBool_FromLong(isa_of_cpu() != NULL);
 #else
     return PyBool_FromLong(0);
 #endif
+}
+
+PyDoc_STRVAR(isa_doc, "isa() -> str | None: the instructions `linear` runs on here\n"
+                      "('avx2', 'neon' or 'neon-dotprod'); None where it cannot run.");
+
+static PyObject *isa(PyObject *self, PyObject *unused) {
+#ifdef SELFHOST_INT8
+    const char *name = isa_of_cpu();
+    if (name) return PyUnicode_FromString(name);
+#endif
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(linear_doc,
@@ -247,8 +423,8 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     const long num_threads = PyLong_AsLong(args[8]);
     if (num_threads == -1 && PyErr_Occurred()) return NULL;
-#ifdef SELFHOST_X86
-    if (!cpu_has_avx2()) {
+#ifdef SELFHOST_INT8
+    if (!isa_of_cpu()) {
         PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX2/FMA");
         return NULL;
     }
@@ -259,28 +435,33 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (dims[0] == 0 || dims[1] == 0) Py_RETURN_NONE;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = linear_avx2(ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], dims[0], dims[1], dims[2], (int)num_threads);
+    rc = linear_cpu(ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], dims[0], dims[1], dims[2], (int)num_threads);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
-    PyErr_SetString(PyExc_RuntimeError, "built without x86-64 AVX2 support");
+    (void)ptr, (void)num_threads;
+    PyErr_SetString(PyExc_RuntimeError, "built without AVX2 (x86-64) or NEON (aarch64) support");
     return NULL;
 #endif
 }
 
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
+    {"isa", isa, METH_NOARGS, isa_doc},
     {"linear", (PyCFunction)(void (*)(void))linear, METH_FASTCALL, linear_doc},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_int8_cpu", "int8-weight linear layers for x86-64 AVX2.",
-                                    -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_int8_cpu",
+                                    "int8-weight linear layers (x86-64 AVX2, aarch64 NEON).", -1, methods};
 
 PyMODINIT_FUNC PyInit__int8_cpu(void) {
-#ifdef SELFHOST_X86
+#ifdef SELFHOST_INT8
     if (pool_import() < 0) return NULL; /* the process's one worker pool (../_cpu_pool.h) */
+#endif
+#ifdef SELFHOST_NEON
+    neon_has_dotprod = cpu_has_dotprod();
 #endif
     return PyModule_Create(&module);
 }
