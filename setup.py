@@ -7,6 +7,7 @@
 - layers/_gemm_cpu.c            the fp32 many-row product of prompts and batches (AVX-512)
 - layers/_bf16_tiles_cpu.c      bf16-weight products in the AMX tile layout (AMX; AVX-512 for few rows)
 - layers/_norm_cpu.c            RMSNorm in one pass
+- layers/_activation_cpu.c      SwiGLU (silu(gate) * up) in one pass (AVX-512)
 - engine/_paged_attention_cpu.c decode attention read in place from the paged KV cache
 - engine/_prefill_attention_cpu.c prompt-chunk attention over the paged KV cache (AVX-512)
 
@@ -45,6 +46,7 @@ setup(
         kernel("layers._gemm_cpu", uses_pool=True),
         kernel("layers._bf16_tiles_cpu", uses_pool=True),
         kernel("layers._norm_cpu"),
+        kernel("layers._activation_cpu", uses_pool=True),
         kernel("engine._paged_attention_cpu", uses_pool=True, headers=("engine/_weighted_rows_avx512.h",)),
         kernel("engine._prefill_attention_cpu", uses_pool=True, headers=("engine/_weighted_rows_avx512.h",)),
     ]

@@ -26,7 +26,7 @@ class GatedMLP(nn.Module):
         self.act = gated(activation)
 
     def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
-        return self.down_proj.forward(self.act(self.gate_up_proj.forward(x, num_threads)), num_threads)
+        return self.down_proj.forward(self.act(self.gate_up_proj.forward(x, num_threads), num_threads), num_threads)
 
 
 class DecoderLayer(nn.Module):
