@@ -41,11 +41,12 @@ def use_bf16_weights(model: CausalLM) -> int:
     return few_rows_max
 
 
-def uses_bf16_weights(model: nn.Module) -> bool:
-    return any(isinstance(m, Bf16Linear) for m in model.modules())
+def uses_bf16_weights(model) -> bool:
+    """Whether the model's linears hold bf16 weights (never for the transformers fallback, not an nn.Module)."""
+    return isinstance(model, nn.Module) and any(isinstance(m, Bf16Linear) for m in model.modules())
 
 
-def weight_dtype_name(model: nn.Module, dtype: torch.dtype) -> str:
+def weight_dtype_name(model, dtype: torch.dtype) -> str:
     """What the linear weights are stored as: a quantization method, bfloat16, or the model's dtype."""
     quant_config = getattr(model, "quant_config", None)
     if quant_config is not None:
@@ -53,10 +54,12 @@ def weight_dtype_name(model: nn.Module, dtype: torch.dtype) -> str:
     return "bfloat16" if uses_bf16_weights(model) else str(dtype).removeprefix("torch.")
 
 
-def linear_kernels(model: nn.Module) -> str:
+def linear_kernels(model) -> str:
     """Which products a model's linear layers run on this CPU, in words (for stats and /metrics)."""
     from selfhost.layers import linear
 
+    if not isinstance(model, nn.Module):
+        return "transformers' own modules (fallback)"
     layer = next((m for m in model.modules() if isinstance(m, Bf16Linear)), None)
     if layer is not None:
         beyond = "AMX tiles" if layer.layout == "tiles" else "oneDNN bf16"
