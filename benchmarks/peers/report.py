@@ -82,8 +82,9 @@ def speed_table(runs: list[PeerRun], task: str, metric: Metric, metric_header: s
         rows.append([run.peer.label, show(value), *(f"{x:.2f}x" for x in speedups),
                      *(column(run, value) for column in extra.values()), same,
                      f"{run.result['load_avg_end'][0]:.2f}"])
-        notes += [f"    {run.peer.label}: {note}" for note in run.notes]
-    return [*render(headers, rows), *notes]
+    legend = ["speed-up: how many times faster that selfhost row is than this row (> 1: selfhost is faster); "
+              "load: 1-minute load average as the row's process finished"]
+    return [*render(headers, rows), *(legend if selfhost else []), *notes]
 
 
 def decode_extra_columns(limits: MachineLimits | None, model_dir: Path) -> dict[str, Callable[[PeerRun, float], str]]:
@@ -129,6 +130,7 @@ def settings_lines(runs: list[PeerRun]) -> list[str]:
             info = ", ".join(f"{k}={v}" for k, v in run.result["info"].items() if v is not None and v != "")
             lines.append(f"  {run.peer.label}: {info}; load {run.result['load_seconds']:.0f} s, "
                          f"process {run.seconds:.0f} s")
+        lines += [f"  {run.peer.label}: {note}" for note in run.notes]
     return lines
 
 

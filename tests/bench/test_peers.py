@@ -66,12 +66,13 @@ def test_speed_table_ratios_fractions_and_a_missing_peer(tmp_path):
     limits = MachineLimits("cpu", (), 2, 2, (0, 0, 0), "", None, read_gb_s=1e-3, matmul_gflop_s={"fp32": 1.0})
     lines = report.speed_table(runs, "decode", report.best_tok_s, "tok/s", lambda v: f"{v:.1f}", True,
                                report.decode_extra_columns(limits, tmp_path))
-    header, selfhost, hf, vllm, note = lines
+    header, selfhost, hf, vllm, legend, note = lines
     assert "selfhost fp32 speed-up" in header and "of read bandwidth" in header
     assert "4.00x" in hf and "0/1 (first 50% of tokens same)" in hf
     bytes_per_token = decode_bytes_per_token(tmp_path, "fp32")
     assert f"{bytes_per_token * 10.0 / 1e6:.0%}" in hf  # 1 MB/s of read bandwidth in the limits
     assert "not run (1)" in vllm and note == "(1) vLLM CPU bf16 did not run: no venv"
+    assert legend.startswith("speed-up: how many times faster")
 
 
 def test_model_arithmetic_by_hand(tmp_path):
