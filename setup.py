@@ -2,8 +2,8 @@
 
 - _cpu_pool.c                   the process's one worker pool, which the kernels below reach
                                 through a capsule (their threads and chunks run on it)
-- quant/_int8_cpu.c             int8-weight linear layers (AVX2)
-- layers/_matvec_cpu.c          the fp32 few-row product of decode steps
+- quant/_int8_cpu.c             int8-weight linear layers (AVX2; NEON, with dotprod where present)
+- layers/_matvec_cpu.c          the fp32 few-row product of decode steps (AVX2; NEON)
 - layers/_gemm_cpu.c            the fp32 many-row product of prompts and batches (AVX-512)
 - layers/_bf16_tiles_cpu.c      bf16-weight products in the AMX tile layout (AMX; AVX-512 for few rows)
 - layers/_norm_cpu.c            RMSNorm in one pass
@@ -13,7 +13,8 @@
 
 Project metadata lives in pyproject.toml. Every extension is optional: where one
 cannot be compiled, `pip install` still succeeds and selfhost uses PyTorch's (or
-numpy's) kernels instead.
+numpy's) kernels instead. .ci/cpu-paths builds each of them for aarch64 and x86-64 with
+these flags and checks them under qemu-user on the CPUs this machine is not.
 """
 
 import sys
