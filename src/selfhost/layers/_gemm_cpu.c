@@ -32,6 +32,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Up to this many rows the dot products win (gemm's default; callers may pass their own):
+ * measured on a 2-core Zen 5 over a 125M model's layer weights, they match the packed
+ * kernel at 256 rows (160 vs 167 ms) and lose at 384 (246 vs 228). Outside the x86 block:
+ * gemm() parses it on every platform. */
+#define FEW_ROWS_MAX 288
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__STDC_NO_ATOMICS__)
 #define SELFHOST_GEMM 1
 #include <immintrin.h>
@@ -139,10 +145,6 @@ AVX512 static void run_unit(const void *product, long unit) {
 #define DOT_ROWS 6
 #define CHUNK_ROWS 32       /* weight rows per unit of work */
 #define PREFETCH_BYTES 8192 /* how far ahead of a weight row to ask for its cache lines */
-/* Up to this many rows the dot products win: measured on a 2-core Zen 5 over a
- * 125M model's layer weights, they match the packed kernel at 256 rows
- * (160 vs 167 ms) and lose at 384 (246 vs 228). */
-#define FEW_ROWS_MAX 288
 
 AVX512 static inline __attribute__((always_inline)) void dot_kernel(const int rows, const int cols, const Product *p,
                                                                     Py_ssize_t m0, Py_ssize_t n0, int prefetch) {
