@@ -45,6 +45,7 @@
 #include <immintrin.h>
 
 #include "../_cpu_pool.h"
+#include "../_exp_avx512.h"
 #include "_weighted_rows_avx512.h"
 #endif
 
@@ -69,23 +70,6 @@ typedef struct {
     int kv_bf16;
 } Job;
 
-/* e^x for x <= 0, as _paged_attention_cpu.c computes it: x = n ln2 + r, a degree-6
- * polynomial for e^r (relative error below 2e-7), 2^n in the exponent bits. */
-AVX512 static __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 poly = _mm512_set1_ps(1.0f / 720.0f);
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 120.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 24.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 6.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.5f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-    __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(poly, _mm512_castsi512_ps(two_n));
-}
 
 static const void *cached_row(const Job *job, const void *cache, const int64_t *table, Py_ssize_t head,
                               Py_ssize_t pos) {
@@ -232,7 +216,7 @@ AVX512 static void run_unit(const void *whole, long unit) {
             float rescale = s->row_max[r] == -INFINITY ? 0.0f : expf(s->row_max[r] - new_max);
             __m512 shift = _mm512_set1_ps(new_max), total = _mm512_setzero_ps();
             for (int c = 0; c < 4; c++) {
-                __m512 p = _mm512_maskz_mov_ps(keep[c], exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(row + c * 16), shift)));
+                __m512 p = _mm512_maskz_mov_ps(keep[c], exp_nonpositive_avx512(_mm512_sub_ps(_mm512_load_ps(row + c * 16), shift)));
                 _mm512_store_ps(row + c * 16, p);
                 total = _mm512_add_ps(total, p);
             }

@@ -7,10 +7,9 @@
  * engine step's threads (../_cpu_pool.h).
  *
  * silu(x) = x * sigmoid(x), with sigmoid from t = e^-|x| in (0, 1]: 1 / (1 + t) for
- * x >= 0 and t / (1 + t) below, so no exponent overflows. e^y for y <= 0 is the
- * attention kernels' method: y = n ln2 + r, a degree-6 polynomial for e^r (relative
- * error below 2e-7), 2^n built in the exponent bits; below -87 it is clamped (e^-87
- * times any finite x is zero to fp32 precision after the multiply by t/(1+t)).
+ * x >= 0 and t / (1 + t) below, so no exponent overflows; e^y for y <= 0 is
+ * ../_exp_avx512.h's (clamped below -87: e^-87 times any finite x is zero to fp32
+ * precision after the multiply by t/(1+t)).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -20,6 +19,7 @@
 #include <immintrin.h>
 
 #include "../_cpu_pool.h"
+#include "../_exp_avx512.h"
 
 #define AVX512 __attribute__((target("avx512f")))
 #define ROWS_PER_CHUNK 4
@@ -30,25 +30,10 @@ typedef struct {
     Py_ssize_t rows, width;
 } Job;
 
-AVX512 static __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 poly = _mm512_set1_ps(1.0f / 720.0f);
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 120.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 24.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 6.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.5f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-    __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(poly, _mm512_castsi512_ps(two_n));
-}
 
 AVX512 static inline __m512 silu_times(__m512 gate, __m512 up) {
     __m512 magnitude = _mm512_abs_ps(gate);
-    __m512 t = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), magnitude));
+    __m512 t = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_setzero_ps(), magnitude));
     __m512 denominator = _mm512_add_ps(_mm512_set1_ps(1.0f), t);
     __mmask16 negative = _mm512_cmp_ps_mask(gate, _mm512_setzero_ps(), _CMP_LT_OQ);
     __m512 numerator = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), negative, t);
