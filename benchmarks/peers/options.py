@@ -33,8 +33,12 @@ def add_peer_options(ap: argparse.ArgumentParser) -> None:
                     help="extra arguments for the pip install that creates --vllm-venv (e.g. an index holding "
                          "torch==2.13.0+cpu)")
     ap.add_argument("--vllm-kvcache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE (default: %(default)s)")
-    ap.add_argument("--vllm-in-process", action="store_true",
-                    help="VLLM_ENABLE_V1_MULTIPROCESSING=0 (to compare; vLLM cannot bind its threads then)")
+    ap.add_argument("--vllm-threads-bind", default=None,
+                    help="VLLM_CPU_OMP_THREADS_BIND (default: the first --threads CPUs, e.g. 0-1; 'auto': vLLM's own "
+                         "choice, which keeps a CPU for its scheduler)")
+    ap.add_argument("--vllm-multiprocessing", action="store_true",
+                    help="run vLLM's engine in its own processes (vLLM's default) instead of in the peer's process "
+                         "(VLLM_ENABLE_V1_MULTIPROCESSING=0, with the thread binding vLLM would give its worker)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="threads every system gets (default: all CPUs, %(default)s)")
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "selfhost-bench-llama125m",
@@ -81,7 +85,7 @@ def launchers(args: argparse.Namespace) -> dict[str, Launch]:
         "selfhost": _once(selfhost_peer.launch),
         "transformers": _once(transformers_peer.launch),
         "vllm": _once(lambda: vllm_peer.launch(args.threads, args.vllm_python, args.vllm_venv, args.vllm_kvcache_gib,
-                                               args.vllm_pip_args, args.vllm_in_process)),
+                                               args.vllm_pip_args, args.vllm_multiprocessing, args.vllm_threads_bind)),
     }
 
 

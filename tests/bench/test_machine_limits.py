@@ -74,3 +74,11 @@ def test_limits_survive_json_and_describe_names_every_precision():
     assert "Test CPU" in text and "avx2" in text and "12.5 GB/s" in text
     assert "fp32 100" in text and "bf16 400" in text and "int8 n/a" in text
     assert "0.50 0.25 0.10" in text and "32 MiB" in text
+
+
+def test_confirmed_best_ignores_a_lone_impossible_time():
+    from selfhost.bench.machine_limits import confirmed_best
+
+    assert confirmed_best([0.016, 0.0015, 0.0161, 0.017]) == 0.016
+    assert confirmed_best([0.010, 0.0105, 0.03]) == 0.010
+    assert confirmed_best([0.01, 0.02, 0.04]) == 0.02  # no two agree: the median
