@@ -8,7 +8,8 @@ Each system runs in a process of its own with only its own documented settings
 threads. The machine's read bandwidth and peak matmul rates are measured first.
 
 Decode: one prompt of --prompt-tokens, --tokens new tokens (eos ignored, greedy),
-best of --repeats runs, each on a prompt of its own. Columns: tokens/s; selfhost's
+best of --repeats runs, each on a prompt of its own. Columns: new tokens/s over the
+whole call (the short prompt included, as a user sees it); selfhost's
 speed-up over the row (> 1: selfhost is faster); the weight bytes one token reads
 and the share of the measured read bandwidth that makes at the row's speed.
 Prompt: one prompt of --ttft-tokens, time to its first token, best of --ttft-repeats;
@@ -52,7 +53,7 @@ def main() -> None:
         tasks["ttft"] = _task("ttft", args.ttft_tokens, 1, args.ttft_repeats, seed=1)
     names = tuple(tasks)
     peers = [*options.selfhost_peers(args, names)]
-    if options.wants(args, "transformers"):
+    if "transformers" in args.systems:
         peers.append(Peer("transformers", "transformers fp32", {"batching": "sequential"}, "fp32", names))
     peers += options.vllm_peers(args, names)
 

@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed throughput runs, each on prompts of its own, best kept (default: %(default)s)")
     ap.add_argument("--transformers-batching", default=",".join(TRANSFORMERS_BATCHING),
+                    type=options.list_of(tuple(TRANSFORMERS_BATCHING), "--transformers-batching"),
                     help="transformers rows: continuous, static, sequential (default: %(default)s)")
     ap.add_argument("--sequential-requests", type=int, default=4,
                     help="requests transformers runs one at a time (default: %(default)s)")
@@ -70,9 +71,8 @@ def main() -> None:
     names = ("throughput", "ttft") if args.ttft_tokens else ("throughput",)
 
     peers = options.selfhost_peers(args, names, kv_cache_memory=KV_CACHE)
-    if options.wants(args, "transformers") and not args.skip_hf:
-        batching = options.parse_list(args.transformers_batching, tuple(TRANSFORMERS_BATCHING),
-                                      "--transformers-batching")
+    if "transformers" in args.systems and not args.skip_hf:
+        batching = args.transformers_batching
         # One transformers row is timed on the prompt: plain `generate`, its usual single-request call.
         prompt_row = "sequential" if "sequential" in batching else batching[0]
         peers += [Peer("transformers", TRANSFORMERS_BATCHING[b], {"batching": b}, "fp32",

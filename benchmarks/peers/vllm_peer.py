@@ -15,10 +15,12 @@ Its settings, from vLLM's CPU installation guide and its CPU platform code:
 * The engine runs in the peer's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
   vLLM's default starts a scheduler process and a worker process and binds the
   worker's OpenMP threads as it starts it (vllm/utils/ompmultiprocessing.py); on a
-  2-core machine the two extra processes compete with those threads (one A/B here:
-  26 tok/s decode with them, 30 without). In its own process the engine gets the
-  same binding variables vLLM would give its worker (OMP_NUM_THREADS, KMP_AFFINITY,
-  KMP_BLOCKTIME, KMP_TPAUSE with Intel OpenMP). --vllm-multiprocessing restores
+  2-core machine the two extra processes compete with those threads. In its own
+  process the engine gets the binding variables vLLM would give its worker
+  (OMP_NUM_THREADS, KMP_AFFINITY, KMP_BLOCKTIME, KMP_TPAUSE with Intel OpenMP). One
+  A/B here (fp32, 32 tokens, load 0.8-1.8, so noisy): decode 26 tok/s and a
+  256-token prompt in 350 ms with vLLM's processes, 30 tok/s / 288 ms in-process
+  unbound, 33 tok/s / 257 ms in-process bound. --vllm-multiprocessing restores
   vLLM's default; the peer script's main guard makes its spawned processes safe.
 Prompts go in as token ids (skip_tokenizer_init), outputs come back as token ids.
 
@@ -89,7 +91,11 @@ def launch(threads: int, python: Path | None, venv: Path, kvcache_gib: int, pip_
 def _worker_binding(bind: str, ld_preload: str) -> dict[str, str]:
     """The OpenMP variables vLLM's multiprocessing executor gives its worker for a bind list
     (vllm/utils/ompmultiprocessing.py, 0.32), for the engine that runs in this process instead."""
-    cpus = [str(c) for part in bind.split(",") for c in _cpu_range(part)]
+    try:
+        cpus = [str(c) for part in bind.split(",") for c in _cpu_range(part)]
+    except ValueError:
+        raise VllmUnavailable(f"VLLM_CPU_OMP_THREADS_BIND {bind!r}: expected CPU ids such as 0-1 or 0,2,5 "
+                              "(one engine in the peer's process)") from None
     env = {"OMP_NUM_THREADS": str(len(cpus))}
     if "libiomp" in ld_preload:
         env.update(KMP_AFFINITY=f"granularity=fine,explicit,proclist=[{','.join(cpus)}]", KMP_BLOCKTIME="5",

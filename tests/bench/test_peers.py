@@ -25,10 +25,11 @@ def test_clean_environment_drops_thread_and_allocator_variables(monkeypatch):
     assert env["SOMETHING_ELSE"] == "kept" and env["VLLM_CPU_KVCACHE_SPACE"] == "4"
 
 
-def test_parse_list_maps_spellings_drops_repeats_and_names_the_choices():
-    assert options.parse_list("float32, bf16,fp32", options.DTYPES, "--weight-dtype") == ["fp32", "bf16"]
+def test_list_options_map_spellings_drop_repeats_and_name_the_choices():
+    parse = options.list_of(options.DTYPES, "--weight-dtype")
+    assert parse("float32, bf16,fp32") == ["fp32", "bf16"]
     with pytest.raises(argparse.ArgumentTypeError, match="'fp16' is not one of"):
-        options.parse_list("fp16", options.DTYPES, "--weight-dtype")
+        parse("fp16")
 
 
 def test_peers_follow_the_options():
@@ -37,7 +38,7 @@ def test_peers_follow_the_options():
     args = ap.parse_args(["--systems", "selfhost,vllm", "--weight-dtype", "bfloat16", "--vllm-dtype", "fp32,bf16"])
     labels = [p.label for p in options.selfhost_peers(args, ("decode",)) + options.vllm_peers(args, ("decode",))]
     assert labels == ["selfhost bf16", "vLLM CPU fp32", "vLLM CPU bf16"]
-    assert not options.wants(args, "transformers")
+    assert "transformers" not in args.systems
 
 
 def test_agreement_counts_identical_outputs_and_the_shared_leading_tokens():
@@ -106,3 +107,15 @@ def test_a_peer_that_cannot_start_is_a_reason_not_a_crash(tmp_path):
 
     run = run_peer(peer, missing, {}, tmp_path, timeout_s=5)
     assert run.result is None and run.error == "--vllm-python /nowhere does not exist"
+
+
+def test_in_process_vllm_gets_the_binding_its_worker_would_get():
+    from benchmarks.peers.vllm_peer import VllmUnavailable, _worker_binding
+
+    iomp = _worker_binding("0-1", "/usr/lib/libtcmalloc_minimal.so.4:/venv/lib/libiomp5.so")
+    assert iomp == {"OMP_NUM_THREADS": "2", "KMP_AFFINITY": "granularity=fine,explicit,proclist=[0,1]",
+                    "KMP_BLOCKTIME": "5", "KMP_TPAUSE": "0"}
+    assert _worker_binding("0,2", "/torch/lib/libgomp.so.1") == {"OMP_NUM_THREADS": "2", "GOMP_CPU_AFFINITY": "0 2"}
+    assert _worker_binding("3", "")["OMP_PLACES"] == "{3}"
+    with pytest.raises(VllmUnavailable, match="expected CPU ids"):
+        _worker_binding("0-1|2-3", "")
