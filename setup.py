@@ -48,7 +48,8 @@ setup(
         kernel("layers._bf16_tiles_cpu", uses_pool=True),
         kernel("layers._norm_cpu"),
         kernel("layers._activation_cpu", uses_pool=True, headers=("_exp_avx512.h",)),
-        kernel("engine._paged_attention_cpu", uses_pool=True, headers=("engine/_weighted_rows_avx512.h",)),
+        kernel("engine._paged_attention_cpu", uses_pool=True,
+               headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h")),
         kernel("engine._prefill_attention_cpu", uses_pool=True,
                headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h")),
     ]

@@ -41,6 +41,7 @@
 #include <immintrin.h>
 
 #include "../_cpu_pool.h"
+#include "../_exp_avx512.h"
 #include "_weighted_rows_avx512.h"
 #endif
 
@@ -217,6 +218,27 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
     }
 }
 
+/* row = softmax(row) over `count` scores, 16 at a time (max, e^(x - max), sum, scale). */
+AVX512 static void softmax_avx512(float *row, Py_ssize_t count) {
+    __m512 peak = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+    for (Py_ssize_t p = 0; p < count; p += 16) {
+        __mmask16 mask = count - p >= 16 ? 0xffff : (__mmask16)((1u << (count - p)) - 1);
+        peak = _mm512_mask_max_ps(peak, mask, peak, _mm512_maskz_loadu_ps(mask, row + p));
+    }
+    __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
+    for (Py_ssize_t p = 0; p < count; p += 16) {
+        __mmask16 mask = count - p >= 16 ? 0xffff : (__mmask16)((1u << (count - p)) - 1);
+        __m512 e = _mm512_maskz_mov_ps(mask, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + p), shift)));
+        _mm512_mask_storeu_ps(row + p, mask, e);
+        total = _mm512_add_ps(total, e);
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (Py_ssize_t p = 0; p < count; p += 16) {
+        __mmask16 mask = count - p >= 16 ? 0xffff : (__mmask16)((1u << (count - p)) - 1);
+        _mm512_mask_storeu_ps(row + p, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + p), inv));
+    }
+}
+
 /* out[g] = sum_p weights[g][p] * values[p] for the group's heads, WEIGHTED_ROWS_MAX at
  * a time (_weighted_rows_avx512.h): each value row is loaded once for all of them. */
 AVX512 static void weighted_sums_avx512(const Job *job, Py_ssize_t group, const float *weights,
@@ -346,11 +368,19 @@ static void rotate_and_store(const Job *job, Py_ssize_t seq, Py_ssize_t head, fl
     for (Py_ssize_t g = 0; g < group; g++) rotate(job, row + (head * group + g) * dim, cos, sin, q_rotated + g * dim);
 }
 
-/* Address of the value at `pos` of sequence `seq` for kv head `head` (values are rows). */
-static const void *value_row(const Job *job, Py_ssize_t seq, Py_ssize_t head, Py_ssize_t pos) {
-    int64_t block = job->tables[seq * job->max_blocks + pos / job->block_size];
-    Py_ssize_t row = (head * job->num_blocks + block) * job->block_size + pos % job->block_size;
-    return (const char *)job->v + row * job->head_dim * (job->kv_bf16 ? 2 : 4);
+/* values[p] = the address of the value at position first + p (values are rows), for
+ * p < count: one block-table lookup per block, no division per position (an integer
+ * division per key cost as much as the key's share of the attention itself). */
+static void value_rows(const Job *job, Py_ssize_t seq, Py_ssize_t head, Py_ssize_t first, Py_ssize_t count,
+                       const void **values) {
+    const Py_ssize_t bs = job->block_size, row_bytes = job->head_dim * (job->kv_bf16 ? 2 : 4);
+    const char *head_rows = (const char *)job->v + head * job->num_blocks * bs * row_bytes;
+    const int64_t *table = job->tables + seq * job->max_blocks;
+    Py_ssize_t pos = first, end = first + count;
+    while (pos < end) {
+        const char *block = head_rows + table[pos / bs] * bs * row_bytes;
+        for (Py_ssize_t j = pos % bs; j < bs && pos < end; j++, pos++) values[pos - first] = block + j * row_bytes;
+    }
 }
 
 static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *scores, const void **values,
@@ -369,7 +399,7 @@ static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *
         memset(out, 0, sizeof(float) * (size_t)(group * dim));
         return;
     }
-    for (Py_ssize_t p = 0; p < count; p++) values[p] = value_row(job, seq, head, first + p);
+    value_rows(job, seq, head, first, count, values);
 #ifdef SELFHOST_X86
     if (job->use_avx512 && job->block_size % 16 == 0)
         scores_avx512(job, seq, head, q, first, len, scores);
@@ -383,6 +413,12 @@ static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *
         float *row = scores + g * count;
         if (job->softcap > 0.0f)
             for (Py_ssize_t p = 0; p < count; p++) row[p] = tanhf(row[p] / job->softcap) * job->softcap;
+#ifdef SELFHOST_X86
+        if (grouped_sums) { /* AVX-512 */
+            softmax_avx512(row, count);
+            continue;
+        }
+#endif
         float peak = row[0], total = 0.0f;
         for (Py_ssize_t p = 1; p < count; p++) peak = row[p] > peak ? row[p] : peak;
 #ifdef SELFHOST_X86
@@ -394,7 +430,6 @@ static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *
         for (Py_ssize_t p = 0; p < count; p++) total += row[p];
         float inv = 1.0f / total;
         for (Py_ssize_t p = 0; p < count; p++) row[p] *= inv;
-        if (grouped_sums) continue;
 #ifdef SELFHOST_X86
         if (job->use_avx2)
             weighted_sum_avx2(job, row, (const float *const *)values, count, out + g * dim);
