@@ -72,12 +72,14 @@ def main() -> None:
     print(f"\nSingle-stream decode: Llama-shaped ~125M random model, prompt {args.prompt_tokens} tokens, "
           f"{args.tokens} new tokens, best of {args.repeats}, {args.threads} threads")
     print(*report.speed_table(runs, "decode", report.best_tok_s, "tok/s", lambda v: f"{v:.1f}",
-                              higher_is_better=True, extra=report.decode_extra_columns(limits, model_dir)), sep="\n")
+                              higher_is_better=True, extra=report.decode_extra_columns(limits, model_dir)),
+          report.DECODE_LEGEND, sep="\n")
     if "ttft" in tasks:
         print(f"\nPrompt of {args.ttft_tokens} tokens: time to first token, best of {args.ttft_repeats}")
         print(*report.speed_table(runs, "ttft", report.best_seconds, "TTFT ms", lambda s: f"{s * 1e3:.0f}",
                                   higher_is_better=False,
-                                  extra=report.prompt_extra_columns(limits, model_dir, args.ttft_tokens)), sep="\n")
+                                  extra=report.prompt_extra_columns(limits, model_dir, args.ttft_tokens)),
+              report.PROMPT_LEGEND, sep="\n")
     print()
     print(*report.settings_lines(runs), sep="\n")
     print(f"logs and results: {work_dir}")

@@ -102,7 +102,8 @@ def main() -> None:
         print(f"\nPrompt of {args.ttft_tokens} tokens: time to first token, best of {args.ttft_repeats}")
         print(*report.speed_table(runs, "ttft", report.best_seconds, "TTFT ms", lambda s: f"{s * 1e3:.0f}",
                                   higher_is_better=False,
-                                  extra=report.prompt_extra_columns(limits, model_dir, args.ttft_tokens)), sep="\n")
+                                  extra=report.prompt_extra_columns(limits, model_dir, args.ttft_tokens)),
+              report.PROMPT_LEGEND, sep="\n")
     print()
     print(*report.settings_lines(runs), sep="\n")
     print(f"logs and results: {work_dir}")

@@ -7,8 +7,12 @@ imports only the standard library; each peer script imports it as a sibling.
 Job:    {"model_dir", "threads", "settings": {...system's own...},
          "tasks": [{"name", "runs": [[prompt token ids, ...], ...], "warmup_runs", "max_tokens"}]}
 Result: {"info": {...}, "load_seconds", "tasks": {name: {"seconds": [...], "output_tokens": [...],
-         "token_ids": [[ids per prompt] per timed run]}}, "load_avg_end"}
+         "others_cpu": [...], "token_ids": [[ids per prompt] per timed run]}}, "load_avg_end"}
         or {"error": "why"}
+
+`others_cpu` is the share of the machine's CPU time that went to anything but this
+process during a timed run (other programs, the hypervisor's steal): a row measured
+while something else ran says so, whatever the load average shows.
 
 Every run of a task has prompts of its own (the benchmark draws them), so an engine
 with prefix caching never finds a timed prompt already cached by an earlier run.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -36,17 +41,37 @@ class Engine(Protocol):
 
 def time_task(engine: Engine, task: dict[str, Any]) -> dict[str, Any]:
     """Run every prompt set of `task` through `engine`; the first `warmup_runs` are not kept."""
-    timed: dict[str, list] = {"seconds": [], "output_tokens": [], "token_ids": []}
+    timed: dict[str, list] = {"seconds": [], "output_tokens": [], "others_cpu": [], "token_ids": []}
     for i, prompts in enumerate(task["runs"]):
-        start = time.perf_counter()
+        busy, own, start = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
         outputs = engine.generate(prompts, task["max_tokens"])
         seconds = time.perf_counter() - start
+        others = (machine_busy_seconds() - busy) - (own_cpu_seconds() - own)
         if i < task["warmup_runs"]:
             continue
         timed["seconds"].append(seconds)
         timed["output_tokens"].append(sum(len(o) for o in outputs))
+        timed["others_cpu"].append(max(0.0, others) / (seconds * (os.cpu_count() or 1)))
         timed["token_ids"].append([list(o) for o in outputs])
     return timed
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (/proc/stat: user, nice, system, irq,
+    softirq, steal); 0.0 where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds this process (all its threads) has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_peer(load: Callable[[dict[str, Any]], Engine]) -> None:

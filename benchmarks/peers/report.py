@@ -16,6 +16,10 @@ from benchmarks.peers.driver import PeerRun
 from selfhost.bench.machine_limits import MachineLimits, bandwidth_fraction, compute_fraction, describe
 
 Metric = Callable[[dict], float]
+DECODE_LEGEND = ("of read bandwidth: weight MB/token x tokens/s over the measured all-thread read bandwidth "
+                 "(above 100%: weights partly served from cache)")
+PROMPT_LEGEND = ("of peak matmul: the prompt's FLOP/s over torch's measured 2048x2048 product at the row's weight "
+                 "precision (an engine's own kernels can beat it)")
 
 
 def best_tok_s(task: dict) -> float:
@@ -39,6 +43,11 @@ def agreement(tokens: list[list[list[int]]], reference: list[list[list[int]]]) -
     return text
 
 
+def _others_cpu(task: dict) -> str:
+    shares = task.get("others_cpu") or []
+    return f"{max(shares):.0%}" if shares else "n/a"
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -55,20 +64,20 @@ def render(headers: list[str], rows: list[list[str]]) -> list[str]:
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    return [line(headers), *(line(r) for r in rows)]
+    return [line(headers).rstrip(), *(line(r).rstrip() for r in rows)]
 
 
 def speed_table(runs: list[PeerRun], task: str, metric: Metric, metric_header: str, show: Callable[[float], str],
                 higher_is_better: bool, extra: dict[str, Callable[[PeerRun, float], str]]) -> list[str]:
     """One row per peer that was given `task`: the metric, selfhost's speed-up over the row
     (one column per selfhost row; > 1: selfhost is faster), `extra` columns, greedy
-    agreement with the first selfhost row, the load average when the peer finished."""
+    agreement with the first selfhost row, the CPU other processes took meanwhile."""
     runs = [r for r in runs if task in r.peer.tasks]
     measured = {r.peer.label: metric(r.task(task)) for r in runs if r.task(task)}
     selfhost = [r for r in runs if r.peer.system == "selfhost" and r.peer.label in measured]
     reference = selfhost[0] if selfhost else next((r for r in runs if r.peer.label in measured), None)
     headers = ["system", metric_header, *(f"{s.peer.label} speed-up" for s in selfhost), *extra,
-               f"same tokens as {reference.peer.label}" if reference else "same tokens", "load"]
+               f"same tokens as {reference.peer.label}" if reference else "same tokens", "others' CPU"]
     rows, notes = [], []
     for run in runs:
         if run.peer.label not in measured:
@@ -81,9 +90,15 @@ def speed_table(runs: list[PeerRun], task: str, metric: Metric, metric_header: s
         same = agreement(run.task(task)["token_ids"], reference.task(task)["token_ids"])
         rows.append([run.peer.label, show(value), *(f"{x:.2f}x" for x in speedups),
                      *(column(run, value) for column in extra.values()), same,
-                     f"{run.result['load_avg_end'][0]:.2f}"])
+                     _others_cpu(run.task(task))])
     legend = ["speed-up: how many times faster that selfhost row is than this row (> 1: selfhost is faster); "
-              "load: 1-minute load average as the row's process finished"]
+              "others' CPU: share of the machine's CPU time other processes took during the row's timed runs "
+              "(the most of any run)"]
+    disturbed = [r.peer.label for r in runs if r.peer.label in measured and
+                 max(r.task(task).get("others_cpu") or [0.0]) > DISTURBED_SHARE]
+    if disturbed:
+        legend.append(f"warning: other processes took over {DISTURBED_SHARE:.0%} of the CPU while these rows ran, "
+                      f"so they are slower than this machine allows: {', '.join(disturbed)}")
     return [*render(headers, rows), *(legend if selfhost else []), *notes]
 
 
@@ -118,6 +133,8 @@ def prompt_extra_columns(limits: MachineLimits | None, model_dir: Path,
     return {"prompt GFLOP/s": rate, "of peak matmul": share}
 
 
+# Others' share of the CPU during a timed run above which the row is flagged as disturbed.
+DISTURBED_SHARE = 0.1
 # A 1-minute load above this before the probes means something else was running.
 BUSY_LOAD = 0.5
 

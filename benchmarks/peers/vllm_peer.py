@@ -79,7 +79,9 @@ def launch(threads: int, python: Path | None, venv: Path, kvcache_gib: int, pip_
     preload, notes = _preload_libraries(python)
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
-    if not multiprocessing:
+    if multiprocessing:
+        notes.append("vLLM's engine processes are not the peer process: their CPU counts in others' CPU")
+    else:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if bind == "auto":
             notes.append("in-process vLLM with VLLM_CPU_OMP_THREADS_BIND=auto: threads left unbound")

@@ -48,11 +48,11 @@ def test_agreement_counts_identical_outputs_and_the_shared_leading_tokens():
     assert report.agreement([[[1, 2, 3, 4], [5, 6, 0, 8]]], reference) == "1/2 (first 75% of tokens same)"
 
 
-def _run(label, system, precision, tok_s, tokens, error=None):
+def _run(label, system, precision, tok_s, tokens, error=None, others=0.0):
     peer = Peer(system, label, {}, precision, ("decode",))
     if error:
         return PeerRun(peer, error=error)
-    task = {"seconds": [1.0], "output_tokens": [tok_s], "token_ids": [[tokens]]}
+    task = {"seconds": [1.0], "output_tokens": [tok_s], "token_ids": [[tokens]], "others_cpu": [others]}
     return PeerRun(peer, result={"tasks": {"decode": task}, "info": {}, "load_avg_end": [0.5, 0, 0],
                                  "load_seconds": 1.0})
 
@@ -62,18 +62,20 @@ def test_speed_table_ratios_fractions_and_a_missing_peer(tmp_path):
         "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "tie_word_embeddings": False}))
     runs = [_run("selfhost fp32", "selfhost", "fp32", 40.0, [1, 2]),
-            _run("transformers fp32", "transformers", "fp32", 10.0, [1, 3]),
+            _run("transformers fp32", "transformers", "fp32", 10.0, [1, 3], others=0.5),
             _run("vLLM CPU bf16", "vllm", "bf16", 0, [], error="no venv")]
     limits = MachineLimits("cpu", (), 2, 2, (0, 0, 0), "", None, read_gb_s=1e-3, matmul_gflop_s={"fp32": 1.0})
     lines = report.speed_table(runs, "decode", report.best_tok_s, "tok/s", lambda v: f"{v:.1f}", True,
                                report.decode_extra_columns(limits, tmp_path))
-    header, selfhost, hf, vllm, legend, note = lines
+    header, selfhost, hf, vllm, legend, disturbed, note = lines
     assert "selfhost fp32 speed-up" in header and "of read bandwidth" in header
     assert "4.00x" in hf and "0/1 (first 50% of tokens same)" in hf
     bytes_per_token = decode_bytes_per_token(tmp_path, "fp32")
     assert f"{bytes_per_token * 10.0 / 1e6:.0%}" in hf  # 1 MB/s of read bandwidth in the limits
     assert "not run (1)" in vllm and note == "(1) vLLM CPU bf16 did not run: no venv"
     assert legend.startswith("speed-up: how many times faster")
+    assert hf.endswith("50%") and selfhost.endswith("0%")  # others' CPU during the timed runs
+    assert disturbed.startswith("warning: other processes took") and disturbed.endswith(": transformers fp32")
 
 
 def test_model_arithmetic_by_hand(tmp_path):
@@ -96,6 +98,7 @@ def test_a_transformers_peer_runs_in_its_own_process_and_reports(tiny_checkpoint
     assert run.error is None, run.error
     decode = run.task("decode")
     assert decode["output_tokens"] == [3] and len(decode["token_ids"][0][0]) == 3
+    assert 0.0 <= decode["others_cpu"][0] <= 1.0
     assert run.result["info"]["omp_env"] == {}  # selfhost's OMP_WAIT_POLICY did not leak in
 
 
