@@ -22,7 +22,8 @@
  * contiguous stretch of memory.
  *
  * A call: the rows of x are rounded to bf16 into a zero-padded buffer (M rounded
- * up to 16, K32 wide); then each chunk takes 32 outputs (two B tiles) and walks all
+ * up to 16, K32 wide) laid out as A tiles, 16 rows x 32 values contiguous (a tile
+ * load from a strided row-major copy stalled the loop more than the products); then each chunk takes 32 outputs (two B tiles) and walks all
  * rows 32 at a time (two A tiles), 4 fp32 C tiles accumulating over K. The two B
  * tiles of a chunk stay in L1/L2 while every row passes, so each weight is read
  * from memory once per call whatever M is: bandwidth-bound for a decode step,
@@ -64,7 +65,7 @@ typedef struct __attribute__((aligned(64))) {
 } TileConfig;
 
 typedef struct {
-    const uint16_t *xb; /* (Mp, K32) bf16, zero-padded */
+    const uint16_t *xb; /* Mp x K32 bf16, zero-padded, as (Mp/16, K32/32) tiles of 16 x 32 */
     const uint16_t *w;  /* packed, see above */
     const float *bias;  /* N or NULL */
     float *y;           /* (M, N) */
@@ -103,18 +104,15 @@ static Py_ssize_t group_rows_for(Py_ssize_t K32, Py_ssize_t Mp) {
 AMX static void round_rows(const void *context, long chunk) {
     const Rounding *r = (const Rounding *)context;
     for (Py_ssize_t m = chunk * TILE_ROWS; m < (chunk + 1) * TILE_ROWS; m++) {
-        uint16_t *out = r->xb + m * r->K32;
-        if (m >= r->M) {
-            memset(out, 0, (size_t)r->K32 * sizeof(uint16_t));
-            continue;
-        }
+        /* row m's 32 values of block kb go to row m % 16 of tile (m / 16, kb) */
+        uint16_t *out = r->xb + (m / TILE_ROWS) * r->K32 * TILE_ROWS + (m % TILE_ROWS) * TILE_K;
         const float *in = r->x + m * r->K;
         for (Py_ssize_t k = 0; k < r->K32; k += 32) {
-            Py_ssize_t left = r->K - k;
+            Py_ssize_t left = m < r->M ? r->K - k : 0;
             __mmask16 lo = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
             __mmask16 hi = left >= 32 ? 0xffff : left > 16 ? (__mmask16)((1u << (left - 16)) - 1) : 0;
             __m512 a = _mm512_maskz_loadu_ps(lo, in + k), b = _mm512_maskz_loadu_ps(hi, in + k + 16);
-            _mm512_storeu_si512((void *)(out + k), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+            _mm512_storeu_si512((void *)(out + k / TILE_K * TILE_ELEMS), (__m512i)_mm512_cvtne2ps_pbh(b, a));
         }
     }
 }
@@ -154,7 +152,7 @@ AMX static void store_partial(const Product *p, const float *staging, Py_ssize_t
  * threads working at the same time share that group's rows (in L2/L3) and sweep the outputs. */
 AMX static void run_chunk(const void *context, long chunk) {
     const Product *p = (const Product *)context;
-    const Py_ssize_t kblocks = p->K32 / TILE_K, stride = p->K32 * (Py_ssize_t)sizeof(uint16_t);
+    const Py_ssize_t kblocks = p->K32 / TILE_K;
     const Py_ssize_t n0 = (Py_ssize_t)(chunk % p->out_chunks) * OUT_PER_CHUNK;
     const Py_ssize_t m_begin = (Py_ssize_t)(chunk / p->out_chunks) * p->group_rows;
     const Py_ssize_t m_end = m_begin + p->group_rows < p->Mp ? m_begin + p->group_rows : p->Mp;
@@ -163,16 +161,16 @@ AMX static void run_chunk(const void *context, long chunk) {
     configure_tiles();
     Py_ssize_t m = m_begin;
     for (; m + 2 * TILE_ROWS <= m_end; m += 2 * TILE_ROWS) {
-        const uint16_t *a0 = p->xb + m * p->K32, *a1 = a0 + TILE_ROWS * p->K32;
+        const uint16_t *a0 = p->xb + m * p->K32, *a1 = a0 + TILE_ROWS * p->K32; /* tiles of 16 rows */
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
         for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
-            _tile_loadd(4, a0 + kb * TILE_K, stride);
+            _tile_loadd(4, a0 + kb * TILE_ELEMS, 64);
             _tile_loadd(6, b0 + kb * TILE_ELEMS, 64);
             _tile_loadd(7, b1 + kb * TILE_ELEMS, 64);
-            _tile_loadd(5, a1 + kb * TILE_K, stride);
+            _tile_loadd(5, a1 + kb * TILE_ELEMS, 64);
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(2, 5, 6);
@@ -188,7 +186,7 @@ AMX static void run_chunk(const void *context, long chunk) {
         _tile_zero(0);
         _tile_zero(1);
         for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
-            _tile_loadd(4, a0 + kb * TILE_K, stride);
+            _tile_loadd(4, a0 + kb * TILE_ELEMS, 64);
             _tile_loadd(6, b0 + kb * TILE_ELEMS, 64);
             _tile_loadd(7, b1 + kb * TILE_ELEMS, 64);
             _tile_dpbf16ps(0, 4, 6);
