@@ -156,19 +156,22 @@ class CpuThreads:
                 stacklevel=2,
             )
 
-        # With selfhost's own product for large steps (chunks taken from a shared counter, see
+        # With selfhost's own products for large steps (chunks taken from a shared counter, see
         # ../_cpu_pool.c) a busy core slows a step down instead of stalling it, so large steps
-        # start on all threads: a run of a few big prompt steps would otherwise spend them
-        # all on one thread before the first probe (measured: 225 vs ~380 GFLOP/s).
-        return cls(max(1, torch.get_num_threads()), numpy_blas_thread_setter(), large_steps_start_fast=linear.USE_GEMM)
+        # run on all threads, always: a run of a few big prompt steps would otherwise spend them
+        # all on one thread before the first probe (measured: 225 vs ~380 GFLOP/s), and a probe
+        # compares steps of unlike size (per token, a 32-sequence decode step over long contexts
+        # costs several times a prompt chunk), which once sent a whole run, its prompts included,
+        # to one thread (1024-token prompt 1.63 s instead of ~0.8).
+        return cls(max(1, torch.get_num_threads()), numpy_blas_thread_setter(), large_steps_all_threads=linear.USE_GEMM)
 
-    def __init__(self, max_threads: int, set_blas_threads: Callable[[int], None], large_steps_start_fast: bool = False):
+    def __init__(self, max_threads: int, set_blas_threads: Callable[[int], None], large_steps_all_threads: bool = False):
         self.max_threads = max_threads
         self._set_blas_threads = set_blas_threads
         pinned = int(PINNED_BLAS_THREADS) if PINNED_BLAS_THREADS else None
         safe, fast = (pinned, pinned) if pinned else (1, max_threads)
         self.small_steps = ThreadChooser(safe, fast)
-        self.large_steps = ThreadChooser(safe, fast, start_fast=large_steps_start_fast)
+        self.large_steps = ThreadChooser(fast, fast) if large_steps_all_threads else ThreadChooser(safe, fast)
         self.blas_threads = safe
 
     @contextmanager
