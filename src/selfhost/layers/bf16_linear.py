@@ -167,8 +167,13 @@ def measure_few_rows_max(in_features: int, out_features: int, layout: str = "row
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        few_rows_max = 0
+        # One row (single-stream decode) only streams weights: the few-row kernel reads the same
+        # bytes with exact activations, where AMX would fill 1/16 of a tile (and, on a 32000-row
+        # output head, ran at half the bandwidth here). A noisy probe must not lose that.
+        few_rows_max = 1 if layout == "tiles" else 0
         for rows in _PROBE_ROWS:
+            if rows <= few_rows_max:
+                continue
             x = torch.randn(rows, in_features)
             if _warm_best_seconds(lambda: layer.forward(x, 1)) > _warm_best_seconds(lambda: many_rows_layer.forward(x, 1)):
                 break
