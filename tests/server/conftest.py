@@ -66,6 +66,8 @@ class LoopbackServer:
 def server(tiny_checkpoint, tmp_path_factory):
     settings = ServerSettings(
         models=[f"{MODEL}={tiny_checkpoint('llama')}"], kv_cache_memory="64MiB", max_n=4, keep_alive_s=1.0,
+        # The weights as loaded (not the CLI's "auto"): tests compare the server with the offline engine.
+        weight_dtype="float32",
         rag_store=tmp_path_factory.mktemp("rag-store"),  # requests naming a collection never touch ~/.local
     )
     srv = LoopbackServer(settings).start()
