@@ -3,13 +3,8 @@ No test here depends on how fast this machine is."""
 
 import pytest
 
-from selfhost.bench.machine_limits import (
-    MachineLimits,
-    bandwidth_fraction,
-    compute_fraction,
-    describe,
-    parse_cpuinfo,
-)
+from selfhost.bench.machine_limits import MachineLimits, bandwidth_fraction, compute_fraction, describe
+from selfhost.cpu_identity import parse_cpuinfo
 
 XEON = """\
 processor\t: 0

@@ -21,19 +21,14 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from selfhost.bench.device_probe import last_level_cache_bytes
+from selfhost.cpu_identity import ISA_FLAGS, read_cpu_identity
 from selfhost.timing import best_seconds
 
-# The flags that decide which kernels a CPU inference engine can use, in the order
-# printed: x86 vector and matrix extensions, then Arm's (/proc/cpuinfo "Features").
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
-             "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme")
 PRECISIONS = ("fp32", "bf16", "int8")
 # The read probe's buffer: several times any last-level cache, so it streams from DRAM.
 _MIN_READ_BYTES = 2**30
@@ -43,12 +38,6 @@ _MATMUL_SIZE = {"fp32": 2048, "bf16": 2048, "int8": 2048}
 # Time each probe may take: the best of many short tries is steadier on a machine
 # that other work interrupts than the best of three (about +-20% here otherwise).
 _PROBE_BUDGET_S = 0.5
-
-
-@dataclass(frozen=True)
-class CpuIdentity:
-    model: str
-    isa_flags: tuple[str, ...]  # those of ISA_FLAGS the CPU reports, in ISA_FLAGS order
 
 
 @dataclass(frozen=True)
@@ -71,30 +60,6 @@ class MachineLimits:
         fields = json.loads(text)
         fields["isa_flags"], fields["load_avg"] = tuple(fields["isa_flags"]), tuple(fields["load_avg"])
         return cls(**fields)
-
-
-def parse_cpuinfo(text: str) -> CpuIdentity:
-    """The CPU model and ISA flags of interest from /proc/cpuinfo text (x86 or Arm)."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        key = key.strip().lower()
-        if sep and key not in fields:  # the first processor's entry describes them all here
-            fields[key] = value.strip()
-    flags = set((fields.get("flags") or fields.get("features") or "").split())
-    # x86 names the model; Arm kernels often give only implementer and part numbers.
-    model = fields.get("model name") or fields.get("hardware") or fields.get("cpu model") or fields.get("processor")
-    if not model or model.isdigit():
-        implementer, part = fields.get("cpu implementer"), fields.get("cpu part")
-        model = f"CPU implementer {implementer}, part {part}" if implementer else platform.processor() or "unknown"
-    return CpuIdentity(model=model, isa_flags=tuple(f for f in ISA_FLAGS if f in flags))
-
-
-def read_cpu_identity(path: Path = Path("/proc/cpuinfo")) -> CpuIdentity:
-    try:
-        return parse_cpuinfo(path.read_text())
-    except OSError:  # not Linux: the model only, no flags
-        return CpuIdentity(model=platform.processor() or platform.machine() or "unknown", isa_flags=())
 
 
 def available_cpu_count() -> int:
