@@ -408,7 +408,9 @@ static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *
     else
 #endif
         scores_scalar(job, seq, head, q, first, len, scores);
-    int grouped_sums = job->use_avx512 && dim % 16 == 0;
+#ifdef SELFHOST_X86
+    const int grouped_sums = job->use_avx512 && dim % 16 == 0; /* AVX-512: every head's softmax, then one pass of sums */
+#endif
     for (Py_ssize_t g = 0; g < group; g++) {
         float *row = scores + g * count;
         if (job->softcap > 0.0f)
