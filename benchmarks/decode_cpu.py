@@ -20,7 +20,6 @@ prompt GFLOP/s and its share of the peak matmul rate at the row's weight precisi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -74,17 +73,8 @@ def main() -> None:
     print(*report.speed_table(runs, "decode", report.best_tok_s, "tok/s", lambda v: f"{v:.1f}",
                               higher_is_better=True, extra=report.decode_extra_columns(limits, model_dir)),
           report.DECODE_LEGEND, sep="\n")
-    if "ttft" in tasks:
-        print(f"\nPrompt of {args.ttft_tokens} tokens: time to first token, best of {args.ttft_repeats}")
-        print(*report.speed_table(runs, "ttft", report.best_seconds, "TTFT ms", lambda s: f"{s * 1e3:.0f}",
-                                  higher_is_better=False,
-                                  extra=report.prompt_extra_columns(limits, model_dir, args.ttft_tokens)),
-              report.PROMPT_LEGEND, sep="\n")
-    print()
-    print(*report.settings_lines(runs), sep="\n")
-    print(f"logs and results: {work_dir}")
-    if args.save_json:
-        args.save_json.write_text(json.dumps(report.to_json(limits, runs), indent=1))
+    report.print_ttft_and_footer(runs, limits, model_dir, args.ttft_tokens if "ttft" in tasks else 0, args.ttft_repeats,
+                                 work_dir, args.save_json)
 
 
 def _task(name: str, prompt_tokens: int, max_tokens: int, repeats: int, seed: int) -> dict:

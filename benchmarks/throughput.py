@@ -22,7 +22,6 @@ the first selfhost row's. selfhost's prefix-caching scenario is benchmarks/prefi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -98,17 +97,8 @@ def main() -> None:
           f"{args.sequential_requests} requests)")
     print(*report.speed_table(runs, "throughput", report.best_tok_s, "output tok/s", lambda v: f"{v:.1f}",
                               higher_is_better=True, extra={}), sep="\n")
-    if args.ttft_tokens:
-        print(f"\nPrompt of {args.ttft_tokens} tokens: time to first token, best of {args.ttft_repeats}")
-        print(*report.speed_table(runs, "ttft", report.best_seconds, "TTFT ms", lambda s: f"{s * 1e3:.0f}",
-                                  higher_is_better=False,
-                                  extra=report.prompt_extra_columns(limits, model_dir, args.ttft_tokens)),
-              report.PROMPT_LEGEND, sep="\n")
-    print()
-    print(*report.settings_lines(runs), sep="\n")
-    print(f"logs and results: {work_dir}")
-    if args.save_json:
-        args.save_json.write_text(json.dumps(report.to_json(limits, runs), indent=1))
+    report.print_ttft_and_footer(runs, limits, model_dir, args.ttft_tokens if args.ttft_tokens else 0, args.ttft_repeats,
+                                 work_dir, args.save_json)
 
 
 if __name__ == "__main__":

@@ -167,3 +167,20 @@ def to_json(limits: MachineLimits | None, runs: list[PeerRun]) -> dict:
                   "weight_precision": r.peer.weight_precision, "error": r.error, "notes": r.notes,
                   "seconds": r.seconds, "result": r.result} for r in runs],
     }
+
+
+def print_ttft_and_footer(runs, limits, model_dir, ttft_tokens: int, ttft_repeats: int, work_dir, save_json) -> None:
+    """Both benchmarks' ending: the time-to-first-token table (ttft_tokens 0: none), each peer's
+    settings, where the logs are, and the JSON of every result when asked."""
+    import json
+
+    if ttft_tokens:
+        print(f"\nPrompt of {ttft_tokens} tokens: time to first token, best of {ttft_repeats}")
+        print(*speed_table(runs, "ttft", best_seconds, "TTFT ms", lambda s: f"{s * 1e3:.0f}", higher_is_better=False,
+                           extra=prompt_extra_columns(limits, model_dir, ttft_tokens)),
+              PROMPT_LEGEND, sep="\n")
+    print()
+    print(*settings_lines(runs), sep="\n")
+    print(f"logs and results: {work_dir}")
+    if save_json:
+        save_json.write_text(json.dumps(to_json(limits, runs), indent=1))
