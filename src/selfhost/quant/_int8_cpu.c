@@ -71,6 +71,10 @@ typedef struct {
 
 static Py_ssize_t nblocks_of(Py_ssize_t K) { return (K + QBLOCK - 1) / QBLOCK; }
 
+/* One ISA's tile: `rows` (1..TILE) weight rows from w against one activation row, into dots. */
+typedef void (*dot_tile_fn)(const int8_t *xq, const float *xscale, const int8_t *w, Py_ssize_t K, int rows,
+                            int prefetch, float *dots);
+
 /* Scalar quantization of one (possibly partial) block. */
 static void quantize_block_scalar(const float *x, Py_ssize_t len, int8_t *q, float *scale) {
     float amax = 0.0f;
@@ -171,28 +175,6 @@ __attribute__((target("avx2,fma"))) static void dot_tile_avx2(const int8_t *xq, 
     }
 }
 
-__attribute__((target("avx2,fma"))) static void run_job_avx2(const Job *j) {
-    const Py_ssize_t nb = nblocks_of(j->K);
-    float dots[TILE];
-    {   /* the tiles prefetch PREFETCH_BYTES ahead: ask for the first stretch up front */
-        const char *start = (const char *)(j->w + j->n_begin * j->K);
-        Py_ssize_t bytes = (j->n_end - j->n_begin) * j->K;
-        if (bytes > PREFETCH_BYTES) bytes = PREFETCH_BYTES;
-        for (Py_ssize_t off = 0; off < bytes; off += 64) _mm_prefetch(start + off, _MM_HINT_T0);
-    }
-    for (Py_ssize_t m0 = 0; m0 < j->M; m0 += CHUNK_ROWS) {
-        const Py_ssize_t m1 = m0 + CHUNK_ROWS < j->M ? m0 + CHUNK_ROWS : j->M;
-        for (Py_ssize_t n = j->n_begin; n < j->n_end; n += TILE) {
-            const int rows = (int)(j->n_end - n < TILE ? j->n_end - n : TILE);
-            for (Py_ssize_t m = m0; m < m1; m++) {
-                dot_tile_avx2(j->xq + m * j->K, j->xscale + m * nb, j->w + n * j->K, j->K, rows, m == m0, dots);
-                float *o = j->out + m * j->N + n;
-                for (int r = 0; r < rows; r++) o[r] = dots[r] * j->wscale[n + r] + (j->bias ? j->bias[n + r] : 0.0f);
-            }
-        }
-    }
-}
-
 static int cpu_has_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -203,7 +185,7 @@ static const char *isa_of_cpu(void) { return cpu_has_avx2() ? "avx2" : NULL; }
 static void quantize_rows(const float *x, Py_ssize_t M, Py_ssize_t K, int8_t *xq, float *xscale) {
     quantize_rows_avx2(x, M, K, xq, xscale);
 }
-static void run_job(const Job *j) { run_job_avx2(j); }
+static dot_tile_fn dot_tile_of_cpu(void) { return dot_tile_avx2; }
 
 #endif /* SELFHOST_X86 */
 
@@ -309,12 +291,21 @@ SELFHOST_NEON_DOT_TILE(dot_tile_neon, , block_sum_neon)
 SELFHOST_NEON_DOT_TILE(dot_tile_dotprod, DOTPROD, block_sum_dotprod)
 #undef SELFHOST_NEON_DOT_TILE
 
-typedef void (*dot_tile_fn)(const int8_t *xq, const float *xscale, const int8_t *w, Py_ssize_t K, int rows,
-                            int prefetch, float *dots);
+/* What the shared driver below calls, whatever the instruction set. */
+static const char *isa_of_cpu(void) { return neon_has_dotprod ? "neon-dotprod" : "neon"; }
+static void quantize_rows(const float *x, Py_ssize_t M, Py_ssize_t K, int8_t *xq, float *xscale) {
+    quantize_rows_neon(x, M, K, xq, xscale);
+}
+static dot_tile_fn dot_tile_of_cpu(void) { return neon_has_dotprod ? dot_tile_dotprod : dot_tile_neon; }
 
-/* run_job_avx2's loops around the NEON tiles. */
-static void run_job_neon(const Job *j) {
-    const dot_tile_fn dot_tile = neon_has_dotprod ? dot_tile_dotprod : dot_tile_neon;
+#endif /* SELFHOST_NEON */
+
+#ifdef SELFHOST_INT8
+
+/* A job's weight rows against every activation row, through this CPU's tile (called
+ * through a pointer: each call does a whole K-long tile, so the indirection costs nothing). */
+static void run_job(const Job *j) {
+    const dot_tile_fn dot_tile = dot_tile_of_cpu();
     const Py_ssize_t nb = nblocks_of(j->K);
     float dots[TILE];
     {   /* the tiles prefetch PREFETCH_BYTES ahead: ask for the first stretch up front */
@@ -335,17 +326,6 @@ static void run_job_neon(const Job *j) {
         }
     }
 }
-
-/* What the shared driver below calls, whatever the instruction set. */
-static const char *isa_of_cpu(void) { return neon_has_dotprod ? "neon-dotprod" : "neon"; }
-static void quantize_rows(const float *x, Py_ssize_t M, Py_ssize_t K, int8_t *xq, float *xscale) {
-    quantize_rows_neon(x, M, K, xq, xscale);
-}
-static void run_job(const Job *j) { run_job_neon(j); }
-
-#endif /* SELFHOST_NEON */
-
-#ifdef SELFHOST_INT8
 
 /* One chunk of the product: weight rows [chunk * CHUNK_N, ...) against every activation row. */
 static void run_chunk(const void *whole, long chunk) {
