@@ -6,10 +6,10 @@ from selfhost.catalog import (
     get_device,
     get_licence,
     get_model,
-    load_api_prices,
     load_devices,
     load_licences,
     load_models,
+    load_price_catalog,
     resolve_alias,
 )
 from selfhost.errors import InvalidParameterError, SelfhostError
@@ -94,8 +94,12 @@ def test_devices_and_prices_are_sourced():
     for device in devices.values():
         assert device.sources
         assert device.price_usd is not None or device.rent_usd_per_hour is not None
-    for price in load_api_prices().values():
-        assert price.source.startswith("https://") and price.output_usd_per_m >= price.input_usd_per_m
+    from selfhost.catalog.prices import default_comparison_ids
+
+    catalog = load_price_catalog()
+    for model_id in default_comparison_ids():
+        model = catalog.get(model_id)
+        assert model.id == model_id and "https://" in model.source and model.as_of is not None
 
 
 def test_catalog_import_stays_light():

@@ -8,21 +8,21 @@ from selfhost.catalog.architecture import Architecture
 from selfhost.catalog.devices import DeviceSpec, get_device, load_devices
 from selfhost.catalog.licences import Licence, get_licence, load_licences
 from selfhost.catalog.models import ModelSpec, get_model, load_models, resolve_alias
-from selfhost.catalog.prices import ApiPrice, get_api_price, load_api_prices
+from selfhost.catalog.prices import ApiModel, PriceCatalog, load_price_catalog
 
 __all__ = [
-    "ApiPrice",
+    "ApiModel",
     "Architecture",
     "DeviceSpec",
     "Licence",
     "ModelSpec",
-    "get_api_price",
+    "PriceCatalog",
     "get_device",
     "get_licence",
     "get_model",
-    "load_api_prices",
     "load_devices",
     "load_licences",
     "load_models",
+    "load_price_catalog",
     "resolve_alias",
 ]

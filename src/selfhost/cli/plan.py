@@ -9,7 +9,7 @@ import typer
 from selfhost.cli.console import make_console
 from rich.table import Table
 
-from selfhost.catalog import DeviceSpec, get_device, load_api_prices, load_models
+from selfhost.catalog import DeviceSpec, get_device, load_models
 from selfhost.catalog.references import resolve_model_spec
 from selfhost.errors import InvalidParameterError
 from selfhost.plan.bench_result import measured_model_matches, read_bench_result
@@ -181,6 +181,37 @@ def fit(
     _warn(licence_warnings(spec, users))
 
 
+def api_comparisons(
+    setup: SelfHostSetup, api: list[str] | None, output_share: float, cached_share: float, request_tokens: str,
+    month: str | None,
+) -> tuple[list[CostComparison], list[str]]:
+    """A comparison per priced API (its $/M for a million tokens of this mix over the month), and a line per unpriced one."""
+    import datetime as dt
+
+    from selfhost.catalog.prices import default_comparison_ids, load_price_catalog
+    from selfhost.plan.pricing import million_token_mix, month_bounds, price_period
+
+    if not 0 <= cached_share <= 1:
+        raise InvalidParameterError(f"--cached-share must be in [0, 1], got {cached_share}")
+    per_request = parse_count(request_tokens, what="--request-tokens")
+    _positive("--request-tokens", per_request)
+    start, end = month_bounds(month or dt.date.today().strftime("%Y-%m"))
+    catalog = load_price_catalog()
+    models = [catalog.get(name) for name in (api or default_comparison_ids())]
+    usage = million_token_mix(output_share, cached_share, per_request)
+    comparisons, unpriced = [], []
+    for model in models:
+        period = price_period(usage, model, start, end, catalog)
+        if not period.is_priced:
+            unpriced.append(f"{model.id}: unpriced ({period.reason}); left out of the comparison")
+            continue
+        latest = period.latest
+        comparisons.append(CostComparison(setup, model.id, float(period.usd), latest.as_of, latest.source.split(":")[0]))
+    if not comparisons:
+        raise InvalidParameterError("none of the APIs asked for has a per-token price: " + "; ".join(unpriced))
+    return comparisons, unpriced
+
+
 def cost(
     model: Annotated[str, typer.Argument(
         help="Catalog alias, Hub id (catalog, or config.json in the HF cache) or checkpoint folder.")],
@@ -190,7 +221,13 @@ def cost(
     context: ContextOpt = None,
     concurrency: ConcurrencyOpt = 8,
     output_share: Annotated[float, typer.Option(help="Share of the volume that is generated output.")] = 0.25,
-    api: Annotated[list[str] | None, typer.Option(help="API price id(s) to compare; default all.")] = None,
+    api: Annotated[list[str] | None, typer.Option(help=(
+        "Hosted model(s) to compare, any id `selfhost prices` lists (openai/gpt-5, claude-sonnet-4-5, "
+        "groq/llama-3.1-8b-instant); default: a flagship and a cheaper model per big API, Llama 3.1 8B at four hosts."))] = None,
+    cached_share: Annotated[float, typer.Option(help="Share of prompt tokens the API reads from its prompt cache.")] = 0.0,
+    request_tokens: Annotated[str, typer.Option(help=(
+        "Tokens per request (prompt + output): sets per-request fees and long-context tiers."))] = "1000",
+    month: Annotated[str | None, typer.Option(help="Price the volume over this month, YYYY-MM; default this month.")] = None,
     years: Annotated[float, typer.Option(help="Years to amortise a purchase over.")] = 3.0,
     electricity: Annotated[float, typer.Option(help="Electricity price, US$ per kWh.")] = 0.15,
     price: Annotated[float | None, typer.Option(help="Override the purchase price, US$.")] = None,
@@ -251,14 +288,7 @@ def cost(
         rent_usd_per_hour=(rent if rent is not None else dev.rent_usd_per_hour) if renting else None,
         amortisation_years=years, electricity_usd_per_kwh=electricity,
     )
-    prices = load_api_prices()
-    if api:
-        from selfhost.catalog import get_api_price
-
-        chosen = [get_api_price(name) for name in api]
-    else:
-        chosen = list(prices.values())
-    comparisons = [CostComparison(setup, f"{p.provider} {p.model}", p.blended_usd_per_m(output_share)) for p in chosen]
+    comparisons, unpriced = api_comparisons(setup, api, output_share, cached_share, request_tokens, month)
 
     console.print(f"{spec.alias} ({precision.name}) on {dev.name}: {throughput:,.1f} tokens/s in a "
                   f"{output_share:.0%}-output mix ({source}; decode {decode_tok_s:,.1f}, prefill {prefill_tok_s:,.0f})")
@@ -274,6 +304,8 @@ def cost(
     for row in comparison_rows(comparisons, tokens):
         table.add_row(*format_row(row))
     console.print(table)
+    for line in unpriced:
+        _warn([line])
     notes = sorted({note for comparison in comparisons for note in comparison.explain(tokens)})
     for note in notes:
         console.print(f"[dim]- {note}[/]", highlight=False)
@@ -281,7 +313,7 @@ def cost(
     if out is not None:
         from selfhost.plan.report import write_report
 
-        dates = ", ".join(sorted({f"{p.provider} as of {p.as_of}" for p in chosen}))
+        dates = ", ".join(sorted({f"{c.price_source} as of {c.price_as_of or 'undated'}" for c in comparisons}))
         png, html, summary = write_report(comparisons, tokens, f"{spec.alias} on {dev.name}", notes, dates, out)
         console.print(f"wrote {png}, {html} and {summary}")
 

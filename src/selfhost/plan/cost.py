@@ -9,6 +9,7 @@ otherwise; token counts are prompt + generated tokens together.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from dataclasses import dataclass
 
@@ -106,6 +107,8 @@ class CostComparison:
     setup: SelfHostSetup
     api_name: str
     api_usd_per_m_tokens: float  # blended over the prompt/generated mix
+    price_as_of: dt.date | None = None  # the day the API price is known to hold
+    price_source: str = ""
 
     def __post_init__(self) -> None:
         if self.api_usd_per_m_tokens < 0:

@@ -20,6 +20,7 @@ from selfhost.plan.units import format_count
 COLUMNS = (
     ("api", "API"),
     ("api_usd_per_m_tokens", "API $/M"),
+    ("price_as_of", "price as of"),
     ("api_usd_per_month", "API $/month"),
     ("self_usd_per_month", "self $/month"),
     ("self_usd_per_m_tokens", "self $/M"),
@@ -37,6 +38,7 @@ def comparison_rows(comparisons: list[CostComparison], tokens_per_month: float) 
         rows.append({
             "api": comparison.api_name,
             "api_usd_per_m_tokens": comparison.api_usd_per_m_tokens,
+            "price_as_of": comparison.price_as_of.isoformat() if comparison.price_as_of else None,
             "api_usd_per_month": comparison.api_monthly_usd(tokens_per_month),
             "self_usd_per_month": setup.monthly_usd(tokens_per_month),
             "self_usd_per_m_tokens": setup.usd_per_m_tokens(tokens_per_month),
@@ -52,7 +54,7 @@ def format_row(row: dict) -> list[str]:
     self_per_m = row["self_usd_per_m_tokens"]
     crossover, months = row["crossover_tokens_per_month"], row["break_even_months"]
     return [
-        row["api"], f"{row['api_usd_per_m_tokens']:,.2f}", f"{row['api_usd_per_month']:,.2f}",
+        row["api"], f"{row['api_usd_per_m_tokens']:,.2f}", row["price_as_of"] or "undated", f"{row['api_usd_per_month']:,.2f}",
         f"{row['self_usd_per_month']:,.2f}", f"{self_per_m:,.3f}" if self_per_m is not None else "-",
         format_count(crossover) if crossover is not None else "never",
         f"{months:,.1f}" if months is not None else ("rented" if row["rented"] else "never"),
