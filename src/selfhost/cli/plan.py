@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from selfhost.cli.console import make_console
 from rich.table import Table
+from rich.text import Text
 
 from selfhost.catalog import DeviceSpec, get_device, load_models
 from selfhost.catalog.references import resolve_model_spec
@@ -70,7 +71,8 @@ def resolve_device(
 
 def _warn(lines: list[str]) -> None:
     for line in lines:
-        console.print(f"[yellow]warning:[/] {line}", highlight=False)
+        # emoji=False: ids such as `...:free` are not emoji codes.
+        console.print(f"[yellow]warning:[/] {line}", highlight=False, emoji=False)
 
 
 def models(
@@ -302,7 +304,7 @@ def cost(
     for column in HEADERS:
         table.add_column(column, justify="left" if column == "API" else "right")
     for row in comparison_rows(comparisons, tokens):
-        table.add_row(*format_row(row))
+        table.add_row(*(Text(cell) for cell in format_row(row)))  # Text: API ids print as written
     console.print(table)
     for line in unpriced:
         _warn([line])

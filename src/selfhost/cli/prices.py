@@ -12,7 +12,8 @@ from rich.table import Table
 from selfhost.cli.console import make_console
 from selfhost.errors import InvalidParameterError, SelfhostError
 
-console = make_console()
+# Model ids are printed as written: `...:free` is not an emoji code, `[...]` not markup.
+console = make_console(emoji=False, markup=False)
 
 # genai-prices is released about monthly; three months without an update means the
 # package (or the override) is no longer being refreshed.
