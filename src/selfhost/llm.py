@@ -15,6 +15,7 @@ from selfhost.errors import InvalidParameterError
 from selfhost.hub import resolve_model
 from selfhost.models.bf16_weights import uses_bf16_weights
 from selfhost.models.loader import load_model
+from selfhost.onnx.export_info import is_onnx_export
 from selfhost.outputs import RequestOutput
 from selfhost.quant.config import QuantConfig
 from selfhost.sampling_params import SamplingParams
@@ -44,6 +45,8 @@ class LLM:
     activations) or "float32".
     `transformers_fallback=True` runs architectures selfhost has no native code
     for through transformers' modeling code: same API, much slower.
+    A folder written by `selfhost export onnx` runs on ONNX Runtime instead (same
+    API, one sequence at a time; its precision is the export's).
     """
 
     def __init__(
@@ -68,6 +71,11 @@ class LLM:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = Tokenizer(self.model_dir)
+        self._request_ids = itertools.count()
+        self.driven_by_async_engine = False  # set by AsyncEngine, which then owns `engine`
+        if is_onnx_export(self.model_dir):
+            self._init_onnx(device, max_model_len, quantization, weight_dtype, kv_cache_dtype)
+            return
         quant_config = QuantConfig(method=quantization) if quantization is not None else None  # fail before the load
         if weight_dtype not in WEIGHT_DTYPES:
             raise InvalidParameterError(f"weight_dtype={weight_dtype!r} is not supported; choose None or 'float32' "
@@ -94,8 +102,26 @@ class LLM:
         )
         self.engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.dtype, self.device,
                                 self.kv_cache_dtype)
-        self._request_ids = itertools.count()
-        self.driven_by_async_engine = False  # set by AsyncEngine, which then owns `engine`
+
+    def _init_onnx(self, device: str, max_model_len: int | None, quantization: str | None,
+                   weight_dtype: str | None, kv_cache_dtype: str) -> None:
+        """A folder from `selfhost export onnx`: ONNX Runtime runs it, one sequence at a time (onnx/engine.py)."""
+        if quantization is not None or weight_dtype not in (None, "auto") or kv_cache_dtype != "auto":
+            raise InvalidParameterError(f"{self.model_dir} is an ONNX export: its precision was fixed at export "
+                                        "(selfhost export onnx --dtype/--quant); drop quantization, weight_dtype "
+                                        "and kv_cache_dtype")
+        if device not in ("auto", "cpu"):
+            raise InvalidParameterError(f"an ONNX export runs on ONNX Runtime's CPU provider here, not device={device!r}")
+        self.device = torch.device("cpu")
+        from selfhost.onnx.engine import OnnxEngine
+
+        self.engine = OnnxEngine(self.model_dir, self.tokenizer, max_model_len)
+        self.model = self.engine.model  # an OnnxDecoder: what `selfhost perplexity` scores with
+        self.max_model_len = self.engine.max_model_len
+        self.dtype = torch.float16 if self.model.info.dtype == "fp16" else torch.float32
+        self.kv_cache_dtype = self.dtype
+        self.weight_precision = None
+        self.engine_config = None
 
     def generate(
         self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None

@@ -1,4 +1,4 @@
-"""`selfhost quantize`, `selfhost perplexity` and `selfhost export gguf`."""
+"""`selfhost quantize`, `selfhost perplexity`, `selfhost export gguf` and `selfhost export onnx`."""
 
 from __future__ import annotations
 
@@ -104,6 +104,29 @@ def export_gguf(
         counts[t.name] = counts.get(t.name, 0) + 1
     summary = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
     err.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; tensors: {summary})")
+
+
+@export_app.command("onnx")
+def export_onnx(
+    model: Model,
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the ONNX model (must not exist).")],
+    dtype: Annotated[str, typer.Option(help="fp32 or fp16: activations, KV cache and unquantized weights.")] = "fp32",
+    quant: Annotated[str | None, typer.Option(help="int4 or int8: weights as MatMulNBits blocks.")] = None,
+) -> None:
+    """Write MODEL as an ONNX decoder folder for ONNX Runtime and onnxruntime-genai (docs/ONNX.md)."""
+    from selfhost.hub import resolve_model
+
+    try:
+        from selfhost.onnx.export import export_onnx as export
+        from selfhost.onnx.export_info import OnnxExportConfig
+    except ModuleNotFoundError as e:
+        raise SelfhostError(f"ONNX export needs the {e.name!r} package: pip install 'selfhost[onnx]'") from e
+
+    config = OnnxExportConfig(dtype=dtype, quant=quant)
+    result = export(resolve_model(model), out, config)
+    info = result.info
+    err.print(f"wrote {out} ({info.architecture}, {info.quant or info.dtype}, {info.attention} attention; "
+              f"graph {result.graph_bytes / 1e6:.1f} MB, weights {result.weight_bytes / 1e6:.1f} MB)")
 
 
 def register(app: typer.Typer) -> None:

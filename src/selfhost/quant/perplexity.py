@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -40,6 +41,12 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer.hf.encode(text, add_special_tokens=True, verbose=False)
 
 
+def _native_window_logits(model: CausalLM, window_ids: torch.Tensor, rows: slice) -> torch.Tensor:
+    """(T,) ids -> (len(rows), vocab) fp32 logits of those rows, attending within the window only."""
+    hidden = model(window_ids, torch.arange(len(window_ids), device=window_ids.device), _WindowKV())  # (T, hidden)
+    return model.compute_logits(hidden[rows])
+
+
 @torch.inference_mode()
 def perplexity(model: CausalLM, token_ids: list[int], window: int | None = None, stride: int | None = None) -> PerplexityResult:
     """exp(mean negative log-likelihood) of `token_ids[1:]` given what precedes each."""
@@ -52,14 +59,15 @@ def perplexity(model: CausalLM, token_ids: list[int], window: int | None = None,
         )
     if len(token_ids) < 2:
         raise InvalidParameterError(f"text has {len(token_ids)} token(s); perplexity needs at least 2")
-    device = next(model.buffers()).device
+    # An ONNX export's runner (onnx/decoder.py) scores a window itself; a native model runs it here.
+    window_logits = getattr(model, "window_logits", None) or partial(_native_window_logits, model)
+    device = next(model.buffers()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
     ids = torch.tensor(token_ids, dtype=torch.long, device=device)
     nll_sum, scored, prev_end = 0.0, 0, 1  # token 0 is never predicted
     for begin in range(0, len(token_ids), stride):
         end = min(begin + window, len(token_ids))
-        hidden = model(ids[begin:end], torch.arange(end - begin, device=device), _WindowKV())  # (T, hidden)
         first = max(prev_end, begin + 1)  # first target this window scores
-        logits = model.compute_logits(hidden[first - 1 - begin : end - 1 - begin])  # (n, vocab) predicts first..end-1
+        logits = window_logits(ids[begin:end], slice(first - 1 - begin, end - 1 - begin))  # (n, vocab): first..end-1
         nll = torch.nn.functional.cross_entropy(logits, ids[first:end], reduction="sum")
         nll_sum += nll.item()
         scored += end - first
