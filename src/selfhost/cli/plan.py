@@ -208,7 +208,7 @@ def api_comparisons(
             unpriced.append(f"{model.id}: unpriced ({period.reason}); left out of the comparison")
             continue
         latest = period.latest
-        comparisons.append(CostComparison(setup, model.id, float(period.usd), latest.as_of, latest.source.split(":")[0]))
+        comparisons.append(CostComparison(setup, model.id, float(period.usd), latest.as_of, latest.source.split(": ")[0]))
     if not comparisons:
         raise InvalidParameterError("none of the APIs asked for has a per-token price: " + "; ".join(unpriced))
     return comparisons, unpriced

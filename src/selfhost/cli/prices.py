@@ -80,7 +80,7 @@ def _check(models, today: dt.date, max_age_days: int) -> None:
     groups: dict[tuple, list] = {}
     for model in models:
         # Every entry of a snapshot shares its date and label; overrides stand alone.
-        key = (model.as_of, model.id if model.is_override else model.source.split(":")[0])
+        key = (model.as_of, model.id if model.is_override else model.source.split(": ")[0])
         groups.setdefault(key, []).append(model)
     table = Table(title=f"API prices older than {max_age_days} days on {today}")
     for column in ("source", "entries", "as of", "age (days)", "status"):
