@@ -34,18 +34,20 @@ class ModelShape:
     context_len: int = 256
     rope_theta: float = 10_000.0
     tie_embeddings: bool = True
+    # None: hidden_size // num_heads. A pruned model keeps its heads' size with fewer heads.
+    explicit_head_dim: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
         _require(self.vocab_size >= 260, f"vocab_size={self.vocab_size} must be at least 260 (256 bytes + specials)")
         _require(
-            self.hidden_size % self.num_heads == 0,
+            self.explicit_head_dim is not None or self.hidden_size % self.num_heads == 0,
             f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}",
         )
         _require(
-            (self.hidden_size // self.num_heads) % 2 == 0,
-            f"head_dim={self.hidden_size // self.num_heads} (hidden_size/num_heads) must be even for rotary embeddings",
+            self.head_dim >= 2 and self.head_dim % 2 == 0,
+            f"head_dim={self.head_dim} must be even for rotary embeddings",
         )
         _require(
             self.num_heads % self.num_kv_heads == 0,
@@ -55,12 +57,12 @@ class ModelShape:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
     def num_params(self, vocab_size: int | None = None) -> int:
         vocab = vocab_size or self.vocab_size
-        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        per_layer = h * (h + 2 * kv) + h * h + 3 * h * self.intermediate_size + 2 * h
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size + 2 * h
         head = 0 if self.tie_embeddings else vocab * h
         return vocab * h + self.num_layers * per_layer + h + head
 

@@ -119,20 +119,27 @@ class Trainer:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B*T, vocab) fp32 logits."""
         B, T = inputs.shape
         positions = torch.arange(T, device=inputs.device).repeat(B)  # (B*T,)
         hidden = self.model(inputs.reshape(-1), positions, BatchCausalAttention(B, T))  # (B*T, hidden)
-        logits = self.model.compute_logits(hidden)  # (B*T, vocab) fp32
-        return F.cross_entropy(logits, targets.reshape(-1))
+        return self.model.compute_logits(hidden)
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self._logits(inputs), targets.reshape(-1))
+
+    def _micro_batch_loss(self) -> torch.Tensor:
+        """The training loss of the next micro-batch; subclasses (distillation) change what is minimised."""
+        inputs, targets = self.sampler.next_batch(self.train_tokens)
+        return self._loss(inputs, targets)
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.grad_accum):
-            inputs, targets = self.sampler.next_batch(self.train_tokens)
-            loss = self._loss(inputs, targets) / self.cfg.grad_accum
+            loss = self._micro_batch_loss() / self.cfg.grad_accum
             loss.backward()
             total += loss.detach()
         if self.cfg.grad_clip is not None:
