@@ -27,6 +27,9 @@ from selfhost.shrink.importance import Importance
 
 # MLP widths that are multiples of this stay multiples of it, so int4 groups still divide them.
 MLP_WIDTH_MULTIPLE = 16
+# transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit head_dim,
+# so a pruned Llama must keep a head count that divides its width (the other families' configs do not check).
+HEADS_MUST_DIVIDE_HIDDEN = ("LlamaForCausalLM",)
 
 
 @dataclass(frozen=True)
@@ -111,14 +114,22 @@ def kept_head_counts(spec: ModelSpec, fraction: float) -> tuple[int, int]:
     if group == 1:  # one query head per KV head: whole groups go
         if target < 1:
             raise InvalidParameterError(f"--heads {fraction} keeps no head of {H}; keep at least 1/{H}")
-        return target, target
-    per_group = target // G
-    if per_group < 1:
+        heads, kv_heads, step = target, target, 1
+    else:  # every KV head stays, each with the same number of query heads
+        if target // G < 1:
+            raise InvalidParameterError(
+                f"--heads {fraction} keeps {target} of {H} query heads, fewer than one per KV group ({G} groups of "
+                f"{group}); keep at least {1 / group:g}"
+            )
+        heads, kv_heads, step = target // G * G, G, G
+    if spec.architecture in HEADS_MUST_DIVIDE_HIDDEN and spec.hidden_size % heads:
+        valid = [n / H for n in range(step, H + 1, step) if spec.hidden_size % n == 0]
         raise InvalidParameterError(
-            f"--heads {fraction} keeps {target} of {H} query heads, fewer than one per KV group ({G} groups of "
-            f"{group}); keep at least {1 / group:g}"
+            f"--heads {fraction} keeps {heads} heads, which do not divide hidden_size {spec.hidden_size}; "
+            f"transformers cannot load such a {spec.architecture}. Fractions that work: "
+            f"{', '.join(f'{v:g}' for v in valid)}"
         )
-    return per_group * G, G
+    return heads, kv_heads
 
 
 def kept_mlp_width(spec: ModelSpec, fraction: float) -> int:
