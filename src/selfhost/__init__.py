@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import importlib
 
-__all__ = ["LLM", "AsyncEngine", "SamplingParams", "RequestOutput", "StreamDelta", "TokenLogprob"]
+__all__ = ["LLM", "AsyncEngine", "SamplingParams", "StructuredOutput", "RequestOutput", "StreamDelta", "TokenLogprob"]
 __version__ = "0.1.0"
 
 # Public name -> its module, imported on first use: torch takes seconds to import,
@@ -29,6 +29,7 @@ _EXPORTS = {
     "LLM": "selfhost.llm",
     "AsyncEngine": "selfhost.engine.async_engine",
     "SamplingParams": "selfhost.sampling_params",
+    "StructuredOutput": "selfhost.structured_output",
     "RequestOutput": "selfhost.outputs",
     "StreamDelta": "selfhost.outputs",
     "TokenLogprob": "selfhost.outputs",

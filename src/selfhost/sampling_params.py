@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from selfhost.errors import InvalidParameterError
+from selfhost.structured_output import StructuredOutput
 
 MAX_LOGPROBS = 20
 
@@ -23,7 +24,9 @@ class SamplingParams:
     probability plus the k most likely alternatives at each step (k may be 0).
     `prompt_logprobs=k` does the same for every prompt token given its prefix
     (the first token has none); such a request computes its whole prompt
-    rather than reusing prefix-cached blocks.
+    rather than reusing prefix-cached blocks. `structured_output` constrains
+    the text to a JSON schema, a regex, a choice or a grammar (see
+    selfhost.structured_output); generation stops when the constraint is complete.
     """
 
     max_tokens: int = 256
@@ -43,6 +46,7 @@ class SamplingParams:
     # Callables (output_ids, logits_row) -> logits_row applied before sampling,
     # e.g. the server's JSON mode masking tokens that would break the JSON.
     logits_processors: tuple = ()
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self):
         # Accept a single string or any sequence for the tuple fields.
@@ -59,6 +63,8 @@ class SamplingParams:
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "a number in [-2, 2]")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "a number in [-2, 2]")
         _check(all(s for s in stop), "stop", stop, "non-empty strings")
+        _check(self.structured_output is None or isinstance(self.structured_output, StructuredOutput),
+               "structured_output", self.structured_output, "None or a selfhost.StructuredOutput")
         _check(
             self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
             "logprobs",

@@ -6,6 +6,8 @@ Encoding, special tokens and the chat template are exactly transformers'
 
 from __future__ import annotations
 
+import jinja2
+
 import json
 from pathlib import Path
 from typing import Any
@@ -49,9 +51,13 @@ class Tokenizer:
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.has_chat_template:
             raise InvalidParameterError("this model's tokenizer has no chat_template; use a plain prompt instead")
-        return self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
-        )
+        try:
+            return self.hf.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        except jinja2.TemplateError as err:  # the template's own checks (roles must alternate, ...) are the caller's
+            raise InvalidParameterError(f"the model's chat template refused these messages: {err}",
+                                        param="messages") from err
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The rendered template already carries BOS and friends: add nothing more.

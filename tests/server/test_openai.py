@@ -100,21 +100,6 @@ def test_completions_stream(openai_client):
     assert chunks[-2].choices[0].finish_reason == "length"
 
 
-def test_json_object_response_format(openai_client):
-    for seed in range(3):
-        out = openai_client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Reply in JSON"}], max_tokens=30, temperature=1.0,
-            seed=seed, response_format={"type": "json_object"})
-        assert isinstance(json.loads(out.choices[0].message.content), dict)
-
-
-def test_json_object_stays_valid_when_cut_by_max_tokens(openai_client):
-    out = openai_client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "JSON"}], max_tokens=6, temperature=1.5, seed=7,
-        response_format={"type": "json_object"}, extra_body={"ignore_eos": True})
-    assert isinstance(json.loads(out.choices[0].message.content), dict)
-
-
 def test_unknown_fields_are_ignored(http):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "parallel_tool_calls": False,
             "some_future_field": {"x": 1}, "metadata": {"a": "b"}}

@@ -14,6 +14,7 @@ import torch
 
 from selfhost.engine.block_manager import BlockManager
 from selfhost.engine.config import EngineConfig
+from selfhost.engine.grammar import GrammarCompiler
 from selfhost.engine.model_runner import ModelRunner
 from selfhost.engine.transformers_runner import TransformersRunner
 from selfhost.engine.paged_cache import PagedKVCache
@@ -93,6 +94,8 @@ class LLMEngine:
         else:
             self.cache = PagedKVCache(model.spec, num_blocks, config.block_size, dtype, device, kv_dtype)
             self.runner = ModelRunner(model, self.cache, device)
+        self.grammars = GrammarCompiler(tokenizer, model.spec.vocab_size, tokenizer.eos_token_ids)
+        self.runner.grammars = self.grammars
         self.capacity_tokens = num_blocks * config.block_size
         self.limits = RequestLimits(
             vocab_size=model.spec.vocab_size,
@@ -113,8 +116,14 @@ class LLMEngine:
         )
 
     def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise the typed error `add_request` would raise; reads only fixed limits, so any thread may call it."""
+        """Raise the typed error `add_request` would raise; any thread may call it.
+
+        Reads only fixed limits, and compiles the output constraint into the shared cache,
+        so a server that validates on its own threads spares the engine thread the compile.
+        """
         validate_request(prompt_ids, params, self.limits)
+        if params.structured_output is not None:
+            self.grammars.matcher(params.structured_output)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Validate and queue a request; it joins the running batch at the next step with room."""
@@ -123,6 +132,8 @@ class LLMEngine:
         self.validate_request(prompt_ids, params)
         max_output = self.limits.output_budget(len(prompt_ids), params.max_tokens)
         seq = Sequence(request_id, list(prompt_ids), params, self.tokenizer, max_output)
+        if params.structured_output is not None:
+            seq.grammar = self.grammars.matcher(params.structured_output)
         self.sequences[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -156,6 +167,7 @@ class LLMEngine:
                 seq = chunk.seq
                 seq.append(token_id, logprob)
                 updated.append(seq)
+            self._advance_grammars(updated)
         for chunk in chunks:
             self.block_manager.commit_full_blocks(chunk.seq)
         for seq in updated:
@@ -165,6 +177,16 @@ class LLMEngine:
         self._tokens_last_step = sum(c.num_tokens for c in chunks)
         self._num_steps += 1
         return updated
+
+    def _advance_grammars(self, updated: list[Sequence]) -> None:
+        # A sequence that just ended (a stop token or string, its length) needs no further mask.
+        constrained = [seq for seq in updated if seq.grammar is not None and not seq.is_finished]
+        if not constrained:
+            return
+        self.grammars.advance([seq.grammar for seq in constrained], [seq.output_ids[-1] for seq in constrained])
+        for seq in constrained:
+            if seq.grammar.is_stopped():
+                seq.finish_constrained()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

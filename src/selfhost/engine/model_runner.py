@@ -34,6 +34,7 @@ class StepResult:
 
 
 class ModelRunner:
+    grammars = None  # the engine's GrammarCompiler: masks for rows with an output constraint
     supports_prompt_logprobs = True
 
     def __init__(self, model: CausalLM, cache: PagedKVCache, device: torch.device):
@@ -108,7 +109,7 @@ class ModelRunner:
         if not finishing:
             return StepResult([], None, prompt_logprobs)
         logits = self.model.compute_logits(hidden[rows] if len(rows) < hidden.shape[0] else hidden, num_threads)
-        return StepResult(finishing, sample(logits, [c.seq.sampler_row for c in finishing]), prompt_logprobs)
+        return StepResult(finishing, sample(logits, [c.seq.sampler_row for c in finishing], self.grammars.step_masks([c.seq.grammar for c in finishing])), prompt_logprobs)
 
     def _score_prompts(
         self, hidden: torch.Tensor, scoring: list[tuple[ScheduledChunk, int]], num_threads: int

@@ -49,6 +49,8 @@ class Sequence:
         self.max_output = max_output  # max_tokens, capped by the engine at the context window
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eos_token_ids))
         self.sampler_row = sampler_row(params, prompt_ids, self.output_ids)
+        # llguidance matcher of params.structured_output, set by the engine; it has seen every output token.
+        self.grammar = None
         # KV bookkeeping, owned by the scheduler and block manager.
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # digest of each full, committed block
@@ -89,6 +91,11 @@ class Sequence:
         elif len(self.output_ids) >= self.max_output:
             self.finish_reason = "length"
             self.detok.flush()
+
+    def finish_constrained(self) -> None:
+        """The output constraint is complete: nothing more may follow it."""
+        self.finish_reason = "stop"
+        self.detok.flush()
 
     def take_delta(self) -> str:
         return self.detok.take_delta(final=self.is_finished)

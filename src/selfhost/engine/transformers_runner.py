@@ -29,6 +29,7 @@ class _SequenceCache:
 
 class TransformersRunner:
     cpu_threads = None  # transformers picks its own threads
+    grammars = None  # the engine's GrammarCompiler: masks for rows with an output constraint
     supports_prompt_logprobs = False
 
     def __init__(self, model: TransformersModel, device: torch.device):
@@ -56,7 +57,7 @@ class TransformersRunner:
         if not finishing:
             return StepResult([], None)
         logits = torch.stack(last_logits).float()
-        return StepResult(finishing, sample(logits, [c.seq.sampler_row for c in finishing]))
+        return StepResult(finishing, sample(logits, [c.seq.sampler_row for c in finishing], self.grammars.step_masks([c.seq.grammar for c in finishing])))
 
     def _forward(self, cache: _SequenceCache, token_ids: list[int]) -> torch.Tensor:
         """Feed tokens after the cached ones; return the last position's logits (vocab,)."""

@@ -62,6 +62,25 @@ class SamplerRow:
 
 
 @dataclass(frozen=True)
+class TokenMasks:
+    """Which tokens some rows may sample: `bitmasks[j]` (int32 words, bit t of word t // 32) is row `rows[j]`'s."""
+
+    rows: list[int]
+    bitmasks: torch.Tensor  # (len(rows), ceil(vocab / 32)) int32
+
+
+def apply_token_masks(logits: torch.Tensor, masks: TokenMasks) -> torch.Tensor:
+    """Set the logits of tokens a row's mask forbids to -inf (in place; one tensor op for all rows)."""
+    vocab = logits.shape[1]
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    words = masks.bitmasks.to(logits.device)
+    allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]
+    rows = torch.tensor(masks.rows, dtype=torch.long, device=logits.device)
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    return logits
+
+
+@dataclass(frozen=True)
 class SampleResult:
     token_ids: list[int]
     logprobs: list[Logprobs | None]  # per row; None when the row asked for none
@@ -111,10 +130,15 @@ def filter_logits(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
-    """logits: (N, vocab) fp32, one row per entry of `rows`."""
+def sample(logits: torch.Tensor, rows: list[SamplerRow], token_masks: TokenMasks | None = None) -> SampleResult:
+    """logits: (N, vocab) fp32, one row per entry of `rows`; `token_masks` limit what some rows may sample.
+
+    Logprobs are the model's own distribution, before any mask, penalty or filter.
+    """
     want_logprobs = [r.num_logprobs is not None for r in rows]
     raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+    if token_masks is not None:
+        logits = apply_token_masks(logits.clone(), token_masks)
 
     if any(r.has_penalties for r in rows):
         logits = apply_penalties(logits.clone(), rows)

@@ -20,6 +20,7 @@ from pathlib import Path
 from selfhost.hub import EMBEDDED_MODEL_NAME
 from selfhost.server.errors import APIError, ModelMemoryError
 from selfhost.server.settings import ServerSettings
+from selfhost.tools.model_tools import ModelTools
 
 log = logging.getLogger("selfhost.server")
 
@@ -56,7 +57,14 @@ class ServedModel:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0
-    json_vocab: object | None = None  # built on the first JSON-mode request
+    _tools: ModelTools | None = None
+
+    @property
+    def tools(self) -> ModelTools:
+        """The model's tool-call format, made on the first request that needs it."""
+        if self._tools is None:
+            self._tools = ModelTools(self.llm.tokenizer)
+        return self._tools
 
     @property
     def memory_bytes(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -9,6 +10,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfhost.sampling_params import SamplingParams
+from selfhost.server.protocol import ToolDefinition
+from selfhost.structured_output import StructuredOutput, closed_objects
+from selfhost.tools.calls import ToolCall, new_call_id
 
 _DURATION = re.compile(r"^(-?[0-9]*\.?[0-9]+)(ms|s|m|h)?$")
 _UNIT_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -47,8 +51,9 @@ class Options(Lenient):
     def max_tokens(self) -> int | None:
         return None if self.num_predict is None or self.num_predict < 0 else max(self.num_predict, 1)
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, structured_output: StructuredOutput | None = None) -> SamplingParams:
         return SamplingParams(
+            structured_output=structured_output,
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -69,10 +74,13 @@ class OllamaBase(Lenient):
     options: Options = Field(default_factory=Options)
     keep_alive: str | float | int | None = None
 
-    @property
-    def json_mode(self) -> bool:
-        # A JSON schema (a dict) is honoured as "some JSON object", without the schema's constraints.
-        return self.format == "json" or isinstance(self.format, dict)
+    def structured_output(self) -> StructuredOutput | None:
+        """`format`: "json" is any JSON object; a dict is a JSON schema the output follows."""
+        if self.format == "json":
+            return StructuredOutput(json_object=True)
+        if isinstance(self.format, dict):
+            return StructuredOutput(json_schema=closed_objects(self.format))
+        return None
 
     def keep_alive_s(self) -> float | None:
         """'5m', '30s', 300 -> seconds; negative = forever; None = server default."""
@@ -105,13 +113,37 @@ class TextOnly(Lenient):
         return value
 
 
+class OllamaFunctionCall(Lenient):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)  # an object, where OpenAI sends JSON text
+
+
+class OllamaToolCall(Lenient):
+    function: OllamaFunctionCall
+
+
 class OllamaMessage(TextOnly):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
+    tool_calls: list[OllamaToolCall] | None = None
+    tool_name: str | None = None  # tool turns: the function whose result this is
+
+    def as_dict(self) -> dict[str, Any]:
+        """The API-neutral message (selfhost.tools.messages). Ollama calls carry no ids; the template gets new ones."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [ToolCall(new_call_id(), c.function.name, json.dumps(c.function.arguments))
+                                 for c in self.tool_calls]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_name or ""
+            if self.tool_name:
+                out["name"] = self.tool_name
+        return out
 
 
 class OllamaChatRequest(OllamaBase):
     messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: list[ToolDefinition] | None = None
 
 
 class OllamaGenerateRequest(OllamaBase, TextOnly):

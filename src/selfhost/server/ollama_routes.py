@@ -17,7 +17,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 import selfhost
-from selfhost.server.errors import APIError
+from selfhost.errors import SelfhostError
+from selfhost.server.errors import APIError, from_selfhost_error
+from selfhost.structured_output import StructuredOutput
+from selfhost.tools.calls import ToolChoice, check_tools
 from selfhost.server.ollama_protocol import (
     OllamaBase, OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest, now_iso,
 )
@@ -34,13 +37,15 @@ def _ndjson_error(err: Exception) -> str:
     return _line({"error": error_body(err)["error"]["message"]})
 
 
-async def _prepare(serving: Serving, req: OllamaBase, served, prompt_ids: list[int]) -> Generation:
+async def _prepare(serving: Serving, req: OllamaBase, served, prompt_ids: list[int],
+                   constraint: StructuredOutput | None = None, constraint_param: str = "format") -> Generation:
     keep_alive = req.keep_alive_s()
     if keep_alive is not None and not served.pinned:
         served.keep_alive_s = keep_alive
+    constraint = constraint or req.structured_output()
     return await serving.prepare(served, [prompt_ids], req.options.max_tokens,
-                                 lambda max_tokens, i: req.options.sampling_params(max_tokens),
-                                 json_mode=req.json_mode, max_tokens_param="options.num_predict")
+                                 lambda max_tokens, i: req.options.sampling_params(max_tokens, constraint),
+                                 max_tokens_param="options.num_predict", constraint_param=constraint_param)
 
 
 def _final_fields(gen: Generation, first_token_ns: int | None, eval_count: int, reason: str | None) -> dict:
@@ -54,28 +59,65 @@ def _final_fields(gen: Generation, first_token_ns: int | None, eval_count: int, 
     }
 
 
+class _ToolCalls:
+    """`/api/chat` with tools: the message body of each line, with text held while it may be a call
+    and the calls (arguments as objects, Ollama's way) in the line that carries them."""
+
+    def __init__(self, tools, num_jobs: int):
+        self.tools, self.token_ids, self.parser = tools, [], tools.stream()
+
+    def message(self, text: str, delta=None, whole: list[int] | None = None) -> dict:
+        if whole is not None:  # stream: false, the whole output at once
+            parsed = self.tools.parse(whole)
+            return _chat_message(parsed.content if parsed.calls else text, parsed.calls)
+        if delta is None:  # the final line
+            return _chat_message("", [])
+        self.token_ids += delta.token_ids
+        content = self.parser.update(self.tools.output_text(self.token_ids))
+        if not delta.is_finished:
+            return _chat_message(content, [])
+        rest, calls = self.parser.finish()
+        return _chat_message(content + rest, calls)
+
+
+def _chat_message(content: str, calls) -> dict:
+    message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments_dict}} for c in calls]
+    return {"message": message}
+
+
 async def _lines(serving: Serving, gen: Generation, model: str, body) -> AsyncIterator[str]:
     """NDJSON: one line per delta, then the final line with counts and durations (nanoseconds)."""
     first_ns, count, reason = None, 0, None
+    with_deltas = isinstance(getattr(body, "__self__", None), _ToolCalls)
     async for _, delta in serving.run(gen):
         if first_ns is None:
             first_ns = time.perf_counter_ns() - int(gen.started * 1e9)
         count, reason = delta.num_output_tokens, delta.finish_reason
-        if delta.text:
+        if with_deltas:
+            line = body(delta.text, delta)
+            if line["message"]["content"] or line["message"].get("tool_calls"):
+                yield _line({"model": model, "created_at": now_iso(), **line, "done": False})
+        elif delta.text:
             yield _line({"model": model, "created_at": now_iso(), **body(delta.text), "done": False})
     yield _line({"model": model, "created_at": now_iso(), **body(""), **_final_fields(gen, first_ns, count, reason)})
 
 
 async def _whole(serving: Serving, gen: Generation, model: str, body) -> dict:
     """`stream: false`: one object with the whole text and the final counts."""
-    first_ns, text, count, reason = None, [], 0, None
+    first_ns, text, token_ids, count, reason = None, [], [], 0, None
     async with aclosing(serving.run(gen)) as deltas:
         async for _, delta in deltas:
             first_ns = first_ns or time.perf_counter_ns() - int(gen.started * 1e9)
             text.append(delta.text)
+            token_ids += delta.token_ids
             count, reason = delta.num_output_tokens, delta.finish_reason
-    return {"model": model, "created_at": now_iso(), **body("".join(text)),
-            **_final_fields(gen, first_ns, count, reason)}
+    if isinstance(getattr(body, "__self__", None), _ToolCalls):
+        content = body("".join(text), whole=token_ids)
+    else:
+        content = body("".join(text))
+    return {"model": model, "created_at": now_iso(), **content, **_final_fields(gen, first_ns, count, reason)}
 
 
 async def _respond(request: Request, serving: Serving, req: OllamaBase, gen: Generation, body):
@@ -95,9 +137,20 @@ async def chat(req: OllamaChatRequest, request: Request):
     served = await serving.model(req.model)
     if not req.messages:  # Ollama's way to just load a model
         return _loaded(req.model, {"message": {"role": "assistant", "content": ""}})
-    prompt_ids = await serving.tokenize_chat(served, [{"role": m.role, "content": m.content} for m in req.messages])
-    gen = await _prepare(serving, req, served, prompt_ids)
-    return await _respond(request, serving, req, gen, lambda text: {"message": {"role": "assistant", "content": text}})
+    tools = [t.spec() for t in req.tools or []]
+    try:
+        check_tools(tools, ToolChoice("auto"))
+    except SelfhostError as err:
+        raise from_selfhost_error(err) from err
+    prompt_ids = await serving.tokenize_chat(served, [m.as_dict() for m in req.messages], tools)
+    if not tools:
+        gen = await _prepare(serving, req, served, prompt_ids)
+        return await _respond(request, serving, req, gen,
+                              lambda text: {"message": {"role": "assistant", "content": text}})
+    # Ollama has no tool_choice: the model decides, and a call it opens is constrained to its schema.
+    gen = await _prepare(serving, req, served, prompt_ids, served.tools.constraint(tools, ToolChoice("auto")), "tools")
+    calls_of = _ToolCalls(served.tools, len(gen.jobs))
+    return await _respond(request, serving, req, gen, calls_of.message)
 
 
 @router.post("/generate")

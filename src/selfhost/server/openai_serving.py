@@ -6,12 +6,16 @@ import time
 from collections.abc import AsyncIterator
 
 from selfhost.outputs import TokenLogprob
+from selfhost.errors import SelfhostError
+from selfhost.server.errors import from_selfhost_error
 from selfhost.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, DeltaMessage, TokenLogprobEntry, TopLogprob, UsageInfo, random_id,
+    CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, TokenLogprobEntry,
+    ToolCallItem, TopLogprob, UsageInfo, random_id,
 )
 from selfhost.server.serving import Generation, Serving, sse
+from selfhost.tools.calls import check_tools
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
@@ -66,29 +70,49 @@ def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int, ech
 # -- chat -------------------------------------------------------------------------
 
 async def prepare_chat(serving: Serving, served, req: ChatCompletionRequest, messages: list[dict]) -> Generation:
-    """Tokenize `messages` (the request's own, or rewritten ones) and build the request's jobs."""
-    prompt_ids = await serving.tokenize_chat(served, messages)
+    """Tokenize `messages` (the request's own, or rewritten ones) and build the request's jobs.
+
+    With tools in use the output constraint is the model's tool-call grammar (a `required` or
+    named call is always a valid call); otherwise `response_format`'s, if any.
+    """
+    tools, choice = req.tool_specs(), req.choice_of_tool()
+    try:
+        check_tools(tools, choice)
+    except SelfhostError as err:
+        raise from_selfhost_error(err) from err
+    prompt_ids = await serving.tokenize_chat(served, messages, tools if req.uses_tools else [])
+    constraint, constraint_param = None, "response_format"
+    if req.uses_tools:
+        constraint, constraint_param = served.tools.constraint(tools, choice, req.parallel_tool_calls), "tools"
+    elif req.response_format is not None:
+        constraint = req.response_format.structured_output()
     return await serving.prepare(
         served, [prompt_ids], req.requested_max_tokens,
-        lambda max_tokens, i: req.sampling_params(max_tokens, req.num_logprobs, i),
-        n=req.n, json_mode=req.json_mode,
-        max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
-        prompt_param="messages",
+        lambda max_tokens, i: req.sampling_params(max_tokens, req.num_logprobs, i, structured_output=constraint),
+        n=req.n, max_tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+        prompt_param="messages", constraint_param=constraint_param,
     )
+
+
+def _finish_with_tools(reason: str | None, calls) -> str | None:
+    return "tool_calls" if calls and reason == "stop" else _finish(reason)
 
 
 async def chat_completion(serving: Serving, req: ChatCompletionRequest, gen: Generation) -> ChatCompletionResponse:
     results = await serving.collect(gen)
     tokenizer = gen.served.llm.tokenizer
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=r.text),
-            logprobs=chat_logprobs(tokenizer, r.logprobs) if req.logprobs else None,
-            finish_reason=_finish(r.finish_reason),
-        )
-        for i, r in enumerate(results)
-    ]
+    choices = []
+    for i, r in enumerate(results):
+        message, finish = AssistantMessage(content=r.text), _finish(r.finish_reason)
+        if req.uses_tools:
+            parsed = gen.served.tools.parse(r.token_ids)
+            if parsed.calls:
+                message = AssistantMessage(content=parsed.content or None, tool_calls=[
+                    ToolCallItem(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                    for c in parsed.calls])
+                finish = _finish_with_tools(r.finish_reason, parsed.calls)
+        choices.append(ChatChoice(index=i, message=message, finish_reason=finish,
+                                  logprobs=chat_logprobs(tokenizer, r.logprobs) if req.logprobs else None))
     usage = _usage(gen.num_prompt_tokens, sum(len(r.token_ids) for r in results))
     return ChatCompletionResponse(id=random_id("chatcmpl"), model=req.model, choices=choices, usage=usage)
 
@@ -103,8 +127,13 @@ async def chat_completion_stream(serving: Serving, req: ChatCompletionRequest, g
     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                  for i in range(len(gen.jobs))])
     completion_tokens = [0] * len(gen.jobs)
+    tool_streams = [_ToolStream(gen.served.tools) for _ in gen.jobs] if req.uses_tools else None
     async for index, delta in serving.run(gen):
         completion_tokens[index] = delta.num_output_tokens
+        if tool_streams is not None:
+            for choice in tool_streams[index].choices(index, delta):
+                yield chunk([choice])
+            continue
         if not delta.text and not delta.is_finished and not (req.logprobs and delta.logprobs):
             continue  # a token still inside a stop-string check or a partial character
         choice = ChatChunkChoice(index=index, delta=DeltaMessage(content=delta.text),
@@ -115,6 +144,36 @@ async def chat_completion_stream(serving: Serving, req: ChatCompletionRequest, g
     if req.include_usage:
         yield chunk([], _usage(gen.num_prompt_tokens, sum(completion_tokens)))
     yield sse("[DONE]")
+
+
+class _ToolStream:
+    """One choice's stream when tools are in use: text as soon as it cannot be a call, then the calls.
+
+    The parser reads the output decoded with special tokens (a call marker may be one), so it
+    keeps the choice's token ids; each call goes out whole, in one `tool_calls` delta.
+    """
+
+    def __init__(self, tools):
+        self.tools, self.token_ids, self.parser = tools, [], tools.stream()
+
+    def choices(self, index: int, delta) -> list[ChatChunkChoice]:
+        self.token_ids += delta.token_ids
+        out = []
+        text = self.parser.update(self.tools.output_text(self.token_ids))
+        if text:
+            out.append(ChatChunkChoice(index=index, delta=DeltaMessage(content=text)))
+        if delta.is_finished:
+            rest, calls = self.parser.finish()
+            if rest:
+                out.append(ChatChunkChoice(index=index, delta=DeltaMessage(content=rest)))
+            if calls:
+                out.append(ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[
+                    DeltaToolCall(index=i, id=c.id, type="function",
+                                  function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
+                    for i, c in enumerate(calls)])))
+            out.append(ChatChunkChoice(index=index, delta=DeltaMessage(),
+                                       finish_reason=_finish_with_tools(delta.finish_reason, calls)))
+        return out
 
 
 # -- completions ------------------------------------------------------------------

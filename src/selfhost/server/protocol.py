@@ -8,6 +8,7 @@ validators. Either way a bad request is a 400, never a 500.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selfhost.sampling_params import MAX_LOGPROBS, SamplingParams
 from selfhost.server.rag_protocol import RagOptions
+from selfhost.structured_output import StructuredOutput, closed_objects
+from selfhost.tools.calls import ToolCall, ToolChoice, ToolSpec
 
 
 def random_id(prefix: str) -> str:
@@ -33,23 +36,120 @@ class TextPart(Lenient):
     text: str
 
 
+class FunctionCall(Lenient):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallItem(Lenient):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call this is the result of
+
+    @model_validator(mode="after")
+    def _check_tool_turns(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs tool_call_id")
+        for call in self.tool_calls or []:
+            try:
+                arguments = json.loads(call.function.arguments or "{}")
+            except json.JSONDecodeError as err:
+                raise ValueError(f"tool call {call.id!r}: function.arguments is not JSON ({err})") from err
+            if not isinstance(arguments, dict):
+                raise ValueError(f"tool call {call.id!r}: function.arguments must be a JSON object")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
 
+    def as_dict(self) -> dict[str, Any]:
+        """The API-neutral message the chat template sees (selfhost.tools.messages)."""
+        out: dict[str, Any] = {"role": self.role if self.role != "developer" else "system", "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [ToolCall(c.id, c.function.name, c.function.arguments or "{}") for c in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name:
+            out["name"] = self.name
+        return out
+
 
 class StreamOptions(Lenient):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Lenient):
+    name: str = Field("response", pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(Lenient):
-    type: Literal["text", "json_object"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object with a schema")
+        return self
+
+    def structured_output(self) -> StructuredOutput | None:
+        if self.type == "json_object":
+            return StructuredOutput(json_object=True)
+        if self.type == "json_schema":
+            return StructuredOutput(json_schema=closed_objects(self.json_schema.schema_))
+        return None
+
+
+class FunctionDefinition(Lenient):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(Lenient):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def spec(self) -> ToolSpec:
+        f = self.function
+        return ToolSpec(f.name, f.description or "", f.parameters if f.parameters is not None else
+                        {"type": "object", "properties": {}})
+
+
+class NamedFunction(Lenient):
+    name: str
+
+
+class NamedToolChoice(Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StructuredOutputs(Lenient):
+    """vLLM's `structured_outputs` extension: a regex, a choice list or a Lark grammar (or a JSON schema)."""
+
+    json_: dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def structured_output(self) -> StructuredOutput:
+        return StructuredOutput(json_schema=self.json_, regex=self.regex,
+                                choice=tuple(self.choice) if self.choice is not None else None, grammar=self.grammar)
 
 
 class SamplingFields(Lenient):
@@ -86,8 +186,11 @@ class SamplingFields(Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    structured_outputs: StructuredOutputs | None = None
+
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, choice: int = 0, prompt_logprobs: int | None = None
+        self, max_tokens: int, logprobs: int | None, choice: int = 0, prompt_logprobs: int | None = None,
+        structured_output: StructuredOutput | None = None,
     ) -> SamplingParams:
         """Parameters for choice `choice` of `n`: each choice gets its own seed so they differ."""
         seed = None if self.seed is None else self.seed + choice
@@ -105,7 +208,11 @@ class SamplingFields(Lenient):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            structured_output=structured_output or self.extension_constraint(),
         )
+
+    def extension_constraint(self) -> StructuredOutput | None:
+        return self.structured_outputs.structured_output() if self.structured_outputs is not None else None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -114,6 +221,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     rag: RagOptions | None = None  # selfhost extension: answer from a collection (server/rag_serving.py)
 
     @model_validator(mode="after")
@@ -121,6 +231,20 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         return self
+
+    def tool_specs(self) -> list[ToolSpec]:
+        return [t.spec() for t in self.tools or []]
+
+    def choice_of_tool(self) -> ToolChoice:
+        """OpenAI's default: `auto` when tools are given, `none` otherwise."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return ToolChoice("function", choice.function.name)
+        return ToolChoice(choice or ("auto" if self.tools else "none"))
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.choice_of_tool().mode != "none"
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -130,12 +254,8 @@ class ChatCompletionRequest(SamplingFields):
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    @property
-    def json_mode(self) -> bool:
-        return self.response_format is not None and self.response_format.type == "json_object"
-
     def message_dicts(self) -> list[dict[str, Any]]:
-        return [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in self.messages]
+        return [m.as_dict() for m in self.messages]
 
 
 class CompletionRequest(SamplingFields):
@@ -199,6 +319,7 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallItem] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -218,9 +339,22 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

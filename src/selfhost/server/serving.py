@@ -29,9 +29,9 @@ from selfhost.errors import SelfhostError
 from selfhost.outputs import StreamDelta, TokenLogprob
 from selfhost.sampling_params import SamplingParams
 from selfhost.server.errors import APIError, from_selfhost_error
-from selfhost.server.json_mode import JsonObjectProcessor, JsonVocab, with_processors
 from selfhost.server.metrics import ServerMetrics
 from selfhost.server.models import ServedModel
+from selfhost.tools.calls import ToolSpec
 
 log = logging.getLogger("selfhost.server")
 
@@ -89,11 +89,15 @@ class Serving:
         served.last_used = time.monotonic()  # keep-alive counts from the request's arrival
         return served
 
-    async def tokenize_chat(self, served: ServedModel, messages: list[dict]) -> list[int]:
+    async def tokenize_chat(self, served: ServedModel, messages: list[dict], tools: list[ToolSpec] = ()) -> list[int]:
+        """Render and tokenize a conversation; with tools, or tool calls and results in it, in the model's
+        tool-call format (selfhost.tools)."""
         tokenizer = served.llm.tokenizer
         if not tokenizer.has_chat_template:
             raise APIError(f"model {served.name!r} has no chat template; use /v1/completions with a plain prompt",
                            param="messages", code="no_chat_template")
+        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            return await asyncio.to_thread(served.tools.encode_chat, messages, list(tools))
         return await asyncio.to_thread(tokenizer.encode_chat, messages)
 
     async def tokenize(self, served: ServedModel, prompt: str | list[int]) -> list[int]:
@@ -103,8 +107,8 @@ class Serving:
 
     async def prepare(
         self, served: ServedModel, prompts: list[list[int]], requested_max_tokens: int | None,
-        make_params: ParamsFactory, n: int = 1, json_mode: bool = False, max_tokens_param: str = "max_tokens",
-        prompt_param: str = "prompt",
+        make_params: ParamsFactory, n: int = 1, max_tokens_param: str = "max_tokens",
+        prompt_param: str = "prompt", constraint_param: str = "response_format",
     ) -> Generation:
         if n > self.max_n:
             raise APIError(f"n={n} is more than this server allows ({self.max_n}); see --max-n", param="n")
@@ -112,26 +116,22 @@ class Serving:
             raise APIError(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} completions; at most "
                            f"{MAX_CHOICES_PER_REQUEST} per request", param="prompt")
         # The engine's names for the request fields an error may point at -> this request's names.
-        fields = {"prompt": prompt_param, "max_tokens": max_tokens_param}
+        fields = {"prompt": prompt_param, "max_tokens": max_tokens_param, "structured_output": constraint_param}
         jobs = []
         for prompt_ids in prompts:
             max_tokens = resolve_max_tokens(requested_max_tokens, len(prompt_ids), served, max_tokens_param)
             try:
                 choices = [make_params(max_tokens, choice) for choice in range(n)]
                 # The choices differ only in their seed; the engine checks each again when it is added.
-                served.llm.engine.validate_request(prompt_ids, choices[0])
+                # An output constraint compiles here (milliseconds, cached), so off the event loop.
+                if choices[0].structured_output is not None:
+                    await asyncio.to_thread(served.llm.engine.validate_request, prompt_ids, choices[0])
+                else:
+                    served.llm.engine.validate_request(prompt_ids, choices[0])
             except SelfhostError as err:
                 raise from_selfhost_error(err, fields) from err
-            for params in choices:
-                if json_mode:
-                    params = with_processors(params, JsonObjectProcessor(await self._json_vocab(served), max_tokens))
-                jobs.append((prompt_ids, params))
+            jobs.extend((prompt_ids, params) for params in choices)
         return Generation(served, prompts, jobs, uuid.uuid4().hex[:16])
-
-    async def _json_vocab(self, served: ServedModel) -> JsonVocab:
-        if served.json_vocab is None:
-            served.json_vocab = await asyncio.to_thread(JsonVocab, served.llm.tokenizer)
-        return served.json_vocab
 
     async def run(self, gen: Generation) -> AsyncIterator[tuple[int, StreamDelta]]:
         """Every choice's deltas as they come; aborts all of them if the consumer stops early."""

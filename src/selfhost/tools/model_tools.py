@@ -1,0 +1,51 @@
+"""ModelTools: one model's tool-call format, bound to its tokenizer.
+
+Made once per served model: it detects the format from the chat template, finds
+which call markers are single tokens of the vocabulary (those are matched as tokens
+in grammars), renders conversations with tools, and decodes outputs with their
+special tokens kept, which is what the parser reads.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from selfhost.structured_output import StructuredOutput
+from selfhost.tokenizer import Tokenizer
+from selfhost.tools.calls import ToolCall, ToolChoice, ToolSpec, new_call_id
+from selfhost.tools.formats import ToolCallFormat, detect_format
+from selfhost.tools.messages import Message, template_inputs
+from selfhost.tools.parse import ParsedOutput, ToolCallStream, parse_tool_calls
+
+
+class ModelTools:
+    def __init__(self, tokenizer: Tokenizer, fmt: ToolCallFormat | None = None):
+        self.tokenizer = tokenizer
+        self.format = fmt or detect_format(tokenizer.hf.chat_template)
+        vocab = tokenizer.hf.get_vocab()
+        self.markers = {m: vocab[m] for m in (self.format.opener, self.format.closer) if m and m in vocab}
+        self.new_id = partial(new_call_id, self.format.call_id_length)
+
+    def encode_chat(self, messages: list[Message], tools: list[ToolSpec]) -> list[int]:
+        rendered, variables = template_inputs(messages, tools, self.format)
+        return self.tokenizer.encode_chat(rendered, **variables)
+
+    def constraint(self, tools: list[ToolSpec], choice: ToolChoice, parallel: bool = True) -> StructuredOutput | None:
+        return self.format.constraint(tools, choice, parallel, self.markers)
+
+    def output_text(self, token_ids: list[int]) -> str:
+        """The output as the parser reads it: special tokens kept, the final end-of-turn token dropped."""
+        ids = list(token_ids)
+        while ids and ids[-1] in self.tokenizer.eos_token_ids:
+            ids.pop()
+        return self.tokenizer.hf.decode(ids, skip_special_tokens=False)
+
+    def parse(self, token_ids: list[int]) -> ParsedOutput:
+        return parse_tool_calls(self.output_text(token_ids), self.format, self.new_id)
+
+    def stream(self) -> ToolCallStream:
+        return ToolCallStream(self.format, self.new_id)
+
+
+def calls_as_openai(calls: list[ToolCall]) -> list[dict]:
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
