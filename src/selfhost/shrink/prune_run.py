@@ -85,20 +85,9 @@ def prune(
     if "quantization_config" in config:
         raise InvalidParameterError(f"{model_dir} is quantized; prune its full-precision checkpoint, then quantize")
     model = load_model(model_dir, torch.float32, torch.device("cpu"))
+    check_request(model.spec, cfg)  # before calibration costs anything
     tok = load_tokenizer(model_dir)
-    importance = None
-    if cfg.needs_importance:
-        if calibration is None:
-            raise InvalidParameterError("choosing what to prune needs calibration text: pass --calibration FILE "
-                                        "(or --data, which it then defaults to)")
-        window = calibration.window or min(model.max_len, 256)
-        if window > model.max_len:
-            raise InvalidParameterError(f"--calibration-window {window} exceeds the model's context ({model.max_len})")
-        ids = tok(calibration.text, add_special_tokens=False, verbose=False)["input_ids"]
-        windows = calibration_windows(ids, window, calibration.max_windows)
-    check_request(model.spec, cfg)
-    if cfg.needs_importance:
-        importance = measure_importance(model, windows, console, show_progress)
+    importance = _calibrate(model, tok, calibration, console, show_progress) if cfg.needs_importance else None
     plan = plan_pruning(model.spec, cfg, importance)
     pruned, new_config = apply_plan(model, config, plan)
     before, after = (sum(p.numel() for p in m.parameters()) for m in (model, pruned))
@@ -121,3 +110,14 @@ def prune(
     return export_model(pruned, new_config, tok, out, overwrite, save_dtype,
                         {**side_files(model_dir), PRUNING_FILE: record})
 
+
+def _calibrate(model, tok, calibration: Calibration | None, console: Console, show_progress: bool) -> Importance:
+    if calibration is None:
+        raise InvalidParameterError("choosing what to prune needs calibration text: pass --calibration FILE "
+                                    "(or --data, which it then defaults to)")
+    window = calibration.window or min(model.max_len, 256)
+    if window > model.max_len:
+        raise InvalidParameterError(f"--calibration-window {window} exceeds the model's context ({model.max_len})")
+    ids = tok(calibration.text, add_special_tokens=False, verbose=False)["input_ids"]
+    return measure_importance(model, calibration_windows(ids, window, calibration.max_windows), console,
+                              show_progress)
