@@ -17,7 +17,8 @@ Formats (where each comes from is in tests/chat_templates/SOURCES.md):
   hermes      <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>, one block per call
               (Qwen2.5, Qwen3, and Hermes-style templates)
   mistral     [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
-  phi4        <|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>  (Phi-4-mini)
+  phi4        <|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>  (Phi-4-mini; its template
+              takes the tools as JSON text on the system message)
   llama3      {"name": ..., "parameters": {...}}, one call, optionally after <|python_tag|>
   prompted    hermes' text, described by selfhost in a system message, for templates without tools
 """
@@ -52,6 +53,9 @@ class ToolCallFormat:
     separator: str = "\n"  # between blocks, when each call has its own opener
     parallel: bool = True  # whether the family writes several calls in one turn
     template_renders_tools: bool = True
+    # Phi-4-mini's template takes the tools as JSON text on the system message (its `tools` key)
+    # and does not render past calls: those go in as the assistant's text.
+    tools_on_system_message: bool = False
     opener_optional: bool = False  # llama3: a bare JSON object is a call too
     call_id_length: int | None = None  # mistral's template checks its ids are 9 characters
 
@@ -129,7 +133,8 @@ def _regex_escape(text: str) -> str:
 
 HERMES = ToolCallFormat("hermes", opener="<tool_call>", closer="</tool_call>")
 MISTRAL = ToolCallFormat("mistral", opener="[TOOL_CALLS]", closer="", as_list=True, call_id_length=9)
-PHI4 = ToolCallFormat("phi4", opener="<|tool_call|>", closer="<|/tool_call|>", as_list=True)
+PHI4 = ToolCallFormat("phi4", opener="<|tool_call|>", closer="<|/tool_call|>", as_list=True,
+                      template_renders_tools=False, tools_on_system_message=True)
 LLAMA3 = ToolCallFormat("llama3", opener="<|python_tag|>", closer="", arguments_key="parameters", parallel=False,
                         opener_optional=True)
 PROMPTED = ToolCallFormat("prompted", opener="<tool_call>", closer="</tool_call>", template_renders_tools=False)
@@ -142,7 +147,7 @@ def detect_format(chat_template: str | None) -> ToolCallFormat:
         return PROMPTED
     if "[TOOL_CALLS]" in template:
         return MISTRAL
-    if "<|tool_call|>" in template:
+    if "<|tool_call|>" in template or "<|tool|>" in template:
         return PHI4
     if "<tool_call>" in template:
         return HERMES

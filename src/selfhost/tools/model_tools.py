@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from selfhost.errors import InvalidParameterError
 from selfhost.structured_output import StructuredOutput
 from selfhost.tokenizer import Tokenizer
 from selfhost.tools.calls import ToolCall, ToolChoice, ToolSpec, new_call_id
@@ -28,7 +29,16 @@ class ModelTools:
 
     def encode_chat(self, messages: list[Message], tools: list[ToolSpec]) -> list[int]:
         rendered, variables = template_inputs(messages, tools, self.format)
-        return self.tokenizer.encode_chat(rendered, **variables)
+        try:
+            return self.tokenizer.encode_chat(rendered, **variables)
+        except InvalidParameterError:
+            # Some templates (Gemma 2) refuse a system turn, where the prompted format puts the tools:
+            # it goes to the front of the first user turn instead.
+            if len(rendered) < 2 or rendered[0]["role"] != "system" or rendered[1]["role"] != "user":
+                raise
+            system, first, *rest = rendered
+            merged = {**first, "content": f"{system['content']}\n\n{first['content']}"}
+            return self.tokenizer.encode_chat([merged, *rest], **variables)
 
     def constraint(self, tools: list[ToolSpec], choice: ToolChoice, parallel: bool = True) -> StructuredOutput | None:
         return self.format.constraint(tools, choice, parallel, self.markers)
