@@ -236,3 +236,31 @@ def test_ollama_format_schema_and_tools(http):
            "messages": MESSAGES}
     response = http.post("/api/chat", json=bad)
     assert response.status_code == 400 and "tools[0].function.name" in response.json()["error"]
+
+
+def test_langchain_tool_loop(server):
+    """An agent framework's loop, unchanged: bind a tool, run the call it gets, feed the result back."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    ran = []
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        ran.append((a, b))
+        return a + b
+
+    model = ChatOpenAI(model=MODEL, base_url=server.url + "/v1", api_key="unused", temperature=1.0, max_tokens=400,
+                       max_retries=0, timeout=60, seed=5)
+    messages = [HumanMessage("What is 2 + 3?")]
+    reply = model.bind_tools([add], tool_choice="required", parallel_tool_calls=False).invoke(messages)
+    assert len(reply.tool_calls) == 1 and reply.tool_calls[0]["name"] == "add"
+    call = reply.tool_calls[0]
+    result = add.invoke(call["args"])
+    assert ran == [(call["args"]["a"], call["args"]["b"])]
+    messages += [reply, ToolMessage(str(result), tool_call_id=call["id"])]
+    final = model.bind_tools([add], tool_choice="none").invoke(messages)
+    assert not final.tool_calls and final.response_metadata["finish_reason"] in ("stop", "length")
+    assert final.usage_metadata["input_tokens"] > reply.usage_metadata["input_tokens"]  # the call and its result

@@ -80,7 +80,8 @@ async def prepare_chat(serving: Serving, served, req: ChatCompletionRequest, mes
         check_tools(tools, choice)
     except SelfhostError as err:
         raise from_selfhost_error(err) from err
-    prompt_ids = await serving.tokenize_chat(served, messages, tools if req.uses_tools else [])
+    # The tools stay in the prompt under tool_choice="none" too: the model still knows them, as with OpenAI.
+    prompt_ids = await serving.tokenize_chat(served, messages, tools)
     constraint, constraint_param = None, "response_format"
     if req.uses_tools:
         constraint, constraint_param = served.tools.constraint(tools, choice, req.parallel_tool_calls), "tools"
