@@ -1,8 +1,9 @@
 """create_app(settings): the FastAPI app behind `selfhost serve`.
 
 State lives on `app.state` (settings, models, metrics, serving); models load in
-the lifespan, off the event loop. Routes: OpenAI under /v1, Ollama under /api,
-operations (/health, /metrics, /stats) and the web page at /.
+the lifespan, off the event loop. Routes: OpenAI (chat, completions, Responses) and
+Anthropic's Messages under /v1, Ollama under /api, operations (/health, /metrics,
+/stats) and the web page at /.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import selfhost
-from selfhost.server import embedding_routes, ollama_routes, openai_routes
+from selfhost.server import anthropic_routes, embedding_routes, ollama_routes, openai_routes, responses_routes
 from selfhost.server.embedding_serving import EmbeddingModels
 from selfhost.server.errors import APIError, install_error_handlers
 from selfhost.server.metrics import ServerMetrics
 from selfhost.server.models import ModelRegistry
 from selfhost.server.rag_serving import Collections
+from selfhost.server.responses_store import ResponseStore
 from selfhost.server.serving import Serving
 from selfhost.server.settings import ServerSettings
 
@@ -36,7 +38,7 @@ access_log = logging.getLogger("selfhost.access")
 
 
 def require_api_key(request: Request) -> None:
-    """Bearer key check for /v1 and /api; a no-op when the server has no keys."""
+    """Bearer key (or Anthropic's x-api-key) check for /v1 and /api; a no-op when the server has no keys."""
     keys = request.app.state.settings.api_key
     if not keys:
         return
@@ -118,6 +120,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         finally:
             await models.shutdown()
             app.state.collections.close()
+            app.state.responses.close()
 
     app = FastAPI(title="selfhost", version=selfhost.__version__, lifespan=lifespan,
                   description="OpenAI- and Ollama-compatible server for open-weight models.")
@@ -127,12 +130,15 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.serving = Serving(models, metrics, settings.max_n)
     app.state.embedding_models = EmbeddingModels(settings.embedding_model)
     app.state.collections = Collections(settings.rag_store, settings.vector_url, app.state.embedding_models)
+    app.state.responses = ResponseStore(settings.responses_db_path, settings.responses_retention)
     app.state.on_ready = None
     install_error_handlers(app)
     auth = [Depends(require_api_key)]
     app.include_router(openai_routes.router, dependencies=auth)
     app.include_router(embedding_routes.router, dependencies=auth)
     app.include_router(ollama_routes.router, dependencies=auth)
+    app.include_router(anthropic_routes.router, dependencies=auth)
+    app.include_router(responses_routes.router, dependencies=auth)
     _add_operations(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if settings.cors:

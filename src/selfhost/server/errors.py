@@ -1,7 +1,8 @@
 """Errors as OpenAI error objects, and the handlers that produce them.
 
 Every error response has the shape `{"error": {"message", "type", "param", "code"}}`,
-except under /api (the Ollama API), whose clients expect `{"error": "message"}`.
+except under /api (the Ollama API), whose clients expect `{"error": "message"}`, and
+under /v1/messages (Anthropic's API): `{"type": "error", "error": {"type", "message"}}`.
 Request validation (malformed JSON, wrong types, bad ranges) is a 400, as OpenAI
 answers it, not FastAPI's default 422.
 """
@@ -39,6 +40,17 @@ _TYPES = {
     500: "server_error",
     503: "service_unavailable",
     507: "insufficient_memory",
+}
+
+# Anthropic's `type` for each status it uses; any other is invalid_request_error (4xx) or api_error (5xx).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
 }
 
 # Library errors a client can cause -> (status, code).
@@ -97,10 +109,17 @@ def _validation_error(err: RequestValidationError) -> APIError:
     return APIError(f"{param}: {message}" if param else message, param=param, code="invalid_value")
 
 
+def anthropic_body(err: APIError) -> dict:
+    kind = _ANTHROPIC_TYPES.get(err.status, "invalid_request_error" if err.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
 def error_response(request: Request, err: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
     if request.url.path.startswith("/api/"):
         return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+    if request.url.path.startswith("/v1/messages"):
+        return JSONResponse(anthropic_body(err), status_code=err.status, headers=headers)
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from selfhost.engine.config import parse_memory
+from selfhost.server.responses_store import Retention
 from selfhost.units import parse_size
 
 # Lists come from the environment as 'a,b' (not JSON) and from the CLI as repeated flags.
@@ -67,6 +68,13 @@ class ServerSettings(BaseSettings):
         "(default: $SELFHOST_RAG_DIR or ~/.local/share/selfhost/rag, as for `selfhost rag`).",
     )
     vector_url: str | None = Field(None, description="A Qdrant server URL instead of the embedded vector database.")
+    responses_db: Path | None = Field(
+        None, description="SQLite file where /v1/responses keeps stored responses for previous_response_id "
+        "(default: ~/.local/share/selfhost/responses.db).",
+    )
+    responses_retention: str = Field(
+        "10000", description="How many stored responses to keep: a count ('10000'), or an age ('30d', '12h', '90m').",
+    )
 
     @field_validator("models", "api_key", "cors", "embedding_model", mode="before")
     @classmethod
@@ -89,6 +97,16 @@ class ServerSettings(BaseSettings):
         if value is not None:
             parse_size(value, what="memory_budget")  # a size only: a total, not a share of what is free
         return value
+
+    @field_validator("responses_retention")
+    @classmethod
+    def _check_responses_retention(cls, value):
+        Retention.parse(value)  # raises InvalidParameterError naming the value
+        return value
+
+    @property
+    def responses_db_path(self) -> Path:
+        return self.responses_db or Path.home() / ".local" / "share" / "selfhost" / "responses.db"
 
     @property
     def memory_budget_bytes(self) -> int | None:
