@@ -69,6 +69,7 @@ def server(tiny_checkpoint, tmp_path_factory):
         # The weights as loaded (not the CLI's "auto"): tests compare the server with the offline engine.
         weight_dtype="float32",
         rag_store=tmp_path_factory.mktemp("rag-store"),  # requests naming a collection never touch ~/.local
+        responses_db=tmp_path_factory.mktemp("responses") / "responses.db",
     )
     srv = LoopbackServer(settings).start()
     yield srv

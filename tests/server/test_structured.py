@@ -52,7 +52,8 @@ def server(tmp_path_factory):
     """The tiny Llama with a 4k context: tool definitions take hundreds of its byte-level tokens."""
     checkpoint = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama-4k"), max_position_embeddings=4096)
     settings = ServerSettings(models=[f"{MODEL}={checkpoint}"], kv_cache_memory="64MiB", weight_dtype="float32",
-                              rag_store=tmp_path_factory.mktemp("rag-store"))
+                              rag_store=tmp_path_factory.mktemp("rag-store"),
+                              responses_db=tmp_path_factory.mktemp("responses") / "responses.db")
     srv = LoopbackServer(settings).start()
     yield srv
     srv.stop()

@@ -6,6 +6,7 @@ Playwright's own browser download is not used.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,27 @@ def test_chat_streams_into_the_page_and_stats_update(server, page):
     assert page.text_content("#error") == ""
     page.wait_for_function("document.querySelector('#stat-running').textContent !== '–'", timeout=10_000)
     assert "%" in page.text_content("#stat-kv")
+
+
+def test_tool_calls_show_in_the_conversation_and_results_go_back(server, page):
+    tools = ('[{"type": "function", "function": {"name": "add", "parameters": {"type": "object", '
+             '"properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}}}]')
+    page.goto(server.url + "/")
+    page.wait_for_function(f"document.querySelector('#model').value === '{MODEL}'", timeout=20_000)
+    page.click("#tools-box summary")
+    page.fill("#tools", tools)
+    page.select_option("#tool-choice", "required")
+    page.fill("#prompt", "What is 2 + 3?")
+    page.click("#send")
+    page.wait_for_selector(".msg.tool-call", timeout=60_000)
+    call = page.text_content(".msg.tool-call")
+    name, _, arguments = call.partition("(")
+    assert name == "add" and 0 <= json.loads(arguments.removesuffix(")"))["a"] <= 9
+    assert "Result of add" in page.get_attribute("#prompt", "placeholder")
+    page.select_option("#tool-choice", "none")
+    page.fill("#prompt", "5")
+    page.click("#send")
+    page.wait_for_selector(".msg.tool-result", timeout=10_000)
+    page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=60_000)
+    assert page.text_content(".msg.tool-result") == "5"
+    assert page.text_content("#error") == ""

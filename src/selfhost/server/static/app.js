@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const history = [];
 let busy = false;
+let pendingCalls = [];  // tool calls of the last reply still waiting for their results
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -61,15 +62,40 @@ async function readEvents(response, onData) {
   }
 }
 
+function toolsField() {
+  const text = $("tools").value.trim();
+  if (!text) return {};
+  let tools;
+  try { tools = JSON.parse(text); } catch (err) { throw new Error(`Tools: not JSON (${err.message})`); }
+  return { tools, tool_choice: $("tool-choice").value };
+}
+
+function showCall(call) {
+  const div = addMessage("tool-call", `${call.function.name}(${call.function.arguments})`);
+  div.dataset.name = call.function.name;
+  return div;
+}
+
+function updatePrompt() {
+  $("prompt").placeholder = pendingCalls.length
+    ? `Result of ${pendingCalls[0].function.name} (sent as the tool's reply)`
+    : "Say something (Enter to send, Shift+Enter for a new line)";
+}
+
 async function send(text) {
   busy = true;
   $("send").disabled = true;
   showError("");
-  history.push({ role: "user", content: text });
-  addMessage("user", text);
+  const call = pendingCalls.shift();
+  // With a call waiting, the message is that call's result; otherwise a user turn.
+  history.push(call ? { role: "tool", tool_call_id: call.id, content: text } : { role: "user", content: text });
+  addMessage(call ? "tool-result" : "user", text);
+  updatePrompt();
+  if (pendingCalls.length) { busy = false; $("send").disabled = false; return; }  // more results to give first
   const bubble = addMessage("assistant", "");
   bubble.classList.add("streaming");
   let reply = "";
+  const calls = [];
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
@@ -80,6 +106,7 @@ async function send(text) {
         stream: true,
         max_tokens: Number($("max-tokens").value) || undefined,
         temperature: Number($("temperature").value),
+        ...toolsField(),
       }),
     });
     if (!response.ok) throw new Error(await errorMessage(response));
@@ -87,14 +114,22 @@ async function send(text) {
       if (data === "[DONE]") return;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
-      const delta = chunk.choices?.[0]?.delta?.content;
-      if (delta) {
-        reply += delta;
+      const delta = chunk.choices?.[0]?.delta;
+      if (delta?.content) {
+        reply += delta.content;
         bubble.textContent = reply;
         bubble.scrollIntoView({ block: "end" });
       }
+      for (const part of delta?.tool_calls || []) {  // each call arrives whole
+        calls.push(part);
+        showCall(part);
+      }
     });
-    history.push({ role: "assistant", content: reply });
+    if (!reply && calls.length) bubble.remove();
+    history.push(calls.length ? { role: "assistant", content: reply || null, tool_calls: calls }
+                              : { role: "assistant", content: reply });
+    pendingCalls = calls.slice();
+    updatePrompt();
   } catch (err) {
     history.pop();
     showError(err.message);
@@ -136,7 +171,9 @@ $("composer").addEventListener("submit", (event) => {
 $("prompt").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); $("composer").requestSubmit(); }
 });
-$("reset").addEventListener("click", () => { history.length = 0; $("messages").replaceChildren(); showError(""); });
+$("reset").addEventListener("click", () => {
+  history.length = 0; pendingCalls = []; updatePrompt(); $("messages").replaceChildren(); showError("");
+});
 $("api-key").addEventListener("change", () => { localStorage.setItem("selfhost-api-key", $("api-key").value); loadModels(); });
 
 $("api-key").value = localStorage.getItem("selfhost-api-key") || "";
