@@ -21,7 +21,9 @@ from onnx import TensorProto
 
 from selfhost.layers.linear import Linear
 from selfhost.layers.rotary import rope_angles
+from selfhost.errors import InvalidParameterError
 from selfhost.models.decoder import CausalLM, DecoderLayer
+from selfhost.models.spec import ModelSpec
 from selfhost.onnx import layout
 from selfhost.onnx.block_quant import ACCURACY_LEVEL, quantize_blocks
 from selfhost.onnx.graph_builder import MS_DOMAIN, NUMPY_TO_ONNX, GraphBuilder
@@ -34,13 +36,21 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-ATTENTION_KINDS = ("auto", "fused", "plain")
+def fused_attention_fits(spec: ModelSpec) -> bool:
+    """Whether ONNX Runtime's CPU GroupQueryAttention accepts these shapes: head_dim a multiple
+    of 16, and cos/sin tables (rotary_dim / 2 wide) a multiple of 8."""
+    return spec.head_dim % 16 == 0 and all((rope.rotary_dim // 2) % 8 == 0 for rope in spec.ropes)
 
 
-def pick_attention(requested: str, head_dim: int) -> str:
-    """"auto": the fused kernel wherever ONNX Runtime's CPU GroupQueryAttention accepts the head size."""
+def pick_attention(requested: str, spec: ModelSpec) -> str:
+    """With "auto", the fused kernel wherever it fits, else plain; "fused" where it cannot fit is refused."""
+    fits = fused_attention_fits(spec)
+    if requested == "fused" and not fits:
+        raise InvalidParameterError(
+            f"GroupQueryAttention needs head_dim a multiple of 16 and rotary_dim a multiple of 16 (this model: "
+            f"head_dim {spec.head_dim}, rotary_dim {sorted({r.rotary_dim for r in spec.ropes})}); use attention='auto'")
     if requested == "auto":
-        return "fused" if head_dim % 16 == 0 else "plain"
+        return "fused" if fits else "plain"
     return requested
 
 
@@ -221,4 +231,4 @@ class DecoderGraph:
 
 def build_decoder_graph(model: CausalLM, io_dtype: np.dtype, weight_bits: int | None,
                         attention: str = "auto") -> onnx.ModelProto:
-    return DecoderGraph(model, io_dtype, weight_bits, pick_attention(attention, model.spec.head_dim)).build()
+    return DecoderGraph(model, io_dtype, weight_bits, pick_attention(attention, model.spec)).build()

@@ -65,7 +65,7 @@ def export_onnx(model_dir: Path, out: Path, config: OnnxExportConfig) -> ExportR
             f"architecture {architectures or 'unknown'} has no ONNX export path; supported: {', '.join(GENAI_MODEL_TYPES)}")
     spec_from_config({**cfg, "architectures": [arch]})  # unsupported rope scaling and the like fail here, cleanly
     model = load_model(model_dir, torch.float32, torch.device("cpu"))
-    attention = pick_attention(config.attention, model.spec.head_dim)
+    attention = pick_attention(config.attention, model.spec)
     graph = build_decoder_graph(model, IO_DTYPES[config.dtype], config.weight_bits, attention)
     spec = model.spec
     info = ExportInfo(

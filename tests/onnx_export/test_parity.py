@@ -104,3 +104,31 @@ def test_fp16_export_tracks_fp32(onnx_export):
     assert next(iter(half_cache.values())).dtype == np.float16
     np.testing.assert_allclose(half_logits, full_logits, atol=0.05, rtol=0)  # measured 0.009 on logits up to ~18
     assert (half_logits.argmax(-1) == full_logits.argmax(-1)).all()
+
+
+def test_partial_rotary_runs_fused(tmp_path, onnx_export):
+    """Phi-3 with half the head dims rotated (rotary 16 of 32): GroupQueryAttention rotates only those."""
+    from tests.tiny_models import make_tiny_checkpoint
+
+    # A fresh rope dict: transformers writes into the one it is given, and TINY_CONFIGS' is shared.
+    rope = dict(type="longrope", short_factor=[1.0 + 0.05 * i for i in range(8)],
+                long_factor=[1.5 + 0.1 * i for i in range(8)])
+    src = make_tiny_checkpoint("phi3", tmp_path / "phi3-partial", num_attention_heads=2, num_key_value_heads=1,
+                               partial_rotary_factor=0.5, rope_scaling=rope)
+    from selfhost.models.families import spec_from_config
+    from selfhost.models.loader import read_config
+
+    assert [r.rotary_dim for r in spec_from_config(read_config(src)).ropes] == [16]
+    folder = onnx_export(src)
+    assert OnnxDecoder(folder).info.attention == "fused"
+    _check_against_selfhost(src, folder)
+
+
+def test_fused_attention_is_refused_where_the_kernel_cannot_run(tiny_checkpoint, tmp_path):
+    from selfhost.errors import InvalidParameterError
+    from selfhost.onnx.export import export_onnx
+    from selfhost.onnx.export_info import OnnxExportConfig
+
+    with pytest.raises(InvalidParameterError, match="head_dim 24"):  # tiny Gemma: 24 is no multiple of 16
+        export_onnx(tiny_checkpoint("gemma"), tmp_path / "out", OnnxExportConfig(attention="fused"))
+    assert list(tmp_path.iterdir()) == []
