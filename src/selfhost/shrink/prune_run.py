@@ -31,6 +31,7 @@ from selfhost.train.pipeline import OutputOptions
 
 PRUNING_FILE = "pruning.json"
 DEFAULT_CALIBRATION_WINDOWS = 32
+_CHARS_PER_TOKEN_BOUND = 16  # BPE tokens rarely span more characters than this
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,10 @@ def _calibrate(model, tok, calibration: Calibration | None, console: Console, sh
     window = calibration.window or min(model.max_len, 256)
     if window > model.max_len:
         raise InvalidParameterError(f"--calibration-window {window} exceeds the model's context ({model.max_len})")
-    ids = tok(calibration.text, add_special_tokens=False, verbose=False)["input_ids"]
+    needed = window * calibration.max_windows
+    # A corpus can be megabytes; tokenize a prefix that normally covers the windows, the whole text if not.
+    ids = tok(calibration.text[: needed * _CHARS_PER_TOKEN_BOUND], add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) < needed and len(calibration.text) > needed * _CHARS_PER_TOKEN_BOUND:
+        ids = tok(calibration.text, add_special_tokens=False, verbose=False)["input_ids"]
     return measure_importance(model, calibration_windows(ids, window, calibration.max_windows), console,
                               show_progress)
