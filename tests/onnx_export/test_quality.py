@@ -28,11 +28,11 @@ def fp32_perplexity(onnx_export):
     return ids, perplexity(llm.model, ids, 256).perplexity
 
 
-@pytest.mark.parametrize("quant,bound", [("int4", 0.05), ("int8", 0.01)])
-def test_quantized_export_perplexity(onnx_export, fp32_perplexity, quant, bound):
+@pytest.mark.parametrize("dtype,quant,bound", [("fp32", "int4", 0.05), ("fp32", "int8", 0.01), ("fp16", "int4", 0.05)])
+def test_quantized_export_perplexity(onnx_export, fp32_perplexity, dtype, quant, bound):
     ids, base = fp32_perplexity
-    llm = LLM(str(onnx_export(EMBEDDED_MODEL_DIR, quant=quant)))
-    assert llm.model.info.quant == quant
+    llm = LLM(str(onnx_export(EMBEDDED_MODEL_DIR, dtype=dtype, quant=quant)))
+    assert (llm.model.info.dtype, llm.model.info.quant) == (dtype, quant)
     ppl = perplexity(llm.model, ids, 256).perplexity
     assert base < ppl <= base * (1 + bound)  # rounding costs something, never more than the bound
 

@@ -125,8 +125,9 @@ def export_onnx(
     config = OnnxExportConfig(dtype=dtype, quant=quant)
     result = export(resolve_model(model), out, config)
     info = result.info
-    err.print(f"wrote {out} ({info.architecture}, {info.quant or info.dtype}, {info.attention} attention; "
-              f"graph {result.graph_bytes / 1e6:.1f} MB, weights {result.weight_bytes / 1e6:.1f} MB)")
+    weights = f", {info.quant} weights" if info.quant else ""
+    err.print(f"wrote {out} ({info.architecture}, {info.dtype}{weights}, {info.attention} attention; "
+              f"graph {result.graph_bytes / 1e3:.0f} kB, weights {result.weight_bytes / 1e6:.1f} MB)")
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfhost.errors import UnsupportedModelError
 from selfhost.onnx import layout
 from selfhost.onnx.export_info import ExportInfo
 
@@ -20,7 +21,11 @@ KVCache = dict[str, np.ndarray]  # past input name -> (1, kv_heads, past, head_d
 
 class OnnxDecoder:
     def __init__(self, folder: Path, num_threads: int | None = None):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ModuleNotFoundError as e:
+            raise UnsupportedModelError(f"{folder} is an ONNX export; running it needs onnxruntime: "
+                                        "pip install 'selfhost[onnx]'") from e
 
         self.info = ExportInfo.read(folder)
         self.max_len = self.info.max_len
