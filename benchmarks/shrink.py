@@ -194,7 +194,8 @@ def main() -> None:
     print()
     report_output.print_table(rows, "shrink report: selfhost/shakespeare (CPU, held-out text)")
     print(f"wall time per step of the benchmark (s): {json.dumps({k: round(v) for k, v in seconds.items()})}")
-    print(f"report: {args.out / 'report' / report_output.MARKDOWN_FILE}, plot: {args.out / 'report' / report_output.PLOT_FILE}")
+    folder = args.out / "report"
+    print(f"report: {folder / report_output.MARKDOWN_FILE}, plot: {folder / report_output.PLOT_FILE}")
     (args.out / "results.json").write_text(json.dumps({
         "budget": budget, "perplexity": ppl, "params": params, **outcome, "seconds": seconds, "cpu": cpu.model,
         "threads": args.threads}, indent=2) + "\n")

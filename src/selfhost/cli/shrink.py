@@ -46,7 +46,8 @@ def parse_layers(value: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(part) for part in value.split(","))
     except ValueError:
-        raise InvalidParameterError(f"--keep-layers {value!r} must be comma-separated layer indices, e.g. 0,1,3") from None
+        raise InvalidParameterError(
+            f"--keep-layers {value!r} must be comma-separated layer indices, e.g. 0,1,3") from None
 
 
 def _setup(threads: int | None, device: str):
@@ -78,7 +79,7 @@ def _command() -> str:
 
 
 def distill(
-    teacher: Annotated[str | None, typer.Argument(help="Teacher: folder, Hub id or alias (omit with --resume).")] = None,
+    teacher: Annotated[str | None, typer.Argument(help="Teacher: folder, Hub id or alias.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (a Hugging Face model).")] = None,
     student_config: Annotated[str, typer.Option(help="Fresh student: half (about half the teacher), tiny, small, "
                                                      "base, or a JSON file of shape fields.")] = "half",
@@ -116,8 +117,11 @@ def distill(
 
     Example: selfhost distill selfhost/shakespeare -o student --preset shakespeare --steps 600
     """
+    from selfhost.hub import resolve_model
+    from selfhost.models.loader import read_config
     from selfhost.shrink import distill_run
     from selfhost.shrink.kd_loss import DistillConfig
+    from selfhost.train.data import load_tokenizer
     from selfhost.train.pipeline import OutputOptions
 
     if out is None:
@@ -134,10 +138,6 @@ def distill(
     cfg = _train_config(max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                         warmup_steps=warmup_steps, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
     source = _data_source(data, preset)
-    from selfhost.hub import resolve_model
-    from selfhost.models.loader import read_config
-    from selfhost.train.data import load_tokenizer
-
     teacher_dir = resolve_model(teacher)
     context = context_len or distill_run.default_context_len(teacher_dir)
     if from_pruned is not None:
@@ -243,8 +243,9 @@ def shrink_report(
     eval_ids = report.eval_token_ids(parsed, content, settings)
     rows = report.measure_all(parsed, eval_ids, settings)
     about = {
-        "model": model, "text": str(text), "eval_tokens": len(eval_ids), "decode_tokens": decode_tokens, "repeats": repeats,
-        "batch_size": batch_size, "cpu": read_cpu_identity().model, "threads": torch.get_num_threads(),
+        "model": model, "text": str(text), "eval_tokens": len(eval_ids), "decode_tokens": decode_tokens,
+        "repeats": repeats, "batch_size": batch_size, "cpu": read_cpu_identity().model,
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.machine(), "date": dt.date.today().isoformat(),
         "command": _command(),
     }

@@ -95,8 +95,8 @@ def distill(
     teacher_dir = resolve_model(teacher_ref)
     teacher_cfg = read_config(teacher_dir)
     if student.model_config["vocab_size"] != teacher_cfg["vocab_size"]:
-        raise TokenizerMismatchError(f"the student's vocabulary ({student.model_config['vocab_size']}) differs from the "
-                          f"teacher's ({teacher_cfg['vocab_size']})")
+        raise TokenizerMismatchError(f"the student's vocabulary ({student.model_config['vocab_size']}) differs "
+                                     f"from the teacher's ({teacher_cfg['vocab_size']})")
     check_fits(student.shape, cfg.batch_size, device)
     tok = load_tokenizer(teacher_dir)
     teacher = Teacher(teacher_dir, device) if kd.uses_teacher else None
@@ -151,7 +151,8 @@ def distill_resume(checkpoint: Path, output: OutputOptions, device: torch.device
     meta = state["meta"]
     if "distill" not in meta:
         raise ResumeError(f"checkpoint {checkpoint} is not a distillation's; resume it with `selfhost train --resume`")
-    shape, cfg, kd = ModelShape(**state["shape"]), TrainConfig(**state["train_config"]), DistillConfig(**meta["distill"])
+    shape, cfg = ModelShape(**state["shape"]), TrainConfig(**state["train_config"])
+    kd = DistillConfig(**meta["distill"])
     tok = tokenizer_from_state(meta["tokenizer"])
     split = split_tokens(DataSource.from_json(meta["source"]).read(), tok, cfg.val_fraction, shape.context_len)
     if split.fingerprint != state["data_fingerprint"]:
@@ -181,8 +182,8 @@ def _finish(trainer: DistillTrainer, tok, output: OutputOptions, show_progress: 
         "teacher_val_ppl": math.exp(teacher_loss) if teacher_loss is not None else None,
         "student": trainer.meta["student"],
     }
-    extra = {**trainer.meta["side_files"], **trainer.meta["extra_files"], METRICS_FILE: json.dumps(metrics, indent=2) + "\n",
-             REPORT_FILE: render_distillation_md(metrics)}
+    extra = {**trainer.meta["side_files"], **trainer.meta["extra_files"],
+             METRICS_FILE: json.dumps(metrics, indent=2) + "\n", REPORT_FILE: render_distillation_md(metrics)}
     out = export_model(trainer.model, trainer.model_config, tok, output.out, output.overwrite, output.save_dtype,
                        extra)
     final = history[-1]

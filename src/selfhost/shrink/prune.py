@@ -80,8 +80,8 @@ def _check_layers(spec: ModelSpec, cfg: PruneConfig) -> None:
         bad = [i for i in cfg.keep_layers if not 0 <= i < L]
         if bad or not cfg.keep_layers or len(set(cfg.keep_layers)) != len(cfg.keep_layers):
             raise InvalidParameterError(
-                f"--keep-layers {','.join(map(str, cfg.keep_layers))} must list distinct layer indices in [0, {L - 1}], "
-                "at least one"
+                f"--keep-layers {','.join(map(str, cfg.keep_layers))} must list distinct layer indices in "
+                f"[0, {L - 1}], at least one"
             )
     elif cfg.drop_layers >= L:
         raise InvalidParameterError(

@@ -48,8 +48,9 @@ def half_shape(teacher: ModelShape) -> ModelShape:
     for heads in range(1, teacher.num_heads + 1):
         hidden = heads * head_dim
         kv_heads = heads // group if heads % group == 0 else heads
-        width = {**_fields(teacher), "hidden_size": hidden, "intermediate_size": max(16, round(ratio * hidden / 16) * 16),
-                 "num_heads": heads, "num_kv_heads": kv_heads, "explicit_head_dim": None}
+        inter = max(16, round(ratio * hidden / 16) * 16)
+        width = {**_fields(teacher), "hidden_size": hidden, "intermediate_size": inter, "num_heads": heads,
+                 "num_kv_heads": kv_heads, "explicit_head_dim": None}
         at_depth = lambda layers: ModelShape(**{**width, "num_layers": layers})  # noqa: E731
         per_layer = at_depth(2).num_params() - at_depth(1).num_params()
         embeddings = at_depth(1).num_params() - per_layer
@@ -71,7 +72,7 @@ def student_shape(choice: str, teacher_cfg: dict, context_len: int) -> ModelShap
     """A fresh student's shape: `half`, a named size, or a JSON file of ModelShape fields; the teacher's vocabulary."""
     vocab = teacher_cfg["vocab_size"]
     if choice == HALF:
-        return ModelShape(**{**_fields(half_shape(shape_of_config(teacher_cfg, context_len))), "context_len": context_len})
+        return half_shape(shape_of_config(teacher_cfg, context_len))
     if choice in MODEL_SIZES:
         return ModelShape(**{**_fields(MODEL_SIZES[choice]), "vocab_size": vocab, "context_len": context_len})
     path = Path(choice)
@@ -87,7 +88,8 @@ def student_shape(choice: str, teacher_cfg: dict, context_len: int) -> ModelShap
     if not isinstance(values, dict) or set(values) - known:
         unknown = sorted(set(values) - known) if isinstance(values, dict) else ["(not an object)"]
         raise InvalidParameterError(
-            f"--student-config {path}: unknown field(s) {', '.join(unknown)}; a JSON object of {', '.join(sorted(known))}"
+            f"--student-config {path}: unknown field(s) {', '.join(unknown)}; "
+            f"expected a JSON object of {', '.join(sorted(known))}"
         )
     if values.get("vocab_size", vocab) != vocab:
         raise TokenizerMismatchError(
