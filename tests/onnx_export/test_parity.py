@@ -132,3 +132,18 @@ def test_fused_attention_is_refused_where_the_kernel_cannot_run(tiny_checkpoint,
     with pytest.raises(InvalidParameterError, match="head_dim 24"):  # tiny Gemma: 24 is no multiple of 16
         export_onnx(tiny_checkpoint("gemma"), tmp_path / "out", OnnxExportConfig(attention="fused"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_attention_reads_left_padding_from_the_mask(tiny_checkpoint, onnx_export):
+    """A shorter prompt left-padded in a batch: its real positions score as when it runs alone."""
+    decoder = OnnxDecoder(onnx_export(tiny_checkpoint("llama"), attention="plain"))
+    long, short = list(range(10, 10 + PROMPT_LEN)), list(range(50, 50 + PROMPT_LEN - 5))
+    ids = np.array([long, [0] * 5 + short])
+    mask = np.array([[1] * PROMPT_LEN, [0] * 5 + [1] * len(short)])
+    cache = {name: np.concatenate([t, t]) for name, t in decoder.empty_cache().items()}
+    logits, *_ = decoder.session.run(None, {"input_ids": ids, "attention_mask": mask, **cache})
+    assert np.isfinite(logits).all()
+    alone, _ = decoder.forward(short, decoder.empty_cache())
+    np.testing.assert_allclose(logits[1, 5:], alone, atol=1e-5, rtol=0)
+    alone, _ = decoder.forward(long, decoder.empty_cache())
+    np.testing.assert_allclose(logits[0], alone, atol=1e-5, rtol=0)

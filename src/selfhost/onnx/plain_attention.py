@@ -113,8 +113,10 @@ class PlainAttention:
             cap = g.constant(softcap, self.io_dtype)
             scores = g.op("Mul", [g.op("Tanh", [g.op("Div", [scores, cap], name=f"{name}/cap_div")],
                                        name=f"{name}/cap_tanh"), cap], name=f"{name}/softcap")
-        neg_inf = g.constant(-np.inf, self.io_dtype)
-        masked = g.op("Where", [self.keep_mask(window, group), scores, neg_inf], name=f"{name}/mask")
+        # The lowest finite value, not -inf: a padding query that sees no key then gets a finite uniform
+        # row instead of NaNs, which would reach real rows through its keys (0 * NaN) in later layers.
+        lowest = g.constant(np.finfo(self.io_dtype).min, self.io_dtype)
+        masked = g.op("Where", [self.keep_mask(window, group), scores, lowest], name=f"{name}/mask")
         probs = g.op("Softmax", [masked], name=f"{name}/softmax", axis=-1)
         out = g.op("MatMul", [probs, values], name=f"{name}/weighted")  # (B, Hkv, G*S, D)
         out = g.op("Reshape", [out, g.constant([0, num_heads, -1, head_dim], _INT64)], name=f"{name}/out_heads")
