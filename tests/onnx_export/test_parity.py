@@ -134,16 +134,18 @@ def test_fused_attention_is_refused_where_the_kernel_cannot_run(tiny_checkpoint,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_plain_attention_reads_left_padding_from_the_mask(tiny_checkpoint, onnx_export):
-    """A shorter prompt left-padded in a batch: its real positions score as when it runs alone."""
-    decoder = OnnxDecoder(onnx_export(tiny_checkpoint("llama"), attention="plain"))
+# GroupQueryAttention reads each row's length as the mask's sum, so its prompts pad on the right;
+# the standard-operator graph reads positions from the mask, so padding may sit on either side.
+@pytest.mark.parametrize("attention,pad", [("plain", "left"), ("plain", "right"), ("fused", "right")])
+def test_a_padded_row_scores_as_alone(tiny_checkpoint, onnx_export, attention, pad):
+    decoder = OnnxDecoder(onnx_export(tiny_checkpoint("llama"), attention=attention))
     long, short = list(range(10, 10 + PROMPT_LEN)), list(range(50, 50 + PROMPT_LEN - 5))
-    ids = np.array([long, [0] * 5 + short])
-    mask = np.array([[1] * PROMPT_LEN, [0] * 5 + [1] * len(short)])
+    padded, mask = ([0] * 5 + short, [0] * 5 + [1] * len(short)) if pad == "left" else (
+        short + [0] * 5, [1] * len(short) + [0] * 5)
+    real = slice(5, None) if pad == "left" else slice(None, len(short))
     cache = {name: np.concatenate([t, t]) for name, t in decoder.empty_cache().items()}
-    logits, *_ = decoder.session.run(None, {"input_ids": ids, "attention_mask": mask, **cache})
+    logits, *_ = decoder.session.run(None, {"input_ids": np.array([long, padded]),
+                                            "attention_mask": np.array([[1] * PROMPT_LEN, mask]), **cache})
     assert np.isfinite(logits).all()
-    alone, _ = decoder.forward(short, decoder.empty_cache())
-    np.testing.assert_allclose(logits[1, 5:], alone, atol=1e-5, rtol=0)
-    alone, _ = decoder.forward(long, decoder.empty_cache())
-    np.testing.assert_allclose(logits[0], alone, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits[1, real], decoder.forward(short, decoder.empty_cache())[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits[0], decoder.forward(long, decoder.empty_cache())[0], atol=1e-5, rtol=0)
