@@ -1,9 +1,7 @@
 import pytest
 
-pytest.importorskip("onnxruntime", reason="the ONNX tests need selfhost[onnx] (pip install -e '.[dev]' brings it)")
-
-from selfhost.onnx.export import export_onnx  # noqa: E402
-from selfhost.onnx.export_info import OnnxExportConfig  # noqa: E402
+from selfhost.onnx.export import export_onnx  # needs selfhost[onnx], which '.[dev]' brings
+from selfhost.onnx.export_info import OnnxExportConfig
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,11 @@
 """ONNX Runtime GenAI loads the demo model's export (genai_config.json and all) and generates selfhost's greedy text."""
 
+import onnxruntime_genai as og  # a dev dependency
 import pytest
 
 from selfhost import LLM, SamplingParams
 from selfhost.hub import EMBEDDED_MODEL_DIR
 from tests.tiny_models import TINY_CONFIGS
-
-og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a dev dependency (pip install -e '.[dev]')")
 
 NEW_TOKENS = 40
 
