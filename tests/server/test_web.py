@@ -58,6 +58,7 @@ def test_tool_calls_show_in_the_conversation_and_results_go_back(server, page):
     page.click("#tools-box summary")
     page.fill("#tools", tools)
     page.select_option("#tool-choice", "required")
+    page.fill("#temperature", "0")
     page.fill("#prompt", "What is 2 + 3?")
     page.click("#send")
     page.wait_for_selector(".msg.tool-call", timeout=60_000)

@@ -67,7 +67,8 @@ function toolsField() {
   if (!text) return {};
   let tools;
   try { tools = JSON.parse(text); } catch (err) { throw new Error(`Tools: not JSON (${err.message})`); }
-  return { tools, tool_choice: $("tool-choice").value };
+  // One call a turn: the page asks for each result in turn, so one at a time reads best.
+  return { tools, tool_choice: $("tool-choice").value, parallel_tool_calls: false };
 }
 
 function showCall(call) {
