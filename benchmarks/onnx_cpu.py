@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,14 @@ def main() -> None:
         sys.exit(f"unknown rows {unknown}; choose from: {', '.join(ROWS)}")
     model_dir = build_llama_125m(args.model_dir)
     export_root = Path(tempfile.mkdtemp(prefix="selfhost-bench-onnx-"))
+    try:
+        results = _run_rows(names, model_dir, export_root, args)
+    finally:
+        shutil.rmtree(export_root, ignore_errors=True)  # the exports are ~0.5 GB each
+    _print_report(results, read_cpu_identity(), threads, args)
+
+
+def _run_rows(names: list[str], model_dir: Path, export_root: Path, args) -> dict:
     results = {}
     for name in names:
         runtime, setting = ROWS[name]
@@ -82,11 +91,13 @@ def main() -> None:
                "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats}
         print(f"running {name} ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+        if runtime == "onnx":
+            shutil.rmtree(folder)  # ~0.5 GB each: one on disk at a time
         if proc.returncode != 0:
             print(f"{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    _print_report(results, read_cpu_identity(), threads, args)
+    return results
 
 
 def _export(model_dir: Path, out: Path, setting: dict) -> Path:
