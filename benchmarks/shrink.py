@@ -35,7 +35,7 @@ from pathlib import Path
 import selfhost  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import torch
 
-FULL = dict(distill_steps=300, heal_steps=150, batch_size=16, eval_tokens=40_960, calibration_windows=32, repeats=3)
+FULL = dict(distill_steps=200, heal_steps=100, batch_size=16, eval_tokens=40_960, calibration_windows=32, repeats=3)
 QUICK = dict(distill_steps=4, heal_steps=2, batch_size=4, eval_tokens=2_048, calibration_windows=4, repeats=1)
 CONTEXT = 256
 # Two ways to remove a quarter of the weights. On a model this small, decode time is mostly per-layer

@@ -84,8 +84,9 @@ def plot_frontier(rows: list[VariantRow], path: Path, title: str) -> Path:
                     fontsize=8)
     ax.plot([by_name[n].weight_bytes / 1e6 for n in best], [by_name[n].perplexity for n in best],
             color="#2a7ab0", linewidth=1, zorder=2, label="frontier")
+    ax.set_yscale("log")  # a weak variant must not flatten the differences between the good ones
     ax.set_xlabel("weight memory (MB)")
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_ylabel("perplexity, log scale (lower is better)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
