@@ -8,6 +8,13 @@ from selfhost.errors import InvalidParameterError
 from selfhost.structured_output import StructuredOutput
 
 MAX_LOGPROBS = 20
+# torch.Generator.manual_seed's range: a signed or unsigned 64-bit integer.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` of a request seeded `seed`: distinct per choice, always in range."""
+    return (seed + choice - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
 
 
 def _check(ok: bool, name: str, value, expected: str) -> None:
@@ -63,6 +70,8 @@ class SamplingParams:
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "a number in [-2, 2]")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "a number in [-2, 2]")
         _check(all(s for s in stop), "stop", stop, "non-empty strings")
+        _check(self.seed is None or (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX), "seed",
+               self.seed, f"None or an integer in [{SEED_MIN}, {SEED_MAX}]")
         _check(self.structured_output is None or isinstance(self.structured_output, StructuredOutput),
                "structured_output", self.structured_output, "None or a selfhost.StructuredOutput")
         _check(

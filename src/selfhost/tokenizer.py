@@ -6,13 +6,24 @@ Encoding, special tokens and the chat template are exactly transformers'
 
 from __future__ import annotations
 
-import jinja2
-
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from selfhost.errors import InvalidParameterError, UnsupportedModelError
+
+
+def check_text(text: str, field: str) -> str:
+    """`text` if it can be encoded; a lone UTF-16 surrogate (JSON lets "\\ud800" through) is the caller's error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidParameterError(f"{field} contains a lone UTF-16 surrogate at character {err.start}: text must "
+                                    "be valid Unicode", param=field.split("[")[0]) from None
+    return text
 
 
 class Tokenizer:
@@ -46,11 +57,25 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Plain prompt: special tokens (e.g. BOS) added the way transformers adds them."""
-        return self.hf.encode(text, add_special_tokens=True)
+        return self.hf.encode(check_text(text, "prompt"), add_special_tokens=True)
+
+    @cached_property
+    def longest_token_chars(self) -> int:
+        """Characters the longest token can stand for: no text of more than n times this fits in n tokens.
+
+        A token's vocabulary string has at least as many characters as the text it decodes to
+        (byte-level BPE spells each byte as one character; SentencePiece writes the text), so
+        this bound is safe and needs no decoding.
+        """
+        return max((len(piece) for piece in self.hf.get_vocab()), default=1)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.has_chat_template:
             raise InvalidParameterError("this model's tokenizer has no chat_template; use a plain prompt instead")
+        for i, message in enumerate(messages):
+            content = message.get("content")
+            if isinstance(content, str):
+                check_text(content, f"messages[{i}].content")
         try:
             return self.hf.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
@@ -62,7 +87,8 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The rendered template already carries BOS and friends: add nothing more.
         text = self.render_chat(messages, add_generation_prompt, **kwargs)
-        return self.hf.encode(text, add_special_tokens=False)
+        # Tool names and arguments reach the template too: check what it made, not only the contents.
+        return self.hf.encode(check_text(text, "messages"), add_special_tokens=False)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=True)

@@ -9,7 +9,6 @@ DeepSeek chat 0.27 / 1.10, off-peak (16:30-00:30 UTC) 0.135 / 0.55.
 """
 
 import datetime as dt
-from decimal import Decimal
 
 import pytest
 

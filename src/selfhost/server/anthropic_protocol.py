@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from selfhost.sampling_params import SamplingParams
-from selfhost.server.protocol import Lenient
+from selfhost.server.protocol import MAX_STOP_STRINGS, Lenient, Seed
 from selfhost.structured_output import StructuredOutput
 from selfhost.tools.calls import ToolCall, ToolChoice, ToolSpec
 
@@ -144,10 +144,10 @@ class MessagesRequest(ConversationFields):
     temperature: float = Field(1.0, ge=0, le=1)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
-    stop_sequences: list[str] | None = None
+    stop_sequences: list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
     stream: bool = False
     metadata: dict[str, Any] | None = None
-    seed: int | None = None  # selfhost extension (the SDK's extra_body): reproducible sampling
+    seed: Seed | None = None  # selfhost extension (the SDK's extra_body): reproducible sampling
 
     @model_validator(mode="after")
     def _check_stops(self):

@@ -19,11 +19,13 @@ from selfhost.server.anthropic_protocol import (
     AnthropicUsage, CountTokensRequest, MessageResponse, MessagesRequest, TextBlock, TokenCount, ToolUseBlock,
     message_id, tool_use_id,
 )
-from selfhost.server.errors import APIError, anthropic_body, from_selfhost_error
+from selfhost.server.errors import (
+    APIError, AnthropicErrorBody, anthropic_body, documented_errors, from_selfhost_error,
+)
 from selfhost.server.serving import Generation, Serving, event_stream, unless_disconnected
 from selfhost.tools.calls import ToolCall, check_tools
 
-router = APIRouter(prefix="/v1", tags=["anthropic"])
+router = APIRouter(prefix="/v1", tags=["anthropic"], responses=documented_errors(AnthropicErrorBody))
 log = logging.getLogger("selfhost.server")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

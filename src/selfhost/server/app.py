@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -25,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import selfhost
 from selfhost.server import anthropic_routes, embedding_routes, ollama_routes, openai_routes, responses_routes
 from selfhost.server.embedding_serving import EmbeddingModels
-from selfhost.server.errors import APIError, install_error_handlers
+from selfhost.server.errors import install_error_handlers
+from selfhost.server.guards import ApiKeyAuth, CatchAll, RequestLimits
 from selfhost.server.metrics import ServerMetrics
 from selfhost.server.models import ModelRegistry
 from selfhost.server.rag_serving import Collections
@@ -35,19 +35,6 @@ from selfhost.server.settings import ServerSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
 access_log = logging.getLogger("selfhost.access")
-
-
-def require_api_key(request: Request) -> None:
-    """Bearer key (or Anthropic's x-api-key) check for /v1 and /api; a no-op when the server has no keys."""
-    keys = request.app.state.settings.api_key
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
-    if not any(secrets.compare_digest(token.encode(), key.encode()) for key in keys):
-        raise APIError("missing or invalid API key: send 'Authorization: Bearer <key>'", 401,
-                       code="invalid_api_key")
 
 
 class AccessLog:
@@ -133,17 +120,19 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.responses = ResponseStore(settings.responses_db_path, settings.responses_retention)
     app.state.on_ready = None
     install_error_handlers(app)
-    auth = [Depends(require_api_key)]
-    app.include_router(openai_routes.router, dependencies=auth)
-    app.include_router(embedding_routes.router, dependencies=auth)
-    app.include_router(ollama_routes.router, dependencies=auth)
-    app.include_router(anthropic_routes.router, dependencies=auth)
-    app.include_router(responses_routes.router, dependencies=auth)
+    for router in (openai_routes.router, embedding_routes.router, ollama_routes.router, anthropic_routes.router,
+                   responses_routes.router):
+        app.include_router(router)
     _add_operations(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Added innermost first. CORS answers a browser's preflight before the key check (it carries no key).
+    app.add_middleware(ApiKeyAuth)
     if settings.cors:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(AssumeJSON)
+    app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes_value, max_headers=settings.max_headers,
+                       max_header_bytes=settings.max_header_bytes)
+    app.add_middleware(CatchAll)
     app.add_middleware(AccessLog, metrics=metrics)
     return app
 

@@ -7,19 +7,30 @@ are checked here, so a bad request is a 400 before any model is touched.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, WithJsonSchema, model_validator
 
 from selfhost.server.protocol import Lenient
+from selfhost.tokenizer import check_text
 
 # OpenAI's own cap on inputs per request; keeps one request from holding the embedder for minutes.
 MAX_EMBEDDING_INPUTS = 2048
 
 
+# What `_check_input` enforces, published in the OpenAPI schema so generated clients agree (pydantic's
+# own union errors would name its union members, not the field, so the check stays ours).
+_NON_EMPTY_INPUT_SCHEMA = {"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+    {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+    {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": {"type": "integer"}}},
+], "title": "Input"}
+
+
 class EmbeddingRequest(Lenient):
     model: str = Field(min_length=1)
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(_NON_EMPTY_INPUT_SCHEMA)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
@@ -32,6 +43,8 @@ class EmbeddingRequest(Lenient):
         if len(inputs) > MAX_EMBEDDING_INPUTS:
             raise ValueError(f"input has {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS} are accepted per request")
         for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                check_text(item, f"input[{i}]")
             if len(item) == 0:
                 kind = "text" if isinstance(item, str) else "token list"
                 raise ValueError(f"input[{i}] is an empty {kind}")

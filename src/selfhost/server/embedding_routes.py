@@ -6,8 +6,9 @@ from fastapi import APIRouter, Request
 
 from selfhost.server.embedding_protocol import EmbeddingRequest, EmbeddingResponse
 from selfhost.server.embedding_serving import create_embeddings
+from selfhost.server.errors import OpenAIErrorBody, documented_errors
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=documented_errors(OpenAIErrorBody))
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse)

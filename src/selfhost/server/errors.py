@@ -16,6 +16,7 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfhost.errors import (
@@ -62,6 +63,38 @@ _SELFHOST_ERRORS: dict[type[SelfhostError], tuple[int, str]] = {
 }
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class OllamaErrorBody(BaseModel):
+    error: str
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(BaseModel):
+    type: str = "error"
+    error: AnthropicErrorDetail
+
+
+def documented_errors(body: type[BaseModel]) -> dict:
+    """The error statuses every API route can answer, for the OpenAPI schema (generated clients read it)."""
+    reasons = {400: "Invalid request", 401: "Missing or invalid API key", 404: "Unknown model or object",
+               413: "Request body too large"}
+    return {status: {"model": body, "description": reason} for status, reason in reasons.items()}
+
+
 class APIError(Exception):
     """An error the server answers with; raised by routes and serving code."""
 
@@ -100,7 +133,8 @@ def from_selfhost_error(err: SelfhostError, fields: Mapping[str, str] | None = N
 
 def _validation_error(err: RequestValidationError) -> APIError:
     first = err.errors()[0] if err.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # pydantic names the member of a union it tried ("constrained-str", "list[int]"): not a field.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not ("-" in str(p) or "[" in str(p))]
     if first.get("type") == "json_invalid":
         return APIError(f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}",
                         code="invalid_json")
@@ -141,9 +175,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = err.detail if isinstance(err.detail, str) else HTTPStatus(err.status_code).phrase
         if err.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
-        return error_response(request, APIError(message, err.status_code))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, err: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request, APIError(f"internal error: {type(err).__name__}", 500, code="internal_error"))
+        response = error_response(request, APIError(message, err.status_code))
+        for name, value in (err.headers or {}).items():  # 405's Allow, for one
+            response.headers[name] = value
+        return response
+    # Anything else is guards.CatchAll's: an exception handler here would hand it on to uvicorn,
+    # which closes the keep-alive connection.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -10,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfhost.sampling_params import SamplingParams
-from selfhost.server.protocol import ToolDefinition
+from selfhost.server.protocol import MAX_STOP_STRINGS, Seed, ToolDefinition
 from selfhost.structured_output import StructuredOutput, closed_objects
 from selfhost.tools.calls import ToolCall, new_call_id
 
@@ -37,8 +38,8 @@ class Options(Lenient):
     repeat_penalty: float = Field(1.1, gt=0, le=10)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = None
-    stop: list[str] | None = None
+    seed: Seed | None = None
+    stop: list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
 
     @field_validator("stop")
     @classmethod
@@ -95,6 +96,8 @@ class OllamaBase(Lenient):
     @field_validator("keep_alive")
     @classmethod
     def _check_keep_alive(cls, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"keep_alive={value!r} is not a finite number of seconds")
         if isinstance(value, str) and not _DURATION.match(value.strip()):
             raise ValueError(f"keep_alive={value!r} is not a duration like '5m', '30s' or 300")
         return value

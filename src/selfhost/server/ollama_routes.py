@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 import selfhost
 from selfhost.errors import SelfhostError
-from selfhost.server.errors import APIError, from_selfhost_error
+from selfhost.server.errors import APIError, OllamaErrorBody, documented_errors, from_selfhost_error
 from selfhost.structured_output import StructuredOutput
 from selfhost.tools.calls import ToolChoice, check_tools
 from selfhost.server.ollama_protocol import (
@@ -26,7 +26,7 @@ from selfhost.server.ollama_protocol import (
 )
 from selfhost.server.serving import Generation, Serving, error_body, event_stream, unless_disconnected
 
-router = APIRouter(prefix="/api", tags=["ollama"])
+router = APIRouter(prefix="/api", tags=["ollama"], responses=documented_errors(OllamaErrorBody))
 
 
 def _line(obj: dict) -> str:

@@ -6,11 +6,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from selfhost.server import openai_serving as oai, rag_serving
-from selfhost.server.errors import APIError
+from selfhost.server.errors import APIError, OpenAIErrorBody, documented_errors
 from selfhost.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from selfhost.server.serving import Serving, event_stream, sse_error, unless_disconnected
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=documented_errors(OpenAIErrorBody))
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

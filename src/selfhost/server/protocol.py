@@ -11,14 +11,20 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from selfhost.sampling_params import MAX_LOGPROBS, SamplingParams
+from selfhost.sampling_params import MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams, choice_seed
 from selfhost.server.rag_protocol import RagOptions
 from selfhost.structured_output import StructuredOutput, closed_objects
 from selfhost.tools.calls import ToolCall, ToolChoice, ToolSpec
+
+
+# A seed torch can take; outside it a 400, not the generator's OverflowError.
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
+# Stop strings per request, on every route: each is checked against every new token's text.
+MAX_STOP_STRINGS = 16
 
 
 def random_id(prefix: str) -> str:
@@ -161,7 +167,7 @@ class SamplingFields(Lenient):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
@@ -178,8 +184,8 @@ class SamplingFields(Lenient):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
-        if len(stops) > 16:
-            raise ValueError(f"stop has {len(stops)} strings; at most 16 are accepted")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are accepted")
         return self
 
     @property
@@ -193,7 +199,7 @@ class SamplingFields(Lenient):
         structured_output: StructuredOutput | None = None,
     ) -> SamplingParams:
         """Parameters for choice `choice` of `n`: each choice gets its own seed so they differ."""
-        seed = None if self.seed is None else self.seed + choice
+        seed = None if self.seed is None else choice_seed(self.seed, choice)
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,

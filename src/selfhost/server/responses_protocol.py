@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
 from selfhost.sampling_params import SamplingParams
-from selfhost.server.protocol import Lenient
+from selfhost.server.protocol import Lenient, Seed
 from selfhost.structured_output import StructuredOutput, closed_objects
 from selfhost.tools.calls import ToolCall, ToolChoice, ToolSpec
 
@@ -151,7 +151,7 @@ class ResponsesRequest(Lenient):
     stream: bool = False
     metadata: dict[str, str] | None = None
     user: str | None = None
-    seed: int | None = None  # selfhost extension: reproducible sampling
+    seed: Seed | None = None  # selfhost extension: reproducible sampling
 
     def input_items(self) -> list[MessageItem | FunctionCallItem | FunctionCallOutputItem]:
         return [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else list(self.input)

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter
 
 from selfhost.errors import SelfhostError
-from selfhost.server.errors import APIError, from_selfhost_error
+from selfhost.server.errors import APIError, OpenAIErrorBody, documented_errors, from_selfhost_error
 from selfhost.server.responses_protocol import (
     InputItem, ResponseObject, ResponsesRequest, ResponseUsage, as_messages, function_call_item, item_id,
     message_item,
@@ -28,7 +28,7 @@ from selfhost.server.responses_store import ResponseStore
 from selfhost.server.serving import Generation, Serving, event_stream, unless_disconnected
 from selfhost.tools.calls import ToolCall, check_tools
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=documented_errors(OpenAIErrorBody))
 log = logging.getLogger("selfhost.server")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

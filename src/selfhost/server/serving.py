@@ -78,6 +78,15 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, served: ServedMod
     return requested
 
 
+def _check_chars(served: ServedModel, chars: int, param: str) -> None:
+    """Refuse text that cannot fit the context window before spending CPU on tokenizing it."""
+    limit = served.llm.max_model_len * served.llm.tokenizer.longest_token_chars
+    if chars > limit:
+        raise APIError(f"{param} has {chars} characters: more than model {served.name!r}'s context window of "
+                       f"{served.llm.max_model_len} tokens can hold (at most {limit} characters for this tokenizer)",
+                       param=param, code="context_length_exceeded")
+
+
 class Serving:
     def __init__(self, models, metrics: ServerMetrics, max_n: int):
         self.models = models
@@ -96,12 +105,14 @@ class Serving:
         if not tokenizer.has_chat_template:
             raise APIError(f"model {served.name!r} has no chat template; use /v1/completions with a plain prompt",
                            param="messages", code="no_chat_template")
+        _check_chars(served, sum(len(m.get("content") or "") for m in messages), "messages")
         if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
             return await asyncio.to_thread(served.tools.encode_chat, messages, list(tools))
         return await asyncio.to_thread(tokenizer.encode_chat, messages)
 
     async def tokenize(self, served: ServedModel, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            _check_chars(served, len(prompt), "prompt")
             return await asyncio.to_thread(served.llm.tokenizer.encode, prompt)
         return list(prompt)  # ids outside the vocabulary are the engine's check, in prepare()
 

@@ -68,6 +68,9 @@ class ServerSettings(BaseSettings):
         "(default: $SELFHOST_RAG_DIR or ~/.local/share/selfhost/rag, as for `selfhost rag`).",
     )
     vector_url: str | None = Field(None, description="A Qdrant server URL instead of the embedded vector database.")
+    max_body_bytes: str = Field("16MiB", description="Largest request body accepted (413 above it), e.g. '16MiB'.")
+    max_headers: int = Field(100, ge=1, description="Most request headers accepted (431 above).")
+    max_header_bytes: int = Field(65536, ge=1024, description="Largest total size of a request's headers (431 above).")
     responses_db: Path | None = Field(
         None, description="SQLite file where /v1/responses keeps stored responses for previous_response_id "
         "(default: ~/.local/share/selfhost/responses.db).",
@@ -82,6 +85,16 @@ class ServerSettings(BaseSettings):
         # Env vars arrive as one string: SELFHOST_API_KEY=k1,k2
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @property
+    def max_body_bytes_value(self) -> int:
+        return parse_size(self.max_body_bytes, what="max_body_bytes")
+
+    @field_validator("max_body_bytes")
+    @classmethod
+    def _check_body_limit(cls, value):
+        parse_size(value, what="max_body_bytes")  # raises InvalidParameterError naming the value
         return value
 
     @field_validator("kv_cache_memory")
