@@ -81,8 +81,9 @@ def _command() -> str:
 def distill(
     teacher: Annotated[str | None, typer.Argument(help="Teacher: folder, Hub id or alias.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (a Hugging Face model).")] = None,
-    student_config: Annotated[str, typer.Option(help="Fresh student: half (about half the teacher), tiny, small, "
-                                                     "base, or a JSON file of shape fields.")] = "half",
+    student_config: Annotated[str | None, typer.Option(help="Fresh student: half (about half the teacher; the "
+                                                            "default), tiny, small, base, or a JSON file of shape "
+                                                            "fields.")] = None,
     from_pruned: Annotated[str | None, typer.Option(help="Start from this pruned copy of the teacher instead.")] = None,
     data: Data = None,
     preset: Preset = None,
@@ -121,6 +122,7 @@ def distill(
     from selfhost.models.loader import read_config
     from selfhost.shrink import distill_run
     from selfhost.shrink.kd_loss import DistillConfig
+    from selfhost.shrink.student import HALF
     from selfhost.train.data import load_tokenizer
     from selfhost.train.pipeline import OutputOptions
 
@@ -140,10 +142,12 @@ def distill(
     source = _data_source(data, preset)
     teacher_dir = resolve_model(teacher)
     context = context_len or distill_run.default_context_len(teacher_dir)
+    if from_pruned is not None and student_config is not None:
+        raise InvalidParameterError("pass --student-config (a fresh student) or --from-pruned, not both")
     if from_pruned is not None:
         student = distill_run.pruned_student(from_pruned, teacher_dir, load_tokenizer(teacher_dir), context)
     else:
-        student = distill_run.fresh_student(student_config, read_config(teacher_dir), context)
+        student = distill_run.fresh_student(student_config or HALF, read_config(teacher_dir), context)
     distill_run.distill(str(teacher_dir), student, source, cfg, kd, output, torch_device, cache_dir, progress)
 
 
