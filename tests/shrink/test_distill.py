@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from selfhost.errors import InvalidParameterError
 from selfhost.models.loader import read_config
 from selfhost.shrink.data import DataSource
 from selfhost.shrink.distill import DistillTrainer
@@ -87,6 +88,11 @@ def test_a_cache_is_reused_only_for_the_same_settings(teacher_dir, corpus_file, 
     make_trainer(teacher_dir, corpus_file, DistillConfig(cache_top_k=8, temperature=1.0), cfg, cache_dir=tmp_path / "c")
     assert json.loads((tmp_path / "c" / "meta.json").read_text())["temperature"] == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no staging folder left behind
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a folder of the user's")
+    with pytest.raises(InvalidParameterError, match="is not a teacher cache"):
+        make_trainer(teacher_dir, corpus_file, DistillConfig(cache_top_k=8), cfg, cache_dir=tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("top_k", [None, 16])

@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from selfhost.errors import InvalidParameterError
 from selfhost.shrink.grid import grid_starts
 from selfhost.shrink.kd_loss import TeacherTargets, top_k_targets
 from selfhost.shrink.teacher import Teacher
@@ -78,6 +79,9 @@ def open_or_build(folder: Path, teacher: Teacher, train_tokens: torch.Tensor, me
     if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
         console.print(f"teacher cache: reusing {folder}", highlight=False)
         return TeacherCache(folder)
+    if folder.exists() and not meta_path.is_file() and any(folder.iterdir()):
+        raise InvalidParameterError(f"cache folder {folder} exists and is not a teacher cache; choose another "
+                                    "--cache-dir (it would be replaced)")
     if folder.exists():
         console.print(f"teacher cache: {folder} was built for another teacher, text or setting; rebuilding",
                       highlight=False)
