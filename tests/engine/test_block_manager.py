@@ -20,6 +20,7 @@ class FakeSequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_computed_tokens: int = 0
     needs_prompt_logprobs: bool = False
+    cache_root: bytes | None = None
 
     @property
     def num_tokens(self) -> int:

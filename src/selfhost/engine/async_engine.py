@@ -39,6 +39,7 @@ class _Add:
     prompt_ids: list[int]
     params: SamplingParams
     request: _Request
+    cache_salt: bytes | None = None
     accepted: Future = field(default_factory=Future)
 
 
@@ -64,12 +65,14 @@ class AsyncEngine:
     # -- asyncio side ----------------------------------------------------------
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, cache_salt: bytes | None = None
     ) -> AsyncIterator[StreamDelta]:
-        """Yield one StreamDelta per step that produced tokens, the last with a finish_reason."""
+        """Yield one StreamDelta per step that produced tokens, the last with a finish_reason.
+
+        `cache_salt`: prefix-cache scope (LLMEngine.add_request)."""
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         request = _Request(asyncio.get_running_loop(), asyncio.Queue())
-        command = _Add(request_id, prompt_ids, params, request)
+        command = _Add(request_id, prompt_ids, params, request, cache_salt)
         self._commands.put(command)
         await asyncio.wrap_future(command.accepted)  # raises the engine's validation error, if any
         finished = False
@@ -121,7 +124,8 @@ class AsyncEngine:
     def _handle(self, command) -> None:
         if isinstance(command, _Add):
             try:
-                command.request.seq = self.engine.add_request(command.request_id, command.prompt_ids, command.params)
+                command.request.seq = self.engine.add_request(command.request_id, command.prompt_ids, command.params,
+                                                              command.cache_salt)
             except Exception as err:  # validation errors go back to the caller
                 command.accepted.set_exception(err)
                 return

@@ -21,6 +21,12 @@ from selfhost.engine.sequence import Sequence
 ROOT_DIGEST = bytes(hashlib.sha256().digest_size)
 
 
+def cache_root(cache_salt: bytes | None) -> bytes | None:
+    """The parent digest of a sequence's first block: requests share cached blocks only under the same salt
+    (the server's `--prefix-cache-scope key` salts with the API key's digest)."""
+    return None if cache_salt is None else hashlib.sha256(b"selfhost prefix-cache scope\0" + cache_salt).digest()
+
+
 def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
     """SHA-256 over the parent block's digest, then this block's token ids as little-endian int32."""
     digest = hashlib.sha256(parent or ROOT_DIGEST)
@@ -68,7 +74,7 @@ class BlockManager:
         # The last token is always computed so the step yields its logits:
         # never take the block holding it from the cache.
         max_full = (len(tokens) - 1) // self.block_size
-        parent = None
+        parent = seq.cache_root
         for i in range(max_full):
             h = block_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
             block = self.cached.get(h)
@@ -120,7 +126,7 @@ class BlockManager:
         tokens = seq.token_ids
         while len(seq.block_hashes) < num_full:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_root
             h = block_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
             seq.block_hashes.append(h)
             block = seq.block_table[i]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from selfhost.engine.block_manager import BlockManager
+from selfhost.engine.block_manager import BlockManager, cache_root
 from selfhost.engine.config import EngineConfig
 from selfhost.engine.grammar import GrammarCompiler
 from selfhost.engine.model_runner import ModelRunner
@@ -125,13 +125,18 @@ class LLMEngine:
         if params.structured_output is not None:
             self.grammars.matcher(params.structured_output)
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        """Validate and queue a request; it joins the running batch at the next step with room."""
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    cache_salt: bytes | None = None) -> Sequence:
+        """Validate and queue a request; it joins the running batch at the next step with room.
+
+        Requests reuse each other's cached prefix blocks only when their `cache_salt` is the same.
+        """
         if request_id in self.sequences:
             raise InvalidParameterError(f"request id {request_id!r} is already running", param="request_id")
         self.validate_request(prompt_ids, params)
         max_output = self.limits.output_budget(len(prompt_ids), params.max_tokens)
         seq = Sequence(request_id, list(prompt_ids), params, self.tokenizer, max_output)
+        seq.cache_root = cache_root(cache_salt)
         if params.structured_output is not None:
             seq.grammar = self.grammars.matcher(params.structured_output)
         self.sequences[seq.request_id] = seq

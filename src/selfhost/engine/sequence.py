@@ -54,6 +54,7 @@ class Sequence:
         # KV bookkeeping, owned by the scheduler and block manager.
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # digest of each full, committed block
+        self.cache_root: bytes | None = None  # parent digest of the first block: its prefix-cache scope
         self.num_computed_tokens = 0
         self.num_preemptions = 0
 

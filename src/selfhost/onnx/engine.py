@@ -43,13 +43,13 @@ class OnnxEngine:
         if params.prompt_logprobs is not None:
             raise InvalidParameterError("prompt logprobs are not available from an ONNX export's runner",
                                         param="prompt_logprobs")
-        # (getattr: structured output is newer than this runner, which does not constrain sampling)
-        if getattr(params, "structured_output", None) is not None:
+        if params.structured_output is not None:  # this runner does not constrain sampling
             raise InvalidParameterError("structured output is not available from an ONNX export's runner",
                                         param="structured_output")
         validate_request(prompt_ids, params, self.limits)
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    cache_salt: bytes | None = None) -> Sequence:  # no prefix cache here: the salt has no use
         if request_id in self.sequences:
             raise InvalidParameterError(f"request id {request_id!r} is already running", param="request_id")
         self.validate_request(prompt_ids, params)

@@ -10,8 +10,10 @@ valid request on it would fail.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
+from contextvars import ContextVar
 
 from fastapi import Request
 
@@ -23,6 +25,11 @@ log = logging.getLogger("selfhost.server")
 # files (the page sends the key the user types with each API call).
 PUBLIC_PATHS = ("/health", "/static/")
 PUBLIC_EXACT = ("/",)
+
+# Digest of the key the current request authenticated with (None without keys): the tenant that
+# `--prefix-cache-scope key` keeps prefix-cache entries within. Per request (a context variable
+# lives in the request's task), never the key itself.
+API_KEY_DIGEST: ContextVar[bytes | None] = ContextVar("api_key_digest", default=None)
 
 
 async def _send_error(scope, receive, send, err: APIError, headers: dict | None = None) -> None:
@@ -126,11 +133,16 @@ class ApiKeyAuth:
         headers = dict(scope["headers"])
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else headers.get(b"x-api-key", b"").decode("latin-1")
-        if not any(secrets.compare_digest(given.encode("latin-1"), key) for key in keys):
+        matched = [key for key in keys if secrets.compare_digest(given.encode("latin-1"), key)]
+        if not matched:
             return await _send_error(scope, receive, send, APIError(
                 "missing or invalid API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'", 401,
                 code="invalid_api_key"))
-        await self.app(scope, receive, send)
+        token = API_KEY_DIGEST.set(hashlib.sha256(matched[0]).digest())
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            API_KEY_DIGEST.reset(token)
 
     @staticmethod
     def _public(path: str) -> bool:

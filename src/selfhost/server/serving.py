@@ -29,6 +29,7 @@ from selfhost.errors import SelfhostError
 from selfhost.outputs import StreamDelta, TokenLogprob
 from selfhost.sampling_params import SamplingParams
 from selfhost.server.errors import APIError, from_selfhost_error
+from selfhost.server.guards import API_KEY_DIGEST
 from selfhost.server.metrics import ServerMetrics
 from selfhost.server.models import ServedModel
 from selfhost.tools.calls import ToolSpec
@@ -48,6 +49,7 @@ class Generation:
     prompts: list[list[int]]  # token ids per prompt
     jobs: list[tuple[list[int], SamplingParams]]  # one per choice: prompt i * n + j
     request_id: str
+    cache_salt: bytes | None = None  # prefix-cache scope (LLMEngine.add_request)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -88,10 +90,11 @@ def _check_chars(served: ServedModel, chars: int, param: str) -> None:
 
 
 class Serving:
-    def __init__(self, models, metrics: ServerMetrics, max_n: int):
+    def __init__(self, models, metrics: ServerMetrics, max_n: int, prefix_cache_scope: str = "global"):
         self.models = models
         self.metrics = metrics
         self.max_n = max_n
+        self.prefix_cache_scope = prefix_cache_scope
 
     async def model(self, name: str) -> ServedModel:
         served = await self.models.get(name)
@@ -142,7 +145,9 @@ class Serving:
             except SelfhostError as err:
                 raise from_selfhost_error(err, fields) from err
             jobs.extend((prompt_ids, params) for params in choices)
-        return Generation(served, prompts, jobs, uuid.uuid4().hex[:16])
+        # "key": a request reuses cached prefixes only of requests made with the same API key.
+        salt = API_KEY_DIGEST.get() if self.prefix_cache_scope == "key" else None
+        return Generation(served, prompts, jobs, uuid.uuid4().hex[:16], salt)
 
     async def run(self, gen: Generation) -> AsyncIterator[tuple[int, StreamDelta]]:
         """Every choice's deltas as they come; aborts all of them if the consumer stops early."""
@@ -168,7 +173,7 @@ class Serving:
     async def _merged(engine, gen: Generation) -> AsyncIterator[tuple[int, StreamDelta]]:
         if len(gen.jobs) == 1:  # the common case, without a task per choice
             prompt_ids, params = gen.jobs[0]
-            async with aclosing(engine.generate(prompt_ids, params, gen.request_id)) as deltas:
+            async with aclosing(engine.generate(prompt_ids, params, gen.request_id, gen.cache_salt)) as deltas:
                 async for delta in deltas:
                     yield 0, delta
             return
@@ -176,7 +181,8 @@ class Serving:
 
         async def pump(index: int, prompt_ids: list[int], params: SamplingParams) -> None:
             try:
-                async with aclosing(engine.generate(prompt_ids, params, f"{gen.request_id}-{index}")) as deltas:
+                async with aclosing(engine.generate(prompt_ids, params, f"{gen.request_id}-{index}",
+                                                    gen.cache_salt)) as deltas:
                     async for delta in deltas:
                         queue.put_nowait((index, delta))
             except Exception as err:  # handed to the consumer, which raises it

@@ -8,7 +8,7 @@ so defaults and help texts live only here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -68,6 +68,10 @@ class ServerSettings(BaseSettings):
         "(default: $SELFHOST_RAG_DIR or ~/.local/share/selfhost/rag, as for `selfhost rag`).",
     )
     vector_url: str | None = Field(None, description="A Qdrant server URL instead of the embedded vector database.")
+    prefix_cache_scope: Literal["global", "key"] = Field(
+        "global", description="Share cached prompt prefixes between all requests (global), or only between requests "
+        "made with the same API key (key): one tenant's requests then cannot tell whether another's prompt is cached.",
+    )
     max_body_bytes: str = Field("16MiB", description="Largest request body accepted (413 above it), e.g. '16MiB'.")
     max_headers: int = Field(100, ge=1, description="Most request headers accepted (431 above).")
     max_header_bytes: int = Field(65536, ge=1024, description="Largest total size of a request's headers (431 above).")
