@@ -13,7 +13,7 @@ import inspect
 import logging
 import socket
 import sys
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
 
@@ -40,6 +40,9 @@ def _option(name: str, field) -> inspect.Parameter:
     elif get_origin(annotation) is list:
         option = typer.Option(flag, help=field.description + env, show_default=False)
         hint = list[str] | None
+    elif get_origin(annotation) is Literal:  # a choice: taken as text, checked by the settings model
+        option = typer.Option(flag, help=field.description + shown + env, show_default=False)
+        hint = str | None
     else:
         base = next((a for a in get_args(annotation) if a is not type(None)), annotation)
         option = typer.Option(flag, help=field.description + shown + env, show_default=False)
