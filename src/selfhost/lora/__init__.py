@@ -1,0 +1,1 @@
+"""Low-rank adapters (LoRA): PEFT's file format, applying adapters to selfhost's model, merging, fine-tuning."""
