@@ -1,0 +1,165 @@
+"""`selfhost finetune`: train LoRA adapters on a frozen base with selfhost's own CausalLM.
+
+The model trained is the one the engine serves (models/loader.py), with
+LoRALinear wrapped around the target projections; only A and B receive
+gradients. The loop reuses train/: TrainConfig, the warm-up + cosine schedule
+(`lr_factor`), clipping and accumulation; examples of different lengths are
+right-padded per micro-batch (causal attention never looks at the padding) and
+the loss is the mean over the tokens their loss mask selects.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from selfhost.lora.adapter_format import Adapter, LoraConfig, write_adapter
+from selfhost.lora.apply import add_trainable_adapter, extract_adapter
+from selfhost.lora.data import Example
+from selfhost.lora.output import staged_folder
+from selfhost.models.decoder import CausalLM
+from selfhost.train.attention import BatchCausalAttention
+from selfhost.train.config import TrainConfig
+from selfhost.train.trainer import lr_factor
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    steps: int
+    train_loss: float
+    base_eval_loss: float | None  # the frozen base on the eval examples (the adapter starts at B = 0)
+    eval_loss: float | None
+    trainable_params: int
+    base_params: int
+    elapsed_s: float
+
+    @property
+    def eval_ppl(self) -> float | None:
+        return None if self.eval_loss is None else math.exp(self.eval_loss)
+
+    @property
+    def base_eval_ppl(self) -> float | None:
+        return None if self.base_eval_loss is None else math.exp(self.base_eval_loss)
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T) inputs, (B, T) targets and (B, T) loss weights of right-padded examples."""
+    length = max(len(e.token_ids) for e in examples) - 1
+    inputs = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    weights = torch.zeros(len(examples), length)
+    for row, e in enumerate(examples):
+        n = len(e.token_ids) - 1
+        inputs[row, :n] = torch.tensor(e.token_ids[:-1])
+        targets[row, :n] = torch.tensor(e.token_ids[1:])
+        weights[row, :n] = torch.tensor(e.loss_mask[1:], dtype=torch.float32)
+    return inputs, targets, weights
+
+
+def masked_loss(model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor,
+                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the weighted tokens, and how many there are."""
+    B, T = inputs.shape
+    positions = torch.arange(T).repeat(B)  # (B*T,)
+    hidden = model(inputs.reshape(-1), positions, BatchCausalAttention(B, T))  # (B*T, hidden)
+    losses = F.cross_entropy(model.compute_logits(hidden), targets.reshape(-1), reduction="none")  # (B*T,)
+    w = weights.reshape(-1)
+    return (losses * w).sum(), w.sum()
+
+
+@torch.no_grad()
+def evaluate(model: CausalLM, examples: list[Example], batch_size: int, pad_id: int) -> float:
+    """Mean loss (nats) over the loss tokens of `examples`."""
+    total, count = 0.0, 0.0
+    for i in range(0, len(examples), batch_size):
+        loss, n = masked_loss(model, *collate(examples[i:i + batch_size], pad_id))
+        total, count = total + loss.item(), count + n.item()
+    return total / count
+
+
+class Finetuner:
+    """Adapters on `model` (frozen), trained on `train` for cfg.max_steps optimizer steps."""
+
+    def __init__(self, model: CausalLM, lora: LoraConfig, cfg: TrainConfig, train: list[Example],
+                 pad_id: int, console: Console | None = None):
+        self.model, self.lora, self.cfg, self.train, self.pad_id = model, lora, cfg, train, pad_id
+        self.console = console or Console(stderr=True)
+        torch.manual_seed(cfg.seed)
+        self.rng = random.Random(cfg.seed)
+        self.base_params = sum(p.numel() for p in model.parameters())
+        model.requires_grad_(False)
+        self.params = add_trainable_adapter(model, lora, cfg.seed)
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.order: list[int] = []
+        self.step = 0
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def _next_examples(self) -> list[Example]:
+        batch = []
+        while len(batch) < self.cfg.batch_size:
+            if not self.order:  # a new epoch, in a fresh order
+                self.order = list(range(len(self.train)))
+                self.rng.shuffle(self.order)
+            batch.append(self.train[self.order.pop()])
+        return batch
+
+    def train_step(self) -> float:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(self.cfg.grad_accum):
+            loss, count = masked_loss(self.model, *collate(self._next_examples(), self.pad_id))
+            loss = loss / count.clamp(min=1) / self.cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return total
+
+    def run(self, eval_examples: list[Example] | None = None, show_progress: bool = True) -> FinetuneResult:
+        evaluate_now = (lambda: evaluate(self.model.eval(), eval_examples, self.cfg.batch_size, self.pad_id)) \
+            if eval_examples else (lambda: None)
+        base_eval = evaluate_now()  # B = 0: still the base model
+        if base_eval is not None:
+            self.console.print(f"base model: eval loss {base_eval:.4f}  ppl {math.exp(base_eval):.2f}", highlight=False)
+        columns = [TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn()]
+        start, loss, eval_loss = time.perf_counter(), float("nan"), base_eval
+        with Progress(*columns, console=self.console, disable=not show_progress) as progress:
+            task = progress.add_task("finetune", total=self.cfg.max_steps, loss=loss)
+            while self.step < self.cfg.max_steps:
+                loss = self.train_step()
+                progress.update(task, completed=self.step, loss=loss)
+                if eval_examples and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps):
+                    eval_loss = evaluate_now()
+                    self.console.print(f"step {self.step}/{self.cfg.max_steps}  train {loss:.4f}  "
+                                       f"eval {eval_loss:.4f}  ppl {math.exp(eval_loss):.2f}", highlight=False)
+        self.model.eval()
+        return FinetuneResult(self.step, loss, base_eval, eval_loss if eval_examples else None,
+                              self.trainable_params, self.base_params, time.perf_counter() - start)
+
+    def adapter(self) -> Adapter:
+        return extract_adapter(self.model, self.lora)
+
+    def save(self, out: Path, overwrite: bool = False) -> None:
+        """Write the adapter in PEFT's format, all or nothing."""
+        with staged_folder(out, overwrite) as staging:
+            write_adapter(staging, self.adapter())

@@ -1,0 +1,83 @@
+"""Fine-tuning: loss masks, a falling loss, and adapters PEFT loads with the same logits."""
+
+import json
+
+import pytest
+import torch
+
+from selfhost.lora.adapter_format import LoraConfig, read_adapter
+from selfhost.lora.apply import apply_adapter
+from selfhost.lora.data import DataError, load_examples
+from selfhost.lora.finetune import Finetuner
+from selfhost.models.loader import load_model
+from selfhost.tokenizer import Tokenizer
+from selfhost.train.config import TrainConfig
+from tests.lora.conftest import peft_logits, selfhost_logits
+
+CPU = torch.device("cpu")
+CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "To be?"},
+                     {"role": "assistant", "content": "Or not to be."}, {"role": "user", "content": "Why?"},
+                     {"role": "assistant", "content": "The question."}]}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_only_assistant_tokens_carry_loss(tiny_checkpoint, tmp_path):
+    tok = Tokenizer(tiny_checkpoint("llama"))
+    [example] = load_examples(write_jsonl(tmp_path / "chat.jsonl", [CHAT]), tok, max_len=512)
+    assert example.token_ids == tok.encode_chat(CHAT["messages"], add_generation_prompt=False)
+    learned = tok.hf.decode([t for t, m in zip(example.token_ids, example.loss_mask) if m])
+    # Each assistant turn with the template's end-of-turn marks; nothing of the system or user turns.
+    assert learned == "Or not to be.<|end|>\nThe question.<|end|>\n"
+
+
+def test_prompt_completion_and_text_masks(tiny_checkpoint, tmp_path):
+    tok = Tokenizer(tiny_checkpoint("llama"))
+    records = [{"prompt": "To be, or", "completion": " not to be"}, {"text": "the question"}]
+    pair, text = load_examples(write_jsonl(tmp_path / "d.jsonl", records), tok, max_len=512)
+    assert tok.hf.decode([t for t, m in zip(pair.token_ids, pair.loss_mask) if m]) == " not to be</s>"
+    assert all(text.loss_mask)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "is empty"),
+        ('{"text": "fine"}\n{"text": "fine"\n', "line 2"),
+        ('{"text": "fine"}\n\n{"prompt": "no completion"}\n', r"line 3: expected 'messages'"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: the conversation has no assistant turn"),
+        ('[1, 2]\n', "line 1: expected a JSON object"),
+    ],
+)
+def test_bad_data_names_the_line(tiny_checkpoint, tmp_path, content, message):
+    tok = Tokenizer(tiny_checkpoint("llama"))
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_examples(path, tok, max_len=64)
+
+
+def test_finetuned_adapter_loads_in_peft_with_the_same_logits(tiny_checkpoint, tmp_path, prompt_ids):
+    model_dir = tiny_checkpoint("qwen2")
+    tok = Tokenizer(model_dir)
+    records = [CHAT, {"prompt": "To be, or", "completion": " not to be"}, {"text": "whether 'tis nobler"}] * 3
+    examples = load_examples(write_jsonl(tmp_path / "train.jsonl", records), tok, max_len=64)
+    model = load_model(model_dir, torch.float32, CPU)
+    lora = LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"))
+    cfg = TrainConfig(max_steps=12, batch_size=3, lr=1e-2, warmup_steps=2, weight_decay=0.0, eval_every=6)
+    tuner = Finetuner(model, lora, cfg, examples, pad_id=tok.hf.pad_token_id)
+    result = tuner.run(eval_examples=examples[:3], show_progress=False)
+    assert result.eval_loss < result.base_eval_loss
+    assert result.trainable_params < 0.1 * result.base_params
+    out = tmp_path / "adapter"
+    tuner.save(out)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    trained = selfhost_logits(model, prompt_ids)
+    reloaded = load_model(model_dir, torch.float32, CPU)
+    apply_adapter(reloaded, read_adapter(out))
+    torch.testing.assert_close(selfhost_logits(reloaded, prompt_ids), trained, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(peft_logits(model_dir, out, prompt_ids), trained, atol=1e-4, rtol=1e-4)
