@@ -161,6 +161,8 @@ def _print_banner(app, port: int) -> None:
     extras = [f"auth: {len(s.api_key)} key(s)" if s.api_key else "auth: off",
               "load on request: on" if s.allow_load else "load on request: off"]
     console.print("  " + ", ".join(extras))
+    if app.state.gateway is not None:
+        console.print("  " + app.state.gateway.describe())
 
 
 def register(app: typer.Typer) -> None:

@@ -93,6 +93,9 @@ class AssumeJSON:
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
+    gateway = _gateway(settings)  # a bad config fails here, before anything loads or listens
+    if gateway is not None:
+        settings = settings.model_copy(update={"models": [*settings.models, *gateway.local_model_args()]})
     models = ModelRegistry(settings)
     metrics = ServerMetrics(models)
 
@@ -100,12 +103,16 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         await models.preload()
         models.start_reaper()
+        if gateway is not None:
+            await gateway.start()
         if app.state.on_ready is not None:  # the CLI's start-up banner
             app.state.on_ready(app)
         try:
             yield
         finally:
             await models.shutdown()
+            if gateway is not None:
+                await gateway.aclose()
             app.state.collections.close()
             app.state.responses.close()
 
@@ -118,6 +125,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.embedding_models = EmbeddingModels(settings.embedding_model)
     app.state.collections = Collections(settings.rag_store, settings.vector_url, app.state.embedding_models)
     app.state.responses = ResponseStore(settings.responses_db_path, settings.responses_retention)
+    app.state.gateway = gateway
     app.state.on_ready = None
     install_error_handlers(app)
     for router in (openai_routes.router, embedding_routes.router, ollama_routes.router, anthropic_routes.router,
@@ -126,6 +134,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     _add_operations(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Added innermost first. CORS answers a browser's preflight before the key check (it carries no key).
+    if gateway is not None:  # after the key check: remote models are as protected as local ones
+        from selfhost.gateway.router import GatewayRouter
+
+        app.add_middleware(GatewayRouter, proxy=gateway.proxy)
     app.add_middleware(ApiKeyAuth)
     if settings.cors:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors, allow_methods=["*"], allow_headers=["*"])
@@ -135,6 +147,15 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(CatchAll)
     app.add_middleware(AccessLog, metrics=metrics)
     return app
+
+
+def _gateway(settings: ServerSettings):
+    if settings.config is None:
+        return None
+    from selfhost.gateway.config import load_gateway_config
+    from selfhost.gateway.service import Gateway
+
+    return Gateway(load_gateway_config(settings.config))
 
 
 def _add_operations(app: FastAPI) -> None:

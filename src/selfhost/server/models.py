@@ -129,7 +129,8 @@ class ModelRegistry:
         """Load the start-up models; a no-op once done (the CLI preloads before the app's lifespan runs)."""
         if self._preloaded:
             return
-        for arg in self.settings.models or [None]:
+        # With a gateway config, no model named means none: its models may all be remote.
+        for arg in self.settings.models or ([] if self.settings.config else [None]):
             name, ref = split_model_arg(arg)
             await self._load(name, ref, pinned=True)
         self._preloaded = True

@@ -79,6 +79,10 @@ class ServerSettings(BaseSettings):
         None, description="SQLite file where /v1/responses keeps stored responses for previous_response_id "
         "(default: ~/.local/share/selfhost/responses.db).",
     )
+    config: Path | None = Field(
+        None, description="A gateway config (TOML): [[models]] entries, local (`path`) or remote OpenAI-compatible "
+        "(`url`, `model`, `api_key_env`), with deployments, fallbacks and a cost ledger (see README: Gateway).",
+    )
     responses_retention: str = Field(
         "10000", description="How many stored responses to keep: a count ('10000'), or an age ('30d', '12h', '90m').",
     )

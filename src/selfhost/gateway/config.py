@@ -1,0 +1,171 @@
+"""The gateway's configuration file (`selfhost serve --config selfhost.toml`), validated at start-up.
+
+    [gateway]                       # optional; every field has a default
+    timeout_s = 60
+    cooldown_s = 30
+
+    [[models]]                      # a local model, served by selfhost's engine
+    name = "qwen"
+    path = "Qwen/Qwen2.5-0.5B-Instruct"
+
+    [[models]]                      # a remote OpenAI-compatible deployment
+    name = "gpt"
+    url = "https://api.openai.com/v1"
+    model = "gpt-4o-mini"
+    api_key_env = "OPENAI_API_KEY"
+    fallbacks = ["qwen"]
+
+Entries that share a `name` are deployments of one model. Every mistake (an unknown
+key or backend type, an unset key variable, a fallback naming no model) is one
+`GatewayConfigError` naming the entry, raised before anything is served.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from selfhost.errors import SelfhostError
+
+BACKEND_TYPES = ("local", "openai")
+
+
+class GatewayConfigError(SelfhostError):
+    """A gateway configuration that cannot be served as written."""
+
+
+class ModelEntry(BaseModel):
+    """One `[[models]]` entry: a local model or one remote deployment of a public model name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    type: str | None = None  # "local" or "openai"; inferred from `path` / `url` when left out
+    path: str | None = None
+    url: str | None = None
+    model: str | None = None  # the upstream's own id for the model
+    api_key_env: str | None = None
+    deployment: str | None = None  # the id `x-selfhost-backend` names; default NAME/INDEX
+    price_model: str | None = None  # the price catalog id, when it differs from `model`
+    weight: float = Field(1.0, gt=0)
+    max_concurrency: int | None = Field(None, ge=1)
+    fallbacks: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> ModelEntry:
+        kind = self.type or ("local" if self.path is not None else "openai" if self.url is not None else None)
+        if kind is None:
+            raise ValueError("needs either `path` (a local model) or `url` (a remote OpenAI-compatible server)")
+        if kind not in BACKEND_TYPES:
+            raise ValueError(f"unknown backend type {kind!r}; expected one of {', '.join(BACKEND_TYPES)}")
+        if self.path is not None and self.url is not None:
+            raise ValueError("has both `path` and `url`; a local model takes `path`, a remote one `url`")
+        if kind == "local" and self.path is None:
+            raise ValueError("type 'local' needs `path`")
+        if kind == "openai":
+            if self.url is None or self.model is None:
+                raise ValueError("a remote model needs `url` and `model` (the upstream's id for it)")
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"url {self.url!r} must start with http:// or https://")
+        object.__setattr__(self, "type", kind)  # frozen: fill in the inferred type once
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.type == "local"
+
+
+class GatewaySettings(BaseModel):
+    """`[gateway]`: timeouts, retries, health and the ledger."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_s: float = Field(60.0, gt=0, description="Longest wait for an upstream's headers or next chunk.")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_attempts: int = Field(4, ge=1, description="Deployments tried per request, fallbacks included.")
+    backoff_s: float = Field(0.05, ge=0, description="Pause before the second attempt, doubled after each.")
+    cooldown_s: float = Field(30.0, ge=0, description="How long a failing deployment is skipped.")
+    ledger: str | None = Field(None, description="SQLAlchemy URL of the ledger (default: a SQLite file).")
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gateway: GatewaySettings = GatewaySettings()
+    models: tuple[ModelEntry, ...] = ()
+
+    @property
+    def local_entries(self) -> tuple[ModelEntry, ...]:
+        return tuple(e for e in self.models if e.is_local)
+
+    @property
+    def remote_entries(self) -> tuple[ModelEntry, ...]:
+        return tuple(e for e in self.models if not e.is_local)
+
+    def api_key(self, entry: ModelEntry) -> str | None:
+        """The upstream key, read from the environment when it is needed (never stored on the config)."""
+        return os.environ.get(entry.api_key_env) if entry.api_key_env else None
+
+
+def check_references(config: GatewayConfig) -> None:
+    """What a single entry cannot check: names, fallbacks, key variables, deployment ids."""
+    names = {e.name for e in config.models}
+    local_names = Counter(e.name for e in config.local_entries)
+    for name, count in local_names.items():
+        if count > 1 or any(e.name == name for e in config.remote_entries):
+            raise GatewayConfigError(f"model {name!r}: a local model cannot share its name with another entry")
+    ids = Counter(e.deployment for e in config.models if e.deployment)
+    for dup, count in ids.items():
+        if count > 1:
+            raise GatewayConfigError(f"deployment id {dup!r} is used by {count} entries; ids must be unique")
+    for entry in config.models:
+        for fallback in entry.fallbacks:
+            if fallback not in names:
+                raise GatewayConfigError(
+                    f"model {entry.name!r}: fallback {fallback!r} names no model in the config "
+                    f"(models: {', '.join(sorted(names))})")
+            if fallback == entry.name:
+                raise GatewayConfigError(f"model {entry.name!r} names itself as a fallback")
+        if entry.api_key_env and not os.environ.get(entry.api_key_env):
+            raise GatewayConfigError(
+                f"model {entry.name!r}: api_key_env {entry.api_key_env!r} is not set in the environment")
+
+
+def _describe(err: ValidationError, raw: dict) -> str:
+    first = err.errors()[0]
+    loc = list(first.get("loc", ()))
+    where = ".".join(str(p) for p in loc) or "config"
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+        entry = (raw.get("models") or [])[loc[1]]
+        label = entry.get("name") if isinstance(entry, dict) else None
+        rest = ".".join(str(p) for p in loc[2:])
+        where = f"[[models]] #{loc[1] + 1}" + (f" ({label!r})" if label else "") + (f" {rest}" if rest else "")
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+
+
+def parse_gateway_config(raw: dict, source: str = "config") -> GatewayConfig:
+    try:
+        config = GatewayConfig.model_validate(raw)
+    except ValidationError as err:
+        raise GatewayConfigError(f"{source}: {_describe(err, raw)}") from None
+    try:
+        check_references(config)
+    except GatewayConfigError as err:
+        raise GatewayConfigError(f"{source}: {err}") from None
+    return config
+
+
+def load_gateway_config(path: Path) -> GatewayConfig:
+    """Read and validate `path`; every problem is a GatewayConfigError naming the file and the entry."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise GatewayConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise GatewayConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    return parse_gateway_config(raw, source=str(path))

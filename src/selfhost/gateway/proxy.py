@@ -1,0 +1,261 @@
+"""Forwarding one OpenAI request to remote deployments: retries before the first byte, relay after it.
+
+A request walks the deployment plan (deployments/DeploymentTable.plan). A connect
+error, a timeout, a 429 or a 5xx before the upstream's first byte cools that
+deployment down and moves on, with a growing pause, at most `max_attempts` times;
+when every remote attempt failed and the plan ends in a local model, the request is
+handed back to selfhost's own routes (LocalFallback). Once a stream's first event
+has reached the client, nothing is retried: an upstream failure ends the stream with
+an error event, and the ledger charges the tokens the client received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from starlette.responses import Response, StreamingResponse
+
+from selfhost.gateway.config import GatewaySettings
+from selfhost.gateway.deployments import Deployment, DeploymentTable
+from selfhost.gateway.ledger import Ledger, LedgerEntry
+from selfhost.gateway.stream_tally import StreamTally
+from selfhost.gateway.usage import PricedUsage, price, usage_record
+from selfhost.plan.pricing import UsageRecord
+from selfhost.server.errors import APIError
+
+log = logging.getLogger("selfhost.gateway")
+
+BACKEND_HEADER = "x-selfhost-backend"
+COST_HEADER = "x-selfhost-cost-usd"
+REQUEST_ID_HEADER = "x-selfhost-request-id"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class RetryableFailure(Exception):
+    """An upstream failed before its first byte: the next deployment may answer instead."""
+
+
+@dataclass(frozen=True)
+class LocalFallback:
+    """Every remote attempt failed; serve the request with this local model."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    endpoint: str  # "chat/completions", "completions" or "embeddings"
+    payload: dict  # the client's JSON body
+    key_name: str | None = None
+
+    @property
+    def model(self) -> str:
+        return self.payload["model"]
+
+    @property
+    def is_stream(self) -> bool:
+        return self.endpoint != "embeddings" and self.payload.get("stream") is True
+
+    @property
+    def wants_usage_chunk(self) -> bool:
+        options = self.payload.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
+    def upstream_payload(self, deployment: Deployment) -> dict:
+        payload = {**self.payload, "model": deployment.model}
+        if self.is_stream:  # the usage chunk is how a stream's cost is known exactly
+            options = self.payload.get("stream_options")
+            payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return payload
+
+
+class Proxy:
+    """One shared httpx client (pooled connections) for every deployment."""
+
+    def __init__(self, table: DeploymentTable, settings: GatewaySettings, ledger: Ledger):
+        self.table, self.settings, self.ledger = table, settings, ledger
+        timeout = httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s)
+        self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None,
+                                                                           max_keepalive_connections=256))
+        self._background: set[asyncio.Task] = set()
+
+    async def aclose(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.client.aclose()
+
+    async def handle(self, request: ProxyRequest) -> Response | LocalFallback:
+        plan, local_fallback = self.table.plan(request.model)
+        failures: list[str] = []
+        for attempt, deployment in enumerate(plan[:self.settings.max_attempts]):
+            if attempt:
+                await asyncio.sleep(self.settings.backoff_s * 2 ** (attempt - 1))
+            deployment.begin()
+            streaming = False  # once a stream is handed to the client, its relay ends the deployment's count
+            try:
+                if request.is_stream:
+                    response = await self._open_stream(deployment, request)
+                    streaming = isinstance(response, StreamingResponse)
+                    return response
+                return await self._complete(deployment, request)
+            except RetryableFailure as failure:
+                deployment.mark_failed(self.settings.cooldown_s)
+                failures.append(f"{deployment.id}: {failure}")
+                log.warning("deployment %s failed before its first byte (%s); trying the next", deployment.id,
+                            failure)
+            finally:
+                if not streaming:
+                    deployment.end()
+        if local_fallback is not None:
+            return LocalFallback(local_fallback)
+        tried = "; ".join(failures) or "every deployment is at its max_concurrency"
+        raise APIError(f"no deployment of model {request.model!r} could answer ({tried})", 502,
+                       param="model", code="upstream_unavailable")
+
+    # -- one attempt -------------------------------------------------------------
+
+    def _url(self, deployment: Deployment, request: ProxyRequest) -> str:
+        return f"{deployment.url}/{request.endpoint}"
+
+    def _headers(self, deployment: Deployment) -> dict:
+        headers = {"Accept": "application/json"}
+        if deployment.api_key:
+            headers["Authorization"] = f"Bearer {deployment.api_key}"
+        return headers
+
+    async def _complete(self, deployment: Deployment, request: ProxyRequest) -> Response:
+        started = dt.datetime.now(dt.timezone.utc)
+        try:
+            upstream = await self.client.post(self._url(deployment, request), headers=self._headers(deployment),
+                                              json=request.upstream_payload(deployment))
+        except httpx.TransportError as err:  # connect error, timeout, dropped connection
+            raise RetryableFailure(type(err).__name__) from None
+        _raise_if_retryable(upstream.status_code)
+        if upstream.status_code != 200:
+            return _passed_through(deployment, upstream.status_code, upstream.content)
+        try:
+            body = upstream.json()
+        except ValueError:
+            raise RetryableFailure("a 200 whose body is not JSON") from None
+        deployment.mark_healthy()
+        record = usage_record(body.get("usage") if isinstance(body, dict) else None)
+        priced = price(record or UsageRecord(), deployment.price_model, started, estimated=record is None)
+        request_id = await self._record(request, deployment, started, "completed", priced)
+        return Response(upstream.content, 200, media_type="application/json",
+                        headers=_served_headers(deployment, request_id, priced))
+
+    async def _open_stream(self, deployment: Deployment, request: ProxyRequest) -> Response:
+        started = dt.datetime.now(dt.timezone.utc)
+        outgoing = self.client.build_request("POST", self._url(deployment, request),
+                                             headers=self._headers(deployment),
+                                             json=request.upstream_payload(deployment))
+        try:
+            upstream = await self.client.send(outgoing, stream=True)
+        except httpx.TransportError as err:
+            raise RetryableFailure(type(err).__name__) from None
+        if upstream.status_code != 200:
+            content = await _read_and_close(upstream)
+            _raise_if_retryable(upstream.status_code)
+            return _passed_through(deployment, upstream.status_code, content)
+        events = _sse_data(upstream.aiter_lines())
+        try:  # the first event decides: nothing has reached the client yet
+            first = await anext(events)
+        except (httpx.TransportError, StopAsyncIteration) as err:
+            await upstream.aclose()
+            raise RetryableFailure(f"stream ended before its first event ({type(err).__name__})") from None
+        deployment.mark_healthy()
+        request_id = uuid.uuid4().hex
+        relay = self._relay(deployment, request, request_id, started, upstream, first, events)
+        headers = {**SSE_HEADERS, BACKEND_HEADER: deployment.id, REQUEST_ID_HEADER: request_id}
+        return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
+
+    async def _relay(self, deployment: Deployment, request: ProxyRequest, request_id: str, started: dt.datetime,
+                     upstream: httpx.Response, first: str, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        tally = StreamTally(request.payload)
+        finished = False
+        try:
+            data = first
+            while data != "[DONE]":
+                chunk = tally.observe(data)
+                if not (tally.is_usage_only(chunk) and not request.wants_usage_chunk):
+                    yield f"data: {data}\n\n"
+                try:
+                    data = await anext(events)
+                except StopAsyncIteration:  # closed without [DONE]: the upstream died mid-way
+                    raise httpx.RemoteProtocolError("upstream closed the stream before [DONE]") from None
+            await upstream.aclose()
+            priced = tally.priced(deployment.price_model, started)
+            await self._record(request, deployment, started, "completed", priced, request_id)
+            finished = True
+            # Headers left before the cost was known: it travels as an SSE comment, which clients skip.
+            yield f": {COST_HEADER}={priced.header}\n\ndata: [DONE]\n\n"
+        except httpx.TransportError as err:
+            log.warning("deployment %s failed mid-stream (%s); ending the stream", deployment.id, type(err).__name__)
+            await upstream.aclose()
+            priced = tally.priced(deployment.price_model, started)
+            await self._record(request, deployment, started, "interrupted", priced, request_id)
+            finished = True
+            error = APIError(f"upstream {deployment.id} failed mid-stream ({type(err).__name__}); the response is "
+                             "incomplete", 502, code="upstream_interrupted")
+            yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n"
+        finally:
+            deployment.end()
+            if not finished:  # the client went away (cancelled): close and record off this cancelled task
+                task = asyncio.get_running_loop().create_task(
+                    self._finish_abandoned(request, deployment, started, upstream, tally, request_id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _finish_abandoned(self, request, deployment, started, upstream, tally, request_id) -> None:
+        await upstream.aclose()
+        await self._record(request, deployment, started, "client_disconnected",
+                           tally.priced(deployment.price_model, started), request_id)
+
+    async def _record(self, request: ProxyRequest, deployment: Deployment, started: dt.datetime, status: str,
+                      priced: PricedUsage, request_id: str | None = None) -> str:
+        request_id = request_id or uuid.uuid4().hex
+        await self.ledger.record(LedgerEntry(
+            request_id=request_id, time=started, key_name=request.key_name, model=request.model,
+            deployment=deployment.id, upstream_model=deployment.model, endpoint=request.endpoint, status=status,
+            priced=priced))
+        return request_id
+
+
+def _raise_if_retryable(status: int) -> None:
+    if status == 429 or status >= 500:
+        raise RetryableFailure(f"HTTP {status}")
+
+
+def _passed_through(deployment: Deployment, status: int, content: bytes) -> Response:
+    """An upstream's own 4xx answer. A rejected gateway credential is the operator's problem, not the client's."""
+    if status in (401, 403):
+        raise APIError(f"deployment {deployment.id} rejected the gateway's credentials (HTTP {status}); check its "
+                       "api_key_env", 502, code="upstream_auth_failed")
+    return Response(content, status, media_type="application/json", headers={BACKEND_HEADER: deployment.id})
+
+
+def _served_headers(deployment: Deployment, request_id: str, priced: PricedUsage) -> dict:
+    return {BACKEND_HEADER: deployment.id, COST_HEADER: priced.header, REQUEST_ID_HEADER: request_id}
+
+
+async def _read_and_close(upstream: httpx.Response) -> bytes:
+    try:
+        return await upstream.aread()
+    except httpx.TransportError:
+        return b""
+    finally:
+        await upstream.aclose()
+
+
+async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The `data:` payloads of an SSE stream (comments, blank lines and other fields dropped)."""
+    async for line in lines:
+        if line.startswith("data:"):
+            yield line[5:].strip()

@@ -1,0 +1,91 @@
+"""The seam between the gateway and selfhost's own routes: an ASGI middleware.
+
+For POST /v1/chat/completions, /v1/completions and /v1/embeddings it reads the body
+once and looks at `model`: a remote name goes to the Proxy; anything else (a local
+model, a malformed body) is replayed untouched to the routes behind, which answer
+exactly as they do without a gateway. Every answer names who served it in
+`x-selfhost-backend` (`local/<name>` for local models).
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.requests import Request
+
+from selfhost.gateway.proxy import BACKEND_HEADER, LocalFallback, Proxy, ProxyRequest
+from selfhost.server.errors import APIError, error_response
+from selfhost.server.models import canonical
+
+ENDPOINTS = {"/v1/chat/completions": "chat/completions", "/v1/completions": "completions",
+             "/v1/embeddings": "embeddings"}
+
+
+class GatewayRouter:
+    def __init__(self, app, proxy: Proxy):
+        self.app, self.proxy = app, proxy
+
+    async def __call__(self, scope, receive, send):
+        endpoint = ENDPOINTS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if endpoint is None:
+            return await self.app(scope, receive, send)
+        body = await _read_body(receive)
+        payload = _json_object(body)
+        name = payload.get("model") if payload is not None else None
+        if not isinstance(name, str) or not self.proxy.table.is_remote(canonical(name)):
+            return await self._local(scope, body, receive, send, name)
+        payload["model"] = canonical(name)
+        try:
+            result = await self.proxy.handle(ProxyRequest(endpoint, payload))
+        except APIError as err:
+            return await error_response(Request(scope), err)(scope, receive, send)
+        if isinstance(result, LocalFallback):
+            body = json.dumps({**payload, "model": result.name}).encode()
+            return await self._local(scope, body, receive, send, result.name)
+        await result(scope, receive, send)
+
+    async def _local(self, scope, body: bytes, receive, send, name) -> None:
+        backend = f"local/{name}".encode() if isinstance(name, str) else b"local"
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        scope = {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
+
+        async def send_with_backend(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (BACKEND_HEADER.encode(), backend)]}
+            await send(message)
+
+        await self.app(scope, _replay(body, receive), send_with_backend)
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left before sending it all
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A receive that yields the already-read body once, then waits on the real one (for disconnects)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def _json_object(body: bytes) -> dict | None:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None

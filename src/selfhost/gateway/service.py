@@ -1,0 +1,40 @@
+"""Gateway: the deployment table, the shared proxy and the ledger, built once from a config file."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+from selfhost.gateway.config import GatewayConfig
+from selfhost.gateway.deployments import DeploymentTable
+from selfhost.gateway.ledger import Ledger
+from selfhost.gateway.proxy import Proxy
+from selfhost.plan.pricing import UsageRecord, price_usage
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.table = DeploymentTable(config)
+        self.ledger = Ledger(config.gateway.ledger)
+        self.proxy = Proxy(self.table, config.gateway, self.ledger)
+
+    def local_model_args(self) -> list[str]:
+        """The config's local models as `selfhost serve` arguments (NAME=PATH)."""
+        return [f"{e.name}={e.path}" for e in self.config.local_entries]
+
+    async def start(self) -> None:
+        # The price catalog loads on first use (a second or so): pay it before the first request does.
+        models = {d.price_model for d in self.table.all()}
+        today = dt.datetime.now(dt.timezone.utc)
+        await asyncio.to_thread(lambda: [price_usage(UsageRecord(), m, today) for m in models])
+
+    async def aclose(self) -> None:
+        await self.proxy.aclose()
+        await asyncio.to_thread(self.ledger.close)
+
+    def describe(self) -> str:
+        """One line for the start-up banner (no keys; the ledger URL without its password)."""
+        names = {d.name for d in self.table.all()}
+        url = self.ledger.engine.url.render_as_string(hide_password=True)
+        return f"gateway: {len(self.table.all())} remote deployment(s) of {len(names)} model(s), ledger {url}"

@@ -1,0 +1,64 @@
+"""Fake upstreams and a gateway built from a TOML config, all on loopback ports."""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+
+import pytest
+
+from selfhost.server.settings import ServerSettings
+from tests.gateway.fake_upstream import FakeUpstream
+from tests.server.conftest import LoopbackServer
+
+UPSTREAM_KEY = "sk-upstream-SECRET-4242"
+
+
+@pytest.fixture(scope="module")
+def upstreams():
+    servers = [FakeUpstream(label).start() for label in ("a", "b", "c")]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset(upstreams, monkeypatch):
+    for server in upstreams:
+        server.mode, server.received = "ok", []
+    monkeypatch.setenv("FAKE_UPSTREAM_KEY", UPSTREAM_KEY)
+
+
+def refused_url() -> str:
+    """A loopback URL where nothing listens: connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    """gateway(toml) -> a started LoopbackServer serving that config; stopped at the test's end."""
+    started = []
+
+    def start(toml: str, **settings) -> LoopbackServer:
+        config = tmp_path / "selfhost.toml"
+        ledger = tmp_path / "ledger.db"
+        config.write_text(f'[gateway]\nledger = "sqlite:///{ledger}"\ntimeout_s = 1.0\nbackoff_s = 0\n'
+                          + textwrap.dedent(toml))
+        server = LoopbackServer(ServerSettings(config=config, responses_db=tmp_path / "r.db", **settings))
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def remote(name: str, url: str, model: str = "gpt-4o-mini", **extra) -> str:
+    """A [[models]] entry for a remote deployment."""
+    lines = [f'name = "{name}"', f'url = "{url}"', f'model = "{model}"', 'api_key_env = "FAKE_UPSTREAM_KEY"']
+    for key, value in extra.items():
+        lines.append(f"{key} = {value!r}" if not isinstance(value, list) else
+                     f"{key} = [{', '.join(repr(v) for v in value)}]")
+    return "\n[[models]]\n" + "\n".join(lines).replace("'", '"') + "\n"

@@ -1,0 +1,103 @@
+"""A fake OpenAI-compatible upstream on a loopback port that can be told how to fail.
+
+Modes: "ok"; "500" and "429" (an error before any byte); "hang" (no answer within any
+test timeout); "drop" (a stream that sends two chunks, then the connection dies);
+"slow" (answers after SLOW_S, to hold requests outstanding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+SLOW_S = 0.3
+WORDS = ["Hello", " from", " upstream"]
+# Usage every answer reports: hand-priced in the tests (cached and reasoning tokens included).
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 80, "total_tokens": 1080,
+         "prompt_tokens_details": {"cached_tokens": 200}, "completion_tokens_details": {"reasoning_tokens": 30}}
+
+
+class FakeUpstream:
+    def __init__(self, label: str):
+        self.label = label
+        self.mode = "ok"
+        self.received: list[tuple[dict, dict]] = []  # (headers, body) of every request
+        app = FastAPI()
+        app.post("/v1/chat/completions")(self._chat)
+        app.post("/v1/completions")(self._chat)
+        app.post("/v1/embeddings")(self._embeddings)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+
+    def start(self) -> FakeUpstream:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    async def _failure(self):
+        if self.mode in ("500", "429"):
+            return JSONResponse({"error": {"message": f"{self.label} says {self.mode}", "type": "server_error"}},
+                                status_code=int(self.mode))
+        if self.mode == "hang":
+            await asyncio.sleep(30)
+        if self.mode == "slow":
+            await asyncio.sleep(SLOW_S)
+        return None
+
+    async def _chat(self, request: Request):
+        body = await request.json()
+        self.received.append((dict(request.headers), body))
+        failure = await self._failure()
+        if failure is not None:
+            return failure
+        if "messages" not in body and "prompt" not in body:
+            return JSONResponse({"error": {"message": "messages or prompt required", "type": "invalid_request_error"}},
+                                status_code=400)
+        if body.get("stream"):
+            return StreamingResponse(self._stream(body), media_type="text/event-stream")
+        return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(WORDS) + " " + self.label},
+                             "finish_reason": "stop"}], "usage": USAGE}
+
+    async def _stream(self, body: dict):
+        for i, word in enumerate(WORDS):
+            if self.mode == "drop" and i == 2:
+                raise RuntimeError("the upstream dies mid-stream")  # uvicorn cuts the connection
+            chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                     "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+            await asyncio.sleep(0)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                     "choices": [], "usage": USAGE}
+            yield f"data: {json.dumps(usage)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def _embeddings(self, request: Request):
+        body = await request.json()
+        self.received.append((dict(request.headers), body))
+        failure = await self._failure()
+        if failure is not None:
+            return failure
+        return {"object": "list", "model": body["model"], "usage": {"prompt_tokens": 7, "total_tokens": 7},
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]}
