@@ -17,10 +17,10 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize(
     "family, targets, config",
     [
-        ("llama", ALL, dict(r=4, lora_alpha=8)),
+        ("llama", ALL, {"r": 4, "lora_alpha": 8}),
         # q and v only: the fused qkv_proj is adapted in two of its three shards
-        ("qwen2", ["q_proj", "v_proj", "up_proj"], dict(r=8, lora_alpha=16, use_rslora=True)),
-        ("mistral", ALL, dict(r=4, lora_alpha=8, rank_pattern={"k_proj": 2}, alpha_pattern={"down_proj": 3.0})),
+        ("qwen2", ["q_proj", "v_proj", "up_proj"], {"r": 8, "lora_alpha": 16, "use_rslora": True}),
+        ("mistral", ALL, {"r": 4, "lora_alpha": 8, "rank_pattern": {"k_proj": 2}, "alpha_pattern": {"down_proj": 3.0}}),
     ],
 )
 def test_peft_adapter_matches_peft_on_transformers(tiny_checkpoint, tmp_path, prompt_ids, family, targets, config):

@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfhost.lora.adapter_format import TARGET_MODULES, Adapter, AdapterError, LoraConfig, ModuleAdapter
+from selfhost.lora.adapter_format import (
+    TARGET_MODULES,
+    Adapter,
+    AdapterError,
+    LoraConfig,
+    ModuleAdapter,
+)
 from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS
 from selfhost.models.loader import shard_slices

@@ -75,21 +75,21 @@ def _eos_id(tok: Tokenizer) -> int:
 
 def _from_record(tok: Tokenizer, record: object) -> Example:
     if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise ValueError("'messages' must be a list of {role, content} objects")
+            raise DataError("'messages' must be a list of {role, content} objects")
         if not any(m.get("role") == "assistant" for m in messages):
-            raise ValueError("the conversation has no assistant turn to learn from")
+            raise DataError("the conversation has no assistant turn to learn from")
         return chat_example(tok, messages)
     if "prompt" in record and "completion" in record:
         if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
-            raise ValueError("'prompt' and 'completion' must be strings")
+            raise DataError("'prompt' and 'completion' must be strings")
         return prompt_completion_example(tok, record["prompt"], record["completion"])
     if isinstance(record.get("text"), str):
         return text_example(tok, record["text"])
-    raise ValueError(f"expected 'messages', 'prompt' and 'completion', or 'text'; got fields {sorted(record)}")
+    raise DataError(f"expected 'messages', 'prompt' and 'completion', or 'text'; got fields {sorted(record)}")
 
 
 def load_examples(path: Path, tok: Tokenizer, max_len: int) -> list[Example]:
@@ -110,7 +110,7 @@ def load_examples(path: Path, tok: Tokenizer, max_len: int) -> list[Example]:
                 continue
             try:
                 example = _from_record(tok, json.loads(line))
-            except (ValueError, SelfhostError) as err:  # json's errors are ValueErrors too
+            except (json.JSONDecodeError, SelfhostError) as err:
                 raise DataError(f"{path}, line {line_no}: {err}") from None
             examples.append(Example(example.token_ids[:max_len], example.loss_mask[:max_len]))
     else:

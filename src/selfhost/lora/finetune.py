@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from selfhost.lora.adapter_format import Adapter, LoraConfig, write_adapter
 from selfhost.lora.apply import add_trainable_adapter, extract_adapter
@@ -50,8 +56,9 @@ class FinetuneResult:
         return None if self.base_eval_loss is None else math.exp(self.base_eval_loss)
 
 
-def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, T) inputs, (B, T) targets and (B, T) loss weights of right-padded examples."""
+def collate(examples: list[Example], pad_id: int,
+            device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T) inputs, (B, T) targets and (B, T) loss weights of right-padded examples, on `device`."""
     length = max(len(e.token_ids) for e in examples) - 1
     inputs = torch.full((len(examples), length), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), length), pad_id, dtype=torch.long)
@@ -61,14 +68,14 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
         inputs[row, :n] = torch.tensor(e.token_ids[:-1])
         targets[row, :n] = torch.tensor(e.token_ids[1:])
         weights[row, :n] = torch.tensor(e.loss_mask[1:], dtype=torch.float32)
-    return inputs, targets, weights
+    return inputs.to(device), targets.to(device), weights.to(device)
 
 
 def masked_loss(model: CausalLM, inputs: torch.Tensor, targets: torch.Tensor,
                 weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over the weighted tokens, and how many there are."""
     B, T = inputs.shape
-    positions = torch.arange(T).repeat(B)  # (B*T,)
+    positions = torch.arange(T, device=inputs.device).repeat(B)  # (B*T,)
     hidden = model(inputs.reshape(-1), positions, BatchCausalAttention(B, T))  # (B*T, hidden)
     losses = F.cross_entropy(model.compute_logits(hidden), targets.reshape(-1), reduction="none")  # (B*T,)
     w = weights.reshape(-1)
@@ -80,7 +87,7 @@ def evaluate(model: CausalLM, examples: list[Example], batch_size: int, pad_id: 
     """Mean loss (nats) over the loss tokens of `examples`."""
     total, count = 0.0, 0.0
     for i in range(0, len(examples), batch_size):
-        loss, n = masked_loss(model, *collate(examples[i:i + batch_size], pad_id))
+        loss, n = masked_loss(model, *collate(examples[i:i + batch_size], pad_id, model.lm_head.weight.device))
         total, count = total + loss.item(), count + n.item()
     return total / count
 
@@ -123,7 +130,8 @@ class Finetuner:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(self.cfg.grad_accum):
-            loss, count = masked_loss(self.model, *collate(self._next_examples(), self.pad_id))
+            batch = collate(self._next_examples(), self.pad_id, self.model.lm_head.weight.device)
+            loss, count = masked_loss(self.model, *batch)
             loss = loss / count.clamp(min=1) / self.cfg.grad_accum
             loss.backward()
             total += loss.item()

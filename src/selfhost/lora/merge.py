@@ -11,8 +11,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 from selfhost.errors import UnsupportedModelError
 from selfhost.lora.adapter_format import Adapter, AdapterError, module_path
 from selfhost.lora.apply import check_fits
@@ -39,7 +37,7 @@ def merge_adapter(model_dir: Path, adapter: Adapter, out: Path, overwrite: bool 
             tensors = {}
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata()
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     tensor = f.get_tensor(name)
                     if name in deltas:
                         tensor = (tensor.float() + deltas[name].delta_weight()).to(tensor.dtype)
