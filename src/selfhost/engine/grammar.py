@@ -25,7 +25,6 @@ from collections import OrderedDict
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 
 from selfhost.errors import InvalidParameterError
@@ -73,9 +72,15 @@ class GrammarCompiler:
         return pristine.deep_copy()
 
     def fill_masks(self, matchers: list[llguidance.LLMatcher]) -> torch.Tensor:
-        """(len(matchers), words) int32 bitmasks of the tokens each matcher allows next."""
-        masks = llguidance.torch.allocate_token_bitmask(len(matchers), self.ll_tokenizer.vocab_size)
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, list(zip(matchers, range(len(matchers)))), masks)
+        """(len(matchers), words) int32 bitmasks of the tokens each matcher allows next.
+
+        Written straight into a tensor by the executor's threads (llguidance.torch would do the
+        same, but importing it pulls in torch's compiler stack: +1.8 s and ~140 MB per process).
+        """
+        words = -(-self.ll_tokenizer.vocab_size // 32)
+        masks = torch.full((len(matchers), words), -1, dtype=torch.int32)
+        self._executor.unsafe_compute_mask_ptr(list(zip(matchers, range(len(matchers)))), masks.data_ptr(),
+                                               words * 4, len(matchers))
         return masks
 
     def step_masks(self, matchers: list[llguidance.LLMatcher | None]) -> TokenMasks | None:

@@ -59,25 +59,44 @@ def _final_fields(gen: Generation, first_token_ns: int | None, eval_count: int, 
     }
 
 
-class _ToolCalls:
-    """`/api/chat` with tools: the message body of each line, with text held while it may be a call
-    and the calls (arguments as objects, Ollama's way) in the line that carries them."""
+class _TextBody:
+    """What each line of a plain generation carries: the new text, under the route's key."""
 
-    def __init__(self, tools, num_jobs: int):
+    def __init__(self, wrap):
+        self.wrap = wrap  # text -> the line's body, e.g. {"response": text}
+
+    def delta(self, delta) -> dict | None:
+        return self.wrap(delta.text) if delta.text else None
+
+    def whole(self, text: str, token_ids: list[int]) -> dict:
+        return self.wrap(text)
+
+    def last(self) -> dict:
+        return self.wrap("")
+
+
+class _ToolCallBody:
+    """`/api/chat` with tools: text is held while it may be a call; the calls (arguments as objects,
+    Ollama's way) go in the line that ends the output."""
+
+    def __init__(self, tools):
         self.tools, self.token_ids, self.parser = tools, [], tools.stream()
 
-    def message(self, text: str, delta=None, whole: list[int] | None = None) -> dict:
-        if whole is not None:  # stream: false, the whole output at once
-            parsed = self.tools.parse(whole)
-            return _chat_message(parsed.content if parsed.calls else text, parsed.calls)
-        if delta is None:  # the final line
-            return _chat_message("", [])
+    def delta(self, delta) -> dict | None:
         self.token_ids += delta.token_ids
         content = self.parser.update(self.tools.output_text(self.token_ids))
-        if not delta.is_finished:
-            return _chat_message(content, [])
-        rest, calls = self.parser.finish()
-        return _chat_message(content + rest, calls)
+        calls = []
+        if delta.is_finished:
+            rest, calls = self.parser.finish()
+            content += rest
+        return _chat_message(content, calls) if content or calls else None
+
+    def whole(self, text: str, token_ids: list[int]) -> dict:
+        parsed = self.tools.parse(token_ids)
+        return _chat_message(parsed.content if parsed.calls else text, parsed.calls)
+
+    def last(self) -> dict:
+        return _chat_message("", [])
 
 
 def _chat_message(content: str, calls) -> dict:
@@ -88,20 +107,16 @@ def _chat_message(content: str, calls) -> dict:
 
 
 async def _lines(serving: Serving, gen: Generation, model: str, body) -> AsyncIterator[str]:
-    """NDJSON: one line per delta, then the final line with counts and durations (nanoseconds)."""
+    """NDJSON: one line per delta with something to say, then the final line with counts and durations (ns)."""
     first_ns, count, reason = None, 0, None
-    with_deltas = isinstance(getattr(body, "__self__", None), _ToolCalls)
     async for _, delta in serving.run(gen):
         if first_ns is None:
             first_ns = time.perf_counter_ns() - int(gen.started * 1e9)
         count, reason = delta.num_output_tokens, delta.finish_reason
-        if with_deltas:
-            line = body(delta.text, delta)
-            if line["message"]["content"] or line["message"].get("tool_calls"):
-                yield _line({"model": model, "created_at": now_iso(), **line, "done": False})
-        elif delta.text:
-            yield _line({"model": model, "created_at": now_iso(), **body(delta.text), "done": False})
-    yield _line({"model": model, "created_at": now_iso(), **body(""), **_final_fields(gen, first_ns, count, reason)})
+        line = body.delta(delta)
+        if line is not None:
+            yield _line({"model": model, "created_at": now_iso(), **line, "done": False})
+    yield _line({"model": model, "created_at": now_iso(), **body.last(), **_final_fields(gen, first_ns, count, reason)})
 
 
 async def _whole(serving: Serving, gen: Generation, model: str, body) -> dict:
@@ -113,11 +128,8 @@ async def _whole(serving: Serving, gen: Generation, model: str, body) -> dict:
             text.append(delta.text)
             token_ids += delta.token_ids
             count, reason = delta.num_output_tokens, delta.finish_reason
-    if isinstance(getattr(body, "__self__", None), _ToolCalls):
-        content = body("".join(text), whole=token_ids)
-    else:
-        content = body("".join(text))
-    return {"model": model, "created_at": now_iso(), **content, **_final_fields(gen, first_ns, count, reason)}
+    return {"model": model, "created_at": now_iso(), **body.whole("".join(text), token_ids),
+            **_final_fields(gen, first_ns, count, reason)}
 
 
 async def _respond(request: Request, serving: Serving, req: OllamaBase, gen: Generation, body):
@@ -145,12 +157,10 @@ async def chat(req: OllamaChatRequest, request: Request):
     prompt_ids = await serving.tokenize_chat(served, [m.as_dict() for m in req.messages], tools)
     if not tools:
         gen = await _prepare(serving, req, served, prompt_ids)
-        return await _respond(request, serving, req, gen,
-                              lambda text: {"message": {"role": "assistant", "content": text}})
+        return await _respond(request, serving, req, gen, _TextBody(lambda text: _chat_message(text, [])))
     # Ollama has no tool_choice: the model decides, and a call it opens is constrained to its schema.
     gen = await _prepare(serving, req, served, prompt_ids, served.tools.constraint(tools, ToolChoice("auto")), "tools")
-    calls_of = _ToolCalls(served.tools, len(gen.jobs))
-    return await _respond(request, serving, req, gen, calls_of.message)
+    return await _respond(request, serving, req, gen, _ToolCallBody(served.tools))
 
 
 @router.post("/generate")
@@ -166,7 +176,7 @@ async def generate(req: OllamaGenerateRequest, request: Request):
     else:
         prompt_ids = await serving.tokenize(served, f"{req.system}\n{req.prompt}" if req.system else req.prompt)
     gen = await _prepare(serving, req, served, prompt_ids)
-    return await _respond(request, serving, req, gen, lambda text: {"response": text})
+    return await _respond(request, serving, req, gen, _TextBody(lambda text: {"response": text}))
 
 
 # -- model information --------------------------------------------------------------
