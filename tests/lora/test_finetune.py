@@ -81,3 +81,31 @@ def test_finetuned_adapter_loads_in_peft_with_the_same_logits(tiny_checkpoint, t
     apply_adapter(reloaded, read_adapter(out))
     torch.testing.assert_close(selfhost_logits(reloaded, prompt_ids), trained, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(peft_logits(model_dir, out, prompt_ids), trained, atol=1e-4, rtol=1e-4)
+
+
+def test_resumed_run_ends_with_the_same_adapter(tiny_checkpoint, tmp_path):
+    from selfhost.lora.finetune import ResumeError
+
+    model_dir = tiny_checkpoint("llama")
+    tok = Tokenizer(model_dir)
+    records = [{"prompt": f"line {i}:", "completion": " to be"} for i in range(5)]
+    examples = load_examples(write_jsonl(tmp_path / "train.jsonl", records), tok, max_len=64)
+    lora = LoraConfig(rank=2, alpha=4.0, target_modules=("q_proj", "up_proj"))
+    cfg = TrainConfig(max_steps=6, batch_size=2, lr=1e-2, checkpoint_every=3, weight_decay=0.0)
+
+    def tuner(checkpoints=None, data=examples):
+        return Finetuner(load_model(model_dir, torch.float32, CPU), lora, cfg, data, 0, checkpoint_dir=checkpoints)
+
+    straight = tuner()
+    straight.run(show_progress=False)
+    first = tuner(tmp_path / "ckpt")
+    first.run(show_progress=False)
+    resumed = tuner()
+    resumed.resume(tmp_path / "ckpt" / "step-000003.pt")
+    assert resumed.step == 3
+    resumed.run(show_progress=False)
+    for (key, a), b in zip(straight.adapter().modules.items(), resumed.adapter().modules.values()):
+        torch.testing.assert_close(a.lora_a, b.lora_a, atol=0, rtol=0, msg=str(key))
+        torch.testing.assert_close(a.lora_b, b.lora_b, atol=0, rtol=0, msg=str(key))
+    with pytest.raises(ResumeError, match="other training data"):
+        tuner(data=examples[:4]).resume(tmp_path / "ckpt" / "step-000003.pt")

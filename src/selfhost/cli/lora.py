@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +44,11 @@ def finetune(
     max_len: Annotated[int, _opt("--max-len", help="Tokens per example (longer ones are cut).",
                                  panel=_OPTIM)] = 512,
     seed: Annotated[int, _opt("--seed", help="Seed for initialisation and data order.", panel=_OPTIM)] = 0,
+    checkpoint_every: Annotated[int, _opt("--checkpoint-every", help="Checkpoint every N steps (into "
+                                          "<out>-checkpoints).", panel=_OPTIM)] = 250,
+    resume: Annotated[Path | None, typer.Option(help="Continue from a checkpoint (.pt) written with the same "
+                                                     "settings and data.")] = None,
+    keep_checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints after a successful save.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
@@ -81,7 +87,7 @@ def finetune(
                       use_rslora=rslora, base_model_name_or_path=model)
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       warmup_steps=warmup_steps, weight_decay=0.0, grad_clip=grad_clip, eval_every=eval_every,
-                      seed=seed)
+                      checkpoint_every=checkpoint_every, seed=seed)
     model_dir = resolve_model(model)
     tok = Tokenizer(model_dir)
     train = load_examples(data, tok, max_len)
@@ -89,13 +95,19 @@ def finetune(
     base = load_model(model_dir, torch.float32, pick_device(device), max_len=max_len)
     pad_id = next(i for i in (tok.hf.pad_token_id, tok.hf.eos_token_id, 0) if i is not None)
     console = make_console()
-    tuner = Finetuner(base, lora, cfg, train, pad_id)
+    checkpoints = out.with_name(out.name + "-checkpoints")
+    tuner = Finetuner(base, lora, cfg, train, pad_id, checkpoint_dir=checkpoints)
+    if resume is not None:
+        tuner.resume(resume)
+        console.print(f"resuming at step {tuner.step}/{cfg.max_steps} from {resume}", highlight=False)
     console.print(f"adapting {', '.join(lora.target_modules)} at rank {lora.rank}: "
                   f"{tuner.trainable_params:,} trainable parameters "
                   f"({100 * tuner.trainable_params / tuner.base_params:.2f}% of the base's {tuner.base_params:,}); "
                   f"{len(train)} training examples", highlight=False)
     result = tuner.run(held_out, show_progress=progress)
     tuner.save(out, overwrite)
+    if not keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     line = f"wrote {out} after {result.steps} steps ({result.elapsed_s:.0f} s), final train loss {result.train_loss:.4f}"
     if result.eval_loss is not None:
         line += (f"; eval perplexity {result.eval_ppl:.2f} with the adapter, "

@@ -6,14 +6,19 @@ gradients. The loop reuses train/: TrainConfig, the warm-up + cosine schedule
 (`lr_factor`), clipping and accumulation; examples of different lengths are
 right-padded per micro-batch (causal attention never looks at the padding) and
 the loss is the mean over the tokens their loss mask selects.
+
+Checkpoints hold what the next step depends on (A and B, AdamW moments, the
+schedule's step, the data order and RNG states), so a resumed run ends with the
+same adapter as one that never stopped (same device, torch build and threads).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +32,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from selfhost.errors import SelfhostError
 from selfhost.lora.adapter_format import Adapter, LoraConfig, write_adapter
 from selfhost.lora.apply import add_trainable_adapter, extract_adapter
 from selfhost.lora.data import Example
@@ -35,6 +41,20 @@ from selfhost.models.decoder import CausalLM
 from selfhost.train.attention import BatchCausalAttention
 from selfhost.train.config import TrainConfig
 from selfhost.train.trainer import lr_factor
+
+CHECKPOINT_VERSION = 1
+
+
+class ResumeError(SelfhostError):
+    """A fine-tuning checkpoint that cannot continue this run (unreadable, or other settings or data)."""
+
+
+def data_fingerprint(examples: list[Example]) -> str:
+    """Identifies the exact examples and masks, so a resumed run can refuse different data."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(repr((e.token_ids, e.loss_mask)).encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -96,9 +116,10 @@ class Finetuner:
     """Adapters on `model` (frozen), trained on `train` for cfg.max_steps optimizer steps."""
 
     def __init__(self, model: CausalLM, lora: LoraConfig, cfg: TrainConfig, train: list[Example],
-                 pad_id: int, console: Console | None = None):
+                 pad_id: int, console: Console | None = None, checkpoint_dir: Path | None = None):
         self.model, self.lora, self.cfg, self.train, self.pad_id = model, lora, cfg, train, pad_id
         self.console = console or Console(stderr=True)
+        self.checkpoint_dir = checkpoint_dir  # None: no checkpoints
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
         self.base_params = sum(p.numel() for p in model.parameters())
@@ -111,6 +132,7 @@ class Finetuner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.order: list[int] = []
         self.step = 0
+        self.base_eval_loss: float | None = None
 
     @property
     def trainable_params(self) -> int:
@@ -145,7 +167,9 @@ class Finetuner:
     def run(self, eval_examples: list[Example] | None = None, show_progress: bool = True) -> FinetuneResult:
         evaluate_now = (lambda: evaluate(self.model.eval(), eval_examples, self.cfg.batch_size, self.pad_id)) \
             if eval_examples else (lambda: None)
-        base_eval = evaluate_now()  # B = 0: still the base model
+        if self.step == 0:
+            self.base_eval_loss = evaluate_now()  # B = 0: still the base model
+        base_eval = self.base_eval_loss
         if base_eval is not None:
             self.console.print(f"base model: eval loss {base_eval:.4f}  ppl {math.exp(base_eval):.2f}", highlight=False)
         columns = [TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
@@ -160,9 +184,63 @@ class Finetuner:
                     eval_loss = evaluate_now()
                     self.console.print(f"step {self.step}/{self.cfg.max_steps}  train {loss:.4f}  "
                                        f"eval {eval_loss:.4f}  ppl {math.exp(eval_loss):.2f}", highlight=False)
+                if self.checkpoint_dir is not None and (
+                        self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.max_steps):
+                    self.save_checkpoint(self.checkpoint_dir / f"step-{self.step:06d}.pt")
         self.model.eval()
         return FinetuneResult(self.step, loss, base_eval, eval_loss if eval_examples else None,
                               self.trainable_params, self.base_params, time.perf_counter() - start)
+
+    def state_dict(self) -> dict:
+        # Plain types and tensors only, so checkpoints load with torch.load(weights_only=True).
+        return {
+            "version": CHECKPOINT_VERSION,
+            "lora": self.lora.to_json(),
+            "train_config": asdict(self.cfg),
+            "data_fingerprint": data_fingerprint(self.train),
+            "step": self.step,
+            "base_eval_loss": self.base_eval_loss,
+            "params": [p.detach().clone() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "order": list(self.order),
+            "python_rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        """Continue from `state`; refuse one written with other settings or data."""
+        mine = self.state_dict()
+        for key, what in (("lora", "adapter settings"), ("train_config", "training settings"),
+                          ("data_fingerprint", "training data")):
+            if state.get(key) != mine[key]:
+                raise ResumeError(f"checkpoint {source} was written with other {what}; resume with the same ones")
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["params"], strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.order = list(state["order"])
+        self.rng.setstate(_as_tuples(state["python_rng"]))
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.base_eval_loss = state["step"], state["base_eval_loss"]
+
+    def save_checkpoint(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        torch.save(self.state_dict(), partial)
+        partial.replace(path)  # a crash mid-write never leaves a truncated checkpoint under the real name
+        for stale in sorted(path.parent.glob("step-*.pt"))[:-2]:
+            stale.unlink()
+
+    def resume(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as err:
+            raise ResumeError(f"checkpoint {path} cannot be read: {err}") from err
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            raise ResumeError(f"{path} is not a fine-tuning checkpoint of this selfhost version")
+        self.load_state_dict(state, str(path))
 
     def adapter(self) -> Adapter:
         return extract_adapter(self.model, self.lora)
@@ -171,3 +249,8 @@ class Finetuner:
         """Write the adapter in PEFT's format, all or nothing."""
         with staged_folder(out, overwrite) as staging:
             write_adapter(staging, self.adapter())
+
+
+def _as_tuples(value):
+    # random.setstate needs tuples where a checkpoint round trip may give lists.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
