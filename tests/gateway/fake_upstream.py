@@ -1,6 +1,6 @@
 """A fake OpenAI-compatible upstream on a loopback port that can be told how to fail.
 
-Modes: "ok"; "500" and "429" (an error before any byte); "hang" (no answer within any
+Modes: "ok"; "500", "429" and "401" (an error before any byte); "hang" (no answer within any
 test timeout); "drop" (a stream that sends two chunks, then the connection dies);
 "slow" (answers after SLOW_S, to hold requests outstanding).
 """
@@ -55,7 +55,7 @@ class FakeUpstream:
         self.thread.join(timeout=10)
 
     async def _failure(self):
-        if self.mode in ("500", "429"):
+        if self.mode in ("500", "429", "401"):
             return JSONResponse({"error": {"message": f"{self.label} says {self.mode}", "type": "server_error"}},
                                 status_code=int(self.mode))
         if self.mode == "hang":

@@ -106,6 +106,13 @@ def test_upstream_client_errors_pass_through_without_retry(gateway, upstreams):
     assert len(a.received) + len(upstreams[1].received) == 1  # a client error is not retried elsewhere
 
 
+def test_rejected_gateway_credentials_are_a_502_not_the_clients_401(gateway, upstreams):
+    upstreams[0].mode = "401"
+    server = gateway(remote("gpt", upstreams[0].url))
+    response = post(server)
+    assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_auth_failed"
+
+
 def test_streaming_relays_chunks_and_hides_the_usage_chunk_unless_asked(gateway, upstreams):
     server = gateway(remote("gpt", upstreams[0].url))
     with httpx.stream("POST", server.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
