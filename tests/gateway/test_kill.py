@@ -1,0 +1,62 @@
+"""The ledger after `kill -9` mid-traffic: every request whose response completed is recorded, exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from tests.gateway.conftest import remote
+from tests.live_server import free_port, wait_until_healthy
+
+
+def test_kill_9_mid_traffic_loses_and_duplicates_nothing(upstreams, tmp_path):
+    ledger = tmp_path / "ledger.db"
+    config = tmp_path / "selfhost.toml"
+    config.write_text(f'[gateway]\nledger = "sqlite:///{ledger}"\n' + remote("gpt", upstreams[0].url))
+    port = free_port()
+    log = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "selfhost.cli", "serve", "--config", str(config), "--port",
+                             str(port)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, proc, lambda: (log.seek(0), log.read())[1], timeout_s=60)
+        completed: list[str] = []
+        stop = threading.Event()
+
+        def traffic():
+            with httpx.Client(timeout=10) as client:
+                while not stop.is_set():
+                    try:
+                        r = client.post(url + "/v1/chat/completions",
+                                        json={"model": "gpt", "messages": [{"role": "user", "content": "hi"}]})
+                    except httpx.TransportError:
+                        return  # the server is gone
+                    if r.status_code == 200:
+                        completed.append(r.headers["x-selfhost-request-id"])
+
+        workers = [threading.Thread(target=traffic) for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        while len(completed) < 50:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    with sqlite3.connect(ledger) as db:
+        ids = [row[0] for row in db.execute("SELECT request_id FROM gateway_requests")]
+    assert len(ids) == len(set(ids))
+    assert set(completed) <= set(ids), f"{len(set(completed) - set(ids))} completed requests missing"
+    assert len(ids) - len(completed) <= 8  # at most the requests in flight at the kill
