@@ -47,6 +47,9 @@ class LLM:
     for through transformers' modeling code: same API, much slower.
     A folder written by `selfhost export onnx` runs on ONNX Runtime instead (same
     API, one sequence at a time; its precision is the export's).
+    `lora={"legal": "./legal-adapter", ...}` serves LoRA adapters (PEFT folders) on
+    this base: `generate(..., lora="legal")`; up to `max_loras` are loaded at once
+    (least recently used evicted), each of rank at most `max_lora_rank`.
     """
 
     def __init__(
@@ -66,6 +69,9 @@ class LLM:
         transformers_fallback: bool = False,
         weight_dtype: str | None = None,
         kv_cache_dtype: str = "auto",
+        lora: dict[str, str] | None = None,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ):
         self.model_dir = resolve_model(model, allow_pickle=allow_pickle, revision=revision)
         self.device = pick_device(device)
@@ -74,6 +80,8 @@ class LLM:
         self._request_ids = itertools.count()
         self.driven_by_async_engine = False  # set by AsyncEngine, which then owns `engine`
         if is_onnx_export(self.model_dir):
+            if lora:
+                raise InvalidParameterError("LoRA adapters are served on selfhost's own model, not an ONNX export")
             self._init_onnx(device, max_model_len, quantization, weight_dtype, kv_cache_dtype)
             return
         quant_config = QuantConfig(method=quantization) if quantization is not None else None  # fail before the load
@@ -87,6 +95,11 @@ class LLM:
             bf16_weights=WEIGHT_DTYPES[weight_dtype],
         )
         self.weight_precision = getattr(self.model, "weight_precision", None)  # set where "auto" chose
+        self.adapters = None
+        if lora:  # name -> adapter folder; each loads into one of max_loras slots on first use
+            from selfhost.lora.serving import AdapterSlots
+
+            self.adapters = AdapterSlots(self.model, lora, max_loras, max_lora_rank)
         self.kv_cache_dtype = pick_kv_cache_dtype(kv_cache_dtype, self.dtype, uses_bf16_weights(self.model))
         self.max_model_len = self.model.max_len
         if kv_cache_memory is None:
@@ -101,7 +114,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
         )
         self.engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.dtype, self.device,
-                                self.kv_cache_dtype)
+                                self.kv_cache_dtype, self.adapters)
 
     def _init_onnx(self, device: str, max_model_len: int | None, quantization: str | None,
                    weight_dtype: str | None, kv_cache_dtype: str) -> None:
@@ -124,15 +137,23 @@ class LLM:
         self.engine_config = None
 
     def generate(
-        self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None
+        self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None,
+        lora: str | Seq[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """One output per prompt; a prompt is a string or a list of token ids."""
+        """One output per prompt; a prompt is a string or a list of token ids.
+
+        `lora`: the adapter (a name given to `LLM(lora=...)`) for every prompt, or one per prompt;
+        None is the base model. Prompts for different adapters run in the same batch."""
         self._check_not_driven()
         params = params or SamplingParams()
+        all_ids = self._normalise(prompts)
+        loras = [lora] * len(all_ids) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(all_ids):
+            raise InvalidParameterError(f"{len(loras)} adapters given for {len(all_ids)} prompts", param="lora")
         seqs = []
         try:
-            for ids in self._normalise(prompts):
-                seqs.append(self.engine.add_request(self._next_id(), ids, params))
+            for ids, name in zip(all_ids, loras):
+                seqs.append(self.engine.add_request(self._next_id(), ids, params, lora=name))
             while any(not s.is_finished for s in seqs):
                 self.engine.step()
         finally:

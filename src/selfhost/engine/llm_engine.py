@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from selfhost.models.bf16_weights import linear_kernels, weight_dtype_name
 from selfhost.models.decoder import CausalLM
 from selfhost.sampling_params import SamplingParams
 from selfhost.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from selfhost.lora.serving import AdapterSlots
 
 log = logging.getLogger("selfhost.engine")
 
@@ -75,10 +79,12 @@ def plan_num_blocks(config: EngineConfig, model: CausalLM, dtype: torch.dtype, d
 class LLMEngine:
     def __init__(
         self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig, dtype: torch.dtype, device: torch.device,
-        kv_dtype: torch.dtype | None = None,
+        kv_dtype: torch.dtype | None = None, adapters: AdapterSlots | None = None,
     ):
-        """dtype: the activations'; kv_dtype: what the KV cache stores (default: dtype)."""
+        """dtype: the activations'; kv_dtype: what the KV cache stores (default: dtype);
+        adapters: LoRA adapters requests may name (already wrapped around `model`'s projections)."""
         self.model = model
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self.config = config
         self.kv_dtype = kv_dtype = kv_dtype or dtype
@@ -96,6 +102,7 @@ class LLMEngine:
             self.runner = ModelRunner(model, self.cache, device)
         self.grammars = GrammarCompiler(tokenizer, model.spec.vocab_size, tokenizer.eos_token_ids)
         self.runner.grammars = self.grammars
+        self.runner.adapters = adapters
         self.capacity_tokens = num_blocks * config.block_size
         self.limits = RequestLimits(
             vocab_size=model.spec.vocab_size,
@@ -126,16 +133,24 @@ class LLMEngine:
             self.grammars.matcher(params.structured_output)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    cache_salt: bytes | None = None) -> Sequence:
+                    cache_salt: bytes | None = None, lora: str | None = None) -> Sequence:
         """Validate and queue a request; it joins the running batch at the next step with room.
 
-        Requests reuse each other's cached prefix blocks only when their `cache_salt` is the same.
+        Requests reuse each other's cached prefix blocks only when their `cache_salt` is the same
+        (and their adapter: `lora` names one of the engine's adapters; None is the base model).
         """
         if request_id in self.sequences:
             raise InvalidParameterError(f"request id {request_id!r} is already running", param="request_id")
+        if lora is not None and self.adapters is None:
+            raise InvalidParameterError(f"adapter {lora!r} requested, but this engine serves no adapters",
+                                        param="lora")
         self.validate_request(prompt_ids, params)
         max_output = self.limits.output_budget(len(prompt_ids), params.max_tokens)
         seq = Sequence(request_id, list(prompt_ids), params, self.tokenizer, max_output)
+        if lora is not None:
+            seq.lora_slot = self.adapters.acquire(lora)
+            # Another adapter's keys and values differ: its cached prefixes are its own.
+            cache_salt = (cache_salt or b"") + b"\0lora\0" + lora.encode()
         seq.cache_root = cache_root(cache_salt)
         if params.structured_output is not None:
             seq.grammar = self.grammars.matcher(params.structured_output)
@@ -147,6 +162,7 @@ class LLMEngine:
         seq = self.sequences.pop(request_id, None)
         if seq is not None:
             self.scheduler.finish(seq)
+            self._release_adapter(seq)
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
         return seq
@@ -179,9 +195,15 @@ class LLMEngine:
             if seq.is_finished:
                 self.scheduler.finish(seq)
                 self.sequences.pop(seq.request_id, None)
+                self._release_adapter(seq)
         self._tokens_last_step = sum(c.num_tokens for c in chunks)
         self._num_steps += 1
         return updated
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.lora_slot is not None:
+            self.adapters.release(seq.lora_slot)
+            seq.lora_slot = None
 
     def _advance_grammars(self, updated: list[Sequence]) -> None:
         # A sequence that just ended (a stop token or string, its length) needs no further mask.

@@ -35,6 +35,7 @@ class StepResult:
 
 class ModelRunner:
     grammars = None  # the engine's GrammarCompiler: masks for rows with an output constraint
+    adapters = None  # the engine's AdapterSlots where LoRA adapters are served: each row's slot per step
     supports_prompt_logprobs = True
 
     def __init__(self, model: CausalLM, cache: PagedKVCache, device: torch.device):
@@ -95,8 +96,14 @@ class ModelRunner:
         chunks = sorted(chunks, key=lambda c: c.num_tokens != 1)
         input_ids, positions, meta = self._prepare(chunks, num_threads)
         self.cache.meta = meta
-        hidden = self.model(input_ids, positions, self.cache, num_threads)
-        self.cache.meta = None
+        if self.adapters is not None:
+            self.adapters.begin_step([(c.seq.lora_slot, c.num_tokens) for c in chunks], self.device)
+        try:
+            hidden = self.model(input_ids, positions, self.cache, num_threads)
+        finally:
+            self.cache.meta = None
+            if self.adapters is not None:
+                self.adapters.end_step()
         ends, rows, finishing, scoring = 0, [], [], []
         for chunk in chunks:
             if chunk.seq.needs_prompt_logprobs:

@@ -55,6 +55,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # digest of each full, committed block
         self.cache_root: bytes | None = None  # parent digest of the first block: its prefix-cache scope
+        self.lora_slot: int | None = None  # the adapter slot its rows use (lora/serving.py); None: the base model
         self.num_computed_tokens = 0
         self.num_preemptions = 0
 

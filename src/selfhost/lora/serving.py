@@ -1,0 +1,192 @@
+"""Many adapters on one base in one batch: adapter slots and the gathered low-rank product.
+
+Every adaptable projection of the served model is wrapped once in a
+`MultiLoRALinear` holding `max_loras` slots of zero-padded A and B (scale
+folded into B). A step's rows each name a slot, or none for the base model.
+The base product runs once for the whole batch; the adapters add
+
+    low = x @ A_all^T                    (T, L*S*R)   every slot's A at once
+    low *= onehot(slot of each row)      keeps each row's own slot
+    out += low @ B_all                   (T, out)
+
+with L slots, S shards of a fused projection (q/k/v, gate/up) and R the slot
+rank: two dense products and a mask, the same work for any mix of adapters,
+and no Python loop over requests. A shard's B is zero outside its output rows,
+so a fused projection needs no per-shard split. The work grows with L*S*R; a
+grouped kernel that touches only the slots present is phase-2 work.
+
+`AdapterSlots` decides which adapter is in which slot: loaded on first use,
+evicted least recently used among those no running request holds.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from selfhost.errors import InvalidParameterError
+from selfhost.lora.adapter_format import TARGET_MODULES, AdapterError, read_adapter
+from selfhost.lora.apply import LoRALinear, check_fits
+from selfhost.models.decoder import CausalLM
+from selfhost.models.families import PACKED_WEIGHTS
+from selfhost.models.loader import shard_slices
+
+# selfhost's projections and the PEFT modules fused into each, in row order.
+FUSED_SHARDS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+class StepRows:
+    """Which slot each row of the current step uses: set by the model runner around a forward."""
+
+    def __init__(self):
+        self.onehot: torch.Tensor | None = None  # (T, L) 1.0 at a row's slot; None: every row is the base model
+
+
+class MultiLoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, rows: StepRows, shard_rows: list[tuple[int, int]], max_loras: int,
+                 max_rank: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.base, self.rows, self.shard_rows = base, rows, shard_rows
+        num_shards = len(shard_rows)
+        self.register_buffer("lora_a", torch.zeros(max_loras, num_shards, max_rank, base.in_features,
+                                                   dtype=dtype, device=device), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(max_loras, num_shards, max_rank, base.out_features,
+                                                   dtype=dtype, device=device), persistent=False)
+
+    def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+        out = self.base.forward(x, num_threads)  # (T, out)
+        onehot = self.rows.onehot
+        if onehot is None:
+            return out
+        slots = self.lora_a.shape[0]
+        width = self.lora_a[0].numel() // self.lora_a.shape[-1]  # S*R columns per slot
+        low = x.to(self.lora_a.dtype) @ self.lora_a.view(-1, self.lora_a.shape[-1]).t()  # (T, L*S*R)
+        low = (low.view(-1, slots, width) * onehot[:, :, None]).view(-1, slots * width)  # (T, L*S*R)
+        out += (low @ self.lora_b.view(-1, self.lora_b.shape[-1])).to(out.dtype)  # (T, out)
+        return out
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, shards: dict[int, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """Fill `slot`: shard index -> (A (r, in), B (rows, r), scale); every other shard is zeroed."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        for shard, (a, b, scale) in shards.items():
+            start, end = self.shard_rows[shard]
+            rank = a.shape[0]
+            self.lora_a[slot, shard, :rank] = a
+            self.lora_b[slot, shard, :rank, start:end] = b.t() * scale
+
+
+class AdapterSlots:
+    """Named adapters (folders) and the `max_loras` slots they are loaded into on demand."""
+
+    def __init__(self, model: CausalLM, adapters: dict[str, Path], max_loras: int = 4, max_rank: int = 16):
+        if not isinstance(model, CausalLM):
+            raise InvalidParameterError("LoRA adapters need an architecture selfhost runs natively, "
+                                        "not the transformers fallback")
+        if max_loras < 1:
+            raise InvalidParameterError(f"max_loras={max_loras} must be at least 1")
+        if max_rank < 1:
+            raise InvalidParameterError(f"max_lora_rank={max_rank} must be at least 1")
+        if any(isinstance(m, LoRALinear) for m in model.modules()):
+            raise InvalidParameterError("the model already carries a single adapter; serve adapters through slots")
+        self.model, self.max_loras, self.max_rank = model, max_loras, max_rank
+        self.folders: dict[str, Path] = {}
+        for name, folder in adapters.items():
+            self.register(name, folder)
+        self.rows = StepRows()
+        self.users = [0] * max_loras  # running requests per slot
+        self.loaded: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+        self.modules: dict[tuple[int, str], MultiLoRALinear] = {}
+        dtype = model.model.embed_tokens.weight.dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        device = model.lm_head.weight.device if hasattr(model.lm_head, "weight") else torch.device("cpu")
+        slices = shard_slices(model.spec)
+        for layer_idx, layer in enumerate(model.model.layers):
+            for fused, members in FUSED_SHARDS.items():
+                parent = layer.self_attn if TARGET_MODULES[members[0]] == "self_attn" else layer.mlp
+                base = getattr(parent, fused)
+                rows = slices.get(fused, [(0, base.out_features)])
+                wrapped = MultiLoRALinear(base, self.rows, rows, max_loras, max_rank, dtype, device)
+                setattr(parent, fused, wrapped)
+                self.modules[(layer_idx, fused)] = wrapped
+
+    def register(self, name: str, folder: Path) -> None:
+        if not name or name != name.strip():
+            raise InvalidParameterError(f"adapter name {name!r} must be non-empty, without surrounding spaces")
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise AdapterError(f"adapter {name!r}: {folder} is not a folder")
+        self.folders[name] = folder
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.folders)
+
+    def acquire(self, name: str) -> int:
+        """The slot holding adapter `name` (loaded now if needed), held until `release`."""
+        if name not in self.folders:
+            raise InvalidParameterError(f"unknown adapter {name!r}; loaded: {', '.join(self.names) or 'none'}",
+                                        param="lora")
+        if name not in self.loaded:
+            self._load(name, self._free_slot())
+        self.loaded.move_to_end(name)
+        slot = self.loaded[name]
+        self.users[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        assert self.users[slot] > 0, slot
+        self.users[slot] -= 1
+
+    def _free_slot(self) -> int:
+        taken = set(self.loaded.values())
+        for slot in range(self.max_loras):
+            if slot not in taken:
+                return slot
+        for name, slot in self.loaded.items():  # least recently used first
+            if self.users[slot] == 0:
+                del self.loaded[name]
+                return slot
+        raise InvalidParameterError(f"all {self.max_loras} adapter slots are held by running requests; "
+                                    "raise max_loras or retry when some finish", param="lora")
+
+    def _load(self, name: str, slot: int) -> None:
+        adapter = read_adapter(self.folders[name])
+        check_fits(adapter, self.model.spec)
+        too_big = max(m.rank for m in adapter.modules.values())
+        if too_big > self.max_rank:
+            raise AdapterError(f"adapter {name!r} has rank {too_big}, more than max_lora_rank={self.max_rank}")
+        per_module: dict[tuple[int, str], dict] = {}
+        for (layer_idx, module), m in adapter.modules.items():
+            fused, shard = PACKED_WEIGHTS.get(module, (module, 0))
+            per_module.setdefault((layer_idx, fused), {})[shard] = (m.lora_a, m.lora_b, m.scale)
+        for key, wrapped in self.modules.items():
+            wrapped.load_slot(slot, per_module.get(key, {}))
+        self.loaded[name] = slot
+
+    def begin_step(self, row_slots: list[tuple[int | None, int]], device: torch.device) -> None:
+        """row_slots: (slot or None, number of rows) per chunk, in the step's row order."""
+        if all(slot is None for slot, _ in row_slots):
+            self.rows.onehot = None
+            return
+        rows, cols, first = [], [], 0
+        for slot, num in row_slots:
+            if slot is not None:
+                rows.extend(range(first, first + num))
+                cols.extend([slot] * num)
+            first += num
+        onehot = torch.zeros(first, self.max_loras, dtype=self.modules[(0, "o_proj")].lora_a.dtype, device=device)
+        onehot[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = 1.0
+        self.rows.onehot = onehot
+
+    def end_step(self) -> None:
+        self.rows.onehot = None

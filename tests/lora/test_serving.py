@@ -1,0 +1,84 @@
+"""Several adapters and the base model in one batch: each request gets what it gets alone."""
+
+import pytest
+import torch
+
+from selfhost import LLM, SamplingParams
+from selfhost.errors import InvalidParameterError
+from selfhost.lora.adapter_format import read_adapter
+from selfhost.lora.apply import apply_adapter
+from selfhost.models.loader import load_model
+from tests.lora.conftest import make_peft_adapter, selfhost_logits
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+PROMPTS = [[1, 17, 250, 3, 99], [1, 401, 42, 8, 300, 5, 77, 123, 9, 11, 12], [1, 5], [1, 17, 250, 3, 99, 8, 8]]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_checkpoint, tmp_path_factory):
+    model_dir = tiny_checkpoint("qwen2")
+    root = tmp_path_factory.mktemp("adapters")
+    targets = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+               ["up_proj", "down_proj"]]
+    return model_dir, {f"a{i}": make_peft_adapter(model_dir, root / f"a{i}", t, seed=i, r=2 + 2 * i, lora_alpha=8)
+                       for i, t in enumerate(targets)}
+
+
+def test_gathered_product_equals_the_single_adapter_model(adapters):
+    model_dir, folders = adapters
+    llm = LLM(str(model_dir), lora={k: str(v) for k, v in folders.items()}, max_loras=3, max_lora_rank=8)
+    slot = llm.adapters.acquire("a1")
+    ids = PROMPTS[1]
+    llm.adapters.begin_step([(slot, len(ids))], torch.device("cpu"))
+    ours = selfhost_logits(llm.model, ids)
+    llm.adapters.end_step()
+    single = load_model(model_dir, torch.float32, torch.device("cpu"))
+    apply_adapter(single, read_adapter(folders["a1"]))
+    torch.testing.assert_close(ours, selfhost_logits(single, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_batch_gives_each_request_its_own_tokens(adapters):
+    model_dir, folders = adapters
+    llm = LLM(str(model_dir), lora={k: str(v) for k, v in folders.items()}, max_loras=3, max_lora_rank=8)
+    names = [None, "a0", "a1", "a2"]
+    alone = [llm.generate([p], GREEDY, lora=n)[0].token_ids for p, n in zip(PROMPTS, names)]
+    mixed = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, lora=names)]
+    assert mixed == alone
+    assert len({tuple(o.token_ids) for o in llm.generate([PROMPTS[0]] * 4, GREEDY, lora=names)}) > 1
+    base = LLM(str(model_dir))
+    assert base.generate([PROMPTS[0]], GREEDY)[0].token_ids == alone[0]
+
+
+def test_prefix_cache_is_keyed_by_adapter(adapters):
+    model_dir, folders = adapters
+    long_prompt = [1] + list(range(20, 60))  # several full KV blocks
+    fresh = LLM(str(model_dir), lora={"a1": str(folders["a1"])})
+    expected = fresh.generate([long_prompt], GREEDY, lora="a1")[0].token_ids
+    llm = LLM(str(model_dir), lora={"a1": str(folders["a1"])})
+    llm.generate([long_prompt], GREEDY)  # the base model's blocks for this prompt are now cached
+    assert llm.generate([long_prompt], GREEDY, lora="a1")[0].token_ids == expected
+    assert llm.engine.block_manager.prefix_hit_rate == 0.0  # nothing of the base's was reused
+
+
+def test_eviction_and_reload_keep_outputs(adapters):
+    model_dir, folders = adapters
+    llm = LLM(str(model_dir), lora={k: str(v) for k, v in folders.items()}, max_loras=1, max_lora_rank=8)
+    first = [llm.generate([PROMPTS[1]], GREEDY, lora=n)[0].token_ids for n in ("a0", "a1", "a2")]
+    again = [llm.generate([PROMPTS[1]], GREEDY, lora=n)[0].token_ids for n in ("a2", "a0", "a1")]
+    assert again == [first[2], first[0], first[1]]
+    with pytest.raises(InvalidParameterError, match="adapter slots are held"):
+        llm.generate(PROMPTS[:2], GREEDY, lora=["a0", "a1"])  # one slot, two adapters at once
+    assert llm.adapters.users == [0]  # the refused batch released what it held
+
+
+def test_unknown_adapter_and_rank_too_big(adapters):
+    from selfhost.lora.adapter_format import AdapterError
+
+    model_dir, folders = adapters
+    llm = LLM(str(model_dir), lora={"a2": str(folders["a2"])}, max_lora_rank=4)
+    with pytest.raises(InvalidParameterError, match="unknown adapter 'nope'"):
+        llm.generate([PROMPTS[0]], GREEDY, lora="nope")
+    with pytest.raises(AdapterError, match="rank 6, more than max_lora_rank=4"):
+        llm.generate([PROMPTS[0]], GREEDY, lora="a2")
+    with pytest.raises(InvalidParameterError, match="serves no adapters"):
+        LLM(str(model_dir)).generate([PROMPTS[0]], GREEDY, lora="a2")
