@@ -52,7 +52,7 @@ def _options(
 
 
 # One module per command group, each exposing register(app).
-COMMAND_MODULES = ("run", "serve", "train", "quant", "plan", "prices", "bench", "rag", "shrink", "lora")
+COMMAND_MODULES = ("run", "serve", "train", "quant", "plan", "prices", "bench", "rag", "shrink", "lora", "keys")
 
 
 def _register_commands() -> None:

@@ -91,6 +91,7 @@ class GatewaySettings(BaseModel):
     backoff_s: float = Field(0.05, ge=0, description="Pause before the second attempt, doubled after each.")
     cooldown_s: float = Field(30.0, ge=0, description="How long a failing deployment is skipped.")
     ledger: str | None = Field(None, description="SQLAlchemy URL of the ledger (default: a SQLite file).")
+    require_key: bool = Field(False, description="Every API request needs a virtual key (selfhost keys create).")
 
 
 class GatewayConfig(BaseModel):
@@ -112,7 +113,7 @@ class GatewayConfig(BaseModel):
         return os.environ.get(entry.api_key_env) if entry.api_key_env else None
 
 
-def check_references(config: GatewayConfig) -> None:
+def check_references(config: GatewayConfig, check_env: bool = True) -> None:
     """What a single entry cannot check: names, fallbacks, key variables, deployment ids."""
     names = {e.name for e in config.models}
     local_names = Counter(e.name for e in config.local_entries)
@@ -131,7 +132,7 @@ def check_references(config: GatewayConfig) -> None:
                     f"(models: {', '.join(sorted(names))})")
             if fallback == entry.name:
                 raise GatewayConfigError(f"model {entry.name!r} names itself as a fallback")
-        if entry.api_key_env and not os.environ.get(entry.api_key_env):
+        if check_env and entry.api_key_env and not os.environ.get(entry.api_key_env):
             raise GatewayConfigError(
                 f"model {entry.name!r}: api_key_env {entry.api_key_env!r} is not set in the environment")
 
@@ -148,24 +149,26 @@ def _describe(err: ValidationError, raw: dict) -> str:
     return f"{where}: {first['msg'].removeprefix('Value error, ')}"
 
 
-def parse_gateway_config(raw: dict, source: str = "config") -> GatewayConfig:
+def parse_gateway_config(raw: dict, source: str = "config", check_env: bool = True) -> GatewayConfig:
     try:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as err:
         raise GatewayConfigError(f"{source}: {_describe(err, raw)}") from None
     try:
-        check_references(config)
+        check_references(config, check_env)
     except GatewayConfigError as err:
         raise GatewayConfigError(f"{source}: {err}") from None
     return config
 
 
-def load_gateway_config(path: Path) -> GatewayConfig:
-    """Read and validate `path`; every problem is a GatewayConfigError naming the file and the entry."""
+def load_gateway_config(path: Path, check_env: bool = True) -> GatewayConfig:
+    """Read and validate `path`; every problem is a GatewayConfigError naming the file and the entry.
+
+    `check_env=False` skips the upstream key variables: `selfhost keys` needs only the ledger."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise GatewayConfigError(f"config file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as err:
         raise GatewayConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
-    return parse_gateway_config(raw, source=str(path))
+    return parse_gateway_config(raw, source=str(path), check_env=check_env)

@@ -17,11 +17,12 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from starlette.responses import Response, StreamingResponse
 
+from selfhost.gateway.budgets import UNMETERED, Reservation
 from selfhost.gateway.config import GatewaySettings
 from selfhost.gateway.deployments import Deployment, DeploymentTable
 from selfhost.gateway.ledger import Ledger, LedgerEntry
@@ -53,7 +54,8 @@ class LocalFallback:
 class ProxyRequest:
     endpoint: str  # "chat/completions", "completions" or "embeddings"
     payload: dict  # the client's JSON body
-    key_name: str | None = None
+    key_name: str | None = None  # the virtual key's name
+    reservation: Reservation = field(default_factory=lambda: UNMETERED)  # settled with the real cost once the ledger has it
 
     @property
     def model(self) -> str:
@@ -225,6 +227,7 @@ class Proxy:
             request_id=request_id, time=started, key_name=request.key_name, model=request.model,
             deployment=deployment.id, upstream_model=deployment.model, endpoint=request.endpoint, status=status,
             priced=priced))
+        request.reservation.settle(priced.cost.usd if priced.cost.is_priced else None)
         return request_id
 
 

@@ -13,7 +13,9 @@ import json
 
 from starlette.requests import Request
 
-from selfhost.gateway.proxy import BACKEND_HEADER, LocalFallback, Proxy, ProxyRequest
+from starlette.responses import StreamingResponse
+
+from selfhost.gateway.proxy import BACKEND_HEADER, LocalFallback, ProxyRequest
 from selfhost.server.errors import APIError, error_response
 from selfhost.server.models import canonical
 
@@ -22,8 +24,8 @@ ENDPOINTS = {"/v1/chat/completions": "chat/completions", "/v1/completions": "com
 
 
 class GatewayRouter:
-    def __init__(self, app, proxy: Proxy):
-        self.app, self.proxy = app, proxy
+    def __init__(self, app, gateway):
+        self.app, self.gateway = app, gateway
 
     async def __call__(self, scope, receive, send):
         endpoint = ENDPOINTS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -32,17 +34,30 @@ class GatewayRouter:
         body = await _read_body(receive)
         payload = _json_object(body)
         name = payload.get("model") if payload is not None else None
-        if not isinstance(name, str) or not self.proxy.table.is_remote(canonical(name)):
+        if not isinstance(name, str):  # selfhost's routes say what is wrong with the body
             return await self._local(scope, body, receive, send, name)
-        payload["model"] = canonical(name)
+        name = canonical(name)
         try:
-            result = await self.proxy.handle(ProxyRequest(endpoint, payload))
+            key_name, reservation = self.gateway.admission.admit(scope, name, payload)
         except APIError as err:
             return await error_response(Request(scope), err)(scope, receive, send)
-        if isinstance(result, LocalFallback):
-            body = json.dumps({**payload, "model": result.name}).encode()
-            return await self._local(scope, body, receive, send, result.name)
-        await result(scope, receive, send)
+        streaming = False  # a relayed stream settles its own reservation when it ends
+        try:
+            if not self.gateway.table.is_remote(name):
+                return await self._local(scope, body, receive, send, name)
+            payload["model"] = name
+            try:
+                result = await self.gateway.proxy.handle(ProxyRequest(endpoint, payload, key_name, reservation))
+            except APIError as err:
+                return await error_response(Request(scope), err)(scope, receive, send)
+            if isinstance(result, LocalFallback):
+                body = json.dumps({**payload, "model": result.name}).encode()
+                return await self._local(scope, body, receive, send, result.name)
+            streaming = isinstance(result, StreamingResponse)
+            await result(scope, receive, send)
+        finally:
+            if not streaming:
+                reservation.release()  # a no-op once the ledger settled it
 
     async def _local(self, scope, body: bytes, receive, send, name) -> None:
         backend = f"local/{name}".encode() if isinstance(name, str) else b"local"

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
+from selfhost.gateway.admission import Admission
+from selfhost.gateway.budgets import KeyBudgets
 from selfhost.gateway.config import GatewayConfig
 from selfhost.gateway.deployments import DeploymentTable
+from selfhost.gateway.keys import KeyStore
 from selfhost.gateway.ledger import Ledger
 from selfhost.gateway.proxy import Proxy
 from selfhost.plan.pricing import UsageRecord, price_usage
@@ -18,6 +21,9 @@ class Gateway:
         self.table = DeploymentTable(config)
         self.ledger = Ledger(config.gateway.ledger)
         self.proxy = Proxy(self.table, config.gateway, self.ledger)
+        self.keys = KeyStore(self.ledger.engine)
+        self.budgets = KeyBudgets(self.ledger)
+        self.admission = Admission(self.keys, self.budgets, self.table, config.gateway.require_key)
 
     def local_model_args(self) -> list[str]:
         """The config's local models as `selfhost serve` arguments (NAME=PATH)."""

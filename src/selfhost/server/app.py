@@ -137,7 +137,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     if gateway is not None:  # after the key check: remote models are as protected as local ones
         from selfhost.gateway.router import GatewayRouter
 
-        app.add_middleware(GatewayRouter, proxy=gateway.proxy)
+        app.add_middleware(GatewayRouter, gateway=gateway)
     app.add_middleware(ApiKeyAuth)
     if settings.cors:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors, allow_methods=["*"], allow_headers=["*"])

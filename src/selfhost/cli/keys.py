@@ -1,0 +1,109 @@
+"""`selfhost keys create|list|show|revoke` and `selfhost spend`: the gateway's virtual keys and its ledger.
+
+Both read the ledger named by the same `--config` file as `selfhost serve`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import typer
+
+from selfhost.cli.console import make_console
+from selfhost.errors import InvalidParameterError
+
+keys_app = typer.Typer(help="Virtual keys for the gateway: budgets and model lists per client.", no_args_is_help=True)
+
+ConfigOption = typer.Option(..., "--config", help="The gateway config (TOML) whose ledger holds the keys.")
+
+
+def _ledger(config: Path):
+    from selfhost.gateway.config import load_gateway_config
+    from selfhost.gateway.ledger import Ledger
+
+    return Ledger(load_gateway_config(config, check_env=False).gateway.ledger)
+
+
+def _store(config: Path):
+    from selfhost.gateway.keys import KeyStore
+
+    return KeyStore(_ledger(config).engine)
+
+
+@keys_app.command("create")
+def create(
+    name: str = typer.Option(..., "--name", help="A name for the key's owner, e.g. team-a."),
+    budget_usd: str = typer.Option(None, "--budget-usd", help="Most dollars the key may spend per period."),
+    period: str = typer.Option("month", "--period", help="Budget period: day, month or total."),
+    models: str = typer.Option(None, "--models", help="Comma list of the models the key may call (default: all)."),
+    config: Path = ConfigOption,
+) -> None:
+    """Create a key and print it: the only time it is shown."""
+    from selfhost.gateway.keys import parse_budget
+
+    allowed = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
+    key = _store(config).create(name, parse_budget(budget_usd), period, allowed)
+    print(key)
+
+
+@keys_app.command("list")
+def list_keys(config: Path = ConfigOption) -> None:
+    """Every key: name, prefix, budget, models, state."""
+    from rich.table import Table
+
+    table = Table("name", "key", "budget", "models", "state")
+    for key in _store(config).all():
+        budget = f"${key.budget_usd}/{key.period}" if key.budget_usd is not None else "none"
+        state = "active" if key.is_active else f"revoked {key.revoked_at:%Y-%m-%d}"
+        table.add_row(key.name, key.shown_prefix + "...", budget, ",".join(key.models or ["all"]), state)
+    make_console().print(table)
+
+
+@keys_app.command("show")
+def show(name: str = typer.Argument(..., help="The key's name."), config: Path = ConfigOption) -> None:
+    """One key and what it has spent this period."""
+    from selfhost.gateway.budgets import KeyBudgets
+    from selfhost.gateway.keys import KeyStore
+
+    ledger = _ledger(config)
+    key = KeyStore(ledger.engine).get(name)
+    spent = KeyBudgets(ledger).spent(key, dt.datetime.now(dt.timezone.utc))
+    budget = f"${key.budget_usd} per {key.period}" if key.budget_usd is not None else "none"
+    print(f"name: {key.name}\nkey: {key.shown_prefix}...\nbudget: {budget}\nspent this period: ${spent}\n"
+          f"models: {','.join(key.models or ['all'])}\ncreated: {key.created_at:%Y-%m-%d %H:%M} UTC\n"
+          f"state: {'active' if key.is_active else 'revoked'}")
+
+
+@keys_app.command("revoke")
+def revoke(name: str = typer.Argument(..., help="The key's name."), config: Path = ConfigOption) -> None:
+    """Revoke a key: its requests are refused (within two seconds on a running server)."""
+    _store(config).revoke(name)
+    print(f"revoked {name}")
+
+
+def spend(
+    by: str = typer.Option("model", "--by", help="Group by key, model or day."),
+    since: str = typer.Option(None, "--since", help="Only requests from this day on (YYYY-MM-DD)."),
+    config: Path = ConfigOption,
+) -> None:
+    """What the gateway's requests cost, from its ledger."""
+    from rich.table import Table
+
+    from selfhost.gateway.spend import spend_by
+
+    try:
+        since_day = dt.date.fromisoformat(since) if since else None
+    except ValueError:
+        raise InvalidParameterError(f"--since must be YYYY-MM-DD, got {since!r}") from None
+    rows = spend_by(_ledger(config), by, since_day)
+    table = Table(by, "requests", "input tokens", "output tokens", "cost (USD)", "unpriced requests")
+    for row in rows:
+        table.add_row(row.group, str(row.requests), str(row.input_tokens), str(row.output_tokens),
+                      f"{row.cost_usd:.6f}", str(row.unpriced_requests))
+    make_console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(keys_app, name="keys")
+    app.command("spend")(spend)

@@ -1,0 +1,112 @@
+"""Virtual keys: budgets reserved at admission and settled on completion, model lists, revocation, the CLI."""
+
+from __future__ import annotations
+
+import datetime as dt
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from selfhost.cli.main import _register_commands, app
+from selfhost.gateway.budgets import estimate_cost
+from selfhost.gateway.spend import spend_by
+from tests.gateway.conftest import remote
+from tests.gateway.test_cost import HAND_PRICE_USD
+
+CHAT = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def post(server, key: str | None, body=CHAT) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=10)
+
+
+def test_budget_refuses_with_insufficient_quota_before_any_upstream_call(gateway, upstreams):
+    server = gateway(remote("gpt", upstreams[0].url))
+    key = server.app.state.gateway.keys.create("team-a", budget_usd=Decimal("0.0004"))
+    assert [post(server, key).status_code for _ in range(2)] == [200, 200]
+    refused = post(server, key)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota" and "team-a" in refused.json()["error"]["message"]
+    assert len(upstreams[0].received) == 2
+    rows = server.app.state.gateway.ledger.rows()
+    assert [r["key_name"] for r in rows] == ["team-a", "team-a"]
+    assert post(server, None).status_code == 200  # no virtual key: unmetered (require_key is off)
+
+
+def test_concurrent_requests_reserve_their_estimates(gateway, upstreams):
+    upstreams[0].mode = "slow"  # all 32 are in flight together
+    server = gateway(remote("gpt", upstreams[0].url))
+    budget = Decimal("0.001")
+    key = server.app.state.gateway.keys.create("team-b", budget_usd=budget)
+    estimate = estimate_cost(CHAT, "gpt-4o-mini", dt.datetime.now(dt.timezone.utc))
+    with ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(lambda _: post(server, key).status_code, range(32)))
+    admitted = statuses.count(200)
+    # Without reservations every request would pass (nothing is spent when they arrive).
+    assert admitted == int(budget / estimate) and statuses.count(429) == 32 - admitted
+    spent = sum(Decimal(r["cost_usd"]) for r in server.app.state.gateway.ledger.rows())
+    assert spent == admitted * HAND_PRICE_USD
+    assert spent - budget < admitted * HAND_PRICE_USD  # the overshoot is bounded by what was admitted
+
+
+def test_model_list_revocation_and_required_keys(gateway, upstreams):
+    server = gateway(remote("gpt", upstreams[0].url) + remote("other", upstreams[1].url))
+    keys = server.app.state.gateway.keys
+    key = keys.create("team-c", models=("gpt",))
+    assert post(server, key).status_code == 200
+    forbidden = post(server, key, {**CHAT, "model": "other"})
+    assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "model_not_allowed"
+    assert post(server, "sk-selfhost-not-a-key").status_code == 401
+    keys.revoke("team-c")
+    server.app.state.gateway.admission._cache.clear()  # a running server notices within KEY_CACHE_S
+    assert post(server, key).json()["error"]["code"] == "invalid_api_key"
+
+
+def test_require_key(upstreams, gateway):
+    server = gateway("require_key = true\n" + remote("gpt", upstreams[0].url))
+    assert post(server, None).status_code == 401
+    key = server.app.state.gateway.keys.create("team-d")
+    assert post(server, key).status_code == 200
+
+
+@pytest.fixture
+def cli():
+    if not any(getattr(g, "name", None) == "keys" for g in app.registered_groups):
+        _register_commands()
+    return CliRunner()
+
+
+def test_keys_and_spend_commands(cli, tmp_path):
+    config = tmp_path / "selfhost.toml"
+    config.write_text(f'[gateway]\nledger = "sqlite:///{tmp_path / "l.db"}"\n'
+                      '[[models]]\nname = "gpt"\nurl = "http://h/v1"\nmodel = "gpt-4o-mini"\napi_key_env = "UNSET_X"\n')
+    created = cli.invoke(app, ["keys", "create", "--name", "team-a", "--budget-usd", "50", "--models", "gpt",
+                               "--config", str(config)])
+    assert created.exit_code == 0, created.output
+    assert created.output.strip().startswith("sk-selfhost-")
+    again = cli.invoke(app, ["keys", "create", "--name", "team-a", "--config", str(config)])
+    assert again.exit_code != 0 and "already exists" in str(again.exception)
+    listed = cli.invoke(app, ["keys", "list", "--config", str(config)])
+    assert "team-a" in listed.output and "$50/month" in listed.output
+    assert created.output.strip() not in listed.output  # the key itself is shown once only
+    shown = cli.invoke(app, ["keys", "show", "team-a", "--config", str(config)])
+    assert "spent this period: $0" in shown.output
+    assert cli.invoke(app, ["keys", "revoke", "team-a", "--config", str(config)]).exit_code == 0
+    assert "revoked" in cli.invoke(app, ["keys", "list", "--config", str(config)]).output
+    spend = cli.invoke(app, ["spend", "--by", "key", "--config", str(config)])
+    assert spend.exit_code == 0 and "unpriced requests" in spend.output
+
+
+def test_spend_groups_the_ledger(gateway, upstreams):
+    server = gateway(remote("gpt", upstreams[0].url) + remote("house", upstreams[1].url, model="house-7b"))
+    key = server.app.state.gateway.keys.create("team-e")
+    post(server, key)
+    post(server, None, {**CHAT, "model": "house"})
+    by_key = {r.group: r for r in spend_by(server.app.state.gateway.ledger, "key")}
+    assert by_key["team-e"].cost_usd == HAND_PRICE_USD and by_key["(no key)"].unpriced_requests == 1
+    by_model = {r.group: r for r in spend_by(server.app.state.gateway.ledger, "model")}
+    assert by_model["gpt"].output_tokens == 80 and by_model["house"].cost_usd == 0
