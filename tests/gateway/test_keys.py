@@ -110,3 +110,6 @@ def test_spend_groups_the_ledger(gateway, upstreams):
     assert by_key["team-e"].cost_usd == HAND_PRICE_USD and by_key["(no key)"].unpriced_requests == 1
     by_model = {r.group: r for r in spend_by(server.app.state.gateway.ledger, "model")}
     assert by_model["gpt"].output_tokens == 80 and by_model["house"].cost_usd == 0
+    metrics = httpx.get(server.url + "/metrics").text
+    assert f'selfhost_gateway_spend_usd_total{{key="team-e",model="gpt"}} {float(HAND_PRICE_USD)}' in metrics
+    assert 'selfhost_gateway_unpriced_requests_total{key="none",model="house"} 1.0' in metrics

@@ -28,6 +28,11 @@ def test_local_and_remote_side_by_side(mixed):
     remote_answer = chat(mixed, "gpt")
     assert remote_answer.headers["x-selfhost-backend"] == "gpt/0"
     assert set(mixed.app.state.models.names()) == {"tiny"}  # only the local entry loaded; no demo model
+    listed = httpx.get(mixed.url + "/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == ["tiny", "gpt", "flaky"]
+    assert httpx.get(mixed.url + "/v1/models/gpt").json()["owned_by"] == "gateway"
+    assert httpx.get(mixed.url + "/v1/models/tiny").json()["id"] == "tiny"
+    assert httpx.get(mixed.url + "/v1/models/nope").status_code == 404
 
 
 def test_remote_failure_falls_back_to_the_local_model(mixed):

@@ -26,6 +26,7 @@ from selfhost.gateway.budgets import UNMETERED, Reservation
 from selfhost.gateway.config import GatewaySettings
 from selfhost.gateway.deployments import Deployment, DeploymentTable
 from selfhost.gateway.ledger import Ledger, LedgerEntry
+from selfhost.gateway.metrics import GatewayMetrics
 from selfhost.gateway.stream_tally import StreamTally
 from selfhost.gateway.usage import PricedUsage, price, usage_record
 from selfhost.plan.pricing import UsageRecord
@@ -87,6 +88,7 @@ class Proxy:
         self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None,
                                                                            max_keepalive_connections=256))
         self._background: set[asyncio.Task] = set()
+        self.metrics: GatewayMetrics | None = None  # attached by the app, onto the server's registry
 
     async def aclose(self) -> None:
         if self._background:
@@ -110,6 +112,8 @@ class Proxy:
             except RetryableFailure as failure:
                 deployment.mark_failed(self.settings.cooldown_s)
                 failures.append(f"{deployment.id}: {failure}")
+                if self.metrics is not None:
+                    self.metrics.upstream_failures.labels(deployment.id).inc()
                 log.warning("deployment %s failed before its first byte (%s); trying the next", deployment.id,
                             failure)
             finally:
@@ -223,10 +227,13 @@ class Proxy:
     async def _record(self, request: ProxyRequest, deployment: Deployment, started: dt.datetime, status: str,
                       priced: PricedUsage, request_id: str | None = None) -> str:
         request_id = request_id or uuid.uuid4().hex
-        await self.ledger.record(LedgerEntry(
+        entry = LedgerEntry(
             request_id=request_id, time=started, key_name=request.key_name, model=request.model,
             deployment=deployment.id, upstream_model=deployment.model, endpoint=request.endpoint, status=status,
-            priced=priced))
+            priced=priced)
+        await self.ledger.record(entry)
+        if self.metrics is not None:
+            self.metrics.observe(entry)
         request.reservation.settle(priced.cost.usd if priced.cost.is_priced else None)
         return request_id
 

@@ -13,7 +13,7 @@ import json
 
 from starlette.requests import Request
 
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from selfhost.gateway.proxy import BACKEND_HEADER, LocalFallback, ProxyRequest
 from selfhost.server.errors import APIError, error_response
@@ -28,6 +28,8 @@ class GatewayRouter:
         self.app, self.gateway = app, gateway
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith("/v1/models"):
+            return await self._models(scope, receive, send)
         endpoint = ENDPOINTS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if endpoint is None:
             return await self.app(scope, receive, send)
@@ -59,6 +61,24 @@ class GatewayRouter:
             if not streaming:
                 reservation.release()  # a no-op once the ledger settled it
 
+    async def _models(self, scope, receive, send) -> None:
+        """/v1/models lists remote names after the local models; /v1/models/<remote name> is its card."""
+        table = self.gateway.table
+        remote_cards = [{"id": name, "object": "model", "created": self.gateway.started_at, "owned_by": "gateway"}
+                        for name in table.deployments]
+        asked = scope["path"].removeprefix("/v1/models").removeprefix("/")
+        if asked in table.deployments:
+            card = next(c for c in remote_cards if c["id"] == asked)
+            return await JSONResponse(card)(scope, receive, send)
+        if asked:
+            return await self.app(scope, receive, send)
+        status, headers, body = await _captured(self.app, scope, receive)
+        if status != 200:
+            return await Response(body, status, headers=dict(headers))(scope, receive, send)
+        listing = json.loads(body)
+        listing["data"] = [*listing.get("data", []), *remote_cards]
+        await JSONResponse(listing)(scope, receive, send)
+
     async def _local(self, scope, body: bytes, receive, send, name) -> None:
         backend = f"local/{name}".encode() if isinstance(name, str) else b"local"
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
@@ -70,6 +90,22 @@ class GatewayRouter:
             await send(message)
 
         await self.app(scope, _replay(body, receive), send_with_backend)
+
+
+async def _captured(app, scope, receive) -> tuple[int, list, bytes]:
+    """Run `app` and keep its whole response: (status, headers, body)."""
+    start, chunks = {}, []
+
+    async def keep(message):
+        if message["type"] == "http.response.start":
+            start.update(message)
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, keep)
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in start.get("headers", [])
+               if k.lower() not in (b"content-length", b"content-type")]
+    return start.get("status", 500), headers, b"".join(chunks)
 
 
 async def _read_body(receive) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 
 from selfhost.gateway.admission import Admission
 from selfhost.gateway.budgets import KeyBudgets
@@ -18,12 +19,18 @@ from selfhost.plan.pricing import UsageRecord, price_usage
 class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
+        self.started_at = int(time.time())
         self.table = DeploymentTable(config)
         self.ledger = Ledger(config.gateway.ledger)
         self.proxy = Proxy(self.table, config.gateway, self.ledger)
         self.keys = KeyStore(self.ledger.engine)
         self.budgets = KeyBudgets(self.ledger)
         self.admission = Admission(self.keys, self.budgets, self.table, config.gateway.require_key)
+
+    def attach_metrics(self, registry) -> None:
+        from selfhost.gateway.metrics import GatewayMetrics
+
+        self.proxy.metrics = GatewayMetrics(registry)
 
     def local_model_args(self) -> list[str]:
         """The config's local models as `selfhost serve` arguments (NAME=PATH)."""

@@ -98,6 +98,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         settings = settings.model_copy(update={"models": [*settings.models, *gateway.local_model_args()]})
     models = ModelRegistry(settings)
     metrics = ServerMetrics(models)
+    if gateway is not None:
+        gateway.attach_metrics(metrics.registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
