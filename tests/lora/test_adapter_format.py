@@ -21,6 +21,9 @@ CPU = torch.device("cpu")
         # q and v only: the fused qkv_proj is adapted in two of its three shards
         ("qwen2", ["q_proj", "v_proj", "up_proj"], {"r": 8, "lora_alpha": 16, "use_rslora": True}),
         ("mistral", ALL, {"r": 4, "lora_alpha": 8, "rank_pattern": {"k_proj": 2}, "alpha_pattern": {"down_proj": 3.0}}),
+        ("gemma", ALL, {"r": 4, "lora_alpha": 4}),
+        # Phi-3's checkpoint fuses q/k/v and gate/up itself: PEFT adapts the fused modules whole
+        ("phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], {"r": 4, "lora_alpha": 8}),
     ],
 )
 def test_peft_adapter_matches_peft_on_transformers(tiny_checkpoint, tmp_path, prompt_ids, family, targets, config):

@@ -109,3 +109,19 @@ def test_resumed_run_ends_with_the_same_adapter(tiny_checkpoint, tmp_path):
         torch.testing.assert_close(a.lora_b, b.lora_b, atol=0, rtol=0, msg=str(key))
     with pytest.raises(ResumeError, match="other training data"):
         tuner(data=examples[:4]).resume(tmp_path / "ckpt" / "step-000003.pt")
+
+
+def test_finetune_over_an_int8_base_and_refuse_int4(tiny_checkpoint):
+    from selfhost.errors import SelfhostError
+    from selfhost.lora.data import Example
+    from selfhost.quant.config import QuantConfig
+
+    examples = [Example(list(range(1, 20)), [True] * 19)] * 4
+    lora = LoraConfig(rank=2, alpha=4.0, target_modules=("q_proj", "down_proj"))
+    cfg = TrainConfig(max_steps=4, batch_size=2, lr=1e-2, weight_decay=0.0)
+    model = load_model(tiny_checkpoint("llama"), torch.float32, CPU, quantization=QuantConfig(method="int8"))
+    result = Finetuner(model, lora, cfg, examples, 0).run(examples, show_progress=False)
+    assert result.eval_loss < result.base_eval_loss
+    model = load_model(tiny_checkpoint("llama"), torch.float32, CPU, quantization=QuantConfig(method="int4"))
+    with pytest.raises(SelfhostError, match="int4 base"):
+        Finetuner(model, lora, cfg, examples, 0)

@@ -37,6 +37,19 @@ def test_gathered_product_equals_the_single_adapter_model(adapters):
     torch.testing.assert_close(ours, selfhost_logits(single, ids), atol=1e-4, rtol=1e-4)
 
 
+def test_gathered_product_on_a_checkpoint_that_fuses_qkv_itself(tiny_checkpoint, tmp_path):
+    model_dir = tiny_checkpoint("phi3")
+    folder = make_peft_adapter(model_dir, tmp_path / "a", ["qkv_proj", "gate_up_proj", "down_proj"], r=4, lora_alpha=8)
+    llm = LLM(str(model_dir), lora={"a": str(folder)})
+    ids = PROMPTS[1]
+    llm.adapters.begin_step([(llm.adapters.acquire("a"), len(ids))], torch.device("cpu"))
+    ours = selfhost_logits(llm.model, ids)
+    llm.adapters.end_step()
+    single = load_model(model_dir, torch.float32, torch.device("cpu"))
+    apply_adapter(single, read_adapter(folder))
+    torch.testing.assert_close(ours, selfhost_logits(single, ids), atol=1e-4, rtol=1e-4)
+
+
 def test_mixed_batch_gives_each_request_its_own_tokens(adapters):
     model_dir, folders = adapters
     llm = LLM(str(model_dir), lora={k: str(v) for k, v in folders.items()}, max_loras=3, max_lora_rank=8)
@@ -82,3 +95,14 @@ def test_unknown_adapter_and_rank_too_big(adapters):
         llm.generate([PROMPTS[0]], GREEDY, lora="a2")
     with pytest.raises(InvalidParameterError, match="serves no adapters"):
         LLM(str(model_dir)).generate([PROMPTS[0]], GREEDY, lora="a2")
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_adapters_on_a_quantized_base(adapters, quantization):
+    model_dir, folders = adapters
+    llm = LLM(str(model_dir), quantization=quantization, lora={k: str(v) for k, v in folders.items()},
+              max_lora_rank=8)
+    names = [None, "a0", "a1", "a2"]
+    alone = [llm.generate([p], GREEDY, lora=n)[0].token_ids for p, n in zip(PROMPTS, names)]
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, lora=names)] == alone
+    assert len({tuple(o.token_ids) for o in llm.generate([PROMPTS[0]] * 4, GREEDY, lora=names)}) > 1

@@ -27,13 +27,15 @@ from selfhost.errors import SelfhostError
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
-# The projections selfhost can adapt, and the decoder block that holds each one.
-TARGET_MODULES: dict[str, str] = {
+# The projections selfhost can adapt, and the decoder block that holds each one. Checkpoints
+# that fuse q/k/v or gate/up themselves (Phi-3) name those modules `qkv_proj`, `gate_up_proj`.
+SPLIT_MODULES: dict[str, str] = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
+TARGET_MODULES: dict[str, str] = {**SPLIT_MODULES, "qkv_proj": "self_attn", "gate_up_proj": "mlp"}
 # `--targets q,k,v` short names.
-SHORT_NAMES = {name.removesuffix("_proj"): name for name in TARGET_MODULES}
+SHORT_NAMES = {name.removesuffix("_proj"): name for name in SPLIT_MODULES}
 
 _TENSOR_NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
@@ -192,7 +194,7 @@ def read_adapter(folder: Path) -> Adapter:
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in load_file(str(weights_path)).items():
         match = _TENSOR_NAME.fullmatch(name)
-        if match is None or match[3] not in TARGET_MODULES or TARGET_MODULES[match[3]] != match[2]:
+        if match is None or TARGET_MODULES.get(match[3]) != match[2]:
             raise AdapterError(f"{weights_path.name}: tensor {name} is not a LoRA A/B of a module selfhost adapts "
                                f"({', '.join(TARGET_MODULES)})")
         halves.setdefault((int(match[1]), match[3]), {})[match[4]] = tensor

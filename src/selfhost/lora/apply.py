@@ -67,7 +67,8 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     h, inter = spec.hidden_size, spec.intermediate_size
     return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+            "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter),
+            "qkv_proj": (q + 2 * kv, h), "gate_up_proj": (2 * inter, h)}
 
 
 def check_fits(adapter: Adapter, spec: ModelSpec) -> None:
@@ -93,7 +94,7 @@ def _fused_name(module: str) -> tuple[str, int | None]:
 def _wrap(model: CausalLM, plan: dict[tuple[int, str], list[tuple[str, int, int, float, int]]],
           dtype: torch.dtype) -> dict[tuple[int, str], LoRALinear]:
     wrapped = {}
-    device = model.lm_head.weight.device
+    device = model.model.norm.weight.device  # embeddings and head may be quantized: no .weight
     for (layer_idx, fused), shards in plan.items():
         layer = model.model.layers[layer_idx]
         parent = layer.self_attn if TARGET_MODULES.get(shards[0][0]) == "self_attn" else layer.mlp
@@ -126,9 +127,7 @@ def apply_adapter(model: CausalLM, adapter: Adapter, dtype: torch.dtype | None =
     dtype: of the adapter weights; default the model's activations' (fp32 for a quantized base).
     """
     check_fits(adapter, model.spec)
-    dtype = dtype or model.model.embed_tokens.weight.dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
+    dtype = dtype or model.model.norm.weight.dtype  # the activations'
     entries = {key: (m.scale, m.rank) for key, m in adapter.modules.items()}
     wrapped = _wrap(model, _plan(model.spec, entries), dtype)
     for (layer_idx, module), m in adapter.modules.items():

@@ -107,7 +107,7 @@ def evaluate(model: CausalLM, examples: list[Example], batch_size: int, pad_id: 
     """Mean loss (nats) over the loss tokens of `examples`."""
     total, count = 0.0, 0.0
     for i in range(0, len(examples), batch_size):
-        loss, n = masked_loss(model, *collate(examples[i:i + batch_size], pad_id, model.lm_head.weight.device))
+        loss, n = masked_loss(model, *collate(examples[i:i + batch_size], pad_id, model.model.norm.weight.device))
         total, count = total + loss.item(), count + n.item()
     return total / count
 
@@ -122,6 +122,7 @@ class Finetuner:
         self.checkpoint_dir = checkpoint_dir  # None: no checkpoints
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
+        _check_trainable(model)
         self.base_params = sum(p.numel() for p in model.parameters())
         model.requires_grad_(False)
         self.params = add_trainable_adapter(model, lora, cfg.seed)
@@ -152,7 +153,7 @@ class Finetuner:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(self.cfg.grad_accum):
-            batch = collate(self._next_examples(), self.pad_id, self.model.lm_head.weight.device)
+            batch = collate(self._next_examples(), self.pad_id, self.model.model.norm.weight.device)
             loss, count = masked_loss(self.model, *batch)
             loss = loss / count.clamp(min=1) / self.cfg.grad_accum
             loss.backward()
@@ -249,6 +250,19 @@ class Finetuner:
         """Write the adapter in PEFT's format, all or nothing."""
         with staged_folder(out, overwrite) as staging:
             write_adapter(staging, self.adapter())
+
+
+def _check_trainable(model: CausalLM) -> None:
+    """Gradients must flow through the frozen base to the adapters of earlier layers: an int8 base
+    (its F.linear fallback) allows that; torch's packed int4 CPU kernel has no backward."""
+    from selfhost.quant.int4 import Int4Linear
+
+    if model.spec.attn_softcap is not None:
+        raise SelfhostError("fine-tuning a model with attention soft-capping (Gemma 2) is not supported yet")
+
+    if any(isinstance(m, Int4Linear) and m.kernel == "int4pack_cpu" for m in model.modules()):
+        raise SelfhostError("fine-tuning over an int4 base on CPU is not supported yet (its packed kernel has no "
+                            "backward); fine-tune over the int8 or full-precision base and serve on int4")
 
 
 def _as_tuples(value):

@@ -75,11 +75,13 @@ class MultiLoRALinear(nn.Module):
 
     @torch.no_grad()
     def load_slot(self, slot: int, shards: dict[int, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        """Fill `slot`: shard index -> (A (r, in), B (rows, r), scale); every other shard is zeroed."""
+        """Fill `slot`: shard index -> (A (r, in), B (rows, r), scale); every other shard is zeroed.
+
+        A B with as many rows as the whole projection (a checkpoint that fuses q/k/v itself) spans them all."""
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         for shard, (a, b, scale) in shards.items():
-            start, end = self.shard_rows[shard]
+            start, end = self.shard_rows[shard] if b.shape[0] != self.base.out_features else (0, b.shape[0])
             rank = a.shape[0]
             self.lora_a[slot, shard, :rank] = a
             self.lora_b[slot, shard, :rank, start:end] = b.t() * scale
@@ -106,9 +108,8 @@ class AdapterSlots:
         self.users = [0] * max_loras  # running requests per slot
         self.loaded: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self.modules: dict[tuple[int, str], MultiLoRALinear] = {}
-        dtype = model.model.embed_tokens.weight.dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
-        device = model.lm_head.weight.device if hasattr(model.lm_head, "weight") else torch.device("cpu")
+        # The activations' dtype and device: the final norm's (embeddings and head may be quantized).
+        dtype, device = model.model.norm.weight.dtype, model.model.norm.weight.device
         slices = shard_slices(model.spec)
         for layer_idx, layer in enumerate(model.model.layers):
             for fused, members in FUSED_SHARDS.items():
