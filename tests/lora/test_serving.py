@@ -106,3 +106,29 @@ def test_adapters_on_a_quantized_base(adapters, quantization):
     alone = [llm.generate([p], GREEDY, lora=n)[0].token_ids for p, n in zip(PROMPTS, names)]
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, lora=names)] == alone
     assert len({tuple(o.token_ids) for o in llm.generate([PROMPTS[0]] * 4, GREEDY, lora=names)}) > 1
+
+
+def test_async_engine_serves_adapters_concurrently(adapters):
+    import asyncio
+
+    from selfhost import AsyncEngine
+
+    model_dir, folders = adapters
+    llm = LLM(str(model_dir), lora={k: str(v) for k, v in folders.items()}, max_loras=3, max_lora_rank=8)
+    names = [None, "a0", "a1", "a2"]
+    alone = [llm.generate([p], GREEDY, lora=n)[0].token_ids for p, n in zip(PROMPTS, names)]
+    engine = AsyncEngine(llm)
+
+    async def one(i):
+        tokens = []
+        async for delta in engine.generate(PROMPTS[i], GREEDY, f"r{i}", lora=names[i]):
+            tokens.extend(delta.token_ids)
+        return tokens
+
+    async def all_at_once():
+        return await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
+
+    try:
+        assert asyncio.run(all_at_once()) == alone
+    finally:
+        engine.shutdown()

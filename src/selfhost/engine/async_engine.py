@@ -40,6 +40,7 @@ class _Add:
     params: SamplingParams
     request: _Request
     cache_salt: bytes | None = None
+    lora: str | None = None  # adapter name (LLM(lora=...)); None: the base model
     accepted: Future = field(default_factory=Future)
 
 
@@ -65,14 +66,15 @@ class AsyncEngine:
     # -- asyncio side ----------------------------------------------------------
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str, cache_salt: bytes | None = None
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, cache_salt: bytes | None = None,
+        lora: str | None = None,
     ) -> AsyncIterator[StreamDelta]:
         """Yield one StreamDelta per step that produced tokens, the last with a finish_reason.
 
-        `cache_salt`: prefix-cache scope (LLMEngine.add_request)."""
+        `cache_salt`: prefix-cache scope; `lora`: the adapter to generate with (LLMEngine.add_request)."""
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         request = _Request(asyncio.get_running_loop(), asyncio.Queue())
-        command = _Add(request_id, prompt_ids, params, request, cache_salt)
+        command = _Add(request_id, prompt_ids, params, request, cache_salt, lora)
         self._commands.put(command)
         await asyncio.wrap_future(command.accepted)  # raises the engine's validation error, if any
         finished = False
@@ -125,7 +127,7 @@ class AsyncEngine:
         if isinstance(command, _Add):
             try:
                 command.request.seq = self.engine.add_request(command.request_id, command.prompt_ids, command.params,
-                                                              command.cache_salt)
+                                                              command.cache_salt, command.lora)
             except Exception as err:  # validation errors go back to the caller
                 command.accepted.set_exception(err)
                 return
