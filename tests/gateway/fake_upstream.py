@@ -2,7 +2,8 @@
 
 Modes: "ok"; "500", "429" and "401" (an error before any byte); "hang" (no answer within any
 test timeout); "drop" (a stream that sends two chunks, then the connection dies);
-"slow" (answers after SLOW_S, to hold requests outstanding).
+"slow" (answers after SLOW_S, to hold requests outstanding); "stall" (a stream that sends one chunk,
+then nothing more for 30 s).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class FakeUpstream:
         for i, word in enumerate(WORDS):
             if self.mode == "drop" and i == 2:
                 raise RuntimeError("the upstream dies mid-stream")  # uvicorn cuts the connection
+            if self.mode == "stall" and i == 1:
+                await asyncio.sleep(30)
             chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
                      "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
             yield f"data: {json.dumps(chunk)}\n\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -146,6 +147,29 @@ def test_no_fallback_after_the_first_byte(gateway, upstreams):
     assert events[-1]["error"]["code"] == "upstream_interrupted"
     assert lines[-1] == "data: [DONE]"
     assert b.received == []  # never retried elsewhere once the client had bytes
+
+
+def test_a_stream_that_stalls_after_its_first_byte_ends_with_an_error_event(gateway, upstreams):
+    upstreams[0].mode = "stall"
+    server = gateway(remote("gpt", upstreams[0].url) + remote("gpt", upstreams[1].url))
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+        text = response.read().decode()
+    assert '"Hello"' in text and "upstream_interrupted" in text and "ReadTimeout" in text
+    assert upstreams[1].received == []
+
+
+def test_a_client_that_leaves_mid_stream_is_recorded_and_frees_its_slot(gateway, upstreams):
+    upstreams[0].mode = "stall"
+    server = gateway(remote("gpt", upstreams[0].url))
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+        next(response.iter_lines())  # the first chunk, then hang up
+    deployment = server.app.state.gateway.table.all()[0]
+    deadline = time.monotonic() + 5
+    while not server.app.state.gateway.ledger.rows() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [row] = server.app.state.gateway.ledger.rows()
+    assert row["status"] == "client_disconnected" and row["output_tokens"] == 1
+    assert deployment.outstanding == 0
 
 
 def test_completions_and_embeddings_are_proxied(gateway, upstreams):
