@@ -163,16 +163,18 @@ class LLM:
         return [seq.to_output() for seq in seqs]
 
     def chat(
-        self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None
+        self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None,
+        lora: str | Seq[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list of them) and generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([self.tokenizer.encode_chat(c) for c in conversations], params)
+        return self.generate([self.tokenizer.encode_chat(c) for c in conversations], params, lora)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, lora: str | None = None) -> Iterator[str]:
         """Yield text as it is generated for one prompt (stop strings never leak)."""
         self._check_not_driven()
-        seq = self.engine.add_request(self._next_id(), self._normalise(prompt)[0], params or SamplingParams())
+        seq = self.engine.add_request(self._next_id(), self._normalise(prompt)[0], params or SamplingParams(),
+                                      lora=lora)
         try:
             while not seq.is_finished:
                 if seq in self.engine.step():

@@ -132,3 +132,13 @@ def test_async_engine_serves_adapters_concurrently(adapters):
         assert asyncio.run(all_at_once()) == alone
     finally:
         engine.shutdown()
+
+
+def test_stream_and_chat_take_an_adapter(adapters):
+    model_dir, folders = adapters
+    llm = LLM(str(model_dir), lora={"a1": str(folders["a1"])})
+    expected = llm.generate([PROMPTS[1]], GREEDY, lora="a1")[0]
+    assert "".join(llm.stream(PROMPTS[1], GREEDY, lora="a1")) == expected.text
+    messages = [{"role": "user", "content": "To be?"}]
+    assert llm.chat(messages, GREEDY, lora="a1")[0].token_ids == llm.generate(
+        [llm.tokenizer.encode_chat(messages)], GREEDY, lora="a1")[0].token_ids

@@ -5,15 +5,17 @@ Every adaptable projection of the served model is wrapped once in a
 folded into B). A step's rows each name a slot, or none for the base model.
 The base product runs once for the whole batch; the adapters add
 
-    low = x @ A_all^T                    (T, L*S*R)   every slot's A at once
-    low *= onehot(slot of each row)      keeps each row's own slot
-    out += low @ B_all                   (T, out)
+    low = x @ A_step^T                   (T, N*S*R)   the step's adapters' A at once
+    low *= onehot(slot of each row)      keeps each row's own adapter
+    out += low @ B_step                  (T, out)
 
-with L slots, S shards of a fused projection (q/k/v, gate/up) and R the slot
-rank: two dense products and a mask, the same work for any mix of adapters,
-and no Python loop over requests. A shard's B is zero outside its output rows,
-so a fused projection needs no per-shard split. The work grows with L*S*R; a
-grouped kernel that touches only the slots present is phase-2 work.
+with N the adapters present in the step (gathered from the L slots), S shards
+of a fused projection (q/k/v, gate/up) and R the slot rank: two dense products
+and a mask whatever the mix of adapters, and no Python loop over requests. A
+shard's B is zero outside its output rows, so a fused projection needs no
+per-shard split. A projection none of the step's adapters touches is skipped.
+The work grows with N*S*R, padding included (a rank-4 adapter in rank-16 slots
+costs rank 16); a segmented kernel over rows sorted by adapter is phase-2 work.
 
 `AdapterSlots` decides which adapter is in which slot: loaded on first use,
 evicted least recently used among those no running request holds.
@@ -44,10 +46,12 @@ FUSED_SHARDS: dict[str, tuple[str, ...]] = {
 
 
 class StepRows:
-    """Which slot each row of the current step uses: set by the model runner around a forward."""
+    """Which adapter each row of the current step uses: set by the model runner around a forward."""
 
     def __init__(self):
-        self.onehot: torch.Tensor | None = None  # (T, L) 1.0 at a row's slot; None: every row is the base model
+        self.slots: frozenset[int] = frozenset()  # the slots present in the step
+        self.index: torch.Tensor | None = None  # (N,) those slots, ascending; None: all L slots, in order
+        self.onehot: torch.Tensor | None = None  # (T, N) 1.0 at a row's adapter; None: every row is the base model
 
 
 class MultiLoRALinear(nn.Module):
@@ -55,6 +59,7 @@ class MultiLoRALinear(nn.Module):
                  max_rank: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.base, self.rows, self.shard_rows = base, rows, shard_rows
+        self.filled: set[int] = set()  # slots whose adapter changes this projection
         num_shards = len(shard_rows)
         self.register_buffer("lora_a", torch.zeros(max_loras, num_shards, max_rank, base.in_features,
                                                    dtype=dtype, device=device), persistent=False)
@@ -63,14 +68,16 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
         out = self.base.forward(x, num_threads)  # (T, out)
-        onehot = self.rows.onehot
-        if onehot is None:
+        rows = self.rows
+        if rows.onehot is None or self.filled.isdisjoint(rows.slots):
             return out
-        slots = self.lora_a.shape[0]
-        width = self.lora_a[0].numel() // self.lora_a.shape[-1]  # S*R columns per slot
-        low = x.to(self.lora_a.dtype) @ self.lora_a.view(-1, self.lora_a.shape[-1]).t()  # (T, L*S*R)
-        low = (low.view(-1, slots, width) * onehot[:, :, None]).view(-1, slots * width)  # (T, L*S*R)
-        out += (low @ self.lora_b.view(-1, self.lora_b.shape[-1])).to(out.dtype)  # (T, out)
+        a, b = self.lora_a, self.lora_b  # (L, S, R, in), (L, S, R, out)
+        if rows.index is not None:
+            a, b = a.index_select(0, rows.index), b.index_select(0, rows.index)  # (N, S, R, ...)
+        n, width = a.shape[0], a.shape[1] * a.shape[2]  # adapters, S*R columns each
+        low = x.to(a.dtype) @ a.reshape(n * width, -1).t()  # (T, N*S*R)
+        low = (low.view(-1, n, width) * rows.onehot[:, :, None]).view(-1, n * width)  # (T, N*S*R)
+        out += (low @ b.reshape(n * width, -1)).to(out.dtype)  # (T, out)
         return out
 
     @torch.no_grad()
@@ -85,6 +92,10 @@ class MultiLoRALinear(nn.Module):
             rank = a.shape[0]
             self.lora_a[slot, shard, :rank] = a
             self.lora_b[slot, shard, :rank, start:end] = b.t() * scale
+        if shards:
+            self.filled.add(slot)
+        else:
+            self.filled.discard(slot)
 
 
 class AdapterSlots:
@@ -176,18 +187,22 @@ class AdapterSlots:
 
     def begin_step(self, row_slots: list[tuple[int | None, int]], device: torch.device) -> None:
         """row_slots: (slot or None, number of rows) per chunk, in the step's row order."""
-        if all(slot is None for slot, _ in row_slots):
-            self.rows.onehot = None
+        present = sorted({slot for slot, _ in row_slots if slot is not None})
+        if not present:
+            self.end_step()
             return
+        column = {slot: i for i, slot in enumerate(present)}
         rows, cols, first = [], [], 0
         for slot, num in row_slots:
             if slot is not None:
                 rows.extend(range(first, first + num))
-                cols.extend([slot] * num)
+                cols.extend([column[slot]] * num)
             first += num
-        onehot = torch.zeros(first, self.max_loras, dtype=self.modules[(0, "o_proj")].lora_a.dtype, device=device)
+        onehot = torch.zeros(first, len(present), dtype=self.modules[(0, "o_proj")].lora_a.dtype, device=device)
         onehot[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = 1.0
+        self.rows.slots = frozenset(present)
+        self.rows.index = None if len(present) == self.max_loras else torch.tensor(present, device=device)
         self.rows.onehot = onehot
 
     def end_step(self) -> None:
-        self.rows.onehot = None
+        self.rows.slots, self.rows.index, self.rows.onehot = frozenset(), None, None
