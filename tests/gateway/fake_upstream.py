@@ -34,7 +34,8 @@ class FakeUpstream:
         app.post("/v1/chat/completions")(self._chat)
         app.post("/v1/completions")(self._chat)
         app.post("/v1/embeddings")(self._embeddings)
-        self.sock = socket.socket()
+        # IPPROTO_TCP: asyncio then sets TCP_NODELAY (no ~40 ms Nagle/delayed-ACK stall per response).
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)

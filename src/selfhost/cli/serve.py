@@ -87,7 +87,9 @@ def _describe(err) -> str:
 
 def listen_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound before any model loads, so a busy port fails in a second, not after a load."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it
+    # a response written in two parts waits ~40 ms for the client's delayed ACK (Nagle).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts need no wait
     try:
         sock.bind((host, port))
@@ -112,7 +114,10 @@ def run_server(settings) -> None:
         app = create_app(settings)
         port = sock.getsockname()[1]  # the real one when --port 0
         app.state.on_ready = lambda app: _print_banner(app, port)
-        config = uvicorn.Config(app, log_config=None, access_log=False, log_level=settings.log_level.lower())
+        # h11 refuses a header block still incomplete at 16 KiB with a bare 400; let it read up to our own
+        # limit (plus room for the request line) so oversized headers get guards.RequestLimits' 431.
+        config = uvicorn.Config(app, log_config=None, access_log=False, log_level=settings.log_level.lower(),
+                                h11_max_incomplete_event_size=settings.max_header_bytes + 16 * 1024)
         asyncio.run(_load_then_serve(app, uvicorn.Server(config), sock))
     except KeyboardInterrupt:  # Ctrl-C while a model loads; once serving, uvicorn handles it
         raise typer.Exit(130) from None

@@ -1,0 +1,164 @@
+"""What the gateway adds: a fast fake upstream called directly and through `selfhost serve --config`, same run.
+
+    python benchmarks/gateway_overhead.py [--requests 2000] [--concurrency 1 32 128]
+    python benchmarks/gateway_overhead.py --quick      # smoke sizes
+
+The upstream answers at once (a fixed chat completion) or streams 64 chunks and a
+usage chunk; it runs in its own process, as does the gateway, so neither shares the
+load generator's interpreter. For each concurrency: p50 latency and requests/s, direct
+and through the gateway, non-streamed and streamed. Targets (issue 16): added p50 at
+concurrency 1 <= 2 ms; through-gateway requests/s >= 90% of direct at 32 and 128.
+LiteLLM's proxy runs as the peer when it is installed; otherwise the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.live_server import free_port  # noqa: E402
+
+CHUNKS = 64
+USAGE = {"prompt_tokens": 12, "completion_tokens": CHUNKS, "total_tokens": 12 + CHUNKS}
+BODY = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
+
+
+# -- the fake upstream (a raw ASGI app: as little of its own overhead as possible) --------------
+
+def _completion() -> bytes:
+    return json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                    "finish_reason": "stop"}], "usage": USAGE}).encode()
+
+
+def _stream() -> list[bytes]:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+             "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
+    events = [f"data: {json.dumps(chunk)}\n\n".encode()] * CHUNKS
+    usage = {**chunk, "choices": [], "usage": USAGE}
+    return events + [f"data: {json.dumps(usage)}\n\n".encode(), b"data: [DONE]\n\n"]
+
+
+async def upstream_app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    if json.loads(body or b"{}").get("stream"):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for event in _stream():
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    else:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": _completion()})
+
+
+# -- the load generator -------------------------------------------------------------------------
+
+async def run_load(url: str, requests: int, concurrency: int, stream: bool) -> tuple[float, float]:
+    """(p50 latency in ms, requests/s) for `requests` calls, `concurrency` at a time."""
+    latencies: list[float] = []
+    remaining = iter(range(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        async def worker():
+            for _ in remaining:
+                start = time.perf_counter()
+                if stream:
+                    async with client.stream("POST", url, json={**BODY, "stream": True}) as response:
+                        async for _ in response.aiter_raw():
+                            pass
+                else:
+                    (await client.post(url, json=BODY)).raise_for_status()
+                latencies.append(time.perf_counter() - start)
+
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, 4))))  # warm-up connections
+        latencies.clear()
+        remaining = iter(range(requests))
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return statistics.median(latencies) * 1e3, requests / elapsed
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"a server exited early (code {proc.returncode})")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise SystemExit(f"{url} did not answer within {timeout_s} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
+    parser.add_argument("--quick", action="store_true", help="smoke sizes: 100 requests, concurrency 1 and 8")
+    parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)  # internal: run the fake upstream
+    args = parser.parse_args()
+    if args.serve_upstream:
+        import uvicorn
+
+        uvicorn.run(upstream_app, host="127.0.0.1", port=args.serve_upstream, log_level="warning", access_log=False)
+        return
+    if args.quick:
+        args.requests, args.concurrency = 100, [1, 8]
+
+    upstream_port, gateway_port = free_port(), free_port()
+    work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    config = work / "selfhost.toml"
+    config.write_text(f'[gateway]\nledger = "sqlite:///{work / "ledger.db"}"\n[[models]]\nname = "gpt"\n'
+                      f'url = "http://127.0.0.1:{upstream_port}/v1"\nmodel = "gpt-4o-mini"\n')
+    procs = [subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(upstream_port)])]
+    try:
+        wait_for(f"http://127.0.0.1:{upstream_port}/", procs[0])
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "selfhost.cli", "serve", "--config", str(config), "--port", str(gateway_port),
+             "--log-level", "warning"], stdout=subprocess.DEVNULL, env={**os.environ}))
+        wait_for(f"http://127.0.0.1:{gateway_port}/health", procs[1])
+        direct = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
+        through = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
+        print(f"{'mode':<8} {'conc':>5} {'direct p50 ms':>14} {'gateway p50 ms':>15} {'added ms':>9} "
+              f"{'direct req/s':>13} {'gateway req/s':>14} {'ratio':>6}")
+        for stream in (False, True):
+            for concurrency in args.concurrency:
+                d_p50, d_rps = asyncio.run(run_load(direct, args.requests, concurrency, stream))
+                g_p50, g_rps = asyncio.run(run_load(through, args.requests, concurrency, stream))
+                print(f"{'stream' if stream else 'json':<8} {concurrency:>5} {d_p50:>14.2f} {g_p50:>15.2f} "
+                      f"{g_p50 - d_p50:>9.2f} {d_rps:>13.0f} {g_rps:>14.0f} {g_rps / d_rps:>6.2f}")
+        if importlib.util.find_spec("litellm") is None:
+            print("LiteLLM is not installed here: the peer comparison was skipped (pip install 'litellm[proxy]').")
+        else:
+            print("LiteLLM is installed, but its proxy run is not wired up yet (phase 2 of issue 16).")
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
