@@ -34,6 +34,31 @@ def test_only_assistant_tokens_carry_loss(tiny_checkpoint, tmp_path):
     assert learned == "Or not to be.<|end|>\nThe question.<|end|>\n"
 
 
+# What each family's template makes the model write for the two assistant turns below.
+TEMPLATE_TARGETS = {
+    "gemma2": "Or not to be.<end_of_turn>\nThe question.<end_of_turn>\n",
+    "llama3_1": "Or not to be.<|eot_id|>The question.<|eot_id|>",
+    "mistral_v0_3": " Or not to be.</s> The question.</s>",
+    "phi4_mini": "Or not to be.<|end|>The question.<|end|></s>",  # EOS only after the final turn
+    "qwen2_5": "Or not to be.<|im_end|>\nThe question.<|im_end|>\n",
+    "qwen3": "Or not to be.<|im_end|>\n<think>\n\n</think>\n\nThe question.<|im_end|>\n",  # final turn differs
+}
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATE_TARGETS))
+def test_assistant_mask_under_real_chat_templates(tiny_checkpoint, template):
+    from pathlib import Path
+
+    from selfhost.lora.data import chat_example
+
+    tok = Tokenizer(tiny_checkpoint("llama"))
+    tok.hf.chat_template = (Path(__file__).parents[1] / "chat_templates" / f"{template}.jinja").read_text()
+    messages = [m for m in CHAT["messages"] if m["role"] != "system"]  # some templates refuse a system turn
+    example = chat_example(tok, messages)
+    learned = tok.hf.decode([t for t, m in zip(example.token_ids, example.loss_mask) if m])
+    assert learned == TEMPLATE_TARGETS[template]
+
+
 def test_prompt_completion_and_text_masks(tiny_checkpoint, tmp_path):
     tok = Tokenizer(tiny_checkpoint("llama"))
     records = [{"prompt": "To be, or", "completion": " not to be"}, {"text": "the question"}]

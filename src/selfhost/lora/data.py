@@ -12,6 +12,7 @@ A file that is not `.jsonl`/`.json` is plain UTF-8 text, cut into windows.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,23 +37,40 @@ class Example:
 def chat_example(tok: Tokenizer, messages: list[dict]) -> Example:
     """The rendered conversation; assistant turns, and only they, carry loss.
 
-    Each assistant turn's characters are found by rendering the conversation up to
-    it (with the template's generation prompt) and through it: the difference is
-    what the model would have to write. Tokens are then marked by their offsets.
+    An assistant turn starts where the conversation before it, rendered with the
+    template's generation prompt, ends: what follows is what the model writes.
+    It ends after its content and the end-of-turn marks the template puts after
+    it (the tokens the conversation and the one rendered through this turn agree
+    on). Templates may render the final turn differently (Qwen 3's empty think
+    block, Phi-4's trailing EOS), so the rendering through the turn is only used
+    for those marks. Tokens are marked by their character offsets.
     """
     text = tok.render_chat(messages, add_generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise DataError(f"messages[{i}]: an assistant turn's content must be a string")
         before = tok.render_chat(messages[:i], add_generation_prompt=True) if i else ""
+        found = text.find(content, len(before))
+        if not text.startswith(before) or found < 0:
+            raise DataError(f"messages[{i}]: the chat template does not render the conversation before this "
+                            "assistant turn as a prefix of the whole, so its tokens cannot be located")
         through = tok.render_chat(messages[: i + 1], add_generation_prompt=False)
-        if not (text.startswith(through) and through.startswith(before)):
-            raise DataError("the chat template does not render a conversation as a prefix of its continuation, "
-                            "so assistant turns cannot be located")
-        spans.append((len(before), len(through)))
+        end = found + len(content)
+        after_here = tok.hf.encode(text[end:], add_special_tokens=False)
+        after_alone = tok.hf.encode(through[through.rfind(content) + len(content):], add_special_tokens=False)
+        spans.append((len(before), end, len(os.path.commonprefix([after_here, after_alone]))))
     encoded = tok.hf(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [any(s <= start < e for s, e in spans) for start, _ in encoded["offset_mapping"]]
+    starts = [start for start, _ in encoded["offset_mapping"]]
+    mask = [False] * len(starts)
+    for start, end, num_marks in spans:
+        inside = [t for t, s in enumerate(starts) if start <= s < end]
+        first_mark = next((t for t, s in enumerate(starts) if s >= end), len(starts))
+        for t in [*inside, *range(first_mark, min(first_mark + num_marks, len(starts)))]:
+            mask[t] = True
     return Example(list(encoded["input_ids"]), mask)
 
 
