@@ -76,7 +76,13 @@ class AsyncEngine:
         request = _Request(asyncio.get_running_loop(), asyncio.Queue())
         command = _Add(request_id, prompt_ids, params, request, cache_salt, lora)
         self._commands.put(command)
-        await asyncio.wrap_future(command.accepted)  # raises the engine's validation error, if any
+        try:
+            await asyncio.wrap_future(command.accepted)  # raises the engine's validation error, if any
+        except asyncio.CancelledError:
+            # The caller left while the request was being queued: if the engine took it, take it back
+            # (the abort queues behind the add, so it always finds it).
+            self.abort(request_id)
+            raise
         finished = False
         try:
             while True:
@@ -125,6 +131,8 @@ class AsyncEngine:
 
     def _handle(self, command) -> None:
         if isinstance(command, _Add):
+            if not command.accepted.set_running_or_notify_cancel():
+                return  # its caller stopped waiting before the engine got to it: nothing to add
             try:
                 command.request.seq = self.engine.add_request(command.request_id, command.prompt_ids, command.params,
                                                               command.cache_salt, command.lora)

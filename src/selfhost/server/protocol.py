@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from selfhost.sampling_params import MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams, choice_seed
 from selfhost.server.rag_protocol import RagOptions
@@ -179,14 +179,15 @@ class SamplingFields(Lenient):
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
 
-    @model_validator(mode="after")
-    def _check_stop(self):
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value):  # a field validator: the error's param is "stop"
+        stops = [value] if isinstance(value, str) else value or []
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are accepted")
-        return self
+        return value
 
     @property
     def include_usage(self) -> bool:
