@@ -5,15 +5,14 @@ Every adaptable projection of the served model is wrapped once in a
 folded into B). A step's rows each name a slot, or none for the base model.
 The base product runs once for the whole batch; the adapters add
 
-    low = x @ A_step^T                   (T, N*S*R)   the step's adapters' A at once
-    low *= onehot(slot of each row)      keeps each row's own adapter
-    out += low @ B_step                  (T, out)
+    low = x @ A_step^T                        (T, N*S*R)   the step's adapters' A at once
+    low *= onehot(adapter of each row)        keeps each row's own adapter
+    out[:, shard] += low[shard] @ B_shard     (T, shard rows), per shard of a fused projection
 
 with N the adapters present in the step (gathered from the L slots), S shards
-of a fused projection (q/k/v, gate/up) and R the slot rank: two dense products
-and a mask whatever the mix of adapters, and no Python loop over requests. A
-shard's B is zero outside its output rows, so a fused projection needs no
-per-shard split. A projection none of the step's adapters touches is skipped.
+of a fused projection (q/k/v, gate/up) and R the slot rank: dense products and
+a mask whatever the mix of adapters, and no Python loop over requests. A
+projection none of the step's adapters touches is skipped.
 The work grows with N*S*R, padding included (a rank-4 adapter in rank-16 slots
 costs rank 16); a segmented kernel over rows sorted by adapter is phase-2 work.
 
@@ -55,43 +54,53 @@ class StepRows:
 
 
 class MultiLoRALinear(nn.Module):
+    """The base projection plus, for each row, the low-rank product of its own adapter."""
+
     def __init__(self, base: nn.Module, rows: StepRows, shard_rows: list[tuple[int, int]], max_loras: int,
                  max_rank: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.base, self.rows, self.shard_rows = base, rows, shard_rows
         self.filled: set[int] = set()  # slots whose adapter changes this projection
-        num_shards = len(shard_rows)
-        self.register_buffer("lora_a", torch.zeros(max_loras, num_shards, max_rank, base.in_features,
+        self.register_buffer("lora_a", torch.zeros(max_loras, len(shard_rows), max_rank, base.in_features,
                                                    dtype=dtype, device=device), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(max_loras, num_shards, max_rank, base.out_features,
-                                                   dtype=dtype, device=device), persistent=False)
+        for shard, (start, end) in enumerate(shard_rows):  # one B per shard, (L, R, shard rows), scale folded in
+            self.register_buffer(f"lora_b{shard}", torch.zeros(max_loras, max_rank, end - start, dtype=dtype,
+                                                               device=device), persistent=False)
+
+    @property
+    def lora_b(self) -> list[torch.Tensor]:
+        return [self._buffers[f"lora_b{shard}"] for shard in range(len(self.shard_rows))]
 
     def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
         out = self.base.forward(x, num_threads)  # (T, out)
         rows = self.rows
         if rows.onehot is None or self.filled.isdisjoint(rows.slots):
             return out
-        a, b = self.lora_a, self.lora_b  # (L, S, R, in), (L, S, R, out)
-        if rows.index is not None:
-            a, b = a.index_select(0, rows.index), b.index_select(0, rows.index)  # (N, S, R, ...)
-        n, width = a.shape[0], a.shape[1] * a.shape[2]  # adapters, S*R columns each
-        low = x.to(a.dtype) @ a.reshape(n * width, -1).t()  # (T, N*S*R)
-        low = (low.view(-1, n, width) * rows.onehot[:, :, None]).view(-1, n * width)  # (T, N*S*R)
-        out += (low @ b.reshape(n * width, -1)).to(out.dtype)  # (T, out)
+        a = self.lora_a if rows.index is None else self.lora_a.index_select(0, rows.index)  # (N, S, R, in)
+        n, num_shards, rank = a.shape[:3]
+        low = x.to(a.dtype) @ a.reshape(n * num_shards * rank, -1).t()  # (T, N*S*R)
+        low = low.view(-1, n, num_shards, rank) * rows.onehot[:, :, None, None]  # (T, N, S, R): own adapter only
+        for shard, ((start, end), b) in enumerate(zip(self.shard_rows, self.lora_b)):  # at most 3 (q, k, v)
+            b = b if rows.index is None else b.index_select(0, rows.index)  # (N, R, shard rows)
+            out[:, start:end] += (low[:, :, shard].reshape(-1, n * rank) @ b.view(n * rank, -1)).to(out.dtype)
         return out
 
     @torch.no_grad()
     def load_slot(self, slot: int, shards: dict[int, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         """Fill `slot`: shard index -> (A (r, in), B (rows, r), scale); every other shard is zeroed.
 
-        A B with as many rows as the whole projection (a checkpoint that fuses q/k/v itself) spans them all."""
+        A B with as many rows as the whole projection (a checkpoint that fuses q/k/v itself) is
+        split over the shards, each with the same A."""
         self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        for b in self.lora_b:
+            b[slot].zero_()
         for shard, (a, b, scale) in shards.items():
-            start, end = self.shard_rows[shard] if b.shape[0] != self.base.out_features else (0, b.shape[0])
-            rank = a.shape[0]
-            self.lora_a[slot, shard, :rank] = a
-            self.lora_b[slot, shard, :rank, start:end] = b.t() * scale
+            whole = b.shape[0] == self.base.out_features and len(self.shard_rows) > 1
+            for s in range(len(self.shard_rows)) if whole else [shard]:
+                start, end = self.shard_rows[s]
+                rows = b[start:end] if whole else b
+                self.lora_a[slot, s, :a.shape[0]] = a
+                self.lora_b[s][slot, :a.shape[0]] = rows.t() * scale
         if shards:
             self.filled.add(slot)
         else:
