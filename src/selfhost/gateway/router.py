@@ -1,9 +1,10 @@
 """The seam between the gateway and selfhost's own routes: an ASGI middleware.
 
-For POST /v1/chat/completions, /v1/completions and /v1/embeddings it reads the body
-once and looks at `model`: a remote name goes to the Proxy; anything else (a local
-model, a malformed body) is replayed untouched to the routes behind, which answer
-exactly as they do without a gateway. Every answer names who served it in
+For POST /v1/chat/completions, /v1/completions, /v1/embeddings, /api/chat and
+/api/generate it reads the body once and looks at `model`: a remote name goes to the
+Proxy (Ollama requests through ollama_bridge); anything else (a local model, a
+malformed body) is replayed untouched to the routes behind, which answer exactly as
+they do without a gateway. Every answer names who served it in
 `x-selfhost-backend` (`local/<name>` for local models).
 """
 
@@ -15,6 +16,7 @@ from starlette.requests import Request
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from selfhost.gateway.ollama_bridge import OLLAMA_PATHS, ollama_response, openai_payload
 from selfhost.gateway.proxy import BACKEND_HEADER, LocalFallback, ProxyRequest
 from selfhost.server.errors import APIError, error_response
 from selfhost.server.models import canonical
@@ -30,32 +32,38 @@ class GatewayRouter:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith("/v1/models"):
             return await self._models(scope, receive, send)
-        endpoint = ENDPOINTS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if endpoint is None:
+        is_post = scope["type"] == "http" and scope["method"] == "POST"
+        if not is_post or (scope["path"] not in ENDPOINTS and scope["path"] not in OLLAMA_PATHS):
             return await self.app(scope, receive, send)
         body = await _read_body(receive)
-        payload = _json_object(body)
-        name = payload.get("model") if payload is not None else None
+        raw = _json_object(body)
+        name = raw.get("model") if raw is not None else None
         if not isinstance(name, str):  # selfhost's routes say what is wrong with the body
             return await self._local(scope, body, receive, send, name)
         name = canonical(name)
         try:
-            key_name, reservation = self.gateway.admission.admit(scope, name, payload)
+            key_name, reservation = self.gateway.admission.admit(scope, name, raw)
         except APIError as err:
             return await error_response(Request(scope), err)(scope, receive, send)
         streaming = False  # a relayed stream settles its own reservation when it ends
         try:
             if not self.gateway.table.is_remote(name):
                 return await self._local(scope, body, receive, send, name)
-            payload["model"] = name
             try:
-                result = await self.gateway.proxy.handle(ProxyRequest(endpoint, payload, key_name, reservation))
+                if scope["path"] in OLLAMA_PATHS:
+                    request = ProxyRequest("chat/completions", openai_payload(scope["path"], {**raw, "model": name}),
+                                           key_name, reservation)
+                else:
+                    request = ProxyRequest(ENDPOINTS[scope["path"]], {**raw, "model": name}, key_name, reservation)
+                result = await self.gateway.proxy.handle(request)
             except APIError as err:
                 return await error_response(Request(scope), err)(scope, receive, send)
             if isinstance(result, LocalFallback):
-                body = json.dumps({**payload, "model": result.name}).encode()
+                body = json.dumps({**raw, "model": result.name}).encode()
                 return await self._local(scope, body, receive, send, result.name)
             streaming = isinstance(result, StreamingResponse)
+            if scope["path"] in OLLAMA_PATHS:
+                result = ollama_response(scope["path"], name, result)
             await result(scope, receive, send)
         finally:
             if not streaming:
