@@ -95,3 +95,12 @@ def test_tensor_of_unknown_module_is_refused(llama_adapter, tmp_path):
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(AdapterError, match="adapter_config.json is missing"):
         read_adapter(tmp_path)
+
+
+def test_a_second_adapter_is_refused_before_any_change(tiny_checkpoint, llama_adapter):
+    model = load_model(tiny_checkpoint("llama"), torch.float32, CPU)
+    apply_adapter(model, read_adapter(llama_adapter))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(AdapterError, match="already carries adapters"):
+        apply_adapter(model, read_adapter(llama_adapter))
+    assert [type(m) for m in model.modules()] == before

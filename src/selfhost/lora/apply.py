@@ -95,12 +95,14 @@ def _wrap(model: CausalLM, plan: dict[tuple[int, str], list[tuple[str, int, int,
           dtype: torch.dtype) -> dict[tuple[int, str], LoRALinear]:
     wrapped = {}
     device = model.model.norm.weight.device  # embeddings and head may be quantized: no .weight
+    from selfhost.lora.serving import MultiLoRALinear  # serving builds on this module
+
+    if any(isinstance(m, (LoRALinear, MultiLoRALinear)) for m in model.modules()):  # never a half-wrapped model
+        raise AdapterError("the model already carries adapters; load the base again to apply another")
     for (layer_idx, fused), shards in plan.items():
         layer = model.model.layers[layer_idx]
         parent = layer.self_attn if TARGET_MODULES.get(shards[0][0]) == "self_attn" else layer.mlp
         base = getattr(parent, fused)
-        if isinstance(base, LoRALinear):
-            raise AdapterError(f"layer {layer_idx} {fused} already carries an adapter")
         shards = sorted(shards, key=lambda s: s[1])
         lora = LoRALinear(base, [s[:4] for s in shards], [s[4] for s in shards], dtype, device)
         setattr(parent, fused, lora)
