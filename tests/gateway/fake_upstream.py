@@ -34,6 +34,7 @@ class FakeUpstream:
         app.post("/v1/chat/completions")(self._chat)
         app.post("/v1/completions")(self._chat)
         app.post("/v1/embeddings")(self._embeddings)
+        app.get("/v1/models")(self._models)
         # IPPROTO_TCP: asyncio then sets TCP_NODELAY (no ~40 ms Nagle/delayed-ACK stall per response).
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -96,6 +97,10 @@ class FakeUpstream:
                      "choices": [], "usage": USAGE}
             yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
+
+    async def _models(self):
+        failure = await self._failure() if self.mode != "slow" else None
+        return failure or {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]}
 
     async def _embeddings(self, request: Request):
         body = await request.json()

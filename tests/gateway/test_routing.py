@@ -80,6 +80,27 @@ def test_cooling_deployment_is_tried_after_healthy_ones(gateway, upstreams):
     assert len(a.received) == 1
 
 
+def test_health_checks_cool_a_failing_deployment_and_bring_it_back(gateway, upstreams):
+    a, b = upstreams[0], upstreams[1]
+    server = gateway("health_check_interval_s = 0.1\n" + remote("gpt", a.url) + remote("gpt", b.url))
+    deployment = server.app.state.gateway.table.deployments["gpt"][0]
+    a.mode = "500"
+    _wait_until(lambda: deployment.failures > 0)
+    assert {post(server).headers["x-selfhost-backend"] for _ in range(3)} == {"gpt/1"}  # no client hit gpt/0
+    assert all("messages" not in body for _, body in a.received)
+    a.mode = "ok"
+    _wait_until(lambda: deployment.failures == 0)  # back before its 30 s cooldown ends
+    # Level with gpt/1 again (not owed the 3 requests it missed): the two take turns.
+    assert sorted(post(server).headers["x-selfhost-backend"] for _ in range(4)) == ["gpt/0", "gpt/0", "gpt/1", "gpt/1"]
+
+
+def _wait_until(condition, timeout_s: float = 5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
 def test_refused_and_hanging_upstreams_fall_through(gateway, upstreams):
     a, b = upstreams[0], upstreams[1]
     a.mode = "hang"

@@ -90,6 +90,8 @@ class GatewaySettings(BaseModel):
     max_attempts: int = Field(4, ge=1, description="Deployments tried per request, fallbacks included.")
     backoff_s: float = Field(0.05, ge=0, description="Pause before the second attempt, doubled after each.")
     cooldown_s: float = Field(30.0, ge=0, description="How long a failing deployment is skipped.")
+    health_check_interval_s: float | None = Field(
+        15.0, gt=0, description="Probe every deployment's GET /models this often (none: only failed requests count).")
     ledger: str | None = Field(None, description="SQLAlchemy URL of the ledger (default: a SQLite file).")
     require_key: bool = Field(False, description="Every API request needs a virtual key (selfhost keys create).")
 

@@ -31,6 +31,7 @@ class Deployment:
     started: int = 0  # requests ever sent: breaks ties between equally loaded deployments in turn
     cooldown_until: float = 0.0
     failures: int = 0
+    siblings: list[Deployment] = field(default_factory=list, repr=False, compare=False)  # its name's, itself too
 
     def is_cooling(self, now: float) -> bool:
         return now < self.cooldown_until
@@ -53,6 +54,10 @@ class Deployment:
         self.cooldown_until = time.monotonic() + cooldown_s
 
     def mark_healthy(self) -> None:
+        if self.failures:
+            # Back from a cooldown: level with its siblings, or the tie-break on `started` would send it every
+            # idle request until it caught up with what they served meanwhile.
+            self.started = max(s.started / s.weight for s in self.siblings) * self.weight
         self.failures = 0
         self.cooldown_until = 0.0
 
@@ -71,6 +76,7 @@ class DeploymentTable:
         for entry in config.remote_entries:
             siblings = self.deployments.setdefault(entry.name, [])
             siblings.append(_deployment(entry, len(siblings), config.api_key(entry)))
+            siblings[-1].siblings = siblings
 
     def is_remote(self, name: str) -> bool:
         return name in self.deployments

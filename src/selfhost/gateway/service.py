@@ -10,6 +10,7 @@ from selfhost.gateway.admission import Admission
 from selfhost.gateway.budgets import KeyBudgets
 from selfhost.gateway.config import GatewayConfig
 from selfhost.gateway.deployments import DeploymentTable
+from selfhost.gateway.health import HealthChecker
 from selfhost.gateway.keys import KeyStore
 from selfhost.gateway.ledger import Ledger
 from selfhost.gateway.proxy import Proxy
@@ -25,6 +26,10 @@ class Gateway:
         self.proxy = Proxy(self.table, config.gateway, self.ledger)
         self.keys = KeyStore(self.ledger.engine)
         self.budgets = KeyBudgets(self.ledger)
+        settings = config.gateway
+        self.health = None if settings.health_check_interval_s is None else HealthChecker(
+            self.table.all(), self.proxy.client, settings.health_check_interval_s, settings.cooldown_s,
+            settings.connect_timeout_s)
         self.admission = Admission(self.keys, self.budgets, self.table, config.gateway.require_key)
 
     def attach_metrics(self, registry) -> None:
@@ -41,8 +46,12 @@ class Gateway:
         models = {d.price_model for d in self.table.all()}
         today = dt.datetime.now(dt.timezone.utc)
         await asyncio.to_thread(lambda: [price_usage(UsageRecord(), m, today) for m in models])
+        if self.health is not None:
+            self.health.start()
 
     async def aclose(self) -> None:
+        if self.health is not None:
+            await self.health.stop()
         await self.proxy.aclose()
         await asyncio.to_thread(self.ledger.close)
 
