@@ -62,6 +62,18 @@ class LoopbackServer:
             time.sleep(0.05)
 
 
+def start_long_context_server(tmp_path_factory, **settings) -> LoopbackServer:
+    """The tiny Llama with a 4k context, serving as MODEL: tool definitions and schemas take hundreds of
+    its byte-level tokens. `settings` add to (or override) ServerSettings'."""
+    from tests.tiny_models import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama-4k"), max_position_embeddings=4096)
+    defaults = dict(models=[f"{MODEL}={checkpoint}"], kv_cache_memory="64MiB", weight_dtype="float32",
+                    rag_store=tmp_path_factory.mktemp("rag-store"),
+                    responses_db=tmp_path_factory.mktemp("responses") / "responses.db")
+    return LoopbackServer(ServerSettings(**{**defaults, **settings})).start()
+
+
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint, tmp_path_factory):
     settings = ServerSettings(

@@ -11,9 +11,7 @@ import httpx
 import jsonschema
 import pytest
 
-from selfhost.server.settings import ServerSettings
-from tests.server.conftest import MODEL, LoopbackServer
-from tests.tiny_models import make_tiny_checkpoint
+from tests.server.conftest import MODEL, start_long_context_server
 
 KEY = "test-key"
 USER = [{"role": "user", "content": "Hello"}]
@@ -27,12 +25,8 @@ CITY = {"name": "city", "input_schema": {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The tiny Llama with a 4k context (tool definitions take hundreds of its byte-level tokens), behind a key."""
-    checkpoint = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama-4k"), max_position_embeddings=4096)
-    settings = ServerSettings(models=[f"{MODEL}={checkpoint}"], kv_cache_memory="64MiB", weight_dtype="float32",
-                              api_key=[KEY], rag_store=tmp_path_factory.mktemp("rag-store"),
-                              responses_db=tmp_path_factory.mktemp("responses") / "responses.db")
-    srv = LoopbackServer(settings).start()
+    """The tiny Llama with a 4k context, behind a key."""
+    srv = start_long_context_server(tmp_path_factory, api_key=[KEY])
     yield srv
     srv.stop()
 

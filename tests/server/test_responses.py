@@ -12,9 +12,7 @@ import openai
 import pytest
 
 from selfhost.server.responses_store import Retention, ResponseStore
-from selfhost.server.settings import ServerSettings
-from tests.server.conftest import MODEL, LoopbackServer
-from tests.tiny_models import make_tiny_checkpoint
+from tests.server.conftest import MODEL, start_long_context_server
 
 ADD = {"type": "function", "name": "add", "description": "Add two numbers", "strict": True, "parameters": {
     "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
@@ -26,11 +24,7 @@ COLOUR = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]},
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    checkpoint = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama-4k"), max_position_embeddings=4096)
-    settings = ServerSettings(models=[f"{MODEL}={checkpoint}"], kv_cache_memory="64MiB", weight_dtype="float32",
-                              rag_store=tmp_path_factory.mktemp("rag-store"),
-                              responses_db=tmp_path_factory.mktemp("responses") / "responses.db")
-    srv = LoopbackServer(settings).start()
+    srv = start_long_context_server(tmp_path_factory)
     yield srv
     srv.stop()
 

@@ -14,10 +14,8 @@ import llguidance
 import llguidance.hf
 import pytest
 
-from selfhost.server.settings import ServerSettings
 from selfhost.structured_output import StructuredOutput
-from tests.server.conftest import MODEL, LoopbackServer
-from tests.tiny_models import make_tiny_checkpoint
+from tests.server.conftest import MODEL, start_long_context_server
 
 MESSAGES = [{"role": "user", "content": "Describe it in JSON."}]
 
@@ -49,12 +47,7 @@ CITY = {"type": "function", "function": {"name": "city", "parameters": {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The tiny Llama with a 4k context: tool definitions take hundreds of its byte-level tokens."""
-    checkpoint = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama-4k"), max_position_embeddings=4096)
-    settings = ServerSettings(models=[f"{MODEL}={checkpoint}"], kv_cache_memory="64MiB", weight_dtype="float32",
-                              rag_store=tmp_path_factory.mktemp("rag-store"),
-                              responses_db=tmp_path_factory.mktemp("responses") / "responses.db")
-    srv = LoopbackServer(settings).start()
+    srv = start_long_context_server(tmp_path_factory)
     yield srv
     srv.stop()
 

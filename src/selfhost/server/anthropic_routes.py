@@ -24,6 +24,7 @@ from selfhost.server.errors import (
 )
 from selfhost.server.serving import Generation, Serving, event_stream, unless_disconnected
 from selfhost.tools.calls import ToolCall, check_tools
+from selfhost.tools.model_tools import OutputSplitter
 
 router = APIRouter(prefix="/v1", tags=["anthropic"], responses=documented_errors(AnthropicErrorBody))
 log = logging.getLogger("selfhost.server")
@@ -171,15 +172,13 @@ async def _message_events(serving: Serving, req: MessagesRequest, gen: Generatio
     yield _event("message_start", {"message": start})
     yield _event("ping", {})
     text, token_ids, calls, finish = "", [], [], None
-    parser = served.tools.stream() if req.uses_tools else None
+    output = OutputSplitter(served.tools if req.uses_tools else None)
     async for _, delta in serving.run(gen):
         text += delta.text
         token_ids += delta.token_ids
         finish = delta.finish_reason
-        piece = parser.update(served.tools.output_text(token_ids)) if parser is not None else delta.text
-        if parser is not None and delta.is_finished:
-            rest, calls = parser.finish()
-            piece += rest
+        piece, new_calls = output.feed(delta)
+        calls = new_calls or calls
         if piece:
             for event in blocks.text(piece):
                 yield event

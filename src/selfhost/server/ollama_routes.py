@@ -21,6 +21,7 @@ from selfhost.errors import SelfhostError
 from selfhost.server.errors import APIError, OllamaErrorBody, documented_errors, from_selfhost_error
 from selfhost.structured_output import StructuredOutput
 from selfhost.tools.calls import ToolChoice, check_tools
+from selfhost.tools.model_tools import OutputSplitter
 from selfhost.server.ollama_protocol import (
     OllamaBase, OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest, now_iso,
 )
@@ -80,15 +81,10 @@ class _ToolCallBody:
     Ollama's way) go in the line that ends the output."""
 
     def __init__(self, tools):
-        self.tools, self.token_ids, self.parser = tools, [], tools.stream()
+        self.tools, self.output = tools, OutputSplitter(tools)
 
     def delta(self, delta) -> dict | None:
-        self.token_ids += delta.token_ids
-        content = self.parser.update(self.tools.output_text(self.token_ids))
-        calls = []
-        if delta.is_finished:
-            rest, calls = self.parser.finish()
-            content += rest
+        content, calls = self.output.feed(delta)
         return _chat_message(content, calls) if content or calls else None
 
     def whole(self, text: str, token_ids: list[int]) -> dict:

@@ -16,6 +16,7 @@ from selfhost.server.protocol import (
 )
 from selfhost.server.serving import Generation, Serving, sse
 from selfhost.tools.calls import check_tools
+from selfhost.tools.model_tools import OutputSplitter
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
@@ -148,30 +149,21 @@ async def chat_completion_stream(serving: Serving, req: ChatCompletionRequest, g
 
 
 class _ToolStream:
-    """One choice's stream when tools are in use: text as soon as it cannot be a call, then the calls.
-
-    The parser reads the output decoded with special tokens (a call marker may be one), so it
-    keeps the choice's token ids; each call goes out whole, in one `tool_calls` delta.
-    """
+    """One choice's chunks when tools are in use: text as soon as it cannot be a call, then each call
+    whole in one `tool_calls` delta, then the finish reason."""
 
     def __init__(self, tools):
-        self.tools, self.token_ids, self.parser = tools, [], tools.stream()
+        self.output = OutputSplitter(tools)
 
     def choices(self, index: int, delta) -> list[ChatChunkChoice]:
-        self.token_ids += delta.token_ids
-        out = []
-        text = self.parser.update(self.tools.output_text(self.token_ids))
-        if text:
-            out.append(ChatChunkChoice(index=index, delta=DeltaMessage(content=text)))
+        text, calls = self.output.feed(delta)
+        out = [ChatChunkChoice(index=index, delta=DeltaMessage(content=text))] if text else []
+        if calls:
+            out.append(ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[
+                DeltaToolCall(index=i, id=c.id, type="function",
+                              function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
+                for i, c in enumerate(calls)])))
         if delta.is_finished:
-            rest, calls = self.parser.finish()
-            if rest:
-                out.append(ChatChunkChoice(index=index, delta=DeltaMessage(content=rest)))
-            if calls:
-                out.append(ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[
-                    DeltaToolCall(index=i, id=c.id, type="function",
-                                  function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
-                    for i, c in enumerate(calls)])))
             out.append(ChatChunkChoice(index=index, delta=DeltaMessage(),
                                        finish_reason=_finish_with_tools(delta.finish_reason, calls)))
         return out

@@ -27,6 +27,7 @@ from selfhost.server.responses_protocol import (
 from selfhost.server.responses_store import ResponseStore
 from selfhost.server.serving import Generation, Serving, event_stream, unless_disconnected
 from selfhost.tools.calls import ToolCall, check_tools
+from selfhost.tools.model_tools import OutputSplitter
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=documented_errors(OpenAIErrorBody))
 log = logging.getLogger("selfhost.server")
@@ -208,14 +209,12 @@ class _ResponseEvents:
         yield self.event("response.created", response=self.response.model_dump())
         yield self.event("response.in_progress", response=self.response.model_dump())
         token_ids, calls, finish = [], [], None
-        parser = served.tools.stream() if req.uses_tools else None
+        output = OutputSplitter(served.tools if req.uses_tools else None)
         async for _, delta in self.serving.run(self.gen):
             token_ids += delta.token_ids
             finish = delta.finish_reason
-            piece = parser.update(served.tools.output_text(token_ids)) if parser is not None else delta.text
-            if parser is not None and delta.is_finished:
-                rest, calls = parser.finish()
-                piece += rest
+            piece, new_calls = output.feed(delta)
+            calls = new_calls or calls
             for event in self._text(piece) if piece else ():
                 yield event
         if self.message_id is None and not calls:  # an empty answer is still one (empty) message

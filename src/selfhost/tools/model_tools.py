@@ -57,5 +57,28 @@ class ModelTools:
         return ToolCallStream(self.format, self.new_id)
 
 
+class OutputSplitter:
+    """One choice's output, delta by delta, as (text to send now, tool calls): every API streams this way.
+
+    Text goes out as soon as it cannot be part of a call; the calls come with the last delta. The
+    parser reads the output decoded with special tokens (a call marker may be one), so the token
+    ids are kept. Without tools (`tools` None) the text passes straight through.
+    """
+
+    def __init__(self, tools: ModelTools | None):
+        self.tools, self.token_ids = tools, []
+        self.parser = tools.stream() if tools is not None else None
+
+    def feed(self, delta) -> tuple[str, list[ToolCall]]:
+        if self.parser is None:
+            return delta.text, []
+        self.token_ids += delta.token_ids
+        text = self.parser.update(self.tools.output_text(self.token_ids))
+        if not delta.is_finished:
+            return text, []
+        rest, calls = self.parser.finish()
+        return text + rest, calls
+
+
 def calls_as_openai(calls: list[ToolCall]) -> list[dict]:
     return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
