@@ -67,6 +67,15 @@ def test_prompt_completion_and_text_masks(tiny_checkpoint, tmp_path):
     assert all(text.loss_mask)
 
 
+def test_plain_text_file_is_cut_into_windows(tiny_checkpoint, tmp_path):
+    tok = Tokenizer(tiny_checkpoint("llama"))
+    path = tmp_path / "poems.txt"
+    path.write_text("Whether 'tis nobler in the mind to suffer the slings and arrows. " * 8)
+    examples = load_examples(path, tok, max_len=32)
+    assert len(examples) > 2 and all(len(e.token_ids) <= 32 and all(e.loss_mask) for e in examples)
+    assert [t for e in examples for t in e.token_ids] == tok.encode(path.read_text())
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
