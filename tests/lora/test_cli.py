@@ -61,7 +61,8 @@ def test_finetune_writes_a_peft_adapter(cli, tiny_checkpoint, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"line {i}:", "completion": " to be"}) + "\n" for i in range(6)))
     out = tmp_path / "adapter"
     result = invoke(cli, "finetune", tiny_checkpoint("llama"), "--data", data, "--eval", data, "--lora-rank", 2,
-                    "--targets", "q,v,down", "--steps", 3, "--batch-size", 2, "--no-progress", "-o", out)
+                    "--targets", "q,v,down", "--steps", 3, "--batch-size", 2, "--no-progress", "-o", out,
+                    "--quantization", "int4")  # QLoRA-style: the adapters train over int4 weights
     assert result.exit_code == 0, result.output
     assert "eval perplexity" in result.output
     config = json.loads((out / "adapter_config.json").read_text())
@@ -75,6 +76,7 @@ def test_finetune_writes_a_peft_adapter(cli, tiny_checkpoint, tmp_path):
     [
         (["--targets", "q,lm_head"], InvalidParameterError, "unknown --targets lm_head"),
         (["--lora-rank", 0], AdapterError, "rank r=0"),
+        (["--quantization", "int3"], InvalidParameterError, "int3"),
     ],
 )
 def test_finetune_refuses_bad_options(cli, tiny_checkpoint, tmp_path, args, error, message):

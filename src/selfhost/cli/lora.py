@@ -49,6 +49,8 @@ def finetune(
     resume: Annotated[Path | None, typer.Option(help="Continue from a checkpoint (.pt) written with the same "
                                                      "settings and data.")] = None,
     keep_checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints after a successful save.")] = False,
+    quantization: Annotated[str | None, typer.Option(help="Train over an int8 or int4 copy of the base "
+                                                          "(QLoRA-style; the adapters stay fp32).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
@@ -64,13 +66,15 @@ def finetune(
     from selfhost.hub import resolve_model
     from selfhost.lora.adapter_format import SHORT_NAMES, LoraConfig
     from selfhost.lora.data import load_examples
-    from selfhost.lora.finetune import Finetuner
-    from selfhost.models.loader import load_model
+    from selfhost.lora.finetune import Finetuner, load_base
+    from selfhost.quant.config import QuantConfig
     from selfhost.tokenizer import Tokenizer
     from selfhost.train.config import TrainConfig
     from selfhost.train.export import check_output
 
     check_output(out, overwrite)  # before any work
+    if quantization is not None:
+        QuantConfig(method=quantization)  # refuses an unknown method before the load
     if threads is not None:
         if threads < 1:
             raise InvalidParameterError(f"--threads={threads} must be at least 1")
@@ -92,7 +96,7 @@ def finetune(
     tok = Tokenizer(model_dir)
     train = load_examples(data, tok, max_len)
     held_out = load_examples(eval_data, tok, max_len) if eval_data is not None else None
-    base = load_model(model_dir, torch.float32, pick_device(device), max_len=max_len)
+    base = load_base(model_dir, pick_device(device), max_len, quantization)
     pad_id = next(i for i in (tok.hf.pad_token_id, tok.hf.eos_token_id, 0) if i is not None)
     console = make_console()
     checkpoints = out.with_name(out.name + "-checkpoints")

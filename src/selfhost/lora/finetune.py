@@ -112,6 +112,19 @@ def evaluate(model: CausalLM, examples: list[Example], batch_size: int, pad_id: 
     return total / count
 
 
+def load_base(model_dir: Path, device: torch.device, max_len: int, quantization: str | None) -> CausalLM:
+    """The frozen base in fp32, or QLoRA-style quantized with a kernel gradients flow through."""
+    from selfhost.models.loader import load_model
+
+    model = load_model(model_dir, torch.float32, device, max_len=max_len)
+    if quantization is not None:
+        from selfhost.quant.apply import quantize_model
+        from selfhost.quant.config import QuantConfig
+
+        quantize_model(model, QuantConfig(method=quantization), kernel="dequant")
+    return model
+
+
 class Finetuner:
     """Adapters on `model` (frozen), trained on `train` for cfg.max_steps optimizer steps."""
 
@@ -253,16 +266,16 @@ class Finetuner:
 
 
 def _check_trainable(model: CausalLM) -> None:
-    """Gradients must flow through the frozen base to the adapters of earlier layers: an int8 base
-    (its F.linear fallback) allows that; torch's packed int4 CPU kernel has no backward."""
+    """Gradients must flow through the frozen base to the adapters of earlier layers: the int8
+    and int4 "dequant" kernels (F.linear) allow that; torch's packed int4 CPU kernel has no backward."""
     from selfhost.quant.int4 import Int4Linear
 
     if model.spec.attn_softcap is not None:
         raise SelfhostError("fine-tuning a model with attention soft-capping (Gemma 2) is not supported yet")
 
     if any(isinstance(m, Int4Linear) and m.kernel == "int4pack_cpu" for m in model.modules()):
-        raise SelfhostError("fine-tuning over an int4 base on CPU is not supported yet (its packed kernel has no "
-                            "backward); fine-tune over the int8 or full-precision base and serve on int4")
+        raise SelfhostError("this int4 base runs torch's packed CPU kernel, which has no backward; quantize "
+                            "with kernel='dequant' to fine-tune over it (selfhost finetune --quantization int4)")
 
 
 def _as_tuples(value):
