@@ -10,6 +10,7 @@ is not enough fails with a 507 naming the figures; the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -54,6 +55,7 @@ class ServedModel:
     keep_alive_s: float
     num_params: int  # as the architecture defines them; packed int4 storage holds two per element
     quantization: str | None  # `selfhost quantize` method from the folder's config.json; None: full precision
+    lora: str | None = None  # an adapter on another entry's engine (`--lora NAME=FOLDER`); None: the model itself
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0
@@ -130,19 +132,32 @@ class ModelRegistry:
         if self._preloaded:
             return
         # With a gateway config, no model named means none: its models may all be remote.
+        loras = self._lora_folders()
         for arg in self.settings.models or ([] if self.settings.config else [None]):
             name, ref = split_model_arg(arg)
-            await self._load(name, ref, pinned=True)
+            await self._load(name, ref, pinned=True, loras=loras)
+            loras = {}  # adapters belong to the first model
+        if loras:
+            raise APIError("--lora needs a preloaded model to serve the adapters on", 400, param="lora")
         self._preloaded = True
 
-    async def _load(self, name: str, ref: str | None, pinned: bool) -> None:
+    def _lora_folders(self) -> dict[str, str]:
+        loras = {}
+        for arg in self.settings.lora:
+            name, sep, folder = arg.partition("=")
+            if not sep or not name or not folder:
+                raise APIError(f"--lora {arg!r} must be NAME=FOLDER", 400, param="lora")
+            loras[name] = folder
+        return loras
+
+    async def _load(self, name: str, ref: str | None, pinned: bool, loras: dict[str, str] | None = None) -> None:
         from selfhost.hub import resolve_model
 
         model_dir = await asyncio.to_thread(resolve_model, ref)
         self._make_room(self._estimate_weight_bytes(model_dir), name)
         log.info("loading model %s from %s", name, model_dir)
         start = time.perf_counter()
-        served = await asyncio.to_thread(self._build, name, ref, str(model_dir), pinned)
+        served = await asyncio.to_thread(self._build, name, ref, str(model_dir), pinned, loras or {})
         budget = self.settings.memory_budget_bytes
         if budget is not None and self.used_bytes() + served.memory_bytes > budget:
             await asyncio.to_thread(self._release, served)
@@ -153,8 +168,11 @@ class ModelRegistry:
         self.models[name] = served
         log.info("loaded %s in %.1fs: %s weights, %d KV tokens", name, time.perf_counter() - start,
                  _gib(served.weight_bytes), served.llm.engine.capacity_tokens)
+        for adapter in loras or {}:  # the base's engine under the adapter's name; its memory is the base's
+            self.models[adapter] = dataclasses.replace(served, name=adapter, weight_bytes=0, kv_cache_bytes=0,
+                                                       lora=adapter, active=0)
 
-    def _build(self, name: str, ref: str | None, model_dir: str, pinned: bool) -> ServedModel:
+    def _build(self, name: str, ref: str | None, model_dir: str, pinned: bool, loras: dict[str, str]) -> ServedModel:
         from selfhost import LLM, AsyncEngine
         from selfhost.engine.paged_cache import PagedKVCache
 
@@ -162,7 +180,8 @@ class ModelRegistry:
         llm = LLM(model_dir, dtype=s.dtype, device=s.device, max_model_len=s.max_model_len,
                   kv_cache_memory=s.kv_cache_memory, max_num_seqs=s.max_num_seqs,
                   transformers_fallback=s.transformers_fallback, weight_dtype=s.weight_dtype,
-                  kv_cache_dtype=s.kv_cache_dtype)
+                  kv_cache_dtype=s.kv_cache_dtype, lora=loras or None, max_loras=s.max_loras,
+                  max_lora_rank=s.max_lora_rank)
         weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
         weight_bytes += sum(t.numel() * t.element_size() for t in llm.model.buffers())
         per_block = PagedKVCache.bytes_per_block(llm.model.spec, llm.engine_config.block_size, llm.kv_cache_dtype)
@@ -201,7 +220,7 @@ class ModelRegistry:
 
     def unload(self, name: str) -> None:
         served = self.models.pop(name, None)
-        if served is not None:
+        if served is not None and served.lora is None:  # an adapter's engine is its base model's
             log.info("unloading model %s", name)
             self._release(served)
 

@@ -173,7 +173,8 @@ class Serving:
     async def _merged(engine, gen: Generation) -> AsyncIterator[tuple[int, StreamDelta]]:
         if len(gen.jobs) == 1:  # the common case, without a task per choice
             prompt_ids, params = gen.jobs[0]
-            async with aclosing(engine.generate(prompt_ids, params, gen.request_id, gen.cache_salt)) as deltas:
+            async with aclosing(engine.generate(prompt_ids, params, gen.request_id, gen.cache_salt,
+                                                gen.served.lora)) as deltas:
                 async for delta in deltas:
                     yield 0, delta
             return
@@ -182,7 +183,7 @@ class Serving:
         async def pump(index: int, prompt_ids: list[int], params: SamplingParams) -> None:
             try:
                 async with aclosing(engine.generate(prompt_ids, params, f"{gen.request_id}-{index}",
-                                                    gen.cache_salt)) as deltas:
+                                                    gen.cache_salt, gen.served.lora)) as deltas:
                     async for delta in deltas:
                         queue.put_nowait((index, delta))
             except Exception as err:  # handed to the consumer, which raises it

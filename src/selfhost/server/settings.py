@@ -31,6 +31,13 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
     allow_load: bool = Field(False, description="Load models that were not preloaded on their first request.")
+    lora: StrList = Field(
+        default_factory=list,
+        description="Serve a LoRA adapter (a PEFT folder) on the first preloaded model as NAME=FOLDER; requests name "
+        "it as their model (repeatable).",
+    )
+    max_loras: int = Field(4, ge=1, description="Adapters held in memory at once (least recently used evicted).")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank --lora may serve.")
     api_key: StrList = Field(
         default_factory=list, description="Require this bearer key on /v1 and /api (repeatable; env: comma list)."
     )
@@ -87,7 +94,7 @@ class ServerSettings(BaseSettings):
         "10000", description="How many stored responses to keep: a count ('10000'), or an age ('30d', '12h', '90m').",
     )
 
-    @field_validator("models", "api_key", "cors", "embedding_model", mode="before")
+    @field_validator("models", "api_key", "cors", "embedding_model", "lora", mode="before")
     @classmethod
     def _split_commas(cls, value):
         # Env vars arrive as one string: SELFHOST_API_KEY=k1,k2
