@@ -3,6 +3,8 @@ every remote failure."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import httpx
 import pytest
 
@@ -11,7 +13,8 @@ from tests.gateway.conftest import refused_url, remote
 
 @pytest.fixture
 def mixed(gateway, upstreams, tiny_checkpoint):
-    local = f'\n[[models]]\nname = "tiny"\npath = "{tiny_checkpoint("llama")}"\n'
+    local = (f'\n[[models]]\nname = "tiny"\npath = "{tiny_checkpoint("llama")}"\nusd_per_hour = 0.72\n'
+             'throughput_tok_s = 100\n')  # $0.72/h over 100 tok/s: $0.000002 a token
     return gateway(local + remote("gpt", upstreams[0].url) + remote("flaky", refused_url(), fallbacks=["tiny"]),
                    kv_cache_memory="64MiB", weight_dtype="float32")
 
@@ -33,6 +36,25 @@ def test_local_and_remote_side_by_side(mixed):
     assert httpx.get(mixed.url + "/v1/models/gpt").json()["owned_by"] == "gateway"
     assert httpx.get(mixed.url + "/v1/models/tiny").json()["id"] == "tiny"
     assert httpx.get(mixed.url + "/v1/models/nope").status_code == 404
+
+
+PER_TOKEN_USD = Decimal("0.72") / (100 * 3600)
+
+
+def test_local_answers_are_priced_from_the_cost_model_and_recorded(mixed):
+    response = chat(mixed, "tiny")
+    usage = response.json()["usage"]
+    expected = (usage["prompt_tokens"] + usage["completion_tokens"]) * PER_TOKEN_USD
+    assert Decimal(response.headers["x-selfhost-cost-usd"]) == expected
+    with httpx.stream("POST", mixed.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and lines[-2].startswith(": x-selfhost-cost-usd=")
+    assert all('"choices":[]' not in line.replace(" ", "") for line in lines)  # usage chunk not asked for
+    rows = mixed.app.state.gateway.ledger.rows()
+    assert [(r["deployment"], r["usage_estimated"]) for r in rows] == [("local/tiny", False)] * 2
+    assert Decimal(rows[0]["cost_usd"]) == expected and rows[0]["price_source"].startswith("cost model")
+    assert Decimal(lines[-2].split("=", 1)[1]) == Decimal(rows[1]["cost_usd"])
 
 
 def test_remote_failure_falls_back_to_the_local_model(mixed):

@@ -55,6 +55,9 @@ class ModelEntry(BaseModel):
     weight: float = Field(1.0, gt=0)
     max_concurrency: int | None = Field(None, ge=1)
     fallbacks: tuple[str, ...] = ()
+    # A local model's cost model: the device's dollars per hour and the tokens/s it completes when busy.
+    usd_per_hour: float | None = Field(None, ge=0)
+    throughput_tok_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_backend(self) -> ModelEntry:
@@ -67,6 +70,11 @@ class ModelEntry(BaseModel):
             raise ValueError("has both `path` and `url`; a local model takes `path`, a remote one `url`")
         if kind == "local" and self.path is None:
             raise ValueError("type 'local' needs `path`")
+        if (self.usd_per_hour is None) != (self.throughput_tok_s is None):
+            raise ValueError("a local model's cost needs both `usd_per_hour` and `throughput_tok_s`")
+        if kind != "local" and self.usd_per_hour is not None:
+            raise ValueError("`usd_per_hour` prices local models; a remote one is priced from the catalog "
+                             "(`price_model`)")
         if kind == "openai":
             if self.url is None or self.model is None:
                 raise ValueError("a remote model needs `url` and `model` (the upstream's id for it)")

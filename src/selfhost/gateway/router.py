@@ -48,7 +48,10 @@ class GatewayRouter:
         streaming = False  # a relayed stream settles its own reservation when it ends
         try:
             if not self.gateway.table.is_remote(name):
-                return await self._local(scope, body, receive, send, name)
+                metered = self._metered(scope, send, name, raw, key_name, reservation)
+                if metered is not None:
+                    body = json.dumps(self.gateway.local_meter.request_body(raw, ENDPOINTS[scope["path"]])).encode()
+                return await self._local(scope, body, receive, metered or send, name)
             try:
                 if scope["path"] in OLLAMA_PATHS:
                     request = ProxyRequest("chat/completions", openai_payload(scope["path"], {**raw, "model": name}),
@@ -59,8 +62,11 @@ class GatewayRouter:
             except APIError as err:
                 return await error_response(Request(scope), err)(scope, receive, send)
             if isinstance(result, LocalFallback):
-                body = json.dumps({**raw, "model": result.name}).encode()
-                return await self._local(scope, body, receive, send, result.name)
+                raw = {**raw, "model": result.name}
+                metered = self._metered(scope, send, result.name, raw, key_name, reservation)
+                if metered is not None:
+                    raw = self.gateway.local_meter.request_body(raw, ENDPOINTS[scope["path"]])
+                return await self._local(scope, json.dumps(raw).encode(), receive, metered or send, result.name)
             streaming = isinstance(result, StreamingResponse)
             if scope["path"] in OLLAMA_PATHS:
                 result = ollama_response(scope["path"], name, result)
@@ -68,6 +74,15 @@ class GatewayRouter:
         finally:
             if not streaming:
                 reservation.release()  # a no-op once the ledger settled it
+
+    def _metered(self, scope, send, name: str, raw: dict, key_name, reservation):
+        """A `send` that prices and records a local model's OpenAI answer; None where it is not metered.
+
+        Ollama's local answers are not metered yet (their streams are NDJSON, their counts other fields)."""
+        meter = self.gateway.local_meter
+        if scope["path"] not in ENDPOINTS or not meter.is_metered(name):
+            return None
+        return meter.wrap_send(send, name, ENDPOINTS[scope["path"]], raw, key_name, reservation)
 
     async def _models(self, scope, receive, send) -> None:
         """/v1/models lists remote names after the local models; /v1/models/<remote name> is its card."""

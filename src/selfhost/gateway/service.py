@@ -13,6 +13,7 @@ from selfhost.gateway.deployments import DeploymentTable
 from selfhost.gateway.health import HealthChecker
 from selfhost.gateway.keys import KeyStore
 from selfhost.gateway.ledger import Ledger
+from selfhost.gateway.local_meter import LocalMeter
 from selfhost.gateway.proxy import Proxy
 from selfhost.plan.pricing import UsageRecord, price_usage
 
@@ -24,6 +25,7 @@ class Gateway:
         self.table = DeploymentTable(config)
         self.ledger = Ledger(config.gateway.ledger)
         self.proxy = Proxy(self.table, config.gateway, self.ledger)
+        self.local_meter = LocalMeter(config.local_entries, self.ledger)
         self.keys = KeyStore(self.ledger.engine)
         self.budgets = KeyBudgets(self.ledger)
         settings = config.gateway
@@ -35,7 +37,7 @@ class Gateway:
     def attach_metrics(self, registry) -> None:
         from selfhost.gateway.metrics import GatewayMetrics
 
-        self.proxy.metrics = GatewayMetrics(registry)
+        self.proxy.metrics = self.local_meter.metrics = GatewayMetrics(registry)
 
     def local_model_args(self) -> list[str]:
         """The config's local models as `selfhost serve` arguments (NAME=PATH)."""

@@ -44,13 +44,21 @@ class StreamTally:
     def is_usage_only(chunk: dict | None) -> bool:
         return chunk is not None and chunk.get("usage") is not None and not chunk.get("choices")
 
-    def priced(self, price_model: str, when: dt.datetime) -> PricedUsage:
+    def usage_or_estimate(self) -> tuple[UsageRecord, bool]:
+        """(usage, whether it is the gateway's estimate)."""
         if self.usage is not None:
-            return price(self.usage, price_model, when)
+            return self.usage, False
         prompt = self.payload.get("messages", self.payload.get("prompt", ""))
         prompt_tokens = math.ceil(len(json.dumps(prompt)) / CHARS_PER_TOKEN)
-        estimate = UsageRecord(input_tokens=prompt_tokens, output_tokens=self.content_chunks)
-        return price(estimate, price_model, when, estimated=True)
+        return UsageRecord(input_tokens=prompt_tokens, output_tokens=self.content_chunks), True
+
+    def priced(self, price_model: str, when: dt.datetime) -> PricedUsage:
+        usage, estimated = self.usage_or_estimate()
+        return price(usage, price_model, when, estimated)
+
+    def priced_by(self, rate) -> PricedUsage:
+        """Priced by a local model's rate (local_meter.LocalRate)."""
+        return rate.price(*self.usage_or_estimate())
 
 
 def _carries_tokens(choice: dict) -> bool:
