@@ -14,7 +14,7 @@ of a fused projection (q/k/v, gate/up) and R the slot rank: dense products and
 a mask whatever the mix of adapters, and no Python loop over requests. A
 projection none of the step's adapters touches is skipped.
 The work grows with N*S*R, padding included (a rank-4 adapter in rank-16 slots
-costs rank 16); a segmented kernel over rows sorted by adapter is phase-2 work.
+costs rank 16); a segmented product over rows sorted by adapter would avoid both.
 
 `AdapterSlots` decides which adapter is in which slot: loaded on first use,
 evicted least recently used among those no running request holds.
