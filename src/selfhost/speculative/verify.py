@@ -1,0 +1,58 @@
+"""Accepting proposed tokens so that the output is exactly what the target model alone would give.
+
+Greedy: a proposal is kept while it equals the target's argmax; the first disagreement is
+replaced by the argmax, and if every proposal is kept the target's next argmax comes free.
+
+Sampling (Leviathan et al., Chen et al.): proposal x_i drawn from q_i is kept with probability
+min(1, p_i(x_i) / q_i(x_i)); at the first rejection the token is drawn from the normalised
+residual max(0, p_i - q_i); if all k are kept, one more token is drawn from p_{k+1}. The kept
+tokens then have exactly the target's distribution, whatever q is. Prompt lookup proposes
+deterministically (q_i is a point mass), so its acceptance probability is p_i(x_i) and the
+residual is p_i without x_i.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accept_greedy(target_logits: torch.Tensor, proposed: list[int]) -> list[int]:
+    """target_logits: (k + 1, vocab) for the positions after each of the k proposals' prefixes.
+
+    Returns the tokens to append: the kept proposals, then the target's own next token.
+    """
+    best = target_logits.argmax(dim=-1).tolist()
+    out = []
+    for i, token in enumerate(proposed):
+        if token != best[i]:
+            out.append(best[i])
+            return out
+        out.append(token)
+    out.append(best[len(proposed)])
+    return out
+
+
+def accept_sampled(target_probs: torch.Tensor, proposed: list[int], draft_probs: torch.Tensor | None,
+                   generator: torch.Generator | None = None) -> list[int]:
+    """target_probs: (k + 1, vocab) rows of p (after temperature and filters); draft_probs: (k, vocab)
+    rows of q, or None for deterministic proposals (point masses). Returns the tokens to append."""
+    out = []
+    for i, token in enumerate(proposed):
+        p = target_probs[i]
+        q_token = 1.0 if draft_probs is None else float(draft_probs[i, token])
+        accept = min(1.0, float(p[token]) / q_token) if q_token > 0 else 0.0
+        if torch.rand((), generator=generator, device=p.device).item() < accept:
+            out.append(token)
+            continue
+        if draft_probs is None:
+            residual = p.clone()
+            residual[token] = 0.0
+        else:
+            residual = (p - draft_probs[i]).clamp_min(0.0)
+        total = residual.sum()
+        # p == q where it matters (a zero residual): any draw from p is then exact.
+        residual = residual / total if total > 0 else p
+        out.append(int(torch.multinomial(residual, 1, generator=generator)))
+        return out
+    out.append(int(torch.multinomial(target_probs[len(proposed)], 1, generator=generator)))
+    return out
