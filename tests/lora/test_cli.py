@@ -68,6 +68,8 @@ def test_finetune_writes_a_peft_adapter(cli, tiny_checkpoint, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["target_modules"]) == (2, 4.0, ["down_proj", "q_proj", "v_proj"])
     assert len(read_adapter(out).modules) == 9
+    report = json.loads((out / "finetune_report.json").read_text())
+    assert report["steps"] == 3 and report["eval_ppl"] > 0 and report["base_eval_ppl"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "train.jsonl"]  # checkpoints removed
 
 

@@ -109,7 +109,7 @@ def finetune(
                   f"({100 * tuner.trainable_params / tuner.base_params:.2f}% of the base's {tuner.base_params:,}); "
                   f"{len(train)} training examples", highlight=False)
     result = tuner.run(held_out, show_progress=progress)
-    tuner.save(out, overwrite)
+    tuner.save(out, overwrite, result)
     if not keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     line = f"wrote {out} after {result.steps} steps ({result.elapsed_s:.0f} s), final train loss {result.train_loss:.4f}"

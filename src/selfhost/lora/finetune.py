@@ -15,6 +15,7 @@ same adapter as one that never stopped (same device, torch build and threads).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import time
@@ -43,6 +44,7 @@ from selfhost.train.config import TrainConfig
 from selfhost.train.trainer import lr_factor
 
 CHECKPOINT_VERSION = 1
+REPORT_FILE = "finetune_report.json"
 
 
 class ResumeError(SelfhostError):
@@ -259,10 +261,15 @@ class Finetuner:
     def adapter(self) -> Adapter:
         return extract_adapter(self.model, self.lora)
 
-    def save(self, out: Path, overwrite: bool = False) -> None:
-        """Write the adapter in PEFT's format, all or nothing."""
+    def save(self, out: Path, overwrite: bool = False, result: FinetuneResult | None = None) -> None:
+        """Write the adapter in PEFT's format, all or nothing; with `result`, also REPORT_FILE
+        (the run against the base model; PEFT and vLLM ignore it)."""
         with staged_folder(out, overwrite) as staging:
             write_adapter(staging, self.adapter())
+            if result is not None:
+                report = {**asdict(result), "eval_ppl": result.eval_ppl, "base_eval_ppl": result.base_eval_ppl,
+                          "train_config": asdict(self.cfg), "train_examples": len(self.train)}
+                (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _check_trainable(model: CausalLM) -> None:
