@@ -66,6 +66,21 @@ def test_model_list_revocation_and_required_keys(gateway, upstreams):
     assert post(server, key).json()["error"]["code"] == "invalid_api_key"
 
 
+def test_rate_limits_per_minute(gateway, upstreams):
+    server = gateway(remote("gpt", upstreams[0].url))
+    keys = server.app.state.gateway.keys
+    by_requests = keys.create("rpm-2", rpm=2)
+    assert [post(server, by_requests).status_code for _ in range(3)] == [200, 200, 429]
+    refused = post(server, by_requests).json()["error"]
+    assert refused["code"] == "rate_limit_exceeded" and "limit 2 a minute" in refused["message"]
+    # 300 tokens a minute: the first request reserves ~260 (prompt + 256 default output), then really
+    # uses 1080 (the fake upstream's usage), so the next is refused before any upstream call.
+    by_tokens = keys.create("tpm-300", tpm=300)
+    assert post(server, by_tokens).status_code == 200
+    assert post(server, by_tokens).json()["error"]["code"] == "rate_limit_exceeded"
+    assert len(upstreams[0].received) == 3
+
+
 def test_require_key(upstreams, gateway):
     server = gateway("require_key = true\n" + remote("gpt", upstreams[0].url))
     assert post(server, None).status_code == 401
@@ -85,7 +100,7 @@ def test_keys_and_spend_commands(cli, tmp_path):
     config.write_text(f'[gateway]\nledger = "sqlite:///{tmp_path / "l.db"}"\n'
                       '[[models]]\nname = "gpt"\nurl = "http://h/v1"\nmodel = "gpt-4o-mini"\napi_key_env = "UNSET_X"\n')
     created = cli.invoke(app, ["keys", "create", "--name", "team-a", "--budget-usd", "50", "--models", "gpt",
-                               "--config", str(config)])
+                               "--rpm", "600", "--tpm", "200000", "--config", str(config)])
     assert created.exit_code == 0, created.output
     assert created.output.strip().startswith("sk-selfhost-")
     again = cli.invoke(app, ["keys", "create", "--name", "team-a", "--config", str(config)])
@@ -94,7 +109,7 @@ def test_keys_and_spend_commands(cli, tmp_path):
     assert "team-a" in listed.output and "$50/month" in listed.output
     assert created.output.strip() not in listed.output  # the key itself is shown once only
     shown = cli.invoke(app, ["keys", "show", "team-a", "--config", str(config)])
-    assert "spent this period: $0" in shown.output
+    assert "spent this period: $0" in shown.output and "600 requests, 200000 tokens a minute" in shown.output
     assert cli.invoke(app, ["keys", "revoke", "team-a", "--config", str(config)]).exit_code == 0
     assert "revoked" in cli.invoke(app, ["keys", "list", "--config", str(config)]).output
     spend = cli.invoke(app, ["spend", "--by", "key", "--config", str(config)])

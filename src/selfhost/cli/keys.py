@@ -37,13 +37,15 @@ def create(
     budget_usd: str = typer.Option(None, "--budget-usd", help="Most dollars the key may spend per period."),
     period: str = typer.Option("month", "--period", help="Budget period: day, month or total."),
     models: str = typer.Option(None, "--models", help="Comma list of the models the key may call (default: all)."),
+    rpm: int = typer.Option(None, "--rpm", help="Most requests a minute (default: no limit)."),
+    tpm: int = typer.Option(None, "--tpm", help="Most tokens a minute, prompt and generated (default: no limit)."),
     config: Path = ConfigOption,
 ) -> None:
     """Create a key and print it: the only time it is shown."""
     from selfhost.gateway.keys import parse_budget
 
     allowed = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
-    key = _store(config).create(name, parse_budget(budget_usd), period, allowed)
+    key = _store(config).create(name, parse_budget(budget_usd), period, allowed, rpm, tpm)
     print(key)
 
 
@@ -52,11 +54,12 @@ def list_keys(config: Path = ConfigOption) -> None:
     """Every key: name, prefix, budget, models, state."""
     from rich.table import Table
 
-    table = Table("name", "key", "budget", "models", "state")
+    table = Table("name", "key", "budget", "rpm", "tpm", "models", "state")
     for key in _store(config).all():
         budget = f"${key.budget_usd}/{key.period}" if key.budget_usd is not None else "none"
         state = "active" if key.is_active else f"revoked {key.revoked_at:%Y-%m-%d}"
-        table.add_row(key.name, key.shown_prefix + "...", budget, ",".join(key.models or ["all"]), state)
+        table.add_row(key.name, key.shown_prefix + "...", budget, str(key.rpm or "-"), str(key.tpm or "-"),
+                      ",".join(key.models or ["all"]), state)
     make_console().print(table)
 
 
@@ -71,6 +74,7 @@ def show(name: str = typer.Argument(..., help="The key's name."), config: Path =
     spent = KeyBudgets(ledger).spent(key, dt.datetime.now(dt.timezone.utc))
     budget = f"${key.budget_usd} per {key.period}" if key.budget_usd is not None else "none"
     print(f"name: {key.name}\nkey: {key.shown_prefix}...\nbudget: {budget}\nspent this period: ${spent}\n"
+          f"rate limits: {key.rpm or 'no'} requests, {key.tpm or 'no'} tokens a minute\n"
           f"models: {','.join(key.models or ['all'])}\ncreated: {key.created_at:%Y-%m-%d %H:%M} UTC\n"
           f"state: {'active' if key.is_active else 'revoked'}")
 

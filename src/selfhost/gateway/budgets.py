@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from selfhost.gateway.keys import VirtualKey
 from selfhost.gateway.ledger import Ledger, requests_table
+from selfhost.gateway.rate_limits import RateEntry
 from selfhost.plan.pricing import UsageRecord, price_usage
 
 DEFAULT_OUTPUT_ESTIMATE = 256  # output tokens assumed when a request sets no max_tokens
@@ -40,10 +41,14 @@ class Reservation:
     key_name: str | None
     estimate: Decimal
     is_open: bool = field(default=True)
+    rate_entry: RateEntry | None = None  # its place in the key's per-minute window
 
-    def settle(self, cost_usd: Decimal | None) -> None:
+    def settle(self, cost_usd: Decimal | None, tokens: int | None = None) -> None:
+        """Swap the estimate for the real cost (and tokens, when known); a no-op after the first call."""
         if self.is_open and self.budgets is not None:
             self.budgets._close(self, cost_usd or Decimal(0))
+        if self.is_open and self.rate_entry is not None and tokens is not None:
+            self.rate_entry.tokens = tokens
         self.is_open = False
 
     def release(self) -> None:
@@ -95,11 +100,20 @@ def estimate_cost(payload: dict, price_model: str | None, now: dt.datetime) -> D
     """What a request may cost before it runs: its prompt (four characters a token) and its output cap."""
     if price_model is None:
         return Decimal(0)
+    input_tokens, output_tokens = estimate_tokens(payload)
+    cost = price_usage(UsageRecord(input_tokens=input_tokens, output_tokens=output_tokens), price_model, now)
+    return cost.usd if cost.is_priced else Decimal(0)
+
+
+def estimate_tokens(payload: dict) -> tuple[int, int]:
+    """(prompt tokens at four characters each, the output cap or DEFAULT_OUTPUT_ESTIMATE; 0 for embeddings)."""
     prompt = payload.get("messages", payload.get("prompt", payload.get("input", "")))
     input_tokens = math.ceil(len(json.dumps(prompt)) / CHARS_PER_TOKEN)
     cap = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    options = payload.get("options")  # Ollama's
+    if cap is None and isinstance(options, dict):
+        cap = options.get("num_predict")
     output_tokens = cap if isinstance(cap, int) and cap > 0 else DEFAULT_OUTPUT_ESTIMATE
     if "input" in payload and "messages" not in payload and "prompt" not in payload:
         output_tokens = 0  # embeddings
-    cost = price_usage(UsageRecord(input_tokens=input_tokens, output_tokens=output_tokens), price_model, now)
-    return cost.usd if cost.is_priced else Decimal(0)
+    return input_tokens, output_tokens

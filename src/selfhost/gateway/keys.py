@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from sqlalchemy import Column, DateTime, String, Table, insert, select, update
+from sqlalchemy import Column, DateTime, Integer, String, Table, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -31,6 +31,8 @@ keys_table = Table(
     Column("budget_usd", String(40)),  # a Decimal as text; None: no budget
     Column("period", String(8), nullable=False),
     Column("models", String(2048)),  # comma list; None: every model
+    Column("rpm", Integer),  # requests per minute; None: no limit
+    Column("tpm", Integer),  # tokens per minute (prompt + generated); None: no limit
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),
 )
@@ -49,6 +51,8 @@ class VirtualKey:
     models: tuple[str, ...] | None
     created_at: dt.datetime
     revoked_at: dt.datetime | None
+    rpm: int | None = None
+    tpm: int | None = None
 
     @property
     def is_active(self) -> bool:
@@ -88,16 +92,20 @@ class KeyStore:
         metadata.create_all(engine)
 
     def create(self, name: str, budget_usd: Decimal | None = None, period: str = "month",
-               models: tuple[str, ...] | None = None) -> str:
+               models: tuple[str, ...] | None = None, rpm: int | None = None, tpm: int | None = None) -> str:
         """Store a new key and return it: the only time its text exists outside the client."""
         if period not in PERIODS:
             raise InvalidParameterError(f"--period must be one of {', '.join(PERIODS)}, got {period!r}")
         if not name.strip():
             raise InvalidParameterError("a key needs a non-empty --name")
+        for flag, limit in (("--rpm", rpm), ("--tpm", tpm)):
+            if limit is not None and limit < 1:
+                raise InvalidParameterError(f"{flag} must be at least 1, got {limit}")
         key = KEY_PREFIX + secrets.token_urlsafe(24)
         row = {"name": name, "digest": digest(key), "shown_prefix": key[:len(KEY_PREFIX) + 4],
                "budget_usd": None if budget_usd is None else format(budget_usd, "f"), "period": period,
-               "models": ",".join(models) if models else None, "created_at": dt.datetime.now(dt.timezone.utc)}
+               "models": ",".join(models) if models else None, "rpm": rpm, "tpm": tpm,
+               "created_at": dt.datetime.now(dt.timezone.utc)}
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(keys_table).values(**row))
@@ -135,7 +143,7 @@ def _key(row) -> VirtualKey:
         name=r["name"], shown_prefix=r["shown_prefix"],
         budget_usd=None if r["budget_usd"] is None else Decimal(r["budget_usd"]), period=r["period"],
         models=tuple(r["models"].split(",")) if r["models"] else None, created_at=_utc(r["created_at"]),
-        revoked_at=_utc(r["revoked_at"]))
+        revoked_at=_utc(r["revoked_at"]), rpm=r["rpm"], tpm=r["tpm"])
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:

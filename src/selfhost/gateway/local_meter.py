@@ -77,7 +77,9 @@ class LocalMeter:
         async def record(priced: PricedUsage, status: str) -> None:
             entry = LedgerEntry(request_id, started, key_name, name, f"local/{name}", name, endpoint, status, priced)
             await self.ledger.record(entry)
-            reservation.settle(priced.cost.usd if priced.cost.is_priced else None)
+            usage = priced.usage
+            reservation.settle(priced.cost.usd if priced.cost.is_priced else None,
+                               int(usage.input_tokens + usage.output_tokens + usage.reasoning_tokens))
             if self.metrics is not None:
                 self.metrics.observe(entry)
 

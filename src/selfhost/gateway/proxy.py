@@ -234,8 +234,13 @@ class Proxy:
         await self.ledger.record(entry)
         if self.metrics is not None:
             self.metrics.observe(entry)
-        request.reservation.settle(priced.cost.usd if priced.cost.is_priced else None)
+        request.reservation.settle(priced.cost.usd if priced.cost.is_priced else None, _tokens(priced))
         return request_id
+
+
+def _tokens(priced: PricedUsage) -> int:
+    usage = priced.usage
+    return int(usage.input_tokens + usage.output_tokens + usage.reasoning_tokens)
 
 
 def _raise_if_retryable(status: int) -> None:
