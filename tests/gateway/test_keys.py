@@ -128,3 +128,25 @@ def test_spend_groups_the_ledger(gateway, upstreams):
     metrics = httpx.get(server.url + "/metrics").text
     assert f'selfhost_gateway_spend_usd_total{{key="team-e",model="gpt"}} {float(HAND_PRICE_USD)}' in metrics
     assert 'selfhost_gateway_unpriced_requests_total{key="none",model="house"} 1.0' in metrics
+
+
+def test_admin_api_behind_the_master_key(gateway, upstreams, monkeypatch):
+    monkeypatch.setenv("SELFHOST_MASTER_KEY", "master-123")
+    server = gateway(remote("gpt", upstreams[0].url), api_key=["static-key"])  # the admin API has its own key
+    admin = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer master-123"}, timeout=10)
+    assert httpx.get(server.url + "/admin/keys", headers={"Authorization": "Bearer static-key"}).status_code == 401
+    created = admin.post("/admin/keys", json={"name": "team-f", "budget_usd": "5", "rpm": 60, "models": ["gpt"]})
+    assert created.status_code == 201 and created.json()["key"].startswith("sk-selfhost-")
+    assert admin.post("/admin/keys", json={"name": "team-f"}).json()["error"]["code"] == "key_exists"
+    assert admin.post("/admin/keys", json={"name": "x", "period": "year"}).status_code == 400
+    assert admin.post("/admin/keys", json={"name": "x", "nam": "y"}).json()["error"]["param"] == "nam"
+    listed = admin.get("/admin/keys").json()["data"]
+    assert [k["name"] for k in listed] == ["team-f"] and "key" not in listed[0]
+    assert admin.get("/admin/keys/team-f").json()["spent_usd"] == "0"
+    assert admin.get("/admin/keys/nobody").status_code == 404
+    assert admin.delete("/admin/keys/team-f").json()["revoked"] is True
+    assert admin.get("/admin/spend", params={"by": "key"}).json() == {"data": []}
+    assert admin.get("/admin/spend", params={"by": "colour"}).status_code == 400
+    # The API itself keeps --api-key's check, remote models included.
+    assert post(server, None).status_code == 401 and len(upstreams[0].received) == 0
+    assert post(server, "static-key").status_code == 200

@@ -42,6 +42,14 @@ class VirtualKeyError(SelfhostError):
     """A key name that is taken or unknown."""
 
 
+class DuplicateKeyError(VirtualKeyError):
+    """A key name that is already taken."""
+
+
+class UnknownKeyError(VirtualKeyError):
+    """A key name that no key has."""
+
+
 @dataclass(frozen=True)
 class VirtualKey:
     name: str
@@ -110,7 +118,7 @@ class KeyStore:
             with self.engine.begin() as conn:
                 conn.execute(insert(keys_table).values(**row))
         except IntegrityError:
-            raise VirtualKeyError(f"a key named {name!r} already exists; choose another name or revoke it") from None
+            raise DuplicateKeyError(f"a key named {name!r} already exists; choose another name or revoke it") from None
         return key
 
     def all(self) -> list[VirtualKey]:
@@ -121,7 +129,7 @@ class KeyStore:
         with self.engine.connect() as conn:
             row = conn.execute(select(keys_table).where(keys_table.c.name == name)).first()
         if row is None:
-            raise VirtualKeyError(f"no key named {name!r}")
+            raise UnknownKeyError(f"no key named {name!r}")
         return _key(row)
 
     def find(self, key: str) -> VirtualKey | None:

@@ -141,6 +141,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
         app.add_middleware(GatewayRouter, gateway=gateway)
     app.add_middleware(ApiKeyAuth)
+    if gateway is not None:  # outside the key check: the admin API has its own (the master key)
+        from selfhost.gateway.admin import AdminGate
+
+        app.add_middleware(AdminGate, gateway=gateway)
     if settings.cors:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(AssumeJSON)
