@@ -65,3 +65,19 @@ def test_remote_failure_falls_back_to_the_local_model(mixed):
             "model": "flaky", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}) as r:
         assert r.headers["x-selfhost-backend"] == "local/tiny"
         assert r.read().decode().rstrip().endswith("data: [DONE]")
+
+
+def test_a_real_selfhost_serve_as_the_upstream(mixed, gateway):
+    """One selfhost (serving tiny locally) behind another's gateway, as an OpenAI-compatible remote."""
+    front = gateway(f'\n[[models]]\nname = "far-tiny"\nurl = "{mixed.url}/v1"\nmodel = "tiny"\n'
+                    'price_model = "gpt-4o-mini"\n')
+    answer = chat(front, "far-tiny")
+    assert answer.status_code == 200 and answer.headers["x-selfhost-backend"] == "far-tiny/0"
+    usage = answer.json()["usage"]
+    assert usage["completion_tokens"] <= 4 and Decimal(answer.headers["x-selfhost-cost-usd"]) > 0
+    with httpx.stream("POST", front.url + "/v1/chat/completions", timeout=60, json={
+            "model": "far-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and lines[-2].startswith(": x-selfhost-cost-usd=")
+    streamed_row = front.app.state.gateway.ledger.rows()[-1]  # rows come in time order
+    assert streamed_row["usage_estimated"] is False  # the inner server sent its usage chunk when asked
