@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from selfhost.cli.main import _register_commands, app
 from selfhost.gateway.budgets import estimate_cost
+from selfhost.gateway.config import ModelEntry
 from selfhost.gateway.spend import spend_by
+from selfhost.gateway.what_if import what_if
 from tests.gateway.conftest import remote
 from tests.gateway.test_cost import HAND_PRICE_USD
 
@@ -114,6 +116,30 @@ def test_keys_and_spend_commands(cli, tmp_path):
     assert "revoked" in cli.invoke(app, ["keys", "list", "--config", str(config)]).output
     spend = cli.invoke(app, ["spend", "--by", "key", "--config", str(config)])
     assert spend.exit_code == 0 and "unpriced requests" in spend.output
+
+
+def test_what_if_reprices_the_traffic(gateway, upstreams, cli, tmp_path):
+    server = gateway(remote("gpt", upstreams[0].url, model="house-7b"))
+    for _ in range(2):
+        post(server, None)
+    local = ModelEntry(name="qwen", path="/m", usd_per_hour=0.36, throughput_tok_s=100)
+    scenarios, requests, days = what_if(server.app.state.gateway.ledger, "gpt-4o-mini", local)
+    by_label = {s.label: s for s in scenarios}
+    assert requests == 2 and days == 1.0
+    assert by_label["as recorded"].unpriced_requests == 2  # house-7b has no price
+    assert by_label["all through gpt-4o-mini"].usd == 2 * HAND_PRICE_USD
+    assert by_label["all on local qwen"].usd == 2 * 1080 * Decimal("0.36") / (100 * 3600)
+    assert by_label["all through gpt-4o-mini"].monthly_usd == (60 * HAND_PRICE_USD).quantize(Decimal("0.01"))
+    # The command: the same ledger, named by a config that also has a priced local model.
+    config = tmp_path / "what-if.toml"
+    config.write_text(f'[gateway]\nledger = "sqlite:///{tmp_path / "ledger.db"}"\n'
+                      + remote("gpt", upstreams[0].url, model="house-7b")
+                      + '[[models]]\nname = "qwen"\npath = "/m"\nusd_per_hour = 0.36\nthroughput_tok_s = 100\n')
+    result = cli.invoke(app, ["spend", "--what-if", "--api", "gpt-4o-mini", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "all through gpt-4o-mini" in result.output and "all on local qwen" in result.output
+    bad = cli.invoke(app, ["spend", "--what-if", "--local", "nope", "--config", str(config)])
+    assert bad.exit_code != 0 and "is not a local model" in str(bad.exception)
 
 
 def test_spend_groups_the_ledger(gateway, upstreams):

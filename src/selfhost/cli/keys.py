@@ -89,6 +89,10 @@ def revoke(name: str = typer.Argument(..., help="The key's name."), config: Path
 def spend(
     by: str = typer.Option("model", "--by", help="Group by key, model or day."),
     since: str = typer.Option(None, "--since", help="Only requests from this day on (YYYY-MM-DD)."),
+    what_if: bool = typer.Option(False, "--what-if", help="Reprice the traffic all through an API and all local: "
+                                 "the monthly cost of each."),
+    api: str = typer.Option(None, "--api", help="--what-if: the API model (default: the first remote's)."),
+    local: str = typer.Option(None, "--local", help="--what-if: the local model (default: the first priced one)."),
     config: Path = ConfigOption,
 ) -> None:
     """What the gateway's requests cost, from its ledger."""
@@ -100,11 +104,43 @@ def spend(
         since_day = dt.date.fromisoformat(since) if since else None
     except ValueError:
         raise InvalidParameterError(f"--since must be YYYY-MM-DD, got {since!r}") from None
+    if what_if:
+        return _what_if(config, since_day, api, local)
     rows = spend_by(_ledger(config), by, since_day)
     table = Table(by, "requests", "input tokens", "output tokens", "cost (USD)", "unpriced requests")
     for row in rows:
         table.add_row(row.group, str(row.requests), str(row.input_tokens), str(row.output_tokens),
                       f"{row.cost_usd:.6f}", str(row.unpriced_requests))
+    make_console().print(table)
+
+
+def _what_if(config_path: Path, since: dt.date | None, api: str | None, local: str | None) -> None:
+    from rich.table import Table
+
+    from selfhost.gateway.config import load_gateway_config
+    from selfhost.gateway.ledger import Ledger
+    from selfhost.gateway.what_if import what_if
+
+    config = load_gateway_config(config_path, check_env=False)
+    priced_locals = [e for e in config.local_entries if e.usd_per_hour is not None]
+    if local is not None:
+        matches = [e for e in priced_locals if e.name == local]
+        if not matches:
+            raise InvalidParameterError(f"--local {local!r} is not a local model with usd_per_hour and "
+                                        f"throughput_tok_s in {config_path} (priced: "
+                                        f"{', '.join(e.name for e in priced_locals) or 'none'})")
+        local_entry = matches[0]
+    else:
+        local_entry = priced_locals[0] if priced_locals else None
+    api = api or next((e.price_model or e.model for e in config.remote_entries), None)
+    scenarios, requests, days = what_if(Ledger(config.gateway.ledger), api, local_entry, since)
+    if not scenarios:
+        print("the ledger has no requests yet")
+        return
+    table = Table("routing", "cost (USD)", "per 30 days (USD)", "unpriced requests",
+                  title=f"{requests} requests over {days:.1f} day(s)")
+    for s in scenarios:
+        table.add_row(s.label, f"{s.usd:.6f}", f"{s.monthly_usd}", str(s.unpriced_requests))
     make_console().print(table)
 
 
