@@ -13,6 +13,7 @@ from torch import nn
 from selfhost.layers.activation import gated
 from selfhost.layers.attention import Attention, KVStore
 from selfhost.layers.linear import Linear
+from selfhost.layers.moe import SparseMoE
 from selfhost.layers.norm import RMSNorm
 from selfhost.layers.rotary import RotaryEmbedding
 from selfhost.models.spec import ModelSpec
@@ -47,7 +48,11 @@ class DecoderLayer(nn.Module):
             sliding_window=spec.layer_windows[layer_idx],
             softcap=spec.attn_softcap,
         )
-        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation, spec.mlp_bias)
+        if spec.is_moe_layer(layer_idx):
+            self.mlp = SparseMoE(spec.hidden_size, spec.expert_size, spec.num_experts, spec.experts_per_token,
+                                 spec.normalize_top_k, spec.activation, spec.shared_expert_size)
+        else:
+            self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation, spec.mlp_bias)
         # Checkpoint names differ in meaning: in Llama-style layers
         # `post_attention_layernorm` is the norm *before* the MLP; in Gemma 2/3
         # it normalises the attention output and `pre_feedforward_layernorm`

@@ -8,6 +8,7 @@ loader is a single generic loop.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -217,6 +218,53 @@ def gemma3(cfg: dict[str, Any]) -> ModelSpec:
     return ModelSpec(**fields, **_layer_layout(cfg, fields["head_dim"], layer_types, cfg.get("sliding_window")))
 
 
+def _moe_fields(cfg: dict[str, Any], expert_size: int, normalize_top_k: bool,
+                shared_expert_size: int = 0) -> dict[str, Any]:
+    """Which layers are sparse: all, or every `decoder_sparse_step`-th except `mlp_only_layers` (Qwen)."""
+    step, dense = cfg.get("decoder_sparse_step", 1) or 1, set(cfg.get("mlp_only_layers") or [])
+    moe_layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(cfg["num_hidden_layers"]))
+    # Hub configs say num_experts (Qwen) or num_local_experts (Mixtral; transformers 5 writes it for Qwen too).
+    num_experts = cfg.get("num_experts") or cfg["num_local_experts"]
+    return dict(num_experts=num_experts, experts_per_token=cfg["num_experts_per_tok"], expert_size=expert_size,
+                normalize_top_k=normalize_top_k, shared_expert_size=shared_expert_size, moe_layers=moe_layers)
+
+
+def mixtral(cfg: dict[str, Any]) -> ModelSpec:
+    # Every Mixtral layer is sparse; each expert is intermediate_size wide; the top-k weights are renormalised.
+    fields = _base(cfg, **_moe_fields(cfg, cfg["intermediate_size"], True))
+    return ModelSpec(**fields, **_uniform_layers(cfg, fields, cfg.get("sliding_window")))
+
+
+def qwen2_moe(cfg: dict[str, Any]) -> ModelSpec:
+    fields = _base(cfg, qkv_bias=True, **_moe_fields(
+        cfg, cfg["moe_intermediate_size"], cfg.get("norm_topk_prob", False), cfg.get("shared_expert_intermediate_size", 0)))
+    layer_types, window = _qwen_layer_types(cfg)
+    return ModelSpec(**fields, **_layer_layout(cfg, fields["head_dim"], layer_types, window))
+
+
+def qwen3_moe(cfg: dict[str, Any]) -> ModelSpec:
+    bias = cfg.get("attention_bias", False)
+    fields = _base(cfg, qkv_bias=bias, o_bias=bias, qk_norm=True, **_moe_fields(
+        cfg, cfg["moe_intermediate_size"], cfg.get("norm_topk_prob", False)))
+    layer_types, window = _qwen_layer_types(cfg)
+    return ModelSpec(**fields, **_layer_layout(cfg, fields["head_dim"], layer_types, window))
+
+
+# Checkpoint names that differ from the ones the modules use: (regex, replacement), per architecture.
+_CHECKPOINT_RENAMES: dict[str, tuple[tuple[re.Pattern, str], ...]] = {
+    "MixtralForCausalLM": tuple((re.compile(pattern), repl) for pattern, repl in (
+        (r"\.block_sparse_moe\.", ".mlp."), (r"(\.experts\.\d+)\.w1\.", r"\1.gate_proj."),
+        (r"(\.experts\.\d+)\.w3\.", r"\1.up_proj."), (r"(\.experts\.\d+)\.w2\.", r"\1.down_proj."))),
+}
+
+
+def checkpoint_name(architecture: str, name: str) -> str:
+    """A checkpoint tensor's name in the family's common spelling (Mixtral's w1/w3/w2 are gate/up/down)."""
+    for pattern, repl in _CHECKPOINT_RENAMES.get(architecture, ()):
+        name = pattern.sub(repl, name)
+    return name
+
+
 ARCHITECTURES: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
     "LlamaForCausalLM": llama,
     "MistralForCausalLM": mistral,
@@ -226,6 +274,9 @@ ARCHITECTURES: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
     "Gemma2ForCausalLM": gemma2,
     "Gemma3ForCausalLM": gemma3,
     "Phi3ForCausalLM": phi3,
+    "MixtralForCausalLM": mixtral,
+    "Qwen2MoeForCausalLM": qwen2_moe,
+    "Qwen3MoeForCausalLM": qwen3_moe,
 }
 
 

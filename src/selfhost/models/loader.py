@@ -29,7 +29,7 @@ from torch import nn
 from selfhost.errors import InvalidParameterError, UnsupportedModelError
 from selfhost.layers.rotary import RotaryEmbedding
 from selfhost.models.decoder import CausalLM
-from selfhost.models.families import PACKED_WEIGHTS, spec_from_config
+from selfhost.models.families import PACKED_WEIGHTS, checkpoint_name, spec_from_config
 from selfhost.models.spec import ModelSpec
 from selfhost.models.transformers_fallback import TransformersModel, load_transformers_model
 from selfhost.models.weight_arena import place_weights_in_arena
@@ -195,16 +195,20 @@ def load_weights(model: nn.Module, files: list[Path], spec: ModelSpec, model_dir
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"loading {model_dir.name}", total=len(targets))
         for name, tensor in iter_tensors(files):
+            name = checkpoint_name(spec.architecture, name)
             module_path, _, leaf = name.rpartition(".")
             parent, _, module = module_path.rpartition(".")
-            rows = slice(None)
+            shard = None
             if module in PACKED_WEIGHTS:
                 fused, shard = PACKED_WEIGHTS[module]
                 name = f"{parent}.{fused}.{leaf}"
-                rows = slice(*slices[fused][shard])
             target = targets.get(name)
             if target is None:
                 continue  # e.g. rotary inv_freq buffers, or the head of a tied checkpoint
+            rows = slice(None)
+            if shard is not None:
+                # gate/up halves follow the fused matrix's own size: a dense MLP's, an expert's or a shared expert's.
+                rows = slice(*slices[fused][shard]) if fused == "qkv_proj" else _half(target, shard)
             dest = target.data[rows]
             if dest.shape != tensor.shape:
                 raise UnsupportedModelError(
@@ -216,6 +220,11 @@ def load_weights(model: nn.Module, files: list[Path], spec: ModelSpec, model_dir
     missing = [n for n, t in targets.items() if filled.get(n, 0) != _rows(t)]
     if missing:
         raise UnsupportedModelError(f"checkpoint {model_dir} lacks tensors: {', '.join(missing[:5])}")
+
+
+def _half(fused: torch.Tensor, shard: int) -> slice:
+    half = fused.shape[0] // 2
+    return slice(shard * half, (shard + 1) * half)
 
 
 def _rows(tensor: torch.Tensor) -> int:

@@ -36,10 +36,22 @@ class ModelSpec:
     sandwich_norms: bool = False
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # Mixture of experts (layers/moe.py): 0 experts = every layer dense. `moe_layers` flags, per
+    # layer, whether its MLP is the sparse one (Qwen's decoder_sparse_step / mlp_only_layers).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_size: int = 0  # each expert's intermediate size
+    normalize_top_k: bool = False  # renormalise the chosen experts' weights to sum to one
+    shared_expert_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
+    moe_layers: tuple[bool, ...] = ()
 
     def __post_init__(self):
         assert len(self.layer_windows) == self.num_layers == len(self.layer_rope)
+        assert not self.moe_layers or len(self.moe_layers) == self.num_layers
         assert self.num_heads % self.num_kv_heads == 0, (self.num_heads, self.num_kv_heads)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer_idx]
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -19,7 +19,7 @@ import torch
 
 from selfhost.errors import InvalidParameterError
 from selfhost.models.decoder import CausalLM
-from selfhost.models.families import PACKED_WEIGHTS, spec_from_config
+from selfhost.models.families import PACKED_WEIGHTS, checkpoint_name, spec_from_config
 from selfhost.models.loader import iter_tensors, read_config, weight_files
 from selfhost.quant.apply import quantization_plan
 from selfhost.quant.config import QuantConfig
@@ -94,6 +94,7 @@ def quantize_checkpoint(model_dir: Path, out_dir: Path, config: QuantConfig, ove
         os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
         tensors: dict[str, torch.Tensor] = {}
         for name, tensor in iter_tensors(weight_files(model_dir, allow_pickle=False)):
+            name = checkpoint_name(spec.architecture, name)  # written in the common spelling the loader reads
             module, leaf = _our_module(name)
             if head_tied and module == "lm_head":
                 continue  # the embedding's quantized rows serve as the head

@@ -1,0 +1,68 @@
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): each token runs its top-k experts.
+
+A router scores every expert per token (softmax in fp32, as the reference does), keeps the top
+k, and optionally renormalises their weights to sum to one. Tokens are then grouped by expert:
+one sort of the (token, expert) pairs, and each expert that has tokens in this step runs once on
+all of them with the ordinary Linear kernels (so bf16 weights, int8/int4 and the CPU kernels apply
+to experts as to any MLP); its outputs are scaled and added back per token. Experts nobody chose
+this step cost nothing, which is what makes a sparse model cheap to decode. Qwen2-MoE adds a
+shared expert that every token runs, scaled by its own sigmoid gate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selfhost.layers.activation import gated
+from selfhost.layers.linear import Linear
+
+
+class ExpertMLP(nn.Module):
+    """One expert: the gated MLP with gate and up packed into one product (as the dense layers do)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str):
+        super().__init__()
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.act = gated(activation)
+
+    def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+        return self.down_proj.forward(self.act(self.gate_up_proj.forward(x, num_threads), num_threads), num_threads)
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, hidden_size: int, expert_size: int, num_experts: int, top_k: int, normalize_top_k: bool,
+                 activation: str, shared_expert_size: int = 0):
+        super().__init__()
+        self.num_experts, self.top_k, self.normalize_top_k = num_experts, top_k, normalize_top_k
+        self.gate = Linear(hidden_size, num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(ExpertMLP(hidden_size, expert_size, activation) for _ in range(num_experts))
+        self.shared_expert = ExpertMLP(hidden_size, shared_expert_size, activation) if shared_expert_size else None
+        self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_expert_size else None
+
+    def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+        """(T, hidden) -> (T, hidden)."""
+        probs = self.gate.forward(x, num_threads).float().softmax(dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (T, k) each
+        if self.normalize_top_k:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        # Group the T * k (token, expert) pairs by expert with one sort; run each chosen expert once.
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        tokens = order // self.top_k
+        pair_weights = weights.flatten()[order].unsqueeze(1)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                rows = tokens[start:start + count]
+                y = self.experts[expert].forward(x[rows], num_threads) * pair_weights[start:start + count]
+                out.index_add_(0, rows, y)
+                start += count
+        if self.shared_expert is not None:
+            gate = torch.sigmoid(self.shared_expert_gate.forward(x, num_threads))
+            out = out + gate * self.shared_expert.forward(x, num_threads)
+        return out
