@@ -73,3 +73,58 @@ def test_moe_checkpoint_quantizes_and_runs_close_to_full_precision(moe_checkpoin
     int8 = LLM(str(tmp_path / "int8"), kv_cache_memory="16MiB").generate([prompt], params)[0].logprobs[0].top
     for token, logprob in full.items():
         assert abs(int8.get(token, logprob - 1) - logprob) < 0.05
+
+
+def _reference_moe(moe, x: torch.Tensor) -> torch.Tensor:
+    """Token by token, expert by expert: the definition the grouped forward must equal."""
+    out = torch.zeros_like(x)
+    probs = (x @ moe.gate.weight.T).softmax(-1)
+    for t in range(x.shape[0]):
+        weights, experts = probs[t].topk(moe.top_k)
+        if moe.normalize_top_k:
+            weights = weights / weights.sum()
+        for w, e in zip(weights, experts.tolist()):
+            expert = moe.experts[e]
+            gate, up = (x[t] @ expert.gate_up_proj.weight.T).chunk(2)
+            out[t] += w * ((torch.nn.functional.silu(gate) * up) @ expert.down_proj.weight.T)
+    return out
+
+
+@pytest.mark.parametrize("case", ["spread", "one_expert", "single_token"])
+def test_expert_grouping_equals_the_per_token_definition(case):
+    from selfhost.layers.moe import SparseMoE
+
+    torch.manual_seed(3)
+    moe = SparseMoE(hidden_size=16, expert_size=8, num_experts=6, top_k=2, normalize_top_k=True, activation="silu")
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        if case == "one_expert":  # every token's router prefers experts 4 then 1: the others get no token
+            moe.gate.weight.zero_()
+            moe.gate.weight[4] += 10.0 / 16
+            moe.gate.weight[1] += 5.0 / 16
+    x = torch.randn(1 if case == "single_token" else 9, 16)
+    if case == "one_expert":
+        x = x.abs()  # positive activations, so the biased router rows win for every token
+    with torch.inference_mode():
+        got = moe.forward(x)
+    assert torch.allclose(got, _reference_moe(moe, x), atol=1e-5)
+    if case == "spread":
+        assert len(set((x @ moe.gate.weight.T).topk(2).indices.flatten().tolist())) >= 4  # several experts used
+
+
+def test_moe_through_preemption_and_prefix_hits_matches_a_plain_run(moe_checkpoint):
+    """The batching engine's paths (prefix-cache hits, preemption under a tiny KV cache) keep MoE outputs."""
+    _, folder, _ = moe_checkpoint
+    shared = [1, 17, 42, 99, 7, 250, 31, 8, 64, 300, 12, 5, 77, 3, 90, 11, 23, 45]
+    prompts = [shared + [i, i + 1] for i in range(4, 10)]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    roomy = LLM(str(folder), kv_cache_memory="16MiB")
+    expected = [o.token_ids for o in roomy.generate(prompts, params)]
+    assert [o.token_ids for o in roomy.generate(prompts, params)] == expected  # second run: prefix hits
+    assert roomy.engine.block_manager.prefix_hit_tokens > 0
+    spec = roomy.model.spec
+    block_bytes = 16 * spec.kv_bytes_per_token * 4  # 16-token blocks, fp32
+    tight = LLM(str(folder), kv_cache_memory=8 * block_bytes)  # room for 2-3 of the 6 requests: preemption
+    assert [o.token_ids for o in tight.generate(prompts, params)] == expected
+    assert tight.engine.scheduler.num_preemptions > 0
