@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -99,6 +100,23 @@ def _wait_until(condition, timeout_s: float = 5) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_cheapest_router_prefers_price_while_latency_meets_the_objective(gateway, upstreams):
+    cheap, dear = upstreams[0], upstreams[1]
+    server = gateway('router = "cheapest"\nlatency_objective_ms = 100\n'
+                     + remote("gpt", dear.url, model="gpt-4o", deployment="dear")
+                     + remote("gpt", cheap.url, model="gpt-4o-mini", deployment="cheap"))
+    assert [post(server).headers["x-selfhost-backend"] for _ in range(3)] == ["cheap"] * 3
+    cheap.mode = "slow"  # 300 ms: its median passes the objective once about half its recent requests were slow
+    backends = [post(server).headers["x-selfhost-backend"] for _ in range(8)]
+    switch = backends.index("dear")
+    assert 2 <= switch <= 4 and backends == ["cheap"] * switch + ["dear"] * (8 - switch)
+    # Measurements age out: once they are older than LATENCY_MAX_AGE_S, the cheap one is tried again.
+    cheap_deployment = server.app.state.gateway.table.deployments["gpt"][1]
+    cheap_deployment.latencies_s = deque((when - 61, s) for when, s in cheap_deployment.latencies_s)
+    cheap.mode = "ok"
+    assert post(server).headers["x-selfhost-backend"] == "cheap"
 
 
 def test_refused_and_hanging_upstreams_fall_through(gateway, upstreams):

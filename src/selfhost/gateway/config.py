@@ -101,6 +101,10 @@ class GatewaySettings(BaseModel):
     health_check_interval_s: float | None = Field(
         15.0, gt=0, description="Probe every deployment's GET /models this often (none: only failed requests count).")
     ledger: str | None = Field(None, description="SQLAlchemy URL of the ledger (default: a SQLite file).")
+    router: Literal["least_outstanding", "cheapest"] = Field(
+        "least_outstanding", description="How a name's deployments are ordered: fewest outstanding requests per "
+        "weight, or the cheapest whose recent median time to first byte meets latency_objective_ms.")
+    latency_objective_ms: float = Field(2000.0, gt=0)
     require_key: bool = Field(False, description="Every API request needs a virtual key (selfhost keys create).")
 
 

@@ -9,10 +9,22 @@ nothing else is left. State changes only on the event loop, so no locks are need
 
 from __future__ import annotations
 
+import datetime as dt
+import math
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from selfhost.gateway.config import GatewayConfig, ModelEntry
+from selfhost.plan.pricing import UsageRecord, price_usage
+
+LATENCY_WINDOW = 50  # recent requests whose median time to first byte the cheapest router judges
+# ...if no older than this: a deployment passed over for being slow gets traffic (and is measured) again.
+LATENCY_MAX_AGE_S = 60.0
+# The request `router = "cheapest"` compares deployments on: 1000 prompt tokens, 250 generated.
+REFERENCE_USAGE = UsageRecord(input_tokens=1000, output_tokens=250)
 
 
 @dataclass
@@ -32,6 +44,9 @@ class Deployment:
     cooldown_until: float = 0.0
     failures: int = 0
     siblings: list[Deployment] = field(default_factory=list, repr=False, compare=False)  # its name's, itself too
+    # (when, seconds to the first byte) of its recent requests
+    latencies_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False, compare=False)
+    reference_usd: Decimal | None = None  # the reference request's price; None: unpriced (ranked last by cost)
 
     def is_cooling(self, now: float) -> bool:
         return now < self.cooldown_until
@@ -48,6 +63,15 @@ class Deployment:
 
     def end(self) -> None:
         self.outstanding -= 1
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latencies_s.append((time.monotonic(), seconds))
+
+    def meets(self, objective_ms: float) -> bool:
+        """Whether its recent median time to first byte is within the objective (yes while it has none)."""
+        while self.latencies_s and self.latencies_s[0][0] < time.monotonic() - LATENCY_MAX_AGE_S:
+            self.latencies_s.popleft()
+        return not self.latencies_s or statistics.median(s for _, s in self.latencies_s) * 1e3 <= objective_ms
 
     def mark_failed(self, cooldown_s: float) -> None:
         self.failures += 1
@@ -69,6 +93,7 @@ class DeploymentTable:
         self.deployments: dict[str, list[Deployment]] = {}
         self.fallbacks: dict[str, tuple[str, ...]] = {}
         self.local_names = {e.name for e in config.local_entries}
+        self.router, self.latency_objective_ms = config.gateway.router, config.gateway.latency_objective_ms
         for entry in config.models:
             # A name's fallbacks are the union of its entries', in the order written.
             known = self.fallbacks.get(entry.name, ())
@@ -77,6 +102,11 @@ class DeploymentTable:
             siblings = self.deployments.setdefault(entry.name, [])
             siblings.append(_deployment(entry, len(siblings), config.api_key(entry)))
             siblings[-1].siblings = siblings
+        if self.router == "cheapest":
+            today = dt.datetime.now(dt.timezone.utc)
+            for deployment in self.all():
+                cost = price_usage(REFERENCE_USAGE, deployment.price_model, today)
+                deployment.reference_usd = cost.usd if cost.is_priced else None
 
     def is_remote(self, name: str) -> bool:
         return name in self.deployments
@@ -99,19 +129,24 @@ class DeploymentTable:
             if current in self.local_names:
                 local_fallback = local_fallback or current
                 continue
-            order += _ranked(self.deployments.get(current, []), now)
+            order += self._ranked(self.deployments.get(current, []), now)
             for fallback in self.fallbacks.get(current, ()):
                 if fallback not in seen:
                     seen.add(fallback)
                     queue.append(fallback)
         return order, local_fallback
 
+    def _ranked(self, group: list[Deployment], now: float) -> list[Deployment]:
+        open_ = [d for d in group if d.has_capacity()]
+        healthy = sorted((d for d in open_ if not d.is_cooling(now)), key=self._preference)
+        cooling = sorted((d for d in open_ if d.is_cooling(now)), key=lambda d: d.cooldown_until)
+        return healthy + cooling
 
-def _ranked(group: list[Deployment], now: float) -> list[Deployment]:
-    open_ = [d for d in group if d.has_capacity()]
-    healthy = sorted((d for d in open_ if not d.is_cooling(now)), key=Deployment.load)
-    cooling = sorted((d for d in open_ if d.is_cooling(now)), key=lambda d: d.cooldown_until)
-    return healthy + cooling
+    def _preference(self, deployment: Deployment) -> tuple:
+        if self.router == "cheapest":  # within the objective first, then cheapest, then least loaded
+            cost = math.inf if deployment.reference_usd is None else deployment.reference_usd
+            return (not deployment.meets(self.latency_objective_ms), cost, *deployment.load())
+        return deployment.load()
 
 
 def _deployment(entry: ModelEntry, index: int, api_key: str | None) -> Deployment:

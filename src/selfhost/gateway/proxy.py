@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -137,12 +138,13 @@ class Proxy:
         return headers
 
     async def _complete(self, deployment: Deployment, request: ProxyRequest) -> Response:
-        started = dt.datetime.now(dt.timezone.utc)
+        started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
         try:
             upstream = await self.client.post(self._url(deployment, request), headers=self._headers(deployment),
                                               json=request.upstream_payload(deployment))
         except httpx.TransportError as err:  # connect error, timeout, dropped connection
             raise RetryableFailure(type(err).__name__) from None
+        deployment.observe_latency(time.perf_counter() - clock)
         _raise_if_retryable(upstream.status_code)
         if upstream.status_code != 200:
             return _passed_through(deployment, upstream.status_code, upstream.content)
@@ -158,7 +160,7 @@ class Proxy:
                         headers=_served_headers(deployment, request_id, priced))
 
     async def _open_stream(self, deployment: Deployment, request: ProxyRequest) -> Response:
-        started = dt.datetime.now(dt.timezone.utc)
+        started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
         outgoing = self.client.build_request("POST", self._url(deployment, request),
                                              headers=self._headers(deployment),
                                              json=request.upstream_payload(deployment))
@@ -176,6 +178,7 @@ class Proxy:
         except (httpx.TransportError, StopAsyncIteration) as err:
             await upstream.aclose()
             raise RetryableFailure(f"stream ended before its first event ({type(err).__name__})") from None
+        deployment.observe_latency(time.perf_counter() - clock)  # time to the first event
         deployment.mark_healthy()
         request_id = uuid.uuid4().hex
         relay = self._relay(deployment, request, request_id, started, upstream, first, events)
