@@ -142,7 +142,7 @@ def test_what_if_reprices_the_traffic(gateway, upstreams, cli, tmp_path):
     assert bad.exit_code != 0 and "is not a local model" in str(bad.exception)
 
 
-def test_spend_groups_the_ledger(gateway, upstreams):
+def test_spend_groups_the_ledger(gateway, upstreams, cli, tmp_path):
     server = gateway(remote("gpt", upstreams[0].url) + remote("house", upstreams[1].url, model="house-7b"))
     key = server.app.state.gateway.keys.create("team-e")
     post(server, key)
@@ -151,6 +151,13 @@ def test_spend_groups_the_ledger(gateway, upstreams):
     assert by_key["team-e"].cost_usd == HAND_PRICE_USD and by_key["(no key)"].unpriced_requests == 1
     by_model = {r.group: r for r in spend_by(server.app.state.gateway.ledger, "model")}
     assert by_model["gpt"].output_tokens == 80 and by_model["house"].cost_usd == 0
+    config = tmp_path / "spend.toml"
+    config.write_text(f'[gateway]\nledger = "sqlite:///{tmp_path / "ledger.db"}"\n')
+    written = cli.invoke(app, ["spend", "--by", "model", "--out", str(tmp_path / "report"), "--config", str(config)])
+    assert written.exit_code == 0, written.output
+    csv_text = (tmp_path / "report" / "spend_by_model.csv").read_text().splitlines()
+    assert csv_text[0].startswith("model,requests") and csv_text[1] == f"gpt,1,1000,80,{HAND_PRICE_USD},0"
+    assert (tmp_path / "report" / "spend_by_model.png").read_bytes()[:4] == b"\x89PNG"
     metrics = httpx.get(server.url + "/metrics").text
     assert f'selfhost_gateway_spend_usd_total{{key="team-e",model="gpt"}} {float(HAND_PRICE_USD)}' in metrics
     assert 'selfhost_gateway_unpriced_requests_total{key="none",model="house"} 1.0' in metrics

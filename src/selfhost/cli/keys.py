@@ -93,6 +93,7 @@ def spend(
                                  "the monthly cost of each."),
     api: str = typer.Option(None, "--api", help="--what-if: the API model (default: the first remote's)."),
     local: str = typer.Option(None, "--local", help="--what-if: the local model (default: the first priced one)."),
+    out: Path = typer.Option(None, "--out", help="Also write the table (CSV) and a bar chart (PNG) to this folder."),
     config: Path = ConfigOption,
 ) -> None:
     """What the gateway's requests cost, from its ledger."""
@@ -112,6 +113,11 @@ def spend(
         table.add_row(row.group, str(row.requests), str(row.input_tokens), str(row.output_tokens),
                       f"{row.cost_usd:.6f}", str(row.unpriced_requests))
     make_console().print(table)
+    if out is not None:
+        from selfhost.gateway.spend_report import write_spend_report
+
+        for path in write_spend_report(rows, by, out):
+            print(f"wrote {path}")
 
 
 def _what_if(config_path: Path, since: dt.date | None, api: str | None, local: str | None) -> None:
