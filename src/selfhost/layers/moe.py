@@ -4,7 +4,7 @@ A router scores every expert per token (softmax in fp32, as the reference does),
 k, and optionally renormalises their weights to sum to one. Tokens are then grouped by expert:
 one sort of the (token, expert) pairs, and each expert that has tokens in this step runs once on
 all of them with the ordinary Linear kernels (so bf16 weights, int8/int4 and the CPU kernels apply
-to experts as to any MLP); its outputs are scaled and added back per token. Experts nobody chose
+to experts as to any MLP); one gather returns the outputs to token order, weighted and summed. Experts nobody chose
 this step cost nothing, which is what makes a sparse model cheap to decode. Qwen2-MoE adds a
 shared expert that every token runs, scaled by its own sigmoid gate.
 """
@@ -48,20 +48,21 @@ class SparseMoE(nn.Module):
         if self.normalize_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
-        # Group the T * k (token, expert) pairs by expert with one sort; run each chosen expert once.
+        # Group the T * k (token, expert) pairs by expert with one sort; each chosen expert runs once on
+        # its rows, writing a contiguous slice of `results`; one gather puts the pairs back in token
+        # order (cheaper than a scatter-add per expert: index_add_ of one row costs ~80 us on CPU).
         flat = experts.flatten()
         order = flat.argsort(stable=True)
         tokens = order // self.top_k
-        pair_weights = weights.flatten()[order].unsqueeze(1)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        out = torch.zeros_like(x)
+        results = torch.empty(flat.numel(), x.shape[1], dtype=x.dtype, device=x.device)
         start = 0
         for expert, count in enumerate(counts):
             if count:
-                rows = tokens[start:start + count]
-                y = self.experts[expert].forward(x[rows], num_threads) * pair_weights[start:start + count]
-                out.index_add_(0, rows, y)
+                results[start:start + count] = self.experts[expert].forward(x[tokens[start:start + count]], num_threads)
                 start += count
+        pairs = results[order.argsort()].view(x.shape[0], self.top_k, x.shape[1])
+        out = (pairs * weights.unsqueeze(-1)).sum(dim=1)
         if self.shared_expert is not None:
             gate = torch.sigmoid(self.shared_expert_gate.forward(x, num_threads))
             out = out + gate * self.shared_expert.forward(x, num_threads)
