@@ -29,7 +29,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.live_server import free_port  # noqa: E402
+from tests.live_server import free_port
 
 CHUNKS = 64
 USAGE = {"prompt_tokens": 12, "completion_tokens": CHUNKS, "total_tokens": 12 + CHUNKS}

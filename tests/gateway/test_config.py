@@ -7,7 +7,11 @@ import sys
 
 import pytest
 
-from selfhost.gateway.config import GatewayConfigError, load_gateway_config, parse_gateway_config
+from selfhost.gateway.config import (
+    GatewayConfigError,
+    load_gateway_config,
+    parse_gateway_config,
+)
 from selfhost.gateway.deployments import DeploymentTable
 
 REMOTE = {"name": "gpt", "url": "http://127.0.0.1:1/v1", "model": "gpt-4o-mini"}
@@ -79,7 +83,7 @@ def test_cli_prints_one_line_and_exits_1(tmp_path):
     config = tmp_path / "selfhost.toml"
     config.write_text('[[models]]\nname = "gpt"\nurl = "http://h/v1"\nmodel = "m"\nfallbacks = ["nope"]\n')
     result = subprocess.run([sys.executable, "-m", "selfhost.cli", "serve", "--config", str(config), "--port", "0"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {config}: model 'gpt': fallback 'nope' names no model in the config (models: gpt)"]

@@ -44,7 +44,7 @@ def test_concurrent_requests_reserve_their_estimates(gateway, upstreams):
     server = gateway(remote("gpt", upstreams[0].url))
     budget = Decimal("0.001")
     key = server.app.state.gateway.keys.create("team-b", budget_usd=budget)
-    estimate = estimate_cost(CHAT, "gpt-4o-mini", dt.datetime.now(dt.timezone.utc))
+    estimate = estimate_cost(CHAT, "gpt-4o-mini", dt.datetime.now(dt.UTC))
     with ThreadPoolExecutor(32) as pool:
         statuses = list(pool.map(lambda _: post(server, key).status_code, range(32)))
     admitted = statuses.count(200)

@@ -21,42 +21,48 @@ def test_kill_9_mid_traffic_loses_and_duplicates_nothing(upstreams, tmp_path):
     config = tmp_path / "selfhost.toml"
     config.write_text(f'[gateway]\nledger = "sqlite:///{ledger}"\n' + remote("gpt", upstreams[0].url))
     port = free_port()
-    log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "selfhost.cli", "serve", "--config", str(config), "--port",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, proc, lambda: (log.seek(0), log.read())[1], timeout_s=60)
-        completed: list[str] = []
-        stop = threading.Event()
-
-        def traffic():
-            with httpx.Client(timeout=10) as client:
-                while not stop.is_set():
-                    try:
-                        r = client.post(url + "/v1/chat/completions",
-                                        json={"model": "gpt", "messages": [{"role": "user", "content": "hi"}]})
-                    except httpx.TransportError:
-                        return  # the server is gone
-                    if r.status_code == 200:
-                        completed.append(r.headers["x-selfhost-request-id"])
-
-        workers = [threading.Thread(target=traffic) for _ in range(8)]
-        for worker in workers:
-            worker.start()
-        while len(completed) < 50:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        stop.set()
-        for worker in workers:
-            worker.join(timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
+    with open(tmp_path / "server.log", "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "selfhost.cli", "serve", "--config", str(config), "--port",
+                                 str(port)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        try:
+            completed = _traffic_until_killed(f"http://127.0.0.1:{port}", proc, log)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     with sqlite3.connect(ledger) as db:
         ids = [row[0] for row in db.execute("SELECT request_id FROM gateway_requests")]
     assert len(ids) == len(set(ids))
     assert set(completed) <= set(ids), f"{len(set(completed) - set(ids))} completed requests missing"
     assert len(ids) - len(completed) <= 8  # at most the requests in flight at the kill
+
+
+def _traffic_until_killed(url: str, proc: subprocess.Popen, log) -> list[str]:
+    """8 clients send requests until 50 have completed, then the server gets SIGKILL; the completed ids."""
+    wait_until_healthy(url, proc, lambda: (log.seek(0), log.read())[1], timeout_s=60)
+    completed: list[str] = []
+    stop = threading.Event()
+
+    def traffic():
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    r = client.post(url + "/v1/chat/completions",
+                                    json={"model": "gpt", "messages": [{"role": "user", "content": "hi"}]})
+                except httpx.TransportError:
+                    return  # the server is gone
+                if r.status_code == 200:
+                    completed.append(r.headers["x-selfhost-request-id"])
+
+    workers = [threading.Thread(target=traffic) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + 30
+    while len(completed) < 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    stop.set()
+    for worker in workers:
+        worker.join(timeout=15)
+    assert len(completed) >= 50, "the server answered too few requests before the kill"
+    return completed

@@ -16,6 +16,7 @@ from selfhost.errors import InvalidParameterError
 keys_app = typer.Typer(help="Virtual keys for the gateway: budgets and model lists per client.", no_args_is_help=True)
 
 ConfigOption = typer.Option(..., "--config", help="The gateway config (TOML) whose ledger holds the keys.")
+OutOption = typer.Option(None, "--out", help="Also write the table (CSV) and a bar chart (PNG) to this folder.")
 
 
 def _ledger(config: Path):
@@ -71,7 +72,7 @@ def show(name: str = typer.Argument(..., help="The key's name."), config: Path =
 
     ledger = _ledger(config)
     key = KeyStore(ledger.engine).get(name)
-    spent = KeyBudgets(ledger).spent(key, dt.datetime.now(dt.timezone.utc))
+    spent = KeyBudgets(ledger).spent(key, dt.datetime.now(dt.UTC))
     budget = f"${key.budget_usd} per {key.period}" if key.budget_usd is not None else "none"
     print(f"name: {key.name}\nkey: {key.shown_prefix}...\nbudget: {budget}\nspent this period: ${spent}\n"
           f"rate limits: {key.rpm or 'no'} requests, {key.tpm or 'no'} tokens a minute\n"
@@ -93,7 +94,7 @@ def spend(
                                  "the monthly cost of each."),
     api: str = typer.Option(None, "--api", help="--what-if: the API model (default: the first remote's)."),
     local: str = typer.Option(None, "--local", help="--what-if: the local model (default: the first priced one)."),
-    out: Path = typer.Option(None, "--out", help="Also write the table (CSV) and a bar chart (PNG) to this folder."),
+    out: Path = OutOption,
     config: Path = ConfigOption,
 ) -> None:
     """What the gateway's requests cost, from its ledger."""

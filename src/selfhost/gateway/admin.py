@@ -24,7 +24,12 @@ from starlette.routing import Route
 
 from selfhost.errors import SelfhostError
 from selfhost.gateway.admission import presented_key
-from selfhost.gateway.keys import DuplicateKeyError, UnknownKeyError, VirtualKey, parse_budget
+from selfhost.gateway.keys import (
+    DuplicateKeyError,
+    UnknownKeyError,
+    VirtualKey,
+    parse_budget,
+)
 from selfhost.gateway.spend import spend_by
 from selfhost.server.errors import APIError
 
@@ -66,7 +71,7 @@ def admin_app(gateway) -> Starlette:
 
     async def show(request: Request):
         key = gateway.keys.get(request.path_params["name"])
-        spent = gateway.budgets.spent(key, dt.datetime.now(dt.timezone.utc))
+        spent = gateway.budgets.spent(key, dt.datetime.now(dt.UTC))
         return JSONResponse({**_card(key), "spent_usd": str(spent)})
 
     async def revoke(request: Request):

@@ -12,7 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import time
 
-from selfhost.gateway.budgets import UNMETERED, KeyBudgets, Reservation, estimate_cost, estimate_tokens
+from selfhost.gateway.budgets import (
+    UNMETERED,
+    KeyBudgets,
+    Reservation,
+    estimate_cost,
+    estimate_tokens,
+)
 from selfhost.gateway.deployments import DeploymentTable
 from selfhost.gateway.keys import KEY_PREFIX, KeyStore, VirtualKey, digest
 from selfhost.gateway.rate_limits import RateLimiter
@@ -47,7 +53,7 @@ class Admission:
             if isinstance(rate_entry, str):
                 raise APIError(f"key {key.name!r} is over its rate limit: {rate_entry}", 429,
                                code="rate_limit_exceeded")
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         plan, _ = self.table.plan(model)
         estimate = estimate_cost(payload, plan[0].price_model if plan else None, now)
         reservation = self.budgets.admit(key, estimate, now)

@@ -103,7 +103,7 @@ class DeploymentTable:
             siblings.append(_deployment(entry, len(siblings), config.api_key(entry)))
             siblings[-1].siblings = siblings
         if self.router == "cheapest":
-            today = dt.datetime.now(dt.timezone.utc)
+            today = dt.datetime.now(dt.UTC)
             for deployment in self.all():
                 cost = price_usage(REFERENCE_USAGE, deployment.price_model, today)
                 deployment.reference_usd = cost.usd if cost.is_priced else None

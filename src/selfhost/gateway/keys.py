@@ -113,7 +113,7 @@ class KeyStore:
         row = {"name": name, "digest": digest(key), "shown_prefix": key[:len(KEY_PREFIX) + 4],
                "budget_usd": None if budget_usd is None else format(budget_usd, "f"), "period": period,
                "models": ",".join(models) if models else None, "rpm": rpm, "tpm": tpm,
-               "created_at": dt.datetime.now(dt.timezone.utc)}
+               "created_at": dt.datetime.now(dt.UTC)}
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(keys_table).values(**row))
@@ -142,7 +142,7 @@ class KeyStore:
         self.get(name)  # unknown names are an error
         with self.engine.begin() as conn:
             conn.execute(update(keys_table).where(keys_table.c.name == name, keys_table.c.revoked_at.is_(None))
-                         .values(revoked_at=dt.datetime.now(dt.timezone.utc)))
+                         .values(revoked_at=dt.datetime.now(dt.UTC)))
 
 
 def _key(row) -> VirtualKey:
@@ -156,4 +156,4 @@ def _key(row) -> VirtualKey:
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
     # SQLite hands datetimes back without their zone; they were written in UTC.
-    return value.replace(tzinfo=dt.timezone.utc) if value is not None and value.tzinfo is None else value
+    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value

@@ -17,7 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import (
-    Boolean, Column, DateTime, Integer, MetaData, String, Table, create_engine, event, insert, select,
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    insert,
+    select,
 )
 
 from selfhost.gateway.usage import PricedUsage

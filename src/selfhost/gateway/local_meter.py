@@ -66,7 +66,7 @@ class LocalMeter:
 
     def wrap_send(self, send, name: str, endpoint: str, payload: dict, key_name: str | None, reservation):
         """A `send` that prices, records and labels the local route's answer."""
-        rate, started = self.rates[name], dt.datetime.now(dt.timezone.utc)
+        rate, started = self.rates[name], dt.datetime.now(dt.UTC)
         request_id = uuid.uuid4().hex
         wants_usage = isinstance(payload.get("stream_options"), dict) and payload["stream_options"].get(
             "include_usage") is True

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -76,7 +76,7 @@ def ollama_response(path: str, model: str, response: Response) -> Response:
 
 
 def _text(path: str, model: str, text: str) -> dict:
-    base = {"model": model, "created_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
+    base = {"model": model, "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
     if path == "/api/chat":
         return {**base, "message": {"role": "assistant", "content": text}}
     return {**base, "response": text}

@@ -138,7 +138,7 @@ class Proxy:
         return headers
 
     async def _complete(self, deployment: Deployment, request: ProxyRequest) -> Response:
-        started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+        started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
         try:
             upstream = await self.client.post(self._url(deployment, request), headers=self._headers(deployment),
                                               json=request.upstream_payload(deployment))
@@ -160,7 +160,7 @@ class Proxy:
                         headers=_served_headers(deployment, request_id, priced))
 
     async def _open_stream(self, deployment: Deployment, request: ProxyRequest) -> Response:
-        started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+        started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
         outgoing = self.client.build_request("POST", self._url(deployment, request),
                                              headers=self._headers(deployment),
                                              json=request.upstream_payload(deployment))

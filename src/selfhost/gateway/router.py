@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 
 from starlette.requests import Request
-
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from selfhost.gateway.ollama_bridge import OLLAMA_PATHS, ollama_response, openai_payload

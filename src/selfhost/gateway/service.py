@@ -46,7 +46,7 @@ class Gateway:
     async def start(self) -> None:
         # The price catalog loads on first use (a second or so): pay it before the first request does.
         models = {d.price_model for d in self.table.all()}
-        today = dt.datetime.now(dt.timezone.utc)
+        today = dt.datetime.now(dt.UTC)
         await asyncio.to_thread(lambda: [price_usage(UsageRecord(), m, today) for m in models])
         if self.health is not None:
             self.health.start()

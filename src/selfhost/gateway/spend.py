@@ -31,7 +31,7 @@ def spend_by(ledger: Ledger, by: str = "model", since: dt.date | None = None) ->
     query = select(t.c.time, t.c.key_name, t.c.model, t.c.input_tokens, t.c.output_tokens, t.c.reasoning_tokens,
                    t.c.cost_usd)
     if since is not None:
-        query = query.where(t.c.time >= dt.datetime.combine(since, dt.time(), dt.timezone.utc))
+        query = query.where(t.c.time >= dt.datetime.combine(since, dt.time(), dt.UTC))
     groups: dict[str, list] = {}
     with ledger.engine.connect() as conn:
         for row in conn.execute(query):

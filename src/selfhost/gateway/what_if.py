@@ -38,7 +38,7 @@ def what_if(ledger: Ledger, api_model: str | None, local: ModelEntry | None,
     query = select(t.c.time, t.c.input_tokens, t.c.cached_input_tokens, t.c.output_tokens, t.c.reasoning_tokens,
                    t.c.cost_usd)
     if since is not None:
-        query = query.where(t.c.time >= dt.datetime.combine(since, dt.time(), dt.timezone.utc))
+        query = query.where(t.c.time >= dt.datetime.combine(since, dt.time(), dt.UTC))
     with ledger.engine.connect() as conn:
         rows = list(conn.execute(query))
     if not rows:
