@@ -180,6 +180,15 @@ def test_admin_api_behind_the_master_key(gateway, upstreams, monkeypatch):
     assert admin.delete("/admin/keys/team-f").json()["revoked"] is True
     assert admin.get("/admin/spend", params={"by": "key"}).json() == {"data": []}
     assert admin.get("/admin/spend", params={"by": "colour"}).status_code == 400
-    # The API itself keeps --api-key's check, remote models included.
+    # The API itself keeps --api-key's check, remote models included...
     assert post(server, None).status_code == 401 and len(upstreams[0].received) == 0
     assert post(server, "static-key").status_code == 200
+    # ...and takes virtual keys beside it, checked by the gateway; nothing else gets past with one.
+    virtual = admin.post("/admin/keys", json={"name": "team-g"}).json()["key"]
+    assert post(server, virtual).status_code == 200
+    assert server.app.state.gateway.ledger.rows()[-1]["key_name"] == "team-g"
+    bogus = "sk-selfhost-bogus"
+    assert post(server, bogus).json()["error"]["code"] == "invalid_api_key"
+    malformed = httpx.post(server.url + "/v1/chat/completions", content=b"{", headers={"Authorization": f"Bearer {bogus}"})
+    assert malformed.status_code == 401
+    assert httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {virtual}"}).status_code == 401

@@ -33,17 +33,24 @@ class Admission:
         self._cache: dict[str, tuple[float, VirtualKey | None]] = {}
         self.rates = RateLimiter()
 
-    def admit(self, scope, model: str, payload: dict) -> tuple[str | None, Reservation]:
-        """(the key's name, its reservation); raises the APIError the client gets."""
+    def authenticate(self, scope) -> VirtualKey | None:
+        """The request's active virtual key; None for a request without one (allowed unless require_key)."""
         given = presented_key(scope)
         if given is None or not given.startswith(KEY_PREFIX):
             if self.require_key:
                 raise APIError("this server needs a virtual key: send 'Authorization: Bearer sk-selfhost-...'", 401,
                                code="invalid_api_key")
-            return None, UNMETERED
+            return None
         key = self._lookup(given)
         if key is None or not key.is_active:
             raise APIError("unknown or revoked virtual key", 401, code="invalid_api_key")
+        return key
+
+    def admit(self, scope, model: str, payload: dict) -> tuple[str | None, Reservation]:
+        """(the key's name, its reservation); raises the APIError the client gets."""
+        key = self.authenticate(scope)
+        if key is None:
+            return None, UNMETERED
         if not key.allows(model):
             raise APIError(f"key {key.name!r} may not call model {model!r} (allowed: {', '.join(key.models)})", 403,
                            param="model", code="model_not_allowed")
@@ -73,6 +80,11 @@ class Admission:
         key = self.keys.find(given)
         self._cache[key_digest] = (time.monotonic(), key)
         return key
+
+
+def carries_virtual_key(scope) -> bool:
+    given = presented_key(scope)
+    return given is not None and given.startswith(KEY_PREFIX)
 
 
 def presented_key(scope) -> str | None:

@@ -10,14 +10,17 @@ they do without a gateway. Every answer names who served it in
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from selfhost.gateway.admission import carries_virtual_key, presented_key
 from selfhost.gateway.ollama_bridge import OLLAMA_PATHS, ollama_response, openai_payload
 from selfhost.gateway.proxy import BACKEND_HEADER, LocalFallback, ProxyRequest
 from selfhost.server.errors import APIError, error_response
+from selfhost.server.guards import API_KEY_DIGEST
 from selfhost.server.models import canonical
 
 ENDPOINTS = {"/v1/chat/completions": "chat/completions", "/v1/completions": "completions",
@@ -37,7 +40,11 @@ class GatewayRouter:
         body = await _read_body(receive)
         raw = _json_object(body)
         name = raw.get("model") if raw is not None else None
-        if not isinstance(name, str):  # selfhost's routes say what is wrong with the body
+        if not isinstance(name, str):  # selfhost's routes say what is wrong with the body (after the key)
+            try:
+                self.gateway.admission.authenticate(scope)
+            except APIError as err:
+                return await error_response(Request(scope), err)(scope, receive, send)
             return await self._local(scope, body, receive, send, name)
         name = canonical(name)
         try:
@@ -112,6 +119,31 @@ class GatewayRouter:
             await send(message)
 
         await self.app(scope, _replay(body, receive), send_with_backend)
+
+
+class VirtualKeyEntrance:
+    """Outside the `--api-key` check: an API request carrying a virtual key (sk-selfhost-...) goes straight
+    to the GatewayRouter, whose admission checks that key (401 when unknown or revoked); everything else
+    meets the `--api-key` check as before. So virtual keys and `--api-key` keys work side by side.
+    """
+
+    def __init__(self, app):
+        # The stack is built innermost first: app is ApiKeyAuth, and the layer inside it the GatewayRouter.
+        inner = getattr(app, "app", None)
+        assert isinstance(inner, GatewayRouter), "VirtualKeyEntrance must wrap ApiKeyAuth(GatewayRouter(...))"
+        self.app, self.gateway_router = app, inner
+
+    async def __call__(self, scope, receive, send):
+        is_api_post = scope["type"] == "http" and scope["method"] == "POST" and (
+            scope["path"] in ENDPOINTS or scope["path"] in OLLAMA_PATHS)
+        if not is_api_post or not carries_virtual_key(scope):
+            return await self.app(scope, receive, send)
+        # What ApiKeyAuth would set: the key's digest scopes the prefix cache under --prefix-cache-scope key.
+        token = API_KEY_DIGEST.set(hashlib.sha256(presented_key(scope).encode("latin-1")).digest())
+        try:
+            await self.gateway_router(scope, receive, send)
+        finally:
+            API_KEY_DIGEST.reset(token)
 
 
 async def _captured(app, scope, receive) -> tuple[int, list, bytes]:

@@ -141,9 +141,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
         app.add_middleware(GatewayRouter, gateway=gateway)
     app.add_middleware(ApiKeyAuth)
-    if gateway is not None:  # outside the key check: the admin API has its own (the master key)
+    if gateway is not None:  # outside the key check: virtual keys and the admin's master key are checked there
         from selfhost.gateway.admin import AdminGate
+        from selfhost.gateway.router import VirtualKeyEntrance
 
+        app.add_middleware(VirtualKeyEntrance)
         app.add_middleware(AdminGate, gateway=gateway)
     if settings.cors:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors, allow_methods=["*"], allow_headers=["*"])
