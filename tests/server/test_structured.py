@@ -163,17 +163,21 @@ def test_streamed_tool_calls_reassemble_to_the_whole_response(openai_client):
                   tool_choice="required", max_tokens=600, temperature=1.0, seed=11)
     whole = openai_client.chat.completions.create(**kwargs).choices[0].message.tool_calls
     calls: dict[int, dict] = {}
-    finish = None
+    finish, fragments = None, 0
     for chunk in openai_client.chat.completions.create(**kwargs, stream=True):
         delta = chunk.choices[0].delta
         for part in delta.tool_calls or []:
-            call = calls.setdefault(part.index, {"name": "", "arguments": ""})
+            call = calls.setdefault(part.index, {"id": part.id, "name": "", "arguments": ""})
+            assert part.id in (None, call["id"])  # the id comes once, with the name
             call["name"] += part.function.name or ""
             call["arguments"] += part.function.arguments or ""
+            fragments += bool(part.function.arguments)
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls"
-    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == \
-        [(c.function.name, _arguments(c)) for c in whole]
+    # The same calls, argument text and all, as the whole response; the arguments came in pieces.
+    assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == \
+        [(c.function.name, c.function.arguments) for c in whole]
+    assert fragments > len(calls)
 
 
 def test_parallel_tool_calls_false_gives_one_call(openai_client):

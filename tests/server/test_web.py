@@ -62,6 +62,9 @@ def test_tool_calls_show_in_the_conversation_and_results_go_back(server, page):
     page.fill("#prompt", "What is 2 + 3?")
     page.click("#send")
     page.wait_for_selector(".msg.tool-call", timeout=60_000)
+    # The block shows as soon as the name is written; the arguments fill in as they stream.
+    page.wait_for_function("document.querySelector('#prompt').placeholder.includes('Result of add')",
+                           timeout=60_000)
     call = page.text_content(".msg.tool-call")
     name, _, arguments = call.partition("(")
     assert name == "add" and 0 <= json.loads(arguments.removesuffix(")"))["a"] <= 9

@@ -149,24 +149,45 @@ async def chat_completion_stream(serving: Serving, req: ChatCompletionRequest, g
 
 
 class _ToolStream:
-    """One choice's chunks when tools are in use: text as soon as it cannot be a call, then each call
-    whole in one `tool_calls` delta, then the finish reason."""
+    """One choice's chunks when tools are in use, as OpenAI streams them: text as soon as it cannot be
+    part of a call; each call's id and name as soon as the name is written, then its arguments
+    fragment by fragment as the model writes them; then the finish reason. The whole response
+    carries the same argument text (the model's own), so the fragments reassemble to it."""
 
     def __init__(self, tools):
         self.output = OutputSplitter(tools)
+        self.sent: dict[int, str] = {}  # call index -> argument text sent so far (its header went out)
 
     def choices(self, index: int, delta) -> list[ChatChunkChoice]:
         text, calls = self.output.feed(delta)
         out = [ChatChunkChoice(index=index, delta=DeltaMessage(content=text))] if text else []
-        if calls:
-            out.append(ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[
-                DeltaToolCall(index=i, id=c.id, type="function",
-                              function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
-                for i, c in enumerate(calls)])))
+        parts = []
+        for i, (call_id, call) in enumerate(self.output.partial_calls()):
+            if call.name is None:
+                continue
+            # Up to the first undecoded byte (a partial character decodes as U+FFFD for now).
+            written = (call.arguments or "").split("\ufffd")[0] if (call.arguments or "").startswith("{") else ""
+            parts += self._call_parts(i, call_id, call.name, written)
+        for i, call in enumerate(calls):  # the end: what the fragments have not said yet
+            parts += self._call_parts(i, call.id, call.name, call.arguments)
+        if parts:
+            out.append(ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=parts)))
         if delta.is_finished:
             out.append(ChatChunkChoice(index=index, delta=DeltaMessage(),
                                        finish_reason=_finish_with_tools(delta.finish_reason, calls)))
         return out
+
+    def _call_parts(self, i: int, call_id: str, name: str, arguments: str) -> list[DeltaToolCall]:
+        if i not in self.sent:
+            self.sent[i] = ""
+            header = DeltaToolCall(index=i, id=call_id, type="function", function=DeltaFunctionCall(name=name,
+                                                                                                     arguments=""))
+            return [header] + self._call_parts(i, call_id, name, arguments)
+        sent = self.sent[i]
+        if not arguments.startswith(sent) or len(arguments) == len(sent):
+            return []
+        self.sent[i] = arguments
+        return [DeltaToolCall(index=i, function=DeltaFunctionCall(arguments=arguments[len(sent):]))]
 
 
 # -- completions ------------------------------------------------------------------

@@ -16,7 +16,7 @@ from selfhost.tokenizer import Tokenizer
 from selfhost.tools.calls import ToolCall, ToolChoice, ToolSpec, new_call_id
 from selfhost.tools.formats import ToolCallFormat, detect_format
 from selfhost.tools.messages import Message, template_inputs
-from selfhost.tools.parse import ParsedOutput, ToolCallStream, parse_tool_calls
+from selfhost.tools.parse import ParsedOutput, PartialCall, ToolCallStream, parse_tool_calls
 
 
 class ModelTools:
@@ -78,6 +78,10 @@ class OutputSplitter:
             return text, []
         rest, calls = self.parser.finish()
         return text + rest, calls
+
+    def partial_calls(self) -> list[tuple[str, PartialCall]]:
+        """(id, call so far) for the calls the output has begun: for streams that send arguments as written."""
+        return self.parser.partial_calls() if self.parser is not None else []
 
 
 def calls_as_openai(calls: list[ToolCall]) -> list[dict]:

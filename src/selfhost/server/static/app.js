@@ -97,6 +97,7 @@ async function send(text) {
   bubble.classList.add("streaming");
   let reply = "";
   const calls = [];
+  const blocks = [];
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
@@ -121,9 +122,14 @@ async function send(text) {
         bubble.textContent = reply;
         bubble.scrollIntoView({ block: "end" });
       }
-      for (const part of delta?.tool_calls || []) {  // each call arrives whole
-        calls.push(part);
-        showCall(part);
+      for (const part of delta?.tool_calls || []) {  // a call's id and name first, then its arguments in pieces
+        if (part.id) {
+          calls[part.index] = { id: part.id, type: "function", function: { name: part.function.name, arguments: "" } };
+          blocks[part.index] = showCall(calls[part.index]);
+        }
+        const call = calls[part.index];
+        call.function.arguments += part.function?.arguments || "";
+        blocks[part.index].textContent = `${call.function.name}(${call.function.arguments})`;
       }
     });
     if (!reply && calls.length) bubble.remove();
