@@ -8,6 +8,7 @@
 - layers/_bf16_tiles_cpu.c      bf16-weight products in the AMX tile layout (AMX; AVX-512 for few rows)
 - layers/_norm_cpu.c            RMSNorm in one pass
 - layers/_activation_cpu.c      SwiGLU (silu(gate) * up) in one pass (AVX-512)
+- layers/_token_mask_cpu.c      constrained decoding's token masks applied to logits (portable C)
 - engine/_paged_attention_cpu.c decode attention read in place from the paged KV cache
 - engine/_prefill_attention_cpu.c prompt-chunk attention over the paged KV cache (AVX-512)
 
@@ -48,6 +49,7 @@ setup(
         kernel("layers._bf16_tiles_cpu", uses_pool=True),
         kernel("layers._norm_cpu"),
         kernel("layers._activation_cpu", uses_pool=True, headers=("_exp_avx512.h",)),
+        kernel("layers._token_mask_cpu"),
         kernel("engine._paged_attention_cpu", uses_pool=True,
                headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h")),
         kernel("engine._prefill_attention_cpu", uses_pool=True,

@@ -34,6 +34,10 @@ from selfhost.tokenizer import Tokenizer
 
 # Distinct constraints whose compiled form is kept (each a few hundred KB at most).
 CACHED_GRAMMARS = 256
+# Up to this many constrained rows a step, masks and updates run on the engine thread: handing
+# them to the executor's threads costs more than it saves, and those threads would then compete
+# with the forward pass's for the cores.
+SERIAL_ROWS = 2
 
 
 class GrammarCompiler:
@@ -79,8 +83,12 @@ class GrammarCompiler:
         """
         words = -(-self.ll_tokenizer.vocab_size // 32)
         masks = torch.full((len(matchers), words), -1, dtype=torch.int32)
-        self._executor.unsafe_compute_mask_ptr(list(zip(matchers, range(len(matchers)))), masks.data_ptr(),
-                                               words * 4, len(matchers))
+        if len(matchers) <= SERIAL_ROWS:
+            for i, matcher in enumerate(matchers):
+                matcher.unsafe_compute_mask_ptr(masks[i].data_ptr(), words * 4)
+        else:
+            self._executor.unsafe_compute_mask_ptr(list(zip(matchers, range(len(matchers)))), masks.data_ptr(),
+                                                   words * 4, len(matchers))
         return masks
 
     def step_masks(self, matchers: list[llguidance.LLMatcher | None]) -> TokenMasks | None:
@@ -92,4 +100,8 @@ class GrammarCompiler:
 
     def advance(self, matchers: list[llguidance.LLMatcher], token_ids: list[int]) -> None:
         """Feed each matcher its row's sampled token."""
-        self._executor.consume_token_par(list(zip(matchers, token_ids)))
+        if len(matchers) <= SERIAL_ROWS:
+            for matcher, token_id in zip(matchers, token_ids):
+                matcher.consume_token(token_id)
+        else:
+            self._executor.consume_token_par(list(zip(matchers, token_ids)))

@@ -15,7 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+try:
+    from selfhost.layers import _token_mask_cpu
+except ImportError:  # not compiled here: the tensor path below
+    _token_mask_cpu = None
 
 # (output_ids, logits_row) -> logits_row, applied before sampling (e.g. a JSON grammar mask).
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -70,11 +76,21 @@ class TokenMasks:
 
 
 def apply_token_masks(logits: torch.Tensor, masks: TokenMasks) -> torch.Tensor:
-    """Set the logits of tokens a row's mask forbids to -inf (in place; one tensor op for all rows)."""
+    """Set the logits of tokens a row's mask forbids to -inf (in place, all rows at once).
+
+    On CPU a small C loop does it word by word (_token_mask_cpu.c); elsewhere one tensor op
+    over the unpacked bits.
+    """
     vocab = logits.shape[1]
-    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-    words = masks.bitmasks.to(logits.device)
-    allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]
+    bitmasks = masks.bitmasks.contiguous()
+    if _token_mask_cpu is not None and logits.device.type == "cpu" and logits.dtype == torch.float32 \
+            and logits.stride(1) == 1:
+        rows = torch.tensor(masks.rows, dtype=torch.int64)
+        _token_mask_cpu.forbid(logits.data_ptr(), logits.stride(0), vocab, rows.data_ptr(), len(masks.rows),
+                               bitmasks.data_ptr(), bitmasks.shape[1])
+        return logits
+    bits = np.unpackbits(bitmasks.cpu().numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    allowed = torch.from_numpy(bits).to(device=logits.device, dtype=torch.bool)
     rows = torch.tensor(masks.rows, dtype=torch.long, device=logits.device)
     logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
     return logits
