@@ -49,7 +49,11 @@ class OnnxEngine:
         validate_request(prompt_ids, params, self.limits)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    cache_salt: bytes | None = None) -> Sequence:  # no prefix cache here: the salt has no use
+                    cache_salt: bytes | None = None, lora: str | None = None) -> Sequence:
+        """As LLMEngine.add_request; there is no prefix cache here, so `cache_salt` has no use."""
+        if lora is not None:
+            raise InvalidParameterError(f"adapter {lora!r} requested: an ONNX export's runner serves no adapters "
+                                        "(merge it first: selfhost merge, then export)", param="lora")
         if request_id in self.sequences:
             raise InvalidParameterError(f"request id {request_id!r} is already running", param="request_id")
         self.validate_request(prompt_ids, params)
