@@ -14,21 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfhost.layers.activation import gated
 from selfhost.layers.linear import Linear
-
-
-class ExpertMLP(nn.Module):
-    """One expert: the gated MLP with gate and up packed into one product (as the dense layers do)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str):
-        super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
-        self.act = gated(activation)
-
-    def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
-        return self.down_proj.forward(self.act(self.gate_up_proj.forward(x, num_threads), num_threads), num_threads)
+from selfhost.layers.mlp import GatedMLP
 
 
 class SparseMoE(nn.Module):
@@ -37,8 +24,10 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.num_experts, self.top_k, self.normalize_top_k = num_experts, top_k, normalize_top_k
         self.gate = Linear(hidden_size, num_experts, bias=False)  # the router
-        self.experts = nn.ModuleList(ExpertMLP(hidden_size, expert_size, activation) for _ in range(num_experts))
-        self.shared_expert = ExpertMLP(hidden_size, shared_expert_size, activation) if shared_expert_size else None
+        self.experts = nn.ModuleList(GatedMLP(hidden_size, expert_size, activation, bias=False)
+                                     for _ in range(num_experts))
+        self.shared_expert = GatedMLP(hidden_size, shared_expert_size, activation, bias=False) \
+            if shared_expert_size else None
         self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_expert_size else None
 
     def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:

@@ -1,0 +1,20 @@
+"""The gated MLP (SwiGLU, GeGLU): down(act(gate(x)) * up(x)), with gate and up packed into one product."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selfhost.layers.activation import gated
+from selfhost.layers.linear import Linear
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool):
+        super().__init__()
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = gated(activation)
+
+    def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+        return self.down_proj.forward(self.act(self.gate_up_proj.forward(x, num_threads), num_threads), num_threads)
