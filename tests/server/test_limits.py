@@ -10,7 +10,7 @@ import socket
 import httpx
 import pytest
 
-from selfhost.server.protocol import MAX_STOP_STRINGS
+from selfhost.server.wire import MAX_STOP_STRINGS
 from selfhost.server.settings import ServerSettings
 from tests.server.conftest import MODEL, LoopbackServer
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from selfhost.sampling_params import SamplingParams
-from selfhost.server.protocol import MAX_STOP_STRINGS, Lenient, Seed
+from selfhost.server.wire import MAX_STOP_STRINGS, Lenient, Seed
 from selfhost.structured_output import StructuredOutput
 from selfhost.tools.calls import ToolCall, ToolChoice, ToolSpec
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, WithJsonSchema, model_validator
 
-from selfhost.server.protocol import Lenient
+from selfhost.server.wire import Lenient
 from selfhost.tokenizer import check_text
 
 # OpenAI's own cap on inputs per request; keeps one request from holding the embedder for minutes.

@@ -11,7 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfhost.sampling_params import SamplingParams
-from selfhost.server.protocol import MAX_STOP_STRINGS, Seed, ToolDefinition
+from selfhost.server.tool_protocol import ToolDefinition
+from selfhost.server.wire import MAX_STOP_STRINGS, Seed
 from selfhost.structured_output import StructuredOutput, closed_objects
 from selfhost.tools.calls import ToolCall, new_call_id
 

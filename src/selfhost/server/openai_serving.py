@@ -11,10 +11,11 @@ from selfhost.server.errors import from_selfhost_error
 from selfhost.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, TokenLogprobEntry,
-    ToolCallItem, TopLogprob, UsageInfo, random_id,
+    CompletionResponse, DeltaMessage, TokenLogprobEntry, TopLogprob, UsageInfo,
 )
 from selfhost.server.serving import Generation, Serving, sse
+from selfhost.server.tool_protocol import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCallItem
+from selfhost.server.wire import random_id
 from selfhost.tools.calls import check_tools
 from selfhost.tools.model_tools import OutputSplitter
 

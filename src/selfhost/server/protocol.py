@@ -10,29 +10,18 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from selfhost.sampling_params import MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams, choice_seed
+from selfhost.sampling_params import MAX_LOGPROBS, SamplingParams, choice_seed
 from selfhost.server.rag_protocol import RagOptions
-from selfhost.structured_output import StructuredOutput, closed_objects
+from selfhost.server.tool_protocol import (
+    DeltaToolCall, NamedToolChoice, ResponseFormat, StructuredOutputs, ToolCallItem, ToolDefinition,
+)
+from selfhost.server.wire import MAX_STOP_STRINGS, Lenient, Seed
+from selfhost.structured_output import StructuredOutput
 from selfhost.tools.calls import ToolCall, ToolChoice, ToolSpec
-
-
-# A seed torch can take; outside it a 400, not the generator's OverflowError.
-Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
-# Stop strings per request, on every route: each is checked against every new token's text.
-MAX_STOP_STRINGS = 16
-
-
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-class Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
 
 
 # -- requests -------------------------------------------------------------------
@@ -40,17 +29,6 @@ class Lenient(BaseModel):
 class TextPart(Lenient):
     type: Literal["text"]
     text: str
-
-
-class FunctionCall(Lenient):
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-
-
-class ToolCallItem(Lenient):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
 
 
 class ChatMessage(Lenient):
@@ -92,70 +70,6 @@ class ChatMessage(Lenient):
 
 class StreamOptions(Lenient):
     include_usage: bool = False
-
-
-class JsonSchemaFormat(Lenient):
-    name: str = Field("response", pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(Lenient):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _check_schema(self):
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("type 'json_schema' needs a json_schema object with a schema")
-        return self
-
-    def structured_output(self) -> StructuredOutput | None:
-        if self.type == "json_object":
-            return StructuredOutput(json_object=True)
-        if self.type == "json_schema":
-            return StructuredOutput(json_schema=closed_objects(self.json_schema.schema_))
-        return None
-
-
-class FunctionDefinition(Lenient):
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ToolDefinition(Lenient):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-    def spec(self) -> ToolSpec:
-        f = self.function
-        return ToolSpec(f.name, f.description or "", f.parameters if f.parameters is not None else
-                        {"type": "object", "properties": {}})
-
-
-class NamedFunction(Lenient):
-    name: str
-
-
-class NamedToolChoice(Lenient):
-    type: Literal["function"]
-    function: NamedFunction
-
-
-class StructuredOutputs(Lenient):
-    """vLLM's `structured_outputs` extension: a regex, a choice list or a Lark grammar (or a JSON schema)."""
-
-    json_: dict[str, Any] | None = Field(None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-
-    def structured_output(self) -> StructuredOutput:
-        return StructuredOutput(json_schema=self.json_, regex=self.regex,
-                                choice=tuple(self.choice) if self.choice is not None else None, grammar=self.grammar)
 
 
 class SamplingFields(Lenient):
@@ -344,18 +258,6 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
-
-
-class DeltaFunctionCall(BaseModel):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class DeltaToolCall(BaseModel):
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: DeltaFunctionCall
 
 
 class DeltaMessage(BaseModel):

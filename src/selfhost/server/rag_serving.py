@@ -30,10 +30,11 @@ from selfhost.server.embedding_serving import EmbeddingModels, LoadedEmbedder
 from selfhost.server.errors import APIError
 from selfhost.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, DeltaMessage, UsageInfo, random_id,
+    ChatCompletionResponse, DeltaMessage, UsageInfo,
 )
 from selfhost.server.rag_protocol import RagOptions, SourceInfo
 from selfhost.server.serving import Generation, Serving, sse
+from selfhost.server.wire import random_id
 
 log = logging.getLogger(__name__)
 

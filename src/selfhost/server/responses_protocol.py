@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
 from selfhost.sampling_params import SamplingParams
-from selfhost.server.protocol import Lenient, Seed
+from selfhost.server.wire import Lenient, Seed
 from selfhost.structured_output import StructuredOutput, closed_objects
 from selfhost.tools.calls import ToolCall, ToolChoice, ToolSpec
 
