@@ -14,7 +14,7 @@ from pathlib import Path
 from selfhost.errors import UnsupportedModelError
 from selfhost.lora.adapter_format import Adapter, AdapterError, module_path
 from selfhost.lora.apply import check_fits
-from selfhost.lora.output import staged_folder
+from selfhost.train.export import staged_folder
 from selfhost.models.families import spec_from_config
 from selfhost.models.loader import read_config, weight_files
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -98,12 +100,9 @@ def export_model(
     """Write config, weights, tokenizer and `extra_files` (name -> text) to `out`."""
     from safetensors.torch import save_file
 
-    check_output(out, overwrite)
     if save_dtype not in SAVE_DTYPES:
         raise SelfhostError(f"save dtype {save_dtype!r} is not supported; choose one of {', '.join(SAVE_DTYPES)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_folder(out, overwrite) as staging:
         config = {**model_config, "torch_dtype": save_dtype}
         files = {
             "config.json": config,
@@ -117,7 +116,19 @@ def export_model(
             (staging / name).write_text(text)
         save_file(hf_state_dict(model, SAVE_DTYPES[save_dtype]), str(staging / "model.safetensors"),
                   metadata={"format": "pt"})
-        # mkdtemp makes a private folder; a model is ordinary data (and may ship in a package).
+    return out
+
+
+@contextmanager
+def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty staging folder next to `out`; on success it becomes `out` (all or nothing), on any
+    error it disappears. Checks `out` first, so a refused overwrite costs no work."""
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        # mkdtemp makes a private folder; a model or adapter is ordinary data (and may ship in a package).
         staging.chmod(0o755)
         for file in staging.iterdir():
             file.chmod(0o644)
@@ -125,7 +136,6 @@ def export_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:
