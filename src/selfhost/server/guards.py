@@ -25,6 +25,8 @@ log = logging.getLogger("selfhost.server")
 # files (the page sends the key the user types with each API call).
 PUBLIC_PATHS = ("/health", "/static/")
 PUBLIC_EXACT = ("/",)
+# Bytes past the body limit still read (and dropped) so the client can read its 413.
+DRAIN_BYTES = 1 << 20
 
 # Digest of the key the current request authenticated with (None without keys): the tenant that
 # `--prefix-cache-scope key` keeps prefix-cache entries within. Per request (a context variable
@@ -97,6 +99,13 @@ class RequestLimits:
             chunks.append(message.get("body", b""))
             total += len(chunks[-1])
             if total > self.max_body_bytes:
+                # Read (and drop) a modest overflow before answering: closing on a client that is still
+                # sending resets the connection, and it would never read the 413. A huge body is cut.
+                while message.get("more_body", False) and total <= self.max_body_bytes + DRAIN_BYTES:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return
+                    total += len(message.get("body", b""))
                 return await self._too_large(scope, receive, send)
             if not message.get("more_body", False):
                 break
