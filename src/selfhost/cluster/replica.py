@@ -1,0 +1,106 @@
+"""EngineReplica: one Ray Serve replica = one model on one AsyncEngine, with its own KV and prefix cache.
+
+The model loads exactly as `selfhost serve` loads it (ModelRegistry, the same
+settings), inside the replica's Ray worker, which Ray gives the replica's CPU
+share (torch then uses that many threads) or GPU. `generate` streams the engine's
+StreamDeltas back to the front end, first announcing which replica took the
+request; a thread reports the engine's figures to the StatsBoard every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from selfhost.sampling_params import SamplingParams
+
+log = logging.getLogger("selfhost.cluster")
+
+STATS_PERIOD_S = 1.0
+
+
+@dataclass(frozen=True)
+class ReplicaHello:
+    """The first item of every generate stream: the replica that took the request."""
+
+    replica: str
+
+
+def load_served_model(settings):
+    """The one model of `settings`, loaded by the single-process server's own registry."""
+    from selfhost.server.models import ModelRegistry
+
+    registry = ModelRegistry(settings)
+    with ThreadPoolExecutor(1) as pool:  # its own event loop, whatever thread Serve constructs us on
+        pool.submit(asyncio.run, registry.preload()).result()
+    return next(iter(registry.models.values()))
+
+
+class EngineReplica:
+    def __init__(self, server_settings: dict[str, Any], cpus: float, board=None):
+        import torch
+        from ray import serve
+
+        from selfhost.server.settings import ServerSettings
+
+        torch.set_num_threads(max(1, int(cpus)))  # whatever OMP_NUM_THREADS the worker inherited
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.served = load_served_model(ServerSettings(**server_settings))
+        self.engine = self.served.engine
+        self.num_requests = 0
+        self.board = board
+        self._stop = threading.Event()
+        if board is not None:
+            threading.Thread(target=self._report_forever, name="selfhost-stats", daemon=True).start()
+        log.info("replica %s ready: %s", self.replica, self.served.name)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       cache_salt: bytes | None = None):
+        """ReplicaHello, then the engine's deltas; a consumer that goes away aborts the request."""
+        self.num_requests += 1
+        yield ReplicaHello(self.replica)
+        async for delta in self.engine.generate(prompt_ids, params, request_id, cache_salt):
+            yield delta
+
+    def describe(self) -> dict[str, Any]:
+        """What the front end needs to serve this model without loading it: limits, shape, sizes."""
+        served, llm = self.served, self.served.llm
+        return {
+            "replica": self.replica, "name": served.name, "model_dir": str(llm.model_dir),
+            "limits": llm.engine.limits, "spec": llm.model.spec, "max_model_len": llm.max_model_len,
+            "capacity_tokens": llm.engine.capacity_tokens, "device": str(llm.device), "dtype": str(llm.dtype),
+            "weight_bytes": served.weight_bytes, "kv_cache_bytes": served.kv_cache_bytes,
+            "num_params": served.num_params, "quantization": served.quantization,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        import ray
+
+        engine = self.engine.engine
+        s, bm = engine.stats(), engine.block_manager
+        return {
+            "replica": self.replica, "actor_name": ray.get_runtime_context().get_actor_name(), "pid": os.getpid(),
+            "num_running": s.num_running, "num_waiting": s.num_waiting, "kv_blocks_used": s.kv_blocks_used,
+            "kv_blocks_total": s.kv_blocks_total, "prefix_hit_tokens": bm.prefix_hit_tokens,
+            "prefix_queried_tokens": bm.prefix_queried_tokens, "num_preemptions": s.num_preemptions,
+            "num_steps": s.num_steps, "num_requests": self.num_requests, "time": time.time(),
+        }
+
+    def _report_forever(self) -> None:
+        while not self._stop.wait(STATS_PERIOD_S):
+            try:
+                self.board.report.remote(self.stats())
+            except Exception:  # the board restarting: the next report goes through
+                log.debug("stats report failed", exc_info=True)
+
+    def __del__(self):
+        self._stop.set()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
