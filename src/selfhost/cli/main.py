@@ -12,6 +12,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from selfhost.errors import SelfhostError
 
@@ -52,7 +53,8 @@ def _options(
 
 
 # One module per command group, each exposing register(app).
-COMMAND_MODULES = ("run", "serve", "train", "quant", "plan", "prices", "bench", "rag", "shrink", "lora", "keys")
+COMMAND_MODULES = ("run", "serve", "train", "quant", "plan", "prices", "bench", "rag", "shrink", "lora", "keys",
+                   "deploy")
 
 
 def _register_commands() -> None:
@@ -82,5 +84,6 @@ def main() -> None:
     try:
         app()
     except SelfhostError as err:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        # Escaped: a message may hold brackets that are not markup (pip install 'selfhost[ray]').
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(1)

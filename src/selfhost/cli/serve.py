@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import typer
 
 from selfhost.cli.console import make_console
+from selfhost.cli.ray_serve import pop_ray_options, ray_parameters, serve_on_ray
 from selfhost.errors import InvalidParameterError, SelfhostError
 
 SKIP_FLAGS = {"models"}  # the positional MODEL arguments
@@ -63,13 +64,18 @@ def _build_command():
             "Default: the embedded demo model.", show_default=False)],
     )]
     params += [_option(name, field) for name, field in ServerSettings.model_fields.items() if name not in SKIP_FLAGS]
+    params += ray_parameters()  # --ray and its flags: the engines as Ray Serve replicas (cli/ray_serve.py)
 
     def serve(**given: Any) -> None:
         """Serve models over HTTP: OpenAI API under /v1, Ollama API under /api, a chat page at /."""
+        ray_options = pop_ray_options(given)
         try:
             settings = ServerSettings(**{k: v for k, v in given.items() if v not in (None, [])})
         except ValidationError as err:
             raise InvalidParameterError(_describe(err)) from None
+        if ray_options is not None:
+            serve_on_ray(settings, ray_options)
+            return
         run_server(settings)
 
     serve.__signature__ = inspect.Signature(params)

@@ -7,6 +7,7 @@ setting that has no meaning across replicas.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -45,6 +46,18 @@ def check_settings(settings) -> None:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise ClusterError(f"{flags} cannot be combined with --ray (each replica holds one fixed model; a gateway "
                            "config points at the Ray app's URL instead)")
+
+
+def check_port(host: str, port: int) -> int:
+    """The HTTP port Serve's proxy will take, checked free before Ray starts (0: a free one, chosen here)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            reason = "is already in use" if err.errno == errno.EADDRINUSE else f"cannot be used: {err.strerror}"
+            raise ClusterError(f"port {port} on {host} {reason}; choose another with --port") from None
+        return sock.getsockname()[1]
 
 
 def _check_reachable(address: str) -> None:
@@ -111,6 +124,7 @@ def serve_forever(settings, cluster: ClusterConfig, banner) -> None:
     """The CLI's whole `--ray` path; Ctrl-C removes the app (and the local Ray instance, if started here)."""
     require_ray()
     check_settings(settings)
+    settings = settings.model_copy(update={"port": check_port(settings.host, settings.port)})
     import ray
     from ray import serve
 
@@ -119,7 +133,7 @@ def serve_forever(settings, cluster: ClusterConfig, banner) -> None:
         check_resources(cluster)
         started = time.perf_counter()
         deploy(settings, cluster)
-        banner(time.perf_counter() - started)
+        banner(settings.port, time.perf_counter() - started)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
