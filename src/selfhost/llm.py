@@ -19,6 +19,7 @@ from selfhost.onnx.export_info import is_onnx_export
 from selfhost.outputs import RequestOutput
 from selfhost.quant.config import QuantConfig
 from selfhost.sampling_params import SamplingParams
+from selfhost.speculative.config import SpeculativeConfig
 from selfhost.tokenizer import Tokenizer
 
 Prompt = str | list[int]
@@ -50,6 +51,10 @@ class LLM:
     `lora={"legal": "./legal-adapter", ...}` serves LoRA adapters (PEFT folders) on
     this base: `generate(..., lora="legal")`; up to `max_loras` are loaded at once
     (least recently used evicted), each of rank at most `max_lora_rank`.
+    `speculative="ngram"` (prompt lookup) or `"draft:PATH"` (a smaller model with the same
+    tokenizer) turns on speculative decoding: up to `num_speculative_tokens` proposed tokens per
+    sequence are verified in one step; outputs are unchanged (greedy: token for token; sampled:
+    the same distribution). See `engine.stats()` for the acceptance rate.
     """
 
     def __init__(
@@ -72,6 +77,8 @@ class LLM:
         lora: dict[str, str] | None = None,
         max_loras: int = 4,
         max_lora_rank: int = 16,
+        speculative: str | None = None,
+        num_speculative_tokens: int = 4,
     ):
         self.model_dir = resolve_model(model, allow_pickle=allow_pickle, revision=revision)
         self.device = pick_device(device)
@@ -80,11 +87,13 @@ class LLM:
         self._request_ids = itertools.count()
         self.driven_by_async_engine = False  # set by AsyncEngine, which then owns `engine`
         if is_onnx_export(self.model_dir):
-            if lora:
-                raise InvalidParameterError("LoRA adapters are served on selfhost's own model, not an ONNX export")
+            if lora or speculative:
+                raise InvalidParameterError("LoRA adapters and speculative decoding run on selfhost's own model, "
+                                            "not an ONNX export")
             self._init_onnx(device, max_model_len, quantization, weight_dtype, kv_cache_dtype)
             return
-        quant_config = QuantConfig(method=quantization) if quantization is not None else None  # fail before the load
+        speculative_config = SpeculativeConfig.parse(speculative, num_speculative_tokens)  # fail before the load
+        quant_config = QuantConfig(method=quantization) if quantization is not None else None
         if weight_dtype not in WEIGHT_DTYPES:
             raise InvalidParameterError(f"weight_dtype={weight_dtype!r} is not supported; choose None or 'float32' "
                                         "(the weights as loaded), 'bfloat16' or 'auto'")
@@ -113,8 +122,21 @@ class LLM:
             max_model_len=self.max_model_len,
             enable_prefix_caching=enable_prefix_caching,
         )
+        draft_model = None
+        if speculative_config is not None and speculative_config.method == "draft":
+            draft_model = self._load_draft(speculative_config.draft_model, allow_pickle)
         self.engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.dtype, self.device,
-                                self.kv_cache_dtype, self.adapters)
+                                self.kv_cache_dtype, self.adapters, speculative_config, draft_model)
+
+    def _load_draft(self, draft: str, allow_pickle: bool):
+        """The draft model for speculative decoding, in the target's dtype and device, checked to share its tokenizer."""
+        from selfhost.speculative.draft import check_same_vocabulary
+
+        draft_dir = resolve_model(draft, allow_pickle=allow_pickle)
+        draft_model = load_model(draft_dir, self.dtype, self.device, None, allow_pickle)
+        check_same_vocabulary(self.tokenizer, Tokenizer(draft_dir), self.model.spec.vocab_size,
+                              draft_model.spec.vocab_size)
+        return draft_model
 
     def _init_onnx(self, device: str, max_model_len: int | None, quantization: str | None,
                    weight_dtype: str | None, kv_cache_dtype: str) -> None:

@@ -80,3 +80,42 @@ def test_adaptive_length_backs_off_and_recovers():
     for _ in range(6):
         length.record(proposed=1, accepted=1)
     assert length.next_length() >= 3
+
+
+def test_the_incremental_ngram_index_agrees_with_the_plain_scan():
+    """Grow random low-entropy sequences a token or a few at a time; every proposal equals the definition's."""
+    import random
+
+    from selfhost.speculative.ngram import NgramIndex
+
+    rng = random.Random(0)
+    for trial in range(200):
+        proposer = NgramProposer(min_ngram=rng.randint(1, 3), max_ngram=rng.randint(3, 5))
+        index = NgramIndex(proposer)
+        tokens = [rng.randrange(4) for _ in range(rng.randint(0, 3))]
+        for _ in range(40):
+            k = rng.randint(0, 5)
+            assert index.propose(tokens, k) == proposer.propose(tokens, k), (tokens, k)
+            if rng.random() < 0.2:  # asked again before the sequence grew (a step that did not run it)
+                assert index.propose(tokens, k) == proposer.propose(tokens, k)
+            tokens.extend(rng.randrange(4) for _ in range(rng.randint(1, 3)))
+
+
+def test_step_cost_interpolates_and_speculation_pays_only_while_steps_are_flat():
+    from selfhost.speculative.step_cost import StepCostModel, speculation_pays
+
+    cost = StepCostModel()
+    assert cost.seconds(4) is None
+    assert speculation_pays(cost, 1, 4, 1, 1.5)  # nothing measured: try
+    for n, seconds in [(1, 0.010), (8, 0.011), (64, 0.050), (256, 0.200)]:
+        cost.record(n, seconds)
+    assert cost.seconds(1) == 0.010 and cost.seconds(4) == pytest.approx(0.010 + 0.001 * 3 / 7)
+    assert cost.seconds(1000) == 0.200  # flat past the largest measured step
+    # One stream: 5 tokens cost about what 1 does, so 1.5 expected tokens per step is a gain.
+    assert speculation_pays(cost, 1, 4, 1, 1.5)
+    # ... unless the proposals themselves (a draft model's passes) cost more than they bring.
+    assert not speculation_pays(cost, 1, 4, 1, 1.5, proposal_seconds=0.02)
+    # 64 decoding sequences with 4 proposals each: the step is 4x the tokens at ~4x the time.
+    assert not speculation_pays(cost, 64, 192, 64, 64 * 1.5)
+    cost.record(1, 0.030)  # a running average, not the last value
+    assert 0.010 < cost.seconds(1) < 0.030

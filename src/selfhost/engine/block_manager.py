@@ -134,6 +134,17 @@ class BlockManager:
                 self.cached[h] = block
                 self.block_hashes[block] = h
 
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past the sequence's computed tokens (a rejected proposal's KV slots):
+        it then holds exactly the blocks a step without the proposal would have left it."""
+        keep = self._blocks_for(seq.num_computed_tokens)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                # Never committed (past the computed tokens): no cached contents to keep.
+                self.free_blocks.append(block)
+
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq`; cached ones stay reusable until evicted."""
         for block in reversed(seq.block_table):

@@ -8,6 +8,7 @@ drives it from a single worker thread.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ from selfhost.engine.grammar import GrammarCompiler
 from selfhost.engine.model_runner import ModelRunner
 from selfhost.engine.transformers_runner import TransformersRunner
 from selfhost.engine.paged_cache import PagedKVCache
-from selfhost.engine.scheduler import Scheduler
+from selfhost.engine.scheduler import ScheduledChunk, Scheduler
 from selfhost.engine.sequence import Sequence
 from selfhost.engine.validation import RequestLimits, validate_request
 from selfhost.errors import InvalidParameterError
@@ -31,6 +32,7 @@ from selfhost.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from selfhost.lora.serving import AdapterSlots
+    from selfhost.speculative.config import SpeculativeConfig
 
 log = logging.getLogger("selfhost.engine")
 
@@ -53,6 +55,13 @@ class EngineStats:
     weight_dtype: str | None = None
     kv_cache_dtype: str | None = None
     linear_kernels: str | None = None
+    # Speculative decoding (None when off): proposed and accepted tokens, sequence-steps that verified a proposal.
+    speculative_method: str | None = None
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verifications: int = 0
+    spec_acceptance_rate: float = 0.0
+    spec_mean_accepted_length: float = 0.0  # tokens appended per verification, the target's own included
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -80,9 +89,11 @@ class LLMEngine:
     def __init__(
         self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig, dtype: torch.dtype, device: torch.device,
         kv_dtype: torch.dtype | None = None, adapters: AdapterSlots | None = None,
+        speculative: SpeculativeConfig | None = None, draft_model: CausalLM | None = None,
     ):
         """dtype: the activations'; kv_dtype: what the KV cache stores (default: dtype);
-        adapters: LoRA adapters requests may name (already wrapped around `model`'s projections)."""
+        adapters: LoRA adapters requests may name (already wrapped around `model`'s projections);
+        speculative: speculative decoding's settings, with the loaded `draft_model` for method "draft"."""
         self.model = model
         self.adapters = adapters
         self.tokenizer = tokenizer
@@ -110,6 +121,7 @@ class LLMEngine:
             kv_capacity_tokens=self.capacity_tokens,
             supports_prompt_logprobs=self.runner.supports_prompt_logprobs,
         )
+        self.speculator = self._make_speculator(speculative, draft_model, num_blocks, dtype, device)
         self.sequences: dict[str, Sequence] = {}
         self._tokens_last_step = 0
         self._num_steps = 0
@@ -121,6 +133,24 @@ class LLMEngine:
             num_blocks * PagedKVCache.bytes_per_block(model.spec, config.block_size, kv_dtype) / 2**30,
             str(kv_dtype).removeprefix("torch."),
         )
+
+    def _make_speculator(self, config: SpeculativeConfig | None, draft_model: CausalLM | None, num_blocks: int,
+                         dtype: torch.dtype, device: torch.device):
+        if config is None:
+            return None
+        from selfhost.speculative.draft import DraftProposer
+        from selfhost.speculative.speculator import Speculator
+
+        if self.cache is None:
+            raise InvalidParameterError("speculative decoding runs on selfhost's own model, not the transformers "
+                                        "fallback", param="speculative")
+        draft = None
+        if config.method == "draft":
+            if draft_model is None:
+                raise InvalidParameterError("speculative method 'draft' needs the loaded draft model", param="speculative")
+            # As many tokens of draft KV as of target KV: the draft model's blocks are smaller.
+            draft = DraftProposer(draft_model, num_blocks, self.config.block_size, dtype, device)
+        return Speculator(config, draft)
 
     def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise the typed error `add_request` would raise; any thread may call it.
@@ -162,7 +192,7 @@ class LLMEngine:
         seq = self.sequences.pop(request_id, None)
         if seq is not None:
             self.scheduler.finish(seq)
-            self._release_adapter(seq)
+            self._release(seq)
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
         return seq
@@ -172,7 +202,10 @@ class LLMEngine:
         return self.scheduler.has_work
 
     def step(self) -> list[Sequence]:
-        """Run one batch; return the sequences that got a new token (finished ones included)."""
+        """Run one batch; return the sequences that got new tokens (finished ones included)."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.config.max_num_batched_tokens)
+        started = time.perf_counter()
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
@@ -189,21 +222,41 @@ class LLMEngine:
                 seq.append(token_id, logprob)
                 updated.append(seq)
             self._advance_grammars(updated)
+        for chunk, logits in result.verifying:
+            self._accept_verified(chunk, logits)
+            updated.append(chunk.seq)
         for chunk in chunks:
             self.block_manager.commit_full_blocks(chunk.seq)
         for seq in updated:
             if seq.is_finished:
                 self.scheduler.finish(seq)
                 self.sequences.pop(seq.request_id, None)
-                self._release_adapter(seq)
+                self._release(seq)
         self._tokens_last_step = sum(c.num_tokens for c in chunks)
         self._num_steps += 1
+        if self.speculator is not None:
+            self.speculator.record_step(self._tokens_last_step, time.perf_counter() - started)
         return updated
 
-    def _release_adapter(self, seq: Sequence) -> None:
+    def _accept_verified(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:
+        """Append what the verification kept; roll the cache back past the last accepted proposal."""
+        seq = chunk.seq
+        tokens, logprobs = self.speculator.verify(seq, chunk.proposed, logits)
+        for token_id, logprob in zip(tokens, logprobs):
+            seq.append(token_id, logprob)
+            if seq.is_finished:  # a stop token or string, or max_tokens, inside the accepted run
+                break
+        # KV is valid for the sequence's own token and the accepted proposals; the last token appended
+        # (the target's own) has none yet, exactly as after a plain decode step.
+        seq.num_computed_tokens = chunk.start + chunk.num_own_tokens + len(tokens) - 1
+        self.block_manager.trim(seq)
+
+    def _release(self, seq: Sequence) -> None:
         if seq.lora_slot is not None:
             self.adapters.release(seq.lora_slot)
             seq.lora_slot = None
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     def _advance_grammars(self, updated: list[Sequence]) -> None:
         # A sequence that just ended (a stop token or string, its length) needs no further mask.
@@ -233,4 +286,18 @@ class LLMEngine:
             weight_dtype=self.weight_dtype,
             kv_cache_dtype=str(self.kv_dtype).removeprefix("torch."),
             linear_kernels=self.linear_kernels,
+            **self._speculation_stats(),
+        )
+
+    def _speculation_stats(self) -> dict:
+        if self.speculator is None:
+            return {}
+        spec = self.speculator.stats()
+        return dict(
+            speculative_method=self.speculator.config.method,
+            spec_proposed_tokens=spec.proposed_tokens,
+            spec_accepted_tokens=spec.accepted_tokens,
+            spec_verifications=spec.verifications,
+            spec_acceptance_rate=spec.acceptance_rate,
+            spec_mean_accepted_length=spec.mean_accepted_length,
         )

@@ -31,6 +31,8 @@ class StepResult:
     sampled: SampleResult | None
     # Newly scored prompt tokens per sequence, in prompt order.
     prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
+    # Chunks carrying proposed tokens, each with its (1 + proposals, vocab) logits to verify them against.
+    verifying: list[tuple[ScheduledChunk, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -60,7 +62,8 @@ class ModelRunner:
         multi: list[tuple[int, int, int, list[int]]] = []
         for chunk in chunks:
             seq, start, num = chunk.seq, chunk.start, chunk.num_tokens
-            input_ids.extend(seq.token_ids[start : start + num])
+            input_ids.extend(seq.token_ids[start : start + chunk.num_own_tokens])
+            input_ids.extend(chunk.proposed)
             positions.extend(range(start, start + num))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + num))
@@ -90,8 +93,24 @@ class ModelRunner:
         with self.cpu_threads.step(sum(c.num_tokens for c in chunks)) as num_threads:
             return self._run(chunks, num_threads)
 
+    def last_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Forward the step; the logits of each chunk's last row, in `chunks`' order (a draft model's passes)."""
+        if self.cpu_threads is None:
+            return self._last_logits(chunks, num_threads=1)
+        with self.cpu_threads.step(sum(c.num_tokens for c in chunks)) as num_threads:
+            return self._last_logits(chunks, num_threads)
+
     @torch.inference_mode()
-    def _run(self, chunks: list[ScheduledChunk], num_threads: int) -> StepResult:
+    def _last_logits(self, chunks: list[ScheduledChunk], num_threads: int) -> torch.Tensor:
+        ordered, hidden = self._forward(chunks, num_threads)
+        ends, row_of = 0, {}
+        for chunk in ordered:
+            ends += chunk.num_tokens
+            row_of[id(chunk)] = ends - 1
+        return self.model.compute_logits(hidden[[row_of[id(c)] for c in chunks]], num_threads)
+
+    def _forward(self, chunks: list[ScheduledChunk], num_threads: int) -> tuple[list[ScheduledChunk], torch.Tensor]:
+        """The step's hidden states; rows follow the returned order of the chunks."""
         # Single-token queries first: they are attended as one batch (see paged_cache).
         chunks = sorted(chunks, key=lambda c: c.num_tokens != 1)
         input_ids, positions, meta = self._prepare(chunks, num_threads)
@@ -99,24 +118,43 @@ class ModelRunner:
         if self.adapters is not None:
             self.adapters.begin_step([(c.seq.lora_slot, c.num_tokens) for c in chunks], self.device)
         try:
-            hidden = self.model(input_ids, positions, self.cache, num_threads)
+            return chunks, self.model(input_ids, positions, self.cache, num_threads)
         finally:
             self.cache.meta = None
             if self.adapters is not None:
                 self.adapters.end_step()
-        ends, rows, finishing, scoring = 0, [], [], []
+
+    @torch.inference_mode()
+    def _run(self, chunks: list[ScheduledChunk], num_threads: int) -> StepResult:
+        chunks, hidden = self._forward(chunks, num_threads)
+        ends, rows, finishing, scoring, verifying = 0, [], [], [], []
         for chunk in chunks:
             if chunk.seq.needs_prompt_logprobs:
                 scoring.append((chunk, ends))
             ends += chunk.num_tokens
-            if chunk.completes_sequence:
+            if chunk.proposed:
+                # Every row: the one before each proposal checks it, the last gives the token after them.
+                verifying.append((chunk, ends - chunk.num_tokens))
+            elif chunk.completes_sequence:
                 rows.append(ends - 1)
                 finishing.append(chunk)
         prompt_logprobs = self._score_prompts(hidden, scoring, num_threads) if scoring else []
-        if not finishing:
+        num_sampled = len(rows)
+        for chunk, first in verifying:
+            rows.extend(range(first, first + chunk.num_tokens))
+        if not rows:
             return StepResult([], None, prompt_logprobs)
-        logits = self.model.compute_logits(hidden[rows] if len(rows) < hidden.shape[0] else hidden, num_threads)
-        return StepResult(finishing, sample(logits, [c.seq.sampler_row for c in finishing], self.grammars.step_masks([c.seq.grammar for c in finishing])), prompt_logprobs)
+        every_row = len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1  # rows ascend: all of them, in order
+        logits = self.model.compute_logits(hidden if every_row else hidden[rows], num_threads)
+        verified, i = [], num_sampled
+        for chunk, _ in verifying:
+            verified.append((chunk, logits[i:i + chunk.num_tokens]))
+            i += chunk.num_tokens
+        sampled = None
+        if finishing:
+            sampled = sample(logits[:num_sampled], [c.seq.sampler_row for c in finishing],
+                             self.grammars.step_masks([c.seq.grammar for c in finishing]))
+        return StepResult(finishing, sampled, prompt_logprobs, verified)
 
     def _score_prompts(
         self, hidden: torch.Tensor, scoring: list[tuple[ScheduledChunk, int]], num_threads: int

@@ -23,12 +23,18 @@ from selfhost.engine.sequence import Sequence
 class ScheduledChunk:
     seq: Sequence
     start: int  # first token position computed this step
-    num_tokens: int
+    num_tokens: int  # the sequence's own tokens, then the proposed ones
+    # Speculative decoding: tokens proposed after the sequence's last one, verified in this step.
+    proposed: tuple[int, ...] = ()
+
+    @property
+    def num_own_tokens(self) -> int:
+        return self.num_tokens - len(self.proposed)
 
     @property
     def completes_sequence(self) -> bool:
         """After this chunk every token has KV: the step yields the next token's logits."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_own_tokens == self.seq.num_tokens
 
 
 class Scheduler:
@@ -55,6 +61,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num = min(seq.num_uncomputed, budget)
+            proposed = self._fitting_proposal(seq, budget)
+            num += len(proposed)
             while not self.block_manager.can_grow(seq, num):
                 victim = self._newest_unscheduled(scheduled)
                 self._preempt(victim)
@@ -62,7 +70,7 @@ class Scheduler:
                     break
             else:
                 self.block_manager.grow(seq, num)
-                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
+                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num, proposed))
                 scheduled.add(id(seq))
                 budget -= num
                 i += 1
@@ -81,6 +89,16 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
             budget -= num
         return chunks
+
+    def _fitting_proposal(self, seq: Sequence, budget: int) -> tuple[int, ...]:
+        """The tokens proposed for a decoding sequence, when the step's budget and free blocks take
+        them all: a proposal never costs another sequence its place or its blocks."""
+        proposed = seq.proposed
+        if not proposed or seq.num_uncomputed != 1 or 1 + len(proposed) > budget:
+            return ()
+        if not self.block_manager.can_grow(seq, 1 + len(proposed)):
+            return ()
+        return tuple(proposed)
 
     def _newest_unscheduled(self, scheduled: set[int]) -> Sequence:
         for seq in reversed(self.running):

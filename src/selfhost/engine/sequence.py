@@ -58,6 +58,10 @@ class Sequence:
         self.lora_slot: int | None = None  # the adapter slot its rows use (lora/serving.py); None: the base model
         self.num_computed_tokens = 0
         self.num_preemptions = 0
+        # Speculative decoding (speculative/speculator.py): tokens proposed for the next step, and
+        # the speculator's own per-sequence state (proposal length, draft-model cache).
+        self.proposed: list[int] = []
+        self.speculation = None
 
     @property
     def num_tokens(self) -> int:

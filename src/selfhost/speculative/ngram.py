@@ -7,7 +7,7 @@ proposes nothing where nothing repeats, so a verifying step costs no more than a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,9 @@ class NgramProposer:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}..{self.max_ngram}")
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        """Up to `k` tokens that followed the latest earlier occurrence of the longest matching suffix."""
+        """Up to `k` tokens that followed the latest earlier occurrence of the longest matching suffix.
+
+        The plain scan, the definition `NgramIndex` must agree with."""
         if k < 1:
             return []
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
@@ -34,3 +36,46 @@ class NgramProposer:
                     if follow:
                         return follow
         return []
+
+
+@dataclass
+class NgramIndex:
+    """`NgramProposer.propose` for one growing sequence, without rescanning it every step.
+
+    Keeps where each token occurred; a proposal looks only at the earlier occurrences of the
+    last token and measures how far each one's match extends backwards. A sequence's tokens
+    only ever grow, so the index catches up on the new ones at each call."""
+
+    proposer: NgramProposer
+    _positions: dict[int, list[int]] = field(default_factory=dict)
+    _indexed: int = 0  # tokens[:_indexed] are in _positions
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        if k < 1 or len(tokens) < self.proposer.min_ngram + 1:
+            self._catch_up(tokens)
+            return []
+        # Index everything but the last token: its occurrences are the candidates' ends.
+        self._catch_up(tokens, upto=len(tokens) - 1)
+        last = len(tokens) - 1
+        longest = min(self.proposer.max_ngram, last)
+        best_len, best_end = 0, -1
+        for end in reversed(self._positions.get(tokens[last], ())):  # most recent first
+            if end >= last:  # indexed by an earlier call on the same tokens: the suffix itself
+                continue
+            n = 1
+            while n < longest and end - n >= 0 and tokens[end - n] == tokens[last - n]:
+                n += 1
+            if n > best_len:
+                best_len, best_end = n, end
+                if n == longest:
+                    break
+        self._catch_up(tokens)
+        if best_len < self.proposer.min_ngram:
+            return []
+        return tokens[best_end + 1:best_end + 1 + k]
+
+    def _catch_up(self, tokens: list[int], upto: int | None = None) -> None:
+        upto = len(tokens) if upto is None else upto
+        for i in range(self._indexed, upto):
+            self._positions.setdefault(tokens[i], []).append(i)
+        self._indexed = max(self._indexed, upto)

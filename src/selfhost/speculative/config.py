@@ -1,0 +1,45 @@
+"""SpeculativeConfig: which proposer, and how many tokens it may propose per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from selfhost.errors import InvalidParameterError
+
+DRAFT_PREFIX = "draft:"
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """`method`: "ngram" (prompt lookup, no second model) or "draft" (a smaller model with the
+    same tokenizer, at `draft_model`: a folder, Hub id or catalog alias). `num_tokens`: the most
+    tokens proposed per sequence and step (each sequence's own length adapts below it)."""
+
+    method: str
+    num_tokens: int = 4
+    draft_model: str | None = None
+    ngram_min: int = 2
+    ngram_max: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in ("ngram", "draft"):
+            raise InvalidParameterError(f"speculative={self.method!r}: choose 'ngram' or 'draft:PATH'",
+                                        param="speculative")
+        if self.method == "draft" and not self.draft_model:
+            raise InvalidParameterError("speculative='draft:PATH' needs the draft model's path after 'draft:'",
+                                        param="speculative")
+        if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
+            raise InvalidParameterError(f"num_speculative_tokens={self.num_tokens!r} must be an integer >= 1",
+                                        param="num_speculative_tokens")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise InvalidParameterError(f"n-gram sizes must satisfy 1 <= min <= max, got {self.ngram_min}..{self.ngram_max}",
+                                        param="speculative")
+
+    @classmethod
+    def parse(cls, spec: str | None, num_tokens: int = 4) -> SpeculativeConfig | None:
+        """'ngram' or 'draft:PATH' (what `LLM(speculative=...)` and `--speculative` take); None: off."""
+        if spec is None or spec == "" or spec == "off":
+            return None
+        if spec.startswith(DRAFT_PREFIX):
+            return cls("draft", num_tokens, draft_model=spec[len(DRAFT_PREFIX):])
+        return cls(spec, num_tokens)

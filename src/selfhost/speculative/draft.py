@@ -1,0 +1,142 @@
+"""A draft model: a smaller checkpoint with the target's tokenizer proposes the next tokens.
+
+It runs on the engine's own parts (a ModelRunner over its own paged KV cache and block
+manager), one pass per proposed token, batched over the speculating sequences. Its cache
+follows each sequence: a first pass catches up on the tokens it has not seen (the prompt the
+first time, afterwards the one or two tokens the last verification appended), then each
+further pass feeds the token it just proposed. After a verification the draft keeps the KV
+of the proposals that were accepted and drops the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from selfhost.engine.block_manager import BlockManager
+from selfhost.engine.model_runner import ModelRunner
+from selfhost.engine.paged_cache import PagedKVCache
+from selfhost.engine.scheduler import ScheduledChunk
+from selfhost.engine.sequence import Sequence
+from selfhost.errors import InvalidParameterError
+from selfhost.layers.sampler import filter_logits
+from selfhost.models.decoder import CausalLM
+from selfhost.tokenizer import Tokenizer
+
+
+class DraftSequence:
+    """The draft model's view of a sequence: the same token list, its own KV blocks."""
+
+    needs_prompt_logprobs = False
+    lora_slot = None
+    grammar = None
+
+    def __init__(self, target: Sequence):
+        self.token_ids = target.token_ids  # shared, not copied: the target appends, the draft reads
+        self.sampler_row = target.sampler_row
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []
+        self.num_computed_tokens = 0
+        self.fed_from = 0  # where the proposals fed to the draft began (the sequence's length then)
+        self.fed: list[int] = []  # proposals the draft computed KV for (all but the last proposed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    tokens: list[int]
+    draft_probs: torch.Tensor | None  # (len(tokens), vocab) q rows for sampled requests; None for greedy
+
+
+def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, target_vocab: int, draft_vocab: int) -> None:
+    """A proposal is a token id: it means the same text to both models only under one vocabulary."""
+    if target_vocab != draft_vocab:
+        raise InvalidParameterError(f"the draft model's vocabulary has {draft_vocab} rows, the target's "
+                                    f"{target_vocab}: a draft must share the target's tokenizer", param="speculative")
+    if target.hf.get_vocab() != draft.hf.get_vocab():
+        raise InvalidParameterError("the draft model's tokenizer differs from the target's: a draft must use "
+                                    "the same tokenizer", param="speculative")
+
+
+class DraftProposer:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.model = model
+        self.cache = PagedKVCache(model.spec, num_blocks, block_size, dtype, device)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.runner = ModelRunner(model, self.cache, device)
+
+    def _state(self, seq: Sequence) -> DraftSequence:
+        state = seq.speculation.draft
+        if state is None:
+            state = seq.speculation.draft = DraftSequence(seq)
+        return state
+
+    def _sync(self, state: DraftSequence) -> None:
+        """Keep the KV of the fed proposals the sequence accepted; drop the rest."""
+        tokens, kept = state.token_ids, 0
+        while (kept < len(state.fed) and state.fed_from + kept < len(tokens)
+               and tokens[state.fed_from + kept] == state.fed[kept]):
+            kept += 1
+        limit = state.num_tokens - 1  # the last token is always fed again: its row proposes the next one
+        if state.fed:
+            limit = min(limit, state.fed_from + kept)
+        state.num_computed_tokens = min(state.num_computed_tokens, limit)
+        self.blocks.trim(state)
+        state.fed = []
+
+    def propose(self, seqs: list[Sequence], lengths: list[int]) -> list[Proposal]:
+        """Up to lengths[i] tokens for seqs[i]; a sequence the draft cannot hold gets none."""
+        states, wanted = [], []
+        for seq, k in zip(seqs, lengths):
+            state = self._state(seq)
+            self._sync(state)
+            end = state.num_tokens + k - 1  # KV the passes write: the sequence and all but the last proposal
+            if k < 1 or end > self.model.max_len or not self.blocks.can_grow(state, end - state.num_computed_tokens):
+                continue
+            self.blocks.grow(state, end - state.num_computed_tokens)
+            state.fed_from = state.num_tokens
+            states.append(state)
+            wanted.append(k)
+        proposals: dict[int, list[int]] = {id(s): [] for s in states}
+        probs: dict[int, list[torch.Tensor]] = {id(s): [] for s in states}
+        # Pass 0: catch up on the sequence's own tokens; pass j: feed the token proposed by pass j - 1.
+        chunks = [ScheduledChunk(s, s.num_computed_tokens, s.num_tokens - s.num_computed_tokens) for s in states]
+        for step in range(max(wanted, default=0)):
+            if step > 0:
+                chunks = [ScheduledChunk(s, s.fed_from + step - 1, 1, (proposals[id(s)][-1],))
+                          for s, k in zip(states, wanted) if k > step]
+            logits = self.runner.last_logits(chunks)
+            for chunk, row in zip(chunks, logits):
+                state = chunk.seq
+                token, q = self._draw(state, row)
+                proposals[id(state)].append(token)
+                if q is not None:
+                    probs[id(state)].append(q)
+                if step > 0:
+                    state.fed.append(chunk.proposed[0])
+                state.num_computed_tokens = chunk.start + chunk.num_tokens
+        out, by_seq = [], {id(s): (proposals[id(s)], probs[id(s)]) for s in states}
+        for seq in seqs:
+            tokens, qs = by_seq.get(id(seq.speculation.draft), ([], []))
+            out.append(Proposal(tokens, torch.stack(qs) if qs else None))
+        return out
+
+    @staticmethod
+    def _draw(state: DraftSequence, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """The draft's token: its argmax for greedy requests, else a draw from q (the request's own
+        temperature and filters over the draft's logits), with q kept for the rejection test."""
+        row = state.sampler_row
+        if row.is_greedy:
+            return int(logits.argmax()), None
+        q = filter_logits(logits.unsqueeze(0).float(), [row]).softmax(dim=-1)[0]
+        return int(torch.multinomial(q, 1, generator=row.generator(q.device))), q
+
+    def release(self, seq: Sequence) -> None:
+        if seq.speculation is not None and seq.speculation.draft is not None:
+            self.blocks.free(seq.speculation.draft)
+            seq.speculation.draft = None

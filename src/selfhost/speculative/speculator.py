@@ -1,0 +1,163 @@
+"""The engine's speculative decoding: proposals before a step, verification after it.
+
+Before each step the speculator picks the decoding sequences that may speculate (plain
+sampling: no penalties, output constraint or logits processors, whose per-token state a
+multi-token verification would have to replay), asks each one's proposer for up to its
+adaptive length, and keeps the whole step's proposals only while the measured step-time curve
+says they pay (step_cost.py). The scheduler then feeds each proposal behind its sequence's
+last token; the step's logits for those rows come back here, where greedy acceptance or
+rejection sampling (verify.py) decides the tokens to append.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from selfhost.engine.sequence import Sequence
+from selfhost.layers.sampler import Logprobs, filter_logits, score_tokens
+from selfhost.speculative.adaptive import AdaptiveLength
+from selfhost.speculative.config import SpeculativeConfig
+from selfhost.speculative.draft import DraftProposer
+from selfhost.speculative.ngram import NgramIndex, NgramProposer
+from selfhost.speculative.step_cost import StepCostModel, expected_tokens, speculation_pays
+from selfhost.speculative.verify import accept_greedy, accept_sampled
+
+# Without a measured plain step of the current size, one in this many steps runs without
+# proposals, so the comparison always has both sides.
+PLAIN_PROBE_EVERY = 16
+
+
+@dataclass
+class SequenceSpeculation:
+    """One sequence's speculative state."""
+
+    length: AdaptiveLength
+    ngram: NgramIndex | None = None
+    draft: object | None = None  # DraftSequence: the draft model's KV for this sequence
+    draft_probs: torch.Tensor | None = None  # q rows of the pending proposal (sampled requests, draft model)
+
+
+@dataclass(frozen=True)
+class SpeculationStats:
+    proposed_tokens: int
+    accepted_tokens: int
+    verifications: int  # sequence-steps that verified a proposal
+    steps_with_proposals: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens appended per verification: the accepted proposals plus the target's own token."""
+        return (self.accepted_tokens + self.verifications) / self.verifications if self.verifications else 0.0
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, draft: DraftProposer | None = None):
+        self.config = config
+        self.draft = draft
+        self.ngram = NgramProposer(config.ngram_min, config.ngram_max) if config.method == "ngram" else None
+        self.step_cost = StepCostModel()
+        self._draft_seconds_per_pass: float | None = None
+        self._streak = 0  # steps in a row with proposals
+        self._proposed = self._accepted = self._verifications = self._steps = 0
+
+    @staticmethod
+    def can_speculate(seq: Sequence) -> bool:
+        """Decoding (its prompt done) with sampling whose verification needs no per-token replay."""
+        row = seq.sampler_row
+        return (seq.num_uncomputed == 1 and seq.grammar is None and not row.has_penalties
+                and not row.logits_processors and not seq.is_finished)
+
+    def _state(self, seq: Sequence) -> SequenceSpeculation:
+        if seq.speculation is None:
+            seq.speculation = SequenceSpeculation(
+                AdaptiveLength(self.config.num_tokens),
+                NgramIndex(self.ngram) if self.ngram is not None else None,
+            )
+        return seq.speculation
+
+    def propose(self, running: list[Sequence], token_budget: int) -> None:
+        """Set `seq.proposed` for the running sequences worth speculating on this step (others: [])."""
+        for seq in running:
+            seq.proposed = []
+        candidates, lengths = [], []
+        for seq in running:
+            if not self.can_speculate(seq):
+                continue
+            state = self._state(seq)
+            # Never propose past max_tokens: the verification appends up to k + 1 tokens.
+            k = min(state.length.next_length(), seq.max_output - len(seq.output_ids) - 1)
+            if k > 0:
+                candidates.append((seq, state))
+                lengths.append(k)
+        if not candidates:
+            self._streak = 0
+            return
+        plain_tokens = min(sum(seq.num_uncomputed for seq in running), token_budget)
+        decoding = sum(1 for seq in running if seq.num_uncomputed == 1)
+        extra = sum(lengths)
+        gain = sum(expected_tokens(state.length.acceptance, k) - 1 for (_, state), k in zip(candidates, lengths))
+        draft_seconds = (self._draft_seconds_per_pass or 0.0) * max(lengths)
+        if plain_tokens not in self.step_cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
+            self._streak = 0
+            return  # measure a plain step of this size
+        if not speculation_pays(self.step_cost, plain_tokens, extra, decoding, decoding + gain, draft_seconds):
+            self._streak = 0
+            return
+        self._streak += 1
+        seqs = [seq for seq, _ in candidates]
+        if self.draft is not None:
+            start = time.perf_counter()
+            proposals = self.draft.propose(seqs, lengths)
+            per_pass = (time.perf_counter() - start) / max(lengths)
+            old = self._draft_seconds_per_pass
+            self._draft_seconds_per_pass = per_pass if old is None else 0.8 * old + 0.2 * per_pass
+            for (seq, state), proposal in zip(candidates, proposals):
+                seq.proposed = proposal.tokens
+                state.draft_probs = proposal.draft_probs
+        else:
+            for (seq, state), k in zip(candidates, lengths):
+                seq.proposed = state.ngram.propose(seq.token_ids, k)
+        if any(seq.proposed for seq in seqs):
+            self._steps += 1
+
+    def verify(self, seq: Sequence, proposed: tuple[int, ...], logits: torch.Tensor
+               ) -> tuple[list[int], list[Logprobs | None]]:
+        """The tokens to append after a verifying step, and their logprobs where the request asked.
+
+        logits: (1 + len(proposed), vocab), row i predicting the token after proposal i - 1."""
+        state = seq.speculation
+        row = seq.sampler_row
+        if row.is_greedy:
+            tokens = accept_greedy(logits, list(proposed))
+        else:
+            probs = filter_logits(logits.float(), [row] * logits.shape[0]).softmax(dim=-1)
+            tokens = accept_sampled(probs, list(proposed), state.draft_probs, row.generator(probs.device))
+        state.draft_probs = None
+        accepted = len(tokens) - 1
+        state.length.record(len(proposed), accepted)
+        self._proposed += len(proposed)
+        self._accepted += accepted
+        self._verifications += 1
+        if row.num_logprobs is None:
+            return tokens, [None] * len(tokens)
+        return tokens, score_tokens(logits[:len(tokens)], tokens, [row.num_logprobs] * len(tokens))
+
+    def record_step(self, num_tokens: int, seconds: float) -> None:
+        self.step_cost.record(num_tokens, seconds)
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence finished or was aborted: free what its speculation holds."""
+        if self.draft is not None:
+            self.draft.release(seq)
+        seq.speculation = None
+        seq.proposed = []
+
+    def stats(self) -> SpeculationStats:
+        return SpeculationStats(self._proposed, self._accepted, self._verifications, self._steps)
