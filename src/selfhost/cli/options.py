@@ -32,6 +32,12 @@ WeightDtype = Annotated[
 KvCacheDtype = Annotated[
     str, typer.Option(help="auto (bf16 under bf16 weights, else the model's dtype), bfloat16, float32."),
 ]
+Speculative = Annotated[
+    str | None,
+    typer.Option(help="Speculative decoding: 'ngram' (prompt lookup) or 'draft:PATH' (a smaller model with the same "
+                 "tokenizer). Same output, faster where proposals are accepted."),
+]
+NumSpeculativeTokens = Annotated[int, typer.Option(help="Most tokens proposed per step with --speculative.")]
 AllowPickle = Annotated[
     bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights (can run code; trust the source).")
 ]
@@ -78,11 +84,13 @@ TransformersFallback = Annotated[
 
 
 def load_llm(model: str | None, dtype: str, device: str, allow_pickle: bool, transformers_fallback: bool = False,
-             weight_dtype: str | None = None, kv_cache_dtype: str = "auto"):
+             weight_dtype: str | None = None, kv_cache_dtype: str = "auto", speculative: str | None = None,
+             num_speculative_tokens: int = 4):
     from selfhost.cli.console import make_console
 
     from selfhost import LLM
 
     make_console(stderr=True).print(f"loading {model or 'the embedded demo model'}...", style="dim")
     return LLM(model, dtype=dtype, device=device, allow_pickle=allow_pickle, transformers_fallback=transformers_fallback,
-               weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype)
+               weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype, speculative=speculative,
+               num_speculative_tokens=num_speculative_tokens)

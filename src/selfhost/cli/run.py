@@ -29,6 +29,8 @@ def run(
     device: o.Device = "auto",
     allow_pickle: o.AllowPickle = False,
     transformers_fallback: o.TransformersFallback = False,
+    speculative: o.Speculative = None,
+    num_speculative_tokens: o.NumSpeculativeTokens = 4,
 ) -> None:
     """Generate a continuation of PROMPT and stream it to the terminal.
 
@@ -39,7 +41,8 @@ def run(
         raise InvalidParameterError(f"expected [MODEL] PROMPT, got {len(args)} arguments; quote the prompt")
     model, prompt = (None, args[0]) if len(args) == 1 else (args[0], args[1])
     params = o.sampling_params(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
-    llm = o.load_llm(model, dtype, device, allow_pickle, transformers_fallback, weight_dtype, kv_cache_dtype)
+    llm = o.load_llm(model, dtype, device, allow_pickle, transformers_fallback, weight_dtype, kv_cache_dtype,
+                     speculative, num_speculative_tokens)
     source = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else prompt
     if not chat:
         sys.stdout.write(prompt)
@@ -66,10 +69,13 @@ def chat(
     device: o.Device = "auto",
     allow_pickle: o.AllowPickle = False,
     transformers_fallback: o.TransformersFallback = False,
+    speculative: o.Speculative = None,
+    num_speculative_tokens: o.NumSpeculativeTokens = 4,
 ) -> None:
     """Chat with a model in the terminal. Empty line or Ctrl-D quits; /reset clears the history."""
     params = o.sampling_params(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
-    llm = o.load_llm(model, dtype, device, allow_pickle, transformers_fallback, weight_dtype, kv_cache_dtype)
+    llm = o.load_llm(model, dtype, device, allow_pickle, transformers_fallback, weight_dtype, kv_cache_dtype,
+                     speculative, num_speculative_tokens)
     console = make_console()
     history = [{"role": "system", "content": system}] if system else []
     while True:

@@ -186,6 +186,9 @@ def _add_operations(app: FastAPI) -> None:
                 "running": s.num_running, "waiting": s.num_waiting, "kv_blocks_used": s.kv_blocks_used,
                 "kv_blocks_total": s.kv_blocks_total, "kv_usage": s.kv_blocks_used / max(s.kv_blocks_total, 1),
                 "prefix_hit_rate": s.prefix_hit_rate, "active_requests": served.active, "steps": s.num_steps,
+                # Speculative decoding (null when off): share of proposed tokens accepted, tokens per verification.
+                "speculative": s.speculative_method, "spec_acceptance_rate": s.spec_acceptance_rate,
+                "spec_mean_accepted_length": s.spec_mean_accepted_length,
             }
         return {"tokens_per_s": round(state.metrics.tokens_per_s(), 2), "models": per_model}
 

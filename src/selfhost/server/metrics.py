@@ -11,7 +11,7 @@ import time
 from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -37,13 +37,28 @@ class _EngineCollector:
             "selfhost_precision_info", "Weights' and KV cache's dtypes and the linear kernels chosen on this CPU (1)",
             labels=["model", "weights", "kv_cache", "kernels"],
         )
+        speculation = {
+            "spec_proposed_tokens": CounterMetricFamily(
+                "selfhost_spec_decode_num_draft_tokens", "Tokens proposed by speculative decoding", labels=["model"]),
+            "spec_accepted_tokens": CounterMetricFamily(
+                "selfhost_spec_decode_num_accepted_tokens", "Proposed tokens the target model accepted", labels=["model"]),
+            "spec_acceptance_rate": GaugeMetricFamily(
+                "selfhost_spec_decode_acceptance_rate", "Share of proposed tokens accepted", labels=["model"]),
+            "spec_mean_accepted_length": GaugeMetricFamily(
+                "selfhost_spec_decode_mean_accepted_length",
+                "Tokens appended per verifying step of a sequence (accepted proposals + the target's own)", labels=["model"]),
+        }
         for name, served in list(self.models.models.items()):
             stats = served.engine.stats()
             for field, gauge in gauges.items():
                 gauge.add_metric([name], getattr(stats, field))
             precision.add_metric([name, stats.weight_dtype or "", stats.kv_cache_dtype or "", stats.linear_kernels or ""], 1)
+            if stats.speculative_method is not None:
+                for field, family in speculation.items():
+                    family.add_metric([name], getattr(stats, field))
         yield from gauges.values()
         yield precision
+        yield from speculation.values()
 
 
 class ServerMetrics:

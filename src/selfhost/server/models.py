@@ -181,7 +181,8 @@ class ModelRegistry:
                   kv_cache_memory=s.kv_cache_memory, max_num_seqs=s.max_num_seqs,
                   transformers_fallback=s.transformers_fallback, weight_dtype=s.weight_dtype,
                   kv_cache_dtype=s.kv_cache_dtype, lora=loras or None, max_loras=s.max_loras,
-                  max_lora_rank=s.max_lora_rank)
+                  max_lora_rank=s.max_lora_rank, speculative=s.speculative,
+                  num_speculative_tokens=s.num_speculative_tokens)
         weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
         weight_bytes += sum(t.numel() * t.element_size() for t in llm.model.buffers())
         per_block = PagedKVCache.bytes_per_block(llm.model.spec, llm.engine_config.block_size, llm.kv_cache_dtype)

@@ -59,6 +59,11 @@ class ServerSettings(BaseSettings):
     transformers_fallback: bool = Field(
         False, description="Run architectures without native support through transformers (slower)."
     )
+    speculative: str | None = Field(
+        None, description="Speculative decoding for every model served: 'ngram' (prompt lookup) or 'draft:PATH' (a "
+        "smaller model with the same tokenizer). Outputs are unchanged; single streams get faster.",
+    )
+    num_speculative_tokens: int = Field(4, ge=1, description="Most tokens proposed per sequence and step.")
     memory_budget: str | None = Field(
         None, description="Total memory for all loaded models (weights + KV), e.g. '12GiB'; over it a load fails."
     )

@@ -162,6 +162,12 @@ async function pollStats() {
         $("stat-kv").textContent = `${fmt(100 * model.kv_usage)}% (${model.kv_blocks_used}/${model.kv_blocks_total}) `;
         $("stat-kv-meter").value = model.kv_usage;
         $("stat-prefix").textContent = `${fmt(100 * model.prefix_hit_rate)}%`;
+        // Speculative decoding: accepted share of proposals, tokens per verifying step.
+        $("stat-spec-label").hidden = $("stat-spec").hidden = !model.speculative;
+        if (model.speculative) {
+          $("stat-spec").textContent =
+            `${model.speculative}: ${fmt(100 * model.spec_acceptance_rate)}% accepted, ${fmt(model.spec_mean_accepted_length, 2)} tok/step`;
+        }
       }
     }
   } catch { /* server restarting: try again next tick */ }
