@@ -130,12 +130,14 @@ class LLM:
 
     def _load_draft(self, draft: str, allow_pickle: bool):
         """The draft model for speculative decoding, in the target's dtype and device, checked to share its tokenizer."""
-        from selfhost.speculative.draft import check_same_vocabulary
+        from selfhost.tokenizer import check_same_tokenizer
 
         draft_dir = resolve_model(draft, allow_pickle=allow_pickle)
         draft_model = load_model(draft_dir, self.dtype, self.device, None, allow_pickle)
-        check_same_vocabulary(self.tokenizer, Tokenizer(draft_dir), self.model.spec.vocab_size,
-                              draft_model.spec.vocab_size)
+        # A proposal is a token id: it means the same text to both models only under one vocabulary.
+        check_same_tokenizer(self.tokenizer.hf, Tokenizer(draft_dir).hf, self.model.spec.vocab_size,
+                             draft_model.spec.vocab_size, ("the target", f"the draft model {draft}"),
+                             "a draft model must share the target's tokenizer")
         return draft_model
 
     def _init_onnx(self, device: str, max_model_len: int | None, quantization: str | None,

@@ -16,6 +16,22 @@ import jinja2
 from selfhost.errors import InvalidParameterError, UnsupportedModelError
 
 
+class TokenizerMismatchError(InvalidParameterError):
+    """Two models that must read text into the same token ids (teacher and student, target and draft) do not."""
+
+
+def check_same_tokenizer(first, second, first_rows: int, second_rows: int, roles: tuple[str, str],
+                         purpose: str) -> None:
+    """`first`, `second`: transformers tokenizers; `*_rows`: their models' vocabulary sizes; `roles` name the two
+    models in the message and `purpose` says why they must agree. Compared id by id, end-of-text included."""
+    a, b = roles
+    if first_rows != second_rows:
+        raise TokenizerMismatchError(f"{a} and {b} have different vocabularies ({first_rows} vs {second_rows} ids); "
+                                     f"{purpose}")
+    if first.get_vocab() != second.get_vocab() or first.eos_token_id != second.eos_token_id:
+        raise TokenizerMismatchError(f"{a} and {b} have different tokenizers (same size, different tokens); {purpose}")
+
+
 def check_text(text: str, field: str) -> str:
     """`text` if it can be encoded; a lone UTF-16 surrogate (JSON lets "\\ud800" through) is the caller's error."""
     try:

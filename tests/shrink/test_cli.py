@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from selfhost.cli.shrink import register
 from selfhost.errors import InvalidParameterError
-from selfhost.shrink.student import TokenizerMismatchError
+from selfhost.tokenizer import TokenizerMismatchError
 
 runner = CliRunner()
 FAST = ["--steps", "4", "--batch-size", "4", "--eval-every", "2", "--checkpoint-every", "2", "--context-len", "32",

@@ -13,7 +13,7 @@ from selfhost.shrink.data import DataSource
 from selfhost.shrink.distill import DistillTrainer
 from selfhost.shrink.distill_run import distill, distill_resume, fresh_student, pruned_student
 from selfhost.shrink.kd_loss import DistillConfig, TeacherTargets, soft_loss, teacher_logprobs
-from selfhost.shrink.student import TokenizerMismatchError
+from selfhost.tokenizer import TokenizerMismatchError
 from selfhost.shrink.teacher import Teacher
 from selfhost.shrink.teacher_cache import cache_meta, open_or_build
 from selfhost.train.data import Document, load_tokenizer, read_corpus, split_tokens, train_tokenizer

@@ -181,12 +181,12 @@ def test_bad_settings_are_refused_clearly(target, tmp_path):
     with pytest.raises(InvalidParameterError, match="path"):
         LLM(target, speculative="draft:")
     other_vocab = make_tiny_checkpoint("llama", tmp_path / "other", num_hidden_layers=1, vocab_size=640)
-    with pytest.raises(InvalidParameterError, match="vocabulary"):
+    with pytest.raises(InvalidParameterError, match="different vocabularies"):
         LLM(target, speculative=f"draft:{other_vocab}")
     # Same vocabulary size, different tokenizer: refused too.
     odd = make_tiny_model("llama", tmp_path / "odd", num_hidden_layers=1)
     from tests.tiny_models import save_tiny_tokenizer
 
     save_tiny_tokenizer(odd, vocab_size=300)
-    with pytest.raises(InvalidParameterError, match="tokenizer"):
+    with pytest.raises(InvalidParameterError, match="different tokenizers"):
         LLM(target, speculative=f"draft:{odd}")

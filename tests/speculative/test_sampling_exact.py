@@ -9,7 +9,6 @@ accepted and rejected proposals occur, and a verification can keep two proposals
 
 from __future__ import annotations
 
-import itertools
 import shutil
 
 import pytest

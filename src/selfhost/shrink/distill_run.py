@@ -23,7 +23,8 @@ from selfhost.shrink.data import DataSource
 from selfhost.shrink.distill import DistillTrainer
 from selfhost.shrink.kd_loss import DistillConfig
 from selfhost.shrink.report_md import render_distillation_md
-from selfhost.shrink.student import TokenizerMismatchError, check_same_tokenizer, shape_of_config, student_shape
+from selfhost.shrink.student import shape_of_config, student_shape
+from selfhost.tokenizer import TokenizerMismatchError, check_same_tokenizer
 from selfhost.shrink.teacher import Teacher
 from selfhost.shrink.teacher_cache import cache_meta, open_or_build
 from selfhost.train.baselines import baseline_losses
@@ -63,7 +64,9 @@ def pruned_student(ref: str, teacher_dir: Path, teacher_tok, context_len: int) -
 
     student_dir = resolve_model(ref)
     config = read_config(student_dir)
-    check_same_tokenizer(teacher_tok, load_tokenizer(student_dir), read_config(teacher_dir), config, str(student_dir))
+    check_same_tokenizer(teacher_tok, load_tokenizer(student_dir), read_config(teacher_dir)["vocab_size"],
+                         config["vocab_size"], ("teacher", f"student {student_dir}"),
+                         "distillation needs a student that shares the teacher's tokenizer")
     weights = load_model(student_dir, torch.float32, torch.device("cpu")).state_dict()
     return StudentInit(config, shape_of_config(config, context_len), weights, f"pruned student {student_dir}")
 

@@ -111,7 +111,7 @@ def measure_variant(variant: Variant, eval_ids: list[int], settings: MeasureSett
 
 def check_shared_tokenizer(variants: list[Variant]) -> None:
     from selfhost.hub import resolve_model
-    from selfhost.shrink.student import TokenizerMismatchError
+    from selfhost.tokenizer import TokenizerMismatchError
     from selfhost.train.data import load_tokenizer
 
     vocabularies = {}

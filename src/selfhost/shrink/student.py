@@ -13,16 +13,13 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from selfhost.errors import InvalidParameterError, SelfhostError
+from selfhost.errors import InvalidParameterError
 from selfhost.models.families import spec_from_config
+from selfhost.tokenizer import TokenizerMismatchError
 from selfhost.train.config import MODEL_SIZES, ModelShape
 
 HALF = "half"
 STUDENT_CHOICES = (HALF, *MODEL_SIZES)
-
-
-class TokenizerMismatchError(SelfhostError):
-    """Teacher and student do not read text into the same token ids."""
 
 
 def shape_of_config(cfg: dict, context_len: int) -> ModelShape:
@@ -97,17 +94,3 @@ def student_shape(choice: str, teacher_cfg: dict, context_len: int) -> ModelShap
             f"{vocab} ids; a student shares its teacher's tokenizer, so leave vocab_size out"
         )
     return ModelShape(**{"context_len": context_len, **values, "vocab_size": vocab})
-
-
-def check_same_tokenizer(teacher_tok, student_tok, teacher_cfg: dict, student_cfg: dict, student_name: str) -> None:
-    """Distillation compares distributions id by id: the two must map text to the same ids."""
-    if teacher_cfg["vocab_size"] != student_cfg["vocab_size"]:
-        raise TokenizerMismatchError(
-            f"teacher and student {student_name} have different vocabularies ({teacher_cfg['vocab_size']} vs "
-            f"{student_cfg['vocab_size']} ids); distillation needs a student that shares the teacher's tokenizer"
-        )
-    if teacher_tok.get_vocab() != student_tok.get_vocab() or teacher_tok.eos_token_id != student_tok.eos_token_id:
-        raise TokenizerMismatchError(
-            f"teacher and student {student_name} have different tokenizers (same size, different tokens); "
-            "distillation needs a student that shares the teacher's tokenizer"
-        )

@@ -19,10 +19,8 @@ from selfhost.engine.model_runner import ModelRunner
 from selfhost.engine.paged_cache import PagedKVCache
 from selfhost.engine.scheduler import ScheduledChunk
 from selfhost.engine.sequence import Sequence
-from selfhost.errors import InvalidParameterError
 from selfhost.layers.sampler import filter_logits
 from selfhost.models.decoder import CausalLM
-from selfhost.tokenizer import Tokenizer
 
 
 class DraftSequence:
@@ -50,16 +48,6 @@ class DraftSequence:
 class Proposal:
     tokens: list[int]
     draft_probs: torch.Tensor | None  # (len(tokens), vocab) q rows for sampled requests; None for greedy
-
-
-def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, target_vocab: int, draft_vocab: int) -> None:
-    """A proposal is a token id: it means the same text to both models only under one vocabulary."""
-    if target_vocab != draft_vocab:
-        raise InvalidParameterError(f"the draft model's vocabulary has {draft_vocab} rows, the target's "
-                                    f"{target_vocab}: a draft must share the target's tokenizer", param="speculative")
-    if target.hf.get_vocab() != draft.hf.get_vocab():
-        raise InvalidParameterError("the draft model's tokenizer differs from the target's: a draft must use "
-                                    "the same tokenizer", param="speculative")
 
 
 class DraftProposer:
