@@ -27,8 +27,8 @@ def test_round_trip_through_json_arguments():
     assert ClusterConfig.from_dict(config.to_dict()) == config
 
 
-@pytest.mark.parametrize("kwargs", [dict(replicas=0), dict(autoscale=(3, 2)), dict(autoscale=(0, 2)),
-                                    dict(cpus_per_replica=0), dict(gpus_per_replica=-1), dict(routing="random")])
+@pytest.mark.parametrize("kwargs", [{"replicas": 0}, {"autoscale": (3, 2)}, {"autoscale": (0, 2)},
+                                    {"cpus_per_replica": 0}, {"gpus_per_replica": -1}, {"routing": "random"}])
 def test_bad_values_name_themselves(kwargs):
     with pytest.raises(InvalidParameterError):
         ClusterConfig(**kwargs)

@@ -86,7 +86,7 @@ def test_the_manifests_app_builds():
     assert type(app).__name__ == "Application"
 
 
-@pytest.mark.parametrize("kwargs", [dict(memory_per_replica="8"), dict(name="Bad_Name")])
+@pytest.mark.parametrize("kwargs", [{"memory_per_replica": "8"}, {"name": "Bad_Name"}])
 def test_bad_manifest_settings(kwargs):
     with pytest.raises(InvalidParameterError):
         rayservice_manifest("m", ClusterConfig(), **kwargs)

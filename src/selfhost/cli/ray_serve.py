@@ -15,16 +15,16 @@ import typer
 from selfhost.errors import InvalidParameterError
 
 RAY_FLAGS: dict[str, tuple[type, Any, str]] = {
-    "ray": (bool, False, "Run the engine as Ray Serve replicas (pip install 'selfhost[ray]'); the HTTP APIs, page "
-            "and metrics stay the same."),
+    "ray": (bool, False, ("Run the engine as Ray Serve replicas (pip install 'selfhost[ray]'); the HTTP APIs, "
+                          "page and metrics stay the same.")),
     "replicas": (int, None, "--ray: how many engine replicas (default 1)."),
     "autoscale": (str, None, "--ray: MIN,MAX replicas, scaled by Ray Serve on requests in flight per replica."),
-    "address": (str, None, "--ray: an existing Ray cluster (auto, HOST:PORT or ray://HOST:10001); default: start a "
-                "local Ray instance."),
+    "address": (str, None, ("--ray: an existing Ray cluster (auto, HOST:PORT or ray://HOST:10001); default: "
+                            "start a local Ray instance.")),
     "cpus_per_replica": (float, None, "--ray: CPUs each replica reserves (and torch threads it uses; default 1)."),
     "gpus_per_replica": (float, None, "--ray: GPUs each replica reserves (default 0)."),
-    "routing": (str, None, "--ray: prefix (requests sharing a prompt prefix go to the replica that cached it; "
-                "default) or round_robin."),
+    "routing": (str, None, ("--ray: prefix (requests sharing a prompt prefix go to the replica that cached it; "
+                            "default) or round_robin.")),
 }
 
 

@@ -27,7 +27,7 @@ _K8S_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)$")  # a uni
 
 
 def _cpu_quantity(cpus: float) -> str:
-    return str(int(cpus)) if float(cpus).is_integer() else f"{int(round(cpus * 1000))}m"
+    return str(int(cpus)) if float(cpus).is_integer() else f"{round(cpus * 1000)}m"
 
 
 def serve_config(model: str, cluster: ClusterConfig, server: dict[str, Any] | None = None,
