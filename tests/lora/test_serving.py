@@ -7,6 +7,7 @@ from selfhost import LLM, SamplingParams
 from selfhost.errors import InvalidParameterError
 from selfhost.lora.adapter_format import read_adapter
 from selfhost.lora.apply import apply_adapter
+from selfhost.lora.serving import AdapterSlotsBusyError
 from selfhost.models.loader import load_model
 from tests.lora.conftest import make_peft_adapter, selfhost_logits
 
@@ -79,7 +80,7 @@ def test_eviction_and_reload_keep_outputs(adapters):
     first = [llm.generate([PROMPTS[1]], GREEDY, lora=n)[0].token_ids for n in ("a0", "a1", "a2")]
     again = [llm.generate([PROMPTS[1]], GREEDY, lora=n)[0].token_ids for n in ("a2", "a0", "a1")]
     assert again == [first[2], first[0], first[1]]
-    with pytest.raises(InvalidParameterError, match="adapter slots are held"):
+    with pytest.raises(AdapterSlotsBusyError, match="adapter slots are held"):
         llm.generate(PROMPTS[:2], GREEDY, lora=["a0", "a1"])  # one slot, two adapters at once
     assert llm.adapters.users == [0]  # the refused batch released what it held
 

@@ -26,6 +26,7 @@ from selfhost.errors import SelfhostError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"  # older PEFT versions' torch.save pickle: read only on opt-in
 
 # The projections selfhost can adapt, and the decoder block that holds each one. Checkpoints
 # that fuse q/k/v or gate/up themselves (Phi-3) name those modules `qkv_proj`, `gate_up_proj`.
@@ -138,6 +139,8 @@ def parse_config(raw: dict, source: str) -> LoraConfig:
         )
     except KeyError as err:
         raise AdapterError(f"{source} lacks the field {err.args[0]!r}") from None
+    except (TypeError, ValueError) as err:
+        raise AdapterError(f"{source}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -177,22 +180,27 @@ def tensor_name(layer_idx: int, module: str, which: str) -> str:
     return f"base_model.model.{module_path(layer_idx, module)}.lora_{which}.weight"
 
 
-def read_adapter(folder: Path) -> Adapter:
-    """Load a PEFT adapter folder; every tensor is checked to belong to a supported module, in A/B pairs."""
-    from safetensors.torch import load_file
+def read_adapter(folder: Path, allow_pickle: bool = False) -> Adapter:
+    """Load a PEFT adapter folder; every tensor is checked to belong to a supported module, in A/B pairs.
 
+    The weights are `adapter_model.safetensors`; a folder with only `adapter_model.bin` (a pickle,
+    which can run code when read) is refused unless `allow_pickle`."""
     folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise AdapterError(f"{folder} is not a LoRA adapter folder: {path.name} is missing")
+    config_path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise AdapterError(f"{folder} is not a folder")
+    if not config_path.is_file():
+        raise AdapterError(f"{folder} is not a LoRA adapter folder: {CONFIG_FILE} is missing")
     try:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise AdapterError(f"{config_path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{config_path} must hold a JSON object")
     config = parse_config(raw, str(config_path))
+    weights_path = _load_weights_path(folder, allow_pickle)
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for name, tensor in load_file(str(weights_path)).items():
+    for name, tensor in _load_tensors(weights_path).items():
         match = _TENSOR_NAME.fullmatch(name)
         if match is None or TARGET_MODULES.get(match[3]) != match[2]:
             raise AdapterError(f"{weights_path.name}: tensor {name} is not a LoRA A/B of a module selfhost adapts "
@@ -212,6 +220,36 @@ def read_adapter(folder: Path) -> Adapter:
     if not modules:
         raise AdapterError(f"{weights_path} holds no LoRA tensors")
     return Adapter(config, modules)
+
+
+def _load_weights_path(folder: Path, allow_pickle: bool) -> Path:
+    if (folder / WEIGHTS_FILE).is_file():
+        return folder / WEIGHTS_FILE
+    if (folder / PICKLE_WEIGHTS_FILE).is_file():
+        if not allow_pickle:
+            raise AdapterError(f"{folder} holds {PICKLE_WEIGHTS_FILE}, a pickle that can run code when it is read; "
+                               f"convert it to {WEIGHTS_FILE}, or allow pickle files (selfhost serve "
+                               "--lora-allow-pickle) if you trust where it came from")
+        return folder / PICKLE_WEIGHTS_FILE
+    raise AdapterError(f"{folder} is not a LoRA adapter folder: {WEIGHTS_FILE} is missing")
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.name == WEIGHTS_FILE:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise AdapterError(f"{path} is not a readable safetensors file: {err}") from None
+    try:  # weights_only: tensors and plain containers, no arbitrary objects, even on opt-in
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a corrupt or hostile pickle
+        raise AdapterError(f"{path} cannot be read as a weights-only pickle: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterError(f"{path} does not hold a dictionary of tensors")
+    return state
 
 
 def write_adapter(folder: Path, adapter: Adapter) -> None:

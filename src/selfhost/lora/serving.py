@@ -1,35 +1,41 @@
 """Many adapters on one base in one batch: adapter slots and the gathered low-rank product.
 
 Every adaptable projection of the served model is wrapped once in a
-`MultiLoRALinear` holding `max_loras` slots of zero-padded A and B (scale
-folded into B). A step's rows each name a slot, or none for the base model.
-The base product runs once for the whole batch; the adapters add
+`MultiLoRALinear`. It keeps the A and B of every loaded adapter packed side by
+side at their own ranks, columns grouped by shard of the fused projection
+(q/k/v, gate/up) and, within a shard, by slot:
 
-    low = x @ A_step^T                        (T, N*S*R)   the step's adapters' A at once
-    low *= onehot(adapter of each row)        keeps each row's own adapter
-    out[:, shard] += low[shard] @ B_shard     (T, shard rows), per shard of a fused projection
+    low = x @ A_packed                        (T, C)   every loaded adapter's x A^T at once
+    low *= onehot(slot of each row)[:, col]   (T, C)   each row keeps its own adapter's columns
+    out[:, shard] += low[:, shard cols] @ B   (T, shard rows), one product per shard
 
-with N the adapters present in the step (gathered from the L slots), S shards
-of a fused projection (q/k/v, gate/up) and R the slot rank: dense products and
-a mask whatever the mix of adapters, and no Python loop over requests. A
-projection none of the step's adapters touches is skipped.
-The work grows with N*S*R, padding included (a rank-4 adapter in rank-16 slots
-costs rank 16); a segmented product over rows sorted by adapter would avoid both.
+with C the sum of the loaded adapters' ranks over the shards they adapt. The
+base product runs once for the whole batch; the adapters cost dense products
+and a mask whatever the mix of adapters, with no Python loop over requests and
+no padding of small ranks to the largest. A projection none of the step's
+adapters touches is skipped. Columns of loaded adapters absent from the step
+are computed and masked away: cheap at LoRA ranks, and it keeps the step free
+of per-step gathers.
 
-`AdapterSlots` decides which adapter is in which slot: loaded on first use,
-evicted least recently used among those no running request holds.
+`AdapterSlots` decides which adapter is in which of `max_loras` slots: loaded
+on first use, evicted least recently used among those no running request
+holds. Adapters can be added and removed while serving (`add`, `remove`, from
+any thread); the packed weights only ever change on the thread that runs the
+engine's steps (in `acquire` and `begin_step`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from selfhost.errors import InvalidParameterError
-from selfhost.lora.adapter_format import TARGET_MODULES, AdapterError, read_adapter
+from selfhost.errors import InvalidParameterError, SelfhostError
+from selfhost.lora.adapter_format import TARGET_MODULES, Adapter, AdapterError, read_adapter
 from selfhost.lora.apply import LoRALinear, check_fits
 from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS
@@ -44,73 +50,120 @@ FUSED_SHARDS: dict[str, tuple[str, ...]] = {
 }
 
 
+class AdapterSlotsBusyError(SelfhostError):
+    """Every adapter slot is held by running requests, so another adapter cannot load now (retry later)."""
+
+
 class StepRows:
     """Which adapter each row of the current step uses: set by the model runner around a forward."""
 
     def __init__(self):
         self.slots: frozenset[int] = frozenset()  # the slots present in the step
-        self.index: torch.Tensor | None = None  # (N,) those slots, ascending; None: all L slots, in order
-        self.onehot: torch.Tensor | None = None  # (T, N) 1.0 at a row's adapter; None: every row is the base model
+        self.onehot: torch.Tensor | None = None  # (T, max_loras) 1.0 at a row's slot; None: all rows are the base
+
+
+# A slot's weights in one projection: per shard, (A (r, in), scale * B^T (r, shard rows)) or None.
+SlotBlocks = list[tuple[torch.Tensor, torch.Tensor] | None]
 
 
 class MultiLoRALinear(nn.Module):
     """The base projection plus, for each row, the low-rank product of its own adapter."""
 
-    def __init__(self, base: nn.Module, rows: StepRows, shard_rows: list[tuple[int, int]], max_loras: int,
-                 max_rank: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, base: nn.Module, rows: StepRows, shard_rows: list[tuple[int, int]], dtype: torch.dtype,
+                 device: torch.device):
         super().__init__()
         self.base, self.rows, self.shard_rows = base, rows, shard_rows
-        self.filled: set[int] = set()  # slots whose adapter changes this projection
-        self.register_buffer("lora_a", torch.zeros(max_loras, len(shard_rows), max_rank, base.in_features,
-                                                   dtype=dtype, device=device), persistent=False)
-        for shard, (start, end) in enumerate(shard_rows):  # one B per shard, (L, R, shard rows), scale folded in
-            self.register_buffer(f"lora_b{shard}", torch.zeros(max_loras, max_rank, end - start, dtype=dtype,
-                                                               device=device), persistent=False)
+        self.dtype, self.device = dtype, device
+        self.blocks: dict[int, SlotBlocks] = {}  # slot -> its weights here (views into the packed tensors)
+        self._pack()
 
     @property
-    def lora_b(self) -> list[torch.Tensor]:
-        return [self._buffers[f"lora_b{shard}"] for shard in range(len(self.shard_rows))]
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
 
     def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
         out = self.base.forward(x, num_threads)  # (T, out)
         rows = self.rows
         if rows.onehot is None or self.filled.isdisjoint(rows.slots):
             return out
-        a = self.lora_a if rows.index is None else self.lora_a.index_select(0, rows.index)  # (N, S, R, in)
-        n, num_shards, rank = a.shape[:3]
-        low = x.to(a.dtype) @ a.reshape(n * num_shards * rank, -1).t()  # (T, N*S*R)
-        low = low.view(-1, n, num_shards, rank) * rows.onehot[:, :, None, None]  # (T, N, S, R): own adapter only
-        for shard, ((start, end), b) in enumerate(zip(self.shard_rows, self.lora_b)):  # at most 3 (q, k, v)
-            b = b if rows.index is None else b.index_select(0, rows.index)  # (N, R, shard rows)
-            out[:, start:end] += (low[:, :, shard].reshape(-1, n * rank) @ b.view(n * rank, -1)).to(out.dtype)
+        low = x.to(self.dtype) @ self.lora_a  # (T, C)
+        low *= rows.onehot.index_select(1, self.column_slot)  # (T, C): a row's own adapter's columns only
+        for (first, last), (start, end), b in self.shard_products:  # at most 3 (q, k, v)
+            if out.dtype == self.dtype:
+                out[:, start:end].addmm_(low[:, first:last], b)
+            else:
+                out[:, start:end] += (low[:, first:last] @ b).to(out.dtype)
         return out
 
     @torch.no_grad()
     def load_slot(self, slot: int, shards: dict[int, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        """Fill `slot`: shard index -> (A (r, in), B (rows, r), scale); every other shard is zeroed.
+        """Put an adapter in `slot`: shard index -> (A (r, in), B (rows, r), scale); no shards empties it.
 
         A B with as many rows as the whole projection (a checkpoint that fuses q/k/v itself) is
         split over the shards, each with the same A."""
-        self.lora_a[slot].zero_()
-        for b in self.lora_b:
-            b[slot].zero_()
+        blocks: SlotBlocks = [None] * len(self.shard_rows)
         for shard, (a, b, scale) in shards.items():
             whole = b.shape[0] == self.base.out_features and len(self.shard_rows) > 1
             for s in range(len(self.shard_rows)) if whole else [shard]:
                 start, end = self.shard_rows[s]
                 rows = b[start:end] if whole else b
-                self.lora_a[slot, s, :a.shape[0]] = a
-                self.lora_b[s][slot, :a.shape[0]] = rows.t() * scale
-        if shards:
-            self.filled.add(slot)
+                blocks[s] = (a.to(self.device, self.dtype), (rows.t() * scale).to(self.device, self.dtype))
+        if any(block is not None for block in blocks):
+            self.blocks[slot] = blocks
         else:
-            self.filled.discard(slot)
+            self.blocks.pop(slot, None)
+        self._pack()
+
+    def _pack(self) -> None:
+        """Lay the slots' A and B side by side: columns by shard, then by slot (setup time, not per step)."""
+        a_parts, column_slot, products, spans, b_of_shard = [], [], [], [], {}
+        for shard, rows in enumerate(self.shard_rows):
+            first, b_parts = len(column_slot), []
+            for slot in sorted(self.blocks):
+                block = self.blocks[slot][shard]
+                if block is not None:
+                    rank = block[0].shape[0]
+                    spans.append((slot, shard, len(column_slot), len(column_slot) - first, rank))
+                    a_parts.append(block[0])
+                    b_parts.append(block[1])
+                    column_slot += [slot] * rank
+            if b_parts:
+                b_of_shard[shard] = torch.cat(b_parts)  # (this shard's columns, its rows)
+                products.append(((first, len(column_slot)), rows, b_of_shard[shard]))
+        self.lora_a = (torch.cat(a_parts).t().contiguous() if a_parts  # (in, C)
+                       else torch.zeros(self.base.in_features, 0, dtype=self.dtype, device=self.device))
+        self.column_slot = torch.tensor(column_slot, dtype=torch.long, device=self.device)  # (C,)
+        self.shard_products = products
+        self.filled = set(self.blocks)
+        # The blocks become views of the packed copies, so each adapter's weights are held once.
+        for slot, shard, column, b_row, rank in spans:
+            a, b = self.lora_a[:, column:column + rank].t(), b_of_shard[shard][b_row:b_row + rank]
+            self.blocks[slot][shard] = (a, b)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A registered adapter: where it comes from and what it adapts."""
+
+    folder: Path
+    rank: int
+    target_modules: tuple[str, ...]
+    num_params: int
 
 
 class AdapterSlots:
-    """Named adapters (folders) and the `max_loras` slots they are loaded into on demand."""
+    """Named adapters (folders) and the `max_loras` slots they are loaded into on demand.
 
-    def __init__(self, model: CausalLM, adapters: dict[str, Path], max_loras: int = 4, max_rank: int = 16):
+    `allow_pickle`: accept folders whose weights are `adapter_model.bin` (a pickle, which can run
+    code when read); otherwise only `adapter_model.safetensors`.
+    """
+
+    def __init__(self, model: CausalLM, adapters: dict[str, Path], max_loras: int = 4, max_rank: int = 16,
+                 allow_pickle: bool = False):
         if not isinstance(model, CausalLM):
             raise InvalidParameterError("LoRA adapters need an architecture selfhost runs natively, "
                                         "not the transformers fallback")
@@ -120,13 +173,16 @@ class AdapterSlots:
             raise InvalidParameterError(f"max_lora_rank={max_rank} must be at least 1")
         if any(isinstance(m, LoRALinear) for m in model.modules()):
             raise InvalidParameterError("the model already carries a single adapter; serve adapters through slots")
-        self.model, self.max_loras, self.max_rank = model, max_loras, max_rank
+        self.model, self.max_loras, self.max_rank, self.allow_pickle = model, max_loras, max_rank, allow_pickle
+        self._lock = threading.Lock()  # the tables below; `add`/`remove` may come from any thread
         self.folders: dict[str, Path] = {}
+        self._names_used: set[str] = set()
+        self.users = [0] * max_loras  # running requests per slot
+        self.loaded: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+        self._retired: set[int] = set()  # slots of removed adapters, emptied once no request holds them
         for name, folder in adapters.items():
             self.register(name, folder)
         self.rows = StepRows()
-        self.users = [0] * max_loras  # running requests per slot
-        self.loaded: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self.modules: dict[tuple[int, str], MultiLoRALinear] = {}
         # The activations' dtype and device: the final norm's (embeddings and head may be quantized).
         dtype, device = model.model.norm.weight.dtype, model.model.norm.weight.device
@@ -135,83 +191,147 @@ class AdapterSlots:
             for fused, members in FUSED_SHARDS.items():
                 parent = layer.self_attn if TARGET_MODULES[members[0]] == "self_attn" else layer.mlp
                 base = getattr(parent, fused)
-                rows = slices.get(fused, [(0, base.out_features)])
-                wrapped = MultiLoRALinear(base, self.rows, rows, max_loras, max_rank, dtype, device)
+                wrapped = MultiLoRALinear(base, self.rows, slices.get(fused, [(0, base.out_features)]), dtype, device)
                 setattr(parent, fused, wrapped)
                 self.modules[(layer_idx, fused)] = wrapped
 
+    # -- the table of names (any thread) ---------------------------------------
+
     def register(self, name: str, folder: Path) -> None:
+        """Name a folder; it is read when a request first uses it (see `add` to check it now)."""
         if not name or name != name.strip():
             raise InvalidParameterError(f"adapter name {name!r} must be non-empty, without surrounding spaces")
         folder = Path(folder)
         if not folder.is_dir():
             raise AdapterError(f"adapter {name!r}: {folder} is not a folder")
-        self.folders[name] = folder
+        with self._lock:
+            if name in self.folders:
+                raise AdapterError(f"an adapter named {name!r} is already registered")
+            self.folders[name] = folder
+            self._names_used.add(name)
+
+    def check(self, folder: Path) -> AdapterInfo:
+        """Read an adapter folder and check it fits this base and the slots; raises AdapterError."""
+        adapter = self._read(Path(folder), name=str(folder))
+        return AdapterInfo(Path(folder), max(m.rank for m in adapter.modules.values()),
+                           tuple(sorted({module for _, module in adapter.modules})), adapter.num_params)
+
+    def add(self, name: str, folder: Path) -> tuple[str, AdapterInfo]:
+        """Check `folder` now and register it; returns the key requests name it by, and what it holds.
+
+        The key is `name`, unless an adapter of that name was removed before: then a fresh key, so
+        prefix-cache entries made with the old weights (keyed by adapter) are never reused."""
+        info = self.check(folder)
+        with self._lock:
+            if name in self.folders:
+                raise AdapterError(f"an adapter named {name!r} is already loaded; remove it first")
+            key, n = name, 1
+            while key in self._names_used:
+                n += 1
+                key = f"{name}#{n}"
+        self.register(key, folder)
+        return key, info
+
+    def remove(self, key: str) -> None:
+        """Forget an adapter: new requests cannot name it; running ones finish with it."""
+        with self._lock:
+            if self.folders.pop(key, None) is None:
+                raise InvalidParameterError(f"unknown adapter {key!r}", param="lora")
+            slot = self.loaded.pop(key, None)
+            if slot is not None:
+                self._retired.add(slot)
 
     @property
     def names(self) -> list[str]:
         return sorted(self.folders)
 
-    def acquire(self, name: str) -> int:
-        """The slot holding adapter `name` (loaded now if needed), held until `release`."""
-        if name not in self.folders:
-            raise InvalidParameterError(f"unknown adapter {name!r}; loaded: {', '.join(self.names) or 'none'}",
-                                        param="lora")
-        if name not in self.loaded:
-            self._load(name, self._free_slot())
-        self.loaded.move_to_end(name)
-        slot = self.loaded[name]
-        self.users[slot] += 1
-        return slot
+    def can_acquire(self, key: str) -> bool:
+        """Whether `acquire(key)` would find a slot now (a hint for admission: another thread may take it)."""
+        with self._lock:
+            return key in self.loaded or self._free_slot_locked() is not None
+
+    # -- slots (the engine's thread) --------------------------------------------
+
+    def acquire(self, key: str) -> int:
+        """The slot holding adapter `key` (loaded now if needed), held until `release`."""
+        with self._lock:
+            if key not in self.folders:
+                raise InvalidParameterError(f"unknown adapter {key!r}; loaded: {', '.join(self.names) or 'none'}",
+                                            param="lora")
+            self._empty_retired()
+            if key not in self.loaded:
+                slot = self._free_slot_locked()
+                if slot is None:
+                    raise AdapterSlotsBusyError(f"all {self.max_loras} adapter slots are held by running requests; "
+                                                "retry when some finish, or raise max_loras")
+                evicted = next((name for name, s in self.loaded.items() if s == slot), None)
+                if evicted is not None:
+                    del self.loaded[evicted]
+                self._load(key, slot)
+            self.loaded.move_to_end(key)
+            slot = self.loaded[key]
+            self.users[slot] += 1
+            return slot
 
     def release(self, slot: int) -> None:
-        assert self.users[slot] > 0, slot
-        self.users[slot] -= 1
+        with self._lock:
+            assert self.users[slot] > 0, slot
+            self.users[slot] -= 1
 
-    def _free_slot(self) -> int:
-        taken = set(self.loaded.values())
+    def _free_slot_locked(self) -> int | None:
+        """An empty slot, else the least recently used unheld one; None when every slot is held."""
+        taken = set(self.loaded.values()) | {s for s in self._retired if self.users[s] > 0}
         for slot in range(self.max_loras):
             if slot not in taken:
                 return slot
-        for name, slot in self.loaded.items():  # least recently used first
-            if self.users[slot] == 0:
-                del self.loaded[name]
-                return slot
-        raise InvalidParameterError(f"all {self.max_loras} adapter slots are held by running requests; "
-                                    "raise max_loras or retry when some finish", param="lora")
+        return next((slot for slot in self.loaded.values() if self.users[slot] == 0), None)
 
-    def _load(self, name: str, slot: int) -> None:
-        adapter = read_adapter(self.folders[name])
+    def _empty_retired(self) -> None:
+        for slot in [s for s in self._retired if self.users[s] == 0]:
+            self._retired.discard(slot)
+            if slot not in self.loaded.values():
+                for wrapped in self.modules.values():
+                    if slot in wrapped.filled:
+                        wrapped.load_slot(slot, {})
+
+    def _read(self, folder: Path, name: str) -> Adapter:
+        adapter = read_adapter(folder, allow_pickle=self.allow_pickle)
         check_fits(adapter, self.model.spec)
-        too_big = max(m.rank for m in adapter.modules.values())
-        if too_big > self.max_rank:
-            raise AdapterError(f"adapter {name!r} has rank {too_big}, more than max_lora_rank={self.max_rank}")
+        rank = max(m.rank for m in adapter.modules.values())
+        if rank > self.max_rank:
+            raise AdapterError(f"adapter {name!r} has rank {rank}, more than max_lora_rank={self.max_rank}")
+        return adapter
+
+    def _load(self, key: str, slot: int) -> None:
+        adapter = self._read(self.folders[key], key)
         per_module: dict[tuple[int, str], dict] = {}
         for (layer_idx, module), m in adapter.modules.items():
             fused, shard = PACKED_WEIGHTS.get(module, (module, 0))
             per_module.setdefault((layer_idx, fused), {})[shard] = (m.lora_a, m.lora_b, m.scale)
-        for key, wrapped in self.modules.items():
-            wrapped.load_slot(slot, per_module.get(key, {}))
-        self.loaded[name] = slot
+        for key_, wrapped in self.modules.items():
+            if key_ in per_module or slot in wrapped.filled:
+                wrapped.load_slot(slot, per_module.get(key_, {}))
+        self.loaded[key] = slot
 
     def begin_step(self, row_slots: list[tuple[int | None, int]], device: torch.device) -> None:
         """row_slots: (slot or None, number of rows) per chunk, in the step's row order."""
-        present = sorted({slot for slot, _ in row_slots if slot is not None})
+        if self._retired:
+            with self._lock:
+                self._empty_retired()
+        present = {slot for slot, _ in row_slots if slot is not None}
         if not present:
             self.end_step()
             return
-        column = {slot: i for i, slot in enumerate(present)}
         rows, cols, first = [], [], 0
         for slot, num in row_slots:
             if slot is not None:
                 rows.extend(range(first, first + num))
-                cols.extend([column[slot]] * num)
+                cols.extend([slot] * num)
             first += num
-        onehot = torch.zeros(first, len(present), dtype=self.modules[(0, "o_proj")].lora_a.dtype, device=device)
+        onehot = torch.zeros(first, self.max_loras, dtype=self.modules[(0, "o_proj")].dtype, device=device)
         onehot[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = 1.0
         self.rows.slots = frozenset(present)
-        self.rows.index = None if len(present) == self.max_loras else torch.tensor(present, device=device)
         self.rows.onehot = onehot
 
     def end_step(self) -> None:
-        self.rows.slots, self.rows.index, self.rows.onehot = frozenset(), None, None
+        self.rows.slots, self.rows.onehot = frozenset(), None
