@@ -104,3 +104,24 @@ def test_a_second_adapter_is_refused_before_any_change(tiny_checkpoint, llama_ad
     with pytest.raises(AdapterError, match="already carries adapters"):
         apply_adapter(model, read_adapter(llama_adapter))
     assert [type(m) for m in model.modules()] == before
+
+
+def test_pickle_weights_only_on_opt_in(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = make_peft_adapter(tiny_checkpoint("llama"), tmp_path / "st", ["q_proj", "down_proj"], r=4, lora_alpha=8)
+    old = tmp_path / "bin"
+    shutil.copytree(folder, old)
+    torch.save(load_file(str(old / "adapter_model.safetensors")), old / "adapter_model.bin")
+    (old / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="adapter_model.bin, a pickle"):
+        read_adapter(old)
+    expected, got = read_adapter(folder), read_adapter(old, allow_pickle=True)
+    assert expected.modules.keys() == got.modules.keys()
+    for key, m in expected.modules.items():
+        assert torch.equal(m.lora_a, got.modules[key].lora_a) and torch.equal(m.lora_b, got.modules[key].lora_b)
+    (old / "adapter_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(AdapterError, match="weights-only pickle"):
+        read_adapter(old, allow_pickle=True)

@@ -143,3 +143,43 @@ def test_stream_and_chat_take_an_adapter(adapters):
     messages = [{"role": "user", "content": "To be?"}]
     assert llm.chat(messages, GREEDY, lora="a1")[0].token_ids == llm.generate(
         [llm.tokenizer.encode_chat(messages)], GREEDY, lora="a1")[0].token_ids
+
+
+def test_removed_adapter_finishes_its_running_request_then_frees_its_slot(adapters):
+    model_dir, folders = adapters
+    alone = {name: LLM(str(model_dir), lora={name: str(folders[name])}, max_lora_rank=8).generate(
+        [PROMPTS[1]], GREEDY, lora=name)[0].token_ids for name in ("a0", "a1")}
+    llm = LLM(str(model_dir), lora={"a0": str(folders["a0"])}, max_loras=1, max_lora_rank=8)
+    running = llm.engine.add_request("r0", PROMPTS[1], GREEDY, lora="a0")
+    llm.engine.step()
+    key, info = llm.adapters.add("a1", folders["a1"])
+    assert (key, info.rank) == ("a1", 4)
+    llm.adapters.remove("a0")
+    with pytest.raises(InvalidParameterError, match="unknown adapter 'a0'"):
+        llm.engine.add_request("r1", PROMPTS[1], GREEDY, lora="a0")
+    assert not llm.adapters.can_acquire("a1")  # the one slot still runs the removed adapter's request
+    with pytest.raises(AdapterSlotsBusyError):
+        llm.engine.add_request("r2", PROMPTS[1], GREEDY, lora="a1")
+    while not running.is_finished:
+        llm.engine.step()
+    assert running.output_ids == alone["a0"]
+    assert llm.adapters.can_acquire("a1")
+    assert llm.generate([PROMPTS[1]], GREEDY, lora="a1")[0].token_ids == alone["a1"]
+    # Re-adding a removed name gets a fresh key: its cached prefixes (keyed by adapter) start empty.
+    assert llm.adapters.add("a0", folders["a0"])[0] == "a0#2"
+    assert llm.generate([PROMPTS[1]], GREEDY, lora="a0#2")[0].token_ids == alone["a0"]
+
+
+def test_added_adapter_is_checked_before_it_is_registered(adapters, tiny_checkpoint, tmp_path):
+    from selfhost.lora.errors import AdapterError
+
+    model_dir, folders = adapters
+    llm = LLM(str(model_dir), lora={"a0": str(folders["a0"])}, max_lora_rank=4)
+    with pytest.raises(AdapterError, match="rank 6, more than max_lora_rank=4"):
+        llm.adapters.add("big", folders["a2"])
+    other = make_peft_adapter(tiny_checkpoint("gemma"), tmp_path / "gemma", ["o_proj"], r=2, lora_alpha=4)
+    with pytest.raises(AdapterError, match="another base model"):
+        llm.adapters.add("other", other)
+    with pytest.raises(AdapterError, match="already loaded"):
+        llm.adapters.add("a0", folders["a1"])
+    assert llm.adapters.names == ["a0"]

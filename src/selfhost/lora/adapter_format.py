@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from selfhost.errors import SelfhostError
+from selfhost.lora.errors import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -39,10 +40,6 @@ TARGET_MODULES: dict[str, str] = {**SPLIT_MODULES, "qkv_proj": "self_attn", "gat
 SHORT_NAMES = {name.removesuffix("_proj"): name for name in SPLIT_MODULES}
 
 _TENSOR_NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
-
-
-class AdapterError(SelfhostError):
-    """An adapter folder selfhost cannot read or apply to this base model."""
 
 
 @dataclass(frozen=True)
@@ -245,7 +242,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
             raise AdapterError(f"{path} is not a readable safetensors file: {err}") from None
     try:  # weights_only: tensors and plain containers, no arbitrary objects, even on opt-in
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a corrupt or hostile pickle
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
         raise AdapterError(f"{path} cannot be read as a weights-only pickle: {err}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterError(f"{path} does not hold a dictionary of tensors")

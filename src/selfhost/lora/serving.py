@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selfhost.errors import InvalidParameterError, SelfhostError
-from selfhost.lora.adapter_format import TARGET_MODULES, Adapter, AdapterError, read_adapter
+from selfhost.errors import InvalidParameterError
+from selfhost.lora.adapter_format import TARGET_MODULES, Adapter, read_adapter
 from selfhost.lora.apply import LoRALinear, check_fits
+from selfhost.lora.errors import AdapterError, AdapterSlotsBusyError
 from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS
 from selfhost.models.loader import shard_slices
@@ -48,10 +49,6 @@ FUSED_SHARDS: dict[str, tuple[str, ...]] = {
     "gate_up_proj": ("gate_proj", "up_proj"),
     "down_proj": ("down_proj",),
 }
-
-
-class AdapterSlotsBusyError(SelfhostError):
-    """Every adapter slot is held by running requests, so another adapter cannot load now (retry later)."""
 
 
 class StepRows:
@@ -176,6 +173,7 @@ class AdapterSlots:
         self.model, self.max_loras, self.max_rank, self.allow_pickle = model, max_loras, max_rank, allow_pickle
         self._lock = threading.Lock()  # the tables below; `add`/`remove` may come from any thread
         self.folders: dict[str, Path] = {}
+        self.info: dict[str, AdapterInfo] = {}  # what `add` found in each folder it checked
         self._names_used: set[str] = set()
         self.users = [0] * max_loras  # running requests per slot
         self.loaded: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
@@ -230,6 +228,7 @@ class AdapterSlots:
                 n += 1
                 key = f"{name}#{n}"
         self.register(key, folder)
+        self.info[key] = info
         return key, info
 
     def remove(self, key: str) -> None:
@@ -237,6 +236,7 @@ class AdapterSlots:
         with self._lock:
             if self.folders.pop(key, None) is None:
                 raise InvalidParameterError(f"unknown adapter {key!r}", param="lora")
+            self.info.pop(key, None)
             slot = self.loaded.pop(key, None)
             if slot is not None:
                 self._retired.add(slot)
