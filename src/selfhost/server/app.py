@@ -22,7 +22,14 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import selfhost
-from selfhost.server import anthropic_routes, embedding_routes, ollama_routes, openai_routes, responses_routes
+from selfhost.server import (
+    anthropic_routes,
+    embedding_routes,
+    lora_routes,
+    ollama_routes,
+    openai_routes,
+    responses_routes,
+)
 from selfhost.server.embedding_serving import EmbeddingModels
 from selfhost.server.errors import install_error_handlers
 from selfhost.server.guards import ApiKeyAuth, CatchAll, RequestLimits
@@ -131,7 +138,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.on_ready = None
     install_error_handlers(app)
     for router in (openai_routes.router, embedding_routes.router, ollama_routes.router, anthropic_routes.router,
-                   responses_routes.router):
+                   responses_routes.router, lora_routes.router):
         app.include_router(router)
     _add_operations(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -26,6 +26,7 @@ from selfhost.errors import (
     SelfhostError,
     UnsupportedModelError,
 )
+from selfhost.lora.errors import AdapterError, AdapterSlotsBusyError
 
 log = logging.getLogger("selfhost.server")
 
@@ -60,6 +61,8 @@ _SELFHOST_ERRORS: dict[type[SelfhostError], tuple[int, str]] = {
     InvalidParameterError: (400, "invalid_parameter"),
     ModelNotFoundError: (404, "model_not_found"),
     UnsupportedModelError: (400, "unsupported_model"),
+    AdapterError: (400, "invalid_adapter"),
+    AdapterSlotsBusyError: (429, "adapter_slots_busy"),  # every LoRA slot is held by running requests
 }
 
 

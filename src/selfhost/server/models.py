@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from selfhost.errors import SelfhostError
 from selfhost.hub import EMBEDDED_MODEL_NAME
 from selfhost.server.errors import APIError, ModelMemoryError
 from selfhost.server.settings import ServerSettings
@@ -56,6 +57,7 @@ class ServedModel:
     num_params: int  # as the architecture defines them; packed int4 storage holds two per element
     quantization: str | None  # `selfhost quantize` method from the folder's config.json; None: full precision
     lora: str | None = None  # an adapter on another entry's engine (`--lora NAME=FOLDER`); None: the model itself
+    parent: str | None = None  # an adapter's base model (the entry whose engine it runs on)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0
@@ -120,6 +122,8 @@ class ModelRegistry:
                 "to load models on request",
                 404, param="model", code="model_not_found",
             )
+        if is_adapter_folder(name):  # a LoRA adapter: onto the base that serves adapters, not a model of its own
+            return await self.add_adapter(name, name, exist_ok=True)
         async with self._load_lock:  # one load at a time keeps the budget arithmetic honest
             if name not in self.models:
                 await self._load(name, name, pinned=False)
@@ -158,6 +162,14 @@ class ModelRegistry:
         log.info("loading model %s from %s", name, model_dir)
         start = time.perf_counter()
         served = await asyncio.to_thread(self._build, name, ref, str(model_dir), pinned, loras or {})
+        if getattr(served.llm, "adapters", None) is not None:  # an ONNX export's LLM has no slots at all
+            served.llm.adapters.allow_pickle = self.settings.lora_allow_pickle
+            try:  # every --lora folder is read and checked against this base now, not on its first request
+                for adapter, folder in (loras or {}).items():
+                    await asyncio.to_thread(served.llm.adapters.check, Path(folder))
+            except SelfhostError as err:
+                await asyncio.to_thread(self._release, served)
+                raise APIError(f"--lora {adapter}={folder}: {err}", 400, param="lora", code="invalid_adapter") from err
         budget = self.settings.memory_budget_bytes
         if budget is not None and self.used_bytes() + served.memory_bytes > budget:
             await asyncio.to_thread(self._release, served)
@@ -168,9 +180,58 @@ class ModelRegistry:
         self.models[name] = served
         log.info("loaded %s in %.1fs: %s weights, %d KV tokens", name, time.perf_counter() - start,
                  _gib(served.weight_bytes), served.llm.engine.capacity_tokens)
-        for adapter in loras or {}:  # the base's engine under the adapter's name; its memory is the base's
-            self.models[adapter] = dataclasses.replace(served, name=adapter, weight_bytes=0, kv_cache_bytes=0,
-                                                       lora=adapter, active=0)
+        for adapter, folder in (loras or {}).items():
+            self._add_adapter_entry(served, adapter, folder, adapter)
+
+    def _add_adapter_entry(self, base: ServedModel, name: str, folder: str, key: str) -> ServedModel:
+        """The base's engine under the adapter's name; its memory is the base's."""
+        entry = dataclasses.replace(base, name=name, ref=folder, weight_bytes=0, kv_cache_bytes=0, pinned=True,
+                                    lora=key, parent=base.name, active=0, loaded_at=time.time())
+        self.models[name] = entry
+        return entry
+
+    # -- adapters added and removed while serving ------------------------------
+
+    def adapter_base(self) -> ServedModel:
+        """The model whose engine serves LoRA adapters."""
+        served = next((m for m in self.models.values()
+                       if m.lora is None and getattr(m.llm, "adapters", None) is not None), None)
+        if served is None:
+            raise APIError("no model here serves LoRA adapters: start the server with --lora NAME=FOLDER, which "
+                           "gives the first preloaded model adapter slots", 400, param="model",
+                           code="adapters_not_enabled")
+        return served
+
+    async def add_adapter(self, name: str, folder: str, exist_ok: bool = False) -> ServedModel:
+        """Read and check the adapter in `folder` (off the event loop) and serve it as model `name`."""
+        if not self.settings.allow_load:
+            raise APIError("loading adapters while serving is off; start the server with --allow-load", 403,
+                           code="loading_disabled")
+        async with self._load_lock:
+            if name in self.models:
+                if exist_ok and self.models[name].lora is not None:
+                    return self.models[name]
+                raise APIError(f"a model or adapter named {name!r} is already loaded", 409, param="lora_name",
+                               code="adapter_exists")
+            base = self.adapter_base()
+            key, info = await asyncio.to_thread(base.llm.adapters.add, name, Path(folder))
+            log.info("adapter %s loaded from %s on %s: rank %d, %s", name, folder, base.name, info.rank,
+                     ", ".join(info.target_modules))
+            return self._add_adapter_entry(base, name, folder, key)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`; requests already running finish with it."""
+        if not self.settings.allow_load:
+            raise APIError("unloading adapters while serving is off; start the server with --allow-load", 403,
+                           code="loading_disabled")
+        served = self.models.get(canonical(name))
+        if served is None or served.lora is None:
+            adapters = ", ".join(m.name for m in self.models.values() if m.lora is not None) or "none"
+            raise APIError(f"no adapter named {name!r} is loaded (adapters: {adapters})", 404, param="lora_name",
+                           code="adapter_not_found")
+        del self.models[served.name]
+        served.llm.adapters.remove(served.lora)
+        log.info("adapter %s unloaded", served.name)
 
     def _build(self, name: str, ref: str | None, model_dir: str, pinned: bool, loras: dict[str, str]) -> ServedModel:
         from selfhost import LLM, AsyncEngine
@@ -255,6 +316,13 @@ class ModelRegistry:
             self._reaper.cancel()
         for name in list(self.models):
             await asyncio.to_thread(self.unload, name)
+
+
+def is_adapter_folder(ref: str) -> bool:
+    """A folder holding a PEFT adapter (adapter_config.json) rather than a model."""
+    from selfhost.lora.adapter_format import CONFIG_FILE
+
+    return (Path(ref) / CONFIG_FILE).is_file()
 
 
 def count_parameters(model) -> int:

@@ -56,7 +56,8 @@ async def completions(req: CompletionRequest, request: Request):
 
 
 def _card(served) -> ModelCard:
-    return ModelCard(id=served.name, created=int(served.loaded_at), max_model_len=served.llm.max_model_len)
+    return ModelCard(id=served.name, created=int(served.loaded_at), max_model_len=served.llm.max_model_len,
+                     parent=served.parent)
 
 
 @router.get("/models", response_model=ModelList)

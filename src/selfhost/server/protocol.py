@@ -312,6 +312,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "selfhost"
     max_model_len: int | None = None
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ModelList(BaseModel):

@@ -30,14 +30,21 @@ class ServerSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
-    allow_load: bool = Field(False, description="Load models that were not preloaded on their first request.")
+    allow_load: bool = Field(
+        False, description="Load models that were not preloaded on their first request; also LoRA adapters: a request "
+        "naming an adapter folder, and POST /v1/load_lora_adapter and /v1/unload_lora_adapter.",
+    )
     lora: StrList = Field(
         default_factory=list,
         description="Serve a LoRA adapter (a PEFT folder) on the first preloaded model as NAME=FOLDER; requests name "
         "it as their model (repeatable).",
     )
     max_loras: int = Field(4, ge=1, description="Adapters held in memory at once (least recently used evicted).")
-    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank --lora may serve.")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank served (larger ones are refused).")
+    lora_allow_pickle: bool = Field(
+        False, description="Accept adapters whose weights are adapter_model.bin (a pickle, which can run code when "
+        "read); otherwise only adapter_model.safetensors.",
+    )
     api_key: StrList = Field(
         default_factory=list, description="Require this bearer key on /v1 and /api (repeatable; env: comma list)."
     )
