@@ -1,0 +1,218 @@
+"""Scale on paper: a Poisson workload replayed against N simulated selfhost replicas.
+
+    python benchmarks/scale_sim.py --measure              # fit this machine's step-time model (1 thread)
+    python benchmarks/scale_sim.py --rate 6 --replicas 1 2 4 --prompt 128 --output 64
+
+Each replica is the engine's scheduler in miniature: every step it decodes one token for
+each running sequence and spends the rest of its token budget (max_num_batched_tokens) on
+prompt chunks of waiting ones, first come first served, up to max_num_seqs; a step costs
+the measured model  t = base_s + decode_s * decode_rows + prefill_s * prompt_tokens  (one
+forward pass over a flat batch, as in selfhost). Requests go to the replica with the fewest
+in flight (what the prefix router does for prompts it has not seen). Prefix caching is
+modelled as a share of prompt tokens not computed (--prefix-hit). The printout is what a
+real run prints (benchmarks/scale_out.py): requests/s, output tokens/s, TTFT p50/p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The benchmark model: a ~14M-parameter random Llama, small enough that one CPU core serves a batch
+# at a few hundred tokens/s, so scale-out runs take minutes (the 125M model of the other benchmarks
+# would take an hour on one core per replica).
+SCALE_LLAMA = dict(vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
+                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """Seconds per engine step, linear in its decode rows and prompt tokens (fit by `measure`)."""
+
+    base_s: float
+    decode_s: float  # per running sequence decoding one token
+    prefill_s: float  # per prompt token computed
+
+    def step_s(self, decode_rows: int, prompt_tokens: int) -> float:
+        return self.base_s + self.decode_s * decode_rows + self.prefill_s * prompt_tokens
+
+
+@dataclass
+class _Seq:
+    arrival: float
+    prompt_left: int
+    output_left: int
+    first_token: float | None = None
+    done: float | None = None
+
+
+@dataclass
+class _Replica:
+    waiting: list[_Seq] = field(default_factory=list)
+    running: list[_Seq] = field(default_factory=list)
+    busy_until: float = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+
+def simulate(model: StepModel, replicas: int, rate: float, num_requests: int, prompt_tokens: int,
+             output_tokens: int, prefix_hit: float = 0.0, max_num_seqs: int = 64, max_batched_tokens: int = 1024,
+             seed: int = 0, arrivals: list[float] | None = None) -> dict:
+    """Replay `num_requests` Poisson arrivals at `rate`/s (or the given arrival times)."""
+    rng = random.Random(seed)
+    if arrivals is None:
+        now, arrivals = 0.0, []
+        for _ in range(num_requests):
+            now += rng.expovariate(rate) if rate > 0 else 0.0
+            arrivals.append(now)
+    computed_prompt = max(1, round(prompt_tokens * (1 - prefix_hit)))
+    seqs = [_Seq(t, computed_prompt, output_tokens) for t in arrivals]
+    pool = [_Replica() for _ in range(replicas)]
+    events = [(t, 0, i) for i, t in enumerate(arrivals)]  # (time, kind 0 = arrival / 1 = step end, index)
+    heapq.heapify(events)
+    while events:
+        now, kind, index = heapq.heappop(events)
+        if kind == 0:
+            target = min(range(replicas), key=lambda r: (pool[r].in_flight, r))
+            pool[target].waiting.append(seqs[index])
+            if pool[target].busy_until <= now:
+                heapq.heappush(events, (now, 1, target))
+            continue
+        replica = pool[index]
+        if replica.busy_until > now:
+            continue  # a step is under way; its end schedules the next
+        budget = max_batched_tokens - len(replica.running)
+        while replica.waiting and len(replica.running) < max_num_seqs and budget > 0:
+            replica.running.append(replica.waiting.pop(0))
+            budget -= replica.running[-1].prompt_left
+        decode = [s for s in replica.running if s.prompt_left == 0]
+        budget, prefill = max_batched_tokens - len(decode), 0
+        for s in replica.running:
+            if s.prompt_left and budget > 0:
+                chunk = min(s.prompt_left, budget)
+                s.prompt_left -= chunk
+                budget -= chunk
+                prefill += chunk
+        if not decode and not prefill:
+            continue
+        end = now + model.step_s(len(decode), prefill)
+        for s in replica.running:
+            if s.prompt_left == 0 and (s in decode or s.first_token is None):
+                s.output_left -= 1
+                s.first_token = s.first_token if s.first_token is not None else end
+                if s.output_left == 0:
+                    s.done = end
+        replica.running = [s for s in replica.running if s.done is None]
+        replica.busy_until = end
+        heapq.heappush(events, (end, 1, index))
+    return summarize([(s.arrival, s.first_token, s.done) for s in seqs], output_tokens)
+
+
+def summarize(times: list[tuple[float, float, float]], output_tokens: int) -> dict:
+    """(arrival, first token, done) per request -> the figures scale_out.py prints."""
+    start = min(t[0] for t in times)
+    wall = max(t[2] for t in times) - start
+    ttft = sorted(t[1] - t[0] for t in times)
+    return {"requests_per_s": len(times) / wall, "output_tok_s": len(times) * output_tokens / wall,
+            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
+            "wall_s": wall}
+
+
+def build_model(out_dir: Path, seed: int = 0) -> Path:
+    """The benchmark's random Llama (SCALE_LLAMA), saved once with a tiny tokenizer."""
+    if (out_dir / "model.safetensors").exists():
+        return out_dir
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.tiny_models import save_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**SCALE_LLAMA)).save_pretrained(out_dir)
+    save_tiny_tokenizer(out_dir)
+    return out_dir
+
+
+def measure(model_dir: Path, threads: int = 1, prompt_tokens: int = 128) -> StepModel:
+    """Fit StepModel from timed engine steps in this process (decode batches, then prompt chunks)."""
+    import torch
+
+    from selfhost import LLM, SamplingParams
+
+    torch.set_num_threads(threads)
+    llm = LLM(str(model_dir), kv_cache_memory="1GiB", weight_dtype="float32", enable_prefix_caching=False)
+    engine, rng = llm.engine, random.Random(0)
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(3, SCALE_LLAMA["vocab_size"]) for _ in range(n)]
+
+    decode_points = []
+    for batch in (1, 8, 32):
+        for i in range(batch):
+            engine.add_request(f"d{batch}-{i}", prompt(prompt_tokens), SamplingParams(max_tokens=40, ignore_eos=True))
+        while any(s.num_computed_tokens < len(s.prompt_ids) for s in engine.sequences.values()):
+            engine.step()
+        times = []
+        for _ in range(12):
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
+        decode_points.append((batch, statistics.median(times)))
+        for request_id in list(engine.sequences):
+            engine.abort(request_id)
+        engine.step() if engine.has_work else None
+    prefill_points = []
+    for length in (256, 1000):
+        times = []
+        for i in range(3):
+            engine.add_request(f"p{length}-{i}", prompt(length), SamplingParams(max_tokens=1))
+            start = time.perf_counter()
+            while engine.has_work:
+                engine.step()
+            times.append(time.perf_counter() - start)
+        prefill_points.append((length, statistics.median(times)))
+    (b0, t0), (b1, t1) = decode_points[0], decode_points[-1]
+    decode_s = (t1 - t0) / (b1 - b0)
+    base_s = max(t0 - decode_s * b0, 0.0)
+    (n0, p0), (n1, p1) = prefill_points
+    prefill_s = (p1 - p0) / (n1 - n0)
+    return StepModel(base_s=base_s, decode_s=decode_s, prefill_s=prefill_s)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--measure", action="store_true", help="Fit the step model on this machine first.")
+    parser.add_argument("--model-json", type=Path, default=Path("/tmp/selfhost-scale-step-model.json"))
+    parser.add_argument("--rate", type=float, default=8.0, help="Requests per second (Poisson).")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--output", type=int, default=64)
+    parser.add_argument("--prefix-hit", type=float, default=0.0)
+    args = parser.parse_args()
+    if args.measure or not args.model_json.exists():
+        model_dir = build_model(Path("/tmp/selfhost-scale-llama"))
+        step = measure(model_dir)
+        args.model_json.write_text(json.dumps(step.__dict__))
+    step = StepModel(**json.loads(args.model_json.read_text()))
+    print(f"step model (1 thread): {step.base_s * 1e3:.2f} ms + {step.decode_s * 1e3:.3f} ms/decode row + "
+          f"{step.prefill_s * 1e3:.4f} ms/prompt token")
+    for n in args.replicas:
+        r = simulate(step, n, args.rate, args.requests, args.prompt, args.output, args.prefix_hit)
+        print(f"{n} replica(s): {r['requests_per_s']:.2f} req/s, {r['output_tok_s']:.0f} output tok/s, "
+              f"TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms, p99 {r['ttft_p99_s'] * 1e3:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
