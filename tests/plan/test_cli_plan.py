@@ -148,3 +148,11 @@ def test_cost_refuses_a_bench_result_of_another_model(tmp_path):
     assert forced.returncode == 0, forced.stderr
     same = selfhost("cost", "qwen2.5:7b", "--volume", "1B", "--bench-result", str(result))
     assert same.returncode == 0, same.stderr
+
+
+def test_fit_estimates_speculative_decoding():
+    out = selfhost("fit", "llama3.1:8b", "-d", "rtx4090", "--speculative-acceptance", "0.7", "--draft", "llama3.2:1b")
+    assert out.returncode == 0, out.stderr
+    assert "speculative (draft llama3.2:1b, K=4, acceptance 0.70)" in out.stdout and "x plain decoding" in out.stdout
+    bad = selfhost("fit", "llama3.1:8b", "--speculative-acceptance", "1.5")
+    assert bad.returncode == 1 and "between 0 and 1" in bad.stderr and "Traceback" not in bad.stderr

@@ -95,3 +95,24 @@ def test_bad_requests_raise_clear_errors():
                    peak_fp16_tflops=1, peak_int8_tops=1, peak_fp32_tflops=1)
     with pytest.raises(InvalidParameterError, match="did you mean 'int8'"):
         get_precision("int9")
+
+
+def test_speculative_estimate_follows_acceptance_and_the_bound():
+    from selfhost.plan.speed import decode_step, estimate_speculative, expected_tokens_per_step
+
+    assert expected_tokens_per_step(0.0, 4) == 1.0  # every proposal rejected: the target's own token
+    assert expected_tokens_per_step(1.0, 4) == 5.0
+    assert expected_tokens_per_step(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    model, gpu, fp16 = get_model("llama3.1:8b"), get_device("rtx4090"), get_precision("fp16")
+    one = estimate_speculative(model, gpu, fp16, 2048, 1, 0.7, 4)
+    # One stream on a GPU is bound by reading the weights: five queries cost what one does.
+    plain_s, bound = decode_step(model, gpu, fp16, 2048, 1)
+    assert bound == "memory"
+    assert one.speedup == pytest.approx(expected_tokens_per_step(0.7, 4), rel=0.02)
+    # A draft's own steps are paid for: a smaller gain than free prompt lookup at the same acceptance.
+    drafted = estimate_speculative(model, gpu, fp16, 2048, 1, 0.7, 4, get_model("llama3.2:1b"))
+    assert 1 < drafted.speedup < one.speedup
+    # Many short sequences make the step compute-bound: proposals then cost their full share.
+    crowded = estimate_speculative(model, gpu, fp16, 256, 256, 0.3, 4)
+    assert decode_step(model, gpu, fp16, 256, 256, queries_per_seq=5)[1] == "compute"
+    assert crowded.speedup < 1

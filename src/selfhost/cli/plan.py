@@ -19,6 +19,7 @@ from selfhost.plan.fit import FitReport, is_edge_capable, plan_fit, rank_fits
 from selfhost.plan.licence import licence_warnings
 from selfhost.plan.precision import PRECISIONS, default_precision, get_precision
 from selfhost.plan.report import HEADERS, comparison_rows, format_row
+from selfhost.plan.speed import estimate_speculative
 from selfhost.plan.units import format_count, parse_count, parse_rate
 from selfhost.units import parse_size
 
@@ -153,6 +154,13 @@ def fit(
     kind: KindOpt = "gpu",
     monthly_users: UsersOpt = None,
     top: Annotated[int, typer.Option(help="Rows to show when ranking.")] = 25,
+    speculative_acceptance: Annotated[float | None, typer.Option(help=(
+        "Also estimate speculative decoding at this per-token acceptance probability (0-1; "
+        "`engine.stats()` and /metrics report what a workload reaches)."))] = None,
+    num_speculative_tokens: Annotated[int, typer.Option(help="Tokens proposed per step, with --speculative-acceptance.")] = 4,
+    draft: Annotated[str | None, typer.Option(help=(
+        "The draft model that proposes (catalog alias, Hub id or folder); default: prompt lookup, which costs "
+        "nothing to run."))] = None,
 ) -> None:
     """Will MODEL fit DEVICE, with what headroom and speed? Without MODEL: rank what fits."""
     _positive("--context", context)
@@ -177,9 +185,22 @@ def fit(
         if len(reports) > top:
             console.print(f"[dim]{len(reports) - top} more fit; use --top to see them[/]")
         return
+    if speculative_acceptance is not None and not 0 <= speculative_acceptance <= 1:
+        raise InvalidParameterError(f"--speculative-acceptance {speculative_acceptance} must be between 0 and 1")
+    _positive("--num-speculative-tokens", num_speculative_tokens)
     spec = resolve_model_spec(model)
     precision = get_precision(quant) if quant else default_precision(dev.kind)
-    _print_fit(plan_fit(spec, dev, precision, context, concurrency))
+    report = plan_fit(spec, dev, precision, context, concurrency)
+    _print_fit(report)
+    if speculative_acceptance is not None:
+        draft_spec = resolve_model_spec(draft) if draft else None
+        r = report.request
+        est = estimate_speculative(spec, dev, r.precision, r.context, r.concurrency, speculative_acceptance,
+                                   num_speculative_tokens, draft_spec)
+        proposer = f"draft {draft_spec.alias}" if draft_spec else "prompt lookup"
+        console.print(f"speculative ({proposer}, K={num_speculative_tokens}, acceptance {speculative_acceptance:.2f}): "
+                      f"{est.decode_tok_s_per_seq:,.1f} tokens/s per sequence, {est.tokens_per_step:.2f} tokens per "
+                      f"step, {est.speedup:.2f}x plain decoding")
     _warn(licence_warnings(spec, users))
 
 

@@ -59,19 +59,20 @@ def attention_flops_per_token(model: ModelSpec, context: int) -> float:
     return 4 * arch.layers * arch.heads * arch.head_dim * context
 
 
-def estimate_speed(
-    model: ModelSpec, device: DeviceSpec, precision: Precision, context: int, concurrency: int
-) -> SpeedEstimate:
+def decode_step(model: ModelSpec, device: DeviceSpec, precision: Precision, context: int, concurrency: int,
+                queries_per_seq: int = 1) -> tuple[float, str]:
+    """Seconds of one decode step and what bounds it. `queries_per_seq` > 1: a speculative
+    verification, every sequence's proposed tokens checked at once (weights and each sequence's
+    cached keys and values read once, the arithmetic done for every query)."""
     precision = precision.for_device_kind(device.kind)
-    bandwidth = device.decode_bandwidth(precision.weight_bits)
     flops = device.peak_flops(precision.compute_dtype) * device.compute_efficiency
     matmul_flops = 2 * model.active_params  # one multiply-add per active weight
-
-    step_bytes = decode_weight_bytes(model, precision, concurrency) + kv_cache_bytes(
+    queries = concurrency * queries_per_seq
+    step_bytes = decode_weight_bytes(model, precision, queries) + kv_cache_bytes(
         model, precision, context, concurrency
     )
     memory_time_s = step_bytes / device.decode_bandwidth(precision.weight_bits, step_bytes)
-    compute_time_s = concurrency * (matmul_flops + attention_flops_per_token(model, context)) / flops
+    compute_time_s = queries * (matmul_flops + attention_flops_per_token(model, context)) / flops
     overhead_s = decode_overhead_s(model)
     device_time_s = max(memory_time_s, compute_time_s)
     # A CPU runs the Python overhead and the kernels on the same cores, one after the
@@ -80,6 +81,17 @@ def estimate_speed(
     bound = "memory" if memory_time_s >= compute_time_s else "compute"
     if overhead_s > device_time_s:
         bound = "overhead"
+    return step_s, bound
+
+
+def estimate_speed(
+    model: ModelSpec, device: DeviceSpec, precision: Precision, context: int, concurrency: int
+) -> SpeedEstimate:
+    step_s, bound = decode_step(model, device, precision, context, concurrency)
+    precision = precision.for_device_kind(device.kind)
+    bandwidth = device.decode_bandwidth(precision.weight_bits)
+    flops = device.peak_flops(precision.compute_dtype) * device.compute_efficiency
+    matmul_flops = 2 * model.active_params
 
     # A prefill chunk reads the weights once and does causal attention over half
     # the chunk on average; it is compute bound unless the chunk is tiny.
@@ -92,3 +104,28 @@ def estimate_speed(
         decode_bound=bound,
         prefill_tok_s=chunk / chunk_s,
     )
+
+
+@dataclass(frozen=True)
+class SpeculativeEstimate:
+    tokens_per_step: float  # expected tokens a sequence gains per verification
+    decode_tok_s_per_seq: float
+    speedup: float  # over plain decoding at the same concurrency
+
+
+def expected_tokens_per_step(acceptance: float, num_tokens: int) -> float:
+    """Tokens appended per verification when each proposal is accepted with probability `acceptance`
+    independently, up to the first rejection, plus the target's own token: 1 + a + a^2 + ... + a^k."""
+    return float(num_tokens + 1) if acceptance >= 1 else (1 - acceptance ** (num_tokens + 1)) / (1 - acceptance)
+
+
+def estimate_speculative(model: ModelSpec, device: DeviceSpec, precision: Precision, context: int, concurrency: int,
+                         acceptance: float, num_tokens: int, draft: ModelSpec | None = None) -> SpeculativeEstimate:
+    """Decode speed with `num_tokens` proposals per step accepted at rate `acceptance`; `draft`: the model
+    that proposes (one decode step of it per proposed token), or None for prompt lookup (free)."""
+    plain_s, _ = decode_step(model, device, precision, context, concurrency)
+    verify_s, _ = decode_step(model, device, precision, context, concurrency, queries_per_seq=num_tokens + 1)
+    propose_s = num_tokens * decode_step(draft, device, precision, context, concurrency)[0] if draft else 0.0
+    gained = expected_tokens_per_step(acceptance, num_tokens)
+    per_seq = gained / (verify_s + propose_s)
+    return SpeculativeEstimate(gained, per_seq, per_seq * plain_s)
