@@ -106,8 +106,9 @@ def main() -> None:
     import ray
     from ray import serve
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    with open("/proc/cpuinfo") as info:
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                   platform.processor())
     print(f"{time.strftime('%Y-%m-%d %H:%M')} | {cpu} | {os.cpu_count()} CPUs | load {os.getloadavg()}")
     model_dir = build_model(Path("/tmp/selfhost-scale-llama"))
     step = measure(model_dir)

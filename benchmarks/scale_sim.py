@@ -28,9 +28,9 @@ from pathlib import Path
 # The benchmark model: a ~14M-parameter random Llama, small enough that one CPU core serves a batch
 # at a few hundred tokens/s, so scale-out runs take minutes (the 125M model of the other benchmarks
 # would take an hour on one core per replica).
-SCALE_LLAMA = dict(vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
-                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+SCALE_LLAMA = {"vocab_size": 4096, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6,
+               "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+               "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 
 
 @dataclass(frozen=True)
