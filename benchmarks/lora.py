@@ -44,10 +44,10 @@ from pathlib import Path
 import selfhost  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import torch
 
-FULL = dict(steps=40, snapshot_every=10, batch_size=8, lr=5e-4, kjv_eval_windows=80, plays_eval_tokens=40_960,
-            requests=32, prompt_tokens=24, output_tokens=64, repeats=3)
-QUICK = dict(steps=4, snapshot_every=1, batch_size=2, lr=5e-4, kjv_eval_windows=4, plays_eval_tokens=1_024,
-             requests=8, prompt_tokens=8, output_tokens=4, repeats=1)
+FULL = {"steps": 40, "snapshot_every": 10, "batch_size": 8, "lr": 5e-4, "kjv_eval_windows": 80,
+        "plays_eval_tokens": 40_960, "requests": 32, "prompt_tokens": 24, "output_tokens": 64, "repeats": 3}
+QUICK = {"steps": 4, "snapshot_every": 1, "batch_size": 2, "lr": 5e-4, "kjv_eval_windows": 4,
+         "plays_eval_tokens": 1_024, "requests": 8, "prompt_tokens": 8, "output_tokens": 4, "repeats": 1}
 CONTEXT = 256
 RANK, ALPHA = 2, 4.0
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

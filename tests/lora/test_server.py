@@ -57,6 +57,10 @@ def test_bad_lora_argument_is_refused(tiny_checkpoint, tmp_path):
     settings = ServerSettings(models=[str(tiny_checkpoint("llama"))], lora=["no-folder"])
     with pytest.raises(APIError, match="NAME=FOLDER"):
         asyncio.run(ModelRegistry(settings).preload())
+    rank8 = make_peft_adapter(tiny_checkpoint("llama"), tmp_path / "rank8", ["q_proj"], r=8, lora_alpha=8)
+    settings = ServerSettings(models=[str(tiny_checkpoint("llama"))], lora=[f"big={rank8}"], max_lora_rank=4)
+    with pytest.raises(APIError, match="big=.*rank 8, more than max_lora_rank=4"):  # at start-up, not on first use
+        asyncio.run(ModelRegistry(settings).preload())
 
 
 # -- adapters added and removed while serving (--allow-load) ------------------------------------------

@@ -183,3 +183,16 @@ def test_added_adapter_is_checked_before_it_is_registered(adapters, tiny_checkpo
     with pytest.raises(AdapterError, match="already loaded"):
         llm.adapters.add("a0", folders["a1"])
     assert llm.adapters.names == ["a0"]
+
+
+def test_an_added_adapter_is_read_before_its_first_request(adapters, tmp_path):
+    import shutil
+
+    model_dir, folders = adapters
+    expected = LLM(str(model_dir), lora={"a1": str(folders["a1"])}, max_lora_rank=8).generate(
+        [PROMPTS[1]], GREEDY, lora="a1")[0].token_ids
+    llm = LLM(str(model_dir), lora={"a0": str(folders["a0"])}, max_lora_rank=8)
+    copy = shutil.copytree(folders["a1"], tmp_path / "a1")
+    llm.adapters.add("a1", copy)
+    shutil.rmtree(copy)  # the engine's first use of it must not need the disk
+    assert llm.generate([PROMPTS[1]], GREEDY, lora="a1")[0].token_ids == expected

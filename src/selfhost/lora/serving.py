@@ -152,6 +152,11 @@ class AdapterInfo:
     num_params: int
 
 
+def describe(folder: Path, adapter: Adapter) -> AdapterInfo:
+    return AdapterInfo(Path(folder), max(m.rank for m in adapter.modules.values()),
+                       tuple(sorted({module for _, module in adapter.modules})), adapter.num_params)
+
+
 class AdapterSlots:
     """Named adapters (folders) and the `max_loras` slots they are loaded into on demand.
 
@@ -173,7 +178,8 @@ class AdapterSlots:
         self.model, self.max_loras, self.max_rank, self.allow_pickle = model, max_loras, max_rank, allow_pickle
         self._lock = threading.Lock()  # the tables below; `add`/`remove` may come from any thread
         self.folders: dict[str, Path] = {}
-        self.info: dict[str, AdapterInfo] = {}  # what `add` found in each folder it checked
+        self.info: dict[str, AdapterInfo] = {}  # what was found in each folder read so far
+        self._staged: OrderedDict[str, Adapter] = OrderedDict()  # read and checked, waiting for a slot
         self._names_used: set[str] = set()
         self.users = [0] * max_loras  # running requests per slot
         self.loaded: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
@@ -196,30 +202,19 @@ class AdapterSlots:
     # -- the table of names (any thread) ---------------------------------------
 
     def register(self, name: str, folder: Path) -> None:
-        """Name a folder; it is read when a request first uses it (see `add` to check it now)."""
-        if not name or name != name.strip():
-            raise InvalidParameterError(f"adapter name {name!r} must be non-empty, without surrounding spaces")
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise AdapterError(f"adapter {name!r}: {folder} is not a folder")
+        """Name a folder; it is read when a request first uses it (`add` reads and checks it now)."""
+        folder = self._check_name(name, folder)
         with self._lock:
-            if name in self.folders:
-                raise AdapterError(f"an adapter named {name!r} is already registered")
-            self.folders[name] = folder
-            self._names_used.add(name)
-
-    def check(self, folder: Path) -> AdapterInfo:
-        """Read an adapter folder and check it fits this base and the slots; raises AdapterError."""
-        adapter = self._read(Path(folder), name=str(folder))
-        return AdapterInfo(Path(folder), max(m.rank for m in adapter.modules.values()),
-                           tuple(sorted({module for _, module in adapter.modules})), adapter.num_params)
+            self._register_locked(name, folder)
 
     def add(self, name: str, folder: Path) -> tuple[str, AdapterInfo]:
-        """Check `folder` now and register it; returns the key requests name it by, and what it holds.
+        """Read and check `folder` now (on the caller's thread) and register it; returns the key
+        requests name it by, and what it holds. Raises AdapterError, and then registers nothing.
 
         The key is `name`, unless an adapter of that name was removed before: then a fresh key, so
         prefix-cache entries made with the old weights (keyed by adapter) are never reused."""
-        info = self.check(folder)
+        folder = self._check_name(name, folder)
+        adapter = self._read(folder, name)
         with self._lock:
             if name in self.folders:
                 raise AdapterError(f"an adapter named {name!r} is already loaded; remove it first")
@@ -227,9 +222,44 @@ class AdapterSlots:
             while key in self._names_used:
                 n += 1
                 key = f"{name}#{n}"
-        self.register(key, folder)
-        self.info[key] = info
-        return key, info
+            self._register_locked(key, folder)
+            self._stage_locked(key, adapter)
+            return key, self.info[key]
+
+    def prefetch(self, key: str) -> AdapterInfo:
+        """Read and check a registered adapter now, so its first request does not wait for the disk."""
+        with self._lock:
+            if key not in self.folders:
+                raise InvalidParameterError(f"unknown adapter {key!r}", param="lora")
+            folder = self.folders[key]
+        adapter = self._read(folder, key)
+        with self._lock:
+            if self.folders.get(key) == folder:
+                self._stage_locked(key, adapter)
+        return self.info.get(key) or describe(folder, adapter)
+
+    @staticmethod
+    def _check_name(name: str, folder: Path) -> Path:
+        if not name or name != name.strip():
+            raise InvalidParameterError(f"adapter name {name!r} must be non-empty, without surrounding spaces")
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise AdapterError(f"adapter {name!r}: {folder} is not a folder")
+        return folder
+
+    def _register_locked(self, name: str, folder: Path) -> None:
+        if name in self.folders:
+            raise AdapterError(f"an adapter named {name!r} is already registered")
+        self.folders[name] = folder
+        self._names_used.add(name)
+
+    def _stage_locked(self, key: str, adapter: Adapter) -> None:
+        # Read off the engine's thread; the first load into a slot takes it from here. At most
+        # max_loras wait (the oldest is dropped, and read again from its folder when first used).
+        self.info[key] = describe(self.folders[key], adapter)
+        self._staged[key] = adapter
+        while len(self._staged) > self.max_loras:
+            self._staged.popitem(last=False)
 
     def remove(self, key: str) -> None:
         """Forget an adapter: new requests cannot name it; running ones finish with it."""
@@ -237,6 +267,7 @@ class AdapterSlots:
             if self.folders.pop(key, None) is None:
                 raise InvalidParameterError(f"unknown adapter {key!r}", param="lora")
             self.info.pop(key, None)
+            self._staged.pop(key, None)
             slot = self.loaded.pop(key, None)
             if slot is not None:
                 self._retired.add(slot)
@@ -303,7 +334,7 @@ class AdapterSlots:
         return adapter
 
     def _load(self, key: str, slot: int) -> None:
-        adapter = self._read(self.folders[key], key)
+        adapter = self._staged.pop(key, None) or self._read(self.folders[key], key)
         per_module: dict[tuple[int, str], dict] = {}
         for (layer_idx, module), m in adapter.modules.items():
             fused, shard = PACKED_WEIGHTS.get(module, (module, 0))

@@ -166,7 +166,7 @@ class ModelRegistry:
             served.llm.adapters.allow_pickle = self.settings.lora_allow_pickle
             try:  # every --lora folder is read and checked against this base now, not on its first request
                 for adapter, folder in (loras or {}).items():
-                    await asyncio.to_thread(served.llm.adapters.check, Path(folder))
+                    await asyncio.to_thread(served.llm.adapters.prefetch, adapter)
             except SelfhostError as err:
                 await asyncio.to_thread(self._release, served)
                 raise APIError(f"--lora {adapter}={folder}: {err}", 400, param="lora", code="invalid_adapter") from err
