@@ -94,6 +94,10 @@ def test_unknown_adapter_and_rank_too_big(adapters):
         llm.generate([PROMPTS[0]], GREEDY, lora="nope")
     with pytest.raises(AdapterError, match="rank 6, more than max_lora_rank=4"):
         llm.generate([PROMPTS[0]], GREEDY, lora="a2")
+    assert llm.adapters.users == [0] * llm.adapters.max_loras  # the failed load gave its slot back
+    llm.adapters.add("a0", folders["a0"])
+    alone = LLM(str(model_dir), lora={"a0": str(folders["a0"])}).generate([PROMPTS[0]], GREEDY, lora="a0")
+    assert llm.generate([PROMPTS[0]], GREEDY, lora="a0")[0].token_ids == alone[0].token_ids
     with pytest.raises(InvalidParameterError, match="serves no adapters"):
         LLM(str(model_dir)).generate([PROMPTS[0]], GREEDY, lora="a2")
 

@@ -37,10 +37,10 @@ from selfhost.errors import SelfhostError
 from selfhost.lora.adapter_format import Adapter, LoraConfig, write_adapter
 from selfhost.lora.apply import add_trainable_adapter, extract_adapter
 from selfhost.lora.data import Example
-from selfhost.train.export import staged_folder
 from selfhost.models.decoder import CausalLM
 from selfhost.train.attention import BatchCausalAttention
 from selfhost.train.config import TrainConfig
+from selfhost.train.export import staged_folder
 from selfhost.train.trainer import lr_factor
 
 CHECKPOINT_VERSION = 1

@@ -14,9 +14,9 @@ from pathlib import Path
 from selfhost.errors import UnsupportedModelError
 from selfhost.lora.adapter_format import Adapter, AdapterError, module_path
 from selfhost.lora.apply import check_fits
-from selfhost.train.export import staged_folder
 from selfhost.models.families import spec_from_config
 from selfhost.models.loader import read_config, weight_files
+from selfhost.train.export import staged_folder
 
 
 def merge_adapter(model_dir: Path, adapter: Adapter, out: Path, overwrite: bool = False) -> int:

@@ -284,25 +284,42 @@ class AdapterSlots:
     # -- slots (the engine's thread) --------------------------------------------
 
     def acquire(self, key: str) -> int:
-        """The slot holding adapter `key` (loaded now if needed), held until `release`."""
+        """The slot holding adapter `key` (loaded now if needed), held until `release`.
+
+        Called on the engine's thread, the only one that changes the packed weights; the lock
+        covers the tables alone, so a server thread asking `can_acquire` never waits for a load."""
+        self._empty_retired()
         with self._lock:
             if key not in self.folders:
                 raise InvalidParameterError(f"unknown adapter {key!r}; loaded: {', '.join(self.names) or 'none'}",
                                             param="lora")
-            self._empty_retired()
-            if key not in self.loaded:
-                slot = self._free_slot_locked()
-                if slot is None:
-                    raise AdapterSlotsBusyError(f"all {self.max_loras} adapter slots are held by running requests; "
-                                                "retry when some finish, or raise max_loras")
-                evicted = next((name for name, s in self.loaded.items() if s == slot), None)
-                if evicted is not None:
-                    del self.loaded[evicted]
-                self._load(key, slot)
-            self.loaded.move_to_end(key)
-            slot = self.loaded[key]
-            self.users[slot] += 1
-            return slot
+            if key in self.loaded:
+                self.loaded.move_to_end(key)
+                slot = self.loaded[key]
+                self.users[slot] += 1
+                return slot
+            slot = self._free_slot_locked()
+            if slot is None:
+                raise AdapterSlotsBusyError(f"all {self.max_loras} adapter slots are held by running requests; "
+                                            "retry when some finish, or raise max_loras")
+            evicted = next((name for name, s in self.loaded.items() if s == slot), None)
+            if evicted is not None:
+                del self.loaded[evicted]
+            self.users[slot] += 1  # reserved while it loads
+            folder, adapter = self.folders[key], self._staged.pop(key, None)
+        try:
+            self._fill(slot, adapter or self._read(folder, key))
+        except BaseException:
+            with self._lock:
+                self.users[slot] -= 1
+                self._retired.add(slot)  # whatever it holds now is emptied before the slot is used again
+            raise
+        with self._lock:
+            if self.folders.get(key) == folder:
+                self.loaded[key] = slot
+            else:  # removed while it loaded: this request finishes with it, then the slot empties
+                self._retired.add(slot)
+        return slot
 
     def release(self, slot: int) -> None:
         with self._lock:
@@ -311,19 +328,23 @@ class AdapterSlots:
 
     def _free_slot_locked(self) -> int | None:
         """An empty slot, else the least recently used unheld one; None when every slot is held."""
-        taken = set(self.loaded.values()) | {s for s in self._retired if self.users[s] > 0}
+        taken = set(self.loaded.values()) | {slot for slot, users in enumerate(self.users) if users > 0}
         for slot in range(self.max_loras):
             if slot not in taken:
                 return slot
         return next((slot for slot in self.loaded.values() if self.users[slot] == 0), None)
 
     def _empty_retired(self) -> None:
-        for slot in [s for s in self._retired if self.users[s] == 0]:
-            self._retired.discard(slot)
-            if slot not in self.loaded.values():
-                for wrapped in self.modules.values():
-                    if slot in wrapped.filled:
-                        wrapped.load_slot(slot, {})
+        """Empty the slots of removed adapters that no request holds any more (engine thread)."""
+        if not self._retired:
+            return
+        with self._lock:
+            done = [s for s in self._retired if self.users[s] == 0 and s not in self.loaded.values()]
+            self._retired.difference_update(done)
+        for slot in done:
+            for wrapped in self.modules.values():
+                if slot in wrapped.filled:
+                    wrapped.load_slot(slot, {})
 
     def _read(self, folder: Path, name: str) -> Adapter:
         adapter = read_adapter(folder, allow_pickle=self.allow_pickle)
@@ -333,22 +354,19 @@ class AdapterSlots:
             raise AdapterError(f"adapter {name!r} has rank {rank}, more than max_lora_rank={self.max_rank}")
         return adapter
 
-    def _load(self, key: str, slot: int) -> None:
-        adapter = self._staged.pop(key, None) or self._read(self.folders[key], key)
+    def _fill(self, slot: int, adapter: Adapter) -> None:
+        """Put `adapter` in `slot` of every projection (and take the slot's previous adapter out)."""
         per_module: dict[tuple[int, str], dict] = {}
         for (layer_idx, module), m in adapter.modules.items():
             fused, shard = PACKED_WEIGHTS.get(module, (module, 0))
             per_module.setdefault((layer_idx, fused), {})[shard] = (m.lora_a, m.lora_b, m.scale)
-        for key_, wrapped in self.modules.items():
-            if key_ in per_module or slot in wrapped.filled:
-                wrapped.load_slot(slot, per_module.get(key_, {}))
-        self.loaded[key] = slot
+        for key, wrapped in self.modules.items():
+            if key in per_module or slot in wrapped.filled:
+                wrapped.load_slot(slot, per_module.get(key, {}))
 
     def begin_step(self, row_slots: list[tuple[int | None, int]], device: torch.device) -> None:
         """row_slots: (slot or None, number of rows) per chunk, in the step's row order."""
-        if self._retired:
-            with self._lock:
-                self._empty_retired()
+        self._empty_retired()
         present = {slot for slot, _ in row_slots if slot is not None}
         if not present:
             self.end_step()
