@@ -287,3 +287,44 @@ def test_bf16_cache_prefill_kernel_matches_torch_path(num_heads, num_kv_heads, h
         meta.num_threads = threads
         results[use_kernel] = cache.attend(1, q, k, v, scale, window, None)
     assert (results[True] - results[False]).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 2, 32, 4)])
+@needs_kernel
+def test_fused_step_with_a_verification_sees_its_own_earlier_keys(num_heads, num_kv_heads, head_dim, block_size,
+                                                                   threads, isa):
+    """A speculative verification enters as one single-token query per position of one sequence: with
+    store_first every key is written before any query attends, so query i sees keys i' < i of the step."""
+    from selfhost.layers.rotary import apply_rotary
+
+    seq_lens, checked = [40, 9, 70], [4, 1, 6]  # context after the step, and how many of its last tokens are queries
+    # Latest position first: without store_first, the first query attended would read slots no one wrote yet.
+    lens = [n - i for n, c in zip(seq_lens, checked) for i in range(c)]
+    owner = [s for s, c in enumerate(checked) for _ in range(c)]
+    scale = head_dim**-0.5
+    gen = torch.Generator().manual_seed(5)
+    cos = torch.randn(len(lens), 1, head_dim, generator=gen)
+    sin = torch.randn(len(lens), 1, head_dim, generator=gen)
+    heads = torch.randn(len(lens), num_heads + 2 * num_kv_heads, head_dim, generator=gen)
+    outs, caches = [], []
+    for fused in (True, False):
+        cache, seq_tables, _ = random_cache(num_kv_heads, head_dim, block_size, seq_lens, seed=13)
+        tables = [seq_tables[s] for s in owner]
+        max_blocks = max(len(t) for t in tables)
+        cache.meta = StepMetadata(
+            slot_mapping=torch.tensor([t[(n - 1) // block_size] * block_size + (n - 1) % block_size
+                                       for t, n in zip(tables, lens)]),
+            num_single=len(lens), single_block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables]),
+            single_context_lens=torch.tensor(lens), chunks=[], num_threads=threads, store_first=True,
+        )
+        if fused:
+            out = cache.rope_attend_decode(0, heads, cos, sin, num_heads, scale, None, None)
+        else:
+            rotated = apply_rotary(heads[:, : num_heads + num_kv_heads], cos, sin)
+            out = cache.attend(0, rotated[:, :num_heads], rotated[:, num_heads:], heads[:, num_heads + num_kv_heads:],
+                               scale, None, None)
+        outs.append(out)
+        caches.append(cache)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert (outs[0] - outs[1]).abs().max() < 1e-5

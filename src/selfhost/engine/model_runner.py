@@ -47,6 +47,16 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.cpu_threads = CpuThreads.for_this_process() if device.type == "cpu" else None
 
+    @property
+    def verify_as_single_queries(self) -> bool:
+        """Verifications go through the fused decode kernel as single-token queries (it reads each
+        query's keys in place, so k + 1 queries cost k + 1 reads of a context a decode step reads once);
+        elsewhere they are prompt-like chunks."""
+        return self.cache.use_cpu_kernel
+
+    def _is_multi_token_query(self, chunk: ScheduledChunk) -> bool:
+        return chunk.num_tokens != 1 and not (chunk.proposed and self.verify_as_single_queries)
+
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
@@ -60,6 +70,7 @@ class ModelRunner:
         single_tables: list[list[int]] = []
         single_lens: list[int] = []
         multi: list[tuple[int, int, int, list[int]]] = []
+        store_first = False
         for chunk in chunks:
             seq, start, num = chunk.seq, chunk.start, chunk.num_tokens
             input_ids.extend(seq.token_ids[start : start + chunk.num_own_tokens])
@@ -67,9 +78,11 @@ class ModelRunner:
             positions.extend(range(start, start + num))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + num))
-            if num == 1:
-                single_tables.append(table)
-                single_lens.append(start + 1)
+            if num == 1 or (chunk.proposed and self.verify_as_single_queries):
+                # A verification as single-token queries: position start + i sees start + i + 1 keys.
+                single_tables.extend([table] * num)
+                single_lens.extend(range(start + 1, start + num + 1))
+                store_first |= num > 1
             else:
                 multi.append((len(input_ids) - num, num, start, table))
         # Pad tables only to the longest context in the step, not the longest table.
@@ -83,6 +96,7 @@ class ModelRunner:
             single_context_lens=self._tensor(single_lens) if single_lens else None,
             chunks=[(first, num, start, self._tensor(table)) for first, num, start, table in multi],
             num_threads=num_threads,
+            store_first=store_first,
         )
         return self._tensor(input_ids), self._tensor(positions), meta
 
@@ -112,7 +126,7 @@ class ModelRunner:
     def _forward(self, chunks: list[ScheduledChunk], num_threads: int) -> tuple[list[ScheduledChunk], torch.Tensor]:
         """The step's hidden states; rows follow the returned order of the chunks."""
         # Single-token queries first: they are attended as one batch (see paged_cache).
-        chunks = sorted(chunks, key=lambda c: c.num_tokens != 1)
+        chunks = sorted(chunks, key=self._is_multi_token_query)
         input_ids, positions, meta = self._prepare(chunks, num_threads)
         self.cache.meta = meta
         if self.adapters is not None:
@@ -144,8 +158,8 @@ class ModelRunner:
             rows.extend(range(first, first + chunk.num_tokens))
         if not rows:
             return StepResult([], None, prompt_logprobs)
-        every_row = len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1  # rows ascend: all of them, in order
-        logits = self.model.compute_logits(hidden if every_row else hidden[rows], num_threads)
+        in_order = rows == list(range(hidden.shape[0]))  # every row, as laid out: no gather needed
+        logits = self.model.compute_logits(hidden if in_order else hidden[rows], num_threads)
         verified, i = [], num_sampled
         for chunk, _ in verifying:
             verified.append((chunk, logits[i:i + chunk.num_tokens]))

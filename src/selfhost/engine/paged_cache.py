@@ -62,6 +62,9 @@ class StepMetadata:
     # Multi-token chunks: (first token index in the step, num tokens, start position, block table)
     chunks: list[tuple[int, int, int, torch.Tensor]]
     num_threads: int = 1  # threads the attention kernels take this step (the engine's choice, cpu_threads.py)
+    # Some sequence has several single-token queries (a speculative verification, laid out as one query
+    # per checked position): every key must be in the cache before any of them attends.
+    store_first: bool = False
     # Additive score masks of the single-token queries, per sliding window: built
     # by the first layer that needs one, reused by every other layer of the step.
     single_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
@@ -229,7 +232,7 @@ class PagedKVCache:
             tables.data_ptr(), meta.single_context_lens.data_ptr(), out.data_ptr(),
             num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks, tables.shape[1],
             scale, softcap or 0.0, sliding_window or 0,
-            meta.num_threads, self.kv_bf16,
+            meta.num_threads, self.kv_bf16, meta.store_first,
         )  # fmt: skip
         return out
 
