@@ -82,13 +82,12 @@ class EngineReplica:
     def stats(self) -> dict[str, Any]:
         import ray
 
-        engine = self.engine.engine
-        s, bm = engine.stats(), engine.block_manager
+        s = self.engine.engine.stats()
         return {
             "replica": self.replica, "actor_name": ray.get_runtime_context().get_actor_name(), "pid": os.getpid(),
             "num_running": s.num_running, "num_waiting": s.num_waiting, "kv_blocks_used": s.kv_blocks_used,
-            "kv_blocks_total": s.kv_blocks_total, "prefix_hit_tokens": bm.prefix_hit_tokens,
-            "prefix_queried_tokens": bm.prefix_queried_tokens, "num_preemptions": s.num_preemptions,
+            "kv_blocks_total": s.kv_blocks_total, "prefix_hit_tokens": s.prefix_hit_tokens,
+            "prefix_queried_tokens": s.prefix_queried_tokens, "num_preemptions": s.num_preemptions,
             "num_steps": s.num_steps, "num_requests": self.num_requests, "time": time.time(),
         }
 

@@ -48,6 +48,9 @@ class EngineStats:
     tokens_last_step: int
     num_steps: int
     num_preemptions: int
+    # The hit rate's parts: prompt tokens admitted, and those served from the prefix cache (they add up across engines).
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
     # CPU only: BLAS threads the engine settled on for small (decode) and large (prefill, big batch) steps.
     cpu_threads_small_steps: int | None = None
     cpu_threads_large_steps: int | None = None
@@ -281,6 +284,8 @@ class LLMEngine:
             tokens_last_step=self._tokens_last_step,
             num_steps=self._num_steps,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_queried_tokens=bm.prefix_queried_tokens,
+            prefix_hit_tokens=bm.prefix_hit_tokens,
             cpu_threads_small_steps=threads.small_steps.current if threads else None,
             cpu_threads_large_steps=threads.large_steps.current if threads else None,
             weight_dtype=self.weight_dtype,

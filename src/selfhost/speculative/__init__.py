@@ -1,7 +1,11 @@
-"""Speculative decoding's building blocks (issue 24; not yet wired into the engine's steps).
+"""Speculative decoding in the batching engine (issue 24).
 
-ngram.py     prompt-lookup proposals: continue the longest recent n-gram match
-verify.py    accepting proposals: greedy (exact match) and rejection sampling (the target's
-             distribution, exactly)
-adaptive.py  how many tokens to propose next, from the recent acceptance of each sequence
+config.py       SpeculativeConfig: "ngram" or "draft:PATH", and the most tokens proposed per step
+speculator.py   the engine's side: proposals before a step, verification after it, statistics
+ngram.py        prompt-lookup proposals: continue the longest recent n-gram match (an incremental index)
+draft.py        a draft model's proposals, on the engine's own runner with its own paged KV cache
+verify.py       accepting proposals: greedy (exact match) and rejection sampling (the target's
+                distribution, exactly)
+adaptive.py     how many tokens to propose next, from the recent acceptance of each sequence
+step_cost.py    when proposals pay: step time by token count, measured as the engine runs
 """
