@@ -8,6 +8,7 @@ import pytest
 
 from selfhost import LLM, SamplingParams
 from selfhost.errors import InvalidParameterError
+from tests.engine.test_batching import run_staggered
 from tests.tiny_models import make_tiny_checkpoint, make_tiny_model
 
 
@@ -17,21 +18,9 @@ def target(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def draft(tmp_path_factory, target):
-    """The target with noise on its weights and the same tokenizer: it agrees with the target often, not always."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path_factory.mktemp("draft")
-    shutil.copytree(target, folder, dirs_exist_ok=True)
-    weights = load_file(folder / "model.safetensors")
-    generator = torch.Generator().manual_seed(7)
-    noisy = {name: w + 0.5 * w.std() * torch.randn(w.shape, generator=generator) if w.dim() == 2 else w
-             for name, w in weights.items()}
-    save_file(noisy, folder / "model.safetensors", metadata={"format": "pt"})
-    return str(folder)
+def draft(noisy_copy, target):
+    """The target with noise on its weights: it agrees with the target often, not always."""
+    return noisy_copy(target, noise=0.5, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +37,6 @@ def workload(n=16, seed=0, vocab=512):
         prompts.append((motif * rng.randint(1, 8))[: rng.randint(3, 80)])
     params = [SamplingParams(max_tokens=rng.randint(1, 40), temperature=0, ignore_eos=True) for _ in range(n)]
     return prompts, params
-
-
-def run_staggered(llm, prompts, params, arrivals_per_step=3):
-    """Requests arrive a few per step while earlier ones are mid-prefill, mid-decode or mid-verification."""
-    engine = llm.engine
-    pending = list(zip(range(len(prompts)), prompts, params))
-    seqs = {}
-    while pending or engine.has_work:
-        for _ in range(arrivals_per_step):
-            if pending:
-                i, p, sp = pending.pop(0)
-                seqs[i] = engine.add_request(f"r{i}", p, sp)
-        engine.step()
-    return [seqs[i].output_ids for i in range(len(prompts))]
 
 
 def run_batch(llm, prompts, params):

@@ -9,7 +9,6 @@ accepted and rejected proposals occur, and a verification can keep two proposals
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -28,16 +27,8 @@ def target(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def noisy_draft(tmp_path_factory, target):
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path_factory.mktemp("noisy-draft")
-    shutil.copytree(target, folder, dirs_exist_ok=True)
-    weights = load_file(folder / "model.safetensors")
-    generator = torch.Generator().manual_seed(3)
-    save_file({n: w + 0.3 * w.std() * torch.randn(w.shape, generator=generator) if w.dim() == 2 else w
-               for n, w in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
-    return str(folder)
+def noisy_draft(noisy_copy, target):
+    return noisy_copy(target, noise=0.3, seed=3)
 
 
 @pytest.fixture(scope="module")
