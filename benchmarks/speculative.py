@@ -123,7 +123,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("/tmp/selfhost-speculative"))
     parser.add_argument("--draft", type=Path, default=None, help="draft model folder (default: build one)")
-    parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    # Prompt lookup's proposals cost nothing to make, so it may propose more; a draft pays a pass per token.
+    parser.add_argument("--ngram-tokens", type=int, default=8, help="num_speculative_tokens for prompt lookup")
+    parser.add_argument("--draft-tokens", type=int, default=3, help="num_speculative_tokens for the draft model")
     args = parser.parse_args()
     budget = QUICK if args.quick else FULL
     if args.threads:
@@ -141,17 +143,18 @@ def main() -> None:
     limits = measure_machine_limits(threads)
     print("\n".join(describe(limits)))
     tok = Tokenizer(resolve_model(None)).hf
+    tok.model_max_length = 1 << 30  # the corpus is cut into passages here, not fed whole to the model
     data = workloads(tok, corpus_split(tok), budget["prompts"])
-    k = args.num_speculative_tokens
     # The CLI's defaults (weight_dtype="auto") for every arm: what a user gets.
     common = dict(weight_dtype="auto", max_num_seqs=64)
     plain = LLM(**common)
-    ngram = LLM(speculative="ngram", num_speculative_tokens=k, **common)
-    drafted = LLM(speculative=f"draft:{draft}", num_speculative_tokens=k, **common)
+    ngram = LLM(speculative="ngram", num_speculative_tokens=args.ngram_tokens, **common)
+    drafted = LLM(speculative=f"draft:{draft}", num_speculative_tokens=args.draft_tokens, **common)
     greedy = SamplingParams(max_tokens=budget["max_tokens"], temperature=0, ignore_eos=True)
     sampled = SamplingParams(max_tokens=budget["max_tokens"], temperature=0.8, seed=0, ignore_eos=True)
     print(f"demo model; draft {draft} ({sum(p.numel() for p in drafted.engine.speculator.draft.model.parameters()) / 1e6:.2f}M "
-          f"params vs {sum(p.numel() for p in plain.model.parameters()) / 1e6:.2f}M); K={k}; {budget['prompts']} prompts "
+          f"params vs {sum(p.numel() for p in plain.model.parameters()) / 1e6:.2f}M); K: prompt lookup {args.ngram_tokens}, draft "
+          f"{args.draft_tokens}; {budget['prompts']} prompts "
           f"x {budget['max_tokens']} tokens; {threads} threads; median of {budget['repeats']}")
 
     rows, mismatches = [], []
@@ -181,7 +184,7 @@ def main() -> None:
         tpv = "-" if r["tokens_per_verification"] is None else f"{r['tokens_per_verification']:.2f}"
         print(f"{r['workload']:<8} {r['streams']:>7} {r['arm']:<6} {r['tok_s']:>8.1f} {r['speedup']:>8.2f}x "
               f"{acc:>9} {tpv:>10}")
-    print(f"\nsweep (copy workload, prompt lookup K={k}): streams, plain tok/s, ngram tok/s, ratio, accepted")
+    print(f"\nsweep (copy workload, prompt lookup K={args.ngram_tokens}): streams, plain tok/s, ngram tok/s, ratio, accepted")
     for s in sweep:
         acc = "-" if s["acceptance"] is None else f"{100 * s['acceptance']:.0f}%"
         print(f"  {s['streams']:>3}  {s['plain_tok_s']:>8.1f}  {s['ngram_tok_s']:>8.1f}  {s['speedup']:.2f}x  {acc}")
@@ -200,7 +203,7 @@ def main() -> None:
     for label, ok, value in checks:
         print(f"  [{'met' if ok else 'MISSED'}] {label}: {value:.2f}" if isinstance(value, float)
               else f"  [{'met' if ok else 'MISSED'}] {label}: {value} mismatches {mismatches}")
-    record = dict(machine=limits.__dict__, draft=str(draft), k=k, budget={**budget, "sweep": list(budget["sweep"])},
+    record = dict(machine=limits.__dict__, draft=str(draft), ngram_tokens=args.ngram_tokens, draft_tokens=args.draft_tokens, budget={**budget, "sweep": list(budget["sweep"])},
                   rows=rows, sweep=sweep, checks=[(label, ok) for label, ok, _ in checks])
     (args.out / "speculative.json").write_text(json.dumps(record, indent=1, default=str))
     plot(rows, sweep, args.out / "speculative.png")

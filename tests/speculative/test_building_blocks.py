@@ -119,3 +119,13 @@ def test_step_cost_interpolates_and_speculation_pays_only_while_steps_are_flat()
     assert not speculation_pays(cost, 64, 192, 64, 64 * 1.5)
     cost.record(1, 0.030)  # a running average, not the last value
     assert 0.010 < cost.seconds(1) < 0.030
+
+
+def test_a_gain_within_the_noise_is_not_taken():
+    from selfhost.speculative.step_cost import REQUIRED_GAIN, StepCostModel, speculation_pays
+
+    cost = StepCostModel()
+    cost.record(1, 0.010)
+    cost.record(2, 0.010)
+    assert not speculation_pays(cost, 1, 1, 1, REQUIRED_GAIN - 0.01)  # 4% more tokens at the same cost: no
+    assert speculation_pays(cost, 1, 1, 1, REQUIRED_GAIN + 0.01)
