@@ -50,7 +50,9 @@ class LLM:
     API, one sequence at a time; its precision is the export's).
     `lora={"legal": "./legal-adapter", ...}` serves LoRA adapters (PEFT folders) on
     this base: `generate(..., lora="legal")`; up to `max_loras` are loaded at once
-    (least recently used evicted), each of rank at most `max_lora_rank`.
+    (least recently used evicted), each of rank at most `max_lora_rank`; `lora={}` makes the
+    slots with no adapter yet (`llm.adapters.add(name, folder)` adds them). `allow_pickle` also
+    lets adapters be read from `adapter_model.bin`.
     `speculative="ngram"` (prompt lookup) or `"draft:PATH"` (a smaller model with the same
     tokenizer) turns on speculative decoding: up to `num_speculative_tokens` proposed tokens per
     sequence are verified in one step; outputs are unchanged (greedy: token for token; sampled:
@@ -105,10 +107,10 @@ class LLM:
         )
         self.weight_precision = getattr(self.model, "weight_precision", None)  # set where "auto" chose
         self.adapters = None
-        if lora:  # name -> adapter folder; each loads into one of max_loras slots on first use
+        if lora is not None:  # name -> adapter folder, loaded into one of max_loras slots on first use ({}: none yet)
             from selfhost.lora.serving import AdapterSlots
 
-            self.adapters = AdapterSlots(self.model, lora, max_loras, max_lora_rank)
+            self.adapters = AdapterSlots(self.model, lora, max_loras, max_lora_rank, allow_pickle=allow_pickle)
         self.kv_cache_dtype = pick_kv_cache_dtype(kv_cache_dtype, self.dtype, uses_bf16_weights(self.model))
         self.max_model_len = self.model.max_len
         if kv_cache_memory is None:

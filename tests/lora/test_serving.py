@@ -200,3 +200,12 @@ def test_an_added_adapter_is_read_before_its_first_request(adapters, tmp_path):
     llm.adapters.add("a1", copy)
     shutil.rmtree(copy)  # the engine's first use of it must not need the disk
     assert llm.generate([PROMPTS[1]], GREEDY, lora="a1")[0].token_ids == expected
+
+
+def test_slots_without_adapters_take_one_added_later(adapters):
+    model_dir, folders = adapters
+    llm = LLM(str(model_dir), lora={}, max_loras=2, max_lora_rank=8)
+    assert llm.adapters.names == []
+    key, _ = llm.adapters.add("late", folders["a1"])
+    named = LLM(str(model_dir), lora={"a1": str(folders["a1"])}, max_loras=2, max_lora_rank=8)
+    assert llm.generate(PROMPTS, GREEDY, lora=key)[0].token_ids == named.generate(PROMPTS, GREEDY, lora="a1")[0].token_ids
