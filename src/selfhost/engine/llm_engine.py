@@ -19,12 +19,13 @@ from selfhost.engine.config import EngineConfig
 from selfhost.engine.grammar import GrammarCompiler
 from selfhost.engine.model_runner import ModelRunner
 from selfhost.engine.transformers_runner import TransformersRunner
-from selfhost.engine.paged_cache import PagedKVCache
+from selfhost.engine.latent_cache import kv_cache_type
 from selfhost.engine.scheduler import ScheduledChunk, Scheduler
 from selfhost.engine.sequence import Sequence
 from selfhost.engine.validation import RequestLimits, validate_request
 from selfhost.errors import InvalidParameterError
 from selfhost.host_memory import available_memory_bytes
+from selfhost.lora.errors import AdapterSlotsBusyError
 from selfhost.models.bf16_weights import linear_kernels, weight_dtype_name
 from selfhost.models.decoder import CausalLM
 from selfhost.sampling_params import SamplingParams
@@ -79,7 +80,7 @@ def plan_num_blocks(config: EngineConfig, model: CausalLM, dtype: torch.dtype, d
     budget = config.kv_cache_bytes_or_fraction
     if isinstance(budget, float):
         budget = int(free_memory_bytes(device) * budget)
-    per_block = PagedKVCache.bytes_per_block(model.spec, config.block_size, dtype)
+    per_block = kv_cache_type(model.spec).bytes_per_block(model.spec, config.block_size, dtype)
     num_blocks = budget // per_block
     if num_blocks < 1:
         raise InvalidParameterError(
@@ -106,13 +107,15 @@ class LLMEngine:
         self.linear_kernels = linear_kernels(model)
         num_blocks = plan_num_blocks(config, model, kv_dtype, device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self._take_adapter_slot if adapters is not None else None)
         if getattr(model, "owns_kv_cache", False):
             # The transformers fallback keeps its own caches; blocks still meter their memory.
             self.cache = None
             self.runner = TransformersRunner(model, device)
         else:
-            self.cache = PagedKVCache(model.spec, num_blocks, config.block_size, dtype, device, kv_dtype)
+            # Latent rows for multi-head latent attention (DeepSeek), keys and values otherwise.
+            self.cache = kv_cache_type(model.spec)(model.spec, num_blocks, config.block_size, dtype, device, kv_dtype)
             self.runner = ModelRunner(model, self.cache, device)
         self.grammars = GrammarCompiler(tokenizer, model.spec.vocab_size, tokenizer.eos_token_ids)
         self.runner.grammars = self.grammars
@@ -126,6 +129,7 @@ class LLMEngine:
         )
         self.speculator = self._make_speculator(speculative, draft_model, num_blocks, dtype, device)
         self.sequences: dict[str, Sequence] = {}
+        self._unadmittable: list[Sequence] = []  # waiting requests whose adapter can no longer be loaded
         self._tokens_last_step = 0
         self._num_steps = 0
         log.info(
@@ -133,7 +137,7 @@ class LLMEngine:
             num_blocks,
             config.block_size,
             self.capacity_tokens,
-            num_blocks * PagedKVCache.bytes_per_block(model.spec, config.block_size, kv_dtype) / 2**30,
+            num_blocks * kv_cache_type(model.spec).bytes_per_block(model.spec, config.block_size, kv_dtype) / 2**30,
             str(kv_dtype).removeprefix("torch."),
         )
 
@@ -181,7 +185,10 @@ class LLMEngine:
         max_output = self.limits.output_budget(len(prompt_ids), params.max_tokens)
         seq = Sequence(request_id, list(prompt_ids), params, self.tokenizer, max_output)
         if lora is not None:
-            seq.lora_slot = self.adapters.acquire(lora)
+            if lora not in self.adapters.loaded:
+                # An unknown name, an unreadable folder, a rank too high: refused now, not at admission.
+                self.adapters.prefetch(lora)
+            seq.lora_name = lora  # its slot is taken when it is admitted (_take_adapter_slot)
             # Another adapter's keys and values differ: its cached prefixes are its own.
             cache_salt = (cache_salt or b"") + b"\0lora\0" + lora.encode()
         seq.cache_root = cache_root(cache_salt)
@@ -201,6 +208,11 @@ class LLMEngine:
         return seq
 
     @property
+    def last_step_was_empty(self) -> bool:
+        """The last step found nothing it could run (its waiting requests wait for an adapter slot)."""
+        return self._tokens_last_step == 0
+
+    @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
@@ -210,14 +222,17 @@ class LLMEngine:
             self.speculator.propose(self.scheduler.running, self.config.max_num_batched_tokens)
         started = time.perf_counter()
         chunks = self.scheduler.schedule()
+        aborted = [self.abort(seq.request_id) for seq in self._unadmittable]
+        self._unadmittable.clear()
         if not chunks:
-            return []
+            self._tokens_last_step = 0
+            return [seq for seq in aborted if seq is not None]
         result = self.runner.run(chunks)
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
         for seq, scored in result.prompt_logprobs:
             seq.prompt_logprobs.extend(scored)
-        updated = []
+        updated = [seq for seq in aborted if seq is not None]
         if result.sampled is not None:
             sampled = result.sampled
             for chunk, token_id, logprob in zip(result.finishing, sampled.token_ids, sampled.logprobs):
@@ -253,6 +268,20 @@ class LLMEngine:
         # (the target's own) has none yet, exactly as after a plain decode step.
         seq.num_computed_tokens = chunk.start + chunk.num_own_tokens + len(tokens) - 1
         self.block_manager.trim(seq)
+
+    def _take_adapter_slot(self, seq: Sequence) -> bool:
+        """Admission of a request for an adapter: it waits while every slot runs other adapters."""
+        if seq.lora_name is None or seq.lora_slot is not None:
+            return True
+        try:
+            seq.lora_slot = self.adapters.acquire(seq.lora_name)
+        except AdapterSlotsBusyError:
+            return False
+        except Exception:  # removed, or its folder became unreadable, since it was queued
+            log.exception("adapter %r could not be loaded for request %s", seq.lora_name, seq.request_id)
+            self._unadmittable.append(seq)
+            return False
+        return True
 
     def _release(self, seq: Sequence) -> None:
         if seq.lora_slot is not None:

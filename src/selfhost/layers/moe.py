@@ -1,12 +1,14 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): each token runs its top-k experts.
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen MoE, DeepSeek V2/V3): each token runs its top-k experts.
 
-A router scores every expert per token (softmax in fp32, as the reference does), keeps the top
-k, and optionally renormalises their weights to sum to one. Tokens are then grouped by expert:
+A router scores every expert per token (layers/router.py: softmax top-k, or DeepSeek's
+group-limited methods, in fp32 as the references do), keeps the top k, and optionally
+renormalises and scales their weights. Tokens are then grouped by expert:
 one sort of the (token, expert) pairs, and each expert that has tokens in this step runs once on
 all of them with the ordinary Linear kernels (so bf16 weights, int8/int4 and the CPU kernels apply
 to experts as to any MLP); one gather returns the outputs to token order, weighted and summed. Experts nobody chose
 this step cost nothing, which is what makes a sparse model cheap to decode. Qwen2-MoE adds a
-shared expert that every token runs, scaled by its own sigmoid gate.
+shared expert that every token runs, scaled by its own sigmoid gate; DeepSeek's shared experts
+(one MLP as wide as all of them) are added ungated.
 """
 
 from __future__ import annotations
@@ -16,26 +18,35 @@ from torch import nn
 
 from selfhost.layers.linear import Linear
 from selfhost.layers.mlp import GatedMLP
+from selfhost.layers.router import route
 
 
 class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, expert_size: int, num_experts: int, top_k: int, normalize_top_k: bool,
-                 activation: str, shared_expert_size: int = 0):
+                 activation: str, shared_expert_size: int = 0, shared_expert_gated: bool = True,
+                 routing: str = "softmax_top_k", num_groups: int = 1, top_k_groups: int = 1,
+                 routed_scaling_factor: float = 1.0):
+        """routing: a key of layers.router.ROUTING; "noaux_tc" adds the router's score-correction bias."""
         super().__init__()
         self.num_experts, self.top_k, self.normalize_top_k = num_experts, top_k, normalize_top_k
+        self.routing, self.num_groups, self.top_k_groups = routing, num_groups, top_k_groups
+        self.routed_scaling_factor = routed_scaling_factor
         self.gate = Linear(hidden_size, num_experts, bias=False)  # the router
+        # DeepSeek V3's per-expert bias on the scores that choose experts (checkpoint: gate.e_score_correction_bias)
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts) if routing == "noaux_tc" else None)
         self.experts = nn.ModuleList(GatedMLP(hidden_size, expert_size, activation, bias=False)
                                      for _ in range(num_experts))
         self.shared_expert = GatedMLP(hidden_size, shared_expert_size, activation, bias=False) \
             if shared_expert_size else None
-        self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_expert_size else None
+        self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_expert_size and shared_expert_gated \
+            else None
 
     def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
         """(T, hidden) -> (T, hidden)."""
-        probs = self.gate.forward(x, num_threads).float().softmax(dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)  # (T, k) each
-        if self.normalize_top_k:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, experts = route(
+            self.gate.forward(x, num_threads).float(), self.routing, self.top_k, self.normalize_top_k,
+            self.num_groups, self.top_k_groups, self.routed_scaling_factor, self.e_score_correction_bias,
+        )  # (T, k) each
         weights = weights.to(x.dtype)
         # Group the T * k (token, expert) pairs by expert with one sort; each chosen expert runs once on
         # its rows, writing a contiguous slice of `results`; one gather puts the pairs back in token
@@ -53,6 +64,8 @@ class SparseMoE(nn.Module):
         pairs = results[order.argsort()].view(x.shape[0], self.top_k, x.shape[1])
         out = (pairs * weights.unsqueeze(-1)).sum(dim=1)
         if self.shared_expert is not None:
-            gate = torch.sigmoid(self.shared_expert_gate.forward(x, num_threads))
-            out = out + gate * self.shared_expert.forward(x, num_threads)
+            shared = self.shared_expert.forward(x, num_threads)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate.forward(x, num_threads)) * shared
+            out = out + shared
         return out

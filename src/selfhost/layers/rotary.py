@@ -31,6 +31,10 @@ class RopeSpec:
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None
     attention_factor: float = 1.0
+    # yarn (DeepSeek V2/V3): the band of dims between these rotation counts is interpolated
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
 
 def _base_inv_freq(spec: RopeSpec) -> torch.Tensor:
@@ -58,6 +62,26 @@ def _longrope_inv_freq(spec: RopeSpec, factors: tuple[float, ...]) -> torch.Tens
     return 1.0 / (torch.tensor(factors, dtype=torch.float32) * spec.theta**exponents)
 
 
+def _yarn_inv_freq(spec: RopeSpec) -> torch.Tensor:
+    # YaRN: dims that turn more than beta_fast times over the original window keep their
+    # frequency, those turning fewer than beta_slow times are divided by `factor`, a ramp between.
+    dim, base, original = spec.rotary_dim, spec.theta, spec.original_max_position
+
+    def dim_of(rotations: float) -> float:  # the dim index that turns `rotations` times over the window
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(spec.beta_fast), dim_of(spec.beta_slow)
+    if spec.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # the reference's guard against a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    kept = 1 - ramp  # share of each frequency left unscaled
+    divisors = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    return 1.0 / (spec.factor * divisors) * (1 - kept) + 1.0 / divisors * kept
+
+
 def _angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.outer(positions.float(), inv_freq)  # (P, rotary_dim/2)
 
@@ -71,6 +95,8 @@ def rope_angles(spec: RopeSpec, max_len: int) -> torch.Tensor:
         return _angles(_base_inv_freq(spec) / spec.factor, positions)
     if spec.rope_type == "llama3":
         return _angles(_llama3_inv_freq(spec), positions)
+    if spec.rope_type == "yarn":
+        return _angles(_yarn_inv_freq(spec), positions)
     if spec.rope_type == "longrope":
         # Positions inside the pre-training window use the short factors, later
         # ones the long factors (the reference switches per forward pass; the
@@ -80,7 +106,7 @@ def rope_angles(spec: RopeSpec, max_len: int) -> torch.Tensor:
         long = _angles(_longrope_inv_freq(spec, spec.long_factor), positions[original:])
         return torch.cat([short, long])
     raise UnsupportedModelError(
-        f"rope scaling type {spec.rope_type!r} is not supported; supported: default, linear, llama3, longrope"
+        f"rope scaling type {spec.rope_type!r} is not supported; supported: default, linear, llama3, longrope, yarn"
     )
 
 

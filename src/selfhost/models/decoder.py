@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from selfhost.layers.attention import Attention, KVStore
+from selfhost.layers.latent_attention import LatentAttention
 from selfhost.layers.linear import Linear
 from selfhost.layers.mlp import GatedMLP
 from selfhost.layers.moe import SparseMoE
@@ -19,11 +20,18 @@ from selfhost.layers.rotary import RotaryEmbedding
 from selfhost.models.spec import ModelSpec
 
 
+def _latent_attention(spec: ModelSpec, layer_idx: int) -> LatentAttention:
+    return LatentAttention(
+        layer_idx, spec.hidden_size, spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank, spec.qk_nope_head_dim,
+        spec.qk_rope_head_dim, spec.v_head_dim, spec.attn_scale, spec.o_bias, spec.rope_interleave,
+    )
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
         norm = lambda: RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_weight_offset)  # noqa: E731
-        self.self_attn = Attention(
+        self.self_attn = _latent_attention(spec, layer_idx) if spec.is_mla else Attention(
             layer_idx=layer_idx,
             hidden_size=spec.hidden_size,
             num_heads=spec.num_heads,
@@ -39,7 +47,9 @@ class DecoderLayer(nn.Module):
         )
         if spec.is_moe_layer(layer_idx):
             self.mlp = SparseMoE(spec.hidden_size, spec.expert_size, spec.num_experts, spec.experts_per_token,
-                                 spec.normalize_top_k, spec.activation, spec.shared_expert_size)
+                                 spec.normalize_top_k, spec.activation, spec.shared_expert_size,
+                                 spec.shared_expert_gated, spec.routing, spec.num_expert_groups,
+                                 spec.top_k_expert_groups, spec.routed_scaling_factor)
         else:
             self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation, spec.mlp_bias)
         # Checkpoint names differ in meaning: in Llama-style layers

@@ -86,9 +86,35 @@ def _rope_spec(cfg: dict[str, Any], layer_type: str, head_dim: int) -> RopeSpec:
             long_factor=tuple(p["long_factor"]),
             attention_factor=float(attention_factor),
         )
+    if rope_type == "yarn":
+        original = int(p.get("original_max_position_embeddings") or original or max_position)
+        factor = float(p.get("factor") or max_position / original)
+        return RopeSpec(
+            **common,
+            factor=factor,
+            original_max_position=original,
+            beta_fast=float(p.get("beta_fast") or 32),
+            beta_slow=float(p.get("beta_slow") or 1),
+            truncate=p.get("truncate", True),
+            attention_factor=_yarn_attention_factor(p, factor),
+        )
     raise UnsupportedModelError(
-        f"rope scaling type {rope_type!r} is not supported; supported: default, linear, llama3, longrope"
+        f"rope scaling type {rope_type!r} is not supported; supported: default, linear, llama3, longrope, yarn"
     )
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context stretched `factor` times."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_attention_factor(p: dict[str, Any], factor: float) -> float:
+    """How much YaRN scales cos/sin: given, or the ratio of the two mscales DeepSeek configs carry."""
+    if p.get("attention_factor") is not None:
+        return float(p["attention_factor"])
+    if p.get("mscale") and p.get("mscale_all_dim"):
+        return _yarn_mscale(factor, p["mscale"]) / _yarn_mscale(factor, p["mscale_all_dim"])
+    return _yarn_mscale(factor)
 
 
 def _base(cfg: dict[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -250,11 +276,70 @@ def qwen3_moe(cfg: dict[str, Any]) -> ModelSpec:
     return ModelSpec(**fields, **_layer_layout(cfg, fields["head_dim"], layer_types, window))
 
 
+def _deepseek(cfg: dict[str, Any], routing: str, normalize_top_k: bool, scaling: float) -> ModelSpec:
+    """DeepSeek V2/V3: latent attention everywhere; dense MLPs in the first `first_k_dense_replace`
+    layers, then routed experts plus ungated shared experts (n_shared_experts of them, run as one MLP)."""
+    nope, rope_dim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"]
+    num_layers, first_dense = cfg["num_hidden_layers"], cfg.get("first_k_dense_replace") or 0
+    step = cfg.get("moe_layer_freq") or 1
+    rope = _rope_spec(cfg, "full_attention", rope_dim)
+    # YaRN's mscale_all_dim sharpens the softmax of every dim, not only the rotated ones.
+    scale = (nope + rope_dim) ** -0.5
+    params = _rope_params(cfg, "full_attention")
+    if params["rope_type"] != "default" and params.get("mscale_all_dim"):
+        scale *= _yarn_mscale(rope.factor, params["mscale_all_dim"]) ** 2
+    fields = _base(
+        cfg,
+        num_kv_heads=cfg["num_attention_heads"],
+        head_dim=nope + rope_dim,
+        attn_scale=scale,
+        o_bias=cfg.get("attention_bias", False),
+        num_experts=cfg["n_routed_experts"],
+        experts_per_token=cfg["num_experts_per_tok"],
+        expert_size=cfg["moe_intermediate_size"],
+        normalize_top_k=normalize_top_k,
+        shared_expert_size=cfg["moe_intermediate_size"] * (cfg.get("n_shared_experts") or 0),
+        shared_expert_gated=False,
+        moe_layers=tuple(i >= first_dense and i % step == 0 for i in range(num_layers)),
+        routing=routing,
+        num_expert_groups=cfg.get("n_group") or 1,
+        top_k_expert_groups=cfg.get("topk_group") or 1,
+        routed_scaling_factor=scaling,
+        kv_lora_rank=cfg["kv_lora_rank"],
+        q_lora_rank=cfg.get("q_lora_rank"),
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=cfg["v_head_dim"],
+    )
+    return ModelSpec(**fields, layer_windows=(None,) * num_layers, layer_rope=(0,) * num_layers, ropes=(rope,),
+                     rope_interleave=cfg.get("rope_interleave", True))
+
+
+def deepseek_v2(cfg: dict[str, Any]) -> ModelSpec:
+    # DeepSeek's own V2 code either renormalises the top-k weights or scales them by
+    # routed_scaling_factor, never both (transformers' port does not renormalise: every released
+    # V2 config has norm_topk_prob false, where the two agree). Rope pairs are always interleaved.
+    routing = "group_limited_greedy" if cfg.get("topk_method") == "group_limited_greedy" else "softmax_top_k"
+    normalize = bool(cfg.get("norm_topk_prob")) and cfg["num_experts_per_tok"] > 1
+    scaling = 1.0 if normalize else cfg.get("routed_scaling_factor", 1.0)
+    return _deepseek({**cfg, "rope_interleave": True}, routing, normalize, scaling)
+
+
+def deepseek_v3(cfg: dict[str, Any]) -> ModelSpec:
+    # Always sigmoid scores with the bias-corrected choice ("noaux_tc"), renormalised then scaled.
+    normalize = bool(cfg.get("norm_topk_prob", True)) and cfg["num_experts_per_tok"] > 1
+    return _deepseek(cfg, "noaux_tc", normalize, cfg.get("routed_scaling_factor", 1.0))
+
+
 # Checkpoint names that differ from the ones the modules use: (regex, replacement), per architecture.
 _CHECKPOINT_RENAMES: dict[str, tuple[tuple[re.Pattern, str], ...]] = {
     "MixtralForCausalLM": tuple((re.compile(pattern), repl) for pattern, repl in (
         (r"\.block_sparse_moe\.", ".mlp."), (r"(\.experts\.\d+)\.w1\.", r"\1.gate_proj."),
         (r"(\.experts\.\d+)\.w3\.", r"\1.up_proj."), (r"(\.experts\.\d+)\.w2\.", r"\1.down_proj."))),
+    **dict.fromkeys(("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"), tuple(
+        (re.compile(pattern), repl) for pattern, repl in (
+            (r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),
+            (r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.e_score_correction_bias")))),
 }
 
 
@@ -277,6 +362,8 @@ ARCHITECTURES: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
     "MixtralForCausalLM": mixtral,
     "Qwen2MoeForCausalLM": qwen2_moe,
     "Qwen3MoeForCausalLM": qwen3_moe,
+    "DeepseekV2ForCausalLM": deepseek_v2,
+    "DeepseekV3ForCausalLM": deepseek_v3,
 }
 
 

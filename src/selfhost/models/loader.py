@@ -199,7 +199,8 @@ def load_weights(model: nn.Module, files: list[Path], spec: ModelSpec, model_dir
             module_path, _, leaf = name.rpartition(".")
             parent, _, module = module_path.rpartition(".")
             shard = None
-            if module in PACKED_WEIGHTS:
+            # Packed only where the model declares the fused module (latent attention keeps its own q_proj).
+            if module in PACKED_WEIGHTS and f"{parent}.{PACKED_WEIGHTS[module][0]}.{leaf}" in targets:
                 fused, shard = PACKED_WEIGHTS[module]
                 name = f"{parent}.{fused}.{leaf}"
             target = targets.get(name)

@@ -43,12 +43,31 @@ class ModelSpec:
     expert_size: int = 0  # each expert's intermediate size
     normalize_top_k: bool = False  # renormalise the chosen experts' weights to sum to one
     shared_expert_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
+    shared_expert_gated: bool = True  # Qwen2-MoE scales it by a sigmoid gate; DeepSeek's is plain
     moe_layers: tuple[bool, ...] = ()
+    # How tokens choose experts (a key of layers.router.ROUTING): plain softmax top-k, or DeepSeek's
+    # group-limited top-k (V2: softmax scores; V3 "noaux_tc": sigmoid scores, bias-corrected choice).
+    routing: str = "softmax_top_k"
+    num_expert_groups: int = 1
+    top_k_expert_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    # Multi-head latent attention (DeepSeek V2/V3; layers/latent_attention.py): 0 = ordinary attention.
+    # The cache holds kv_lora_rank + qk_rope_head_dim numbers per token and layer.
+    kv_lora_rank: int = 0
+    q_lora_rank: int | None = None  # None: queries from one full-rank projection (V2-Lite)
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rope dims stored as interleaved (x, y) pairs, not halves
 
     def __post_init__(self):
         assert len(self.layer_windows) == self.num_layers == len(self.layer_rope)
         assert not self.moe_layers or len(self.moe_layers) == self.num_layers
         assert self.num_heads % self.num_kv_heads == 0, (self.num_heads, self.num_kv_heads)
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[layer_idx]
@@ -56,4 +75,6 @@ class ModelSpec:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes per token at 1 byte per element (multiply by element size)."""
+        if self.is_mla:  # one compressed latent and one shared rope key per layer, for all heads
+            return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim)
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
