@@ -122,8 +122,8 @@ class Recording:
         if not callable(real) or name in ("available", "limit_isa", "bf16_cache_available"):
             return real
         # Where each kernel takes its thread count: gemm's is 7th; the attention kernels' comes
-        # just before their trailing kv_bf16 flag.
-        position = {"gemm": 6, "decode_attention": -2, "rope_decode_attention": -2, "prefill_attention": -2}[name]
+        # just before their trailing flags (kv_bf16; the fused decode step's store_first too).
+        position = {"gemm": 6, "decode_attention": -2, "rope_decode_attention": -3, "prefill_attention": -2}[name]
 
         def call(*args):
             self._calls.append((name, args[position]))

@@ -22,6 +22,9 @@ from selfhost.outputs import StreamDelta
 from selfhost.sampling_params import SamplingParams
 
 log = logging.getLogger("selfhost.engine")
+# How long the worker waits before trying again when requests are queued but none can run
+# (every adapter slot is held): short, since the slot frees at a step boundary.
+IDLE_POLL_S = 0.002
 
 
 @dataclass
@@ -128,6 +131,12 @@ class AsyncEngine:
                 continue
             for seq in updated:
                 self._deliver(seq)
+            if not updated and self.engine.last_step_was_empty:
+                # Requests wait but none can run yet: wait for news (an abort, a new request) or a moment.
+                try:
+                    self._handle(self._commands.get(timeout=IDLE_POLL_S))
+                except queue.Empty:
+                    pass
 
     def _handle(self, command) -> None:
         if isinstance(command, _Add):

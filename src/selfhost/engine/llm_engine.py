@@ -19,7 +19,7 @@ from selfhost.engine.config import EngineConfig
 from selfhost.engine.grammar import GrammarCompiler
 from selfhost.engine.model_runner import ModelRunner
 from selfhost.engine.transformers_runner import TransformersRunner
-from selfhost.engine.latent_cache import kv_cache_type
+from selfhost.engine.kv_stores import kv_cache_type
 from selfhost.engine.scheduler import ScheduledChunk, Scheduler
 from selfhost.engine.sequence import Sequence
 from selfhost.engine.validation import RequestLimits, validate_request
@@ -114,7 +114,7 @@ class LLMEngine:
             self.cache = None
             self.runner = TransformersRunner(model, device)
         else:
-            # Latent rows for multi-head latent attention (DeepSeek), keys and values otherwise.
+            # Latent rows for latent attention (DeepSeek), torch attention for sinks (gpt-oss), else the C kernels.
             self.cache = kv_cache_type(model.spec)(model.spec, num_blocks, config.block_size, dtype, device, kv_dtype)
             self.runner = ModelRunner(model, self.cache, device)
         self.grammars = GrammarCompiler(tokenizer, model.spec.vocab_size, tokenizer.eos_token_ids)
@@ -185,9 +185,8 @@ class LLMEngine:
         max_output = self.limits.output_budget(len(prompt_ids), params.max_tokens)
         seq = Sequence(request_id, list(prompt_ids), params, self.tokenizer, max_output)
         if lora is not None:
-            if lora not in self.adapters.loaded:
-                # An unknown name, an unreadable folder, a rank too high: refused now, not at admission.
-                self.adapters.prefetch(lora)
+            # An unknown name, an unreadable folder, a rank too high: refused now, not at admission.
+            self.adapters.prefetch(lora)
             seq.lora_name = lora  # its slot is taken when it is admitted (_take_adapter_slot)
             # Another adapter's keys and values differ: its cached prefixes are its own.
             cache_salt = (cache_salt or b"") + b"\0lora\0" + lora.encode()

@@ -13,6 +13,7 @@ the prefix cache).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from selfhost.engine.block_manager import BlockManager
@@ -38,10 +39,14 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 admit: Callable[[Sequence], bool] | None = None):
+        """admit(seq): whatever else a waiting sequence needs before it runs (a LoRA adapter slot); False: it
+        waits, and later arrivals that need nothing it lacks may go ahead of it."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.admit = admit
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
         self.num_preemptions = 0
@@ -74,8 +79,12 @@ class Scheduler:
                 scheduled.add(id(seq))
                 budget -= num
                 i += 1
+        held_back: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.admit is not None and not self.admit(seq):
+                held_back.append(self.waiting.popleft())
+                continue
             if not seq.block_table:
                 self.block_manager.match_prefix(seq)
             num = min(seq.num_uncomputed, budget)
@@ -88,6 +97,7 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
             budget -= num
+        self.waiting.extendleft(reversed(held_back))  # still first in line once they can go
         return chunks
 
     def _fitting_proposal(self, seq: Sequence, budget: int) -> tuple[int, ...]:

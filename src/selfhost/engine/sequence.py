@@ -55,7 +55,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # digest of each full, committed block
         self.cache_root: bytes | None = None  # parent digest of the first block: its prefix-cache scope
-        self.lora_slot: int | None = None  # the adapter slot its rows use (lora/serving.py); None: the base model
+        self.lora_name: str | None = None  # the adapter it asked for; None: the base model
+        self.lora_slot: int | None = None  # the slot holding that adapter, taken at admission (lora/serving.py)
         self.num_computed_tokens = 0
         self.num_preemptions = 0
         # Speculative decoding (speculative/speculator.py): tokens proposed for the next step, and

@@ -227,11 +227,14 @@ class AdapterSlots:
             return key, self.info[key]
 
     def prefetch(self, key: str) -> AdapterInfo:
-        """Read and check a registered adapter now, so its first request does not wait for the disk."""
+        """Read and check a registered adapter now, so its first request does not wait for the disk
+        (nothing to do when it is loaded, or read and waiting for a slot)."""
         with self._lock:
             if key not in self.folders:
                 raise InvalidParameterError(f"unknown adapter {key!r}", param="lora")
             folder = self.folders[key]
+            if (key in self.loaded or key in self._staged) and key in self.info:
+                return self.info[key]
         adapter = self._read(folder, key)
         with self._lock:
             if self.folders.get(key) == folder:

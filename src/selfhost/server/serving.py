@@ -126,11 +126,6 @@ class Serving:
     ) -> Generation:
         if n > self.max_n:
             raise APIError(f"n={n} is more than this server allows ({self.max_n}); see --max-n", param="n")
-        if served.lora is not None and not served.llm.adapters.can_acquire(served.lora):
-            # Checked before any stream starts; a slot taken in between fails at the engine with the same 429.
-            raise APIError(f"adapter {served.name!r} is not loaded and all {served.llm.adapters.max_loras} adapter "
-                           "slots are held by running requests; retry shortly (the server's --max-loras bounds "
-                           "how many adapters run at once)", 429, param="model", code="adapter_slots_busy")
         if len(prompts) * n > MAX_CHOICES_PER_REQUEST:
             raise APIError(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} completions; at most "
                            f"{MAX_CHOICES_PER_REQUEST} per request", param="prompt")
