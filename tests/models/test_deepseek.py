@@ -16,8 +16,8 @@ import transformers
 
 from selfhost import LLM, SamplingParams
 from selfhost.engine.latent_cache import LatentKVCache
-from selfhost.engine.paged_cache import StepMetadata
 from selfhost.layers.latent_attention import LatentAttention, absorbed_attention, expanded_attention
+from tests.models.one_sequence import one_sequence_logits, reference_greedy
 from tests.tiny_models import COMMON, save_tiny_tokenizer
 
 PROMPT_LEN = 40
@@ -57,34 +57,6 @@ def deepseek(request, tmp_path_factory):
     return request.param, out, model.eval(), LLM(str(out), kv_cache_memory="16MiB")
 
 
-def reference_greedy(ref, prompt: torch.Tensor, steps: int):
-    """Greedy continuation recomputing the whole sequence each step (no cache to get wrong)."""
-    ids, step_logits = prompt.clone(), []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = ref(ids[None]).logits[0, -1]
-            step_logits.append(logits)
-            ids = torch.cat([ids, logits.argmax().view(1)])
-        prefill = ref(prompt[None]).logits[0]
-    return ids[len(prompt):].tolist(), prefill, torch.stack(step_logits)
-
-
-def _one_sequence_steps(model, cache: LatentKVCache, prompt: torch.Tensor, tokens: list[int]) -> torch.Tensor:
-    """Prefill `prompt` as one chunk, then decode `tokens` one at a time (single-token queries): logits per step."""
-    table = torch.arange(cache.num_blocks)
-    cache.meta = StepMetadata(slot_mapping=torch.arange(len(prompt)), num_single=0, single_block_tables=None,
-                              single_context_lens=None, chunks=[(0, len(prompt), 0, table)])
-    rows = [model.compute_logits(model(prompt, torch.arange(len(prompt)), cache))]
-    for i, token in enumerate(tokens):
-        pos = len(prompt) + i
-        num_blocks = pos // cache.block_size + 1
-        cache.meta = StepMetadata(slot_mapping=torch.tensor([pos]), num_single=1,
-                                  single_block_tables=table[None, :num_blocks],
-                                  single_context_lens=torch.tensor([pos + 1]), chunks=[])
-        rows.append(model.compute_logits(model(torch.tensor([token]), torch.tensor([pos]), cache)))
-    return torch.cat(rows)
-
-
 def test_logits_match_transformers_at_prefill_and_decode(deepseek):
     _, _, ref, llm = deepseek
     model = llm.model
@@ -92,7 +64,7 @@ def test_logits_match_transformers_at_prefill_and_decode(deepseek):
     ref_tokens, ref_prefill, ref_steps = reference_greedy(ref, prompt, DECODE_STEPS)
     cache = LatentKVCache(model.spec, 8, 16, torch.float32, torch.device("cpu"))
     with torch.inference_mode():
-        logits = _one_sequence_steps(model, cache, prompt, ref_tokens[:-1])  # teacher-forced: like with like
+        logits = one_sequence_logits(model, cache, 8, prompt, ref_tokens[:-1])  # teacher-forced: like with like
     assert (logits[:PROMPT_LEN] - ref_prefill).abs().max().item() <= TOL
     decode = torch.cat([logits[PROMPT_LEN - 1 : PROMPT_LEN], logits[PROMPT_LEN:]])
     assert (decode - ref_steps).abs().max().item() <= TOL

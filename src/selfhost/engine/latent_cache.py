@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from selfhost.engine.paged_cache import PagedKVCache, StepMetadata
+from selfhost.engine.paged_cache import StepMetadata
 from selfhost.layers.latent_attention import LatentAttention, absorbed_attention, expanded_attention
 from selfhost.models.spec import ModelSpec
 
@@ -75,8 +75,3 @@ class LatentKVCache:
                                            attn, start, scale, meta.num_threads)
         return out
 
-
-def kv_cache_type(spec) -> type[PagedKVCache | LatentKVCache]:
-    """The paged cache a model's attention needs: latent rows for MLA, keys and values otherwise
-    (the transformers fallback's spec has no MLA fields: its blocks only meter memory)."""
-    return LatentKVCache if getattr(spec, "is_mla", False) else PagedKVCache

@@ -23,7 +23,21 @@ ACTIVATIONS = {
 }
 
 
-def gated(act_name: str):
+def clamped_swiglu(alpha: float, limit: float):
+    """gpt-oss's gated unit: gate clamped above at `limit`, up to +-limit, gate * sigmoid(alpha * gate) * (up + 1)."""
+
+    def forward(gate_up: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return gate * torch.sigmoid(gate * alpha) * (up + 1)
+
+    return forward
+
+
+def gated(act_name: str, swiglu_alpha: float | None = None, swiglu_limit: float | None = None):
+    """The gated activation over [gate | up]; "clamped_swiglu" takes its alpha and limit."""
+    if act_name == "clamped_swiglu":
+        return clamped_swiglu(swiglu_alpha, swiglu_limit)
     act = ACTIVATIONS[act_name]
     kernel = SILU_MUL_KERNEL and act_name == "silu"
 

@@ -101,7 +101,10 @@ class Attention(nn.Module):
         norm_weight_offset: float,
         sliding_window: int | None,
         softcap: float | None,
+        sinks: bool = False,
     ):
+        """sinks: a learned logit per head joins every softmax's denominator (gpt-oss); such layers
+        call the store's `attend_with_sinks`."""
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -115,6 +118,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, norm_weight_offset)
         else:
             self.q_norm = self.k_norm = None
+        self.sinks = nn.Parameter(torch.zeros(num_heads)) if sinks else None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, num_threads: int = 1
@@ -122,7 +126,7 @@ class Attention(nn.Module):
         num_tokens = x.shape[0]
         heads = self.qkv_proj.forward(x, num_threads).view(num_tokens, -1, self.head_dim)  # (T, H + 2*Hkv, D): q, k, v heads
         num_qk = self.num_heads + self.num_kv_heads
-        if self.q_norm is None and (fused := getattr(kv, "rope_attend_decode", None)) is not None:
+        if self.q_norm is None and self.sinks is None and (fused := getattr(kv, "rope_attend_decode", None)) is not None:
             out = fused(self.layer_idx, heads, cos, sin, self.num_heads, self.scale, self.sliding_window, self.softcap)
             if out is not None:
                 return self.o_proj.forward(out.view(num_tokens, self.q_size), num_threads)
@@ -134,5 +138,8 @@ class Attention(nn.Module):
         else:
             q = apply_rotary(self.q_norm.forward(heads[:, : self.num_heads]), cos, sin)
             k = apply_rotary(self.k_norm.forward(heads[:, self.num_heads : num_qk]), cos, sin)
-        out = kv.attend(self.layer_idx, q, k, v, self.scale, self.sliding_window, self.softcap)
+        if self.sinks is not None:
+            out = kv.attend_with_sinks(self.layer_idx, q, k, v, self.sinks, self.scale, self.sliding_window)
+        else:
+            out = kv.attend(self.layer_idx, q, k, v, self.scale, self.sliding_window, self.softcap)
         return self.o_proj.forward(out.reshape(num_tokens, self.q_size), num_threads)

@@ -10,11 +10,12 @@ from selfhost.layers.linear import Linear
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool):
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool,
+                 swiglu_alpha: float | None = None, swiglu_limit: float | None = None):
         super().__init__()
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
-        self.act = gated(activation)
+        self.act = gated(activation, swiglu_alpha, swiglu_limit)
 
     def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
         return self.down_proj.forward(self.act(self.gate_up_proj.forward(x, num_threads), num_threads), num_threads)

@@ -25,17 +25,19 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, expert_size: int, num_experts: int, top_k: int, normalize_top_k: bool,
                  activation: str, shared_expert_size: int = 0, shared_expert_gated: bool = True,
                  routing: str = "softmax_top_k", num_groups: int = 1, top_k_groups: int = 1,
-                 routed_scaling_factor: float = 1.0):
-        """routing: a key of layers.router.ROUTING; "noaux_tc" adds the router's score-correction bias."""
+                 routed_scaling_factor: float = 1.0, router_bias: bool = False, expert_bias: bool = False,
+                 swiglu_alpha: float | None = None, swiglu_limit: float | None = None):
+        """routing: a key of layers.router.ROUTING; "noaux_tc" adds the router's score-correction bias.
+        gpt-oss: a router with a bias, experts with biases and the clamped SwiGLU (alpha, limit)."""
         super().__init__()
         self.num_experts, self.top_k, self.normalize_top_k = num_experts, top_k, normalize_top_k
         self.routing, self.num_groups, self.top_k_groups = routing, num_groups, top_k_groups
         self.routed_scaling_factor = routed_scaling_factor
-        self.gate = Linear(hidden_size, num_experts, bias=False)  # the router
+        self.gate = Linear(hidden_size, num_experts, bias=router_bias)  # the router
         # DeepSeek V3's per-expert bias on the scores that choose experts (checkpoint: gate.e_score_correction_bias)
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts) if routing == "noaux_tc" else None)
-        self.experts = nn.ModuleList(GatedMLP(hidden_size, expert_size, activation, bias=False)
-                                     for _ in range(num_experts))
+        self.experts = nn.ModuleList(GatedMLP(hidden_size, expert_size, activation, expert_bias, swiglu_alpha,
+                                              swiglu_limit) for _ in range(num_experts))
         self.shared_expert = GatedMLP(hidden_size, shared_expert_size, activation, bias=False) \
             if shared_expert_size else None
         self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_expert_size and shared_expert_gated \

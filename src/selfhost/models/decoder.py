@@ -44,12 +44,14 @@ class DecoderLayer(nn.Module):
             norm_weight_offset=spec.norm_weight_offset,
             sliding_window=spec.layer_windows[layer_idx],
             softcap=spec.attn_softcap,
+            sinks=spec.attn_sinks,
         )
         if spec.is_moe_layer(layer_idx):
             self.mlp = SparseMoE(spec.hidden_size, spec.expert_size, spec.num_experts, spec.experts_per_token,
                                  spec.normalize_top_k, spec.activation, spec.shared_expert_size,
                                  spec.shared_expert_gated, spec.routing, spec.num_expert_groups,
-                                 spec.top_k_expert_groups, spec.routed_scaling_factor)
+                                 spec.top_k_expert_groups, spec.routed_scaling_factor, spec.router_bias,
+                                 spec.expert_bias, spec.swiglu_alpha, spec.swiglu_limit)
         else:
             self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation, spec.mlp_bias)
         # Checkpoint names differ in meaning: in Llama-style layers

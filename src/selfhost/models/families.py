@@ -331,6 +331,25 @@ def deepseek_v3(cfg: dict[str, Any]) -> ModelSpec:
     return _deepseek(cfg, "noaux_tc", normalize, cfg.get("routed_scaling_factor", 1.0))
 
 
+def gpt_oss(cfg: dict[str, Any]) -> ModelSpec:
+    """gpt-oss: every layer sparse (experts intermediate_size wide, with biases and the clamped SwiGLU),
+    a router with a bias whose top-k logits are softmaxed (= renormalised top-k probabilities),
+    attention sinks, alternating sliding and full attention, YaRN."""
+    bias = cfg.get("attention_bias", True)
+    num_layers = cfg["num_hidden_layers"]
+    fields = _base(
+        cfg, qkv_bias=bias, o_bias=bias, activation="clamped_swiglu",
+        num_experts=cfg["num_local_experts"], experts_per_token=cfg["num_experts_per_tok"],
+        expert_size=cfg["intermediate_size"], normalize_top_k=True, moe_layers=(True,) * num_layers,
+        attn_sinks=True, router_bias=True, expert_bias=True,
+        swiglu_alpha=cfg.get("swiglu_alpha", 1.702), swiglu_limit=cfg.get("swiglu_limit", 7.0),
+    )
+    layer_types = cfg.get("layer_types") or [
+        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)
+    ]
+    return ModelSpec(**fields, **_layer_layout(cfg, fields["head_dim"], layer_types, cfg.get("sliding_window")))
+
+
 # Checkpoint names that differ from the ones the modules use: (regex, replacement), per architecture.
 _CHECKPOINT_RENAMES: dict[str, tuple[tuple[re.Pattern, str], ...]] = {
     "MixtralForCausalLM": tuple((re.compile(pattern), repl) for pattern, repl in (
@@ -340,6 +359,7 @@ _CHECKPOINT_RENAMES: dict[str, tuple[tuple[re.Pattern, str], ...]] = {
         (re.compile(pattern), repl) for pattern, repl in (
             (r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),
             (r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.e_score_correction_bias")))),
+    "GptOssForCausalLM": ((re.compile(r"\.mlp\.router\."), ".mlp.gate."),),
 }
 
 
@@ -364,6 +384,7 @@ ARCHITECTURES: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
     "Qwen3MoeForCausalLM": qwen3_moe,
     "DeepseekV2ForCausalLM": deepseek_v2,
     "DeepseekV3ForCausalLM": deepseek_v3,
+    "GptOssForCausalLM": gpt_oss,
 }
 
 

@@ -30,6 +30,7 @@ from selfhost.errors import InvalidParameterError, UnsupportedModelError
 from selfhost.layers.rotary import RotaryEmbedding
 from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS, checkpoint_name, spec_from_config
+from selfhost.models.fused_experts import per_expert_tensors
 from selfhost.models.spec import ModelSpec
 from selfhost.models.transformers_fallback import TransformersModel, load_transformers_model
 from selfhost.models.weight_arena import place_weights_in_arena
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from selfhost.quant.config import QuantConfig
 
 log = logging.getLogger(__name__)
+
+MXFP4_METHOD = "mxfp4"  # quantization_config.quant_method of OpenAI's gpt-oss release
 
 
 def read_config(model_dir: Path) -> dict:
@@ -102,6 +105,8 @@ def load_model(
     """
     cfg = read_config(model_dir)
     stored = cfg.get("quantization_config")  # metadata written by `selfhost quantize`
+    if stored is not None and stored.get("quant_method") == MXFP4_METHOD:
+        stored = None  # gpt-oss's MXFP4 experts: dequantized as they load (models/fused_experts.py)
     if bf16_weights == "auto":  # only where bf16 weights are an option at all; else the model as it is
         native = _is_native(cfg)
         bf16_weights = "auto" if (dtype == torch.float32 and device.type == "cpu" and quantization is None
@@ -194,7 +199,8 @@ def load_weights(model: nn.Module, files: list[Path], spec: ModelSpec, model_dir
     # stderr, so piped generated text stays clean
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"loading {model_dir.name}", total=len(targets))
-        for name, tensor in iter_tensors(files):
+        # Checkpoints with all experts in one tensor (gpt-oss, MXFP4 or not) arrive as one tensor per expert.
+        for name, tensor in per_expert_tensors(spec.architecture, iter_tensors(files)):
             name = checkpoint_name(spec.architecture, name)
             module_path, _, leaf = name.rpartition(".")
             parent, _, module = module_path.rpartition(".")

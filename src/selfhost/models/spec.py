@@ -59,6 +59,13 @@ class ModelSpec:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False  # rope dims stored as interleaved (x, y) pairs, not halves
+    # gpt-oss: a learned per-head logit in every softmax's denominator (attention sinks), a router
+    # and experts with biases, and the clamped SwiGLU (activation "clamped_swiglu").
+    attn_sinks: bool = False
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
 
     def __post_init__(self):
         assert len(self.layer_windows) == self.num_layers == len(self.layer_rope)

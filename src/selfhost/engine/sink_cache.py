@@ -1,0 +1,55 @@
+"""The paged KV cache for attention with sinks (gpt-oss): PagedKVCache's memory, torch attention.
+
+Keys and values live exactly as in `PagedKVCache` (same blocks, same byte count, so the block
+manager, preemption and prefix caching are unchanged), but attention goes through
+layers/sink_attention.py: the C kernels have no sink term, so they are switched off for this
+cache (`use_cpu_kernel` False also makes speculative verifications arrive as chunks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from selfhost.engine.paged_cache import PagedKVCache, key_rows
+from selfhost.layers.sink_attention import attend_one_sequence_with_sinks, single_queries_with_sinks
+from selfhost.models.spec import ModelSpec
+
+
+class SinkKVCache(PagedKVCache):
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 kv_dtype: torch.dtype | None = None):
+        super().__init__(spec, num_blocks, block_size, dtype, device, kv_dtype)
+        self.use_cpu_kernel = self.use_prefill_kernel = False
+
+    def attend_with_sinks(self, layer_idx, q, k, v, sinks, scale, sliding_window):
+        """As `PagedKVCache.attend` (q, k, v: (T, heads, D)), with one sink logit per query head."""
+        meta = self.meta
+        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]  # (Hkv, num_blocks, D, block_size), (.., block_size, D)
+        num_kv_heads, _, block_size, head_dim = v_layer.shape
+        # The same writes as PagedKVCache.attend: keys dims-major in their block, values row-major.
+        blocks, offsets = meta.slot_blocks_and_offsets(block_size)
+        k_layer[:, blocks, :, offsets] = k.to(k_layer.dtype)
+        v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(v_layer.dtype))
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        num_single = meta.num_single
+        if num_single:
+            tables = meta.single_block_tables  # (S, max_blocks)
+            padded_len = tables.shape[1] * block_size
+            flat = tables.flatten()
+            keys = key_rows(k_layer, flat).view(num_kv_heads, num_single, padded_len, head_dim).to(q.dtype)
+            values = v_layer.index_select(1, flat).view(num_kv_heads, num_single, padded_len, head_dim).to(q.dtype)
+            mask = meta.single_query_mask(num_kv_heads, padded_len, sliding_window)
+            out[:num_single] = single_queries_with_sinks(q[:num_single], keys, values, mask, scale, sinks)
+        for first, num, start, table in meta.chunks:
+            end = start + num
+            if start == 0:  # a whole prompt, or its first chunk: its keys are this step's own
+                keys, values = k[first : first + num].transpose(0, 1), v[first : first + num].transpose(0, 1)
+                if k_layer.dtype != q.dtype:  # as the cache holds them
+                    keys, values = keys.to(k_layer.dtype).to(q.dtype), values.to(v_layer.dtype).to(q.dtype)
+            else:
+                keys = key_rows(k_layer, table)[:, :end].to(q.dtype)  # (Hkv, L, D)
+                values = v_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end].to(q.dtype)
+            out[first : first + num] = attend_one_sequence_with_sinks(
+                q[first : first + num], keys, values, start, scale, sliding_window, sinks
+            )
+        return out

@@ -1,0 +1,37 @@
+"""Helpers for parity tests that drive a paged cache by hand: one sequence, prefill then decode steps."""
+
+from __future__ import annotations
+
+import torch
+
+from selfhost.engine.paged_cache import StepMetadata
+
+
+def reference_greedy(ref, prompt: torch.Tensor, steps: int):
+    """Greedy continuation recomputing the whole sequence each step (no cache to get wrong):
+    (tokens, prefill logits (P, vocab), each step's logits (steps, vocab))."""
+    ids, step_logits = prompt.clone(), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = ref(ids[None]).logits[0, -1]
+            step_logits.append(logits)
+            ids = torch.cat([ids, logits.argmax().view(1)])
+        prefill = ref(prompt[None]).logits[0]
+    return ids[len(prompt):].tolist(), prefill, torch.stack(step_logits)
+
+
+def one_sequence_logits(model, cache, num_blocks: int, prompt: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Prefill `prompt` as one chunk in blocks 0..num_blocks-1, then feed `tokens` one per step as single-token
+    queries (the decode path); logits of every prompt row, then of every fed token."""
+    table = torch.arange(num_blocks)
+    cache.meta = StepMetadata(slot_mapping=torch.arange(len(prompt)), num_single=0, single_block_tables=None,
+                              single_context_lens=None, chunks=[(0, len(prompt), 0, table)])
+    rows = [model.compute_logits(model(prompt, torch.arange(len(prompt)), cache))]
+    for i, token in enumerate(tokens):
+        pos = len(prompt) + i
+        cache.meta = StepMetadata(slot_mapping=torch.tensor([pos]), num_single=1,
+                                  single_block_tables=table[None, : pos // cache.block_size + 1],
+                                  single_context_lens=torch.tensor([pos + 1]), chunks=[])
+        rows.append(model.compute_logits(model(torch.tensor([token]), torch.tensor([pos]), cache)))
+    cache.meta = None
+    return torch.cat(rows)
