@@ -33,6 +33,16 @@ def _gemma_scale(layers_of_27b: int) -> Callable[[ModelSpec], float]:
 
 
 @dataclass(frozen=True)
+class GGUFExperts:
+    """What llama.cpp's graph fixes about an architecture's sparse MLPs: every layer is sparse,
+    routing is a softmax over the router's logits with the top k kept, experts use SiLU, and:"""
+
+    renormalizes: bool  # the kept weights are rescaled to sum to one (always or never, per architecture)
+    shared_expert: bool = False  # each layer also runs a sigmoid-gated shared expert, which must be present
+    width_key: bool = True  # the experts' width is expert_feed_forward_length (else feed_forward_length)
+
+
+@dataclass(frozen=True)
 class GGUFArch:
     name: str  # llama.cpp architecture
     interleave_qk: bool = False  # llama.cpp rotates adjacent pairs (its "llama" rope) instead of halves
@@ -47,6 +57,8 @@ class GGUFArch:
     local_rope_theta: float | None = None  # llama.cpp's fixed rope base of sliding layers
     attn_scale: Callable[[ModelSpec], float] = _head_dim_scale  # what llama.cpp multiplies queries by
     rope_types: tuple[str, ...] = ("default", "linear", "llama3")
+    experts: GGUFExperts | None = None  # None: dense MLPs
+    output_required: bool = False  # llama.cpp will not fall back to token_embd for a missing output head
 
 
 # Our architectures -> llama.cpp's.
@@ -62,6 +74,20 @@ GGUF_ARCHES: dict[str, GGUFArch] = {
                                   attn_scale=_gemma_scale(62)),
     "Phi3ForCausalLM": GGUFArch("phi3", fused_projections=True, window_ignored=True,
                                 rope_types=("default", "longrope")),
+    # llama.cpp runs Mixtral as its "llama" architecture with expert tensors and keys.
+    "MixtralForCausalLM": GGUFArch("llama", interleave_qk=True,
+                                   experts=GGUFExperts(renormalizes=True, width_key=False)),
+    "Qwen2MoeForCausalLM": GGUFArch("qwen2moe", output_required=True,
+                                    experts=GGUFExperts(renormalizes=False, shared_expert=True)),
+    "Qwen3MoeForCausalLM": GGUFArch("qwen3moe", experts=GGUFExperts(renormalizes=True)),
+}
+
+# Architectures selfhost runs but does not export yet, and why.
+NOT_EXPORTED: dict[str, str] = {
+    **dict.fromkeys(("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"),
+                    "its latent attention and grouped routing are not mapped onto llama.cpp's deepseek2 tensors"),
+    "GptOssForCausalLM": "its attention sinks, clamped SwiGLU and MXFP4 experts are not mapped onto llama.cpp's "
+                         "gpt-oss tensors",
 }
 
 
@@ -85,15 +111,16 @@ def check_supported(spec: ModelSpec) -> GGUFArch:
     """The llama.cpp architecture for `spec`; raises UnsupportedModelError naming what does not fit."""
     arch = GGUF_ARCHES.get(spec.architecture)
     if arch is None:
-        raise UnsupportedModelError(
-            f"GGUF export of {spec.architecture} is not supported yet; supported: {', '.join(GGUF_ARCHES)}"
-        )
+        why = f" ({NOT_EXPORTED[spec.architecture]})" if spec.architecture in NOT_EXPORTED else ""
+        raise UnsupportedModelError(f"GGUF export of {spec.architecture} is not supported yet{why}; "
+                                    f"supported: {', '.join(GGUF_ARCHES)}")
     if arch.output_must_be_tied and not spec.tie_embeddings:
         raise UnsupportedModelError(f"{spec.architecture} with an untied output head cannot be exported: llama.cpp's "
                                     f"{arch.name} reads the output head from the token embeddings")
     _check_windows(spec, arch)
     _check_softcaps(spec, arch)
     _check_ropes(spec, arch)
+    _check_experts(spec, arch)
     return arch
 
 
@@ -144,3 +171,33 @@ def _check_ropes(spec: ModelSpec, arch: GGUFArch) -> None:
         if not fits:
             raise UnsupportedModelError(f"{spec.architecture}: layer {i} uses rope {layer_rope.rope_type!r} with base "
                                         f"{layer_rope.theta:g}; llama.cpp's {arch.name} {rule}")
+
+
+def _check_experts(spec: ModelSpec, arch: GGUFArch) -> None:
+    moe = arch.experts
+    if moe is None:
+        assert spec.num_experts == 0, spec.architecture  # every MoE architecture we export declares its experts
+        return
+    dense = [i for i in range(spec.num_layers) if not spec.is_moe_layer(i)]
+    if dense:
+        raise UnsupportedModelError(f"{spec.architecture}: layers {dense} have dense MLPs (decoder_sparse_step / "
+                                    f"mlp_only_layers); llama.cpp's {arch.name} expects experts in every layer")
+    if spec.normalize_top_k != moe.renormalizes:
+        raise UnsupportedModelError(
+            f"{spec.architecture} with norm_topk_prob={spec.normalize_top_k} cannot be exported: llama.cpp's "
+            f"{arch.name} {'always' if moe.renormalizes else 'never'} renormalises the chosen experts' weights"
+        )
+    shared = spec.shared_expert_size > 0
+    if shared != moe.shared_expert or (shared and not spec.shared_expert_gated):
+        have = ("a gated" if spec.shared_expert_gated else "an ungated") if shared else "no"
+        raise UnsupportedModelError(
+            f"{spec.architecture} with {have} shared expert cannot be exported: llama.cpp's {arch.name} "
+            f"{'needs one, sigmoid-gated' if moe.shared_expert else 'has none'}"
+        )
+    routing = (spec.routing, spec.routed_scaling_factor, spec.activation, spec.router_bias, spec.expert_bias)
+    if routing != ("softmax_top_k", 1.0, "silu", False, False):
+        raise UnsupportedModelError(
+            f"{spec.architecture}: routing {spec.routing!r} (scale {spec.routed_scaling_factor}, activation "
+            f"{spec.activation!r}, biases {spec.router_bias}/{spec.expert_bias}) differs from llama.cpp's "
+            f"{arch.name}: softmax top-k, SiLU experts, no biases"
+        )

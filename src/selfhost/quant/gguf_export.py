@@ -13,7 +13,12 @@ architecture needs which):
   stored tensor, so 1 is added to every norm weight;
 - where llama.cpp scales queries differently from the checkpoint (Gemma 2/3
   with query_pre_attn_scalar != head_dim), the ratio is folded into the query
-  projection, or into q_norm when one follows it.
+  projection, or into q_norm when one follows it;
+- mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE) write the router as
+  ffn_gate_inp, each of the experts' gate/up/down weights stacked into one 3-D
+  tensor (ffn_gate_exps, ...: expert-major), and Qwen2-MoE's shared expert as
+  ffn_*_shexp with its gate as ffn_gate_inp_shexp. Routers stay f32 at every
+  --type, as llama.cpp's converter and llama-quantize keep them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 
 from selfhost.errors import InvalidParameterError
+from selfhost.layers.moe import SparseMoE
 from selfhost.layers.rotary import _base_inv_freq, _llama3_inv_freq
 from selfhost.models.decoder import CausalLM
 from selfhost.models.spec import ModelSpec
@@ -42,6 +48,8 @@ GGUF_TYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
 
 
 T = gguf.MODEL_TENSOR
+# Kept f32 whatever the --type (what llama.cpp's converter does): the routers' logits pick the experts.
+_ALWAYS_F32 = {gguf.TENSOR_NAMES[kind].rpartition(".")[2] for kind in (T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP)}
 
 
 def _name(kind: gguf.MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:
@@ -64,8 +72,8 @@ def gguf_tensors(model: CausalLM, arch: GGUFArch) -> dict[str, torch.Tensor]:
     norm = lambda m: m.weight.detach() + spec.norm_weight_offset  # noqa: E731  (Gemma's 1 + w)
     q_scale = spec.attn_scale / arch.attn_scale(spec)  # folded into the queries when llama.cpp scales differently
     out = {_name(T.TOKEN_EMBD): model.model.embed_tokens.weight, _name(T.OUTPUT_NORM): norm(model.model.norm)}
-    if not spec.tie_embeddings:
-        out[_name(T.OUTPUT)] = model.lm_head.weight
+    if not spec.tie_embeddings or arch.output_required:
+        out[_name(T.OUTPUT)] = model.lm_head.weight  # the embeddings themselves when tied
     out |= _rope_tensors(spec)
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -96,6 +104,9 @@ def gguf_tensors(model: CausalLM, arch: GGUFArch) -> dict[str, torch.Tensor]:
             out[_name(T.FFN_POST_NORM, i)] = norm(layer.post_feedforward_layernorm)
         else:
             out[_name(T.FFN_NORM, i)] = norm(layer.post_attention_layernorm)
+        if isinstance(mlp, SparseMoE):
+            out |= _expert_tensors(mlp, i)
+            continue
         if arch.fused_projections:
             out[_name(T.FFN_UP, i)] = mlp.gate_up_proj.weight  # gate rows, then up rows
         else:
@@ -103,6 +114,29 @@ def gguf_tensors(model: CausalLM, arch: GGUFArch) -> dict[str, torch.Tensor]:
             out[_name(T.FFN_UP, i)] = mlp.gate_up_proj.weight[inter:]
         out[_name(T.FFN_DOWN, i)] = mlp.down_proj.weight
     return {name: t.detach().float().contiguous() for name, t in out.items()}
+
+
+def _expert_tensors(moe: SparseMoE, layer: int) -> dict[str, torch.Tensor]:
+    """The router (num_experts, hidden), every expert's gate/up/down stacked expert-major, and the shared expert."""
+    inter = moe.experts[0].down_proj.weight.shape[1]
+    gate_up = torch.stack([expert.gate_up_proj.weight for expert in moe.experts])  # (E, 2 * inter, hidden)
+    down = torch.stack([expert.down_proj.weight for expert in moe.experts])  # (E, hidden, inter)
+    out = {
+        _name(T.FFN_GATE_INP, layer): moe.gate.weight,  # (E, hidden)
+        _name(T.FFN_GATE_EXP, layer): gate_up[:, :inter],  # (E, inter, hidden)
+        _name(T.FFN_UP_EXP, layer): gate_up[:, inter:],
+        _name(T.FFN_DOWN_EXP, layer): down,
+    }
+    if moe.shared_expert is not None:
+        shared = moe.shared_expert
+        shared_inter = shared.down_proj.weight.shape[1]
+        out |= {
+            _name(T.FFN_GATE_INP_SHEXP, layer): moe.shared_expert_gate.weight,  # (1, hidden), as checkpoints hold it
+            _name(T.FFN_GATE_SHEXP, layer): shared.gate_up_proj.weight[:shared_inter],
+            _name(T.FFN_UP_SHEXP, layer): shared.gate_up_proj.weight[shared_inter:],
+            _name(T.FFN_DOWN_SHEXP, layer): shared.down_proj.weight,
+        }
+    return out
 
 
 def _rope_tensors(spec: ModelSpec) -> dict[str, torch.Tensor]:
@@ -148,13 +182,22 @@ def _write_metadata(writer: gguf.GGUFWriter, spec: ModelSpec, arch: GGUFArch, fi
         writer.add_attn_logit_softcapping(spec.attn_softcap)
     if "final" in arch.softcaps and spec.final_softcap is not None:
         writer.add_final_logit_softcapping(spec.final_softcap)
+    if arch.experts is not None:
+        writer.add_expert_count(spec.num_experts)
+        writer.add_expert_used_count(spec.experts_per_token)
+        if arch.experts.width_key:
+            writer.add_expert_feed_forward_length(spec.expert_size)
+        else:  # llama.cpp's "llama" reads the experts' width from feed_forward_length
+            assert spec.expert_size == spec.intermediate_size, (spec.expert_size, spec.intermediate_size)
+        if arch.experts.shared_expert:
+            writer.add_expert_shared_feed_forward_length(spec.shared_expert_size)
 
 
-def _encode(tensor: torch.Tensor, weight_type: Q) -> tuple[np.ndarray, Q]:
-    """1-D tensors (norms, biases, rope_freqs) stay f32; 2-D weights take the requested type,
-    or f16 where a row does not fill whole quantization blocks."""
+def _encode(name: str, tensor: torch.Tensor, weight_type: Q) -> tuple[np.ndarray, Q]:
+    """1-D tensors (norms, biases, rope_freqs) and routers stay f32; 2-D weights and 3-D expert stacks
+    take the requested type, or f16 where a row does not fill whole quantization blocks."""
     data = tensor.numpy()
-    if data.ndim == 1:
+    if data.ndim == 1 or name.split(".")[-2] in _ALWAYS_F32:
         return data.astype(np.float32), Q.F32
     if weight_type == Q.F16:
         return data.astype(np.float16), Q.F16
@@ -179,15 +222,18 @@ def export_gguf(model_dir: Path, out_path: Path, gguf_type: str, overwrite: bool
     into place, so a failed export leaves nothing behind. An existing file at
     `out_path` is replaced only with `overwrite` (and only once the new one is complete).
     """
+    from selfhost.models.families import spec_from_config
     from selfhost.models.loader import load_model, read_config
 
     if gguf_type not in GGUF_TYPES:
         raise InvalidParameterError(f"GGUF type {gguf_type!r} is unknown; choose one of {', '.join(GGUF_TYPES)}")
     model_dir, out_path = Path(model_dir), Path(out_path)
-    if "quantization_config" in read_config(model_dir):
+    cfg = read_config(model_dir)
+    if "quantization_config" in cfg:
         raise InvalidParameterError(
             f"{model_dir} is a selfhost-quantized checkpoint; export its full-precision source instead"
         )
+    check_supported(spec_from_config(cfg))  # before the weights load: a refusal costs nothing
     check_output(out_path, overwrite)
     parent = out_path.resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
@@ -203,7 +249,7 @@ def export_gguf(model_dir: Path, out_path: Path, gguf_type: str, overwrite: bool
         _write_metadata(writer, model.spec, arch, file_type, model_dir.resolve().name)
         write_vocab(writer, model_dir, model.spec.vocab_size)
         for name, tensor in gguf_tensors(model, arch).items():
-            data, types[name] = _encode(tensor, weight_type)
+            data, types[name] = _encode(name, tensor, weight_type)
             writer.add_tensor(name, data, raw_dtype=types[name])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
