@@ -16,7 +16,7 @@ import torch
 
 from selfhost.engine.block_manager import BlockManager
 from selfhost.engine.model_runner import ModelRunner
-from selfhost.engine.paged_cache import PagedKVCache
+from selfhost.engine.kv_stores import kv_cache_type
 from selfhost.engine.scheduler import ScheduledChunk
 from selfhost.engine.sequence import Sequence
 from selfhost.layers.sampler import filter_logits
@@ -54,7 +54,7 @@ class DraftProposer:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
         self.model = model
-        self.cache = PagedKVCache(model.spec, num_blocks, block_size, dtype, device)
+        self.cache = kv_cache_type(model.spec)(model.spec, num_blocks, block_size, dtype, device)  # the draft's own kind
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(model, self.cache, device)
 
