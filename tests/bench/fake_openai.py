@@ -12,7 +12,13 @@ The model name picks the behaviour, so one server covers every case:
 
 It records every request body and the peak number of requests in flight. With
 `hold_after=N`, requests after the N-th (by arrival) send no token until the state
-is reset, so a test can act while a run is certainly mid-way, on any machine.
+is reset, so a test can act while a run is certainly mid-way, on any machine. With
+`gather=N`, no request sends a token until N are in flight at once (from then on
+they stream freely), so a client that keeps N in flight is seen doing so however
+the machine schedules the two sides; one that never reaches N times out.
+
+Each request counts itself in the InFlight of the state it arrived under: a reset
+starts a fresh count, which streams still ending from before it cannot disturb.
 """
 
 from __future__ import annotations
@@ -30,16 +36,29 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 
 @dataclass
+class InFlight:
+    """Requests streaming now and the most at once, among those of one reset."""
+
+    now: int = 0
+    peak: int = 0
+    gathered: asyncio.Event = field(default_factory=asyncio.Event)  # set, on the server's loop, at peak >= gather
+
+
+@dataclass
 class FakeState:
     ttft_s: float = 0.05
     itl_s: float = 0.01
     slow_s: float = 5.0
     hold_after: int | None = None
+    gather: int = 1
     owned_by: str = "vllm"
     bodies: list[dict] = field(default_factory=list)
     arrivals_s: list[float] = field(default_factory=list)
-    in_flight: int = 0
-    max_in_flight: int = 0
+    in_flight: InFlight = field(default_factory=InFlight)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.in_flight.peak
 
     def reset(self, **settings) -> None:
         self.__init__(**settings)
@@ -73,6 +92,7 @@ def create_app(state: FakeState) -> FastAPI:
 
     async def complete(request: Request, chat: bool):
         body = await request.json()
+        counts, gather = state.in_flight, state.gather  # this request's reset, even if another comes
         state.bodies.append(body)
         number = len(state.bodies)
         state.arrivals_s.append(time.perf_counter())
@@ -82,9 +102,12 @@ def create_app(state: FakeState) -> FastAPI:
             return JSONResponse({"error": error}, status_code=500)
 
         async def stream():
-            state.in_flight += 1
-            state.max_in_flight = max(state.max_in_flight, state.in_flight)
+            counts.now += 1
+            counts.peak = max(counts.peak, counts.now)
+            if counts.peak >= gather:
+                counts.gathered.set()
             try:
+                await counts.gathered.wait()
                 while state.hold_after is not None and number > state.hold_after:
                     await asyncio.sleep(0.01)  # released by reset(); a cancelled client cancels this
                 if mode == "slow":
@@ -102,7 +125,7 @@ def create_app(state: FakeState) -> FastAPI:
                 if mode != "no-done":
                     yield _sse("[DONE]")
             finally:
-                state.in_flight -= 1
+                counts.now -= 1
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

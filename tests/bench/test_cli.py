@@ -134,7 +134,11 @@ def test_unreachable_endpoint_is_a_user_error(cli, in_tmp):
     assert isinstance(result.exception, SelfhostError) and "127.0.0.1:9" in str(result.exception)
 
 
-CLI_SCRIPT = "import typer; from selfhost.cli.bench import register; app = typer.Typer(); register(app); app()"
+# Ctrl-C as a terminal delivers it: to a process whose SIGINT is Python's default handler. A shell
+# runs background jobs (`pytest ... &`, CI wrappers) with SIGINT ignored and children inherit that,
+# so the child restores the handler first; otherwise the SIGINT below would never reach it.
+CLI_SCRIPT = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "import typer; from selfhost.cli.bench import register; app = typer.Typer(); register(app); app()")
 
 
 def test_ctrl_c_still_writes_what_it_has(fake, tmp_path):

@@ -42,7 +42,8 @@ def test_levels_plan():
 
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_concurrency_level_keeps_that_many_in_flight(fake, concurrency):
-    fake.state.reset(ttft_s=0.04, itl_s=0.01)
+    # No token until `concurrency` requests are in flight: a runner that keeps fewer times out.
+    fake.state.reset(ttft_s=0.04, itl_s=0.01, gather=concurrency)
     (level_run,) = run(fake.url, "ok", workload(12).requests, [Level(concurrency)])
     stats = level_stats(level_run)
     assert stats.num_ok == 12 and level_run.completed
