@@ -12,7 +12,9 @@ Result: {"info": {...}, "load_seconds", "tasks": {name: {"seconds": [...], "outp
 
 `others_cpu` is the share of the machine's CPU time that went to anything but this
 process during a timed run (other programs, the hypervisor's steal): a row measured
-while something else ran says so, whatever the load average shows.
+while something else ran says so, whatever the load average shows. Both sides of
+the share come from one clock, /proc/stat's ticks, so it stays within [0, 1] even
+for a run of a few ticks (busy ticks against wall time times CPUs did not).
 
 Every run of a task has prompts of its own (the benchmark draws them), so an engine
 with prefix caching never finds a timed prompt already cached by an earlier run.
@@ -43,29 +45,42 @@ def time_task(engine: Engine, task: dict[str, Any]) -> dict[str, Any]:
     """Run every prompt set of `task` through `engine`; the first `warmup_runs` are not kept."""
     timed: dict[str, list] = {"seconds": [], "output_tokens": [], "others_cpu": [], "token_ids": []}
     for i, prompts in enumerate(task["runs"]):
-        busy, own, start = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+        machine, own, start = machine_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
         outputs = engine.generate(prompts, task["max_tokens"])
         seconds = time.perf_counter() - start
-        others = (machine_busy_seconds() - busy) - (own_cpu_seconds() - own)
+        others = others_share(machine, machine_cpu_seconds(), own_cpu_seconds() - own)
         if i < task["warmup_runs"]:
             continue
         timed["seconds"].append(seconds)
         timed["output_tokens"].append(sum(len(o) for o in outputs))
-        timed["others_cpu"].append(max(0.0, others) / (seconds * (os.cpu_count() or 1)))
+        timed["others_cpu"].append(others)
         timed["token_ids"].append([list(o) for o in outputs])
     return timed
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs spent busy since boot (/proc/stat: user, nice, system, irq,
-    softirq, steal); 0.0 where there is no /proc/stat."""
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of all CPUs since boot, from one read of /proc/stat: busy is
+    user, nice, system, irq, softirq and steal, total adds idle and iowait; (0.0, 0.0) where
+    there is no /proc/stat."""
     try:
         with open("/proc/stat") as stat:
             fields = [int(x) for x in stat.readline().split()[1:9]]
     except (OSError, ValueError):
+        return 0.0, 0.0
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq + steal
+    tick_s = 1 / os.sysconf("SC_CLK_TCK")
+    return busy * tick_s, (busy + idle + iowait) * tick_s
+
+
+def others_share(before: tuple[float, float], after: tuple[float, float], own_seconds: float) -> float:
+    """Share of the machine's CPU time between two machine_cpu_seconds() readings that went to
+    anything but this process (which used `own_seconds`). Busy <= total in every reading, so the
+    share is within [0, 1]; a run that spans no tick measured nothing and reads 0.0."""
+    busy_s, total_s = after[0] - before[0], after[1] - before[1]
+    if total_s <= 0:
         return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return max(0.0, busy_s - own_seconds) / total_s
 
 
 def own_cpu_seconds() -> float:
