@@ -219,14 +219,15 @@ class LLMEngine:
         """Run one batch; return the sequences that got new tokens (finished ones included)."""
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self.config.max_num_batched_tokens)
-        started = time.perf_counter()
         chunks = self.scheduler.schedule()
         aborted = [self.abort(seq.request_id) for seq in self._unadmittable]
         self._unadmittable.clear()
         if not chunks:
             self._tokens_last_step = 0
             return [seq for seq in aborted if seq is not None]
+        started = time.perf_counter()
         result = self.runner.run(chunks)
+        forward_seconds = time.perf_counter() - started
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
         for seq, scored in result.prompt_logprobs:
@@ -252,7 +253,7 @@ class LLMEngine:
         self._tokens_last_step = sum(c.num_tokens for c in chunks)
         self._num_steps += 1
         if self.speculator is not None:
-            self.speculator.record_step(self._tokens_last_step, time.perf_counter() - started)
+            self.speculator.record_step(self._tokens_last_step, forward_seconds)
         return updated
 
     def _accept_verified(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:

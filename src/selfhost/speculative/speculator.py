@@ -62,8 +62,13 @@ class Speculator:
         self.config = config
         self.draft = draft
         self.ngram = NgramProposer(config.ngram_min, config.ngram_max) if config.method == "ngram" else None
-        self.step_cost = StepCostModel()
+        self.step_cost = StepCostModel()  # the model's forward and sampling, by the step's token count
+        # What speculation costs besides the wider forward, as running averages: per speculating
+        # sequence (proposing by lookup, verifying), and per draft-model pass (batched over sequences).
+        self._seconds_per_sequence: float | None = None
         self._draft_seconds_per_pass: float | None = None
+        self._step_overhead = 0.0  # this step's so far
+        self._step_sequences = 0
         self._streak = 0  # steps in a row with proposals
         self._proposed = self._accepted = self._verifications = self._steps = 0
 
@@ -84,6 +89,13 @@ class Speculator:
 
     def propose(self, running: list[Sequence], token_budget: int) -> None:
         """Set `seq.proposed` for the running sequences worth speculating on this step (others: [])."""
+        started = time.perf_counter()
+        draft_seconds = self._propose(running, token_budget)
+        if self._step_sequences:
+            self._step_overhead += time.perf_counter() - started - draft_seconds
+
+    def _propose(self, running: list[Sequence], token_budget: int) -> float:
+        """propose(); returns the seconds the draft model's passes took."""
         for seq in running:
             seq.proposed = []
         candidates, lengths = [], []
@@ -98,26 +110,28 @@ class Speculator:
                 lengths.append(k)
         if not candidates:
             self._streak = 0
-            return
+            return 0.0
         plain_tokens = min(sum(seq.num_uncomputed for seq in running), token_budget)
         decoding = sum(1 for seq in running if seq.num_uncomputed == 1)
         extra = sum(lengths)
         gain = sum(expected_tokens(state.length.acceptance, k) - 1 for (_, state), k in zip(candidates, lengths))
-        draft_seconds = (self._draft_seconds_per_pass or 0.0) * max(lengths)
+        overhead = ((self._draft_seconds_per_pass or 0.0) * max(lengths)
+                    + (self._seconds_per_sequence or 0.0) * len(candidates))
         if plain_tokens not in self.step_cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
             self._streak = 0
-            return  # measure a plain step of this size
-        if not speculation_pays(self.step_cost, plain_tokens, extra, decoding, decoding + gain, draft_seconds):
+            return 0.0  # measure a plain step of this size
+        if not speculation_pays(self.step_cost, plain_tokens, extra, decoding, decoding + gain, overhead):
             self._streak = 0
-            return
+            return 0.0
         self._streak += 1
         seqs = [seq for seq, _ in candidates]
+        self._step_sequences = len(seqs)
+        draft_seconds = 0.0
         if self.draft is not None:
             start = time.perf_counter()
             proposals = self.draft.propose(seqs, lengths)
-            per_pass = (time.perf_counter() - start) / max(lengths)
-            old = self._draft_seconds_per_pass
-            self._draft_seconds_per_pass = per_pass if old is None else 0.8 * old + 0.2 * per_pass
+            draft_seconds = time.perf_counter() - start
+            self._draft_seconds_per_pass = _running_average(self._draft_seconds_per_pass, draft_seconds / max(lengths))
             for (seq, state), proposal in zip(candidates, proposals):
                 seq.proposed = proposal.tokens
                 state.draft_probs = proposal.draft_probs
@@ -126,12 +140,21 @@ class Speculator:
                 seq.proposed = state.ngram.propose(seq.token_ids, k)
         if any(seq.proposed for seq in seqs):
             self._steps += 1
+        return draft_seconds
 
     def verify(self, seq: Sequence, proposed: tuple[int, ...], logits: torch.Tensor
                ) -> tuple[list[int], list[Logprobs | None]]:
         """The tokens to append after a verifying step, and their logprobs where the request asked.
 
         logits: (1 + len(proposed), vocab), row i predicting the token after proposal i - 1."""
+        started = time.perf_counter()
+        try:
+            return self._verify(seq, proposed, logits)
+        finally:
+            self._step_overhead += time.perf_counter() - started
+
+    def _verify(self, seq: Sequence, proposed: tuple[int, ...], logits: torch.Tensor
+                ) -> tuple[list[int], list[Logprobs | None]]:
         state = seq.speculation
         row = seq.sampler_row
         if row.is_greedy:
@@ -150,7 +173,13 @@ class Speculator:
         return tokens, score_tokens(logits[:len(tokens)], tokens, [row.num_logprobs] * len(tokens))
 
     def record_step(self, num_tokens: int, seconds: float) -> None:
+        """The step's forward and sampling took `seconds` for `num_tokens` tokens; also closes the
+        step's account of what proposing and verifying cost."""
         self.step_cost.record(num_tokens, seconds)
+        if self._step_sequences:
+            per_sequence = self._step_overhead / self._step_sequences
+            self._seconds_per_sequence = _running_average(self._seconds_per_sequence, per_sequence)
+        self._step_overhead, self._step_sequences = 0.0, 0
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was aborted: free what its speculation holds."""
@@ -161,3 +190,7 @@ class Speculator:
 
     def stats(self) -> SpeculationStats:
         return SpeculationStats(self._proposed, self._accepted, self._verifications, self._steps)
+
+
+def _running_average(old: float | None, new: float, weight: float = 0.2) -> float:
+    return new if old is None else (1 - weight) * old + weight * new

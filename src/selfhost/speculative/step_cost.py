@@ -71,7 +71,8 @@ def speculation_pays(cost: StepCostModel, num_plain_tokens: int, extra_tokens: i
 
     num_plain_tokens: the step's tokens without proposals; plain_yield: the tokens it appends
     (one per decoding sequence); speculative_yield: expected tokens appended with the proposals;
-    proposal_seconds: what making the proposals costs (a draft model's passes)."""
+    proposal_seconds: what speculating costs besides the wider forward pass (making the proposals:
+    lookups or a draft model's passes; accepting them)."""
     plain = cost.seconds(num_plain_tokens)
     wider = cost.seconds(num_plain_tokens + extra_tokens)
     if plain is None or wider is None:
