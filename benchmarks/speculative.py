@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -33,10 +34,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Every arm on the same thread count: the engine otherwise settles its own per instance, by probing,
+# and two instances that settled differently differ by more than what is measured here. Two threads
+# measured fastest for the demo model on the 2-core machine; set SELFHOST_BLAS_THREADS to override.
+os.environ.setdefault("SELFHOST_BLAS_THREADS", "2")
 import selfhost  # noqa: E402,F401  (first: sets the OpenMP wait policy before torch loads)
 import torch  # noqa: E402
 
-FULL = dict(prompts=8, max_tokens=96, repeats=3, heal_steps=300, sweep=(1, 2, 4, 8, 16, 32))
+FULL = dict(prompts=8, max_tokens=96, repeats=5, heal_steps=300, sweep=(1, 2, 4, 8, 16, 32))
 QUICK = dict(prompts=2, max_tokens=24, repeats=1, heal_steps=4, sweep=(1, 4))
 PASSAGE_TOKENS = 110
 OPENING_TOKENS = 12
@@ -98,8 +103,8 @@ def measure(arms: dict, prompts, params, streams: int, repeats: int) -> dict[str
     """Interleaved repeats; per arm: median tokens/s, outputs, acceptance over the last repeat."""
     seconds = {name: [] for name in arms}
     outputs, acceptance = {}, {}
-    for llm in arms.values():  # warm: first-step allocations, thread-count probes
-        timed_generate(llm, prompts[:1], params, 1)
+    for llm in arms.values():  # warm: first-step allocations, each engine's measured step-time curve
+        timed_generate(llm, prompts, params, streams)
     for _ in range(repeats):
         for name, llm in arms.items():
             before = llm.engine.stats()
