@@ -226,7 +226,7 @@ def plot(rows, sweep, path: Path) -> None:
     values = [r["speedup"] for r in rows if r["arm"] != "plain"]
     left.bar(range(len(values)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
     left.axhline(1.0, color="black", linewidth=0.8)
-    left.set_xticks(range(len(values)), labels, fontsize=6)
+    left.set_xticks(range(len(values)), labels, fontsize=7, rotation=60, ha="right")
     left.set_ylabel("tokens/s vs plain decoding")
     left.set_title("speed-up by workload, arm and streams")
     right.plot([s["streams"] for s in sweep], [s["speedup"] for s in sweep], marker="o")
