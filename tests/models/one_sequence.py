@@ -35,3 +35,17 @@ def one_sequence_logits(model, cache, num_blocks: int, prompt: torch.Tensor, tok
         rows.append(model.compute_logits(model(torch.tensor([token]), torch.tensor([pos]), cache)))
     cache.meta = None
     return torch.cat(rows)
+
+
+def assert_greedy_and_logprobs_match(ref, llm, prompt_len: int, steps: int, tol: float) -> None:
+    """`llm.generate`'s greedy tokens equal the reference's, and its logprobs are the reference's within `tol`."""
+    from selfhost import SamplingParams
+
+    prompt = torch.randint(3, llm.model.spec.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1))
+    ref_tokens, _, ref_steps = reference_greedy(ref, prompt, steps)
+    out = llm.generate(prompt.tolist(), SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True,
+                                                       logprobs=3))[0]
+    assert out.token_ids == ref_tokens
+    ref_logprobs = ref_steps.log_softmax(dim=-1)
+    for step, lp in enumerate(out.logprobs):
+        assert abs(lp.logprob - ref_logprobs[step, lp.token_id].item()) <= tol

@@ -17,7 +17,7 @@ import transformers
 from selfhost import LLM, SamplingParams
 from selfhost.engine.latent_cache import LatentKVCache
 from selfhost.layers.latent_attention import LatentAttention, absorbed_attention, expanded_attention
-from tests.models.one_sequence import one_sequence_logits, reference_greedy
+from tests.models.one_sequence import assert_greedy_and_logprobs_match, one_sequence_logits, reference_greedy
 from tests.tiny_models import COMMON, save_tiny_tokenizer
 
 PROMPT_LEN = 40
@@ -72,14 +72,7 @@ def test_logits_match_transformers_at_prefill_and_decode(deepseek):
 
 def test_greedy_continuation_and_logprobs_match(deepseek):
     _, _, ref, llm = deepseek
-    prompt = torch.randint(3, llm.model.spec.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1))
-    ref_tokens, _, ref_steps = reference_greedy(ref, prompt, DECODE_STEPS)
-    out = llm.generate(prompt.tolist(), SamplingParams(max_tokens=DECODE_STEPS, temperature=0, ignore_eos=True,
-                                                       logprobs=3))[0]
-    assert out.token_ids == ref_tokens
-    ref_logprobs = ref_steps.log_softmax(dim=-1)
-    for step, lp in enumerate(out.logprobs):
-        assert abs(lp.logprob - ref_logprobs[step, lp.token_id].item()) <= TOL
+    assert_greedy_and_logprobs_match(ref, llm, PROMPT_LEN, DECODE_STEPS, TOL)
 
 
 def test_routing_spreads_is_group_limited_and_bias_corrected(deepseek):

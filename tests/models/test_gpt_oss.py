@@ -14,7 +14,7 @@ from selfhost import LLM, SamplingParams
 from selfhost.engine.sink_cache import SinkKVCache
 from selfhost.models.loader import load_model
 from selfhost.models.mxfp4 import FP4_VALUES, dequantize_mxfp4
-from tests.models.one_sequence import one_sequence_logits, reference_greedy
+from tests.models.one_sequence import assert_greedy_and_logprobs_match, one_sequence_logits, reference_greedy
 from tests.tiny_models import COMMON, save_tiny_tokenizer
 
 PROMPT_LEN = 40  # five times the sliding window
@@ -77,14 +77,7 @@ def test_logits_match_transformers_at_prefill_and_decode(gpt_oss):
 
 def test_greedy_continuation_and_logprobs_match(gpt_oss):
     _, ref, llm = gpt_oss
-    prompt = torch.randint(3, llm.model.spec.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1))
-    ref_tokens, _, ref_steps = reference_greedy(ref, prompt, DECODE_STEPS)
-    out = llm.generate(prompt.tolist(), SamplingParams(max_tokens=DECODE_STEPS, temperature=0, ignore_eos=True,
-                                                       logprobs=3))[0]
-    assert out.token_ids == ref_tokens
-    ref_logprobs = ref_steps.log_softmax(dim=-1)
-    for step, lp in enumerate(out.logprobs):
-        assert abs(lp.logprob - ref_logprobs[step, lp.token_id].item()) <= TOL
+    assert_greedy_and_logprobs_match(ref, llm, PROMPT_LEN, DECODE_STEPS, TOL)
 
 
 def test_routing_spreads_and_the_clamps_bite(gpt_oss):

@@ -7,6 +7,7 @@ import transformers
 from selfhost import LLM, SamplingParams
 from selfhost.engine.kv_cache import ContiguousKVCache
 from tests.tiny_models import TINY_CONFIGS
+from tests.models.one_sequence import reference_greedy
 
 PROMPT_LEN = 40  # longer than every tiny sliding window (16, 20)
 DECODE_STEPS = 32
@@ -18,19 +19,6 @@ def pair(request, tiny_checkpoint):
     path = tiny_checkpoint(request.param)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return LLM(str(path), device="cpu"), ref
-
-
-def reference_greedy(ref, prompt: torch.Tensor, steps: int):
-    """Greedy continuation recomputing the whole sequence each step (no cache to get wrong)."""
-    ids = prompt.clone()
-    step_logits = []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = ref(ids[None]).logits[0, -1]
-            step_logits.append(logits)
-            ids = torch.cat([ids, logits.argmax().view(1)])
-        prefill = ref(prompt[None]).logits[0]
-    return ids[len(prompt) :].tolist(), prefill, torch.stack(step_logits)
 
 
 def test_logits_match_transformers_at_prefill_and_decode(pair):

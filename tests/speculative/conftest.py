@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
 import torch
+
+from selfhost.speculative.speculator import Speculator
+
+
+def always(llm):
+    """`llm` proposing whenever a sequence's adaptive length allows, whatever this machine's step times say:
+    the tests need speculation to happen (and be rejected and accepted) on a fast machine and a slow one."""
+    current = llm.engine.speculator
+    llm.engine.speculator = Speculator(dataclasses.replace(current.config, when="always"), current.draft)
+    return llm
+
+
+@pytest.fixture(scope="module")
+def target(tiny_checkpoint):
+    """The model the speculative tests decode with (proposals are checked against it)."""
+    return str(tiny_checkpoint("llama"))
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,8 @@ import pytest
 from selfhost import LLM, SamplingParams
 from selfhost.errors import InvalidParameterError
 from tests.engine.test_batching import run_staggered
+from tests.speculative.conftest import always
 from tests.tiny_models import make_tiny_checkpoint, make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def target(tiny_checkpoint):
-    return str(tiny_checkpoint("llama"))
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +53,8 @@ def test_greedy_output_is_token_for_token_the_same(target, draft, plain, method)
     expected = alone(plain, prompts, params)
     speculative = "ngram" if method == "ngram" else f"draft:{draft}"
     # A small step budget: chunked prefill beside verifications; a small cache: preemption.
-    llm = LLM(target, speculative=speculative, num_speculative_tokens=4, max_num_batched_tokens=40, max_num_seqs=8,
-              kv_cache_memory="96KiB")
+    llm = always(LLM(target, speculative=speculative, num_speculative_tokens=4, max_num_batched_tokens=40,
+                     max_num_seqs=8, kv_cache_memory="96KiB"))
     assert run_staggered(llm, prompts, params) == expected
     stats = llm.engine.stats()
     assert stats.spec_verifications > 0
@@ -66,14 +62,14 @@ def test_greedy_output_is_token_for_token_the_same(target, draft, plain, method)
     assert stats.num_preemptions > 0  # the cache was small enough to preempt mid-run
     assert stats.kv_blocks_used == 0 and stats.num_running == stats.num_waiting == 0
     # All at once, twice: the second time the prompts' blocks come from the prefix cache.
-    llm = LLM(target, speculative=speculative, kv_cache_memory="4MiB")
+    llm = always(LLM(target, speculative=speculative, kv_cache_memory="4MiB"))
     assert [o.token_ids for o in run_batch(llm, prompts, params)] == expected
     assert [o.token_ids for o in run_batch(llm, prompts, params)] == expected  # now from cached prefixes
     assert llm.engine.stats().prefix_hit_rate > 0
 
 
 def test_a_draft_equal_to_the_target_has_every_proposal_accepted(target):
-    llm = LLM(target, speculative=f"draft:{target}", num_speculative_tokens=3, kv_cache_memory="4MiB")
+    llm = always(LLM(target, speculative=f"draft:{target}", num_speculative_tokens=3, kv_cache_memory="4MiB"))
     prompts, params = workload(6, seed=3)
     params = [SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)] * len(prompts)
     outputs = run_batch(llm, prompts, params)
@@ -95,7 +91,7 @@ def test_stop_strings_and_max_tokens_inside_an_accepted_run(target, plain):
             cases.append((prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
                                                  stop=(out.text[middle:middle + 3],))))
         cases.append((prompt, SamplingParams(max_tokens=len(out.token_ids) // 2 + 1, temperature=0, ignore_eos=True)))
-    llm = LLM(target, speculative="ngram", num_speculative_tokens=6, kv_cache_memory="4MiB")
+    llm = always(LLM(target, speculative="ngram", num_speculative_tokens=6, kv_cache_memory="4MiB"))
     got = run_batch(llm, [p for p, _ in cases], [sp for _, sp in cases])
     want = [plain.generate([p], sp)[0] for p, sp in cases]
     assert [(o.text, o.token_ids, o.finish_reason) for o in got] == [
@@ -114,8 +110,8 @@ def test_rejected_proposals_leave_the_blocks_of_a_plain_run(target, draft):
     while plain_llm.engine.has_work:
         plain_llm.engine.step()
         blocks_at_length[seq.num_tokens] = plain_llm.engine.stats().kv_blocks_used
-    llm = LLM(target, speculative=f"draft:{draft}", num_speculative_tokens=5, kv_cache_memory="4MiB",
-              enable_prefix_caching=False)
+    llm = always(LLM(target, speculative=f"draft:{draft}", num_speculative_tokens=5, kv_cache_memory="4MiB",
+                     enable_prefix_caching=False))
     seq = llm.engine.add_request("s", prompt, params)
     checked = 0
     while llm.engine.has_work:
@@ -138,7 +134,7 @@ def test_requests_that_cannot_speculate_still_match(target, plain):
         SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2),
     ]
     want = [plain.generate([p], sp)[0] for p, sp in zip(prompts, params)]
-    got = run_batch(LLM(target, speculative="ngram", kv_cache_memory="4MiB"), prompts, params)
+    got = run_batch(always(LLM(target, speculative="ngram", kv_cache_memory="4MiB")), prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     for g, w in zip(got, want):
         if w.logprobs is not None:

@@ -17,13 +17,9 @@ from scipy.stats import chi2
 from selfhost import LLM, SamplingParams
 from selfhost.speculative.config import SpeculativeConfig
 from selfhost.speculative.speculator import Speculator
+from tests.speculative.conftest import always
 
 TEMPERATURE, TOP_K, NUM_SAMPLES, SIGNIFICANCE = 1.0, 4, 3000, 1e-3
-
-
-@pytest.fixture(scope="module")
-def target(tiny_checkpoint):
-    return str(tiny_checkpoint("llama"))
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +94,10 @@ def test_sampled_output_follows_the_targets_distribution(target, noisy_draft, pr
     if proposer == "ngram":
         llm = LLM(target, speculative="ngram", max_num_seqs=128, kv_cache_memory="16MiB")
         # Look-up from one matching token: every step has a proposal to accept or reject.
-        llm.engine.speculator = Speculator(SpeculativeConfig("ngram", 2, ngram_min=1, ngram_max=2))
+        llm.engine.speculator = Speculator(SpeculativeConfig("ngram", 2, ngram_min=1, ngram_max=2, when="always"))
     else:
-        llm = LLM(target, speculative=f"draft:{noisy_draft}", num_speculative_tokens=2, max_num_seqs=128,
-                  kv_cache_memory="16MiB")
+        llm = always(LLM(target, speculative=f"draft:{noisy_draft}", num_speculative_tokens=2, max_num_seqs=128,
+                         kv_cache_memory="16MiB"))
     counts = sample_triples(llm, prompt)
     stats = llm.engine.stats()
     assert 0 < stats.spec_accepted_tokens < stats.spec_proposed_tokens  # proposals both kept and rejected
@@ -122,8 +118,16 @@ def test_the_test_tells_a_wrong_distribution_apart(target, prompt):
     assert chi_squared_p_value(counts, exact_joint(target, prompt)) < SIGNIFICANCE
 
 
-def test_seeded_speculative_sampling_is_reproducible(target):
+def test_seeded_speculative_sampling_is_reproducible(target, prompt):
     params = SamplingParams(max_tokens=24, temperature=0.8, seed=11, ignore_eos=True)
-    runs = [LLM(target, speculative="ngram").generate([[5, 6, 7, 5, 6, 7, 5, 6]], params)[0].token_ids
-            for _ in range(2)]
-    assert runs[0] == runs[1]
+    runs = []
+    for _ in range(2):
+        llm = LLM(target, speculative="ngram")
+        llm.engine.speculator = Speculator(SpeculativeConfig("ngram", 4, ngram_min=1, when="always"))
+        runs.append(llm)
+    assert runs[0].generate([prompt], params)[0].token_ids == runs[1].generate([prompt], params)[0].token_ids
+    assert runs[0].engine.stats().spec_verifications > 0
+    # Under the measured policy a seeded request does not speculate: the same tokens as without it.
+    measured = LLM(target, speculative="ngram")
+    assert measured.generate([prompt], params)[0].token_ids == LLM(target).generate([prompt], params)[0].token_ids
+    assert measured.engine.stats().spec_verifications == 0

@@ -198,18 +198,26 @@ class PagedKVCache:
             self._prefill_kernel(layer_idx, q, out, scale, sliding_window)
             return out
         for first, num, start, table in meta.chunks:
-            end = start + num
-            if start == 0:  # a whole prompt, or its first chunk: its keys are this step's own
-                keys, values = k[first : first + num].transpose(0, 1), v[first : first + num].transpose(0, 1)
-                if k_layer.dtype != q.dtype:  # as the cache holds them, like every other path
-                    keys, values = keys.to(k_layer.dtype).to(q.dtype), values.to(v_layer.dtype).to(q.dtype)
-            else:
-                keys = key_rows(k_layer, table)[:, :end].to(q.dtype)  # (Hkv, L, D)
-                values = v_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end].to(q.dtype)
+            keys, values = self.chunk_keys_values(layer_idx, k, v, first, num, start, table, q.dtype)
             out[first : first + num] = attend_one_sequence(
                 q[first : first + num], keys, values, start, scale, sliding_window, softcap
             )
         return out
+
+    def chunk_keys_values(self, layer_idx, k, v, first, num, start, table, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values a prompt chunk attends to, (Hkv, start + num, D) each in `dtype`: the step's
+        own when the chunk starts the prompt, else its blocks gathered from the cache."""
+        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]
+        num_kv_heads, head_dim = v_layer.shape[0], v_layer.shape[-1]
+        if start == 0:  # a whole prompt, or its first chunk: its keys are this step's own
+            keys, values = k[first : first + num].transpose(0, 1), v[first : first + num].transpose(0, 1)
+            if k_layer.dtype != dtype:  # as the cache holds them, like every other path
+                keys, values = keys.to(k_layer.dtype).to(dtype), values.to(v_layer.dtype).to(dtype)
+            return keys, values
+        end = start + num
+        keys = key_rows(k_layer, table)[:, :end].to(dtype)
+        values = v_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end].to(dtype)
+        return keys, values
 
     def rope_attend_decode(self, layer_idx, heads, cos, sin, num_heads, scale, sliding_window, softcap):
         """A decode-only step in one C call: rotary on q and k, cache write, attention.

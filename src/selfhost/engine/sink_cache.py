@@ -41,14 +41,7 @@ class SinkKVCache(PagedKVCache):
             mask = meta.single_query_mask(num_kv_heads, padded_len, sliding_window)
             out[:num_single] = single_queries_with_sinks(q[:num_single], keys, values, mask, scale, sinks)
         for first, num, start, table in meta.chunks:
-            end = start + num
-            if start == 0:  # a whole prompt, or its first chunk: its keys are this step's own
-                keys, values = k[first : first + num].transpose(0, 1), v[first : first + num].transpose(0, 1)
-                if k_layer.dtype != q.dtype:  # as the cache holds them
-                    keys, values = keys.to(k_layer.dtype).to(q.dtype), values.to(v_layer.dtype).to(q.dtype)
-            else:
-                keys = key_rows(k_layer, table)[:, :end].to(q.dtype)  # (Hkv, L, D)
-                values = v_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end].to(q.dtype)
+            keys, values = self.chunk_keys_values(layer_idx, k, v, first, num, start, table, q.dtype)
             out[first : first + num] = attend_one_sequence_with_sinks(
                 q[first : first + num], keys, values, start, scale, sliding_window, sinks
             )

@@ -20,8 +20,15 @@ class SpeculativeConfig:
     draft_model: str | None = None
     ngram_min: int = 2
     ngram_max: int = 4
+    # "measured": propose only while this machine's measured step times say it pays (step_cost.py);
+    # "always": whenever a sequence's adaptive length allows (tests that need speculation to happen
+    # whatever the machine's speed; a deployment that knows it is bandwidth-bound).
+    when: str = "measured"
 
     def __post_init__(self) -> None:
+        if self.when not in ("measured", "always"):
+            raise InvalidParameterError(f"speculative when={self.when!r}: choose 'measured' or 'always'",
+                                        param="speculative")
         if self.method not in ("ngram", "draft"):
             raise InvalidParameterError(f"speculative={self.method!r}: choose 'ngram' or 'draft:PATH'",
                                         param="speculative")

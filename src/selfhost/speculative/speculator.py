@@ -72,12 +72,16 @@ class Speculator:
         self._streak = 0  # steps in a row with proposals
         self._proposed = self._accepted = self._verifications = self._steps = 0
 
-    @staticmethod
-    def can_speculate(seq: Sequence) -> bool:
-        """Decoding (its prompt done) with sampling whose verification needs no per-token replay."""
+    def can_speculate(self, seq: Sequence) -> bool:
+        """Decoding (its prompt done) with sampling whose verification needs no per-token replay.
+
+        A seeded sampled request speculates only under when="always": its draws depend on which steps
+        verified proposals, and under "measured" that follows this machine's step times, so it decodes
+        plainly and stays reproducible (and equal to its output without speculation)."""
         row = seq.sampler_row
+        reproducible = row.is_greedy or row.seed is None or self.config.when == "always"
         return (seq.num_uncomputed == 1 and seq.grammar is None and not row.has_penalties
-                and not row.logits_processors and not seq.is_finished)
+                and not row.logits_processors and not seq.is_finished and reproducible)
 
     def _state(self, seq: Sequence) -> SequenceSpeculation:
         if seq.speculation is None:
@@ -117,12 +121,13 @@ class Speculator:
         gain = sum(expected_tokens(state.length.acceptance, k) - 1 for (_, state), k in zip(candidates, lengths))
         overhead = ((self._draft_seconds_per_pass or 0.0) * max(lengths)
                     + (self._seconds_per_sequence or 0.0) * len(candidates))
-        if plain_tokens not in self.step_cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
-            self._streak = 0
-            return 0.0  # measure a plain step of this size
-        if not speculation_pays(self.step_cost, plain_tokens, extra, decoding, decoding + gain, overhead):
-            self._streak = 0
-            return 0.0
+        if self.config.when == "measured":
+            if plain_tokens not in self.step_cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
+                self._streak = 0
+                return 0.0  # measure a plain step of this size
+            if not speculation_pays(self.step_cost, plain_tokens, extra, decoding, decoding + gain, overhead):
+                self._streak = 0
+                return 0.0
         self._streak += 1
         seqs = [seq for seq, _ in candidates]
         self._step_sequences = len(seqs)
