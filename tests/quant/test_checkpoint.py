@@ -84,3 +84,37 @@ def test_failure_mid_write_leaves_no_partial_files(tiny_checkpoint, tmp_path, mo
     with pytest.raises(OSError, match="No space left"):
         quantize_checkpoint(tiny_checkpoint("llama"), tmp_path / "q", QuantConfig(method="int8"))
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "gpt_oss"])
+def test_quantized_folder_of_latent_attention_and_stacked_experts(tmp_path, family):
+    """A q_proj of its own (latent attention without a query bottleneck) and experts stored as one 3-D
+    tensor (gpt-oss) quantize to a folder that loads and decodes as on-the-fly int8 does."""
+    import torch
+    import transformers
+
+    from selfhost import LLM, SamplingParams
+    from tests.tiny_models import save_tiny_tokenizer
+
+    if family == "gpt_oss":
+        from tests.models.test_gpt_oss import _reference_model
+
+        model = _reference_model()
+    else:
+        from tests.models.test_deepseek import DEEPSEEK_CONFIGS
+        from tests.tiny_models import COMMON
+
+        config_cls, overrides = DEEPSEEK_CONFIGS[family]
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(
+            getattr(transformers, config_cls)(**{**COMMON, **overrides}), dtype=torch.float32)
+    source = tmp_path / "model"
+    model.save_pretrained(source, safe_serialization=True)
+    save_tiny_tokenizer(source)
+    quantize_checkpoint(source, tmp_path / "int8", QuantConfig(method="int8"))
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
+    prompt = [[5, 17, 99, 230, 41, 7, 300, 12]]
+    stored = LLM(str(tmp_path / "int8"), kv_cache_memory="16MiB").generate(prompt, greedy)[0]
+    on_the_fly = LLM(str(source), quantization="int8", kv_cache_memory="16MiB").generate(prompt, greedy)[0]
+    assert stored.token_ids == on_the_fly.token_ids
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(stored.logprobs, on_the_fly.logprobs)) < 1e-4

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Container
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from selfhost.errors import InvalidParameterError
 from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS, checkpoint_name, spec_from_config
+from selfhost.models.fused_experts import per_expert_tensors
 from selfhost.models.loader import iter_tensors, read_config, weight_files
 from selfhost.quant.apply import quantization_plan
 from selfhost.quant.config import QuantConfig
@@ -42,11 +44,12 @@ def quantized_tensors(name: str, weight: torch.Tensor, method: str, config: Quan
     return {f"{module}.qweight": q, f"{module}.scales": scales, f"{module}.zeros": zeros}
 
 
-def _our_module(tensor_name: str) -> tuple[str, str]:
-    """Checkpoint tensor name -> (our module name, leaf): q_proj maps to its fused qkv_proj."""
+def _our_module(tensor_name: str, modules: Container[str]) -> tuple[str, str]:
+    """Checkpoint tensor name -> (our module name, leaf): q_proj maps to its fused qkv_proj where the
+    model has one (`modules`: its module names; latent attention keeps a q_proj of its own)."""
     module_path, _, leaf = tensor_name.rpartition(".")
     parent, _, module = module_path.rpartition(".")
-    if module in PACKED_WEIGHTS:
+    if module in PACKED_WEIGHTS and f"{parent}.{PACKED_WEIGHTS[module][0]}" in modules:
         module_path = f"{parent}.{PACKED_WEIGHTS[module][0]}"
     return module_path, leaf
 
@@ -93,13 +96,16 @@ def quantize_checkpoint(model_dir: Path, out_dir: Path, config: QuantConfig, ove
     try:
         os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
         tensors: dict[str, torch.Tensor] = {}
-        for name, tensor in iter_tensors(weight_files(model_dir, allow_pickle=False)):
+        modules = {name for name, _ in model.named_modules()}
+        # One tensor per expert where a checkpoint stacks them (gpt-oss), as the loader reads them.
+        stored = iter_tensors(weight_files(model_dir, allow_pickle=False))
+        for name, tensor in per_expert_tensors(spec.architecture, stored):
             name = checkpoint_name(spec.architecture, name)  # written in the common spelling the loader reads
-            module, leaf = _our_module(name)
+            module, leaf = _our_module(name, modules)
             if head_tied and module == "lm_head":
                 continue  # the embedding's quantized rows serve as the head
             if module in plan and leaf == "weight":
-                tensors.update(quantized_tensors(name, tensor, plan[module], config))
+                tensors.update(quantized_tensors(name, tensor.contiguous(), plan[module], config))  # (a split expert is a view)
             else:
                 tensors[name] = tensor.contiguous()
         _save(tensors, tmp_dir / WEIGHTS_FILE)
