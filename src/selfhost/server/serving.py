@@ -275,8 +275,14 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watch_task.cancel()
 
 
+# Characters a JSON encoder leaves raw but some line splitters end a line at (Python's str.splitlines,
+# which httpx's iter_lines follows): escaped, so a generated NEL or line separator cannot cut an event.
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: str) -> str:
-    return f"data: {data}\n\n"
+    """One server-sent event holding `data` (JSON, or [DONE])."""
+    return f"data: {data.translate(_LINE_BREAKS_JSON_KEEPS)}\n\n"
 
 
 def sse_error(err: Exception) -> str:
