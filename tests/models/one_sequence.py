@@ -49,3 +49,29 @@ def assert_greedy_and_logprobs_match(ref, llm, prompt_len: int, steps: int, tol:
     ref_logprobs = ref_steps.log_softmax(dim=-1)
     for step, lp in enumerate(out.logprobs):
         assert abs(lp.logprob - ref_logprobs[step, lp.token_id].item()) <= tol
+
+
+def assert_batching_engine_matches(ref, folder, roomy, cache_type, steps: int) -> None:
+    """Mixed lengths in one batch, a repeated prompt (prefix-cache hits), and a cache too small for all of
+    them at once (preemption, recomputation) give transformers' own greedy tokens; `cache_type`: the
+    engine's KV store for this model."""
+    from selfhost import LLM, SamplingParams
+
+    shared = [1, 17, 42, 99, 7, 250, 31, 8, 64, 300, 12, 5, 77, 3, 90, 11, 23, 45]
+    prompts = [shared + [i, i + 1] for i in range(4, 8)] + [[1, 250, 31, 8, 64], shared[:9], shared + shared]
+    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = ref.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
+            expected.append(out[0, len(prompt):].tolist())
+    assert [o.token_ids for o in roomy.generate(prompts, params)] == expected
+    hits = roomy.engine.block_manager.prefix_hit_tokens
+    assert [o.token_ids for o in roomy.generate(prompts, params)] == expected  # again: served from cached blocks
+    assert roomy.engine.block_manager.prefix_hit_tokens > hits
+    block_bytes = cache_type.bytes_per_block(roomy.model.spec, 16, torch.float32)
+    tight = LLM(str(folder), kv_cache_memory=10 * block_bytes)  # a few of the 7 sequences at a time
+    assert isinstance(tight.engine.cache, cache_type)
+    assert [o.token_ids for o in tight.generate(prompts, params)] == expected
+    assert tight.engine.scheduler.num_preemptions > 0

@@ -17,7 +17,9 @@ import transformers
 from selfhost import LLM, SamplingParams
 from selfhost.engine.latent_cache import LatentKVCache
 from selfhost.layers.latent_attention import LatentAttention, absorbed_attention, expanded_attention
-from tests.models.one_sequence import assert_greedy_and_logprobs_match, one_sequence_logits, reference_greedy
+from tests.models.one_sequence import (
+    assert_batching_engine_matches, assert_greedy_and_logprobs_match, one_sequence_logits, reference_greedy,
+)
 from tests.tiny_models import COMMON, save_tiny_tokenizer
 
 PROMPT_LEN = 40
@@ -99,27 +101,8 @@ def test_routing_spreads_is_group_limited_and_bias_corrected(deepseek):
 
 
 def test_batching_engine_matches_transformers_through_preemption_and_prefix_hits(deepseek):
-    """Mixed lengths in one batch, a repeated prompt (prefix-cache hits on latent blocks), and a
-    cache too small for all of them at once (preemption, recomputation): transformers' greedy tokens."""
     _, folder, ref, roomy = deepseek
-    shared = [1, 17, 42, 99, 7, 250, 31, 8, 64, 300, 12, 5, 77, 3, 90, 11, 23, 45]
-    prompts = [shared + [i, i + 1] for i in range(4, 8)] + [[1, 250, 31, 8, 64], shared[:9], shared + shared]
-    params = SamplingParams(max_tokens=DECODE_STEPS, temperature=0, ignore_eos=True)
-    expected = []
-    with torch.no_grad():
-        for prompt in prompts:
-            out = ref.generate(torch.tensor([prompt]), max_new_tokens=DECODE_STEPS, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)
-            expected.append(out[0, len(prompt):].tolist())
-    assert [o.token_ids for o in roomy.generate(prompts, params)] == expected
-    hits = roomy.engine.block_manager.prefix_hit_tokens
-    assert [o.token_ids for o in roomy.generate(prompts, params)] == expected  # again: served from cached blocks
-    assert roomy.engine.block_manager.prefix_hit_tokens > hits
-    block_bytes = LatentKVCache.bytes_per_block(roomy.model.spec, 16, torch.float32)
-    tight = LLM(str(folder), kv_cache_memory=10 * block_bytes)  # a few of the 7 sequences at a time
-    assert isinstance(tight.engine.cache, LatentKVCache)
-    assert [o.token_ids for o in tight.generate(prompts, params)] == expected
-    assert tight.engine.scheduler.num_preemptions > 0
+    assert_batching_engine_matches(ref, folder, roomy, LatentKVCache, DECODE_STEPS)
 
 
 def test_latent_cache_holds_rank_plus_rope_per_token_and_layer(deepseek):

@@ -10,11 +10,13 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from selfhost import LLM, SamplingParams
+from selfhost import LLM
 from selfhost.engine.sink_cache import SinkKVCache
 from selfhost.models.loader import load_model
 from selfhost.models.mxfp4 import FP4_VALUES, dequantize_mxfp4
-from tests.models.one_sequence import assert_greedy_and_logprobs_match, one_sequence_logits, reference_greedy
+from tests.models.one_sequence import (
+    assert_batching_engine_matches, assert_greedy_and_logprobs_match, one_sequence_logits, reference_greedy,
+)
 from tests.tiny_models import COMMON, save_tiny_tokenizer
 
 PROMPT_LEN = 40  # five times the sliding window
@@ -98,23 +100,7 @@ def test_routing_spreads_and_the_clamps_bite(gpt_oss):
 
 def test_batching_engine_matches_transformers_through_preemption_and_prefix_hits(gpt_oss):
     folder, ref, roomy = gpt_oss
-    shared = [1, 17, 42, 99, 7, 250, 31, 8, 64, 300, 12, 5, 77, 3, 90, 11, 23, 45]
-    prompts = [shared + [i, i + 1] for i in range(4, 8)] + [[1, 250, 31, 8, 64], shared[:9], shared + shared]
-    params = SamplingParams(max_tokens=DECODE_STEPS, temperature=0, ignore_eos=True)
-    expected = []
-    with torch.no_grad():
-        for prompt in prompts:
-            out = ref.generate(torch.tensor([prompt]), max_new_tokens=DECODE_STEPS, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)
-            expected.append(out[0, len(prompt):].tolist())
-    assert [o.token_ids for o in roomy.generate(prompts, params)] == expected
-    hits = roomy.engine.block_manager.prefix_hit_tokens
-    assert [o.token_ids for o in roomy.generate(prompts, params)] == expected
-    assert roomy.engine.block_manager.prefix_hit_tokens > hits
-    block_bytes = SinkKVCache.bytes_per_block(roomy.model.spec, 16, torch.float32)
-    tight = LLM(str(folder), kv_cache_memory=10 * block_bytes)
-    assert [o.token_ids for o in tight.generate(prompts, params)] == expected
-    assert tight.engine.scheduler.num_preemptions > 0
+    assert_batching_engine_matches(ref, folder, roomy, SinkKVCache, DECODE_STEPS)
 
 
 def test_mxfp4_dequantizes_a_hand_worked_block():

@@ -171,23 +171,15 @@ class PagedKVCache:
 
     def attend(self, layer_idx, q, k, v, scale, sliding_window, softcap):
         meta = self.meta
-        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]  # (Hkv, num_blocks, D, block_size), (.., block_size, D)
-        num_kv_heads, num_blocks, block_size, head_dim = v_layer.shape
-        # Write this step's keys and values into their slots first: queries see themselves.
-        blocks, offsets = meta.slot_blocks_and_offsets(block_size)
-        k_layer[:, blocks, :, offsets] = k.to(k_layer.dtype)  # advanced indices first: (T, Hkv, D)
-        v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(v_layer.dtype))
+        num_kv_heads = self.v.shape[1]  # v: (layers, Hkv, num_blocks, block_size, D)
+        self.write_step_kv(layer_idx, k, v)  # first: queries see themselves
         num_single = meta.num_single
         single_out = None
         if num_single and self.use_cpu_kernel:
             single_out = self._single_query_kernel(layer_idx, q[:num_single], scale, sliding_window, softcap)
         elif num_single:
-            tables = meta.single_block_tables  # (S, max_blocks)
-            padded_len = tables.shape[1] * block_size
-            flat = tables.flatten()
-            gathered_k = key_rows(k_layer, flat).view(num_kv_heads, num_single, padded_len, head_dim).to(q.dtype)
-            gathered_v = v_layer.index_select(1, flat).view(num_kv_heads, num_single, padded_len, head_dim).to(q.dtype)
-            mask = meta.single_query_mask(num_kv_heads, padded_len, sliding_window)
+            gathered_k, gathered_v = self.single_keys_values(layer_idx, q.dtype)
+            mask = meta.single_query_mask(num_kv_heads, gathered_k.shape[2], sliding_window)
             single_out = batched_single_query_attention(q[:num_single], gathered_k, gathered_v, mask, scale, softcap)
         if single_out is not None and not meta.chunks:
             return single_out
@@ -203,6 +195,25 @@ class PagedKVCache:
                 q[first : first + num], keys, values, start, scale, sliding_window, softcap
             )
         return out
+
+    def write_step_kv(self, layer_idx, k, v) -> None:
+        """This step's keys (dims-major in their block) and values (row-major) into their slots."""
+        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]
+        num_kv_heads, head_dim = v_layer.shape[0], v_layer.shape[-1]
+        blocks, offsets = self.meta.slot_blocks_and_offsets(self.block_size)
+        k_layer[:, blocks, :, offsets] = k.to(k_layer.dtype)  # advanced indices first: (T, Hkv, D)
+        v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, self.meta.slot_mapping,
+                                                            v.transpose(0, 1).to(v_layer.dtype))
+
+    def single_keys_values(self, layer_idx, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The single-token queries' blocks gathered: keys and values (Hkv, S, padded length, D) in `dtype`."""
+        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]
+        num_kv_heads, head_dim = v_layer.shape[0], v_layer.shape[-1]
+        tables = self.meta.single_block_tables  # (S, max_blocks)
+        num_single, padded_len, flat = tables.shape[0], tables.shape[1] * self.block_size, tables.flatten()
+        keys = key_rows(k_layer, flat).view(num_kv_heads, num_single, padded_len, head_dim).to(dtype)
+        values = v_layer.index_select(1, flat).view(num_kv_heads, num_single, padded_len, head_dim).to(dtype)
+        return keys, values
 
     def chunk_keys_values(self, layer_idx, k, v, first, num, start, table, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values a prompt chunk attends to, (Hkv, start + num, D) each in `dtype`: the step's

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from selfhost.engine.paged_cache import PagedKVCache, key_rows
+from selfhost.engine.paged_cache import PagedKVCache
 from selfhost.layers.sink_attention import attend_one_sequence_with_sinks, single_queries_with_sinks
 from selfhost.models.spec import ModelSpec
 
@@ -24,21 +24,13 @@ class SinkKVCache(PagedKVCache):
     def attend_with_sinks(self, layer_idx, q, k, v, sinks, scale, sliding_window):
         """As `PagedKVCache.attend` (q, k, v: (T, heads, D)), with one sink logit per query head."""
         meta = self.meta
-        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]  # (Hkv, num_blocks, D, block_size), (.., block_size, D)
-        num_kv_heads, _, block_size, head_dim = v_layer.shape
-        # The same writes as PagedKVCache.attend: keys dims-major in their block, values row-major.
-        blocks, offsets = meta.slot_blocks_and_offsets(block_size)
-        k_layer[:, blocks, :, offsets] = k.to(k_layer.dtype)
-        v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(v_layer.dtype))
+        num_kv_heads = self.v.shape[1]
+        self.write_step_kv(layer_idx, k, v)  # as PagedKVCache.attend does
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         num_single = meta.num_single
         if num_single:
-            tables = meta.single_block_tables  # (S, max_blocks)
-            padded_len = tables.shape[1] * block_size
-            flat = tables.flatten()
-            keys = key_rows(k_layer, flat).view(num_kv_heads, num_single, padded_len, head_dim).to(q.dtype)
-            values = v_layer.index_select(1, flat).view(num_kv_heads, num_single, padded_len, head_dim).to(q.dtype)
-            mask = meta.single_query_mask(num_kv_heads, padded_len, sliding_window)
+            keys, values = self.single_keys_values(layer_idx, q.dtype)
+            mask = meta.single_query_mask(num_kv_heads, keys.shape[2], sliding_window)
             out[:num_single] = single_queries_with_sinks(q[:num_single], keys, values, mask, scale, sinks)
         for first, num, start, table in meta.chunks:
             keys, values = self.chunk_keys_values(layer_idx, k, v, first, num, start, table, q.dtype)
