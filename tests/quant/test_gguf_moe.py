@@ -201,28 +201,6 @@ def test_llama_cpp_runs_the_moe_gguf_like_selfhost(moe_checkpoint, tmp_path, fam
     tokens to all or nearly all experts of every layer. Measured with llama-cpp-python 0.3.36: f16
     within 0.04% of the range for all three, q8_0 0.7% (Mixtral), 0.9% (Qwen2-MoE), 2.8% (Qwen3-MoE)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from selfhost import LLM, SamplingParams
+    from tests.quant.llama_cpp_check import assert_llama_cpp_matches
 
-    src = moe_checkpoint(family)
-    llm = LLM(str(src), device="cpu", max_num_seqs=1, kv_cache_memory=1 << 22)
-    prompt = llm.tokenizer.encode(TEXT)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    with torch.no_grad():
-        ref = reference(torch.tensor([prompt])).logits[0].numpy()
-
-    path = tmp_path / f"{family}.{gguf_type}.gguf"
-    export_gguf(src, path, gguf_type)
-    lc = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2, seed=0)
-    assert lc.tokenize(TEXT.encode()) == prompt
-    lc.eval(prompt)
-    theirs = np.array(lc.scores[: len(prompt)])
-    assert np.abs(theirs - ref).max() <= tolerance * (ref.max() - ref.min())
-
-    if gguf_type == "f16":
-        continuation = []
-        for token in lc.generate(prompt, temp=0.0, top_k=1, reset=True):
-            continuation.append(token)
-            if len(continuation) == 12:
-                break
-        greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-        assert continuation == llm.generate([prompt], greedy)[0].token_ids
+    assert_llama_cpp_matches(llama_cpp, moe_checkpoint(family), TEXT, gguf_type, tolerance, tmp_path)

@@ -8,13 +8,11 @@ also rounds activations to 8 bits there; the worst family, the 6-layer Gemma 3,
 measured 3.1%) and the same tokenizer ids.
 """
 
-import numpy as np
 import pytest
-import torch
 import transformers
 
-from selfhost import LLM, SamplingParams
 from selfhost.quant.gguf_export import export_gguf
+from tests.quant.llama_cpp_check import assert_llama_cpp_matches
 from tests.quant.test_gguf import byte_fallback_checkpoint
 from tests.tiny_models import make_tiny_checkpoint
 
@@ -53,31 +51,7 @@ def checkpoint(tiny_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("gguf_type,tolerance", [("f16", 0.005), ("q8_0", 0.04)])
 def test_llama_cpp_logits_and_greedy_match(checkpoint, tmp_path, family, gguf_type, tolerance):
-    src = checkpoint(family)
-    text = PROMPTS.get(family, TEXT)
-    llm = LLM(str(src), device="cpu", max_num_seqs=1, kv_cache_memory=1 << 22)
-    prompt = llm.tokenizer.encode(text)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    with torch.no_grad():
-        ref = reference(torch.tensor([prompt])).logits[0].numpy()
-
-    path = tmp_path / f"{family}.{gguf_type}.gguf"
-    export_gguf(src, path, gguf_type)
-    lc = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2, seed=0)
-    assert lc.tokenize(text.encode()) == prompt  # same vocabulary, merges and BOS handling
-    lc.eval(prompt)
-    theirs = np.array(lc.scores[: len(prompt)])
-    assert np.abs(theirs - ref).max() <= tolerance * (ref.max() - ref.min())
-
-    if gguf_type == "f16":
-        lc.reset()
-        continuation = []
-        for token in lc.generate(prompt, temp=0.0, top_k=1, reset=True):
-            continuation.append(token)
-            if len(continuation) == 12:
-                break
-        greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-        assert continuation == llm.generate([prompt], greedy)[0].token_ids
+    assert_llama_cpp_matches(llama_cpp, checkpoint(family), PROMPTS.get(family, TEXT), gguf_type, tolerance, tmp_path)
 
 
 @pytest.mark.parametrize("prepend_space", [True, False])  # Llama 2 / Mistral style, Gemma style
