@@ -46,13 +46,13 @@ setup(
         kernel("quant._int8_cpu", uses_pool=True),
         kernel("layers._matvec_cpu", uses_pool=True),
         kernel("layers._gemm_cpu", uses_pool=True),
-        kernel("layers._bf16_tiles_cpu", uses_pool=True),
+        kernel("layers._bf16_tiles_cpu", uses_pool=True, headers=("_amx_tiles.h",)),
         kernel("layers._norm_cpu"),
         kernel("layers._activation_cpu", uses_pool=True, headers=("_exp_avx512.h",)),
         kernel("layers._token_mask_cpu"),
         kernel("engine._paged_attention_cpu", uses_pool=True,
                headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h")),
         kernel("engine._prefill_attention_cpu", uses_pool=True,
-               headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h")),
+               headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h", "_amx_tiles.h")),
     ]
 )

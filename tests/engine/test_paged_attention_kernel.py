@@ -283,10 +283,55 @@ def test_bf16_cache_prefill_kernel_matches_torch_path(num_heads, num_kv_heads, h
                                           kv_dtype=torch.bfloat16)
         assert cache.use_prefill_kernel
         cache.use_prefill_kernel = use_kernel
+        cache.use_prefill_tiles = False  # the AVX-512 kernel: exact fp32 arithmetic (tiles: below)
         cache.meta = meta
         meta.num_threads = threads
         results[use_kernel] = cache.attend(1, q, k, v, scale, window, None)
     assert (results[True] - results[False]).abs().max() < 2e-5
+
+
+needs_tiles = pytest.mark.skipif(
+    not (paged_cache.bf16_cache_kernels_available() and paged_cache._prefill_attention_cpu.tiles_available()),
+    reason="prompt attention on tiles needs AMX-BF16 (and the OS's grant of its state)",
+)
+
+
+@needs_tiles
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window",
+                         [(9, 3, 64, None), (8, 8, 128, None), (6, 2, 96, 100), (4, 2, 32, 20), (16, 1, 64, 7),
+                          (32, 2, 256, None)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_on_tiles_is_bf16_attention(num_heads, num_kv_heads, head_dim, window, threads):
+    """On AMX the kernel rounds queries and probabilities to bf16 and sums in fp32. Against
+    exact attention over the same bf16-rounded queries, each output then differs by at most
+    the probabilities' rounding: sum_j p_j e_j v_j / sum_j p_j with |e_j| <= 2^-9, so
+    |error| <= 2^-9 max|v| (a little over for the exp's own 5e-5 and fp32 sums)."""
+    # Whole prompts, chunks continuing a cached prefix, sizes past every 16-row tile, 32-query
+    # unit and 128-key block edge, one long chunk that needs several key blocks per unit.
+    chunks = [(0, 1), (0, 37), (50, 13), (0, 100), (129, 70), (16, 16), (300, 150)]
+    scale = head_dim**-0.5
+    cache, meta, q, k, v = chunk_step(num_heads, num_kv_heads, head_dim, 16, chunks, seed=5, kv_dtype=torch.bfloat16)
+    assert cache.use_prefill_tiles
+    cache.meta = meta
+    meta.num_threads = threads
+    got = cache.attend(1, q, k, v, scale, window, None)
+    cache.use_prefill_kernel = cache.use_prefill_tiles = False
+    want = cache.attend(1, q.bfloat16().float(), k, v, scale, window, None)
+    bound = 2**-9 * v.bfloat16().float().abs().max().item()
+    error = (got - want).abs().max().item()
+    assert error <= 1.05 * bound + 1e-5
+    assert error > 0  # it did round: these are not the exact kernel's outputs
+    assert (got - cache.attend(1, q, k, v, scale, window, None)).abs().max() > 1e-4
+
+
+@needs_tiles
+def test_tiles_refuse_an_fp32_cache():
+    cache, meta, q, k, v = chunk_step(9, 3, 64, 16, [(0, 40)], seed=1)
+    assert not cache.use_prefill_tiles
+    cache.use_prefill_tiles = True
+    cache.meta = meta
+    with pytest.raises(ValueError, match="tiles need AMX, a bf16 cache"):
+        cache.attend(0, q, k, v, 0.125, None, None)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

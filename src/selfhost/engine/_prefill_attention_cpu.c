@@ -47,6 +47,7 @@
 #include "../_cpu_pool.h"
 #include "../_exp_avx512.h"
 #include "_weighted_rows_avx512.h"
+#include "../_amx_tiles.h"
 #endif
 
 #ifdef SELFHOST_PREFILL
@@ -54,6 +55,8 @@
 #define AVX512 __attribute__((target("avx512f")))
 #define QUERY_BLOCK 32 /* query positions per unit of work */
 #define KEY_BLOCK 64   /* keys per step of the online softmax: four zmm of scores per row */
+#define TILE_KEY_BLOCK 128 /* the same on AMX tiles: fewer output rescales per key (see below) */
+#define MAX_KEY_BLOCK TILE_KEY_BLOCK
 #define ROWS 6         /* query rows per score product: 6 x 4 accumulators */
 #define MAX_GROUP 16   /* query heads per kv head this kernel takes (GQA groups are 1-16) */
 #define MAX_ROWS (QUERY_BLOCK * MAX_GROUP)
@@ -68,6 +71,7 @@ typedef struct {
     float scale;
     _Atomic int *failed; /* set when a thread's scratch memory could not be had */
     int kv_bf16;
+    int tiles; /* AMX products (bf16 cache only) */
 } Job;
 
 
@@ -109,32 +113,92 @@ AVX512 static void score_block(int rows, const float *const *q, const float *pan
 /* Per-unit scratch, one per thread. */
 typedef struct {
     float panel[1024 * KEY_BLOCK] __attribute__((aligned(64))); /* head_dim <= 1024 */
-    float scores[MAX_ROWS * KEY_BLOCK] __attribute__((aligned(64)));
+    float scores[(MAX_ROWS + 16) * MAX_KEY_BLOCK] __attribute__((aligned(64))); /* rows padded to tiles of 16 */
     float row_max[MAX_ROWS], row_sum[MAX_ROWS], rescale[MAX_ROWS];
     const float *q_rows[MAX_ROWS];
     float *out_rows[MAX_ROWS];
     Py_ssize_t row_pos[MAX_ROWS];
-    const void *values[KEY_BLOCK];
+    const void *values[MAX_KEY_BLOCK];
 } Scratch;
 
 static _Thread_local Scratch *scratch;
 
-AVX512 static void run_unit(const void *whole, long unit) {
-    const Job *job = (const Job *)whole;
+/* Scores of keys [k0, k0 + block) -> probabilities in place (0 where a row may not look),
+ * each row's running max and sum updated and its output's rescale factor set. Rows are
+ * `block` floats apart; block is KEY_BLOCK, or TILE_KEY_BLOCK on the tiles path, which
+ * rounds the probabilities to bf16 next and so takes the coarser exp (`coarse`). A row's
+ * scores stay in registers between its two passes; a block the row sees whole needs no
+ * mask. */
+AVX512 static inline __attribute__((always_inline)) void softmax_block(const Job *job, Scratch *s, Py_ssize_t rows,
+                                                                     Py_ssize_t k0, const int block, const int coarse) {
+    const __m512 lane = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const Py_ssize_t pos = s->row_pos[r];
+        const Py_ssize_t first_key = job->window > 0 && pos + 1 > job->window ? pos + 1 - job->window : 0;
+        float *row = s->scores + r * block;
+        __m512 x[MAX_KEY_BLOCK / 16];
+        __mmask16 keep[MAX_KEY_BLOCK / 16];
+        __m512 peak = _mm512_set1_ps(-INFINITY);
+        if (first_key <= k0 && k0 + block - 1 <= pos) {
+            for (int c = 0; c < block / 16; c++) {
+                keep[c] = 0xffff;
+                x[c] = _mm512_mul_ps(_mm512_load_ps(row + c * 16), scale);
+                peak = _mm512_max_ps(peak, x[c]);
+            }
+        } else { /* keys k0 + c in [first_key, pos] count; others get probability 0 */
+            const __m512 key_lo = _mm512_set1_ps((float)(first_key - k0)), key_hi = _mm512_set1_ps((float)(pos - k0));
+            for (int c = 0; c < block / 16; c++) {
+                __m512 index = _mm512_add_ps(lane, _mm512_set1_ps((float)(c * 16)));
+                keep[c] = _mm512_cmp_ps_mask(index, key_lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(index, key_hi, _CMP_LE_OQ);
+                x[c] = _mm512_mul_ps(_mm512_load_ps(row + c * 16), scale);
+                peak = _mm512_mask_max_ps(peak, keep[c], peak, x[c]);
+            }
+        }
+        float block_max = _mm512_reduce_max_ps(peak);
+        if (block_max == -INFINITY) { /* nothing visible to this row here */
+            memset(row, 0, sizeof(float) * (size_t)block);
+            s->rescale[r] = 1.0f;
+            continue;
+        }
+        float new_max = block_max > s->row_max[r] ? block_max : s->row_max[r];
+        float rescale = s->row_max[r] == -INFINITY ? 0.0f : new_max == s->row_max[r] ? 1.0f : expf(s->row_max[r] - new_max);
+        __m512 shift = _mm512_set1_ps(new_max), total = _mm512_setzero_ps();
+        for (int c = 0; c < block / 16; c++) {
+            __m512 shifted = _mm512_sub_ps(x[c], shift);
+            __m512 p = _mm512_maskz_mov_ps(keep[c], coarse ? exp_nonpositive_coarse_avx512(shifted)
+                                                           : exp_nonpositive_avx512(shifted));
+            _mm512_store_ps(row + c * 16, p);
+            total = _mm512_add_ps(total, p);
+        }
+        s->row_sum[r] = s->row_sum[r] * rescale + _mm512_reduce_add_ps(total);
+        s->row_max[r] = new_max;
+        s->rescale[r] = rescale;
+    }
+}
+
+/* What a unit covers: one kv head, n query positions of one chunk (rows = n x group
+ * query rows), keys [lo, hi) visible to some of them. */
+typedef struct {
+    Py_ssize_t head, rows, lo, hi;
+    const int64_t *table;
+} Unit;
+
+/* The unit's rows in the scratch (row r = g * n + i: head g of the group, position i),
+ * each with its running max and sum reset. Returns NULL when scratch memory cannot be had. */
+static Scratch *begin_unit(const Job *job, long unit, Unit *u) {
     if (scratch == NULL && posix_memalign((void **)&scratch, 64, sizeof(Scratch)) != 0) {
         scratch = NULL;
         atomic_store(job->failed, 1);
-        return;
+        return NULL;
     }
     Scratch *s = scratch;
     const Py_ssize_t dim = job->head_dim, group = job->num_heads / job->num_kv_heads;
     const Py_ssize_t head = unit % job->num_kv_heads, unit_in_heads = unit / job->num_kv_heads;
     const Py_ssize_t chunk = job->unit_chunk[unit_in_heads], i0 = job->unit_position[unit_in_heads];
     const Py_ssize_t n = job->count[chunk] - i0 < QUERY_BLOCK ? job->count[chunk] - i0 : QUERY_BLOCK;
-    const int64_t *table = job->tables + chunk * job->max_blocks;
     const Py_ssize_t pos0 = job->start[chunk] + i0;  /* position of the unit's first query */
     const Py_ssize_t row0 = job->first[chunk] + i0;  /* its row in the step */
-    const Py_ssize_t rows = n * group;
     for (Py_ssize_t i = 0; i < n; i++)
         for (Py_ssize_t g = 0; g < group; g++) {
             Py_ssize_t r = g * n + i;
@@ -142,10 +206,22 @@ AVX512 static void run_unit(const void *whole, long unit) {
             s->out_rows[r] = job->out + ((row0 + i) * job->num_heads + head * group + g) * dim;
             s->row_pos[r] = pos0 + i;
             s->row_max[r] = -INFINITY, s->row_sum[r] = 0.0f;
-            memset(s->out_rows[r], 0, sizeof(float) * (size_t)dim);
         }
-    Py_ssize_t lo = job->window > 0 && pos0 + 1 > job->window ? pos0 + 1 - job->window : 0;
-    Py_ssize_t hi = pos0 + n; /* keys [lo, hi) are visible to some row of the unit */
+    u->head = head, u->rows = n * group;
+    u->table = job->tables + chunk * job->max_blocks;
+    u->lo = job->window > 0 && pos0 + 1 > job->window ? pos0 + 1 - job->window : 0;
+    u->hi = pos0 + n;
+    return s;
+}
+
+AVX512 static void run_unit(const void *whole, long unit) {
+    const Job *job = (const Job *)whole;
+    Unit u;
+    Scratch *s = begin_unit(job, unit, &u);
+    if (s == NULL) return;
+    const Py_ssize_t dim = job->head_dim, rows = u.rows, head = u.head, lo = u.lo, hi = u.hi;
+    const int64_t *table = u.table;
+    for (Py_ssize_t r = 0; r < rows; r++) memset(s->out_rows[r], 0, sizeof(float) * (size_t)dim);
     const Py_ssize_t bs = job->block_size;
     /* Blocks start on a multiple of 16 keys (the mask drops those before lo) so that
      * whole 16-key runs of a cache block load as vectors. */
@@ -189,41 +265,7 @@ AVX512 static void run_unit(const void *whole, long unit) {
             int block_rows = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
             score_block(block_rows, s->q_rows + r0, s->panel, dim, s->scores + r0 * KEY_BLOCK);
         }
-        __m512 lane = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-        __m512 scale = _mm512_set1_ps(job->scale);
-        for (Py_ssize_t r = 0; r < rows; r++) {
-            Py_ssize_t pos = s->row_pos[r];
-            Py_ssize_t first_key = job->window > 0 && pos + 1 > job->window ? pos + 1 - job->window : 0;
-            float *row = s->scores + r * KEY_BLOCK;
-            /* keys k0 + c in [first_key, pos] count; others get probability 0 */
-            __m512 key_lo = _mm512_set1_ps((float)(first_key - k0)), key_hi = _mm512_set1_ps((float)(pos - k0));
-            __mmask16 keep[4];
-            __m512 peak = _mm512_set1_ps(-INFINITY);
-            for (int c = 0; c < 4; c++) {
-                __m512 index = _mm512_add_ps(lane, _mm512_set1_ps((float)(c * 16)));
-                keep[c] = _mm512_cmp_ps_mask(index, key_lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(index, key_hi, _CMP_LE_OQ);
-                __m512 x = _mm512_mul_ps(_mm512_load_ps(row + c * 16), scale);
-                _mm512_store_ps(row + c * 16, x);
-                peak = _mm512_mask_max_ps(peak, keep[c], peak, x);
-            }
-            float block_max = _mm512_reduce_max_ps(peak);
-            if (block_max == -INFINITY) { /* nothing visible to this row here */
-                memset(row, 0, sizeof(float) * KEY_BLOCK);
-                s->rescale[r] = 1.0f;
-                continue;
-            }
-            float new_max = block_max > s->row_max[r] ? block_max : s->row_max[r];
-            float rescale = s->row_max[r] == -INFINITY ? 0.0f : expf(s->row_max[r] - new_max);
-            __m512 shift = _mm512_set1_ps(new_max), total = _mm512_setzero_ps();
-            for (int c = 0; c < 4; c++) {
-                __m512 p = _mm512_maskz_mov_ps(keep[c], exp_nonpositive_avx512(_mm512_sub_ps(_mm512_load_ps(row + c * 16), shift)));
-                _mm512_store_ps(row + c * 16, p);
-                total = _mm512_add_ps(total, p);
-            }
-            s->row_sum[r] = s->row_sum[r] * rescale + _mm512_reduce_add_ps(total);
-            s->row_max[r] = new_max;
-            s->rescale[r] = rescale;
-        }
+        softmax_block(job, s, rows, k0, KEY_BLOCK, 0);
         for (Py_ssize_t r0 = 0; r0 < rows; r0 += WEIGHTED_ROWS_MAX)
             weighted_rows(rows - r0 < WEIGHTED_ROWS_MAX ? (int)(rows - r0) : WEIGHTED_ROWS_MAX, job->kv_bf16,
                           s->out_rows + r0, s->rescale + r0, s->scores + r0 * KEY_BLOCK, KEY_BLOCK, s->values, width,
@@ -234,6 +276,190 @@ AVX512 static void run_unit(const void *whole, long unit) {
         for (Py_ssize_t d = 0; d < dim; d++) s->out_rows[r][d] *= inv;
     }
 }
+
+#ifdef SELFHOST_AMX_TILES
+/* ---- AMX tiles: a bf16 cache on CPUs with AMX-BF16 ------------------------------------
+ * The same units, key blocks and softmax, with both products on tiles: the unit's query
+ * rows are rounded to bf16 once (A tiles), each block's keys and values are rearranged
+ * into B tiles (pairs of dimensions for the scores, pairs of keys for the values), and
+ * the unnormalised output rows stay fp32 in a buffer that C tiles load, accumulate into
+ * and store back after each block's rescale. Queries and probabilities are rounded to
+ * bf16 (keys and values already are), sums stay fp32: bf16 attention, as the bf16 weight
+ * products around it. Row counts are padded to tiles of 16 with zero rows. A block is
+ * 128 keys, twice the AVX-512 kernel's: each block's output tiles are loaded, rescaled
+ * and stored once, so wider blocks spend fewer tile loads and stores per product. */
+#define TILE_MAX_DIM 256
+#define TILE_MAX_ROWS (MAX_ROWS + 16)
+
+typedef struct {
+    uint16_t q[TILE_MAX_ROWS * TILE_MAX_DIM] __attribute__((aligned(64)));  /* A tiles (row tile, dims/32) */
+    float o[TILE_MAX_ROWS * TILE_MAX_DIM] __attribute__((aligned(64)));     /* output rows, dim apart */
+    uint16_t p[TILE_MAX_ROWS * TILE_KEY_BLOCK] __attribute__((aligned(64)));     /* A tiles (row tile, keys/32) */
+    uint16_t k[TILE_KEY_BLOCK * TILE_MAX_DIM] __attribute__((aligned(64)));      /* B tiles (keys/16, dims/32) */
+    uint16_t v[TILE_KEY_BLOCK * TILE_MAX_DIM] __attribute__((aligned(64)));      /* B tiles (keys/32, dims/16) */
+    uint16_t zero_row[TILE_MAX_DIM] __attribute__((aligned(64)));           /* values past the block's keys */
+} TileScratch;
+
+static _Thread_local TileScratch *tile_scratch;
+static int tiles_ready; /* set once, when the module loads */
+
+/* Keys [k0, k0 + TILE_KEY_BLOCK) as B tiles: tile (g, c) row i holds, for each key j of the
+ * 16 from k0 + 16g, the dimension pair (2i, 2i + 1) of dims [32c, 32c + 32). A run of 16
+ * keys inside one cache block (which keeps them dims-major) is two loads per row; runs
+ * that straddle blocks, and keys past hi (zeros), are gathered one by one. */
+AMX_TARGET static void tile_keys(const Job *job, TileScratch *t, const Unit *u, Py_ssize_t k0) {
+    const Py_ssize_t dim = job->head_dim, bs = job->block_size, chunks = dim / 32;
+    const uint16_t *head_keys = (const uint16_t *)job->k + u->head * job->num_blocks * dim * bs;
+    for (Py_ssize_t g = 0; g < TILE_KEY_BLOCK / 16; g++) {
+        const Py_ssize_t pos = k0 + g * 16; /* a multiple of 16 */
+        uint16_t *tiles = t->k + g * chunks * AMX_TILE_ELEMS;
+        if (pos >= u->hi) { /* past the last key: scores the mask drops */
+            memset(tiles, 0, sizeof(uint16_t) * (size_t)(chunks * AMX_TILE_ELEMS));
+            continue;
+        }
+        if (bs % 16 == 0 && pos + 16 <= u->hi) {
+            const uint16_t *keys = head_keys + u->table[pos / bs] * dim * bs + pos % bs;
+            for (Py_ssize_t d = 0; d < dim; d += 2)
+                _mm512_store_si512((void *)(tiles + d / 32 * AMX_TILE_ELEMS + d % 32 / 2 * 32),
+                                   amx_pair_rows(keys + d * bs, keys + (d + 1) * bs));
+            continue;
+        }
+        for (int j = 0; j < 16; j++) {
+            const Py_ssize_t key = pos + j;
+            const uint16_t *at = key < u->hi ? head_keys + u->table[key / bs] * dim * bs + key % bs : NULL;
+            for (Py_ssize_t d = 0; d < dim; d++)
+                tiles[d / 32 * AMX_TILE_ELEMS + d % 32 / 2 * 32 + 2 * j + (d & 1)] = at ? at[d * bs] : 0;
+        }
+    }
+}
+
+/* The block's values (rows s->values[0..width)) as B tiles: tile (c, g) row i holds, for
+ * each dimension of [16g, 16g + 16), the values of keys 32c + 2i and 32c + 2i + 1. */
+AMX_TARGET static void tile_values(const Job *job, const Scratch *s, TileScratch *t, Py_ssize_t width) {
+    const Py_ssize_t groups = job->head_dim / 16;
+    for (Py_ssize_t c = 0; c * 32 < width; c++)
+        for (Py_ssize_t i = 0; i < 16; i++) {
+            const Py_ssize_t a = c * 32 + 2 * i, b = a + 1;
+            const uint16_t *va = a < width ? (const uint16_t *)s->values[a] : t->zero_row;
+            const uint16_t *vb = b < width ? (const uint16_t *)s->values[b] : t->zero_row;
+            for (Py_ssize_t g = 0; g < groups; g++)
+                _mm512_store_si512((void *)(t->v + (c * groups + g) * AMX_TILE_ELEMS + i * 32),
+                                   amx_pair_rows(va + g * 16, vb + g * 16));
+        }
+}
+
+/* 32 fp32 values to 32 bf16 (nearest even) at dst; zeros where `keep` is 0. */
+AMX_TARGET static inline void round_32(uint16_t *dst, const float *src, int keep) {
+    __m512i packed = keep ? (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src))
+                          : _mm512_setzero_si512();
+    _mm512_store_si512((void *)dst, packed);
+}
+
+#define SCORE_TILE(c_tile, b_tile, g)                                                  \
+    do {                                                                               \
+        _tile_loadd(b_tile, t->k + ((g) * chunks + kc) * AMX_TILE_ELEMS, 64);          \
+        _tile_dpbf16ps(c_tile, 4, b_tile);                                             \
+    } while (0)
+
+#define OUT_TILE_LOAD(i) \
+    if (count > (i)) _tile_loadd(i, o + (g0 + (i)) * 16, dim * (long)sizeof(float))
+#define OUT_TILE_STORE(i) \
+    if (count > (i)) _tile_stored(i, o + (g0 + (i)) * 16, dim * (long)sizeof(float))
+#define OUT_TILE_ADD(i, b_tile)                                                                   \
+    if (count > (i)) {                                                                            \
+        _tile_loadd(b_tile, t->v + (kc * groups + g0 + (i)) * AMX_TILE_ELEMS, 64);                 \
+        _tile_dpbf16ps(i, 4, b_tile);                                                             \
+    }
+
+AMX_TARGET static void run_unit_tiles(const void *whole, long unit) {
+    const Job *job = (const Job *)whole;
+    Unit u;
+    Scratch *s = begin_unit(job, unit, &u);
+    if (s == NULL) return;
+    if (tile_scratch == NULL) {
+        if (posix_memalign((void **)&tile_scratch, 64, sizeof(TileScratch)) != 0) {
+            tile_scratch = NULL;
+            atomic_store(job->failed, 1);
+            return;
+        }
+        memset(tile_scratch->zero_row, 0, sizeof tile_scratch->zero_row);
+    }
+    TileScratch *t = tile_scratch;
+    const Py_ssize_t dim = job->head_dim, rows = u.rows, chunks = dim / 32, groups = dim / 16;
+    const Py_ssize_t row_tiles = (rows + 15) / 16, padded = row_tiles * 16;
+    for (Py_ssize_t r = 0; r < padded; r++) {
+        uint16_t *dst = t->q + (r / 16 * chunks) * AMX_TILE_ELEMS + r % 16 * 32;
+        for (Py_ssize_t kc = 0; kc < chunks; kc++)
+            round_32(dst + kc * AMX_TILE_ELEMS, r < rows ? s->q_rows[r] + kc * 32 : NULL, r < rows);
+    }
+    memset(t->o, 0, sizeof(float) * (size_t)(padded * dim));
+    amx_configure();
+    for (Py_ssize_t k0 = u.lo - u.lo % 16; k0 < u.hi; k0 += TILE_KEY_BLOCK) {
+        const Py_ssize_t width = u.hi - k0 < TILE_KEY_BLOCK ? u.hi - k0 : TILE_KEY_BLOCK;
+        tile_keys(job, t, &u, k0);
+        for (Py_ssize_t j = 0; j < width; j++) s->values[j] = cached_row(job, job->v, u.table, u.head, k0 + j);
+        tile_values(job, s, t, width);
+        for (Py_ssize_t rt = 0; rt < row_tiles; rt++) /* scores: 16 rows x 64 keys in C tiles 0-3 */
+            for (Py_ssize_t half = 0; half * 64 < width; half++) {
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (Py_ssize_t kc = 0; kc < chunks; kc++) {
+                    _tile_loadd(4, t->q + (rt * chunks + kc) * AMX_TILE_ELEMS, 64);
+                    SCORE_TILE(0, 5, half * 4 + 0);
+                    SCORE_TILE(1, 6, half * 4 + 1);
+                    SCORE_TILE(2, 7, half * 4 + 2);
+                    SCORE_TILE(3, 5, half * 4 + 3);
+                }
+                float *scores = s->scores + rt * 16 * TILE_KEY_BLOCK + half * 64;
+                _tile_stored(0, scores, TILE_KEY_BLOCK * sizeof(float));
+                _tile_stored(1, scores + 16, TILE_KEY_BLOCK * sizeof(float));
+                _tile_stored(2, scores + 32, TILE_KEY_BLOCK * sizeof(float));
+                _tile_stored(3, scores + 48, TILE_KEY_BLOCK * sizeof(float));
+            }
+        softmax_block(job, s, rows, k0, TILE_KEY_BLOCK, 1);
+        for (Py_ssize_t r = 0; r < padded; r++) { /* probabilities to A tiles; outputs rescaled */
+            uint16_t *dst = t->p + (r / 16 * (TILE_KEY_BLOCK / 32)) * AMX_TILE_ELEMS + r % 16 * 32;
+            const float *row = s->scores + r * TILE_KEY_BLOCK;
+            for (Py_ssize_t kc = 0; kc * 32 < width; kc++) round_32(dst + kc * AMX_TILE_ELEMS, row + kc * 32, r < rows);
+            if (r < rows && s->rescale[r] != 1.0f) {
+                __m512 factor = _mm512_set1_ps(s->rescale[r]);
+                float *o = t->o + r * dim;
+                for (Py_ssize_t d = 0; d < dim; d += 16) _mm512_store_ps(o + d, _mm512_mul_ps(_mm512_load_ps(o + d), factor));
+            }
+        }
+        const Py_ssize_t key_chunks = (width + 31) / 32;
+        for (Py_ssize_t rt = 0; rt < row_tiles; rt++) { /* outputs += P V, 16 rows x 64 dims at a time */
+            float *o = t->o + rt * 16 * dim;
+            for (Py_ssize_t g0 = 0; g0 < groups; g0 += 4) {
+                const Py_ssize_t count = groups - g0 < 4 ? groups - g0 : 4;
+                OUT_TILE_LOAD(0);
+                OUT_TILE_LOAD(1);
+                OUT_TILE_LOAD(2);
+                OUT_TILE_LOAD(3);
+                for (Py_ssize_t kc = 0; kc < key_chunks; kc++) {
+                    _tile_loadd(4, t->p + (rt * (TILE_KEY_BLOCK / 32) + kc) * AMX_TILE_ELEMS, 64);
+                    OUT_TILE_ADD(0, 5);
+                    OUT_TILE_ADD(1, 6);
+                    OUT_TILE_ADD(2, 7);
+                    OUT_TILE_ADD(3, 5);
+                }
+                OUT_TILE_STORE(0);
+                OUT_TILE_STORE(1);
+                OUT_TILE_STORE(2);
+                OUT_TILE_STORE(3);
+            }
+        }
+    }
+    _tile_release();
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        __m512 inv = _mm512_set1_ps(s->row_sum[r] > 0.0f ? 1.0f / s->row_sum[r] : 0.0f);
+        const float *o = t->o + r * dim;
+        for (Py_ssize_t d = 0; d < dim; d += 16) _mm512_storeu_ps(s->out_rows[r] + d, _mm512_mul_ps(_mm512_load_ps(o + d), inv));
+    }
+}
+#endif /* SELFHOST_AMX_TILES */
 
 static int cpu_has_avx512(void) {
     __builtin_cpu_init();
@@ -251,21 +477,39 @@ static PyObject *available(PyObject *self, PyObject *args) {
 #endif
 }
 
+static PyObject *tiles_available(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+#ifdef SELFHOST_AMX_TILES
+    return PyBool_FromLong(tiles_ready);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyObject *prefill_attention(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long q, k, v, out, tables, first, count, start;
     Py_ssize_t num_chunks, q_stride, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
     float scale;
-    int num_threads, kv_bf16 = 0;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnnnnnfi|p", &q, &k, &v, &out, &tables, &first, &count, &start,
+    int num_threads, kv_bf16 = 0, tiles = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnnnnnfi|pp", &q, &k, &v, &out, &tables, &first, &count, &start,
                           &num_chunks, &q_stride, &num_heads, &num_kv_heads, &head_dim, &block_size, &num_blocks,
-                          &max_blocks, &window, &scale, &num_threads, &kv_bf16))
+                          &max_blocks, &window, &scale, &num_threads, &kv_bf16, &tiles))
         return NULL;
 #ifdef SELFHOST_PREFILL
     if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > MAX_GROUP ||
         head_dim <= 0 || head_dim % 16 != 0 || head_dim > 1024 || block_size <= 0 || num_chunks < 0 ||
         num_blocks * block_size * head_dim >= INT32_MAX) { /* key offsets within a head are gathered as int32 */
         PyErr_SetString(PyExc_ValueError, "prefill_attention: unsupported head counts or sizes");
+        return NULL;
+    }
+#ifdef SELFHOST_AMX_TILES
+    const int tiles_ok = tiles_ready && kv_bf16 && head_dim % 32 == 0 && head_dim <= TILE_MAX_DIM;
+#else
+    const int tiles_ok = 0;
+#endif
+    if (tiles && !tiles_ok) {
+        PyErr_SetString(PyExc_ValueError, "prefill_attention: tiles need AMX, a bf16 cache and head_dim a multiple of 32 up to 256");
         return NULL;
     }
     const int64_t *counts = (const int64_t *)count;
@@ -283,9 +527,13 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
     Job job = {(const float *)q, (const void *)k, (const void *)v, (float *)out, (const int64_t *)tables,
                (const int64_t *)first, counts, (const int64_t *)start, unit_chunk, unit_position, q_stride,
                num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window, scale, &failed,
-               kv_bf16};
+               kv_bf16, tiles};
+    void (*work)(const void *, long) = run_unit;
+#ifdef SELFHOST_AMX_TILES
+    if (tiles) work = run_unit_tiles;
+#endif
     Py_BEGIN_ALLOW_THREADS
-    pool_run(run_unit, &job, (long)(blocks * num_kv_heads), num_threads < 1 ? 1 : num_threads);
+    pool_run(work, &job, (long)(blocks * num_kv_heads), num_threads < 1 ? 1 : num_threads);
     Py_END_ALLOW_THREADS
     free(unit_chunk), free(unit_position);
     if (atomic_load(&failed)) return PyErr_NoMemory();
@@ -293,7 +541,7 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
 #else
     (void)q, (void)k, (void)v, (void)out, (void)tables, (void)first, (void)count, (void)start, (void)num_chunks;
     (void)q_stride, (void)num_heads, (void)num_kv_heads, (void)head_dim, (void)block_size, (void)num_blocks;
-    (void)max_blocks, (void)window, (void)scale, (void)num_threads, (void)kv_bf16;
+    (void)max_blocks, (void)window, (void)scale, (void)num_threads, (void)kv_bf16, (void)tiles;
     PyErr_SetString(PyExc_RuntimeError, "prefill_attention: built without x86-64 support");
     return NULL;
 #endif
@@ -301,8 +549,11 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, "True when this CPU has AVX-512F and the kernel was built for it."},
+    {"tiles_available", tiles_available, METH_NOARGS,
+     "True when this CPU has AMX-BF16, the OS granted it, and the kernel was built for it (bf16 caches)."},
     {"prefill_attention", prefill_attention, METH_VARARGS,
-     "Causal attention of prompt chunks over the paged cache (fp32 q/out; fp32 or, with kv_bf16, bf16 cache)."},
+     "Causal attention of prompt chunks over the paged cache (fp32 q/out; fp32 or, with kv_bf16, bf16 cache;"
+     " with tiles, on AMX)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -311,6 +562,9 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_prefill_attention_c
 PyMODINIT_FUNC PyInit__prefill_attention_cpu(void) {
 #ifdef SELFHOST_PREFILL
     if (pool_import() < 0) return NULL; /* the process's one worker pool (../_cpu_pool.h) */
+#ifdef SELFHOST_AMX_TILES
+    tiles_ready = amx_request();
+#endif
 #endif
     return PyModule_Create(&module);
 }

@@ -43,26 +43,12 @@
 
 #include "../_cpu_pool.h"
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#include "../_amx_tiles.h"
+#ifdef SELFHOST_AMX_TILES
 #define SELFHOST_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
+#define AMX AMX_TARGET
 
 enum { TILE_ROWS = 16, TILE_K = 32, TILE_ELEMS = TILE_ROWS * TILE_K, OUT_PER_CHUNK = 32 };
-
-typedef struct __attribute__((aligned(64))) {
-    uint8_t palette_id;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} TileConfig;
 
 typedef struct {
     const uint16_t *xb; /* Mp x K32 bf16, zero-padded, as (Mp/16, K32/32) tiles of 16 x 32 */
@@ -82,15 +68,6 @@ typedef struct {
 
 static int amx_ready;          /* set once, when the module loads */
 static Py_ssize_t l2_bytes;     /* per core, as the C library reports it; set once, when the module loads */
-
-static int request_amx(void) {
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512bf16") ||
-        !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16"))
-        return 0;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
 
 /* Rows per group: the group's bf16 rows take about a quarter of L2, leaving room for the
  * weights streaming through and the outputs written; at least 32 rows (two A tiles). */
@@ -115,17 +92,6 @@ AMX static void round_rows(const void *context, long chunk) {
             _mm512_storeu_si512((void *)(out + k / TILE_K * TILE_ELEMS), (__m512i)_mm512_cvtne2ps_pbh(b, a));
         }
     }
-}
-
-AMX static void configure_tiles(void) {
-    TileConfig config;
-    memset(&config, 0, sizeof config);
-    config.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        config.rows[t] = TILE_ROWS;
-        config.colsb[t] = 64;
-    }
-    _tile_loadconfig(&config);
 }
 
 /* C tile t holds rows [m, m+16) x outputs [n, n+16): to y, with bias, only what lies inside (M, N). */
@@ -158,7 +124,7 @@ AMX static void run_chunk(const void *context, long chunk) {
     const Py_ssize_t m_end = m_begin + p->group_rows < p->Mp ? m_begin + p->group_rows : p->Mp;
     const uint16_t *b0 = p->w + (n0 / 16) * kblocks * TILE_ELEMS, *b1 = b0 + kblocks * TILE_ELEMS;
     float staging[TILE_ROWS * 16] __attribute__((aligned(64)));
-    configure_tiles();
+    amx_configure();
     Py_ssize_t m = m_begin;
     for (; m + 2 * TILE_ROWS <= m_end; m += 2 * TILE_ROWS) {
         const uint16_t *a0 = p->xb + m * p->K32, *a1 = a0 + TILE_ROWS * p->K32; /* tiles of 16 rows */
@@ -422,7 +388,7 @@ PyMODINIT_FUNC PyInit__bf16_tiles_cpu(void) {
     __builtin_cpu_init();
     few_rows_ready = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                      __builtin_cpu_supports("avx512vl");
-    amx_ready = few_rows_ready && request_amx();
+    amx_ready = few_rows_ready && amx_request();
     long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
     l2_bytes = l2 > 0 ? l2 : 1 << 20; /* unknown: assume 1 MiB, common to recent server cores */
 #endif

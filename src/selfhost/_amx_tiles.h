@@ -1,0 +1,66 @@
+/* Intel AMX set-up shared by the kernels that multiply on tiles (layers/_bf16_tiles_cpu.c,
+ * engine/_prefill_attention_cpu.c): asking Linux for the tile state, and the one tile
+ * configuration they all use (eight tiles of 16 rows x 64 bytes: a bf16 A or B tile of
+ * 16 x 32, or an fp32 C tile of 16 x 16).
+ *
+ * Linux hands AMX state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM);
+ * asking again is harmless, so each module asks when it loads. The configuration is
+ * per thread and a kernel releases it when its work unit ends (an idle pool thread then
+ * carries no 8 KiB of tile state through context switches), so each unit loads it.
+ * Header-only; include it where SELFHOST_AMX_TILES is defined (x86-64 Linux, GCC >= 11).
+ */
+#ifndef SELFHOST_AMX_TILES_H
+#define SELFHOST_AMX_TILES_H
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define SELFHOST_AMX_TILES 1
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+enum { AMX_TILE_ROWS = 16, AMX_TILE_K = 32, AMX_TILE_ELEMS = AMX_TILE_ROWS * AMX_TILE_K };
+
+typedef struct __attribute__((aligned(64))) {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} AmxTileConfig;
+
+/* True when the CPU has AMX-BF16 (with the AVX-512 parts the kernels use around it) and
+ * the kernel granted this process the tile state. */
+static int amx_request(void) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512bf16") ||
+        !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16"))
+        return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+AMX_TARGET static inline void amx_configure(void) {
+    AmxTileConfig config;
+    memset(&config, 0, sizeof config);
+    config.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = AMX_TILE_ROWS;
+        config.colsb[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* Two rows of 16 bf16 each, a and b, as one tile row of 16 pairs (a[i], b[i]): the
+ * "VNNI" order in which TDPBF16PS wants its B operand. */
+AMX_TARGET static inline __m512i amx_pair_rows(const uint16_t *a, const uint16_t *b) {
+    __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)a));
+    __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)b));
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+#endif
+#endif
