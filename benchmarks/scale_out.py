@@ -1,6 +1,6 @@
 """Scale-out: one vs two selfhost replicas on Ray Serve (one core each), same run, plus prefix routing.
 
-    flock /tmp/bench.lock python benchmarks/scale_out.py [--requests 96] [--rate 40]
+    flock /tmp/bench.lock python benchmarks/scale_out.py [--requests 96] [--rate 40] [--only shared]
 
 Throughput workload: --requests prompts of 64-192 random tokens, 64 new tokens each (eos
 ignored), Poisson arrivals at --rate/s (chosen to saturate one replica), streamed through
@@ -9,8 +9,13 @@ Llama). Printed per run: requests/s, output tokens/s, TTFT p50/p99, and the simu
 prediction for the same arrivals from the step model it measures first (1 thread).
 Prefix workload: 8 system prompts of 384 tokens, each followed by a distinct 32-token
 question, at --shared-rate/s, on two replicas whose KV caches each hold about half of the
-system prompts, with prefix-aware routing and with round-robin: cluster-wide prefix hit rate
-(engine counters) and TTFT.
+system prompts, with prefix-aware routing and with round-robin, --repeats times each in
+alternating order: cluster-wide prefix hit rate (engine counters) beside the ideal (every
+repeat of a system prompt hits), TTFT, per replica the requests, TTFT, hit rate and the running
+and waiting sequences it reported, and the simulator's prediction with the same prefix cache
+and router (--trace writes every request and the replicas' figures over time as JSON).
+TTFT is the first streamed token: requests ask for logprobs=0 so every token is an event
+(most of this random model's tokens decode to no text, which the server does not send).
 Targets: 2 replicas >= 1.7x one's throughput; prefix routing's hit rate >= 2x round-robin's
 with TTFT p50 at least 30% lower; the simulator within 20% of both runs.
 """
@@ -23,16 +28,20 @@ import json
 import os
 import platform
 import random
+import socket
+import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.scale_sim import SCALE_LLAMA, build_model, measure, simulate, summarize  # noqa: E402
+from benchmarks.scale_sim import SCALE_LLAMA, build_model, measure, simulate, summarize
 
 OUTPUT_TOKENS = 64
+SHARED_TOKENS, QUESTION_TOKENS = 384, 32  # the shared-prompt workload: a system prompt, then a question
 PREFIX_KV_CACHE = "16MiB"  # ~2,700 tokens of this model: about 4 of the 8 system prompts beside the running requests
 
 
@@ -41,42 +50,94 @@ def _prompts(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, SCALE_LLAMA["vocab_size"]) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-async def _one(client: httpx.AsyncClient, url: str, prompt: list[int], at: float, t0: float) -> tuple:
+async def _one(client: httpx.AsyncClient, url: str, prompt: list[int], at: float, t0: float,
+               served: list[str]) -> tuple:
     await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
     sent = time.perf_counter()
     first = None
+    # logprobs=0: every token is an event. Most of this random model's tokens decode to no text, and the
+    # server sends no empty-text event, so without it the first event came near the end of the output.
     body = {"model": "bench", "prompt": prompt, "max_tokens": OUTPUT_TOKENS, "ignore_eos": True, "stream": True,
-            "temperature": 0}
+            "temperature": 0, "logprobs": 0}
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
+        served.append(response.headers.get("x-selfhost-replica", "?"))
         async for line in response.aiter_lines():
             if line.startswith("data: {") and first is None:
                 first = time.perf_counter()
     return sent, first, time.perf_counter()
 
 
-async def _drive(url: str, prompts: list[list[int]], arrivals: list[float]) -> dict:
+async def _drive(url: str, prompts: list[list[int]], arrivals: list[float], trace: list | None = None) -> dict:
+    """Figures of the run; `trace` (if given) gets (replica, sent, first token, done) per request."""
     limits = httpx.Limits(max_connections=len(prompts))
+    served: list[list[str]] = [[] for _ in prompts]
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
-        times = await asyncio.gather(*(_one(client, url, p, a, t0) for p, a in zip(prompts, arrivals)))
+        times = await asyncio.gather(*(_one(client, url, p, a, t0, s) for p, a, s in zip(prompts, arrivals, served)))
+    if trace is not None:
+        trace.extend((s[0] if s else "?", *t) for s, t in zip(served, times))
     return summarize(times, OUTPUT_TOKENS)
 
 
-def _hit_rate(app_name: str, before: dict) -> float:
-    from ray import serve
+class _BoardSampler:
+    """Every replica's engine figures from the StatsBoard, sampled through a run (reports come each second)."""
 
-    board = serve.get_deployment_handle("StatsBoard", app_name).snapshot.remote().result()
-    hit = sum(s["prefix_hit_tokens"] - before.get(r, (0, 0))[0] for r, s in board.items())
-    queried = sum(s["prefix_queried_tokens"] - before.get(r, (0, 0))[1] for r, s in board.items())
-    return hit / queried if queried else 0.0
+    def __init__(self, app_name: str, period_s: float = 0.5):
+        from ray import serve
+
+        self.handle = serve.get_deployment_handle("StatsBoard", app_name)
+        self.period_s = period_s
+        self.before = self.snapshot()
+        self.samples: list[tuple[float, dict]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def snapshot(self) -> dict:
+        return self.handle.snapshot.remote().result()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.samples.append((time.perf_counter(), self.snapshot()))
+
+    def stop(self) -> dict:
+        """The last snapshot, taken after one more report from every replica."""
+        self._stop.set()
+        self._thread.join()
+        time.sleep(2.5)
+        return self.snapshot()
 
 
-def _board(app_name: str) -> dict:
-    from ray import serve
+def _per_replica(sampler: _BoardSampler, after: dict, trace: list) -> dict:
+    """replica -> requests served, TTFT p50, prefix hit rate, mean/peak running and waiting sequences."""
+    out = {}
+    for replica, s in sorted(after.items()):
+        hit0, queried0 = (sampler.before.get(replica) or {}).get("prefix_hit_tokens", 0), \
+            (sampler.before.get(replica) or {}).get("prefix_queried_tokens", 0)
+        queried = s["prefix_queried_tokens"] - queried0
+        ttft = [first - sent for r, sent, first, _ in trace if r == replica]
+        running = [snap[replica]["num_running"] for _, snap in sampler.samples if replica in snap]
+        waiting = [snap[replica]["num_waiting"] for _, snap in sampler.samples if replica in snap]
+        out[replica] = {
+            "requests": len(ttft), "ttft_p50_s": statistics.median(ttft) if ttft else None,
+            "hit_tokens": s["prefix_hit_tokens"] - hit0, "queried_tokens": queried,
+            "hit_rate": (s["prefix_hit_tokens"] - hit0) / queried if queried else 0.0,
+            "running_mean": statistics.fmean(running) if running else 0.0, "running_max": max(running, default=0),
+            "waiting_mean": statistics.fmean(waiting) if waiting else 0.0, "waiting_max": max(waiting, default=0),
+        }
+    return out
 
-    board = serve.get_deployment_handle("StatsBoard", app_name).snapshot.remote().result()
-    return {r: (s["prefix_hit_tokens"], s["prefix_queried_tokens"]) for r, s in board.items()}
+
+def _ideal_hit_rate(prompts: list[list[int]], shared_tokens: int, block_tokens: int = 16) -> float:
+    """The best any router can do: every repeat of a shared part hits all its full blocks, nothing else hits."""
+    seen, hit = set(), 0
+    for prompt in prompts:
+        head = tuple(prompt[:shared_tokens])
+        if head in seen:
+            hit += min(shared_tokens, (len(prompt) - 1) // block_tokens * block_tokens)
+        seen.add(head)
+    return hit / sum(map(len, prompts))
 
 
 def _deploy(model_dir: Path, replicas: int, routing: str, port: int, kv_cache: str = "512MiB"):
@@ -100,9 +161,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--rate", type=float, default=40.0)
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=0, help="Serve's HTTP port (0: a free one).")
     parser.add_argument("--shared-rate", type=float, default=4.0, help="Requests/s of the shared-prompt workload.")
+    parser.add_argument("--shared-requests", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="Shared-prompt runs per routing (medians printed).")
+    parser.add_argument("--only", choices=("all", "throughput", "shared"), default="all")
+    parser.add_argument("--trace", type=Path, help="Write each shared-prompt request and the replicas' figures "
+                        "over time here (JSON).")
     args = parser.parse_args()
+    if args.port == 0:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            args.port = sock.getsockname()[1]
     import ray
     from ray import serve
 
@@ -123,9 +193,9 @@ def main() -> None:
     mean_prompt = round(sum(map(len, prompts)) / len(prompts))
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
-    results = {}
+    results, traces = {}, {}
     try:
-        for replicas in (1, 2):
+        for replicas in (1, 2) if args.only in ("all", "throughput") else ():
             app = _deploy(model_dir, replicas, "prefix", args.port)
             real = asyncio.run(_drive(f"http://127.0.0.1:{args.port}", prompts, arrivals))
             predicted = simulate(step, replicas, args.rate, args.requests, mean_prompt, OUTPUT_TOKENS,
@@ -136,40 +206,83 @@ def main() -> None:
                   f"simulated {predicted['output_tok_s']:.0f} tok/s "
                   f"({predicted['output_tok_s'] / real['output_tok_s'] - 1:+.0%}), TTFT p50 "
                   f"{predicted['ttft_p50_s'] * 1e3:.0f} ms")
-            if replicas == 1:
-                serve.delete(app)
-                continue
-            # Prefix workload: two replicas whose KV caches (PREFIX_KV_CACHE) each hold about half the system
-            # prompts, as when a fleet serves more prompts than one replica can keep; below saturation
-            # (--shared-rate), so TTFT shows prefill work rather than queueing.
-            for routing in ("prefix", "round_robin"):
-                serve.delete(app)
-                app = _deploy(model_dir, 2, routing, args.port, PREFIX_KV_CACHE)
-                systems = _prompts(8, 384, 384, seed=3)
-                questions = _prompts(64, 32, 32, seed=4 if routing == "prefix" else 5)
-                # Each request's system prompt drawn at random (a cyclic order would line up with round-robin).
-                pick = random.Random(6)
-                shared = [systems[pick.randrange(8)] + q for q in questions]
-                before = _board(app)
-                real = asyncio.run(_drive(f"http://127.0.0.1:{args.port}", shared,
-                                          [i / args.shared_rate for i in range(len(shared))]))
-                time.sleep(2.5)  # one more stats report
-                hit = _hit_rate(app, before)
-                results[routing] = {**real, "hit_rate": hit}
-                print(f"shared prompts, {routing}: prefix hit rate {hit:.1%}, TTFT p50 "
-                      f"{real['ttft_p50_s'] * 1e3:.0f} ms, p99 {real['ttft_p99_s'] * 1e3:.0f} ms, "
-                      f"{real['output_tok_s']:.0f} output tok/s")
             serve.delete(app)
+        for repeat in range(args.repeats if args.only in ("all", "shared") else 0):
+            # Alternating order, so a change in the machine's other load hits both routings alike.
+            for routing in ("prefix", "round_robin")[::1 if repeat % 2 == 0 else -1]:
+                run, trace = _shared_run(model_dir, routing, step, args)
+                results.setdefault(routing, []).append(run)
+                traces.setdefault(routing, []).append(trace)
     finally:
         serve.shutdown()
         ray.shutdown()
-    speedup = results[2]["output_tok_s"] / results[1]["output_tok_s"]
-    hit_ratio = results["prefix"]["hit_rate"] / max(results["round_robin"]["hit_rate"], 1e-9)
-    ttft_cut = 1 - results["prefix"]["ttft_p50_s"] / results["round_robin"]["ttft_p50_s"]
-    print(json.dumps({"speedup_2_vs_1": round(speedup, 2), "hit_rate_ratio": round(hit_ratio, 2),
-                      "ttft_p50_reduction": round(ttft_cut, 2)}))
-    print(f"targets: speedup >= 1.7: {speedup >= 1.7}; hit rate >= 2x: {hit_ratio >= 2}; "
-          f"TTFT p50 >= 30% lower: {ttft_cut >= 0.3}")
+    if args.trace:
+        args.trace.write_text(json.dumps(traces, indent=1))
+    summary, verdicts = {}, []
+    if 1 in results:
+        summary["speedup_2_vs_1"] = round(results[2]["output_tok_s"] / results[1]["output_tok_s"], 2)
+        verdicts.append(f"speedup >= 1.7: {summary['speedup_2_vs_1'] >= 1.7}")
+    if "prefix" in results:
+        def median(routing: str, key: str) -> float:
+            return statistics.median(run[key] for run in results[routing])
+
+        for routing in ("prefix", "round_robin"):
+            print(f"shared prompts, {routing}, median of {args.repeats}: hit rate {median(routing, 'hit_rate'):.1%}, "
+                  f"TTFT p50 {median(routing, 'ttft_p50_s') * 1e3:.0f} ms")
+        summary["hit_rate_ratio"] = round(median("prefix", "hit_rate") / max(median("round_robin", "hit_rate"), 1e-9),
+                                          2)
+        summary["ttft_p50_reduction"] = round(1 - median("prefix", "ttft_p50_s") / median("round_robin", "ttft_p50_s"),
+                                              2)
+        verdicts += [f"hit rate >= 2x: {summary['hit_rate_ratio'] >= 2}",
+                     f"TTFT p50 >= 30% lower: {summary['ttft_p50_reduction'] >= 0.3}"]
+    print(json.dumps(summary))
+    print(f"targets: {'; '.join(verdicts)}")
+
+
+def _shared_run(model_dir: Path, routing: str, step, args) -> tuple[dict, dict]:
+    """The shared-prompt workload on two replicas with `routing`: figures, and a trace (per request, per replica).
+
+    Two replicas whose KV caches (PREFIX_KV_CACHE) each hold about half the system prompts, as when a
+    fleet serves more prompts than one replica can keep; below saturation (--shared-rate), so TTFT
+    shows prefill work rather than queueing.
+    """
+    from ray import serve
+
+    app = _deploy(model_dir, 2, routing, args.port, PREFIX_KV_CACHE)
+    systems = _prompts(8, SHARED_TOKENS, SHARED_TOKENS, seed=3)
+    questions = _prompts(args.shared_requests, QUESTION_TOKENS, QUESTION_TOKENS, seed=4 if routing == "prefix" else 5)
+    # Each request's system prompt drawn at random (a cyclic order would line up with round-robin).
+    pick = random.Random(6)
+    shared = [systems[pick.randrange(8)] + q for q in questions]
+    arrivals = [i / args.shared_rate for i in range(len(shared))]
+    sampler, trace = _BoardSampler(app), []
+    real = asyncio.run(_drive(f"http://127.0.0.1:{args.port}", shared, arrivals, trace))
+    after = sampler.stop()
+    serve.delete(app)
+    replicas = _per_replica(sampler, after, trace)
+    hit = sum(r["hit_tokens"] for r in replicas.values()) / max(1, sum(r["queried_tokens"] for r in replicas.values()))
+    kv_blocks = min(s["kv_blocks_total"] for s in after.values())
+    predicted = simulate(step, 2, args.shared_rate, len(shared), 0, OUTPUT_TOKENS, arrivals=arrivals, prompts=shared,
+                         kv_blocks=kv_blocks, routing=routing)
+    print(f"shared prompts, {routing}: prefix hit rate {hit:.1%} (ideal {_ideal_hit_rate(shared, SHARED_TOKENS):.1%}), "
+          f"TTFT p50 {real['ttft_p50_s'] * 1e3:.0f} ms, p99 {real['ttft_p99_s'] * 1e3:.0f} ms, "
+          f"{real['output_tok_s']:.0f} output tok/s | simulated ({kv_blocks} KV blocks per replica): hit rate "
+          f"{predicted['hit_rate']:.1%}, TTFT p50 {predicted['ttft_p50_s'] * 1e3:.0f} ms, requests per replica "
+          f"{predicted['served']}")
+    for name, r in replicas.items():
+        ttft = f"{r['ttft_p50_s'] * 1e3:.0f} ms" if r["ttft_p50_s"] is not None else "-"
+        print(f"  replica {name}: {r['requests']} requests, TTFT p50 {ttft}, hit rate {r['hit_rate']:.1%}, "
+              f"running mean {r['running_mean']:.1f} (max {r['running_max']}), "
+              f"waiting mean {r['waiting_mean']:.1f} (max {r['waiting_max']})")
+    t0 = min(t[1] for t in trace)
+    return {**real, "hit_rate": hit, "simulated": predicted}, {
+        "requests": [{"replica": r, "system": systems.index(p[:SHARED_TOKENS]), "sent_s": sent - t0,
+                      "ttft_s": first - sent, "done_s": done - t0}
+                     for (r, sent, first, done), p in zip(trace, shared)],
+        "board": [{"t_s": t - t0, **{name: {k: s[k] for k in ("num_running", "num_waiting", "prefix_hit_tokens",
+                                                                "prefix_queried_tokens")}
+                                       for name, s in snap.items()}} for t, snap in sampler.samples],
+        "replicas": replicas}
 
 
 if __name__ == "__main__":

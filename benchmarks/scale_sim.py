@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import itertools
 import json
 import random
 import statistics
@@ -24,6 +25,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from selfhost.cluster.config import ClusterConfig
+from selfhost.cluster.prefix_table import PrefixTable, prefix_keys
+from selfhost.engine.block_manager import BlockManager
+
+BLOCK_TOKENS = 16  # the engine's KV block
 
 # The benchmark model: a ~14M-parameter random Llama, small enough that one CPU core serves a batch
 # at a few hundred tokens/s, so scale-out runs take minutes (the 125M model of the other benchmarks
@@ -52,6 +59,17 @@ class _Seq:
     output_left: int
     first_token: float | None = None
     done: float | None = None
+    # With a modelled prefix cache: the prompt, and the fields the engine's BlockManager keeps on a sequence.
+    token_ids: list[int] | None = None
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    cache_root = None
+    needs_prompt_logprobs = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 @dataclass
@@ -59,31 +77,81 @@ class _Replica:
     waiting: list[_Seq] = field(default_factory=list)
     running: list[_Seq] = field(default_factory=list)
     busy_until: float = 0.0
+    cache: BlockManager | None = None  # the engine's own block manager, when prefix caching is modelled
 
     @property
     def in_flight(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def admit(self, seq: _Seq) -> bool:
+        """Take the cached prefix and KV room for the whole request, as the engine does (False: no room yet)."""
+        if self.cache is None:
+            return True
+        self.cache.match_prefix(seq)
+        room = len(seq.token_ids) + seq.output_left - seq.num_computed_tokens
+        if not self.cache.can_grow(seq, room):
+            self.cache.free(seq)
+            return False
+        self.cache.record_admission(seq)
+        self.cache.grow(seq, room)
+        seq.prompt_left = len(seq.token_ids) - seq.num_computed_tokens
+        return True
+
+    def prefilled(self, seq: _Seq) -> None:
+        """The prompt is computed: its full blocks become shareable."""
+        if self.cache is not None:
+            seq.num_computed_tokens = len(seq.token_ids)
+            self.cache.commit_full_blocks(seq)
+
+    def finish(self, seq: _Seq, output_ids: list[int]) -> None:
+        """Output blocks are cached too, then every block goes back (cached ones stay until evicted)."""
+        if self.cache is not None:
+            seq.token_ids = seq.token_ids + output_ids
+            seq.num_computed_tokens = len(seq.token_ids)
+            self.cache.commit_full_blocks(seq)
+            self.cache.free(seq)
+
 
 def simulate(model: StepModel, replicas: int, rate: float, num_requests: int, prompt_tokens: int,
              output_tokens: int, prefix_hit: float = 0.0, max_num_seqs: int = 64, max_batched_tokens: int = 1024,
-             seed: int = 0, arrivals: list[float] | None = None) -> dict:
-    """Replay `num_requests` Poisson arrivals at `rate`/s (or the given arrival times)."""
+             seed: int = 0, arrivals: list[float] | None = None, prompts: list[list[int]] | None = None,
+             kv_blocks: int | None = None, routing: str = "prefix",
+             imbalance: int = ClusterConfig.routing_imbalance) -> dict:
+    """Replay `num_requests` Poisson arrivals at `rate`/s (or the given arrival times).
+
+    Without `prompts`, every request has `prompt_tokens` of which a share `prefix_hit` is served from
+    cache. With `prompts` (token ids, one per request) each replica keeps a prefix cache of `kv_blocks`
+    KV blocks in the engine's own BlockManager, requests are routed by `routing` ("prefix": the
+    cluster's PrefixTable, as the prefix-aware router; "round_robin"), and the figures include the
+    cluster-wide prefix hit rate and the requests each replica served.
+    """
     rng = random.Random(seed)
     if arrivals is None:
         now, arrivals = 0.0, []
         for _ in range(num_requests):
             now += rng.expovariate(rate) if rate > 0 else 0.0
             arrivals.append(now)
-    computed_prompt = max(1, round(prompt_tokens * (1 - prefix_hit)))
-    seqs = [_Seq(t, computed_prompt, output_tokens) for t in arrivals]
-    pool = [_Replica() for _ in range(replicas)]
+    if prompts is None:
+        computed_prompt = max(1, round(prompt_tokens * (1 - prefix_hit)))
+        seqs = [_Seq(t, computed_prompt, output_tokens) for t in arrivals]
+    else:
+        assert kv_blocks is not None and len(prompts) == len(arrivals), "prompts need kv_blocks and one arrival each"
+        seqs = [_Seq(t, len(p), output_tokens, token_ids=list(p)) for t, p in zip(arrivals, prompts)]
+    pool = [_Replica(cache=BlockManager(kv_blocks, BLOCK_TOKENS) if prompts is not None else None)
+            for _ in range(replicas)]
+    table, turn, served = PrefixTable(), itertools.count(), [0] * replicas
+    unique_ids = itertools.count(-1, -1)  # output tokens: never shared with another request
     events = [(t, 0, i) for i, t in enumerate(arrivals)]  # (time, kind 0 = arrival / 1 = step end, index)
     heapq.heapify(events)
     while events:
         now, kind, index = heapq.heappop(events)
         if kind == 0:
-            target = min(range(replicas), key=lambda r: (pool[r].in_flight, r))
+            if routing == "round_robin":
+                target = next(turn) % replicas
+            else:
+                keys = prefix_keys(seqs[index].token_ids) if prompts is not None else []
+                target = table.route(keys, {r: pool[r].in_flight for r in range(replicas)}, imbalance)
+            served[target] += 1
             pool[target].waiting.append(seqs[index])
             if pool[target].busy_until <= now:
                 heapq.heappush(events, (now, 1, target))
@@ -93,6 +161,8 @@ def simulate(model: StepModel, replicas: int, rate: float, num_requests: int, pr
             continue  # a step is under way; its end schedules the next
         budget = max_batched_tokens - len(replica.running)
         while replica.waiting and len(replica.running) < max_num_seqs and budget > 0:
+            if not replica.admit(replica.waiting[0]):
+                break  # first come, first served: the head waits for KV room
             replica.running.append(replica.waiting.pop(0))
             budget -= replica.running[-1].prompt_left
         decode = [s for s in replica.running if s.prompt_left == 0]
@@ -103,6 +173,8 @@ def simulate(model: StepModel, replicas: int, rate: float, num_requests: int, pr
                 s.prompt_left -= chunk
                 budget -= chunk
                 prefill += chunk
+                if s.prompt_left == 0:
+                    replica.prefilled(s)
         if not decode and not prefill:
             continue
         end = now + model.step_s(len(decode), prefill)
@@ -112,10 +184,16 @@ def simulate(model: StepModel, replicas: int, rate: float, num_requests: int, pr
                 s.first_token = s.first_token if s.first_token is not None else end
                 if s.output_left == 0:
                     s.done = end
+                    replica.finish(s, [next(unique_ids) for _ in range(output_tokens)])
         replica.running = [s for s in replica.running if s.done is None]
         replica.busy_until = end
         heapq.heappush(events, (end, 1, index))
-    return summarize([(s.arrival, s.first_token, s.done) for s in seqs], output_tokens)
+    out = summarize([(s.arrival, s.first_token, s.done) for s in seqs], output_tokens)
+    if prompts is not None:
+        queried = sum(r.cache.prefix_queried_tokens for r in pool)
+        out["hit_rate"] = sum(r.cache.prefix_hit_tokens for r in pool) / queried if queried else 0.0
+        out["served"] = served
+    return out
 
 
 def summarize(times: list[tuple[float, float, float]], output_tokens: int) -> dict:

@@ -1,11 +1,13 @@
 """Ray Serve request routers for the engine deployment (RequestRouterConfig names them by import path).
 
-Each handle that calls the engine replicas (the front end) has one router. It
-counts the requests it has in flight on each replica (Serve calls back when it
-sends a request and when that completes, streams included), and chooses from
-those counts, not from Serve's periodic queue-length probes, so a burst of
-requests spreads at once. Serve still refuses a replica whose queue is full
-(`max_ongoing_requests`) and retries elsewhere.
+Each handle that calls the engine replicas (the front end) has one router. A
+replica's load is the larger of two counts: the requests this router has in
+flight there (Serve calls back when it sends a request and when that completes,
+streams included), exact and immediate, so a burst spreads at once; and the
+sequences the replica's engine reports running and waiting (its
+`record_routing_stats`, which Serve pulls every `request_routing_stats_period_s`),
+which also counts what other front ends sent it. Serve still refuses a replica
+whose queue is full (`max_ongoing_requests`) and retries elsewhere.
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
 
+from selfhost.cluster.config import ClusterConfig
 from selfhost.cluster.prefix_table import PrefixTable, prefix_keys
+
+DEFAULT_IMBALANCE = ClusterConfig.routing_imbalance
 
 
 def _prompt_of(request: PendingRequest | None) -> tuple[list[int], bytes | None] | None:
@@ -27,7 +37,7 @@ def _prompt_of(request: PendingRequest | None) -> tuple[list[int], bytes | None]
 
 
 class _CountingRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, imbalance: int = 4, **_ignored):
+    def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, **_ignored):
         self.imbalance = imbalance
         self.in_flight: Counter = Counter()
 
@@ -40,13 +50,19 @@ class _CountingRouter(FIFOMixin, RequestRouter):
             self.in_flight[replica_id] -= 1
 
     def _loads(self, candidates: list[RunningReplica]) -> dict:
-        return {r.replica_id: self.in_flight[r.replica_id] for r in candidates}
+        return {r.replica_id: max(self.in_flight[r.replica_id], _reported_load(r)) for r in candidates}
+
+
+def _reported_load(replica: RunningReplica) -> int:
+    """Sequences running plus waiting in the replica's engine, as it last reported (0 before its first report)."""
+    stats = replica.routing_stats or {}
+    return stats.get("num_running", 0) + stats.get("num_waiting", 0)
 
 
 class PrefixAffinityRouter(_CountingRouter):
-    """A request goes where its longest known prefix went, within a bounded imbalance (prefix_table.py)."""
+    """A request goes to the owner of its longest known prefix, within a bounded imbalance (prefix_table.py)."""
 
-    def initialize_state(self, imbalance: int = 4, **kwargs):
+    def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, **kwargs):
         super().initialize_state(imbalance, **kwargs)
         self.table = PrefixTable()
 
@@ -56,10 +72,11 @@ class PrefixAffinityRouter(_CountingRouter):
             return []
         by_id = {r.replica_id: r for r in candidate_replicas}
         prompt = _prompt_of(pending_request)
-        keys = prefix_keys(*prompt) if prompt is not None else []
-        chosen = self.table.choose(keys, self._loads(candidate_replicas), self.imbalance)
-        if keys:
-            self.table.record(keys, chosen)
+        loads = self._loads(candidate_replicas)
+        if prompt is None:  # not a generate call (describe): the least busy
+            chosen = min(loads, key=lambda r: (loads[r], r.unique_id))
+        else:
+            chosen = self.table.route(prefix_keys(*prompt), loads, self.imbalance)
         # The chosen replica first; should it refuse (a full queue), the others by Serve's queue lengths.
         return [[by_id[chosen]], [r for r in candidate_replicas if r.replica_id != chosen]]
 
@@ -71,7 +88,7 @@ class PrefixAffinityRouter(_CountingRouter):
 class RoundRobinRouter(_CountingRouter):
     """Each request to the next replica in turn: the baseline prefix routing is measured against."""
 
-    def initialize_state(self, imbalance: int = 4, **kwargs):
+    def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, **kwargs):
         super().initialize_state(imbalance, **kwargs)
         self._turn = itertools.count()
 
