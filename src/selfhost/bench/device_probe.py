@@ -136,6 +136,42 @@ def measure_int8_gemv_gb_s(n_bytes: int = _GEMV_BYTES) -> float | None:
     return _one_row_gb_s(layers, cols, rows * cols)
 
 
+def _bf16_stack(rows: int, cols: int, count: int) -> list | None:
+    """`count` bf16-weight layers as `weight_dtype="bfloat16"` makes them on this CPU (its
+    layout, the few-row kernel for one row); None where selfhost has no bf16 CPU kernel."""
+    import torch
+
+    from selfhost.layers.bf16_linear import Bf16Linear, best_layout, c_kernel_available, tiles_available
+
+    layout = best_layout()
+    if not (tiles_available() if layout == "tiles" else c_kernel_available()):
+        return None
+    with torch.no_grad():
+        return [Bf16Linear.from_linear(torch.nn.Linear(cols, rows, bias=False), few_rows_max=1, layout=layout)
+                for _ in range(count)]
+
+
+def measure_bf16_gemv_gb_s(n_bytes: int = _GEMV_BYTES) -> float | None:
+    """Weight bytes/s of one-row products with bf16 weights (what `weight_dtype="auto"` picks
+    where it is faster), on one thread; None without selfhost's bf16 CPU kernels."""
+    rows, cols = _GEMV_SHAPE
+    layers = _bf16_stack(rows, cols, max(1, n_bytes // (rows * cols * 2)))
+    return None if layers is None else _one_row_gb_s(layers, cols, rows * cols * 2)
+
+
+def measure_bf16_matmul_tflops(size: int = 1024) -> float | None:
+    """FLOP/s of a prompt-sized product with bf16 weights (AMX tiles or oneDNN), fp32 in and
+    out, on one thread or all, whichever is faster now; None without the bf16 kernels."""
+    import torch
+
+    layers = _bf16_stack(size, size, 1)
+    if layers is None:
+        return None
+    x = torch.ones(size, size)
+    best = min(_on_threads(threads, lambda t: layers[0].forward(x, t)) for threads in sorted({1, os.cpu_count() or 1}))
+    return 2 * size**3 / best / 1e12
+
+
 def measure_matmul_tflops(size: int = 1024) -> float:
     """fp32 FLOP/s of a prompt-sized product through selfhost's Linear, on one thread or
     all, whichever is faster now (prompt steps start on all threads and fall back to one
@@ -197,24 +233,31 @@ def measure_local_device(use_gpu: bool = True) -> DeviceSpec:
     copy, gemv, int8_gemv = measure_copy_bandwidth_gb_s(), measure_fp32_gemv_gb_s(), measure_int8_gemv_gb_s()
     cache_bytes = last_level_cache_bytes()
     cached_gemv = measure_cached_fp32_gemv_gb_s(cache_bytes) if cache_bytes else None
-    return local_cpu_device(copy, gemv, int8_gemv, measure_matmul_tflops(), cache_bytes, cached_gemv)
+    return local_cpu_device(copy, gemv, int8_gemv, measure_matmul_tflops(), cache_bytes, cached_gemv,
+                            measure_bf16_gemv_gb_s(), measure_bf16_matmul_tflops())
 
 
 def local_cpu_device(copy_gb_s: float, fp32_gemv_gb_s: float, int8_gemv_gb_s: float | None,
                      fp32_tflops: float, cache_bytes: int | None = None,
-                     cached_gemv_gb_s: float | None = None) -> DeviceSpec:
-    """The DeviceSpec of this machine's CPU from its measured rates."""
+                     cached_gemv_gb_s: float | None = None, bf16_gemv_gb_s: float | None = None,
+                     bf16_tflops: float | None = None) -> DeviceSpec:
+    """The DeviceSpec of this machine's CPU from its measured rates. Its "fp16" peak and
+    16-bit bandwidth are selfhost's bf16-weight kernels' where they were measured (a CPU
+    runs 16-bit weights as bf16), else the fp32 ones."""
     memory_gb = system_memory_gb()
     # A read-only stream can beat a copy; then the kernel's own rate is the bandwidth.
-    bandwidth = max(copy_gb_s, fp32_gemv_gb_s, int8_gemv_gb_s or 0.0)
+    bandwidth = max(copy_gb_s, fp32_gemv_gb_s, int8_gemv_gb_s or 0.0, bf16_gemv_gb_s or 0.0)
     return DeviceSpec(
         id="local", name=f"this machine: {os.cpu_count()} CPU threads", kind="cpu", memory_gb=memory_gb,
         reserved_gb=min(2.0, memory_gb * 0.2), bandwidth_gb_s=bandwidth,
-        peak_fp16_tflops=fp32_tflops, peak_int8_tops=fp32_tflops, peak_fp32_tflops=fp32_tflops,
+        peak_fp16_tflops=bf16_tflops or fp32_tflops, peak_int8_tops=fp32_tflops, peak_fp32_tflops=fp32_tflops,
         bandwidth_efficiency=fp32_gemv_gb_s / bandwidth, compute_efficiency=1.0,
         int8_bandwidth_efficiency=int8_gemv_gb_s / bandwidth if int8_gemv_gb_s else None,
+        bf16_bandwidth_efficiency=bf16_gemv_gb_s / bandwidth if bf16_gemv_gb_s else None,
         cache_bytes=cache_bytes, cache_bandwidth_gb_s=cached_gemv_gb_s, sources=("measured",),
         notes=f"Measured with one process: copy {copy_gb_s:.1f} GB/s, fp32 decode kernel {fp32_gemv_gb_s:.1f} GB/s "
               f"({cached_gemv_gb_s or 0:.1f} from a {(cache_bytes or 0) / 2**20:.0f} MiB cache), "
-              f"int8 decode kernel {int8_gemv_gb_s or 0:.1f} GB/s; other load on the machine lowers the numbers.",
+              f"int8 decode kernel {int8_gemv_gb_s or 0:.1f} GB/s, bf16 decode kernel {bf16_gemv_gb_s or 0:.1f} GB/s, "
+              f"matmul fp32 {fp32_tflops:.2f} / bf16 {bf16_tflops or 0:.2f} TFLOP/s; other load on the machine lowers "
+              f"the numbers.",
     )

@@ -30,6 +30,8 @@ class DeviceSpec:
     # Share of bandwidth the int8 matrix-vector kernel reaches where it differs from the
     # float one (measured for `--device local` CPUs); None: bandwidth_efficiency.
     int8_bandwidth_efficiency: float | None = None
+    # The same for 16-bit weights (bf16 on a CPU, through its own few-row kernel).
+    bf16_bandwidth_efficiency: float | None = None
     # A step whose bytes fit in the last-level cache reads them from there, not from RAM
     # (measured for `--device local` CPUs: a 10 MB model decodes ~2x faster than RAM allows).
     cache_bytes: float | None = None
@@ -75,6 +77,8 @@ class DeviceSpec:
         efficiency = self.bandwidth_efficiency
         if weight_bits == 8 and self.int8_bandwidth_efficiency is not None:
             efficiency = self.int8_bandwidth_efficiency
+        if weight_bits == 16 and self.bf16_bandwidth_efficiency is not None:
+            efficiency = self.bf16_bandwidth_efficiency
         return self.bandwidth_gb_s * 1e9 * efficiency
 
     def peak_flops(self, compute_dtype: str) -> float:

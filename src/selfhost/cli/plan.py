@@ -10,14 +10,14 @@ from selfhost.cli.console import make_console
 from rich.table import Table
 from rich.text import Text
 
-from selfhost.catalog import DeviceSpec, get_device, load_models
+from selfhost.catalog import DeviceSpec, ModelSpec, get_device, load_models
 from selfhost.catalog.references import resolve_model_spec
 from selfhost.errors import InvalidParameterError
 from selfhost.plan.bench_result import measured_model_matches, read_bench_result
 from selfhost.plan.cost import CostComparison, SelfHostSetup
 from selfhost.plan.fit import FitReport, is_edge_capable, plan_fit, rank_fits
 from selfhost.plan.licence import licence_warnings
-from selfhost.plan.precision import PRECISIONS, default_precision, get_precision
+from selfhost.plan.precision import CPU_BF16, PRECISIONS, Precision, default_precision, get_precision
 from selfhost.plan.report import HEADERS, comparison_rows, format_row
 from selfhost.plan.speed import estimate_speculative
 from selfhost.plan.units import format_count, parse_count, parse_rate
@@ -118,6 +118,20 @@ def models(
     console.print(table)
 
 
+def _unquantized_precision(spec: ModelSpec, dev: DeviceSpec) -> tuple[Precision, str | None]:
+    """The precision `selfhost run` would give this checkpoint on `dev`, and why. On this
+    machine's CPU that is `weight_dtype="auto"`'s measured choice for the model's MLP shape
+    (cached per CPU model; the same call the loader makes), elsewhere the device kind's default."""
+    if dev.id != "local" or dev.kind != "cpu":
+        return default_precision(dev.kind), None
+    from selfhost.models.weight_precision import choose_weight_dtype
+
+    arch = spec.arch
+    choice = choose_weight_dtype(arch.hidden, arch.intermediate or arch.moe_intermediate)
+    precision = CPU_BF16 if choice.weight_dtype == "bfloat16" else PRECISIONS["fp32"]
+    return precision, f"planned as `selfhost run` loads it here: {choice.describe()}"
+
+
 def _print_fit(report: FitReport) -> None:
     r, mem, speed = report.request, report.memory, report.speed
     table = Table(title=f"{r.model.alias} on {r.device.name}, {r.precision.name}, context {r.context:,} x {r.concurrency}")
@@ -189,9 +203,11 @@ def fit(
         raise InvalidParameterError(f"--speculative-acceptance {speculative_acceptance} must be between 0 and 1")
     _positive("--num-speculative-tokens", num_speculative_tokens)
     spec = resolve_model_spec(model)
-    precision = get_precision(quant) if quant else default_precision(dev.kind)
+    precision, why = (get_precision(quant), None) if quant else _unquantized_precision(spec, dev)
     report = plan_fit(spec, dev, precision, context, concurrency)
     _print_fit(report)
+    if why:
+        console.print(f"[dim]{why}[/]")
     if speculative_acceptance is not None:
         draft_spec = resolve_model_spec(draft) if draft else None
         r = report.request

@@ -75,8 +75,15 @@ def get_precision(name: str) -> Precision:
     return PRECISIONS[key]
 
 
+# bf16 weights and a bf16 KV cache under fp32 activations: what `weight_dtype="auto"` picks on a
+# CPU where bf16 measures faster (models/weight_precision.py). Planned as 16-bit weights and
+# cache through the device's 16-bit peak, which a measured CPU reports for its bf16 kernels.
+CPU_BF16 = Precision("bf16", weight_bits=16, act_bytes=2, compute_dtype="fp16")
+
+
 def default_precision(device_kind: str) -> Precision:
-    """What selfhost runs an unquantized checkpoint at on a device of `device_kind`:
-    fp32 on a CPU (selfhost.device.pick_dtype: bf16 matmuls are slow there without
-    AVX512-BF16), bf16/fp16 on an accelerator (planned alike: 2 bytes per weight)."""
+    """What selfhost runs an unquantized checkpoint at on a device of `device_kind` when
+    nothing is measured: fp32 on a CPU (bf16 is faster only on some CPUs; `selfhost fit
+    --device local` measures this one, as `selfhost run` does), bf16/fp16 on an
+    accelerator (planned alike: 2 bytes per weight)."""
     return PRECISIONS["fp32" if device_kind == "cpu" else "fp16"]
