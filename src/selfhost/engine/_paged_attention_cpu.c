@@ -166,61 +166,87 @@ AVX2 static void scores_avx2(const Job *job, Py_ssize_t seq, Py_ssize_t head, co
 #define AVX512 __attribute__((target("avx512f")))
 #define MAX_HEADS_AT_ONCE 8
 
-/* scores of `heads` query heads for the 16 consecutive keys from element `first` of one
- * block; lanes outside `keep` are not written. `heads` and `bf16` are constants at each
+#define MAX_RUNS 4 /* 16-key runs scored at once */
+
+/* Scores of `heads` query heads for `runs` runs of 16 consecutive keys, run r starting at
+ * element runs_at[r] of the layer's keys (dims-major: dim d of the run is 16 values at
+ * runs_at[r] + d * bs); lanes outside keep[r] are not written. Several runs at once give
+ * heads x runs independent accumulators: with one run, three heads' FMA chains waited on
+ * their own latency every dimension. `heads`, `runs` and `bf16` are constants at each
  * call site (registers, no branch in the loop). */
-AVX512 static inline __attribute__((always_inline)) void run_scores_512(const int heads, const int bf16,
-                                                                        const float *const *q, const void *block,
-                                                                        Py_ssize_t first, Py_ssize_t bs,
+AVX512 static inline __attribute__((always_inline)) void run_scores_512(const int heads, const int runs, const int bf16,
+                                                                        const float *const *q, const void *keys,
+                                                                        const Py_ssize_t *runs_at, Py_ssize_t bs,
                                                                         Py_ssize_t dim, float scale, float *const *out,
-                                                                        __mmask16 keep) {
-    __m512 acc[MAX_HEADS_AT_ONCE];
-    for (int h = 0; h < heads; h++) acc[h] = _mm512_setzero_ps();
+                                                                        const __mmask16 *keep) {
+    __m512 acc[MAX_HEADS_AT_ONCE][MAX_RUNS];
+    for (int h = 0; h < heads; h++)
+        for (int r = 0; r < runs; r++) acc[h][r] = _mm512_setzero_ps();
     for (Py_ssize_t d = 0; d < dim; d++) {
-        __m512 k = kv_load(block, first + d * bs, bf16);
-        for (int h = 0; h < heads; h++) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(q[h][d]), k, acc[h]);
+        __m512 k[MAX_RUNS];
+        for (int r = 0; r < runs; r++) k[r] = kv_load(keys, runs_at[r] + d * bs, bf16);
+        for (int h = 0; h < heads; h++) {
+            __m512 x = _mm512_set1_ps(q[h][d]);
+            for (int r = 0; r < runs; r++) acc[h][r] = _mm512_fmadd_ps(x, k[r], acc[h][r]);
+        }
     }
-    for (int h = 0; h < heads; h++) _mm512_mask_storeu_ps(out[h], keep, _mm512_mul_ps(acc[h], _mm512_set1_ps(scale)));
+    const __m512 factor = _mm512_set1_ps(scale);
+    for (int h = 0; h < heads; h++)
+        for (int r = 0; r < runs; r++) _mm512_mask_storeu_ps(out[h * MAX_RUNS + r], keep[r], _mm512_mul_ps(acc[h][r], factor));
 }
 
-#define RUN_SCORES_CASE(n)                                                                \
-    case n:                                                                               \
-        if (bf16)                                                                         \
-            run_scores_512(n, 1, q, block, first, bs, dim, scale, out, keep);             \
-        else                                                                              \
-            run_scores_512(n, 0, q, block, first, bs, dim, scale, out, keep);             \
+/* runs per call for a group of `heads`: at most 16 accumulators */
+#define RUNS_FOR(heads) ((heads) <= 4 ? 4 : 2)
+
+#define RUN_SCORES_CASE(n)                                                                                   \
+    case n:                                                                                                  \
+        if (bf16)                                                                                            \
+            run_scores_512(n, RUNS_FOR(n), 1, q, keys, runs_at, bs, dim, scale, out, keep);                  \
+        else                                                                                                 \
+            run_scores_512(n, RUNS_FOR(n), 0, q, keys, runs_at, bs, dim, scale, out, keep);                  \
         break;
 
-AVX512 static void run_scores(int heads, int bf16, const float *const *q, const void *block, Py_ssize_t first,
-                              Py_ssize_t bs, Py_ssize_t dim, float scale, float *const *out, __mmask16 keep) {
+AVX512 static void run_scores(int heads, int bf16, const float *const *q, const void *keys, const Py_ssize_t *runs_at,
+                              Py_ssize_t bs, Py_ssize_t dim, float scale, float *const *out, const __mmask16 *keep) {
     switch (heads) {
         RUN_SCORES_CASE(1) RUN_SCORES_CASE(2) RUN_SCORES_CASE(3) RUN_SCORES_CASE(4)
         RUN_SCORES_CASE(5) RUN_SCORES_CASE(6) RUN_SCORES_CASE(7) RUN_SCORES_CASE(8)
     }
 }
 
-/* Requires BS % 16 == 0. */
+/* Requires BS % 16 == 0. The 16-key runs of positions [first, len) are scored RUNS_FOR(heads)
+ * at a time; a last call short of runs repeats its first run with nothing kept. */
 AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head, const float *q, Py_ssize_t first,
                                  Py_ssize_t len, float *scores) {
     Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim, bs = job->block_size;
     Py_ssize_t count = len - first;
+    const int64_t *table = job->tables + seq * job->max_blocks;
+    const Py_ssize_t head_start = head * job->num_blocks * dim * bs; /* elements */
     for (Py_ssize_t g0 = 0; g0 < group; g0 += MAX_HEADS_AT_ONCE) {
         int heads = group - g0 < MAX_HEADS_AT_ONCE ? (int)(group - g0) : MAX_HEADS_AT_ONCE;
+        const int runs = RUNS_FOR(heads);
         const float *q_heads[MAX_HEADS_AT_ONCE];
         for (int h = 0; h < heads; h++) q_heads[h] = q + (g0 + h) * dim;
-        for (Py_ssize_t b = first / bs; b * bs < len; b++) {
-            const void *block = key_block(job, seq, head, b);
-            for (Py_ssize_t j0 = 0; j0 < bs; j0 += 16) {
-                Py_ssize_t pos0 = b * bs + j0;
-                if (pos0 + 16 <= first || pos0 >= len) continue;
-                __mmask16 keep = 0xffff;
-                if (pos0 < first) keep &= (__mmask16)(0xffffu << (first - pos0));
-                if (pos0 + 16 > len) keep &= (__mmask16)((1u << (len - pos0)) - 1);
-                /* out[h] + lane = the score slot of position pos0 + lane (masked lanes unused) */
-                float *out[MAX_HEADS_AT_ONCE];
-                for (int h = 0; h < heads; h++) out[h] = scores + (g0 + h) * count + (pos0 - first);
-                run_scores(heads, job->kv_bf16, q_heads, block, j0, bs, dim, job->scale, out, keep);
+        Py_ssize_t pos0 = first - first % 16;
+        while (pos0 < len) {
+            Py_ssize_t runs_at[MAX_RUNS];
+            __mmask16 keep[MAX_RUNS];
+            float *out[MAX_HEADS_AT_ONCE * MAX_RUNS];
+            for (int r = 0; r < runs; r++, pos0 += 16) {
+                if (pos0 >= len) { /* nothing left: score run 0 again, keep nothing */
+                    runs_at[r] = runs_at[0], keep[r] = 0;
+                    for (int h = 0; h < heads; h++) out[h * MAX_RUNS + r] = out[h * MAX_RUNS];
+                    continue;
+                }
+                runs_at[r] = head_start + table[pos0 / bs] * dim * bs + pos0 % bs;
+                __mmask16 mask = 0xffff;
+                if (pos0 < first) mask &= (__mmask16)(0xffffu << (first - pos0));
+                if (pos0 + 16 > len) mask &= (__mmask16)((1u << (len - pos0)) - 1);
+                keep[r] = mask;
+                /* out + lane = the score slot of position pos0 + lane (masked lanes unused) */
+                for (int h = 0; h < heads; h++) out[h * MAX_RUNS + r] = scores + (g0 + h) * count + (pos0 - first);
             }
+            run_scores(heads, job->kv_bf16, q_heads, job->k, runs_at, bs, dim, job->scale, out, keep);
         }
     }
 }
