@@ -1,6 +1,6 @@
-"""Single-stream decode and time to first token: selfhost vs transformers vs vLLM's CPU build.
+"""Single-stream decode and time to first token: selfhost vs transformers vs vLLM's CPU build vs llama.cpp.
 
-    python benchmarks/decode_cpu.py [--tokens 128] [--repeats 3] [--systems selfhost,transformers,vllm]
+    python benchmarks/decode_cpu.py [--tokens 128] [--repeats 3] [--systems selfhost,transformers,vllm,llama_cpp]
     python benchmarks/decode_cpu.py --quick        # a smoke run: few tokens, short prompts
 
 Each system runs in a process of its own with only its own documented settings
@@ -15,6 +15,8 @@ and the share of the measured read bandwidth that makes at the row's speed.
 Prompt: one prompt of --ttft-tokens, time to its first token, best of --ttft-repeats;
 prompt GFLOP/s and its share of the peak matmul rate at the row's weight precision.
 "same tokens" compares every output with the first selfhost row's, token for token.
+llama.cpp reads a GGUF of the same model written by `selfhost export gguf` (--llama-cpp-types
+f16,q8_0; kept beside the model) and picks its fastest thread counts itself (peers/llama_cpp_peer.py).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main() -> None:
                     help="prompt length for time to first token; 0 skips it (default: %(default)s)")
     ap.add_argument("--ttft-repeats", type=int, default=3, help="timed prompt runs (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="smoke sizes: 8 tokens, 1 repeat, a 128-token prompt")
-    options.add_peer_options(ap)
+    options.add_peer_options(ap, options.SINGLE_STREAM_SYSTEMS)
     args = ap.parse_args()
     if args.quick:
         args.tokens, args.repeats, args.ttft_tokens, args.ttft_repeats = 8, 1, 128, 1
@@ -57,6 +59,7 @@ def main() -> None:
     peers += options.vllm_peers(args, names)
 
     model_dir = ensure_model(args.model_dir)
+    peers += options.llama_cpp_peers(args, names, lambda weight_type: _gguf(model_dir, weight_type))
     limits, limits_error = measure_limits(args.threads)
     launch = options.launchers(args)
     work_dir = Path(tempfile.mkdtemp(prefix="selfhost-bench-decode-"))
@@ -75,6 +78,16 @@ def main() -> None:
           report.DECODE_LEGEND, sep="\n")
     report.print_ttft_and_footer(runs, limits, model_dir, args.ttft_tokens if "ttft" in tasks else 0, args.ttft_repeats,
                                  work_dir, args.save_json)
+
+
+def _gguf(model_dir: Path, weight_type: str) -> Path:
+    """The model as a GGUF file of `weight_type`, written once beside it by selfhost's exporter."""
+    path = model_dir / f"model.{weight_type}.gguf"
+    if not path.exists():
+        from selfhost.quant.gguf_export import export_gguf
+
+        export_gguf(model_dir, path, weight_type)
+    return path
 
 
 def _task(name: str, prompt_tokens: int, max_tokens: int, repeats: int, seed: int) -> dict:

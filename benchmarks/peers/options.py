@@ -8,18 +8,22 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.peers import selfhost_peer, transformers_peer, vllm_peer
+from benchmarks.peers import llama_cpp_peer, selfhost_peer, transformers_peer, vllm_peer
 from benchmarks.peers.driver import Launch, Peer
 
 SYSTEMS = ("selfhost", "transformers", "vllm")
+# llama.cpp runs one sequence at a time through llama-cpp-python: a single-stream peer only.
+SINGLE_STREAM_SYSTEMS = (*SYSTEMS, "llama_cpp")
+# GGUF weight types the llama.cpp rows can take -> the precision whose bytes and peak the row is held to.
+LLAMA_CPP_TYPES = {"f16": "bf16", "q8_0": "int8"}
 # Accepted spellings -> the precision a row's weights are stored in.
 DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}
 SELFHOST_WEIGHT_DTYPE = {"fp32": None, "bf16": "bfloat16"}  # LLM(weight_dtype=...)
 VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}  # vllm.LLM(dtype=...)
 
 
-def add_peer_options(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--systems", type=list_of(SYSTEMS, "--systems"), default=",".join(SYSTEMS),
+def add_peer_options(ap: argparse.ArgumentParser, systems: tuple[str, ...] = SYSTEMS) -> None:
+    ap.add_argument("--systems", type=list_of(systems, "--systems"), default=",".join(systems),
                     help="comma-separated systems to run, each in its own process (default: %(default)s)")
     ap.add_argument("--weight-dtype", type=list_of(DTYPES, "--weight-dtype"), default="float32,bfloat16",
                     help="selfhost rows: float32 (the checkpoint's dtype) and/or bfloat16 (linear weights in bf16, "
@@ -41,6 +45,19 @@ def add_peer_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--vllm-multiprocessing", action="store_true",
                     help="run vLLM's engine in its own processes (vLLM's default) instead of in the peer's process "
                          "(VLLM_ENABLE_V1_MULTIPROCESSING=0, with the thread binding vLLM would give its worker)")
+    if "llama_cpp" in systems:
+        ap.add_argument("--llama-cpp-types", type=list_of(tuple(LLAMA_CPP_TYPES), "--llama-cpp-types"),
+                        default="f16,q8_0", help="llama.cpp rows' GGUF weight types (default: %(default)s)")
+        ap.add_argument("--llama-cpp-python", type=Path, default=None,
+                        help="a Python with llama-cpp-python installed (default: the one in --llama-cpp-venv)")
+        ap.add_argument("--llama-cpp-pythonpath", default=None,
+                        help=f"folders holding an importable llama_cpp build and its dependencies ({os.pathsep!r}-"
+                             "separated), put on the peer's PYTHONPATH; it runs in this benchmark's Python")
+        ap.add_argument("--llama-cpp-venv", type=Path, default=llama_cpp_peer.DEFAULT_VENV,
+                        help=f"venv for llama-cpp-python=={llama_cpp_peer.LLAMA_CPP_VERSION}, built on first use "
+                             "when missing (default: %(default)s)")
+        ap.add_argument("--llama-cpp-cmake-args", default="",
+                        help="CMAKE_ARGS for that build (e.g. '-DGGML_NATIVE=OFF -DGGML_AVX512=ON')")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="threads every system gets (default: all CPUs, %(default)s)")
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "selfhost-bench-llama125m",
@@ -80,6 +97,14 @@ def vllm_peers(args: argparse.Namespace, tasks: tuple[str, ...]) -> list[Peer]:
     return [Peer("vllm", f"vLLM CPU {p}", {"dtype": VLLM_DTYPE[p]}, p, tasks) for p in args.vllm_dtype]
 
 
+def llama_cpp_peers(args: argparse.Namespace, tasks: tuple[str, ...], gguf_for) -> list[Peer]:
+    """One row per --llama-cpp-types entry; `gguf_for(type)` gives (or writes) the model's GGUF file."""
+    if "llama_cpp" not in args.systems:
+        return []
+    return [Peer("llama_cpp", f"llama.cpp {t}", {"gguf": str(gguf_for(t)), "type": t}, LLAMA_CPP_TYPES[t], tasks)
+            for t in args.llama_cpp_types]
+
+
 def launchers(args: argparse.Namespace) -> dict[str, Launch]:
     """How to start each system's peer script: which Python, which environment additions.
     Each is worked out once per benchmark: a vLLM install that failed is not retried per row."""
@@ -88,6 +113,8 @@ def launchers(args: argparse.Namespace) -> dict[str, Launch]:
         "transformers": _once(transformers_peer.launch),
         "vllm": _once(lambda: vllm_peer.launch(args.threads, args.vllm_python, args.vllm_venv, args.vllm_kvcache_gib,
                                                args.vllm_pip_args, args.vllm_multiprocessing, args.vllm_threads_bind)),
+        "llama_cpp": _once(lambda: llama_cpp_peer.launch(args.llama_cpp_python, args.llama_cpp_pythonpath,
+                                                         args.llama_cpp_venv, args.llama_cpp_cmake_args)),
     }
 
 

@@ -122,3 +122,48 @@ def test_in_process_vllm_gets_the_binding_its_worker_would_get():
     assert _worker_binding("3", "")["OMP_PLACES"] == "{3}"
     with pytest.raises(VllmUnavailable, match="expected CPU ids"):
         _worker_binding("0-1|2-3", "")
+
+
+def test_llama_cpp_is_a_single_stream_peer_with_a_row_per_gguf_type(tmp_path):
+    ap = argparse.ArgumentParser()
+    options.add_peer_options(ap, options.SINGLE_STREAM_SYSTEMS)
+    args = ap.parse_args(["--systems", "selfhost,llama_cpp", "--weight-dtype", "bf16", "--llama-cpp-types", "q8_0,f16"])
+    written = []
+    peers = options.llama_cpp_peers(args, ("decode", "ttft"), lambda t: written.append(t) or tmp_path / f"m.{t}.gguf")
+    assert [(p.label, p.weight_precision, p.settings["type"]) for p in peers] == [
+        ("llama.cpp q8_0", "int8", "q8_0"), ("llama.cpp f16", "bf16", "f16")]
+    assert written == ["q8_0", "f16"] and peers[0].settings["gguf"] == str(tmp_path / "m.q8_0.gguf")
+    # throughput.py batches many requests: llama-cpp-python runs one sequence, so it is not offered there.
+    batch = argparse.ArgumentParser()
+    options.add_peer_options(batch)
+    with pytest.raises(SystemExit):
+        batch.parse_args(["--systems", "llama_cpp"])
+
+
+def test_a_llama_cpp_peer_that_cannot_run_says_why(tmp_path):
+    from benchmarks.peers.llama_cpp_peer import LlamaCppUnavailable, launch
+
+    with pytest.raises(LlamaCppUnavailable, match="is not a folder"):
+        launch(None, str(tmp_path / "nowhere"), tmp_path / "venv")
+    with pytest.raises(LlamaCppUnavailable, match="does not exist"):
+        launch(tmp_path / "no-python", None, tmp_path / "venv")
+
+
+def test_a_llama_cpp_peer_runs_a_selfhost_gguf_greedily_or_names_the_missing_module(tiny_checkpoint, tmp_path):
+    import importlib.util
+
+    from selfhost.quant.gguf_export import export_gguf
+
+    model = tiny_checkpoint("llama")
+    gguf = tmp_path / "model.f16.gguf"
+    export_gguf(model, gguf, "f16")
+    task = {"name": "decode", "runs": [[[5, 6, 7]], [[8, 9, 10, 11]]], "warmup_runs": 1, "max_tokens": 3}
+    job = {"model_dir": str(model), "threads": 1, "settings": {"gguf": str(gguf), "type": "f16"}, "tasks": [task]}
+    peer = Peer("llama_cpp", "llama.cpp f16", job["settings"], "bf16", ("decode",))
+    run = run_peer(peer, lambda: (sys.executable, {}, []), job, tmp_path, timeout_s=300)
+    if importlib.util.find_spec("llama_cpp") is None:  # the gguf-check extra is not in the test install
+        assert run.result is None and "llama_cpp does not import" in run.error
+        return
+    assert run.error is None, run.error
+    assert run.task("decode")["output_tokens"] == [3]
+    assert run.result["info"]["n_threads"] == 1
