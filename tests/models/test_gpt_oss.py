@@ -124,9 +124,8 @@ def _encode_mxfp4(codes: torch.Tensor, exponents: torch.Tensor) -> tuple[torch.T
     return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8), (exponents + 127).to(torch.uint8)
 
 
-def test_mxfp4_checkpoint_loads_like_its_full_precision_twin(tmp_path):
-    """OpenAI's layout: experts as *_blocks/*_scales (output-major) and quantization_config mxfp4. Expert
-    weights drawn from the FP4 grid make the fp32 checkpoint the same model, so both load to equal logits."""
+def _mxfp4_twins(tmp_path):
+    """(reference model, its fp32 folder, the same model in OpenAI's MXFP4 layout)."""
     ref = _reference_model(seed=3)
     full = tmp_path / "fp32"
     generator = torch.Generator().manual_seed(4)
@@ -153,7 +152,13 @@ def test_mxfp4_checkpoint_loads_like_its_full_precision_twin(tmp_path):
     config = json.loads((full / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "lm_head"]}
     (quantized / "config.json").write_text(json.dumps(config))
+    return ref, full, quantized
 
+
+def test_mxfp4_checkpoint_loads_like_its_full_precision_twin(tmp_path):
+    """OpenAI's layout: experts as *_blocks/*_scales (output-major) and quantization_config mxfp4. Expert
+    weights drawn from the FP4 grid make the fp32 checkpoint the same model, so both load to equal logits."""
+    ref, full, quantized = _mxfp4_twins(tmp_path)
     prompt = torch.randint(3, 512, (24,), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = ref(prompt[None]).logits[0]
@@ -163,3 +168,21 @@ def test_mxfp4_checkpoint_loads_like_its_full_precision_twin(tmp_path):
         with torch.inference_mode():
             got = one_sequence_logits(model, cache, 4, prompt, [])
         assert (got - expected).abs().max().item() <= TOL, folder.name
+
+
+def test_quantize_reads_the_mxfp4_release_like_the_loader(tmp_path):
+    """`selfhost quantize` on OpenAI's MXFP4 layout writes the int8 model on-the-fly int8 of the twin gives."""
+    from selfhost import SamplingParams
+    from selfhost.quant.checkpoint import quantize_checkpoint
+    from selfhost.quant.config import QuantConfig
+
+    _, full, quantized = _mxfp4_twins(tmp_path)
+    save_tiny_tokenizer(full)
+    save_tiny_tokenizer(quantized)
+    quantize_checkpoint(quantized, tmp_path / "int8", QuantConfig(method="int8"))
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
+    prompt = [[5, 17, 99, 230, 41, 7, 300, 12]]
+    stored = LLM(str(tmp_path / "int8"), kv_cache_memory="16MiB").generate(prompt, greedy)[0]
+    on_the_fly = LLM(str(full), quantization="int8", kv_cache_memory="16MiB").generate(prompt, greedy)[0]
+    assert stored.token_ids == on_the_fly.token_ids
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(stored.logprobs, on_the_fly.logprobs)) < 1e-4

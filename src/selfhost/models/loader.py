@@ -30,6 +30,7 @@ from selfhost.errors import InvalidParameterError, UnsupportedModelError
 from selfhost.layers.rotary import RotaryEmbedding
 from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS, checkpoint_name, spec_from_config
+from selfhost.models.fp8 import FP8_METHOD, Fp8BlockFormat, dequantize_fp8_tensors
 from selfhost.models.fused_experts import per_expert_tensors
 from selfhost.models.spec import ModelSpec
 from selfhost.models.transformers_fallback import TransformersModel, load_transformers_model
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MXFP4_METHOD = "mxfp4"  # quantization_config.quant_method of OpenAI's gpt-oss release
+# Publishers' quantized releases that load dequantized (to the load dtype, tensor by tensor as they are
+# read), unlike `selfhost quantize` output, which loads into quantized modules: gpt-oss's MXFP4 experts
+# (models/mxfp4.py, split per expert in models/fused_experts.py), DeepSeek-V3's FP8 blocks (models/fp8.py).
+DEQUANTIZED_AT_LOAD = (MXFP4_METHOD, FP8_METHOD)
 
 
 def read_config(model_dir: Path) -> dict:
@@ -78,6 +83,20 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def is_dequantized_at_load(quantization_config: dict | None) -> bool:
+    return quantization_config is not None and quantization_config.get("quant_method") in DEQUANTIZED_AT_LOAD
+
+
+def checkpoint_tensors(files: list[Path], architecture: str, quantization_config: dict | None,
+                       dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors as the model's modules take them: FP8 block weights dequantized to
+    `dtype`, experts stored stacked (gpt-oss, MXFP4 or not) cut into one tensor per expert."""
+    tensors = iter_tensors(files)
+    if quantization_config is not None and quantization_config.get("quant_method") == FP8_METHOD:
+        tensors = dequantize_fp8_tensors(tensors, Fp8BlockFormat.from_config(quantization_config), dtype)
+    return per_expert_tensors(architecture, tensors)
+
+
 def shard_slices(spec: ModelSpec) -> dict[str, list[tuple[int, int]]]:
     """Row ranges of each packed weight (qkv_proj, gate_up_proj) inside the fused matrix."""
     q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
@@ -105,8 +124,11 @@ def load_model(
     """
     cfg = read_config(model_dir)
     stored = cfg.get("quantization_config")  # metadata written by `selfhost quantize`
-    if stored is not None and stored.get("quant_method") == MXFP4_METHOD:
-        stored = None  # gpt-oss's MXFP4 experts: dequantized as they load (models/fused_experts.py)
+    source_format = None  # a publisher's format the weights are dequantized from as they load
+    if is_dequantized_at_load(stored):
+        source_format, stored = stored, None
+        if source_format["quant_method"] == FP8_METHOD:
+            Fp8BlockFormat.from_config(source_format)  # a format we cannot read fails before any weight loads
     if bf16_weights == "auto":  # only where bf16 weights are an option at all; else the model as it is
         native = _is_native(cfg)
         bf16_weights = "auto" if (dtype == torch.float32 and device.type == "cpu" and quantization is None
@@ -154,7 +176,7 @@ def load_model(
             model.tie_weights()
     if device.type == "cpu":
         place_weights_in_arena(model)  # huge pages: decode streams every weight each step
-    load_weights(model, files, spec, model_dir)
+    load_weights(model, checkpoint_tensors(files, spec.architecture, source_format, dtype), spec, model_dir)
     if stored is not None:
         quant.prepare_loaded(model, stored)
     if quantization is not None:  # load, then shrink
@@ -186,8 +208,10 @@ def _is_native(cfg: dict) -> bool:
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, files: list[Path], spec: ModelSpec, model_dir: Path) -> None:
-    """Copy every checkpoint tensor into its parameter or buffer (a fused one's rows); raise if any stays unfilled.
+def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], spec: ModelSpec,
+                 model_dir: Path) -> None:
+    """Copy every checkpoint tensor (`checkpoint_tensors`) into its parameter or buffer (a fused one's
+    rows); raise if any stays unfilled.
 
     Tensors keep the checkpoint's names (`q_proj.weight`, or `q_proj.qweight` and
     `q_proj.scales` in a quantized one); tied tensors appear once, under the embedding.
@@ -199,8 +223,7 @@ def load_weights(model: nn.Module, files: list[Path], spec: ModelSpec, model_dir
     # stderr, so piped generated text stays clean
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"loading {model_dir.name}", total=len(targets))
-        # Checkpoints with all experts in one tensor (gpt-oss, MXFP4 or not) arrive as one tensor per expert.
-        for name, tensor in per_expert_tensors(spec.architecture, iter_tensors(files)):
+        for name, tensor in tensors:
             name = checkpoint_name(spec.architecture, name)
             module_path, _, leaf = name.rpartition(".")
             parent, _, module = module_path.rpartition(".")

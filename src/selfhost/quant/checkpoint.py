@@ -21,8 +21,7 @@ import torch
 from selfhost.errors import InvalidParameterError
 from selfhost.models.decoder import CausalLM
 from selfhost.models.families import PACKED_WEIGHTS, checkpoint_name, spec_from_config
-from selfhost.models.fused_experts import per_expert_tensors
-from selfhost.models.loader import iter_tensors, read_config, weight_files
+from selfhost.models.loader import checkpoint_tensors, is_dequantized_at_load, read_config, weight_files
 from selfhost.quant.apply import quantization_plan
 from selfhost.quant.config import QuantConfig
 from selfhost.quant.int4 import quantize_int4
@@ -77,6 +76,8 @@ def quantize_checkpoint(model_dir: Path, out_dir: Path, config: QuantConfig, ove
     if out_dir.resolve() == model_dir.resolve():
         raise InvalidParameterError(f"output folder {out_dir} is the model being quantized; choose a new folder")
     cfg = read_config(model_dir)
+    # A publisher's FP8 or MXFP4 release is read dequantized (fp32), as the loader reads it, and requantized.
+    source_format = cfg.pop("quantization_config", None) if is_dequantized_at_load(cfg.get("quantization_config")) else None
     if "quantization_config" in cfg:
         method = cfg["quantization_config"].get("method") or cfg["quantization_config"].get("quant_method")
         raise InvalidParameterError(
@@ -97,9 +98,10 @@ def quantize_checkpoint(model_dir: Path, out_dir: Path, config: QuantConfig, ove
         os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
         tensors: dict[str, torch.Tensor] = {}
         modules = {name for name, _ in model.named_modules()}
-        # One tensor per expert where a checkpoint stacks them (gpt-oss), as the loader reads them.
-        stored = iter_tensors(weight_files(model_dir, allow_pickle=False))
-        for name, tensor in per_expert_tensors(spec.architecture, stored):
+        # As the loader reads them: FP8 blocks dequantized, one tensor per expert where a checkpoint stacks them.
+        stored = checkpoint_tensors(weight_files(model_dir, allow_pickle=False), spec.architecture, source_format,
+                                    torch.float32)
+        for name, tensor in stored:
             name = checkpoint_name(spec.architecture, name)  # written in the common spelling the loader reads
             module, leaf = _our_module(name, modules)
             if head_tied and module == "lm_head":

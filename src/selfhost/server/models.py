@@ -342,11 +342,13 @@ def count_parameters(model) -> int:
 
 
 def _quantization(model_dir: Path) -> str | None:
-    from selfhost.models.loader import read_config
+    from selfhost.models.loader import is_dequantized_at_load, read_config
     from selfhost.quant.config import QuantConfig
 
     quantization = read_config(model_dir).get("quantization_config")
-    return QuantConfig.from_json(quantization).method if quantization is not None else None
+    if quantization is None or is_dequantized_at_load(quantization):  # FP8/MXFP4 releases load in full precision
+        return None
+    return QuantConfig.from_json(quantization).method
 
 
 def _gib(num_bytes: int) -> str:
