@@ -47,6 +47,12 @@ class Deployment:
     # (when, seconds to the first byte) of its recent requests
     latencies_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False, compare=False)
     reference_usd: Decimal | None = None  # the reference request's price; None: unpriced (ranked last by cost)
+    headers: dict = field(init=False, repr=False, compare=False)  # what every request to it carries, its key too
+
+    def __post_init__(self) -> None:
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            self.headers["Authorization"] = f"Bearer {self.api_key}"
 
     def is_cooling(self, now: float) -> bool:
         return now < self.cooldown_until

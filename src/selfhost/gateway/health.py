@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
+import aiohttp
 
 from selfhost.gateway.deployments import Deployment
+from selfhost.gateway.upstream_http import TRANSPORT_ERRORS
 
 log = logging.getLogger("selfhost.gateway")
 
 
 class HealthChecker:
-    def __init__(self, deployments: list[Deployment], client: httpx.AsyncClient, interval_s: float,
+    def __init__(self, deployments: list[Deployment], client: aiohttp.ClientSession, interval_s: float,
                  cooldown_s: float, timeout_s: float):
         self.deployments, self.client = deployments, client
         self.interval_s, self.cooldown_s, self.timeout_s = interval_s, cooldown_s, timeout_s
@@ -40,10 +41,11 @@ class HealthChecker:
 
     async def probe(self, deployment: Deployment) -> bool:
         headers = {"Authorization": f"Bearer {deployment.api_key}"} if deployment.api_key else {}
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
-            response = await self.client.get(f"{deployment.url}/models", headers=headers, timeout=self.timeout_s)
-            healthy = response.status_code < 500 and response.status_code != 429
-        except httpx.TransportError:
+            async with self.client.get(f"{deployment.url}/models", headers=headers, timeout=timeout) as response:
+                healthy = response.status < 500 and response.status != 429
+        except TRANSPORT_ERRORS:
             healthy = False
         if healthy and deployment.failures:
             log.info("deployment %s answers its health check again; back in rotation", deployment.id)

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 from starlette.responses import Response, StreamingResponse
 
 from selfhost.gateway.budgets import UNMETERED, Reservation
@@ -29,6 +29,13 @@ from selfhost.gateway.deployments import Deployment, DeploymentTable
 from selfhost.gateway.ledger import Ledger, LedgerEntry
 from selfhost.gateway.metrics import GatewayMetrics
 from selfhost.gateway.stream_tally import StreamTally
+from selfhost.gateway.upstream_http import (
+    TRANSPORT_ERRORS,
+    StreamCutShort,
+    failure_name,
+    open_session,
+    sse_data,
+)
 from selfhost.gateway.usage import PricedUsage, price, usage_record
 from selfhost.plan.pricing import UsageRecord
 from selfhost.server.errors import APIError
@@ -81,20 +88,22 @@ class ProxyRequest:
 
 
 class Proxy:
-    """One shared httpx client (pooled connections) for every deployment."""
+    """One shared HTTP session (pooled keep-alive connections) for every deployment, opened by start()."""
 
     def __init__(self, table: DeploymentTable, settings: GatewaySettings, ledger: Ledger):
         self.table, self.settings, self.ledger = table, settings, ledger
-        timeout = httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s)
-        self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None,
-                                                                           max_keepalive_connections=256))
+        self.client: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task] = set()
         self.metrics: GatewayMetrics | None = None  # attached by the app, onto the server's registry
+
+    def start(self) -> None:
+        self.client = open_session(self.settings.timeout_s, self.settings.connect_timeout_s)
 
     async def aclose(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        await self.client.aclose()
+        if self.client is not None:
+            await self.client.close()
 
     async def handle(self, request: ProxyRequest) -> Response | LocalFallback:
         plan, local_fallback = self.table.plan(request.model)
@@ -131,53 +140,51 @@ class Proxy:
     def _url(self, deployment: Deployment, request: ProxyRequest) -> str:
         return f"{deployment.url}/{request.endpoint}"
 
-    def _headers(self, deployment: Deployment) -> dict:
-        headers = {"Accept": "application/json"}
-        if deployment.api_key:
-            headers["Authorization"] = f"Bearer {deployment.api_key}"
-        return headers
+    async def _post(self, deployment: Deployment, request: ProxyRequest) -> aiohttp.ClientResponse:
+        """The upstream's answer, its body not read yet (the caller releases it)."""
+        payload = json.dumps(request.upstream_payload(deployment)).encode()
+        try:
+            return await self.client.post(self._url(deployment, request), data=payload, headers=deployment.headers)
+        except TRANSPORT_ERRORS as err:  # connect error, timeout, dropped connection
+            raise RetryableFailure(failure_name(err)) from None
 
     async def _complete(self, deployment: Deployment, request: ProxyRequest) -> Response:
         started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
+        upstream = await self._post(deployment, request)
         try:
-            upstream = await self.client.post(self._url(deployment, request), headers=self._headers(deployment),
-                                              json=request.upstream_payload(deployment))
-        except httpx.TransportError as err:  # connect error, timeout, dropped connection
-            raise RetryableFailure(type(err).__name__) from None
+            content = await upstream.read()
+        except TRANSPORT_ERRORS as err:
+            raise RetryableFailure(failure_name(err)) from None
+        finally:
+            upstream.release()
         deployment.observe_latency(time.perf_counter() - clock)
-        _raise_if_retryable(upstream.status_code)
-        if upstream.status_code != 200:
-            return _passed_through(deployment, upstream.status_code, upstream.content)
+        _raise_if_retryable(upstream.status)
+        if upstream.status != 200:
+            return _passed_through(deployment, upstream.status, content)
         try:
-            body = upstream.json()
+            body = json.loads(content)
         except ValueError:
             raise RetryableFailure("a 200 whose body is not JSON") from None
         deployment.mark_healthy()
         record = usage_record(body.get("usage") if isinstance(body, dict) else None)
         priced = price(record or UsageRecord(), deployment.price_model, started, estimated=record is None)
         request_id = await self._record(request, deployment, started, "completed", priced)
-        return Response(upstream.content, 200, media_type="application/json",
+        return Response(content, 200, media_type="application/json",
                         headers=_served_headers(deployment, request_id, priced))
 
     async def _open_stream(self, deployment: Deployment, request: ProxyRequest) -> Response:
         started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
-        outgoing = self.client.build_request("POST", self._url(deployment, request),
-                                             headers=self._headers(deployment),
-                                             json=request.upstream_payload(deployment))
-        try:
-            upstream = await self.client.send(outgoing, stream=True)
-        except httpx.TransportError as err:
-            raise RetryableFailure(type(err).__name__) from None
-        if upstream.status_code != 200:
+        upstream = await self._post(deployment, request)
+        if upstream.status != 200:
             content = await _read_and_close(upstream)
-            _raise_if_retryable(upstream.status_code)
-            return _passed_through(deployment, upstream.status_code, content)
-        events = _sse_data(upstream.aiter_lines())
+            _raise_if_retryable(upstream.status)
+            return _passed_through(deployment, upstream.status, content)
+        events = sse_data(upstream.content.iter_any())
         try:  # the first event decides: nothing has reached the client yet
             first = await anext(events)
-        except (httpx.TransportError, StopAsyncIteration) as err:
-            await upstream.aclose()
-            raise RetryableFailure(f"stream ended before its first event ({type(err).__name__})") from None
+        except (*TRANSPORT_ERRORS, StopAsyncIteration) as err:
+            upstream.close()
+            raise RetryableFailure(f"stream ended before its first event ({failure_name(err)})") from None
         deployment.observe_latency(time.perf_counter() - clock)  # time to the first event
         deployment.mark_healthy()
         request_id = uuid.uuid4().hex
@@ -186,34 +193,35 @@ class Proxy:
         return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
 
     async def _relay(self, deployment: Deployment, request: ProxyRequest, request_id: str, started: dt.datetime,
-                     upstream: httpx.Response, first: str, events: AsyncIterator[str]) -> AsyncIterator[str]:
+                     upstream: aiohttp.ClientResponse, first: bytes,
+                     events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         tally = StreamTally(request.payload)
         finished = False
         try:
             data = first
-            while data != "[DONE]":
+            while data != b"[DONE]":
                 chunk = tally.observe(data)
                 if not (tally.is_usage_only(chunk) and not request.wants_usage_chunk):
-                    yield f"data: {data}\n\n"
+                    yield b"data: " + data + b"\n\n"
                 try:
                     data = await anext(events)
                 except StopAsyncIteration:  # closed without [DONE]: the upstream died mid-way
-                    raise httpx.RemoteProtocolError("upstream closed the stream before [DONE]") from None
-            await upstream.aclose()
+                    raise StreamCutShort("upstream closed the stream before [DONE]") from None
+            upstream.release()
             priced = tally.priced(deployment.price_model, started)
             await self._record(request, deployment, started, "completed", priced, request_id)
             finished = True
             # Headers left before the cost was known: it travels as an SSE comment, which clients skip.
-            yield f": {COST_HEADER}={priced.header}\n\ndata: [DONE]\n\n"
-        except httpx.TransportError as err:
-            log.warning("deployment %s failed mid-stream (%s); ending the stream", deployment.id, type(err).__name__)
-            await upstream.aclose()
+            yield f": {COST_HEADER}={priced.header}\n\ndata: [DONE]\n\n".encode()
+        except TRANSPORT_ERRORS as err:
+            log.warning("deployment %s failed mid-stream (%s); ending the stream", deployment.id, failure_name(err))
+            upstream.close()
             priced = tally.priced(deployment.price_model, started)
             await self._record(request, deployment, started, "interrupted", priced, request_id)
             finished = True
-            error = APIError(f"upstream {deployment.id} failed mid-stream ({type(err).__name__}); the response is "
+            error = APIError(f"upstream {deployment.id} failed mid-stream ({failure_name(err)}); the response is "
                              "incomplete", 502, code="upstream_interrupted")
-            yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n"
+            yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
         finally:
             deployment.end()
             if not finished:  # the client went away (cancelled): close and record off this cancelled task
@@ -223,7 +231,7 @@ class Proxy:
                 task.add_done_callback(self._background.discard)
 
     async def _finish_abandoned(self, request, deployment, started, upstream, tally, request_id) -> None:
-        await upstream.aclose()
+        upstream.close()  # mid-stream: the connection cannot be reused
         await self._record(request, deployment, started, "client_disconnected",
                            tally.priced(deployment.price_model, started), request_id)
 
@@ -263,17 +271,10 @@ def _served_headers(deployment: Deployment, request_id: str, priced: PricedUsage
     return {BACKEND_HEADER: deployment.id, COST_HEADER: priced.header, REQUEST_ID_HEADER: request_id}
 
 
-async def _read_and_close(upstream: httpx.Response) -> bytes:
+async def _read_and_close(upstream: aiohttp.ClientResponse) -> bytes:
     try:
-        return await upstream.aread()
-    except httpx.TransportError:
+        return await upstream.read()
+    except TRANSPORT_ERRORS:
         return b""
     finally:
-        await upstream.aclose()
-
-
-async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The `data:` payloads of an SSE stream (comments, blank lines and other fields dropped)."""
-    async for line in lines:
-        if line.startswith("data:"):
-            yield line[5:].strip()
+        upstream.release()

@@ -6,6 +6,13 @@ import asyncio
 import datetime as dt
 import time
 
+try:
+    import aiohttp  # noqa: F401 - the proxy's client; checked here so a missing extra is one clear line
+except ImportError:
+    from selfhost.gateway.config import GatewayConfigError
+
+    raise GatewayConfigError("the gateway needs aiohttp for its remote models: pip install 'selfhost[gateway]'") from None
+
 from selfhost.gateway.admission import Admission
 from selfhost.gateway.budgets import KeyBudgets
 from selfhost.gateway.config import GatewayConfig
@@ -28,10 +35,7 @@ class Gateway:
         self.local_meter = LocalMeter(config.local_entries, self.ledger)
         self.keys = KeyStore(self.ledger.engine)
         self.budgets = KeyBudgets(self.ledger)
-        settings = config.gateway
-        self.health = None if settings.health_check_interval_s is None else HealthChecker(
-            self.table.all(), self.proxy.client, settings.health_check_interval_s, settings.cooldown_s,
-            settings.connect_timeout_s)
+        self.health: HealthChecker | None = None  # started with the proxy's session, on the event loop
         self.admission = Admission(self.keys, self.budgets, self.table, config.gateway.require_key)
 
     def attach_metrics(self, registry) -> None:
@@ -48,7 +52,11 @@ class Gateway:
         models = {d.price_model for d in self.table.all()}
         today = dt.datetime.now(dt.UTC)
         await asyncio.to_thread(lambda: [price_usage(UsageRecord(), m, today) for m in models])
-        if self.health is not None:
+        self.proxy.start()
+        settings = self.config.gateway
+        if settings.health_check_interval_s is not None:
+            self.health = HealthChecker(self.table.all(), self.proxy.client, settings.health_check_interval_s,
+                                        settings.cooldown_s, settings.connect_timeout_s)
             self.health.start()
 
     async def aclose(self) -> None:

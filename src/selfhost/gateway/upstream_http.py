@@ -1,0 +1,67 @@
+"""The gateway's HTTP client to its upstreams: one pooled aiohttp session, its failures, SSE lines.
+
+aiohttp rather than httpx on this path: measured against a fast upstream on the
+2-core machine, an httpx.AsyncClient spent ~1 ms of CPU per request at concurrency 1
+and ~4 ms at 32 (its pool scans every connection, through anyio, per request), aiohttp
+~0.2-0.4 ms. Connections are kept alive per upstream (HTTP/1.1) with no cap on their
+number: a deployment's `max_concurrency` is the gateway's own limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+
+class StreamCutShort(aiohttp.ClientError):
+    """The upstream closed a stream before its `data: [DONE]`."""
+
+
+# What a dead, refusing, slow or misbehaving upstream raises: all of it is "the upstream failed".
+TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+# Stable names for the failures that messages and logs carry, most specific first.
+_FAILURE_NAMES = (
+    (StreamCutShort, "RemoteProtocolError"),
+    (aiohttp.ConnectionTimeoutError, "ConnectTimeout"),
+    (aiohttp.ClientConnectorError, "ConnectError"),
+    (aiohttp.ServerTimeoutError, "ReadTimeout"),
+    (asyncio.TimeoutError, "ReadTimeout"),
+    (aiohttp.ServerDisconnectedError, "RemoteProtocolError"),
+    (aiohttp.ClientPayloadError, "ReadError"),
+)
+
+
+def open_session(timeout_s: float, connect_timeout_s: float) -> aiohttp.ClientSession:
+    """The pooled session (call on the running event loop). `timeout_s` bounds each wait for headers or data."""
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=timeout_s)
+    # trust_env: HTTP(S)_PROXY and NO_PROXY apply, as they did with httpx.
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True, auto_decompress=True,
+                                 skip_auto_headers=("User-Agent",))
+
+
+def failure_name(err: BaseException) -> str:
+    for kind, name in _FAILURE_NAMES:
+        if isinstance(err, kind):
+            return name
+    return type(err).__name__
+
+
+async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The `data:` payloads of an SSE byte stream (comments, blank lines and other fields dropped).
+
+    Lines end at CR, LF or CRLF only (bytes.splitlines), never inside a payload's text:
+    JSON may carry U+2028 or NEL raw, and a str.splitlines would cut the event there.
+    """
+    pending = b""
+    async for chunk in chunks:
+        lines = (pending + chunk).splitlines(keepends=True)
+        pending = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+    if pending.startswith(b"data:"):
+        yield pending[5:].strip()
