@@ -21,7 +21,7 @@ MODELS = list(load_models().values())
 def test_every_model_is_sourced_and_dated(spec):
     assert spec.sources and spec.sources[0].startswith("https://huggingface.co/")
     assert spec.sources[0].endswith("config.json")
-    assert spec.retrieved == dt.date(2026, 11, 25)
+    assert dt.date(2026, 11, 25) <= spec.retrieved <= dt.date(2026, 12, 6)  # the days the catalog was read
     assert spec.params_source
     get_licence(spec.licence)  # every licence id resolves
 
@@ -31,17 +31,18 @@ def test_parameter_count_from_architecture_matches_published(spec):
     computed_b = spec.weight_params / 1e9
     assert computed_b == pytest.approx(spec.params_b, rel=0.03)
     if spec.arch.is_moe:
-        assert spec.active_params / 1e9 == pytest.approx(spec.active_params_b, rel=0.03)
+        assert spec.active_params_as_published / 1e9 == pytest.approx(spec.active_params_b, rel=0.03)
 
 
 def test_catalog_covers_the_issue_families():
     families = {m.family for m in MODELS}
     assert {"llama3", "mistral", "mixtral", "gemma2", "gemma3", "qwen2.5", "qwen3",
-            "deepseek-r1-distill", "deepseek-v3", "phi", "smollm2", "tinyllama"} <= families
+            "deepseek-r1-distill", "deepseek-v3", "gpt-oss", "phi", "smollm2", "tinyllama"} <= families
     aliases = {m.alias for m in MODELS}
     for alias in ["llama3.1:8b", "llama3.1:70b", "llama3.1:405b", "llama3.2:1b", "llama3.2:3b",
                   "qwen2.5:0.5b", "qwen2.5:72b", "deepseek-r1:1.5b", "deepseek-r1:70b", "deepseek-v3",
-                  "phi2", "phi3:mini", "phi3.5:mini", "phi4", "gemma3:1b", "gemma2:27b"]:
+                  "phi2", "phi3:mini", "phi3.5:mini", "phi4", "gemma3:1b", "gemma2:27b", "mixtral:8x7b",
+                  "qwen3:30b-a3b", "gpt-oss:20b", "gpt-oss:120b"]:
         assert alias in aliases
 
 
@@ -75,6 +76,24 @@ def test_unknown_names_suggest_close_ones():
 def test_known_llama_8b_facts():
     arch = get_model("llama3.1:8b").arch
     assert (arch.layers, arch.hidden, arch.kv_heads, arch.head_dim, arch.vocab) == (32, 4096, 8, 128, 128256)
+
+
+def test_gpt_oss_facts():
+    """The two releases differ only in depth and expert count; OpenAI counts active parameters
+    without the input embedding table (0.58B), which the published 3.6B and 5.1B only match so."""
+    small, large = get_model("openai/gpt-oss-20b"), get_model("gpt-oss:120b")
+    for spec, layers, experts in ((small, 24, 32), (large, 36, 128)):
+        arch = spec.arch
+        assert (arch.layers, arch.experts, arch.experts_per_token, arch.moe_intermediate) == (layers, experts, 4, 2880)
+        assert (arch.hidden, arch.heads, arch.kv_heads, arch.head_dim, arch.vocab) == (2880, 64, 8, 64, 201_088)
+        assert (arch.sliding_window, arch.sliding_layers, arch.dense_layers) == (128, layers // 2, 0)
+        assert arch.qkv_bias and not arch.tied_embeddings and spec.licence == "apache-2_0"
+        assert spec.active_params - spec.active_params_as_published == 201_088 * 2880
+    # Per layer: attention 2 * 2880 * 4096 + 2 * 2880 * 512 + 5120 biases, experts 3 * 2880^2 each, router.
+    per_layer = 26_547_200 + 32 * 24_883_200 + 2880 * 32
+    assert small.arch.total_params() == 24 * per_layer + 2 * 201_088 * 2880
+    assert round(small.active_params_as_published / 1e7) == 361  # the published 3.6B
+    assert round(large.active_params_as_published / 1e7) == 513  # the published 5.1B
 
 
 def test_licence_terms():

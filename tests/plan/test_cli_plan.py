@@ -136,6 +136,17 @@ def test_fit_and_cost_take_the_references_the_help_promises(ref):
     assert priced.returncode == 0, priced.stderr
 
 
+@pytest.mark.parametrize("ref", ["gpt-oss:20b", "openai/gpt-oss-120b"])
+def test_fit_and_cost_of_gpt_oss(ref):
+    # At 4 bits both fit one 80 GB card, as OpenAI says of its MXFP4 release.
+    out = selfhost("fit", ref, "--device", "h100", "--quant", "int4")
+    assert out.returncode == 0, out.stderr
+    assert "fits" in out.stdout
+    priced = selfhost("cost", ref, "--device", "h100", "--quant", "int4", "--volume", "1B", "--api", "gpt-4o")
+    assert priced.returncode == 0, priced.stderr
+    assert "crossover" in priced.stdout
+
+
 def test_cost_refuses_a_bench_result_of_another_model(tmp_path):
     import json
 

@@ -74,6 +74,23 @@ def test_moe_decode_reads_active_params_only():
     assert moe > 3 * dense_equivalent  # 12.9B of 46.7B read per token
 
 
+def test_gpt_oss_20b_by_hand():
+    """Weights from all 32 experts, KV from 12 full layers plus 12 kept to 128 tokens, and one
+    sequence's decode reading 4 experts a layer and the head but not the input embedding."""
+    from selfhost.plan.speed import decode_weight_bytes
+
+    model = get_model("gpt-oss:20b")
+    attention = 2 * 2880 * 4096 + 2 * 2880 * 512 + (4096 + 2 * 512)  # q/o, k/v, q/k/v biases
+    expert, router, table = 3 * 2880 * 2880, 2880 * 32, 201_088 * 2880
+    total = 24 * (attention + 32 * expert + router) + 2 * table  # 20.91B
+    assert weights_bytes(model, FP16) == 2 * total
+    full_layer_kv = 2 * 8 * 64  # K and V, 8 heads of 64
+    assert kv_elements_per_token(model, 4096) == pytest.approx(full_layer_kv * (12 + 12 * 128 / 4096))
+    assert kv_cache_bytes(model, FP16, 4096, 1) == pytest.approx(2 * 4096 * full_layer_kv * (12 + 12 * 128 / 4096))
+    assert decode_weight_bytes(model, FP16, 1) == pytest.approx(2 * (24 * (attention + 4 * expert + router) + table))
+    assert decode_weight_bytes(model, FP16, 1) / 2 / 1e9 == pytest.approx(model.active_params_b, rel=0.01)  # 3.6B
+
+
 def test_rank_fits_only_lists_fitting_models():
     reports = rank_fits(get_device("jetson-orin-nano-8gb"), 2048, 1)
     assert reports and all(r.fits for r in reports)

@@ -31,6 +31,9 @@ class ModelSpec:
     notes: str = ""
     # Other Hub repos with this architecture (the base checkpoint, former names).
     base_repos: tuple[str, ...] = ()
+    # The publisher's active count leaves out the input embedding table (OpenAI's gpt-oss). The planner
+    # reads `active_params` either way: its FLOPs count both tables, its decode bytes only the head.
+    active_params_exclude_embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.params_b <= 0:
@@ -39,6 +42,8 @@ class ModelSpec:
             raise ValueError(f"model {self.alias}: needs at least one source")
         if self.arch.is_moe != (self.active_params_b is not None):
             raise ValueError(f"model {self.alias}: active_params_b is required for MoE models and only for them")
+        if self.active_params_exclude_embedding and self.arch.tied_embeddings:
+            raise ValueError(f"model {self.alias}: a tied embedding is the head, which every token reads")
 
     @property
     def hub_repos(self) -> tuple[str, ...]:
@@ -54,6 +59,12 @@ class ModelSpec:
     def active_params(self) -> int:
         """Parameters read per generated token (a text token never runs the vision tower)."""
         return self.arch.active_params()
+
+    @property
+    def active_params_as_published(self) -> int:
+        """`active_params` counted as the publisher counts them (for checking `active_params_b`)."""
+        embedding = self.arch.vocab * self.arch.hidden if self.active_params_exclude_embedding else 0
+        return self.active_params - embedding
 
 
 @cache
