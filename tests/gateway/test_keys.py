@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from selfhost.cli.main import _register_commands, app
 from selfhost.gateway.budgets import estimate_cost
 from selfhost.gateway.config import ModelEntry
+from selfhost.gateway.rate_card import Pricer
 from selfhost.gateway.spend import spend_by
 from selfhost.gateway.what_if import what_if
 from tests.gateway.conftest import remote
@@ -44,7 +45,7 @@ def test_concurrent_requests_reserve_their_estimates(gateway, upstreams):
     server = gateway(remote("gpt", upstreams[0].url))
     budget = Decimal("0.001")
     key = server.app.state.gateway.keys.create("team-b", budget_usd=budget)
-    estimate = estimate_cost(CHAT, "gpt-4o-mini", dt.datetime.now(dt.UTC))
+    estimate = estimate_cost(CHAT, Pricer("gpt-4o-mini"), dt.datetime.now(dt.UTC))
     with ThreadPoolExecutor(32) as pool:
         statuses = list(pool.map(lambda _: post(server, key).status_code, range(32)))
     admitted = statuses.count(200)

@@ -62,7 +62,7 @@ class Admission:
                                code="rate_limit_exceeded")
         now = dt.datetime.now(dt.UTC)
         plan, _ = self.table.plan(model)
-        estimate = estimate_cost(payload, plan[0].price_model if plan else None, now)
+        estimate = estimate_cost(payload, plan[0].pricer if plan else None, now)
         reservation = self.budgets.admit(key, estimate, now)
         if reservation is None:
             if rate_entry is not None:

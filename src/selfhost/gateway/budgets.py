@@ -19,8 +19,9 @@ from sqlalchemy import select
 
 from selfhost.gateway.keys import VirtualKey
 from selfhost.gateway.ledger import Ledger, requests_table
+from selfhost.gateway.rate_card import Pricer
 from selfhost.gateway.rate_limits import RateEntry
-from selfhost.plan.pricing import UsageRecord, price_usage
+from selfhost.plan.pricing import UsageRecord
 
 DEFAULT_OUTPUT_ESTIMATE = 256  # output tokens assumed when a request sets no max_tokens
 CHARS_PER_TOKEN = 4
@@ -96,12 +97,12 @@ class KeyBudgets:
             return sum((Decimal(c) for (c,) in conn.execute(query) if c is not None), Decimal(0))
 
 
-def estimate_cost(payload: dict, price_model: str | None, now: dt.datetime) -> Decimal:
+def estimate_cost(payload: dict, pricer: Pricer | None, now: dt.datetime) -> Decimal:
     """What a request may cost before it runs: its prompt (four characters a token) and its output cap."""
-    if price_model is None:
+    if pricer is None:
         return Decimal(0)
     input_tokens, output_tokens = estimate_tokens(payload)
-    cost = price_usage(UsageRecord(input_tokens=input_tokens, output_tokens=output_tokens), price_model, now)
+    cost = pricer.price(UsageRecord(input_tokens=input_tokens, output_tokens=output_tokens), now)
     return cost.usd if cost.is_priced else Decimal(0)
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from selfhost.gateway.config import GatewayConfig, ModelEntry
-from selfhost.plan.pricing import UsageRecord, price_usage
+from selfhost.gateway.rate_card import Pricer
+from selfhost.plan.pricing import UsageRecord
 
 LATENCY_WINDOW = 50  # recent requests whose median time to first byte the cheapest router judges
 # ...if no older than this: a deployment passed over for being slow gets traffic (and is measured) again.
@@ -48,8 +49,10 @@ class Deployment:
     latencies_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False, compare=False)
     reference_usd: Decimal | None = None  # the reference request's price; None: unpriced (ranked last by cost)
     headers: dict = field(init=False, repr=False, compare=False)  # what every request to it carries, its key too
+    pricer: Pricer = field(init=False, repr=False, compare=False)  # prices its requests under price_model
 
     def __post_init__(self) -> None:
+        self.pricer = Pricer(self.price_model)
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             self.headers["Authorization"] = f"Bearer {self.api_key}"
@@ -111,7 +114,7 @@ class DeploymentTable:
         if self.router == "cheapest":
             today = dt.datetime.now(dt.UTC)
             for deployment in self.all():
-                cost = price_usage(REFERENCE_USAGE, deployment.price_model, today)
+                cost = deployment.pricer.price(REFERENCE_USAGE, today)
                 deployment.reference_usd = cost.usd if cost.is_priced else None
 
     def is_remote(self, name: str) -> bool:

@@ -37,7 +37,7 @@ from sqlalchemy import (
     select,
 )
 
-from selfhost.gateway.usage import PricedUsage
+from selfhost.gateway.usage import PricedUsage, usd_text
 
 log = logging.getLogger("selfhost.gateway")
 
@@ -86,7 +86,7 @@ class LedgerEntry:
             "status": self.status, "input_tokens": int(usage.input_tokens),
             "cached_input_tokens": int(usage.cached_input_tokens), "output_tokens": int(usage.output_tokens),
             "reasoning_tokens": int(usage.reasoning_tokens), "usage_estimated": self.priced.estimated,
-            "cost_usd": format(cost.usd, "f") if cost.is_priced else None,
+            "cost_usd": usd_text(cost.usd) if cost.is_priced else None,
             "unpriced_reason": None if cost.is_priced else cost.reason,
             "price_model": cost.model_id,
             "price_source": cost.source if cost.is_priced else None,

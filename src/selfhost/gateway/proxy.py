@@ -167,7 +167,7 @@ class Proxy:
             raise RetryableFailure("a 200 whose body is not JSON") from None
         deployment.mark_healthy()
         record = usage_record(body.get("usage") if isinstance(body, dict) else None)
-        priced = price(record or UsageRecord(), deployment.price_model, started, estimated=record is None)
+        priced = price(record or UsageRecord(), deployment.pricer, started, estimated=record is None)
         request_id = await self._record(request, deployment, started, "completed", priced)
         return Response(content, 200, media_type="application/json",
                         headers=_served_headers(deployment, request_id, priced))
@@ -208,7 +208,7 @@ class Proxy:
                 except StopAsyncIteration:  # closed without [DONE]: the upstream died mid-way
                     raise StreamCutShort("upstream closed the stream before [DONE]") from None
             upstream.release()
-            priced = tally.priced(deployment.price_model, started)
+            priced = tally.priced(deployment.pricer, started)
             await self._record(request, deployment, started, "completed", priced, request_id)
             finished = True
             # Headers left before the cost was known: it travels as an SSE comment, which clients skip.
@@ -216,7 +216,7 @@ class Proxy:
         except TRANSPORT_ERRORS as err:
             log.warning("deployment %s failed mid-stream (%s); ending the stream", deployment.id, failure_name(err))
             upstream.close()
-            priced = tally.priced(deployment.price_model, started)
+            priced = tally.priced(deployment.pricer, started)
             await self._record(request, deployment, started, "interrupted", priced, request_id)
             finished = True
             error = APIError(f"upstream {deployment.id} failed mid-stream ({failure_name(err)}); the response is "
@@ -233,7 +233,7 @@ class Proxy:
     async def _finish_abandoned(self, request, deployment, started, upstream, tally, request_id) -> None:
         upstream.close()  # mid-stream: the connection cannot be reused
         await self._record(request, deployment, started, "client_disconnected",
-                           tally.priced(deployment.price_model, started), request_id)
+                           tally.priced(deployment.pricer, started), request_id)
 
     async def _record(self, request: ProxyRequest, deployment: Deployment, started: dt.datetime, status: str,
                       priced: PricedUsage, request_id: str | None = None) -> str:

@@ -22,7 +22,7 @@ from selfhost.gateway.keys import KeyStore
 from selfhost.gateway.ledger import Ledger
 from selfhost.gateway.local_meter import LocalMeter
 from selfhost.gateway.proxy import Proxy
-from selfhost.plan.pricing import UsageRecord, price_usage
+from selfhost.plan.pricing import UsageRecord
 
 
 class Gateway:
@@ -48,10 +48,10 @@ class Gateway:
         return [f"{e.name}={e.path}" for e in self.config.local_entries]
 
     async def start(self) -> None:
-        # The price catalog loads on first use (a second or so): pay it before the first request does.
-        models = {d.price_model for d in self.table.all()}
+        # The price catalog loads on first use (a second or so) and each deployment's rate card on its first
+        # price: pay both before the first request does.
         today = dt.datetime.now(dt.UTC)
-        await asyncio.to_thread(lambda: [price_usage(UsageRecord(), m, today) for m in models])
+        await asyncio.to_thread(lambda: [d.pricer.price(UsageRecord(), today) for d in self.table.all()])
         self.proxy.start()
         settings = self.config.gateway
         if settings.health_check_interval_s is not None:

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import math
 
+from selfhost.gateway.rate_card import Pricer
 from selfhost.gateway.usage import PricedUsage, price, usage_record
 from selfhost.plan.pricing import UsageRecord
 
@@ -52,9 +53,9 @@ class StreamTally:
         prompt_tokens = math.ceil(len(json.dumps(prompt)) / CHARS_PER_TOKEN)
         return UsageRecord(input_tokens=prompt_tokens, output_tokens=self.content_chunks), True
 
-    def priced(self, price_model: str, when: dt.datetime) -> PricedUsage:
+    def priced(self, pricer: Pricer, when: dt.datetime) -> PricedUsage:
         usage, estimated = self.usage_or_estimate()
-        return price(usage, price_model, when, estimated)
+        return price(usage, pricer, when, estimated)
 
     def priced_by(self, rate) -> PricedUsage:
         """Priced by a local model's rate (local_meter.LocalRate)."""

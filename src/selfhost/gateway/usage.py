@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from decimal import Decimal
 
 from selfhost.errors import InvalidParameterError
-from selfhost.plan.pricing import Cost, Unpriced, UsageRecord, price_usage
+from selfhost.gateway.rate_card import Pricer
+from selfhost.plan.pricing import Cost, Unpriced, UsageRecord
 
 UNPRICED = "unpriced"
 
@@ -25,7 +27,12 @@ class PricedUsage:
     @property
     def header(self) -> str:
         """The `x-selfhost-cost-usd` value: dollars, or "unpriced" (never a made-up $0)."""
-        return format(self.cost.usd, "f") if self.cost.is_priced else UNPRICED
+        return usd_text(self.cost.usd) if self.cost.is_priced else UNPRICED
+
+
+def usd_text(usd: Decimal) -> str:
+    """Dollars as plain text, exact, without trailing zeros (however the sum was worked out)."""
+    return format(usd.normalize(), "f")
 
 
 def _count(value) -> int:
@@ -47,5 +54,5 @@ def usage_record(usage: dict | None) -> UsageRecord | None:
         return None
 
 
-def price(usage: UsageRecord, price_model: str, when: dt.datetime, estimated: bool = False) -> PricedUsage:
-    return PricedUsage(usage, price_usage(usage, price_model, when), estimated)
+def price(usage: UsageRecord, pricer: Pricer, when: dt.datetime, estimated: bool = False) -> PricedUsage:
+    return PricedUsage(usage, pricer.price(usage, when), estimated)
