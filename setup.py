@@ -10,7 +10,9 @@
 - layers/_activation_cpu.c      SwiGLU (silu(gate) * up) in one pass (AVX-512)
 - layers/_token_mask_cpu.c      constrained decoding's token masks applied to logits (portable C)
 - engine/_paged_attention_cpu.c decode attention read in place from the paged KV cache
-- engine/_prefill_attention_cpu.c prompt-chunk attention over the paged KV cache (AVX-512)
+- engine/_prefill_attention_cpu.c prompt-chunk attention over the paged KV cache (AVX-512; AMX tiles)
+- engine/_decode_layers_cpu.c   a decode step's decoder layers in one call, through the kernels
+                                above (their `_kernels` capsules, _kernel_capsules.h)
 
 Project metadata lives in pyproject.toml. Every extension is optional: where one
 cannot be compiled, `pip install` still succeeds and selfhost uses PyTorch's (or
@@ -46,12 +48,13 @@ setup(
         kernel("quant._int8_cpu", uses_pool=True),
         kernel("layers._matvec_cpu", uses_pool=True),
         kernel("layers._gemm_cpu", uses_pool=True),
-        kernel("layers._bf16_tiles_cpu", uses_pool=True, headers=("_amx_tiles.h",)),
-        kernel("layers._norm_cpu"),
-        kernel("layers._activation_cpu", uses_pool=True, headers=("_exp_avx512.h",)),
+        kernel("layers._bf16_tiles_cpu", uses_pool=True, headers=("_amx_tiles.h", "_kernel_capsules.h")),
+        kernel("layers._norm_cpu", headers=("_kernel_capsules.h",)),
+        kernel("layers._activation_cpu", uses_pool=True, headers=("_exp_avx512.h", "_kernel_capsules.h")),
         kernel("layers._token_mask_cpu"),
         kernel("engine._paged_attention_cpu", uses_pool=True,
-               headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h")),
+               headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h", "_kernel_capsules.h")),
+        kernel("engine._decode_layers_cpu", headers=("_kernel_capsules.h",)),
         kernel("engine._prefill_attention_cpu", uses_pool=True,
                headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h", "_amx_tiles.h")),
     ]

@@ -34,6 +34,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "../_kernel_capsules.h"
+
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -568,25 +570,27 @@ static PyObject *bf16_cache_available(PyObject *self, PyObject *args) {
     return PyBool_FromLong(isa_limit >= 2 && cpu_has_avx512());
 }
 
-static PyObject *run_pairs(Job *whole, Py_ssize_t num_seqs, int num_threads) {
+/* Checks a job's sizes against this CPU's kernels; a message for a ValueError, or NULL. */
+static const char *check_pairs(Job *whole) {
     if (whole->num_kv_heads <= 0 || whole->num_heads % whole->num_kv_heads != 0 || whole->head_dim <= 0 ||
-        whole->block_size <= 0 || (whole->cos != NULL && whole->head_dim % 2 != 0)) {
-        PyErr_SetString(PyExc_ValueError, "decode_attention: inconsistent head counts or sizes");
-        return NULL;
-    }
+        whole->block_size <= 0 || (whole->cos != NULL && whole->head_dim % 2 != 0))
+        return "decode_attention: inconsistent head counts or sizes";
+    whole->use_avx2 = isa_limit >= 1 && cpu_has_avx2();
+    whole->use_avx512 = isa_limit >= 2 && cpu_has_avx512();
+    if (whole->kv_bf16 && !(whole->use_avx512 && whole->block_size % 16 == 0 && whole->head_dim % 16 == 0))
+        return "decode_attention: a bf16 cache needs AVX-512, head_dim and block_size % 16 == 0";
+    return NULL;
+}
+
+/* A checked job over every (sequence, kv head) pair, without the GIL; -1 when scratch memory
+ * could not be had. */
+static int attend_pairs(Job *whole, Py_ssize_t num_seqs, int num_threads) {
     int failed = 0;
     whole->item_begin = 0;
     whole->item_end = num_seqs * whole->num_kv_heads;
-    whole->use_avx2 = isa_limit >= 1 && cpu_has_avx2();
-    whole->use_avx512 = isa_limit >= 2 && cpu_has_avx512();
-    if (whole->kv_bf16 && !(whole->use_avx512 && whole->block_size % 16 == 0 && whole->head_dim % 16 == 0)) {
-        PyErr_SetString(PyExc_ValueError, "decode_attention: a bf16 cache needs AVX-512, head_dim and block_size % 16 == 0");
-        return NULL;
-    }
     whole->failed = &failed;
     long num_chunks = (long)((whole->item_end + PAIRS_PER_CHUNK - 1) / PAIRS_PER_CHUNK);
     int threads = num_threads < 1 ? 1 : num_threads;
-    Py_BEGIN_ALLOW_THREADS
     if (whole->store_first && whole->cos != NULL) {
 #ifdef SELFHOST_X86
         pool_run(store_chunk, whole, num_chunks, threads); /* ../_cpu_pool.h; returns once every chunk is done */
@@ -603,10 +607,42 @@ static PyObject *run_pairs(Job *whole, Py_ssize_t num_seqs, int num_threads) {
 #endif
     }
     (void)threads;
+    return failed ? -1 : 0;
+}
+
+static PyObject *run_pairs(Job *whole, Py_ssize_t num_seqs, int num_threads) {
+    const char *problem = check_pairs(whole);
+    if (problem) {
+        PyErr_SetString(PyExc_ValueError, problem);
+        return NULL;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = attend_pairs(whole, num_seqs, num_threads);
     Py_END_ALLOW_THREADS
-    if (failed) return PyErr_NoMemory();
+    if (status < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
+
+static Job rope_decode_job(const RopeDecodeStep *step) {
+    Job whole = {.q = step->qkv, .k = step->k, .v = step->v, .kv_bf16 = step->kv_bf16, .tables = step->tables,
+                 .lens = step->lens, .out = step->out, .num_heads = step->num_heads,
+                 .num_kv_heads = step->num_kv_heads, .head_dim = step->head_dim, .block_size = step->block_size,
+                 .num_blocks = step->num_blocks, .max_blocks = step->max_blocks, .scale = step->scale,
+                 .softcap = step->softcap, .window = step->window, .cos = step->cos, .sin = step->sin,
+                 .slots = step->slots, .k_cache = step->k, .v_cache = step->v, .store_first = step->store_first};
+    return whole;
+}
+
+/* The fused decode step for the decode-step runner (../_kernel_capsules.h): -2 where the
+ * sizes do not suit this CPU's kernels, -1 without scratch memory, 0 done. No GIL needed. */
+static int rope_decode_step(const RopeDecodeStep *step) {
+    Job whole = rope_decode_job(step);
+    if (check_pairs(&whole) != NULL) return -2;
+    return attend_pairs(&whole, step->num_seqs, step->num_threads);
+}
+
+static AttentionKernels kernels = {SELFHOST_KERNELS_VERSION, rope_decode_step};
 
 static PyObject *decode_attention(PyObject *self, PyObject *args) {
     (void)self;
@@ -636,13 +672,11 @@ static PyObject *rope_decode_attention(PyObject *self, PyObject *args) {
                           &num_seqs, &num_heads, &num_kv_heads, &head_dim, &block_size, &num_blocks, &max_blocks,
                           &scale, &softcap, &window, &num_threads, &kv_bf16, &store_first))
         return NULL;
-    Job whole = {.q = (const float *)qkv, .k = (const void *)k, .v = (const void *)v, .kv_bf16 = kv_bf16,
-                 .tables = (const int64_t *)tables, .lens = (const int64_t *)lens, .out = (float *)out,
-                 .num_heads = num_heads, .num_kv_heads = num_kv_heads, .head_dim = head_dim,
-                 .block_size = block_size, .num_blocks = num_blocks, .max_blocks = max_blocks,
-                 .scale = scale, .softcap = softcap, .window = window,
-                 .cos = (const float *)cos, .sin = (const float *)sin, .slots = (const int64_t *)slots,
-                 .k_cache = (void *)k, .v_cache = (void *)v, .store_first = store_first};
+    RopeDecodeStep step = {(const float *)qkv, (const float *)cos, (const float *)sin, (const int64_t *)slots,
+                           (const int64_t *)tables, (const int64_t *)lens, (void *)k, (void *)v, (float *)out,
+                           num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window,
+                           scale, softcap, num_threads, kv_bf16, store_first};
+    Job whole = rope_decode_job(&step);
     return run_pairs(&whole, num_seqs, num_threads);
 }
 
@@ -665,5 +699,7 @@ PyMODINIT_FUNC PyInit__paged_attention_cpu(void) {
 #ifdef SELFHOST_X86
     if (pool_import() < 0) return NULL; /* the process's one worker pool (../_cpu_pool.h) */
 #endif
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && kernels_export(m, "selfhost.engine._paged_attention_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
+    return m;
 }

@@ -9,10 +9,12 @@ through the LM head too, in slices, and only when such a request is in the step.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
+from selfhost.engine.decode_layers import DecodeLayers
 from selfhost.engine.paged_cache import PagedKVCache, StepMetadata
 from selfhost.engine.scheduler import ScheduledChunk
 from selfhost.engine.sequence import Sequence
@@ -20,6 +22,8 @@ from selfhost.engine.cpu_threads import CpuThreads
 from selfhost.layers.sampler import SampleResult, sample, score_tokens
 from selfhost.models.decoder import CausalLM
 from selfhost.outputs import TokenLogprob
+
+log = logging.getLogger(__name__)
 
 # Prompt rows scored per LM-head call: bounds the (rows, vocab) logits held at once.
 SCORE_ROWS_PER_SLICE = 256
@@ -46,6 +50,7 @@ class ModelRunner:
         self.device = device
         self.block_size = cache.block_size
         self.cpu_threads = CpuThreads.for_this_process() if device.type == "cpu" else None
+        self._layers_runner: DecodeLayers | None | bool = device.type == "cpu"  # True: not looked for yet
 
     @property
     def verify_as_single_queries(self) -> bool:
@@ -132,11 +137,23 @@ class ModelRunner:
         if self.adapters is not None:
             self.adapters.begin_step([(c.seq.lora_slot, c.num_tokens) for c in chunks], self.device)
         try:
-            return chunks, self.model(input_ids, positions, self.cache, num_threads)
+            return chunks, self.model(input_ids, positions, self.cache, num_threads, self._decode_runner())
         finally:
             self.cache.meta = None
             if self.adapters is not None:
                 self.adapters.end_step()
+
+    def _decode_runner(self) -> DecodeLayers | None:
+        """The one-call decode runner for this model and cache, looked for on the first step (after
+        any LoRA wrapping of the layers); never with adapters, whose products it does not know."""
+        if self.adapters is not None:
+            return None
+        if self._layers_runner is True:
+            self._layers_runner = DecodeLayers.for_model(self.model, self.cache)
+            if self._layers_runner is not None:
+                log.info("decode steps of up to %d rows run every layer in one C call (engine/decode_layers.py)",
+                         self._layers_runner.rows_max)
+        return self._layers_runner or None
 
     @torch.inference_mode()
     def _run(self, chunks: list[ScheduledChunk], num_threads: int) -> StepResult:

@@ -20,6 +20,7 @@
 
 #include "../_cpu_pool.h"
 #include "../_exp_avx512.h"
+#include "../_kernel_capsules.h"
 
 #define AVX512 __attribute__((target("avx512f")))
 #define ROWS_PER_CHUNK 4
@@ -58,6 +59,14 @@ static int cpu_has_avx512(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f");
 }
+
+/* Without the GIL: also the decode-step runner's (../_kernel_capsules.h). */
+static void silu_mul_rows(const float *gate_up, float *out, Py_ssize_t rows, Py_ssize_t width, int num_threads) {
+    Job job = {gate_up, out, rows, width};
+    pool_run(run_chunk, &job, (long)((rows + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK), num_threads < 1 ? 1 : num_threads);
+}
+
+static ActivationKernels kernels = {SELFHOST_KERNELS_VERSION, silu_mul_rows};
 #endif /* SELFHOST_X86 */
 
 static PyObject *available(PyObject *self, PyObject *args) {
@@ -80,9 +89,8 @@ static PyObject *silu_mul(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "silu_mul: negative size");
         return NULL;
     }
-    Job job = {(const float *)gate_up, (float *)out, rows, width};
     Py_BEGIN_ALLOW_THREADS
-    pool_run(run_chunk, &job, (long)((rows + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK), num_threads < 1 ? 1 : num_threads);
+    silu_mul_rows((const float *)gate_up, (float *)out, rows, width, num_threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 #else
@@ -105,5 +113,9 @@ PyMODINIT_FUNC PyInit__activation_cpu(void) {
 #ifdef SELFHOST_X86
     if (pool_import() < 0) return NULL; /* the process's one worker pool (../_cpu_pool.h) */
 #endif
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+#ifdef SELFHOST_X86
+    if (m && cpu_has_avx512() && kernels_export(m, "selfhost.layers._activation_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
+#endif
+    return m;
 }

@@ -42,6 +42,10 @@
 #include <string.h>
 
 #include "../_cpu_pool.h"
+#include "../_kernel_capsules.h"
+
+/* Outputs are padded (with zero weights) to a multiple of 64: whole chunks for both products. */
+#define PACK_OUT 64
 
 #include "../_amx_tiles.h"
 #ifdef SELFHOST_AMX_TILES
@@ -233,12 +237,22 @@ FEW_AVX512 static void run_few_rows_chunk(const void *context, long chunk) {
 
 static int few_rows_ready; /* AVX-512 F/BW/VL; set once, when the module loads */
 
+static Py_ssize_t round_up(Py_ssize_t v, Py_ssize_t to);
+
+/* y = x @ W^T (+ bias) for rows of K32 inputs (a multiple of 32), without the GIL: also the
+ * decode-step runner's (../_kernel_capsules.h). */
+static void few_rows_product(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M,
+                             Py_ssize_t N, Py_ssize_t K32, int num_threads) {
+    FewRows p = {x, w, bias, y, M, N, K32};
+    pool_run(run_few_rows_chunk, &p, (long)(round_up(N, PACK_OUT) / (16 * FEW_BLOCKS)), num_threads < 1 ? 1 : num_threads);
+}
+
+static Bf16TileKernels kernels = {SELFHOST_KERNELS_VERSION, few_rows_product};
+
 #endif /* SELFHOST_AMX */
 
 static Py_ssize_t round_up(Py_ssize_t v, Py_ssize_t to) { return (v + to - 1) / to * to; }
 
-/* Outputs are padded (with zero weights) to a multiple of 64: whole chunks for both products. */
-#define PACK_OUT 64
 
 static PyObject *available(PyObject *self, PyObject *args) {
     (void)self, (void)args;
@@ -354,10 +368,9 @@ static PyObject *linear_few_rows(PyObject *self, PyObject *args) {
         if (!padded) return PyErr_NoMemory();
         for (Py_ssize_t m = 0; m < M; m++) memcpy(padded + m * K32, (const float *)x + m * K, (size_t)K * sizeof(float));
     }
-    FewRows p = {padded ? padded : (const float *)x, (const uint16_t *)w, bias ? (const float *)bias : NULL,
-                 (float *)y, M, N, K32};
     Py_BEGIN_ALLOW_THREADS
-    pool_run(run_few_rows_chunk, &p, (long)(round_up(N, PACK_OUT) / (16 * FEW_BLOCKS)), num_threads < 1 ? 1 : num_threads);
+    few_rows_product(padded ? padded : (const float *)x, (const uint16_t *)w, bias ? (const float *)bias : NULL,
+                     (float *)y, M, N, K32, num_threads);
     Py_END_ALLOW_THREADS
     free(padded);
     Py_RETURN_NONE;
@@ -392,5 +405,9 @@ PyMODINIT_FUNC PyInit__bf16_tiles_cpu(void) {
     long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
     l2_bytes = l2 > 0 ? l2 : 1 << 20; /* unknown: assume 1 MiB, common to recent server cores */
 #endif
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+#ifdef SELFHOST_AMX
+    if (m && few_rows_ready && kernels_export(m, "selfhost.layers._bf16_tiles_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
+#endif
+    return m;
 }

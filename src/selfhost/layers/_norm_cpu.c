@@ -15,6 +15,8 @@
 
 #include <math.h>
 
+#include "../_kernel_capsules.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SELFHOST_X86 1
 #include <immintrin.h>
@@ -122,4 +124,10 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_norm_cpu", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__norm_cpu(void) { return PyModule_Create(&module); }
+static NormKernels kernels = {SELFHOST_KERNELS_VERSION, normalize_rows};
+
+PyMODINIT_FUNC PyInit__norm_cpu(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && kernels_export(m, "selfhost.layers._norm_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
+    return m;
+}

@@ -107,16 +107,22 @@ class CausalLM(nn.Module):
         if self.spec.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore, num_threads: int = 1) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore, num_threads: int = 1,
+                layers_runner=None) -> torch.Tensor:
         """(T,) token ids and positions -> (T, hidden) final hidden states.
 
         num_threads: how many threads selfhost's CPU kernels use in this forward pass
-        (the engine chooses it per step); ignored on GPUs and by torch's own ops."""
+        (the engine chooses it per step); ignored on GPUs and by torch's own ops.
+        layers_runner: the engine's one-call decode runner (engine/decode_layers.py), offered
+        the step first when the model has a single rotary table; it runs every layer on x in
+        place and says True, or declines the step."""
         x = self.model.embed_tokens(input_ids)  # (T, hidden)
         if self.spec.embed_scale is not None:
             # The reference rounds the scale to the activation dtype first.
             x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
         tables = [rotary.lookup(positions, x.dtype) for rotary in self.rotaries]
+        if layers_runner is not None and layers_runner(x, *tables[0], kv, num_threads):
+            return self.model.norm.forward(x)
         for layer, rope_idx in zip(self.model.layers, self.spec.layer_rope):
             cos, sin = tables[rope_idx]
             x = layer.forward(x, cos, sin, kv, num_threads)

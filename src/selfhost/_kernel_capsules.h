@@ -1,0 +1,74 @@
+/* C entry points the kernel modules lend one another through capsules, so that one C call
+ * can run a whole decode step's layers (engine/_decode_layers_cpu.c) without a trip back to
+ * Python per product: a decoded token of a 30-layer model made ~300 Python-level kernel calls,
+ * ~3-4 ms of its ~16 on a 2-core VM, more than a fifth of single-stream decode.
+ *
+ * Each module fills its struct and exposes it as the capsule `<module>._kernels`. Every
+ * function runs without the GIL (the caller releases it) and sets no Python error: it
+ * returns 0, or -1 when scratch memory could not be had. Sizes are checked by the caller.
+ */
+#ifndef SELFHOST_KERNEL_CAPSULES_H
+#define SELFHOST_KERNEL_CAPSULES_H
+
+#include <Python.h>
+#include <stdint.h>
+
+#define SELFHOST_KERNELS_VERSION 1
+
+typedef struct { /* layers._norm_cpu */
+    int version;
+    void (*rms_norm)(const float *x, const float *w, float *out, Py_ssize_t rows, Py_ssize_t dim, float eps,
+                     float offset);
+} NormKernels;
+
+typedef struct { /* layers._activation_cpu (x86-64 with AVX-512 only) */
+    int version;
+    void (*silu_mul)(const float *gate_up, float *out, Py_ssize_t rows, Py_ssize_t width, int num_threads);
+} ActivationKernels;
+
+typedef struct { /* layers._bf16_tiles_cpu: the few-row product on the packed layout; K % 32 == 0 */
+    int version;
+    void (*linear_few_rows)(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M,
+                            Py_ssize_t N, Py_ssize_t K, int num_threads);
+} Bf16TileKernels;
+
+typedef struct { /* engine._paged_attention_cpu: rope_decode_attention's step */
+    const float *qkv, *cos, *sin;
+    const int64_t *slots, *tables, *lens;
+    void *k, *v;
+    float *out;
+    Py_ssize_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
+    float scale, softcap;
+    int num_threads, kv_bf16, store_first;
+} RopeDecodeStep;
+
+typedef struct {
+    int version;
+    int (*rope_decode_attention)(const RopeDecodeStep *step);
+} AttentionKernels;
+
+/* The struct behind capsule `name` of module `module`, NULL with a Python error set. */
+static inline const void *kernels_import(const char *module, const char *name) {
+    PyObject *imported = PyImport_ImportModule(module);
+    if (!imported) return NULL;
+    Py_DECREF(imported);
+    const int *api = (const int *)PyCapsule_Import(name, 0);
+    if (api && *api != SELFHOST_KERNELS_VERSION) {
+        PyErr_Format(PyExc_ImportError, "%s has another kernel API version: reinstall selfhost", module);
+        return NULL;
+    }
+    return api;
+}
+
+/* Adds `kernels` to `module` as its `_kernels` capsule; -1 with a Python error on failure. */
+static inline int kernels_export(PyObject *module, const char *name, void *kernels) {
+    PyObject *capsule = PyCapsule_New(kernels, name, NULL);
+    if (!capsule) return -1;
+    if (PyModule_AddObject(module, "_kernels", capsule) < 0) {
+        Py_DECREF(capsule);
+        return -1;
+    }
+    return 0;
+}
+
+#endif /* SELFHOST_KERNEL_CAPSULES_H */

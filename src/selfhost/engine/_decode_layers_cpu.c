@@ -1,0 +1,142 @@
+/* A decode step's decoder layers in one C call, on CPU: the kernels the Python layers call one
+ * by one (RMSNorm, the bf16 few-row products, rotary + paged attention, SwiGLU), called here
+ * in the same order on the same buffers, with the residual adds between them.
+ *
+ * Why: on a 2-core VM a decoded token of a 30-layer ~125M model spent ~3-4 ms of its ~16 in
+ * Python between kernels (~10 kernel calls and a dozen tensor ops per layer), while the other
+ * core waited. The kernels are the very functions the Python path calls (reached through the
+ * modules' `_kernels` capsules, ../_kernel_capsules.h), so the outputs are the same bits.
+ *
+ * Layers this runs (engine/decode_layers.py decides, once per model): pre-norm Llama-style
+ * blocks (RMSNorm, fused q|k|v projection with optional bias, full-width rotary, attention
+ * over the paged cache with its C kernel, o projection, RMSNorm, fused gate|up, SwiGLU, down),
+ * every product a bf16 "tiles" weight whose K is a multiple of 32, rows within the few-row
+ * kernel's range. Anything else keeps the Python path.
+ *
+ * Per layer the runner reads LAYER_FIELDS int64 values from `layers`: the addresses of the
+ * input norm's weight, qkv weight and bias (0: none), o weight and bias, post-attention norm's
+ * weight, gate|up weight and bias, down weight and bias, the layer's key and value cache, and
+ * its sliding window (0: none).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#include "../_kernel_capsules.h"
+
+enum {
+    INPUT_NORM, QKV_W, QKV_B, O_W, O_B, POST_NORM, GATE_UP_W, GATE_UP_B, DOWN_W, DOWN_B, K_CACHE, V_CACHE, WINDOW,
+    LAYER_FIELDS
+};
+
+static const NormKernels *norm;
+static const ActivationKernels *activation;
+static const Bf16TileKernels *tiles;
+static const AttentionKernels *attention;
+
+#define PTR(type, value) ((type)(uintptr_t)(value))
+
+/* x += y over n values */
+static void add_into(float *x, const float *y, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+static PyObject *run_layers(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long layers, x, h, qkv, attn, gate_up, act, cos, sin, slots, tables, lens;
+    Py_ssize_t num_layers, tokens, hidden, intermediate, num_heads, num_kv_heads, head_dim;
+    Py_ssize_t block_size, num_blocks, max_blocks;
+    float eps, norm_offset, scale, softcap;
+    int num_threads, attention_threads, kv_bf16, store_first;
+    if (!PyArg_ParseTuple(args, "KnKKKKKKKKKKKnnnnnnnnnffffiipp", &layers, &num_layers, &x, &h, &qkv, &attn, &gate_up,
+                          &act, &cos, &sin, &slots, &tables, &lens, &tokens, &hidden, &intermediate, &num_heads,
+                          &num_kv_heads, &head_dim, &block_size, &num_blocks, &max_blocks, &eps, &norm_offset, &scale,
+                          &softcap, &num_threads, &attention_threads, &kv_bf16, &store_first))
+        return NULL;
+    if (num_layers < 0 || tokens <= 0 || hidden <= 0 || hidden % 32 || intermediate <= 0 || intermediate % 32 ||
+        num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || (num_heads * head_dim) % 32) {
+        PyErr_SetString(PyExc_ValueError, "run_layers: sizes the few-row kernel cannot take");
+        return NULL;
+    }
+    const int64_t *table = PTR(const int64_t *, layers);
+    float *xs = PTR(float *, x), *hs = PTR(float *, h), *qkvs = PTR(float *, qkv), *attns = PTR(float *, attn);
+    float *gate_ups = PTR(float *, gate_up), *acts = PTR(float *, act);
+    const Py_ssize_t q_size = num_heads * head_dim, qkv_size = (num_heads + 2 * num_kv_heads) * head_dim;
+    RopeDecodeStep step = {qkvs, PTR(const float *, cos), PTR(const float *, sin), PTR(const int64_t *, slots),
+                           PTR(const int64_t *, tables), PTR(const int64_t *, lens), NULL, NULL, attns, tokens,
+                           num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, 0, scale, softcap,
+                           attention_threads, kv_bf16, store_first};
+    int status = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t l = 0; l < num_layers && status == 0; l++) {
+        const int64_t *f = table + l * LAYER_FIELDS;
+        norm->rms_norm(xs, PTR(const float *, f[INPUT_NORM]), hs, tokens, hidden, eps, norm_offset);
+        tiles->linear_few_rows(hs, PTR(const uint16_t *, f[QKV_W]), PTR(const float *, f[QKV_B]), qkvs, tokens,
+                               qkv_size, hidden, num_threads);
+        step.k = PTR(void *, f[K_CACHE]), step.v = PTR(void *, f[V_CACHE]), step.window = (Py_ssize_t)f[WINDOW];
+        status = attention->rope_decode_attention(&step);
+        if (status) break;
+        tiles->linear_few_rows(attns, PTR(const uint16_t *, f[O_W]), PTR(const float *, f[O_B]), hs, tokens, hidden,
+                               q_size, num_threads);
+        add_into(xs, hs, tokens * hidden);
+        norm->rms_norm(xs, PTR(const float *, f[POST_NORM]), hs, tokens, hidden, eps, norm_offset);
+        tiles->linear_few_rows(hs, PTR(const uint16_t *, f[GATE_UP_W]), PTR(const float *, f[GATE_UP_B]), gate_ups,
+                               tokens, 2 * intermediate, hidden, num_threads);
+        activation->silu_mul(gate_ups, acts, tokens, intermediate, num_threads);
+        tiles->linear_few_rows(acts, PTR(const uint16_t *, f[DOWN_W]), PTR(const float *, f[DOWN_B]), hs, tokens,
+                               hidden, intermediate, num_threads);
+        add_into(xs, hs, tokens * hidden);
+    }
+    Py_END_ALLOW_THREADS
+    if (status == -1) return PyErr_NoMemory();
+    if (status) {
+        PyErr_SetString(PyExc_ValueError, "run_layers: the attention kernel refused the step's sizes");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *available(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    return PyBool_FromLong(norm && activation && tiles && attention);
+}
+
+static PyObject *layer_fields(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    return PyLong_FromLong(LAYER_FIELDS);
+}
+
+static PyMethodDef methods[] = {
+    {"available", available, METH_NOARGS, "True when every kernel the runner calls is built for this CPU."},
+    {"layer_fields", layer_fields, METH_NOARGS, "int64 values per layer in the runner's layer table."},
+    {"run_layers", run_layers, METH_VARARGS, "A decode step's decoder layers in one call (see the module's source)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode_layers_cpu", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+/* A module that lends no kernels on this CPU (no AVX-512: no SwiGLU or few-row kernel) leaves
+ * its pointer NULL: `available()` says False and the Python path runs. */
+static const void *optional_kernels(const char *module_name, const char *capsule) {
+    PyObject *imported = PyImport_ImportModule(module_name);
+    if (!imported) {
+        PyErr_Clear();
+        return NULL;
+    }
+    int lends = PyObject_HasAttrString(imported, "_kernels");
+    Py_DECREF(imported);
+    if (!lends) return NULL;
+    const void *api = kernels_import(module_name, capsule);
+    if (!api) PyErr_Clear();
+    return api;
+}
+
+PyMODINIT_FUNC PyInit__decode_layers_cpu(void) {
+    norm = optional_kernels("selfhost.layers._norm_cpu", "selfhost.layers._norm_cpu._kernels");
+    activation = optional_kernels("selfhost.layers._activation_cpu", "selfhost.layers._activation_cpu._kernels");
+    tiles = optional_kernels("selfhost.layers._bf16_tiles_cpu", "selfhost.layers._bf16_tiles_cpu._kernels");
+    attention = optional_kernels("selfhost.engine._paged_attention_cpu", "selfhost.engine._paged_attention_cpu._kernels");
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,121 @@
+"""A decode step's decoder layers in one C call (`_decode_layers_cpu.c`) where the model allows.
+
+A decoded token of a 30-layer model makes ~300 kernel calls through Python; on a small CPU
+that cost ~3-4 ms of a ~16 ms token while the other cores waited. The runner calls the same
+kernels on the same buffers in the same order, so its hidden states equal the Python path's
+bit for bit; it only skips the trips back to Python between them.
+
+`DecodeLayers.for_model` decides once per model and cache whether the layers qualify (plain
+pre-norm attention + SwiGLU blocks, every product a bf16 "tiles" weight the few-row kernel
+takes, the paged cache's C kernels); the model then offers each step to it
+(`CausalLM.forward`), and it takes only decode-only steps whose rows the few-row kernel
+covers, returning False for anything else (prompt chunks, partial rotary, larger batches).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from selfhost.engine.paged_cache import PagedKVCache
+from selfhost.layers import activation
+from selfhost.layers.attention import Attention
+from selfhost.layers.bf16_linear import Bf16Linear
+from selfhost.layers.mlp import GatedMLP
+
+try:
+    from selfhost.engine import _decode_layers_cpu
+except ImportError:  # not compiled
+    _decode_layers_cpu = None
+
+
+# SELFHOST_DECODE_LAYERS=python keeps every step on the Python path (to compare).
+_PYTHON_ONLY = os.environ.get("SELFHOST_DECODE_LAYERS", "c") == "python"
+
+
+def runner_available() -> bool:
+    return _decode_layers_cpu is not None and _decode_layers_cpu.available() and not _PYTHON_ONLY
+
+
+def _tiles(module) -> bool:
+    return type(module) is Bf16Linear and module.layout == "tiles" and module.in_features % 32 == 0
+
+
+def _plain_layer(layer) -> bool:
+    attn, mlp = layer.self_attn, layer.mlp
+    return (
+        type(attn) is Attention and attn.q_norm is None and attn.sinks is None
+        and type(mlp) is GatedMLP and not layer.sandwich
+        and all(_tiles(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+    )  # fmt: skip
+
+
+class DecodeLayers:
+    """The C runner bound to one model and one paged cache."""
+
+    def __init__(self, model, cache: PagedKVCache):
+        spec, layers = model.spec, list(model.model.layers)
+        self.cache, self.spec = cache, spec
+        self.rows_max = min(min(m.few_rows_max for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj))
+                            for layer in layers)
+        fields = _decode_layers_cpu.layer_fields()
+        table = []
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            row = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+                   attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
+                   mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias, cache.k[i], cache.v[i]]
+            table += [0 if t is None else t.data_ptr() for t in row] + [attn.sliding_window or 0]
+            assert len(table) == (i + 1) * fields
+        # The table holds addresses: keep every tensor it names alive as long as it is used.
+        self._keep = (layers, cache)
+        self.table = torch.tensor(table, dtype=torch.int64)
+        attn = layers[0].self_attn
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.scale, self.softcap = attn.scale, attn.softcap
+        self.hidden, self.intermediate = spec.hidden_size, layers[0].mlp.down_proj.in_features
+        norm = layers[0].input_layernorm
+        self.eps, self.norm_offset = norm.eps, norm.weight_offset
+
+    @classmethod
+    def for_model(cls, model, cache) -> DecodeLayers | None:
+        """The runner for this model and cache, or None where some layer or the cache does not qualify."""
+        if not runner_available() or not isinstance(cache, PagedKVCache) or not cache.use_cpu_kernel:
+            return None
+        spec = getattr(model, "spec", None)
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if (spec is None or layers is None or len(spec.ropes) != 1 or spec.hidden_size % 32
+                or spec.activation != "silu" or not activation.SILU_MUL_KERNEL):
+            return None
+        if not all(_plain_layer(layer) for layer in layers):
+            return None
+        return cls(model, cache)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv, num_threads: int) -> bool:
+        """Runs every layer on x (T, hidden) in place and returns True, or returns False (x untouched)
+        for a step the runner does not take."""
+        meta = kv.meta if kv is self.cache else None
+        tokens = x.shape[0]
+        if (meta is None or meta.chunks or meta.num_single != tokens or tokens > self.rows_max
+                or x.dtype != torch.float32 or cos.shape[-1] != self.head_dim or torch.is_grad_enabled()):
+            return False
+        cos, sin = cos.contiguous(), sin.contiguous()
+        q_size = self.num_heads * self.head_dim
+        h = torch.empty(tokens, self.hidden)
+        qkv = torch.empty(tokens, q_size + 2 * self.num_kv_heads * self.head_dim)
+        attn = torch.empty(tokens, q_size)
+        gate_up = torch.empty(tokens, 2 * self.intermediate)
+        act = torch.empty(tokens, self.intermediate)
+        tables, cache = meta.single_block_tables, self.cache
+        _, _, num_blocks, block_size, _ = cache.v.shape
+        _decode_layers_cpu.run_layers(
+            self.table.data_ptr(), len(self._keep[0]), x.data_ptr(), h.data_ptr(), qkv.data_ptr(), attn.data_ptr(),
+            gate_up.data_ptr(), act.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
+            tables.data_ptr(), meta.single_context_lens.data_ptr(), tokens, self.hidden, self.intermediate,
+            self.num_heads, self.num_kv_heads, self.head_dim, block_size, num_blocks, tables.shape[1],
+            self.eps, self.norm_offset, self.scale, self.softcap or 0.0, num_threads, meta.num_threads,
+            cache.kv_bf16, meta.store_first,
+        )  # fmt: skip
+        return True

@@ -1,0 +1,103 @@
+"""The one-call decode runner (engine/decode_layers.py) against the Python layer path: the same
+kernels in the same order, so the same tokens and the same logprobs, bit for bit."""
+
+import pytest
+import torch
+
+from selfhost import LLM, SamplingParams
+from selfhost.engine import decode_layers
+from selfhost.engine.decode_layers import DecodeLayers, runner_available
+from selfhost.layers.bf16_linear import Bf16Linear, tiles_available
+from selfhost.speculative.speculator import Speculator
+
+needs_runner = pytest.mark.skipif(
+    not (runner_available() and tiles_available()),
+    reason="the runner takes bf16 'tiles' weights: a CPU with AMX and selfhost's compiled kernels",
+)
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 61))]
+
+
+def _load(path, kv_cache_dtype, **kwargs):
+    llm = LLM(path, weight_dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, **kwargs)
+    # The few-row switch is measured at load; pin it so every decode step (3 rows) takes the
+    # few-row kernel on both paths, whatever this machine's timing said.
+    for module in llm.engine.runner.model.modules():
+        if isinstance(module, Bf16Linear):
+            module.few_rows_max = 8
+    return llm
+
+
+def _outputs(llm, params):
+    return [(list(o.token_ids), [(lp.token_id, lp.logprob, sorted(lp.top.items())) for lp in o.logprobs])
+            for o in llm.generate(PROMPTS, params)]
+
+
+def _count_runner_steps(monkeypatch):
+    taken = []
+    original = DecodeLayers.__call__
+
+    def counting(self, *args):
+        result = original(self, *args)
+        taken.append(result)
+        return result
+
+    monkeypatch.setattr(DecodeLayers, "__call__", counting)
+    return taken
+
+
+@needs_runner
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # untied head; q|k|v bias; sliding window
+@pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "float32"])
+def test_runner_steps_equal_the_python_path(tiny_checkpoint, monkeypatch, family, kv_cache_dtype):
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    taken = _count_runner_steps(monkeypatch)
+    with_runner = _outputs(_load(str(tiny_checkpoint(family)), kv_cache_dtype), params)
+    assert taken.count(True) >= 20  # the decode steps went through it; prompt steps were declined
+    assert taken.count(False) >= 1
+    monkeypatch.setattr(decode_layers, "_PYTHON_ONLY", True)
+    taken.clear()
+    python_path = _outputs(_load(str(tiny_checkpoint(family)), kv_cache_dtype), params)
+    assert not taken
+    assert with_runner == python_path
+
+
+@needs_runner
+def test_speculative_verifications_through_the_runner_keep_greedy_output(tiny_checkpoint, monkeypatch):
+    """A verification is k + 1 single-token queries of one sequence: the keys are all written first
+    (store_first), in the runner as in the fused kernel."""
+    path = str(tiny_checkpoint("llama"))
+    repetitive = [[7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8, 9]]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    plain = _load(path, "bfloat16").generate(repetitive, params)[0].token_ids
+    llm = _load(path, "bfloat16", speculative="ngram", num_speculative_tokens=4)
+    current = llm.engine.speculator
+    llm.engine.speculator = Speculator(type(current.config)(**{**current.config.__dict__, "when": "always"}),
+                                       current.draft)
+    taken = _count_runner_steps(monkeypatch)
+    assert llm.generate(repetitive, params)[0].token_ids == plain
+    assert llm.engine.stats().spec_proposed_tokens > 0 and taken.count(True) > 0
+
+
+@needs_runner
+def test_models_the_runner_does_not_know_keep_the_python_path(tiny_checkpoint):
+    def runner(llm):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0))
+        return llm.engine.runner._layers_runner
+
+    assert isinstance(runner(_load(str(tiny_checkpoint("llama")), "bfloat16")), DecodeLayers)
+    assert runner(LLM(str(tiny_checkpoint("llama")), weight_dtype="float32")) is None  # fp32 products
+    assert runner(_load(str(tiny_checkpoint("qwen3")), "bfloat16")) is None  # q/k norm
+    assert runner(_load(str(tiny_checkpoint("gemma2")), "bfloat16")) is None  # sandwich norms, soft-capping
+
+
+@needs_runner
+def test_a_step_the_runner_declines_leaves_the_hidden_states_untouched(tiny_checkpoint):
+    llm = _load(str(tiny_checkpoint("llama")), "bfloat16")
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0))
+    runner, cache = llm.engine.runner._layers_runner, llm.engine.runner.cache
+    x = torch.randn(3, 64)
+    before = x.clone()
+    cos = sin = torch.ones(3, 1, 16)
+    assert runner(x, cos, sin, cache, 1) is False  # no step metadata: not a step it can take
+    assert torch.equal(x, before)
