@@ -124,7 +124,9 @@ def run_server(settings) -> None:
         # limit (plus room for the request line) so oversized headers get guards.RequestLimits' 431.
         config = uvicorn.Config(app, log_config=None, access_log=False, log_level=settings.log_level.lower(),
                                 h11_max_incomplete_event_size=settings.max_header_bytes + 16 * 1024)
-        asyncio.run(_load_then_serve(app, uvicorn.Server(config), sock))
+        # uvicorn's own loop choice (uvloop where installed, as `uvicorn.run` and the test servers get).
+        with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+            runner.run(_load_then_serve(app, uvicorn.Server(config), sock))
     except KeyboardInterrupt:  # Ctrl-C while a model loads; once serving, uvicorn handles it
         raise typer.Exit(130) from None
     finally:
