@@ -19,6 +19,7 @@ from decimal import Decimal
 
 from selfhost.gateway.config import GatewayConfig, ModelEntry
 from selfhost.gateway.rate_card import Pricer
+from selfhost.gateway.upstream_http import proxy_for
 from selfhost.plan.pricing import UsageRecord
 
 LATENCY_WINDOW = 50  # recent requests whose median time to first byte the cheapest router judges
@@ -50,9 +51,11 @@ class Deployment:
     reference_usd: Decimal | None = None  # the reference request's price; None: unpriced (ranked last by cost)
     headers: dict = field(init=False, repr=False, compare=False)  # what every request to it carries, its key too
     pricer: Pricer = field(init=False, repr=False, compare=False)  # prices its requests under price_model
+    via_proxy: dict = field(init=False, repr=False, compare=False)  # HTTP(S)_PROXY for its url, read at start-up
 
     def __post_init__(self) -> None:
         self.pricer = Pricer(self.price_model)
+        self.via_proxy = proxy_for(self.url)
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             self.headers["Authorization"] = f"Bearer {self.api_key}"

@@ -43,7 +43,8 @@ class HealthChecker:
         headers = {"Authorization": f"Bearer {deployment.api_key}"} if deployment.api_key else {}
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
-            async with self.client.get(f"{deployment.url}/models", headers=headers, timeout=timeout) as response:
+            async with self.client.get(f"{deployment.url}/models", headers=headers, timeout=timeout,
+                                       **deployment.via_proxy) as response:
                 healthy = response.status < 500 and response.status != 429
         except TRANSPORT_ERRORS:
             healthy = False

@@ -144,7 +144,8 @@ class Proxy:
         """The upstream's answer, its body not read yet (the caller releases it)."""
         payload = json.dumps(request.upstream_payload(deployment)).encode()
         try:
-            return await self.client.post(self._url(deployment, request), data=payload, headers=deployment.headers)
+            return await self.client.post(self._url(deployment, request), data=payload, headers=deployment.headers,
+                                          **deployment.via_proxy)
         except TRANSPORT_ERRORS as err:  # connect error, timeout, dropped connection
             raise RetryableFailure(failure_name(err)) from None
 
