@@ -11,17 +11,23 @@ process spent per request (from /proc, Linux only): on a machine whose cores the
 generator, the upstream and the gateway share, that CPU is what the ratio pays for.
 Targets (issue 16): added p50 at concurrency 1 <= 2 ms; through-gateway requests/s
 >= 90% of direct at 32 and 128.
-LiteLLM's proxy runs as the peer when it is installed; otherwise the output says so.
+
+LiteLLM's proxy is the peer, run in its own process from its own virtual environment
+against the same upstream (target: the gateway >= 2x its requests/s); where it is not
+found the output says so:
+
+    python -m venv /tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]'
+    python benchmarks/gateway_overhead.py --litellm /tmp/litellm/bin/litellm
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -142,6 +148,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
     parser.add_argument("--quick", action="store_true", help="smoke sizes: 100 requests, concurrency 1 and 8")
+    parser.add_argument("--litellm", help="LiteLLM's proxy command, from its own venv (default: `litellm` on PATH)")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)  # internal: run the fake upstream
     args = parser.parse_args()
     if args.serve_upstream:
@@ -171,6 +178,7 @@ def main() -> None:
               f"load average {load}; {args.requests} requests per cell")
         print(f"{'mode':<8} {'conc':>5} {'direct p50 ms':>14} {'gateway p50 ms':>15} {'added ms':>9} "
               f"{'direct req/s':>13} {'gateway req/s':>14} {'ratio':>6} {'gateway cpu ms/req':>19}")
+        gateway_rps = {}
         for stream in (False, True):
             for concurrency in args.concurrency:
                 d_p50, d_rps = asyncio.run(run_load(direct, args.requests, concurrency, stream))
@@ -182,14 +190,56 @@ def main() -> None:
                 cpu = "n/a" if cpu_before is None else f"{(cpu_after - cpu_before) * 1e3 / warmed:.2f}"
                 print(f"{'stream' if stream else 'json':<8} {concurrency:>5} {d_p50:>14.2f} {g_p50:>15.2f} "
                       f"{g_p50 - d_p50:>9.2f} {d_rps:>13.0f} {g_rps:>14.0f} {g_rps / d_rps:>6.2f} {cpu:>19}")
-        if importlib.util.find_spec("litellm") is None:
-            print("LiteLLM is not installed here: the peer comparison was skipped (pip install 'litellm[proxy]').")
-        else:
-            print("LiteLLM is installed, but its proxy run is not wired up yet (phase 2 of issue 16).")
+                gateway_rps[stream, concurrency] = g_rps
+        procs[1].terminate()  # idle, but the peer gets the machine to itself
+        procs[1].wait(timeout=10)
+        litellm = args.litellm or shutil.which("litellm")
+        if litellm is None:
+            print("LiteLLM's proxy was not found: the peer comparison was skipped (install it in a venv of its own, "
+                  "python -m venv /tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]', then pass "
+                  "--litellm /tmp/litellm/bin/litellm).")
+            return
+        peer_port = free_port()
+        procs.append(start_litellm(litellm, work, upstream_port, peer_port))
+        wait_for(f"http://127.0.0.1:{peer_port}/health/liveliness", procs[-1], timeout_s=240)
+        peer = f"http://127.0.0.1:{peer_port}/v1/chat/completions"
+        print(f"LiteLLM {litellm_version(litellm)} proxy, same upstream:")
+        print(f"{'mode':<8} {'conc':>5} {'litellm p50 ms':>15} {'litellm req/s':>14} {'gateway req/s':>14} "
+              f"{'gateway / litellm':>18}")
+        for stream in (False, True):
+            for concurrency in args.concurrency:
+                l_p50, l_rps = asyncio.run(run_load(peer, args.requests, concurrency, stream))
+                g_rps = gateway_rps[stream, concurrency]
+                print(f"{'stream' if stream else 'json':<8} {concurrency:>5} {l_p50:>15.2f} {l_rps:>14.0f} "
+                      f"{g_rps:>14.0f} {g_rps / l_rps:>18.2f}")
     finally:
         for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+
+def start_litellm(command: str, work: Path, upstream_port: int, port: int) -> subprocess.Popen:
+    """LiteLLM's proxy in its own process, one model routed to the fake upstream, no database, no telemetry.
+
+    Without a key, like the selfhost gateway here (both listen on loopback only)."""
+    config = work / "litellm.yaml"
+    config.write_text("model_list:\n  - model_name: gpt\n    litellm_params:\n      model: openai/gpt-4o-mini\n"
+                      f"      api_base: http://127.0.0.1:{upstream_port}/v1\n      api_key: unused\n"
+                      "litellm_settings:\n  telemetry: false\n")
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+           "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}
+    return subprocess.Popen([command, "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+                             "--num_workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def litellm_version(command: str) -> str:
+    python = Path(command).with_name("python")
+    if not python.exists():
+        return "(version unknown)"
+    probe = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+                           check=False, capture_output=True, text=True, timeout=60)
+    return probe.stdout.strip() or "(version unknown)"
 
 
 if __name__ == "__main__":
