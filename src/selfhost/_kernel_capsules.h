@@ -32,6 +32,13 @@ typedef struct { /* layers._bf16_tiles_cpu: the few-row product on the packed la
                             Py_ssize_t N, Py_ssize_t K, int num_threads);
 } Bf16TileKernels;
 
+typedef struct { /* layers._gemm_cpu (AVX-512): fp32 weights, and bf16 weights in their (N, K) rows */
+    int version;
+    void (*gemm)(const float *x, const float *w, float *y, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads);
+    int (*gemm_bf16w)(const float *x, const uint16_t *w, float *y, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                      int num_threads);
+} GemmKernels;
+
 typedef struct { /* engine._paged_attention_cpu: rope_decode_attention's step */
     const float *qkv, *cos, *sin;
     const int64_t *slots, *tables, *lens;

@@ -119,14 +119,16 @@ class Recording:
 
     def __getattr__(self, name):
         real = getattr(self._module, name)
-        if not callable(real) or name in ("available", "limit_isa", "bf16_cache_available"):
+        if not callable(real) or name in ("available", "limit_isa", "bf16_cache_available", "layer_fields"):
             return real
         # Where each kernel takes its thread count: gemm's is 7th; the attention kernels' comes
-        # just before their trailing flags (kv_bf16; the fused decode step's store_first too).
-        position = {"gemm": 6, "decode_attention": -2, "rope_decode_attention": -3, "prefill_attention": -2}[name]
+        # just before their trailing flags (kv_bf16; the fused decode step's store_first too); the
+        # one-call decode runner takes the products' and the attention's counts before its flags.
+        positions = {"gemm": (6,), "decode_attention": (-2,), "rope_decode_attention": (-3,),
+                     "prefill_attention": (-2,), "run_layers": (-4, -3)}[name]
 
         def call(*args):
-            self._calls.append((name, args[position]))
+            self._calls.extend((name, args[p]) for p in positions)
             return real(*args)
 
         return call
@@ -137,21 +139,25 @@ def test_every_kernel_of_a_step_gets_the_choosers_thread_count(tiny_checkpoint, 
     """The step's thread count is passed down to the products and the attention kernel alike
     (decode attention used to read torch's count, which a decode step sets to 1)."""
     from selfhost import LLM, SamplingParams
-    from selfhost.engine import paged_cache
+    from selfhost.engine import decode_layers, paged_cache
     from selfhost.layers import linear
 
     if not (paged_cache.CPU_KERNEL_ENABLED and linear.USE_GEMM):
         pytest.skip("needs the C attention kernel and the AVX-512 product (this CPU lacks AVX-512)")
+    calls: list = []
+    monkeypatch.setattr(paged_cache, "_paged_attention_cpu", Recording(paged_cache._paged_attention_cpu, calls))
+    monkeypatch.setattr(linear, "_gemm_cpu", Recording(linear._gemm_cpu, calls))
+    monkeypatch.setattr(decode_layers, "_decode_layers_cpu", Recording(decode_layers._decode_layers_cpu, calls))
+    expected = {"gemm", "rope_decode_attention"}  # the Python path's decode steps
+    if decode_layers.runner_available("fp32"):
+        expected = {"gemm", "run_layers"}  # prompts through the layers, decode steps through the runner
     llm = LLM(str(tiny_checkpoint("llama")), kv_cache_memory="64MiB")
     threads = llm.engine.runner.cpu_threads
     for chooser in (threads.small_steps, threads.large_steps):
         chooser.safe = chooser.fast = chooser.current = chosen  # pinned: no probing
-    calls: list = []
-    monkeypatch.setattr(paged_cache, "_paged_attention_cpu", Recording(paged_cache._paged_attention_cpu, calls))
-    monkeypatch.setattr(linear, "_gemm_cpu", Recording(linear._gemm_cpu, calls))
     llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     kernels = {name for name, _ in calls}
-    assert {"gemm", "rope_decode_attention"} <= kernels
+    assert expected <= kernels
     assert {count for _, count in calls} == {chosen}
 
 

@@ -8,6 +8,7 @@ from selfhost import LLM, SamplingParams
 from selfhost.engine import decode_layers
 from selfhost.engine.decode_layers import DecodeLayers, runner_available
 from selfhost.layers.bf16_linear import Bf16Linear, tiles_available
+from selfhost.models import bf16_weights
 from selfhost.speculative.speculator import Speculator
 
 needs_runner = pytest.mark.skipif(
@@ -16,10 +17,15 @@ needs_runner = pytest.mark.skipif(
 )
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 61))]
+# How each product kind is loaded: the weights' dtype, and the bf16 layout (AMX tiles, or W's rows).
+WEIGHTS = {"bf16_tiles": ("bfloat16", "tiles"), "bf16_rows": ("bfloat16", "rows"), "fp32": ("float32", None)}
 
 
-def _load(path, kv_cache_dtype, **kwargs):
-    llm = LLM(path, weight_dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, **kwargs)
+def _load(path, kv_cache_dtype, weights="bf16_tiles", monkeypatch=None, **kwargs):
+    weight_dtype, layout = WEIGHTS[weights]
+    if layout is not None and monkeypatch is not None:
+        monkeypatch.setattr(bf16_weights, "best_layout", lambda: layout)
+    llm = LLM(path, weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype, **kwargs)
     # The few-row switch is measured at load; pin it so every decode step (3 rows) takes the
     # few-row kernel on both paths, whatever this machine's timing said.
     for module in llm.engine.runner.model.modules():
@@ -49,15 +55,18 @@ def _count_runner_steps(monkeypatch):
 @needs_runner
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # untied head; q|k|v bias; sliding window
 @pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "float32"])
-def test_runner_steps_equal_the_python_path(tiny_checkpoint, monkeypatch, family, kv_cache_dtype):
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+def test_runner_steps_equal_the_python_path(tiny_checkpoint, monkeypatch, family, kv_cache_dtype, weights):
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
     taken = _count_runner_steps(monkeypatch)
-    with_runner = _outputs(_load(str(tiny_checkpoint(family)), kv_cache_dtype), params)
+    llm = _load(str(tiny_checkpoint(family)), kv_cache_dtype, weights, monkeypatch)
+    with_runner = _outputs(llm, params)
+    assert llm.engine.runner._layers_runner.kind == weights
     assert taken.count(True) >= 20  # the decode steps went through it; prompt steps were declined
     assert taken.count(False) >= 1
     monkeypatch.setattr(decode_layers, "_PYTHON_ONLY", True)
     taken.clear()
-    python_path = _outputs(_load(str(tiny_checkpoint(family)), kv_cache_dtype), params)
+    python_path = _outputs(_load(str(tiny_checkpoint(family)), kv_cache_dtype, weights, monkeypatch), params)
     assert not taken
     assert with_runner == python_path
 
@@ -86,7 +95,7 @@ def test_models_the_runner_does_not_know_keep_the_python_path(tiny_checkpoint):
         return llm.engine.runner._layers_runner
 
     assert isinstance(runner(_load(str(tiny_checkpoint("llama")), "bfloat16")), DecodeLayers)
-    assert runner(LLM(str(tiny_checkpoint("llama")), weight_dtype="float32")) is None  # fp32 products
+    assert runner(LLM(str(tiny_checkpoint("llama")), quantization="int8")) is None  # int8 products
     assert runner(_load(str(tiny_checkpoint("qwen3")), "bfloat16")) is None  # q/k norm
     assert runner(_load(str(tiny_checkpoint("gemma2")), "bfloat16")) is None  # sandwich norms, soft-capping
 

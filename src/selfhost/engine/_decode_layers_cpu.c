@@ -10,8 +10,10 @@
  * Layers this runs (engine/decode_layers.py decides, once per model): pre-norm Llama-style
  * blocks (RMSNorm, fused q|k|v projection with optional bias, full-width rotary, attention
  * over the paged cache with its C kernel, o projection, RMSNorm, fused gate|up, SwiGLU, down),
- * every product a bf16 "tiles" weight whose K is a multiple of 32, rows within the few-row
- * kernel's range. Anything else keeps the Python path.
+ * every product of one kind: bf16 "tiles" weights (K a multiple of 32) or bf16 weights in rows
+ * (both within their few-row kernel's range), or fp32 weights on the AVX-512 product; a bias
+ * is added after the product as Linear and Bf16Linear add it. Anything else keeps the
+ * Python path.
  *
  * Per layer the runner reads LAYER_FIELDS int64 values from `layers`: the addresses of the
  * input norm's weight, qkv weight and bias (0: none), o weight and bias, post-attention norm's
@@ -34,7 +36,11 @@ enum {
 static const NormKernels *norm;
 static const ActivationKernels *activation;
 static const Bf16TileKernels *tiles;
+static const GemmKernels *gemm;
 static const AttentionKernels *attention;
+
+/* The products' kind (decode_layers.py's PRODUCT_KINDS). */
+enum { BF16_TILES, FP32, BF16_ROWS, KINDS };
 
 #define PTR(type, value) ((type)(uintptr_t)(value))
 
@@ -43,21 +49,46 @@ static void add_into(float *x, const float *y, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) x[i] += y[i];
 }
 
+/* y = x @ W^T (+ bias) through the kernel the layer's module would call; -1 without memory. */
+static int product(int kind, const float *x, int64_t w, int64_t bias, float *y, Py_ssize_t M, Py_ssize_t N,
+                   Py_ssize_t K, int num_threads) {
+    if (kind == BF16_TILES) { /* the tile kernel adds the bias itself, as Bf16Linear has it do */
+        tiles->linear_few_rows(x, PTR(const uint16_t *, w), PTR(const float *, bias), y, M, N, K, num_threads);
+        return 0;
+    }
+    if (kind == FP32)
+        gemm->gemm(x, PTR(const float *, w), y, M, N, K, num_threads);
+    else if (gemm->gemm_bf16w(x, PTR(const uint16_t *, w), y, M, N, K, num_threads) < 0)
+        return -1;
+    if (bias)
+        for (Py_ssize_t m = 0; m < M; m++) add_into(y + m * N, PTR(const float *, bias), N);
+    return 0;
+}
+
+static int kind_available(int kind) {
+    if (!(norm && activation && attention)) return 0;
+    return kind == BF16_TILES ? tiles != NULL : (kind == FP32 || kind == BF16_ROWS) ? gemm != NULL : 0;
+}
+
 static PyObject *run_layers(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long layers, x, h, qkv, attn, gate_up, act, cos, sin, slots, tables, lens;
     Py_ssize_t num_layers, tokens, hidden, intermediate, num_heads, num_kv_heads, head_dim;
     Py_ssize_t block_size, num_blocks, max_blocks;
     float eps, norm_offset, scale, softcap;
-    int num_threads, attention_threads, kv_bf16, store_first;
-    if (!PyArg_ParseTuple(args, "KnKKKKKKKKKKKnnnnnnnnnffffiipp", &layers, &num_layers, &x, &h, &qkv, &attn, &gate_up,
-                          &act, &cos, &sin, &slots, &tables, &lens, &tokens, &hidden, &intermediate, &num_heads,
-                          &num_kv_heads, &head_dim, &block_size, &num_blocks, &max_blocks, &eps, &norm_offset, &scale,
-                          &softcap, &num_threads, &attention_threads, &kv_bf16, &store_first))
+    int kind, num_threads, attention_threads, kv_bf16, store_first;
+    if (!PyArg_ParseTuple(args, "KniKKKKKKKKKKKnnnnnnnnnffffiipp", &layers, &num_layers, &kind, &x, &h, &qkv, &attn,
+                          &gate_up, &act, &cos, &sin, &slots, &tables, &lens, &tokens, &hidden, &intermediate,
+                          &num_heads, &num_kv_heads, &head_dim, &block_size, &num_blocks, &max_blocks, &eps,
+                          &norm_offset, &scale, &softcap, &num_threads, &attention_threads, &kv_bf16, &store_first))
         return NULL;
-    if (num_layers < 0 || tokens <= 0 || hidden <= 0 || hidden % 32 || intermediate <= 0 || intermediate % 32 ||
-        num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || (num_heads * head_dim) % 32) {
-        PyErr_SetString(PyExc_ValueError, "run_layers: sizes the few-row kernel cannot take");
+    if (kind < 0 || kind >= KINDS || !kind_available(kind)) {
+        PyErr_SetString(PyExc_ValueError, "run_layers: this product kind's kernels are not built for this CPU");
+        return NULL;
+    }
+    if (num_layers < 0 || tokens <= 0 || hidden <= 0 || intermediate <= 0 || num_heads <= 0 || num_kv_heads <= 0 ||
+        head_dim <= 0 || (kind == BF16_TILES && (hidden % 32 || intermediate % 32 || (num_heads * head_dim) % 32))) {
+        PyErr_SetString(PyExc_ValueError, "run_layers: sizes the product kernel cannot take");
         return NULL;
     }
     const int64_t *table = PTR(const int64_t *, layers);
@@ -73,20 +104,17 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
     for (Py_ssize_t l = 0; l < num_layers && status == 0; l++) {
         const int64_t *f = table + l * LAYER_FIELDS;
         norm->rms_norm(xs, PTR(const float *, f[INPUT_NORM]), hs, tokens, hidden, eps, norm_offset);
-        tiles->linear_few_rows(hs, PTR(const uint16_t *, f[QKV_W]), PTR(const float *, f[QKV_B]), qkvs, tokens,
-                               qkv_size, hidden, num_threads);
+        if ((status = product(kind, hs, f[QKV_W], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
         step.k = PTR(void *, f[K_CACHE]), step.v = PTR(void *, f[V_CACHE]), step.window = (Py_ssize_t)f[WINDOW];
-        status = attention->rope_decode_attention(&step);
-        if (status) break;
-        tiles->linear_few_rows(attns, PTR(const uint16_t *, f[O_W]), PTR(const float *, f[O_B]), hs, tokens, hidden,
-                               q_size, num_threads);
+        if ((status = attention->rope_decode_attention(&step))) break;
+        if ((status = product(kind, attns, f[O_W], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
         add_into(xs, hs, tokens * hidden);
         norm->rms_norm(xs, PTR(const float *, f[POST_NORM]), hs, tokens, hidden, eps, norm_offset);
-        tiles->linear_few_rows(hs, PTR(const uint16_t *, f[GATE_UP_W]), PTR(const float *, f[GATE_UP_B]), gate_ups,
-                               tokens, 2 * intermediate, hidden, num_threads);
+        if ((status = product(kind, hs, f[GATE_UP_W], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate, hidden,
+                              num_threads)))
+            break;
         activation->silu_mul(gate_ups, acts, tokens, intermediate, num_threads);
-        tiles->linear_few_rows(acts, PTR(const uint16_t *, f[DOWN_W]), PTR(const float *, f[DOWN_B]), hs, tokens,
-                               hidden, intermediate, num_threads);
+        if ((status = product(kind, acts, f[DOWN_W], f[DOWN_B], hs, tokens, hidden, intermediate, num_threads))) break;
         add_into(xs, hs, tokens * hidden);
     }
     Py_END_ALLOW_THREADS
@@ -99,8 +127,10 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
 }
 
 static PyObject *available(PyObject *self, PyObject *args) {
-    (void)self, (void)args;
-    return PyBool_FromLong(norm && activation && tiles && attention);
+    (void)self;
+    int kind = BF16_TILES;
+    if (!PyArg_ParseTuple(args, "|i", &kind)) return NULL;
+    return PyBool_FromLong(kind >= 0 && kind < KINDS && kind_available(kind));
 }
 
 static PyObject *layer_fields(PyObject *self, PyObject *args) {
@@ -109,7 +139,8 @@ static PyObject *layer_fields(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"available", available, METH_NOARGS, "True when every kernel the runner calls is built for this CPU."},
+    {"available", available, METH_VARARGS,
+     "available(kind=0): True when every kernel the runner calls for products of `kind` is built for this CPU."},
     {"layer_fields", layer_fields, METH_NOARGS, "int64 values per layer in the runner's layer table."},
     {"run_layers", run_layers, METH_VARARGS, "A decode step's decoder layers in one call (see the module's source)."},
     {NULL, NULL, 0, NULL},
@@ -118,7 +149,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode_layers_cpu", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* A module that lends no kernels on this CPU (no AVX-512: no SwiGLU or few-row kernel) leaves
- * its pointer NULL: `available()` says False and the Python path runs. */
+ * its pointer NULL: `available(kind)` says False and the Python path runs. */
 static const void *optional_kernels(const char *module_name, const char *capsule) {
     PyObject *imported = PyImport_ImportModule(module_name);
     if (!imported) {
@@ -137,6 +168,7 @@ PyMODINIT_FUNC PyInit__decode_layers_cpu(void) {
     norm = optional_kernels("selfhost.layers._norm_cpu", "selfhost.layers._norm_cpu._kernels");
     activation = optional_kernels("selfhost.layers._activation_cpu", "selfhost.layers._activation_cpu._kernels");
     tiles = optional_kernels("selfhost.layers._bf16_tiles_cpu", "selfhost.layers._bf16_tiles_cpu._kernels");
+    gemm = optional_kernels("selfhost.layers._gemm_cpu", "selfhost.layers._gemm_cpu._kernels");
     attention = optional_kernels("selfhost.engine._paged_attention_cpu", "selfhost.engine._paged_attention_cpu._kernels");
     return PyModule_Create(&module);
 }

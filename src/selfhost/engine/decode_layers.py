@@ -6,8 +6,9 @@ kernels on the same buffers in the same order, so its hidden states equal the Py
 bit for bit; it only skips the trips back to Python between them.
 
 `DecodeLayers.for_model` decides once per model and cache whether the layers qualify (plain
-pre-norm attention + SwiGLU blocks, every product a bf16 "tiles" weight the few-row kernel
-takes, the paged cache's C kernels); the model then offers each step to it
+pre-norm attention + SwiGLU blocks whose products are all of one kind the runner calls the
+same kernel for: bf16 "tiles" or "rows" weights within their few-row kernel's range, or fp32
+weights on the AVX-512 product; the paged cache's C kernels); the model then offers each step to it
 (`CausalLM.forward`), and it takes only decode-only steps whose rows the few-row kernel
 covers, returning False for anything else (prompt chunks, partial rotary, larger batches).
 """
@@ -15,11 +16,12 @@ covers, returning False for anything else (prompt chunks, partial rotary, larger
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 from selfhost.engine.paged_cache import PagedKVCache
-from selfhost.layers import activation
+from selfhost.layers import activation, linear
 from selfhost.layers.attention import Attention
 from selfhost.layers.bf16_linear import Bf16Linear
 from selfhost.layers.mlp import GatedMLP
@@ -34,32 +36,42 @@ except ImportError:  # not compiled
 _PYTHON_ONLY = os.environ.get("SELFHOST_DECODE_LAYERS", "c") == "python"
 
 
-def runner_available() -> bool:
-    return _decode_layers_cpu is not None and _decode_layers_cpu.available() and not _PYTHON_ONLY
+# The runner's product kinds (its C enum) -> how many rows a step may have for the kernel the
+# layer's module would call to be the one the runner calls.
+PRODUCT_KINDS = {"bf16_tiles": 0, "fp32": 1, "bf16_rows": 2}
 
 
-def _tiles(module) -> bool:
-    return type(module) is Bf16Linear and module.layout == "tiles" and module.in_features % 32 == 0
+def runner_available(kind: str = "bf16_tiles") -> bool:
+    return (_decode_layers_cpu is not None and not _PYTHON_ONLY
+            and _decode_layers_cpu.available(PRODUCT_KINDS[kind]))
 
 
-def _plain_layer(layer) -> bool:
+def _product_kind(module) -> tuple[str, int] | None:
+    """(kind, most rows) of the kernel `module.forward` calls for few rows, or None for one the runner lacks."""
+    if type(module) is Bf16Linear and module.few_rows_max > 0:
+        if module.layout == "tiles":
+            return ("bf16_tiles", module.few_rows_max) if module.in_features % 32 == 0 else None
+        return "bf16_rows", module.few_rows_max
+    if type(module) is linear.Linear and linear.USE_GEMM and module.weight.is_contiguous():
+        return "fp32", sys.maxsize  # Linear takes the AVX-512 product at any row count
+    return None
+
+
+def _layer_products(layer) -> list | None:
     attn, mlp = layer.self_attn, layer.mlp
-    return (
-        type(attn) is Attention and attn.q_norm is None and attn.sinks is None
-        and type(mlp) is GatedMLP and not layer.sandwich
-        and all(_tiles(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
-    )  # fmt: skip
+    if not (type(attn) is Attention and attn.q_norm is None and attn.sinks is None
+            and type(mlp) is GatedMLP and not layer.sandwich):
+        return None
+    return [_product_kind(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
 
 
 class DecodeLayers:
     """The C runner bound to one model and one paged cache."""
 
-    def __init__(self, model, cache: PagedKVCache):
+    def __init__(self, model, cache: PagedKVCache, kind: str, rows_max: int):
         spec, layers = model.spec, list(model.model.layers)
         self.cache, self.spec = cache, spec
-        self.rows_max = min(min(m.few_rows_max for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj))
-                            for layer in layers)
+        self.kind, self.rows_max = kind, rows_max
         fields = _decode_layers_cpu.layer_fields()
         table = []
         for i, layer in enumerate(layers):
@@ -86,12 +98,16 @@ class DecodeLayers:
             return None
         spec = getattr(model, "spec", None)
         layers = getattr(getattr(model, "model", None), "layers", None)
-        if (spec is None or layers is None or len(spec.ropes) != 1 or spec.hidden_size % 32
-                or spec.activation != "silu" or not activation.SILU_MUL_KERNEL):
+        if (spec is None or layers is None or len(spec.ropes) != 1 or spec.activation != "silu"
+                or not activation.SILU_MUL_KERNEL):
             return None
-        if not all(_plain_layer(layer) for layer in layers):
+        products = [_layer_products(layer) for layer in layers]
+        if not products or any(p is None or None in p for p in products):
             return None
-        return cls(model, cache)
+        kinds = {kind for layer in products for kind, _ in layer}
+        if len(kinds) != 1 or not runner_available(kind := kinds.pop()):
+            return None
+        return cls(model, cache, kind, min(rows for layer in products for _, rows in layer))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv, num_threads: int) -> bool:
         """Runs every layer on x (T, hidden) in place and returns True, or returns False (x untouched)
@@ -111,7 +127,7 @@ class DecodeLayers:
         tables, cache = meta.single_block_tables, self.cache
         _, _, num_blocks, block_size, _ = cache.v.shape
         _decode_layers_cpu.run_layers(
-            self.table.data_ptr(), len(self._keep[0]), x.data_ptr(), h.data_ptr(), qkv.data_ptr(), attn.data_ptr(),
+            self.table.data_ptr(), len(self._keep[0]), PRODUCT_KINDS[self.kind], x.data_ptr(), h.data_ptr(), qkv.data_ptr(), attn.data_ptr(),
             gate_up.data_ptr(), act.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
             tables.data_ptr(), meta.single_context_lens.data_ptr(), tokens, self.hidden, self.intermediate,
             self.num_heads, self.num_kv_heads, self.head_dim, block_size, num_blocks, tables.shape[1],

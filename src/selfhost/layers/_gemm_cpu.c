@@ -43,6 +43,7 @@
 #include <immintrin.h>
 
 #include "../_cpu_pool.h"
+#include "../_kernel_capsules.h"
 #endif
 
 #ifdef SELFHOST_GEMM
@@ -297,6 +298,40 @@ static int cpu_has_avx512(void) {
            __builtin_cpu_supports("avx512vl");
 }
 
+/* Without the GIL: the Python wrappers' work, also the decode-step runner's (../_kernel_capsules.h). */
+static void gemm_rows(const float *x, const float *w, float *y, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                      int num_threads, int few_rows_max) {
+    Product p = {x, w, y, M, N, K};
+    if (K == 0) {
+        memset(y, 0, (size_t)(M * N) * sizeof(float));
+        return;
+    }
+    int few_rows = M <= few_rows_max;
+    long num_units = (long)(few_rows ? (N + CHUNK_ROWS - 1) / CHUNK_ROWS : (N + BLOCK_N - 1) / BLOCK_N);
+    pool_run(few_rows ? run_dot_chunk : run_unit, &p, M > 0 ? num_units : 0, num_threads < 1 ? 1 : num_threads);
+}
+
+static void gemm_default(const float *x, const float *w, float *y, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                         int num_threads) {
+    gemm_rows(x, w, y, M, N, K, num_threads, FEW_ROWS_MAX);
+}
+
+/* -1 when the activations' pair copy could not be had. */
+static int gemm_bf16w_rows(const float *x, const uint16_t *w, float *y, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                           int num_threads) {
+    const Py_ssize_t K32 = K & ~(Py_ssize_t)31;
+    float *x_pairs = K32 ? malloc((size_t)(M * K32) * sizeof(float)) : NULL;
+    if (K32 && M && !x_pairs) return -1;
+    ProductBf16w q = {{x, (const float *)w, y, M, N, K}, x_pairs};
+    long num_units = (long)((N + CHUNK_ROWS - 1) / CHUNK_ROWS);
+    if (x_pairs) split_pairs(x, M, K, x_pairs);
+    pool_run(run_dot_chunk_bf16w, &q, M > 0 ? num_units : 0, num_threads < 1 ? 1 : num_threads);
+    free(x_pairs);
+    return 0;
+}
+
+static GemmKernels kernels = {SELFHOST_KERNELS_VERSION, gemm_default, gemm_bf16w_rows};
+
 #endif /* SELFHOST_GEMM */
 
 static PyObject *available(PyObject *self, PyObject *args) {
@@ -319,15 +354,8 @@ static PyObject *gemm(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "gemm: sizes out of range");
         return NULL;
     }
-    Product p = {(const float *)x, (const float *)w, (float *)y, M, N, K};
-    if (K == 0) {
-        memset(p.y, 0, (size_t)(M * N) * sizeof(float));
-        Py_RETURN_NONE;
-    }
-    int few_rows = M <= few_rows_max;
-    long num_units = (long)(few_rows ? (N + CHUNK_ROWS - 1) / CHUNK_ROWS : (N + BLOCK_N - 1) / BLOCK_N);
     Py_BEGIN_ALLOW_THREADS
-    pool_run(few_rows ? run_dot_chunk : run_unit, &p, M > 0 ? num_units : 0, num_threads < 1 ? 1 : num_threads);
+    gemm_rows((const float *)x, (const float *)w, (float *)y, M, N, K, num_threads, few_rows_max);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 #else
@@ -348,16 +376,11 @@ static PyObject *gemm_bf16w(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "gemm_bf16w: sizes out of range");
         return NULL;
     }
-    const Py_ssize_t K32 = K & ~(Py_ssize_t)31;
-    float *x_pairs = K32 ? malloc((size_t)(M * K32) * sizeof(float)) : NULL;
-    if (K32 && M && !x_pairs) return PyErr_NoMemory();
-    ProductBf16w q = {{(const float *)x, (const float *)w, (float *)y, M, N, K}, x_pairs};
-    long num_units = (long)((N + CHUNK_ROWS - 1) / CHUNK_ROWS);
+    int status;
     Py_BEGIN_ALLOW_THREADS
-    if (x_pairs) split_pairs((const float *)x, M, K, x_pairs);
-    pool_run(run_dot_chunk_bf16w, &q, M > 0 ? num_units : 0, num_threads < 1 ? 1 : num_threads);
+    status = gemm_bf16w_rows((const float *)x, (const uint16_t *)w, (float *)y, M, N, K, num_threads);
     Py_END_ALLOW_THREADS
-    free(x_pairs);
+    if (status < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
     (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)num_threads;
@@ -380,5 +403,9 @@ PyMODINIT_FUNC PyInit__gemm_cpu(void) {
 #ifdef SELFHOST_GEMM
     if (pool_import() < 0) return NULL; /* the process's one worker pool (../_cpu_pool.h) */
 #endif
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+#ifdef SELFHOST_GEMM
+    if (m && cpu_has_avx512() && kernels_export(m, "selfhost.layers._gemm_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
+#endif
+    return m;
 }
