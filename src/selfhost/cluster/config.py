@@ -87,7 +87,7 @@ class ClusterConfig:
             "request_router_config": {
                 "request_router_class": ROUTERS[self.routing],
                 "request_router_kwargs": {"imbalance": self.routing_imbalance},
-                # How often Serve pulls each replica's running and waiting counts for the router (router.py).
+                # Routing reads its own in-flight counts (router.py); Serve's queue-length probes only refresh them.
                 "request_routing_stats_period_s": 1.0,
             },
             # A dead replica is found by its failed calls at once; this catches a hung one.

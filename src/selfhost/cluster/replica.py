@@ -91,11 +91,6 @@ class EngineReplica:
             "num_steps": s.num_steps, "num_requests": self.num_requests, "time": time.time(),
         }
 
-    def record_routing_stats(self) -> dict[str, int]:
-        """What the request routers read of this replica (Serve pulls it every request_routing_stats_period_s)."""
-        s = self.engine.engine.stats()
-        return {"num_running": s.num_running, "num_waiting": s.num_waiting}
-
     def _report_forever(self) -> None:
         while not self._stop.wait(STATS_PERIOD_S):
             try:

@@ -1,12 +1,13 @@
 """Ray Serve request routers for the engine deployment (RequestRouterConfig names them by import path).
 
-Each handle that calls the engine replicas (the front end) has one router. A
-replica's load is the larger of two counts: the requests this router has in
-flight there (Serve calls back when it sends a request and when that completes,
-streams included), exact and immediate, so a burst spreads at once; and the
-sequences the replica's engine reports running and waiting (its
-`record_routing_stats`, which Serve pulls every `request_routing_stats_period_s`),
-which also counts what other front ends sent it. Serve still refuses a replica
+Each handle that calls the engine replicas (the front end) has one router. It
+counts the requests it has in flight on each replica (Serve calls back when it
+sends a request and when that completes, streams included), and chooses from
+those counts, exact and immediate, so a burst spreads at once. The engines'
+own running and waiting counts, as Serve's routing stats would carry them, are
+up to a second or more old: after a burst they still show a drained replica
+busy, which is enough to push a prefix off its owner, and with the app's one
+front end they add nothing this count lacks. Serve still refuses a replica
 whose queue is full (`max_ongoing_requests`) and retries elsewhere.
 """
 
@@ -50,13 +51,7 @@ class _CountingRouter(FIFOMixin, RequestRouter):
             self.in_flight[replica_id] -= 1
 
     def _loads(self, candidates: list[RunningReplica]) -> dict:
-        return {r.replica_id: max(self.in_flight[r.replica_id], _reported_load(r)) for r in candidates}
-
-
-def _reported_load(replica: RunningReplica) -> int:
-    """Sequences running plus waiting in the replica's engine, as it last reported (0 before its first report)."""
-    stats = replica.routing_stats or {}
-    return stats.get("num_running", 0) + stats.get("num_waiting", 0)
+        return {r.replica_id: self.in_flight[r.replica_id] for r in candidates}
 
 
 class PrefixAffinityRouter(_CountingRouter):
