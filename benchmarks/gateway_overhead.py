@@ -6,9 +6,10 @@
 The upstream answers at once (a fixed chat completion) or streams 64 chunks and a
 usage chunk; it runs in its own process, as does the gateway, so neither shares the
 load generator's interpreter. For each concurrency: p50 latency and requests/s, direct
-and through the gateway, non-streamed and streamed, and the CPU time the gateway
-process spent per request (from /proc, Linux only): on a machine whose cores the load
-generator, the upstream and the gateway share, that CPU is what the ratio pays for.
+and through the gateway, non-streamed and streamed; the requests that failed (direct /
+gateway: counted, not timed); and the CPU time the gateway process spent per request
+(from /proc, Linux only): on a machine whose cores the load generator, the upstream
+and the gateway share, that CPU is what the ratio pays for.
 Targets (issue 16): added p50 at concurrency 1 <= 2 ms; through-gateway requests/s
 >= 90% of direct at 32 and 128.
 
@@ -84,31 +85,42 @@ async def upstream_app(scope, receive, send):
 
 # -- the load generator -------------------------------------------------------------------------
 
-async def run_load(url: str, requests: int, concurrency: int, stream: bool) -> tuple[float, float]:
-    """(p50 latency in ms, requests/s) for `requests` calls, `concurrency` at a time."""
+async def run_load(url: str, requests: int, concurrency: int, stream: bool) -> tuple[float, float, int]:
+    """(p50 latency in ms, answered requests/s, failed requests) for `requests` calls, `concurrency` at a time.
+
+    A failed request (an HTTP error status or a dropped connection) is counted, not timed."""
     latencies: list[float] = []
+    failed = 0
     remaining = iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         async def worker():
+            nonlocal failed
             for _ in remaining:
                 start = time.perf_counter()
-                if stream:
-                    async with client.stream("POST", url, json={**BODY, "stream": True}) as response:
-                        async for _ in response.aiter_raw():
-                            pass
-                else:
-                    (await client.post(url, json=BODY)).raise_for_status()
+                try:
+                    if stream:
+                        async with client.stream("POST", url, json={**BODY, "stream": True}) as response:
+                            response.raise_for_status()
+                            async for _ in response.aiter_raw():
+                                pass
+                    else:
+                        (await client.post(url, json=BODY)).raise_for_status()
+                except httpx.HTTPError:
+                    failed += 1
+                    continue
                 latencies.append(time.perf_counter() - start)
 
         remaining = iter(range(max(2 * concurrency, 16)))  # warm-up: every connection open before timing
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         latencies.clear()
+        failed = 0
         remaining = iter(range(requests))
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return statistics.median(latencies) * 1e3, requests / elapsed
+    p50 = statistics.median(latencies) * 1e3 if latencies else float("nan")
+    return p50, len(latencies) / elapsed, failed
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -177,19 +189,20 @@ def main() -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPUs ({cpu_model()}); "
               f"load average {load}; {args.requests} requests per cell")
         print(f"{'mode':<8} {'conc':>5} {'direct p50 ms':>14} {'gateway p50 ms':>15} {'added ms':>9} "
-              f"{'direct req/s':>13} {'gateway req/s':>14} {'ratio':>6} {'gateway cpu ms/req':>19}")
+              f"{'direct req/s':>13} {'gateway req/s':>14} {'ratio':>6} {'gateway cpu ms/req':>19} {'failed':>7}")
         gateway_rps = {}
         for stream in (False, True):
             for concurrency in args.concurrency:
-                d_p50, d_rps = asyncio.run(run_load(direct, args.requests, concurrency, stream))
+                d_p50, d_rps, d_failed = asyncio.run(run_load(direct, args.requests, concurrency, stream))
                 cpu_before = cpu_seconds(procs[1].pid)
-                g_p50, g_rps = asyncio.run(run_load(through, args.requests, concurrency, stream))
+                g_p50, g_rps, g_failed = asyncio.run(run_load(through, args.requests, concurrency, stream))
                 cpu_after = cpu_seconds(procs[1].pid)
                 # The warm-up's requests ran through the gateway too: they are counted.
                 warmed = args.requests + max(2 * concurrency, 16)
                 cpu = "n/a" if cpu_before is None else f"{(cpu_after - cpu_before) * 1e3 / warmed:.2f}"
                 print(f"{'stream' if stream else 'json':<8} {concurrency:>5} {d_p50:>14.2f} {g_p50:>15.2f} "
-                      f"{g_p50 - d_p50:>9.2f} {d_rps:>13.0f} {g_rps:>14.0f} {g_rps / d_rps:>6.2f} {cpu:>19}")
+                      f"{g_p50 - d_p50:>9.2f} {d_rps:>13.0f} {g_rps:>14.0f} {g_rps / d_rps:>6.2f} {cpu:>19} "
+                      f"{f'{d_failed}/{g_failed}':>7}")
                 gateway_rps[stream, concurrency] = g_rps
         procs[1].terminate()  # idle, but the peer gets the machine to itself
         procs[1].wait(timeout=10)
@@ -205,13 +218,13 @@ def main() -> None:
         peer = f"http://127.0.0.1:{peer_port}/v1/chat/completions"
         print(f"LiteLLM {litellm_version(litellm)} proxy, same upstream:")
         print(f"{'mode':<8} {'conc':>5} {'litellm p50 ms':>15} {'litellm req/s':>14} {'gateway req/s':>14} "
-              f"{'gateway / litellm':>18}")
+              f"{'gateway / litellm':>18} {'failed':>7}")
         for stream in (False, True):
             for concurrency in args.concurrency:
-                l_p50, l_rps = asyncio.run(run_load(peer, args.requests, concurrency, stream))
+                l_p50, l_rps, l_failed = asyncio.run(run_load(peer, args.requests, concurrency, stream))
                 g_rps = gateway_rps[stream, concurrency]
                 print(f"{'stream' if stream else 'json':<8} {concurrency:>5} {l_p50:>15.2f} {l_rps:>14.0f} "
-                      f"{g_rps:>14.0f} {g_rps / l_rps:>18.2f}")
+                      f"{g_rps:>14.0f} {g_rps / l_rps if l_rps else float('inf'):>18.2f} {l_failed:>7}")
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
