@@ -2,6 +2,7 @@
 
     python benchmarks/scale_sim.py --measure              # fit this machine's step-time model (1 thread)
     python benchmarks/scale_sim.py --rate 6 --replicas 1 2 4 --prompt 128 --output 64
+    python benchmarks/scale_sim.py --rate 4 --requests 64 --replicas 2 --kv-blocks 96 128 170 256
 
 Each replica is the engine's scheduler in miniature: every step it decodes one token for
 each running sequence and spends the rest of its token budget (max_num_batched_tokens) on
@@ -9,8 +10,11 @@ prompt chunks of waiting ones, first come first served, up to max_num_seqs; a st
 the measured model  t = base_s + decode_s * decode_rows + prefill_s * prompt_tokens  (one
 forward pass over a flat batch, as in selfhost). Requests go to the replica with the fewest
 in flight (what the prefix router does for prompts it has not seen). Prefix caching is
-modelled as a share of prompt tokens not computed (--prefix-hit). The printout is what a
-real run prints (benchmarks/scale_out.py): requests/s, output tokens/s, TTFT p50/p99.
+modelled as a share of prompt tokens not computed (--prefix-hit), or, with --kv-blocks, on a
+shared-prompt workload (each request one of --system-prompts system prompts plus a question of
+its own) where each replica keeps a prefix cache in the engine's own BlockManager and requests
+are routed by the cluster's PrefixTable or round-robin. The printout is what a real run prints
+(benchmarks/scale_out.py): requests/s, output tokens/s, TTFT p50/p99, hit rates.
 """
 
 from __future__ import annotations
@@ -136,6 +140,9 @@ def simulate(model: StepModel, replicas: int, rate: float, num_requests: int, pr
         seqs = [_Seq(t, computed_prompt, output_tokens) for t in arrivals]
     else:
         assert kv_blocks is not None and len(prompts) == len(arrivals), "prompts need kv_blocks and one arrival each"
+        longest = max(map(len, prompts)) + output_tokens
+        if -(-longest // BLOCK_TOKENS) > kv_blocks:
+            raise ValueError(f"kv_blocks={kv_blocks} cannot hold one request of {longest} tokens")
         seqs = [_Seq(t, len(p), output_tokens, token_ids=list(p)) for t, p in zip(arrivals, prompts)]
     pool = [_Replica(cache=BlockManager(kv_blocks, BLOCK_TOKENS) if prompts is not None else None)
             for _ in range(replicas)]
@@ -268,24 +275,62 @@ def measure(model_dir: Path, threads: int = 1, prompt_tokens: int = 128) -> Step
     return StepModel(base_s=base_s, decode_s=decode_s, prefill_s=prefill_s)
 
 
+def shared_prompt_workload(num_requests: int, num_systems: int, system_tokens: int, question_tokens: int,
+                           seed: int, vocab_size: int = SCALE_LLAMA["vocab_size"]) -> list[list[int]]:
+    """Each request: one of `num_systems` system prompts drawn at random, then a question of its own."""
+    rng = random.Random(seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(3, vocab_size) for _ in range(n)]
+
+    systems = [tokens(system_tokens) for _ in range(num_systems)]
+    return [systems[rng.randrange(num_systems)] + tokens(question_tokens) for _ in range(num_requests)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measure", action="store_true", help="Fit the step model on this machine first.")
     parser.add_argument("--model-json", type=Path, default=Path("/tmp/selfhost-scale-step-model.json"))
+    parser.add_argument("--step-ms", type=float, nargs=3, metavar=("BASE", "DECODE_ROW", "PROMPT_TOKEN"),
+                        help="Use this step model (milliseconds) instead of a measured one.")
     parser.add_argument("--rate", type=float, default=8.0, help="Requests per second (Poisson).")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--output", type=int, default=64)
     parser.add_argument("--prefix-hit", type=float, default=0.0)
+    parser.add_argument("--kv-blocks", type=int, nargs="+",
+                        help="Shared-prompt workload instead: each replica's prefix cache in KV blocks (16 tokens), "
+                             "prefix-aware against round-robin routing, for each size given.")
+    parser.add_argument("--system-prompts", type=int, default=8)
+    parser.add_argument("--system-tokens", type=int, default=384)
+    parser.add_argument("--question-tokens", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=4, help="Shared-prompt workload: runs averaged.")
     args = parser.parse_args()
-    if args.measure or not args.model_json.exists():
-        model_dir = build_model(Path("/tmp/selfhost-scale-llama"))
-        step = measure(model_dir)
-        args.model_json.write_text(json.dumps(step.__dict__))
-    step = StepModel(**json.loads(args.model_json.read_text()))
+    if args.step_ms:
+        step = StepModel(*(ms / 1e3 for ms in args.step_ms))
+    else:
+        if args.measure or not args.model_json.exists():
+            model_dir = build_model(Path("/tmp/selfhost-scale-llama"))
+            args.model_json.write_text(json.dumps(measure(model_dir).__dict__))
+        step = StepModel(**json.loads(args.model_json.read_text()))
     print(f"step model (1 thread): {step.base_s * 1e3:.2f} ms + {step.decode_s * 1e3:.3f} ms/decode row + "
           f"{step.prefill_s * 1e3:.4f} ms/prompt token")
+    if args.kv_blocks:
+        for n in args.replicas:
+            for kv_blocks in args.kv_blocks:
+                runs = {routing: [simulate(step, n, args.rate, args.requests, 0, args.output, seed=seed,
+                                           prompts=shared_prompt_workload(args.requests, args.system_prompts,
+                                                                          args.system_tokens, args.question_tokens,
+                                                                          seed),
+                                           kv_blocks=kv_blocks, routing=routing) for seed in range(args.seeds)]
+                        for routing in ("prefix", "round_robin")}
+                hit = {k: statistics.fmean(r["hit_rate"] for r in v) for k, v in runs.items()}
+                ttft = {k: statistics.fmean(r["ttft_p50_s"] for r in v) for k, v in runs.items()}
+                print(f"{n} replica(s), {kv_blocks} KV blocks each: hit rate {hit['prefix']:.1%} prefix-aware, "
+                      f"{hit['round_robin']:.1%} round-robin ({hit['prefix'] / hit['round_robin']:.2f}x); TTFT p50 "
+                      f"{ttft['prefix'] * 1e3:.0f} / {ttft['round_robin'] * 1e3:.0f} ms")
+        return
     for n in args.replicas:
         r = simulate(step, n, args.rate, args.requests, args.prompt, args.output, args.prefix_hit)
         print(f"{n} replica(s): {r['requests_per_s']:.2f} req/s, {r['output_tok_s']:.0f} output tok/s, "

@@ -30,7 +30,8 @@ class ClusterConfig:
     # The replica holding a prompt's prefix is taken unless it has more than this many requests in flight
     # beyond the least busy replica (bounded imbalance). Under continuous batching one more request costs
     # a replica one decode row per step, far less than recomputing a shared prefix elsewhere, so the bound
-    # is loose (benchmarks/scale_sim.py: 8 beat 2 and 4 on hit rate and TTFT p50 from 4 to 17 requests/s).
+    # is loose (benchmarks/scale_sim.py, 8 shared prompts, 10-17 requests/s: 8 hit 2-5 points more than 4,
+    # and 2 hit 3-9 points less, TTFT p50 about the same).
     routing_imbalance: int = 8
     max_ongoing_requests: int = 64  # per replica: what the router lets wait in one engine
     target_ongoing_requests: float = 4.0  # autoscaling target per replica (queued + running sequences)
