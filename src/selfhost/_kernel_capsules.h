@@ -26,10 +26,14 @@ typedef struct { /* layers._activation_cpu (x86-64 with AVX-512 only) */
     void (*silu_mul)(const float *gate_up, float *out, Py_ssize_t rows, Py_ssize_t width, int num_threads);
 } ActivationKernels;
 
-typedef struct { /* layers._bf16_tiles_cpu: the few-row product on the packed layout; K % 32 == 0 */
+typedef struct { /* layers._bf16_tiles_cpu: products on the packed layout */
     int version;
+    /* few rows on AVX-512, exact activations; K % 32 == 0 */
     void (*linear_few_rows)(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M,
                             Py_ssize_t N, Py_ssize_t K, int num_threads);
+    /* many rows on AMX tiles, activations rounded to bf16; NULL without AMX; -1 without memory */
+    int (*linear)(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M, Py_ssize_t N,
+                  Py_ssize_t K, int num_threads);
 } Bf16TileKernels;
 
 typedef struct { /* layers._gemm_cpu (AVX-512): fp32 weights, and bf16 weights in their (N, K) rows */

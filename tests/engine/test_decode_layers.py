@@ -17,20 +17,21 @@ needs_runner = pytest.mark.skipif(
 )
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 61))]
-# How each product kind is loaded: the weights' dtype, and the bf16 layout (AMX tiles, or W's rows).
-WEIGHTS = {"bf16_tiles": ("bfloat16", "tiles"), "bf16_rows": ("bfloat16", "rows"), "fp32": ("float32", None)}
+# How each case is loaded: the weights' dtype, the bf16 layout (AMX tiles, or W's rows), and the
+# few-row switch, pinned (it is measured at load): 8 sends the decode steps' 3 rows to the few-row
+# kernel on both paths, 1 sends them to the AMX product.
+WEIGHTS = {"bf16_tiles": ("bfloat16", "tiles", 8), "bf16_tiles_amx": ("bfloat16", "tiles", 1),
+           "bf16_rows": ("bfloat16", "rows", 8), "fp32": ("float32", None, 8)}
 
 
 def _load(path, kv_cache_dtype, weights="bf16_tiles", monkeypatch=None, **kwargs):
-    weight_dtype, layout = WEIGHTS[weights]
+    weight_dtype, layout, switch = WEIGHTS[weights]
     if layout is not None and monkeypatch is not None:
         monkeypatch.setattr(bf16_weights, "best_layout", lambda: layout)
     llm = LLM(path, weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype, **kwargs)
-    # The few-row switch is measured at load; pin it so every decode step (3 rows) takes the
-    # few-row kernel on both paths, whatever this machine's timing said.
     for module in llm.engine.runner.model.modules():
         if isinstance(module, Bf16Linear):
-            module.few_rows_max = 8
+            module.few_rows_max = switch
     return llm
 
 
@@ -61,7 +62,7 @@ def test_runner_steps_equal_the_python_path(tiny_checkpoint, monkeypatch, family
     taken = _count_runner_steps(monkeypatch)
     llm = _load(str(tiny_checkpoint(family)), kv_cache_dtype, weights, monkeypatch)
     with_runner = _outputs(llm, params)
-    assert llm.engine.runner._layers_runner.kind == weights
+    assert llm.engine.runner._layers_runner.kind == weights.removesuffix("_amx")
     assert taken.count(True) >= 20  # the decode steps went through it; prompt steps were declined
     assert taken.count(False) >= 1
     monkeypatch.setattr(decode_layers, "_PYTHON_ONLY", True)

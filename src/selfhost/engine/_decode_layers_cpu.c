@@ -49,10 +49,13 @@ static void add_into(float *x, const float *y, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) x[i] += y[i];
 }
 
-/* y = x @ W^T (+ bias) through the kernel the layer's module would call; -1 without memory. */
-static int product(int kind, const float *x, int64_t w, int64_t bias, float *y, Py_ssize_t M, Py_ssize_t N,
-                   Py_ssize_t K, int num_threads) {
-    if (kind == BF16_TILES) { /* the tile kernel adds the bias itself, as Bf16Linear has it do */
+/* y = x @ W^T (+ bias) through the kernel the layer's module would call (for tiles: the few-row
+ * kernel up to `few_rows_max` rows, AMX beyond, as Bf16Linear switches); -1 without memory. */
+static int product(int kind, Py_ssize_t few_rows_max, const float *x, int64_t w, int64_t bias, float *y,
+                   Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+    if (kind == BF16_TILES) { /* the tile kernels add the bias themselves, as Bf16Linear has them do */
+        if (M > few_rows_max)
+            return tiles->linear(x, PTR(const uint16_t *, w), PTR(const float *, bias), y, M, N, K, num_threads);
         tiles->linear_few_rows(x, PTR(const uint16_t *, w), PTR(const float *, bias), y, M, N, K, num_threads);
         return 0;
     }
@@ -77,12 +80,14 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
     Py_ssize_t block_size, num_blocks, max_blocks;
     float eps, norm_offset, scale, softcap;
     int kind, num_threads, attention_threads, kv_bf16, store_first;
-    if (!PyArg_ParseTuple(args, "KniKKKKKKKKKKKnnnnnnnnnffffiipp", &layers, &num_layers, &kind, &x, &h, &qkv, &attn,
-                          &gate_up, &act, &cos, &sin, &slots, &tables, &lens, &tokens, &hidden, &intermediate,
+    Py_ssize_t few_rows_max;
+    if (!PyArg_ParseTuple(args, "KninKKKKKKKKKKKnnnnnnnnnffffiipp", &layers, &num_layers, &kind, &few_rows_max, &x, &h,
+                          &qkv, &attn, &gate_up, &act, &cos, &sin, &slots, &tables, &lens, &tokens, &hidden, &intermediate,
                           &num_heads, &num_kv_heads, &head_dim, &block_size, &num_blocks, &max_blocks, &eps,
                           &norm_offset, &scale, &softcap, &num_threads, &attention_threads, &kv_bf16, &store_first))
         return NULL;
-    if (kind < 0 || kind >= KINDS || !kind_available(kind)) {
+    if (kind < 0 || kind >= KINDS || !kind_available(kind) ||
+        (kind == BF16_TILES && tokens > few_rows_max && tiles->linear == NULL)) {
         PyErr_SetString(PyExc_ValueError, "run_layers: this product kind's kernels are not built for this CPU");
         return NULL;
     }
@@ -104,17 +109,17 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
     for (Py_ssize_t l = 0; l < num_layers && status == 0; l++) {
         const int64_t *f = table + l * LAYER_FIELDS;
         norm->rms_norm(xs, PTR(const float *, f[INPUT_NORM]), hs, tokens, hidden, eps, norm_offset);
-        if ((status = product(kind, hs, f[QKV_W], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
+        if ((status = product(kind, few_rows_max, hs, f[QKV_W], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
         step.k = PTR(void *, f[K_CACHE]), step.v = PTR(void *, f[V_CACHE]), step.window = (Py_ssize_t)f[WINDOW];
         if ((status = attention->rope_decode_attention(&step))) break;
-        if ((status = product(kind, attns, f[O_W], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
+        if ((status = product(kind, few_rows_max, attns, f[O_W], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
         add_into(xs, hs, tokens * hidden);
         norm->rms_norm(xs, PTR(const float *, f[POST_NORM]), hs, tokens, hidden, eps, norm_offset);
-        if ((status = product(kind, hs, f[GATE_UP_W], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate, hidden,
+        if ((status = product(kind, few_rows_max, hs, f[GATE_UP_W], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate, hidden,
                               num_threads)))
             break;
         activation->silu_mul(gate_ups, acts, tokens, intermediate, num_threads);
-        if ((status = product(kind, acts, f[DOWN_W], f[DOWN_B], hs, tokens, hidden, intermediate, num_threads))) break;
+        if ((status = product(kind, few_rows_max, acts, f[DOWN_W], f[DOWN_B], hs, tokens, hidden, intermediate, num_threads))) break;
         add_into(xs, hs, tokens * hidden);
     }
     Py_END_ALLOW_THREADS

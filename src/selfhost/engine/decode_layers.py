@@ -47,14 +47,20 @@ def runner_available(kind: str = "bf16_tiles") -> bool:
 
 
 def _product_kind(module) -> tuple[str, int] | None:
-    """(kind, most rows) of the kernel `module.forward` calls for few rows, or None for one the runner lacks."""
+    """(kind, few-row switch) of the kernels `module.forward` calls, or None for a module the runner lacks."""
     if type(module) is Bf16Linear and module.few_rows_max > 0:
         if module.layout == "tiles":
             return ("bf16_tiles", module.few_rows_max) if module.in_features % 32 == 0 else None
         return "bf16_rows", module.few_rows_max
     if type(module) is linear.Linear and linear.USE_GEMM and module.weight.is_contiguous():
-        return "fp32", sys.maxsize  # Linear takes the AVX-512 product at any row count
+        return "fp32", 0  # Linear takes the AVX-512 product at any row count
     return None
+
+
+def _rows_max(kind: str, switch: int) -> int:
+    """Most rows a step may have for the runner to call the kernels the modules would: "rows" bf16
+    weights go to torch's matmul beyond the switch, which the runner cannot call."""
+    return switch if kind == "bf16_rows" else sys.maxsize
 
 
 def _layer_products(layer) -> list | None:
@@ -68,10 +74,10 @@ def _layer_products(layer) -> list | None:
 class DecodeLayers:
     """The C runner bound to one model and one paged cache."""
 
-    def __init__(self, model, cache: PagedKVCache, kind: str, rows_max: int):
+    def __init__(self, model, cache: PagedKVCache, kind: str, switch: int):
         spec, layers = model.spec, list(model.model.layers)
         self.cache, self.spec = cache, spec
-        self.kind, self.rows_max = kind, rows_max
+        self.kind, self.switch, self.rows_max = kind, switch, _rows_max(kind, switch)
         fields = _decode_layers_cpu.layer_fields()
         table = []
         for i, layer in enumerate(layers):
@@ -104,10 +110,11 @@ class DecodeLayers:
         products = [_layer_products(layer) for layer in layers]
         if not products or any(p is None or None in p for p in products):
             return None
-        kinds = {kind for layer in products for kind, _ in layer}
-        if len(kinds) != 1 or not runner_available(kind := kinds.pop()):
+        kinds = {kind_and_switch for layer in products for kind_and_switch in layer}
+        if len(kinds) != 1:  # one kind, one few-row switch: the runner makes one choice per product
             return None
-        return cls(model, cache, kind, min(rows for layer in products for _, rows in layer))
+        kind, switch = kinds.pop()
+        return cls(model, cache, kind, switch) if runner_available(kind) else None
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv, num_threads: int) -> bool:
         """Runs every layer on x (T, hidden) in place and returns True, or returns False (x untouched)
@@ -127,7 +134,7 @@ class DecodeLayers:
         tables, cache = meta.single_block_tables, self.cache
         _, _, num_blocks, block_size, _ = cache.v.shape
         _decode_layers_cpu.run_layers(
-            self.table.data_ptr(), len(self._keep[0]), PRODUCT_KINDS[self.kind], x.data_ptr(), h.data_ptr(), qkv.data_ptr(), attn.data_ptr(),
+            self.table.data_ptr(), len(self._keep[0]), PRODUCT_KINDS[self.kind], self.switch, x.data_ptr(), h.data_ptr(), qkv.data_ptr(), attn.data_ptr(),
             gate_up.data_ptr(), act.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
             tables.data_ptr(), meta.single_context_lens.data_ptr(), tokens, self.hidden, self.intermediate,
             self.num_heads, self.num_kv_heads, self.head_dim, block_size, num_blocks, tables.shape[1],

@@ -151,8 +151,8 @@ class ModelRunner:
         if self._layers_runner is True:
             self._layers_runner = DecodeLayers.for_model(self.model, self.cache)
             if self._layers_runner is not None:
-                log.info("decode steps of up to %d rows run every layer in one C call (engine/decode_layers.py)",
-                         self._layers_runner.rows_max)
+                log.info("decode steps run every layer in one C call (engine/decode_layers.py, %s products)",
+                         self._layers_runner.kind)
         return self._layers_runner or None
 
     @torch.inference_mode()

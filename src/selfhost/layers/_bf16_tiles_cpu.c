@@ -247,7 +247,24 @@ static void few_rows_product(const float *x, const uint16_t *w, const float *bia
     pool_run(run_few_rows_chunk, &p, (long)(round_up(N, PACK_OUT) / (16 * FEW_BLOCKS)), num_threads < 1 ? 1 : num_threads);
 }
 
-static Bf16TileKernels kernels = {SELFHOST_KERNELS_VERSION, few_rows_product};
+/* y = x @ W^T (+ bias) on AMX tiles, x rounded to bf16; M, N > 0. Without the GIL; -1 when the
+ * rounded copy of x could not be had. Also the decode-step runner's (../_kernel_capsules.h). */
+static int tiles_product(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M, Py_ssize_t N,
+                         Py_ssize_t K, int num_threads) {
+    const Py_ssize_t K32 = round_up(K, 32), Mp = round_up(M, TILE_ROWS);
+    uint16_t *xb = aligned_alloc(64, (size_t)(Mp * K32) * sizeof(uint16_t) + 64);
+    if (!xb) return -1;
+    Rounding rounding = {x, xb, M, K, K32};
+    const Py_ssize_t group_rows = group_rows_for(K32, Mp), out_chunks = round_up(N, OUT_PER_CHUNK) / OUT_PER_CHUNK;
+    Product p = {xb, w, bias, y, M, N, K32, Mp, group_rows, out_chunks};
+    int threads = num_threads < 1 ? 1 : num_threads;
+    pool_run(round_rows, &rounding, (long)(Mp / TILE_ROWS), threads);
+    pool_run(run_chunk, &p, (long)(out_chunks * ((Mp + group_rows - 1) / group_rows)), threads);
+    free(xb);
+    return 0;
+}
+
+static Bf16TileKernels kernels = {SELFHOST_KERNELS_VERSION, few_rows_product, NULL};
 
 #endif /* SELFHOST_AMX */
 
@@ -323,19 +340,12 @@ static PyObject *linear(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (M == 0 || N == 0) Py_RETURN_NONE;
-    const Py_ssize_t K32 = round_up(K, 32), Mp = round_up(M, TILE_ROWS);
-    uint16_t *xb = aligned_alloc(64, (size_t)(Mp * K32) * sizeof(uint16_t) + 64);
-    if (!xb) return PyErr_NoMemory();
-    Rounding rounding = {(const float *)x, xb, M, K, K32};
-    const Py_ssize_t group_rows = group_rows_for(K32, Mp), out_chunks = round_up(N, OUT_PER_CHUNK) / OUT_PER_CHUNK;
-    Product p = {xb, (const uint16_t *)w, bias ? (const float *)bias : NULL, (float *)y, M, N, K32, Mp,
-                 group_rows, out_chunks};
-    int threads = num_threads < 1 ? 1 : num_threads;
+    int status;
     Py_BEGIN_ALLOW_THREADS
-    pool_run(round_rows, &rounding, (long)(Mp / TILE_ROWS), threads);
-    pool_run(run_chunk, &p, (long)(out_chunks * ((Mp + group_rows - 1) / group_rows)), threads);
+    status = tiles_product((const float *)x, (const uint16_t *)w, bias ? (const float *)bias : NULL, (float *)y, M,
+                           N, K, num_threads);
     Py_END_ALLOW_THREADS
-    free(xb);
+    if (status < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
     (void)x, (void)w, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)num_threads;
@@ -407,6 +417,7 @@ PyMODINIT_FUNC PyInit__bf16_tiles_cpu(void) {
 #endif
     PyObject *m = PyModule_Create(&module);
 #ifdef SELFHOST_AMX
+    kernels.linear = amx_ready ? tiles_product : NULL; /* many rows: AMX only */
     if (m && few_rows_ready && kernels_export(m, "selfhost.layers._bf16_tiles_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
 #endif
     return m;
