@@ -26,7 +26,6 @@ settings: {"gguf": path, "type": "f16" | "q8_0"}
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,6 @@ from typing import Any
 
 LLAMA_CPP_VERSION = "0.3.36"
 DEFAULT_VENV = Path.home() / ".cache" / "selfhost-bench" / "llama-cpp"
-_INSTALLED_MARK = "selfhost-bench-installed"  # written last: a venv without it is (re)installed
 _PROBE_DECODE_TOKENS = 16
 _PROBE_PROMPT_TOKENS = 256
 CONTEXT = 4096
@@ -53,8 +51,12 @@ def launch(python: Path | None, pythonpath: str | None, venv: Path,
             raise LlamaCppUnavailable(f"--llama-cpp-pythonpath: {', '.join(missing)} is not a folder")
         return sys.executable, {"PYTHONPATH": pythonpath}, [f"llama_cpp from {pythonpath}"]
     if python is None:
+        from benchmarks.peers.venvs import (
+            is_installed,  # driver side only: the peer's Python may lack the package
+        )
+
         python = venv / "bin" / "python"
-        if not (venv / _INSTALLED_MARK).exists():
+        if not is_installed(venv):
             install(venv, cmake_args)
     elif not python.exists():
         raise LlamaCppUnavailable(f"--llama-cpp-python {python} does not exist")
@@ -63,24 +65,12 @@ def launch(python: Path | None, pythonpath: str | None, venv: Path,
 
 def install(venv: Path, cmake_args: str = "") -> None:
     """A venv at `venv` with llama-cpp-python built from source; raises LlamaCppUnavailable with pip's last lines."""
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    log = venv.parent / f"{venv.name}-install.log"
-    print(f"llama.cpp: creating {venv} (pip install llama-cpp-python=={LLAMA_CPP_VERSION}, builds llama.cpp: "
-          f"~9 minutes); log: {log}", file=sys.stderr, flush=True)
-    base_python = getattr(sys, "_base_executable", sys.executable)  # not selfhost's venv
+    from benchmarks.peers.venvs import make_venv
+
     env = {**os.environ, **({"CMAKE_ARGS": cmake_args} if cmake_args else {})}
-    steps = [
-        [base_python, "-m", "venv", str(venv)],
-        [str(venv / "bin" / "python"), "-m", "pip", "install", f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
-    ]
-    start = time.perf_counter()
-    with log.open("w") as out:
-        for step in steps:
-            if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, env=env).returncode != 0:
-                tail = " | ".join(log.read_text().strip().splitlines()[-3:])
-                raise LlamaCppUnavailable(f"installing llama-cpp-python failed ({tail}); full log: {log}")
-    (venv / _INSTALLED_MARK).write_text(f"llama-cpp-python=={LLAMA_CPP_VERSION} CMAKE_ARGS={cmake_args}\n")
-    print(f"llama.cpp: installed in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    make_venv(venv, [["install", f"llama-cpp-python=={LLAMA_CPP_VERSION}"]],
+              f"llama-cpp-python=={LLAMA_CPP_VERSION} (builds llama.cpp, ~9 minutes; CMAKE_ARGS={cmake_args!r})",
+              LlamaCppUnavailable, env=env)
 
 
 class LlamaCppEngine:

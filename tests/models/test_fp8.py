@@ -18,7 +18,6 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from selfhost import LLM, SamplingParams
 from selfhost.engine.latent_cache import LatentKVCache
 from selfhost.errors import UnsupportedModelError
 from selfhost.models.loader import load_model
@@ -26,6 +25,7 @@ from selfhost.quant.checkpoint import quantize_checkpoint
 from selfhost.quant.config import QuantConfig
 from tests.models.one_sequence import one_sequence_logits
 from tests.models.test_deepseek import DEEPSEEK_CONFIGS
+from tests.quant.int8_parity import assert_stored_int8_matches_on_the_fly
 from tests.tiny_models import COMMON, save_tiny_tokenizer
 
 BLOCK = 128
@@ -198,9 +198,4 @@ def test_quantize_reads_fp8_like_the_loader(fp8_twins, tmp_path):
     fp8, reference, _ = fp8_twins
     quantize_checkpoint(fp8, tmp_path / "int8", QuantConfig(method="int8"))
     assert json.loads((tmp_path / "int8" / "config.json").read_text())["quantization_config"]["method"] == "int8"
-    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
-    prompt = [[5, 17, 99, 230, 41, 7, 300, 12]]
-    stored = LLM(str(tmp_path / "int8"), kv_cache_memory="16MiB").generate(prompt, greedy)[0]
-    on_the_fly = LLM(str(reference), quantization="int8", kv_cache_memory="16MiB").generate(prompt, greedy)[0]
-    assert stored.token_ids == on_the_fly.token_ids
-    assert max(abs(a.logprob - b.logprob) for a, b in zip(stored.logprobs, on_the_fly.logprobs)) < 1e-4
+    assert_stored_int8_matches_on_the_fly(tmp_path / "int8", reference)

@@ -15,8 +15,12 @@ from selfhost.engine.sink_cache import SinkKVCache
 from selfhost.models.loader import load_model
 from selfhost.models.mxfp4 import FP4_VALUES, dequantize_mxfp4
 from tests.models.one_sequence import (
-    assert_batching_engine_matches, assert_greedy_and_logprobs_match, one_sequence_logits, reference_greedy,
+    assert_batching_engine_matches,
+    assert_greedy_and_logprobs_match,
+    one_sequence_logits,
+    reference_greedy,
 )
+from tests.quant.int8_parity import assert_stored_int8_matches_on_the_fly
 from tests.tiny_models import COMMON, save_tiny_tokenizer
 
 PROMPT_LEN = 40  # five times the sliding window
@@ -172,7 +176,6 @@ def test_mxfp4_checkpoint_loads_like_its_full_precision_twin(tmp_path):
 
 def test_quantize_reads_the_mxfp4_release_like_the_loader(tmp_path):
     """`selfhost quantize` on OpenAI's MXFP4 layout writes the int8 model on-the-fly int8 of the twin gives."""
-    from selfhost import SamplingParams
     from selfhost.quant.checkpoint import quantize_checkpoint
     from selfhost.quant.config import QuantConfig
 
@@ -180,9 +183,4 @@ def test_quantize_reads_the_mxfp4_release_like_the_loader(tmp_path):
     save_tiny_tokenizer(full)
     save_tiny_tokenizer(quantized)
     quantize_checkpoint(quantized, tmp_path / "int8", QuantConfig(method="int8"))
-    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
-    prompt = [[5, 17, 99, 230, 41, 7, 300, 12]]
-    stored = LLM(str(tmp_path / "int8"), kv_cache_memory="16MiB").generate(prompt, greedy)[0]
-    on_the_fly = LLM(str(full), quantization="int8", kv_cache_memory="16MiB").generate(prompt, greedy)[0]
-    assert stored.token_ids == on_the_fly.token_ids
-    assert max(abs(a.logprob - b.logprob) for a, b in zip(stored.logprobs, on_the_fly.logprobs)) < 1e-4
+    assert_stored_int8_matches_on_the_fly(tmp_path / "int8", full)

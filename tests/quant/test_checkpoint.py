@@ -5,10 +5,11 @@ import os
 
 import pytest
 
-import selfhost.quant.checkpoint as checkpoint
 from selfhost.errors import InvalidParameterError
+from selfhost.quant import checkpoint
 from selfhost.quant.checkpoint import quantize_checkpoint
 from selfhost.quant.config import QuantConfig
+from tests.quant.int8_parity import assert_stored_int8_matches_on_the_fly
 
 
 def _leftovers(folder):
@@ -93,7 +94,6 @@ def test_quantized_folder_of_latent_attention_and_stacked_experts(tmp_path, fami
     import torch
     import transformers
 
-    from selfhost import LLM, SamplingParams
     from tests.tiny_models import save_tiny_tokenizer
 
     if family == "gpt_oss":
@@ -112,9 +112,4 @@ def test_quantized_folder_of_latent_attention_and_stacked_experts(tmp_path, fami
     model.save_pretrained(source, safe_serialization=True)
     save_tiny_tokenizer(source)
     quantize_checkpoint(source, tmp_path / "int8", QuantConfig(method="int8"))
-    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
-    prompt = [[5, 17, 99, 230, 41, 7, 300, 12]]
-    stored = LLM(str(tmp_path / "int8"), kv_cache_memory="16MiB").generate(prompt, greedy)[0]
-    on_the_fly = LLM(str(source), quantization="int8", kv_cache_memory="16MiB").generate(prompt, greedy)[0]
-    assert stored.token_ids == on_the_fly.token_ids
-    assert max(abs(a.logprob - b.logprob) for a, b in zip(stored.logprobs, on_the_fly.logprobs)) < 1e-4
+    assert_stored_int8_matches_on_the_fly(tmp_path / "int8", source, max_tokens=16)
