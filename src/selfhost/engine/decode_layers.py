@@ -89,6 +89,7 @@ class DecodeLayers:
             assert len(table) == (i + 1) * fields
         # The table holds addresses: keep every tensor it names alive as long as it is used.
         self._keep = (layers, cache)
+        self.num_layers = len(layers)
         self.table = torch.tensor(table, dtype=torch.int64)
         attn = layers[0].self_attn
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -134,8 +135,8 @@ class DecodeLayers:
         tables, cache = meta.single_block_tables, self.cache
         _, _, num_blocks, block_size, _ = cache.v.shape
         _decode_layers_cpu.run_layers(
-            self.table.data_ptr(), len(self._keep[0]), PRODUCT_KINDS[self.kind], self.switch, x.data_ptr(), h.data_ptr(), qkv.data_ptr(), attn.data_ptr(),
-            gate_up.data_ptr(), act.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
+            self.table.data_ptr(), self.num_layers, PRODUCT_KINDS[self.kind], self.switch, x.data_ptr(),
+            h.data_ptr(), qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
             tables.data_ptr(), meta.single_context_lens.data_ptr(), tokens, self.hidden, self.intermediate,
             self.num_heads, self.num_kv_heads, self.head_dim, block_size, num_blocks, tables.shape[1],
             self.eps, self.norm_offset, self.scale, self.softcap or 0.0, num_threads, meta.num_threads,
