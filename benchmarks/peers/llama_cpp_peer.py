@@ -50,16 +50,10 @@ def launch(python: Path | None, pythonpath: str | None, venv: Path,
         if missing:
             raise LlamaCppUnavailable(f"--llama-cpp-pythonpath: {', '.join(missing)} is not a folder")
         return sys.executable, {"PYTHONPATH": pythonpath}, [f"llama_cpp from {pythonpath}"]
-    if python is None:
-        from benchmarks.peers.venvs import (
-            is_installed,  # driver side only: the peer's Python may lack the package
-        )
+    # Imported here: the driver runs launch(); the peer's own Python may not have the package.
+    from benchmarks.peers.venvs import peer_python
 
-        python = venv / "bin" / "python"
-        if not is_installed(venv):
-            install(venv, cmake_args)
-    elif not python.exists():
-        raise LlamaCppUnavailable(f"--llama-cpp-python {python} does not exist")
+    python = peer_python(python, "--llama-cpp-python", venv, lambda v: install(v, cmake_args), LlamaCppUnavailable)
     return str(python), {}, []
 
 

@@ -18,6 +18,18 @@ def is_installed(venv: Path) -> bool:
     return (venv / INSTALLED_MARK).exists()
 
 
+def peer_python(python: Path | None, option: str, venv: Path, install, failure: type[Exception]) -> Path:
+    """The peer's Python: the one the user named with `option` (which must exist), else the one in
+    `venv`, made by `install(venv)` on first use."""
+    if python is not None:
+        if not python.exists():
+            raise failure(f"{option} {python} does not exist")
+        return python
+    if not is_installed(venv):
+        install(venv)
+    return venv / "bin" / "python"
+
+
 def make_venv(venv: Path, installs: list[list[str]], what: str, failure: type[Exception], hint: str = "",
               env: dict[str, str] | None = None) -> None:
     """A new venv at `venv`, then each of `installs` run by its pip (argument lists after `pip`);

@@ -59,16 +59,10 @@ def launch(threads: int, python: Path | None, venv: Path, kvcache_gib: int, pip_
     """(Python, environment additions, notes) for the vLLM peer; makes the venv if needed.
     `threads_bind` overrides VLLM_CPU_OMP_THREADS_BIND ("auto": vLLM's own choice, which
     keeps a CPU free for its scheduler process; with multiprocessing only)."""
-    if python is None:
-        from benchmarks.peers.venvs import (
-            is_installed,  # driver side only: the peer's Python may lack the package
-        )
+    # Imported here: the driver runs launch(); the peer's own Python may not have the package.
+    from benchmarks.peers.venvs import peer_python
 
-        python = venv / "bin" / "python"
-        if not is_installed(venv):
-            install(venv, pip_args)
-    elif not python.exists():
-        raise VllmUnavailable(f"--vllm-python {python} does not exist")
+    python = peer_python(python, "--vllm-python", venv, lambda v: install(v, pip_args), VllmUnavailable)
     bind = threads_bind or _cpu_list(threads)
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib),
