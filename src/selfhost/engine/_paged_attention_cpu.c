@@ -73,6 +73,7 @@ typedef struct {
      * value is written in a first pass, so each query sees the step's earlier tokens whichever
      * thread wrote them; the attention pass then only rotates its queries. */
     int store_first, keys_stored;
+    int block_shift; /* log2(block_size) */
     int *failed; /* set when scratch memory could not be had */
 } Job;
 
@@ -178,15 +179,20 @@ AVX2 static void scores_avx2(const Job *job, Py_ssize_t seq, Py_ssize_t head, co
  * call site (registers, no branch in the loop). */
 AVX512 static inline __attribute__((always_inline)) void run_scores_512(const int heads, const int runs, const int bf16,
                                                                         const float *const *q, const void *keys,
-                                                                        const Py_ssize_t *runs_at, Py_ssize_t bs,
-                                                                        Py_ssize_t dim, float scale, float *const *out,
-                                                                        const __mmask16 *keep) {
+                                                                        const Py_ssize_t *runs_at, const Py_ssize_t *next_at,
+                                                                        Py_ssize_t bs, Py_ssize_t dim, float scale,
+                                                                        float *const *out, const __mmask16 *keep) {
     __m512 acc[MAX_HEADS_AT_ONCE][MAX_RUNS];
     for (int h = 0; h < heads; h++)
         for (int r = 0; r < runs; r++) acc[h][r] = _mm512_setzero_ps();
     for (Py_ssize_t d = 0; d < dim; d++) {
         __m512 k[MAX_RUNS];
         for (int r = 0; r < runs; r++) k[r] = kv_load(keys, runs_at[r] + d * bs, bf16);
+        /* the next runs' keys, a line at a time while these are scored: each block starts where
+         * its table says, a stream the hardware prefetcher finds a few lines late; asking for a
+         * whole block at once ran out of line-fill buffers and stalled */
+        for (int r = 0; r < runs; r++)
+            _mm_prefetch((const char *)keys + (next_at[r] + d * bs) * (bf16 ? 2 : 4), _MM_HINT_T0);
         for (int h = 0; h < heads; h++) {
             __m512 x = _mm512_set1_ps(q[h][d]);
             for (int r = 0; r < runs; r++) acc[h][r] = _mm512_fmadd_ps(x, k[r], acc[h][r]);
@@ -203,17 +209,27 @@ AVX512 static inline __attribute__((always_inline)) void run_scores_512(const in
 #define RUN_SCORES_CASE(n)                                                                                   \
     case n:                                                                                                  \
         if (bf16)                                                                                            \
-            run_scores_512(n, RUNS_FOR(n), 1, q, keys, runs_at, bs, dim, scale, out, keep);                  \
+            run_scores_512(n, RUNS_FOR(n), 1, q, keys, runs_at, next_at, bs, dim, scale, out, keep);                  \
         else                                                                                                 \
-            run_scores_512(n, RUNS_FOR(n), 0, q, keys, runs_at, bs, dim, scale, out, keep);                  \
+            run_scores_512(n, RUNS_FOR(n), 0, q, keys, runs_at, next_at, bs, dim, scale, out, keep);                  \
         break;
 
 AVX512 static void run_scores(int heads, int bf16, const float *const *q, const void *keys, const Py_ssize_t *runs_at,
-                              Py_ssize_t bs, Py_ssize_t dim, float scale, float *const *out, const __mmask16 *keep) {
+                              const Py_ssize_t *next_at, Py_ssize_t bs, Py_ssize_t dim, float scale, float *const *out,
+                              const __mmask16 *keep) {
     switch (heads) {
         RUN_SCORES_CASE(1) RUN_SCORES_CASE(2) RUN_SCORES_CASE(3) RUN_SCORES_CASE(4)
         RUN_SCORES_CASE(5) RUN_SCORES_CASE(6) RUN_SCORES_CASE(7) RUN_SCORES_CASE(8)
     }
+}
+
+/* Element index of the 16-key run starting at position pos (its block from the table); past
+ * len, the run before (a harmless address to prefetch). Block sizes are powers of two. */
+static inline Py_ssize_t run_start(const Job *job, const int64_t *table, Py_ssize_t head_start, Py_ssize_t pos,
+                                   Py_ssize_t len) {
+    if (pos >= len) pos = len - 1 - (len - 1) % 16;
+    const Py_ssize_t bs = job->block_size, dim = job->head_dim;
+    return head_start + table[pos >> job->block_shift] * dim * bs + (pos & (bs - 1));
 }
 
 /* Requires BS % 16 == 0. The 16-key runs of positions [first, len) are scored RUNS_FOR(heads)
@@ -230,8 +246,9 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
         const float *q_heads[MAX_HEADS_AT_ONCE];
         for (int h = 0; h < heads; h++) q_heads[h] = q + (g0 + h) * dim;
         Py_ssize_t pos0 = first - first % 16;
+        Py_ssize_t runs_at[MAX_RUNS], next_at[MAX_RUNS];
+        for (int r = 0; r < runs; r++) next_at[r] = run_start(job, table, head_start, pos0 + r * 16, len);
         while (pos0 < len) {
-            Py_ssize_t runs_at[MAX_RUNS];
             __mmask16 keep[MAX_RUNS];
             float *out[MAX_HEADS_AT_ONCE * MAX_RUNS];
             for (int r = 0; r < runs; r++, pos0 += 16) {
@@ -240,7 +257,7 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
                     for (int h = 0; h < heads; h++) out[h * MAX_RUNS + r] = out[h * MAX_RUNS];
                     continue;
                 }
-                runs_at[r] = head_start + table[pos0 / bs] * dim * bs + pos0 % bs;
+                runs_at[r] = next_at[r];
                 __mmask16 mask = 0xffff;
                 if (pos0 < first) mask &= (__mmask16)(0xffffu << (first - pos0));
                 if (pos0 + 16 > len) mask &= (__mmask16)((1u << (len - pos0)) - 1);
@@ -248,7 +265,8 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
                 /* out + lane = the score slot of position pos0 + lane (masked lanes unused) */
                 for (int h = 0; h < heads; h++) out[h * MAX_RUNS + r] = scores + (g0 + h) * count + (pos0 - first);
             }
-            run_scores(heads, job->kv_bf16, q_heads, job->k, runs_at, bs, dim, job->scale, out, keep);
+            for (int r = 0; r < runs; r++) next_at[r] = run_start(job, table, head_start, pos0 + r * 16, len);
+            run_scores(heads, job->kv_bf16, q_heads, job->k, runs_at, next_at, bs, dim, job->scale, out, keep);
         }
     }
 }
@@ -573,8 +591,10 @@ static PyObject *bf16_cache_available(PyObject *self, PyObject *args) {
 /* Checks a job's sizes against this CPU's kernels; a message for a ValueError, or NULL. */
 static const char *check_pairs(Job *whole) {
     if (whole->num_kv_heads <= 0 || whole->num_heads % whole->num_kv_heads != 0 || whole->head_dim <= 0 ||
-        whole->block_size <= 0 || (whole->cos != NULL && whole->head_dim % 2 != 0))
-        return "decode_attention: inconsistent head counts or sizes";
+        whole->block_size <= 0 || (whole->block_size & (whole->block_size - 1)) != 0 ||
+        (whole->cos != NULL && whole->head_dim % 2 != 0))
+        return "decode_attention: inconsistent head counts or sizes (block_size: a power of two)";
+    whole->block_shift = __builtin_ctzll((unsigned long long)whole->block_size);
     whole->use_avx2 = isa_limit >= 1 && cpu_has_avx2();
     whole->use_avx512 = isa_limit >= 2 && cpu_has_avx512();
     if (whole->kv_bf16 && !(whole->use_avx512 && whole->block_size % 16 == 0 && whole->head_dim % 16 == 0))
