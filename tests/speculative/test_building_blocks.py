@@ -1,4 +1,4 @@
-"""Speculative decoding's pieces against their definitions: prompt lookup, acceptance, adaptive length."""
+"""Speculative decoding's pieces against their definitions: prompt lookup, acceptance, proposal lengths."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from selfhost.speculative.adaptive import AdaptiveLength
+from selfhost.speculative.adaptive import (PROBE_EVERY, AcceptanceCounts, AcceptanceModel, Candidate,
+                                           expected_tokens, plan_lengths)
 from selfhost.speculative.ngram import NgramProposer
-from selfhost.speculative.verify import accept_greedy, accept_sampled
+from selfhost.speculative.verify import accept_greedy, accept_sampled, row_argmax
 
 
 def test_ngram_continues_the_most_recent_longest_match():
@@ -41,6 +42,17 @@ def test_greedy_acceptance_keeps_the_agreeing_prefix_and_adds_the_targets_token(
     assert accept_greedy(logits[:1], []) == [3]  # nothing proposed: a plain decode step
 
 
+def test_row_argmax_is_torchs_first_maximum():
+    """numpy's argmax on CPU rows: the same index as torch's, ties (the first maximum) included."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (64, 4096), generator=generator).float()  # many ties
+    logits[3, 100] = float("inf")
+    assert row_argmax(logits) == logits.argmax(dim=-1).tolist()
+    wide = torch.randn(9, 4096, generator=generator)
+    assert row_argmax(wide) == wide.argmax(dim=-1).tolist()
+    assert row_argmax(wide.bfloat16()) == wide.bfloat16().argmax(dim=-1).tolist()  # torch's own path
+
+
 def _first_token_counts(p: torch.Tensor, q: torch.Tensor | None, proposal_from_q: bool, trials: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1234)
     counts = torch.zeros(p.shape[1])
@@ -70,16 +82,71 @@ def test_rejection_sampling_gives_exactly_the_targets_distribution(draft):
         assert wrong > chi2.ppf(0.999, df=vocab - 1)
 
 
-def test_adaptive_length_backs_off_and_recovers():
-    length = AdaptiveLength(max_tokens=4, smoothing=0.5, probe_every=4)
-    assert length.next_length() == 4
-    for _ in range(6):
-        length.record(proposed=4, accepted=0)
-    lengths = [length.next_length() for _ in range(8)]
-    assert lengths.count(0) >= 6 and 1 in lengths  # mostly plain steps, with an occasional probe
-    for _ in range(6):
-        length.record(proposed=1, accepted=1)
-    assert length.next_length() >= 3
+def test_acceptance_is_counted_by_position_and_evidence():
+    model, own = AcceptanceModel(), AcceptanceCounts()
+    fresh = model.rates(own, "long match")
+    assert fresh == [0.5] * 4  # the prior before anything is seen
+    for _ in range(20):
+        model.record(own, "long match", proposed=6, accepted=6)  # positions 0..5 tried and kept
+        model.record(own, "short match", proposed=4, accepted=0)  # only position 0 tried, rejected
+    assert min(model.rates(own, "long match")) > 0.85
+    short = model.rates(own, "short match")
+    assert short[0] < 0.1 and short[1:] == [0.5] * 3  # positions never reached keep the prior
+    # Another sequence starts from the engine's counts, then follows its own.
+    other = AcceptanceCounts()
+    assert model.rates(other, "short match")[0] < 0.1
+    for _ in range(30):
+        model.record(other, "short match", proposed=2, accepted=2)
+    assert model.rates(other, "short match")[0] > 0.7
+    assert expected_tokens([1.0] * 4, 5) == 6 and expected_tokens([0.5, 1.0, 1.0, 1.0], 3) == 2.5
+
+
+def test_plan_lengths_follows_acceptance_and_the_step_cost():
+    flat = lambda tokens: 0.010  # noqa: E731  (a step costs the same at any width: bandwidth-bound)
+    steep = lambda tokens: 0.010 * tokens  # noqa: E731  (every token costs its full share: compute-bound)
+    quoting, novel = Candidate(8, [0.8, 0.95, 0.95, 0.95]), Candidate(8, [0.05, 0.1, 0.1, 0.1])
+    assert plan_lengths([quoting], flat, 1, 1) == [8]
+    assert plan_lengths([novel], flat, 1, 1) == [8]  # free tokens are worth proposing even if rarely kept
+    assert plan_lengths([quoting, novel], steep, 2, 2, required_gain=1.05) == [0, 0]
+    # A step that costs 10% more per extra token: long runs for the quoting sequence, none for the other.
+    mild = lambda tokens: 0.010 * (1 + 0.1 * (tokens - 1))  # noqa: E731
+    assert plan_lengths([quoting, novel], mild, 2, 2) == [8, 0]
+    # The first token uncertain, the rest near-certain: propose all or nothing, not one.
+    hesitant = Candidate(6, [0.3, 0.98, 0.98, 0.98])
+    assert plan_lengths([hesitant], mild, 1, 1) == [6]
+    # What proposing costs besides the step (a draft model's passes) counts too.
+    assert plan_lengths([quoting], mild, 1, 1, seconds_per_pass=0.010) == [0]
+    assert plan_lengths([Candidate(0, [0.9] * 4)], flat, 1, 1) == [0]
+
+
+def test_a_gain_within_the_noise_is_not_taken():
+    flat = lambda tokens: 0.010  # noqa: E731
+    assert plan_lengths([Candidate(1, [0.04] * 4)], flat, 1, 1, required_gain=1.05) == [0]  # 4% more tokens
+    assert plan_lengths([Candidate(1, [0.06] * 4)], flat, 1, 1, required_gain=1.05) == [1]
+
+
+def test_a_sequence_that_stops_proposing_still_probes(target):
+    """Rejected proposals make the engine stop proposing for a sequence, but one token is tried now and then."""
+    from selfhost import LLM, SamplingParams
+    from selfhost.speculative.speculator import Speculator
+
+    llm = LLM(target, speculative="ngram", num_speculative_tokens=4, kv_cache_memory="4MiB")
+    speculator = llm.engine.speculator
+    assert isinstance(speculator, Speculator)
+    for n in (1, 2, 3, 4, 5):  # a machine where a wider step costs 15% more per token
+        speculator.step_cost.record(n, 0.010 * (1 + 0.15 * (n - 1)))
+    seq = llm.engine.add_request("r", [5, 6, 7, 8] * 10, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    seq.num_computed_tokens = seq.num_tokens - 1  # as after its prompt: decoding (the speculator runs nothing)
+    state = speculator._state(seq)
+    for _ in range(40):
+        speculator.acceptance.record(state.counts, (True, 4), proposed=4, accepted=0)
+    state.evidence = (True, 4)
+    lengths = []
+    for _ in range(2 * PROBE_EVERY):
+        speculator.propose([seq], 64)
+        lengths.append(len(seq.proposed))
+    assert lengths.count(0) == 2 * PROBE_EVERY - 2 and lengths.count(1) == 2
+    seq.proposed = []
 
 
 def test_the_incremental_ngram_index_agrees_with_the_plain_scan():
@@ -101,31 +168,17 @@ def test_the_incremental_ngram_index_agrees_with_the_plain_scan():
             tokens.extend(rng.randrange(4) for _ in range(rng.randint(1, 3)))
 
 
-def test_step_cost_interpolates_and_speculation_pays_only_while_steps_are_flat():
-    from selfhost.speculative.step_cost import StepCostModel, speculation_pays
+def test_step_cost_interpolates():
+    from selfhost.speculative.step_cost import StepCostModel
 
     cost = StepCostModel()
     assert cost.seconds(4) is None
-    assert speculation_pays(cost, 1, 4, 1, 1.5)  # nothing measured: try
     for n, seconds in [(1, 0.010), (8, 0.011), (64, 0.050), (256, 0.200)]:
         cost.record(n, seconds)
     assert cost.seconds(1) == 0.010 and cost.seconds(4) == pytest.approx(0.010 + 0.001 * 3 / 7)
     assert cost.seconds(1000) == 0.200  # flat past the largest measured step
-    # One stream: 5 tokens cost about what 1 does, so 1.5 expected tokens per step is a gain.
-    assert speculation_pays(cost, 1, 4, 1, 1.5)
-    # ... unless the proposals themselves (a draft model's passes) cost more than they bring.
-    assert not speculation_pays(cost, 1, 4, 1, 1.5, proposal_seconds=0.02)
-    # 64 decoding sequences with 4 proposals each: the step is 4x the tokens at ~4x the time.
-    assert not speculation_pays(cost, 64, 192, 64, 64 * 1.5)
+    # 64 decoding sequences proposing 3 tokens each: the step is 4x the tokens at ~4x the time.
+    assert plan_lengths([Candidate(3, [0.5] * 4)] * 64, cost.seconds, 64, 64, required_gain=1.05) == [0] * 64
+    assert plan_lengths([Candidate(3, [0.5] * 4)], cost.seconds, 1, 1, required_gain=1.05) == [3]
     cost.record(1, 0.030)  # a running average, not the last value
     assert 0.010 < cost.seconds(1) < 0.030
-
-
-def test_a_gain_within_the_noise_is_not_taken():
-    from selfhost.speculative.step_cost import REQUIRED_GAIN, StepCostModel, speculation_pays
-
-    cost = StepCostModel()
-    cost.record(1, 0.010)
-    cost.record(2, 0.010)
-    assert not speculation_pays(cost, 1, 1, 1, REQUIRED_GAIN - 0.01)  # 4% more tokens at the same cost: no
-    assert speculation_pays(cost, 1, 1, 1, REQUIRED_GAIN + 0.01)

@@ -253,7 +253,7 @@ class LLMEngine:
         self._tokens_last_step = sum(c.num_tokens for c in chunks)
         self._num_steps += 1
         if self.speculator is not None:
-            self.speculator.record_step(self._tokens_last_step, forward_seconds)
+            self.speculator.record_step(chunks, forward_seconds)
         return updated
 
     def _accept_verified(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:

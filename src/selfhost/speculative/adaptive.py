@@ -1,33 +1,119 @@
-"""How many tokens to propose: follow each sequence's recent acceptance.
+"""How many tokens to propose: how often proposals like these were kept, against what a wider step costs.
 
-A proposal costs a wider verifying step; accepted tokens are the gain. When recent proposals
-were mostly rejected the length shrinks (to zero: a plain decode step, so text with nothing
-to copy is not slowed), and grows again as they are accepted.
+The first proposed token is the uncertain one; once a proposal starts to agree with the target it
+usually goes on agreeing (a quote continues), so acceptance is counted per position in the
+proposal (0, 1, 2, 3 and beyond), given the tokens before it were kept, and per kind of evidence
+behind the proposal (prompt lookup: how long the matched suffix was; greedy or sampled request).
+Each sequence keeps its own counts, read against the engine's counts for the same evidence as
+a prior, so a sequence whose proposals keep failing backs off (to none: a plain step) while one
+that quotes proposes long runs.
+
+`plan_lengths` then picks every speculating sequence's length for the step at once: token by
+token, the proposed token most likely to be kept goes in next, and the step keeps the lengths
+with the most expected tokens per second by the measured step-time curve (step_cost.py). One
+stream on a small model, where a wider step costs little, proposes long; a large batch, where
+every extra token costs its full share, proposes nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import heapq
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+POSITIONS = 4  # acceptance counted apart for positions 0, 1, 2 and 3+ of a proposal
+PRIOR_RATE = 0.5  # what the engine assumes of evidence it has not seen kept or rejected
+PRIOR_WEIGHT = 2.0  # ... worth this many observations
+SEQUENCE_PRIOR_WEIGHT = 4.0  # the engine's rate weighs this many of a sequence's own observations
+RECENT_TRIES = 256  # the engine's counts per (evidence, position) are halved past this: recent ones weigh more
+PROBE_EVERY = 16  # a sequence proposing nothing still proposes one token this often, to notice a change
 
 
 @dataclass
-class AdaptiveLength:
+class AcceptanceCounts:
+    """Tries and keeps by (evidence, position): a proposed token is "tried" when the ones before it were kept."""
+
+    kept: dict[tuple[Hashable, int], float] = field(default_factory=dict)
+    tried: dict[tuple[Hashable, int], float] = field(default_factory=dict)
+
+    def record(self, evidence: Hashable, proposed: int, accepted: int, cap: float | None = None) -> None:
+        for position in range(min(accepted + 1, proposed)):
+            key = (evidence, min(position, POSITIONS - 1))
+            tried = self.tried.get(key, 0.0) + 1.0
+            kept = self.kept.get(key, 0.0) + (position < accepted)
+            if cap is not None and tried > cap:
+                tried, kept = tried / 2, kept / 2
+            self.tried[key], self.kept[key] = tried, kept
+
+    def rate(self, evidence: Hashable, position: int, prior: float, weight: float) -> float:
+        key = (evidence, position)
+        return (self.kept.get(key, 0.0) + weight * prior) / (self.tried.get(key, 0.0) + weight)
+
+
+@dataclass
+class AcceptanceModel:
+    """The engine's counts (one per proposer); sequences read them as the prior for their own."""
+
+    counts: AcceptanceCounts = field(default_factory=AcceptanceCounts)
+
+    def rates(self, own: AcceptanceCounts, evidence: Hashable) -> list[float]:
+        """Probability that a proposal's token at each position is kept, given the earlier ones were."""
+        return [own.rate(evidence, i, self.counts.rate(evidence, i, PRIOR_RATE, PRIOR_WEIGHT), SEQUENCE_PRIOR_WEIGHT)
+                for i in range(POSITIONS)]
+
+    def record(self, own: AcceptanceCounts, evidence: Hashable, proposed: int, accepted: int) -> None:
+        own.record(evidence, proposed, accepted)
+        self.counts.record(evidence, proposed, accepted, cap=RECENT_TRIES)
+
+
+def expected_tokens(rates: list[float], proposed: int) -> float:
+    """Tokens a verification appends on average: each proposal kept while all before it were, plus the target's own."""
+    total, reach = 1.0, 1.0
+    for i in range(proposed):
+        reach *= rates[min(i, POSITIONS - 1)]
+        total += reach
+    return total
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A sequence that may speculate this step: at most `max_tokens`, kept at `rates` by position."""
+
     max_tokens: int
-    smoothing: float = 0.3  # weight of the latest step in the running acceptance rate
-    acceptance: float = 1.0  # optimistic start: try full proposals first
-    probe_every: int = 8  # at length 0, still propose one token this often, to notice a change
+    rates: list[float]
 
-    _steps_at_zero: int = 0
 
-    def next_length(self) -> int:
-        length = round(self.acceptance * self.max_tokens)
-        if length > 0:
-            self._steps_at_zero = 0
-            return length
-        self._steps_at_zero += 1
-        return 1 if self._steps_at_zero % self.probe_every == 0 else 0
+def plan_lengths(candidates: list[Candidate], step_seconds: Callable[[int], float], plain_tokens: int,
+                 plain_yield: int, seconds_per_sequence: float = 0.0, seconds_per_pass: float = 0.0,
+                 required_gain: float = 1.0) -> list[int]:
+    """Proposal lengths for `candidates` with the most expected tokens per second, or all zeros where
+    none beats plain decoding by `required_gain`.
 
-    def record(self, proposed: int, accepted: int) -> None:
-        if proposed > 0:
-            rate = accepted / proposed
-            self.acceptance = (1 - self.smoothing) * self.acceptance + self.smoothing * rate
+    step_seconds(n): a step of n tokens; plain_tokens / plain_yield: the step's tokens without proposals
+    and the tokens it appends; seconds_per_sequence: what proposing and verifying cost per speculating
+    sequence besides the wider step; seconds_per_pass: a draft model's pass (one per proposed position)."""
+    lengths = [0] * len(candidates)
+    plain = plain_yield / step_seconds(plain_tokens)
+    best_value, best = plain * required_gain, list(lengths)
+    # The next token of each sequence, most likely kept first (a max-heap on the chance it is kept).
+    heap = [(-c.rates[0], i) for i, c in enumerate(candidates) if c.max_tokens > 0]
+    heapq.heapify(heap)
+    tokens, gained, sequences, passes = plain_tokens, 0.0, 0, 0
+    while heap:
+        neg_gain, i = heapq.heappop(heap)
+        gain = -neg_gain
+        lengths[i] += 1
+        tokens += 1
+        gained += gain
+        sequences += lengths[i] == 1
+        passes = max(passes, lengths[i])
+        value = (plain_yield + gained) / (step_seconds(tokens) + sequences * seconds_per_sequence
+                                          + passes * seconds_per_pass)
+        if value > best_value:
+            best_value, best = value, list(lengths)
+        elif value < 0.8 * best_value:
+            break  # far past the best: further tokens are less likely kept and cost no less
+        c = candidates[i]
+        if lengths[i] < c.max_tokens:
+            heapq.heappush(heap, (-gain * c.rates[min(lengths[i], POSITIONS - 1)], i))
+    return best

@@ -51,9 +51,13 @@ class NgramIndex:
     _indexed: int = 0  # tokens[:_indexed] are in _positions
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
+        return self.lookup(tokens, k)[0]
+
+    def lookup(self, tokens: list[int], k: int) -> tuple[list[int], int]:
+        """`propose`, and the length of the suffix it matched (the longer, the likelier it is kept)."""
         if k < 1 or len(tokens) < self.proposer.min_ngram + 1:
             self._catch_up(tokens)
-            return []
+            return [], 0
         # Index everything but the last token: its occurrences are the candidates' ends.
         self._catch_up(tokens, upto=len(tokens) - 1)
         last = len(tokens) - 1
@@ -71,8 +75,8 @@ class NgramIndex:
                     break
         self._catch_up(tokens)
         if best_len < self.proposer.min_ngram:
-            return []
-        return tokens[best_end + 1:best_end + 1 + k]
+            return [], 0
+        return tokens[best_end + 1:best_end + 1 + k], best_len
 
     def _catch_up(self, tokens: list[int], upto: int | None = None) -> None:
         upto = len(tokens) if upto is None else upto

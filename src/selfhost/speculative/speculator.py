@@ -12,30 +12,36 @@ rejection sampling (verify.py) decides the tokens to append.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from selfhost.engine.scheduler import ScheduledChunk
 from selfhost.engine.sequence import Sequence
 from selfhost.layers.sampler import Logprobs, filter_logits, score_tokens
-from selfhost.speculative.adaptive import AdaptiveLength
+from selfhost.speculative.adaptive import (PROBE_EVERY, AcceptanceCounts, AcceptanceModel, Candidate,
+                                           plan_lengths)
 from selfhost.speculative.config import SpeculativeConfig
 from selfhost.speculative.draft import DraftProposer
 from selfhost.speculative.ngram import NgramIndex, NgramProposer
-from selfhost.speculative.step_cost import StepCostModel, expected_tokens, speculation_pays
+from selfhost.speculative.step_cost import REQUIRED_GAIN, StepCostModel
 from selfhost.speculative.verify import accept_greedy, accept_sampled
 
 # Without a measured plain step of the current size, one in this many steps runs without
 # proposals, so the comparison always has both sides.
 PLAIN_PROBE_EVERY = 16
+# A step where every sequence would propose nothing takes one-token probes only if they make it at most this much dearer.
+PROBE_COST = 0.25
 
 
 @dataclass
 class SequenceSpeculation:
     """One sequence's speculative state."""
 
-    length: AdaptiveLength
     ngram: NgramIndex | None = None
+    counts: AcceptanceCounts = field(default_factory=AcceptanceCounts)  # this sequence's kept proposals
+    evidence: tuple = ()  # what the pending proposal rests on (AcceptanceModel's key)
+    idle_steps: int = 0  # steps in a row it could have proposed and did not
     draft: object | None = None  # DraftSequence: the draft model's KV for this sequence
     draft_probs: torch.Tensor | None = None  # q rows of the pending proposal (sampled requests, draft model)
 
@@ -63,6 +69,7 @@ class Speculator:
         self.draft = draft
         self.ngram = NgramProposer(config.ngram_min, config.ngram_max) if config.method == "ngram" else None
         self.step_cost = StepCostModel()  # the model's forward and sampling, by the step's token count
+        self.acceptance = AcceptanceModel()  # how often proposals are kept, by what they rest on
         # What speculation costs besides the wider forward, as running averages: per speculating
         # sequence (proposing by lookup, verifying), and per draft-model pass (batched over sequences).
         self._seconds_per_sequence: float | None = None
@@ -85,10 +92,7 @@ class Speculator:
 
     def _state(self, seq: Sequence) -> SequenceSpeculation:
         if seq.speculation is None:
-            seq.speculation = SequenceSpeculation(
-                AdaptiveLength(self.config.num_tokens),
-                NgramIndex(self.ngram) if self.ngram is not None else None,
-            )
+            seq.speculation = SequenceSpeculation(NgramIndex(self.ngram) if self.ngram is not None else None)
         return seq.speculation
 
     def propose(self, running: list[Sequence], token_budget: int) -> None:
@@ -102,50 +106,83 @@ class Speculator:
         """propose(); returns the seconds the draft model's passes took."""
         for seq in running:
             seq.proposed = []
-        candidates, lengths = [], []
+        candidates, lookups = [], []
         for seq in running:
             if not self.can_speculate(seq):
                 continue
             state = self._state(seq)
             # Never propose past max_tokens: the verification appends up to k + 1 tokens.
-            k = min(state.length.next_length(), seq.max_output - len(seq.output_ids) - 1)
-            if k > 0:
-                candidates.append((seq, state))
-                lengths.append(k)
+            k = min(self.config.num_tokens, seq.max_output - len(seq.output_ids) - 1)
+            if k < 1:
+                continue
+            greedy = seq.sampler_row.is_greedy
+            if state.ngram is not None:
+                tokens, matched = state.ngram.lookup(seq.token_ids, k)
+                if not tokens:
+                    continue
+                state.evidence = (greedy, matched)
+                k = len(tokens)
+                lookups.append(tokens)
+            else:
+                state.evidence = (greedy,)
+            candidates.append((seq, state, k))
         if not candidates:
             self._streak = 0
             return 0.0
-        plain_tokens = min(sum(seq.num_uncomputed for seq in running), token_budget)
-        decoding = sum(1 for seq in running if seq.num_uncomputed == 1)
-        extra = sum(lengths)
-        gain = sum(expected_tokens(state.length.acceptance, k) - 1 for (_, state), k in zip(candidates, lengths))
-        overhead = ((self._draft_seconds_per_pass or 0.0) * max(lengths)
-                    + (self._seconds_per_sequence or 0.0) * len(candidates))
-        if self.config.when == "measured":
-            if plain_tokens not in self.step_cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
-                self._streak = 0
-                return 0.0  # measure a plain step of this size
-            if not speculation_pays(self.step_cost, plain_tokens, extra, decoding, decoding + gain, overhead):
-                self._streak = 0
-                return 0.0
+        lengths = self._lengths(running, candidates, token_budget)
+        if not any(lengths):
+            self._streak = 0
+            return 0.0
         self._streak += 1
-        seqs = [seq for seq, _ in candidates]
-        self._step_sequences = len(seqs)
-        draft_seconds = 0.0
-        if self.draft is not None:
-            start = time.perf_counter()
-            proposals = self.draft.propose(seqs, lengths)
-            draft_seconds = time.perf_counter() - start
-            self._draft_seconds_per_pass = _running_average(self._draft_seconds_per_pass, draft_seconds / max(lengths))
-            for (seq, state), proposal in zip(candidates, proposals):
-                seq.proposed = proposal.tokens
-                state.draft_probs = proposal.draft_probs
-        else:
-            for (seq, state), k in zip(candidates, lengths):
-                seq.proposed = state.ngram.propose(seq.token_ids, k)
-        if any(seq.proposed for seq in seqs):
+        chosen = [(seq, state, k) for (seq, state, _), k in zip(candidates, lengths) if k > 0]
+        self._step_sequences = len(chosen)
+        if self.draft is None:
+            for (seq, _, _), tokens, k in zip(candidates, lookups, lengths):
+                seq.proposed = tokens[:k]
             self._steps += 1
+            return 0.0
+        start = time.perf_counter()
+        proposals = self.draft.propose([seq for seq, _, _ in chosen], [k for _, _, k in chosen])
+        draft_seconds = time.perf_counter() - start
+        self._draft_seconds_per_pass = _running_average(self._draft_seconds_per_pass,
+                                                        draft_seconds / max(lengths))
+        for (seq, state, _), proposal in zip(chosen, proposals):
+            seq.proposed = proposal.tokens
+            state.draft_probs = proposal.draft_probs
+        self._steps += any(proposal.tokens for proposal in proposals)  # the draft may hold none of them
         return draft_seconds
+
+    def _lengths(self, running: list[Sequence], candidates: list[tuple[Sequence, SequenceSpeculation, int]],
+                 token_budget: int) -> list[int]:
+        """How many tokens each candidate proposes this step (see adaptive.py); all zeros: a plain step."""
+        if self.config.when == "always":
+            return [k for _, _, k in candidates]
+        plain_tokens = min(sum(seq.num_uncomputed for seq in running), token_budget)
+        if plain_tokens not in self.step_cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
+            return [0] * len(candidates)  # measure a plain step of this size
+        if self.step_cost.seconds(plain_tokens) is None:
+            return [k for _, _, k in candidates]  # nothing measured yet: try, and the step is measured
+        decoding = sum(1 for seq in running if seq.num_uncomputed == 1)
+        per_sequence = self._seconds_per_sequence or 0.0
+        lengths = plan_lengths(
+            [Candidate(k, self.acceptance.rates(state.counts, state.evidence)) for _, state, k in candidates],
+            self.step_cost.seconds, plain_tokens, decoding, per_sequence, self._draft_seconds_per_pass or 0.0,
+            REQUIRED_GAIN)
+        # A sequence proposing nothing still proposes one token now and then (its counts would otherwise
+        # never change), where one more token makes the step little dearer.
+        probes = []
+        for i, (_, state, _) in enumerate(candidates):
+            state.idle_steps = state.idle_steps + 1 if lengths[i] == 0 else 0
+            if state.idle_steps and state.idle_steps % PROBE_EVERY == 0:
+                probes.append(i)
+        if probes and not any(lengths):
+            plain = self.step_cost.seconds(plain_tokens)
+            extra = self.step_cost.seconds(plain_tokens + len(probes)) + len(probes) * per_sequence - plain
+            if extra > PROBE_COST * plain:
+                return lengths
+        for i in probes:
+            lengths[i] = 1
+        return lengths
 
     def verify(self, seq: Sequence, proposed: tuple[int, ...], logits: torch.Tensor
                ) -> tuple[list[int], list[Logprobs | None]]:
@@ -169,7 +206,7 @@ class Speculator:
             tokens = accept_sampled(probs, list(proposed), state.draft_probs, row.generator(probs.device))
         state.draft_probs = None
         accepted = len(tokens) - 1
-        state.length.record(len(proposed), accepted)
+        self.acceptance.record(state.counts, state.evidence, len(proposed), accepted)
         self._proposed += len(proposed)
         self._accepted += accepted
         self._verifications += 1
@@ -177,10 +214,15 @@ class Speculator:
             return tokens, [None] * len(tokens)
         return tokens, score_tokens(logits[:len(tokens)], tokens, [row.num_logprobs] * len(tokens))
 
-    def record_step(self, num_tokens: int, seconds: float) -> None:
-        """The step's forward and sampling took `seconds` for `num_tokens` tokens; also closes the
-        step's account of what proposing and verifying cost."""
-        self.step_cost.record(num_tokens, seconds)
+    def record_step(self, chunks: list[ScheduledChunk], seconds: float) -> None:
+        """The step's forward and sampling took `seconds`; also closes the step's account of what
+        proposing and verifying cost.
+
+        Only steps of decodes and verifications are timed: a prompt chunk of n tokens runs another
+        path (the prompt kernels, the layers one by one) at another cost than n decode or
+        verification rows, and counted as one it would make proposals look dear."""
+        if all(chunk.num_own_tokens == 1 for chunk in chunks):
+            self.step_cost.record(sum(chunk.num_tokens for chunk in chunks), seconds)
         if self._step_sequences:
             per_sequence = self._step_overhead / self._step_sequences
             self._seconds_per_sequence = _running_average(self._seconds_per_sequence, per_sequence)

@@ -1,4 +1,4 @@
-"""When speculating pays: a step-time curve measured on this machine, and the decision it drives.
+"""When speculating pays: a step-time curve measured on this machine (the decision is adaptive.py's).
 
 A verifying step feeds k proposed tokens more per sequence. While a step is bound by reading
 the weights (one stream, a few streams, a small model dominated by per-layer overhead), the
@@ -6,13 +6,16 @@ extra tokens cost almost nothing and every accepted one is a token gained. Once 
 large enough that arithmetic is the bound, they cost their full share and rejected ones are
 pure loss. Where that switch lies depends on the CPU, the model and the thread count, so it
 is not a constant: the engine times its own steps by their token count and speculates only
-while the expected tokens per second with the proposals beat those without.
+while the expected tokens per second with the proposals beat those without (plan_lengths).
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+
+
+OUTLIER = 2.0
 
 
 @dataclass
@@ -28,6 +31,10 @@ class StepCostModel:
 
     def record(self, num_tokens: int, seconds: float) -> None:
         old = self._seconds.get(num_tokens)
+        if old is not None:
+            # A step slowed by something else on the machine counts as at most OUTLIER x the estimate: one
+            # slow step must not make a width look dear for long (it is measured again only if it is chosen).
+            seconds = min(seconds, OUTLIER * old)
         if old is None:
             bisect.insort(self._counts, num_tokens)
             self._seconds[num_tokens] = seconds
@@ -55,26 +62,6 @@ class StepCostModel:
         return (1 - weight) * self._seconds[lo] + weight * self._seconds[hi]
 
 
-def expected_tokens(acceptance: float, proposed: int) -> float:
-    """Tokens a verification appends on average: the accepted share of the proposal plus the target's own."""
-    return 1.0 + acceptance * proposed
-
-
 # Proposals must promise this much more than plain decoding: the estimates are noisy, and a step
 # that only breaks even on paper can lose in practice (the issue's bound: never 5% slower).
 REQUIRED_GAIN = 1.05
-
-
-def speculation_pays(cost: StepCostModel, num_plain_tokens: int, extra_tokens: int, plain_yield: int,
-                     speculative_yield: float, proposal_seconds: float = 0.0) -> bool:
-    """Whether a step with `extra_tokens` proposed tokens more is expected to produce more tokens per second.
-
-    num_plain_tokens: the step's tokens without proposals; plain_yield: the tokens it appends
-    (one per decoding sequence); speculative_yield: expected tokens appended with the proposals;
-    proposal_seconds: what speculating costs besides the wider forward pass (making the proposals:
-    lookups or a draft model's passes; accepting them)."""
-    plain = cost.seconds(num_plain_tokens)
-    wider = cost.seconds(num_plain_tokens + extra_tokens)
-    if plain is None or wider is None:
-        return True  # nothing measured yet: try, and the step is measured
-    return speculative_yield / (wider + proposal_seconds) > REQUIRED_GAIN * plain_yield / plain

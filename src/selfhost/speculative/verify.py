@@ -16,12 +16,20 @@ from __future__ import annotations
 import torch
 
 
+def row_argmax(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax (the first maximum, as torch's). On CPU numpy's vectorised argmax takes ~4 us for
+    nine rows of a 4,096-token vocabulary where torch's takes ~50: a verification's rows are few and wide."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.numpy().argmax(axis=1).tolist()
+    return logits.argmax(dim=-1).tolist()
+
+
 def accept_greedy(target_logits: torch.Tensor, proposed: list[int]) -> list[int]:
     """target_logits: (k + 1, vocab) for the positions after each of the k proposals' prefixes.
 
     Returns the tokens to append: the kept proposals, then the target's own next token.
     """
-    best = target_logits.argmax(dim=-1).tolist()
+    best = row_argmax(target_logits)
     out = []
     for i, token in enumerate(proposed):
         if token != best[i]:
