@@ -118,6 +118,22 @@ AMX static void store_partial(const Product *p, const float *staging, Py_ssize_t
         _mm512_mask_storeu_ps(p->y + (m0 + r) * p->N + n0, mask, _mm512_add_ps(_mm512_loadu_ps(staging + 16 * r), bias));
 }
 
+/* The first pass over a chunk's rows reads its weights from memory, and a tile load waits for
+ * all 16 of its lines: ask for the tiles two K blocks ahead into L1 and eight ahead into L2
+ * (a batched decode step, 32 rows, took ~8% less time; past a chunk's end the addresses are
+ * the next chunk's, harmless). Later passes find the tiles in L1/L2. */
+AMX static inline __attribute__((always_inline)) void prefetch_weights(const uint16_t *b0, const uint16_t *b1,
+                                                                       Py_ssize_t kb) {
+    const char *near0 = (const char *)(b0 + (kb + 2) * TILE_ELEMS), *near1 = (const char *)(b1 + (kb + 2) * TILE_ELEMS);
+    const char *far0 = (const char *)(b0 + (kb + 8) * TILE_ELEMS), *far1 = (const char *)(b1 + (kb + 8) * TILE_ELEMS);
+    for (int line = 0; line < 16; line++) {
+        _mm_prefetch(near0 + 64 * line, _MM_HINT_T0);
+        _mm_prefetch(near1 + 64 * line, _MM_HINT_T0);
+        _mm_prefetch(far0 + 64 * line, _MM_HINT_T1);
+        _mm_prefetch(far1 + 64 * line, _MM_HINT_T1);
+    }
+}
+
 /* 32 outputs for one group of rows; chunks of the same row group are numbered together, so
  * threads working at the same time share that group's rows (in L2/L3) and sweep the outputs. */
 AMX static void run_chunk(const void *context, long chunk) {
@@ -137,6 +153,7 @@ AMX static void run_chunk(const void *context, long chunk) {
         _tile_zero(2);
         _tile_zero(3);
         for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
+            if (m == m_begin) prefetch_weights(b0, b1, kb);
             _tile_loadd(4, a0 + kb * TILE_ELEMS, 64);
             _tile_loadd(6, b0 + kb * TILE_ELEMS, 64);
             _tile_loadd(7, b1 + kb * TILE_ELEMS, 64);
@@ -156,6 +173,7 @@ AMX static void run_chunk(const void *context, long chunk) {
         _tile_zero(0);
         _tile_zero(1);
         for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
+            if (m == m_begin) prefetch_weights(b0, b1, kb);
             _tile_loadd(4, a0 + kb * TILE_ELEMS, 64);
             _tile_loadd(6, b0 + kb * TILE_ELEMS, 64);
             _tile_loadd(7, b1 + kb * TILE_ELEMS, 64);
