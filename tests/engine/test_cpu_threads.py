@@ -122,10 +122,11 @@ class Recording:
         if not callable(real) or name in ("available", "limit_isa", "bf16_cache_available", "layer_fields"):
             return real
         # Where each kernel takes its thread count: gemm's is 7th; the attention kernels' comes
-        # just before their trailing flags (kv_bf16; the fused decode step's store_first too); the
-        # one-call decode runner takes the products' and the attention's counts before its flags.
-        positions = {"gemm": (6,), "decode_attention": (-2,), "rope_decode_attention": (-3,),
-                     "prefill_attention": (-2,), "run_layers": (-4, -3)}[name]
+        # just before their trailing flags (kv_bf16; the fused decode step's store_first too; the
+        # prefill kernel's tiles flag); the one-call decode runner takes the products' and the
+        # attention's counts before its flags.
+        positions = {"gemm": (6,), "decode_attention": (-2,), "rope_decode_attention": (-3,), "rope_store": (-2,),
+                     "prefill_attention": (-3,), "run_layers": (-4, -3)}[name]
 
         def call(*args):
             self._calls.extend((name, args[p]) for p in positions)

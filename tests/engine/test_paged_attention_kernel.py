@@ -126,7 +126,7 @@ def test_fused_rope_decode_step_equals_rotary_then_attend(num_heads, num_kv_head
         meta.num_threads = threads
         heads = torch.cat([q, k, v], dim=1)  # the unrotated projection, as Attention has it
         if fused:
-            out = cache.rope_attend_decode(1, heads, cos, sin, num_heads, scale, window, softcap)
+            out = cache.rope_attend(1, heads, cos, sin, num_heads, scale, window, softcap)
         else:
             rotated = apply_rotary(heads[:, : num_heads + num_kv_heads], cos, sin)
             out = cache.attend(1, rotated[:, :num_heads], rotated[:, num_heads:], v, scale, window, softcap)
@@ -139,13 +139,13 @@ def test_fused_rope_decode_step_equals_rotary_then_attend(num_heads, num_kv_head
 
 
 @needs_kernel
-def test_fused_step_declines_prompt_chunks_and_partial_rotary():
+def test_fused_step_declines_partial_rotary_and_soft_capped_prompt_chunks():
     cache, meta, tables, q, k, v = random_step(4, 2, 64, 16, [5, 9], seed=1)
     heads = torch.cat([q, k, v], dim=1)
     cache.meta = meta
-    assert cache.rope_attend_decode(0, heads, torch.ones(2, 1, 32), torch.zeros(2, 1, 32), 4, 0.1, None, None) is None
+    assert cache.rope_attend(0, heads, torch.ones(2, 1, 32), torch.zeros(2, 1, 32), 4, 0.1, None, None) is None
     meta.chunks = [(2, 3, 0, torch.tensor([1]))]
-    assert cache.rope_attend_decode(0, heads, torch.ones(2, 1, 64), torch.zeros(2, 1, 64), 4, 0.1, None, None) is None
+    assert cache.rope_attend(0, heads, torch.ones(2, 1, 64), torch.zeros(2, 1, 64), 4, 0.1, None, 30.0) is None
 
 
 needs_prefill_kernel = pytest.mark.skipif(
@@ -253,7 +253,7 @@ def test_bf16_cache_fused_step_rounds_like_torch(num_heads, num_kv_heads, head_d
         cache.meta = meta
         heads = torch.cat([q, k, v], dim=1)
         if fused:
-            out = cache.rope_attend_decode(1, heads, cos, sin, num_heads, scale, window, softcap)
+            out = cache.rope_attend(1, heads, cos, sin, num_heads, scale, window, softcap)
         else:
             rotated = apply_rotary(heads[:, : num_heads + num_kv_heads], cos, sin)
             cache.use_cpu_kernel = False
@@ -364,7 +364,7 @@ def test_fused_step_with_a_verification_sees_its_own_earlier_keys(num_heads, num
             single_context_lens=torch.tensor(lens), chunks=[], num_threads=threads, store_first=True,
         )
         if fused:
-            out = cache.rope_attend_decode(0, heads, cos, sin, num_heads, scale, None, None)
+            out = cache.rope_attend(0, heads, cos, sin, num_heads, scale, None, None)
         else:
             rotated = apply_rotary(heads[:, : num_heads + num_kv_heads], cos, sin)
             out = cache.attend(0, rotated[:, :num_heads], rotated[:, num_heads:], heads[:, num_heads + num_kv_heads:],
@@ -373,3 +373,59 @@ def test_fused_step_with_a_verification_sees_its_own_earlier_keys(num_heads, num
         caches.append(cache)
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
     assert (outs[0] - outs[1]).abs().max() < 1e-5
+
+
+def mixed_step(num_heads, num_kv_heads, head_dim, block_size, single_lens, chunks, seed, kv_dtype):
+    """A cache plus one step of single-token queries (sequences of `single_lens` tokens, the last
+    one new) followed by prompt chunks (start, count), none of the step's keys written yet."""
+    lens = list(single_lens) + [s + c for s, c in chunks]
+    cache, tables, gen = random_cache(num_kv_heads, head_dim, block_size, lens, seed, kv_dtype)
+    slot = lambda table, p: table[p // block_size] * block_size + p % block_size  # noqa: E731
+    single_tables = tables[: len(single_lens)]
+    max_blocks = max(len(t) for t in single_tables)
+    slots = [slot(t, n - 1) for t, n in zip(single_tables, single_lens)]
+    step_chunks, first = [], len(single_lens)
+    for (start, count), table in zip(chunks, tables[len(single_lens):]):
+        step_chunks.append((first, count, start, torch.tensor(table)))
+        slots += [slot(table, p) for p in range(start, start + count)]
+        first += count
+    meta = StepMetadata(slot_mapping=torch.tensor(slots), num_single=len(single_lens),
+                        single_block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in single_tables]),
+                        single_context_lens=torch.tensor(single_lens), chunks=step_chunks)
+    heads = torch.randn(first, num_heads + 2 * num_kv_heads, head_dim, generator=gen)
+    return cache, meta, heads, gen
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_kernels)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,window",
+                         [(9, 3, 64, 16, None), (8, 2, 128, 16, 40), (4, 4, 64, 32, None)])
+@pytest.mark.parametrize("threads", [1, 2])
+@needs_prefill_kernel
+def test_fused_prompt_step_equals_rotary_then_attend(kv_dtype, num_heads, num_kv_heads, head_dim, block_size, window,
+                                                     threads):
+    from selfhost.layers.rotary import apply_rotary
+
+    single_lens, chunks = [1, 17, 40], [(0, 37), (50, 13), (16, 70)]
+    scale = head_dim**-0.5
+    caches, outs = [], []
+    for fused in (True, False):
+        cache, meta, heads, gen = mixed_step(num_heads, num_kv_heads, head_dim, block_size, single_lens, chunks,
+                                             seed=4, kv_dtype=kv_dtype)
+        cos = torch.randn(heads.shape[0], 1, head_dim, generator=gen)
+        sin = torch.randn(heads.shape[0], 1, head_dim, generator=gen)
+        cache.meta = meta
+        meta.num_threads = threads
+        if fused:
+            out = cache.rope_attend(1, heads, cos, sin, num_heads, scale, window, None)
+            assert out is not None
+        else:
+            rotated = apply_rotary(heads[:, : num_heads + num_kv_heads], cos, sin)
+            out = cache.attend(1, rotated[:, :num_heads], rotated[:, num_heads:], heads[:, num_heads + num_kv_heads:],
+                               scale, window, None)
+        caches.append(cache)
+        outs.append(out)
+    # Keys and values land in the same slots with the same bits (rotation and rounding as torch's),
+    # and the attention is the same kernels' over the same cache and queries.
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert torch.equal(outs[0], outs[1])

@@ -74,6 +74,7 @@ typedef struct {
      * thread wrote them; the attention pass then only rotates its queries. */
     int store_first, keys_stored;
     int block_shift; /* log2(block_size) */
+    float *q_out;    /* rope_store: the rotated query heads land here, (S, H, D); NULL: scratch */
     int *failed; /* set when scratch memory could not be had */
 } Job;
 
@@ -393,8 +394,6 @@ static void rotate(const Job *job, const float *x, const float *cos, const float
     }
 }
 
-/* Fused step: rotate the pair's key into its cache slot, copy its value, rotate its
- * query heads into `q_rotated`. */
 /* The pair's query heads, rotated, into q_rotated (group * dim floats). */
 static void rotate_queries(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *q_rotated) {
     Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim;
@@ -403,6 +402,9 @@ static void rotate_queries(const Job *job, Py_ssize_t seq, Py_ssize_t head, floa
     for (Py_ssize_t g = 0; g < group; g++) rotate(job, row + (head * group + g) * dim, cos, sin, q_rotated + g * dim);
 }
 
+/* Fused step: rotate the pair's key into its cache slot, copy its value, rotate its query
+ * heads into `q_rotated` (group * dim floats, then room for the key), or into their rows of
+ * job->q_out where the job has one. */
 static void rotate_and_store(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *q_rotated) {
     Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim;
     const float *row = job->q + seq * (job->num_heads + 2 * job->num_kv_heads) * dim;
@@ -417,8 +419,10 @@ static void rotate_and_store(const Job *job, Py_ssize_t seq, Py_ssize_t head, fl
 #ifdef SELFHOST_X86 /* a bf16 cache is taken on AVX-512 only (run_pairs) */
     if (job->kv_bf16) {
         uint16_t *v_cache = job->v_cache, *k_cache = job->k_cache;
-        for (Py_ssize_t d = 0; d < dim; d++) v_cache[row_offset + d] = bf16_round(value[d]);
-        for (Py_ssize_t d = 0; d < dim; d++) k_cache[column + d * bs] = bf16_round(key[d]);
+        for (Py_ssize_t d = 0; d < dim; d += 16) { /* head_dim % 16 == 0 with a bf16 cache (check_pairs) */
+            bf16_round_16(value + d, v_cache + row_offset + d, 1);
+            bf16_round_16(key + d, k_cache + column + d * bs, bs);
+        }
     } else
 #endif
     {
@@ -426,7 +430,7 @@ static void rotate_and_store(const Job *job, Py_ssize_t seq, Py_ssize_t head, fl
         memcpy(v_cache + row_offset, value, sizeof(float) * (size_t)dim);
         for (Py_ssize_t d = 0; d < dim; d++) k_cache[column + d * bs] = key[d];
     }
-    rotate_queries(job, seq, head, q_rotated);
+    rotate_queries(job, seq, head, job->q_out ? job->q_out + (seq * job->num_heads + head * group) * dim : q_rotated);
 }
 
 /* values[p] = the address of the value at position first + p (values are rows), for
@@ -541,6 +545,27 @@ static void store_chunk(const void *whole, long chunk) {
     }
     for (Py_ssize_t item = begin; item < end; item++)
         rotate_and_store(job, item / job->num_kv_heads, item % job->num_kv_heads, scratch);
+    free(scratch);
+}
+
+/* rope_store's unit of work: every kv head of TOKENS_PER_STORE consecutive tokens. A key goes
+ * into a column of its block (dims-major), so two threads writing neighbouring tokens would
+ * pass the block's cache lines back and forth; a block's worth of tokens at a time keeps
+ * them apart (measured: the writes took ~1 ms a layer of a 1024-token prompt). */
+#define TOKENS_PER_STORE 16
+static void store_tokens_chunk(const void *whole, long chunk) {
+    const Job *job = whole;
+    Py_ssize_t tokens = job->item_end / job->num_kv_heads;
+    Py_ssize_t begin = (Py_ssize_t)chunk * TOKENS_PER_STORE, end = begin + TOKENS_PER_STORE;
+    if (end > tokens) end = tokens;
+    Py_ssize_t group = job->num_heads / job->num_kv_heads;
+    float *scratch = malloc(sizeof(float) * (size_t)((group + 1) * job->head_dim));
+    if (scratch == NULL) {
+        *job->failed = 1;
+        return;
+    }
+    for (Py_ssize_t head = 0; head < job->num_kv_heads; head++)
+        for (Py_ssize_t token = begin; token < end; token++) rotate_and_store(job, token, head, scratch);
     free(scratch);
 }
 
@@ -700,6 +725,43 @@ static PyObject *rope_decode_attention(PyObject *self, PyObject *args) {
     return run_pairs(&whole, num_seqs, num_threads);
 }
 
+/* A step's rotary and cache writes, for steps with prompt chunks (their attention then reads
+ * the cache in place): every token's key rotated into its slot, its value copied, its query
+ * heads rotated into q_out (T, H, D). The rotation is the decode step's, so a key is the same
+ * whichever kind of step wrote it. */
+static PyObject *rope_store(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long qkv, cos, sin, slots, k, v, q_out;
+    Py_ssize_t num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks;
+    int num_threads, kv_bf16 = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKKKnnnnnni|p", &qkv, &cos, &sin, &slots, &k, &v, &q_out, &num_tokens, &num_heads,
+                          &num_kv_heads, &head_dim, &block_size, &num_blocks, &num_threads, &kv_bf16))
+        return NULL;
+    int failed = 0;
+    Job whole = {.q = (const float *)qkv, .k = (const void *)k, .v = (const void *)v, .kv_bf16 = kv_bf16,
+                 .num_heads = num_heads, .num_kv_heads = num_kv_heads, .head_dim = head_dim,
+                 .block_size = block_size, .num_blocks = num_blocks, .cos = (const float *)cos,
+                 .sin = (const float *)sin, .slots = (const int64_t *)slots, .k_cache = (void *)k,
+                 .v_cache = (void *)v, .store_first = 1, .q_out = (float *)q_out, .failed = &failed};
+    const char *problem = check_pairs(&whole);
+    if (problem) {
+        PyErr_SetString(PyExc_ValueError, problem);
+        return NULL;
+    }
+    whole.item_end = num_tokens * num_kv_heads;
+    long num_chunks = (long)((num_tokens + TOKENS_PER_STORE - 1) / TOKENS_PER_STORE);
+    Py_BEGIN_ALLOW_THREADS
+#ifdef SELFHOST_X86
+    pool_run(store_tokens_chunk, &whole, num_chunks, num_threads < 1 ? 1 : num_threads);
+#else
+    for (long c = 0; c < num_chunks; c++) store_tokens_chunk(&whole, c);
+    (void)num_threads;
+#endif
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"bf16_cache_available", bf16_cache_available, METH_NOARGS,
      "True when the kernels take a bf16 cache here (AVX-512, within the limit_isa cap)."},
@@ -710,6 +772,9 @@ static PyMethodDef methods[] = {
     {"rope_decode_attention", rope_decode_attention, METH_VARARGS,
      "A decode step's attention from the unrotated q/k/v projection: rotary, cache write and attention "
      "(store_first: every key and value written before any query attends)."},
+    {"rope_store", rope_store, METH_VARARGS,
+     "rope_store(qkv, cos, sin, slots, k, v, q_out, T, H, Hkv, D, block_size, num_blocks, num_threads, kv_bf16): "
+     "rotary on the step's q and k, keys and values into their cache slots, rotated queries into q_out."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -5,7 +5,7 @@
  * rows). 64 dimensions a pass; each value vector loaded once serves every row.
  * rescale NULL: the rows start from zero. head_dim must be a multiple of 16.
  * Values are fp32 or bf16 (a bf16 KV cache: half the bytes a decode step reads);
- * `kv_load` widens 16 of either to fp32, exactly, and `bf16_round` is the one
+ * `kv_load` widens 16 of either to fp32, exactly, and `bf16_round_16` is the one
  * rounding the kernels use when they write into a bf16 cache: to nearest even, as
  * torch's own conversion, so the two writers agree bit for bit (NaN stays a NaN).
  * Header-only; callers guard the include for x86-64 GCC/Clang.
@@ -33,11 +33,23 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
-static inline uint16_t bf16_round(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN: the quiet one (the carry below could make it inf) */
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+/* 16 values to bf16 into slots `stride` apart: to nearest even, as torch's own conversion
+ * (any NaN becomes the quiet 0x7fc0, as torch makes it), so the two writers of a bf16 cache
+ * agree bit for bit. */
+__attribute__((target("avx512f"))) static inline void bf16_round_16(const float *in, uint16_t *out, Py_ssize_t stride) {
+    const __m512i bits = _mm512_castps_si512(_mm512_loadu_ps(in));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
+    if (stride == 1) {
+        _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(rounded));
+        return;
+    }
+    uint16_t lanes[16];
+    _mm256_storeu_si256((__m256i *)lanes, _mm512_cvtepi32_epi16(rounded));
+    for (int i = 0; i < 16; i++) out[i * stride] = lanes[i];
 }
 
 /* Value rows asked for ahead of their use: rows of the next blocks start wherever the block

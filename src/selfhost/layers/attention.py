@@ -126,7 +126,7 @@ class Attention(nn.Module):
         num_tokens = x.shape[0]
         heads = self.qkv_proj.forward(x, num_threads).view(num_tokens, -1, self.head_dim)  # (T, H + 2*Hkv, D): q, k, v heads
         num_qk = self.num_heads + self.num_kv_heads
-        if self.q_norm is None and self.sinks is None and (fused := getattr(kv, "rope_attend_decode", None)) is not None:
+        if self.q_norm is None and self.sinks is None and (fused := getattr(kv, "rope_attend", None)) is not None:
             out = fused(self.layer_idx, heads, cos, sin, self.num_heads, self.scale, self.sliding_window, self.softcap)
             if out is not None:
                 return self.o_proj.forward(out.view(num_tokens, self.q_size), num_threads)
