@@ -99,8 +99,10 @@ def test_a_chooser_can_start_on_all_threads_and_still_falls_back_on_collapse():
 
 def test_large_steps_keep_all_threads_only_when_asked():
     assert CpuThreads(2, lambda n: None).large_steps.current == 1
+    assert CpuThreads(2, lambda n: None).small_steps.current == 1
     threads = CpuThreads(2, lambda n: None, large_steps_all_threads=True)
-    assert threads.large_steps.current == 2 and threads.small_steps.current == 1
+    assert threads.large_steps.current == 2 and threads.small_steps.current == 2
+    assert threads.small_steps.can_probe and not threads.large_steps.can_probe
     # Steps of unlike size (a prompt chunk, then a long-context decode batch) never move it,
     # where they would send an ordinary chooser to one thread as a "collapse".
     for chooser, expected in ((threads.large_steps, {2}), (ThreadChooser(1, 2, start_fast=True), {1, 2})):

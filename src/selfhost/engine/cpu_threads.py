@@ -13,8 +13,9 @@ products that stream every weight once. Two facts shape the thread counts:
   descheduled worker); selfhost's own kernels (../_cpu_pool.c) fall back to
   one-thread speed instead, but even they lose when the cores are busy.
   Neither setting is right everywhere, so the policy measures: it starts on
-  one thread (never the disaster), now and then tries all threads for a few
-  steps, and keeps whichever made steps faster. A probe that collapses is
+  one thread (never the disaster; on all threads where selfhost's own kernels
+  do the products), now and then tries the other count for a few steps, and
+  keeps whichever made steps faster. A probe that collapses is
   abandoned at once, a losing probe doubles the wait before the next one, and
   a collapse while on all threads (another process woke up) drops straight
   back to one thread. A busy machine pays one slow step now and then.
@@ -170,7 +171,11 @@ class CpuThreads:
         self._set_blas_threads = set_blas_threads
         pinned = int(PINNED_BLAS_THREADS) if PINNED_BLAS_THREADS else None
         safe, fast = (pinned, pinned) if pinned else (1, max_threads)
-        self.small_steps = ThreadChooser(safe, fast)
+        # With selfhost's own kernels small steps start on all threads too (a busy core slows
+        # them, it does not stall them); they still drop to one thread on a collapse and probe
+        # it now and then. Starting on one thread cost a batched run's last steps, as its
+        # sequences finish, twice their time (21 ms for a 1-row decode step against ~11).
+        self.small_steps = ThreadChooser(safe, fast, start_fast=large_steps_all_threads)
         self.large_steps = ThreadChooser(fast, fast) if large_steps_all_threads else ThreadChooser(safe, fast)
         self.blas_threads = safe
 
