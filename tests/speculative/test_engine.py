@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,31 @@ def test_bad_settings_are_refused_clearly(target, tmp_path):
     save_tiny_tokenizer(odd, vocab_size=300)
     with pytest.raises(InvalidParameterError, match="different tokenizers"):
         LLM(target, speculative=f"draft:{odd}")
+
+
+@pytest.mark.parametrize("model", ["demo", "tiny"])
+def test_a_verified_run_decodes_to_the_text_of_its_tokens_appended_one_by_one(model, target):
+    """Sequence.extend (one decode for a run) against append per token: the same text, streamed deltas and
+    finish, over random runs (byte-level tokens split UTF-8 characters), max_tokens and stop tokens inside runs."""
+    from selfhost.engine.sequence import Sequence
+    from selfhost.hub import resolve_model
+    from selfhost.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(resolve_model(None) if model == "demo" else Path(target))
+    vocab = len(tokenizer.hf)
+    rng = random.Random(1)
+    for trial in range(60):
+        params = SamplingParams(max_tokens=rng.randint(5, 60), ignore_eos=rng.random() < 0.5)
+        one, run = (Sequence("r", [1, 2], params, tokenizer, params.max_tokens) for _ in range(2))
+        deltas_one, deltas_run = [], []
+        while not one.is_finished:
+            tokens = [rng.randrange(vocab) for _ in range(rng.randint(1, 6))]
+            for token in tokens:
+                one.append(token, None)
+                if one.is_finished:
+                    break
+            run.extend(tokens, [None] * len(tokens))
+            deltas_one.append(one.take_delta())
+            deltas_run.append(run.take_delta())
+        assert run.is_finished and run.output_ids == one.output_ids and run.finish_reason == one.finish_reason
+        assert run.detok.text == one.detok.text and "".join(deltas_run) == "".join(deltas_one), trial

@@ -28,6 +28,17 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> None:
         """Append one generated token; sets `stopped` when a stop string appears."""
         self.token_ids.append(token_id)
+        self._release()
+
+    def add_many(self, token_ids: list[int]) -> None:
+        """Append several tokens at once (a verified speculative run), decoding their window once.
+
+        Only without stop strings: with them, the token that completes one must be found (`add` each)."""
+        assert not self.stop, "add_many cannot tell which token completed a stop string"
+        self.token_ids.extend(token_ids)
+        self._release()
+
+    def _release(self) -> None:
         window_before = self.tokenizer.decode(self.token_ids[self._prefix_offset : self._read_offset])
         window_now = self.tokenizer.decode(self.token_ids[self._prefix_offset :])
         if len(window_now) <= len(window_before) or window_now.endswith(REPLACEMENT_CHAR):

@@ -260,10 +260,7 @@ class LLMEngine:
         """Append what the verification kept; roll the cache back past the last accepted proposal."""
         seq = chunk.seq
         tokens, logprobs = self.speculator.verify(seq, chunk.proposed, logits)
-        for token_id, logprob in zip(tokens, logprobs):
-            seq.append(token_id, logprob)
-            if seq.is_finished:  # a stop token or string, or max_tokens, inside the accepted run
-                break
+        seq.extend(tokens, logprobs)  # a stop token or string, or max_tokens, may end it inside the run
         # KV is valid for the sequence's own token and the accepted proposals; the last token appended
         # (the target's own) has none yet, exactly as after a plain decode step.
         seq.num_computed_tokens = chunk.start + chunk.num_own_tokens + len(tokens) - 1

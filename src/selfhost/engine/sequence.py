@@ -99,6 +99,25 @@ class Sequence:
             self.finish_reason = "length"
             self.detok.flush()
 
+    def extend(self, token_ids: list[int], logprobs: list[Logprobs | None]) -> None:
+        """`append` each of a verified speculative run's tokens, stopping where the sequence finishes.
+
+        Where none of them can finish it (no stop token or stop string, max_tokens beyond the run) their
+        text is decoded in one go: the same text, without two decodes per token."""
+        if (len(token_ids) < 2 or self.detok.stop or len(self.output_ids) + len(token_ids) >= self.max_output
+                or not self.stop_ids.isdisjoint(token_ids)):
+            for token_id, logprob in zip(token_ids, logprobs):
+                self.append(token_id, logprob)
+                if self.is_finished:
+                    break
+            return
+        self.output_ids.extend(token_ids)
+        self.token_ids.extend(token_ids)
+        if self.logprobs is not None:
+            self.logprobs.extend(TokenLogprob(token_id, logprob[0], dict(logprob[1]))
+                                 for token_id, logprob in zip(token_ids, logprobs) if logprob is not None)
+        self.detok.add_many(token_ids)
+
     def finish_constrained(self) -> None:
         """The output constraint is complete: nothing more may follow it."""
         self.finish_reason = "stop"

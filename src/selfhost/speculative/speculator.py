@@ -24,7 +24,7 @@ from selfhost.speculative.adaptive import (PROBE_EVERY, AcceptanceCounts, Accept
 from selfhost.speculative.config import SpeculativeConfig
 from selfhost.speculative.draft import DraftProposer
 from selfhost.speculative.ngram import NgramIndex, NgramProposer
-from selfhost.speculative.step_cost import REQUIRED_GAIN, StepCostModel
+from selfhost.speculative.step_cost import REQUIRED_GAIN, RobustAverage, StepCostModel
 from selfhost.speculative.verify import accept_greedy, accept_sampled
 
 # Without a measured plain step of the current size, one in this many steps runs without
@@ -72,8 +72,8 @@ class Speculator:
         self.acceptance = AcceptanceModel()  # how often proposals are kept, by what they rest on
         # What speculation costs besides the wider forward, as running averages: per speculating
         # sequence (proposing by lookup, verifying), and per draft-model pass (batched over sequences).
-        self._seconds_per_sequence: float | None = None
-        self._draft_seconds_per_pass: float | None = None
+        self._seconds_per_sequence = RobustAverage()
+        self._draft_seconds_per_pass = RobustAverage()
         self._step_overhead = 0.0  # this step's so far
         self._step_sequences = 0
         self._streak = 0  # steps in a row with proposals
@@ -144,8 +144,7 @@ class Speculator:
         start = time.perf_counter()
         proposals = self.draft.propose([seq for seq, _, _ in chosen], [k for _, _, k in chosen])
         draft_seconds = time.perf_counter() - start
-        self._draft_seconds_per_pass = _running_average(self._draft_seconds_per_pass,
-                                                        draft_seconds / max(lengths))
+        self._draft_seconds_per_pass.record(draft_seconds / max(lengths))
         for (seq, state, _), proposal in zip(chosen, proposals):
             seq.proposed = proposal.tokens
             state.draft_probs = proposal.draft_probs
@@ -163,10 +162,10 @@ class Speculator:
         if self.step_cost.seconds(plain_tokens) is None:
             return [k for _, _, k in candidates]  # nothing measured yet: try, and the step is measured
         decoding = sum(1 for seq in running if seq.num_uncomputed == 1)
-        per_sequence = self._seconds_per_sequence or 0.0
+        per_sequence = self._seconds_per_sequence.value or 0.0
         lengths = plan_lengths(
             [Candidate(k, self.acceptance.rates(state.counts, state.evidence)) for _, state, k in candidates],
-            self.step_cost.seconds, plain_tokens, decoding, per_sequence, self._draft_seconds_per_pass or 0.0,
+            self.step_cost.seconds, plain_tokens, decoding, per_sequence, self._draft_seconds_per_pass.value or 0.0,
             REQUIRED_GAIN)
         # A sequence proposing nothing still proposes one token now and then (its counts would otherwise
         # never change), where one more token makes the step little dearer.
@@ -225,7 +224,7 @@ class Speculator:
             self.step_cost.record(sum(chunk.num_tokens for chunk in chunks), seconds)
         if self._step_sequences:
             per_sequence = self._step_overhead / self._step_sequences
-            self._seconds_per_sequence = _running_average(self._seconds_per_sequence, per_sequence)
+            self._seconds_per_sequence.record(per_sequence)
         self._step_overhead, self._step_sequences = 0.0, 0
 
     def release(self, seq: Sequence) -> None:
@@ -237,7 +236,3 @@ class Speculator:
 
     def stats(self) -> SpeculationStats:
         return SpeculationStats(self._proposed, self._accepted, self._verifications, self._steps)
-
-
-def _running_average(old: float | None, new: float, weight: float = 0.2) -> float:
-    return new if old is None else (1 - weight) * old + weight * new

@@ -15,31 +15,56 @@ import bisect
 from dataclasses import dataclass, field
 
 
+# Timings on a shared machine are only ever too slow (a neighbour's burst, a collection pause), and a
+# width or overhead that once looked dear is not tried again to correct it. So an observation counts
+# as at most OUTLIER x the current estimate, and the first few of a quantity are combined by minimum.
 OUTLIER = 2.0
+FIRST_BY_MINIMUM = 3
+
+
+@dataclass
+class RobustAverage:
+    """A running average of timings that one slow observation cannot inflate for long (see OUTLIER)."""
+
+    smoothing: float = 0.2  # weight of the latest observation once past the first few
+    value: float | None = None
+    count: int = 0
+
+    def record(self, seconds: float) -> float:
+        self.count += 1
+        if self.value is None:
+            self.value = seconds
+        elif self.count <= FIRST_BY_MINIMUM:
+            self.value = min(self.value, seconds)
+        else:
+            self.value = (1 - self.smoothing) * self.value + self.smoothing * min(seconds, OUTLIER * self.value)
+        return self.value
 
 
 @dataclass
 class StepCostModel:
     """Seconds per step as a function of the step's token count, from the steps the engine ran.
 
-    One running average per observed count; counts never seen are interpolated between their
-    neighbours, and extrapolated flat (optimistic: the first step of a new size measures it)."""
+    One RobustAverage per observed count; counts never seen are interpolated between their
+    neighbours, and extrapolated flat (optimistic: the first step of a new size measures it). A first
+    observation counts as at most OUTLIER x the next smaller count's time scaled by the token ratio
+    (a wider step costs at most its share of tokens more)."""
 
-    smoothing: float = 0.2  # weight of the latest step in a count's running average
+    smoothing: float = 0.2
     _counts: list[int] = field(default_factory=list)  # sorted token counts observed
-    _seconds: dict[int, float] = field(default_factory=dict)
+    _averages: dict[int, RobustAverage] = field(default_factory=dict)
+    _seconds: dict[int, float] = field(default_factory=dict)  # each average's value
 
     def record(self, num_tokens: int, seconds: float) -> None:
-        old = self._seconds.get(num_tokens)
-        if old is not None:
-            # A step slowed by something else on the machine counts as at most OUTLIER x the estimate: one
-            # slow step must not make a width look dear for long (it is measured again only if it is chosen).
-            seconds = min(seconds, OUTLIER * old)
-        if old is None:
-            bisect.insort(self._counts, num_tokens)
-            self._seconds[num_tokens] = seconds
-        else:
-            self._seconds[num_tokens] = (1 - self.smoothing) * old + self.smoothing * seconds
+        average = self._averages.get(num_tokens)
+        if average is None:
+            i = bisect.bisect_left(self._counts, num_tokens)
+            if i > 0:
+                smaller = self._counts[i - 1]
+                seconds = min(seconds, OUTLIER * self._seconds[smaller] * num_tokens / smaller)
+            self._counts.insert(i, num_tokens)
+            average = self._averages[num_tokens] = RobustAverage(self.smoothing)
+        self._seconds[num_tokens] = average.record(seconds)
 
     @property
     def measured_counts(self) -> dict[int, float]:
