@@ -176,7 +176,8 @@ class Speculator:
                 probes.append(i)
         if probes and not any(lengths):
             plain = self.step_cost.seconds(plain_tokens)
-            extra = self.step_cost.seconds(plain_tokens + len(probes)) + len(probes) * per_sequence - plain
+            extra = (self.step_cost.seconds(plain_tokens + len(probes)) - plain + len(probes) * per_sequence
+                     + (self._draft_seconds_per_pass.value or 0.0))  # a draft model's pass is no small probe
             if extra > PROBE_COST * plain:
                 return lengths
         for i in probes:
