@@ -49,7 +49,7 @@ setup(
         kernel("layers._matvec_cpu", uses_pool=True),
         kernel("layers._gemm_cpu", uses_pool=True),
         kernel("layers._bf16_tiles_cpu", uses_pool=True, headers=("_amx_tiles.h", "_kernel_capsules.h")),
-        kernel("layers._norm_cpu", headers=("_kernel_capsules.h",)),
+        kernel("layers._norm_cpu", uses_pool=True, headers=("_kernel_capsules.h",)),
         kernel("layers._activation_cpu", uses_pool=True, headers=("_exp_avx512.h", "_kernel_capsules.h")),
         kernel("layers._token_mask_cpu"),
         kernel("engine._paged_attention_cpu", uses_pool=True,

@@ -170,7 +170,23 @@ def check_norm(module) -> str:
                     # squares summed in fp32 (all positive: relative error within dim u), then a few roundings
                     bound = (dim + 8) * U * abs(want) + 1e-30
                     expect_close(f"rms_norm dim={dim} offset={offset}: out[{r},{i}]", out[r * dim + i], want, bound)
-    return f"{len(NORM_DIMS)} widths x 2 offsets"
+    # Rows split over the pool, and the residual add in the same pass (sum = x + y, out = norm(sum)).
+    rows, dim = 37, 64
+    for threads in THREADS:
+        x, y, w = floats(rng, rows * dim, 2.0), floats(rng, rows * dim, 2.0), floats(rng, dim)
+        summed = [f32(a + b) for a, b in zip(x, y)]
+        out, got = array.array("f", [float("nan")]) * (rows * dim), array.array("f", [float("nan")]) * (rows * dim)
+        module.add_rms_norm(address(x), address(y), address(got), address(w), address(out), rows, dim, eps, 0.0, threads)
+        for i in range(rows * dim):
+            expect_close(f"add_rms_norm threads={threads}: sum[{i}]", got[i], summed[i], 0.0)
+        for r in range(rows):
+            row = summed[r * dim : (r + 1) * dim]
+            scale = 1.0 / math.sqrt(math.fsum(v * v for v in row) / dim + eps)
+            for i in range(dim):
+                want = row[i] * scale * w[i]
+                expect_close(f"add_rms_norm threads={threads}: out[{r},{i}]", out[r * dim + i], want,
+                             (dim + 8) * U * abs(want) + 1e-30)
+    return f"{len(NORM_DIMS)} widths x 2 offsets; add + norm on {THREADS} threads"
 
 
 # ---- decode attention over the paged cache (portable C off x86) ----

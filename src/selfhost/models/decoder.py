@@ -70,13 +70,13 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         # Submodules are called through .forward: nn.Module.__call__ (hook dispatch) costs
         # ~1 ms per decoded token across 30 layers, and this model registers no hooks.
-        attn_out = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, kv, num_threads)
+        attn_out = self.self_attn.forward(self.input_layernorm.forward(x, num_threads), cos, sin, kv, num_threads)
         if self.sandwich:
             x = x + self.post_attention_layernorm.forward(attn_out)
             mlp_out = self.mlp.forward(self.pre_feedforward_layernorm.forward(x), num_threads)
             return x + self.post_feedforward_layernorm.forward(mlp_out)
-        x = x + attn_out
-        return x + self.mlp.forward(self.post_attention_layernorm.forward(x), num_threads)
+        x, h = self.post_attention_layernorm.add_forward(x, attn_out, num_threads)
+        return x + self.mlp.forward(h, num_threads)
 
 
 class DecoderBody(nn.Module):
