@@ -9,6 +9,8 @@
 - layers/_norm_cpu.c            RMSNorm in one pass
 - layers/_activation_cpu.c      SwiGLU (silu(gate) * up) in one pass (AVX-512)
 - layers/_token_mask_cpu.c      constrained decoding's token masks applied to logits (portable C)
+- layers/_moe_cpu.c             a mixture-of-experts layer's routed experts in one call, through the
+                                kernels above (their `_kernels` capsules)
 - engine/_paged_attention_cpu.c decode attention read in place from the paged KV cache
 - engine/_prefill_attention_cpu.c prompt-chunk attention over the paged KV cache (AVX-512; AMX tiles)
 - engine/_decode_layers_cpu.c   a decode step's decoder layers in one call, through the kernels
@@ -52,6 +54,7 @@ setup(
         kernel("layers._norm_cpu", uses_pool=True, headers=("_kernel_capsules.h",)),
         kernel("layers._activation_cpu", uses_pool=True, headers=("_exp_avx512.h", "_kernel_capsules.h")),
         kernel("layers._token_mask_cpu"),
+        kernel("layers._moe_cpu", headers=("_kernel_capsules.h",)),
         kernel("engine._paged_attention_cpu", uses_pool=True,
                headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h", "_kernel_capsules.h")),
         kernel("engine._decode_layers_cpu", headers=("_kernel_capsules.h",)),

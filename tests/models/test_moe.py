@@ -128,3 +128,33 @@ def test_moe_through_preemption_and_prefix_hits_matches_a_plain_run(moe_checkpoi
     tight = LLM(str(folder), kv_cache_memory=8 * block_bytes)  # room for 2-3 of the 6 requests: preemption
     assert [o.token_ids for o in tight.generate(prompts, params)] == expected
     assert tight.engine.scheduler.num_preemptions > 0
+
+
+def test_moe_bf16_weights_run_experts_in_one_call_like_the_expert_loop(moe_checkpoint, monkeypatch):
+    """weight_dtype="bfloat16": experts hold bf16 weights (AMX tiles where the CPU has them) and the
+    layer's one C call gives the expert loop's greedy tokens and logprobs."""
+    from selfhost.layers import moe as moe_module
+    from selfhost.layers.bf16_linear import Bf16Linear
+
+    name, folder, reference = moe_checkpoint
+    llm = LLM(str(folder), kv_cache_memory="16MiB", weight_dtype="bfloat16")
+    layers = [layer.mlp for layer in llm.model.model.layers if isinstance(layer.mlp, moe_module.SparseMoE)]
+    assert all(type(e.gate_up_proj) is Bf16Linear for moe in layers for e in moe.experts)
+    prompts = [[1, 17, 42, 99, 7], [1, 250, 31, 8, 64, 300, 12, 5, 77, 3]]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3)
+    monkeypatch.setattr(moe_module, "USE_EXPERT_KERNEL", False)
+    loop = llm.generate(prompts, params)
+    monkeypatch.setattr(moe_module, "USE_EXPERT_KERNEL", True)
+    one_call = llm.generate(prompts, params)
+    if moe_module._moe_cpu is not None:
+        assert all(moe.expert_kernel() is not None for moe in layers)
+    for a, b in zip(loop, one_call):
+        assert a.token_ids == b.token_ids
+        for top_a, top_b in zip(a.logprobs, b.logprobs):
+            for token, logprob in top_a.top.items():
+                assert abs(top_b.top[token] - logprob) < 1e-3
+    with torch.no_grad():  # and bf16 weights stay close to the fp32 reference
+        expected = reference(torch.tensor([prompts[1]])).logits[0, -1].log_softmax(-1)
+    first = one_call[1].logprobs[0].top
+    for token, logprob in first.items():
+        assert abs(logprob - float(expected[token])) < 0.05
