@@ -152,3 +152,18 @@ def test_seeded_generation_on_cuda(tiny_checkpoint):
     a, b = llm.generate(["To be", "To be"], params)  # one batch, one generator per request
     assert a.token_ids == b.token_ids and len(a.token_ids) == 12
     assert llm.generate("To be", params)[0].token_ids == a.token_ids
+
+
+def test_argmax_rows_picks_as_torch_does_ties_masks_and_nan_included():
+    from selfhost.layers.sampler import argmax_rows
+
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0))
+    logits[1, [10, 500]] = 50.0  # a tie: the first index, as torch.argmax
+    logits[2] = float("-inf")
+    logits[2, 777] = -1e30  # everything masked but one
+    logits[3, 321] = float("nan")  # NaN wins, as in torch
+    view = logits[:, ::2]  # not contiguous
+    for x in (logits, view):
+        got = argmax_rows(x)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, x.argmax(dim=-1))

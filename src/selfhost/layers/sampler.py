@@ -146,6 +146,14 @@ def filter_logits(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
     return logits
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Index of each row's largest logit (the first where several tie, as torch's). On CPU through
+    numpy: torch's argmax took 0.9-1.7 ms for a 32 x 32,000 decode batch here, numpy's 0.13."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, rows: list[SamplerRow], token_masks: TokenMasks | None = None) -> SampleResult:
     """logits: (N, vocab) fp32, one row per entry of `rows`; `token_masks` limit what some rows may sample.
 
@@ -163,7 +171,7 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow], token_masks: TokenMasks
         for i, row in enumerate(rows):
             for process in row.logits_processors:
                 logits[i] = process(row.output_ids, logits[i])
-    chosen = logits.argmax(dim=-1)
+    chosen = argmax_rows(logits)
     sampled_rows = [i for i, r in enumerate(rows) if not r.is_greedy]
     if sampled_rows:
         sub_rows = [rows[i] for i in sampled_rows]
