@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -88,6 +89,17 @@ def build_draft(out: Path, heal_steps: int, threads: int) -> Path:
                     "--preset", "shakespeare", "--heal-steps", str(heal_steps), "--threads", str(threads),
                     "--overwrite"], check=True)
     return out
+
+
+def checkpoint_params(folder: Path) -> int:
+    """Parameters in a checkpoint's safetensors (a loaded model may hold a tied head twice: a draft's runs in bf16)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(folder).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
 
 
 def timed_generate(llm, prompts, params, streams: int) -> tuple[float, list[list[int]]]:
@@ -157,8 +169,8 @@ def main() -> None:
     drafted = LLM(speculative=f"draft:{draft}", num_speculative_tokens=args.draft_tokens, **common)
     greedy = SamplingParams(max_tokens=budget["max_tokens"], temperature=0, ignore_eos=True)
     sampled = SamplingParams(max_tokens=budget["max_tokens"], temperature=0.8, seed=0, ignore_eos=True)
-    print(f"demo model; draft {draft} ({sum(p.numel() for p in drafted.engine.speculator.draft.model.parameters()) / 1e6:.2f}M "
-          f"params vs {sum(p.numel() for p in plain.model.parameters()) / 1e6:.2f}M); K: prompt lookup {args.ngram_tokens}, draft "
+    print(f"demo model; draft {draft} ({checkpoint_params(draft) / 1e6:.2f}M "
+          f"params vs {checkpoint_params(resolve_model(None)) / 1e6:.2f}M); K: prompt lookup {args.ngram_tokens}, draft "
           f"{args.draft_tokens}; {budget['prompts']} prompts "
           f"x {budget['max_tokens']} tokens; {threads} threads; median of {budget['repeats']}")
 

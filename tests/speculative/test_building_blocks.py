@@ -176,7 +176,11 @@ def test_step_cost_interpolates():
     for n, seconds in [(1, 0.010), (8, 0.011), (64, 0.050), (256, 0.200)]:
         cost.record(n, seconds)
     assert cost.seconds(1) == 0.010 and cost.seconds(4) == pytest.approx(0.010 + 0.001 * 3 / 7)
-    assert cost.seconds(1000) == 0.200  # flat past the largest measured step
+    # Past the largest measured step: the slope of its upper half (64 -> 256 tokens: 0.15 ms a token more).
+    assert cost.seconds(1000) == pytest.approx(0.200 + (1000 - 256) * 0.150 / 192)
+    one = StepCostModel()
+    one.record(1, 0.010)
+    assert one.seconds(9) == 0.010  # one count measured: flat, so that a wider step is tried once
     # 64 decoding sequences proposing 3 tokens each: the step is 4x the tokens at ~4x the time.
     assert plan_lengths([Candidate(3, [0.5] * 4)] * 64, cost.seconds, 64, 64, required_gain=1.05) == [0] * 64
     assert plan_lengths([Candidate(3, [0.5] * 4)], cost.seconds, 1, 1, required_gain=1.05) == [3]

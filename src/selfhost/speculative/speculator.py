@@ -30,7 +30,7 @@ from selfhost.speculative.verify import accept_greedy, accept_sampled
 # Without a measured plain step of the current size, one in this many steps runs without
 # proposals, so the comparison always has both sides.
 PLAIN_PROBE_EVERY = 16
-# A step where every sequence would propose nothing takes one-token probes only if they make it at most this much dearer.
+# A probe (see Speculator._lengths) is taken only if it makes its step at most this much dearer.
 PROBE_COST = 0.25
 
 
@@ -41,7 +41,7 @@ class SequenceSpeculation:
     ngram: NgramIndex | None = None
     counts: AcceptanceCounts = field(default_factory=AcceptanceCounts)  # this sequence's kept proposals
     evidence: tuple = ()  # what the pending proposal rests on (AcceptanceModel's key)
-    idle_steps: int = 0  # steps in a row it could have proposed and did not
+    last_proposed: int = -1  # the speculator's step count when it last proposed (probes go to the longest idle)
     draft: object | None = None  # DraftSequence: the draft model's KV for this sequence
     draft_probs: torch.Tensor | None = None  # q rows of the pending proposal (sampled requests, draft model)
 
@@ -77,6 +77,8 @@ class Speculator:
         self._step_overhead = 0.0  # this step's so far
         self._step_sequences = 0
         self._streak = 0  # steps in a row with proposals
+        self._idle_steps = 0  # steps in a row where sequences could have proposed and none did
+        self._proposing_steps = 0
         self._proposed = self._accepted = self._verifications = self._steps = 0
 
     def can_speculate(self, seq: Sequence) -> bool:
@@ -135,6 +137,9 @@ class Speculator:
             return 0.0
         self._streak += 1
         chosen = [(seq, state, k) for (seq, state, _), k in zip(candidates, lengths) if k > 0]
+        for _, state, _ in chosen:
+            state.last_proposed = self._proposing_steps
+        self._proposing_steps += 1
         self._step_sequences = len(chosen)
         if self.draft is None:
             for (seq, _, _), tokens, k in zip(candidates, lookups, lengths):
@@ -167,21 +172,20 @@ class Speculator:
             [Candidate(k, self.acceptance.rates(state.counts, state.evidence)) for _, state, k in candidates],
             self.step_cost.seconds, plain_tokens, decoding, per_sequence, self._draft_seconds_per_pass.value or 0.0,
             REQUIRED_GAIN)
-        # A sequence proposing nothing still proposes one token now and then (its counts would otherwise
-        # never change), where one more token makes the step little dearer.
-        probes = []
-        for i, (_, state, _) in enumerate(candidates):
-            state.idle_steps = state.idle_steps + 1 if lengths[i] == 0 else 0
-            if state.idle_steps and state.idle_steps % PROBE_EVERY == 0:
-                probes.append(i)
-        if probes and not any(lengths):
-            plain = self.step_cost.seconds(plain_tokens)
-            extra = (self.step_cost.seconds(plain_tokens + len(probes)) - plain + len(probes) * per_sequence
-                     + (self._draft_seconds_per_pass.value or 0.0))  # a draft model's pass is no small probe
-            if extra > PROBE_COST * plain:
-                return lengths
-        for i in probes:
-            lengths[i] = 1
+        # A step where nobody proposes still probes now and then: one token for the sequence that has gone
+        # longest without proposing (its counts, and the engine's, would otherwise never change), where one
+        # more token makes the step little dearer. One probe per PROBE_EVERY such steps, whatever the batch.
+        if any(lengths):
+            self._idle_steps = 0
+            return lengths
+        self._idle_steps += 1
+        if self._idle_steps % PROBE_EVERY:
+            return lengths
+        plain = self.step_cost.seconds(plain_tokens)
+        extra = (self.step_cost.seconds(plain_tokens + 1) - plain + per_sequence
+                 + (self._draft_seconds_per_pass.value or 0.0))  # a draft model's pass is no small probe
+        if extra <= PROBE_COST * plain:
+            lengths[min(range(len(candidates)), key=lambda i: candidates[i][1].last_proposed)] = 1
         return lengths
 
     def verify(self, seq: Sequence, proposed: tuple[int, ...], logits: torch.Tensor

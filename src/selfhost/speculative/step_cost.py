@@ -46,7 +46,7 @@ class StepCostModel:
     """Seconds per step as a function of the step's token count, from the steps the engine ran.
 
     One RobustAverage per observed count; counts never seen are interpolated between their
-    neighbours, and extrapolated flat (optimistic: the first step of a new size measures it). A first
+    neighbours, and extrapolated past the largest along its upper half's slope. A first
     observation counts as at most OUTLIER x the next smaller count's time scaled by the token ratio
     (a wider step costs at most its share of tokens more)."""
 
@@ -81,10 +81,20 @@ class StepCostModel:
         if i == 0:
             return self._seconds[self._counts[0]]
         if i == len(self._counts):
-            return self._seconds[self._counts[-1]]
+            return self._extrapolated(num_tokens)
         lo, hi = self._counts[i - 1], self._counts[i]
         weight = (num_tokens - lo) / (hi - lo)
         return (1 - weight) * self._seconds[lo] + weight * self._seconds[hi]
+
+    def _extrapolated(self, num_tokens: int) -> float:
+        """Past the largest count: the slope of its upper half (per-token cost grows with the batch), flat
+        with one count measured (so a first wider step is tried and measured)."""
+        top = self._counts[-1]
+        if len(self._counts) == 1:
+            return self._seconds[top]
+        base = self._counts[min(bisect.bisect_left(self._counts, top / 2), len(self._counts) - 2)]
+        slope = max(0.0, (self._seconds[top] - self._seconds[base]) / (top - base))
+        return self._seconds[top] + slope * (num_tokens - top)
 
 
 # Proposals must promise this much more than plain decoding: the estimates are noisy, and a step
