@@ -13,8 +13,9 @@ saw and "held-out" ones are the tails of the plays it never saw.
 - draft: held-out play text as the prompt (greedy); the draft is the demo model pruned to one of
          its five layers and healed by distillation (built once into --out, ~5 min; or --draft DIR).
          Target: >= 1.3x at one stream. Prompt lookup runs here too, for comparison.
-- novel: held-out prompts sampled at temperature 0.8 (seeded): little to copy. Target: no arm
-         slower than 0.95x of plain at one stream (adaptive lengths back off).
+- novel: held-out prompts sampled at temperature 0.8, unseeded (a seeded request never speculates
+         under the engine's measured policy, so a seeded arm would measure nothing): little to copy.
+         Target: no arm slower than 0.95x of plain at one stream (adaptive lengths back off).
 - sweep: the copy workload at 1..32 streams, plain against prompt lookup: where the engine stops
          proposing (its measured step-time curve) and what speculation is worth at each width.
 All outputs run to --max-tokens (end-of-text ignored), so every arm generates the same number of
@@ -168,7 +169,7 @@ def main() -> None:
     ngram = LLM(speculative="ngram", num_speculative_tokens=args.ngram_tokens, **common)
     drafted = LLM(speculative=f"draft:{draft}", num_speculative_tokens=args.draft_tokens, **common)
     greedy = SamplingParams(max_tokens=budget["max_tokens"], temperature=0, ignore_eos=True)
-    sampled = SamplingParams(max_tokens=budget["max_tokens"], temperature=0.8, seed=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=budget["max_tokens"], temperature=0.8, ignore_eos=True)
     print(f"demo model; draft {draft} ({checkpoint_params(draft) / 1e6:.2f}M "
           f"params vs {checkpoint_params(resolve_model(None)) / 1e6:.2f}M); K: prompt lookup {args.ngram_tokens}, draft "
           f"{args.draft_tokens}; {budget['prompts']} prompts "
