@@ -9,7 +9,7 @@ from scipy.stats import chi2
 from selfhost.speculative.adaptive import (PROBE_EVERY, AcceptanceCounts, AcceptanceModel, Candidate,
                                            expected_tokens, plan_lengths)
 from selfhost.speculative.ngram import NgramProposer
-from selfhost.speculative.verify import accept_greedy, accept_sampled, row_argmax
+from selfhost.speculative.verify import accept_greedy, accept_sampled, draw, row_argmax
 
 
 def test_ngram_continues_the_most_recent_longest_match():
@@ -80,6 +80,19 @@ def test_rejection_sampling_gives_exactly_the_targets_distribution(draft):
     if q is not None:
         wrong = float(((counts - q[0] * trials) ** 2 / (q[0] * trials)).sum())
         assert wrong > chi2.ppf(0.999, df=vocab - 1)
+
+
+def test_draw_follows_unnormalised_weights_and_never_picks_a_zero():
+    generator = torch.Generator().manual_seed(5)
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.0, 0.0])  # 3:1, unnormalised, zeros at both ends
+    trials = 8000
+    counts = torch.zeros(6)
+    for _ in range(trials):
+        counts[draw(weights, generator)] += 1
+    assert counts[[0, 2, 4, 5]].sum() == 0
+    expected = torch.tensor([3 / 4, 1 / 4]) * trials
+    statistic = float(((counts[[1, 3]] - expected) ** 2 / expected).sum())
+    assert statistic < chi2.ppf(0.999, df=1), counts.tolist()
 
 
 def test_acceptance_is_counted_by_position_and_evidence():
