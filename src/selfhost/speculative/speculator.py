@@ -30,6 +30,10 @@ from selfhost.speculative.verify import accept_greedy, accept_sampled
 # Without a measured plain step of the current size, one in this many steps runs without
 # proposals, so the comparison always has both sides.
 PLAIN_PROBE_EVERY = 16
+# While plans come out empty, the same candidates (same proposal lengths and evidence, same step size) are
+# planned again only every this many steps: a stream its proposals cannot speed up then pays ~5 us a step
+# for speculation instead of ~25 (lookups, the plan), 0.5% of a demo-model step instead of 4%.
+REPLAN_IDLE_EVERY = 4
 # A probe (see Speculator._lengths) is taken only if it makes its step at most this much dearer.
 PROBE_COST = 0.25
 
@@ -78,6 +82,7 @@ class Speculator:
         self._step_sequences = 0
         self._streak = 0  # steps in a row with proposals
         self._idle_steps = 0  # steps in a row where sequences could have proposed and none did
+        self._idle_key = None  # what the last empty plan was made for
         self._proposing_steps = 0
         self._proposed = self._accepted = self._verifications = self._steps = 0
 
@@ -166,12 +171,17 @@ class Speculator:
             return [0] * len(candidates)  # measure a plain step of this size
         if self.step_cost.seconds(plain_tokens) is None:
             return [k for _, _, k in candidates]  # nothing measured yet: try, and the step is measured
-        decoding = sum(1 for seq in running if seq.num_uncomputed == 1)
         per_sequence = self._seconds_per_sequence.value or 0.0
-        lengths = plan_lengths(
-            [Candidate(k, self.acceptance.rates(state.counts, state.evidence)) for _, state, k in candidates],
-            self.step_cost.seconds, plain_tokens, decoding, per_sequence, self._draft_seconds_per_pass.value or 0.0,
-            REQUIRED_GAIN)
+        key = (plain_tokens, [(k, state.evidence) for _, state, k in candidates])
+        if self._idle_steps % REPLAN_IDLE_EVERY and key == self._idle_key:
+            lengths = [0] * len(candidates)  # as the last plan for the same candidates said (see REPLAN_IDLE_EVERY)
+        else:
+            decoding = sum(1 for seq in running if seq.num_uncomputed == 1)
+            lengths = plan_lengths(
+                [Candidate(k, self.acceptance.rates(state.counts, state.evidence)) for _, state, k in candidates],
+                self.step_cost.seconds, plain_tokens, decoding, per_sequence,
+                self._draft_seconds_per_pass.value or 0.0, REQUIRED_GAIN)
+        self._idle_key = None if any(lengths) else key
         # A step where nobody proposes still probes now and then: one token for the sequence that has gone
         # longest without proposing (its counts, and the engine's, would otherwise never change), where one
         # more token makes the step little dearer. One probe per PROBE_EVERY such steps, whatever the batch.
