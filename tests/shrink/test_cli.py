@@ -38,6 +38,17 @@ def test_distill_with_a_cached_teacher_writes_the_student_and_keeps_only_the_cac
         (teacher_dir / "config.json").read_text())["vocab_size"]
 
 
+def test_distills_cli_defaults_are_the_objectives_defaults():
+    import inspect
+
+    from selfhost.cli.shrink import distill
+    from selfhost.shrink.kd_loss import DistillConfig
+
+    params = inspect.signature(distill).parameters
+    assert (params["temperature"].default, params["alpha"].default) == (DistillConfig.temperature,
+                                                                        DistillConfig.alpha)
+
+
 def test_bad_cache_spec_and_foreign_student_config_fail_before_any_work(teacher_dir, corpus_file, tmp_path):
     result = invoke("distill", teacher_dir, "-o", tmp_path / "s", "--data", corpus_file, "--cache-teacher", "64", *FAST)
     assert isinstance(result.exception, InvalidParameterError) and "write it as top-k=64" in str(result.exception)

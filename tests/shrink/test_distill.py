@@ -64,6 +64,18 @@ def test_a_few_distillation_steps_lower_the_students_kl_to_the_teacher(teacher_d
     assert after < 0.5 * before, (before, after)
 
 
+def test_the_default_objective_teaches_more_than_a_softened_mix_in_the_same_steps(teacher_dir, corpus_file):
+    """T=1 and the KL alone (the defaults) fit what perplexity scores; T=2 mixed half and half with the next
+    token fits a flattened teacher and a noisy one-hot target (on the demo model: 17% vs 2% below scratch)."""
+    assert (DistillConfig().temperature, DistillConfig().alpha) == (1.0, 1.0)
+    losses = {}
+    for name, kd in {"default": DistillConfig(), "softened mix": DistillConfig(temperature=2.0, alpha=0.5)}.items():
+        trainer = make_trainer(teacher_dir, corpus_file, kd, tiny_config(max_steps=20, eval_every=20))
+        trainer.run(show_progress=False)
+        losses[name] = trainer.history[-1].val_loss  # held-out next-token loss
+    assert losses["default"] < losses["softened mix"] - 0.05, losses
+
+
 def test_cached_top_k_gives_the_live_loss(teacher_dir, corpus_file, tmp_path):
     cfg = tiny_config(max_steps=5)
     live = make_trainer(teacher_dir, corpus_file, DistillConfig(temperature=2.0, alpha=0.5), cfg)
@@ -85,8 +97,8 @@ def test_a_cache_is_reused_only_for_the_same_settings(teacher_dir, corpus_file, 
     first = (tmp_path / "c" / "ids.npy").stat().st_mtime_ns
     make_trainer(teacher_dir, corpus_file, DistillConfig(cache_top_k=8), cfg, cache_dir=tmp_path / "c")
     assert (tmp_path / "c" / "ids.npy").stat().st_mtime_ns == first
-    make_trainer(teacher_dir, corpus_file, DistillConfig(cache_top_k=8, temperature=1.0), cfg, cache_dir=tmp_path / "c")
-    assert json.loads((tmp_path / "c" / "meta.json").read_text())["temperature"] == 1.0
+    make_trainer(teacher_dir, corpus_file, DistillConfig(cache_top_k=8, temperature=2.0), cfg, cache_dir=tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "meta.json").read_text())["temperature"] == 2.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no staging folder left behind
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("a folder of the user's")

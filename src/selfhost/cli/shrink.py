@@ -87,10 +87,10 @@ def distill(
     from_pruned: Annotated[str | None, typer.Option(help="Start from this pruned copy of the teacher instead.")] = None,
     data: Data = None,
     preset: Preset = None,
-    temperature: Annotated[float, _opt("--temperature", help="Softmax temperature of both models [2].",
-                                       panel=_KD)] = 2.0,
+    temperature: Annotated[float, _opt("--temperature", help="Softmax temperature of both models [1].",
+                                       panel=_KD)] = 1.0,
     alpha: Annotated[float, _opt("--alpha", help="Weight of the teacher's soft loss; the rest is next-token "
-                                                 "loss [0.5].", panel=_KD)] = 0.5,
+                                                 "loss [1: the teacher's distribution only].", panel=_KD)] = 1.0,
     cache_teacher: Annotated[str | None, _opt("--cache-teacher", help="top-k=K: compute the teacher's top K once "
                                               "and keep it on disk (default: run it live).", panel=_KD)] = None,
     cache_dir: Annotated[Path | None, _opt("--cache-dir", help="Default: <out>-teacher-cache.", panel=_KD)] = None,
@@ -114,7 +114,8 @@ def distill(
     keep_checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints after a successful export.")] = False,
     progress: Progress = True,
 ) -> None:
-    """Distill TEACHER into a smaller student: its soft targets (KL at a temperature) plus the next token.
+    """Distill TEACHER into a smaller student: its soft targets (KL at a temperature), mixed with the next token
+    if --alpha < 1.
 
     Example: selfhost distill selfhost/shakespeare -o student --preset shakespeare --steps 600
     """

@@ -6,6 +6,18 @@ p_x,T = softmax(logits / T). Temperature flattens both distributions so the stud
 learns the teacher's ranking of the unlikely tokens too; T^2 keeps the soft term's
 gradients the same size as T changes (Hinton et al., 2015).
 
+The defaults are T=1 and alpha=1: the whole loss is the KL to the teacher's own
+next-token distribution, over the full vocabulary. A language model is judged by
+its perplexity at T=1, and at T=1 the KL is the cross-entropy against the teacher's
+next-token distribution less the teacher's entropy: what perplexity measures, with
+the teacher's whole distribution standing in for the one token the text happens to
+hold. Mixing in that one-hot token adds sampling noise to the target. On the demo model (a
+half-size student, 200 steps of 16 x 256 tokens, lr 3e-3; README, "Shrink further")
+held-out perplexity was 155 from scratch, 152 with T=2/alpha=0.5, 145 with
+T=1/alpha=0.5, 129 with T=2/alpha=1 and 128 with T=1/alpha=1: the hard-label share,
+not the temperature, is what cost. Logit-only KD is also what Minitron
+(Muralidharan et al., 2024) found best for LLMs.
+
 A cached teacher keeps only its top k log-probabilities per position and the log of
 the mass left over (the tail). The KL is then taken over k + 1 outcomes, the top k
 tokens and "any other token", which is exact when k is the whole vocabulary and
@@ -27,8 +39,8 @@ _LOG_ZERO = -1e4
 
 @dataclass(frozen=True)
 class DistillConfig:
-    temperature: float = 2.0
-    alpha: float = 0.5  # weight of the soft (teacher) loss; 1 - alpha weighs the hard next-token loss
+    temperature: float = 1.0
+    alpha: float = 1.0  # weight of the soft (teacher) loss; 1 - alpha weighs the hard next-token loss
     cache_top_k: int | None = None  # None: the teacher runs live on every batch
 
     def __post_init__(self):
