@@ -8,6 +8,8 @@ Models (random weights, built once under --model-root):
          width 768, top-2 (~100M active per token, embeddings and head included)
   dense  a Llama of the same active size: hidden 768, 12 layers, MLP width 1536 (= 2 experts)
   moe int8  the MoE quantized by `selfhost quantize --method int8`
+selfhost runs the MoE and the dense model with fp32 weights and with bf16 weights
+(weight_dtype="bfloat16": AMX tiles where the CPU has them), the int8 MoE once.
 Each system runs in a process of its own (benchmarks/peers/), on the same token ids, one after
 another, with --threads threads. Decode: one 16-token prompt, --tokens new tokens, best of
 --repeats. Throughput: --requests prompts of 64-256 tokens, --output-tokens each, all at once
@@ -96,12 +98,15 @@ def main() -> None:
                                                 for r in range(args.repeats)],
                   "warmup_runs": 0, "max_tokens": args.output_tokens}
     both = ("decode", "throughput")
+    def selfhost(label: str, weight_dtype: str | None, precision: str) -> Peer:
+        return Peer("selfhost", label, {"weight_dtype": weight_dtype, "kv_cache_memory": "2GiB"}, precision, both)
+
     rows = [  # (peer, model folder)
-        (Peer("selfhost", "selfhost MoE fp32", {"weight_dtype": None, "kv_cache_memory": "2GiB"}, "fp32", both), "moe"),
-        (Peer("selfhost", "selfhost MoE int8", {"weight_dtype": None, "kv_cache_memory": "2GiB"}, "fp32", both),
-         "moe-int8"),
-        (Peer("selfhost", "selfhost dense (same active size) fp32", {"weight_dtype": None, "kv_cache_memory": "2GiB"},
-              "fp32", both), "dense"),
+        (selfhost("selfhost MoE fp32", None, "fp32"), "moe"),
+        (selfhost("selfhost MoE bf16", "bfloat16", "bf16"), "moe"),
+        (selfhost("selfhost MoE int8", None, "fp32"), "moe-int8"),
+        (selfhost("selfhost dense (same active size) fp32", None, "fp32"), "dense"),
+        (selfhost("selfhost dense (same active size) bf16", "bfloat16", "bf16"), "dense"),
         (Peer("transformers", "transformers MoE fp32", {"batching": "sequential"}, "fp32", ("decode",)), "moe"),
         (Peer("transformers", "transformers MoE static batch", {"batching": "static"}, "fp32", ("throughput",)),
          "moe"),
@@ -135,16 +140,18 @@ def main() -> None:
         t = by_label[label].task(task)
         return report.best_tok_s(t) if t else None
 
-    moe, dense, hf = (tok_s("selfhost MoE fp32", "decode"), tok_s("selfhost dense (same active size) fp32", "decode"),
-                      tok_s("transformers MoE fp32", "decode"))
-    batch, hf_batch = tok_s("selfhost MoE fp32", "throughput"), tok_s("transformers MoE static batch", "throughput")
-    print("\nTargets:")
-    if moe and hf:
-        print(f"  decode vs transformers: {moe / hf:.2f}x (target >= 3x)")
-    if moe and dense:
-        print(f"  decode vs the dense model of the same active size: {moe / dense:.2f}x (target >= 0.7x)")
-    if batch and hf_batch:
-        print(f"  batched vs transformers' static batch: {batch / hf_batch:.2f}x (target >= 3x)")
+    hf, hf_batch = tok_s("transformers MoE fp32", "decode"), tok_s("transformers MoE static batch", "throughput")
+    print("\nTargets (transformers: fp32 weights; the dense model: the same weight precision as the MoE):")
+    for precision in ("fp32", "bf16"):
+        moe, dense = tok_s(f"selfhost MoE {precision}", "decode"), tok_s(f"selfhost dense (same active size) {precision}",
+                                                                         "decode")
+        batch = tok_s(f"selfhost MoE {precision}", "throughput")
+        if moe and hf:
+            print(f"  {precision} decode vs transformers: {moe / hf:.2f}x (target >= 3x)")
+        if moe and dense:
+            print(f"  {precision} decode vs the dense model of the same active size: {moe / dense:.2f}x (target >= 0.7x)")
+        if batch and hf_batch:
+            print(f"  {precision} batched vs transformers' static batch: {batch / hf_batch:.2f}x (target >= 3x)")
     for run in runs:
         if run.error:
             print(f"  {run.peer.label}: {run.error}")

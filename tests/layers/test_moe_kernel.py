@@ -5,12 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+from selfhost.layers import activation, linear
 from selfhost.layers import moe as moe_module
 from selfhost.layers.bf16_linear import Bf16Linear, tiles_available
 from selfhost.layers.linear import Linear
-from selfhost.layers.moe import SparseMoE
+from selfhost.layers.moe import EXPERT_KINDS, SparseMoE
 
-pytestmark = pytest.mark.skipif(not moe_module.USE_EXPERT_KERNEL, reason="selfhost's MoE kernel is not built")
+
+def _covered(weights: str) -> bool:
+    """Whether this CPU runs experts of these weights in the one C call (AVX-512, AMX for tiles)."""
+    products = tiles_available() if weights == "bf16_tiles" else linear.USE_GEMM
+    return (moe_module.USE_EXPERT_KERNEL and activation.SILU_MUL_KERNEL and products
+            and moe_module._moe_cpu.available(EXPERT_KINDS[weights]))
+
+
+WEIGHTS = [w for w in EXPERT_KINDS if _covered(w)]
+needs_fp32_call = pytest.mark.skipif(not _covered("fp32"), reason="no AVX-512 fp32 product or MoE kernel here")
 
 ROUTINGS = {  # routing -> SparseMoE keywords
     "softmax_top_k": dict(),
@@ -49,9 +59,6 @@ def _both_paths(layer: SparseMoE, x: torch.Tensor, monkeypatch) -> tuple[torch.T
     return loop, one_call
 
 
-WEIGHTS = ["fp32"] + (["bf16_tiles"] if tiles_available() else [])
-
-
 @pytest.mark.parametrize("weights", WEIGHTS)
 @pytest.mark.parametrize("routing", sorted(ROUTINGS))
 @pytest.mark.parametrize("normalize", [True, False])
@@ -68,6 +75,7 @@ def test_one_call_equals_the_expert_loop(weights, routing, normalize, tokens, mo
         assert torch.equal(one_call, loop)
 
 
+@needs_fp32_call
 def test_one_call_when_every_token_picks_the_same_experts(monkeypatch):
     layer = _moe("softmax_top_k", True)
     with torch.no_grad():  # every token prefers experts 4 then 1: the other six get no row
@@ -79,13 +87,15 @@ def test_one_call_when_every_token_picks_the_same_experts(monkeypatch):
     torch.testing.assert_close(one_call, loop, rtol=1e-5, atol=1e-6)
 
 
+@needs_fp32_call
 def test_shared_expert_is_added_after_the_one_call(monkeypatch):
     layer = _moe("softmax_top_k", False, shared_expert_size=48)
     loop, one_call = _both_paths(layer, torch.randn(7, 64), monkeypatch)
     torch.testing.assert_close(one_call, loop, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not tiles_available(), reason="no AMX tiles on this CPU")
+@needs_fp32_call
+@pytest.mark.skipif(not _covered("bf16_tiles"), reason="no AMX tiles on this CPU")
 def test_table_follows_modules_replaced_after_the_first_step(monkeypatch):
     """A layer that ran in fp32 and then had its experts converted must not read the old weights."""
     layer = _moe("softmax_top_k", True)
@@ -104,6 +114,6 @@ def test_experts_the_kernel_does_not_cover_keep_the_loop():
     clamped = _moe("softmax_top_k", True, swiglu_alpha=1.702, swiglu_limit=7.0)
     odd_width = _moe("softmax_top_k", True, expert_size=24)
     assert biased.expert_kernel() is None and clamped.expert_kernel() is None
-    if tiles_available():  # the tile products need widths in multiples of 32
+    if _covered("bf16_tiles"):  # the tile products need widths in multiples of 32
         _to_bf16_tiles(odd_width, few_rows_max=2)
         assert odd_width.expert_kernel() is None
