@@ -34,6 +34,10 @@ typedef struct { /* layers._bf16_tiles_cpu: products on the packed layout */
     /* many rows on AMX tiles, activations rounded to bf16; NULL without AMX; -1 without memory */
     int (*linear)(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M, Py_ssize_t N,
                   Py_ssize_t K, int num_threads);
+    /* y = down(silu(gate(x)) * up(x)) on AMX tiles, the same bits as linear, SwiGLU, linear; gate|up
+     * without bias, I and K multiples of 32; y may be x; NULL without AMX; -1 without memory */
+    int (*swiglu)(const float *x, const uint16_t *gate_up, const uint16_t *down, const float *down_bias, float *y,
+                  Py_ssize_t M, Py_ssize_t I, Py_ssize_t K, int num_threads);
 } Bf16TileKernels;
 
 typedef struct { /* layers._gemm_cpu (AVX-512): fp32 weights, and bf16 weights in their (N, K) rows */

@@ -227,3 +227,39 @@ def test_bad_kv_cache_dtype_requests_are_refused_before_loading(options):
 
     with pytest.raises(InvalidParameterError, match="kv_cache_dtype"):
         LLM(None, **options)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [3, 16, 33, 300])
+@pytest.mark.parametrize("hidden,intermediate", [(64, 32), (96, 160), (576, 1536)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_swiglu_in_one_call_is_the_three_passes_bit_for_bit(rows, hidden, intermediate, threads):
+    from selfhost.layers.mlp import GatedMLP
+
+    mlp = GatedMLP(hidden, intermediate, "silu", bias=False)
+    gate_up = random_layer(hidden, 2 * intermediate, False, 2, seed=rows, layout="tiles")
+    down = Bf16Linear.from_linear(random_linear(intermediate, hidden, True, seed=rows + 1), 2, "tiles")
+    mlp.gate_up_proj, mlp.down_proj = gate_up, down
+    x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        fused = bf16_linear.swiglu_tiles(gate_up, down, x, threads)
+        separate = down.forward(mlp.act(gate_up.forward(x, threads), threads), threads)
+        assert torch.equal(fused, separate)
+        assert torch.equal(mlp.forward(x, threads), separate)
+    # and against the formula over the bf16-rounded operands: only the activations' rounding differs
+    g, u = (x.bfloat16().float() @ gate_up.dense_weight().float().t()).chunk(2, dim=-1)
+    act = (torch.nn.functional.silu(g) * u).bfloat16().float()
+    exact = act @ down.dense_weight().float().t() + down.bias
+    assert (fused - exact).abs().max() <= 2**-7 * exact.abs().max()
+
+
+@needs_amx
+def test_swiglu_in_one_call_declines_what_it_does_not_cover():
+    gate_up = random_layer(64, 64, False, 4, seed=1, layout="tiles")
+    down = random_layer(32, 64, False, 4, seed=2, layout="tiles")
+    with torch.inference_mode():
+        assert bf16_linear.swiglu_tiles(gate_up, down, torch.randn(4, 64), 1) is None  # few rows: exact kernels
+        assert bf16_linear.swiglu_tiles(gate_up, down, torch.randn(5, 64), 1) is not None
+        with_bias = random_layer(64, 64, True, 4, seed=3, layout="tiles")
+        assert bf16_linear.swiglu_tiles(with_bias, down, torch.randn(5, 64), 1) is None
+    assert bf16_linear.swiglu_tiles(gate_up, down, torch.randn(5, 64), 1) is None  # autograd on

@@ -115,11 +115,20 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
         if ((status = product(kind, few_rows_max, attns, f[O_W], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
         add_into(xs, hs, tokens * hidden);
         norm->rms_norm(xs, PTR(const float *, f[POST_NORM]), hs, tokens, hidden, eps, norm_offset);
-        if ((status = product(kind, few_rows_max, hs, f[GATE_UP_W], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate, hidden,
-                              num_threads)))
-            break;
-        activation->silu_mul(gate_ups, acts, tokens, intermediate, num_threads);
-        if ((status = product(kind, few_rows_max, acts, f[DOWN_W], f[DOWN_B], hs, tokens, hidden, intermediate, num_threads))) break;
+        if (kind == BF16_TILES && tokens > few_rows_max && !f[GATE_UP_B] && tiles->swiglu && intermediate % 32 == 0) {
+            /* the MLP in one AMX call, as GatedMLP takes it (layers/bf16_linear.py: swiglu_tiles) */
+            if ((status = tiles->swiglu(hs, PTR(const uint16_t *, f[GATE_UP_W]), PTR(const uint16_t *, f[DOWN_W]),
+                                        PTR(const float *, f[DOWN_B]), hs, tokens, intermediate, hidden, num_threads)))
+                break;
+        } else {
+            if ((status = product(kind, few_rows_max, hs, f[GATE_UP_W], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate,
+                                  hidden, num_threads)))
+                break;
+            activation->silu_mul(gate_ups, acts, tokens, intermediate, num_threads);
+            if ((status = product(kind, few_rows_max, acts, f[DOWN_W], f[DOWN_B], hs, tokens, hidden, intermediate,
+                                  num_threads)))
+                break;
+        }
         add_into(xs, hs, tokens * hidden);
     }
     Py_END_ALLOW_THREADS

@@ -4,12 +4,8 @@
  * strided half of each row, on however many threads torch's pool has for the step;
  * at a prompt's 1024 rows x 1536 that was ~5% of a batched run on a 2-core machine.
  * Here each row is read once and written once, 16 values per AVX-512 step, on the
- * engine step's threads (../_cpu_pool.h).
- *
- * silu(x) = x * sigmoid(x), with sigmoid from t = e^-|x| in (0, 1]: 1 / (1 + t) for
- * x >= 0 and t / (1 + t) below, so no exponent overflows; e^y for y <= 0 is
- * ../_exp_avx512.h's (clamped below -87: e^-87 times any finite x is zero to fp32
- * precision after the multiply by t/(1+t)).
+ * engine step's threads (../_cpu_pool.h). The arithmetic is _swiglu_avx512.h's, which the
+ * fused gate|up product on AMX shares.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -21,6 +17,7 @@
 #include "../_cpu_pool.h"
 #include "../_exp_avx512.h"
 #include "../_kernel_capsules.h"
+#include "_swiglu_avx512.h"
 
 #define AVX512 __attribute__((target("avx512f")))
 #define ROWS_PER_CHUNK 4
@@ -31,15 +28,6 @@ typedef struct {
     Py_ssize_t rows, width;
 } Job;
 
-
-AVX512 static inline __m512 silu_times(__m512 gate, __m512 up) {
-    __m512 magnitude = _mm512_abs_ps(gate);
-    __m512 t = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_setzero_ps(), magnitude));
-    __m512 denominator = _mm512_add_ps(_mm512_set1_ps(1.0f), t);
-    __mmask16 negative = _mm512_cmp_ps_mask(gate, _mm512_setzero_ps(), _CMP_LT_OQ);
-    __m512 numerator = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), negative, t);
-    return _mm512_mul_ps(_mm512_mul_ps(gate, _mm512_div_ps(numerator, denominator)), up);
-}
 
 AVX512 static void run_chunk(const void *context, long chunk) {
     const Job *job = (const Job *)context;

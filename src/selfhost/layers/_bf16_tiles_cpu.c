@@ -51,6 +51,8 @@
 #ifdef SELFHOST_AMX_TILES
 #define SELFHOST_AMX 1
 #define AMX AMX_TARGET
+#include "../_exp_avx512.h"
+#include "_swiglu_avx512.h"
 
 enum { TILE_ROWS = 16, TILE_K = 32, TILE_ELEMS = TILE_ROWS * TILE_K, OUT_PER_CHUNK = 32 };
 
@@ -265,24 +267,130 @@ static void few_rows_product(const float *x, const uint16_t *w, const float *bia
     pool_run(run_few_rows_chunk, &p, (long)(round_up(N, PACK_OUT) / (16 * FEW_BLOCKS)), num_threads < 1 ? 1 : num_threads);
 }
 
+/* x's M rows rounded to bf16 as A tiles (Mp x K32, zero-padded); NULL without memory. */
+static uint16_t *rounded_tiles(const float *x, Py_ssize_t M, Py_ssize_t K, int threads) {
+    const Py_ssize_t K32 = round_up(K, 32), Mp = round_up(M, TILE_ROWS);
+    uint16_t *xb = aligned_alloc(64, (size_t)(Mp * K32) * sizeof(uint16_t) + 64);
+    if (!xb) return NULL;
+    Rounding rounding = {x, xb, M, K, K32};
+    pool_run(round_rows, &rounding, (long)(Mp / TILE_ROWS), threads);
+    return xb;
+}
+
+/* y = xb @ W^T (+ bias) for A tiles already rounded (K32 wide). */
+static void product_of_tiles(const uint16_t *xb, const uint16_t *w, const float *bias, float *y, Py_ssize_t M,
+                             Py_ssize_t N, Py_ssize_t K32, int threads) {
+    const Py_ssize_t Mp = round_up(M, TILE_ROWS);
+    const Py_ssize_t group_rows = group_rows_for(K32, Mp), out_chunks = round_up(N, OUT_PER_CHUNK) / OUT_PER_CHUNK;
+    Product p = {xb, w, bias, y, M, N, K32, Mp, group_rows, out_chunks};
+    pool_run(run_chunk, &p, (long)(out_chunks * ((Mp + group_rows - 1) / group_rows)), threads);
+}
+
 /* y = x @ W^T (+ bias) on AMX tiles, x rounded to bf16; M, N > 0. Without the GIL; -1 when the
  * rounded copy of x could not be had. Also the decode-step runner's (../_kernel_capsules.h). */
 static int tiles_product(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M, Py_ssize_t N,
                          Py_ssize_t K, int num_threads) {
-    const Py_ssize_t K32 = round_up(K, 32), Mp = round_up(M, TILE_ROWS);
-    uint16_t *xb = aligned_alloc(64, (size_t)(Mp * K32) * sizeof(uint16_t) + 64);
-    if (!xb) return -1;
-    Rounding rounding = {x, xb, M, K, K32};
-    const Py_ssize_t group_rows = group_rows_for(K32, Mp), out_chunks = round_up(N, OUT_PER_CHUNK) / OUT_PER_CHUNK;
-    Product p = {xb, w, bias, y, M, N, K32, Mp, group_rows, out_chunks};
     int threads = num_threads < 1 ? 1 : num_threads;
-    pool_run(round_rows, &rounding, (long)(Mp / TILE_ROWS), threads);
-    pool_run(run_chunk, &p, (long)(out_chunks * ((Mp + group_rows - 1) / group_rows)), threads);
+    uint16_t *xb = rounded_tiles(x, M, K, threads);
+    if (!xb) return -1;
+    product_of_tiles(xb, w, bias, y, M, N, round_up(K, 32), threads);
     free(xb);
     return 0;
 }
 
-static Bf16TileKernels kernels = {SELFHOST_KERNELS_VERSION, few_rows_product, NULL};
+/* ---- a SwiGLU MLP on tiles: down(silu(gate(x)) * up(x)) ------------------------------------
+ * The gate|up product's fp32 output (rows x 2I) was written out, read back by the SwiGLU pass,
+ * whose fp32 result was read again to round it into the down product's A tiles: at a 1024-row
+ * prompt chunk and I = 1536, ~50 MB of traffic a layer for 3 MB of result. Here a chunk takes
+ * 16 gate and the matching 16 up outputs (two B tiles), applies silu(g) * u to the C tiles as
+ * they leave the tile registers and rounds the result straight into the down product's A
+ * tiles. The sums, the activation (_swiglu_avx512.h) and the rounding (to nearest even) are the
+ * separate passes' own, so the output has the same bits. */
+typedef struct {
+    const uint16_t *xb; /* the input rows as A tiles (Mp x K32) */
+    const uint16_t *w;  /* gate|up, packed: gate outputs [0, I), up outputs [I, 2I) */
+    uint16_t *act;      /* out: silu(gate) * up as A tiles (Mp x I) */
+    Py_ssize_t I, K32, Mp, group_rows, act_blocks; /* act_blocks = I / 32 */
+} SwiGluProduct;
+
+/* silu(g) * u of C tiles g, u (16 rows x 16 outputs, in staging) to bf16 into the 16-column half
+ * `half` of act tile (row tile, block). */
+AMX static inline __attribute__((always_inline)) void swiglu_into_tile(const float *g, const float *u, uint16_t *tile,
+                                                                       int half) {
+    for (int r = 0; r < TILE_ROWS; r++) {
+        __m512 a = silu_times(_mm512_load_ps(g + 16 * r), _mm512_load_ps(u + 16 * r));
+        _mm256_store_si256((__m256i *)(tile + r * TILE_K + 16 * half), (__m256i)_mm512_cvtneps_pbh(a));
+    }
+}
+
+/* One group of rows x 32 act columns (block t): gate/up outputs 32t..32t+31 in two halves. */
+AMX static void run_swiglu_chunk(const void *context, long chunk) {
+    const SwiGluProduct *p = (const SwiGluProduct *)context;
+    const Py_ssize_t kblocks = p->K32 / TILE_K, up_offset = p->I / 16; /* 16-output blocks from gate to up */
+    const Py_ssize_t t = (Py_ssize_t)(chunk % p->act_blocks);
+    const Py_ssize_t m_begin = (Py_ssize_t)(chunk / p->act_blocks) * p->group_rows;
+    const Py_ssize_t m_end = m_begin + p->group_rows < p->Mp ? m_begin + p->group_rows : p->Mp;
+    float staging[4][TILE_ROWS * 16] __attribute__((aligned(64)));
+    amx_configure();
+    for (int half = 0; half < 2; half++) {
+        const Py_ssize_t j = 2 * t + half; /* gate block j, up block j + I/16 */
+        const uint16_t *b0 = p->w + j * kblocks * TILE_ELEMS, *b1 = p->w + (j + up_offset) * kblocks * TILE_ELEMS;
+        for (Py_ssize_t m = m_begin; m < m_end; m += 2 * TILE_ROWS) {
+            const int pair = m + 2 * TILE_ROWS <= m_end; /* else one 16-row tile left */
+            const uint16_t *a0 = p->xb + m * p->K32, *a1 = a0 + TILE_ROWS * p->K32;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
+                if (m == m_begin) prefetch_weights(b0, b1, kb);
+                _tile_loadd(4, a0 + kb * TILE_ELEMS, 64);
+                _tile_loadd(6, b0 + kb * TILE_ELEMS, 64);
+                _tile_loadd(7, b1 + kb * TILE_ELEMS, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                if (pair) {
+                    _tile_loadd(5, a1 + kb * TILE_ELEMS, 64);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            _tile_stored(0, staging[0], 64);
+            _tile_stored(1, staging[1], 64);
+            uint16_t *tile = p->act + (m / TILE_ROWS) * p->I * TILE_ROWS + t * TILE_ELEMS;
+            swiglu_into_tile(staging[0], staging[1], tile, half);
+            if (pair) {
+                _tile_stored(2, staging[2], 64);
+                _tile_stored(3, staging[3], 64);
+                swiglu_into_tile(staging[2], staging[3], tile + p->I * TILE_ROWS, half);
+            }
+        }
+    }
+    _tile_release();
+}
+
+/* y = down(silu(gate(x)) * up(x)) (+ down bias) for M > 0 rows of K inputs; I % 32 == 0 and the
+ * gate|up product without bias. y may be x (x is read whole into tiles first). -1 without
+ * memory. Also the decode-step runner's (../_kernel_capsules.h). */
+static int swiglu_product(const float *x, const uint16_t *gate_up, const uint16_t *down, const float *down_bias,
+                          float *y, Py_ssize_t M, Py_ssize_t I, Py_ssize_t K, int num_threads) {
+    const int threads = num_threads < 1 ? 1 : num_threads;
+    const Py_ssize_t K32 = round_up(K, 32), Mp = round_up(M, TILE_ROWS);
+    uint16_t *xb = rounded_tiles(x, M, K, threads);
+    uint16_t *act = aligned_alloc(64, (size_t)(Mp * I) * sizeof(uint16_t) + 64);
+    if (!xb || !act) {
+        free(xb), free(act);
+        return -1;
+    }
+    const Py_ssize_t group_rows = group_rows_for(K32, Mp);
+    SwiGluProduct p = {xb, gate_up, act, I, K32, Mp, group_rows, I / 32};
+    pool_run(run_swiglu_chunk, &p, (long)(p.act_blocks * ((Mp + group_rows - 1) / group_rows)), threads);
+    product_of_tiles(act, down, down_bias, y, M, K, I, threads);
+    free(xb), free(act);
+    return 0;
+}
+
+static Bf16TileKernels kernels = {SELFHOST_KERNELS_VERSION, few_rows_product, NULL, NULL};
 
 #endif /* SELFHOST_AMX */
 
@@ -409,6 +517,36 @@ static PyObject *linear_few_rows(PyObject *self, PyObject *args) {
 #endif
 }
 
+static PyObject *swiglu_mlp(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, gate_up, down, down_bias, y;
+    Py_ssize_t M, I, K;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKKKnnni", &x, &gate_up, &down, &down_bias, &y, &M, &I, &K, &num_threads)) return NULL;
+#ifdef SELFHOST_AMX
+    if (!amx_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "swiglu_mlp: this CPU or kernel does not offer AMX");
+        return NULL;
+    }
+    if (M < 0 || I <= 0 || I % 32 || K <= 0 || K % 32) {
+        PyErr_SetString(PyExc_ValueError, "swiglu_mlp: the intermediate and hidden sizes must be multiples of 32");
+        return NULL;
+    }
+    if (M == 0) Py_RETURN_NONE;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = swiglu_product((const float *)x, (const uint16_t *)gate_up, (const uint16_t *)down,
+                            down_bias ? (const float *)down_bias : NULL, (float *)y, M, I, K, num_threads);
+    Py_END_ALLOW_THREADS
+    if (status < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    (void)x, (void)gate_up, (void)down, (void)down_bias, (void)y, (void)M, (void)I, (void)K, (void)num_threads;
+    PyErr_SetString(PyExc_RuntimeError, "swiglu_mlp: built without AMX support");
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, "True when this CPU has AMX-BF16, the OS granted it, and the kernel was built for it."},
     {"few_rows_available", few_rows_available, METH_NOARGS, "True when `linear_few_rows` can run here (AVX-512 F/BW/VL)."},
@@ -418,6 +556,9 @@ static PyMethodDef methods[] = {
      "linear(x, packed_w, bias_or_0, y, M, N, K, num_threads): y = x @ W^T (+ bias) on AMX; x rounded to bf16."},
     {"linear_few_rows", linear_few_rows, METH_VARARGS,
      "linear_few_rows(x, packed_w, bias_or_0, y, M, N, K, num_threads): the same product on AVX-512, x exact."},
+    {"swiglu_mlp", swiglu_mlp, METH_VARARGS,
+     "swiglu_mlp(x, gate_up_w, down_w, down_bias_or_0, y, M, I, K, num_threads): y = down(silu(gate(x)) * up(x)) "
+     "on AMX, packed weights, gate|up without bias; the same bits as the three separate passes."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -436,6 +577,7 @@ PyMODINIT_FUNC PyInit__bf16_tiles_cpu(void) {
     PyObject *m = PyModule_Create(&module);
 #ifdef SELFHOST_AMX
     kernels.linear = amx_ready ? tiles_product : NULL; /* many rows: AMX only */
+    kernels.swiglu = amx_ready ? swiglu_product : NULL;
     if (m && few_rows_ready && kernels_export(m, "selfhost.layers._bf16_tiles_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
 #endif
     return m;

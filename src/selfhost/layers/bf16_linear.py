@@ -135,6 +135,30 @@ class Bf16Linear(nn.Module):
                 f"few_rows_max={self.few_rows_max}")
 
 
+def swiglu_tiles(gate_up: nn.Module, down: nn.Module, x: torch.Tensor, num_threads: int) -> torch.Tensor | None:
+    """down(silu(gate(x)) * up(x)) in one AMX call (`swiglu_mlp`) where both products are "tiles"
+    Bf16Linear past their few-row switch and gate|up has no bias; None elsewhere. The same bits as
+    the three passes (the SwiGLU is applied as the gate|up sums leave the tiles and rounded
+    straight into the down product's tiles), without writing out and reading back the
+    (rows, 2 x intermediate) fp32 product: a 1024-row chunk's MLP took ~2.6x less time."""
+    if not (type(gate_up) is Bf16Linear and type(down) is Bf16Linear and gate_up.layout == down.layout == "tiles"
+            and gate_up._parameters["bias"] is None and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_grad_enabled()):
+        return None
+    hidden, intermediate = gate_up.in_features, down.in_features
+    rows = x.numel() // hidden
+    if (rows <= max(gate_up.few_rows_max, down.few_rows_max) or gate_up.out_features != 2 * intermediate
+            or down.out_features != hidden or hidden % 32 or intermediate % 32):
+        return None
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], hidden)
+    bias = down._parameters["bias"]
+    _bf16_tiles_cpu.swiglu_mlp(x.data_ptr(), gate_up.weight.data_ptr(), down.weight.data_ptr(),
+                               0 if bias is None else bias.data_ptr(), out.data_ptr(), rows, intermediate, hidden,
+                               num_threads)
+    return out
+
+
 def _on_threads(num_threads: int, run):
     """run() with torch's intra-op threads at num_threads: a decode step keeps torch's own tiny ops
     on one thread (engine/cpu_threads.py), but this matmul is worth the step's full count."""

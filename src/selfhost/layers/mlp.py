@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from selfhost.layers.activation import gated
+from selfhost.layers.bf16_linear import swiglu_tiles
 from selfhost.layers.linear import Linear
 
 
@@ -16,6 +17,9 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = gated(activation, swiglu_alpha, swiglu_limit)
+        self.plain_swiglu = activation == "silu"
 
     def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+        if self.plain_swiglu and (out := swiglu_tiles(self.gate_up_proj, self.down_proj, x, num_threads)) is not None:
+            return out
         return self.down_proj.forward(self.act(self.gate_up_proj.forward(x, num_threads), num_threads), num_threads)
