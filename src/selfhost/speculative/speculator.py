@@ -76,7 +76,10 @@ class Speculator:
         self.acceptance = AcceptanceModel()  # how often proposals are kept, by what they rest on
         # What speculation costs besides the wider forward, as running averages: per speculating
         # sequence (proposing by lookup, verifying), and per draft-model pass (batched over sequences).
-        self._seconds_per_sequence = RobustAverage()
+        # By kind of request (greedy: True): a sampled verification filters, normalises and draws, ~0.2 ms
+        # more, and a sampled workload must not make greedy proposals look dear afterwards.
+        self._seconds_per_sequence = {True: RobustAverage(), False: RobustAverage()}
+        self._step_greedy = True  # whether this step's speculating sequences were all greedy
         self._draft_seconds_per_pass = RobustAverage()
         self._step_overhead = 0.0  # this step's so far
         self._step_sequences = 0
@@ -149,6 +152,7 @@ class Speculator:
             state.last_proposed = self._proposing_steps
         self._proposing_steps += 1
         self._step_sequences = len(chosen)
+        self._step_greedy = all(seq.sampler_row.is_greedy for seq, _, _ in chosen)
         if self.draft is None:
             for (seq, _, _), tokens, k in zip(candidates, lookups, lengths):
                 seq.proposed = tokens[:k]
@@ -164,6 +168,12 @@ class Speculator:
         self._steps += any(proposal.tokens for proposal in proposals)  # the draft may hold none of them
         return draft_seconds
 
+    def _overhead_per_sequence(self, greedy: bool) -> float:
+        """Measured seconds of proposing and verifying per speculating sequence: greedy ones', or the
+        dearer kind's where sampled requests are among them."""
+        kinds = (True,) if greedy else (True, False)
+        return max(self._seconds_per_sequence[kind].value or 0.0 for kind in kinds)
+
     def _could_pay(self, running: list[Sequence], token_budget: int) -> bool:
         """Whether proposals could pay this step even if every decoding sequence proposed k tokens and all
         were kept (for some k). Where a wider step costs its full share of tokens (a large batch), none
@@ -175,7 +185,7 @@ class Speculator:
         decoding = sum(1 for seq in running if seq.num_uncomputed == 1)
         if plain is None or decoding == 0:
             return plain is None
-        overhead = decoding * (self._seconds_per_sequence.value or 0.0)
+        overhead = decoding * self._overhead_per_sequence(all(seq.sampler_row.is_greedy for seq in running))
         per_pass = self._draft_seconds_per_pass.value or 0.0
         return any(decoding * (1 + k) / (self.step_cost.seconds(plain_tokens + decoding * k) + overhead + k * per_pass)
                    > REQUIRED_GAIN * decoding / plain for k in range(1, self.config.num_tokens + 1))
@@ -190,7 +200,7 @@ class Speculator:
             return [0] * len(candidates)  # measure a plain step of this size
         if self.step_cost.seconds(plain_tokens) is None:
             return [k for _, _, k in candidates]  # nothing measured yet: try, and the step is measured
-        per_sequence = self._seconds_per_sequence.value or 0.0
+        per_sequence = self._overhead_per_sequence(all(seq.sampler_row.is_greedy for seq, _, _ in candidates))
         key = (plain_tokens, [(k, state.evidence) for _, state, k in candidates])
         if self._idle_steps % REPLAN_IDLE_EVERY and key == self._idle_key:
             lengths = [0] * len(candidates)  # as the last plan for the same candidates said (see REPLAN_IDLE_EVERY)
@@ -258,7 +268,7 @@ class Speculator:
             self.step_cost.record(sum(chunk.num_tokens for chunk in chunks), seconds)
         if self._step_sequences:
             per_sequence = self._step_overhead / self._step_sequences
-            self._seconds_per_sequence.record(per_sequence)
+            self._seconds_per_sequence[self._step_greedy].record(per_sequence)
         self._step_overhead, self._step_sequences = 0.0, 0
 
     def release(self, seq: Sequence) -> None:
