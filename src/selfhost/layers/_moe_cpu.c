@@ -15,8 +15,8 @@
  *   -> out[t] = sum over the token's k pairs (in order) of weight * result.
  *
  * Products are the layer's modules' own: bf16 tile weights take the few-row AVX-512 kernel up
- * to `few_rows_max` rows and AMX beyond (as Bf16Linear switches), fp32 weights the AVX-512
- * product; so each expert's output equals the Python path's bit for bit.
+ * to `few_rows_max` rows and, beyond, the whole SwiGLU MLP in one AMX call (as GatedMLP does),
+ * fp32 weights the AVX-512 product; so each expert's output equals the Python path's bit for bit.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -125,10 +125,18 @@ static int run_experts(const Step *s) {
         const int64_t *w = s->table + e * EXPERT_FIELDS;
         for (Py_ssize_t r = 0; r < count; r++)
             memcpy(xs + r * H, s->x + (rows[begin + r] / s->k) * H, (size_t)H * sizeof(float));
-        if ((status = product(s->kind, s->few_rows_max, xs, w[GATE_UP_W], gate_up, count, 2 * I, H, s->num_threads)))
-            break;
-        activation->silu_mul(gate_up, act, count, I, s->num_threads);
-        if ((status = product(s->kind, s->few_rows_max, act, w[DOWN_W], ys, count, H, I, s->num_threads))) break;
+        if (s->kind == BF16_TILES && count > s->few_rows_max && tiles->swiglu) {
+            /* past the switch, GatedMLP's own choice: the whole MLP in one AMX call, the same bits */
+            if ((status = tiles->swiglu(xs, PTR(const uint16_t *, w[GATE_UP_W]), PTR(const uint16_t *, w[DOWN_W]),
+                                        NULL, ys, count, I, H, s->num_threads)))
+                break;
+        } else {
+            if ((status = product(s->kind, s->few_rows_max, xs, w[GATE_UP_W], gate_up, count, 2 * I, H,
+                                  s->num_threads)))
+                break;
+            activation->silu_mul(gate_up, act, count, I, s->num_threads);
+            if ((status = product(s->kind, s->few_rows_max, act, w[DOWN_W], ys, count, H, I, s->num_threads))) break;
+        }
         for (Py_ssize_t r = 0; r < count; r++)
             memcpy(results + rows[begin + r] * H, ys + r * H, (size_t)H * sizeof(float));
     }
