@@ -75,6 +75,22 @@ static inline const void *kernels_import(const char *module, const char *name) {
     return api;
 }
 
+/* The struct behind `module`'s `_kernels` capsule, or NULL with no Python error where the module is
+ * not built or lends no kernels on this CPU (its caller then reports itself unavailable). */
+static inline const void *kernels_import_optional(const char *module, const char *name) {
+    PyObject *imported = PyImport_ImportModule(module);
+    if (!imported) {
+        PyErr_Clear();
+        return NULL;
+    }
+    int lends = PyObject_HasAttrString(imported, "_kernels");
+    Py_DECREF(imported);
+    if (!lends) return NULL;
+    const void *api = kernels_import(module, name);
+    if (!api) PyErr_Clear();
+    return api;
+}
+
 /* Adds `kernels` to `module` as its `_kernels` capsule; -1 with a Python error on failure. */
 static inline int kernels_export(PyObject *module, const char *name, void *kernels) {
     PyObject *capsule = PyCapsule_New(kernels, name, NULL);

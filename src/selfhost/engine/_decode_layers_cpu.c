@@ -162,27 +162,13 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode_layers_cpu", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-/* A module that lends no kernels on this CPU (no AVX-512: no SwiGLU or few-row kernel) leaves
- * its pointer NULL: `available(kind)` says False and the Python path runs. */
-static const void *optional_kernels(const char *module_name, const char *capsule) {
-    PyObject *imported = PyImport_ImportModule(module_name);
-    if (!imported) {
-        PyErr_Clear();
-        return NULL;
-    }
-    int lends = PyObject_HasAttrString(imported, "_kernels");
-    Py_DECREF(imported);
-    if (!lends) return NULL;
-    const void *api = kernels_import(module_name, capsule);
-    if (!api) PyErr_Clear();
-    return api;
-}
-
+/* A module that lends no kernels on this CPU leaves its pointer NULL: `available(kind)` says
+ * False and the Python path runs. */
 PyMODINIT_FUNC PyInit__decode_layers_cpu(void) {
-    norm = optional_kernels("selfhost.layers._norm_cpu", "selfhost.layers._norm_cpu._kernels");
-    activation = optional_kernels("selfhost.layers._activation_cpu", "selfhost.layers._activation_cpu._kernels");
-    tiles = optional_kernels("selfhost.layers._bf16_tiles_cpu", "selfhost.layers._bf16_tiles_cpu._kernels");
-    gemm = optional_kernels("selfhost.layers._gemm_cpu", "selfhost.layers._gemm_cpu._kernels");
-    attention = optional_kernels("selfhost.engine._paged_attention_cpu", "selfhost.engine._paged_attention_cpu._kernels");
+    norm = kernels_import_optional("selfhost.layers._norm_cpu", "selfhost.layers._norm_cpu._kernels");
+    activation = kernels_import_optional("selfhost.layers._activation_cpu", "selfhost.layers._activation_cpu._kernels");
+    tiles = kernels_import_optional("selfhost.layers._bf16_tiles_cpu", "selfhost.layers._bf16_tiles_cpu._kernels");
+    gemm = kernels_import_optional("selfhost.layers._gemm_cpu", "selfhost.layers._gemm_cpu._kernels");
+    attention = kernels_import_optional("selfhost.engine._paged_attention_cpu", "selfhost.engine._paged_attention_cpu._kernels");
     return PyModule_Create(&module);
 }

@@ -231,23 +231,9 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_moe_cpu", NULL, -1,
 
 /* A module that lends no kernels on this CPU leaves its pointer NULL: `available(kind)` says
  * False and the Python path runs. */
-static const void *optional_kernels(const char *module_name, const char *capsule) {
-    PyObject *imported = PyImport_ImportModule(module_name);
-    if (!imported) {
-        PyErr_Clear();
-        return NULL;
-    }
-    int lends = PyObject_HasAttrString(imported, "_kernels");
-    Py_DECREF(imported);
-    if (!lends) return NULL;
-    const void *api = kernels_import(module_name, capsule);
-    if (!api) PyErr_Clear();
-    return api;
-}
-
 PyMODINIT_FUNC PyInit__moe_cpu(void) {
-    activation = optional_kernels("selfhost.layers._activation_cpu", "selfhost.layers._activation_cpu._kernels");
-    tiles = optional_kernels("selfhost.layers._bf16_tiles_cpu", "selfhost.layers._bf16_tiles_cpu._kernels");
-    gemm = optional_kernels("selfhost.layers._gemm_cpu", "selfhost.layers._gemm_cpu._kernels");
+    activation = kernels_import_optional("selfhost.layers._activation_cpu", "selfhost.layers._activation_cpu._kernels");
+    tiles = kernels_import_optional("selfhost.layers._bf16_tiles_cpu", "selfhost.layers._bf16_tiles_cpu._kernels");
+    gemm = kernels_import_optional("selfhost.layers._gemm_cpu", "selfhost.layers._gemm_cpu._kernels");
     return PyModule_Create(&module);
 }
