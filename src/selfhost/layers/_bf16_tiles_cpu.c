@@ -139,12 +139,12 @@ AMX static inline __attribute__((always_inline)) void prefetch_weights(const uin
     }
 }
 
-/* Rows [m, m + 32) (or 16 with `single`) x outputs [n0, n0 + 32) over all of K into y. */
-AMX static inline __attribute__((always_inline)) void tile_block(const Product *p, Py_ssize_t m, Py_ssize_t n0,
-                                                                 int single, int prefetch, float *staging) {
-    const Py_ssize_t kblocks = p->K32 / TILE_K;
-    const uint16_t *b0 = p->w + (n0 / 16) * kblocks * TILE_ELEMS, *b1 = b0 + kblocks * TILE_ELEMS;
-    const uint16_t *a0 = p->xb + m * p->K32, *a1 = a0 + TILE_ROWS * p->K32; /* tiles of 16 rows */
+/* C tiles 0-3 = rows a0 (and a1, unless `single`) x the 16 outputs of b0 and of b1, summed over
+ * K's kblocks in order: tile 0 (a0, b0), 1 (a0, b1), 2 (a1, b0), 3 (a1, b1). `prefetch`: the first
+ * pass over these weights (prefetch_weights). */
+AMX static inline __attribute__((always_inline)) void multiply_into_tiles(const uint16_t *a0, const uint16_t *a1,
+                                                                          const uint16_t *b0, const uint16_t *b1,
+                                                                          Py_ssize_t kblocks, int single, int prefetch) {
     _tile_zero(0);
     _tile_zero(1);
     if (!single) {
@@ -164,6 +164,15 @@ AMX static inline __attribute__((always_inline)) void tile_block(const Product *
             _tile_dpbf16ps(3, 5, 7);
         }
     }
+}
+
+/* Rows [m, m + 32) (or 16 with `single`) x outputs [n0, n0 + 32) over all of K into y. */
+AMX static inline __attribute__((always_inline)) void tile_block(const Product *p, Py_ssize_t m, Py_ssize_t n0,
+                                                                 int single, int prefetch, float *staging) {
+    const Py_ssize_t kblocks = p->K32 / TILE_K;
+    const uint16_t *b0 = p->w + (n0 / 16) * kblocks * TILE_ELEMS, *b1 = b0 + kblocks * TILE_ELEMS;
+    const uint16_t *a0 = p->xb + m * p->K32; /* tiles of 16 rows */
+    multiply_into_tiles(a0, a0 + TILE_ROWS * p->K32, b0, b1, kblocks, single, prefetch);
     STORE_TILE(0, m, n0);
     STORE_TILE(1, m, n0 + 16);
     if (!single) {
@@ -352,24 +361,8 @@ AMX static void run_swiglu_chunk(const void *context, long chunk) {
         const uint16_t *b0 = p->w + j * kblocks * TILE_ELEMS, *b1 = p->w + (j + up_offset) * kblocks * TILE_ELEMS;
         for (Py_ssize_t m = m_begin; m < m_end; m += 2 * TILE_ROWS) {
             const int pair = m + 2 * TILE_ROWS <= m_end; /* else one 16-row tile left */
-            const uint16_t *a0 = p->xb + m * p->K32, *a1 = a0 + TILE_ROWS * p->K32;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
-                if (m == m_begin) prefetch_weights(b0, b1, kb);
-                _tile_loadd(4, a0 + kb * TILE_ELEMS, 64);
-                _tile_loadd(6, b0 + kb * TILE_ELEMS, 64);
-                _tile_loadd(7, b1 + kb * TILE_ELEMS, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                if (pair) {
-                    _tile_loadd(5, a1 + kb * TILE_ELEMS, 64);
-                    _tile_dpbf16ps(2, 5, 6);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
-            }
+            const uint16_t *a0 = p->xb + m * p->K32;
+            multiply_into_tiles(a0, a0 + TILE_ROWS * p->K32, b0, b1, kblocks, !pair, m == m_begin);
             _tile_stored(0, staging[0], 64);
             _tile_stored(1, staging[1], 64);
             uint16_t *tile = p->act + (m / TILE_ROWS) * p->I * TILE_ROWS + t * TILE_ELEMS;
