@@ -37,6 +37,8 @@ from pathlib import Path
 
 import httpx
 
+from selfhost.cluster.config import ClusterConfig
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.scale_sim import SCALE_LLAMA, build_model, measure, simulate, summarize
 
@@ -142,21 +144,58 @@ def _ideal_hit_rate(prompts: list[list[int]], shared_tokens: int, block_tokens: 
     return hit / sum(map(len, prompts))
 
 
-def _deploy(model_dir: Path, replicas: int, routing: str, port: int, kv_cache: str = "512MiB"):
+def _deploy(model_dir: Path, replicas: int, routing: str, port: int, kv_cache: str = "512MiB",
+            stream_interval_ms: float = ClusterConfig.stream_interval_ms):
     from ray import serve
 
     from selfhost.cluster.app import build_app
-    from selfhost.cluster.config import ClusterConfig
     from selfhost.cluster.launch import app_args
     from selfhost.server.settings import ServerSettings
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cluster = ClusterConfig(replicas=replicas, routing=routing, app_name=f"bench{replicas}{routing}")
+    cluster = ClusterConfig(replicas=replicas, routing=routing, app_name=f"bench{replicas}{routing}",
+                            stream_interval_ms=stream_interval_ms)
     settings = ServerSettings(models=[f"bench={model_dir}"], weight_dtype="float32", kv_cache_memory=kv_cache,
                               log_level="warning")
     serve.run(build_app(app_args(settings, cluster)), name=cluster.app_name, route_prefix="/")
     time.sleep(3)  # the replicas' first stats reports
     return cluster.app_name
+
+
+def _lone_overhead(model_dir: Path, step, args) -> float:
+    """Seconds a lone request spends outside the engine: TTFT through the app (1 replica, idle) less the step model's.
+
+    Sequential requests, each a new system prompt (a miss) then the same with another question (a hit). The
+    hit's figure (its engine work is one step of QUESTION_TOKENS) goes to the simulator as its fixed overhead.
+    """
+    from ray import serve
+
+    app = _deploy(model_dir, 1, "prefix", args.port, args.shared_kv_cache, args.stream_interval_ms)
+    url = f"http://127.0.0.1:{args.port}"
+    systems = _prompts(9, SHARED_TOKENS, SHARED_TOKENS, seed=7)
+    questions = _prompts(18, QUESTION_TOKENS, QUESTION_TOKENS, seed=8)
+
+    async def run() -> tuple[list[float], list[float]]:
+        async with httpx.AsyncClient(timeout=600) as client:
+            async def lone(prompt: list[int]) -> float:
+                sent, first, _ = await _one(client, url, prompt, 0.0, time.perf_counter(), [])
+                return first - sent
+
+            await lone(systems[8] + questions[17])  # the first request of a fresh app pays one-off costs
+            misses, hits = [], []
+            for i in range(8):
+                misses.append(await lone(systems[i] + questions[2 * i]))
+                hits.append(await lone(systems[i] + questions[2 * i + 1]))
+            return misses, hits
+
+    misses, hits = asyncio.run(run())
+    serve.delete(app)
+    miss, hit = statistics.median(misses), statistics.median(hits)
+    engine_miss, engine_hit = step.step_s(0, SHARED_TOKENS + QUESTION_TOKENS), step.step_s(0, QUESTION_TOKENS)
+    print(f"lone requests (1 replica, idle app): TTFT p50 miss {miss * 1e3:.0f} ms (step model "
+          f"{engine_miss * 1e3:.0f}), hit {hit * 1e3:.0f} ms (step model {engine_hit * 1e3:.0f}): "
+          f"{(hit - engine_hit) * 1e3:.0f} ms outside the engine (the simulator adds it to every request)")
+    return max(0.0, hit - engine_hit)
 
 
 def main() -> None:
@@ -170,6 +209,9 @@ def main() -> None:
                         help="Each replica's KV cache in the shared-prompt workload.")
     parser.add_argument("--repeats", type=int, default=3,
                         help="Shared-prompt runs per routing, back to back in pairs (the median pair is the figure).")
+    parser.add_argument("--stream-interval-ms", type=float, default=ClusterConfig.stream_interval_ms,
+                        help="ClusterConfig.stream_interval_ms: a replica's least time between two messages of a "
+                             "stream (0: one per engine step).")
     parser.add_argument("--only", choices=("all", "throughput", "shared"), default="all")
     parser.add_argument("--trace", type=Path, help="Write each shared-prompt request and the replicas' figures "
                         "over time here (JSON).")
@@ -184,7 +226,8 @@ def main() -> None:
     with open("/proc/cpuinfo") as info:
         cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
                    platform.processor())
-    print(f"{time.strftime('%Y-%m-%d %H:%M')} | {cpu} | {os.cpu_count()} CPUs | load {os.getloadavg()}")
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} | {cpu} | {os.cpu_count()} CPUs | load {os.getloadavg()} | "
+          f"stream interval {args.stream_interval_ms:g} ms")
     model_dir = build_model(Path("/tmp/selfhost-scale-llama"))
     step = measure(model_dir)
     print(f"step model (1 thread): {step.base_s * 1e3:.2f} ms + {step.decode_s * 1e3:.3f} ms/decode row + "
@@ -200,11 +243,12 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
     results, traces = {}, {}
     try:
+        args.overhead_s = _lone_overhead(model_dir, step, args)
         for replicas in (1, 2) if args.only in ("all", "throughput") else ():
-            app = _deploy(model_dir, replicas, "prefix", args.port)
+            app = _deploy(model_dir, replicas, "prefix", args.port, stream_interval_ms=args.stream_interval_ms)
             real = asyncio.run(_drive(f"http://127.0.0.1:{args.port}", prompts, arrivals))
             predicted = simulate(step, replicas, args.rate, args.requests, mean_prompt, OUTPUT_TOKENS,
-                                 arrivals=arrivals)
+                                 arrivals=arrivals, overhead_s=args.overhead_s)
             results[replicas] = real
             print(f"{replicas} replica(s): {real['requests_per_s']:.2f} req/s, {real['output_tok_s']:.0f} output "
                   f"tok/s, TTFT p50 {real['ttft_p50_s'] * 1e3:.0f} ms, p99 {real['ttft_p99_s'] * 1e3:.0f} ms | "
@@ -254,7 +298,7 @@ def _shared_run(model_dir: Path, routing: str, step, args) -> tuple[dict, dict]:
     """
     from ray import serve
 
-    app = _deploy(model_dir, 2, routing, args.port, args.shared_kv_cache)
+    app = _deploy(model_dir, 2, routing, args.port, args.shared_kv_cache, args.stream_interval_ms)
     systems = _prompts(8, SHARED_TOKENS, SHARED_TOKENS, seed=3)
     questions = _prompts(args.shared_requests, QUESTION_TOKENS, QUESTION_TOKENS, seed=4 if routing == "prefix" else 5)
     # Each request's system prompt drawn at random (a cyclic order would line up with round-robin).
@@ -269,7 +313,7 @@ def _shared_run(model_dir: Path, routing: str, step, args) -> tuple[dict, dict]:
     hit = sum(r["hit_tokens"] for r in replicas.values()) / max(1, sum(r["queried_tokens"] for r in replicas.values()))
     kv_blocks = min(s["kv_blocks_total"] for s in after.values())
     predicted = simulate(step, 2, args.shared_rate, len(shared), 0, OUTPUT_TOKENS, arrivals=arrivals, prompts=shared,
-                         kv_blocks=kv_blocks, routing=routing)
+                         kv_blocks=kv_blocks, routing=routing, overhead_s=args.overhead_s)
     print(f"shared prompts, {routing}: prefix hit rate {hit:.1%} (ideal {_ideal_hit_rate(shared, SHARED_TOKENS):.1%}), "
           f"TTFT p50 {real['ttft_p50_s'] * 1e3:.0f} ms, p99 {real['ttft_p99_s'] * 1e3:.0f} ms, "
           f"{real['output_tok_s']:.0f} output tok/s | simulated ({kv_blocks} KV blocks per replica): hit rate "

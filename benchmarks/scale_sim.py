@@ -120,14 +120,17 @@ def simulate(model: StepModel, replicas: int, rate: float, num_requests: int, pr
              output_tokens: int, prefix_hit: float = 0.0, max_num_seqs: int = 64, max_batched_tokens: int = 1024,
              seed: int = 0, arrivals: list[float] | None = None, prompts: list[list[int]] | None = None,
              kv_blocks: int | None = None, routing: str = "prefix",
-             imbalance: int = ClusterConfig.routing_imbalance) -> dict:
+             imbalance: int = ClusterConfig.routing_imbalance, overhead_s: float = 0.0) -> dict:
     """Replay `num_requests` Poisson arrivals at `rate`/s (or the given arrival times).
 
     Without `prompts`, every request has `prompt_tokens` of which a share `prefix_hit` is served from
     cache. With `prompts` (token ids, one per request) each replica keeps a prefix cache of `kv_blocks`
     KV blocks in the engine's own BlockManager, requests are routed by `routing` ("prefix": the
     cluster's PrefixTable, as the prefix-aware router; "round_robin"), and the figures include the
-    cluster-wide prefix hit rate and the requests each replica served.
+    cluster-wide prefix hit rate and the requests each replica served. `overhead_s`: what a request
+    spends outside the engine (HTTP, proxy, front end, Ray hops; scale_out.py measures it on a lone
+    request), added to its first token and its end. It is latency only: the CPU that path takes from
+    the replicas on a shared machine is not modelled.
     """
     rng = random.Random(seed)
     if arrivals is None:
@@ -195,7 +198,7 @@ def simulate(model: StepModel, replicas: int, rate: float, num_requests: int, pr
         replica.running = [s for s in replica.running if s.done is None]
         replica.busy_until = end
         heapq.heappush(events, (end, 1, index))
-    out = summarize([(s.arrival, s.first_token, s.done) for s in seqs], output_tokens)
+    out = summarize([(s.arrival, s.first_token + overhead_s, s.done + overhead_s) for s in seqs], output_tokens)
     if prompts is not None:
         queried = sum(r.cache.prefix_queried_tokens for r in pool)
         out["hit_rate"] = sum(r.cache.prefix_hit_tokens for r in pool) / queried if queried else 0.0
@@ -306,6 +309,8 @@ def main() -> None:
     parser.add_argument("--system-tokens", type=int, default=384)
     parser.add_argument("--question-tokens", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=4, help="Shared-prompt workload: runs averaged.")
+    parser.add_argument("--overhead-ms", type=float, default=0.0,
+                        help="Per-request latency outside the engine (scale_out.py prints the measured one).")
     args = parser.parse_args()
     if args.step_ms:
         step = StepModel(*(ms / 1e3 for ms in args.step_ms))
@@ -323,7 +328,8 @@ def main() -> None:
                                            prompts=shared_prompt_workload(args.requests, args.system_prompts,
                                                                           args.system_tokens, args.question_tokens,
                                                                           seed),
-                                           kv_blocks=kv_blocks, routing=routing) for seed in range(args.seeds)]
+                                           kv_blocks=kv_blocks, routing=routing, overhead_s=args.overhead_ms / 1e3)
+                                  for seed in range(args.seeds)]
                         for routing in ("prefix", "round_robin")}
                 hit = {k: statistics.fmean(r["hit_rate"] for r in v) for k, v in runs.items()}
                 ttft = {k: statistics.fmean(r["ttft_p50_s"] for r in v) for k, v in runs.items()}
@@ -332,7 +338,8 @@ def main() -> None:
                       f"{ttft['prefix'] * 1e3:.0f} / {ttft['round_robin'] * 1e3:.0f} ms")
         return
     for n in args.replicas:
-        r = simulate(step, n, args.rate, args.requests, args.prompt, args.output, args.prefix_hit)
+        r = simulate(step, n, args.rate, args.requests, args.prompt, args.output, args.prefix_hit,
+                     overhead_s=args.overhead_ms / 1e3)
         print(f"{n} replica(s): {r['requests_per_s']:.2f} req/s, {r['output_tok_s']:.0f} output tok/s, "
               f"TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms, p99 {r['ttft_p99_s'] * 1e3:.0f} ms")
 

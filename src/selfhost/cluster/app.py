@@ -32,4 +32,5 @@ def build_app(args: dict[str, Any]) -> Application:
                                 ray_actor_options={"num_cpus": 0},
                                 max_ongoing_requests=FRONTEND_MAX_ONGOING_REQUESTS)
     stats = board.bind()
-    return frontend.bind(server, engine.bind(server, cluster.cpus_per_replica, stats), stats)
+    return frontend.bind(server, engine.bind(server, cluster.cpus_per_replica, stats,
+                                                  cluster.stream_interval_ms / 1e3), stats)

@@ -94,9 +94,10 @@ class RemoteEngine:
                         replica = item.replica
                         self._note(replica)
                         continue
-                    delivered = True
-                    finished = item.is_finished
-                    yield item
+                    for delta in item:  # the replica sends deltas in lists (replica.batched)
+                        delivered = True
+                        finished = delta.is_finished
+                        yield delta
                 return
             except RayTaskError as err:  # the replica raised: a validation error is the client's
                 cause = err.cause if isinstance(err.cause, Exception) else err
