@@ -78,6 +78,22 @@ def test_amx_product_rounds_only_the_activations(rows, in_features, out_features
 
 
 @needs_amx
+def test_amx_product_survives_other_tile_users_on_the_same_threads():
+    # The kernels leave their tile configuration loaded and reload it only where a thread's
+    # differs: torch's own bf16 matmul (oneDNN, AMX here) configures the same threads its own way
+    # in between, and the product must still be the exact one.
+    layer = random_layer(96, 160, False, few_rows_max=0, seed=5, layout="tiles")
+    x = torch.randn(70, 96, generator=torch.Generator().manual_seed(6))
+    expected = reference(x.bfloat16().float(), layer)
+    odd = torch.randn(37, 300).bfloat16(), torch.randn(300, 45).bfloat16()
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.matmul(*odd)
+            got = layer(x, 2)
+            assert (got.double() - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+@needs_amx
 def test_tiles_layout_takes_other_dtypes_through_the_dense_weight():
     layer = random_layer(96, 80, bias=True, few_rows_max=4, seed=9, layout="tiles")
     x = torch.randn(3, 96, dtype=torch.float64)

@@ -452,7 +452,6 @@ AMX_TARGET static void run_unit_tiles(const void *whole, long unit) {
             }
         }
     }
-    _tile_release();
     for (Py_ssize_t r = 0; r < rows; r++) {
         __m512 inv = _mm512_set1_ps(s->row_sum[r] > 0.0f ? 1.0f / s->row_sum[r] : 0.0f);
         const float *o = t->o + r * dim;

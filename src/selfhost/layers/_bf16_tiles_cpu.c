@@ -29,10 +29,9 @@
  * from memory once per call whatever M is: bandwidth-bound for a decode step,
  * compute-bound for a prompt.
  *
- * The tile registers are configured per thread at the start of each chunk and
- * released at its end (so an idle pool thread does not carry 8 KiB of tile state
- * through context switches). Linux hands out AMX state only to processes that ask
- * (arch_prctl ARCH_REQ_XCOMP_PERM), done once when the module loads.
+ * Each chunk makes sure its thread has the tile configuration (../_amx_tiles.h).
+ * Linux hands out AMX state only to processes that ask (arch_prctl
+ * ARCH_REQ_XCOMP_PERM), done once when the module loads.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -199,7 +198,6 @@ AMX static void run_chunk(const void *context, long chunk) {
     for (Py_ssize_t m = m_begin; m < m_end; m += 2 * TILE_ROWS)
         for (Py_ssize_t n0 = n_begin; n0 < n_end; n0 += OUT_PER_CHUNK)
             tile_block(p, m, n0, m + 2 * TILE_ROWS > m_end, m == m_begin, staging);
-    _tile_release();
 }
 
 
@@ -374,7 +372,6 @@ AMX static void run_swiglu_chunk(const void *context, long chunk) {
             }
         }
     }
-    _tile_release();
 }
 
 /* y = down(silu(gate(x)) * up(x)) (+ down bias) for M > 0 rows of K inputs; I % 32 == 0 and the
