@@ -8,7 +8,7 @@ import datetime as dt
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from selfhost.gateway.ledger import Ledger, LedgerEntry
+from selfhost.gateway.ledger import Ledger, LedgerEntry, RequestIds
 from selfhost.gateway.usage import PricedUsage
 from selfhost.plan.pricing import Unpriced, UsageRecord
 
@@ -47,6 +47,42 @@ def test_a_row_that_cannot_be_written_fails_only_its_own_request(ledger):
     assert outcomes[0] is None and outcomes[2] is None and outcomes[3] is None
     assert isinstance(outcomes[1], IntegrityError)  # the request id is the key: never two rows for one request
     assert sorted(r["request_id"] for r in ledger.rows()) == ["a", "b", "c", "taken"]
+
+
+def test_rows_of_many_loop_turns_each_wait_for_their_own_commit(ledger):
+    """Rows are handed to the writer once per event-loop turn: a row recorded in a later turn is committed too,
+    and no record() returns before its row is in the database."""
+    async def one(i):
+        await asyncio.sleep(0.001 * (i % 7))  # spread over many turns
+        await ledger.record(entry(f"t-{i}"))
+        assert any(r["request_id"] == f"t-{i}" for r in ledger.rows())
+
+    async def traffic():
+        await asyncio.gather(*(one(i) for i in range(60)))
+
+    asyncio.run(traffic())
+    assert len(ledger.rows()) == 60
+
+
+def test_close_commits_rows_recorded_in_a_turn_that_has_not_ended(tmp_path):
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+
+    async def record_then_close_at_once():
+        pending = [asyncio.ensure_future(ledger.record(entry(f"n-{i}"))) for i in range(5)]
+        await asyncio.sleep(0)  # each record() ran; the hand-over of their turn is still to come
+        ledger.close()  # on the loop's thread, before that hand-over
+        await asyncio.gather(*pending)
+
+    asyncio.run(record_then_close_at_once())
+    assert len(Ledger(f"sqlite:///{tmp_path / 'ledger.db'}").rows()) == 5
+
+
+def test_request_ids_are_32_hex_digits_and_unique():
+    ids = [RequestIds().new() for _ in range(50)] + [RequestIds().new() for _ in range(50)]
+    one = RequestIds()
+    ids += [one.new() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
 def test_close_commits_what_was_queued(tmp_path):

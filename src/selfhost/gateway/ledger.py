@@ -11,6 +11,8 @@ One writer thread commits for every request (group commit): the rows that arrive
 while it wrote the last batch go in the next transaction together, and each request
 awaits the commit that holds its row. Under load that is one commit, and one wake-up
 of the event loop, for many requests, instead of a thread hop and a transaction each.
+The rows recorded in one turn of the event loop reach the writer together too: one
+hand-over (a futex wake, dear on a sandboxed kernel) per turn, not per request.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import queue
+import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +98,22 @@ class LedgerEntry:
         }
 
 
+class RequestIds:
+    """Unique request ids (32 hex digits) without a system call each, as uuid4 makes (os.urandom).
+
+    A generator seeded from the OS once per process: the ids of two runs differ as much as uuid4's.
+    Not secrets: they name a ledger row and travel in `x-selfhost-request-id`."""
+
+    def __init__(self):
+        self._random = random.Random(os.urandom(32))
+
+    def new(self) -> str:
+        return f"{self._random.getrandbits(128):032x}"
+
+
+new_request_id = RequestIds().new
+
+
 def default_ledger_url() -> str:
     return f"sqlite:///{Path.home() / '.local' / 'share' / 'selfhost' / 'ledger.db'}"
 
@@ -109,10 +129,11 @@ class Ledger:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
-        # (entry, its loop, the future its request awaits); None asks the writer to stop.
-        self._queue: queue.SimpleQueue[tuple[LedgerEntry, asyncio.AbstractEventLoop, asyncio.Future] | None] = (
+        # Lists of (entry, its loop, the future its request awaits); None asks the writer to stop.
+        self._queue: queue.SimpleQueue[list[tuple[LedgerEntry, asyncio.AbstractEventLoop, asyncio.Future]] | None] = (
             queue.SimpleQueue())
         self._writer: threading.Thread | None = None  # started by the first record(): the CLI never needs it
+        self._turns: dict[asyncio.AbstractEventLoop, list] = {}  # rows recorded in a loop's turn, handed over at its end
 
     def write(self, entry: LedgerEntry) -> None:
         """One row in its own transaction, on the calling thread."""
@@ -130,8 +151,17 @@ class Ledger:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_batches, name="selfhost-ledger", daemon=True)
             self._writer.start()
-        self._queue.put((entry, loop, committed))
+        turn = self._turns.get(loop)
+        if turn is None:
+            turn = self._turns[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        turn.append((entry, loop, committed))
         await committed
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        turn = self._turns.pop(loop, None)
+        if turn is not None:  # None: close() took it over
+            self._queue.put(turn)
 
     def rows(self) -> list[dict]:
         with self.engine.connect() as conn:
@@ -139,6 +169,10 @@ class Ledger:
 
     def close(self) -> None:
         if self._writer is not None:
+            for loop in list(self._turns):  # rows recorded in a turn that has not ended yet
+                turn = self._turns.pop(loop, None)
+                if turn is not None:
+                    self._queue.put(turn)
             self._queue.put(None)  # the rows queued before it are committed first
             self._writer.join()
         self.engine.dispose()
@@ -146,14 +180,14 @@ class Ledger:
     def _write_batches(self) -> None:
         stopping = False
         while not stopping:
-            batch = [self._queue.get()]
+            turns = [self._queue.get()]
             while True:  # everything that queued up meanwhile joins this commit
                 try:
-                    batch.append(self._queue.get_nowait())
+                    turns.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            stopping = None in batch
-            batch = [item for item in batch if item is not None]
+            stopping = None in turns
+            batch = [item for turn in turns if turn is not None for item in turn]
             if batch:
                 self._commit(batch)
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import uuid
 from decimal import Decimal
 
 from selfhost.gateway.config import ModelEntry
-from selfhost.gateway.ledger import Ledger, LedgerEntry
+from selfhost.gateway.ledger import Ledger, LedgerEntry, new_request_id
 from selfhost.gateway.proxy import COST_HEADER, REQUEST_ID_HEADER
 from selfhost.gateway.stream_tally import StreamTally
 from selfhost.gateway.usage import PricedUsage, usage_record
@@ -67,7 +66,7 @@ class LocalMeter:
     def wrap_send(self, send, name: str, endpoint: str, payload: dict, key_name: str | None, reservation):
         """A `send` that prices, records and labels the local route's answer."""
         rate, started = self.rates[name], dt.datetime.now(dt.UTC)
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         wants_usage = isinstance(payload.get("stream_options"), dict) and payload["stream_options"].get(
             "include_usage") is True
         state = {"status": 0, "stream": False, "start": None, "held": [], "pending": b""}

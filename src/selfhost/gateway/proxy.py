@@ -16,7 +16,6 @@ import datetime as dt
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ from starlette.responses import Response, StreamingResponse
 from selfhost.gateway.budgets import UNMETERED, Reservation
 from selfhost.gateway.config import GatewaySettings
 from selfhost.gateway.deployments import Deployment, DeploymentTable
-from selfhost.gateway.ledger import Ledger, LedgerEntry
+from selfhost.gateway.ledger import Ledger, LedgerEntry, new_request_id
 from selfhost.gateway.metrics import GatewayMetrics
 from selfhost.gateway.stream_tally import StreamTally
 from selfhost.gateway.upstream_http import (
@@ -188,7 +187,7 @@ class Proxy:
             raise RetryableFailure(f"stream ended before its first event ({failure_name(err)})") from None
         deployment.observe_latency(time.perf_counter() - clock)  # time to the first event
         deployment.mark_healthy()
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         relay = self._relay(deployment, request, request_id, started, upstream, first, events)
         headers = {**SSE_HEADERS, BACKEND_HEADER: deployment.id, REQUEST_ID_HEADER: request_id}
         return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
@@ -238,7 +237,7 @@ class Proxy:
 
     async def _record(self, request: ProxyRequest, deployment: Deployment, started: dt.datetime, status: str,
                       priced: PricedUsage, request_id: str | None = None) -> str:
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or new_request_id()
         entry = LedgerEntry(
             request_id=request_id, time=started, key_name=request.key_name, model=request.model,
             deployment=deployment.id, upstream_model=deployment.model, endpoint=request.endpoint, status=status,
