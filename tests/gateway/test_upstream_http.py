@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from selfhost.gateway.upstream_http import proxy_for, sse_data
+from selfhost.gateway.upstream_http import proxy_for, sse_batches
 
 
 async def _chunks(*parts: bytes):
@@ -12,11 +12,15 @@ async def _chunks(*parts: bytes):
         yield part
 
 
-def data_of(*parts: bytes) -> list[bytes]:
+def batches_of(*parts: bytes) -> list[list[bytes]]:
     async def collect():
-        return [d async for d in sse_data(_chunks(*parts))]
+        return [batch async for batch in sse_batches(_chunks(*parts))]
 
     return asyncio.run(collect())
+
+
+def data_of(*parts: bytes) -> list[bytes]:
+    return [data for batch in batches_of(*parts) for data in batch]
 
 
 def test_sse_payloads_survive_any_chunking_and_unicode_line_separators():
@@ -30,6 +34,11 @@ def test_sse_payloads_survive_any_chunking_and_unicode_line_separators():
 
 def test_a_last_line_without_its_newline_still_counts():
     assert data_of(b"data: 1\n\ndata: 2") == [b"1", b"2"]
+
+
+def test_the_events_of_one_read_come_together_and_a_read_with_none_yields_nothing():
+    assert batches_of(b"data: 1\n\ndata: 2\n\nda", b"ta: 3", b"\n\n: comment\n\n", b"data: 4\n\n") == [
+        [b"1", b"2"], [b"3"], [b"4"]]
 
 
 def test_proxy_comes_from_the_environment_once_and_no_proxy_is_respected(monkeypatch):

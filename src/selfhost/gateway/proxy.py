@@ -33,7 +33,7 @@ from selfhost.gateway.upstream_http import (
     StreamCutShort,
     failure_name,
     open_session,
-    sse_data,
+    sse_batches,
 )
 from selfhost.gateway.usage import PricedUsage, price, usage_record
 from selfhost.plan.pricing import UsageRecord
@@ -179,32 +179,42 @@ class Proxy:
             content = await _read_and_close(upstream)
             _raise_if_retryable(upstream.status)
             return _passed_through(deployment, upstream.status, content)
-        events = sse_data(upstream.content.iter_any())
+        batches = sse_batches(upstream.content.iter_any())
         try:  # the first event decides: nothing has reached the client yet
-            first = await anext(events)
+            first = await anext(batches)
         except (*TRANSPORT_ERRORS, StopAsyncIteration) as err:
             upstream.close()
             raise RetryableFailure(f"stream ended before its first event ({failure_name(err)})") from None
         deployment.observe_latency(time.perf_counter() - clock)  # time to the first event
         deployment.mark_healthy()
         request_id = new_request_id()
-        relay = self._relay(deployment, request, request_id, started, upstream, first, events)
+        relay = self._relay(deployment, request, request_id, started, upstream, first, batches)
         headers = {**SSE_HEADERS, BACKEND_HEADER: deployment.id, REQUEST_ID_HEADER: request_id}
         return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
 
     async def _relay(self, deployment: Deployment, request: ProxyRequest, request_id: str, started: dt.datetime,
-                     upstream: aiohttp.ClientResponse, first: bytes,
-                     events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+                     upstream: aiohttp.ClientResponse, first: list[bytes],
+                     batches: AsyncIterator[list[bytes]]) -> AsyncIterator[bytes]:
+        """The upstream's events as they come, those of one network read in one write (never held back)."""
         tally = StreamTally(request.payload)
         finished = False
         try:
-            data = first
-            while data != b"[DONE]":
-                chunk = tally.observe(data)
-                if not (tally.is_usage_only(chunk) and not request.wants_usage_chunk):
-                    yield b"data: " + data + b"\n\n"
+            batch, done = first, False
+            while True:
+                out = []
+                for data in batch:
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    chunk = tally.observe(data)
+                    if not (tally.is_usage_only(chunk) and not request.wants_usage_chunk):
+                        out.append(b"data: " + data + b"\n\n")
+                if out:
+                    yield b"".join(out)
+                if done:
+                    break
                 try:
-                    data = await anext(events)
+                    batch = await anext(batches)
                 except StopAsyncIteration:  # closed without [DONE]: the upstream died mid-way
                     raise StreamCutShort("upstream closed the stream before [DONE]") from None
             upstream.release()

@@ -62,8 +62,9 @@ def failure_name(err: BaseException) -> str:
     return type(err).__name__
 
 
-async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The `data:` payloads of an SSE byte stream (comments, blank lines and other fields dropped).
+async def sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """The `data:` payloads of an SSE byte stream (comments, blank lines and other fields dropped), a list for
+    each network read that completed at least one: what arrived together can be relayed in one write.
 
     Lines end at CR, LF or CRLF only (bytes.splitlines), never inside a payload's text:
     JSON may carry U+2028 or NEL raw, and a str.splitlines would cut the event there.
@@ -72,8 +73,8 @@ async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     async for chunk in chunks:
         lines = (pending + chunk).splitlines(keepends=True)
         pending = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
-        for line in lines:
-            if line.startswith(b"data:"):
-                yield line[5:].strip()
+        batch = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+        if batch:
+            yield batch
     if pending.startswith(b"data:"):
-        yield pending[5:].strip()
+        yield [pending[5:].strip()]
