@@ -54,7 +54,8 @@ def _count_runner_steps(monkeypatch):
 
 
 @needs_runner
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # untied head; q|k|v bias; sliding window
+# untied head; q|k|v bias; sliding window; q/k norm
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
 @pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("weights", list(WEIGHTS))
 def test_runner_steps_equal_the_python_path(tiny_checkpoint, monkeypatch, family, kv_cache_dtype, weights):
@@ -97,7 +98,6 @@ def test_models_the_runner_does_not_know_keep_the_python_path(tiny_checkpoint):
 
     assert isinstance(runner(_load(str(tiny_checkpoint("llama")), "bfloat16")), DecodeLayers)
     assert runner(LLM(str(tiny_checkpoint("llama")), quantization="int8")) is None  # int8 products
-    assert runner(_load(str(tiny_checkpoint("qwen3")), "bfloat16")) is None  # q/k norm
     assert runner(_load(str(tiny_checkpoint("gemma2")), "bfloat16")) is None  # sandwich norms, soft-capping
 
 

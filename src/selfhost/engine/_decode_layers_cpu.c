@@ -8,7 +8,7 @@
  * modules' `_kernels` capsules, ../_kernel_capsules.h), so the outputs are the same bits.
  *
  * Layers this runs (engine/decode_layers.py decides, once per model): pre-norm Llama-style
- * blocks (RMSNorm, fused q|k|v projection with optional bias, full-width rotary, attention
+ * blocks (RMSNorm, fused q|k|v projection with optional bias, optional q/k head norms, full-width rotary, attention
  * over the paged cache with its C kernel, o projection, RMSNorm, fused gate|up, SwiGLU, down),
  * every product of one kind: bf16 "tiles" weights (K a multiple of 32) or bf16 weights in rows
  * (both within their few-row kernel's range), or fp32 weights on the AVX-512 product; a bias
@@ -18,7 +18,8 @@
  * Per layer the runner reads LAYER_FIELDS int64 values from `layers`: the addresses of the
  * input norm's weight, qkv weight and bias (0: none), o weight and bias, post-attention norm's
  * weight, gate|up weight and bias, down weight and bias, the layer's key and value cache, and
- * its sliding window (0: none).
+ * its sliding window (0: none), and the q and k heads' norm weights (0: none; Qwen3 style, each
+ * head's D values normalised before rotary, with `qk_eps`).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,7 +31,7 @@
 
 enum {
     INPUT_NORM, QKV_W, QKV_B, O_W, O_B, POST_NORM, GATE_UP_W, GATE_UP_B, DOWN_W, DOWN_B, K_CACHE, V_CACHE, WINDOW,
-    LAYER_FIELDS
+    Q_NORM, K_NORM, LAYER_FIELDS
 };
 
 static const NormKernels *norm;
@@ -78,13 +79,13 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
     unsigned long long layers, x, h, qkv, attn, gate_up, act, cos, sin, slots, tables, lens;
     Py_ssize_t num_layers, tokens, hidden, intermediate, num_heads, num_kv_heads, head_dim;
     Py_ssize_t block_size, num_blocks, max_blocks;
-    float eps, norm_offset, scale, softcap;
+    float eps, qk_eps, norm_offset, scale, softcap;
     int kind, num_threads, attention_threads, kv_bf16, store_first;
     Py_ssize_t few_rows_max;
-    if (!PyArg_ParseTuple(args, "KninKKKKKKKKKKKnnnnnnnnnffffiipp", &layers, &num_layers, &kind, &few_rows_max, &x, &h,
+    if (!PyArg_ParseTuple(args, "KninKKKKKKKKKKKnnnnnnnnnfffffiipp", &layers, &num_layers, &kind, &few_rows_max, &x, &h,
                           &qkv, &attn, &gate_up, &act, &cos, &sin, &slots, &tables, &lens, &tokens, &hidden, &intermediate,
                           &num_heads, &num_kv_heads, &head_dim, &block_size, &num_blocks, &max_blocks, &eps,
-                          &norm_offset, &scale, &softcap, &num_threads, &attention_threads, &kv_bf16, &store_first))
+                          &qk_eps, &norm_offset, &scale, &softcap, &num_threads, &attention_threads, &kv_bf16, &store_first))
         return NULL;
     if (kind < 0 || kind >= KINDS || !kind_available(kind) ||
         (kind == BF16_TILES && tokens > few_rows_max && tiles->linear == NULL)) {
@@ -110,6 +111,13 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
         const int64_t *f = table + l * LAYER_FIELDS;
         norm->rms_norm(xs, PTR(const float *, f[INPUT_NORM]), hs, tokens, hidden, eps, norm_offset);
         if ((status = product(kind, few_rows_max, hs, f[QKV_W], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
+        if (f[Q_NORM]) /* in place: the kernel reads a row's squares before it writes the row */
+            for (Py_ssize_t t = 0; t < tokens; t++) {
+                float *q = qkvs + t * qkv_size;
+                norm->rms_norm(q, PTR(const float *, f[Q_NORM]), q, num_heads, head_dim, qk_eps, norm_offset);
+                norm->rms_norm(q + q_size, PTR(const float *, f[K_NORM]), q + q_size, num_kv_heads, head_dim, qk_eps,
+                               norm_offset);
+            }
         step.k = PTR(void *, f[K_CACHE]), step.v = PTR(void *, f[V_CACHE]), step.window = (Py_ssize_t)f[WINDOW];
         if ((status = attention->rope_decode_attention(&step))) break;
         if ((status = product(kind, few_rows_max, attns, f[O_W], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;

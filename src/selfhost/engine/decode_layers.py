@@ -6,7 +6,7 @@ kernels on the same buffers in the same order, so its hidden states equal the Py
 bit for bit; it only skips the trips back to Python between them.
 
 `DecodeLayers.for_model` decides once per model and cache whether the layers qualify (plain
-pre-norm attention + SwiGLU blocks whose products are all of one kind the runner calls the
+pre-norm attention + SwiGLU blocks, q/k-normed heads (Qwen3) included, whose products are all of one kind the runner calls the
 same kernel for: bf16 "tiles" or "rows" weights within their few-row kernel's range, or fp32
 weights on the AVX-512 product; the paged cache's C kernels); the model then offers each step to it
 (`CausalLM.forward`), and it takes only decode-only steps whose rows the few-row kernel
@@ -65,7 +65,7 @@ def _rows_max(kind: str, switch: int) -> int:
 
 def _layer_products(layer) -> list | None:
     attn, mlp = layer.self_attn, layer.mlp
-    if not (type(attn) is Attention and attn.q_norm is None and attn.sinks is None
+    if not (type(attn) is Attention and attn.sinks is None
             and type(mlp) is GatedMLP and not layer.sandwich):
         return None
     return [_product_kind(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
@@ -85,7 +85,9 @@ class DecodeLayers:
             row = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
                    attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
                    mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias, cache.k[i], cache.v[i]]
-            table += [0 if t is None else t.data_ptr() for t in row] + [attn.sliding_window or 0]
+            qk_norms = [None, None] if attn.q_norm is None else [attn.q_norm.weight, attn.k_norm.weight]
+            table += ([0 if t is None else t.data_ptr() for t in row] + [attn.sliding_window or 0]
+                      + [0 if t is None else t.data_ptr() for t in qk_norms])
             assert len(table) == (i + 1) * fields
         # The table holds addresses: keep every tensor it names alive as long as it is used.
         self._keep = (layers, cache)
@@ -97,6 +99,7 @@ class DecodeLayers:
         self.hidden, self.intermediate = spec.hidden_size, layers[0].mlp.down_proj.in_features
         norm = layers[0].input_layernorm
         self.eps, self.norm_offset = norm.eps, norm.weight_offset
+        self.qk_eps = attn.q_norm.eps if attn.q_norm is not None else 0.0
 
     @classmethod
     def for_model(cls, model, cache) -> DecodeLayers | None:
@@ -139,7 +142,7 @@ class DecodeLayers:
             h.data_ptr(), qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
             tables.data_ptr(), meta.single_context_lens.data_ptr(), tokens, self.hidden, self.intermediate,
             self.num_heads, self.num_kv_heads, self.head_dim, block_size, num_blocks, tables.shape[1],
-            self.eps, self.norm_offset, self.scale, self.softcap or 0.0, num_threads, meta.num_threads,
+            self.eps, self.qk_eps, self.norm_offset, self.scale, self.softcap or 0.0, num_threads, meta.num_threads,
             cache.kv_bf16, meta.store_first,
         )  # fmt: skip
         return True

@@ -126,18 +126,20 @@ class Attention(nn.Module):
         num_tokens = x.shape[0]
         heads = self.qkv_proj.forward(x, num_threads).view(num_tokens, -1, self.head_dim)  # (T, H + 2*Hkv, D): q, k, v heads
         num_qk = self.num_heads + self.num_kv_heads
-        if self.q_norm is None and self.sinks is None and (fused := getattr(kv, "rope_attend", None)) is not None:
+        if self.q_norm is not None:
+            # Each q and k head normalised as one contiguous row (the norm's C kernel where it runs,
+            # as the decode-step runner calls it), back in one (T, H + 2*Hkv, D) block for the rest.
+            heads = torch.cat((self.q_norm.forward(heads[:, : self.num_heads].contiguous(), num_threads),
+                               self.k_norm.forward(heads[:, self.num_heads : num_qk].contiguous(), num_threads),
+                               heads[:, num_qk:]), dim=1)
+        if self.sinks is None and (fused := getattr(kv, "rope_attend", None)) is not None:
             out = fused(self.layer_idx, heads, cos, sin, self.num_heads, self.scale, self.sliding_window, self.softcap)
             if out is not None:
                 return self.o_proj.forward(out.view(num_tokens, self.q_size), num_threads)
         v = heads[:, num_qk:]
-        if self.q_norm is None:
-            # q and k are adjacent heads: one rotation covers both.
-            qk = apply_rotary(heads[:, :num_qk], cos, sin)
-            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        else:
-            q = apply_rotary(self.q_norm.forward(heads[:, : self.num_heads]), cos, sin)
-            k = apply_rotary(self.k_norm.forward(heads[:, self.num_heads : num_qk]), cos, sin)
+        # q and k are adjacent heads: one rotation covers both.
+        qk = apply_rotary(heads[:, :num_qk], cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         if self.sinks is not None:
             out = kv.attend_with_sinks(self.layer_idx, q, k, v, self.sinks, self.scale, self.sliding_window)
         else:
