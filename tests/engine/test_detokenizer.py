@@ -1,6 +1,8 @@
 import pytest
 
-from selfhost.engine.detokenizer import IncrementalDetokenizer
+import random
+
+from selfhost.engine.detokenizer import IncrementalDetokenizer, window_decoder
 from selfhost.tokenizer import Tokenizer
 
 
@@ -47,3 +49,25 @@ def test_held_back_prefix_is_released_when_no_stop_follows(tokenizer):
     deltas, detok = stream_deltas(tokenizer, "the slings and arrows", ("arrows!",))
     assert not detok.stopped
     assert "".join(deltas) == "the slings and arrows"
+
+
+def test_window_decoder_gives_the_tokenizers_text(tokenizer):
+    """The decode without transformers' wrapper returns exactly what Tokenizer.decode does, special and
+    partial-character tokens included."""
+    decode = window_decoder(tokenizer)
+    assert decode != tokenizer.decode  # the fixture's tokenizer takes the direct path
+    rng = random.Random(0)
+    for _ in range(2000):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(0, 10))]
+        assert decode(ids) == tokenizer.decode(ids), ids
+
+
+def test_window_decoder_keeps_a_wrapped_decode(tokenizer):
+    class Upper(Tokenizer):
+        def decode(self, token_ids):
+            return super().decode(token_ids).upper()
+
+    wrapped = object.__new__(Upper)
+    wrapped.hf = tokenizer.hf
+    assert window_decoder(wrapped) == wrapped.decode
+

@@ -92,18 +92,24 @@ class ModelRunner:
                 multi.append((len(input_ids) - num, num, start, table))
         # Pad tables only to the longest context in the step, not the longest table.
         max_blocks = -(-max(single_lens, default=0) // bs)
+        # One tensor for the step's fields, sliced into views: each torch.tensor call costs a few us.
+        num_tokens = len(input_ids)
+        flat = input_ids + positions + slots + single_lens
+        for t in single_tables:
+            flat.extend(t[:max_blocks])
+            flat.extend([0] * (max_blocks - len(t)))
+        fields = self._tensor(flat)
+        num_single, lens_at = len(single_tables), 3 * num_tokens
         meta = StepMetadata(
-            slot_mapping=self._tensor(slots),
-            num_single=len(single_tables),
-            single_block_tables=self._tensor([t[:max_blocks] + [0] * (max_blocks - len(t)) for t in single_tables])
-            if single_tables
-            else None,
-            single_context_lens=self._tensor(single_lens) if single_lens else None,
+            slot_mapping=fields[2 * num_tokens : lens_at],
+            num_single=num_single,
+            single_block_tables=fields[lens_at + num_single :].view(num_single, max_blocks) if num_single else None,
+            single_context_lens=fields[lens_at : lens_at + num_single] if num_single else None,
             chunks=[(first, num, start, self._tensor(table)) for first, num, start, table in multi],
             num_threads=num_threads,
             store_first=store_first,
         )
-        return self._tensor(input_ids), self._tensor(positions), meta
+        return fields[:num_tokens], fields[num_tokens : 2 * num_tokens], meta
 
     def run(self, chunks: list[ScheduledChunk]) -> StepResult:
         """Forward the step; sample for chunks that complete their sequence, score asked-for prompt rows."""

@@ -57,6 +57,12 @@ class SamplerRow:
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy, with nothing to apply before the argmax and no logprobs to return."""
+        return (self.temperature == 0 and self.num_logprobs is None and not self.logits_processors
+                and not self.has_penalties)
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         """This row's seeded generator on `device` (None without a seed); it advances with every draw."""
         if self.seed is None:
@@ -159,6 +165,11 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow], token_masks: TokenMasks
 
     Logprobs are the model's own distribution, before any mask, penalty or filter.
     """
+    if token_masks is None and all(r.is_plain_greedy for r in rows):
+        # The argmax alone, as below: ~10 us less of a demo-model decode step (~0.5 ms).
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+            return SampleResult(logits.numpy().argmax(axis=-1).tolist(), [None] * len(rows))
+        return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows))
     want_logprobs = [r.num_logprobs is not None for r in rows]
     raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
     if token_masks is not None:
