@@ -306,7 +306,7 @@ def test_prefill_on_tiles_is_bf16_attention(num_heads, num_kv_heads, head_dim, w
     exact attention over the same bf16-rounded queries, each output then differs by at most
     the probabilities' rounding: sum_j p_j e_j v_j / sum_j p_j with |e_j| <= 2^-9, so
     |error| <= 2^-9 max|v| (a little over for the exp's own 5e-5 and fp32 sums)."""
-    # Whole prompts, chunks continuing a cached prefix, sizes past every 16-row tile, 32-query
+    # Whole prompts, chunks continuing a cached prefix, sizes past every 16-row tile, 64-query
     # unit and 128-key block edge, one long chunk that needs several key blocks per unit.
     chunks = [(0, 1), (0, 37), (50, 13), (0, 100), (129, 70), (16, 16), (300, 150)]
     scale = head_dim**-0.5
