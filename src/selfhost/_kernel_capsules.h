@@ -62,6 +62,15 @@ typedef struct {
     int (*rope_decode_attention)(const RopeDecodeStep *step);
 } AttentionKernels;
 
+typedef struct { /* layers._moe_cpu: a layer's routed experts, softmax top-k routing in the call */
+    int version;
+    /* experts (T, k) and weights (T, k) are scratch the call fills; out (T, H) may not be x */
+    int (*routed_softmax_top_k)(const int64_t *table, int kind, Py_ssize_t few_rows_max, const float *x,
+                                const float *logits, int64_t *experts, float *weights, float *out, Py_ssize_t T,
+                                Py_ssize_t H, Py_ssize_t I, Py_ssize_t E, Py_ssize_t k, int normalize, float scaling,
+                                int num_threads);
+} MoeKernels;
+
 /* The struct behind capsule `name` of module `module`, NULL with a Python error set. */
 static inline const void *kernels_import(const char *module, const char *name) {
     PyObject *imported = PyImport_ImportModule(module);

@@ -111,3 +111,55 @@ def test_a_step_the_runner_declines_leaves_the_hidden_states_untouched(tiny_chec
     cos = sin = torch.ones(3, 1, 16)
     assert runner(x, cos, sin, cache, 1) is False  # no step metadata: not a step it can take
     assert torch.equal(x, before)
+
+
+MOE_CONFIGS = {  # Mixtral: experts as wide as the dense MLP; Qwen3-MoE: q/k norms, renormalised top-k
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
+                                         norm_topk_prob=True)),
+    # a shared expert and a dense layer between the sparse ones: the Python path keeps it
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, norm_topk_prob=False,
+                                         decoder_sparse_step=1, mlp_only_layers=[1])),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    import transformers
+
+    from tests.tiny_models import COMMON, save_tiny_tokenizer
+
+    def build(name):
+        config_cls, overrides = MOE_CONFIGS[name]
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_cls)(**{**COMMON, **overrides}))
+        out = tmp_path_factory.mktemp(name)
+        model.save_pretrained(out, safe_serialization=True)
+        save_tiny_tokenizer(out)
+        return str(out)
+
+    return build
+
+
+@needs_runner
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("weights", ["bf16_tiles", "bf16_tiles_amx", "fp32"])
+def test_runner_takes_mixture_of_experts_layers_bit_for_bit(moe_checkpoint, monkeypatch, family, weights):
+    """The router's product and the experts' one C call (layers/_moe_cpu.c) inside the runner:
+    the same kernels as SparseMoE.forward, so the same tokens and logprobs."""
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=3)
+    taken = _count_runner_steps(monkeypatch)
+    with_runner = _outputs(_load(moe_checkpoint(family), "bfloat16", weights, monkeypatch), params)
+    assert taken.count(True) >= 12
+    monkeypatch.setattr(decode_layers, "_PYTHON_ONLY", True)
+    taken.clear()
+    assert _outputs(_load(moe_checkpoint(family), "bfloat16", weights, monkeypatch), params) == with_runner
+    assert not taken
+
+
+@needs_runner
+def test_a_shared_expert_keeps_the_python_path(moe_checkpoint):
+    llm = _load(moe_checkpoint("qwen2_moe"), "bfloat16")
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0))
+    assert llm.engine.runner._layers_runner is None

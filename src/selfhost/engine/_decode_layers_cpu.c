@@ -19,19 +19,28 @@
  * input norm's weight, qkv weight and bias (0: none), o weight and bias, post-attention norm's
  * weight, gate|up weight and bias, down weight and bias, the layer's key and value cache, and
  * its sliding window (0: none), and the q and k heads' norm weights (0: none; Qwen3 style, each
- * head's D values normalised before rotary, with `qk_eps`).
+ * head's D values normalised before rotary, with `qk_eps`). A mixture-of-experts layer (Mixtral,
+ * Qwen3-MoE: softmax top-k routing, no shared expert) has no gate|up weight and names its router
+ * and experts instead: the router's product, then the experts in one call of layers/_moe_cpu.c.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "../_kernel_capsules.h"
 
 enum {
     INPUT_NORM, QKV_W, QKV_B, O_W, O_B, POST_NORM, GATE_UP_W, GATE_UP_B, DOWN_W, DOWN_B, K_CACHE, V_CACHE, WINDOW,
-    Q_NORM, K_NORM, LAYER_FIELDS
+    Q_NORM, K_NORM,
+    /* a mixture-of-experts MLP (GATE_UP_W 0): router weight and its product's kind and switch, the
+     * experts' table (layers/moe.py's ExpertKernel) with their kind, switch and width, the number
+     * of experts, how many each token takes, renormalise (0/1), the routed scaling as fp32 bits */
+    ROUTER_W, ROUTER_KIND, ROUTER_SWITCH, EXPERTS, EXPERT_KIND, EXPERT_SWITCH, EXPERT_WIDTH, NUM_EXPERTS, TOP_K,
+    NORMALIZE, SCALING,
+    LAYER_FIELDS
 };
 
 static const NormKernels *norm;
@@ -39,6 +48,7 @@ static const ActivationKernels *activation;
 static const Bf16TileKernels *tiles;
 static const GemmKernels *gemm;
 static const AttentionKernels *attention;
+static const MoeKernels *moe;
 
 /* The products' kind (decode_layers.py's PRODUCT_KINDS). */
 enum { BF16_TILES, FP32, BF16_ROWS, KINDS };
@@ -105,6 +115,29 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
                            PTR(const int64_t *, tables), PTR(const int64_t *, lens), NULL, NULL, attns, tokens,
                            num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, 0, scale, softcap,
                            attention_threads, kv_bf16, store_first};
+    /* scratch of the mixture-of-experts layers, for the most experts and choices any layer has */
+    Py_ssize_t most_experts = 0, most_chosen = 0;
+    for (Py_ssize_t l = 0; l < num_layers; l++) {
+        const int64_t *f = table + l * LAYER_FIELDS;
+        if (f[GATE_UP_W]) continue;
+        if (!moe || f[NUM_EXPERTS] <= 0 || f[TOP_K] <= 0 || f[TOP_K] > f[NUM_EXPERTS]) {
+            PyErr_SetString(PyExc_ValueError, "run_layers: a mixture-of-experts layer this build or table cannot run");
+            return NULL;
+        }
+        most_experts = f[NUM_EXPERTS] > most_experts ? f[NUM_EXPERTS] : most_experts;
+        most_chosen = f[TOP_K] > most_chosen ? f[TOP_K] : most_chosen;
+    }
+    float *moe_logits = NULL, *moe_weights = NULL, *moe_out = NULL;
+    int64_t *moe_experts = NULL;
+    if (most_experts) {
+        moe_logits = malloc((size_t)(tokens * (most_experts + most_chosen + hidden)) * sizeof(float));
+        moe_experts = malloc((size_t)(tokens * most_chosen) * sizeof(int64_t));
+        if (!moe_logits || !moe_experts) {
+            free(moe_logits), free(moe_experts);
+            return PyErr_NoMemory();
+        }
+        moe_weights = moe_logits + tokens * most_experts, moe_out = moe_weights + tokens * most_chosen;
+    }
     int status = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t l = 0; l < num_layers && status == 0; l++) {
@@ -123,6 +156,21 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
         if ((status = product(kind, few_rows_max, attns, f[O_W], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
         add_into(xs, hs, tokens * hidden);
         norm->rms_norm(xs, PTR(const float *, f[POST_NORM]), hs, tokens, hidden, eps, norm_offset);
+        if (!f[GATE_UP_W]) { /* mixture of experts, as SparseMoE.forward takes it */
+            float scaling;
+            const int32_t scaling_bits = (int32_t)f[SCALING];
+            memcpy(&scaling, &scaling_bits, sizeof scaling);
+            if ((status = product((int)f[ROUTER_KIND], (Py_ssize_t)f[ROUTER_SWITCH], hs, f[ROUTER_W], 0, moe_logits,
+                                  tokens, (Py_ssize_t)f[NUM_EXPERTS], hidden, num_threads)) ||
+                (status = moe->routed_softmax_top_k(PTR(const int64_t *, f[EXPERTS]), (int)f[EXPERT_KIND],
+                                                    (Py_ssize_t)f[EXPERT_SWITCH], hs, moe_logits, moe_experts,
+                                                    moe_weights, moe_out, tokens, hidden, (Py_ssize_t)f[EXPERT_WIDTH],
+                                                    (Py_ssize_t)f[NUM_EXPERTS], (Py_ssize_t)f[TOP_K],
+                                                    (int)f[NORMALIZE], scaling, num_threads)))
+                break;
+            add_into(xs, moe_out, tokens * hidden);
+            continue;
+        }
         if (kind == BF16_TILES && tokens > few_rows_max && !f[GATE_UP_B] && tiles->swiglu && intermediate % 32 == 0) {
             /* the MLP in one AMX call, as GatedMLP takes it (layers/bf16_linear.py: swiglu_tiles) */
             if ((status = tiles->swiglu(hs, PTR(const uint16_t *, f[GATE_UP_W]), PTR(const uint16_t *, f[DOWN_W]),
@@ -140,6 +188,7 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
         add_into(xs, hs, tokens * hidden);
     }
     Py_END_ALLOW_THREADS
+    free(moe_logits), free(moe_experts);
     if (status == -1) return PyErr_NoMemory();
     if (status) {
         PyErr_SetString(PyExc_ValueError, "run_layers: the attention kernel refused the step's sizes");
@@ -178,5 +227,6 @@ PyMODINIT_FUNC PyInit__decode_layers_cpu(void) {
     tiles = kernels_import_optional("selfhost.layers._bf16_tiles_cpu", "selfhost.layers._bf16_tiles_cpu._kernels");
     gemm = kernels_import_optional("selfhost.layers._gemm_cpu", "selfhost.layers._gemm_cpu._kernels");
     attention = kernels_import_optional("selfhost.engine._paged_attention_cpu", "selfhost.engine._paged_attention_cpu._kernels");
+    moe = kernels_import_optional("selfhost.layers._moe_cpu", "selfhost.layers._moe_cpu._kernels");
     return PyModule_Create(&module);
 }

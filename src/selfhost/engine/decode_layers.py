@@ -16,6 +16,7 @@ covers, returning False for anything else (prompt chunks, partial rotary, larger
 from __future__ import annotations
 
 import os
+import struct
 import sys
 
 import torch
@@ -25,6 +26,8 @@ from selfhost.layers import activation, linear
 from selfhost.layers.attention import Attention
 from selfhost.layers.bf16_linear import Bf16Linear
 from selfhost.layers.mlp import GatedMLP
+from selfhost.layers import moe
+from selfhost.layers.moe import SparseMoE
 
 try:
     from selfhost.engine import _decode_layers_cpu
@@ -63,12 +66,40 @@ def _rows_max(kind: str, switch: int) -> int:
     return switch if kind == "bf16_rows" else sys.maxsize
 
 
+def _moe_router(mlp) -> tuple[str, int] | None:
+    """(kind, switch) of a SparseMoE's router where the runner takes the layer: softmax top-k routing,
+    no shared expert, no router bias, the experts on their C call (layers/moe.py's ExpertKernel)."""
+    if not (moe.USE_EXPERT_KERNEL and type(mlp) is SparseMoE and mlp.routing == "softmax_top_k"
+            and mlp.shared_expert is None and mlp.gate.bias is None and mlp.expert_kernel() is not None):
+        return None
+    router = _product_kind(mlp.gate)
+    # a "rows" router would go to torch's matmul past its switch, which the runner cannot call
+    return router if router is not None and router[0] != "bf16_rows" and runner_available(router[0]) else None
+
+
 def _layer_products(layer) -> list | None:
+    """The (kind, switch) of the layer's attention and dense MLP products; None where the runner
+    cannot take the layer (a mixture-of-experts MLP brings its own kinds: _moe_router)."""
     attn, mlp = layer.self_attn, layer.mlp
-    if not (type(attn) is Attention and attn.sinks is None
-            and type(mlp) is GatedMLP and not layer.sandwich):
+    if not (type(attn) is Attention and attn.sinks is None and not layer.sandwich):
+        return None
+    if type(mlp) is SparseMoE:
+        return None if _moe_router(mlp) is None else [_product_kind(m) for m in (attn.qkv_proj, attn.o_proj)]
+    if type(mlp) is not GatedMLP:
         return None
     return [_product_kind(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+
+
+def _moe_fields(mlp) -> list[int]:
+    """The runner's mixture-of-experts fields of a layer (zeros for a dense MLP)."""
+    if type(mlp) is not SparseMoE:
+        return [0] * 11
+    kind, switch = _moe_router(mlp)
+    experts = mlp.expert_kernel()
+    scaling_bits = struct.unpack("<i", struct.pack("<f", mlp.routed_scaling_factor))[0]
+    return [mlp.gate.weight.data_ptr(), PRODUCT_KINDS[kind], switch, experts.table.data_ptr(), experts.kind,
+            experts.few_rows_max, experts.intermediate, mlp.num_experts, mlp.top_k, int(mlp.normalize_top_k),
+            scaling_bits]
 
 
 class DecodeLayers:
@@ -82,12 +113,14 @@ class DecodeLayers:
         table = []
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
+            dense = type(mlp) is GatedMLP
+            mlp_weights = ([mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias]
+                           if dense else [None] * 4)
             row = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
-                   attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
-                   mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias, cache.k[i], cache.v[i]]
+                   attn.o_proj.bias, layer.post_attention_layernorm.weight, *mlp_weights, cache.k[i], cache.v[i]]
             qk_norms = [None, None] if attn.q_norm is None else [attn.q_norm.weight, attn.k_norm.weight]
             table += ([0 if t is None else t.data_ptr() for t in row] + [attn.sliding_window or 0]
-                      + [0 if t is None else t.data_ptr() for t in qk_norms])
+                      + [0 if t is None else t.data_ptr() for t in qk_norms] + _moe_fields(mlp))
             assert len(table) == (i + 1) * fields
         # The table holds addresses: keep every tensor it names alive as long as it is used.
         self._keep = (layers, cache)
@@ -96,7 +129,9 @@ class DecodeLayers:
         attn = layers[0].self_attn
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.scale, self.softcap = attn.scale, attn.softcap
-        self.hidden, self.intermediate = spec.hidden_size, layers[0].mlp.down_proj.in_features
+        dense = [layer.mlp for layer in layers if type(layer.mlp) is GatedMLP]
+        # the dense MLPs' width (the runner's gate|up scratch); a model of experts only has none
+        self.hidden, self.intermediate = spec.hidden_size, dense[0].down_proj.in_features if dense else 32
         norm = layers[0].input_layernorm
         self.eps, self.norm_offset = norm.eps, norm.weight_offset
         self.qk_eps = attn.q_norm.eps if attn.q_norm is not None else 0.0

@@ -158,6 +158,22 @@ no_memory:
     return -1;
 }
 
+/* Softmax top-k routing, then the experts, without the GIL: `run` with logits, and the decode-step
+ * runner's (../_kernel_capsules.h). -1 without memory. */
+static int routed_softmax_top_k(const int64_t *table, int kind, Py_ssize_t few_rows_max, const float *x,
+                                const float *logits, int64_t *experts, float *weights, float *out, Py_ssize_t T,
+                                Py_ssize_t H, Py_ssize_t I, Py_ssize_t E, Py_ssize_t k, int normalize, float scaling,
+                                int num_threads) {
+    float *probs = malloc((size_t)E * sizeof(float));
+    if (!probs) return -1;
+    route_softmax_top_k(logits, experts, weights, T, E, k, normalize, scaling, probs);
+    free(probs);
+    Step step = {table, kind, few_rows_max, x, experts, weights, out, T, H, I, E, k, num_threads < 1 ? 1 : num_threads};
+    return run_experts(&step);
+}
+
+static MoeKernels kernels = {SELFHOST_KERNELS_VERSION, routed_softmax_top_k};
+
 static PyObject *run(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long table, x, logits, experts, weights, out;
@@ -189,17 +205,14 @@ static PyObject *run(PyObject *self, PyObject *args) {
                 PyErr_Format(PyExc_ValueError, "run: expert id %lld outside [0, %zd)", (long long)chosen[p], E);
                 return NULL;
             }
-    float *probs = malloc((size_t)E * sizeof(float));
-    if (!probs) return PyErr_NoMemory();
     Step step = {PTR(const int64_t *, table), kind, few_rows_max, PTR(const float *, x), chosen, chosen_weights,
                  PTR(float *, out), T, H, I, E, k, num_threads < 1 ? 1 : num_threads};
     int status;
     Py_BEGIN_ALLOW_THREADS
-    if (logits)
-        route_softmax_top_k(PTR(const float *, logits), chosen, chosen_weights, T, E, k, normalize, scaling, probs);
-    status = run_experts(&step);
+    status = logits ? routed_softmax_top_k(step.table, kind, few_rows_max, step.x, PTR(const float *, logits), chosen,
+                                           chosen_weights, step.out, T, H, I, E, k, normalize, scaling, num_threads)
+                    : run_experts(&step);
     Py_END_ALLOW_THREADS
-    free(probs);
     if (status) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -235,5 +248,7 @@ PyMODINIT_FUNC PyInit__moe_cpu(void) {
     activation = kernels_import_optional("selfhost.layers._activation_cpu", "selfhost.layers._activation_cpu._kernels");
     tiles = kernels_import_optional("selfhost.layers._bf16_tiles_cpu", "selfhost.layers._bf16_tiles_cpu._kernels");
     gemm = kernels_import_optional("selfhost.layers._gemm_cpu", "selfhost.layers._gemm_cpu._kernels");
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && kernels_export(m, "selfhost.layers._moe_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
+    return m;
 }
