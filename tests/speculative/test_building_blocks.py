@@ -162,6 +162,29 @@ def test_a_sequence_that_stops_proposing_still_probes(target):
     seq.proposed = []
 
 
+def test_a_curve_that_overprices_wider_steps_is_measured_again(target):
+    """One early slow sample can make every wider step look too dear: nothing would ever propose, and so
+    nothing would measure those widths again. A one-token probe still goes now and then."""
+    from selfhost import LLM, SamplingParams
+    from selfhost.speculative.speculator import UNPRICED_PROBE_EVERY, Speculator
+
+    llm = LLM(target, speculative="ngram", num_speculative_tokens=4, kv_cache_memory="4MiB")
+    speculator = llm.engine.speculator
+    assert isinstance(speculator, Speculator)
+    speculator.step_cost.record(1, 0.010)
+    for n in (2, 3, 4, 5):  # a slow outlier at every wider width: 10x a plain step
+        speculator.step_cost.record(n, 0.100)
+    seq = llm.engine.add_request("r", [5, 6, 7, 8] * 10, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    seq.num_computed_tokens = seq.num_tokens - 1  # as after its prompt: decoding (the speculator runs nothing)
+    assert not speculator._could_pay([seq], 64)
+    lengths = []
+    for _ in range(2 * UNPRICED_PROBE_EVERY):
+        speculator.propose([seq], 64)
+        lengths.append(len(seq.proposed))
+    assert lengths.count(1) == 2 and lengths.count(0) == 2 * UNPRICED_PROBE_EVERY - 2
+    seq.proposed = []
+
+
 def test_the_incremental_ngram_index_agrees_with_the_plain_scan():
     """Grow random low-entropy sequences a token or a few at a time; every proposal equals the definition's."""
     import random

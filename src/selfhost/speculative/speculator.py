@@ -36,6 +36,9 @@ PLAIN_PROBE_EVERY = 16
 REPLAN_IDLE_EVERY = 4
 # A probe (see Speculator._lengths) is taken only if it makes its step at most this much dearer.
 PROBE_COST = 0.25
+# ... and this often (in steps that propose nothing) whatever the curve says it costs: one early slow
+# sample can overprice wider steps for good (no proposal, and no probe, would ever measure them again).
+UNPRICED_PROBE_EVERY = 4 * PROBE_EVERY
 
 
 @dataclass
@@ -116,9 +119,13 @@ class Speculator:
         """propose(); returns the seconds the draft model's passes took."""
         for seq in running:
             seq.proposed = []
+        unpriced_probe = False
         if not self._could_pay(running, token_budget):
             self._streak = 0
-            return 0.0
+            self._idle_steps += 1
+            if self._idle_steps % UNPRICED_PROBE_EVERY:
+                return 0.0
+            unpriced_probe = True  # the curve may be what says no: measure a wider step now and then
         candidates, lookups = [], []
         for seq in running:
             if not self.can_speculate(seq):
@@ -142,7 +149,8 @@ class Speculator:
         if not candidates:
             self._streak = 0
             return 0.0
-        lengths = self._lengths(running, candidates, token_budget)
+        lengths = (self._probe(candidates) if unpriced_probe
+                   else self._lengths(running, candidates, token_budget))
         if not any(lengths):
             self._streak = 0
             return 0.0
@@ -223,8 +231,15 @@ class Speculator:
         plain = self.step_cost.seconds(plain_tokens)
         extra = (self.step_cost.seconds(plain_tokens + 1) - plain + per_sequence
                  + (self._draft_seconds_per_pass.value or 0.0))  # a draft model's pass is no small probe
-        if extra <= PROBE_COST * plain:
-            lengths[min(range(len(candidates)), key=lambda i: candidates[i][1].last_proposed)] = 1
+        if extra <= PROBE_COST * plain or self._idle_steps % UNPRICED_PROBE_EVERY == 0:
+            return self._probe(candidates)
+        return lengths
+
+    @staticmethod
+    def _probe(candidates: list[tuple[Sequence, SequenceSpeculation, int]]) -> list[int]:
+        """One token for the candidate that has gone longest without proposing, none for the others."""
+        lengths = [0] * len(candidates)
+        lengths[min(range(len(candidates)), key=lambda i: candidates[i][1].last_proposed)] = 1
         return lengths
 
     def verify(self, seq: Sequence, proposed: tuple[int, ...], logits: torch.Tensor
