@@ -7,6 +7,7 @@ import torch
 from selfhost import LLM, SamplingParams
 from selfhost.engine import decode_layers
 from selfhost.engine.decode_layers import DecodeLayers, runner_available
+from selfhost.engine.paged_cache import StepMetadata
 from selfhost.layers.bf16_linear import Bf16Linear, tiles_available
 from selfhost.models import bf16_weights
 from selfhost.speculative.speculator import Speculator
@@ -46,7 +47,7 @@ def _count_runner_steps(monkeypatch):
 
     def counting(self, *args):
         result = original(self, *args)
-        taken.append(result)
+        taken.append(result is not None)
         return result
 
     monkeypatch.setattr(DecodeLayers, "__call__", counting)
@@ -102,15 +103,24 @@ def test_models_the_runner_does_not_know_keep_the_python_path(tiny_checkpoint):
 
 
 @needs_runner
-def test_a_step_the_runner_declines_leaves_the_hidden_states_untouched(tiny_checkpoint):
+def test_the_runner_declines_or_refuses_a_step_without_touching_the_cache(tiny_checkpoint):
     llm = _load(str(tiny_checkpoint("llama")), "bfloat16")
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0))
     runner, cache = llm.engine.runner._layers_runner, llm.engine.runner.cache
-    x = torch.randn(3, 64)
-    before = x.clone()
-    cos = sin = torch.ones(3, 1, 16)
-    assert runner(x, cos, sin, cache, 1) is False  # no step metadata: not a step it can take
-    assert torch.equal(x, before)
+    with torch.inference_mode():  # as the engine's steps run (grad on: the runner declines)
+        assert runner(torch.tensor([5]), torch.tensor([3]), cache, 1) is None  # no step metadata: not a step it takes
+        # one decoding sequence whose key goes to block 0's first slot
+        cache.meta = StepMetadata(slot_mapping=torch.tensor([0]), num_single=1,
+                                  single_block_tables=torch.zeros(1, 1, dtype=torch.long),
+                                  single_context_lens=torch.tensor([1]), chunks=[])
+        keys, values = cache.k.clone(), cache.v.clone()
+        vocab, positions = llm.engine.runner.model.spec.vocab_size, runner.cos.shape[0]
+        for ids, at in (([vocab], [3]), ([-1], [3]), ([5], [positions])):  # past the embedding or the rotary table
+            with pytest.raises(ValueError, match="outside its table"):
+                runner(torch.tensor(ids), torch.tensor(at), cache, 1)
+        assert torch.equal(cache.k, keys) and torch.equal(cache.v, values)
+        assert runner(torch.tensor([5]), torch.tensor([0]), cache, 1).shape == (1, 64)  # the same step, in range
+        cache.meta = None
 
 
 MOE_CONFIGS = {  # Mixtral: experts as wide as the dense MLP; Qwen3-MoE: q/k norms, renormalised top-k

@@ -20,6 +20,7 @@ import struct
 import sys
 
 import torch
+from torch import nn
 
 from selfhost.engine.paged_cache import PagedKVCache
 from selfhost.layers import activation, linear
@@ -28,6 +29,7 @@ from selfhost.layers.bf16_linear import Bf16Linear
 from selfhost.layers.mlp import GatedMLP
 from selfhost.layers import moe
 from selfhost.layers.moe import SparseMoE
+from selfhost.layers.norm import RMSNorm
 
 try:
     from selfhost.engine import _decode_layers_cpu
@@ -102,6 +104,19 @@ def _moe_fields(mlp) -> list[int]:
             scaling_bits]
 
 
+def _surroundings_qualify(model) -> bool:
+    """What the runner does around the layers is what the model does: an fp32 embedding without a scale,
+    one full-width rotary table pair, a plain RMSNorm at the end with the layers' weight offset."""
+    embed, norm, rotaries = model.model.embed_tokens, model.model.norm, getattr(model, "rotaries", None)
+    first = model.model.layers[0]
+    tables = [] if not rotaries else [rotaries[0].cos, rotaries[0].signed_sin]
+    return (type(embed) is nn.Embedding and model.spec.embed_scale is None and type(norm) is RMSNorm
+            and type(first.input_layernorm) is RMSNorm and norm.weight_offset == first.input_layernorm.weight_offset
+            and len(rotaries) == 1 and rotaries[0].rotary_dim == first.self_attn.head_dim
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                    for t in (embed.weight, norm.weight, *tables)))
+
+
 class DecodeLayers:
     """The C runner bound to one model and one paged cache."""
 
@@ -135,6 +150,11 @@ class DecodeLayers:
         norm = layers[0].input_layernorm
         self.eps, self.norm_offset = norm.eps, norm.weight_offset
         self.qk_eps = attn.q_norm.eps if attn.q_norm is not None else 0.0
+        # what the model does around its layers: the embedding, the rotary tables, the final norm
+        self.embed, self.final_norm = model.model.embed_tokens.weight, model.model.norm.weight
+        self.final_eps = model.model.norm.eps
+        rotary = model.rotaries[0]
+        self.cos, self.sin = rotary.cos, rotary.signed_sin
 
     @classmethod
     def for_model(cls, model, cache) -> DecodeLayers | None:
@@ -144,7 +164,7 @@ class DecodeLayers:
         spec = getattr(model, "spec", None)
         layers = getattr(getattr(model, "model", None), "layers", None)
         if (spec is None or layers is None or len(spec.ropes) != 1 or spec.activation != "silu"
-                or not activation.SILU_MUL_KERNEL):
+                or not activation.SILU_MUL_KERNEL or not _surroundings_qualify(model)):
             return None
         products = [_layer_products(layer) for layer in layers]
         if not products or any(p is None or None in p for p in products):
@@ -155,29 +175,25 @@ class DecodeLayers:
         kind, switch = kinds.pop()
         return cls(model, cache, kind, switch) if runner_available(kind) else None
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv, num_threads: int) -> bool:
-        """Runs every layer on x (T, hidden) in place and returns True, or returns False (x untouched)
-        for a step the runner does not take."""
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv, num_threads: int) -> torch.Tensor | None:
+        """The step's final hidden states (T, hidden), normalised by the model's final norm: the embedding
+        and rotary rows gathered, every layer, the norm, in one call; None for a step the runner does not
+        take (the caller then runs the model's own forward)."""
         meta = kv.meta if kv is self.cache else None
-        tokens = x.shape[0]
+        tokens = input_ids.shape[0]
         if (meta is None or meta.chunks or meta.num_single != tokens or tokens > self.rows_max
-                or x.dtype != torch.float32 or cos.shape[-1] != self.head_dim or torch.is_grad_enabled()):
-            return False
-        cos, sin = cos.contiguous(), sin.contiguous()
-        q_size = self.num_heads * self.head_dim
-        h = torch.empty(tokens, self.hidden)
-        qkv = torch.empty(tokens, q_size + 2 * self.num_kv_heads * self.head_dim)
-        attn = torch.empty(tokens, q_size)
-        gate_up = torch.empty(tokens, 2 * self.intermediate)
-        act = torch.empty(tokens, self.intermediate)
+                or torch.is_grad_enabled()):
+            return None
+        out = torch.empty(tokens, self.hidden)
         tables, cache = meta.single_block_tables, self.cache
         _, _, num_blocks, block_size, _ = cache.v.shape
         _decode_layers_cpu.run_layers(
-            self.table.data_ptr(), self.num_layers, PRODUCT_KINDS[self.kind], self.switch, x.data_ptr(),
-            h.data_ptr(), qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), act.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
-            tables.data_ptr(), meta.single_context_lens.data_ptr(), tokens, self.hidden, self.intermediate,
-            self.num_heads, self.num_kv_heads, self.head_dim, block_size, num_blocks, tables.shape[1],
-            self.eps, self.qk_eps, self.norm_offset, self.scale, self.softcap or 0.0, num_threads, meta.num_threads,
-            cache.kv_bf16, meta.store_first,
+            self.table.data_ptr(), self.num_layers, PRODUCT_KINDS[self.kind], self.switch,
+            input_ids.data_ptr(), positions.data_ptr(), self.embed.data_ptr(), self.embed.shape[0],
+            self.cos.data_ptr(), self.sin.data_ptr(), self.cos.shape[0], self.final_norm.data_ptr(), out.data_ptr(),
+            meta.slot_mapping.data_ptr(), tables.data_ptr(), meta.single_context_lens.data_ptr(), tokens,
+            self.hidden, self.intermediate, self.num_heads, self.num_kv_heads, self.head_dim, block_size, num_blocks,
+            tables.shape[1], self.eps, self.qk_eps, self.final_eps, self.norm_offset, self.scale, self.softcap or 0.0,
+            num_threads, meta.num_threads, cache.kv_bf16, meta.store_first,
         )  # fmt: skip
-        return True
+        return out

@@ -114,15 +114,15 @@ class CausalLM(nn.Module):
         num_threads: how many threads selfhost's CPU kernels use in this forward pass
         (the engine chooses it per step); ignored on GPUs and by torch's own ops.
         layers_runner: the engine's one-call decode runner (engine/decode_layers.py), offered
-        the step first when the model has a single rotary table; it runs every layer on x in
-        place and says True, or declines the step."""
+        the step first; it returns the final hidden states (embedding, every layer and the final
+        norm in one C call), or None where it declines the step."""
+        if layers_runner is not None and (hidden := layers_runner(input_ids, positions, kv, num_threads)) is not None:
+            return hidden
         x = self.model.embed_tokens(input_ids)  # (T, hidden)
         if self.spec.embed_scale is not None:
             # The reference rounds the scale to the activation dtype first.
             x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
         tables = [rotary.lookup(positions, x.dtype) for rotary in self.rotaries]
-        if layers_runner is not None and layers_runner(x, *tables[0], kv, num_threads):
-            return self.model.norm.forward(x)
         for layer, rope_idx in zip(self.model.layers, self.spec.layer_rope):
             cos, sin = tables[rope_idx]
             x = layer.forward(x, cos, sin, kv, num_threads)
