@@ -26,6 +26,19 @@ COMMON = dict(
     pad_token_id=0,
 )
 
+# Mixture-of-experts families (tests/models/test_moe.py, the decode runner's tests): Mixtral's experts as
+# wide as a dense MLP; Qwen2-MoE with a shared expert and a dense layer between sparse ones; Qwen3-MoE
+# with q/k norms and renormalised top-k.
+MOE_CONFIGS = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, norm_topk_prob=False,
+                                         decoder_sparse_step=1, mlp_only_layers=[1])),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
+                                         norm_topk_prob=True)),
+}
+
+
 TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
     "llama3-rope": (

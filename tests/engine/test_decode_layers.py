@@ -123,22 +123,11 @@ def test_the_runner_declines_or_refuses_a_step_without_touching_the_cache(tiny_c
         cache.meta = None
 
 
-MOE_CONFIGS = {  # Mixtral: experts as wide as the dense MLP; Qwen3-MoE: q/k norms, renormalised top-k
-    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
-                                         norm_topk_prob=True)),
-    # a shared expert and a dense layer between the sparse ones: the Python path keeps it
-    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                         shared_expert_intermediate_size=48, norm_topk_prob=False,
-                                         decoder_sparse_step=1, mlp_only_layers=[1])),
-}
-
-
 @pytest.fixture(scope="module")
 def moe_checkpoint(tmp_path_factory):
     import transformers
 
-    from tests.tiny_models import COMMON, save_tiny_tokenizer
+    from tests.tiny_models import COMMON, MOE_CONFIGS, save_tiny_tokenizer
 
     def build(name):
         config_cls, overrides = MOE_CONFIGS[name]

@@ -7,16 +7,7 @@ import torch
 import transformers
 
 from selfhost import LLM, SamplingParams
-from tests.tiny_models import COMMON, save_tiny_tokenizer
-
-MOE_CONFIGS = {
-    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                         shared_expert_intermediate_size=48, norm_topk_prob=False,
-                                         decoder_sparse_step=1, mlp_only_layers=[1])),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
-                                         norm_topk_prob=True)),
-}
+from tests.tiny_models import COMMON, MOE_CONFIGS, save_tiny_tokenizer
 
 
 @pytest.fixture(scope="module", params=sorted(MOE_CONFIGS))

@@ -5,12 +5,15 @@ that cost ~3-4 ms of a ~16 ms token while the other cores waited. The runner cal
 kernels on the same buffers in the same order, so its hidden states equal the Python path's
 bit for bit; it only skips the trips back to Python between them.
 
-`DecodeLayers.for_model` decides once per model and cache whether the layers qualify (plain
-pre-norm attention + SwiGLU blocks, q/k-normed heads (Qwen3) included, whose products are all of one kind the runner calls the
-same kernel for: bf16 "tiles" or "rows" weights within their few-row kernel's range, or fp32
-weights on the AVX-512 product; the paged cache's C kernels); the model then offers each step to it
-(`CausalLM.forward`), and it takes only decode-only steps whose rows the few-row kernel
-covers, returning False for anything else (prompt chunks, partial rotary, larger batches).
+`DecodeLayers.for_model` decides once per model and cache whether the layers qualify: pre-norm
+attention (q/k-normed heads included, as Qwen3's) with SwiGLU MLPs, or softmax-routed experts
+without a shared one (Mixtral, Qwen3-MoE), whose attention and dense products are all of one
+kind the runner calls the same kernel for (bf16 "tiles" or "rows" weights within their few-row
+kernel's range, or fp32 weights on the AVX-512 product), with the paged cache's C kernels, an fp32
+embedding and one full-width rotary table. The model then offers each step to it
+(`CausalLM.forward`): it takes decode-only steps (embedding, every layer and the final norm in
+one call) and returns None for anything else (prompt chunks, larger batches than a "rows"
+switch).
 """
 
 from __future__ import annotations
@@ -23,11 +26,10 @@ import torch
 from torch import nn
 
 from selfhost.engine.paged_cache import PagedKVCache
-from selfhost.layers import activation, linear
+from selfhost.layers import activation, linear, moe
 from selfhost.layers.attention import Attention
 from selfhost.layers.bf16_linear import Bf16Linear
 from selfhost.layers.mlp import GatedMLP
-from selfhost.layers import moe
 from selfhost.layers.moe import SparseMoE
 from selfhost.layers.norm import RMSNorm
 
@@ -95,7 +97,7 @@ def _layer_products(layer) -> list | None:
 def _moe_fields(mlp) -> list[int]:
     """The runner's mixture-of-experts fields of a layer (zeros for a dense MLP)."""
     if type(mlp) is not SparseMoE:
-        return [0] * 11
+        return [0] * 11  # ROUTER_W .. SCALING in _decode_layers_cpu.c
     kind, switch = _moe_router(mlp)
     experts = mlp.expert_kernel()
     scaling_bits = struct.unpack("<i", struct.pack("<f", mlp.routed_scaling_factor))[0]
