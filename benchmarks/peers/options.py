@@ -20,6 +20,7 @@ LLAMA_CPP_TYPES = {"f16": "bf16", "q8_0": "int8"}
 DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}
 SELFHOST_WEIGHT_DTYPE = {"fp32": None, "bf16": "bfloat16"}  # LLM(weight_dtype=...)
 VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}  # vllm.LLM(dtype=...)
+VLLM_KV_CACHE_DTYPES = ("auto", "fp8")  # vllm.LLM(kv_cache_dtype=...)
 
 
 def add_peer_options(ap: argparse.ArgumentParser, systems: tuple[str, ...] = SYSTEMS) -> None:
@@ -39,6 +40,9 @@ def add_peer_options(ap: argparse.ArgumentParser, systems: tuple[str, ...] = SYS
                     help="extra arguments for the pip install that creates --vllm-venv (e.g. an index holding "
                          "torch==2.13.0+cpu)")
     ap.add_argument("--vllm-kvcache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE (default: %(default)s)")
+    ap.add_argument("--vllm-kv-cache-dtype", type=list_of(VLLM_KV_CACHE_DTYPES, "--vllm-kv-cache-dtype"),
+                    default="auto", help="vLLM rows' KV cache dtypes, one row per (dtype, cache dtype): auto (the "
+                                         "model's dtype) and/or fp8 (its 8-bit cache) (default: %(default)s)")
     ap.add_argument("--vllm-threads-bind", default=None,
                     help="VLLM_CPU_OMP_THREADS_BIND (default: the first --threads CPUs, e.g. 0-1; 'auto': vLLM's own "
                          "choice, which keeps a CPU for its scheduler)")
@@ -94,7 +98,9 @@ def selfhost_peers(args: argparse.Namespace, tasks: tuple[str, ...], **settings)
 def vllm_peers(args: argparse.Namespace, tasks: tuple[str, ...]) -> list[Peer]:
     if "vllm" not in args.systems:
         return []
-    return [Peer("vllm", f"vLLM CPU {p}", {"dtype": VLLM_DTYPE[p]}, p, tasks) for p in args.vllm_dtype]
+    return [Peer("vllm", f"vLLM CPU {p}" + ("" if kv == "auto" else f" kv {kv}"),
+                 {"dtype": VLLM_DTYPE[p], "kv_cache_dtype": kv}, p, tasks)
+            for p in args.vllm_dtype for kv in args.vllm_kv_cache_dtype]
 
 
 def llama_cpp_peers(args: argparse.Namespace, tasks: tuple[str, ...], gguf_for) -> list[Peer]:

@@ -24,7 +24,7 @@ Its settings, from vLLM's CPU installation guide and its CPU platform code:
   vLLM's default; the peer script's main guard makes its spawned processes safe.
 Prompts go in as token ids (skip_tokenizer_init), outputs come back as token ids.
 
-settings: {"dtype": "float32" | "bfloat16"}
+settings: {"dtype": "float32" | "bfloat16", "kv_cache_dtype": "auto" | "fp8"}
 """
 
 from __future__ import annotations
@@ -144,16 +144,17 @@ def _preload_libraries(python: Path) -> tuple[list[str], list[str]]:
 
 
 class VllmEngine:
-    def __init__(self, model_dir: str, dtype: str):
+    def __init__(self, model_dir: str, dtype: str, kv_cache_dtype: str = "auto"):
         import torch
         import vllm
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
-        self.llm = LLM(model=model_dir, dtype=dtype, skip_tokenizer_init=True, seed=0)
+        self.llm = LLM(model=model_dir, dtype=dtype, kv_cache_dtype=kv_cache_dtype, skip_tokenizer_init=True, seed=0)
         self.prompt = TokensPrompt
         self.params = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
         self.info = {"vllm": vllm.__version__, "torch": torch.__version__, "dtype": dtype,
+                     "kv_cache_dtype": kv_cache_dtype,
                      **{k: os.environ.get(k) for k in _REPORTED_ENV}}
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -163,7 +164,8 @@ class VllmEngine:
 
 
 def load(job: dict[str, Any]) -> VllmEngine:
-    return VllmEngine(job["model_dir"], job["settings"].get("dtype", "float32"))
+    settings = job["settings"]
+    return VllmEngine(job["model_dir"], settings.get("dtype", "float32"), settings.get("kv_cache_dtype", "auto"))
 
 
 if __name__ == "__main__":  # vLLM's worker processes are spawned: they re-import this file and stop here

@@ -39,6 +39,10 @@ def test_peers_follow_the_options():
     labels = [p.label for p in options.selfhost_peers(args, ("decode",)) + options.vllm_peers(args, ("decode",))]
     assert labels == ["selfhost bf16", "vLLM CPU fp32", "vLLM CPU bf16"]
     assert "transformers" not in args.systems
+    args = ap.parse_args(["--systems", "vllm", "--vllm-dtype", "bf16", "--vllm-kv-cache-dtype", "auto,fp8"])
+    peers = options.vllm_peers(args, ("decode",))
+    assert [p.label for p in peers] == ["vLLM CPU bf16", "vLLM CPU bf16 kv fp8"]
+    assert [p.settings["kv_cache_dtype"] for p in peers] == ["auto", "fp8"]
 
 
 def test_agreement_counts_identical_outputs_and_the_shared_leading_tokens():
