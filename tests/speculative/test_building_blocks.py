@@ -42,6 +42,20 @@ def test_greedy_acceptance_keeps_the_agreeing_prefix_and_adds_the_targets_token(
     assert accept_greedy(logits[:1], []) == [3]  # nothing proposed: a plain decode step
 
 
+def test_greedy_acceptance_reads_rows_lazily_and_agrees_with_torchs_argmax():
+    """It stops at the first disagreement; what it returns is the definition's, ties (the first maximum) included."""
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        k = int(torch.randint(0, 9, (), generator=generator))
+        logits = torch.randint(0, 3, (k + 1, 64), generator=generator).float()  # many ties
+        best = logits.argmax(dim=-1).tolist()
+        keep = int(torch.randint(0, k + 1, (), generator=generator))
+        proposed = best[:keep] + [(b + 1) % 64 for b in best[keep:k]]  # agrees up to `keep`, then not
+        expected = best[:keep + 1]
+        assert accept_greedy(logits, proposed) == expected
+        assert accept_greedy(logits.double(), proposed) == expected  # torch's own path
+
+
 def test_row_argmax_is_torchs_first_maximum():
     """numpy's argmax on CPU rows: the same index as torch's, ties (the first maximum) included."""
     generator = torch.Generator().manual_seed(0)
@@ -132,6 +146,21 @@ def test_plan_lengths_follows_acceptance_and_the_step_cost():
     assert plan_lengths([Candidate(0, [0.9] * 4)], flat, 1, 1) == [0]
 
 
+def test_one_candidates_plan_is_the_general_plans():
+    """plan_lengths takes a shortcut for one candidate (one stream): it must plan exactly what the heap does."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        rates = [rng.random() for _ in range(4)]
+        slope, curve = rng.uniform(0, 0.2), rng.uniform(0, 0.05)
+        step = lambda tokens: 1.0 + slope * (tokens - 1) + curve * (tokens - 1) ** 2  # noqa: E731
+        args = (step, 1, 1, rng.uniform(0, 0.3), rng.choice([0.0, rng.uniform(0, 0.2)]), rng.choice([1.0, 1.05]))
+        alone = Candidate(rng.randint(0, 10), rates)
+        # A second candidate that may propose nothing sends the plan down the general path.
+        assert plan_lengths([alone], *args) == plan_lengths([alone, Candidate(0, rates)], *args)[:1]
+
+
 def test_a_gain_within_the_noise_is_not_taken():
     flat = lambda tokens: 0.010  # noqa: E731
     assert plan_lengths([Candidate(1, [0.04] * 4)], flat, 1, 1, required_gain=1.05) == [0]  # 4% more tokens
@@ -176,7 +205,7 @@ def test_a_curve_that_overprices_wider_steps_is_measured_again(target):
         speculator.step_cost.record(n, 0.100)
     seq = llm.engine.add_request("r", [5, 6, 7, 8] * 10, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
     seq.num_computed_tokens = seq.num_tokens - 1  # as after its prompt: decoding (the speculator runs nothing)
-    assert not speculator._could_pay([seq], 64)
+    assert not speculator._could_pay(plain_tokens=1, decoding=1, greedy=True)
     lengths = []
     for _ in range(2 * UNPRICED_PROBE_EVERY):
         speculator.propose([seq], 64)
@@ -191,17 +220,29 @@ def test_the_incremental_ngram_index_agrees_with_the_plain_scan():
 
     from selfhost.speculative.ngram import NgramIndex
 
+    def matched(proposer: NgramProposer, tokens: list[int], k: int) -> int:
+        """The length of the suffix whose continuation the plain scan proposes (0: none)."""
+        if k < 1:
+            return 0
+        for n in range(min(proposer.max_ngram, len(tokens) - 1), proposer.min_ngram - 1, -1):
+            if any(tokens[start:start + n] == tokens[-n:] for start in range(len(tokens) - n)):
+                return n
+        return 0
+
     rng = random.Random(0)
-    for trial in range(200):
-        proposer = NgramProposer(min_ngram=rng.randint(1, 3), max_ngram=rng.randint(3, 5))
+    for trial in range(300):
+        low = rng.randint(1, 3)
+        proposer = NgramProposer(min_ngram=low, max_ngram=rng.randint(low, 5))
         index = NgramIndex(proposer)
-        tokens = [rng.randrange(4) for _ in range(rng.randint(0, 3))]
+        vocab = rng.choice([2, 4, 8])
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(0, 3))]
         for _ in range(40):
             k = rng.randint(0, 5)
-            assert index.propose(tokens, k) == proposer.propose(tokens, k), (tokens, k)
+            expected = (proposer.propose(tokens, k), matched(proposer, tokens, k))
+            assert index.lookup(tokens, k) == expected, (tokens, k)
             if rng.random() < 0.2:  # asked again before the sequence grew (a step that did not run it)
-                assert index.propose(tokens, k) == proposer.propose(tokens, k)
-            tokens.extend(rng.randrange(4) for _ in range(rng.randint(1, 3)))
+                assert index.lookup(tokens, k) == expected
+            tokens.extend(rng.randrange(vocab) for _ in range(rng.randint(1, 3)))
 
 
 def test_step_cost_interpolates():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 POSITIONS = 4  # acceptance counted apart for positions 0, 1, 2 and 3+ of a proposal
 PRIOR_RATE = 0.5  # what the engine assumes of evidence it has not seen kept or rejected
@@ -31,23 +32,42 @@ PROBE_EVERY = 16  # a sequence proposing nothing still proposes one token this o
 
 @dataclass
 class AcceptanceCounts:
-    """Tries and keeps by (evidence, position): a proposed token is "tried" when the ones before it were kept."""
+    """Tries and keeps by evidence, then position (a list of POSITIONS): a proposed token is "tried" when the
+    ones before it were kept."""
 
-    kept: dict[tuple[Hashable, int], float] = field(default_factory=dict)
-    tried: dict[tuple[Hashable, int], float] = field(default_factory=dict)
+    kept: dict[Hashable, list[float]] = field(default_factory=dict)
+    tried: dict[Hashable, list[float]] = field(default_factory=dict)
 
     def record(self, evidence: Hashable, proposed: int, accepted: int, cap: float | None = None) -> None:
-        for position in range(min(accepted + 1, proposed)):
-            key = (evidence, min(position, POSITIONS - 1))
-            tried = self.tried.get(key, 0.0) + 1.0
-            kept = self.kept.get(key, 0.0) + (position < accepted)
-            if cap is not None and tried > cap:
-                tried, kept = tried / 2, kept / 2
-            self.tried[key], self.kept[key] = tried, kept
+        reached = min(accepted + 1, proposed)  # positions tried
+        if reached <= 0:
+            return
+        tried = self.tried.get(evidence)
+        if tried is None:
+            tried = self.tried[evidence] = [0.0] * POSITIONS
+            self.kept[evidence] = [0.0] * POSITIONS
+        kept = self.kept[evidence]
+        last = POSITIONS - 1
+        for position in range(min(reached, last)):
+            tried[position] += 1.0
+            kept[position] += position < accepted
+        if reached > last:  # positions last.. share one count
+            tried[last] += reached - last
+            kept[last] += max(0, min(accepted, reached) - last)
+        if cap is not None:
+            for position in range(min(reached, POSITIONS)):
+                if tried[position] > cap:
+                    tried[position] /= 2
+                    kept[position] /= 2
 
     def rate(self, evidence: Hashable, position: int, prior: float, weight: float) -> float:
-        key = (evidence, position)
-        return (self.kept.get(key, 0.0) + weight * prior) / (self.tried.get(key, 0.0) + weight)
+        tried = self.tried.get(evidence)
+        if tried is None:
+            return prior
+        return (self.kept[evidence][position] + weight * prior) / (tried[position] + weight)
+
+
+_NONE_SEEN = [0.0] * POSITIONS
 
 
 @dataclass
@@ -58,7 +78,11 @@ class AcceptanceModel:
 
     def rates(self, own: AcceptanceCounts, evidence: Hashable) -> list[float]:
         """Probability that a proposal's token at each position is kept, given the earlier ones were."""
-        return [own.rate(evidence, i, self.counts.rate(evidence, i, PRIOR_RATE, PRIOR_WEIGHT), SEQUENCE_PRIOR_WEIGHT)
+        engine_kept = self.counts.kept.get(evidence, _NONE_SEEN)
+        engine_tried = self.counts.tried.get(evidence, _NONE_SEEN)
+        own_kept, own_tried = own.kept.get(evidence, _NONE_SEEN), own.tried.get(evidence, _NONE_SEEN)
+        return [(own_kept[i] + SEQUENCE_PRIOR_WEIGHT * (engine_kept[i] + PRIOR_WEIGHT * PRIOR_RATE)
+                 / (engine_tried[i] + PRIOR_WEIGHT)) / (own_tried[i] + SEQUENCE_PRIOR_WEIGHT)
                 for i in range(POSITIONS)]
 
     def record(self, own: AcceptanceCounts, evidence: Hashable, proposed: int, accepted: int) -> None:
@@ -75,8 +99,7 @@ def expected_tokens(rates: list[float], proposed: int) -> float:
     return total
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
     """A sequence that may speculate this step: at most `max_tokens`, kept at `rates` by position."""
 
     max_tokens: int
@@ -92,8 +115,11 @@ def plan_lengths(candidates: list[Candidate], step_seconds: Callable[[int], floa
     step_seconds(n): a step of n tokens; plain_tokens / plain_yield: the step's tokens without proposals
     and the tokens it appends; seconds_per_sequence: what proposing and verifying cost per speculating
     sequence besides the wider step; seconds_per_pass: a draft model's pass (one per proposed position)."""
-    lengths = [0] * len(candidates)
     plain = plain_yield / step_seconds(plain_tokens)
+    if len(candidates) == 1:
+        return [_plan_one(candidates[0], step_seconds, plain_tokens, plain_yield, seconds_per_sequence,
+                          seconds_per_pass, plain * required_gain)]
+    lengths = [0] * len(candidates)
     best_value, best = plain * required_gain, list(lengths)
     # The next token of each sequence, most likely kept first (a max-heap on the chance it is kept).
     heap = [(-c.rates[0], i) for i, c in enumerate(candidates) if c.max_tokens > 0]
@@ -116,4 +142,21 @@ def plan_lengths(candidates: list[Candidate], step_seconds: Callable[[int], floa
         c = candidates[i]
         if lengths[i] < c.max_tokens:
             heapq.heappush(heap, (-gain * c.rates[min(lengths[i], POSITIONS - 1)], i))
+    return best
+
+
+def _plan_one(candidate: Candidate, step_seconds: Callable[[int], float], plain_tokens: int, plain_yield: int,
+              seconds_per_sequence: float, seconds_per_pass: float, to_beat: float) -> int:
+    """plan_lengths for one candidate (one stream, the common case): its tokens go in in order, so no heap."""
+    rates, best_value, best = candidate.rates, to_beat, 0
+    gained, reach = 0.0, 1.0
+    for length in range(1, candidate.max_tokens + 1):
+        reach *= rates[length - 1 if length < POSITIONS else POSITIONS - 1]
+        gained += reach
+        value = (plain_yield + gained) / (step_seconds(plain_tokens + length) + seconds_per_sequence
+                                          + length * seconds_per_pass)
+        if value > best_value:
+            best_value, best = value, length
+        elif value < 0.8 * best_value:
+            break  # as in plan_lengths
     return best

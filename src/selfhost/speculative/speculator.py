@@ -39,6 +39,10 @@ PROBE_COST = 0.25
 # ... and this often (in steps that propose nothing) whatever the curve says it costs: one early slow
 # sample can overprice wider steps for good (no proposal, and no probe, would ever measure them again).
 UNPRICED_PROBE_EVERY = 4 * PROBE_EVERY
+# Whether any proposal could pay for a step of a given shape (Speculator._could_pay) is worked out again
+# only this often: the curve and the overheads it reads move slowly, and at one stream the answer is ~6 us
+# of a ~0.4 ms step.
+COULD_PAY_EVERY = 8
 
 
 @dataclass
@@ -46,11 +50,14 @@ class SequenceSpeculation:
     """One sequence's speculative state."""
 
     ngram: NgramIndex | None = None
+    eligible: bool = False  # sampling whose verification needs no per-token replay (Speculator.can_speculate)
+    greedy: bool = True
     counts: AcceptanceCounts = field(default_factory=AcceptanceCounts)  # this sequence's kept proposals
     evidence: tuple = ()  # what the pending proposal rests on (AcceptanceModel's key)
     last_proposed: int = -1  # the speculator's step count when it last proposed (probes go to the longest idle)
     draft: object | None = None  # DraftSequence: the draft model's KV for this sequence
     draft_probs: torch.Tensor | None = None  # q rows of the pending proposal (sampled requests, draft model)
+    lookup: list[int] = field(default_factory=list)  # prompt lookup's tokens for this step, before the plan cuts them
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,8 @@ class Speculator:
         self._idle_steps = 0  # steps in a row where sequences could have proposed and none did
         self._idle_key = None  # what the last empty plan was made for
         self._proposing_steps = 0
+        self._propose_calls = 0  # steps so far (the engine proposes once a step)
+        self._could_pay_cache: dict[tuple[int, int, bool], tuple[bool, int]] = {}  # step shape -> (answer, until)
         self._proposed = self._accepted = self._verifications = self._steps = 0
 
     def can_speculate(self, seq: Sequence) -> bool:
@@ -98,14 +107,17 @@ class Speculator:
         A seeded sampled request speculates only under when="always": its draws depend on which steps
         verified proposals, and under "measured" that follows this machine's step times, so it decodes
         plainly and stays reproducible (and equal to its output without speculation)."""
-        row = seq.sampler_row
-        reproducible = row.is_greedy or row.seed is None or self.config.when == "always"
-        return (seq.num_uncomputed == 1 and seq.grammar is None and not row.has_penalties
-                and not row.logits_processors and not seq.is_finished and reproducible)
+        return self._state(seq).eligible and seq.num_uncomputed == 1 and not seq.is_finished
 
     def _state(self, seq: Sequence) -> SequenceSpeculation:
         if seq.speculation is None:
-            seq.speculation = SequenceSpeculation(NgramIndex(self.ngram) if self.ngram is not None else None)
+            # What a request asked for does not change while it runs: its eligibility is settled once.
+            row = seq.sampler_row
+            reproducible = row.is_greedy or row.seed is None or self.config.when == "always"
+            eligible = (seq.grammar is None and not row.has_penalties and not row.logits_processors
+                        and reproducible)
+            seq.speculation = SequenceSpeculation(NgramIndex(self.ngram) if self.ngram is not None else None,
+                                                  eligible, row.is_greedy)
         return seq.speculation
 
     def propose(self, running: list[Sequence], token_budget: int) -> None:
@@ -117,40 +129,56 @@ class Speculator:
 
     def _propose(self, running: list[Sequence], token_budget: int) -> float:
         """propose(); returns the seconds the draft model's passes took."""
+        self._propose_calls += 1
+        # One pass over the batch for the step's shape and the sequences that may speculate.
+        plain_tokens = decoding = 0
+        greedy = True
+        eligible = []
         for seq in running:
-            seq.proposed = []
+            if seq.proposed:
+                seq.proposed = []
+            uncomputed = len(seq.token_ids) - seq.num_computed_tokens
+            plain_tokens += uncomputed
+            if uncomputed != 1:
+                continue
+            decoding += 1
+            state = seq.speculation or self._state(seq)
+            greedy = greedy and state.greedy
+            if state.eligible and not seq.is_finished:
+                eligible.append((seq, state))
+        if not eligible:
+            self._streak = 0
+            return 0.0
+        plain_tokens = min(plain_tokens, token_budget)
         unpriced_probe = False
-        if not self._could_pay(running, token_budget):
+        if not self._could_pay(plain_tokens, decoding, greedy):
             self._streak = 0
             self._idle_steps += 1
             if self._idle_steps % UNPRICED_PROBE_EVERY:
                 return 0.0
             unpriced_probe = True  # the curve may be what says no: measure a wider step now and then
-        candidates, lookups = [], []
-        for seq in running:
-            if not self.can_speculate(seq):
-                continue
-            state = self._state(seq)
+        candidates = []
+        num_tokens = self.config.num_tokens
+        for seq, state in eligible:
             # Never propose past max_tokens: the verification appends up to k + 1 tokens.
-            k = min(self.config.num_tokens, seq.max_output - len(seq.output_ids) - 1)
+            k = min(num_tokens, seq.max_output - len(seq.output_ids) - 1)
             if k < 1:
                 continue
-            greedy = seq.sampler_row.is_greedy
             if state.ngram is not None:
                 tokens, matched = state.ngram.lookup(seq.token_ids, k)
                 if not tokens:
                     continue
-                state.evidence = (greedy, matched)
+                state.evidence = (state.greedy, matched)
+                state.lookup = tokens
                 k = len(tokens)
-                lookups.append(tokens)
             else:
-                state.evidence = (greedy,)
+                state.evidence = (state.greedy,)
             candidates.append((seq, state, k))
         if not candidates:
             self._streak = 0
             return 0.0
         lengths = (self._probe(candidates) if unpriced_probe
-                   else self._lengths(running, candidates, token_budget))
+                   else self._lengths(plain_tokens, decoding, candidates))
         if not any(lengths):
             self._streak = 0
             return 0.0
@@ -160,10 +188,10 @@ class Speculator:
             state.last_proposed = self._proposing_steps
         self._proposing_steps += 1
         self._step_sequences = len(chosen)
-        self._step_greedy = all(seq.sampler_row.is_greedy for seq, _, _ in chosen)
+        self._step_greedy = all(state.greedy for _, state, _ in chosen)
         if self.draft is None:
-            for (seq, _, _), tokens, k in zip(candidates, lookups, lengths):
-                seq.proposed = tokens[:k]
+            for seq, state, k in chosen:
+                seq.proposed = state.lookup[:k]
             self._steps += 1
             return 0.0
         start = time.perf_counter()
@@ -182,38 +210,44 @@ class Speculator:
         kinds = (True,) if greedy else (True, False)
         return max(self._seconds_per_sequence[kind].value or 0.0 for kind in kinds)
 
-    def _could_pay(self, running: list[Sequence], token_budget: int) -> bool:
+    def _could_pay(self, plain_tokens: int, decoding: int, greedy: bool) -> bool:
         """Whether proposals could pay this step even if every decoding sequence proposed k tokens and all
         were kept (for some k). Where a wider step costs its full share of tokens (a large batch), none
-        can, and the step skips the lookups and the plan: ~10 us a sequence, 6-9% of a 16-stream step."""
+        can, and the step skips the lookups and the plan: ~10 us a sequence, 6-9% of a 16-stream step.
+        The answer for the same step shape is reused for COULD_PAY_EVERY steps (the curve moves slowly)."""
         if self.config.when == "always":
             return True
-        plain_tokens = min(sum(seq.num_uncomputed for seq in running), token_budget)
+        key = (plain_tokens, decoding, greedy)
+        cached = self._could_pay_cache.get(key)
+        if cached is not None and cached[1] > self._propose_calls:
+            return cached[0]
         plain = self.step_cost.seconds(plain_tokens)
-        decoding = sum(1 for seq in running if seq.num_uncomputed == 1)
         if plain is None or decoding == 0:
-            return plain is None
-        overhead = decoding * self._overhead_per_sequence(all(seq.sampler_row.is_greedy for seq in running))
+            return plain is None  # nothing measured yet: not cached, the first steps measure
+        overhead = decoding * self._overhead_per_sequence(greedy)
         per_pass = self._draft_seconds_per_pass.value or 0.0
-        return any(decoding * (1 + k) / (self.step_cost.seconds(plain_tokens + decoding * k) + overhead + k * per_pass)
-                   > REQUIRED_GAIN * decoding / plain for k in range(1, self.config.num_tokens + 1))
+        seconds = self.step_cost.seconds
+        answer = any(decoding * (1 + k) / (seconds(plain_tokens + decoding * k) + overhead + k * per_pass)
+                     > REQUIRED_GAIN * decoding / plain for k in range(1, self.config.num_tokens + 1))
+        if len(self._could_pay_cache) > 256:
+            self._could_pay_cache.clear()
+        self._could_pay_cache[key] = (answer, self._propose_calls + COULD_PAY_EVERY)
+        return answer
 
-    def _lengths(self, running: list[Sequence], candidates: list[tuple[Sequence, SequenceSpeculation, int]],
-                 token_budget: int) -> list[int]:
+    def _lengths(self, plain_tokens: int, decoding: int,
+                 candidates: list[tuple[Sequence, SequenceSpeculation, int]]) -> list[int]:
         """How many tokens each candidate proposes this step (see adaptive.py); all zeros: a plain step."""
         if self.config.when == "always":
             return [k for _, _, k in candidates]
-        plain_tokens = min(sum(seq.num_uncomputed for seq in running), token_budget)
         if plain_tokens not in self.step_cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
             return [0] * len(candidates)  # measure a plain step of this size
         if self.step_cost.seconds(plain_tokens) is None:
             return [k for _, _, k in candidates]  # nothing measured yet: try, and the step is measured
-        per_sequence = self._overhead_per_sequence(all(seq.sampler_row.is_greedy for seq, _, _ in candidates))
+        per_sequence = self._overhead_per_sequence(all(state.greedy for _, state, _ in candidates))
         key = (plain_tokens, [(k, state.evidence) for _, state, k in candidates])
         if self._idle_steps % REPLAN_IDLE_EVERY and key == self._idle_key:
             lengths = [0] * len(candidates)  # as the last plan for the same candidates said (see REPLAN_IDLE_EVERY)
         else:
-            decoding = sum(1 for seq in running if seq.num_uncomputed == 1)
             lengths = plan_lengths(
                 [Candidate(k, self.acceptance.rates(state.counts, state.evidence)) for _, state, k in candidates],
                 self.step_cost.seconds, plain_tokens, decoding, per_sequence,
