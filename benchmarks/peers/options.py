@@ -21,6 +21,7 @@ DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}
 SELFHOST_WEIGHT_DTYPE = {"fp32": None, "bf16": "bfloat16"}  # LLM(weight_dtype=...)
 VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}  # vllm.LLM(dtype=...)
 VLLM_KV_CACHE_DTYPES = ("auto", "fp8")  # vllm.LLM(kv_cache_dtype=...)
+SELFHOST_KV_CACHE_DTYPES = ("auto", "int8")  # selfhost.LLM(kv_cache_dtype=...)
 
 
 def add_peer_options(ap: argparse.ArgumentParser, systems: tuple[str, ...] = SYSTEMS) -> None:
@@ -29,6 +30,10 @@ def add_peer_options(ap: argparse.ArgumentParser, systems: tuple[str, ...] = SYS
     ap.add_argument("--weight-dtype", type=list_of(DTYPES, "--weight-dtype"), default="float32,bfloat16",
                     help="selfhost rows: float32 (the checkpoint's dtype) and/or bfloat16 (linear weights in bf16, "
                          "activations fp32) (default: %(default)s)")
+    ap.add_argument("--kv-cache-dtype", type=list_of(SELFHOST_KV_CACHE_DTYPES, "--kv-cache-dtype"), default="auto",
+                    help="selfhost rows' KV cache dtypes, one row per (weight dtype, cache dtype): auto (bf16 under "
+                         "bf16 weights, else fp32) and/or int8 (8-bit keys and values with a scale per token and "
+                         "head) (default: %(default)s)")
     ap.add_argument("--vllm-dtype", type=list_of(DTYPES, "--vllm-dtype"), default="float32,bfloat16",
                     help="vLLM rows' dtypes (default: %(default)s)")
     ap.add_argument("--vllm-python", type=Path, default=None,
@@ -91,8 +96,9 @@ def list_of(allowed: dict[str, str] | tuple[str, ...], option: str) -> Callable[
 def selfhost_peers(args: argparse.Namespace, tasks: tuple[str, ...], **settings) -> list[Peer]:
     if "selfhost" not in args.systems:
         return []
-    return [Peer("selfhost", f"selfhost {p}", {"weight_dtype": SELFHOST_WEIGHT_DTYPE[p], **settings}, p, tasks)
-            for p in args.weight_dtype]
+    return [Peer("selfhost", f"selfhost {p}" + ("" if kv == "auto" else f" kv {kv}"),
+                 {"weight_dtype": SELFHOST_WEIGHT_DTYPE[p], "kv_cache_dtype": kv, **settings}, p, tasks)
+            for p in args.weight_dtype for kv in args.kv_cache_dtype]
 
 
 def vllm_peers(args: argparse.Namespace, tasks: tuple[str, ...]) -> list[Peer]:

@@ -13,7 +13,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-#define SELFHOST_KERNELS_VERSION 1
+#define SELFHOST_KERNELS_VERSION 2 /* 2: RopeDecodeStep took an int8 cache's scales */
 
 typedef struct { /* layers._norm_cpu */
     int version;
@@ -51,10 +51,11 @@ typedef struct { /* engine._paged_attention_cpu: rope_decode_attention's step */
     const float *qkv, *cos, *sin;
     const int64_t *slots, *tables, *lens;
     void *k, *v;
+    float *k_scales, *v_scales; /* an int8 cache's (Hkv, NB, BS) scales; NULL otherwise */
     float *out;
     Py_ssize_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
     float scale, softcap;
-    int num_threads, kv_bf16, store_first;
+    int num_threads, kv_kind, store_first; /* kv_kind: 0 fp32, 1 bf16, 2 int8 */
 } RopeDecodeStep;
 
 typedef struct {

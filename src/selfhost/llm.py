@@ -10,6 +10,8 @@ import torch
 
 from selfhost.device import pick_device, pick_dtype
 from selfhost.engine.config import EngineConfig
+from selfhost.engine.kv_stores import kv_cache_type
+from selfhost.engine.latent_cache import LatentKVCache
 from selfhost.engine.llm_engine import LLMEngine, free_memory_bytes
 from selfhost.errors import InvalidParameterError
 from selfhost.hub import resolve_model
@@ -25,7 +27,7 @@ from selfhost.tokenizer import Tokenizer
 Prompt = str | list[int]
 # weight_dtype -> whether linear weights are stored bf16 under fp32 activations.
 WEIGHT_DTYPES = {None: False, "float32": False, "fp32": False, "bfloat16": True, "bf16": True, "auto": "auto"}
-KV_CACHE_DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32", "int8")
 Message = dict[str, Any]
 
 
@@ -43,7 +45,8 @@ class LLM:
     `engine.stats()`); None or "float32" keeps the weights as loaded (exact parity
     with transformers). `kv_cache_dtype`: "auto" (bf16 under bf16 weights, else the
     model's dtype), "bfloat16" (half the bytes of keys and values under fp32
-    activations) or "float32".
+    activations), "int8" (a quarter, plus a scale per token and kv head: not exact,
+    see README's "8-bit KV cache") or "float32".
     `transformers_fallback=True` runs architectures selfhost has no native code
     for through transformers' modeling code: same API, much slower.
     A folder written by `selfhost export onnx` runs on ONNX Runtime instead (same
@@ -112,10 +115,16 @@ class LLM:
 
             self.adapters = AdapterSlots(self.model, lora, max_loras, max_lora_rank, allow_pickle=allow_pickle)
         self.kv_cache_dtype = pick_kv_cache_dtype(kv_cache_dtype, self.dtype, uses_bf16_weights(self.model))
+        if self.kv_cache_dtype == torch.int8 and (kv_cache_type(self.model.spec) is LatentKVCache
+                                                   or not isinstance(self.model, torch.nn.Module)):
+            raise InvalidParameterError("kv_cache_dtype='int8' needs keys and values in selfhost's own paged cache "
+                                        "(not latent attention, not the transformers fallback); choose 'auto' or "
+                                        "'bfloat16'")
         self.max_model_len = self.model.max_len
         if kv_cache_memory is None:
             # Enough for every sequence at full context, but never more than 30% of free memory.
-            full = max_num_seqs * self.max_model_len * self.model.spec.kv_bytes_per_token * self.kv_cache_dtype.itemsize
+            per_token = kv_cache_type(self.model.spec).bytes_per_block(self.model.spec, 1, self.kv_cache_dtype)
+            full = max_num_seqs * self.max_model_len * per_token
             kv_cache_memory = min(full, int(free_memory_bytes(self.device) * 0.3))
         self.engine_config = EngineConfig(
             kv_cache_memory=kv_cache_memory,
@@ -231,7 +240,9 @@ def pick_kv_cache_dtype(requested: str, dtype: torch.dtype, bf16_weights: bool) 
     """What the KV cache stores: "auto" follows the weights (bf16 under bf16 weights), else the model's dtype."""
     if requested not in KV_CACHE_DTYPES:
         raise InvalidParameterError(f"kv_cache_dtype={requested!r} is not supported; choose one of "
-                                    "'auto', 'bfloat16', 'float32'")
+                                    "'auto', 'bfloat16', 'float32', 'int8'")
+    if requested == "int8":
+        return torch.int8
     if requested in ("bfloat16", "bf16") or (requested == "auto" and bf16_weights):
         if dtype not in (torch.float32, torch.bfloat16):
             raise InvalidParameterError(f"kv_cache_dtype='bfloat16' needs float32 or bfloat16 activations, not {dtype}")

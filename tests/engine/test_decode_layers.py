@@ -57,7 +57,7 @@ def _count_runner_steps(monkeypatch):
 @needs_runner
 # untied head; q|k|v bias; sliding window; q/k norm
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
-@pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "float32", "int8"])
 @pytest.mark.parametrize("weights", list(WEIGHTS))
 def test_runner_steps_equal_the_python_path(tiny_checkpoint, monkeypatch, family, kv_cache_dtype, weights):
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)

@@ -205,7 +205,7 @@ def test_prefill_kernel_reads_strided_queries():
 # ---- a bf16 cache under fp32 activations -------------------------------------------------
 
 needs_bf16_kernels = pytest.mark.skipif(
-    not paged_cache.bf16_cache_kernels_available(), reason="the kernels take a bf16 cache on AVX-512 CPUs only"
+    not paged_cache.narrow_cache_kernels_available(), reason="the kernels take a bf16 cache on AVX-512 CPUs only"
 )
 
 
@@ -222,7 +222,7 @@ def test_bf16_cache_decode_matches_reference_over_the_rounded_cache(use_kernel, 
     cache, meta, tables, q, k, v = random_step(num_heads, num_kv_heads, head_dim, block_size, lens, seed=7,
                                                kv_dtype=torch.bfloat16)
     assert cache.k.dtype == cache.v.dtype == torch.bfloat16
-    assert cache.use_cpu_kernel == paged_cache.bf16_cache_kernels_available()
+    assert cache.use_cpu_kernel == paged_cache.narrow_cache_kernels_available()
     cache.use_cpu_kernel = use_kernel
     cache.meta = meta
     meta.num_threads = threads
@@ -291,7 +291,7 @@ def test_bf16_cache_prefill_kernel_matches_torch_path(num_heads, num_kv_heads, h
 
 
 needs_tiles = pytest.mark.skipif(
-    not (paged_cache.bf16_cache_kernels_available() and paged_cache._prefill_attention_cpu.tiles_available()),
+    not (paged_cache.narrow_cache_kernels_available() and paged_cache._prefill_attention_cpu.tiles_available()),
     reason="prompt attention on tiles needs AMX-BF16 (and the OS's grant of its state)",
 )
 
@@ -330,7 +330,7 @@ def test_tiles_refuse_an_fp32_cache():
     assert not cache.use_prefill_tiles
     cache.use_prefill_tiles = True
     cache.meta = meta
-    with pytest.raises(ValueError, match="tiles need AMX, a bf16 cache"):
+    with pytest.raises(ValueError, match="tiles need AMX, a bf16 or int8 cache"):
         cache.attend(0, q, k, v, 0.125, None, None)
 
 

@@ -59,6 +59,14 @@ def deepseek(request, tmp_path_factory):
     return request.param, out, model.eval(), LLM(str(out), kv_cache_memory="16MiB")
 
 
+def test_an_int8_kv_cache_is_refused_with_latent_attention(deepseek):
+    from selfhost.errors import InvalidParameterError
+
+    _, out, _, _ = deepseek
+    with pytest.raises(InvalidParameterError, match="kv_cache_dtype='int8' needs keys and values"):
+        LLM(str(out), kv_cache_dtype="int8", kv_cache_memory="16MiB")
+
+
 def test_logits_match_transformers_at_prefill_and_decode(deepseek):
     _, _, ref, llm = deepseek
     model = llm.model

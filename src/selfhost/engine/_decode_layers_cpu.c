@@ -22,8 +22,8 @@
  *
  * Per layer the runner reads LAYER_FIELDS int64 values from `layers`: the addresses of the
  * input norm's weight, qkv weight and bias (0: none), o weight and bias, post-attention norm's
- * weight, gate|up weight and bias, down weight and bias, the layer's key and value cache, and
- * its sliding window (0: none), and the q and k heads' norm weights (0: none; Qwen3 style, each
+ * weight, gate|up weight and bias, down weight and bias, the layer's key and value cache and
+ * their scales (an int8 cache; 0 otherwise), its sliding window (0: none), and the q and k heads' norm weights (0: none; Qwen3 style, each
  * head's D values normalised before rotary, with `qk_eps`). A mixture-of-experts layer (Mixtral,
  * Qwen3-MoE: softmax top-k routing, no shared expert) has no gate|up weight and names its router
  * and experts instead: the router's product, then the experts in one call of layers/_moe_cpu.c.
@@ -38,7 +38,8 @@
 #include "../_kernel_capsules.h"
 
 enum {
-    INPUT_NORM, QKV_W, QKV_B, O_W, O_B, POST_NORM, GATE_UP_W, GATE_UP_B, DOWN_W, DOWN_B, K_CACHE, V_CACHE, WINDOW,
+    INPUT_NORM, QKV_W, QKV_B, O_W, O_B, POST_NORM, GATE_UP_W, GATE_UP_B, DOWN_W, DOWN_B, K_CACHE, V_CACHE, K_SCALES,
+    V_SCALES, WINDOW,
     Q_NORM, K_NORM,
     /* a mixture-of-experts MLP (GATE_UP_W 0): router weight and its product's kind and switch, the
      * experts' table (layers/moe.py's ExpertKernel) with their kind, switch and width, the number
@@ -95,13 +96,13 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
     Py_ssize_t num_layers, vocab, table_rows, tokens, hidden, intermediate, num_heads, num_kv_heads, head_dim;
     Py_ssize_t block_size, num_blocks, max_blocks;
     float eps, qk_eps, final_eps, norm_offset, scale, softcap;
-    int kind, num_threads, attention_threads, kv_bf16, store_first;
+    int kind, num_threads, attention_threads, kv_kind, store_first;
     Py_ssize_t few_rows_max;
-    if (!PyArg_ParseTuple(args, "KninKKKnKKnKKKKKnnnnnnnnnffffffiipp", &layers, &num_layers, &kind, &few_rows_max, &ids,
+    if (!PyArg_ParseTuple(args, "KninKKKnKKnKKKKKnnnnnnnnnffffffiiip", &layers, &num_layers, &kind, &few_rows_max, &ids,
                           &positions, &embed, &vocab, &cos_table, &sin_table, &table_rows, &final_norm, &out, &slots,
                           &tables, &lens, &tokens, &hidden, &intermediate, &num_heads, &num_kv_heads, &head_dim,
                           &block_size, &num_blocks, &max_blocks, &eps, &qk_eps, &final_eps, &norm_offset, &scale,
-                          &softcap, &num_threads, &attention_threads, &kv_bf16, &store_first))
+                          &softcap, &num_threads, &attention_threads, &kv_kind, &store_first))
         return NULL;
     if (kind < 0 || kind >= KINDS || !kind_available(kind) ||
         (kind == BF16_TILES && tokens > few_rows_max && tiles->linear == NULL)) {
@@ -136,9 +137,9 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
                (size_t)head_dim * sizeof(float));
     }
     RopeDecodeStep step = {qkvs, cos, sin, PTR(const int64_t *, slots),
-                           PTR(const int64_t *, tables), PTR(const int64_t *, lens), NULL, NULL, attns, tokens,
-                           num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, 0, scale, softcap,
-                           attention_threads, kv_bf16, store_first};
+                           PTR(const int64_t *, tables), PTR(const int64_t *, lens), NULL, NULL, NULL, NULL, attns,
+                           tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, 0, scale,
+                           softcap, attention_threads, kv_kind, store_first};
     /* scratch of the mixture-of-experts layers, for the most experts and choices any layer has */
     Py_ssize_t most_experts = 0, most_chosen = 0;
     for (Py_ssize_t l = 0; l < num_layers; l++) {
@@ -177,6 +178,7 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
                                norm_offset);
             }
         step.k = PTR(void *, f[K_CACHE]), step.v = PTR(void *, f[V_CACHE]), step.window = (Py_ssize_t)f[WINDOW];
+        step.k_scales = PTR(float *, f[K_SCALES]), step.v_scales = PTR(float *, f[V_SCALES]);
         if ((status = attention->rope_decode_attention(&step))) break;
         if ((status = product(kind, few_rows_max, attns, f[O_W], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
         add_into(xs, hs, tokens * hidden);

@@ -1,5 +1,7 @@
 /* Single-query attention read straight from the paged KV cache, on CPU: fp32 queries and
- * outputs over an fp32 cache, or (AVX-512 only, `kv_bf16`) a bf16 one, half the bytes.
+ * outputs over an fp32 cache, or (AVX-512 only, `kv_kind`) a bf16 one, half the bytes, or an
+ * int8 one with a scale per token and kv head, a quarter (the scales: k_scales and v_scales,
+ * (Hkv, NB, BS) fp32; a key's scale multiplies its scores, a value's its weight).
  *
  * Built at install time as an optional extension (setup.py). The torch path in
  * paged_cache.py first gathers every sequence's blocks into a padded copy, once
@@ -54,7 +56,8 @@
 
 typedef struct {
     const float *q;
-    const void *k, *v; /* fp32, or bf16 with kv_bf16 */
+    const void *k, *v; /* fp32, bf16 or int8 (kv_kind) */
+    float *k_scales, *v_scales; /* int8: the layer's (Hkv, NB, BS) scales, read and written */
     const int64_t *tables, *lens;
     float *out;
     Py_ssize_t num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks;
@@ -68,7 +71,7 @@ typedef struct {
     const int64_t *slots;   /* (S,) flat cache slot (block * BS + offset) of each token */
     void *k_cache, *v_cache;
     int use_avx2, use_avx512;
-    int kv_bf16; /* the cache holds bf16 (AVX-512 paths only) */
+    int kv_kind; /* KV_FP32, or KV_BF16 / KV_INT8 (AVX-512 paths only; _weighted_rows_avx512.h) */
     /* Several queries of one sequence in the step (a speculative verification): every key and
      * value is written in a first pass, so each query sees the step's earlier tokens whichever
      * thread wrote them; the attention pass then only rotates its queries. */
@@ -85,7 +88,7 @@ typedef struct {
 static const void *key_block(const Job *job, Py_ssize_t seq, Py_ssize_t head, Py_ssize_t block_index) {
     int64_t block = job->tables[seq * job->max_blocks + block_index];
     Py_ssize_t element = (head * job->num_blocks + block) * job->head_dim * job->block_size;
-    return (const char *)job->k + element * (job->kv_bf16 ? 2 : 4);
+    return (const char *)job->k + element * (job->kv_kind == 1 ? 2 : 4); /* fp32 or bf16: int8 is AVX-512 only */
 }
 
 /* scores[g * count + p] = scale * q_g . key(first + p) for the group's query heads. */
@@ -178,46 +181,55 @@ AVX2 static void scores_avx2(const Job *job, Py_ssize_t seq, Py_ssize_t head, co
  * heads x runs independent accumulators: with one run, three heads' FMA chains waited on
  * their own latency every dimension. `heads`, `runs` and `bf16` are constants at each
  * call site (registers, no branch in the loop). */
-AVX512 static inline __attribute__((always_inline)) void run_scores_512(const int heads, const int runs, const int bf16,
+AVX512 static inline __attribute__((always_inline)) void run_scores_512(const int heads, const int runs, const int kind,
                                                                         const float *const *q, const void *keys,
                                                                         const Py_ssize_t *runs_at, const Py_ssize_t *next_at,
                                                                         Py_ssize_t bs, Py_ssize_t dim, float scale,
-                                                                        float *const *out, const __mmask16 *keep) {
+                                                                        float *const *out, const __mmask16 *keep,
+                                                                        const float *key_scales, const Py_ssize_t *scales_at) {
     __m512 acc[MAX_HEADS_AT_ONCE][MAX_RUNS];
     for (int h = 0; h < heads; h++)
         for (int r = 0; r < runs; r++) acc[h][r] = _mm512_setzero_ps();
     for (Py_ssize_t d = 0; d < dim; d++) {
         __m512 k[MAX_RUNS];
-        for (int r = 0; r < runs; r++) k[r] = kv_load(keys, runs_at[r] + d * bs, bf16);
+        for (int r = 0; r < runs; r++) k[r] = kv_load(keys, runs_at[r] + d * bs, kind);
         /* the next runs' keys, a line at a time while these are scored: each block starts where
          * its table says, a stream the hardware prefetcher finds a few lines late; asking for a
          * whole block at once ran out of line-fill buffers and stalled */
         for (int r = 0; r < runs; r++)
-            _mm_prefetch((const char *)keys + (next_at[r] + d * bs) * (bf16 ? 2 : 4), _MM_HINT_T0);
+            _mm_prefetch((const char *)keys + (next_at[r] + d * bs) * kv_bytes(kind), _MM_HINT_T0);
         for (int h = 0; h < heads; h++) {
             __m512 x = _mm512_set1_ps(q[h][d]);
             for (int r = 0; r < runs; r++) acc[h][r] = _mm512_fmadd_ps(x, k[r], acc[h][r]);
         }
     }
-    const __m512 factor = _mm512_set1_ps(scale);
+    __m512 factor[MAX_RUNS]; /* int8: each key's scale too (16 consecutive keys of one block) */
+    for (int r = 0; r < runs; r++)
+        factor[r] = kind == KV_INT8 ? _mm512_mul_ps(_mm512_set1_ps(scale), _mm512_loadu_ps(key_scales + scales_at[r]))
+                                    : _mm512_set1_ps(scale);
     for (int h = 0; h < heads; h++)
-        for (int r = 0; r < runs; r++) _mm512_mask_storeu_ps(out[h * MAX_RUNS + r], keep[r], _mm512_mul_ps(acc[h][r], factor));
+        for (int r = 0; r < runs; r++) _mm512_mask_storeu_ps(out[h * MAX_RUNS + r], keep[r], _mm512_mul_ps(acc[h][r], factor[r]));
 }
 
 /* runs per call for a group of `heads`: at most 16 accumulators */
 #define RUNS_FOR(heads) ((heads) <= 4 ? 4 : 2)
 
-#define RUN_SCORES_CASE(n)                                                                                   \
-    case n:                                                                                                  \
-        if (bf16)                                                                                            \
-            run_scores_512(n, RUNS_FOR(n), 1, q, keys, runs_at, next_at, bs, dim, scale, out, keep);                  \
-        else                                                                                                 \
-            run_scores_512(n, RUNS_FOR(n), 0, q, keys, runs_at, next_at, bs, dim, scale, out, keep);                  \
+#define RUN_SCORES_CASE(n)                                                                                  \
+    case n:                                                                                                 \
+        if (kind == KV_INT8)                                                                                \
+            run_scores_512(n, RUNS_FOR(n), KV_INT8, q, keys, runs_at, next_at, bs, dim, scale, out, keep,   \
+                           key_scales, scales_at);                                                          \
+        else if (kind == KV_BF16)                                                                           \
+            run_scores_512(n, RUNS_FOR(n), KV_BF16, q, keys, runs_at, next_at, bs, dim, scale, out, keep,   \
+                           NULL, NULL);                                                                     \
+        else                                                                                                \
+            run_scores_512(n, RUNS_FOR(n), KV_FP32, q, keys, runs_at, next_at, bs, dim, scale, out, keep,   \
+                           NULL, NULL);                                                                     \
         break;
 
-AVX512 static void run_scores(int heads, int bf16, const float *const *q, const void *keys, const Py_ssize_t *runs_at,
+AVX512 static void run_scores(int heads, int kind, const float *const *q, const void *keys, const Py_ssize_t *runs_at,
                               const Py_ssize_t *next_at, Py_ssize_t bs, Py_ssize_t dim, float scale, float *const *out,
-                              const __mmask16 *keep) {
+                              const __mmask16 *keep, const float *key_scales, const Py_ssize_t *scales_at) {
     switch (heads) {
         RUN_SCORES_CASE(1) RUN_SCORES_CASE(2) RUN_SCORES_CASE(3) RUN_SCORES_CASE(4)
         RUN_SCORES_CASE(5) RUN_SCORES_CASE(6) RUN_SCORES_CASE(7) RUN_SCORES_CASE(8)
@@ -247,18 +259,20 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
         const float *q_heads[MAX_HEADS_AT_ONCE];
         for (int h = 0; h < heads; h++) q_heads[h] = q + (g0 + h) * dim;
         Py_ssize_t pos0 = first - first % 16;
-        Py_ssize_t runs_at[MAX_RUNS], next_at[MAX_RUNS];
+        Py_ssize_t runs_at[MAX_RUNS], next_at[MAX_RUNS], scales_at[MAX_RUNS];
         for (int r = 0; r < runs; r++) next_at[r] = run_start(job, table, head_start, pos0 + r * 16, len);
         while (pos0 < len) {
             __mmask16 keep[MAX_RUNS];
             float *out[MAX_HEADS_AT_ONCE * MAX_RUNS];
             for (int r = 0; r < runs; r++, pos0 += 16) {
                 if (pos0 >= len) { /* nothing left: score run 0 again, keep nothing */
-                    runs_at[r] = runs_at[0], keep[r] = 0;
+                    runs_at[r] = runs_at[0], scales_at[r] = scales_at[0], keep[r] = 0;
                     for (int h = 0; h < heads; h++) out[h * MAX_RUNS + r] = out[h * MAX_RUNS];
                     continue;
                 }
                 runs_at[r] = next_at[r];
+                /* the run's first scale: its element index with the dimensions taken out */
+                scales_at[r] = (runs_at[r] - (pos0 & (bs - 1))) / dim + (pos0 & (bs - 1));
                 __mmask16 mask = 0xffff;
                 if (pos0 < first) mask &= (__mmask16)(0xffffu << (first - pos0));
                 if (pos0 + 16 > len) mask &= (__mmask16)((1u << (len - pos0)) - 1);
@@ -267,7 +281,8 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
                 for (int h = 0; h < heads; h++) out[h * MAX_RUNS + r] = scores + (g0 + h) * count + (pos0 - first);
             }
             for (int r = 0; r < runs; r++) next_at[r] = run_start(job, table, head_start, pos0 + r * 16, len);
-            run_scores(heads, job->kv_bf16, q_heads, job->k, runs_at, next_at, bs, dim, job->scale, out, keep);
+            run_scores(heads, job->kv_kind, q_heads, job->k, runs_at, next_at, bs, dim, job->scale, out, keep,
+                       job->k_scales, scales_at);
         }
     }
 }
@@ -293,6 +308,15 @@ AVX512 static void softmax_avx512(float *row, Py_ssize_t count) {
     }
 }
 
+/* row[p] *= scales[p]: an int8 cache's value scales into the weights of their rows. */
+AVX512 static void scale_weights_avx512(float *row, const float *scales, Py_ssize_t count) {
+    for (Py_ssize_t p = 0; p < count; p += 16) {
+        __mmask16 mask = count - p >= 16 ? 0xffff : (__mmask16)((1u << (count - p)) - 1);
+        _mm512_mask_storeu_ps(row + p, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + p),
+                                                           _mm512_maskz_loadu_ps(mask, scales + p)));
+    }
+}
+
 /* out[g] = sum_p weights[g][p] * values[p] for the group's heads, WEIGHTED_ROWS_MAX at
  * a time (_weighted_rows_avx512.h): each value row is loaded once for all of them. */
 AVX512 static void weighted_sums_avx512(const Job *job, Py_ssize_t group, const float *weights,
@@ -301,7 +325,7 @@ AVX512 static void weighted_sums_avx512(const Job *job, Py_ssize_t group, const 
     for (Py_ssize_t g0 = 0; g0 < group; g0 += WEIGHTED_ROWS_MAX) {
         int heads = group - g0 < WEIGHTED_ROWS_MAX ? (int)(group - g0) : WEIGHTED_ROWS_MAX;
         for (int h = 0; h < heads; h++) rows[h] = out + (g0 + h) * job->head_dim;
-        weighted_rows(heads, job->kv_bf16, rows, NULL, weights + g0 * count, count, values, count, job->head_dim);
+        weighted_rows(heads, job->kv_kind, rows, NULL, weights + g0 * count, count, values, count, job->head_dim);
     }
 }
 
@@ -416,8 +440,12 @@ static void rotate_and_store(const Job *job, Py_ssize_t seq, Py_ssize_t head, fl
     float *key = q_rotated + group * dim;
     rotate(job, row + (job->num_heads + head) * dim, cos, sin, key);
     Py_ssize_t column = (head * job->num_blocks + slot / bs) * dim * bs + slot % bs;
-#ifdef SELFHOST_X86 /* a bf16 cache is taken on AVX-512 only (run_pairs) */
-    if (job->kv_bf16) {
+#ifdef SELFHOST_X86 /* bf16 and int8 caches are taken on AVX-512 only (check_pairs) */
+    if (job->kv_kind == KV_INT8) { /* each row's scale beside it: (Hkv, NB, BS), the slot's entry */
+        Py_ssize_t scale_at = head * job->num_blocks * bs + slot;
+        job->v_scales[scale_at] = int8_quantize_row(value, dim, (int8_t *)job->v_cache + row_offset, 1);
+        job->k_scales[scale_at] = int8_quantize_row(key, dim, (int8_t *)job->k_cache + column, bs);
+    } else if (job->kv_kind == KV_BF16) {
         uint16_t *v_cache = job->v_cache, *k_cache = job->k_cache;
         for (Py_ssize_t d = 0; d < dim; d += 16) { /* head_dim % 16 == 0 with a bf16 cache (check_pairs) */
             bf16_round_16(value + d, v_cache + row_offset + d, 1);
@@ -437,19 +465,25 @@ static void rotate_and_store(const Job *job, Py_ssize_t seq, Py_ssize_t head, fl
  * p < count: one block-table lookup per block, no division per position (an integer
  * division per key cost as much as the key's share of the attention itself). */
 static void value_rows(const Job *job, Py_ssize_t seq, Py_ssize_t head, Py_ssize_t first, Py_ssize_t count,
-                       const void **values) {
-    const Py_ssize_t bs = job->block_size, row_bytes = job->head_dim * (job->kv_bf16 ? 2 : 4);
+                       const void **values, float *scales) {
+    const Py_ssize_t bs = job->block_size;
+    const Py_ssize_t row_bytes = job->head_dim * (job->kv_kind == 2 ? 1 : job->kv_kind == 1 ? 2 : 4);
     const char *head_rows = (const char *)job->v + head * job->num_blocks * bs * row_bytes;
+    const float *head_scales = job->v_scales ? job->v_scales + head * job->num_blocks * bs : NULL;
     const int64_t *table = job->tables + seq * job->max_blocks;
     Py_ssize_t pos = first, end = first + count;
     while (pos < end) {
-        const char *block = head_rows + table[pos / bs] * bs * row_bytes;
-        for (Py_ssize_t j = pos % bs; j < bs && pos < end; j++, pos++) values[pos - first] = block + j * row_bytes;
+        const Py_ssize_t block = table[pos / bs], j0 = pos % bs;
+        const Py_ssize_t n = bs - j0 < end - pos ? bs - j0 : end - pos;
+        const char *rows = head_rows + block * bs * row_bytes;
+        for (Py_ssize_t j = j0; j < j0 + n; j++) values[pos - first + j - j0] = rows + j * row_bytes;
+        if (scales) memcpy(scales + pos - first, head_scales + block * bs + j0, sizeof(float) * (size_t)n);
+        pos += n;
     }
 }
 
 static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *scores, const void **values,
-                        float *q_rotated) {
+                        float *value_scales, float *q_rotated) {
     Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim;
     Py_ssize_t len = job->lens[seq];
     Py_ssize_t first = (job->window > 0 && len > job->window) ? len - job->window : 0;
@@ -467,7 +501,7 @@ static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *
         memset(out, 0, sizeof(float) * (size_t)(group * dim));
         return;
     }
-    value_rows(job, seq, head, first, count, values);
+    value_rows(job, seq, head, first, count, values, job->kv_kind == 2 ? value_scales : NULL);
 #ifdef SELFHOST_X86
     if (job->use_avx512 && job->block_size % 16 == 0)
         scores_avx512(job, seq, head, q, first, len, scores);
@@ -486,6 +520,7 @@ static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *
 #ifdef SELFHOST_X86
         if (grouped_sums) { /* AVX-512 */
             softmax_avx512(row, count);
+            if (job->kv_kind == KV_INT8) scale_weights_avx512(row, value_scales, count);
             continue;
         }
 #endif
@@ -518,9 +553,9 @@ static void run_job(Job *job) {
         Py_ssize_t len = job->lens[item / job->num_kv_heads];
         if (len > longest) longest = len;
     }
-    /* the group's scores, then its rotated query heads and key */
+    /* the group's scores, its values' scales, then its rotated query heads and key */
     Py_ssize_t group = job->num_heads / job->num_kv_heads;
-    float *scores = malloc(sizeof(float) * (size_t)(group * longest + (group + 1) * job->head_dim));
+    float *scores = malloc(sizeof(float) * (size_t)((group + 1) * longest + (group + 1) * job->head_dim));
     const void **values = malloc(sizeof(void *) * (size_t)longest);
     if (scores == NULL || values == NULL) {
         free(scores), free(values);
@@ -528,7 +563,8 @@ static void run_job(Job *job) {
         return;
     }
     for (Py_ssize_t item = job->item_begin; item < job->item_end; item++)
-        attend_pair(job, item / job->num_kv_heads, item % job->num_kv_heads, scores, values, scores + group * longest);
+        attend_pair(job, item / job->num_kv_heads, item % job->num_kv_heads, scores, values, scores + group * longest,
+                    scores + (group + 1) * longest);
     free(scores), free(values);
 }
 
@@ -608,7 +644,7 @@ static PyObject *limit_isa(PyObject *self, PyObject *args) {
     return PyLong_FromLong(before);
 }
 
-static PyObject *bf16_cache_available(PyObject *self, PyObject *args) {
+static PyObject *narrow_cache_available(PyObject *self, PyObject *args) {
     (void)self, (void)args;
     return PyBool_FromLong(isa_limit >= 2 && cpu_has_avx512());
 }
@@ -622,8 +658,10 @@ static const char *check_pairs(Job *whole) {
     whole->block_shift = __builtin_ctzll((unsigned long long)whole->block_size);
     whole->use_avx2 = isa_limit >= 1 && cpu_has_avx2();
     whole->use_avx512 = isa_limit >= 2 && cpu_has_avx512();
-    if (whole->kv_bf16 && !(whole->use_avx512 && whole->block_size % 16 == 0 && whole->head_dim % 16 == 0))
-        return "decode_attention: a bf16 cache needs AVX-512, head_dim and block_size % 16 == 0";
+    if (whole->kv_kind < 0 || whole->kv_kind > 2 || (whole->kv_kind == 2 && !(whole->k_scales && whole->v_scales)))
+        return "decode_attention: kv_kind is 0 (fp32), 1 (bf16) or 2 (int8, with its scales)";
+    if (whole->kv_kind && !(whole->use_avx512 && whole->block_size % 16 == 0 && whole->head_dim % 16 == 0))
+        return "decode_attention: a bf16 or int8 cache needs AVX-512, head_dim and block_size % 16 == 0";
     return NULL;
 }
 
@@ -670,7 +708,8 @@ static PyObject *run_pairs(Job *whole, Py_ssize_t num_seqs, int num_threads) {
 }
 
 static Job rope_decode_job(const RopeDecodeStep *step) {
-    Job whole = {.q = step->qkv, .k = step->k, .v = step->v, .kv_bf16 = step->kv_bf16, .tables = step->tables,
+    Job whole = {.q = step->qkv, .k = step->k, .v = step->v, .kv_kind = step->kv_kind, .k_scales = step->k_scales,
+                 .v_scales = step->v_scales, .tables = step->tables,
                  .lens = step->lens, .out = step->out, .num_heads = step->num_heads,
                  .num_kv_heads = step->num_kv_heads, .head_dim = step->head_dim, .block_size = step->block_size,
                  .num_blocks = step->num_blocks, .max_blocks = step->max_blocks, .scale = step->scale,
@@ -694,12 +733,14 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
     unsigned long long q, k, v, tables, lens, out;
     Py_ssize_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
     float scale, softcap;
-    int num_threads, kv_bf16 = 0;
-    if (!PyArg_ParseTuple(args, "KKKKKKnnnnnnnffni|p", &q, &k, &v, &tables, &lens, &out, &num_seqs, &num_heads,
+    int num_threads, kv_kind = 0;
+    unsigned long long k_scales = 0, v_scales = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKKnnnnnnnffni|iKK", &q, &k, &v, &tables, &lens, &out, &num_seqs, &num_heads,
                           &num_kv_heads, &head_dim, &block_size, &num_blocks, &max_blocks, &scale, &softcap,
-                          &window, &num_threads, &kv_bf16))
+                          &window, &num_threads, &kv_kind, &k_scales, &v_scales))
         return NULL;
-    Job whole = {.q = (const float *)q, .k = (const void *)k, .v = (const void *)v, .kv_bf16 = kv_bf16,
+    Job whole = {.q = (const float *)q, .k = (const void *)k, .v = (const void *)v, .kv_kind = kv_kind,
+                 .k_scales = (float *)k_scales, .v_scales = (float *)v_scales,
                  .tables = (const int64_t *)tables, .lens = (const int64_t *)lens, .out = (float *)out,
                  .num_heads = num_heads, .num_kv_heads = num_kv_heads, .head_dim = head_dim,
                  .block_size = block_size, .num_blocks = num_blocks, .max_blocks = max_blocks,
@@ -712,15 +753,17 @@ static PyObject *rope_decode_attention(PyObject *self, PyObject *args) {
     unsigned long long qkv, cos, sin, slots, k, v, tables, lens, out;
     Py_ssize_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
     float scale, softcap;
-    int num_threads, kv_bf16 = 0, store_first = 0;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKnnnnnnnffni|pp", &qkv, &cos, &sin, &slots, &k, &v, &tables, &lens, &out,
+    int num_threads, kv_kind = 0, store_first = 0;
+    unsigned long long k_scales = 0, v_scales = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKnnnnnnnffni|ipKK", &qkv, &cos, &sin, &slots, &k, &v, &tables, &lens, &out,
                           &num_seqs, &num_heads, &num_kv_heads, &head_dim, &block_size, &num_blocks, &max_blocks,
-                          &scale, &softcap, &window, &num_threads, &kv_bf16, &store_first))
+                          &scale, &softcap, &window, &num_threads, &kv_kind, &store_first, &k_scales, &v_scales))
         return NULL;
     RopeDecodeStep step = {(const float *)qkv, (const float *)cos, (const float *)sin, (const int64_t *)slots,
-                           (const int64_t *)tables, (const int64_t *)lens, (void *)k, (void *)v, (float *)out,
+                           (const int64_t *)tables, (const int64_t *)lens, (void *)k, (void *)v,
+                           (float *)k_scales, (float *)v_scales, (float *)out,
                            num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window,
-                           scale, softcap, num_threads, kv_bf16, store_first};
+                           scale, softcap, num_threads, kv_kind, store_first};
     Job whole = rope_decode_job(&step);
     return run_pairs(&whole, num_seqs, num_threads);
 }
@@ -733,12 +776,15 @@ static PyObject *rope_store(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long qkv, cos, sin, slots, k, v, q_out;
     Py_ssize_t num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks;
-    int num_threads, kv_bf16 = 0;
-    if (!PyArg_ParseTuple(args, "KKKKKKKnnnnnni|p", &qkv, &cos, &sin, &slots, &k, &v, &q_out, &num_tokens, &num_heads,
-                          &num_kv_heads, &head_dim, &block_size, &num_blocks, &num_threads, &kv_bf16))
+    int num_threads, kv_kind = 0;
+    unsigned long long k_scales = 0, v_scales = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKKKnnnnnni|iKK", &qkv, &cos, &sin, &slots, &k, &v, &q_out, &num_tokens, &num_heads,
+                          &num_kv_heads, &head_dim, &block_size, &num_blocks, &num_threads, &kv_kind, &k_scales,
+                          &v_scales))
         return NULL;
     int failed = 0;
-    Job whole = {.q = (const float *)qkv, .k = (const void *)k, .v = (const void *)v, .kv_bf16 = kv_bf16,
+    Job whole = {.q = (const float *)qkv, .k = (const void *)k, .v = (const void *)v, .kv_kind = kv_kind,
+                 .k_scales = (float *)k_scales, .v_scales = (float *)v_scales,
                  .num_heads = num_heads, .num_kv_heads = num_kv_heads, .head_dim = head_dim,
                  .block_size = block_size, .num_blocks = num_blocks, .cos = (const float *)cos,
                  .sin = (const float *)sin, .slots = (const int64_t *)slots, .k_cache = (void *)k,
@@ -763,17 +809,19 @@ static PyObject *rope_store(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"bf16_cache_available", bf16_cache_available, METH_NOARGS,
-     "True when the kernels take a bf16 cache here (AVX-512, within the limit_isa cap)."},
+    {"narrow_cache_available", narrow_cache_available, METH_NOARGS,
+     "True when the kernels take a bf16 or int8 cache here (AVX-512, within the limit_isa cap)."},
     {"decode_attention", decode_attention, METH_VARARGS,
-     "Single-query attention over the paged cache (fp32 q/out; fp32 or, with kv_bf16, bf16 cache; data pointers)."},
+     "Single-query attention over the paged cache (fp32 q/out; an fp32, bf16 or int8 cache by kv_kind 0/1/2, "
+     "int8 with its k and v scales; data pointers)."},
     {"limit_isa", limit_isa, METH_VARARGS,
      "Cap the instruction set (2 AVX-512, 1 AVX2, 0 portable C); returns the previous cap. For tests."},
     {"rope_decode_attention", rope_decode_attention, METH_VARARGS,
      "A decode step's attention from the unrotated q/k/v projection: rotary, cache write and attention "
      "(store_first: every key and value written before any query attends)."},
     {"rope_store", rope_store, METH_VARARGS,
-     "rope_store(qkv, cos, sin, slots, k, v, q_out, T, H, Hkv, D, block_size, num_blocks, num_threads, kv_bf16): "
+     "rope_store(qkv, cos, sin, slots, k, v, q_out, T, H, Hkv, D, block_size, num_blocks, num_threads, kv_kind, "
+     "k_scales, v_scales): "
      "rotary on the step's q and k, keys and values into their cache slots, rotated queries into q_out."},
     {NULL, NULL, 0, NULL},
 };

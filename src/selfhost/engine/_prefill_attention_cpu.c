@@ -1,4 +1,4 @@
-/* Causal attention of prompt chunks over the paged KV cache, on CPU, fp32 or bf16 cache, AVX-512.
+/* Causal attention of prompt chunks over the paged KV cache, on CPU, fp32, bf16 or int8 cache, AVX-512.
  *
  * Built at install time as an optional extension (setup.py); paged_cache.py uses it
  * for the multi-token chunks of a step (prompts) where the CPU has AVX-512, and
@@ -26,7 +26,10 @@
  *   q, out            (T, H, D) rows of the step, q with row stride q_stride floats
  *   k                 (Hkv, NB, D, BS) one layer of the cache, keys dims-major in a block
  *   v                 (Hkv, NB, BS, D) values as rows; this step's keys and values written
- *                     (k and v fp32, or bf16 with kv_bf16: widened exactly as they are read)
+ *                     (k and v fp32, or bf16 (kv_kind 1): widened exactly as they are read, or
+ *                     int8 (kv_kind 2) with k_scales and v_scales (Hkv, NB, BS): the integers
+ *                     go into the products, a key's scale multiplies its scores and a value's
+ *                     its probabilities)
  *   tables            (C, MB) int64, the block table of each chunk
  *   first, count, start (C,) int64: the chunk's first row in the step, its number of
  *                     tokens, the position of its first token
@@ -68,15 +71,16 @@
 
 typedef struct {
     const float *q;
-    const void *k, *v; /* fp32, or bf16 with kv_bf16 */
+    const void *k, *v; /* fp32, bf16 or int8 (kv_kind) */
     float *out;
     const int64_t *tables, *first, *count, *start;
     const int64_t *unit_chunk, *unit_position; /* per unit: its chunk and first query index in it */
     Py_ssize_t q_stride, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
     float scale;
     _Atomic int *failed; /* set when a thread's scratch memory could not be had */
-    int kv_bf16;
-    int tiles; /* AMX products (bf16 cache only) */
+    int kv_kind; /* KV_FP32, KV_BF16 or KV_INT8 (_weighted_rows_avx512.h) */
+    int tiles; /* AMX products (bf16 or int8 cache) */
+    const float *k_scales, *v_scales; /* int8: the layer's (Hkv, NB, BS) scales */
     Py_ssize_t query_block; /* query positions per unit: QUERY_BLOCK, or TILE_QUERY_BLOCK with tiles */
 } Job;
 
@@ -84,7 +88,7 @@ typedef struct {
 static const void *cached_row(const Job *job, const void *cache, const int64_t *table, Py_ssize_t head,
                               Py_ssize_t pos) {
     Py_ssize_t row = (head * job->num_blocks + table[pos / job->block_size]) * job->block_size + pos % job->block_size;
-    return (const char *)cache + row * job->head_dim * (job->kv_bf16 ? 2 : 4);
+    return (const char *)cache + row * job->head_dim * kv_bytes(job->kv_kind);
 }
 
 /* scores[r][0:64] = q_r . key_j for `rows` query rows against the transposed key panel. */
@@ -125,18 +129,43 @@ typedef struct {
     float *out_rows[MAX_ROWS];
     Py_ssize_t row_pos[MAX_ROWS];
     const void *values[MAX_KEY_BLOCK];
+    float key_scales[MAX_KEY_BLOCK] __attribute__((aligned(64)));   /* int8: scale x each key's scale */
+    float value_scales[MAX_KEY_BLOCK] __attribute__((aligned(64))); /* int8: each value's scale */
 } Scratch;
 
 static _Thread_local Scratch *scratch;
+
+/* An int8 cache: the scales of keys [k0, k0 + width) into the scratch (key scales times the
+ * softmax scale), zeros up to `block`. */
+static void block_scales(const Job *job, Scratch *s, const int64_t *table, Py_ssize_t head, Py_ssize_t k0,
+                         Py_ssize_t width, int block) {
+    const Py_ssize_t bs = job->block_size, head_first = head * job->num_blocks * bs;
+    for (Py_ssize_t j = 0; j < width; j++) {
+        const Py_ssize_t pos = k0 + j, at = head_first + table[pos / bs] * bs + pos % bs;
+        s->key_scales[j] = job->scale * job->k_scales[at];
+        s->value_scales[j] = job->v_scales[at];
+    }
+    for (Py_ssize_t j = width; j < block; j++) s->key_scales[j] = s->value_scales[j] = 0.0f;
+}
+
+/* rows x width probabilities times their values' scales (an int8 cache), rows `block` apart. */
+AVX512 static void scale_probabilities(Scratch *s, Py_ssize_t rows, Py_ssize_t width, int block) {
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t j = 0; j < width; j += 16) {
+            float *p = s->scores + r * block + j;
+            _mm512_store_ps(p, _mm512_mul_ps(_mm512_load_ps(p), _mm512_load_ps(s->value_scales + j)));
+        }
+}
 
 /* Scores of keys [k0, k0 + block) -> probabilities in place (0 where a row may not look),
  * each row's running max and sum updated and its output's rescale factor set. Rows are
  * `block` floats apart; block is KEY_BLOCK, or TILE_KEY_BLOCK on the tiles path, which
  * rounds the probabilities to bf16 next and so takes the coarser exp (`coarse`). A row's
  * scores stay in registers between its two passes; a block the row sees whole needs no
- * mask. */
+ * mask. With an int8 cache (`per_key`) each key's scores take its scale from s->key_scales. */
 AVX512 static inline __attribute__((always_inline)) void softmax_block(const Job *job, Scratch *s, Py_ssize_t rows,
-                                                                     Py_ssize_t k0, const int block, const int coarse) {
+                                                                     Py_ssize_t k0, const int block, const int coarse,
+                                                                     const int per_key) {
     const __m512 lane = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512 scale = _mm512_set1_ps(job->scale);
     for (Py_ssize_t r = 0; r < rows; r++) {
@@ -149,7 +178,7 @@ AVX512 static inline __attribute__((always_inline)) void softmax_block(const Job
         if (first_key <= k0 && k0 + block - 1 <= pos) {
             for (int c = 0; c < block / 16; c++) {
                 keep[c] = 0xffff;
-                x[c] = _mm512_mul_ps(_mm512_load_ps(row + c * 16), scale);
+                x[c] = _mm512_mul_ps(_mm512_load_ps(row + c * 16), per_key ? _mm512_load_ps(s->key_scales + c * 16) : scale);
                 peak = _mm512_max_ps(peak, x[c]);
             }
         } else { /* keys k0 + c in [first_key, pos] count; others get probability 0 */
@@ -157,7 +186,7 @@ AVX512 static inline __attribute__((always_inline)) void softmax_block(const Job
             for (int c = 0; c < block / 16; c++) {
                 __m512 index = _mm512_add_ps(lane, _mm512_set1_ps((float)(c * 16)));
                 keep[c] = _mm512_cmp_ps_mask(index, key_lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(index, key_hi, _CMP_LE_OQ);
-                x[c] = _mm512_mul_ps(_mm512_load_ps(row + c * 16), scale);
+                x[c] = _mm512_mul_ps(_mm512_load_ps(row + c * 16), per_key ? _mm512_load_ps(s->key_scales + c * 16) : scale);
                 peak = _mm512_mask_max_ps(peak, keep[c], peak, x[c]);
             }
         }
@@ -243,10 +272,12 @@ AVX512 static void run_unit(const void *whole, long unit) {
             float *column = s->panel + group16 * 16;
             if (bs % 16 == 0 && pos % 16 == 0 && pos + 16 <= hi) {
                 Py_ssize_t keys = head_offset + table[pos / bs] * dim * bs + pos % bs;
-                if (job->kv_bf16)
-                    for (Py_ssize_t d = 0; d < dim; d++) _mm512_store_ps(column + d * KEY_BLOCK, kv_load(job->k, keys + d * bs, 1));
+                if (job->kv_kind == KV_INT8)
+                    for (Py_ssize_t d = 0; d < dim; d++) _mm512_store_ps(column + d * KEY_BLOCK, kv_load(job->k, keys + d * bs, KV_INT8));
+                else if (job->kv_kind == KV_BF16)
+                    for (Py_ssize_t d = 0; d < dim; d++) _mm512_store_ps(column + d * KEY_BLOCK, kv_load(job->k, keys + d * bs, KV_BF16));
                 else
-                    for (Py_ssize_t d = 0; d < dim; d++) _mm512_store_ps(column + d * KEY_BLOCK, kv_load(job->k, keys + d * bs, 0));
+                    for (Py_ssize_t d = 0; d < dim; d++) _mm512_store_ps(column + d * KEY_BLOCK, kv_load(job->k, keys + d * bs, KV_FP32));
                 continue;
             }
             int32_t offsets[16] __attribute__((aligned(64)));
@@ -254,10 +285,16 @@ AVX512 static void run_unit(const void *whole, long unit) {
                 Py_ssize_t key = pos + j < hi ? pos + j : k0;
                 offsets[j] = (int32_t)(table[key / bs] * dim * bs + key % bs);
             }
-            if (job->kv_bf16) { /* no 16-bit gather: one at a time (runs that straddle blocks are rare) */
+            if (job->kv_kind == KV_BF16) { /* no 16-bit gather: one at a time (runs that straddle blocks are rare) */
                 const uint16_t *head_keys = (const uint16_t *)job->k + head_offset;
                 for (Py_ssize_t d = 0; d < dim; d++)
                     for (int j = 0; j < 16; j++) column[d * KEY_BLOCK + j] = bf16_to_float(head_keys[offsets[j] + d * bs]);
+                continue;
+            }
+            if (job->kv_kind == KV_INT8) {
+                const int8_t *head_keys = (const int8_t *)job->k + head_offset;
+                for (Py_ssize_t d = 0; d < dim; d++)
+                    for (int j = 0; j < 16; j++) column[d * KEY_BLOCK + j] = (float)head_keys[offsets[j] + d * bs];
                 continue;
             }
             const float *head_keys = (const float *)job->k + head_offset;
@@ -267,13 +304,19 @@ AVX512 static void run_unit(const void *whole, long unit) {
                     _mm512_add_epi32(index, _mm512_set1_epi32((int)(d * bs))), head_keys, 4));
         }
         for (Py_ssize_t j = 0; j < width; j++) s->values[j] = cached_row(job, job->v, table, head, k0 + j);
+        const int int8 = job->kv_kind == KV_INT8;
+        if (int8) block_scales(job, s, table, head, k0, width, KEY_BLOCK);
         for (Py_ssize_t r0 = 0; r0 < rows; r0 += ROWS) {
             int block_rows = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
             score_block(block_rows, s->q_rows + r0, s->panel, dim, s->scores + r0 * KEY_BLOCK);
         }
-        softmax_block(job, s, rows, k0, KEY_BLOCK, 0);
+        if (int8) {
+            softmax_block(job, s, rows, k0, KEY_BLOCK, 0, 1);
+            scale_probabilities(s, rows, width, KEY_BLOCK);
+        } else
+            softmax_block(job, s, rows, k0, KEY_BLOCK, 0, 0);
         for (Py_ssize_t r0 = 0; r0 < rows; r0 += WEIGHTED_ROWS_MAX)
-            weighted_rows(rows - r0 < WEIGHTED_ROWS_MAX ? (int)(rows - r0) : WEIGHTED_ROWS_MAX, job->kv_bf16,
+            weighted_rows(rows - r0 < WEIGHTED_ROWS_MAX ? (int)(rows - r0) : WEIGHTED_ROWS_MAX, job->kv_kind,
                           s->out_rows + r0, s->rescale + r0, s->scores + r0 * KEY_BLOCK, KEY_BLOCK, s->values, width,
                           dim);
     }
@@ -284,7 +327,9 @@ AVX512 static void run_unit(const void *whole, long unit) {
 }
 
 #ifdef SELFHOST_AMX_TILES
-/* ---- AMX tiles: a bf16 cache on CPUs with AMX-BF16 ------------------------------------
+/* ---- AMX tiles: a bf16 or int8 cache on CPUs with AMX-BF16 ----------------------------
+ * (int8 keys and values enter the tiles as bf16 holding the same integers, exactly: at most
+ * 8 significant bits; their scales go into the scores and the probabilities.)
  * The same units, key blocks and softmax, with both products on tiles: the unit's query
  * rows are rounded to bf16 once (A tiles), each block's keys and values are rearranged
  * into B tiles (pairs of dimensions for the scores, pairs of keys for the values), and
@@ -309,13 +354,31 @@ typedef struct {
 static _Thread_local TileScratch *tile_scratch;
 static int tiles_ready; /* set once, when the module loads */
 
+/* The bf16 bits of an integer in [-127, 127]: its fp32 bits' upper half, exactly. */
+static inline uint16_t int8_to_bf16(int8_t x) {
+    float f = (float)x;
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return (uint16_t)(bits >> 16);
+}
+
+/* amx_pair_rows for 16 int8 values of each row: a's and b's bf16 interleaved. */
+AMX_TARGET static inline __m512i int8_pair_rows(const int8_t *a, const int8_t *b) {
+    __m512i lo = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)a))));
+    __m512i hi = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b))));
+    return _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
 /* Keys [k0, k0 + TILE_KEY_BLOCK) as B tiles: tile (g, c) row i holds, for each key j of the
  * 16 from k0 + 16g, the dimension pair (2i, 2i + 1) of dims [32c, 32c + 32). A run of 16
  * keys inside one cache block (which keeps them dims-major) is two loads per row; runs
  * that straddle blocks, and keys past hi (zeros), are gathered one by one. */
 AMX_TARGET static void tile_keys(const Job *job, TileScratch *t, const Unit *u, Py_ssize_t k0) {
     const Py_ssize_t dim = job->head_dim, bs = job->block_size, chunks = dim / 32;
-    const uint16_t *head_keys = (const uint16_t *)job->k + u->head * job->num_blocks * dim * bs;
+    const int int8 = job->kv_kind == KV_INT8;
+    const Py_ssize_t head_first = u->head * job->num_blocks * dim * bs; /* elements */
+    const uint16_t *head_keys = (const uint16_t *)job->k + head_first;
+    const int8_t *head_keys8 = (const int8_t *)job->k + head_first;
     for (Py_ssize_t g = 0; g < TILE_KEY_BLOCK / 16; g++) {
         const Py_ssize_t pos = k0 + g * 16; /* a multiple of 16 */
         uint16_t *tiles = t->k + g * chunks * AMX_TILE_ELEMS;
@@ -324,17 +387,18 @@ AMX_TARGET static void tile_keys(const Job *job, TileScratch *t, const Unit *u, 
             continue;
         }
         if (bs % 16 == 0 && pos + 16 <= u->hi) {
-            const uint16_t *keys = head_keys + u->table[pos / bs] * dim * bs + pos % bs;
+            const Py_ssize_t at = u->table[pos / bs] * dim * bs + pos % bs;
             for (Py_ssize_t d = 0; d < dim; d += 2)
                 _mm512_store_si512((void *)(tiles + d / 32 * AMX_TILE_ELEMS + d % 32 / 2 * 32),
-                                   amx_pair_rows(keys + d * bs, keys + (d + 1) * bs));
+                                   int8 ? int8_pair_rows(head_keys8 + at + d * bs, head_keys8 + at + (d + 1) * bs)
+                                        : amx_pair_rows(head_keys + at + d * bs, head_keys + at + (d + 1) * bs));
             continue;
         }
         for (int j = 0; j < 16; j++) {
-            const Py_ssize_t key = pos + j;
-            const uint16_t *at = key < u->hi ? head_keys + u->table[key / bs] * dim * bs + key % bs : NULL;
+            const Py_ssize_t key = pos + j, at = key < u->hi ? u->table[key / bs] * dim * bs + key % bs : -1;
             for (Py_ssize_t d = 0; d < dim; d++)
-                tiles[d / 32 * AMX_TILE_ELEMS + d % 32 / 2 * 32 + 2 * j + (d & 1)] = at ? at[d * bs] : 0;
+                tiles[d / 32 * AMX_TILE_ELEMS + d % 32 / 2 * 32 + 2 * j + (d & 1)] =
+                    at < 0 ? 0 : int8 ? int8_to_bf16(head_keys8[at + d * bs]) : head_keys[at + d * bs];
         }
     }
 }
@@ -343,14 +407,16 @@ AMX_TARGET static void tile_keys(const Job *job, TileScratch *t, const Unit *u, 
  * each dimension of [16g, 16g + 16), the values of keys 32c + 2i and 32c + 2i + 1. */
 AMX_TARGET static void tile_values(const Job *job, const Scratch *s, TileScratch *t, Py_ssize_t width) {
     const Py_ssize_t groups = job->head_dim / 16;
+    const int int8 = job->kv_kind == KV_INT8;
     for (Py_ssize_t c = 0; c * 32 < width; c++)
         for (Py_ssize_t i = 0; i < 16; i++) {
             const Py_ssize_t a = c * 32 + 2 * i, b = a + 1;
-            const uint16_t *va = a < width ? (const uint16_t *)s->values[a] : t->zero_row;
-            const uint16_t *vb = b < width ? (const uint16_t *)s->values[b] : t->zero_row;
+            const void *va = a < width ? s->values[a] : t->zero_row; /* zeros, as int8 or bf16 */
+            const void *vb = b < width ? s->values[b] : t->zero_row;
             for (Py_ssize_t g = 0; g < groups; g++)
                 _mm512_store_si512((void *)(t->v + (c * groups + g) * AMX_TILE_ELEMS + i * 32),
-                                   amx_pair_rows(va + g * 16, vb + g * 16));
+                                   int8 ? int8_pair_rows((const int8_t *)va + g * 16, (const int8_t *)vb + g * 16)
+                                        : amx_pair_rows((const uint16_t *)va + g * 16, (const uint16_t *)vb + g * 16));
         }
 }
 
@@ -405,6 +471,8 @@ AMX_TARGET static void run_unit_tiles(const void *whole, long unit) {
         tile_keys(job, t, &u, k0);
         for (Py_ssize_t j = 0; j < width; j++) s->values[j] = cached_row(job, job->v, u.table, u.head, k0 + j);
         tile_values(job, s, t, width);
+        const int int8 = job->kv_kind == KV_INT8;
+        if (int8) block_scales(job, s, u.table, u.head, k0, width, TILE_KEY_BLOCK);
         for (Py_ssize_t rt = 0; rt < row_tiles; rt++) /* scores: 16 rows x 64 keys in C tiles 0-3 */
             for (Py_ssize_t half = 0; half * 64 < width; half++) {
                 _tile_zero(0);
@@ -424,7 +492,11 @@ AMX_TARGET static void run_unit_tiles(const void *whole, long unit) {
                 _tile_stored(2, scores + 32, TILE_KEY_BLOCK * sizeof(float));
                 _tile_stored(3, scores + 48, TILE_KEY_BLOCK * sizeof(float));
             }
-        softmax_block(job, s, rows, k0, TILE_KEY_BLOCK, 1);
+        if (int8) {
+            softmax_block(job, s, rows, k0, TILE_KEY_BLOCK, 1, 1);
+            scale_probabilities(s, rows, width, TILE_KEY_BLOCK);
+        } else
+            softmax_block(job, s, rows, k0, TILE_KEY_BLOCK, 1, 0);
         for (Py_ssize_t r = 0; r < padded; r++) { /* probabilities to A tiles; outputs rescaled */
             uint16_t *dst = t->p + (r / 16 * (TILE_KEY_BLOCK / 32)) * AMX_TILE_ELEMS + r % 16 * 32;
             const float *row = s->scores + r * TILE_KEY_BLOCK;
@@ -496,10 +568,11 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
     unsigned long long q, k, v, out, tables, first, count, start;
     Py_ssize_t num_chunks, q_stride, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window;
     float scale;
-    int num_threads, kv_bf16 = 0, tiles = 0;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnnnnnfi|pp", &q, &k, &v, &out, &tables, &first, &count, &start,
+    int num_threads, kv_kind = 0, tiles = 0;
+    unsigned long long k_scales = 0, v_scales = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnnnnnfi|ipKK", &q, &k, &v, &out, &tables, &first, &count, &start,
                           &num_chunks, &q_stride, &num_heads, &num_kv_heads, &head_dim, &block_size, &num_blocks,
-                          &max_blocks, &window, &scale, &num_threads, &kv_bf16, &tiles))
+                          &max_blocks, &window, &scale, &num_threads, &kv_kind, &tiles, &k_scales, &v_scales))
         return NULL;
 #ifdef SELFHOST_PREFILL
     if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > MAX_GROUP ||
@@ -508,13 +581,17 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "prefill_attention: unsupported head counts or sizes");
         return NULL;
     }
+    if (kv_kind < 0 || kv_kind > 2 || (kv_kind == KV_INT8 && !(k_scales && v_scales))) {
+        PyErr_SetString(PyExc_ValueError, "prefill_attention: kv_kind is 0 (fp32), 1 (bf16) or 2 (int8, with its scales)");
+        return NULL;
+    }
 #ifdef SELFHOST_AMX_TILES
-    const int tiles_ok = tiles_ready && kv_bf16 && head_dim % 32 == 0 && head_dim <= TILE_MAX_DIM;
+    const int tiles_ok = tiles_ready && kv_kind != KV_FP32 && head_dim % 32 == 0 && head_dim <= TILE_MAX_DIM;
 #else
     const int tiles_ok = 0;
 #endif
     if (tiles && !tiles_ok) {
-        PyErr_SetString(PyExc_ValueError, "prefill_attention: tiles need AMX, a bf16 cache and head_dim a multiple of 32 up to 256");
+        PyErr_SetString(PyExc_ValueError, "prefill_attention: tiles need AMX, a bf16 or int8 cache and head_dim a multiple of 32 up to 256");
         return NULL;
     }
     const int64_t *counts = (const int64_t *)count;
@@ -533,7 +610,7 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
     Job job = {(const float *)q, (const void *)k, (const void *)v, (float *)out, (const int64_t *)tables,
                (const int64_t *)first, counts, (const int64_t *)start, unit_chunk, unit_position, q_stride,
                num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window, scale, &failed,
-               kv_bf16, tiles, query_block};
+               kv_kind, tiles, (const float *)k_scales, (const float *)v_scales, query_block};
     void (*work)(const void *, long) = run_unit;
 #ifdef SELFHOST_AMX_TILES
     if (tiles) work = run_unit_tiles;
@@ -547,7 +624,8 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
 #else
     (void)q, (void)k, (void)v, (void)out, (void)tables, (void)first, (void)count, (void)start, (void)num_chunks;
     (void)q_stride, (void)num_heads, (void)num_kv_heads, (void)head_dim, (void)block_size, (void)num_blocks;
-    (void)max_blocks, (void)window, (void)scale, (void)num_threads, (void)kv_bf16, (void)tiles;
+    (void)max_blocks, (void)window, (void)scale, (void)num_threads, (void)kv_kind, (void)tiles, (void)k_scales;
+    (void)v_scales;
     PyErr_SetString(PyExc_RuntimeError, "prefill_attention: built without x86-64 support");
     return NULL;
 #endif
@@ -556,10 +634,10 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, "True when this CPU has AVX-512F and the kernel was built for it."},
     {"tiles_available", tiles_available, METH_NOARGS,
-     "True when this CPU has AMX-BF16, the OS granted it, and the kernel was built for it (bf16 caches)."},
+     "True when this CPU has AMX-BF16, the OS granted it, and the kernel was built for it (bf16 and int8 caches)."},
     {"prefill_attention", prefill_attention, METH_VARARGS,
-     "Causal attention of prompt chunks over the paged cache (fp32 q/out; fp32 or, with kv_bf16, bf16 cache;"
-     " with tiles, on AMX)."},
+     "Causal attention of prompt chunks over the paged cache (fp32 q/out; an fp32, bf16 or int8 cache by kv_kind "
+     "0/1/2, int8 with its k and v scales; with tiles, on AMX)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,8 +4,8 @@
  * one kv head) and the prefill kernel (_prefill_attention_cpu.c: a block of query
  * rows). 64 dimensions a pass; each value vector loaded once serves every row.
  * rescale NULL: the rows start from zero. head_dim must be a multiple of 16.
- * Values are fp32 or bf16 (a bf16 KV cache: half the bytes a decode step reads);
- * `kv_load` widens 16 of either to fp32, exactly, and `bf16_round_16` is the one
+ * Values are fp32, bf16 or int8 (a bf16 or int8 KV cache: half or a quarter of the bytes
+ * a decode step reads); `kv_load` widens 16 of any to fp32, exactly, and `bf16_round_16` is the one
  * rounding the kernels use when they write into a bf16 cache: to nearest even, as
  * torch's own conversion, so the two writers agree bit for bit (NaN stays a NaN).
  * Header-only; callers guard the include for x86-64 GCC/Clang.
@@ -18,10 +18,19 @@
 #include <stdint.h>
 #include <string.h>
 
-/* 16 cache values from element `index` of `base` (fp32, or bf16 when `bf16`) as fp32. */
+/* What a cache holds: fp32, bf16 (half the bytes), or int8 with one fp32 scale per token and
+ * kv head (a quarter; paged_cache.py's quantize_rows). */
+enum { KV_FP32 = 0, KV_BF16 = 1, KV_INT8 = 2 };
+
+static inline Py_ssize_t kv_bytes(int kind) { return kind == KV_INT8 ? 1 : kind == KV_BF16 ? 2 : 4; }
+
+/* 16 cache values from element `index` of `base` as fp32: fp32 and bf16 exactly, int8 as the
+ * integers it holds (the caller applies the scales). `kind` is a constant at each call site. */
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) __m512 kv_load(
-    const void *base, Py_ssize_t index, const int bf16) {
-    if (!bf16) return _mm512_loadu_ps((const float *)base + index);
+    const void *base, Py_ssize_t index, const int kind) {
+    if (kind == KV_INT8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)base + index))));
+    if (kind == KV_FP32) return _mm512_loadu_ps((const float *)base + index);
     __m256i halves = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
 }
@@ -52,6 +61,30 @@ __attribute__((target("avx512f"))) static inline void bf16_round_16(const float 
     for (int i = 0; i < 16; i++) out[i * stride] = lanes[i];
 }
 
+/* `dim` values (a multiple of 16) to int8 in slots `stride` apart: round(x * (127 / max|x|)) to
+ * nearest even; returns the scale max|x| / 127 (0 for a row of zeros). The same IEEE operations
+ * as paged_cache.py's quantize_rows, so the torch writer and the kernels write the same bytes. */
+__attribute__((target("avx512f"))) static inline float int8_quantize_row(const float *in, Py_ssize_t dim, int8_t *out,
+                                                                         Py_ssize_t stride) {
+    __m512 peak = _mm512_setzero_ps();
+    for (Py_ssize_t d = 0; d < dim; d += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_loadu_ps(in + d)));
+    const float largest = _mm512_reduce_max_ps(peak);
+    const __m512 inv = _mm512_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    for (Py_ssize_t d = 0; d < dim; d += 16) {
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(in + d), inv)); /* MXCSR: nearest even */
+        __m128i bytes = _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi));
+        if (stride == 1) {
+            _mm_storeu_si128((__m128i *)(out + d), bytes);
+            continue;
+        }
+        int8_t lanes[16];
+        _mm_storeu_si128((__m128i *)lanes, bytes);
+        for (int i = 0; i < 16; i++) out[(d + i) * stride] = lanes[i];
+    }
+    return largest / 127.0f;
+}
+
 /* Value rows asked for ahead of their use: rows of the next blocks start wherever the block
  * table puts them, and at ~8 cycles a row the prefetch must run a few hundred cycles ahead
  * (8 rows ahead left the loads waiting; 32 and 64 measured alike). */
@@ -59,7 +92,7 @@ __attribute__((target("avx512f"))) static inline void bf16_round_16(const float 
 #define WEIGHTED_ROWS_MAX 6 /* 6 rows x 4 accumulators + 4 value vectors fit the 32 zmm registers */
 
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void weighted_rows_n(
-    const int rows, const int bf16, float *const *out, const float *rescale, const float *weights,
+    const int rows, const int kind, float *const *out, const float *rescale, const float *weights,
     Py_ssize_t weight_stride, const void *const *values, Py_ssize_t count, Py_ssize_t dim) {
     for (Py_ssize_t d0 = 0; d0 < dim; d0 += 64) {
         const int vectors = dim - d0 >= 64 ? 4 : (int)((dim - d0) / 16);
@@ -73,15 +106,15 @@ __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) 
         for (Py_ssize_t j = 0; j < count; j++) {
             const void *v = values[j];
             if (j + VALUE_PREFETCH < count) { /* rows of another block start anywhere: ask for them early */
-                const char *ahead = (const char *)values[j + VALUE_PREFETCH] + d0 * (bf16 ? 2 : 4);
-                _mm_prefetch(ahead, _MM_HINT_T0);
-                _mm_prefetch(ahead + 64, _MM_HINT_T0);
-                if (!bf16 && vectors > 2) { _mm_prefetch(ahead + 128, _MM_HINT_T0); _mm_prefetch(ahead + 192, _MM_HINT_T0); }
+                const char *ahead = (const char *)values[j + VALUE_PREFETCH] + d0 * kv_bytes(kind);
+                _mm_prefetch(ahead, _MM_HINT_T0); /* 64 dims: one line of int8, two of bf16, four of fp32 */
+                if (kind != KV_INT8) _mm_prefetch(ahead + 64, _MM_HINT_T0);
+                if (kind == KV_FP32 && vectors > 2) { _mm_prefetch(ahead + 128, _MM_HINT_T0); _mm_prefetch(ahead + 192, _MM_HINT_T0); }
             }
-            __m512 v0 = kv_load(v, d0, bf16), v1 = v0, v2 = v0, v3 = v0;
-            if (vectors > 1) v1 = kv_load(v, d0 + 16, bf16);
-            if (vectors > 2) v2 = kv_load(v, d0 + 32, bf16);
-            if (vectors > 3) v3 = kv_load(v, d0 + 48, bf16);
+            __m512 v0 = kv_load(v, d0, kind), v1 = v0, v2 = v0, v3 = v0;
+            if (vectors > 1) v1 = kv_load(v, d0 + 16, kind);
+            if (vectors > 2) v2 = kv_load(v, d0 + 32, kind);
+            if (vectors > 3) v3 = kv_load(v, d0 + 48, kind);
             for (int r = 0; r < rows; r++) {
                 __m512 w = _mm512_set1_ps(weights[r * weight_stride + j]);
                 acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
@@ -97,15 +130,17 @@ __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) 
 
 #define WEIGHTED_ROWS_CASE(n)                                                                          \
     case n:                                                                                            \
-        if (bf16)                                                                                      \
-            weighted_rows_n(n, 1, out, rescale, weights, weight_stride, values, count, dim);           \
+        if (kind == KV_INT8)                                                                           \
+            weighted_rows_n(n, KV_INT8, out, rescale, weights, weight_stride, values, count, dim);     \
+        else if (kind == KV_BF16)                                                                      \
+            weighted_rows_n(n, KV_BF16, out, rescale, weights, weight_stride, values, count, dim);     \
         else                                                                                           \
-            weighted_rows_n(n, 0, out, rescale, weights, weight_stride, values, count, dim);           \
+            weighted_rows_n(n, KV_FP32, out, rescale, weights, weight_stride, values, count, dim);     \
         break;
 
-/* weighted_rows_n for any `rows` (1..WEIGHTED_ROWS_MAX) and either value type, each compiled
- * with its accumulators in registers. */
-__attribute__((target("avx512f"))) static void weighted_rows(int rows, int bf16, float *const *out,
+/* weighted_rows_n for any `rows` (1..WEIGHTED_ROWS_MAX) and any value type, each compiled with
+ * its accumulators in registers. int8 values: the weights carry each value row's scale. */
+__attribute__((target("avx512f"))) static void weighted_rows(int rows, int kind, float *const *out,
                                                            const float *rescale, const float *weights,
                                                            Py_ssize_t weight_stride, const void *const *values,
                                                            Py_ssize_t count, Py_ssize_t dim) {

@@ -134,7 +134,8 @@ class DecodeLayers:
             mlp_weights = ([mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias]
                            if dense else [None] * 4)
             row = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
-                   attn.o_proj.bias, layer.post_attention_layernorm.weight, *mlp_weights, cache.k[i], cache.v[i]]
+                   attn.o_proj.bias, layer.post_attention_layernorm.weight, *mlp_weights, cache.k[i], cache.v[i],
+                   *cache.layer_scales(i)]
             qk_norms = [None, None] if attn.q_norm is None else [attn.q_norm.weight, attn.k_norm.weight]
             table += ([0 if t is None else t.data_ptr() for t in row] + [attn.sliding_window or 0]
                       + [0 if t is None else t.data_ptr() for t in qk_norms] + _moe_fields(mlp))
@@ -196,6 +197,6 @@ class DecodeLayers:
             meta.slot_mapping.data_ptr(), tables.data_ptr(), meta.single_context_lens.data_ptr(), tokens,
             self.hidden, self.intermediate, self.num_heads, self.num_kv_heads, self.head_dim, block_size, num_blocks,
             tables.shape[1], self.eps, self.qk_eps, self.final_eps, self.norm_offset, self.scale, self.softcap or 0.0,
-            num_threads, meta.num_threads, cache.kv_bf16, meta.store_first,
+            num_threads, meta.num_threads, cache.kv_kind, meta.store_first,
         )  # fmt: skip
         return out

@@ -16,11 +16,16 @@ the queries group into sequences.
   sequence at a time through SDPA, over the step's own keys when the chunk
   starts the prompt and over its gathered blocks otherwise.
 
-The cache may hold bf16 under fp32 activations (`kv_dtype`): a batched decode step
-on CPU reads more bytes of keys and values than of weights, and bf16 halves them.
-Keys and values are rounded to bf16 (to nearest even) as they are written and widened
-exactly as they are read; the C kernels take a bf16 cache on AVX-512, the torch paths
-anywhere (they convert what they gather).
+The cache may hold bf16 or int8 under fp32 activations (`kv_dtype`): a batched decode
+step on CPU reads more bytes of keys and values than of weights; bf16 halves them, int8
+quarters them. bf16: keys and values are rounded to bf16 (to nearest even) as they are
+written and widened exactly as they are read. int8: each token's key (and value) of each
+kv head is stored as round(x * 127 / max|x|) with its scale max|x| / 127 beside it
+(`k_scale`, `v_scale`: (layers, kv_heads, num_blocks, block_size) fp32): a relative
+error of at most 1/254 of the row's largest element. The C kernels take either on
+AVX-512 (an int8 key's scale multiplies its scores, a value's its probabilities: the
+integers themselves go into the products), the torch paths anywhere (they dequantize
+what they gather).
 """
 
 from __future__ import annotations
@@ -48,9 +53,28 @@ CPU_KERNEL_ENABLED = _paged_attention_cpu is not None and not _TORCH_ONLY
 PREFILL_KERNEL_ENABLED = _prefill_attention_cpu is not None and _prefill_attention_cpu.available() and not _TORCH_ONLY
 
 
-def bf16_cache_kernels_available() -> bool:
-    """Both C kernels read (and the decode one writes) a bf16 cache on AVX-512 CPUs."""
-    return CPU_KERNEL_ENABLED and PREFILL_KERNEL_ENABLED and _paged_attention_cpu.bf16_cache_available()
+KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the C kernels' kv_kind
+
+
+def narrow_cache_kernels_available() -> bool:
+    """Both C kernels read (and the decode one writes) a bf16 or int8 cache on AVX-512 CPUs."""
+    return CPU_KERNEL_ENABLED and PREFILL_KERNEL_ENABLED and _paged_attention_cpu.narrow_cache_available()
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., D) -> int8 (..., D) and fp32 scales (...): round(x * (127 / max|x|)) to nearest even, scale
+    max|x| / 127 (0 for a row of zeros). The C writer (_weighted_rows_avx512.h's int8_quantize_row) does
+    the same IEEE operations, so both write the same bytes."""
+    x = x.float()
+    largest = x.abs().amax(dim=-1)
+    inv = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    q = torch.round(x * inv.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, largest / 127.0
+
+
+def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 rows (..., D) times their scales (...), in `dtype`."""
+    return (q.float() * scales.unsqueeze(-1)).to(dtype)
 
 
 @dataclass
@@ -151,12 +175,19 @@ class PagedKVCache:
         shape = (spec.num_layers, spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
         self.k = torch.zeros(shape[:3] + (spec.head_dim, block_size), dtype=kv_dtype, device=device)
         self.v = torch.zeros(shape, dtype=kv_dtype, device=device)
+        # int8: one scale per token and kv head for keys and for values
+        self.k_scale = self.v_scale = None
+        if kv_dtype == torch.int8:
+            self.k_scale = torch.zeros(shape[:4], dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros(shape[:4], dtype=torch.float32, device=device)
         self.block_size = block_size
         self.meta: StepMetadata | None = None
-        self.kv_bf16 = kv_dtype == torch.bfloat16 and dtype == torch.float32
+        # what the C kernels are told the cache holds (they take fp32 activations only)
+        self.kv_kind = KV_KINDS.get(kv_dtype, 0)
         kernel_cache = kv_dtype == dtype or (
-            self.kv_bf16 and bf16_cache_kernels_available() and spec.head_dim % 16 == 0 and block_size % 16 == 0
-        )
+            self.kv_kind != 0 and narrow_cache_kernels_available() and spec.head_dim % 16 == 0
+            and block_size % 16 == 0
+        )  # fmt: skip
         # Single-token queries read fp32 blocks in place through the C kernel when it is built,
         # and so do prompt chunks on CPUs with AVX-512 (bf16 blocks: AVX-512 for both).
         self.use_cpu_kernel = CPU_KERNEL_ENABLED and device.type == "cpu" and dtype == torch.float32 and kernel_cache
@@ -165,17 +196,29 @@ class PagedKVCache:
             and spec.head_dim % 16 == 0 and spec.head_dim <= 1024
             and num_blocks * block_size * spec.head_dim < 2**31  # gathered with int32 offsets
         )  # fmt: skip
-        # Where the CPU has AMX, prompt attention over a bf16 cache multiplies on tiles: queries
-        # and probabilities rounded to bf16 like the activations of the bf16 weight products
-        # that come with a bf16 cache; ~4x the AVX-512 kernel on a 1024-token prompt.
+        # Where the CPU has AMX, prompt attention over a bf16 or int8 cache multiplies on tiles:
+        # queries and probabilities rounded to bf16 like the activations of the bf16 weight
+        # products that come with a narrow cache; ~4x the AVX-512 kernel on a 1024-token prompt.
         self.use_prefill_tiles = (
-            self.use_prefill_kernel and self.kv_bf16 and _prefill_attention_cpu.tiles_available()
+            self.use_prefill_kernel and self.kv_kind != 0 and _prefill_attention_cpu.tiles_available()
             and spec.head_dim % 32 == 0 and spec.head_dim <= 256
         )  # fmt: skip
 
     @staticmethod
     def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
-        return spec.kv_bytes_per_token * block_size * torch.tensor([], dtype=dtype).element_size()
+        """Keys and values of `block_size` tokens, an int8 cache's scales included."""
+        scales = 2 * spec.num_layers * spec.num_kv_heads * 4 if dtype == torch.int8 else 0
+        return (spec.kv_bytes_per_token * dtype.itemsize + scales) * block_size
+
+    def layer_scales(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """An int8 cache's key and value scales of one layer, (Hkv, num_blocks, block_size) each; else Nones."""
+        if self.k_scale is None:
+            return None, None
+        return self.k_scale[layer_idx], self.v_scale[layer_idx]
+
+    def _scale_pointers(self, layer_idx: int) -> tuple[int, int]:
+        k_scale, v_scale = self.layer_scales(layer_idx)
+        return (0, 0) if k_scale is None else (k_scale.data_ptr(), v_scale.data_ptr())
 
     def attend(self, layer_idx, q, k, v, scale, sliding_window, softcap):
         meta = self.meta
@@ -209,9 +252,14 @@ class PagedKVCache:
         k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]
         num_kv_heads, head_dim = v_layer.shape[0], v_layer.shape[-1]
         blocks, offsets = self.meta.slot_blocks_and_offsets(self.block_size)
+        slots = self.meta.slot_mapping
+        k_scale, v_scale = self.layer_scales(layer_idx)
+        if k_scale is not None:
+            (k, k_scales), (v, v_scales) = quantize_rows(k), quantize_rows(v)  # (T, Hkv, D), (T, Hkv)
+            k_scale[:, blocks, offsets] = k_scales.T.to(k_scale.device)  # advanced indices together: (Hkv, T)
+            v_scale.view(num_kv_heads, -1).index_copy_(1, slots, v_scales.T.contiguous())
         k_layer[:, blocks, :, offsets] = k.to(k_layer.dtype)  # advanced indices first: (T, Hkv, D)
-        v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, self.meta.slot_mapping,
-                                                            v.transpose(0, 1).to(v_layer.dtype))
+        v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1).to(v_layer.dtype))
 
     def single_keys_values(self, layer_idx, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The single-token queries' blocks gathered: keys and values (Hkv, S, padded length, D) in `dtype`."""
@@ -219,24 +267,36 @@ class PagedKVCache:
         num_kv_heads, head_dim = v_layer.shape[0], v_layer.shape[-1]
         tables = self.meta.single_block_tables  # (S, max_blocks)
         num_single, padded_len, flat = tables.shape[0], tables.shape[1] * self.block_size, tables.flatten()
-        keys = key_rows(k_layer, flat).view(num_kv_heads, num_single, padded_len, head_dim).to(dtype)
-        values = v_layer.index_select(1, flat).view(num_kv_heads, num_single, padded_len, head_dim).to(dtype)
-        return keys, values
+        keys, values = self._blocks_in(layer_idx, flat, dtype)
+        shape = (num_kv_heads, num_single, padded_len, head_dim)
+        return keys.view(shape), values.view(shape)
+
+    def _blocks_in(self, layer_idx, blocks, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of `blocks` of one layer as (Hkv, len(blocks) * block_size, D) rows in `dtype`."""
+        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]
+        num_kv_heads, head_dim = v_layer.shape[0], v_layer.shape[-1]
+        keys = key_rows(k_layer, blocks)
+        values = v_layer.index_select(1, blocks).view(num_kv_heads, -1, head_dim)
+        k_scale, v_scale = self.layer_scales(layer_idx)
+        if k_scale is None:
+            return keys.to(dtype), values.to(dtype)
+        k_scales = k_scale.index_select(1, blocks).view(num_kv_heads, -1)
+        v_scales = v_scale.index_select(1, blocks).view(num_kv_heads, -1)
+        return dequantize_rows(keys, k_scales, dtype), dequantize_rows(values, v_scales, dtype)
 
     def chunk_keys_values(self, layer_idx, k, v, first, num, start, table, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values a prompt chunk attends to, (Hkv, start + num, D) each in `dtype`: the step's
         own when the chunk starts the prompt, else its blocks gathered from the cache."""
-        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]
-        num_kv_heads, head_dim = v_layer.shape[0], v_layer.shape[-1]
+        k_layer = self.k[layer_idx]
         if start == 0:  # a whole prompt, or its first chunk: its keys are this step's own
             keys, values = k[first : first + num].transpose(0, 1), v[first : first + num].transpose(0, 1)
-            if k_layer.dtype != dtype:  # as the cache holds them, like every other path
-                keys, values = keys.to(k_layer.dtype).to(dtype), values.to(v_layer.dtype).to(dtype)
+            if k_layer.dtype == torch.int8:  # as the cache holds them, like every other path
+                return dequantize_rows(*quantize_rows(keys), dtype), dequantize_rows(*quantize_rows(values), dtype)
+            if k_layer.dtype != dtype:
+                keys, values = keys.to(k_layer.dtype).to(dtype), values.to(k_layer.dtype).to(dtype)
             return keys, values
-        end = start + num
-        keys = key_rows(k_layer, table)[:, :end].to(dtype)
-        values = v_layer.index_select(1, table).view(num_kv_heads, -1, head_dim)[:, :end].to(dtype)
-        return keys, values
+        keys, values = self._blocks_in(layer_idx, table, dtype)
+        return keys[:, : start + num], values[:, : start + num]
 
     def rope_attend(self, layer_idx, heads, cos, sin, num_heads, scale, sliding_window, softcap):
         """Rotary on q and k, the cache write and attention through the C kernels, in one call
@@ -266,7 +326,7 @@ class PagedKVCache:
                 tables.data_ptr(), meta.single_context_lens.data_ptr(), out.data_ptr(),
                 num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks, tables.shape[1],
                 scale, softcap or 0.0, sliding_window or 0,
-                meta.num_threads, self.kv_bf16, meta.store_first,
+                meta.num_threads, self.kv_kind, meta.store_first, *self._scale_pointers(layer_idx),
             )  # fmt: skip
             return out
         if not (self.use_prefill_kernel and softcap is None and num_heads // num_kv_heads <= 16):
@@ -275,7 +335,8 @@ class PagedKVCache:
         _paged_attention_cpu.rope_store(
             heads.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
             self.k[layer_idx].data_ptr(), self.v[layer_idx].data_ptr(), q.data_ptr(),
-            num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks, meta.num_threads, self.kv_bf16,
+            num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks, meta.num_threads, self.kv_kind,
+            *self._scale_pointers(layer_idx),
         )  # fmt: skip
         out = torch.empty_like(q)
         if meta.num_single:
@@ -295,7 +356,7 @@ class PagedKVCache:
             tables.data_ptr(), first.data_ptr(), count.data_ptr(), start.data_ptr(),
             len(self.meta.chunks), q.stride(0), q.shape[1], num_kv_heads, head_dim, block_size, num_blocks,
             tables.shape[1], sliding_window or 0, scale,
-            self.meta.num_threads, self.kv_bf16, self.use_prefill_tiles,
+            self.meta.num_threads, self.kv_kind, self.use_prefill_tiles, *self._scale_pointers(layer_idx),
         )  # fmt: skip
 
     def _single_query_kernel(self, layer_idx, q, scale, sliding_window, softcap) -> torch.Tensor:
@@ -311,6 +372,6 @@ class PagedKVCache:
             tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
             num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, tables.shape[1],
             scale, softcap or 0.0, sliding_window or 0,
-            meta.num_threads, self.kv_bf16,
+            meta.num_threads, self.kv_kind, *self._scale_pointers(layer_idx),
         )  # fmt: skip
         return out

@@ -62,7 +62,7 @@ class ServerSettings(BaseSettings):
         "float32 (the weights as loaded: exact parity with transformers)."
     )
     kv_cache_dtype: str = Field("auto", description="auto (bf16 under bf16 weights, else the model's dtype), "
-                                "bfloat16, float32.")
+                                "bfloat16, float32, int8 (a scale per token and head; not exact).")
     transformers_fallback: bool = Field(
         False, description="Run architectures without native support through transformers (slower)."
     )

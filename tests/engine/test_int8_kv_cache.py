@@ -1,0 +1,196 @@
+"""The int8 KV cache: its rounding, the C kernels over it against the torch paths and a dequantized
+reference, and what it does to a trained model's output."""
+
+import pytest
+import torch
+
+from selfhost import LLM, SamplingParams
+from selfhost.engine import paged_cache
+from selfhost.engine.paged_cache import PagedKVCache, dequantize_rows, quantize_rows
+from selfhost.errors import InvalidParameterError
+from tests.engine.test_paged_attention_kernel import chunk_step, plain_attention, random_step
+
+DEMO = "src/selfhost/assets/shakespeare"
+
+needs_kernels = pytest.mark.skipif(
+    not paged_cache.narrow_cache_kernels_available(), reason="the kernels take an int8 cache on AVX-512 CPUs only"
+)
+needs_tiles = pytest.mark.skipif(
+    not (paged_cache.narrow_cache_kernels_available() and paged_cache._prefill_attention_cpu.tiles_available()),
+    reason="prompt attention on tiles needs AMX-BF16 (and the OS's grant of its state)",
+)
+
+
+def int8_contents(cache, gen):
+    """Random integers and scales in the whole cache (not randn cast to int8: that truncates to a few values)."""
+    cache.k.copy_(torch.randint(-127, 128, cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randint(-127, 128, cache.v.shape, generator=gen))
+    cache.k_scale.copy_(torch.rand(cache.k_scale.shape, generator=gen) * 0.02 + 0.002)
+    cache.v_scale.copy_(torch.rand(cache.v_scale.shape, generator=gen) * 0.02 + 0.002)
+
+
+def dequantized_twin(cache) -> PagedKVCache:
+    """An fp32 cache holding what the int8 one means: each integer times its scale."""
+    layers, heads, blocks, dim, block_size = cache.k.shape
+    spec = type("Spec", (), dict(num_layers=layers, num_kv_heads=heads, head_dim=dim))
+    twin = PagedKVCache(spec, blocks, block_size, torch.float32, torch.device("cpu"))
+    twin.k.copy_(cache.k.float() * cache.k_scale.unsqueeze(3))
+    twin.v.copy_(cache.v.float() * cache.v_scale.unsqueeze(-1))
+    return twin
+
+
+def test_quantize_rows_rounds_each_row_to_its_own_scale():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, 64, generator=gen) * torch.rand(50, 3, 1, generator=gen) * 10
+    x[7, 1] = 0.0  # a row of zeros: scale 0, integers 0
+    q, scales = quantize_rows(x)
+    assert q.dtype == torch.int8 and scales.shape == (50, 3)
+    assert scales[7, 1] == 0 and not q[7, 1].any()
+    # The largest element of each row lands on +-127, and every element within half a step.
+    assert torch.equal(q.abs().amax(-1)[scales > 0], torch.full_like(q.abs().amax(-1)[scales > 0], 127))
+    error = (dequantize_rows(q, scales, torch.float32) - x).abs()
+    assert (error <= scales.unsqueeze(-1) * 0.5 * (1 + 1e-5)).all()
+    assert error.max() > 0  # not a lossless format: the bound is what holds
+
+
+def test_an_int8_cache_holds_scales_and_counts_them_in_its_blocks():
+    spec = type("Spec", (), dict(num_layers=3, num_kv_heads=2, head_dim=64, kv_bytes_per_token=2 * 3 * 2 * 64))
+    cache = PagedKVCache(spec, 10, 16, torch.float32, torch.device("cpu"), torch.int8)
+    assert cache.k.dtype == cache.v.dtype == torch.int8 and cache.kv_kind == 2
+    assert cache.k_scale.shape == cache.v_scale.shape == (3, 2, 10, 16)
+    stored = sum(t.numel() * t.element_size() for t in (cache.k, cache.v, cache.k_scale, cache.v_scale))
+    assert PagedKVCache.bytes_per_block(spec, 16, torch.int8) * 10 == stored
+    bf16 = PagedKVCache.bytes_per_block(spec, 16, torch.bfloat16)
+    assert bf16 / PagedKVCache.bytes_per_block(spec, 16, torch.int8) == pytest.approx(2 * 64 / (64 + 4))
+
+
+@pytest.mark.parametrize("use_kernel", [pytest.param(True, marks=needs_kernels), False], ids=["kernel", "torch"])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,window,softcap",
+    [(9, 3, 64, None, None), (8, 8, 128, None, None), (8, 4, 256, None, 50.0), (4, 2, 64, 20, None)],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_decode_matches_attention_over_the_dequantized_cache(use_kernel, num_heads, num_kv_heads, head_dim,
+                                                                 window, softcap, threads):
+    lens = [1, 5, 16, 17, 33, 100, 64]
+    scale = head_dim**-0.5
+    cache, meta, tables, q, k, v = random_step(num_heads, num_kv_heads, head_dim, 16, lens, seed=7, kv_dtype=torch.int8)
+    int8_contents(cache, torch.Generator().manual_seed(1))
+    assert cache.use_cpu_kernel == paged_cache.narrow_cache_kernels_available()
+    cache.use_cpu_kernel = use_kernel
+    cache.meta = meta
+    meta.num_threads = threads
+    got = cache.attend(1, q, k, v, scale, window, softcap)
+    # The step's own key and value went in quantized, with their scales.
+    slot = meta.slot_mapping[3].item()
+    want_v, want_scale = quantize_rows(v[3])
+    assert torch.equal(cache.v[1].flatten(1, 2)[:, slot], want_v)
+    assert torch.equal(cache.v_scale[1].flatten(1, 2)[:, slot], want_scale)
+    expected = plain_attention(dequantized_twin(cache), 1, tables, lens, q, scale, window, softcap)
+    assert (got - expected).abs().max() < 2e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window,softcap", [(9, 3, 64, None, None), (8, 4, 128, 20, 30.0)])
+@pytest.mark.parametrize("store_first", [False, True])
+def test_int8_fused_step_writes_the_bytes_torch_writes(num_heads, num_kv_heads, head_dim, window, softcap, store_first):
+    from selfhost.layers.rotary import apply_rotary
+
+    lens = [1, 5, 16, 17, 33, 100, 64]
+    scale = head_dim**-0.5
+    gen = torch.Generator().manual_seed(3)
+    cos = torch.randn(len(lens), 1, head_dim, generator=gen)
+    sin = torch.randn(len(lens), 1, head_dim, generator=gen)
+    caches, outs = [], []
+    for fused in (True, False):
+        cache, meta, tables, q, k, v = random_step(num_heads, num_kv_heads, head_dim, 16, lens, seed=11,
+                                                   kv_dtype=torch.int8)
+        int8_contents(cache, torch.Generator().manual_seed(2))
+        k[2, 0] = 0.0  # a key of zeros: scale 0
+        cache.meta = meta
+        meta.store_first = store_first
+        heads = torch.cat([q, k, v], dim=1)
+        if fused:
+            out = cache.rope_attend(1, heads, cos, sin, num_heads, scale, window, softcap)
+        else:
+            rotated = apply_rotary(heads[:, : num_heads + num_kv_heads], cos, sin)
+            cache.use_cpu_kernel = False
+            out = cache.attend(1, rotated[:, :num_heads], rotated[:, num_heads:], v, scale, window, softcap)
+        caches.append(cache)
+        outs.append(out)
+    for name in ("k", "v", "k_scale", "v_scale"):
+        assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), name
+    assert (outs[0] - outs[1]).abs().max() < 2e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,window",
+                         [(9, 3, 64, 16, None), (8, 8, 128, 16, None), (6, 2, 96, 16, 100), (4, 2, 64, 32, 20)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_prefill_kernel_matches_torch_path(num_heads, num_kv_heads, head_dim, block_size, window, threads):
+    # Whole prompts, chunks continuing a cached prefix, runs straddling blocks, past every block edge.
+    chunks = [(0, 1), (0, 37), (50, 13), (0, 100), (129, 70), (16, 16), (7, 40)]
+    scale = head_dim**-0.5
+    results, caches = {}, {}
+    for use_kernel in (True, False):
+        cache, meta, q, k, v = chunk_step(num_heads, num_kv_heads, head_dim, block_size, chunks, seed=5,
+                                          kv_dtype=torch.int8)
+        int8_contents(cache, torch.Generator().manual_seed(4))
+        assert cache.use_prefill_kernel
+        cache.use_prefill_kernel = use_kernel
+        cache.use_prefill_tiles = False  # the AVX-512 kernel: fp32 arithmetic (tiles: below)
+        cache.meta = meta
+        meta.num_threads = threads
+        results[use_kernel] = cache.attend(1, q, k, v, scale, window, None)
+        caches[use_kernel] = cache
+    assert (results[True] - results[False]).abs().max() < 2e-5
+    assert torch.equal(caches[True].k, caches[False].k) and torch.equal(caches[True].v_scale, caches[False].v_scale)
+
+
+@needs_tiles
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window", [(9, 3, 64, None), (8, 8, 128, None), (16, 1, 64, 7)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_prefill_on_tiles_is_bf16_attention(num_heads, num_kv_heads, head_dim, window, threads):
+    """The integers go into the tiles exactly; queries and probabilities times value scales are rounded
+    to bf16. Against exact attention over the dequantized cache with bf16-rounded queries each output
+    differs by at most that rounding, a relative 2^-8 (half of bf16's 2^-7 step), times the largest
+    dequantized value. (A bf16 cache's bound is nearer 2^-9: its dominant key's probability is 1, exact
+    in bf16; here it is multiplied by a scale first.)"""
+    chunks = [(0, 1), (0, 37), (50, 13), (0, 100), (129, 70), (16, 16), (300, 150)]
+    scale = head_dim**-0.5
+    cache, meta, q, k, v = chunk_step(num_heads, num_kv_heads, head_dim, 16, chunks, seed=5, kv_dtype=torch.int8)
+    int8_contents(cache, torch.Generator().manual_seed(6))
+    assert cache.use_prefill_tiles
+    cache.meta = meta
+    meta.num_threads = threads
+    got = cache.attend(1, q, k, v, scale, window, None)
+    cache.use_prefill_kernel = cache.use_prefill_tiles = False
+    want = cache.attend(1, q.bfloat16().float(), k, v, scale, window, None)
+    largest = max((cache.v[1].float() * cache.v_scale[1].unsqueeze(-1)).abs().max().item(),
+                  dequantize_rows(*quantize_rows(v), torch.float32).abs().max().item())
+    error = (got - want).abs().max().item()
+    assert 0 < error <= 2**-8 * largest + 1e-5
+
+
+def test_demo_model_with_an_int8_cache_keeps_its_greedy_text_and_close_logprobs():
+    """What "not exact" means on a trained model: the same greedy continuation as fp32 keys and values
+    over 3 x 96 tokens, and chosen-token log-probabilities within 0.05."""
+    prompts = ["To be, or not", "ROMEO:\nBut soft, what light", "KING HENRY:\nOnce more unto the breach"]
+    params = SamplingParams(max_tokens=96, temperature=0, logprobs=1)
+    outs = {}
+    for kv in ("float32", "int8"):
+        llm = LLM(DEMO, weight_dtype="float32", kv_cache_dtype=kv, kv_cache_memory="32MiB")
+        assert llm.engine.cache.k.dtype == getattr(torch, kv)
+        outs[kv] = llm.generate(prompts, params)
+    for exact, int8 in zip(outs["float32"], outs["int8"]):
+        assert int8.token_ids == exact.token_ids
+        gaps = [abs(a.logprob - b.logprob) for a, b in zip(exact.logprobs, int8.logprobs)]
+        assert max(gaps) < 0.05 and max(gaps) > 0
+
+
+def test_int8_cache_is_refused_where_its_attention_cannot_read_it():
+    with pytest.raises(InvalidParameterError, match="'int8'"):
+        LLM(DEMO, kv_cache_dtype="int4")
+    from selfhost.llm import pick_kv_cache_dtype
+
+    assert pick_kv_cache_dtype("int8", torch.float32, False) == torch.int8
