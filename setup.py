@@ -56,7 +56,7 @@ setup(
         kernel("layers._activation_cpu", uses_pool=True,
                headers=("_exp_avx512.h", "_kernel_capsules.h", "layers/_swiglu_avx512.h")),
         kernel("layers._token_mask_cpu"),
-        kernel("layers._moe_cpu", headers=("_kernel_capsules.h",)),
+        kernel("layers._moe_cpu", uses_pool=True, headers=("_kernel_capsules.h",)),
         kernel("engine._paged_attention_cpu", uses_pool=True,
                headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h", "_kernel_capsules.h")),
         kernel("engine._decode_layers_cpu", headers=("_kernel_capsules.h",)),

@@ -149,3 +149,32 @@ def test_moe_bf16_weights_run_experts_in_one_call_like_the_expert_loop(moe_check
     first = one_call[1].logprobs[0].top
     for token, logprob in first.items():
         assert abs(logprob - float(expected[token])) < 0.05
+
+
+def test_moe_int8_experts_run_in_one_call_like_the_expert_loop(moe_checkpoint, tmp_path, monkeypatch):
+    """An int8 checkpoint's experts (Int8Linear on its avx2 kernel) run in the layer's one C call where this
+    CPU has it: the expert loop's greedy tokens and logprobs, and greedy tokens the fp32 model also picks."""
+    from selfhost.layers import moe as moe_module
+    from selfhost.quant import int8
+    from selfhost.quant.checkpoint import quantize_checkpoint
+    from selfhost.quant.config import QuantConfig
+
+    _, folder, _ = moe_checkpoint
+    quantize_checkpoint(folder, tmp_path / "int8", QuantConfig("int8"))
+    llm = LLM(str(tmp_path / "int8"), kv_cache_memory="16MiB")
+    layers = [layer.mlp for layer in llm.model.model.layers if isinstance(layer.mlp, moe_module.SparseMoE)]
+    if moe_module.USE_EXPERT_KERNEL and int8.avx2_available() and moe_module._moe_cpu.available(2):
+        assert all(moe.expert_kernel().kind == moe_module.EXPERT_KINDS["int8"] for moe in layers)
+    prompts = [[1, 17, 42, 99, 7], [1, 250, 31, 8, 64, 300, 12, 5, 77, 3]]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, logprobs=3)
+    one_call = llm.generate(prompts, params)
+    monkeypatch.setattr(moe_module, "USE_EXPERT_KERNEL", False)
+    loop = llm.generate(prompts, params)
+    for a, b in zip(loop, one_call):
+        assert a.token_ids == b.token_ids
+        for top_a, top_b in zip(a.logprobs, b.logprobs):
+            for token, logprob in top_a.top.items():
+                assert abs(top_b.top[token] - logprob) < 1e-4
+    full = LLM(str(folder), kv_cache_memory="16MiB").generate(prompts, params)
+    for a, b in zip(full, one_call):  # tiny random models have near-ties: only the first tokens are sure to agree
+        assert a.token_ids[:4] == b.token_ids[:4]

@@ -17,6 +17,17 @@
  * Products are the layer's modules' own: bf16 tile weights take the few-row AVX-512 kernel up
  * to `few_rows_max` rows and, beyond, the whole SwiGLU MLP in one AMX call (as GatedMLP does),
  * fp32 weights the AVX-512 product; so each expert's output equals the Python path's bit for bit.
+ *
+ * int8 experts (quant/int8.py's Int8Linear: int8 (N, K) rows, one fp32 scale per row) have no
+ * kernel module to borrow (quant/_int8_cpu.c lends none), so their products live here, with
+ * _int8_cpu.c's arithmetic: each activation row quantized to int8 in blocks of 32 values (one
+ * fp32 scale a block), every block's 32 products summed exactly in int32 as eight four-product
+ * lanes, the lanes scaled into fp32 accumulators by fused multiply-adds, summed in the same
+ * tree and scaled by the row's weight scale; the same bits as Int8Linear's avx2 kernel, on
+ * AVX-512 VNNI (vpdpbusd for the lanes), AVX2 (vpmaddubsw + vpmaddwd) or portable C. Rather
+ * than a product per expert, a step's chosen experts share two trips to the thread pool: every
+ * expert's gate_up rows in chunks, then (after SwiGLU and the activations' quantization) every
+ * expert's down rows; a decode step's two experts thus stream their weights on all threads.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,18 +39,30 @@
 
 #include "../_kernel_capsules.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SELFHOST_X86 1
+#include <immintrin.h>
+#endif
+#include "../_cpu_pool.h"
+
 static const ActivationKernels *activation;
 static const Bf16TileKernels *tiles;
 static const GemmKernels *gemm;
 
+static int have_pool; /* selfhost._cpu_pool imported: the int8 products' threads */
+
 /* The experts' product kind (moe.py's EXPERT_KINDS). */
-enum { BF16_TILES, FP32, KINDS };
-/* A row of the experts table: the gate_up and down weights' addresses. */
-enum { GATE_UP_W, DOWN_W, EXPERT_FIELDS };
+enum { BF16_TILES, FP32, INT8, KINDS };
+/* A row of the experts table: the gate_up and down weights' addresses, and their per-row scales
+ * (int8; 0 for the other kinds). */
+enum { GATE_UP_W, DOWN_W, GATE_UP_SCALES, DOWN_SCALES, EXPERT_FIELDS };
 
 #define PTR(type, value) ((type)(uintptr_t)(value))
 
+static int cpu_level(void);
+
 static int kind_available(int kind) {
+    if (kind == INT8) return have_pool && cpu_level() >= 1; /* x86-64 with AVX2: where it is fast */
     if (!activation) return 0;
     return kind == BF16_TILES ? tiles != NULL : kind == FP32 ? gemm != NULL : 0;
 }
@@ -83,6 +106,236 @@ static void route_softmax_top_k(const float *logits, int64_t *experts, float *we
     }
 }
 
+/* ---- int8 experts: _int8_cpu.c's arithmetic, sizes in multiples of QBLOCK ---- */
+
+#define QBLOCK 32
+#define TILE 4          /* weight rows a dot tile reads together */
+#define CHUNK_ROWS 128  /* activation rows each weight tile meets while it sits in L1 */
+#define CHUNK_N 256     /* weight rows per unit of work handed to the pool (a multiple of TILE) */
+#define PREFETCH_BYTES 16384
+
+/* The widest instructions the int8 products may use: 2 AVX-512 VNNI, 1 AVX2, 0 portable C.
+ * Tests lower it to check every path on one machine (all give the same bits). */
+static int isa_limit = 2;
+
+static int cpu_level(void) {
+#ifdef SELFHOST_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma"))
+        return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+    return 0;
+}
+
+/* `rows` (1..TILE) weight rows of length K from w against one quantized activation row; `rows` dots
+ * out. `prefetch`: the first activation row of a chunk pulls in the weights that follow. */
+typedef void (*dot_tile_fn)(const int8_t *xq, const float *xscale, const int8_t *w, Py_ssize_t K, int rows,
+                            int prefetch, float *dots);
+typedef void (*quantize_fn)(const float *x, Py_ssize_t M, Py_ssize_t K, int8_t *xq, float *xscale);
+
+/* Portable C, lane for lane what the vector paths do: eight int32 lanes of four products per
+ * block, each lane's fp32 accumulator advanced by fmaf, the lanes summed in hsum_avx2's tree. */
+static void quantize_rows_c(const float *x, Py_ssize_t M, Py_ssize_t K, int8_t *xq, float *xscale) {
+    for (Py_ssize_t b = 0; b < M * (K / QBLOCK); b++) {
+        const float *xb = x + b * QBLOCK;
+        float amax = 0.0f;
+        for (int i = 0; i < QBLOCK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < QBLOCK; i++) xq[b * QBLOCK + i] = (int8_t)lrintf(xb[i] * inv);
+        xscale[b] = amax / 127.0f;
+    }
+}
+
+static void dot_tile_c(const int8_t *xq, const float *xscale, const int8_t *w, Py_ssize_t K, int rows, int prefetch,
+                       float *dots) {
+    (void)prefetch;
+    for (int r = 0; r < rows; r++) {
+        const int8_t *wr = w + r * K;
+        float acc[8] = {0};
+        for (Py_ssize_t b = 0; b < K / QBLOCK; b++)
+            for (int lane = 0; lane < 8; lane++) {
+                int32_t p = 0;
+                for (int i = 4 * lane; i < 4 * lane + 4; i++) p += (int32_t)xq[b * QBLOCK + i] * wr[b * QBLOCK + i];
+                acc[lane] = fmaf((float)p, xscale[b], acc[lane]);
+            }
+        dots[r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    }
+}
+
+#ifdef SELFHOST_X86
+/* As _int8_cpu.c's quantize_rows_avx2: the same maxima, products and rounding (to nearest even). */
+__attribute__((target("avx2,fma"))) static void quantize_rows_avx2(const float *x, Py_ssize_t M, Py_ssize_t K,
+                                                                   int8_t *xq, float *xscale) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (Py_ssize_t b = 0; b < M * (K / QBLOCK); b++) {
+        const float *p = x + b * QBLOCK;
+        __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
+        __m256 v2 = _mm256_loadu_ps(p + 16), v3 = _mm256_loadu_ps(p + 24);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, abs_mask), _mm256_and_ps(v1, abs_mask)),
+                                  _mm256_max_ps(_mm256_and_ps(v2, abs_mask), _mm256_and_ps(v3, abs_mask)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        xscale[b] = amax / 127.0f;
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(xq + b * QBLOCK), _mm256_permutevar8x32_epi32(packed, order));
+    }
+}
+
+__attribute__((target("avx2,fma"))) static inline float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One block's eight lanes of four products: |x| times w carrying x's sign (both in [-127, 127], so
+ * neither vpmaddubsw's int16 pairs nor vpdpbusd's lanes can overflow: the same integers). */
+#define SELFHOST_LANES_AVX2(ax, sw) _mm256_madd_epi16(_mm256_maddubs_epi16((ax), (sw)), _mm256_set1_epi16(1))
+#define SELFHOST_LANES_VNNI(ax, sw) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (ax), (sw))
+
+#define SELFHOST_DOT_TILE(name, target_isa, lanes)                                                               \
+    __attribute__((target(target_isa))) static void name(const int8_t *xq, const float *xscale, const int8_t *w, \
+                                                         Py_ssize_t K, int rows, int prefetch, float *dots) {    \
+        __m256 acc[TILE] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        for (Py_ssize_t b = 0; b < K / QBLOCK; b++) {                                                            \
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QBLOCK));                           \
+            const __m256i ax = _mm256_abs_epi8(xv);                                                              \
+            const __m256 d = _mm256_broadcast_ss(xscale + b);                                                    \
+            for (int r = 0; r < TILE; r++) {                                                                     \
+                if (r >= rows) break;                                                                            \
+                const int8_t *wb = w + r * K + b * QBLOCK;                                                       \
+                if (prefetch) _mm_prefetch((const char *)(wb + PREFETCH_BYTES), _MM_HINT_T0);                    \
+                const __m256i p = lanes(ax, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)wb), xv));      \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);                                      \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int r = 0; r < rows; r++) dots[r] = hsum_avx2(acc[r]);                                              \
+    }
+
+SELFHOST_DOT_TILE(dot_tile_avx2, "avx2,fma", SELFHOST_LANES_AVX2)
+SELFHOST_DOT_TILE(dot_tile_vnni, "avx2,fma,avx512vl,avx512vnni", SELFHOST_LANES_VNNI)
+#undef SELFHOST_DOT_TILE
+#endif /* SELFHOST_X86 */
+
+static int int8_level(void) {
+    const int level = cpu_level();
+    return level < isa_limit ? level : isa_limit;
+}
+
+/* The chosen experts' products of one kind (gate_up or down) as one job for the pool: unit c is
+ * weight rows [chunk * CHUNK_N, ...) of expert items[2c] (chunk items[2c + 1]) against that
+ * expert's rows, which are slots starts[e] .. starts[e + 1] of out (rows grouped by expert). */
+typedef struct {
+    const int8_t *xq;          /* quantized activation rows, K each */
+    const float *xscale;       /* K / QBLOCK scales a row */
+    const Py_ssize_t *sources; /* slot -> activation row (NULL: the slot itself) */
+    const int64_t *table;
+    int weight_field, scales_field;
+    const Py_ssize_t *starts;
+    const Py_ssize_t *items;
+    float *out; /* (slots, N) */
+    Py_ssize_t N, K;
+    dot_tile_fn dot_tile;
+} Int8Job;
+
+static void int8_unit(const void *context, long unit) {
+    const Int8Job *j = context;
+    const Py_ssize_t e = j->items[2 * unit], n_begin = j->items[2 * unit + 1] * CHUNK_N, K = j->K;
+    const Py_ssize_t n_end = n_begin + CHUNK_N < j->N ? n_begin + CHUNK_N : j->N, nb = K / QBLOCK;
+    const int8_t *w = PTR(const int8_t *, j->table[e * EXPERT_FIELDS + j->weight_field]);
+    const float *wscale = PTR(const float *, j->table[e * EXPERT_FIELDS + j->scales_field]);
+    float dots[TILE];
+    {   /* the tiles prefetch PREFETCH_BYTES ahead: ask for the first stretch up front */
+        const char *start = (const char *)(w + n_begin * K);
+        Py_ssize_t bytes = (n_end - n_begin) * K;
+        for (Py_ssize_t off = 0; off < (bytes < PREFETCH_BYTES ? bytes : PREFETCH_BYTES); off += 64)
+            __builtin_prefetch(start + off, 0, 3);
+    }
+    for (Py_ssize_t m0 = j->starts[e]; m0 < j->starts[e + 1]; m0 += CHUNK_ROWS) {
+        const Py_ssize_t m1 = m0 + CHUNK_ROWS < j->starts[e + 1] ? m0 + CHUNK_ROWS : j->starts[e + 1];
+        for (Py_ssize_t n = n_begin; n < n_end; n += TILE) {
+            const int rows = (int)(n_end - n < TILE ? n_end - n : TILE);
+            for (Py_ssize_t m = m0; m < m1; m++) {
+                const Py_ssize_t a = j->sources ? j->sources[m] : m;
+                j->dot_tile(j->xq + a * K, j->xscale + a * nb, w + n * K, K, rows, m == m0, dots);
+                float *o = j->out + m * j->N + n;
+                for (int r = 0; r < rows; r++) o[r] = dots[r] * wscale[n + r] + 0.0f; /* Int8Linear's, no bias */
+            }
+        }
+    }
+}
+
+/* Runs `job` over every chosen expert's chunks of N weight rows; `items` has room for them all. */
+static void int8_products(Int8Job *job, Py_ssize_t E, Py_ssize_t *items, int num_threads) {
+    long units = 0;
+    for (Py_ssize_t e = 0; e < E; e++)
+        if (job->starts[e + 1] > job->starts[e])
+            for (Py_ssize_t c = 0; c * CHUNK_N < job->N; c++) items[2 * units] = e, items[2 * units++ + 1] = c;
+    job->items = items;
+    pool_run(int8_unit, job, units, num_threads);
+}
+
+/* silu(gate) * up over rows of [gate | up]: the activation module's kernel where the ISA cap allows
+ * it (GatedMLP's, the same bits), else portable C. */
+static void silu_mul(const float *gate_up, float *out, Py_ssize_t rows, Py_ssize_t width, int num_threads) {
+    if (activation && isa_limit >= 2) {
+        activation->silu_mul(gate_up, out, rows, width, num_threads);
+        return;
+    }
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t i = 0; i < width; i++) {
+            const float g = gate_up[r * 2 * width + i];
+            out[r * width + i] = g / (1.0f + expf(-g)) * gate_up[r * 2 * width + width + i];
+        }
+}
+
+/* Every chosen int8 expert over its rows (`rows`: pair ids grouped by expert, `starts` per expert),
+ * each pair's result row to results (pairs, H); -1 without memory. */
+static int int8_experts(const int64_t *table, const float *x, Py_ssize_t T, Py_ssize_t k, const Py_ssize_t *starts,
+                        const Py_ssize_t *rows, float *results, Py_ssize_t H, Py_ssize_t I, Py_ssize_t E,
+                        int num_threads) {
+    const Py_ssize_t pairs = T * k;
+    const int level = int8_level();
+    dot_tile_fn dot_tile = dot_tile_c;
+    quantize_fn quantize = quantize_rows_c;
+#ifdef SELFHOST_X86
+    if (level >= 1) dot_tile = level >= 2 ? dot_tile_vnni : dot_tile_avx2, quantize = quantize_rows_avx2;
+#endif
+    const Py_ssize_t most_chunks = ((2 * I > H ? 2 * I : H) + CHUNK_N - 1) / CHUNK_N;
+    float *floats = malloc(sizeof(float) * (size_t)(T * (H / QBLOCK) + pairs * (2 * I + I + I / QBLOCK + H)));
+    int8_t *bytes = malloc((size_t)(T * H + pairs * I));
+    Py_ssize_t *index = malloc(sizeof(Py_ssize_t) * (size_t)(pairs + 2 * E * most_chunks));
+    if (!floats || !bytes || !index) {
+        free(floats), free(bytes), free(index);
+        return -1;
+    }
+    float *xscale = floats, *gate_up = xscale + T * (H / QBLOCK), *act = gate_up + pairs * 2 * I;
+    float *act_scale = act + pairs * I, *ys = act_scale + pairs * (I / QBLOCK);
+    int8_t *xq = bytes, *act_q = bytes + T * H;
+    Py_ssize_t *tokens = index, *items = index + pairs; /* slot -> token; the pool's units */
+    for (Py_ssize_t slot = 0; slot < pairs; slot++) tokens[slot] = rows[slot] / k;
+
+    quantize(x, T, H, xq, xscale); /* each token once, however many experts it chose */
+    Int8Job job = {xq, xscale, tokens, table, GATE_UP_W, GATE_UP_SCALES, starts, NULL, gate_up, 2 * I, H, dot_tile};
+    int8_products(&job, E, items, num_threads);
+    silu_mul(gate_up, act, pairs, I, num_threads);
+    quantize(act, pairs, I, act_q, act_scale);
+    job = (Int8Job){act_q, act_scale, NULL, table, DOWN_W, DOWN_SCALES, starts, NULL, ys, H, I, dot_tile};
+    int8_products(&job, E, items, num_threads);
+    for (Py_ssize_t slot = 0; slot < pairs; slot++)
+        memcpy(results + rows[slot] * H, ys + slot * H, (size_t)H * sizeof(float));
+    free(floats), free(bytes), free(index);
+    return 0;
+}
+
 typedef struct {
     const int64_t *table;
     int kind;
@@ -95,28 +348,13 @@ typedef struct {
     int num_threads;
 } Step;
 
-/* The routed experts' weighted sum into out (T, H); -1 without memory. */
-static int run_experts(const Step *s) {
-    const Py_ssize_t pairs = s->T * s->k, H = s->H, I = s->I;
-    Py_ssize_t *starts = calloc((size_t)(s->E + 1), sizeof(Py_ssize_t));
-    Py_ssize_t *rows = malloc((size_t)pairs * sizeof(Py_ssize_t)); /* pair ids grouped by expert */
-    float *results = malloc((size_t)(pairs * H) * sizeof(float));  /* per pair (t * k + j) */
-    Py_ssize_t most = 0;
-    if (!starts || !rows || !results) goto no_memory;
-    for (Py_ssize_t p = 0; p < pairs; p++) starts[s->experts[p] + 1]++;
-    for (Py_ssize_t e = 0; e < s->E; e++) {
-        most = starts[e + 1] > most ? starts[e + 1] : most;
-        starts[e + 1] += starts[e];
-    }
-    {
-        Py_ssize_t *next = malloc((size_t)s->E * sizeof(Py_ssize_t));
-        if (!next) goto no_memory;
-        memcpy(next, starts, (size_t)s->E * sizeof(Py_ssize_t));
-        for (Py_ssize_t p = 0; p < pairs; p++) rows[next[s->experts[p]]++] = p;
-        free(next);
-    }
+/* Every chosen expert of a bf16 or fp32 kind through its module's kernels, one expert after another,
+ * each pair's result row to results (pairs, H); -1 without memory. */
+static int module_experts(const Step *s, const Py_ssize_t *starts, const Py_ssize_t *rows, Py_ssize_t most,
+                          float *results) {
+    const Py_ssize_t H = s->H, I = s->I;
     float *xs = malloc((size_t)(most * (H + 2 * I + I + H)) * sizeof(float));
-    if (!xs) goto no_memory;
+    if (!xs) return -1;
     float *gate_up = xs + most * H, *act = gate_up + most * 2 * I, *ys = act + most * I;
     int status = 0;
     for (Py_ssize_t e = 0; e < s->E && status == 0; e++) {
@@ -141,7 +379,32 @@ static int run_experts(const Step *s) {
             memcpy(results + rows[begin + r] * H, ys + r * H, (size_t)H * sizeof(float));
     }
     free(xs);
-    if (status) goto no_memory;
+    return status;
+}
+
+/* The routed experts' weighted sum into out (T, H); -1 without memory. */
+static int run_experts(const Step *s) {
+    const Py_ssize_t pairs = s->T * s->k, H = s->H, I = s->I;
+    Py_ssize_t *starts = calloc((size_t)(s->E + 1), sizeof(Py_ssize_t));
+    Py_ssize_t *rows = malloc((size_t)pairs * sizeof(Py_ssize_t)); /* pair ids grouped by expert */
+    float *results = malloc((size_t)(pairs * H) * sizeof(float));  /* per pair (t * k + j) */
+    Py_ssize_t most = 0;
+    if (!starts || !rows || !results) goto no_memory;
+    for (Py_ssize_t p = 0; p < pairs; p++) starts[s->experts[p] + 1]++;
+    for (Py_ssize_t e = 0; e < s->E; e++) {
+        most = starts[e + 1] > most ? starts[e + 1] : most;
+        starts[e + 1] += starts[e];
+    }
+    {
+        Py_ssize_t *next = malloc((size_t)s->E * sizeof(Py_ssize_t));
+        if (!next) goto no_memory;
+        memcpy(next, starts, (size_t)s->E * sizeof(Py_ssize_t));
+        for (Py_ssize_t p = 0; p < pairs; p++) rows[next[s->experts[p]]++] = p;
+        free(next);
+    }
+    if (s->kind == INT8 ? int8_experts(s->table, s->x, s->T, s->k, starts, rows, results, H, I, s->E, s->num_threads)
+                        : module_experts(s, starts, rows, most, results))
+        goto no_memory;
     for (Py_ssize_t t = 0; t < s->T; t++) {
         float *o = s->out + t * H;
         const float *wt = s->weights + t * s->k, *r0 = results + t * s->k * H;
@@ -187,7 +450,8 @@ static PyObject *run(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "run: product kind %d's kernels are not built for this CPU", kind);
         return NULL;
     }
-    if (T < 0 || H <= 0 || I <= 0 || E <= 0 || k <= 0 || k > E || (kind == BF16_TILES && (H % 32 || I % 32))) {
+    if (T < 0 || H <= 0 || I <= 0 || E <= 0 || k <= 0 || k > E ||
+        ((kind == BF16_TILES || kind == INT8) && (H % 32 || I % 32))) {
         PyErr_Format(PyExc_ValueError, "run: sizes the kernels cannot take (T=%zd H=%zd I=%zd E=%zd k=%zd)", T, H, I,
                      E, k);
         return NULL;
@@ -224,6 +488,21 @@ static PyObject *available(PyObject *self, PyObject *args) {
     return PyBool_FromLong(kind >= 0 && kind < KINDS && kind_available(kind));
 }
 
+static PyObject *limit_isa(PyObject *self, PyObject *args) {
+    (void)self;
+    int level;
+    if (!PyArg_ParseTuple(args, "i", &level)) return NULL;
+    const int before = isa_limit;
+    isa_limit = level;
+    return PyLong_FromLong(before);
+}
+
+static PyObject *int8_isa(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    static const char *names[] = {"c", "avx2", "avx512-vnni"};
+    return PyUnicode_FromString(names[int8_level() < 0 ? 0 : int8_level()]);
+}
+
 static PyObject *expert_fields(PyObject *self, PyObject *args) {
     (void)self, (void)args;
     return PyLong_FromLong(EXPERT_FIELDS);
@@ -233,6 +512,11 @@ static PyMethodDef methods[] = {
     {"available", available, METH_VARARGS,
      "available(kind=0): True when every kernel `run` calls for experts of product `kind` is built for this CPU."},
     {"expert_fields", expert_fields, METH_NOARGS, "Addresses per expert in the table `run` reads."},
+    {"int8_isa", int8_isa, METH_NOARGS,
+     "int8_isa() -> 'avx512-vnni', 'avx2' or 'c': the instructions int8 experts run on now (CPU and limit_isa)."},
+    {"limit_isa", limit_isa, METH_VARARGS,
+     "Cap the int8 experts' instruction set (2 AVX-512 VNNI, 1 AVX2, 0 portable C); returns the previous cap. "
+     "For tests: every level gives the same bits."},
     {"run", run, METH_VARARGS,
      "run(table, kind, few_rows_max, x, logits_or_0, experts, weights, out, T, H, I, E, k, normalize, scaling, "
      "num_threads): the routed experts' weighted sum into out (T, H). With logits, routes by softmax top-k into "
@@ -248,6 +532,8 @@ PyMODINIT_FUNC PyInit__moe_cpu(void) {
     activation = kernels_import_optional("selfhost.layers._activation_cpu", "selfhost.layers._activation_cpu._kernels");
     tiles = kernels_import_optional("selfhost.layers._bf16_tiles_cpu", "selfhost.layers._bf16_tiles_cpu._kernels");
     gemm = kernels_import_optional("selfhost.layers._gemm_cpu", "selfhost.layers._gemm_cpu._kernels");
+    have_pool = pool_import() == 0; /* without it, int8 experts keep the Python loop */
+    if (!have_pool) PyErr_Clear();
     PyObject *m = PyModule_Create(&module);
     if (m && kernels_export(m, "selfhost.layers._moe_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
     return m;

@@ -11,12 +11,14 @@ shared expert that every token runs, scaled by its own sigmoid gate; DeepSeek's 
 (one MLP as wide as all of them) are added ungated.
 
 On CPU, where every expert's products are of one kind selfhost's C kernels cover (bf16 weights
-in the AMX tile layout, or fp32 weights on the AVX-512 product) and the experts are plain SwiGLU
-without biases, the routed part runs in one C call (`_moe_cpu.c`: softmax top-k routing, the
-grouping, every chosen expert's gate_up/SwiGLU/down over its rows and the weighted sum) on the
-same kernels in the same order, so its expert outputs equal the loop's below bit for bit; only
-the Python between them goes (~0.1 ms a layer for a decode step, ~2.5 ms for a 32-request one
-on a 2-core VM). SELFHOST_MOE=python keeps the loop (to compare).
+in the AMX tile layout, fp32 weights on the AVX-512 product, or int8 weights on Int8Linear's
+"avx2" kernel) and the experts are plain SwiGLU without biases, the routed part runs in one C
+call (`_moe_cpu.c`: softmax top-k routing, the grouping, every chosen expert's gate_up/SwiGLU/down
+over its rows and the weighted sum) with the same arithmetic in the same order, so its expert
+outputs equal the loop's below bit for bit; only the Python between them goes (~0.1 ms a layer
+for a decode step, ~2.5 ms for a 32-request one on a 2-core VM). int8 experts' products are the
+call's own (quantized activations, as Int8Linear's kernel), all chosen experts' chunks in one
+trip to the thread pool per product. SELFHOST_MOE=python keeps the loop (to compare).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ except ImportError:  # not compiled
 USE_EXPERT_KERNEL = _moe_cpu is not None and os.environ.get("SELFHOST_MOE", "c") != "python"
 
 # The C call's product kinds (its enum) for the experts' modules.
-EXPERT_KINDS = {"bf16_tiles": 0, "fp32": 1}
+EXPERT_KINDS = {"bf16_tiles": 0, "fp32": 1, "int8": 2}
 
 
 def _expert_product_kind(module) -> tuple[str, int] | None:
@@ -51,13 +53,43 @@ def _expert_product_kind(module) -> tuple[str, int] | None:
         return "bf16_tiles", module.few_rows_max
     if type(module) is Linear and linear.USE_GEMM and module.weight.is_contiguous():
         return "fp32", 0
+    if _int8_rows(module) is not None and module.in_features % 32 == 0:
+        return "int8", 0
     return None
+
+
+def _int8_rows(module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 weight rows, fp32 scale per row) of a product run by quant/_int8_cpu.c's arithmetic (Int8Linear
+    prepared for its "avx2" kernel), which the C call repeats; None for any other module. Read from the
+    module's buffers: models and layers never import quant (gpt-fast's drop-in quantized modules)."""
+    qweight, scales = module._buffers.get("qweight"), module._buffers.get("scales")
+    if (getattr(module, "kernel", None) != "avx2" or qweight is None or qweight.dtype != torch.int8
+            or qweight.shape != (module.out_features, module.in_features) or not qweight.is_contiguous()
+            or scales is None or scales.dtype != torch.float32 or scales.shape != (module.out_features,)
+            or not scales.is_contiguous()):
+        return None
+    return qweight, scales
+
+
+def _expert_tensors(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, per-row scales or None) as the C call reads a product's weights."""
+    return _int8_rows(module) or (module.weight, None)
+
+
+def _expert_fields(expert: GatedMLP) -> tuple[torch.Tensor | None, ...]:
+    """One expert's row of the C call's table (_moe_cpu.c's EXPERT_FIELDS): gate_up and down weights, then
+    their per-row scales (int8; None, an address of 0, otherwise)."""
+    gate_up, gate_up_scales = _expert_tensors(expert.gate_up_proj)
+    down, down_scales = _expert_tensors(expert.down_proj)
+    return gate_up, down, gate_up_scales, down_scales
 
 
 def _address(module: nn.Module) -> tuple[int, int]:
     """Which module holds the product and where its weight lies: modules are replaced (bf16 conversion,
     quantization) and weights moved (the weight arena) after a layer is built."""
     weight = module._parameters.get("weight")
+    if weight is None:
+        weight = module._buffers.get("qweight")
     return id(module), 0 if weight is None else weight.data_ptr()
 
 
@@ -67,18 +99,21 @@ class ExpertKernel:
     def __init__(self, experts: nn.ModuleList, kind: str, few_rows_max: int):
         self.kind, self.few_rows_max = EXPERT_KINDS[kind], few_rows_max
         self.intermediate = experts[0].down_proj.in_features
-        weights = [w for e in experts for w in (e.gate_up_proj.weight, e.down_proj.weight)]
-        self.table = torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64)
-        self._keep = weights  # the table holds addresses: keep the tensors alive while it is used
+        tensors = [t for e in experts for t in _expert_fields(e)]
+        assert len(tensors) == len(experts) * _moe_cpu.expert_fields()
+        self.table = torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64)
+        self._keep = tensors  # the table holds addresses: keep the tensors alive while it is used
 
     @classmethod
     def for_experts(cls, experts: nn.ModuleList, act: str, swiglu_limit: float | None) -> ExpertKernel | None:
-        if not USE_EXPERT_KERNEL or act != "silu" or swiglu_limit is not None or not activation.SILU_MUL_KERNEL:
+        if not USE_EXPERT_KERNEL or act != "silu" or swiglu_limit is not None:
             return None
         kinds = {_expert_product_kind(m) for e in experts for m in (e.gate_up_proj, e.down_proj)}
         if len(kinds) != 1 or None in kinds:  # one kind, one switch: the C call makes one choice
             return None
         kind, few_rows_max = kinds.pop()
+        if kind != "int8" and not activation.SILU_MUL_KERNEL:  # int8 experts carry their own SwiGLU
+            return None
         if not _moe_cpu.available(EXPERT_KINDS[kind]) or experts[0].down_proj.in_features % 32:
             return None
         return cls(experts, kind, few_rows_max)

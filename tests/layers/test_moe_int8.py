@@ -1,0 +1,150 @@
+"""int8 experts in the routed experts' one C call (layers/_moe_cpu.c) against the expert loop
+(Int8Linear's own kernel) and against torch's product with the dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfhost.layers import moe as moe_module
+from selfhost.layers.linear import Linear
+from selfhost.layers.moe import EXPERT_KINDS, SparseMoE
+from selfhost.quant import int8
+from selfhost.quant.int8 import Int8Linear
+
+pytestmark = pytest.mark.skipif(
+    not (moe_module.USE_EXPERT_KERNEL and int8.avx2_available()
+         and moe_module._moe_cpu.available(EXPERT_KINDS["int8"])),
+    reason="needs the MoE kernel module and x86-64 with AVX2 (Int8Linear's avx2 kernel)")
+
+ROUTINGS = {  # routing -> SparseMoE keywords
+    "softmax_top_k": dict(),
+    "noaux_tc": dict(num_groups=4, top_k_groups=2, routed_scaling_factor=2.5),
+}
+ISA_LEVELS = {"avx512-vnni": 2, "avx2": 1, "c": 0}
+
+
+@pytest.fixture(params=sorted(ISA_LEVELS))
+def isa(request):
+    """The int8 products capped at one instruction set (skipped where the CPU lacks it)."""
+    kernel = moe_module._moe_cpu
+    before = kernel.limit_isa(ISA_LEVELS[request.param])
+    try:
+        if kernel.int8_isa() != request.param:
+            pytest.skip(f"this CPU has no {request.param}")
+        yield request.param
+    finally:
+        kernel.limit_isa(before)
+
+
+def _int8_moe(routing: str = "softmax_top_k", normalize: bool = True, hidden: int = 64, expert_size: int = 32,
+              **extra) -> SparseMoE:
+    torch.manual_seed(0)
+    layer = SparseMoE(hidden, expert_size, num_experts=8, top_k=2, normalize_top_k=normalize, activation="silu",
+                      routing=routing, **ROUTINGS[routing], **extra)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        if layer.e_score_correction_bias is not None:
+            layer.e_score_correction_bias.normal_()
+    for expert in layer.experts:  # the experts quantized, the router kept in fp32 (as in the benchmark's model)
+        for name in ("gate_up_proj", "down_proj"):
+            module = Int8Linear.from_float(getattr(expert, name))
+            module.prepare("avx2")
+            setattr(expert, name, module)
+    return layer
+
+
+def _both_paths(layer: SparseMoE, x: torch.Tensor, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        monkeypatch.setattr(moe_module, "USE_EXPERT_KERNEL", False)
+        loop = layer.forward(x, 2)
+        monkeypatch.setattr(moe_module, "USE_EXPERT_KERNEL", True)
+        one_call = layer.forward(x, 2)
+    assert layer.expert_kernel().kind == EXPERT_KINDS["int8"]
+    return loop, one_call
+
+
+def _dequantized_reference(layer: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+    """Token by token, expert by expert, in fp64 with the dequantized weights (exact weight-only int8)."""
+    from selfhost.layers.router import route
+
+    x = x.double()
+    weights, experts = route((x @ layer.gate.weight.double().T).float(), layer.routing, layer.top_k,
+                             layer.normalize_top_k, layer.num_groups, layer.top_k_groups, layer.routed_scaling_factor,
+                             layer.e_score_correction_bias)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t].tolist(), experts[t].tolist()):
+            expert = layer.experts[e]
+            gate_up = x[t] @ int8.dequantize_int8(expert.gate_up_proj.qweight, expert.gate_up_proj.scales).double().T
+            gate, up = gate_up.chunk(2)
+            down = int8.dequantize_int8(expert.down_proj.qweight, expert.down_proj.scales).double()
+            out[t] += w * ((F.silu(gate) * up) @ down.T)
+    return out.float()
+
+
+@pytest.mark.parametrize("routing", sorted(ROUTINGS))
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+def test_int8_call_equals_the_expert_loop(isa, routing, tokens, monkeypatch):
+    """AVX-512 VNNI: the loop's bits (the same integer lanes, sums and SwiGLU kernel). AVX2 and portable C
+    take a plain-C SwiGLU, whose last bits move a few activations' int8 rounding: close, not equal."""
+    layer = _int8_moe(routing)
+    x = torch.randn(tokens, 64)
+    loop, one_call = _both_paths(layer, x, monkeypatch)
+    if isa == "avx512-vnni" and routing != "softmax_top_k":  # the caller's routing: the same weights
+        assert torch.equal(one_call, loop)
+    elif isa == "avx512-vnni":  # routed in C: its softmax's last bit may differ from torch's
+        torch.testing.assert_close(one_call, loop, rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(one_call, loop, rtol=0, atol=5e-3 * loop.abs().max().item())
+
+
+def test_every_instruction_set_gives_the_same_products(monkeypatch):
+    """AVX2 and portable C share their SwiGLU: equal bits; and AVX-512 VNNI's integer lanes are theirs."""
+    layer, x = _int8_moe("noaux_tc"), torch.randn(40, 64)
+    kernel, outs = moe_module._moe_cpu, {}
+    before = kernel.limit_isa(2)
+    try:
+        for level in (1, 0):
+            kernel.limit_isa(level)
+            if kernel.int8_isa() == {1: "avx2", 0: "c"}[level]:
+                outs[level] = _both_paths(layer, x, monkeypatch)[1]
+    finally:
+        kernel.limit_isa(before)
+    assert 0 in outs
+    if 1 in outs:
+        assert torch.equal(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 64])
+def test_int8_call_is_close_to_the_dequantized_product(tokens, monkeypatch):
+    """Stated tolerance: activations are quantized to int8 in blocks of 32 (as Int8Linear's kernel), so the
+    layer's output differs from exact weight-only int8 by under 2% of its largest value."""
+    layer, x = _int8_moe("softmax_top_k"), torch.randn(tokens, 64)
+    with torch.inference_mode():
+        got = layer.forward(x, 2)
+    assert layer.expert_kernel().kind == EXPERT_KINDS["int8"]
+    expected = _dequantized_reference(layer, x)
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_int8_call_when_every_token_picks_the_same_experts(monkeypatch):
+    """Six experts without a row, two with all of them (more rows than a chunk of 128)."""
+    layer = _int8_moe()
+    with torch.no_grad():  # every token prefers experts 4 then 1
+        layer.gate.weight.zero_()
+        layer.gate.weight[4] += 10.0 / 64
+        layer.gate.weight[1] += 5.0 / 64
+    loop, one_call = _both_paths(layer, torch.randn(200, 64).abs(), monkeypatch)
+    torch.testing.assert_close(one_call, loop, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_experts_the_call_does_not_cover_keep_the_loop():
+    fallback = _int8_moe()
+    for expert in fallback.experts:  # torch's dequantizing kernel: the call's products would not be its
+        expert.gate_up_proj.prepare("dequant"), expert.down_proj.prepare("dequant")
+    mixed = _int8_moe()
+    mixed.experts[3].down_proj = Linear(32, 64, bias=False)  # one fp32 product among int8 ones
+    assert fallback.expert_kernel() is None and mixed.expert_kernel() is None
