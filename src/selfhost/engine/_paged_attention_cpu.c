@@ -185,8 +185,7 @@ AVX512 static inline __attribute__((always_inline)) void run_scores_512(const in
                                                                         const float *const *q, const void *keys,
                                                                         const Py_ssize_t *runs_at, const Py_ssize_t *next_at,
                                                                         Py_ssize_t bs, Py_ssize_t dim, float scale,
-                                                                        float *const *out, const __mmask16 *keep,
-                                                                        const float *key_scales, const Py_ssize_t *scales_at) {
+                                                                        float *const *out, const __mmask16 *keep) {
     __m512 acc[MAX_HEADS_AT_ONCE][MAX_RUNS];
     for (int h = 0; h < heads; h++)
         for (int r = 0; r < runs; r++) acc[h][r] = _mm512_setzero_ps();
@@ -203,12 +202,9 @@ AVX512 static inline __attribute__((always_inline)) void run_scores_512(const in
             for (int r = 0; r < runs; r++) acc[h][r] = _mm512_fmadd_ps(x, k[r], acc[h][r]);
         }
     }
-    __m512 factor[MAX_RUNS]; /* int8: each key's scale too (16 consecutive keys of one block) */
-    for (int r = 0; r < runs; r++)
-        factor[r] = kind == KV_INT8 ? _mm512_mul_ps(_mm512_set1_ps(scale), _mm512_loadu_ps(key_scales + scales_at[r]))
-                                    : _mm512_set1_ps(scale);
+    const __m512 factor = _mm512_set1_ps(scale);
     for (int h = 0; h < heads; h++)
-        for (int r = 0; r < runs; r++) _mm512_mask_storeu_ps(out[h * MAX_RUNS + r], keep[r], _mm512_mul_ps(acc[h][r], factor[r]));
+        for (int r = 0; r < runs; r++) _mm512_mask_storeu_ps(out[h * MAX_RUNS + r], keep[r], _mm512_mul_ps(acc[h][r], factor));
 }
 
 /* runs per call for a group of `heads`: at most 16 accumulators */
@@ -216,20 +212,15 @@ AVX512 static inline __attribute__((always_inline)) void run_scores_512(const in
 
 #define RUN_SCORES_CASE(n)                                                                                  \
     case n:                                                                                                 \
-        if (kind == KV_INT8)                                                                                \
-            run_scores_512(n, RUNS_FOR(n), KV_INT8, q, keys, runs_at, next_at, bs, dim, scale, out, keep,   \
-                           key_scales, scales_at);                                                          \
-        else if (kind == KV_BF16)                                                                           \
-            run_scores_512(n, RUNS_FOR(n), KV_BF16, q, keys, runs_at, next_at, bs, dim, scale, out, keep,   \
-                           NULL, NULL);                                                                     \
+        if (kind == KV_BF16)                                                                                \
+            run_scores_512(n, RUNS_FOR(n), KV_BF16, q, keys, runs_at, next_at, bs, dim, scale, out, keep);  \
         else                                                                                                \
-            run_scores_512(n, RUNS_FOR(n), KV_FP32, q, keys, runs_at, next_at, bs, dim, scale, out, keep,   \
-                           NULL, NULL);                                                                     \
+            run_scores_512(n, RUNS_FOR(n), KV_FP32, q, keys, runs_at, next_at, bs, dim, scale, out, keep);  \
         break;
 
 AVX512 static void run_scores(int heads, int kind, const float *const *q, const void *keys, const Py_ssize_t *runs_at,
                               const Py_ssize_t *next_at, Py_ssize_t bs, Py_ssize_t dim, float scale, float *const *out,
-                              const __mmask16 *keep, const float *key_scales, const Py_ssize_t *scales_at) {
+                              const __mmask16 *keep) {
     switch (heads) {
         RUN_SCORES_CASE(1) RUN_SCORES_CASE(2) RUN_SCORES_CASE(3) RUN_SCORES_CASE(4)
         RUN_SCORES_CASE(5) RUN_SCORES_CASE(6) RUN_SCORES_CASE(7) RUN_SCORES_CASE(8)
@@ -259,8 +250,125 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
         const float *q_heads[MAX_HEADS_AT_ONCE];
         for (int h = 0; h < heads; h++) q_heads[h] = q + (g0 + h) * dim;
         Py_ssize_t pos0 = first - first % 16;
-        Py_ssize_t runs_at[MAX_RUNS], next_at[MAX_RUNS], scales_at[MAX_RUNS];
+        Py_ssize_t runs_at[MAX_RUNS], next_at[MAX_RUNS];
         for (int r = 0; r < runs; r++) next_at[r] = run_start(job, table, head_start, pos0 + r * 16, len);
+        while (pos0 < len) {
+            __mmask16 keep[MAX_RUNS];
+            float *out[MAX_HEADS_AT_ONCE * MAX_RUNS];
+            for (int r = 0; r < runs; r++, pos0 += 16) {
+                if (pos0 >= len) { /* nothing left: score run 0 again, keep nothing */
+                    runs_at[r] = runs_at[0], keep[r] = 0;
+                    for (int h = 0; h < heads; h++) out[h * MAX_RUNS + r] = out[h * MAX_RUNS];
+                    continue;
+                }
+                runs_at[r] = next_at[r];
+                __mmask16 mask = 0xffff;
+                if (pos0 < first) mask &= (__mmask16)(0xffffu << (first - pos0));
+                if (pos0 + 16 > len) mask &= (__mmask16)((1u << (len - pos0)) - 1);
+                keep[r] = mask;
+                /* out + lane = the score slot of position pos0 + lane (masked lanes unused) */
+                for (int h = 0; h < heads; h++) out[h * MAX_RUNS + r] = scores + (g0 + h) * count + (pos0 - first);
+            }
+            for (int r = 0; r < runs; r++) next_at[r] = run_start(job, table, head_start, pos0 + r * 16, len);
+            run_scores(heads, job->kv_kind, q_heads, job->k, runs_at, next_at, bs, dim, job->scale, out, keep);
+        }
+    }
+}
+
+/* ---- an int8 cache: scores with AVX512-VNNI ------------------------------------------------
+ * Its keys are stored in pairs of dimensions: inside a block, row p holds (dim 2p, dim 2p + 1)
+ * of each key in turn, (D/2, BS, 2), so 16 keys' pair is 32 bytes; widened to 16-bit they are
+ * the operand of one vpdpwssd against the pair of one query head's dimensions. Each query head
+ * is rounded to 16-bit integers (max |q| -> QUERY_INT16_MAX: a relative 1.5e-5, far below the
+ * keys' own 8-bit rounding), products sum exactly in int32; the float score is that sum times
+ * the head's and the key's scales. Against widening every key to fp32 (two instructions per 16
+ * values, then one FMA per head) this is one widening per 32 values and one product per head. */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define QUERY_INT16_MAX 32767
+
+/* Query heads `heads` (group * dim floats) as 16-bit pairs: pairs[g * dim/2 + p] holds dims 2p and
+ * 2p + 1 of head g; factors[g] = the head's scale times `scale`. |q16| * 127 * dim stays within
+ * int32 for any head_dim (the largest integer shrinks past dim 512). */
+static void query_int16_pairs(const float *q, Py_ssize_t group, Py_ssize_t dim, float scale, int32_t *pairs,
+                              float *factors) {
+    const float top = dim <= 512 ? (float)QUERY_INT16_MAX : (float)(2147483647.0 / (127.0 * (double)dim));
+    for (Py_ssize_t g = 0; g < group; g++) {
+        const float *row = q + g * dim;
+        float largest = 0.0f;
+        for (Py_ssize_t d = 0; d < dim; d++) largest = fabsf(row[d]) > largest ? fabsf(row[d]) : largest;
+        const float inv = largest > 0.0f ? top / largest : 0.0f;
+        for (Py_ssize_t p = 0; p < dim / 2; p++) {
+            int16_t lo = (int16_t)lrintf(row[2 * p] * inv), hi = (int16_t)lrintf(row[2 * p + 1] * inv);
+            pairs[g * (dim / 2) + p] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
+        }
+        factors[g] = largest > 0.0f ? scale * (largest / top) : 0.0f;
+    }
+}
+
+/* Scores of `heads` query heads for `runs` runs of 16 keys (run r's pair rows start at element
+ * runs_at[r], 2 * bs apart; its keys' scales at key_scales + scales_at[r]). */
+VNNI static inline __attribute__((always_inline)) void run_scores_int8(const int heads, const int runs,
+                                                                       const int32_t *pairs, const int8_t *keys,
+                                                                       const Py_ssize_t *runs_at,
+                                                                       const Py_ssize_t *next_at, Py_ssize_t bs,
+                                                                       Py_ssize_t dim, const float *factors,
+                                                                       const float *key_scales,
+                                                                       const Py_ssize_t *scales_at,
+                                                                       float *const *out, const __mmask16 *keep) {
+    __m512i acc[MAX_HEADS_AT_ONCE][MAX_RUNS];
+    for (int h = 0; h < heads; h++)
+        for (int r = 0; r < runs; r++) acc[h][r] = _mm512_setzero_si512();
+    const Py_ssize_t half = dim / 2;
+    for (Py_ssize_t p = 0; p < half; p++) {
+        __m512i k[MAX_RUNS];
+        for (int r = 0; r < runs; r++)
+            k[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(keys + runs_at[r] + p * 2 * bs)));
+        for (int r = 0; r < runs; r++) _mm_prefetch((const char *)keys + next_at[r] + p * 2 * bs, _MM_HINT_T0);
+        for (int h = 0; h < heads; h++) {
+            __m512i x = _mm512_set1_epi32(pairs[h * half + p]);
+            for (int r = 0; r < runs; r++) acc[h][r] = _mm512_dpwssd_epi32(acc[h][r], x, k[r]);
+        }
+    }
+    for (int r = 0; r < runs; r++) {
+        const __m512 key_scale = _mm512_loadu_ps(key_scales + scales_at[r]);
+        for (int h = 0; h < heads; h++)
+            _mm512_mask_storeu_ps(out[h * MAX_RUNS + r], keep[r],
+                                  _mm512_mul_ps(_mm512_cvtepi32_ps(acc[h][r]),
+                                                _mm512_mul_ps(key_scale, _mm512_set1_ps(factors[h]))));
+    }
+}
+
+#define RUN_SCORES_INT8_CASE(n)                                                                             \
+    case n:                                                                                                 \
+        run_scores_int8(n, RUNS_FOR(n), pairs, keys, runs_at, next_at, bs, dim, factors, key_scales,        \
+                        scales_at, out, keep);                                                              \
+        break;
+
+VNNI static void run_scores_int8_any(int heads, const int32_t *pairs, const int8_t *keys, const Py_ssize_t *runs_at,
+                                     const Py_ssize_t *next_at, Py_ssize_t bs, Py_ssize_t dim, const float *factors,
+                                     const float *key_scales, const Py_ssize_t *scales_at, float *const *out,
+                                     const __mmask16 *keep) {
+    switch (heads) {
+        RUN_SCORES_INT8_CASE(1) RUN_SCORES_INT8_CASE(2) RUN_SCORES_INT8_CASE(3) RUN_SCORES_INT8_CASE(4)
+        RUN_SCORES_INT8_CASE(5) RUN_SCORES_INT8_CASE(6) RUN_SCORES_INT8_CASE(7) RUN_SCORES_INT8_CASE(8)
+    }
+}
+
+/* scores_avx512 over an int8 cache (block_size % 16 == 0); `pairs` is scratch for group * dim / 2
+ * int32, `factors` for group floats. */
+static void scores_int8(const Job *job, Py_ssize_t seq, Py_ssize_t head, const float *q, Py_ssize_t first,
+                        Py_ssize_t len, float *scores, int32_t *pairs, float *factors) {
+    const Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim, bs = job->block_size;
+    const Py_ssize_t count = len - first, half = dim / 2;
+    const int64_t *table = job->tables + seq * job->max_blocks;
+    const Py_ssize_t head_blocks = head * job->num_blocks;
+    query_int16_pairs(q, group, dim, job->scale, pairs, factors);
+    const int8_t *keys = job->k;
+    for (Py_ssize_t g0 = 0; g0 < group; g0 += MAX_HEADS_AT_ONCE) {
+        const int heads = group - g0 < MAX_HEADS_AT_ONCE ? (int)(group - g0) : MAX_HEADS_AT_ONCE;
+        const int runs = RUNS_FOR(heads);
+        Py_ssize_t pos0 = first - first % 16;
+        Py_ssize_t runs_at[MAX_RUNS], next_at[MAX_RUNS], scales_at[MAX_RUNS];
         while (pos0 < len) {
             __mmask16 keep[MAX_RUNS];
             float *out[MAX_HEADS_AT_ONCE * MAX_RUNS];
@@ -270,19 +378,21 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
                     for (int h = 0; h < heads; h++) out[h * MAX_RUNS + r] = out[h * MAX_RUNS];
                     continue;
                 }
-                runs_at[r] = next_at[r];
-                /* the run's first scale: its element index with the dimensions taken out */
-                scales_at[r] = (runs_at[r] - (pos0 & (bs - 1))) / dim + (pos0 & (bs - 1));
+                const Py_ssize_t block = head_blocks + table[pos0 >> job->block_shift], j0 = pos0 & (bs - 1);
+                runs_at[r] = block * dim * bs + 2 * j0;
+                scales_at[r] = block * bs + j0;
                 __mmask16 mask = 0xffff;
                 if (pos0 < first) mask &= (__mmask16)(0xffffu << (first - pos0));
                 if (pos0 + 16 > len) mask &= (__mmask16)((1u << (len - pos0)) - 1);
                 keep[r] = mask;
-                /* out + lane = the score slot of position pos0 + lane (masked lanes unused) */
                 for (int h = 0; h < heads; h++) out[h * MAX_RUNS + r] = scores + (g0 + h) * count + (pos0 - first);
             }
-            for (int r = 0; r < runs; r++) next_at[r] = run_start(job, table, head_start, pos0 + r * 16, len);
-            run_scores(heads, job->kv_kind, q_heads, job->k, runs_at, next_at, bs, dim, job->scale, out, keep,
-                       job->k_scales, scales_at);
+            for (int r = 0; r < runs; r++) { /* the next runs, to prefetch (past len: the last run again) */
+                Py_ssize_t pos = pos0 + r * 16 < len ? pos0 + r * 16 : len - 1 - (len - 1) % 16;
+                next_at[r] = (head_blocks + table[pos >> job->block_shift]) * dim * bs + 2 * (pos & (bs - 1));
+            }
+            run_scores_int8_any(heads, pairs + g0 * half, keys, runs_at, next_at, bs, dim, factors + g0,
+                                job->k_scales, scales_at, out, keep);
         }
     }
 }
@@ -443,8 +553,10 @@ static void rotate_and_store(const Job *job, Py_ssize_t seq, Py_ssize_t head, fl
 #ifdef SELFHOST_X86 /* bf16 and int8 caches are taken on AVX-512 only (check_pairs) */
     if (job->kv_kind == KV_INT8) { /* each row's scale beside it: (Hkv, NB, BS), the slot's entry */
         Py_ssize_t scale_at = head * job->num_blocks * bs + slot;
-        job->v_scales[scale_at] = int8_quantize_row(value, dim, (int8_t *)job->v_cache + row_offset, 1);
-        job->k_scales[scale_at] = int8_quantize_row(key, dim, (int8_t *)job->k_cache + column, bs);
+        job->v_scales[scale_at] = int8_quantize_row(value, dim, (int8_t *)job->v_cache + row_offset, 2);
+        /* the key into its block's pair rows (scores_int8): dims 2p, 2p + 1 of key j at p * 2 BS + 2 j */
+        Py_ssize_t pairs_at = (head * job->num_blocks + slot / bs) * dim * bs + 2 * (slot % bs);
+        job->k_scales[scale_at] = int8_quantize_row(key, dim, (int8_t *)job->k_cache + pairs_at, 2 * bs);
     } else if (job->kv_kind == KV_BF16) {
         uint16_t *v_cache = job->v_cache, *k_cache = job->k_cache;
         for (Py_ssize_t d = 0; d < dim; d += 16) { /* head_dim % 16 == 0 with a bf16 cache (check_pairs) */
@@ -483,7 +595,7 @@ static void value_rows(const Job *job, Py_ssize_t seq, Py_ssize_t head, Py_ssize
 }
 
 static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *scores, const void **values,
-                        float *value_scales, float *q_rotated) {
+                        float *value_scales, float *q_rotated, int32_t *query_pairs, float *query_factors) {
     Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim;
     Py_ssize_t len = job->lens[seq];
     Py_ssize_t first = (job->window > 0 && len > job->window) ? len - job->window : 0;
@@ -503,7 +615,9 @@ static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *
     }
     value_rows(job, seq, head, first, count, values, job->kv_kind == 2 ? value_scales : NULL);
 #ifdef SELFHOST_X86
-    if (job->use_avx512 && job->block_size % 16 == 0)
+    if (job->kv_kind == KV_INT8) /* check_pairs: VNNI, block_size % 16 == 0 */
+        scores_int8(job, seq, head, q, first, len, scores, query_pairs, query_factors);
+    else if (job->use_avx512 && job->block_size % 16 == 0)
         scores_avx512(job, seq, head, q, first, len, scores);
     else if (job->use_avx2 && job->block_size % 8 == 0)
         scores_avx2(job, seq, head, q, first, len, scores);
@@ -553,18 +667,22 @@ static void run_job(Job *job) {
         Py_ssize_t len = job->lens[item / job->num_kv_heads];
         if (len > longest) longest = len;
     }
-    /* the group's scores, its values' scales, then its rotated query heads and key */
+    /* the group's scores, its values' scales, its rotated query heads and key, then (an int8 cache)
+     * the query heads as 16-bit pairs and their factors */
     Py_ssize_t group = job->num_heads / job->num_kv_heads;
-    float *scores = malloc(sizeof(float) * (size_t)((group + 1) * longest + (group + 1) * job->head_dim));
+    float *scores = malloc(sizeof(float) * (size_t)((group + 1) * longest + (group + 1) * job->head_dim +
+                                                    group * job->head_dim / 2 + group));
     const void **values = malloc(sizeof(void *) * (size_t)longest);
     if (scores == NULL || values == NULL) {
         free(scores), free(values);
         *job->failed = 1;
         return;
     }
+    float *q_rotated = scores + (group + 1) * longest, *query_factors = q_rotated + (group + 1) * job->head_dim;
+    int32_t *query_pairs = (int32_t *)(query_factors + group);
     for (Py_ssize_t item = job->item_begin; item < job->item_end; item++)
         attend_pair(job, item / job->num_kv_heads, item % job->num_kv_heads, scores, values, scores + group * longest,
-                    scores + (group + 1) * longest);
+                    q_rotated, query_pairs, query_factors);
     free(scores), free(values);
 }
 
@@ -644,9 +762,22 @@ static PyObject *limit_isa(PyObject *self, PyObject *args) {
     return PyLong_FromLong(before);
 }
 
+/* Whether the kernels take a cache of this kind here: bf16 on AVX-512, int8 on AVX-512 with
+ * BW and VNNI (scores_int8). */
+static int cache_kind_available(int kind) {
+#ifdef SELFHOST_X86
+    if (kind == KV_INT8)
+        return isa_limit >= 2 && cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vnni");
+#endif
+    return kind == 0 || (kind == 1 && isa_limit >= 2 && cpu_has_avx512());
+}
+
 static PyObject *narrow_cache_available(PyObject *self, PyObject *args) {
-    (void)self, (void)args;
-    return PyBool_FromLong(isa_limit >= 2 && cpu_has_avx512());
+    (void)self;
+    int kind;
+    if (!PyArg_ParseTuple(args, "i", &kind)) return NULL;
+    return PyBool_FromLong(cache_kind_available(kind));
 }
 
 /* Checks a job's sizes against this CPU's kernels; a message for a ValueError, or NULL. */
@@ -660,8 +791,9 @@ static const char *check_pairs(Job *whole) {
     whole->use_avx512 = isa_limit >= 2 && cpu_has_avx512();
     if (whole->kv_kind < 0 || whole->kv_kind > 2 || (whole->kv_kind == 2 && !(whole->k_scales && whole->v_scales)))
         return "decode_attention: kv_kind is 0 (fp32), 1 (bf16) or 2 (int8, with its scales)";
-    if (whole->kv_kind && !(whole->use_avx512 && whole->block_size % 16 == 0 && whole->head_dim % 16 == 0))
-        return "decode_attention: a bf16 or int8 cache needs AVX-512, head_dim and block_size % 16 == 0";
+    if (whole->kv_kind && !(cache_kind_available(whole->kv_kind) && whole->block_size % 16 == 0 &&
+                            whole->head_dim % 16 == 0))
+        return "decode_attention: a bf16 cache needs AVX-512 (int8: with BW and VNNI), head_dim and block_size % 16 == 0";
     return NULL;
 }
 
@@ -809,8 +941,9 @@ static PyObject *rope_store(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"narrow_cache_available", narrow_cache_available, METH_NOARGS,
-     "True when the kernels take a bf16 or int8 cache here (AVX-512, within the limit_isa cap)."},
+    {"narrow_cache_available", narrow_cache_available, METH_VARARGS,
+     "narrow_cache_available(kv_kind): True when the kernels take a bf16 (1: AVX-512) or int8 (2: AVX-512 BW and "
+     "VNNI) cache here, within the limit_isa cap."},
     {"decode_attention", decode_attention, METH_VARARGS,
      "Single-query attention over the paged cache (fp32 q/out; an fp32, bf16 or int8 cache by kv_kind 0/1/2, "
      "int8 with its k and v scales; data pointers)."},

@@ -29,7 +29,8 @@
  *                     (k and v fp32, or bf16 (kv_kind 1): widened exactly as they are read, or
  *                     int8 (kv_kind 2) with k_scales and v_scales (Hkv, NB, BS): the integers
  *                     go into the products, a key's scale multiplies its scores and a value's
- *                     its probabilities)
+ *                     its probabilities; int8 keys are in pairs of dimensions inside a block,
+ *                     (Hkv, NB, D/2, BS, 2), as the decode kernel's VNNI products read them)
  *   tables            (C, MB) int64, the block table of each chunk
  *   first, count, start (C,) int64: the chunk's first row in the step, its number of
  *                     tokens, the position of its first token
@@ -118,6 +119,23 @@ AVX512 static inline __attribute__((always_inline)) void score_rows(const int ro
 
 AVX512 static void score_block(int rows, const float *const *q, const float *panel, Py_ssize_t dim, float *scores) {
     switch (rows) { SCORE_CASE(1) SCORE_CASE(2) SCORE_CASE(3) SCORE_CASE(4) SCORE_CASE(5) SCORE_CASE(6) }
+}
+
+/* 16 keys of an int8 cache's block, in pairs of dimensions (row p: dims 2p and 2p + 1 of each
+ * key, 2 * bs bytes apart), into the panel's dims-major columns as the integers they hold. */
+__attribute__((target("avx512f,avx512bw"))) static void int8_pairs_to_panel(const int8_t *pairs, Py_ssize_t bs,
+                                                                         Py_ssize_t dim, float *column) {
+    for (Py_ssize_t d = 0; d < dim; d += 2) {
+        __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(pairs + d / 2 * 2 * bs)));
+        __m512i even = _mm512_srai_epi32(_mm512_slli_epi32(x, 16), 16), odd = _mm512_srai_epi32(x, 16);
+        _mm512_store_ps(column + d * KEY_BLOCK, _mm512_cvtepi32_ps(even));
+        _mm512_store_ps(column + (d + 1) * KEY_BLOCK, _mm512_cvtepi32_ps(odd));
+    }
+}
+
+/* Element of dimension d of the key whose pairs start at `at` in an int8 block. */
+static inline Py_ssize_t int8_key_element(Py_ssize_t at, Py_ssize_t d, Py_ssize_t bs) {
+    return at + d / 2 * 2 * bs + (d & 1);
 }
 
 /* Per-unit scratch, one per thread. */
@@ -273,7 +291,7 @@ AVX512 static void run_unit(const void *whole, long unit) {
             if (bs % 16 == 0 && pos % 16 == 0 && pos + 16 <= hi) {
                 Py_ssize_t keys = head_offset + table[pos / bs] * dim * bs + pos % bs;
                 if (job->kv_kind == KV_INT8)
-                    for (Py_ssize_t d = 0; d < dim; d++) _mm512_store_ps(column + d * KEY_BLOCK, kv_load(job->k, keys + d * bs, KV_INT8));
+                    int8_pairs_to_panel((const int8_t *)job->k + keys + pos % bs, bs, dim, column); /* 2 (pos % bs) */
                 else if (job->kv_kind == KV_BF16)
                     for (Py_ssize_t d = 0; d < dim; d++) _mm512_store_ps(column + d * KEY_BLOCK, kv_load(job->k, keys + d * bs, KV_BF16));
                 else
@@ -291,10 +309,12 @@ AVX512 static void run_unit(const void *whole, long unit) {
                     for (int j = 0; j < 16; j++) column[d * KEY_BLOCK + j] = bf16_to_float(head_keys[offsets[j] + d * bs]);
                 continue;
             }
-            if (job->kv_kind == KV_INT8) {
+            if (job->kv_kind == KV_INT8) { /* offsets[j] + key % bs: where key j's pairs start */
                 const int8_t *head_keys = (const int8_t *)job->k + head_offset;
-                for (Py_ssize_t d = 0; d < dim; d++)
-                    for (int j = 0; j < 16; j++) column[d * KEY_BLOCK + j] = (float)head_keys[offsets[j] + d * bs];
+                for (int j = 0; j < 16; j++) {
+                    const Py_ssize_t key = pos + j < hi ? pos + j : k0, at = offsets[j] + key % bs;
+                    for (Py_ssize_t d = 0; d < dim; d++) column[d * KEY_BLOCK + j] = (float)head_keys[int8_key_element(at, d, bs)];
+                }
                 continue;
             }
             const float *head_keys = (const float *)job->k + head_offset;
@@ -362,6 +382,15 @@ static inline uint16_t int8_to_bf16(int8_t x) {
     return (uint16_t)(bits >> 16);
 }
 
+/* 16 keys' pair row of an int8 cache (32 bytes: dims 2p, 2p + 1 of each key) as a B tile row:
+ * the same pairs in bf16. */
+AMX_TARGET static inline __m512i int8_pairs_as_bf16(const int8_t *pairs) {
+    __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)pairs));
+    __m512i even = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 16), 16)));
+    __m512i odd = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(x, 16)));
+    return _mm512_or_si512(_mm512_srli_epi32(even, 16), _mm512_and_si512(odd, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
 /* amx_pair_rows for 16 int8 values of each row: a's and b's bf16 interleaved. */
 AMX_TARGET static inline __m512i int8_pair_rows(const int8_t *a, const int8_t *b) {
     __m512i lo = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)a))));
@@ -390,15 +419,17 @@ AMX_TARGET static void tile_keys(const Job *job, TileScratch *t, const Unit *u, 
             const Py_ssize_t at = u->table[pos / bs] * dim * bs + pos % bs;
             for (Py_ssize_t d = 0; d < dim; d += 2)
                 _mm512_store_si512((void *)(tiles + d / 32 * AMX_TILE_ELEMS + d % 32 / 2 * 32),
-                                   int8 ? int8_pair_rows(head_keys8 + at + d * bs, head_keys8 + at + (d + 1) * bs)
+                                   int8 ? int8_pairs_as_bf16(head_keys8 + at + pos % bs + d / 2 * 2 * bs)
                                         : amx_pair_rows(head_keys + at + d * bs, head_keys + at + (d + 1) * bs));
             continue;
         }
         for (int j = 0; j < 16; j++) {
-            const Py_ssize_t key = pos + j, at = key < u->hi ? u->table[key / bs] * dim * bs + key % bs : -1;
+            const Py_ssize_t key = pos + j, block = key < u->hi ? u->table[key / bs] * dim * bs : -1;
             for (Py_ssize_t d = 0; d < dim; d++)
                 tiles[d / 32 * AMX_TILE_ELEMS + d % 32 / 2 * 32 + 2 * j + (d & 1)] =
-                    at < 0 ? 0 : int8 ? int8_to_bf16(head_keys8[at + d * bs]) : head_keys[at + d * bs];
+                    block < 0 ? 0
+                    : int8    ? int8_to_bf16(head_keys8[int8_key_element(block + 2 * (key % bs), d, bs)])
+                              : head_keys[block + key % bs + d * bs];
         }
     }
 }

@@ -56,9 +56,11 @@ PREFILL_KERNEL_ENABLED = _prefill_attention_cpu is not None and _prefill_attenti
 KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the C kernels' kv_kind
 
 
-def narrow_cache_kernels_available() -> bool:
-    """Both C kernels read (and the decode one writes) a bf16 or int8 cache on AVX-512 CPUs."""
-    return CPU_KERNEL_ENABLED and PREFILL_KERNEL_ENABLED and _paged_attention_cpu.narrow_cache_available()
+def narrow_cache_kernels_available(kv_dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Both C kernels read (and the decode one writes) a bf16 cache on AVX-512 CPUs, an int8 one where
+    they also have AVX512-BW and VNNI."""
+    return (CPU_KERNEL_ENABLED and PREFILL_KERNEL_ENABLED
+            and _paged_attention_cpu.narrow_cache_available(KV_KINDS[kv_dtype]))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,9 +159,13 @@ def batched_single_query_attention(
 
 
 def key_rows(k_layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The keys of `blocks` (one layer, dims-major blocks) as (Hkv, len(blocks) * block_size, D) rows."""
+    """The keys of `blocks` (one layer: dims-major blocks, or an int8 cache's pairs of dimensions) as
+    (Hkv, len(blocks) * block_size, D) rows."""
+    picked = k_layer.index_select(1, blocks)
+    if picked.dim() == 5:  # (Hkv, n, D/2, BS, 2) -> (Hkv, n, BS, D/2, 2)
+        return picked.transpose(2, 3).reshape(picked.shape[0], -1, picked.shape[2] * 2)
     num_kv_heads, _, head_dim, block_size = k_layer.shape
-    return k_layer.index_select(1, blocks).transpose(2, 3).reshape(num_kv_heads, -1, head_dim)
+    return picked.transpose(2, 3).reshape(num_kv_heads, -1, head_dim)
 
 
 class PagedKVCache:
@@ -173,7 +179,12 @@ class PagedKVCache:
         # dimension of consecutive keys, so the CPU kernels form a block's scores with
         # plain multiply-adds (no horizontal sums, no transposition).
         shape = (spec.num_layers, spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
-        self.k = torch.zeros(shape[:3] + (spec.head_dim, block_size), dtype=kv_dtype, device=device)
+        # An int8 cache keeps its keys in pairs of dimensions, (D/2, block_size, 2): the decode kernel
+        # multiplies 16 keys' pair by a query's pair in one VNNI instruction.
+        key_block = (spec.head_dim // 2, block_size, 2) if kv_dtype == torch.int8 else (spec.head_dim, block_size)
+        if kv_dtype == torch.int8 and spec.head_dim % 2:
+            raise ValueError(f"an int8 KV cache needs an even head_dim, not {spec.head_dim}")
+        self.k = torch.zeros(shape[:3] + key_block, dtype=kv_dtype, device=device)
         self.v = torch.zeros(shape, dtype=kv_dtype, device=device)
         # int8: one scale per token and kv head for keys and for values
         self.k_scale = self.v_scale = None
@@ -185,7 +196,7 @@ class PagedKVCache:
         # what the C kernels are told the cache holds (they take fp32 activations only)
         self.kv_kind = KV_KINDS.get(kv_dtype, 0)
         kernel_cache = kv_dtype == dtype or (
-            self.kv_kind != 0 and narrow_cache_kernels_available() and spec.head_dim % 16 == 0
+            self.kv_kind != 0 and narrow_cache_kernels_available(kv_dtype) and spec.head_dim % 16 == 0
             and block_size % 16 == 0
         )  # fmt: skip
         # Single-token queries read fp32 blocks in place through the C kernel when it is built,
@@ -248,17 +259,20 @@ class PagedKVCache:
         return out
 
     def write_step_kv(self, layer_idx, k, v) -> None:
-        """This step's keys (dims-major in their block) and values (row-major) into their slots."""
+        """This step's keys (dims-major in their block; int8: pairs of dimensions) and values (row-major)
+        into their slots."""
         k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]
         num_kv_heads, head_dim = v_layer.shape[0], v_layer.shape[-1]
         blocks, offsets = self.meta.slot_blocks_and_offsets(self.block_size)
         slots = self.meta.slot_mapping
         k_scale, v_scale = self.layer_scales(layer_idx)
-        if k_scale is not None:
+        if k_scale is None:
+            k_layer[:, blocks, :, offsets] = k.to(k_layer.dtype)  # advanced indices first: (T, Hkv, D)
+        else:  # int8: each row to its own scale; keys in pairs of dimensions, (Hkv, NB, D/2, BS, 2)
             (k, k_scales), (v, v_scales) = quantize_rows(k), quantize_rows(v)  # (T, Hkv, D), (T, Hkv)
-            k_scale[:, blocks, offsets] = k_scales.T.to(k_scale.device)  # advanced indices together: (Hkv, T)
+            k_layer[:, blocks, :, offsets] = k.view(*k.shape[:2], head_dim // 2, 2)  # indexed as (T, Hkv, D/2, 2)
+            k_scale[:, blocks, offsets] = k_scales.T  # advanced indices together: (Hkv, T)
             v_scale.view(num_kv_heads, -1).index_copy_(1, slots, v_scales.T.contiguous())
-        k_layer[:, blocks, :, offsets] = k.to(k_layer.dtype)  # advanced indices first: (T, Hkv, D)
         v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1).to(v_layer.dtype))
 
     def single_keys_values(self, layer_idx, dtype) -> tuple[torch.Tensor, torch.Tensor]:
