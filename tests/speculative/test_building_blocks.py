@@ -214,6 +214,31 @@ def test_a_curve_that_overprices_wider_steps_is_measured_again(target):
     seq.proposed = []
 
 
+def test_probes_that_change_nothing_come_ever_less_often(target):
+    """Where nothing pays (a draft model's probe also catches the draft up: ~1.3 ms), each unpriced probe that
+    leaves the verdict as it was doubles the wait for the next, up to UNPRICED_PROBE_MAX steps."""
+    from selfhost import LLM, SamplingParams
+    from selfhost.speculative.speculator import UNPRICED_PROBE_EVERY, UNPRICED_PROBE_MAX, Speculator
+
+    llm = LLM(target, speculative="ngram", num_speculative_tokens=4, kv_cache_memory="4MiB")
+    speculator = llm.engine.speculator
+    assert isinstance(speculator, Speculator)
+    speculator.step_cost.record(1, 0.010)
+    for n in (2, 3, 4, 5):  # every wider width 10x a plain step, and it stays so: the probes change nothing
+        speculator.step_cost.record(n, 0.100)
+    seq = llm.engine.add_request("r", [5, 6, 7, 8] * 10, SamplingParams(max_tokens=5000, temperature=0, ignore_eos=True))
+    seq.num_computed_tokens = seq.num_tokens - 1
+    probes = []
+    for step in range(1, 4 * UNPRICED_PROBE_MAX + 1):
+        speculator.propose([seq], 64)
+        if seq.proposed:
+            probes.append(step)
+    gaps = [b - a for a, b in zip([0] + probes, probes)]
+    assert gaps[:2] == [UNPRICED_PROBE_EVERY] * 2  # as before: two probes in the first 128 steps
+    assert gaps == sorted(gaps) and max(gaps) == UNPRICED_PROBE_MAX and len(probes) < 10
+    seq.proposed = []
+
+
 def test_the_incremental_ngram_index_agrees_with_the_plain_scan():
     """Grow random low-entropy sequences a token or a few at a time; every proposal equals the definition's."""
     import random

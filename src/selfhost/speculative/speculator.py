@@ -31,14 +31,19 @@ from selfhost.speculative.verify import accept_greedy, accept_sampled
 # proposals, so the comparison always has both sides.
 PLAIN_PROBE_EVERY = 16
 # While plans come out empty, the same candidates (same proposal lengths and evidence, same step size) are
-# planned again only every this many steps: a stream its proposals cannot speed up then pays ~5 us a step
-# for speculation instead of ~25 (lookups, the plan), 0.5% of a demo-model step instead of 4%.
-REPLAN_IDLE_EVERY = 4
+# planned again only every this many steps: a stream its proposals cannot speed up then pays for the lookup
+# alone. Evidence that changes (a longer match) is planned at once; the counts behind an empty plan change
+# only by probes (PROBE_EVERY).
+REPLAN_IDLE_EVERY = 8
 # A probe (see Speculator._lengths) is taken only if it makes its step at most this much dearer.
 PROBE_COST = 0.25
-# ... and this often (in steps that propose nothing) whatever the curve says it costs: one early slow
+# ... and after this many steps that propose nothing whatever the curve says it costs: one early slow
 # sample can overprice wider steps for good (no proposal, and no probe, would ever measure them again).
+# Each such probe that changes nothing doubles the wait, up to UNPRICED_PROBE_MAX: a draft model's probe
+# also catches the draft up on every token since its last pass (~1.3 ms for the demo model after 64
+# steps), which every 64 steps had cost the draft arm ~6% where it never pays.
 UNPRICED_PROBE_EVERY = 4 * PROBE_EVERY
+UNPRICED_PROBE_MAX = 512
 # Whether any proposal could pay for a step of a given shape (Speculator._could_pay) is worked out again
 # only this often: the curve and the overheads it reads move slowly, and at one stream the answer is ~6 us
 # of a ~0.4 ms step.
@@ -77,6 +82,10 @@ class SpeculationStats:
         return (self.accepted_tokens + self.verifications) / self.verifications if self.verifications else 0.0
 
 
+def _all_greedy(candidates: list[tuple[Sequence, SequenceSpeculation, int]]) -> bool:
+    return all(state.greedy for _, state, _ in candidates)
+
+
 class Speculator:
     def __init__(self, config: SpeculativeConfig, draft: DraftProposer | None = None):
         self.config = config
@@ -95,6 +104,8 @@ class Speculator:
         self._step_sequences = 0
         self._streak = 0  # steps in a row with proposals
         self._idle_steps = 0  # steps in a row where sequences could have proposed and none did
+        self._unpriced_gap = UNPRICED_PROBE_EVERY  # idle steps from one unpriced probe to the next
+        self._next_unpriced = UNPRICED_PROBE_EVERY  # ... the idle step that takes the next one
         self._idle_key = None  # what the last empty plan was made for
         self._proposing_steps = 0
         self._propose_calls = 0  # steps so far (the engine proposes once a step)
@@ -154,7 +165,7 @@ class Speculator:
         if not self._could_pay(plain_tokens, decoding, greedy):
             self._streak = 0
             self._idle_steps += 1
-            if self._idle_steps % UNPRICED_PROBE_EVERY:
+            if not self._unpriced_probe_due():
                 return 0.0
             unpriced_probe = True  # the curve may be what says no: measure a wider step now and then
         candidates = []
@@ -239,35 +250,45 @@ class Speculator:
         """How many tokens each candidate proposes this step (see adaptive.py); all zeros: a plain step."""
         if self.config.when == "always":
             return [k for _, _, k in candidates]
-        if plain_tokens not in self.step_cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
-            return [0] * len(candidates)  # measure a plain step of this size
-        if self.step_cost.seconds(plain_tokens) is None:
-            return [k for _, _, k in candidates]  # nothing measured yet: try, and the step is measured
-        per_sequence = self._overhead_per_sequence(all(state.greedy for _, state, _ in candidates))
         key = (plain_tokens, [(k, state.evidence) for _, state, k in candidates])
-        if self._idle_steps % REPLAN_IDLE_EVERY and key == self._idle_key:
+        if key == self._idle_key and self._idle_steps % REPLAN_IDLE_EVERY:
             lengths = [0] * len(candidates)  # as the last plan for the same candidates said (see REPLAN_IDLE_EVERY)
+        elif plain_tokens not in self.step_cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
+            return [0] * len(candidates)  # measure a plain step of this size
+        elif self.step_cost.seconds(plain_tokens) is None:
+            return [k for _, _, k in candidates]  # nothing measured yet: try, and the step is measured
         else:
             lengths = plan_lengths(
                 [Candidate(k, self.acceptance.rates(state.counts, state.evidence)) for _, state, k in candidates],
-                self.step_cost.seconds, plain_tokens, decoding, per_sequence,
+                self.step_cost.seconds, plain_tokens, decoding, self._overhead_per_sequence(_all_greedy(candidates)),
                 self._draft_seconds_per_pass.value or 0.0, REQUIRED_GAIN)
-        self._idle_key = None if any(lengths) else key
         # A step where nobody proposes still probes now and then: one token for the sequence that has gone
         # longest without proposing (its counts, and the engine's, would otherwise never change), where one
         # more token makes the step little dearer. One probe per PROBE_EVERY such steps, whatever the batch.
         if any(lengths):
+            self._idle_key = None
             self._idle_steps = 0
+            self._unpriced_gap = self._next_unpriced = UNPRICED_PROBE_EVERY
             return lengths
+        self._idle_key = key
         self._idle_steps += 1
         if self._idle_steps % PROBE_EVERY:
             return lengths
         plain = self.step_cost.seconds(plain_tokens)
-        extra = (self.step_cost.seconds(plain_tokens + 1) - plain + per_sequence
+        extra = (self.step_cost.seconds(plain_tokens + 1) - plain + self._overhead_per_sequence(_all_greedy(candidates))
                  + (self._draft_seconds_per_pass.value or 0.0))  # a draft model's pass is no small probe
-        if extra <= PROBE_COST * plain or self._idle_steps % UNPRICED_PROBE_EVERY == 0:
+        if extra <= PROBE_COST * plain or self._unpriced_probe_due():
             return self._probe(candidates)
         return lengths
+
+    def _unpriced_probe_due(self) -> bool:
+        """Whether this idle step takes a probe whatever it costs (see UNPRICED_PROBE_EVERY); if so, the next
+        one waits twice as long."""
+        if self._idle_steps < self._next_unpriced:
+            return False
+        self._next_unpriced = self._idle_steps + self._unpriced_gap
+        self._unpriced_gap = min(2 * self._unpriced_gap, UNPRICED_PROBE_MAX)
+        return True
 
     @staticmethod
     def _probe(candidates: list[tuple[Sequence, SequenceSpeculation, int]]) -> list[int]:
@@ -291,8 +312,8 @@ class Speculator:
                 ) -> tuple[list[int], list[Logprobs | None]]:
         state = seq.speculation
         row = seq.sampler_row
-        if row.is_greedy:
-            tokens = accept_greedy(logits, list(proposed))
+        if state.greedy:
+            tokens = accept_greedy(logits, proposed)
         else:
             probs = filter_logits(logits.float(), [row] * logits.shape[0]).softmax(dim=-1)
             tokens = accept_sampled(probs, list(proposed), state.draft_probs, row.generator(probs.device))
@@ -313,8 +334,13 @@ class Speculator:
         Only steps of decodes and verifications are timed: a prompt chunk of n tokens runs another
         path (the prompt kernels, the layers one by one) at another cost than n decode or
         verification rows, and counted as one it would make proposals look dear."""
-        if all(chunk.num_own_tokens == 1 for chunk in chunks):
-            self.step_cost.record(sum(chunk.num_tokens for chunk in chunks), seconds)
+        num_tokens = 0
+        for chunk in chunks:
+            if chunk.num_own_tokens != 1:
+                break
+            num_tokens += chunk.num_tokens
+        else:
+            self.step_cost.record(num_tokens, seconds)
         if self._step_sequences:
             per_sequence = self._step_overhead / self._step_sequences
             self._seconds_per_sequence[self._step_greedy].record(per_sequence)
