@@ -289,18 +289,18 @@ AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head
 /* Query heads `heads` (group * dim floats) as 16-bit pairs: pairs[g * dim/2 + p] holds dims 2p and
  * 2p + 1 of head g; factors[g] = the head's scale times `scale`. |q16| * 127 * dim stays within
  * int32 for any head_dim (the largest integer shrinks past dim 512). */
-static void query_int16_pairs(const float *q, Py_ssize_t group, Py_ssize_t dim, float scale, int32_t *pairs,
-                              float *factors) {
+AVX512 static void query_int16_pairs(const float *q, Py_ssize_t group, Py_ssize_t dim, float scale, int32_t *pairs,
+                                     float *factors) {
     const float top = dim <= 512 ? (float)QUERY_INT16_MAX : (float)(2147483647.0 / (127.0 * (double)dim));
-    for (Py_ssize_t g = 0; g < group; g++) {
+    for (Py_ssize_t g = 0; g < group; g++) { /* dim % 16 == 0 (check_pairs) */
         const float *row = q + g * dim;
-        float largest = 0.0f;
-        for (Py_ssize_t d = 0; d < dim; d++) largest = fabsf(row[d]) > largest ? fabsf(row[d]) : largest;
-        const float inv = largest > 0.0f ? top / largest : 0.0f;
-        for (Py_ssize_t p = 0; p < dim / 2; p++) {
-            int16_t lo = (int16_t)lrintf(row[2 * p] * inv), hi = (int16_t)lrintf(row[2 * p + 1] * inv);
-            pairs[g * (dim / 2) + p] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
-        }
+        __m512 peak = _mm512_setzero_ps();
+        for (Py_ssize_t d = 0; d < dim; d += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_loadu_ps(row + d)));
+        const float largest = _mm512_reduce_max_ps(peak);
+        const __m512 inv = _mm512_set1_ps(largest > 0.0f ? top / largest : 0.0f);
+        for (Py_ssize_t d = 0; d < dim; d += 16) /* 16 int16, nearest even: dims d, d + 1 in one int32 pair */
+            _mm256_storeu_si256((__m256i *)(pairs + g * (dim / 2) + d / 2),
+                                _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + d), inv))));
         factors[g] = largest > 0.0f ? scale * (largest / top) : 0.0f;
     }
 }
@@ -394,6 +394,105 @@ static void scores_int8(const Job *job, Py_ssize_t seq, Py_ssize_t head, const f
             run_scores_int8_any(heads, pairs + g0 * half, keys, runs_at, next_at, bs, dim, factors + g0,
                                 job->k_scales, scales_at, out, keep);
         }
+    }
+}
+
+/* ---- an int8 cache: the weighted sum of values with AVX512-VNNI ------------------------------
+ * Its values are stored in pairs of keys: inside a block, row m holds keys 2m and 2m + 1 side by
+ * side for every dimension, (BS/2, D, 2), so 16 dimensions of a pair of keys are 32 bytes; widened
+ * to 16-bit they meet the pair of those keys' weights in one vpdpwssd. Each head's weights (its
+ * probabilities times the values' scales) are rounded to 16-bit integers with one scale per
+ * WEIGHT_CHUNK keys (the chunk's largest weight -> 32767: each weight within 1.5e-5 of its chunk's
+ * largest); int32 sums are flushed into the fp32 outputs chunk by chunk (within range: 32 pairs
+ * of 2 x 32767 x 127). */
+#define WEIGHT_CHUNK 64
+#define INT8_SUM_HEADS 6 /* heads x 4 int32 accumulators + 4 value vectors fit the 32 registers */
+
+/* One chunk's int16 weights of each head: w16 rows `padded` apart; `stage` holds `padded` floats. */
+AVX512 static void weights_int16(const float *weights, Py_ssize_t group, Py_ssize_t count, Py_ssize_t lead,
+                                 Py_ssize_t padded, float *stage, int16_t *w16, float *chunk_scales) {
+    const Py_ssize_t chunks = padded / WEIGHT_CHUNK;
+    for (Py_ssize_t g = 0; g < group; g++) {
+        memset(stage, 0, sizeof(float) * (size_t)padded);
+        memcpy(stage + lead, weights + g * count, sizeof(float) * (size_t)count);
+        for (Py_ssize_t k = 0; k < chunks; k++) {
+            const float *chunk = stage + k * WEIGHT_CHUNK;
+            __m512 peak = _mm512_setzero_ps(); /* weights are >= 0 */
+            for (int c = 0; c < WEIGHT_CHUNK; c += 16) peak = _mm512_max_ps(peak, _mm512_loadu_ps(chunk + c));
+            const float largest = _mm512_reduce_max_ps(peak);
+            const __m512 inv = _mm512_set1_ps(largest > 0.0f ? 32767.0f / largest : 0.0f);
+            for (int c = 0; c < WEIGHT_CHUNK; c += 16)
+                _mm256_storeu_si256((__m256i *)(w16 + g * padded + k * WEIGHT_CHUNK + c),
+                                    _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(chunk + c), inv))));
+            chunk_scales[g * chunks + k] = largest / 32767.0f;
+        }
+    }
+}
+
+/* out[h][d0 .. d0 + 64) += the chunks' sums for `heads` heads (a constant at each call site). */
+VNNI static inline __attribute__((always_inline)) void int8_sums_n(const int heads, const int16_t *w16,
+                                                                  Py_ssize_t padded, const float *chunk_scales,
+                                                                  Py_ssize_t npairs, const int8_t *const *pairs,
+                                                                  Py_ssize_t d0, int vectors, float *const *out) {
+    const Py_ssize_t chunks = padded / WEIGHT_CHUNK;
+    for (Py_ssize_t k = 0; k < chunks; k++) {
+        __m512i acc[INT8_SUM_HEADS][4];
+        for (int h = 0; h < heads; h++)
+            for (int c = 0; c < 4; c++) acc[h][c] = _mm512_setzero_si512();
+        const Py_ssize_t end = (k + 1) * WEIGHT_CHUNK / 2 < npairs ? (k + 1) * WEIGHT_CHUNK / 2 : npairs;
+        for (Py_ssize_t m = k * WEIGHT_CHUNK / 2; m < end; m++) {
+            const int8_t *src = pairs[m] + 2 * d0;
+            if (m + VALUE_PREFETCH / 2 < npairs) _mm_prefetch((const char *)pairs[m + VALUE_PREFETCH / 2] + 2 * d0, _MM_HINT_T0);
+            __m512i x[4];
+            for (int c = 0; c < 4; c++)
+                x[c] = c < vectors ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(src + 32 * c)))
+                                   : _mm512_setzero_si512();
+            for (int h = 0; h < heads; h++) {
+                int32_t pair;
+                memcpy(&pair, w16 + h * padded + 2 * m, sizeof pair);
+                const __m512i w = _mm512_set1_epi32(pair);
+                for (int c = 0; c < 4; c++)
+                    if (c < vectors) acc[h][c] = _mm512_dpwssd_epi32(acc[h][c], w, x[c]);
+            }
+        }
+        for (int h = 0; h < heads; h++) {
+            const __m512 factor = _mm512_set1_ps(chunk_scales[h * chunks + k]);
+            for (int c = 0; c < vectors; c++) {
+                float *o = out[h] + d0 + 16 * c;
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h][c]), factor, _mm512_loadu_ps(o)));
+            }
+        }
+    }
+}
+
+#define INT8_SUMS_CASE(n) \
+    case n: int8_sums_n(n, w16, padded, chunk_scales, npairs, pairs, d0, vectors, out); break;
+
+VNNI static void int8_sums(int heads, const int16_t *w16, Py_ssize_t padded, const float *chunk_scales,
+                           Py_ssize_t npairs, const int8_t *const *pairs, Py_ssize_t d0, int vectors,
+                           float *const *out) {
+    switch (heads) { INT8_SUMS_CASE(1) INT8_SUMS_CASE(2) INT8_SUMS_CASE(3) INT8_SUMS_CASE(4) INT8_SUMS_CASE(5) INT8_SUMS_CASE(6) }
+}
+
+/* out[g] = sum_p weights[g][p] * value(first + p) over an int8 cache, `pairs[m]` the row pair of
+ * positions (first & ~1) + 2m. Scratch: `stage` (padded floats), `w16` (group x padded), chunk_scales
+ * (group x padded / WEIGHT_CHUNK), padded = count + (first & 1) rounded up to WEIGHT_CHUNK. */
+static void weighted_sums_int8(const Job *job, Py_ssize_t group, const float *weights, Py_ssize_t first,
+                               Py_ssize_t count, const int8_t *const *pairs, float *out, float *stage, int16_t *w16,
+                               float *chunk_scales) {
+    const Py_ssize_t dim = job->head_dim, lead = first & 1;
+    const Py_ssize_t padded = (count + lead + WEIGHT_CHUNK - 1) / WEIGHT_CHUNK * WEIGHT_CHUNK;
+    const Py_ssize_t npairs = (count + lead + 1) / 2;
+    weights_int16(weights, group, count, lead, padded, stage, w16, chunk_scales);
+    memset(out, 0, sizeof(float) * (size_t)(group * dim));
+    const Py_ssize_t chunks = padded / WEIGHT_CHUNK;
+    for (Py_ssize_t h0 = 0; h0 < group; h0 += INT8_SUM_HEADS) {
+        const int heads = group - h0 < INT8_SUM_HEADS ? (int)(group - h0) : INT8_SUM_HEADS;
+        float *rows[INT8_SUM_HEADS];
+        for (int h = 0; h < heads; h++) rows[h] = out + (h0 + h) * dim;
+        for (Py_ssize_t d0 = 0; d0 < dim; d0 += 64)
+            int8_sums(heads, w16 + h0 * padded, padded, chunk_scales + h0 * chunks, npairs, pairs, d0,
+                      dim - d0 >= 64 ? 4 : (int)((dim - d0) / 16), rows);
     }
 }
 
@@ -553,10 +652,13 @@ static void rotate_and_store(const Job *job, Py_ssize_t seq, Py_ssize_t head, fl
 #ifdef SELFHOST_X86 /* bf16 and int8 caches are taken on AVX-512 only (check_pairs) */
     if (job->kv_kind == KV_INT8) { /* each row's scale beside it: (Hkv, NB, BS), the slot's entry */
         Py_ssize_t scale_at = head * job->num_blocks * bs + slot;
-        job->v_scales[scale_at] = int8_quantize_row(value, dim, (int8_t *)job->v_cache + row_offset, 2);
-        /* the key into its block's pair rows (scores_int8): dims 2p, 2p + 1 of key j at p * 2 BS + 2 j */
-        Py_ssize_t pairs_at = (head * job->num_blocks + slot / bs) * dim * bs + 2 * (slot % bs);
-        job->k_scales[scale_at] = int8_quantize_row(key, dim, (int8_t *)job->k_cache + pairs_at, 2 * bs);
+        /* the key into its block's pair rows (scores_int8): dims 2p, 2p + 1 of key j at p * 2 BS + 2 j;
+         * the value into its pair of keys' rows (weighted_sums_int8): dim d of key j at
+         * (j / 2) * 2 D + 2 d + j % 2 */
+        const Py_ssize_t block_at = (head * job->num_blocks + slot / bs) * dim * bs, j = slot % bs;
+        job->k_scales[scale_at] = int8_quantize_row(key, dim, (int8_t *)job->k_cache + block_at + 2 * j, 2 * bs, 1);
+        job->v_scales[scale_at] =
+            int8_quantize_row(value, dim, (int8_t *)job->v_cache + block_at + j / 2 * 2 * dim + j % 2, 4, 2);
     } else if (job->kv_kind == KV_BF16) {
         uint16_t *v_cache = job->v_cache, *k_cache = job->k_cache;
         for (Py_ssize_t d = 0; d < dim; d += 16) { /* head_dim % 16 == 0 with a bf16 cache (check_pairs) */
@@ -577,25 +679,47 @@ static void rotate_and_store(const Job *job, Py_ssize_t seq, Py_ssize_t head, fl
  * p < count: one block-table lookup per block, no division per position (an integer
  * division per key cost as much as the key's share of the attention itself). */
 static void value_rows(const Job *job, Py_ssize_t seq, Py_ssize_t head, Py_ssize_t first, Py_ssize_t count,
-                       const void **values, float *scales) {
-    const Py_ssize_t bs = job->block_size;
-    const Py_ssize_t row_bytes = job->head_dim * (job->kv_kind == 2 ? 1 : job->kv_kind == 1 ? 2 : 4);
+                       const void **values) {
+    const Py_ssize_t bs = job->block_size, row_bytes = job->head_dim * (job->kv_kind == 1 ? 2 : 4);
     const char *head_rows = (const char *)job->v + head * job->num_blocks * bs * row_bytes;
-    const float *head_scales = job->v_scales ? job->v_scales + head * job->num_blocks * bs : NULL;
     const int64_t *table = job->tables + seq * job->max_blocks;
     Py_ssize_t pos = first, end = first + count;
     while (pos < end) {
-        const Py_ssize_t block = table[pos / bs], j0 = pos % bs;
-        const Py_ssize_t n = bs - j0 < end - pos ? bs - j0 : end - pos;
-        const char *rows = head_rows + block * bs * row_bytes;
-        for (Py_ssize_t j = j0; j < j0 + n; j++) values[pos - first + j - j0] = rows + j * row_bytes;
-        if (scales) memcpy(scales + pos - first, head_scales + block * bs + j0, sizeof(float) * (size_t)n);
+        const char *block = head_rows + table[pos / bs] * bs * row_bytes;
+        for (Py_ssize_t j = pos % bs; j < bs && pos < end; j++, pos++) values[pos - first] = block + j * row_bytes;
+    }
+}
+
+/* An int8 cache: pairs[m] = the row pair of positions (first & ~1) + 2m, m < (count + (first & 1) + 1) / 2
+ * (values in pairs of keys: a pair's rows start at its first key's (pos % BS) * D), and scales[p] =
+ * the scale of the value at first + p. */
+static void int8_value_pairs(const Job *job, Py_ssize_t seq, Py_ssize_t head, Py_ssize_t first, Py_ssize_t count,
+                             const int8_t **pairs, float *scales) {
+    const Py_ssize_t bs = job->block_size, dim = job->head_dim, end = first + count;
+    const int8_t *head_values = (const int8_t *)job->v + head * job->num_blocks * bs * dim;
+    const float *head_scales = job->v_scales + head * job->num_blocks * bs;
+    const int64_t *table = job->tables + seq * job->max_blocks;
+    for (Py_ssize_t pos = first & ~(Py_ssize_t)1, m = 0; pos < end; pos += 2, m++)
+        pairs[m] = head_values + (table[pos / bs] * bs + pos % bs) * dim;
+    for (Py_ssize_t pos = first; pos < end;) {
+        const Py_ssize_t j0 = pos % bs, n = bs - j0 < end - pos ? bs - j0 : end - pos;
+        memcpy(scales + pos - first, head_scales + table[pos / bs] * bs + j0, sizeof(float) * (size_t)n);
         pos += n;
     }
 }
 
-static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *scores, const void **values,
-                        float *value_scales, float *q_rotated, int32_t *query_pairs, float *query_factors) {
+/* Scratch of one (sequence, kv head) pair (run_job): scores, values, the values' scales, rotated query
+ * heads and key; an int8 cache's query pairs and factors, staged weights, their int16 copies and scales. */
+typedef struct {
+    float *scores, *value_scales, *q_rotated, *query_factors, *stage, *chunk_scales;
+    const void **values;
+    int32_t *query_pairs;
+    int16_t *w16;
+} PairScratch;
+
+static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, const PairScratch *scratch) {
+    float *scores = scratch->scores, *value_scales = scratch->value_scales, *q_rotated = scratch->q_rotated;
+    const void **values = scratch->values;
     Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim;
     Py_ssize_t len = job->lens[seq];
     Py_ssize_t first = (job->window > 0 && len > job->window) ? len - job->window : 0;
@@ -613,10 +737,13 @@ static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *
         memset(out, 0, sizeof(float) * (size_t)(group * dim));
         return;
     }
-    value_rows(job, seq, head, first, count, values, job->kv_kind == 2 ? value_scales : NULL);
+    if (job->kv_kind == 2)
+        int8_value_pairs(job, seq, head, first, count, (const int8_t **)values, value_scales);
+    else
+        value_rows(job, seq, head, first, count, values);
 #ifdef SELFHOST_X86
     if (job->kv_kind == KV_INT8) /* check_pairs: VNNI, block_size % 16 == 0 */
-        scores_int8(job, seq, head, q, first, len, scores, query_pairs, query_factors);
+        scores_int8(job, seq, head, q, first, len, scores, scratch->query_pairs, scratch->query_factors);
     else if (job->use_avx512 && job->block_size % 16 == 0)
         scores_avx512(job, seq, head, q, first, len, scores);
     else if (job->use_avx2 && job->block_size % 8 == 0)
@@ -657,7 +784,11 @@ static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, float *
             weighted_sum_scalar(job, row, (const float *const *)values, count, out + g * dim);
     }
 #ifdef SELFHOST_X86
-    if (grouped_sums) weighted_sums_avx512(job, group, scores, values, count, out);
+    if (job->kv_kind == KV_INT8)
+        weighted_sums_int8(job, group, scores, first, count, (const int8_t *const *)values, out, scratch->stage,
+                           scratch->w16, scratch->chunk_scales);
+    else if (grouped_sums)
+        weighted_sums_avx512(job, group, scores, values, count, out);
 #endif
 }
 
@@ -667,23 +798,28 @@ static void run_job(Job *job) {
         Py_ssize_t len = job->lens[item / job->num_kv_heads];
         if (len > longest) longest = len;
     }
-    /* the group's scores, its values' scales, its rotated query heads and key, then (an int8 cache)
-     * the query heads as 16-bit pairs and their factors */
-    Py_ssize_t group = job->num_heads / job->num_kv_heads;
-    float *scores = malloc(sizeof(float) * (size_t)((group + 1) * longest + (group + 1) * job->head_dim +
-                                                    group * job->head_dim / 2 + group));
+    const Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim;
+    const Py_ssize_t padded = longest + 1 + 64; /* an int8 cache's staged weights: WEIGHT_CHUNK multiples */
+    const size_t floats = (size_t)((group + 1) * longest + (group + 1) * dim + group + group * dim / 2 + padded +
+                                   group * (padded / 64 + 1) + (group * padded + 1) / 2);
+    float *block = malloc(sizeof(float) * floats);
     const void **values = malloc(sizeof(void *) * (size_t)longest);
-    if (scores == NULL || values == NULL) {
-        free(scores), free(values);
+    if (block == NULL || values == NULL) {
+        free(block), free(values);
         *job->failed = 1;
         return;
     }
-    float *q_rotated = scores + (group + 1) * longest, *query_factors = q_rotated + (group + 1) * job->head_dim;
-    int32_t *query_pairs = (int32_t *)(query_factors + group);
+    PairScratch scratch = {.scores = block, .values = values};
+    scratch.value_scales = block + group * longest;
+    scratch.q_rotated = scratch.value_scales + longest;
+    scratch.query_factors = scratch.q_rotated + (group + 1) * dim;
+    scratch.query_pairs = (int32_t *)(scratch.query_factors + group);
+    scratch.stage = (float *)(scratch.query_pairs + group * dim / 2);
+    scratch.chunk_scales = scratch.stage + padded;
+    scratch.w16 = (int16_t *)(scratch.chunk_scales + group * (padded / 64 + 1));
     for (Py_ssize_t item = job->item_begin; item < job->item_end; item++)
-        attend_pair(job, item / job->num_kv_heads, item % job->num_kv_heads, scores, values, scores + group * longest,
-                    q_rotated, query_pairs, query_factors);
-    free(scores), free(values);
+        attend_pair(job, item / job->num_kv_heads, item % job->num_kv_heads, &scratch);
+    free(block), free(values);
 }
 
 /* The first pass of a step with store_first: PAIRS_PER_CHUNK pairs' keys and values into the cache. */

@@ -86,6 +86,8 @@ typedef struct {
 } Job;
 
 
+/* The row of position `pos` in a cache of rows (values; fp32 or bf16), or, in an int8 cache of
+ * values in pairs of keys, the start of the pair's rows for an even `pos`. */
 static const void *cached_row(const Job *job, const void *cache, const int64_t *table, Py_ssize_t head,
                               Py_ssize_t pos) {
     Py_ssize_t row = (head * job->num_blocks + table[pos / job->block_size]) * job->block_size + pos % job->block_size;
@@ -133,6 +135,22 @@ __attribute__((target("avx512f,avx512bw"))) static void int8_pairs_to_panel(cons
     }
 }
 
+/* Values of keys [0, width) of an int8 cache's block (s->values[j]: key j's pair of rows, values in
+ * pairs of keys: dim d of the pair's two keys side by side) into fp32 rows of `panel`, dim apart, as
+ * the integers they hold. An odd width also fills the row after it (the pair's other key). */
+__attribute__((target("avx512f,avx512bw"))) static void int8_value_panel(const void *const *pairs, Py_ssize_t width,
+                                                                      Py_ssize_t dim, float *panel) {
+    for (Py_ssize_t j = 0; j < width; j += 2) {
+        const int8_t *pair = pairs[j];
+        float *even_row = panel + j * dim, *odd_row = even_row + dim;
+        for (Py_ssize_t d = 0; d < dim; d += 16) {
+            __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(pair + 2 * d)));
+            _mm512_store_ps(even_row + d, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 16), 16)));
+            _mm512_store_ps(odd_row + d, _mm512_cvtepi32_ps(_mm512_srai_epi32(x, 16)));
+        }
+    }
+}
+
 /* Element of dimension d of the key whose pairs start at `at` in an int8 block. */
 static inline Py_ssize_t int8_key_element(Py_ssize_t at, Py_ssize_t d, Py_ssize_t bs) {
     return at + d / 2 * 2 * bs + (d & 1);
@@ -146,7 +164,8 @@ typedef struct {
     const float *q_rows[MAX_ROWS];
     float *out_rows[MAX_ROWS];
     Py_ssize_t row_pos[MAX_ROWS];
-    const void *values[MAX_KEY_BLOCK];
+    const void *values[MAX_KEY_BLOCK]; /* int8: each key's pair of rows (values in pairs of keys) */
+    float value_panel[KEY_BLOCK * 1024] __attribute__((aligned(64))); /* int8, AVX-512: the block's values */
     float key_scales[MAX_KEY_BLOCK] __attribute__((aligned(64)));   /* int8: scale x each key's scale */
     float value_scales[MAX_KEY_BLOCK] __attribute__((aligned(64))); /* int8: each value's scale */
 } Scratch;
@@ -323,9 +342,14 @@ AVX512 static void run_unit(const void *whole, long unit) {
                 _mm512_store_ps(column + d * KEY_BLOCK, _mm512_i32gather_ps(
                     _mm512_add_epi32(index, _mm512_set1_epi32((int)(d * bs))), head_keys, 4));
         }
-        for (Py_ssize_t j = 0; j < width; j++) s->values[j] = cached_row(job, job->v, table, head, k0 + j);
         const int int8 = job->kv_kind == KV_INT8;
-        if (int8) block_scales(job, s, table, head, k0, width, KEY_BLOCK);
+        if (int8) { /* the block's values widened once into fp32 rows, for every query row of the unit */
+            for (Py_ssize_t j = 0; j < width; j++) s->values[j] = cached_row(job, job->v, table, head, k0 + (j & ~1));
+            int8_value_panel(s->values, width, dim, s->value_panel);
+            for (Py_ssize_t j = 0; j < width; j++) s->values[j] = s->value_panel + j * dim;
+            block_scales(job, s, table, head, k0, width, KEY_BLOCK);
+        } else
+            for (Py_ssize_t j = 0; j < width; j++) s->values[j] = cached_row(job, job->v, table, head, k0 + j);
         for (Py_ssize_t r0 = 0; r0 < rows; r0 += ROWS) {
             int block_rows = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
             score_block(block_rows, s->q_rows + r0, s->panel, dim, s->scores + r0 * KEY_BLOCK);
@@ -336,7 +360,7 @@ AVX512 static void run_unit(const void *whole, long unit) {
         } else
             softmax_block(job, s, rows, k0, KEY_BLOCK, 0, 0);
         for (Py_ssize_t r0 = 0; r0 < rows; r0 += WEIGHTED_ROWS_MAX)
-            weighted_rows(rows - r0 < WEIGHTED_ROWS_MAX ? (int)(rows - r0) : WEIGHTED_ROWS_MAX, job->kv_kind,
+            weighted_rows(rows - r0 < WEIGHTED_ROWS_MAX ? (int)(rows - r0) : WEIGHTED_ROWS_MAX, int8 ? KV_FP32 : job->kv_kind,
                           s->out_rows + r0, s->rescale + r0, s->scores + r0 * KEY_BLOCK, KEY_BLOCK, s->values, width,
                           dim);
     }
@@ -391,13 +415,6 @@ AMX_TARGET static inline __m512i int8_pairs_as_bf16(const int8_t *pairs) {
     return _mm512_or_si512(_mm512_srli_epi32(even, 16), _mm512_and_si512(odd, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-/* amx_pair_rows for 16 int8 values of each row: a's and b's bf16 interleaved. */
-AMX_TARGET static inline __m512i int8_pair_rows(const int8_t *a, const int8_t *b) {
-    __m512i lo = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)a))));
-    __m512i hi = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b))));
-    return _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, _mm512_set1_epi32((int)0xffff0000u)));
-}
-
 /* Keys [k0, k0 + TILE_KEY_BLOCK) as B tiles: tile (g, c) row i holds, for each key j of the
  * 16 from k0 + 16g, the dimension pair (2i, 2i + 1) of dims [32c, 32c + 32). A run of 16
  * keys inside one cache block (which keeps them dims-major) is two loads per row; runs
@@ -434,8 +451,9 @@ AMX_TARGET static void tile_keys(const Job *job, TileScratch *t, const Unit *u, 
     }
 }
 
-/* The block's values (rows s->values[0..width)) as B tiles: tile (c, g) row i holds, for
- * each dimension of [16g, 16g + 16), the values of keys 32c + 2i and 32c + 2i + 1. */
+/* The block's values (rows s->values[0..width); int8: pairs of rows) as B tiles: tile (c, g) row i
+ * holds, for each dimension of [16g, 16g + 16), the values of keys 32c + 2i and 32c + 2i + 1 (an int8
+ * cache stores exactly that: its values are in pairs of keys). */
 AMX_TARGET static void tile_values(const Job *job, const Scratch *s, TileScratch *t, Py_ssize_t width) {
     const Py_ssize_t groups = job->head_dim / 16;
     const int int8 = job->kv_kind == KV_INT8;
@@ -444,9 +462,9 @@ AMX_TARGET static void tile_values(const Job *job, const Scratch *s, TileScratch
             const Py_ssize_t a = c * 32 + 2 * i, b = a + 1;
             const void *va = a < width ? s->values[a] : t->zero_row; /* zeros, as int8 or bf16 */
             const void *vb = b < width ? s->values[b] : t->zero_row;
-            for (Py_ssize_t g = 0; g < groups; g++)
+            for (Py_ssize_t g = 0; g < groups; g++) /* int8: b's value is a's partner (probability 0 past width) */
                 _mm512_store_si512((void *)(t->v + (c * groups + g) * AMX_TILE_ELEMS + i * 32),
-                                   int8 ? int8_pair_rows((const int8_t *)va + g * 16, (const int8_t *)vb + g * 16)
+                                   int8 ? int8_pairs_as_bf16((const int8_t *)va + g * 32)
                                         : amx_pair_rows((const uint16_t *)va + g * 16, (const uint16_t *)vb + g * 16));
         }
 }
@@ -500,9 +518,10 @@ AMX_TARGET static void run_unit_tiles(const void *whole, long unit) {
     for (Py_ssize_t k0 = u.lo - u.lo % 16; k0 < u.hi; k0 += TILE_KEY_BLOCK) {
         const Py_ssize_t width = u.hi - k0 < TILE_KEY_BLOCK ? u.hi - k0 : TILE_KEY_BLOCK;
         tile_keys(job, t, &u, k0);
-        for (Py_ssize_t j = 0; j < width; j++) s->values[j] = cached_row(job, job->v, u.table, u.head, k0 + j);
-        tile_values(job, s, t, width);
         const int int8 = job->kv_kind == KV_INT8;
+        for (Py_ssize_t j = 0; j < width; j++) /* int8: each key's pair of rows */
+            s->values[j] = cached_row(job, job->v, u.table, u.head, k0 + (int8 ? j & ~1 : j));
+        tile_values(job, s, t, width);
         if (int8) block_scales(job, s, u.table, u.head, k0, width, TILE_KEY_BLOCK);
         for (Py_ssize_t rt = 0; rt < row_tiles; rt++) /* scores: 16 rows x 64 keys in C tiles 0-3 */
             for (Py_ssize_t half = 0; half * 64 < width; half++) {

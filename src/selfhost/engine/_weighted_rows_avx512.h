@@ -62,11 +62,12 @@ __attribute__((target("avx512f"))) static inline void bf16_round_16(const float 
 }
 
 /* `dim` values (a multiple of 16) to int8, round(x * (127 / max|x|)) to nearest even, value e at
- * out[(e / 2) * pair_stride + e % 2] (2: a row; a key's pair rows in an int8 cache: 2 * block_size);
- * returns the scale max|x| / 127 (0 for a row of zeros). The same IEEE operations as
- * paged_cache.py's quantize_rows, so the torch writer and the kernels write the same bytes. */
+ * out[(e / 2) * pair_stride + (e % 2) * step] (an int8 cache's key: pairs of dimensions, 2 * block_size
+ * and 1; its value: pairs of keys, every other byte, 4 and 2); returns the scale max|x| / 127 (0 for a
+ * row of zeros). The same IEEE operations as paged_cache.py's quantize_rows, so the torch writer and
+ * the kernels write the same bytes. */
 __attribute__((target("avx512f"))) static inline float int8_quantize_row(const float *in, Py_ssize_t dim, int8_t *out,
-                                                                         Py_ssize_t pair_stride) {
+                                                                         Py_ssize_t pair_stride, Py_ssize_t step) {
     __m512 peak = _mm512_setzero_ps();
     for (Py_ssize_t d = 0; d < dim; d += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_loadu_ps(in + d)));
     const float largest = _mm512_reduce_max_ps(peak);
@@ -75,15 +76,11 @@ __attribute__((target("avx512f"))) static inline float int8_quantize_row(const f
     for (Py_ssize_t d = 0; d < dim; d += 16) {
         __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(in + d), inv)); /* MXCSR: nearest even */
         __m128i bytes = _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi));
-        if (pair_stride == 2) {
-            _mm_storeu_si128((__m128i *)(out + d), bytes);
-            continue;
-        }
         int8_t lanes[16];
         _mm_storeu_si128((__m128i *)lanes, bytes);
         for (int i = 0; i < 16; i += 2) {
             int8_t *pair = out + (d + i) / 2 * pair_stride;
-            pair[0] = lanes[i], pair[1] = lanes[i + 1];
+            pair[0] = lanes[i], pair[step] = lanes[i + 1];
         }
     }
     return largest / 127.0f;

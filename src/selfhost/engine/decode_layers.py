@@ -189,7 +189,7 @@ class DecodeLayers:
             return None
         out = torch.empty(tokens, self.hidden)
         tables, cache = meta.single_block_tables, self.cache
-        _, _, num_blocks, block_size, _ = cache.v.shape
+        num_blocks, block_size = cache.num_blocks, cache.block_size
         _decode_layers_cpu.run_layers(
             self.table.data_ptr(), self.num_layers, PRODUCT_KINDS[self.kind], self.switch,
             input_ids.data_ptr(), positions.data_ptr(), self.embed.data_ptr(), self.embed.shape[0],

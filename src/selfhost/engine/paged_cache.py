@@ -158,6 +158,15 @@ def batched_single_query_attention(
     return out.view(num_kv_heads, num_seqs, group, head_dim).transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
 
+def value_rows(v_layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The values of `blocks` (one layer: rows, or an int8 cache's pairs of keys) as
+    (Hkv, len(blocks) * block_size, D) rows."""
+    picked = v_layer.index_select(1, blocks)
+    if picked.dim() == 5:  # (Hkv, n, BS/2, D, 2) -> (Hkv, n, BS/2, 2, D)
+        return picked.transpose(3, 4).reshape(picked.shape[0], -1, picked.shape[3])
+    return picked.view(picked.shape[0], -1, picked.shape[-1])
+
+
 def key_rows(k_layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """The keys of `blocks` (one layer: dims-major blocks, or an int8 cache's pairs of dimensions) as
     (Hkv, len(blocks) * block_size, D) rows."""
@@ -179,19 +188,25 @@ class PagedKVCache:
         # dimension of consecutive keys, so the CPU kernels form a block's scores with
         # plain multiply-adds (no horizontal sums, no transposition).
         shape = (spec.num_layers, spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
-        # An int8 cache keeps its keys in pairs of dimensions, (D/2, block_size, 2): the decode kernel
-        # multiplies 16 keys' pair by a query's pair in one VNNI instruction.
-        key_block = (spec.head_dim // 2, block_size, 2) if kv_dtype == torch.int8 else (spec.head_dim, block_size)
-        if kv_dtype == torch.int8 and spec.head_dim % 2:
-            raise ValueError(f"an int8 KV cache needs an even head_dim, not {spec.head_dim}")
+        # An int8 cache keeps its keys in pairs of dimensions, (D/2, block_size, 2), and its values in
+        # pairs of keys, (block_size/2, D, 2): the decode kernel multiplies 16 keys' pair of dimensions
+        # by a query's pair, and 16 dimensions of a pair of values by their weights, in one VNNI
+        # instruction each.
+        key_block, value_block = (spec.head_dim, block_size), (block_size, spec.head_dim)
+        if kv_dtype == torch.int8:
+            if spec.head_dim % 2 or block_size % 2:
+                raise ValueError(f"an int8 KV cache needs an even head_dim and block_size, not {spec.head_dim} "
+                                 f"and {block_size}")
+            key_block, value_block = (spec.head_dim // 2, block_size, 2), (block_size // 2, spec.head_dim, 2)
         self.k = torch.zeros(shape[:3] + key_block, dtype=kv_dtype, device=device)
-        self.v = torch.zeros(shape, dtype=kv_dtype, device=device)
+        self.v = torch.zeros(shape[:3] + value_block, dtype=kv_dtype, device=device)
         # int8: one scale per token and kv head for keys and for values
         self.k_scale = self.v_scale = None
         if kv_dtype == torch.int8:
             self.k_scale = torch.zeros(shape[:4], dtype=torch.float32, device=device)
             self.v_scale = torch.zeros(shape[:4], dtype=torch.float32, device=device)
-        self.block_size = block_size
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.num_kv_heads, self.head_dim = spec.num_kv_heads, spec.head_dim
         self.meta: StepMetadata | None = None
         # what the C kernels are told the cache holds (they take fp32 activations only)
         self.kv_kind = KV_KINDS.get(kv_dtype, 0)
@@ -233,7 +248,7 @@ class PagedKVCache:
 
     def attend(self, layer_idx, q, k, v, scale, sliding_window, softcap):
         meta = self.meta
-        num_kv_heads = self.v.shape[1]  # v: (layers, Hkv, num_blocks, block_size, D)
+        num_kv_heads = self.num_kv_heads
         self.write_step_kv(layer_idx, k, v)  # first: queries see themselves
         num_single = meta.num_single
         single_out = None
@@ -262,23 +277,25 @@ class PagedKVCache:
         """This step's keys (dims-major in their block; int8: pairs of dimensions) and values (row-major)
         into their slots."""
         k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]
-        num_kv_heads, head_dim = v_layer.shape[0], v_layer.shape[-1]
+        num_kv_heads, head_dim = self.num_kv_heads, self.head_dim
         blocks, offsets = self.meta.slot_blocks_and_offsets(self.block_size)
         slots = self.meta.slot_mapping
         k_scale, v_scale = self.layer_scales(layer_idx)
         if k_scale is None:
             k_layer[:, blocks, :, offsets] = k.to(k_layer.dtype)  # advanced indices first: (T, Hkv, D)
-        else:  # int8: each row to its own scale; keys in pairs of dimensions, (Hkv, NB, D/2, BS, 2)
-            (k, k_scales), (v, v_scales) = quantize_rows(k), quantize_rows(v)  # (T, Hkv, D), (T, Hkv)
-            k_layer[:, blocks, :, offsets] = k.view(*k.shape[:2], head_dim // 2, 2)  # indexed as (T, Hkv, D/2, 2)
-            k_scale[:, blocks, offsets] = k_scales.T  # advanced indices together: (Hkv, T)
-            v_scale.view(num_kv_heads, -1).index_copy_(1, slots, v_scales.T.contiguous())
-        v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1).to(v_layer.dtype))
+            v_layer.view(num_kv_heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1).to(v_layer.dtype))
+            return
+        # int8: each row to its own scale; keys in pairs of dimensions (Hkv, NB, D/2, BS, 2), values in
+        # pairs of keys (Hkv, NB, BS/2, D, 2); both indexed as (T, Hkv, ...)
+        (k, k_scales), (v, v_scales) = quantize_rows(k), quantize_rows(v)  # (T, Hkv, D), (T, Hkv)
+        k_layer[:, blocks, :, offsets] = k.view(*k.shape[:2], head_dim // 2, 2)
+        v_layer[:, blocks, offsets // 2, :, offsets % 2] = v
+        k_scale[:, blocks, offsets] = k_scales.T  # advanced indices together: (Hkv, T)
+        v_scale.view(num_kv_heads, -1).index_copy_(1, slots, v_scales.T.contiguous())
 
     def single_keys_values(self, layer_idx, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The single-token queries' blocks gathered: keys and values (Hkv, S, padded length, D) in `dtype`."""
-        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]
-        num_kv_heads, head_dim = v_layer.shape[0], v_layer.shape[-1]
+        num_kv_heads, head_dim = self.num_kv_heads, self.head_dim
         tables = self.meta.single_block_tables  # (S, max_blocks)
         num_single, padded_len, flat = tables.shape[0], tables.shape[1] * self.block_size, tables.flatten()
         keys, values = self._blocks_in(layer_idx, flat, dtype)
@@ -287,10 +304,8 @@ class PagedKVCache:
 
     def _blocks_in(self, layer_idx, blocks, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values of `blocks` of one layer as (Hkv, len(blocks) * block_size, D) rows in `dtype`."""
-        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]
-        num_kv_heads, head_dim = v_layer.shape[0], v_layer.shape[-1]
-        keys = key_rows(k_layer, blocks)
-        values = v_layer.index_select(1, blocks).view(num_kv_heads, -1, head_dim)
+        num_kv_heads = self.num_kv_heads
+        keys, values = key_rows(self.k[layer_idx], blocks), value_rows(self.v[layer_idx], blocks)
         k_scale, v_scale = self.layer_scales(layer_idx)
         if k_scale is None:
             return keys.to(dtype), values.to(dtype)
@@ -325,7 +340,7 @@ class PagedKVCache:
         """
         meta = self.meta
         num_tokens, _, head_dim = heads.shape
-        _, num_kv_heads, num_blocks, block_size, _ = self.v.shape
+        num_kv_heads, num_blocks, block_size = self.num_kv_heads, self.num_blocks, self.block_size
         if not self.use_cpu_kernel or cos.shape[-1] != head_dim:
             return None
         heads, cos, sin = heads.contiguous(), cos.contiguous(), sin.contiguous()
@@ -364,7 +379,7 @@ class PagedKVCache:
         if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
             q = q.contiguous()
         tables, first, count, start = self.meta.chunk_arrays()
-        _, num_kv_heads, num_blocks, block_size, head_dim = self.v.shape
+        num_kv_heads, num_blocks, block_size, head_dim = self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim
         _prefill_attention_cpu.prefill_attention(
             q.data_ptr(), self.k[layer_idx].data_ptr(), self.v[layer_idx].data_ptr(), out.data_ptr(),
             tables.data_ptr(), first.data_ptr(), count.data_ptr(), start.data_ptr(),
@@ -380,7 +395,7 @@ class PagedKVCache:
         out = torch.empty_like(q)
         tables, lens = meta.single_block_tables, meta.single_context_lens
         num_seqs, num_heads, head_dim = q.shape
-        _, num_kv_heads, num_blocks, block_size, _ = self.v.shape
+        num_kv_heads, num_blocks, block_size = self.num_kv_heads, self.num_blocks, self.block_size
         _paged_attention_cpu.decode_attention(
             q.data_ptr(), self.k[layer_idx].data_ptr(), self.v[layer_idx].data_ptr(),
             tables.data_ptr(), lens.data_ptr(), out.data_ptr(),

@@ -24,7 +24,7 @@ class SinkKVCache(PagedKVCache):
     def attend_with_sinks(self, layer_idx, q, k, v, sinks, scale, sliding_window):
         """As `PagedKVCache.attend` (q, k, v: (T, heads, D)), with one sink logit per query head."""
         meta = self.meta
-        num_kv_heads = self.v.shape[1]
+        num_kv_heads = self.num_kv_heads
         self.write_step_kv(layer_idx, k, v)  # as PagedKVCache.attend does
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         num_single = meta.num_single
