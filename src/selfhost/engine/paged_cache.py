@@ -22,10 +22,11 @@ quarters them. bf16: keys and values are rounded to bf16 (to nearest even) as th
 written and widened exactly as they are read. int8: each token's key (and value) of each
 kv head is stored as round(x * 127 / max|x|) with its scale max|x| / 127 beside it
 (`k_scale`, `v_scale`: (layers, kv_heads, num_blocks, block_size) fp32): a relative
-error of at most 1/254 of the row's largest element. The C kernels take either on
-AVX-512 (an int8 key's scale multiplies its scores, a value's its probabilities: the
-integers themselves go into the products), the torch paths anywhere (they dequantize
-what they gather).
+error of at most 1/254 of the row's largest element; its keys are kept in pairs of
+dimensions and its values in pairs of keys, the operands of AVX512-VNNI's vpdpwssd. The C
+kernels take bf16 on AVX-512 and int8 on AVX-512 with BW and VNNI (an int8 key's scale
+multiplies its scores, a value's its probabilities: the integers themselves go into the
+products), the torch paths anywhere (they dequantize what they gather).
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ class PagedKVCache:
             and block_size % 16 == 0
         )  # fmt: skip
         # Single-token queries read fp32 blocks in place through the C kernel when it is built,
-        # and so do prompt chunks on CPUs with AVX-512 (bf16 blocks: AVX-512 for both).
+        # and so do prompt chunks on CPUs with AVX-512 (bf16 and int8 blocks: see above).
         self.use_cpu_kernel = CPU_KERNEL_ENABLED and device.type == "cpu" and dtype == torch.float32 and kernel_cache
         self.use_prefill_kernel = (
             PREFILL_KERNEL_ENABLED and device.type == "cpu" and dtype == torch.float32 and kernel_cache
@@ -274,8 +275,8 @@ class PagedKVCache:
         return out
 
     def write_step_kv(self, layer_idx, k, v) -> None:
-        """This step's keys (dims-major in their block; int8: pairs of dimensions) and values (row-major)
-        into their slots."""
+        """This step's keys (dims-major in their block; int8: pairs of dimensions) and values (rows; int8:
+        pairs of keys) into their slots."""
         k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]
         num_kv_heads, head_dim = self.num_kv_heads, self.head_dim
         blocks, offsets = self.meta.slot_blocks_and_offsets(self.block_size)
