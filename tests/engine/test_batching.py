@@ -5,6 +5,7 @@ import random
 import pytest
 
 from selfhost import LLM, SamplingParams
+from selfhost.engine.paged_cache import PagedKVCache
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,16 @@ def assert_no_blocks_in_use(llm):
     assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
 
 
-def test_batched_greedy_equals_alone_whatever_the_batch(checkpoint):
+# The int8 KV cache rounds each token's key and value on its own, whatever the batch or the chunk.
+KV_CACHE_DTYPES = pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+
+
+@KV_CACHE_DTYPES
+def test_batched_greedy_equals_alone_whatever_the_batch(checkpoint, kv_cache_dtype):
     prompts, params = workload()
     # A small token budget forces chunked prefill next to running decodes.
-    llm = LLM(checkpoint, max_num_batched_tokens=48, max_num_seqs=8, kv_cache_memory="4MiB")
+    llm = LLM(checkpoint, max_num_batched_tokens=48, max_num_seqs=8, kv_cache_memory="4MiB",
+              kv_cache_dtype=kv_cache_dtype)
     alone = run_alone(llm, prompts, params)
     assert run_staggered(llm, prompts, params) == alone
     assert [o.token_ids for o in llm.generate(prompts, params[0])] == run_alone(llm, prompts, [params[0]] * 20)
@@ -60,12 +67,14 @@ def test_seeded_sampling_is_independent_of_the_batch(checkpoint):
     assert run_staggered(llm, prompts, params, arrivals_per_step=2) == run_alone(llm, prompts, params)
 
 
-def test_preemption_completes_everything_unchanged(checkpoint):
+@KV_CACHE_DTYPES
+def test_preemption_completes_everything_unchanged(checkpoint, kv_cache_dtype):
     prompts, params = workload(12, seed=2)
-    roomy = LLM(checkpoint, kv_cache_memory="8MiB")
+    roomy = LLM(checkpoint, kv_cache_memory="8MiB", kv_cache_dtype=kv_cache_dtype)
     expected = run_staggered(roomy, prompts, params)
     # Room for only ~128 tokens of KV: far less than the requests need together.
-    tight = LLM(checkpoint, kv_cache_memory=128 * tight_bytes_per_token(roomy), max_num_seqs=12)
+    tight = LLM(checkpoint, kv_cache_memory=128 * tight_bytes_per_token(roomy), max_num_seqs=12,
+                kv_cache_dtype=kv_cache_dtype)
     assert tight.engine.capacity_tokens == 128
     assert run_staggered(tight, prompts, params, arrivals_per_step=12) == expected
     assert tight.engine.stats().num_preemptions > 0
@@ -73,17 +82,18 @@ def test_preemption_completes_everything_unchanged(checkpoint):
 
 
 def tight_bytes_per_token(llm):
-    return llm.model.spec.kv_bytes_per_token * 4  # fp32
+    return PagedKVCache.bytes_per_block(llm.model.spec, 1, llm.kv_cache_dtype)
 
 
-def test_prefix_cache_hit_and_unchanged_outputs(checkpoint):
+@KV_CACHE_DTYPES
+def test_prefix_cache_hit_and_unchanged_outputs(checkpoint, kv_cache_dtype):
     prefix = list(range(10, 10 + 96))  # six full blocks of 16
     a, b = prefix + [200, 201, 202], prefix + [300, 301]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    cold = LLM(checkpoint, kv_cache_memory="4MiB", enable_prefix_caching=False)
+    cold = LLM(checkpoint, kv_cache_memory="4MiB", enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype)
     expected = [cold.generate([p], params)[0].token_ids for p in (a, b)]
 
-    llm = LLM(checkpoint, kv_cache_memory="4MiB")
+    llm = LLM(checkpoint, kv_cache_memory="4MiB", kv_cache_dtype=kv_cache_dtype)
     first = llm.generate([a], params)[0].token_ids
     bm = llm.engine.block_manager
     hits_before = bm.prefix_hit_tokens

@@ -75,14 +75,16 @@ def test_runner_steps_equal_the_python_path(tiny_checkpoint, monkeypatch, family
 
 
 @needs_runner
-def test_speculative_verifications_through_the_runner_keep_greedy_output(tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "int8"])
+def test_speculative_verifications_through_the_runner_keep_greedy_output(tiny_checkpoint, monkeypatch,
+                                                                         kv_cache_dtype):
     """A verification is k + 1 single-token queries of one sequence: the keys are all written first
     (store_first), in the runner as in the fused kernel."""
     path = str(tiny_checkpoint("llama"))
     repetitive = [[7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8, 9]]
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    plain = _load(path, "bfloat16").generate(repetitive, params)[0].token_ids
-    llm = _load(path, "bfloat16", speculative="ngram", num_speculative_tokens=4)
+    plain = _load(path, kv_cache_dtype).generate(repetitive, params)[0].token_ids
+    llm = _load(path, kv_cache_dtype, speculative="ngram", num_speculative_tokens=4)
     current = llm.engine.speculator
     llm.engine.speculator = Speculator(type(current.config)(**{**current.config.__dict__, "when": "always"}),
                                        current.draft)
