@@ -205,7 +205,7 @@ def test_a_curve_that_overprices_wider_steps_is_measured_again(target):
         speculator.step_cost.record(n, 0.100)
     seq = llm.engine.add_request("r", [5, 6, 7, 8] * 10, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
     seq.num_computed_tokens = seq.num_tokens - 1  # as after its prompt: decoding (the speculator runs nothing)
-    assert not speculator._could_pay(plain_tokens=1, decoding=1, greedy=True)
+    assert not speculator._could_pay(sequences=1, plain_tokens=1, decoding=1, greedy=True)
     lengths = []
     for _ in range(2 * UNPRICED_PROBE_EVERY):
         speculator.propose([seq], 64)
@@ -306,3 +306,31 @@ def test_a_slow_step_cannot_make_a_width_look_dear_for_long():
     for seconds in (0.001, 0.001, 0.001, 0.050):  # settled, then one slow observation
         average.record(seconds)
     assert average.value <= 0.001 * (1 + 0.2 * (OUTLIER - 1)) + 1e-12
+
+
+def test_a_batchs_step_times_do_not_price_one_streams_proposals(target):
+    """Steps are timed per number of sequences: 8 tokens for 4 sequences cost about twice 8 for one (a context
+    and a sampled row each), and one curve for both had made one stream's proposals look dear after a batch."""
+    from types import SimpleNamespace
+
+    from selfhost import LLM, SamplingParams
+    from selfhost.speculative.speculator import Speculator
+
+    llm = LLM(target, speculative="ngram", num_speculative_tokens=4, kv_cache_memory="4MiB")
+    speculator = llm.engine.speculator
+    assert isinstance(speculator, Speculator)
+    decode = lambda tokens: SimpleNamespace(num_tokens=tokens, num_own_tokens=1)  # noqa: E731
+    for n in (1, 2, 3, 4, 5):  # one stream: a wider step costs little
+        speculator.record_step([decode(n)], 0.010 * (1 + 0.02 * (n - 1)))
+    speculator.record_step([decode(1)] * 4, 0.012)
+    for n in (5, 6, 7, 8):  # four streams with proposals: dear
+        speculator.record_step([decode(n - 3)] + [decode(1)] * 3, 0.060)
+    assert speculator.step_cost.seconds(5) < 0.011 and speculator.step_cost_for(4).seconds(5) > 0.025
+    seq = llm.engine.add_request("r", [5, 6, 7, 8] * 10, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    seq.num_computed_tokens = seq.num_tokens - 1
+    state = speculator._state(seq)
+    for _ in range(20):
+        speculator.acceptance.record(state.counts, (True, 4), proposed=4, accepted=4)
+    speculator.propose([seq], 64)
+    assert seq.proposed == [5, 6, 7, 8]
+    seq.proposed = []

@@ -91,7 +91,10 @@ class Speculator:
         self.config = config
         self.draft = draft
         self.ngram = NgramProposer(config.ngram_min, config.ngram_max) if config.method == "ngram" else None
-        self.step_cost = StepCostModel()  # the model's forward and sampling, by the step's token count
+        # The model's forward and sampling by the step's token count, one curve per number of sequences in the
+        # step: 8 tokens for 4 sequences cost ~2x 8 tokens for one (a context and a sampled row each), and one
+        # curve for both had made a single stream's proposals look dear after a batch (copy 1.7x -> 1.3-1.5x).
+        self.step_costs: dict[int, StepCostModel] = {}
         self.acceptance = AcceptanceModel()  # how often proposals are kept, by what they rest on
         # What speculation costs besides the wider forward, as running averages: per speculating
         # sequence (proposing by lookup, verifying), and per draft-model pass (batched over sequences).
@@ -109,8 +112,20 @@ class Speculator:
         self._idle_key = None  # what the last empty plan was made for
         self._proposing_steps = 0
         self._propose_calls = 0  # steps so far (the engine proposes once a step)
-        self._could_pay_cache: dict[tuple[int, int, bool], tuple[bool, int]] = {}  # step shape -> (answer, until)
+        self._could_pay_cache: dict[tuple[int, int, int, bool], tuple[bool, int]] = {}  # step shape -> (answer, until)
         self._proposed = self._accepted = self._verifications = self._steps = 0
+
+    def step_cost_for(self, sequences: int) -> StepCostModel:
+        """The step-time curve of steps that run `sequences` sequences."""
+        cost = self.step_costs.get(sequences)
+        if cost is None:
+            cost = self.step_costs[sequences] = StepCostModel()
+        return cost
+
+    @property
+    def step_cost(self) -> StepCostModel:
+        """One stream's curve."""
+        return self.step_cost_for(1)
 
     def can_speculate(self, seq: Sequence) -> bool:
         """Decoding (its prompt done) with sampling whose verification needs no per-token replay.
@@ -162,7 +177,7 @@ class Speculator:
             return 0.0
         plain_tokens = min(plain_tokens, token_budget)
         unpriced_probe = False
-        if not self._could_pay(plain_tokens, decoding, greedy):
+        if not self._could_pay(len(running), plain_tokens, decoding, greedy):
             self._streak = 0
             self._idle_steps += 1
             if not self._unpriced_probe_due():
@@ -189,7 +204,7 @@ class Speculator:
             self._streak = 0
             return 0.0
         lengths = (self._probe(candidates) if unpriced_probe
-                   else self._lengths(plain_tokens, decoding, candidates))
+                   else self._lengths(self.step_cost_for(len(running)), plain_tokens, decoding, candidates))
         if not any(lengths):
             self._streak = 0
             return 0.0
@@ -221,23 +236,24 @@ class Speculator:
         kinds = (True,) if greedy else (True, False)
         return max(self._seconds_per_sequence[kind].value or 0.0 for kind in kinds)
 
-    def _could_pay(self, plain_tokens: int, decoding: int, greedy: bool) -> bool:
+    def _could_pay(self, sequences: int, plain_tokens: int, decoding: int, greedy: bool) -> bool:
         """Whether proposals could pay this step even if every decoding sequence proposed k tokens and all
         were kept (for some k). Where a wider step costs its full share of tokens (a large batch), none
         can, and the step skips the lookups and the plan: ~10 us a sequence, 6-9% of a 16-stream step.
         The answer for the same step shape is reused for COULD_PAY_EVERY steps (the curve moves slowly)."""
         if self.config.when == "always":
             return True
-        key = (plain_tokens, decoding, greedy)
+        key = (sequences, plain_tokens, decoding, greedy)
         cached = self._could_pay_cache.get(key)
         if cached is not None and cached[1] > self._propose_calls:
             return cached[0]
-        plain = self.step_cost.seconds(plain_tokens)
+        cost = self.step_cost_for(sequences)
+        plain = cost.seconds(plain_tokens)
         if plain is None or decoding == 0:
             return plain is None  # nothing measured yet: not cached, the first steps measure
         overhead = decoding * self._overhead_per_sequence(greedy)
         per_pass = self._draft_seconds_per_pass.value or 0.0
-        seconds = self.step_cost.seconds
+        seconds = cost.seconds
         answer = any(decoding * (1 + k) / (seconds(plain_tokens + decoding * k) + overhead + k * per_pass)
                      > REQUIRED_GAIN * decoding / plain for k in range(1, self.config.num_tokens + 1))
         if len(self._could_pay_cache) > 256:
@@ -245,7 +261,7 @@ class Speculator:
         self._could_pay_cache[key] = (answer, self._propose_calls + COULD_PAY_EVERY)
         return answer
 
-    def _lengths(self, plain_tokens: int, decoding: int,
+    def _lengths(self, cost: StepCostModel, plain_tokens: int, decoding: int,
                  candidates: list[tuple[Sequence, SequenceSpeculation, int]]) -> list[int]:
         """How many tokens each candidate proposes this step (see adaptive.py); all zeros: a plain step."""
         if self.config.when == "always":
@@ -253,14 +269,14 @@ class Speculator:
         key = (plain_tokens, [(k, state.evidence) for _, state, k in candidates])
         if key == self._idle_key and self._idle_steps % REPLAN_IDLE_EVERY:
             lengths = [0] * len(candidates)  # as the last plan for the same candidates said (see REPLAN_IDLE_EVERY)
-        elif plain_tokens not in self.step_cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
+        elif plain_tokens not in cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
             return [0] * len(candidates)  # measure a plain step of this size
-        elif self.step_cost.seconds(plain_tokens) is None:
+        elif cost.seconds(plain_tokens) is None:
             return [k for _, _, k in candidates]  # nothing measured yet: try, and the step is measured
         else:
             lengths = plan_lengths(
                 [Candidate(k, self.acceptance.rates(state.counts, state.evidence)) for _, state, k in candidates],
-                self.step_cost.seconds, plain_tokens, decoding, self._overhead_per_sequence(_all_greedy(candidates)),
+                cost.seconds, plain_tokens, decoding, self._overhead_per_sequence(_all_greedy(candidates)),
                 self._draft_seconds_per_pass.value or 0.0, REQUIRED_GAIN)
         # A step where nobody proposes still probes now and then: one token for the sequence that has gone
         # longest without proposing (its counts, and the engine's, would otherwise never change), where one
@@ -274,8 +290,8 @@ class Speculator:
         self._idle_steps += 1
         if self._idle_steps % PROBE_EVERY:
             return lengths
-        plain = self.step_cost.seconds(plain_tokens)
-        extra = (self.step_cost.seconds(plain_tokens + 1) - plain + self._overhead_per_sequence(_all_greedy(candidates))
+        plain = cost.seconds(plain_tokens)
+        extra = (cost.seconds(plain_tokens + 1) - plain + self._overhead_per_sequence(_all_greedy(candidates))
                  + (self._draft_seconds_per_pass.value or 0.0))  # a draft model's pass is no small probe
         if extra <= PROBE_COST * plain or self._unpriced_probe_due():
             return self._probe(candidates)
@@ -340,7 +356,7 @@ class Speculator:
                 break
             num_tokens += chunk.num_tokens
         else:
-            self.step_cost.record(num_tokens, seconds)
+            self.step_cost_for(len(chunks)).record(num_tokens, seconds)
         if self._step_sequences:
             per_sequence = self._step_overhead / self._step_sequences
             self._seconds_per_sequence[self._step_greedy].record(per_sequence)
