@@ -28,6 +28,8 @@
  * than a product per expert, a step's chosen experts share two trips to the thread pool: every
  * expert's gate_up rows in chunks, then (after SwiGLU and the activations' quantization) every
  * expert's down rows; a decode step's two experts thus stream their weights on all threads.
+ * An int8 expert with INT8_AMX_ROWS rows or more (a prompt's) runs on AMX instead where the CPU
+ * has it: its integers widened, exact, into the bf16 tile layout (see int8_amx_product).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -273,14 +275,63 @@ static void int8_unit(const void *context, long unit) {
     }
 }
 
-/* Runs `job` over every chosen expert's chunks of N weight rows; `items` has room for them all. */
-static void int8_products(Int8Job *job, Py_ssize_t E, Py_ssize_t *items, int num_threads) {
+/* Runs `job` over the chunks of N weight rows of every chosen expert with fewer than `amx_rows` rows;
+ * `items` has room for them all. */
+static void int8_products(Int8Job *job, Py_ssize_t E, Py_ssize_t amx_rows, Py_ssize_t *items, int num_threads) {
     long units = 0;
-    for (Py_ssize_t e = 0; e < E; e++)
-        if (job->starts[e + 1] > job->starts[e])
+    for (Py_ssize_t e = 0; e < E; e++) {
+        const Py_ssize_t count = job->starts[e + 1] - job->starts[e];
+        if (count > 0 && count < amx_rows)
             for (Py_ssize_t c = 0; c * CHUNK_N < job->N; c++) items[2 * units] = e, items[2 * units++ + 1] = c;
+    }
     job->items = items;
     pool_run(int8_unit, job, units, num_threads);
+}
+
+/* ---- int8 experts with many rows: their integers as bf16 weights on AMX ----
+ * A prompt's expert meets dozens of rows, where the int8 dots above are bound by their per-block
+ * work (~80 GMAC/s on 2 cores). Integers up to 127 are exact in bf16, so an expert's int8 rows are
+ * widened into the bf16 tile layout (_bf16_tiles_cpu.c's `pack`) in a scratch buffer and run through
+ * the tiles' AMX product; the row scales multiply its outputs. The weights are exact; the
+ * activations are rounded to bf16 (relative 2^-9) instead of to int8 blocks, so these rows are
+ * nearer exact weight-only int8 than the few-row path, not its bits. */
+#define INT8_AMX_ROWS 32 /* an expert's rows from which widening its weights pays (16-64 measured alike, noisy VM) */
+#define PACK_OUT 64      /* _bf16_tiles_cpu.c's output padding */
+
+static uint16_t bf16_of_int8[256]; /* bf16 bits of each int8 value, exact */
+
+static Py_ssize_t round_up(Py_ssize_t v, Py_ssize_t m) { return (v + m - 1) / m * m; }
+
+typedef struct {
+    const int8_t *q; /* (N, K), K % 32 == 0 */
+    uint16_t *packed;
+    Py_ssize_t N, K;
+} PackJob;
+
+/* One group of 16 outputs: block (nb, kb) row i holds, per output n, inputs 32kb + 2i and + 1. */
+static void pack_unit(const void *context, long nb) {
+    const PackJob *p = context;
+    const Py_ssize_t kblocks = p->K / 32;
+    uint16_t *dst = p->packed + (Py_ssize_t)nb * kblocks * 16 * 32;
+    for (Py_ssize_t kb = 0; kb < kblocks; kb++)
+        for (Py_ssize_t i = 0; i < 16; i++)
+            for (Py_ssize_t n = 0; n < 16; n++, dst += 2) {
+                const Py_ssize_t row = nb * 16 + n;
+                const int8_t *q = p->q + row * p->K + kb * 32 + 2 * i;
+                dst[0] = row < p->N ? bf16_of_int8[(uint8_t)q[0]] : 0;
+                dst[1] = row < p->N ? bf16_of_int8[(uint8_t)q[1]] : 0;
+            }
+}
+
+/* y (M, N) = x (M, K) @ (q * scale)^T on AMX, through `packed` (room for N and K padded); -1 without memory. */
+static int int8_amx_product(const float *x, const int8_t *q, const float *scale, uint16_t *packed, float *y,
+                            Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+    const PackJob job = {q, packed, N, K};
+    pool_run(pack_unit, &job, (long)(round_up(N, PACK_OUT) / 16), num_threads);
+    if (tiles->linear(x, packed, NULL, y, M, N, K, num_threads)) return -1;
+    for (Py_ssize_t m = 0; m < M; m++)
+        for (Py_ssize_t n = 0; n < N; n++) y[m * N + n] *= scale[n];
+    return 0;
 }
 
 /* silu(gate) * up over rows of [gate | up]: the activation module's kernel where the ISA cap allows
@@ -323,17 +374,46 @@ static int int8_experts(const int64_t *table, const float *x, Py_ssize_t T, Py_s
     Py_ssize_t *tokens = index, *items = index + pairs; /* slot -> token; the pool's units */
     for (Py_ssize_t slot = 0; slot < pairs; slot++) tokens[slot] = rows[slot] / k;
 
-    quantize(x, T, H, xq, xscale); /* each token once, however many experts it chose */
+    /* experts with many rows go to AMX (where it is, within the cap); the most rows any of them has */
+    const Py_ssize_t amx_rows = level >= 2 && tiles && tiles->linear ? INT8_AMX_ROWS : PY_SSIZE_T_MAX;
+    Py_ssize_t amx_most = 0;
+    for (Py_ssize_t e = 0; e < E; e++)
+        if (starts[e + 1] - starts[e] >= amx_rows && starts[e + 1] - starts[e] > amx_most)
+            amx_most = starts[e + 1] - starts[e];
+    const Py_ssize_t wide = 2 * I > H ? 2 * I : H, deep = H > I ? H : I;
+    uint16_t *packed = amx_most ? malloc(sizeof(uint16_t) * (size_t)(round_up(wide, PACK_OUT) * deep)) : NULL;
+    float *amx_x = amx_most ? malloc(sizeof(float) * (size_t)(amx_most * H)) : NULL;
+    int status = amx_most && (!packed || !amx_x) ? -1 : 0;
+
+    if (!status) quantize(x, T, H, xq, xscale); /* each token once, however many experts it chose */
     Int8Job job = {xq, xscale, tokens, table, GATE_UP_W, GATE_UP_SCALES, starts, NULL, gate_up, 2 * I, H, dot_tile};
-    int8_products(&job, E, items, num_threads);
-    silu_mul(gate_up, act, pairs, I, num_threads);
-    quantize(act, pairs, I, act_q, act_scale);
-    job = (Int8Job){act_q, act_scale, NULL, table, DOWN_W, DOWN_SCALES, starts, NULL, ys, H, I, dot_tile};
-    int8_products(&job, E, items, num_threads);
-    for (Py_ssize_t slot = 0; slot < pairs; slot++)
+    if (!status) int8_products(&job, E, amx_rows, items, num_threads);
+    for (Py_ssize_t e = 0; e < E && !status && amx_most; e++) { /* the AMX experts' gate_up into their slots */
+        const Py_ssize_t begin = starts[e], count = starts[e + 1] - begin;
+        if (count < amx_rows) continue;
+        for (Py_ssize_t r = 0; r < count; r++)
+            memcpy(amx_x + r * H, x + tokens[begin + r] * H, (size_t)H * sizeof(float));
+        const int64_t *w = table + e * EXPERT_FIELDS;
+        status = int8_amx_product(amx_x, PTR(const int8_t *, w[GATE_UP_W]), PTR(const float *, w[GATE_UP_SCALES]),
+                                  packed, gate_up + begin * 2 * I, count, 2 * I, H, num_threads);
+    }
+    if (!status) {
+        silu_mul(gate_up, act, pairs, I, num_threads);
+        quantize(act, pairs, I, act_q, act_scale);
+        job = (Int8Job){act_q, act_scale, NULL, table, DOWN_W, DOWN_SCALES, starts, NULL, ys, H, I, dot_tile};
+        int8_products(&job, E, amx_rows, items, num_threads);
+    }
+    for (Py_ssize_t e = 0; e < E && !status && amx_most; e++) {
+        const Py_ssize_t begin = starts[e], count = starts[e + 1] - begin;
+        if (count < amx_rows) continue;
+        const int64_t *w = table + e * EXPERT_FIELDS;
+        status = int8_amx_product(act + begin * I, PTR(const int8_t *, w[DOWN_W]), PTR(const float *, w[DOWN_SCALES]),
+                                  packed, ys + begin * H, count, H, I, num_threads);
+    }
+    for (Py_ssize_t slot = 0; slot < pairs && !status; slot++)
         memcpy(results + rows[slot] * H, ys + slot * H, (size_t)H * sizeof(float));
-    free(floats), free(bytes), free(index);
-    return 0;
+    free(floats), free(bytes), free(index), free(packed), free(amx_x);
+    return status;
 }
 
 typedef struct {
@@ -534,6 +614,12 @@ PyMODINIT_FUNC PyInit__moe_cpu(void) {
     gemm = kernels_import_optional("selfhost.layers._gemm_cpu", "selfhost.layers._gemm_cpu._kernels");
     have_pool = pool_import() == 0; /* without it, int8 experts keep the Python loop */
     if (!have_pool) PyErr_Clear();
+    for (int v = -128; v < 128; v++) { /* float(v) has at most 8 significant bits: its top half is exact */
+        const float f = (float)v;
+        uint32_t bits;
+        memcpy(&bits, &f, sizeof bits);
+        bf16_of_int8[(uint8_t)(int8_t)v] = (uint16_t)(bits >> 16);
+    }
     PyObject *m = PyModule_Create(&module);
     if (m && kernels_export(m, "selfhost.layers._moe_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
     return m;
