@@ -8,7 +8,13 @@ from selfhost import LLM, SamplingParams
 from selfhost.engine import paged_cache
 from selfhost.engine.paged_cache import PagedKVCache, dequantize_rows, quantize_rows
 from selfhost.errors import InvalidParameterError
-from tests.engine.test_paged_attention_kernel import chunk_step, plain_attention, random_step
+from tests.engine.test_paged_attention_kernel import (
+    chunk_step,
+    fused_and_torch_steps,
+    plain_attention,
+    random_step,
+    tiles_and_exact,
+)
 
 DEMO = "src/selfhost/assets/shakespeare"
 
@@ -119,33 +125,17 @@ def test_int8_decode_matches_attention_over_the_dequantized_cache(use_kernel, nu
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window,softcap", [(9, 3, 64, None, None), (8, 4, 128, 20, 30.0)])
 @pytest.mark.parametrize("store_first", [False, True])
 def test_int8_fused_step_writes_the_bytes_torch_writes(num_heads, num_kv_heads, head_dim, window, softcap, store_first):
-    from selfhost.layers.rotary import apply_rotary
-
-    lens = [1, 5, 16, 17, 33, 100, 64]
-    scale = head_dim**-0.5
-    gen = torch.Generator().manual_seed(3)
-    cos = torch.randn(len(lens), 1, head_dim, generator=gen)
-    sin = torch.randn(len(lens), 1, head_dim, generator=gen)
-    caches, outs = [], []
-    for fused in (True, False):
-        cache, meta, tables, q, k, v = random_step(num_heads, num_kv_heads, head_dim, 16, lens, seed=11,
-                                                   kv_dtype=torch.int8)
+    def contents(cache, meta, k, v):
         int8_contents(cache, torch.Generator().manual_seed(2))
         k[2, 0] = 0.0  # a key of zeros: scale 0
-        cache.meta = meta
         meta.store_first = store_first
-        heads = torch.cat([q, k, v], dim=1)
-        if fused:
-            out = cache.rope_attend(1, heads, cos, sin, num_heads, scale, window, softcap)
-        else:
-            rotated = apply_rotary(heads[:, : num_heads + num_kv_heads], cos, sin)
-            cache.use_cpu_kernel = False
-            out = cache.attend(1, rotated[:, :num_heads], rotated[:, num_heads:], v, scale, window, softcap)
-        caches.append(cache)
-        outs.append(out)
+
+    caches, outs, rotated_q = fused_and_torch_steps(num_heads, num_kv_heads, head_dim, window, softcap, torch.int8,
+                                                    contents)
     for name in ("k", "v", "k_scale", "v_scale"):
         assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), name
-    bound = 2e-5 + int16_rounding_bound(rotated[:, :num_heads], caches[1], dequantized_twin(caches[1]), scale, lens)
+    lens, scale = [1, 5, 16, 17, 33, 100, 64], head_dim**-0.5  # fused_and_torch_steps' step
+    bound = 2e-5 + int16_rounding_bound(rotated_q, caches[1], dequantized_twin(caches[1]), scale, lens)
     assert (outs[0] - outs[1]).abs().max() < bound
 
 
@@ -186,12 +176,7 @@ def test_int8_prefill_on_tiles_is_bf16_attention(num_heads, num_kv_heads, head_d
     scale = head_dim**-0.5
     cache, meta, q, k, v = chunk_step(num_heads, num_kv_heads, head_dim, 16, chunks, seed=5, kv_dtype=torch.int8)
     int8_contents(cache, torch.Generator().manual_seed(6))
-    assert cache.use_prefill_tiles
-    cache.meta = meta
-    meta.num_threads = threads
-    got = cache.attend(1, q, k, v, scale, window, None)
-    cache.use_prefill_kernel = cache.use_prefill_tiles = False
-    want = cache.attend(1, q.bfloat16().float(), k, v, scale, window, None)
+    got, want = tiles_and_exact(cache, meta, q, k, v, scale, window, threads)
     largest = dequantized_twin(cache).v[1].abs().max().item()
     error = (got - want).abs().max().item()
     assert 0 < error <= 2**-8 * largest + 1e-5

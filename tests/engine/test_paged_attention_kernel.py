@@ -235,9 +235,11 @@ def test_bf16_cache_decode_matches_reference_over_the_rounded_cache(use_kernel, 
     assert (got - expected).abs().max() < 1e-5
 
 
-@needs_bf16_kernels
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window,softcap", [(9, 3, 64, None, None), (8, 4, 128, 20, 30.0)])
-def test_bf16_cache_fused_step_rounds_like_torch(num_heads, num_kv_heads, head_dim, window, softcap):
+def fused_and_torch_steps(num_heads, num_kv_heads, head_dim, window, softcap, kv_dtype, prepare=None):
+    """One decode step of 7 sequences through the fused C kernel (rotary, cache write, attention) and
+    through torch's rotary and the torch path, over the same random cache: ([fused cache, torch cache],
+    [their outputs], the torch run's rotated queries). `prepare(cache, meta, k, v)` edits each run's
+    inputs first."""
     from selfhost.layers.rotary import apply_rotary
 
     lens = [1, 5, 16, 17, 33, 100, 64]
@@ -248,8 +250,9 @@ def test_bf16_cache_fused_step_rounds_like_torch(num_heads, num_kv_heads, head_d
     caches, outs = [], []
     for fused in (True, False):
         cache, meta, tables, q, k, v = random_step(num_heads, num_kv_heads, head_dim, 16, lens, seed=11,
-                                                   kv_dtype=torch.bfloat16)
-        v[0, 0, :4] = torch.tensor([float("nan"), float("inf"), 1 + 2**-8, 1 + 3 * 2**-8])  # NaN, ties to even
+                                                   kv_dtype=kv_dtype)
+        if prepare is not None:
+            prepare(cache, meta, k, v)
         cache.meta = meta
         heads = torch.cat([q, k, v], dim=1)
         if fused:
@@ -260,13 +263,24 @@ def test_bf16_cache_fused_step_rounds_like_torch(num_heads, num_kv_heads, head_d
             out = cache.attend(1, rotated[:, :num_heads], rotated[:, num_heads:], v, scale, window, softcap)
         caches.append(cache)
         outs.append(out)
+    return caches, outs, rotated[:, :num_heads]
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window,softcap", [(9, 3, 64, None, None), (8, 4, 128, 20, 30.0)])
+def test_bf16_cache_fused_step_rounds_like_torch(num_heads, num_kv_heads, head_dim, window, softcap):
+    def special_values(cache, meta, k, v):  # NaN, inf, ties to even
+        v[0, 0, :4] = torch.tensor([float("nan"), float("inf"), 1 + 2**-8, 1 + 3 * 2**-8])
+
+    caches, outs, _ = fused_and_torch_steps(num_heads, num_kv_heads, head_dim, window, softcap, torch.bfloat16,
+                                            special_values)
     # The C writer rounds exactly as torch does: the same cache bits, but for NaN's payload
     # (torch's own scalar and vector conversions write different NaNs).
     for fused_cache, torch_cache in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
         nan = fused_cache.isnan()
         assert torch.equal(nan, torch_cache.isnan()) and nan.sum() == (1 if fused_cache is caches[0].v else 0)
         assert torch.equal(fused_cache.view(torch.int16)[~nan], torch_cache.view(torch.int16)[~nan])
-    finite = [i for i in range(len(lens)) if i != 0]
+    finite = list(range(1, outs[0].shape[0]))  # sequence 0 has the NaN
     assert (outs[0][finite] - outs[1][finite]).abs().max() < 1e-5
 
 
@@ -290,6 +304,17 @@ def test_bf16_cache_prefill_kernel_matches_torch_path(num_heads, num_kv_heads, h
     assert (results[True] - results[False]).abs().max() < 2e-5
 
 
+def tiles_and_exact(cache, meta, q, k, v, scale, window, threads):
+    """The step's prompt attention on AMX tiles, then exact (AVX-512 kernel off too: the torch path) over
+    the same bf16-rounded queries; the cache is left on the torch path."""
+    assert cache.use_prefill_tiles
+    cache.meta = meta
+    meta.num_threads = threads
+    got = cache.attend(1, q, k, v, scale, window, None)
+    cache.use_prefill_kernel = cache.use_prefill_tiles = False
+    return got, cache.attend(1, q.bfloat16().float(), k, v, scale, window, None)
+
+
 needs_tiles = pytest.mark.skipif(
     not (paged_cache.narrow_cache_kernels_available() and paged_cache._prefill_attention_cpu.tiles_available()),
     reason="prompt attention on tiles needs AMX-BF16 (and the OS's grant of its state)",
@@ -311,12 +336,7 @@ def test_prefill_on_tiles_is_bf16_attention(num_heads, num_kv_heads, head_dim, w
     chunks = [(0, 1), (0, 37), (50, 13), (0, 100), (129, 70), (16, 16), (300, 150)]
     scale = head_dim**-0.5
     cache, meta, q, k, v = chunk_step(num_heads, num_kv_heads, head_dim, 16, chunks, seed=5, kv_dtype=torch.bfloat16)
-    assert cache.use_prefill_tiles
-    cache.meta = meta
-    meta.num_threads = threads
-    got = cache.attend(1, q, k, v, scale, window, None)
-    cache.use_prefill_kernel = cache.use_prefill_tiles = False
-    want = cache.attend(1, q.bfloat16().float(), k, v, scale, window, None)
+    got, want = tiles_and_exact(cache, meta, q, k, v, scale, window, threads)
     bound = 2**-9 * v.bfloat16().float().abs().max().item()
     error = (got - want).abs().max().item()
     assert error <= 1.05 * bound + 1e-5
