@@ -25,6 +25,9 @@ def test_fit_and_ranking():
     ranked = selfhost("fit", "--device", "custom", "--mem", "16GB", "--bandwidth", "100GB/s", "--quant", "int4", "--top", "5")
     assert ranked.returncode == 0, ranked.stderr
     assert "int4" in ranked.stdout
+    int8_kv = selfhost("fit", "llama3.1:8b", "--device", "rtx4090", "--kv-cache-dtype", "int8")
+    assert int8_kv.returncode == 0, int8_kv.stderr
+    assert "fp16 + int8 KV" in int8_kv.stdout
 
 
 def test_cost_writes_report(tmp_path):
@@ -41,6 +44,8 @@ def test_cost_writes_report(tmp_path):
     (("fit", "llama3.1:8b", "--device", "custom", "--mem", "16GB", "--bandwidth", "0GB/s"), "--bandwidth='0GB/s'"),
     (("fit", "llama3.1:8b", "--device", "custom", "--mem", "16GB"), "needs --mem"),
     (("fit", "llama3.1:8b", "--concurrency", "0"), "--concurrency must be > 0"),
+    (("fit", "llama3.1:8b", "--kv-cache-dtype", "fp8"), "unknown KV cache dtype 'fp8'"),
+    (("fit", "--kv-cache-dtype", "int8"), "--kv-cache-dtype plans one model"),
     (("cost", "llama3.1:8b", "--volume", "-5M"), "--volume"),
     (("cost", "llama3.1:405b", "--device", "rtx4090", "--volume", "1B"), "usable"),
 ])

@@ -133,3 +133,18 @@ def test_speculative_estimate_follows_acceptance_and_the_bound():
     crowded = estimate_speculative(model, gpu, fp16, 256, 256, 0.3, 4)
     assert decode_step(model, gpu, fp16, 256, 256, queries_per_seq=5)[1] == "compute"
     assert crowded.speedup < 1
+
+
+def test_an_int8_kv_cache_costs_a_byte_per_element_and_its_scales():
+    # llama3.1:8b: 2 x 32 layers x 8 KV heads x 128 dims per token; int8: 1 + 4/128 bytes each
+    model, device = get_model("llama3.1:8b"), get_device("rtx4090")
+    int8_kv = FP16.with_kv_cache("int8")
+    assert int8_kv.name == "fp16 + int8 KV" and FP16.with_kv_cache("auto") is FP16
+    assert kv_cache_bytes(model, int8_kv, context=1, concurrency=1) == 2 * 32 * 8 * 128 * (1 + 4 / 128)
+    fp16, int8 = plan_fit(model, device, FP16, 4096, 1), plan_fit(model, device, int8_kv, 4096, 1)
+    assert int8.max_context > 1.9 * fp16.max_context  # 2 bytes -> 1.03 per element: ~1.94x the tokens
+    assert int8.memory.weights_bytes == fp16.memory.weights_bytes
+    with pytest.raises(InvalidParameterError, match="unknown KV cache dtype 'int4'"):
+        FP16.with_kv_cache("int4")
+    with pytest.raises(InvalidParameterError, match="latent attention"):
+        kv_cache_bytes(get_model("deepseek-v3"), int8_kv, context=1, concurrency=1)

@@ -37,6 +37,9 @@ MemOpt = Annotated[str | None, typer.Option("--mem", help="custom device memory,
 BandwidthOpt = Annotated[str | None, typer.Option("--bandwidth", help="custom device bandwidth, e.g. 100GB/s.")]
 TflopsOpt = Annotated[float | None, typer.Option("--tflops", help="custom device dense fp16 TFLOPS.")]
 KindOpt = Annotated[str, typer.Option("--kind", help="custom device kind: gpu, soc or cpu.")]
+KvCacheOpt = Annotated[str, typer.Option(help=(
+    "The KV cache `selfhost run --kv-cache-dtype` would store: auto (the activations' dtype) or int8 (a byte "
+    "per element plus an fp32 scale per token and head)."))]
 UsersOpt = Annotated[str | None, typer.Option("--monthly-users", help="Monthly active users of the deployment, e.g. 800M.")]
 
 
@@ -168,6 +171,7 @@ def fit(
     kind: KindOpt = "gpu",
     monthly_users: UsersOpt = None,
     top: Annotated[int, typer.Option(help="Rows to show when ranking.")] = 25,
+    kv_cache_dtype: KvCacheOpt = "auto",
     speculative_acceptance: Annotated[float | None, typer.Option(help=(
         "Also estimate speculative decoding at this per-token acceptance probability (0-1; "
         "`engine.stats()` and /metrics report what a workload reaches)."))] = None,
@@ -182,7 +186,11 @@ def fit(
     _positive("--top", top)
     users = parse_count(monthly_users, what="--monthly-users") if monthly_users else None
     dev = resolve_device(device, mem, bandwidth, tflops, kind)
+    get_precision("fp16").with_kv_cache(kv_cache_dtype)  # a bad name fails before any work
     if model is None:
+        if kv_cache_dtype != "auto":
+            raise InvalidParameterError("--kv-cache-dtype plans one model: name it (the ranking plans each at its "
+                                        "activations' dtype)")
         precisions = (get_precision(quant).name,) if quant else tuple(PRECISIONS)
         reports = rank_fits(dev, context or 4096, concurrency, precisions)
         if not reports:
@@ -204,7 +212,7 @@ def fit(
     _positive("--num-speculative-tokens", num_speculative_tokens)
     spec = resolve_model_spec(model)
     precision, why = (get_precision(quant), None) if quant else _unquantized_precision(spec, dev)
-    report = plan_fit(spec, dev, precision, context, concurrency)
+    report = plan_fit(spec, dev, precision.with_kv_cache(kv_cache_dtype), context, concurrency)
     _print_fit(report)
     if why:
         console.print(f"[dim]{why}[/]")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from selfhost.catalog import DeviceSpec, ModelSpec
+from selfhost.errors import InvalidParameterError
 from selfhost.plan.precision import Precision
 
 # Prompts are prefilled in chunks of at most this many tokens (selfhost's default
@@ -64,8 +65,19 @@ def kv_elements_per_token(model: ModelSpec, context: int) -> float:
     return per_layer * held_tokens / context
 
 
+def kv_bytes_per_element(model: ModelSpec, precision: Precision) -> float:
+    """Bytes one KV-cache element costs: the activations' dtype, or an int8 cache's byte plus its share of
+    the fp32 scale each token's key (and value) of each head carries."""
+    if precision.kv_cache == "int8":
+        if model.arch.attention == "mla":
+            raise InvalidParameterError(f"{model.alias}: an int8 KV cache needs keys and values per head; "
+                                        "latent attention caches one latent row (selfhost refuses int8 there)")
+        return 1 + 4 / model.arch.head_dim
+    return precision.kv_bytes
+
+
 def kv_cache_bytes(model: ModelSpec, precision: Precision, context: int, concurrency: int) -> float:
-    return concurrency * context * kv_elements_per_token(model, context) * precision.kv_bytes
+    return concurrency * context * kv_elements_per_token(model, context) * kv_bytes_per_element(model, precision)
 
 
 def workspace_bytes(model: ModelSpec, precision: Precision, context: int, concurrency: int) -> float:

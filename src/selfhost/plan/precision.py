@@ -28,6 +28,7 @@ class Precision:
     group_size: int = 0
     scale_bytes_per_group: int = 0
     cpu_act_bytes: int | None = None  # None: act_bytes on every device
+    kv_cache: str | None = None  # "int8": kv_cache_dtype="int8" (memory.kv_bytes_per_element); None: act_bytes
 
     def __post_init__(self) -> None:
         if self.weight_bits not in (4, 8, 16, 32):
@@ -52,8 +53,17 @@ class Precision:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes per KV-cache element: the activation dtype (the cache is not quantized)."""
+        """Bytes per KV-cache element in the activations' dtype (an int8 cache: memory.kv_bytes_per_element)."""
         return self.act_bytes
+
+    def with_kv_cache(self, kv_cache_dtype: str) -> Precision:
+        """This precision with the KV cache `selfhost run --kv-cache-dtype` stores: "auto" (the
+        activations' dtype) or "int8" (a byte per element and an fp32 scale per token and head)."""
+        if kv_cache_dtype == "auto":
+            return self
+        if kv_cache_dtype != "int8":
+            raise unknown_name_error("KV cache dtype", kv_cache_dtype, ("auto", "int8"))
+        return replace(self, name=f"{self.name} + int8 KV", kv_cache="int8")
 
 
 PRECISIONS: dict[str, Precision] = {
