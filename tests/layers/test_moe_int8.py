@@ -134,6 +134,16 @@ def test_int8_call_is_close_to_the_dequantized_product(tokens, monkeypatch):
     assert (got - expected).abs().max() < (0.01 if on_amx else 0.02) * expected.abs().max()
 
 
+def test_many_rows_on_amx_with_widths_off_the_packing(monkeypatch):
+    """Widths that are not multiples of 64 (the tile layout pads outputs to 64: groups of 16 half or wholly
+    past the weight): the padding stays zero and every real output is right."""
+    layer, x = _int8_moe("softmax_top_k", hidden=96, expert_size=48), torch.randn(300, 96)
+    with torch.inference_mode():
+        got = layer.forward(x, 2)
+    expected = _dequantized_reference(layer, x)  # a misplaced weight would be off by the output's size
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
 def test_many_rows_on_amx_are_nearer_exact_int8_than_the_loop(monkeypatch):
     """The loop quantizes activations to int8 blocks; the AMX rows only round them to bf16."""
     if not tiles_available():

@@ -121,14 +121,18 @@ static void route_softmax_top_k(const float *logits, int64_t *experts, float *we
 static int isa_limit = 2;
 
 static int cpu_level(void) {
+    static int level = -1; /* asked once */
+    if (level >= 0) return level;
+    level = 0;
 #ifdef SELFHOST_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
         __builtin_cpu_supports("fma"))
-        return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+        level = 2;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        level = 1;
 #endif
-    return 0;
+    return level;
 }
 
 /* `rows` (1..TILE) weight rows of length K from w against one quantized activation row; `rows` dots
@@ -298,7 +302,7 @@ static void int8_products(Int8Job *job, Py_ssize_t E, Py_ssize_t amx_rows, Py_ss
 #define INT8_AMX_ROWS 32 /* an expert's rows from which widening its weights pays (16-64 measured alike, noisy VM) */
 #define PACK_OUT 64      /* _bf16_tiles_cpu.c's output padding */
 
-static uint16_t bf16_of_int8[256]; /* bf16 bits of each int8 value, exact */
+static uint32_t bf16_pair_of_int8_pair[65536]; /* two int8 (as a little-endian uint16) -> their two bf16, exact */
 
 static Py_ssize_t round_up(Py_ssize_t v, Py_ssize_t m) { return (v + m - 1) / m * m; }
 
@@ -308,19 +312,53 @@ typedef struct {
     Py_ssize_t N, K;
 } PackJob;
 
-/* One group of 16 outputs: block (nb, kb) row i holds, per output n, inputs 32kb + 2i and + 1. */
+#ifdef SELFHOST_X86
+/* pack_unit on AVX-512: each block row's 16 pairs gathered from the 16 weight rows at once, both bytes
+ * sign-extended, converted to fp32 and cut to their top halves (exact for integers). */
+__attribute__((target("avx512f"))) static void pack_unit_avx512(const PackJob *p, long nb) {
+    const Py_ssize_t kblocks = p->K / 32, left = p->N - nb * 16, rows = left < 0 ? 0 : left < 16 ? left : 16;
+    uint32_t *dst = (uint32_t *)(p->packed + (Py_ssize_t)nb * kblocks * 16 * 32);
+    const int8_t *q = p->q + nb * 16 * p->K; /* past the weight for padding groups: every lane masked off */
+    const __mmask16 present = (__mmask16)((1u << rows) - 1);
+    const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32((int)p->K));
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    for (Py_ssize_t kb = 0; kb < kblocks; kb++)
+        for (Py_ssize_t i = 0; i < 16; i++, dst += 16) {
+            /* 4 bytes from each row: the pair, and two bytes it ignores (never past the row: 2i + 3 < 32) */
+            const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), present, offsets,
+                                                              q + kb * 32 + 2 * i, 1);
+            const __m512 first = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(words, 24), 24));
+            const __m512 second = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(words, 16), 24));
+            _mm512_storeu_si512(dst, _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(first), 16),
+                                                     _mm512_and_si512(_mm512_castps_si512(second), high)));
+        }
+}
+#endif
+
+/* One group of 16 outputs: block (nb, kb) row i holds, per output n, the pair of inputs 32kb + 2i
+ * and + 1, as one 32-bit word (the pair of bytes looked up at once). */
 static void pack_unit(const void *context, long nb) {
     const PackJob *p = context;
-    const Py_ssize_t kblocks = p->K / 32;
-    uint16_t *dst = p->packed + (Py_ssize_t)nb * kblocks * 16 * 32;
+#ifdef SELFHOST_X86
+    if (cpu_level() >= 2) { /* the AMX path runs only within the AVX-512 cap */
+        pack_unit_avx512(p, nb);
+        return;
+    }
+#endif
+    const Py_ssize_t kblocks = p->K / 32, rows = p->N - nb * 16 < 16 ? p->N - nb * 16 : 16;
+    uint32_t *dst = (uint32_t *)(p->packed + (Py_ssize_t)nb * kblocks * 16 * 32);
+    const int8_t *q = p->q + nb * 16 * p->K;
     for (Py_ssize_t kb = 0; kb < kblocks; kb++)
-        for (Py_ssize_t i = 0; i < 16; i++)
-            for (Py_ssize_t n = 0; n < 16; n++, dst += 2) {
-                const Py_ssize_t row = nb * 16 + n;
-                const int8_t *q = p->q + row * p->K + kb * 32 + 2 * i;
-                dst[0] = row < p->N ? bf16_of_int8[(uint8_t)q[0]] : 0;
-                dst[1] = row < p->N ? bf16_of_int8[(uint8_t)q[1]] : 0;
+        for (Py_ssize_t i = 0; i < 16; i++, dst += 16) {
+            Py_ssize_t n = 0;
+            for (; n < rows; n++) {
+                uint16_t pair;
+                memcpy(&pair, q + n * p->K + kb * 32 + 2 * i, sizeof pair);
+                dst[n] = bf16_pair_of_int8_pair[pair];
             }
+            for (; n < 16; n++) dst[n] = 0; /* padding outputs past N */
+        }
 }
 
 /* y (M, N) = x (M, K) @ (q * scale)^T on AMX, through `packed` (room for N and K padded); -1 without memory. */
@@ -614,12 +652,15 @@ PyMODINIT_FUNC PyInit__moe_cpu(void) {
     gemm = kernels_import_optional("selfhost.layers._gemm_cpu", "selfhost.layers._gemm_cpu._kernels");
     have_pool = pool_import() == 0; /* without it, int8 experts keep the Python loop */
     if (!have_pool) PyErr_Clear();
+    uint16_t bf16_of_int8[256];
     for (int v = -128; v < 128; v++) { /* float(v) has at most 8 significant bits: its top half is exact */
         const float f = (float)v;
         uint32_t bits;
         memcpy(&bits, &f, sizeof bits);
         bf16_of_int8[(uint8_t)(int8_t)v] = (uint16_t)(bits >> 16);
     }
+    for (uint32_t pair = 0; pair < 65536; pair++) /* the first input (low byte) in the low half, as `pack` */
+        bf16_pair_of_int8_pair[pair] = bf16_of_int8[pair & 0xff] | (uint32_t)bf16_of_int8[pair >> 8] << 16;
     PyObject *m = PyModule_Create(&module);
     if (m && kernels_export(m, "selfhost.layers._moe_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
     return m;
