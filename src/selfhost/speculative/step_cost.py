@@ -5,8 +5,9 @@ the weights (one stream, a few streams, a small model dominated by per-layer ove
 extra tokens cost almost nothing and every accepted one is a token gained. Once the batch is
 large enough that arithmetic is the bound, they cost their full share and rejected ones are
 pure loss. Where that switch lies depends on the CPU, the model and the thread count, so it
-is not a constant: the engine times its own steps by their token count and speculates only
-while the expected tokens per second with the proposals beat those without (plan_lengths).
+is not a constant: the engine times its own steps by their token count (one StepCostModel per
+number of sequences in the step: speculator.py) and speculates only while the expected tokens per
+second with the proposals beat those without (plan_lengths).
 """
 
 from __future__ import annotations
