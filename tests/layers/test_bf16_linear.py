@@ -237,7 +237,7 @@ def test_bf16_weights_bring_a_bf16_kv_cache_unless_told_otherwise(demo_models):
     assert bf16.engine.capacity_tokens == 2 * exact_cache.engine.capacity_tokens
 
 
-@pytest.mark.parametrize("options", [{"kv_cache_dtype": "int8"}, {"kv_cache_dtype": "float32", "dtype": "bfloat16"}])
+@pytest.mark.parametrize("options", [{"kv_cache_dtype": "int4"}, {"kv_cache_dtype": "float32", "dtype": "bfloat16"}])
 def test_bad_kv_cache_dtype_requests_are_refused_before_loading(options):
     from selfhost import LLM
 
