@@ -44,6 +44,8 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SELFHOST_X86 1
 #include <immintrin.h>
+
+#include "../quant/_int8_block_avx2.h"
 #endif
 #include "../_cpu_pool.h"
 
@@ -171,28 +173,10 @@ static void dot_tile_c(const int8_t *xq, const float *xscale, const int8_t *w, P
 }
 
 #ifdef SELFHOST_X86
-/* As _int8_cpu.c's quantize_rows_avx2: the same maxima, products and rounding (to nearest even). */
+/* As _int8_cpu.c's quantize_rows_avx2: the same blocks (../quant/_int8_block_avx2.h). */
 __attribute__((target("avx2,fma"))) static void quantize_rows_avx2(const float *x, Py_ssize_t M, Py_ssize_t K,
                                                                    int8_t *xq, float *xscale) {
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (Py_ssize_t b = 0; b < M * (K / QBLOCK); b++) {
-        const float *p = x + b * QBLOCK;
-        __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
-        __m256 v2 = _mm256_loadu_ps(p + 16), v3 = _mm256_loadu_ps(p + 24);
-        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, abs_mask), _mm256_and_ps(v1, abs_mask)),
-                                  _mm256_max_ps(_mm256_and_ps(v2, abs_mask), _mm256_and_ps(v3, abs_mask)));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float amax = _mm_cvtss_f32(m4);
-        const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-        xscale[b] = amax / 127.0f;
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
-        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
-        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-        _mm256_storeu_si256((__m256i *)(xq + b * QBLOCK), _mm256_permutevar8x32_epi32(packed, order));
-    }
+    for (Py_ssize_t b = 0; b < M * (K / QBLOCK); b++) xscale[b] = quantize_block32_avx2(x + b * QBLOCK, xq + b * QBLOCK);
 }
 
 __attribute__((target("avx2,fma"))) static inline float hsum_avx2(__m256 v) {

@@ -32,6 +32,8 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SELFHOST_X86 1
 #include <immintrin.h>
+
+#include "_int8_block_avx2.h"
 #elif defined(__aarch64__) && defined(__ARM_NEON) && (defined(__GNUC__) || defined(__clang__))
 #define SELFHOST_NEON 1
 #include <arm_neon.h>
@@ -98,31 +100,11 @@ static float tail_dot(const int8_t *xq, const int8_t *w, Py_ssize_t from, Py_ssi
 __attribute__((target("avx2,fma"))) static void quantize_rows_avx2(const float *x, Py_ssize_t M, Py_ssize_t K,
                                                                    int8_t *xq, float *xscale) {
     const Py_ssize_t nb = nblocks_of(K), full = K / QBLOCK;
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (Py_ssize_t m = 0; m < M; m++) {
         const float *xr = x + m * K;
         int8_t *qr = xq + m * K;
         float *sr = xscale + m * nb;
-        for (Py_ssize_t b = 0; b < full; b++) {
-            const float *p = xr + b * QBLOCK;
-            __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
-            __m256 v2 = _mm256_loadu_ps(p + 16), v3 = _mm256_loadu_ps(p + 24);
-            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, abs_mask), _mm256_and_ps(v1, abs_mask)),
-                                      _mm256_max_ps(_mm256_and_ps(v2, abs_mask), _mm256_and_ps(v3, abs_mask)));
-            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-            const float amax = _mm_cvtss_f32(m4);
-            const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-            sr[b] = amax / 127.0f;
-            /* round to nearest even (the default mode), as lrintf in the scalar path */
-            __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
-            __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
-            /* packs work per 128-bit lane; the permute puts the 32 bytes back in order */
-            __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-            _mm256_storeu_si256((__m256i *)(qr + b * QBLOCK), _mm256_permutevar8x32_epi32(packed, order));
-        }
+        for (Py_ssize_t b = 0; b < full; b++) sr[b] = quantize_block32_avx2(xr + b * QBLOCK, qr + b * QBLOCK);
         if (full < nb) quantize_block_scalar(xr + full * QBLOCK, K - full * QBLOCK, qr + full * QBLOCK, sr + full);
     }
 }
