@@ -13,16 +13,14 @@ from selfhost.layers.linear import Linear
 from selfhost.layers.moe import EXPERT_KINDS, SparseMoE
 from selfhost.quant import int8
 from selfhost.quant.int8 import Int8Linear
+from tests.layers.test_moe_kernel import _both_paths as _loop_and_call
+from tests.layers.test_moe_kernel import _moe
 
 pytestmark = pytest.mark.skipif(
     not (moe_module.USE_EXPERT_KERNEL and int8.avx2_available()
          and moe_module._moe_cpu.available(EXPERT_KINDS["int8"])),
     reason="needs the MoE kernel module and x86-64 with AVX2 (Int8Linear's avx2 kernel)")
 
-ROUTINGS = {  # routing -> SparseMoE keywords
-    "softmax_top_k": dict(),
-    "noaux_tc": dict(num_groups=4, top_k_groups=2, routed_scaling_factor=2.5),
-}
 ISA_LEVELS = {"avx512-vnni": 2, "avx2": 1, "c": 0}
 
 
@@ -41,14 +39,7 @@ def isa(request):
 
 def _int8_moe(routing: str = "softmax_top_k", normalize: bool = True, hidden: int = 64, expert_size: int = 32,
               **extra) -> SparseMoE:
-    torch.manual_seed(0)
-    layer = SparseMoE(hidden, expert_size, num_experts=8, top_k=2, normalize_top_k=normalize, activation="silu",
-                      routing=routing, **ROUTINGS[routing], **extra)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-        if layer.e_score_correction_bias is not None:
-            layer.e_score_correction_bias.normal_()
+    layer = _moe(routing, normalize, hidden, expert_size, **extra)  # test_moe_kernel.py's random layer
     for expert in layer.experts:  # the experts quantized, the router kept in fp32 (as in the benchmark's model)
         for name in ("gate_up_proj", "down_proj"):
             module = Int8Linear.from_float(getattr(expert, name))
@@ -58,11 +49,8 @@ def _int8_moe(routing: str = "softmax_top_k", normalize: bool = True, hidden: in
 
 
 def _both_paths(layer: SparseMoE, x: torch.Tensor, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.inference_mode():
-        monkeypatch.setattr(moe_module, "USE_EXPERT_KERNEL", False)
-        loop = layer.forward(x, 2)
-        monkeypatch.setattr(moe_module, "USE_EXPERT_KERNEL", True)
-        one_call = layer.forward(x, 2)
+    """test_moe_kernel.py's loop and one call, the call on int8 experts."""
+    loop, one_call = _loop_and_call(layer, x, monkeypatch)
     assert layer.expert_kernel().kind == EXPERT_KINDS["int8"]
     return loop, one_call
 
@@ -86,7 +74,7 @@ def _dequantized_reference(layer: SparseMoE, x: torch.Tensor) -> torch.Tensor:
     return out.float()
 
 
-@pytest.mark.parametrize("routing", sorted(ROUTINGS))
+@pytest.mark.parametrize("routing", ["noaux_tc", "softmax_top_k"])
 @pytest.mark.parametrize("tokens", [1, 5, 31])  # under 32 tokens no expert reaches the AMX switch (INT8_AMX_ROWS)
 def test_int8_call_equals_the_expert_loop(isa, routing, tokens, monkeypatch):
     """AVX-512 VNNI: the loop's bits (the same integer lanes, sums and SwiGLU kernel). AVX2 and portable C
