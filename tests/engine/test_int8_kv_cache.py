@@ -1,12 +1,20 @@
 """The int8 KV cache: its rounding, the C kernels over it against the torch paths and a dequantized
 reference, and what it does to a trained model's output."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from selfhost import LLM, SamplingParams
 from selfhost.engine import paged_cache
-from selfhost.engine.paged_cache import PagedKVCache, dequantize_rows, quantize_rows
+from selfhost.engine.kv_layout import (
+    dequantize_rows,
+    key_rows,
+    quantize_rows,
+    value_rows,
+)
+from selfhost.engine.paged_cache import PagedKVCache
 from selfhost.errors import InvalidParameterError
 from tests.engine.test_paged_attention_kernel import (
     chunk_step,
@@ -39,14 +47,14 @@ def dequantized_twin(cache) -> PagedKVCache:
     """An fp32 cache holding what the int8 one means: each integer times its scale."""
     layers, heads, blocks, block_size, dim = (cache.k.shape[0], cache.num_kv_heads, cache.num_blocks, cache.block_size,
                                               cache.head_dim)
-    spec = type("Spec", (), dict(num_layers=layers, num_kv_heads=heads, head_dim=dim))
+    spec = SimpleNamespace(num_layers=layers, num_kv_heads=heads, head_dim=dim)
     twin = PagedKVCache(spec, blocks, block_size, torch.float32, torch.device("cpu"))
     for layer in range(layers):  # keys as rows, then back into the fp32 cache's dims-major blocks
-        rows = paged_cache.key_rows(cache.k[layer], torch.arange(blocks)).float()  # (Hkv, NB * BS, D)
+        rows = key_rows(cache.k[layer], torch.arange(blocks)).float()  # (Hkv, NB * BS, D)
         rows *= cache.k_scale[layer].reshape(heads, -1, 1)
         twin.k[layer].copy_(rows.view(heads, blocks, block_size, -1).transpose(2, 3))
     for layer in range(layers):  # values as rows (an int8 cache keeps them in pairs of keys)
-        rows = paged_cache.value_rows(cache.v[layer], torch.arange(blocks)).float()
+        rows = value_rows(cache.v[layer], torch.arange(blocks)).float()
         twin.v[layer].copy_((rows * cache.v_scale[layer].reshape(heads, -1, 1)).view(twin.v[layer].shape))
     return twin
 
@@ -59,7 +67,7 @@ def int16_rounding_bound(q, cache, twin, scale, lens, layer=1) -> float:
     and each weight (probability times value scale, <= the largest scale) rounded against its chunk's
     largest, within half of 1/32767 of it, so an output moves by at most that times the largest integer
     (127) for each of the longest sequence's keys."""
-    key_sums = paged_cache.key_rows(twin.k[layer], torch.arange(twin.k.shape[2])).abs().sum(-1).max()
+    key_sums = key_rows(twin.k[layer], torch.arange(twin.k.shape[2])).abs().sum(-1).max()
     score_move = scale * q.abs().max() / 65534 * key_sums
     query_part = 2 * score_move.item() * twin.v[layer].abs().max().item()
     return query_part + max(lens) * 127 * 0.5 / 32767 * cache.v_scale[layer].max().item()
@@ -80,7 +88,7 @@ def test_quantize_rows_rounds_each_row_to_its_own_scale():
 
 
 def test_an_int8_cache_holds_scales_and_counts_them_in_its_blocks():
-    spec = type("Spec", (), dict(num_layers=3, num_kv_heads=2, head_dim=64, kv_bytes_per_token=2 * 3 * 2 * 64))
+    spec = SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=64, kv_bytes_per_token=2 * 3 * 2 * 64)
     cache = PagedKVCache(spec, 10, 16, torch.float32, torch.device("cpu"), torch.int8)
     assert cache.k.dtype == cache.v.dtype == torch.int8 and cache.kv_kind == 2
     assert cache.k_scale.shape == cache.v_scale.shape == (3, 2, 10, 16)
@@ -110,7 +118,7 @@ def test_int8_decode_matches_attention_over_the_dequantized_cache(use_kernel, nu
     # The step's own key and value went in quantized, with their scales.
     slot = meta.slot_mapping[3].item()
     want_v, want_scale = quantize_rows(v[3])
-    assert torch.equal(paged_cache.value_rows(cache.v[1], torch.arange(cache.num_blocks))[:, slot], want_v)
+    assert torch.equal(value_rows(cache.v[1], torch.arange(cache.num_blocks))[:, slot], want_v)
     assert torch.equal(cache.v_scale[1].flatten(1, 2)[:, slot], want_scale)
     twin = dequantized_twin(cache)
     expected = plain_attention(twin, 1, tables, lens, q, scale, window, softcap)

@@ -36,6 +36,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from selfhost.engine.kv_layout import (
+    KV_KINDS,
+    dequantize_rows,
+    key_rows,
+    quantize_rows,
+    value_rows,
+)
 from selfhost.layers.attention import attend_one_sequence
 from selfhost.models.spec import ModelSpec
 
@@ -54,30 +61,11 @@ CPU_KERNEL_ENABLED = _paged_attention_cpu is not None and not _TORCH_ONLY
 PREFILL_KERNEL_ENABLED = _prefill_attention_cpu is not None and _prefill_attention_cpu.available() and not _TORCH_ONLY
 
 
-KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the C kernels' kv_kind
-
-
 def narrow_cache_kernels_available(kv_dtype: torch.dtype = torch.bfloat16) -> bool:
     """Both C kernels read (and the decode one writes) a bf16 cache on AVX-512 CPUs, an int8 one where
     they also have AVX512-BW and VNNI."""
     return (CPU_KERNEL_ENABLED and PREFILL_KERNEL_ENABLED
             and _paged_attention_cpu.narrow_cache_available(KV_KINDS[kv_dtype]))
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., D) -> int8 (..., D) and fp32 scales (...): round(x * (127 / max|x|)) to nearest even, scale
-    max|x| / 127 (0 for a row of zeros). The C writer (_weighted_rows_avx512.h's int8_quantize_row) does
-    the same IEEE operations, so both write the same bytes."""
-    x = x.float()
-    largest = x.abs().amax(dim=-1)
-    inv = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
-    q = torch.round(x * inv.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    return q, largest / 127.0
-
-
-def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int8 rows (..., D) times their scales (...), in `dtype`."""
-    return (q.float() * scales.unsqueeze(-1)).to(dtype)
 
 
 @dataclass
@@ -157,25 +145,6 @@ def batched_single_query_attention(
     probs = scores.softmax(dim=-1).to(v.dtype)
     out = torch.bmm(probs, v.view(-1, max_len, head_dim))  # (Hkv*S, G, D)
     return out.view(num_kv_heads, num_seqs, group, head_dim).transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
-
-
-def value_rows(v_layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The values of `blocks` (one layer: rows, or an int8 cache's pairs of keys) as
-    (Hkv, len(blocks) * block_size, D) rows."""
-    picked = v_layer.index_select(1, blocks)
-    if picked.dim() == 5:  # (Hkv, n, BS/2, D, 2) -> (Hkv, n, BS/2, 2, D)
-        return picked.transpose(3, 4).reshape(picked.shape[0], -1, picked.shape[3])
-    return picked.view(picked.shape[0], -1, picked.shape[-1])
-
-
-def key_rows(k_layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The keys of `blocks` (one layer: dims-major blocks, or an int8 cache's pairs of dimensions) as
-    (Hkv, len(blocks) * block_size, D) rows."""
-    picked = k_layer.index_select(1, blocks)
-    if picked.dim() == 5:  # (Hkv, n, D/2, BS, 2) -> (Hkv, n, BS, D/2, 2)
-        return picked.transpose(2, 3).reshape(picked.shape[0], -1, picked.shape[2] * 2)
-    num_kv_heads, _, head_dim, block_size = k_layer.shape
-    return picked.transpose(2, 3).reshape(num_kv_heads, -1, head_dim)
 
 
 class PagedKVCache:
