@@ -4,8 +4,9 @@
  * one kv head) and the prefill kernel (_prefill_attention_cpu.c: a block of query
  * rows). 64 dimensions a pass; each value vector loaded once serves every row.
  * rescale NULL: the rows start from zero. head_dim must be a multiple of 16.
- * Values are fp32, bf16 or int8 (a bf16 or int8 KV cache: half or a quarter of the bytes
- * a decode step reads); `kv_load` widens 16 of any to fp32, exactly, and `bf16_round_16` is the one
+ * Values are fp32 or bf16 (a bf16 KV cache: half the bytes a decode step reads; an int8 cache's
+ * pairs of keys go through _paged_attention_cpu.c's VNNI sums or fp32 panels instead);
+ * `kv_load` widens 16 of either to fp32, exactly, and `bf16_round_16` is the one
  * rounding the kernels use when they write into a bf16 cache: to nearest even, as
  * torch's own conversion, so the two writers agree bit for bit (NaN stays a NaN).
  * Header-only; callers guard the include for x86-64 GCC/Clang.
@@ -24,12 +25,10 @@ enum { KV_FP32 = 0, KV_BF16 = 1, KV_INT8 = 2 };
 
 static inline Py_ssize_t kv_bytes(int kind) { return kind == KV_INT8 ? 1 : kind == KV_BF16 ? 2 : 4; }
 
-/* 16 cache values from element `index` of `base` as fp32: fp32 and bf16 exactly, int8 as the
- * integers it holds (the caller applies the scales). `kind` is a constant at each call site. */
+/* 16 cache values from element `index` of `base` (KV_FP32 or KV_BF16) as fp32, exactly. `kind`
+ * is a constant at each call site. (An int8 cache's pair layouts have readers of their own.) */
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) __m512 kv_load(
     const void *base, Py_ssize_t index, const int kind) {
-    if (kind == KV_INT8)
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)base + index))));
     if (kind == KV_FP32) return _mm512_loadu_ps((const float *)base + index);
     __m256i halves = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
@@ -108,8 +107,8 @@ __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) 
             const void *v = values[j];
             if (j + VALUE_PREFETCH < count) { /* rows of another block start anywhere: ask for them early */
                 const char *ahead = (const char *)values[j + VALUE_PREFETCH] + d0 * kv_bytes(kind);
-                _mm_prefetch(ahead, _MM_HINT_T0); /* 64 dims: one line of int8, two of bf16, four of fp32 */
-                if (kind != KV_INT8) _mm_prefetch(ahead + 64, _MM_HINT_T0);
+                _mm_prefetch(ahead, _MM_HINT_T0); /* 64 dims: two lines of bf16, four of fp32 */
+                _mm_prefetch(ahead + 64, _MM_HINT_T0);
                 if (kind == KV_FP32 && vectors > 2) { _mm_prefetch(ahead + 128, _MM_HINT_T0); _mm_prefetch(ahead + 192, _MM_HINT_T0); }
             }
             __m512 v0 = kv_load(v, d0, kind), v1 = v0, v2 = v0, v3 = v0;
@@ -131,16 +130,14 @@ __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) 
 
 #define WEIGHTED_ROWS_CASE(n)                                                                          \
     case n:                                                                                            \
-        if (kind == KV_INT8)                                                                           \
-            weighted_rows_n(n, KV_INT8, out, rescale, weights, weight_stride, values, count, dim);     \
-        else if (kind == KV_BF16)                                                                      \
+        if (kind == KV_BF16)                                                                      \
             weighted_rows_n(n, KV_BF16, out, rescale, weights, weight_stride, values, count, dim);     \
         else                                                                                           \
             weighted_rows_n(n, KV_FP32, out, rescale, weights, weight_stride, values, count, dim);     \
         break;
 
-/* weighted_rows_n for any `rows` (1..WEIGHTED_ROWS_MAX) and any value type, each compiled with
- * its accumulators in registers. int8 values: the weights carry each value row's scale. */
+/* weighted_rows_n for any `rows` (1..WEIGHTED_ROWS_MAX) and fp32 or bf16 values, each compiled
+ * with its accumulators in registers. */
 __attribute__((target("avx512f"))) static void weighted_rows(int rows, int kind, float *const *out,
                                                            const float *rescale, const float *weights,
                                                            Py_ssize_t weight_stride, const void *const *values,
