@@ -41,10 +41,12 @@ def gateway(tmp_path):
     """gateway(toml) -> a started LoopbackServer serving that config; stopped at the test's end."""
     started = []
 
-    def start(toml: str, **settings) -> LoopbackServer:
+    def start(toml: str, timeout_s: float = 1.0, **settings) -> LoopbackServer:
+        # 1 s makes the hang/stall tests quick; tests that hold many slow requests in flight on a
+        # loaded CI machine pass a longer one (a 1 s limit once failed 6 of 32 there).
         config = tmp_path / "selfhost.toml"
         ledger = tmp_path / "ledger.db"
-        config.write_text(f'[gateway]\nledger = "sqlite:///{ledger}"\ntimeout_s = 1.0\nbackoff_s = 0\n'
+        config.write_text(f'[gateway]\nledger = "sqlite:///{ledger}"\ntimeout_s = {timeout_s}\nbackoff_s = 0\n'
                           + textwrap.dedent(toml))
         server = LoopbackServer(ServerSettings(config=config, responses_db=tmp_path / "r.db", **settings))
         started.append(server.start())

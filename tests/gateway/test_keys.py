@@ -42,7 +42,7 @@ def test_budget_refuses_with_insufficient_quota_before_any_upstream_call(gateway
 
 def test_concurrent_requests_reserve_their_estimates(gateway, upstreams):
     upstreams[0].mode = "slow"  # all 32 are in flight together
-    server = gateway(remote("gpt", upstreams[0].url))
+    server = gateway(remote("gpt", upstreams[0].url), timeout_s=10.0)
     budget = Decimal("0.001")
     key = server.app.state.gateway.keys.create("team-b", budget_usd=budget)
     estimate = estimate_cost(CHAT, Pricer("gpt-4o-mini"), dt.datetime.now(dt.UTC))

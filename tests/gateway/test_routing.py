@@ -33,7 +33,7 @@ def test_remote_model_is_proxied_with_the_upstream_id_and_key(gateway, upstreams
 def test_least_outstanding_spreads_concurrent_requests(gateway, upstreams):
     a, b = upstreams[0], upstreams[1]
     a.mode = b.mode = "slow"
-    server = gateway(remote("gpt", a.url) + remote("gpt", b.url))
+    server = gateway(remote("gpt", a.url) + remote("gpt", b.url), timeout_s=10.0)
     with ThreadPoolExecutor(4) as pool:
         backends = [r.headers["x-selfhost-backend"] for r in pool.map(lambda _: post(server), range(4))]
     assert sorted(backends) == ["gpt/0", "gpt/0", "gpt/1", "gpt/1"]
@@ -53,7 +53,7 @@ def test_weight_shifts_the_share(gateway, upstreams):
 def test_max_concurrency_full_everywhere_is_a_clear_502(gateway, upstreams):
     a = upstreams[0]
     a.mode = "slow"
-    server = gateway(remote("gpt", a.url, max_concurrency=1))
+    server = gateway(remote("gpt", a.url, max_concurrency=1), timeout_s=10.0)
     with ThreadPoolExecutor(2) as pool:
         statuses = sorted(r.status_code for r in pool.map(lambda _: post(server), range(2)))
     assert statuses == [200, 502]
