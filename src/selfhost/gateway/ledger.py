@@ -41,6 +41,7 @@ from sqlalchemy import (
     select,
 )
 
+from selfhost.gateway.ledger_insert import BatchInsert
 from selfhost.gateway.usage import PricedUsage, usd_text
 
 log = logging.getLogger("selfhost.gateway")
@@ -129,6 +130,7 @@ class Ledger:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        self._batch_insert = BatchInsert(self.engine, requests_table)
         # Lists of (entry, its loop, the future its request awaits); None asks the writer to stop.
         self._queue: queue.SimpleQueue[list[tuple[LedgerEntry, asyncio.AbstractEventLoop, asyncio.Future]] | None] = (
             queue.SimpleQueue())
@@ -136,13 +138,14 @@ class Ledger:
         self._turns: dict[asyncio.AbstractEventLoop, list] = {}  # rows recorded in a loop's turn, handed over at its end
 
     def write(self, entry: LedgerEntry) -> None:
-        """One row in its own transaction, on the calling thread."""
-        self.write_batch([entry])
+        """One row in its own transaction, on the calling thread, through SQLAlchemy (its errors are
+        SQLAlchemy's: an IntegrityError for a request id already recorded)."""
+        with self.engine.begin() as conn:
+            conn.execute(insert(requests_table), [entry.row()])
 
     def write_batch(self, entries: list[LedgerEntry]) -> None:
-        """Every row in one transaction: all of them are committed, or none."""
-        with self.engine.begin() as conn:
-            conn.execute(insert(requests_table), [entry.row() for entry in entries])
+        """Every row in one transaction: all of them are committed, or none (the writer's fast path)."""
+        self._batch_insert.insert([entry.row() for entry in entries])
 
     async def record(self, entry: LedgerEntry) -> None:
         """Return once `entry` is committed (raises what its write raised)."""

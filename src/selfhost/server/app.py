@@ -72,12 +72,13 @@ class AccessLog:
             # The route template, not the raw path, keeps label cardinality bounded.
             label = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(scope["method"], label, str(status[0])).inc()
-            access_log.info(json.dumps({
-                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                "method": scope["method"], "path": scope["path"], "status": status[0],
-                "duration_ms": round((time.perf_counter() - start) * 1e3, 1),
-                "client": (scope.get("client") or ["?"])[0],
-            }))
+            if access_log.isEnabledFor(logging.INFO):  # below --log-level info the line is not even built
+                access_log.info(json.dumps({
+                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                    "method": scope["method"], "path": scope["path"], "status": status[0],
+                    "duration_ms": round((time.perf_counter() - start) * 1e3, 1),
+                    "client": (scope.get("client") or ["?"])[0],
+                }))
 
 
 class AssumeJSON:
