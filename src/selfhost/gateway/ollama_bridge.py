@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from selfhost.gateway.proxy import BACKEND_HEADER, COST_HEADER, REQUEST_ID_HEADER
+from selfhost.gateway.relay_response import RelayResponse
 from selfhost.server.errors import APIError
 from selfhost.server.ollama_protocol import OllamaChatRequest, OllamaGenerateRequest
 
@@ -62,8 +63,8 @@ def openai_payload(path: str, raw: dict) -> dict:
 def ollama_response(path: str, model: str, response: Response) -> Response:
     headers = {k: v for k, v in response.headers.items() if k in KEPT_HEADERS}
     if isinstance(response, StreamingResponse):
-        return StreamingResponse(_ndjson(path, model, response.body_iterator), media_type="application/x-ndjson",
-                                 headers=headers)
+        return RelayResponse(_ndjson(path, model, response.body_iterator), media_type="application/x-ndjson",
+                             headers=headers)
     body = json.loads(response.body)
     if response.status_code != 200:
         message = (body.get("error") or {}).get("message") if isinstance(body, dict) else None

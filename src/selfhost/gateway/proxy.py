@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 import aiohttp
 from starlette.responses import Response, StreamingResponse
 
+from selfhost.gateway import wire_json
 from selfhost.gateway.budgets import UNMETERED, Reservation
 from selfhost.gateway.config import GatewaySettings
 from selfhost.gateway.deployments import Deployment, DeploymentTable
 from selfhost.gateway.ledger import Ledger, LedgerEntry, new_request_id
 from selfhost.gateway.metrics import GatewayMetrics
+from selfhost.gateway.relay_response import RelayResponse
 from selfhost.gateway.stream_tally import StreamTally
 from selfhost.gateway.upstream_http import (
     TRANSPORT_ERRORS,
@@ -141,7 +143,7 @@ class Proxy:
 
     async def _post(self, deployment: Deployment, request: ProxyRequest) -> aiohttp.ClientResponse:
         """The upstream's answer, its body not read yet (the caller releases it)."""
-        payload = json.dumps(request.upstream_payload(deployment)).encode()
+        payload = wire_json.dumps(request.upstream_payload(deployment))
         try:
             return await self.client.post(self._url(deployment, request), data=payload, headers=deployment.headers,
                                           **deployment.via_proxy)
@@ -162,7 +164,7 @@ class Proxy:
         if upstream.status != 200:
             return _passed_through(deployment, upstream.status, content)
         try:
-            body = json.loads(content)
+            body = wire_json.loads(content)
         except ValueError:
             raise RetryableFailure("a 200 whose body is not JSON") from None
         deployment.mark_healthy()
@@ -190,7 +192,7 @@ class Proxy:
         request_id = new_request_id()
         relay = self._relay(deployment, request, request_id, started, upstream, first, batches)
         headers = {**SSE_HEADERS, BACKEND_HEADER: deployment.id, REQUEST_ID_HEADER: request_id}
-        return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
+        return RelayResponse(relay, media_type="text/event-stream", headers=headers)
 
     async def _relay(self, deployment: Deployment, request: ProxyRequest, request_id: str, started: dt.datetime,
                      upstream: aiohttp.ClientResponse, first: list[bytes],

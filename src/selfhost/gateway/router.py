@@ -16,6 +16,7 @@ import json
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from selfhost.gateway import wire_json
 from selfhost.gateway.admission import carries_virtual_key, presented_key
 from selfhost.gateway.ollama_bridge import OLLAMA_PATHS, ollama_response, openai_payload
 from selfhost.gateway.proxy import BACKEND_HEADER, LocalFallback, ProxyRequest
@@ -190,7 +191,7 @@ def _replay(body: bytes, receive):
 
 def _json_object(body: bytes) -> dict | None:
     try:
-        payload = json.loads(body)
+        payload = wire_json.loads(body)
     except ValueError:
         return None
     return payload if isinstance(payload, dict) else None

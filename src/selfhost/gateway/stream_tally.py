@@ -20,6 +20,7 @@ import json
 import math
 import re
 
+from selfhost.gateway import wire_json
 from selfhost.gateway.rate_card import Pricer
 from selfhost.gateway.usage import PricedUsage, price, usage_record
 from selfhost.plan.pricing import UsageRecord
@@ -88,7 +89,7 @@ class StreamTally:
 
     def _count(self, data: str | bytes) -> dict | None:
         try:
-            chunk = json.loads(data)
+            chunk = wire_json.loads(data)
         except ValueError:
             return None
         if not isinstance(chunk, dict):
