@@ -127,7 +127,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             app.state.responses.close()
 
     app = FastAPI(title="selfhost", version=selfhost.__version__, lifespan=lifespan,
-                  description="OpenAI- and Ollama-compatible server for open-weight models.")
+                  description="OpenAI- and Ollama-compatible server for open-weight models.", **_telemetry_option())
     app.state.settings = settings
     app.state.models = models
     app.state.metrics = metrics
@@ -163,6 +163,25 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(CatchAll)
     app.add_middleware(AccessLog, metrics=metrics)
     return app
+
+
+def _telemetry_option() -> dict:
+    """FastAPI's native OpenTelemetry off when no provider is configured as the app is built.
+
+    Otherwise FastAPI asks on every request whether one has been set since (three
+    environment lookups that miss, a few percent of the gateway's CPU per proxied
+    request). A provider set up before the server starts (`opentelemetry-instrument`,
+    or code that runs before create_app) keeps FastAPI's telemetry as it was.
+    """
+    try:
+        from fastapi.telemetry._api import _unconfigured
+        from opentelemetry import _logs, metrics, trace
+    except ImportError:  # a FastAPI without native telemetry: nothing to turn off
+        return {}
+    providers = (trace.get_tracer_provider(), metrics.get_meter_provider(), _logs.get_logger_provider())
+    if all(_unconfigured(provider) for provider in providers):
+        return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    return {}
 
 
 def _gateway(settings: ServerSettings):
