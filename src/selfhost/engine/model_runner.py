@@ -5,6 +5,11 @@ Only sequences whose chunk completes them need logits, so the LM head runs on
 those rows alone (a prompt chunk in the middle of a long prompt needs none).
 The exception is a request that asks for prompt logprobs: its prefill rows go
 through the LM head too, in slices, and only when such a request is in the step.
+
+Decode steps (every chunk one token that completes its sequence) take a lean path on CPU:
+their inputs are written into buffers kept across steps (decode_inputs.py) and `_run_decode`
+skips the general bookkeeping. At a ~500 us demo-model token, Python around the model was
+~200 us of it; outputs are the general path's, bit for bit (tests/engine/test_decode_path.py).
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from selfhost.engine.decode_head import DecodeHead
+from selfhost.engine.decode_inputs import DecodeInputs
 from selfhost.engine.decode_layers import DecodeLayers
 from selfhost.engine.paged_cache import PagedKVCache, StepMetadata
 from selfhost.engine.scheduler import ScheduledChunk
 from selfhost.engine.sequence import Sequence
 from selfhost.engine.cpu_threads import CpuThreads
-from selfhost.layers.sampler import SampleResult, sample, score_tokens
+from selfhost.layers.sampler import SampleResult, plain_greedy, sample, score_tokens
 from selfhost.models.decoder import CausalLM
 from selfhost.outputs import TokenLogprob
 
@@ -51,6 +58,10 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.cpu_threads = CpuThreads.for_this_process() if device.type == "cpu" else None
         self._layers_runner: DecodeLayers | None | bool = device.type == "cpu"  # True: not looked for yet
+        # Steps of single-token chunks write their inputs into buffers kept across steps (CPU tensors);
+        # None keeps every step on the general path (`_prepare`, `_run`): the tests' reference.
+        self._decode_inputs = DecodeInputs(self.block_size) if device.type == "cpu" else None
+        self._decode_head: DecodeHead | None | bool = device.type == "cpu"  # True: not looked for yet
 
     @property
     def verify_as_single_queries(self) -> bool:
@@ -115,8 +126,68 @@ class ModelRunner:
         """Forward the step; sample for chunks that complete their sequence, score asked-for prompt rows."""
         if self.cpu_threads is None:
             return self._run(chunks, num_threads=1)
+        decode = self._decode_rows(chunks) if self._decode_inputs is not None else None
+        if decode is not None:
+            return self._run_decode(chunks, *decode)
         with self.cpu_threads.step(sum(c.num_tokens for c in chunks)) as num_threads:
             return self._run(chunks, num_threads)
+
+    @staticmethod
+    def _decode_rows(chunks: list[ScheduledChunk]) -> tuple[list, list | None, bool] | None:
+        """Each chunk's sampler row, their grammars (None where none is constrained) and whether every row
+        is plain greedy, when the step is a decode step: every chunk one token of its own that completes
+        its sequence and scores no prompt token. None for any other step (the general path)."""
+        rows, grammars, constrained, greedy = [], [], False, True
+        for chunk in chunks:
+            seq = chunk.seq
+            if (chunk.num_tokens != 1 or chunk.proposed or chunk.start + 1 != len(seq.token_ids)
+                    or (seq.prompt_logprobs is not None and seq.needs_prompt_logprobs)):
+                return None
+            rows.append(seq.sampler_row)
+            grammars.append(seq.grammar)
+            constrained = constrained or seq.grammar is not None
+            greedy = greedy and seq.plain_greedy
+        return rows, grammars if constrained else None, greedy and not constrained
+
+    def _run_decode(self, chunks: list[ScheduledChunk], rows: list, grammars: list | None, greedy: bool) -> StepResult:
+        """`_run` for a decode step: one row per chunk, each sampled, in the chunks' order (what `_run`
+        does for such a step, without its sort, row bookkeeping and gather; the head into a kept buffer)."""
+        threads = self.cpu_threads
+        num_threads = threads.begin(len(chunks))  # `step` without its generator's Python
+        try:
+            # torch.inference_mode()'s own guard, entered directly: the decorator's Python (a copy of the
+            # mode object per call) cost ~8 us of a decode step here, run cold after the layers.
+            with torch._C._InferenceMode(True):
+                hidden = self._decode_hidden(chunks, num_threads)
+                if self._decode_head is True:
+                    self._decode_head = DecodeHead.for_model(self.model)
+                head = self._decode_head(hidden, num_threads) if self._decode_head is not None else None
+                if head is None:
+                    logits = self.model.compute_logits(hidden, num_threads)
+                elif greedy:  # each row's argmax, straight from the buffer
+                    return StepResult(chunks, plain_greedy(head[1]))
+                else:
+                    logits = head[0]
+                masks = self.grammars.step_masks(grammars) if grammars is not None else None
+                return StepResult(chunks, sample(logits, rows, masks))
+        finally:
+            threads.end()
+
+    def _decode_hidden(self, chunks: list[ScheduledChunk], num_threads: int) -> torch.Tensor:
+        """A decode step's final hidden states: its inputs from the kept buffers, then the one-call runner
+        straight away (what CausalLM.forward offers the step first, without the module call around it)
+        where the model has no hooks of its own, else the model's forward."""
+        input_ids, positions, meta = self._decode_inputs.prepare(chunks, num_threads)
+        runner, model = self._decode_runner(), self.model
+        if runner is not None and not (model._forward_hooks or model._forward_pre_hooks):
+            self.cache.meta = meta
+            try:
+                hidden = runner(input_ids, positions, self.cache, num_threads)
+            finally:
+                self.cache.meta = None
+            if hidden is not None:
+                return hidden
+        return self._hidden(chunks, input_ids, positions, meta, num_threads)
 
     def last_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Forward the step; the logits of each chunk's last row, in `chunks`' order (a draft model's passes)."""
@@ -136,14 +207,22 @@ class ModelRunner:
 
     def _forward(self, chunks: list[ScheduledChunk], num_threads: int) -> tuple[list[ScheduledChunk], torch.Tensor]:
         """The step's hidden states; rows follow the returned order of the chunks."""
-        # Single-token queries first: they are attended as one batch (see paged_cache).
-        chunks = sorted(chunks, key=self._is_multi_token_query)
-        input_ids, positions, meta = self._prepare(chunks, num_threads)
+        if self._decode_inputs is not None and all(c.num_tokens == 1 for c in chunks):
+            inputs = self._decode_inputs.prepare(chunks, num_threads)  # all single queries: order kept
+        else:
+            # Single-token queries first: they are attended as one batch (see paged_cache).
+            chunks = sorted(chunks, key=self._is_multi_token_query)
+            inputs = self._prepare(chunks, num_threads)
+        return chunks, self._hidden(chunks, *inputs, num_threads)
+
+    def _hidden(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: StepMetadata, num_threads: int) -> torch.Tensor:
+        """The model's final hidden states for the step's prepared inputs."""
         self.cache.meta = meta
         if self.adapters is not None:
             self.adapters.begin_step([(c.seq.lora_slot, c.num_tokens) for c in chunks], self.device)
         try:
-            return chunks, self.model(input_ids, positions, self.cache, num_threads, self._decode_runner())
+            return self.model(input_ids, positions, self.cache, num_threads, self._decode_runner())
         finally:
             self.cache.meta = None
             if self.adapters is not None:

@@ -49,6 +49,8 @@ class Sequence:
         self.max_output = max_output  # max_tokens, capped by the engine at the context window
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eos_token_ids))
         self.sampler_row = sampler_row(params, prompt_ids, self.output_ids)
+        # Fixed by the params: the decode path checks it every step for every row (model_runner.py).
+        self.plain_greedy = self.sampler_row.is_plain_greedy
         # llguidance matcher of params.structured_output, set by the engine; it has seen every output token.
         self.grammar = None
         # KV bookkeeping, owned by the scheduler and block manager.
