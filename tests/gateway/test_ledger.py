@@ -96,3 +96,28 @@ def test_close_commits_what_was_queued(tmp_path):
 
     asyncio.run(queue_then_close())
     assert len(Ledger(f"sqlite:///{tmp_path / 'ledger.db'}").rows()) == 50
+
+
+def test_the_writers_batch_insert_stores_rows_as_sqlalchemy_does(ledger):
+    """The batch path goes to the driver directly: its rows must read back exactly as SQLAlchemy's own insert's
+    (a datetime, a boolean, an exact cost, None), or budgets and reports would read them differently."""
+    from decimal import Decimal
+
+    from selfhost.plan.pricing import Cost
+
+    when = dt.datetime(2026, 12, 7, 1, 2, 3, 456789, tzinfo=dt.UTC)
+    cost = Cost(model_id="gpt-4o-mini", usd=Decimal("0.000123"), input_usd=Decimal("0.000003"),
+                output_usd=Decimal("0.00012"), as_of=dt.date(2026, 12, 1), since=None, source="catalog")
+
+    def priced_entry(request_id: str) -> LedgerEntry:
+        usage = UsageRecord(input_tokens=12, cached_input_tokens=4, output_tokens=60, reasoning_tokens=4)
+        return LedgerEntry(request_id=request_id, time=when, key_name="team-a", model="gpt", deployment="gpt/0",
+                           upstream_model="gpt-4o-mini", endpoint="chat/completions", status="completed",
+                           priced=PricedUsage(usage, cost, estimated=True))
+
+    ledger.write(priced_entry("one-by-sqlalchemy"))
+    ledger.write_batch([priced_entry("batch-1"), priced_entry("batch-2"), entry("batch-unpriced")])
+    rows = {r.pop("request_id"): r for r in ledger.rows()}
+    assert rows["batch-1"] == rows["batch-2"] == rows["one-by-sqlalchemy"]
+    assert rows["batch-1"]["usage_estimated"] is True and rows["batch-1"]["cost_usd"] == "0.000123"
+    assert rows["batch-unpriced"]["cost_usd"] is None and rows["batch-unpriced"]["key_name"] is None
