@@ -42,6 +42,8 @@ class DecodeInputs:
             # ids, positions, slots, context lengths: one row each
             self._fields = np.zeros((4, self._capacity), dtype=np.int64)
             self._fields_t = torch.from_numpy(self._fields)
+            # The same memory as flat int64 items: a store through it skips numpy's indexing (~10x cheaper).
+            self._items = memoryview(self._fields).cast("B").cast("q")
         if rows * width > self._tables.size:
             self._tables = np.zeros(max(rows * width, 2 * self._tables.size), dtype=np.int64)
             self._tables_t = torch.from_numpy(self._tables)
@@ -64,8 +66,9 @@ class DecodeInputs:
         if rows > self._capacity or rows * width > self._tables.size:
             self._grow(rows, width)
         fields = self._fields
-        if rows == 1:  # one sequence: four scalar stores beat four list conversions
-            fields[0, 0], fields[1, 0], fields[2, 0], fields[3, 0] = ids[0], positions[0], slots[0], max_len
+        if rows == 1:  # one sequence: four item stores beat four list conversions
+            items, cap = self._items, self._capacity
+            items[0], items[cap], items[2 * cap], items[3 * cap] = ids[0], positions[0], slots[0], max_len
         else:
             fields[0, :rows], fields[1, :rows], fields[2, :rows] = ids, positions, slots
             fields[3, :rows] = positions

@@ -77,10 +77,11 @@ class IncrementalDetokenizer:
         self._append(window_now[len(window_before) :])
 
     def _append(self, new_text: str) -> None:
-        search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
-        self.text += new_text
-        if not self.stop:
+        if not self.stop:  # the common case, once per generated token: no search to set up
+            self.text += new_text
             return
+        search_from = max(0, len(self.text) - max(len(s) for s in self.stop) + 1)
+        self.text += new_text
         hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i != -1]
         if hits:
             self.text = self.text[: min(hits)]

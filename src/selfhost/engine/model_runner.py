@@ -158,10 +158,11 @@ class ModelRunner:
             # torch.inference_mode()'s own guard, entered directly: the decorator's Python (a copy of the
             # mode object per call) cost ~8 us of a decode step here, run cold after the layers.
             with torch._C._InferenceMode(True):
-                hidden = self._decode_hidden(chunks, num_threads)
+                hidden, from_runner = self._decode_hidden(chunks, num_threads)
                 if self._decode_head is True:
                     self._decode_head = DecodeHead.for_model(self.model)
-                head = self._decode_head(hidden, num_threads) if self._decode_head is not None else None
+                # The head takes the runner's states (fp32, 2-D, contiguous by construction) only.
+                head = self._decode_head(hidden, num_threads) if from_runner and self._decode_head else None
                 if head is None:
                     logits = self.model.compute_logits(hidden, num_threads)
                 elif greedy:  # each row's argmax, straight from the buffer
@@ -173,10 +174,10 @@ class ModelRunner:
         finally:
             threads.end()
 
-    def _decode_hidden(self, chunks: list[ScheduledChunk], num_threads: int) -> torch.Tensor:
-        """A decode step's final hidden states: its inputs from the kept buffers, then the one-call runner
-        straight away (what CausalLM.forward offers the step first, without the module call around it)
-        where the model has no hooks of its own, else the model's forward."""
+    def _decode_hidden(self, chunks: list[ScheduledChunk], num_threads: int) -> tuple[torch.Tensor, bool]:
+        """A decode step's final hidden states, and whether the one-call runner made them: its inputs from
+        the kept buffers, then the runner straight away (what CausalLM.forward offers the step first,
+        without the module call around it) where the model has no hooks of its own, else the model's forward."""
         input_ids, positions, meta = self._decode_inputs.prepare(chunks, num_threads)
         runner, model = self._decode_runner(), self.model
         if runner is not None and not (model._forward_hooks or model._forward_pre_hooks):
@@ -186,8 +187,8 @@ class ModelRunner:
             finally:
                 self.cache.meta = None
             if hidden is not None:
-                return hidden
-        return self._hidden(chunks, input_ids, positions, meta, num_threads)
+                return hidden, True
+        return self._hidden(chunks, input_ids, positions, meta, num_threads), False
 
     def last_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Forward the step; the logits of each chunk's last row, in `chunks`' order (a draft model's passes)."""
