@@ -26,6 +26,7 @@ from selfhost.gateway import wire_json
 from selfhost.gateway.budgets import UNMETERED, Reservation
 from selfhost.gateway.config import GatewaySettings
 from selfhost.gateway.deployments import Deployment, DeploymentTable
+from selfhost.gateway.lean_http import LeanPool, LeanResponse
 from selfhost.gateway.ledger import Ledger, LedgerEntry, new_request_id
 from selfhost.gateway.metrics import GatewayMetrics
 from selfhost.gateway.relay_response import RelayResponse
@@ -94,15 +95,19 @@ class Proxy:
     def __init__(self, table: DeploymentTable, settings: GatewaySettings, ledger: Ledger):
         self.table, self.settings, self.ledger = table, settings, ledger
         self.client: aiohttp.ClientSession | None = None
+        self.lean: LeanPool | None = None  # plain-http upstreams without a proxy (lean_http); aiohttp for the rest
         self._background: set[asyncio.Task] = set()
         self.metrics: GatewayMetrics | None = None  # attached by the app, onto the server's registry
 
     def start(self) -> None:
         self.client = open_session(self.settings.timeout_s, self.settings.connect_timeout_s)
+        self.lean = LeanPool(self.settings.timeout_s, self.settings.connect_timeout_s)
 
     async def aclose(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self.lean is not None:
+            self.lean.close()
         if self.client is not None:
             await self.client.close()
 
@@ -141,10 +146,12 @@ class Proxy:
     def _url(self, deployment: Deployment, request: ProxyRequest) -> str:
         return f"{deployment.url}/{request.endpoint}"
 
-    async def _post(self, deployment: Deployment, request: ProxyRequest) -> aiohttp.ClientResponse:
+    async def _post(self, deployment: Deployment, request: ProxyRequest) -> aiohttp.ClientResponse | LeanResponse:
         """The upstream's answer, its body not read yet (the caller releases it)."""
         payload = wire_json.dumps(request.upstream_payload(deployment))
         try:
+            if LeanPool.serves(deployment.url, deployment.via_proxy):
+                return await self.lean.post(self._url(deployment, request), payload, deployment.headers)
             return await self.client.post(self._url(deployment, request), data=payload, headers=deployment.headers,
                                           **deployment.via_proxy)
         except TRANSPORT_ERRORS as err:  # connect error, timeout, dropped connection

@@ -4,7 +4,9 @@ aiohttp rather than httpx on this path: measured against a fast upstream on the
 2-core machine, an httpx.AsyncClient spent ~1 ms of CPU per request at concurrency 1
 and ~4 ms at 32 (its pool scans every connection, through anyio, per request), aiohttp
 ~0.2-0.4 ms. Connections are kept alive per upstream (HTTP/1.1) with no cap on their
-number: a deployment's `max_concurrency` is the gateway's own limit.
+number: a deployment's `max_concurrency` is the gateway's own limit. Plain-`http`
+upstreams reached without a proxy go through the leaner client in lean_http instead;
+this session serves TLS upstreams, proxied ones and the health probes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
+
+from selfhost.gateway.lean_http import LeanConnectError
 
 
 class StreamCutShort(aiohttp.ClientError):
@@ -28,6 +32,7 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 _FAILURE_NAMES = (
     (StreamCutShort, "RemoteProtocolError"),
     (aiohttp.ConnectionTimeoutError, "ConnectTimeout"),
+    (LeanConnectError, "ConnectError"),
     (aiohttp.ClientConnectorError, "ConnectError"),
     (aiohttp.ServerTimeoutError, "ReadTimeout"),
     (asyncio.TimeoutError, "ReadTimeout"),
