@@ -7,7 +7,8 @@ import datetime as dt
 import time
 
 try:
-    import aiohttp  # noqa: F401 - the proxy's client; checked here so a missing extra is one clear line
+    import aiohttp  # noqa: F401 - the proxy's clients; checked here so a missing extra is one clear line
+    import httptools  # noqa: F401
 except ImportError:
     from selfhost.gateway.config import GatewayConfigError
 
