@@ -123,3 +123,24 @@ def test_only_plain_http_without_a_proxy_takes_the_lean_client():
     assert LeanPool.serves("http://10.0.0.7:8000/v1", {})
     assert not LeanPool.serves("https://api.openai.com/v1", {})
     assert not LeanPool.serves("http://10.0.0.7:8000/v1", {"proxy": "http://proxy:3128", "proxy_auth": None})
+
+
+def test_a_connection_idle_too_long_is_closed_not_reused(monkeypatch):
+    import selfhost.gateway.lean_http as lean_http
+
+    monkeypatch.setattr(lean_http, "IDLE_REUSE_S", 0.05)
+
+    async def run():
+        server, port, accepted = await serve([JSON_ANSWER, JSON_ANSWER, JSON_ANSWER])
+        pool = LeanPool(read_timeout_s=5, connect_timeout_s=5)
+        url = f"http://127.0.0.1:{port}/x"
+        for pause in (0, 0, 0.2):  # the second request reuses the first's connection; the third, after a pause, not
+            await asyncio.sleep(pause)
+            response = await pool.post(url, b"", {})
+            await response.read()
+            response.release()
+        pool.close()
+        server.close()
+        return accepted[0]
+
+    assert asyncio.run(run()) == 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -26,6 +27,10 @@ import aiohttp
 import httptools
 
 READ_HIGH_WATER = 256 * 1024  # bytes of a streamed body held before the socket stops being read
+# An idle connection older than this is closed, not reused: uvicorn-based servers (vLLM, selfhost) close theirs after
+# 5 s idle, and a request written onto a connection as its server closes it fails (as with aiohttp, it is not
+# retried on the same deployment: the upstream may have read it).
+IDLE_REUSE_S = 4.0
 
 
 class LeanConnectError(aiohttp.ClientConnectionError):
@@ -39,6 +44,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.idle_since = 0.0  # when it went back to the pool
         self._response: LeanResponse | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
@@ -231,14 +237,18 @@ class LeanPool:
         return response
 
     def put_back(self, key: tuple[str, int], connection: _Connection) -> None:
+        connection.idle_since = time.monotonic()
         self._idle.setdefault(key, []).append(connection)
 
     async def _connection(self, key: tuple[str, int]) -> _Connection:
         idle = self._idle.get(key)
-        while idle:
-            connection = idle.pop()
-            if not connection.closed and not connection.transport.is_closing():
-                return connection
+        if idle:
+            fresh_after = time.monotonic() - IDLE_REUSE_S
+            while idle:
+                connection = idle.pop()  # the most recently used first
+                if not connection.closed and connection.idle_since >= fresh_after:
+                    return connection
+                connection.transport.close()
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
