@@ -49,7 +49,7 @@ setup(
         kernel("_cpu_pool", headers=("_cpu_pool.h",)),
         kernel("quant._int8_cpu", uses_pool=True, headers=("quant/_int8_block_avx2.h",)),
         kernel("layers._matvec_cpu", uses_pool=True),
-        kernel("layers._gemm_cpu", uses_pool=True),
+        kernel("layers._gemm_cpu", uses_pool=True, headers=("_kernel_capsules.h",)),
         kernel("layers._bf16_tiles_cpu", uses_pool=True,
                headers=("_amx_tiles.h", "_kernel_capsules.h", "_exp_avx512.h", "layers/_swiglu_avx512.h")),
         kernel("layers._norm_cpu", uses_pool=True, headers=("_kernel_capsules.h",)),

@@ -13,7 +13,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-#define SELFHOST_KERNELS_VERSION 2 /* 2: RopeDecodeStep took an int8 cache's scales */
+#define SELFHOST_KERNELS_VERSION 3 /* 2: RopeDecodeStep took an int8 cache's scales; 3: Bf16TileKernels.amx */
 
 typedef struct { /* layers._norm_cpu */
     int version;
@@ -31,13 +31,15 @@ typedef struct { /* layers._bf16_tiles_cpu: products on the packed layout */
     /* few rows on AVX-512, exact activations; K % 32 == 0 */
     void (*linear_few_rows)(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M,
                             Py_ssize_t N, Py_ssize_t K, int num_threads);
-    /* many rows on AMX tiles, activations rounded to bf16; NULL without AMX; -1 without memory */
+    /* many rows: on AMX tiles, activations rounded to bf16; without AMX the few-row kernel (exact
+     * activations, any K); -1 without memory */
     int (*linear)(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M, Py_ssize_t N,
                   Py_ssize_t K, int num_threads);
     /* y = down(silu(gate(x)) * up(x)) on AMX tiles, the same bits as linear, SwiGLU, linear; gate|up
      * without bias, I and K multiples of 32; y may be x; NULL without AMX; -1 without memory */
     int (*swiglu)(const float *x, const uint16_t *gate_up, const uint16_t *down, const float *down_bias, float *y,
                   Py_ssize_t M, Py_ssize_t I, Py_ssize_t K, int num_threads);
+    int amx; /* `linear` runs on AMX tiles (callers that widen other weights to bf16 want only that) */
 } Bf16TileKernels;
 
 typedef struct { /* layers._gemm_cpu (AVX-512): fp32 weights, and bf16 weights in their (N, K) rows */

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from selfhost.layers import moe as moe_module
-from selfhost.layers.bf16_linear import tiles_available
+from selfhost.layers.bf16_linear import amx_available
 from selfhost.layers.linear import Linear
 from selfhost.layers.moe import EXPERT_KINDS, SparseMoE
 from selfhost.quant import int8
@@ -118,7 +118,7 @@ def test_int8_call_is_close_to_the_dequantized_product(tokens, monkeypatch):
         got = layer.forward(x, 2)
     assert layer.expert_kernel().kind == EXPERT_KINDS["int8"]
     expected = _dequantized_reference(layer, x)
-    on_amx = tokens == 300 and tiles_available()  # 600 pairs over 8 experts: 32 rows or more each
+    on_amx = tokens == 300 and amx_available()  # 600 pairs over 8 experts: 32 rows or more each
     assert (got - expected).abs().max() < (0.01 if on_amx else 0.02) * expected.abs().max()
 
 
@@ -134,7 +134,7 @@ def test_many_rows_on_amx_with_widths_off_the_packing(monkeypatch):
 
 def test_many_rows_on_amx_are_nearer_exact_int8_than_the_loop(monkeypatch):
     """The loop quantizes activations to int8 blocks; the AMX rows only round them to bf16."""
-    if not tiles_available():
+    if not amx_available():
         pytest.skip("no AMX tiles on this CPU")
     layer, x = _int8_moe("noaux_tc"), torch.randn(300, 64)
     loop, one_call = _both_paths(layer, x, monkeypatch)
@@ -151,7 +151,7 @@ def test_int8_call_when_every_token_picks_the_same_experts(monkeypatch):
         layer.gate.weight[1] += 5.0 / 64
     x = torch.randn(200, 64).abs()
     loop, one_call = _both_paths(layer, x, monkeypatch)
-    if tiles_available():  # two experts of 200 rows each: on AMX
+    if amx_available():  # two experts of 200 rows each: on AMX
         expected = _dequantized_reference(layer, x)
         assert (one_call - expected).abs().max() < 0.01 * expected.abs().max()
     else:

@@ -397,7 +397,7 @@ static int int8_experts(const int64_t *table, const float *x, Py_ssize_t T, Py_s
     for (Py_ssize_t slot = 0; slot < pairs; slot++) tokens[slot] = rows[slot] / k;
 
     /* experts with many rows go to AMX (where it is, within the cap); the most rows any of them has */
-    const Py_ssize_t amx_rows = level >= 2 && tiles && tiles->linear ? INT8_AMX_ROWS : PY_SSIZE_T_MAX;
+    const Py_ssize_t amx_rows = level >= 2 && tiles && tiles->amx ? INT8_AMX_ROWS : PY_SSIZE_T_MAX;
     Py_ssize_t amx_most = 0;
     for (Py_ssize_t e = 0; e < E; e++)
         if (starts[e + 1] - starts[e] >= amx_rows && starts[e + 1] - starts[e] > amx_most)
