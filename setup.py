@@ -47,7 +47,8 @@ def kernel(module: str, uses_pool: bool = False, headers: tuple[str, ...] = ()) 
 setup(
     ext_modules=[
         kernel("_cpu_pool", headers=("_cpu_pool.h",)),
-        kernel("quant._int8_cpu", uses_pool=True, headers=("quant/_int8_block_avx2.h",)),
+        kernel("quant._int8_cpu", uses_pool=True,
+               headers=("quant/_int8_block_avx2.h", "quant/_int8_widened_avx512.h", "_kernel_capsules.h")),
         kernel("layers._matvec_cpu", uses_pool=True),
         kernel("layers._gemm_cpu", uses_pool=True, headers=("_kernel_capsules.h",)),
         kernel("layers._bf16_tiles_cpu", uses_pool=True,
@@ -56,7 +57,8 @@ setup(
         kernel("layers._activation_cpu", uses_pool=True,
                headers=("_exp_avx512.h", "_kernel_capsules.h", "layers/_swiglu_avx512.h")),
         kernel("layers._token_mask_cpu"),
-        kernel("layers._moe_cpu", uses_pool=True, headers=("_kernel_capsules.h", "quant/_int8_block_avx2.h")),
+        kernel("layers._moe_cpu", uses_pool=True,
+               headers=("_kernel_capsules.h", "quant/_int8_block_avx2.h", "quant/_int8_widened_avx512.h")),
         kernel("engine._paged_attention_cpu", uses_pool=True,
                headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h", "_kernel_capsules.h")),
         kernel("engine._decode_layers_cpu", headers=("_kernel_capsules.h",)),

@@ -48,6 +48,7 @@
 #include "../quant/_int8_block_avx2.h"
 #endif
 #include "../_cpu_pool.h"
+#include "../quant/_int8_widened_avx512.h"
 
 static const ActivationKernels *activation;
 static const Bf16TileKernels *tiles;
@@ -290,43 +291,13 @@ static uint32_t bf16_pair_of_int8_pair[65536]; /* two int8 (as a little-endian u
 
 static Py_ssize_t round_up(Py_ssize_t v, Py_ssize_t m) { return (v + m - 1) / m * m; }
 
-typedef struct {
-    const int8_t *q; /* (N, K), K % 32 == 0 */
-    uint16_t *packed;
-    Py_ssize_t N, K;
-} PackJob;
-
-#ifdef SELFHOST_X86
-/* pack_unit on AVX-512: each block row's 16 pairs gathered from the 16 weight rows at once, both bytes
- * sign-extended, converted to fp32 and cut to their top halves (exact for integers). */
-__attribute__((target("avx512f"))) static void pack_unit_avx512(const PackJob *p, long nb) {
-    const Py_ssize_t kblocks = p->K / 32, left = p->N - nb * 16, rows = left < 0 ? 0 : left < 16 ? left : 16;
-    uint32_t *dst = (uint32_t *)(p->packed + (Py_ssize_t)nb * kblocks * 16 * 32);
-    const int8_t *q = p->q + nb * 16 * p->K; /* past the weight for padding groups: every lane masked off */
-    const __mmask16 present = (__mmask16)((1u << rows) - 1);
-    const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32((int)p->K));
-    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    for (Py_ssize_t kb = 0; kb < kblocks; kb++)
-        for (Py_ssize_t i = 0; i < 16; i++, dst += 16) {
-            /* 4 bytes from each row: the pair, and two bytes it ignores (never past the row: 2i + 3 < 32) */
-            const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), present, offsets,
-                                                              q + kb * 32 + 2 * i, 1);
-            const __m512 first = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(words, 24), 24));
-            const __m512 second = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(words, 16), 24));
-            _mm512_storeu_si512(dst, _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(first), 16),
-                                                     _mm512_and_si512(_mm512_castps_si512(second), high)));
-        }
-}
-#endif
-
 /* One group of 16 outputs: block (nb, kb) row i holds, per output n, the pair of inputs 32kb + 2i
  * and + 1, as one 32-bit word (the pair of bytes looked up at once). */
 static void pack_unit(const void *context, long nb) {
-    const PackJob *p = context;
+    const Int8PackJob *p = context;
 #ifdef SELFHOST_X86
     if (cpu_level() >= 2) { /* the AMX path runs only within the AVX-512 cap */
-        pack_unit_avx512(p, nb);
+        int8_pack_group_avx512(p, nb);
         return;
     }
 #endif
@@ -348,7 +319,7 @@ static void pack_unit(const void *context, long nb) {
 /* y (M, N) = x (M, K) @ (q * scale)^T on AMX, through `packed` (room for N and K padded); -1 without memory. */
 static int int8_amx_product(const float *x, const int8_t *q, const float *scale, uint16_t *packed, float *y,
                             Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
-    const PackJob job = {q, packed, N, K};
+    const Int8PackJob job = {q, packed, N, K};
     pool_run(pack_unit, &job, (long)(round_up(N, PACK_OUT) / 16), num_threads);
     if (tiles->linear(x, packed, NULL, y, M, N, K, num_threads)) return -1;
     for (Py_ssize_t m = 0; m < M; m++)

@@ -25,7 +25,7 @@ from torch import nn
 from selfhost.layers import linear
 from selfhost.layers.linear import Linear
 from selfhost.layers.moe import SparseMoE
-from selfhost.models.measured_choices import MeasuredChoices
+from selfhost.models.measured_choices import MeasuredChoices, takeover_rows
 from selfhost.timing import best_seconds
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,10 @@ def measure(in_features: int, out_features: int, threads: int) -> dict[str, floa
 
 
 def blas_from_rows(seconds: dict[str, float]) -> int:
-    """The fewest probed rows R where torch wins, both at R and over all probes of R rows and more
-    summed (the big steps, where the time goes, weigh most, and one disturbed probe above R does not
-    flip the answer on its own); NEVER where there is none."""
-    def wins(rows: list[int]) -> bool:
-        return MIN_GAIN * sum(seconds[f"torch@{r}"] for r in rows) <= sum(seconds[f"selfhost@{r}"] for r in rows)
-
-    return next((r for r in PROBE_ROWS if wins([r]) and wins([s for s in PROBE_ROWS if s >= r])), NEVER)
+    """The fewest probed rows from which torch's product takes over (measured_choices.takeover_rows)."""
+    switch = takeover_rows({r: seconds[f"selfhost@{r}"] for r in PROBE_ROWS},
+                           {r: seconds[f"torch@{r}"] for r in PROBE_ROWS}, MIN_GAIN)
+    return NEVER if switch is None else switch
 
 
 def choose_blas_from_rows(in_features: int, out_features: int, threads: int) -> tuple[int, bool]:

@@ -61,3 +61,16 @@ class MeasuredChoices:
             scratch.replace(path)  # atomic: a concurrent loader reads the old file or the new one
         except OSError as err:  # a read-only home: the choice still holds for this process
             log.debug("could not cache the %s choice in %s: %s", self.name, path, err)
+
+
+def takeover_rows(incumbent: dict[int, float], challenger: dict[int, float], min_gain: float) -> int | None:
+    """The fewest probed rows R from which a challenger kernel takes over from an incumbent: it must win
+    by `min_gain` both at R and over all probes of R rows and more summed (the big steps, where the time
+    goes, weigh most, and one disturbed probe above R does not flip the answer on its own); None where
+    it never does. Both map probed row counts to best-of-n seconds."""
+    probes = sorted(incumbent)
+
+    def wins(rows: list[int]) -> bool:
+        return min_gain * sum(challenger[r] for r in rows) <= sum(incumbent[r] for r in rows)
+
+    return next((r for r in probes if wins([r]) and wins([s for s in probes if s >= r])), None)
