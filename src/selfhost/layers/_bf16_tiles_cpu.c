@@ -291,6 +291,8 @@ FEW_AVX512 static void run_wide_chunk(const void *context, long chunk) {
     const Py_ssize_t m_end = m_begin + p->group_rows < p->M ? m_begin + p->group_rows : p->M;
     Py_ssize_t m0 = m_begin;
     for (; m0 + WIDE_ROWS <= m_end; m0 += WIDE_ROWS) widened_kernel(p, WIDE_ROWS, WIDE_BLOCKS, m0, nb0);
+    /* what is left: 8 and 4 rows (a 32-row decode batch is 12 + 12 + 8), then one at a time */
+    for (; m0 + 8 <= m_end; m0 += 8) widened_kernel(p, 8, WIDE_BLOCKS, m0, nb0);
     for (; m0 + 4 <= m_end; m0 += 4) widened_kernel(p, 4, WIDE_BLOCKS, m0, nb0);
     for (; m0 < m_end; m0++) widened_kernel(p, 1, WIDE_BLOCKS, m0, nb0);
 }
