@@ -13,7 +13,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-#define SELFHOST_KERNELS_VERSION 3 /* 2: RopeDecodeStep took an int8 cache's scales; 3: Bf16TileKernels.amx */
+#define SELFHOST_KERNELS_VERSION 3 /* 2: RopeDecodeStep took an int8 cache's scales; 3: Bf16TileKernels.linear never NULL */
 
 typedef struct { /* layers._norm_cpu */
     int version;
@@ -39,7 +39,6 @@ typedef struct { /* layers._bf16_tiles_cpu: products on the packed layout */
      * without bias, I and K multiples of 32; y may be x; NULL without AMX; -1 without memory */
     int (*swiglu)(const float *x, const uint16_t *gate_up, const uint16_t *down, const float *down_bias, float *y,
                   Py_ssize_t M, Py_ssize_t I, Py_ssize_t K, int num_threads);
-    int amx; /* `linear` runs on AMX tiles (callers that widen other weights to bf16 want only that) */
 } Bf16TileKernels;
 
 typedef struct { /* layers._gemm_cpu (AVX-512): fp32 weights, and bf16 weights in their (N, K) rows */

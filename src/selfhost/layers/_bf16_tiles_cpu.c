@@ -454,7 +454,7 @@ static int swiglu_product(const float *x, const uint16_t *gate_up, const uint16_
     return 0;
 }
 
-static Bf16TileKernels kernels = {SELFHOST_KERNELS_VERSION, few_rows_product, NULL, NULL, 0};
+static Bf16TileKernels kernels = {SELFHOST_KERNELS_VERSION, few_rows_product, NULL, NULL};
 
 #endif /* SELFHOST_AMX */
 
@@ -647,7 +647,6 @@ PyMODINIT_FUNC PyInit__bf16_tiles_cpu(void) {
 #ifdef SELFHOST_AMX
     kernels.linear = amx_ready ? tiles_product : widened_product; /* many rows */
     kernels.swiglu = amx_ready ? swiglu_product : NULL;
-    kernels.amx = amx_ready;
     if (m && few_rows_ready && kernels_export(m, "selfhost.layers._bf16_tiles_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
 #endif
     return m;
