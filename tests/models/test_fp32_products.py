@@ -94,3 +94,6 @@ def test_the_loader_gives_the_switch_to_every_linear_but_experts(tmp_path, monke
     assert [m.blas_from_rows for m in linears] == [NEVER if id(m) in experts else 128 for m in linears]
     assert len(moes) == 3 and all(moe.gate.blas_from_rows == 128 for moe in moes)
     assert model.lm_head.blas_from_rows == 128
+    from selfhost.models.bf16_weights import linear_kernels
+
+    assert linear_kernels(model) == "fp32: selfhost AVX-512 GEMM up to 127 rows, torch (MKL) beyond (measured)"

@@ -63,10 +63,13 @@ def linear_kernels(model) -> str:
     if layer is not None:
         few = f"AVX-512 up to {layer.few_rows_max} rows, " if layer.few_rows_max else ""
         return f"bf16 weights: {few}{many_rows_product(layer.layout)} beyond"
-    if not any(type(m) is Linear for m in model.modules()):
+    fp32 = next((m for m in model.modules() if type(m) is Linear), None)
+    if fp32 is None:
         return "torch (quantized or fallback modules)"
     if linear.USE_GEMM:
-        return "fp32: selfhost AVX-512 GEMM"
+        if fp32.blas_from_rows == Linear.blas_from_rows:
+            return "fp32: selfhost AVX-512 GEMM"
+        return f"fp32: selfhost AVX-512 GEMM up to {fp32.blas_from_rows - 1} rows, torch (MKL) beyond (measured)"
     if linear.USE_MATVEC:
         return f"fp32: selfhost AVX2 up to {linear.MATVEC_MAX_ROWS} rows, torch beyond"
     return "fp32: torch"
