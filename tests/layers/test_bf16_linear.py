@@ -292,3 +292,16 @@ def test_swiglu_in_one_call_only_on_amx():
     with torch.inference_mode():
         fused = bf16_linear.swiglu_tiles(gate_up, down, torch.randn(40, 64), 1)
     assert (fused is not None) == bf16_linear.amx_available()
+
+
+@needs_tiles
+@torch.inference_mode()
+def test_the_widening_kernels_give_the_same_bits_at_any_row_count():
+    # 4-row passes below 24 rows, 12-row passes from there: each output's sum runs in the same order,
+    # so a row's result does not depend on how many rows share the call (the decode runner and the
+    # Python path may batch the same rows differently).
+    layer = random_layer(96, 80, bias=True, few_rows_max=1000, seed=11, layout="tiles")
+    x = torch.randn(40, 96, generator=torch.Generator().manual_seed(12))
+    alone = torch.cat([layer(x[i : i + 1], 1) for i in range(40)])
+    for rows in (5, 23, 24, 40):
+        assert torch.equal(layer(x[:rows], 2), alone[:rows])

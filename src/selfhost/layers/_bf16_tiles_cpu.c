@@ -304,16 +304,28 @@ static int few_rows_ready; /* AVX-512 F/BW/VL; set once, when the module loads *
  * decode-step runner's (../_kernel_capsules.h). */
 static void few_rows_product(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M,
                              Py_ssize_t N, Py_ssize_t K32, int num_threads) {
-    FewRows p = {x, w, bias, y, M, N, K32, 0};
-    pool_run(run_few_rows_chunk, &p, (long)(round_up(N, PACK_OUT) / (16 * FEW_BLOCKS)), num_threads < 1 ? 1 : num_threads);
+    const int threads = num_threads < 1 ? 1 : num_threads;
+    if (M < 2 * WIDE_ROWS) {
+        FewRows p = {x, w, bias, y, M, N, K32, 0};
+        pool_run(run_few_rows_chunk, &p, (long)(round_up(N, PACK_OUT) / (16 * FEW_BLOCKS)), threads);
+        return;
+    }
+    /* Many rows: the 12-row passes (run_wide_chunk). Every output's sum runs over K in the same order
+     * with the same FMAs in both drivers, so the bits do not depend on which one a row count takes.
+     * A group's rows take about a quarter of L2 (as group_rows_for's tiles do), 12 at least. */
+    Py_ssize_t group = (l2_bytes / 4) / (K32 * (Py_ssize_t)sizeof(float)) / WIDE_ROWS * WIDE_ROWS;
+    if (group < WIDE_ROWS) group = WIDE_ROWS;
+    FewRows p = {x, w, bias, y, M, N, K32, group};
+    const long chunks = (long)(round_up(N, 16 * WIDE_BLOCKS) / (16 * WIDE_BLOCKS) * ((M + group - 1) / group));
+    pool_run(run_wide_chunk, &p, chunks, threads);
 }
 
-/* y = x @ W^T (+ bias) on the few-row kernel for any M (K need not be a multiple of 32): the
+/* y = x @ W^T (+ bias) on the widening kernels for any M (K need not be a multiple of 32): also the
  * many-row product of CPUs with AVX-512 but no AMX. Widening each weight pair costs two
- * instructions for every 2 x rows FMAs, so it runs near the fp32 FMA peak (~320 of ~400
- * GFLOP/s on two Xeon cores without AMX, 2026-12-07), where torch's bf16 matmul reached ~170 and
- * VDPBF16PS itself half the FMA rate (100 against 200 GFLOP/s a core, measured); the
- * activations stay exact. -1 without memory for the zero-padded copy. */
+ * instructions for every 2 x rows FMAs, so with 12 rows a pass it runs near the fp32 FMA peak
+ * (~300-380 of ~400 GFLOP/s on two Xeon cores without AMX, 2026-12-07), where torch's bf16 matmul
+ * reached ~170 and VDPBF16PS itself half the FMA rate (100 against 200 GFLOP/s a core, measured);
+ * the activations stay exact. -1 without memory for the zero-padded copy. */
 static int widened_product(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M,
                            Py_ssize_t N, Py_ssize_t K, int num_threads) {
     const Py_ssize_t K32 = round_up(K, 32);
@@ -323,17 +335,7 @@ static int widened_product(const float *x, const uint16_t *w, const float *bias,
         if (!padded) return -1;
         for (Py_ssize_t m = 0; m < M; m++) memcpy(padded + m * K32, x + m * K, (size_t)K * sizeof(float));
     }
-    const float *rows = padded ? padded : x;
-    if (M < 2 * WIDE_ROWS) {
-        few_rows_product(rows, w, bias, y, M, N, K32, num_threads);
-    } else {
-        /* a group's rows take about a quarter of L2 (as group_rows_for's tiles do), 12 at least */
-        Py_ssize_t group = (l2_bytes / 4) / (K32 * (Py_ssize_t)sizeof(float)) / WIDE_ROWS * WIDE_ROWS;
-        if (group < WIDE_ROWS) group = WIDE_ROWS;
-        FewRows p = {rows, w, bias, y, M, N, K32, group};
-        const long chunks = (long)(round_up(N, 16 * WIDE_BLOCKS) / (16 * WIDE_BLOCKS) * ((M + group - 1) / group));
-        pool_run(run_wide_chunk, &p, chunks, num_threads < 1 ? 1 : num_threads);
-    }
+    few_rows_product(padded ? padded : x, w, bias, y, M, N, K32, num_threads);
     free(padded);
     return 0;
 }
