@@ -86,6 +86,6 @@ def use_measured_fp32_products(model: nn.Module, in_features: int, out_features:
         if type(module) is Linear and id(module) not in experts:
             module.blas_from_rows = switch
     where = "never" if switch == NEVER else f"from {switch} rows"
-    log.info("fp32 products: selfhost's AVX-512 GEMM, torch's (MKL) %s (%s)", where,
+    log.debug("fp32 products: selfhost's AVX-512 GEMM, torch's (MKL) %s (%s)", where,
              "cached measurement" if cached else "measured now")
     return switch

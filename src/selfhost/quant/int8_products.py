@@ -67,6 +67,6 @@ def widened_from_rows(in_features: int, out_features: int, threads: int) -> int:
         CHOICES.put(key, seconds)
     switch = takeover_rows({r: seconds[f"dots@{r}"] for r in PROBE_ROWS},
                            {r: seconds[f"widened@{r}"] for r in PROBE_ROWS}, MIN_GAIN)
-    log.info("int8 products: activations in int8 blocks, weights widened to bf16 %s (%s)",
+    log.debug("int8 products: activations in int8 blocks, weights widened to bf16 %s (%s)",
              "never" if switch is None else f"from {switch} rows", "cached measurement" if cached else "measured now")
     return NEVER if switch is None else switch
