@@ -13,7 +13,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-#define SELFHOST_KERNELS_VERSION 2 /* 2: RopeDecodeStep took an int8 cache's scales */
+#define SELFHOST_KERNELS_VERSION 3 /* 2: RopeDecodeStep took an int8 cache's scales; 3: Bf16TileKernels.linear never NULL */
 
 typedef struct { /* layers._norm_cpu */
     int version;
@@ -31,7 +31,8 @@ typedef struct { /* layers._bf16_tiles_cpu: products on the packed layout */
     /* few rows on AVX-512, exact activations; K % 32 == 0 */
     void (*linear_few_rows)(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M,
                             Py_ssize_t N, Py_ssize_t K, int num_threads);
-    /* many rows on AMX tiles, activations rounded to bf16; NULL without AMX; -1 without memory */
+    /* many rows: on AMX tiles, activations rounded to bf16; without AMX the few-row kernel (exact
+     * activations, any K); -1 without memory */
     int (*linear)(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M, Py_ssize_t N,
                   Py_ssize_t K, int num_threads);
     /* y = down(silu(gate(x)) * up(x)) on AMX tiles, the same bits as linear, SwiGLU, linear; gate|up

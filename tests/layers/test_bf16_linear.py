@@ -10,8 +10,10 @@ from selfhost.layers.bf16_linear import Bf16Linear, measure_few_rows_max
 
 needs_kernel = pytest.mark.skipif(not bf16_linear.c_kernel_available(),
                                   reason="the bf16-weight C kernel needs AVX-512 (F, BW, VL)")
-needs_amx = pytest.mark.skipif(not bf16_linear.tiles_available(),
-                               reason="the 'tiles' layout needs AMX-BF16 (Sapphire Rapids or later)")
+needs_tiles = pytest.mark.skipif(not bf16_linear.tiles_available(),
+                                 reason="the 'tiles' layout needs AVX-512 (F, BW, VL)")
+needs_amx = pytest.mark.skipif(not bf16_linear.amx_available(),
+                               reason="AMX-BF16 (Sapphire Rapids or later), granted by the OS")
 
 
 def reference(x: torch.Tensor, layer: Bf16Linear) -> torch.Tensor:
@@ -39,7 +41,7 @@ def random_layer(in_features: int, out_features: int, bias: bool, few_rows_max: 
 TILE_SHAPES = [(768, 96), (37, 53), (64, 31), (100, 130), (48, 5), (576, 200)]
 
 
-@needs_amx
+@needs_tiles
 @pytest.mark.parametrize("in_features,out_features", TILE_SHAPES)
 def test_tiles_layout_holds_the_rounded_weights(in_features, out_features):
     linear = random_linear(in_features, out_features, bias=False, seed=in_features)
@@ -47,7 +49,7 @@ def test_tiles_layout_holds_the_rounded_weights(in_features, out_features):
     assert torch.equal(layer.dense_weight(), linear.weight.to(torch.bfloat16))
 
 
-@needs_amx
+@needs_tiles
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 31, 32, 33, 70])
 @pytest.mark.parametrize("in_features,out_features", TILE_SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
@@ -61,18 +63,19 @@ def test_tiles_few_rows_kernel_sums_exact_activations(rows, in_features, out_fea
     assert (got.double() - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
 
 
-@needs_amx
+@needs_tiles
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 64, 100, 513])
 @pytest.mark.parametrize("in_features,out_features", TILE_SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_amx_product_rounds_only_the_activations(rows, in_features, out_features, bias):
-    # Sums leave the tiles as fp32: against exact sums of the bf16-rounded activations, only
-    # fp32 summation error remains (no rounding of the outputs to bf16, unlike torch's path).
+def test_many_row_product_rounds_at_most_the_activations(rows, in_features, out_features, bias):
+    # On AMX, sums leave the tiles as fp32: against exact sums of the bf16-rounded activations, only
+    # fp32 summation error remains (no rounding of the outputs to bf16, unlike torch's path). Without
+    # AMX the few-row kernel takes every size: the activations are not rounded at all.
     layer = random_layer(in_features, out_features, bias, few_rows_max=0, seed=rows, layout="tiles")
     x = torch.randn(2, rows, in_features, generator=torch.Generator().manual_seed(rows + 2))
     with torch.inference_mode():
         got = layer(x, 2)
-    expected = reference(x.bfloat16().float(), layer)
+    expected = reference(x.bfloat16().float() if bf16_linear.amx_available() else x, layer)
     assert got.shape == (2, rows, out_features)
     assert (got.double() - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
 
@@ -93,7 +96,7 @@ def test_amx_product_survives_other_tile_users_on_the_same_threads():
             assert (got.double() - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
 
 
-@needs_amx
+@needs_tiles
 def test_tiles_layout_takes_other_dtypes_through_the_dense_weight():
     layer = random_layer(96, 80, bias=True, few_rows_max=4, seed=9, layout="tiles")
     x = torch.randn(3, 96, dtype=torch.float64)
@@ -101,12 +104,12 @@ def test_tiles_layout_takes_other_dtypes_through_the_dense_weight():
     assert torch.allclose(layer(x), expected)
 
 
-def test_tiles_layout_is_refused_where_the_cpu_lacks_amx():
+def test_tiles_layout_is_refused_where_the_cpu_lacks_avx512():
     if bf16_linear.tiles_available():
         assert bf16_linear.best_layout() == "tiles"
     else:
-        assert bf16_linear.best_layout() == "rows"
-        with pytest.raises(ValueError, match="AMX"):
+        assert bf16_linear.best_layout() == "rows" and not bf16_linear.amx_available()
+        with pytest.raises(ValueError, match="AVX-512"):
             Bf16Linear(64, 64, bias=False, layout="tiles")
 
 
@@ -279,3 +282,26 @@ def test_swiglu_in_one_call_declines_what_it_does_not_cover():
         with_bias = random_layer(64, 64, True, 4, seed=3, layout="tiles")
         assert bf16_linear.swiglu_tiles(with_bias, down, torch.randn(5, 64), 1) is None
     assert bf16_linear.swiglu_tiles(gate_up, down, torch.randn(5, 64), 1) is None  # autograd on
+
+
+@needs_tiles
+def test_swiglu_in_one_call_only_on_amx():
+    # Without AMX the MLP's products run on the exact few-row kernel, three passes as GatedMLP has them.
+    gate_up = random_layer(64, 64, False, 4, seed=1, layout="tiles")
+    down = random_layer(32, 64, False, 4, seed=2, layout="tiles")
+    with torch.inference_mode():
+        fused = bf16_linear.swiglu_tiles(gate_up, down, torch.randn(40, 64), 1)
+    assert (fused is not None) == bf16_linear.amx_available()
+
+
+@needs_tiles
+@torch.inference_mode()
+def test_the_widening_kernels_give_the_same_bits_at_any_row_count():
+    # 4-row passes below 24 rows, 12-row passes from there: each output's sum runs in the same order,
+    # so a row's result does not depend on how many rows share the call (the decode runner and the
+    # Python path may batch the same rows differently).
+    layer = random_layer(96, 80, bias=True, few_rows_max=1000, seed=11, layout="tiles")
+    x = torch.randn(40, 96, generator=torch.Generator().manual_seed(12))
+    alone = torch.cat([layer(x[i : i + 1], 1) for i in range(40)])
+    for rows in (5, 23, 24, 40):
+        assert torch.equal(layer(x[:rows], 2), alone[:rows])

@@ -111,18 +111,19 @@ def test_every_instruction_set_gives_the_same_products(monkeypatch):
 def test_int8_call_is_close_to_the_dequantized_product(tokens, monkeypatch):
     """Stated tolerance: activations are quantized to int8 in blocks of 32 (as Int8Linear's kernel), so the
     layer's output differs from exact weight-only int8 by under 2% of its largest value (~1.2% measured).
-    Experts with 32 rows or more run on AMX where the CPU has it (all of them at 300 tokens): the integers
-    exact in bf16, activations rounded to bf16: under 1% (~0.4% measured)."""
+    Experts with 32 rows or more run on the bf16 tile kernels where the CPU has AVX-512 (all of them at 300
+    tokens): the integers exact in bf16, activations rounded to bf16 on AMX (under 1%, ~0.4% measured), exact
+    without it."""
     layer, x = _int8_moe("softmax_top_k"), torch.randn(tokens, 64)
     with torch.inference_mode():
         got = layer.forward(x, 2)
     assert layer.expert_kernel().kind == EXPERT_KINDS["int8"]
     expected = _dequantized_reference(layer, x)
-    on_amx = tokens == 300 and tiles_available()  # 600 pairs over 8 experts: 32 rows or more each
-    assert (got - expected).abs().max() < (0.01 if on_amx else 0.02) * expected.abs().max()
+    widened = tokens == 300 and tiles_available()  # 600 pairs over 8 experts: 32 rows or more each
+    assert (got - expected).abs().max() < (0.01 if widened else 0.02) * expected.abs().max()
 
 
-def test_many_rows_on_amx_with_widths_off_the_packing(monkeypatch):
+def test_many_rows_widened_with_widths_off_the_packing(monkeypatch):
     """Widths that are not multiples of 64 (the tile layout pads outputs to 64: groups of 16 half or wholly
     past the weight): the padding stays zero and every real output is right."""
     layer, x = _int8_moe("softmax_top_k", hidden=96, expert_size=48), torch.randn(300, 96)
@@ -132,10 +133,10 @@ def test_many_rows_on_amx_with_widths_off_the_packing(monkeypatch):
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()
 
 
-def test_many_rows_on_amx_are_nearer_exact_int8_than_the_loop(monkeypatch):
-    """The loop quantizes activations to int8 blocks; the AMX rows only round them to bf16."""
-    if not tiles_available():
-        pytest.skip("no AMX tiles on this CPU")
+@pytest.mark.skipif(not tiles_available(), reason="the bf16 tile kernels need AVX-512")
+def test_many_rows_widened_are_nearer_exact_int8_than_the_loop(monkeypatch):
+    """The loop quantizes activations to int8 blocks; the widened rows round them to bf16 on AMX, not at all
+    without it."""
     layer, x = _int8_moe("noaux_tc"), torch.randn(300, 64)
     loop, one_call = _both_paths(layer, x, monkeypatch)
     expected = _dequantized_reference(layer, x)
@@ -143,7 +144,8 @@ def test_many_rows_on_amx_are_nearer_exact_int8_than_the_loop(monkeypatch):
 
 
 def test_int8_call_when_every_token_picks_the_same_experts(monkeypatch):
-    """Six experts without a row, two with all of them (more rows than a chunk of 128; on AMX where it is)."""
+    """Six experts without a row, two with all of them (more rows than a chunk of 128; widened where the tile
+    kernels are)."""
     layer = _int8_moe()
     with torch.no_grad():  # every token prefers experts 4 then 1
         layer.gate.weight.zero_()
@@ -151,7 +153,7 @@ def test_int8_call_when_every_token_picks_the_same_experts(monkeypatch):
         layer.gate.weight[1] += 5.0 / 64
     x = torch.randn(200, 64).abs()
     loop, one_call = _both_paths(layer, x, monkeypatch)
-    if tiles_available():  # two experts of 200 rows each: on AMX
+    if tiles_available():  # two experts of 200 rows each: widened
         expected = _dequantized_reference(layer, x)
         assert (one_call - expected).abs().max() < 0.01 * expected.abs().max()
     else:

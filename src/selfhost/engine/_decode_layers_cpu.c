@@ -67,7 +67,7 @@ static void add_into(float *x, const float *y, Py_ssize_t n) {
 }
 
 /* y = x @ W^T (+ bias) through the kernel the layer's module would call (for tiles: the few-row
- * kernel up to `few_rows_max` rows, AMX beyond, as Bf16Linear switches); -1 without memory. */
+ * kernel up to `few_rows_max` rows, the many-row product beyond, as Bf16Linear switches); -1 without memory. */
 static int product(int kind, Py_ssize_t few_rows_max, const float *x, int64_t w, int64_t bias, float *y,
                    Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
     if (kind == BF16_TILES) { /* the tile kernels add the bias themselves, as Bf16Linear has them do */
@@ -104,8 +104,7 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
                           &block_size, &num_blocks, &max_blocks, &eps, &qk_eps, &final_eps, &norm_offset, &scale,
                           &softcap, &num_threads, &attention_threads, &kv_kind, &store_first))
         return NULL;
-    if (kind < 0 || kind >= KINDS || !kind_available(kind) ||
-        (kind == BF16_TILES && tokens > few_rows_max && tiles->linear == NULL)) {
+    if (kind < 0 || kind >= KINDS || !kind_available(kind)) {
         PyErr_SetString(PyExc_ValueError, "run_layers: this product kind's kernels are not built for this CPU");
         return NULL;
     }

@@ -60,14 +60,14 @@ def _product_kind(module) -> tuple[str, int] | None:
             return ("bf16_tiles", module.few_rows_max) if module.in_features % 32 == 0 else None
         return "bf16_rows", module.few_rows_max
     if type(module) is linear.Linear and linear.USE_GEMM and module.weight.is_contiguous():
-        return "fp32", 0  # Linear takes the AVX-512 product at any row count
+        return "fp32", module.blas_from_rows - 1  # the AVX-512 product up to torch's rows (fp32_products.py)
     return None
 
 
 def _rows_max(kind: str, switch: int) -> int:
     """Most rows a step may have for the runner to call the kernels the modules would: "rows" bf16
-    weights go to torch's matmul beyond the switch, which the runner cannot call."""
-    return switch if kind == "bf16_rows" else sys.maxsize
+    weights and fp32 ones go to torch's matmul beyond the switch, which the runner cannot call."""
+    return switch if kind in ("bf16_rows", "fp32") else sys.maxsize
 
 
 def _moe_router(mlp) -> tuple[str, int] | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from selfhost.engine.paged_cache import StepMetadata
+from selfhost.engine.zeroed_memory import zeros_on_demand
 from selfhost.layers.latent_attention import LatentAttention, absorbed_attention, expanded_attention
 from selfhost.models.spec import ModelSpec
 
@@ -34,8 +35,8 @@ class LatentKVCache:
         assert spec.is_mla, spec.architecture
         self.rank = spec.kv_lora_rank
         width = spec.kv_lora_rank + spec.qk_rope_head_dim
-        self.entries = torch.zeros(spec.num_layers, num_blocks * block_size, width, dtype=kv_dtype or dtype,
-                                   device=device)  # (layers, slots, rank + rope): [latent | rope key] rows
+        # (layers, slots, rank + rope): [latent | rope key] rows; on CPU, pages mapped as they fill
+        self.entries = zeros_on_demand((spec.num_layers, num_blocks * block_size, width), kv_dtype or dtype, device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.meta: StepMetadata | None = None
 

@@ -43,6 +43,7 @@ from selfhost.engine.kv_layout import (
     quantize_rows,
     value_rows,
 )
+from selfhost.engine.zeroed_memory import zeros_on_demand
 from selfhost.layers.attention import attend_one_sequence
 from selfhost.models.spec import ModelSpec
 
@@ -168,13 +169,14 @@ class PagedKVCache:
                 raise ValueError(f"an int8 KV cache needs an even head_dim and block_size, not {spec.head_dim} "
                                  f"and {block_size}")
             key_block, value_block = (spec.head_dim // 2, block_size, 2), (block_size // 2, spec.head_dim, 2)
-        self.k = torch.zeros(shape[:3] + key_block, dtype=kv_dtype, device=device)
-        self.v = torch.zeros(shape[:3] + value_block, dtype=kv_dtype, device=device)
+        # on CPU, pages are mapped as sequences fill them, not all at load (zeroed_memory.py)
+        self.k = zeros_on_demand(shape[:3] + key_block, kv_dtype, device)
+        self.v = zeros_on_demand(shape[:3] + value_block, kv_dtype, device)
         # int8: one scale per token and kv head for keys and for values
         self.k_scale = self.v_scale = None
         if kv_dtype == torch.int8:
-            self.k_scale = torch.zeros(shape[:4], dtype=torch.float32, device=device)
-            self.v_scale = torch.zeros(shape[:4], dtype=torch.float32, device=device)
+            self.k_scale = zeros_on_demand(shape[:4], torch.float32, device)
+            self.v_scale = zeros_on_demand(shape[:4], torch.float32, device)
         self.block_size, self.num_blocks = block_size, num_blocks
         self.num_kv_heads, self.head_dim = spec.num_kv_heads, spec.head_dim
         self.meta: StepMetadata | None = None

@@ -1,7 +1,8 @@
 /* y = x @ W^T with bf16 weights in the AMX tile layout: fp32 x and y, fp32 sums.
  *
  * Two products read the one packed copy of the weights:
- * - many rows (`linear`, prompts and batched decode): Intel AMX tiles;
+ * - many rows (`linear`, prompts and batched decode): Intel AMX tiles where the CPU has
+ *   them and the OS grants them; elsewhere the few-row kernel below (see `widened_product`);
  * - few rows (`linear_few_rows`, single-stream decode, which only streams weights):
  *   AVX-512 FMAs on the exact fp32 rows, each packed row widened in registers.
  * Which is faster for how many rows depends on the CPU: the caller measures it.
@@ -201,6 +202,8 @@ AMX static void run_chunk(const void *context, long chunk) {
 }
 
 
+static Py_ssize_t round_up(Py_ssize_t v, Py_ssize_t to);
+
 /* ---- few rows: AVX-512 on the packed layout ---------------------------------------
  * Row i of block (nb, kb) is 16 pairs (W[n][32kb+2i], W[n][32kb+2i+1]); a bf16 value is
  * the top half of an fp32, so the even members widen exactly as lane << 16 and the odd
@@ -215,22 +218,27 @@ typedef struct {
     const float *bias;
     float *y;
     Py_ssize_t M, N, K32;
+    Py_ssize_t group_rows; /* the many-row driver's rows a chunk (run_wide_chunk) */
 } FewRows;
 
 #define FEW_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-FEW_AVX512 static inline __attribute__((always_inline)) void few_rows_kernel(const FewRows *p, int rows,
-                                                                             Py_ssize_t m0, Py_ssize_t nb0) {
+/* Rows [m0, m0 + rows) x outputs of blocks [nb0, nb0 + blocks) over all of K. `rows` and `blocks`
+ * are constants at every call, so each call site compiles to its own fully unrolled kernel with
+ * the sums in registers (rows x blocks of the 32 zmm registers). */
+FEW_AVX512 static inline __attribute__((always_inline)) void widened_kernel(const FewRows *p, int rows, int blocks,
+                                                                            Py_ssize_t m0, Py_ssize_t nb0) {
+    enum { MOST_ROWS = 12, MOST_BLOCKS = 4 };
     const Py_ssize_t kblocks = p->K32 / TILE_K;
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    __m512 acc[FEW_ROWS][FEW_BLOCKS];
+    __m512 acc[MOST_ROWS][MOST_BLOCKS];
     for (int r = 0; r < rows; r++)
-        for (int c = 0; c < FEW_BLOCKS; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int c = 0; c < blocks; c++) acc[r][c] = _mm512_setzero_ps();
     for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
         const uint16_t *tile = p->w + (nb0 * kblocks + kb) * TILE_ELEMS;
         for (int i = 0; i < 16; i++) {
-            __m512 even[FEW_BLOCKS], odd[FEW_BLOCKS];
-            for (int c = 0; c < FEW_BLOCKS; c++) {
+            __m512 even[MOST_BLOCKS], odd[MOST_BLOCKS];
+            for (int c = 0; c < blocks; c++) {
                 __m512i pairs = _mm512_loadu_si512((const void *)(tile + c * kblocks * TILE_ELEMS + i * 32));
                 even[c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
                 odd[c] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
@@ -238,14 +246,14 @@ FEW_AVX512 static inline __attribute__((always_inline)) void few_rows_kernel(con
             for (int r = 0; r < rows; r++) {
                 const float *x = p->x + (m0 + r) * p->K32 + kb * TILE_K + 2 * i;
                 __m512 xe = _mm512_set1_ps(x[0]), xo = _mm512_set1_ps(x[1]);
-                for (int c = 0; c < FEW_BLOCKS; c++) {
+                for (int c = 0; c < blocks; c++) {
                     acc[r][c] = _mm512_fmadd_ps(xe, even[c], acc[r][c]);
                     acc[r][c] = _mm512_fmadd_ps(xo, odd[c], acc[r][c]);
                 }
             }
         }
     }
-    for (int c = 0; c < FEW_BLOCKS; c++) {
+    for (int c = 0; c < blocks; c++) {
         Py_ssize_t n0 = (nb0 + c) * 16, cols = p->N - n0 < 16 ? p->N - n0 : 16;
         if (cols <= 0) break;
         __mmask16 mask = (__mmask16)((1u << cols) - 1);
@@ -257,26 +265,79 @@ FEW_AVX512 static inline __attribute__((always_inline)) void few_rows_kernel(con
 
 FEW_AVX512 static void run_few_rows_chunk(const void *context, long chunk) {
     const FewRows *p = (const FewRows *)context;
+    const Py_ssize_t nb0 = (Py_ssize_t)chunk * FEW_BLOCKS;
     for (Py_ssize_t m0 = 0; m0 < p->M; m0 += FEW_ROWS) {
         switch (p->M - m0 < FEW_ROWS ? (int)(p->M - m0) : FEW_ROWS) {
-            case 1: few_rows_kernel(p, 1, m0, (Py_ssize_t)chunk * FEW_BLOCKS); break;
-            case 2: few_rows_kernel(p, 2, m0, (Py_ssize_t)chunk * FEW_BLOCKS); break;
-            case 3: few_rows_kernel(p, 3, m0, (Py_ssize_t)chunk * FEW_BLOCKS); break;
-            default: few_rows_kernel(p, 4, m0, (Py_ssize_t)chunk * FEW_BLOCKS); break;
+            case 1: widened_kernel(p, 1, FEW_BLOCKS, m0, nb0); break;
+            case 2: widened_kernel(p, 2, FEW_BLOCKS, m0, nb0); break;
+            case 3: widened_kernel(p, 3, FEW_BLOCKS, m0, nb0); break;
+            default: widened_kernel(p, 4, FEW_BLOCKS, m0, nb0); break;
         }
     }
 }
 
+/* ---- many rows without AMX: the same widening, 12 rows x 32 outputs a pass -------------
+ * The few-row kernel spends two widening instructions per weight pair on 4 rows (8 FMAs per
+ * 2 of the ports' slots): ~80% of the FMA peak once rows abound. Twelve rows share each
+ * widened pair (24 FMAs per 2), the sums of 12 x 2 blocks fill 24 registers. A chunk is 32
+ * outputs of a group of rows; its weights (32 x K bf16) stay in L1/L2 while the group passes. */
+enum { WIDE_ROWS = 12, WIDE_BLOCKS = 2 };
+
+FEW_AVX512 static void run_wide_chunk(const void *context, long chunk) {
+    const FewRows *p = (const FewRows *)context;
+    const long out_chunks = (long)(round_up(p->N, 16 * WIDE_BLOCKS) / (16 * WIDE_BLOCKS));
+    const Py_ssize_t nb0 = (Py_ssize_t)(chunk % out_chunks) * WIDE_BLOCKS;
+    const Py_ssize_t m_begin = (Py_ssize_t)(chunk / out_chunks) * p->group_rows;
+    const Py_ssize_t m_end = m_begin + p->group_rows < p->M ? m_begin + p->group_rows : p->M;
+    Py_ssize_t m0 = m_begin;
+    for (; m0 + WIDE_ROWS <= m_end; m0 += WIDE_ROWS) widened_kernel(p, WIDE_ROWS, WIDE_BLOCKS, m0, nb0);
+    /* what is left: 8 and 4 rows (a 32-row decode batch is 12 + 12 + 8), then one at a time */
+    for (; m0 + 8 <= m_end; m0 += 8) widened_kernel(p, 8, WIDE_BLOCKS, m0, nb0);
+    for (; m0 + 4 <= m_end; m0 += 4) widened_kernel(p, 4, WIDE_BLOCKS, m0, nb0);
+    for (; m0 < m_end; m0++) widened_kernel(p, 1, WIDE_BLOCKS, m0, nb0);
+}
+
 static int few_rows_ready; /* AVX-512 F/BW/VL; set once, when the module loads */
 
-static Py_ssize_t round_up(Py_ssize_t v, Py_ssize_t to);
 
 /* y = x @ W^T (+ bias) for rows of K32 inputs (a multiple of 32), without the GIL: also the
  * decode-step runner's (../_kernel_capsules.h). */
 static void few_rows_product(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M,
                              Py_ssize_t N, Py_ssize_t K32, int num_threads) {
-    FewRows p = {x, w, bias, y, M, N, K32};
-    pool_run(run_few_rows_chunk, &p, (long)(round_up(N, PACK_OUT) / (16 * FEW_BLOCKS)), num_threads < 1 ? 1 : num_threads);
+    const int threads = num_threads < 1 ? 1 : num_threads;
+    if (M < 2 * WIDE_ROWS) {
+        FewRows p = {x, w, bias, y, M, N, K32, 0};
+        pool_run(run_few_rows_chunk, &p, (long)(round_up(N, PACK_OUT) / (16 * FEW_BLOCKS)), threads);
+        return;
+    }
+    /* Many rows: the 12-row passes (run_wide_chunk). Every output's sum runs over K in the same order
+     * with the same FMAs in both drivers, so the bits do not depend on which one a row count takes.
+     * A group's rows take about a quarter of L2 (as group_rows_for's tiles do), 12 at least. */
+    Py_ssize_t group = (l2_bytes / 4) / (K32 * (Py_ssize_t)sizeof(float)) / WIDE_ROWS * WIDE_ROWS;
+    if (group < WIDE_ROWS) group = WIDE_ROWS;
+    FewRows p = {x, w, bias, y, M, N, K32, group};
+    const long chunks = (long)(round_up(N, 16 * WIDE_BLOCKS) / (16 * WIDE_BLOCKS) * ((M + group - 1) / group));
+    pool_run(run_wide_chunk, &p, chunks, threads);
+}
+
+/* y = x @ W^T (+ bias) on the widening kernels for any M (K need not be a multiple of 32): also the
+ * many-row product of CPUs with AVX-512 but no AMX. Widening each weight pair costs two
+ * instructions for every 2 x rows FMAs, so with 12 rows a pass it runs near the fp32 FMA peak
+ * (~300-380 of ~400 GFLOP/s on two Xeon cores without AMX, 2026-12-07), where torch's bf16 matmul
+ * reached ~170 and VDPBF16PS itself half the FMA rate (100 against 200 GFLOP/s a core, measured);
+ * the activations stay exact. -1 without memory for the zero-padded copy. */
+static int widened_product(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M,
+                           Py_ssize_t N, Py_ssize_t K, int num_threads) {
+    const Py_ssize_t K32 = round_up(K, 32);
+    float *padded = NULL; /* the kernel reads whole blocks of 32 inputs: past K it must read zeros */
+    if (K32 != K) {
+        padded = calloc((size_t)(M * K32), sizeof(float));
+        if (!padded) return -1;
+        for (Py_ssize_t m = 0; m < M; m++) memcpy(padded + m * K32, x + m * K, (size_t)K * sizeof(float));
+    }
+    few_rows_product(padded ? padded : x, w, bias, y, M, N, K32, num_threads);
+    free(padded);
+    return 0;
 }
 
 /* x's M rows rounded to bf16 as A tiles (Mp x K32, zero-padded); NULL without memory. */
@@ -405,6 +466,15 @@ static Py_ssize_t round_up(Py_ssize_t v, Py_ssize_t to) { return (v + to - 1) / 
 static PyObject *available(PyObject *self, PyObject *args) {
     (void)self, (void)args;
 #ifdef SELFHOST_AMX
+    return PyBool_FromLong(few_rows_ready);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *amx_available(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+#ifdef SELFHOST_AMX
     return PyBool_FromLong(amx_ready);
 #else
     Py_RETURN_FALSE;
@@ -462,8 +532,8 @@ static PyObject *linear(PyObject *self, PyObject *args) {
     int num_threads;
     if (!PyArg_ParseTuple(args, "KKKKnnni", &x, &w, &bias, &y, &M, &N, &K, &num_threads)) return NULL;
 #ifdef SELFHOST_AMX
-    if (!amx_ready) {
-        PyErr_SetString(PyExc_RuntimeError, "linear: this CPU or kernel does not offer AMX");
+    if (!few_rows_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "linear: this CPU or kernel does not offer AVX-512");
         return NULL;
     }
     if (M < 0 || N < 0 || K < 0 || N >= ((Py_ssize_t)1 << 31) * OUT_PER_CHUNK) {
@@ -473,8 +543,8 @@ static PyObject *linear(PyObject *self, PyObject *args) {
     if (M == 0 || N == 0) Py_RETURN_NONE;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = tiles_product((const float *)x, (const uint16_t *)w, bias ? (const float *)bias : NULL, (float *)y, M,
-                           N, K, num_threads);
+    status = kernels.linear((const float *)x, (const uint16_t *)w, bias ? (const float *)bias : NULL, (float *)y, M,
+                            N, K, num_threads);
     Py_END_ALLOW_THREADS
     if (status < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -502,18 +572,12 @@ static PyObject *linear_few_rows(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (M == 0 || N == 0) Py_RETURN_NONE;
-    const Py_ssize_t K32 = round_up(K, 32);
-    float *padded = NULL; /* the kernel reads whole blocks of 32 inputs: past K it must read zeros */
-    if (K32 != K) {
-        padded = calloc((size_t)(M * K32), sizeof(float));
-        if (!padded) return PyErr_NoMemory();
-        for (Py_ssize_t m = 0; m < M; m++) memcpy(padded + m * K32, (const float *)x + m * K, (size_t)K * sizeof(float));
-    }
+    int status;
     Py_BEGIN_ALLOW_THREADS
-    few_rows_product(padded ? padded : (const float *)x, (const uint16_t *)w, bias ? (const float *)bias : NULL,
-                     (float *)y, M, N, K32, num_threads);
+    status = widened_product((const float *)x, (const uint16_t *)w, bias ? (const float *)bias : NULL, (float *)y, M,
+                             N, K, num_threads);
     Py_END_ALLOW_THREADS
-    free(padded);
+    if (status < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
     (void)x, (void)w, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)num_threads;
@@ -553,12 +617,14 @@ static PyObject *swiglu_mlp(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"available", available, METH_NOARGS, "True when this CPU has AMX-BF16, the OS granted it, and the kernel was built for it."},
+    {"available", available, METH_NOARGS, "True when the layout's products run here (AVX-512 F/BW/VL; AMX is used where granted)."},
+    {"amx_available", amx_available, METH_NOARGS, "True when this CPU has AMX-BF16, the OS granted it, and the kernel was built for it."},
     {"few_rows_available", few_rows_available, METH_NOARGS, "True when `linear_few_rows` can run here (AVX-512 F/BW/VL)."},
     {"packed_size", packed_size, METH_VARARGS, "packed_size(N, K) -> bf16 values `pack` writes for an (N, K) weight."},
     {"pack", pack, METH_VARARGS, "pack(w, packed, N, K): bf16 (N, K) weight -> the tile layout `linear` reads."},
     {"linear", linear, METH_VARARGS,
-     "linear(x, packed_w, bias_or_0, y, M, N, K, num_threads): y = x @ W^T (+ bias) on AMX; x rounded to bf16."},
+     "linear(x, packed_w, bias_or_0, y, M, N, K, num_threads): y = x @ W^T (+ bias) on AMX, x rounded to bf16 "
+     "(without AMX: the few-row kernel, x exact)."},
     {"linear_few_rows", linear_few_rows, METH_VARARGS,
      "linear_few_rows(x, packed_w, bias_or_0, y, M, N, K, num_threads): the same product on AVX-512, x exact."},
     {"swiglu_mlp", swiglu_mlp, METH_VARARGS,
@@ -581,7 +647,7 @@ PyMODINIT_FUNC PyInit__bf16_tiles_cpu(void) {
 #endif
     PyObject *m = PyModule_Create(&module);
 #ifdef SELFHOST_AMX
-    kernels.linear = amx_ready ? tiles_product : NULL; /* many rows: AMX only */
+    kernels.linear = amx_ready ? tiles_product : widened_product; /* many rows */
     kernels.swiglu = amx_ready ? swiglu_product : NULL;
     if (m && few_rows_ready && kernels_export(m, "selfhost.layers._bf16_tiles_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
 #endif

@@ -28,8 +28,9 @@
  * than a product per expert, a step's chosen experts share two trips to the thread pool: every
  * expert's gate_up rows in chunks, then (after SwiGLU and the activations' quantization) every
  * expert's down rows; a decode step's two experts thus stream their weights on all threads.
- * An int8 expert with INT8_AMX_ROWS rows or more (a prompt's) runs on AMX instead where the CPU
- * has it: its integers widened, exact, into the bf16 tile layout (see int8_amx_product).
+ * An int8 expert with INT8_WIDENED_ROWS rows or more (a prompt's) runs on the bf16 tile kernels
+ * instead where the CPU has AVX-512: its integers widened, exact, into the bf16 tile layout (see
+ * int8_widened_experts).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -48,6 +49,7 @@
 #include "../quant/_int8_block_avx2.h"
 #endif
 #include "../_cpu_pool.h"
+#include "../quant/_int8_widened_avx512.h"
 
 static const ActivationKernels *activation;
 static const Bf16TileKernels *tiles;
@@ -263,70 +265,41 @@ static void int8_unit(const void *context, long unit) {
     }
 }
 
-/* Runs `job` over the chunks of N weight rows of every chosen expert with fewer than `amx_rows` rows;
+/* Runs `job` over the chunks of N weight rows of every chosen expert with fewer than `widened_rows` rows;
  * `items` has room for them all. */
-static void int8_products(Int8Job *job, Py_ssize_t E, Py_ssize_t amx_rows, Py_ssize_t *items, int num_threads) {
+static void int8_products(Int8Job *job, Py_ssize_t E, Py_ssize_t widened_rows, Py_ssize_t *items, int num_threads) {
     long units = 0;
     for (Py_ssize_t e = 0; e < E; e++) {
         const Py_ssize_t count = job->starts[e + 1] - job->starts[e];
-        if (count > 0 && count < amx_rows)
+        if (count > 0 && count < widened_rows)
             for (Py_ssize_t c = 0; c * CHUNK_N < job->N; c++) items[2 * units] = e, items[2 * units++ + 1] = c;
     }
     job->items = items;
     pool_run(int8_unit, job, units, num_threads);
 }
 
-/* ---- int8 experts with many rows: their integers as bf16 weights on AMX ----
+/* ---- int8 experts with many rows: their integers as bf16 weights on the tile kernels ----
  * A prompt's expert meets dozens of rows, where the int8 dots above are bound by their per-block
  * work (~80 GMAC/s on 2 cores). Integers up to 127 are exact in bf16, so an expert's int8 rows are
  * widened into the bf16 tile layout (_bf16_tiles_cpu.c's `pack`) in a scratch buffer and run through
- * the tiles' AMX product; the row scales multiply its outputs. The weights are exact; the
- * activations are rounded to bf16 (relative 2^-9) instead of to int8 blocks, so these rows are
- * nearer exact weight-only int8 than the few-row path, not its bits. */
-#define INT8_AMX_ROWS 32 /* an expert's rows from which widening its weights pays (16-64 measured alike, noisy VM) */
+ * the tiles' many-row product (AMX, or without it their AVX-512 widening kernel, 2-2.6x the dots
+ * from 32 rows on a Xeon without AMX); the row scales multiply its outputs. The weights are exact;
+ * the activations are rounded to bf16 on AMX (relative 2^-9), exact without it, instead of to int8
+ * blocks, so these rows are nearer exact weight-only int8 than the few-row path, not its bits. */
+#define INT8_WIDENED_ROWS 32 /* an expert's rows from which widening its weights pays (16-64 measured alike, noisy VM) */
 #define PACK_OUT 64      /* _bf16_tiles_cpu.c's output padding */
 
 static uint32_t bf16_pair_of_int8_pair[65536]; /* two int8 (as a little-endian uint16) -> their two bf16, exact */
 
 static Py_ssize_t round_up(Py_ssize_t v, Py_ssize_t m) { return (v + m - 1) / m * m; }
 
-typedef struct {
-    const int8_t *q; /* (N, K), K % 32 == 0 */
-    uint16_t *packed;
-    Py_ssize_t N, K;
-} PackJob;
-
-#ifdef SELFHOST_X86
-/* pack_unit on AVX-512: each block row's 16 pairs gathered from the 16 weight rows at once, both bytes
- * sign-extended, converted to fp32 and cut to their top halves (exact for integers). */
-__attribute__((target("avx512f"))) static void pack_unit_avx512(const PackJob *p, long nb) {
-    const Py_ssize_t kblocks = p->K / 32, left = p->N - nb * 16, rows = left < 0 ? 0 : left < 16 ? left : 16;
-    uint32_t *dst = (uint32_t *)(p->packed + (Py_ssize_t)nb * kblocks * 16 * 32);
-    const int8_t *q = p->q + nb * 16 * p->K; /* past the weight for padding groups: every lane masked off */
-    const __mmask16 present = (__mmask16)((1u << rows) - 1);
-    const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32((int)p->K));
-    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    for (Py_ssize_t kb = 0; kb < kblocks; kb++)
-        for (Py_ssize_t i = 0; i < 16; i++, dst += 16) {
-            /* 4 bytes from each row: the pair, and two bytes it ignores (never past the row: 2i + 3 < 32) */
-            const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), present, offsets,
-                                                              q + kb * 32 + 2 * i, 1);
-            const __m512 first = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(words, 24), 24));
-            const __m512 second = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(words, 16), 24));
-            _mm512_storeu_si512(dst, _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(first), 16),
-                                                     _mm512_and_si512(_mm512_castps_si512(second), high)));
-        }
-}
-#endif
-
 /* One group of 16 outputs: block (nb, kb) row i holds, per output n, the pair of inputs 32kb + 2i
  * and + 1, as one 32-bit word (the pair of bytes looked up at once). */
 static void pack_unit(const void *context, long nb) {
-    const PackJob *p = context;
+    const Int8PackJob *p = context;
 #ifdef SELFHOST_X86
-    if (cpu_level() >= 2) { /* the AMX path runs only within the AVX-512 cap */
-        pack_unit_avx512(p, nb);
+    if (cpu_level() >= 2) { /* the widened path runs only within the AVX-512 cap */
+        int8_pack_group_avx512(p, nb);
         return;
     }
 #endif
@@ -345,10 +318,10 @@ static void pack_unit(const void *context, long nb) {
         }
 }
 
-/* y (M, N) = x (M, K) @ (q * scale)^T on AMX, through `packed` (room for N and K padded); -1 without memory. */
-static int int8_amx_product(const float *x, const int8_t *q, const float *scale, uint16_t *packed, float *y,
+/* y (M, N) = x (M, K) @ (q * scale)^T on the tile kernels, through `packed` (room for N and K padded); -1 without memory. */
+static int int8_widened_experts(const float *x, const int8_t *q, const float *scale, uint16_t *packed, float *y,
                             Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
-    const PackJob job = {q, packed, N, K};
+    const Int8PackJob job = {q, packed, N, K};
     pool_run(pack_unit, &job, (long)(round_up(N, PACK_OUT) / 16), num_threads);
     if (tiles->linear(x, packed, NULL, y, M, N, K, num_threads)) return -1;
     for (Py_ssize_t m = 0; m < M; m++)
@@ -396,45 +369,45 @@ static int int8_experts(const int64_t *table, const float *x, Py_ssize_t T, Py_s
     Py_ssize_t *tokens = index, *items = index + pairs; /* slot -> token; the pool's units */
     for (Py_ssize_t slot = 0; slot < pairs; slot++) tokens[slot] = rows[slot] / k;
 
-    /* experts with many rows go to AMX (where it is, within the cap); the most rows any of them has */
-    const Py_ssize_t amx_rows = level >= 2 && tiles && tiles->linear ? INT8_AMX_ROWS : PY_SSIZE_T_MAX;
-    Py_ssize_t amx_most = 0;
+    /* experts with many rows go to the tile kernels (where they are, within the cap); the most rows any has */
+    const Py_ssize_t widened_rows = level >= 2 && tiles ? INT8_WIDENED_ROWS : PY_SSIZE_T_MAX;
+    Py_ssize_t widened_most = 0;
     for (Py_ssize_t e = 0; e < E; e++)
-        if (starts[e + 1] - starts[e] >= amx_rows && starts[e + 1] - starts[e] > amx_most)
-            amx_most = starts[e + 1] - starts[e];
+        if (starts[e + 1] - starts[e] >= widened_rows && starts[e + 1] - starts[e] > widened_most)
+            widened_most = starts[e + 1] - starts[e];
     const Py_ssize_t wide = 2 * I > H ? 2 * I : H, deep = H > I ? H : I;
-    uint16_t *packed = amx_most ? malloc(sizeof(uint16_t) * (size_t)(round_up(wide, PACK_OUT) * deep)) : NULL;
-    float *amx_x = amx_most ? malloc(sizeof(float) * (size_t)(amx_most * H)) : NULL;
-    int status = amx_most && (!packed || !amx_x) ? -1 : 0;
+    uint16_t *packed = widened_most ? malloc(sizeof(uint16_t) * (size_t)(round_up(wide, PACK_OUT) * deep)) : NULL;
+    float *widened_x = widened_most ? malloc(sizeof(float) * (size_t)(widened_most * H)) : NULL;
+    int status = widened_most && (!packed || !widened_x) ? -1 : 0;
 
     if (!status) quantize(x, T, H, xq, xscale); /* each token once, however many experts it chose */
     Int8Job job = {xq, xscale, tokens, table, GATE_UP_W, GATE_UP_SCALES, starts, NULL, gate_up, 2 * I, H, dot_tile};
-    if (!status) int8_products(&job, E, amx_rows, items, num_threads);
-    for (Py_ssize_t e = 0; e < E && !status && amx_most; e++) { /* the AMX experts' gate_up into their slots */
+    if (!status) int8_products(&job, E, widened_rows, items, num_threads);
+    for (Py_ssize_t e = 0; e < E && !status && widened_most; e++) { /* the widened experts' gate_up into their slots */
         const Py_ssize_t begin = starts[e], count = starts[e + 1] - begin;
-        if (count < amx_rows) continue;
+        if (count < widened_rows) continue;
         for (Py_ssize_t r = 0; r < count; r++)
-            memcpy(amx_x + r * H, x + tokens[begin + r] * H, (size_t)H * sizeof(float));
+            memcpy(widened_x + r * H, x + tokens[begin + r] * H, (size_t)H * sizeof(float));
         const int64_t *w = table + e * EXPERT_FIELDS;
-        status = int8_amx_product(amx_x, PTR(const int8_t *, w[GATE_UP_W]), PTR(const float *, w[GATE_UP_SCALES]),
+        status = int8_widened_experts(widened_x, PTR(const int8_t *, w[GATE_UP_W]), PTR(const float *, w[GATE_UP_SCALES]),
                                   packed, gate_up + begin * 2 * I, count, 2 * I, H, num_threads);
     }
     if (!status) {
         silu_mul(gate_up, act, pairs, I, num_threads);
         quantize(act, pairs, I, act_q, act_scale);
         job = (Int8Job){act_q, act_scale, NULL, table, DOWN_W, DOWN_SCALES, starts, NULL, ys, H, I, dot_tile};
-        int8_products(&job, E, amx_rows, items, num_threads);
+        int8_products(&job, E, widened_rows, items, num_threads);
     }
-    for (Py_ssize_t e = 0; e < E && !status && amx_most; e++) {
+    for (Py_ssize_t e = 0; e < E && !status && widened_most; e++) {
         const Py_ssize_t begin = starts[e], count = starts[e + 1] - begin;
-        if (count < amx_rows) continue;
+        if (count < widened_rows) continue;
         const int64_t *w = table + e * EXPERT_FIELDS;
-        status = int8_amx_product(act + begin * I, PTR(const int8_t *, w[DOWN_W]), PTR(const float *, w[DOWN_SCALES]),
+        status = int8_widened_experts(act + begin * I, PTR(const int8_t *, w[DOWN_W]), PTR(const float *, w[DOWN_SCALES]),
                                   packed, ys + begin * H, count, H, I, num_threads);
     }
     for (Py_ssize_t slot = 0; slot < pairs && !status; slot++)
         memcpy(results + rows[slot] * H, ys + slot * H, (size_t)H * sizeof(float));
-    free(floats), free(bytes), free(index), free(packed), free(amx_x);
+    free(floats), free(bytes), free(index), free(packed), free(widened_x);
     return status;
 }
 
@@ -556,10 +529,6 @@ static PyObject *run(PyObject *self, PyObject *args) {
         ((kind == BF16_TILES || kind == INT8) && (H % 32 || I % 32))) {
         PyErr_Format(PyExc_ValueError, "run: sizes the kernels cannot take (T=%zd H=%zd I=%zd E=%zd k=%zd)", T, H, I,
                      E, k);
-        return NULL;
-    }
-    if (kind == BF16_TILES && T * k > few_rows_max && tiles->linear == NULL) {
-        PyErr_SetString(PyExc_ValueError, "run: the many-row bf16 product (AMX) is not available here");
         return NULL;
     }
     if (T == 0) Py_RETURN_NONE;

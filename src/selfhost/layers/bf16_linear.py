@@ -7,10 +7,12 @@ than fp32. Both are had without giving up fp32 activations (norms, attention,
 residual sums and the KV cache stay fp32, so outputs stay close to the fp32 run).
 
 Two weight layouts, chosen once per process from what the CPU has:
-- "tiles" (CPUs with AMX): the weights are reordered at load into the blocks AMX
+- "tiles" (CPUs with AVX-512): the weights are reordered at load into the blocks AMX
   multiplies (`_bf16_tiles_cpu.c`). Few rows: AVX-512 FMAs on the exact fp32
   activations, each weight widened in registers. More rows: AMX tiles on the
-  activations rounded to bf16, with fp32 sums written out as fp32.
+  activations rounded to bf16, with fp32 sums written out as fp32; on a CPU without
+  AMX (or whose OS does not grant it), the few-row kernel at every size: it runs near
+  the fp32 FMA peak, twice what torch's bf16 matmul reached there.
 - "rows" (other CPUs): W as it is, (out, in). Few rows: selfhost's C kernel
   (`_gemm_cpu.gemm_bf16w`, AVX-512), exact activations. More rows: torch's bf16
   matmul (oneDNN), which rounds the activations and each output to bf16 (torch
@@ -49,8 +51,13 @@ def c_kernel_available() -> bool:
 
 
 def tiles_available() -> bool:
-    """The "tiles" layout: AMX for many rows (and AVX-512 for few), granted by the OS."""
+    """The "tiles" layout's products: AVX-512 for few rows, and for many rows AMX where granted."""
     return _bf16_tiles_cpu is not None and _bf16_tiles_cpu.available()
+
+
+def amx_available() -> bool:
+    """The "tiles" layout's many rows go to AMX (which rounds the activations to bf16)."""
+    return _bf16_tiles_cpu is not None and _bf16_tiles_cpu.amx_available()
 
 
 def best_layout() -> str:
@@ -72,7 +79,7 @@ class Bf16Linear(nn.Module):
         if layout not in ("rows", "tiles"):
             raise ValueError(f"unknown bf16 weight layout {layout!r}")
         if layout == "tiles" and not tiles_available():
-            raise ValueError("the 'tiles' bf16 layout needs a CPU with AMX (and selfhost's compiled kernels)")
+            raise ValueError("the 'tiles' bf16 layout needs a CPU with AVX-512 (and selfhost's compiled kernels)")
         self.in_features, self.out_features, self.layout = in_features, out_features, layout
         shape = ((_bf16_tiles_cpu.packed_size(out_features, in_features),) if layout == "tiles"
                  else (out_features, in_features))
@@ -141,7 +148,8 @@ def swiglu_tiles(gate_up: nn.Module, down: nn.Module, x: torch.Tensor, num_threa
     the three passes (the SwiGLU is applied as the gate|up sums leave the tiles and rounded
     straight into the down product's tiles), without writing out and reading back the
     (rows, 2 x intermediate) fp32 product: a 1024-row chunk's MLP took ~2.6x less time."""
-    if not (type(gate_up) is Bf16Linear and type(down) is Bf16Linear and gate_up.layout == down.layout == "tiles"
+    if not (amx_available() and type(gate_up) is Bf16Linear and type(down) is Bf16Linear
+            and gate_up.layout == down.layout == "tiles"
             and gate_up._parameters["bias"] is None and x.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.is_grad_enabled()):
         return None
@@ -157,6 +165,13 @@ def swiglu_tiles(gate_up: nn.Module, down: nn.Module, x: torch.Tensor, num_threa
                                0 if bias is None else bias.data_ptr(), out.data_ptr(), rows, intermediate, hidden,
                                num_threads)
     return out
+
+
+def many_rows_product(layout: str) -> str:
+    """What a layout's products run on past the few-row switch, in words (logs, stats, /metrics)."""
+    if layout == "rows":
+        return "torch's bf16 matmul (oneDNN)"
+    return "AMX tiles" if amx_available() else "the same AVX-512 kernel (no AMX)"
 
 
 def _on_threads(num_threads: int, run):
@@ -184,6 +199,8 @@ def measure_few_rows_max(in_features: int, out_features: int, layout: str = "row
     kernel. Takes well under a second."""
     if not (tiles_available() if layout == "tiles" else c_kernel_available()):
         return 0
+    if layout == "tiles" and not amx_available():
+        return max(_PROBE_ROWS)  # the many-row product is the few-row kernel itself: nothing to measure
     layer = Bf16Linear(in_features, out_features, bias=False, few_rows_max=max(_PROBE_ROWS), layout=layout)
     layer.weight.normal_()
     many_rows_layer = Bf16Linear(in_features, out_features, bias=False, few_rows_max=0, layout=layout)

@@ -4,8 +4,10 @@ PyTorch's CPU wheels multiply with MKL, which takes slow generic code paths on
 AMD processors: a single-token decode step reads every weight once and MKL's
 matrix-vector product reaches about 16 GB/s on this class of machine. So fp32
 inference on CPU goes elsewhere, without copying any weight:
-- on CPUs with AVX-512, every product: selfhost's `_gemm_cpu.c` (dot products
-  on weights read in place up to a few hundred rows, packed panels beyond).
+- on CPUs with AVX-512: selfhost's `_gemm_cpu.c` (dot products on weights read
+  in place up to a few hundred rows, packed panels beyond), up to the row count
+  from which torch's MKL product was measured faster on this CPU (Intel Xeons;
+  models/fp32_products.py), every product where it never was (AMD).
   On a 2-core AMD EPYC it streams a decode step's weights at ~38 GB/s, runs
   a 32-row batch step 1.5x faster than OpenBLAS and prompt chunks 1.6x faster
   than the OpenBLAS AVX2 kernels this machine's environment pins;
@@ -24,6 +26,7 @@ per step (engine/cpu_threads.py) and passes it down through the model's forward.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -49,6 +52,10 @@ MATVEC_MAX_ROWS = 31
 
 
 class Linear(nn.Linear):
+    # From this many rows torch's product (MKL) takes over from selfhost's GEMM: measured per CPU
+    # at load (models/fp32_products.py), where MKL is tuned to the core; never by default.
+    blas_from_rows: int = sys.maxsize
+
     def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
         """x @ W^T + b; num_threads: threads selfhost's CPU kernels may use for this product."""
         if CPU_BLAS == "torch" or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
@@ -56,6 +63,8 @@ class Linear(nn.Linear):
         # Parameters straight from the dict: nn.Module.__getattr__ costs ~1 us a lookup on the decode path.
         weight, bias = self._parameters["weight"], self._parameters["bias"]
         rows = x.numel() // self.in_features
+        if USE_GEMM and rows >= self.blas_from_rows:
+            return F.linear(x, weight, bias)
         if (USE_GEMM or (USE_MATVEC and rows <= MATVEC_MAX_ROWS)) and weight.is_contiguous():
             x = x.contiguous()
             out = torch.empty(*x.shape[:-1], self.out_features)

@@ -2,7 +2,7 @@
 
 See layers/bf16_linear.py for why and how the products run. Norm weights,
 embeddings and rotary tables stay fp32: they are a small share of the bytes a
-step reads. The weight layout follows the CPU (AMX tiles where it has them), and
+step reads. The weight layout follows the CPU (AMX's tile layout where it has AVX-512), and
 the switch between the few-row kernel and the many-row product is measured once
 here, on the model's own layer width, and handed to every layer.
 """
@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from selfhost.layers.bf16_linear import Bf16Linear, best_layout, measure_few_rows_max
+from selfhost.layers.bf16_linear import Bf16Linear, best_layout, many_rows_product, measure_few_rows_max
 from selfhost.layers.linear import Linear
 from selfhost.models.decoder import CausalLM
 from selfhost.models.weight_arena import place_weights_in_arena
@@ -35,9 +35,8 @@ def use_bf16_weights(model: CausalLM) -> int:
     # The fp32 arena stays alive while any parameter views it: move everything into a new, smaller one.
     place_weights_in_arena(model, keep_values=True)
     model.bf16_few_rows_max = few_rows_max
-    many_rows = "AMX tiles" if layout == "tiles" else "torch's bf16 matmul"
     log.info("linear weights in bf16 (%s layout): selfhost's AVX-512 kernel up to %d rows, %s beyond (measured)",
-             layout, few_rows_max, many_rows)
+             layout, few_rows_max, many_rows_product(layout))
     return few_rows_max
 
 
@@ -62,13 +61,15 @@ def linear_kernels(model) -> str:
         return "transformers' own modules (fallback)"
     layer = next((m for m in model.modules() if isinstance(m, Bf16Linear)), None)
     if layer is not None:
-        beyond = "AMX tiles" if layer.layout == "tiles" else "oneDNN bf16"
         few = f"AVX-512 up to {layer.few_rows_max} rows, " if layer.few_rows_max else ""
-        return f"bf16 weights: {few}{beyond} beyond"
-    if not any(type(m) is Linear for m in model.modules()):
+        return f"bf16 weights: {few}{many_rows_product(layer.layout)} beyond"
+    fp32 = next((m for m in model.modules() if type(m) is Linear), None)
+    if fp32 is None:
         return "torch (quantized or fallback modules)"
     if linear.USE_GEMM:
-        return "fp32: selfhost AVX-512 GEMM"
+        if fp32.blas_from_rows == Linear.blas_from_rows:
+            return "fp32: selfhost AVX-512 GEMM"
+        return f"fp32: selfhost AVX-512 GEMM up to {fp32.blas_from_rows - 1} rows, torch (MKL) beyond (measured)"
     if linear.USE_MATVEC:
         return f"fp32: selfhost AVX2 up to {linear.MATVEC_MAX_ROWS} rows, torch beyond"
     return "fp32: torch"

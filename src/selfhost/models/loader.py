@@ -196,6 +196,10 @@ def load_model(
         from selfhost.models.bf16_weights import use_bf16_weights
 
         use_bf16_weights(model)
+    if device.type == "cpu" and dtype == torch.float32:
+        from selfhost.models.fp32_products import use_measured_fp32_products
+
+        use_measured_fp32_products(model, spec.hidden_size, spec.intermediate_size)
     return model.eval()
 
 

@@ -12,23 +12,20 @@ held-out perplexity by under 0.01% (benchmarks/precision_quality.py); ask for
 weight_dtype="float32" for exact parity with transformers.
 
 The answer is cached per CPU model, ISA flags, shape, thread count and selfhost
-version in a JSON file under the user's cache directory (SELFHOST_CACHE_DIR, else
-XDG_CACHE_HOME/selfhost, else ~/.cache/selfhost), so later loads skip the probe (~1 s).
+version (models/measured_choices.py), so later loads skip the probe (~1 s).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from selfhost.cpu_identity import read_cpu_identity
 from selfhost.layers.bf16_linear import Bf16Linear, best_layout
 from selfhost.layers.linear import Linear
+from selfhost.models.measured_choices import MeasuredChoices
 from selfhost.timing import best_seconds
 
 log = logging.getLogger(__name__)
@@ -56,36 +53,15 @@ class PrecisionChoice:
                 f"{BATCH_ROWS} rows on this CPU, {source})")
 
 
+CHOICES = MeasuredChoices("weight_precision")
+
+
 def cache_path() -> Path:
-    root = os.environ.get("SELFHOST_CACHE_DIR")
-    if root is None:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfhost"
-    return Path(root) / "weight_precision.json"
+    return CHOICES.path
 
 
 def _cache_key(in_features: int, out_features: int, threads: int) -> str:
-    from selfhost import __version__
-
-    cpu = read_cpu_identity()
-    return f"{cpu.model}|{','.join(cpu.isa_flags)}|{in_features}x{out_features}|threads={threads}|selfhost {__version__}"
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        entries = json.loads(path.read_text())
-        return entries if isinstance(entries, dict) else {}
-    except (OSError, ValueError):  # none yet, or unreadable: measure again
-        return {}
-
-
-def _write_cache(path: Path, entries: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_suffix(f".{os.getpid()}.tmp")
-        scratch.write_text(json.dumps(entries, indent=1, sort_keys=True))
-        scratch.replace(path)  # atomic: a concurrent loader reads the old file or the new one
-    except OSError as err:  # a read-only home: the choice still holds for this process
-        log.debug("could not cache the weight precision choice in %s: %s", path, err)
+    return CHOICES.key(f"{in_features}x{out_features}", f"threads={threads}")
 
 
 @torch.inference_mode()
@@ -106,13 +82,11 @@ def measure(in_features: int, out_features: int, threads: int) -> dict[str, floa
 
 def choose_weight_dtype(in_features: int, out_features: int, threads: int = 1) -> PrecisionChoice:
     """bf16 or fp32 weights for a CPU model whose MLP maps in_features -> out_features."""
-    path, key = cache_path(), _cache_key(in_features, out_features, threads)
-    entries = _read_cache(path)
-    seconds, cached = entries.get(key), True
+    key = _cache_key(in_features, out_features, threads)
+    seconds, cached = CHOICES.get(key), True
     if not (isinstance(seconds, dict) and all(isinstance(v, (int, float)) and v > 0 for v in seconds.values())
             and len(seconds) == 4):
         seconds, cached = measure(in_features, out_features, threads), False
-        entries[key] = seconds
-        _write_cache(path, entries)
+        CHOICES.put(key, seconds)
     wins = all(seconds[f"float32@{rows}"] >= MIN_GAIN * seconds[f"bfloat16@{rows}"] for rows in (1, BATCH_ROWS))
     return PrecisionChoice("bfloat16" if wins else "float32", best_layout(), seconds, cached)

@@ -46,6 +46,13 @@
 #define SELFHOST_INT8 1
 #include "../_cpu_pool.h"
 #endif
+#ifdef SELFHOST_X86
+#include "../_kernel_capsules.h"
+#include "_int8_widened_avx512.h"
+
+/* layers._bf16_tiles_cpu's products (AVX-512 CPUs): many rows through the widened weights. NULL elsewhere. */
+static const Bf16TileKernels *tiles;
+#endif
 
 #define QBLOCK 32
 #define TILE 4
@@ -408,8 +415,53 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 #endif
 }
 
+PyDoc_STRVAR(linear_widened_doc,
+             "linear_widened(x, w, wscale, bias, out, M, N, K, num_threads)\n\n"
+             "The same product for many rows, K a multiple of 32: w's integers widened (exactly) into the bf16\n"
+             "tile layout and multiplied by layers._bf16_tiles_cpu's many-row product on the exact fp32 rows\n"
+             "(AMX: rounded to bf16), instead of quantizing the activations. Needs widened_available().");
+
+static PyObject *widened_available(PyObject *self, PyObject *unused) {
+#ifdef SELFHOST_X86
+    return PyBool_FromLong(tiles != NULL);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *linear_widened(PyObject *self, PyObject *args) {
+    unsigned long long x, w, wscale, bias, out;
+    Py_ssize_t M, N, K;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKKKnnni", &x, &w, &wscale, &bias, &out, &M, &N, &K, &num_threads)) return NULL;
+#ifdef SELFHOST_X86
+    if (!tiles) {
+        PyErr_SetString(PyExc_RuntimeError, "linear_widened: needs AVX-512 and selfhost's bf16 tile kernels");
+        return NULL;
+    }
+    if (M < 0 || N < 0 || K <= 0 || K % 32 || !x || !w || !wscale || !out) {
+        PyErr_SetString(PyExc_ValueError, "linear_widened: K must be a positive multiple of 32, buffers non-null");
+        return NULL;
+    }
+    if (M == 0 || N == 0) Py_RETURN_NONE;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = int8_widened_product(tiles->linear, (const float *)x, (const int8_t *)w, (const float *)wscale,
+                              bias ? (const float *)bias : NULL, (float *)out, M, N, K, num_threads < 1 ? 1 : num_threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    (void)x, (void)w, (void)wscale, (void)bias, (void)out, (void)M, (void)N, (void)K, (void)num_threads;
+    PyErr_SetString(PyExc_RuntimeError, "linear_widened: built without x86-64 support");
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
+    {"widened_available", widened_available, METH_NOARGS, "widened_available() -> bool: `linear_widened` runs here."},
+    {"linear_widened", linear_widened, METH_VARARGS, linear_widened_doc},
     {"isa", isa, METH_NOARGS, isa_doc},
     {"linear", (PyCFunction)(void (*)(void))linear, METH_FASTCALL, linear_doc},
     {NULL, NULL, 0, NULL},
@@ -421,6 +473,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_int8_cpu",
 PyMODINIT_FUNC PyInit__int8_cpu(void) {
 #ifdef SELFHOST_INT8
     if (pool_import() < 0) return NULL; /* the process's one worker pool (../_cpu_pool.h) */
+#endif
+#ifdef SELFHOST_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f"))
+        tiles = kernels_import_optional("selfhost.layers._bf16_tiles_cpu", "selfhost.layers._bf16_tiles_cpu._kernels");
 #endif
 #ifdef SELFHOST_NEON
     neon_has_dotprod = cpu_has_dotprod();

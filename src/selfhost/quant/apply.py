@@ -10,14 +10,18 @@ tensors with its one loop, then calls `prepare_loaded`.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 from selfhost.errors import InvalidParameterError
+from selfhost.layers.moe import SparseMoE
 from selfhost.models.decoder import CausalLM
 from selfhost.quant.config import QuantConfig
 from selfhost.quant.int4 import Int4Embedding, Int4Linear
-from selfhost.quant.int8 import Int8Embedding, Int8Linear
+from selfhost.quant.int8 import Int8Embedding, Int8Linear, default_int8_kernel
+from selfhost.quant.int8_products import widened_from_rows
 
 QUANTIZED_MODULES = (Int8Linear, Int4Linear, Int8Embedding, Int4Embedding)
 EMBEDDING = "model.embed_tokens"
@@ -121,9 +125,24 @@ def quantize_model(model: CausalLM, config: QuantConfig, kernel: str | None = No
 
 
 def _prepare(model: nn.Module, kernel: str | None) -> None:
+    int8_switch = _int8_widened_from_rows(model, kernel)
+    # A mixture's experts keep the int8 dots: their one C call (layers/moe.py) and the Python loop it is
+    # checked against must run the same products.
+    experts = {id(m) for moe in model.modules() if type(moe) is SparseMoE for m in moe.experts.modules()}
     for module in model.modules():
-        if isinstance(module, QUANTIZED_MODULES):
-            module.prepare(kernel if kernel and isinstance(module, (Int8Linear, Int4Linear)) else None)
+        if isinstance(module, Int8Linear):
+            module.prepare(kernel, sys.maxsize if id(module) in experts else int8_switch)
+        elif isinstance(module, QUANTIZED_MODULES):
+            module.prepare(kernel if kernel and isinstance(module, Int4Linear) else None)
+
+
+def _int8_widened_from_rows(model: nn.Module, kernel: str | None) -> int:
+    """The int8 layers' measured switch to widened weights, where they run the "avx2" kernel on the CPU."""
+    spec = getattr(model, "spec", None)
+    layer = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
+    if spec is None or layer is None or (kernel or default_int8_kernel(layer.qweight.device)) != "avx2":
+        return sys.maxsize
+    return widened_from_rows(spec.hidden_size, spec.intermediate_size, torch.get_num_threads())
 
 
 def weight_bytes(model: nn.Module) -> int:

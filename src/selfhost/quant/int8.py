@@ -20,6 +20,7 @@ Kernels (chosen once, in `prepare`):
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 
 import torch
@@ -82,8 +83,9 @@ def default_int8_kernel(device: torch.device) -> str:
     return "fbgemm" if fbgemm_available() else "dequant"
 
 
-def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
-    """y = x @ (q * scale)^T + b for fp32 x of any leading shape, through the C kernel.
+def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, widened_from_rows: int):
+    """y = x @ (q * scale)^T + b for fp32 x of any leading shape, through the C kernel: its int8 dots,
+    or from `widened_from_rows` rows its product on the weights widened to bf16 (int8_products.py).
 
     The weights' addresses are taken once: a decode step makes over a hundred
     of these calls and attribute lookups would cost more than small products.
@@ -99,8 +101,9 @@ def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
             x = x.contiguous()
         rows = x.numel() // in_features
         out = torch.empty(*x.shape[:-1], out_features)
-        _int8_cpu.linear(x.data_ptr(), weight_ptr, scales_ptr, bias_ptr, out.data_ptr(), rows, out_features,
-                         in_features, num_threads)
+        product = _int8_cpu.linear_widened if rows >= widened_from_rows else _int8_cpu.linear
+        product(x.data_ptr(), weight_ptr, scales_ptr, bias_ptr, out.data_ptr(), rows, out_features, in_features,
+                num_threads)
         return out
 
     return linear
@@ -139,8 +142,9 @@ class Int8Linear(nn.Module):
             module.bias = linear.bias.detach().clone()
         return module
 
-    def prepare(self, kernel: str | None = None) -> None:
-        """Turn the stored weights into the kernel's layout; once, after loading."""
+    def prepare(self, kernel: str | None = None, widened_from_rows: int = sys.maxsize) -> None:
+        """Turn the stored weights into the kernel's layout; once, after loading. widened_from_rows: the
+        "avx2" kernel's measured switch to widened weights (int8_products.py; never by default)."""
         kernel = kernel or default_int8_kernel(self.qweight.device)
         assert kernel in INT8_KERNELS, kernel
         self._storage_bytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.bias)
@@ -149,7 +153,8 @@ class Int8Linear(nn.Module):
             assert avx2_available() and self.qweight.device.type == "cpu", "the avx2 kernel is not available here"
             self.qweight, self.scales = self.qweight.contiguous(), self.scales.float().contiguous()
             bias = None if self.bias is None else self.bias.float().contiguous()
-            self._avx2 = _avx2_linear(self.qweight, self.scales, bias)
+            self._avx2 = _avx2_linear(self.qweight, self.scales, bias,
+                                      widened_from_rows if self.in_features % 32 == 0 else sys.maxsize)
         if kernel == "fbgemm":
             self._packed = _fbgemm_pack(self.qweight, self.scales, self.bias)
             # The packed copy is all the kernel reads; do not keep the weight twice.
