@@ -97,3 +97,18 @@ def test_the_loader_gives_the_switch_to_every_linear_but_experts(tmp_path, monke
     from selfhost.models.bf16_weights import linear_kernels
 
     assert linear_kernels(model) == "fp32: selfhost AVX-512 GEMM up to 127 rows, torch (MKL) beyond (measured)"
+
+
+@needs_gemm
+@torch.inference_mode()
+def test_the_decode_head_leaves_rows_from_the_switch_to_linear():
+    from selfhost.engine.decode_head import DecodeHead
+
+    head = Linear(32, 50, bias=False)
+    head.weight.normal_()
+    head.blas_from_rows = 4
+    decode_head = DecodeHead(head)
+    few = torch.randn(3, 32)
+    logits, _ = decode_head(few, 1)
+    assert torch.equal(logits, head(few, 1))  # selfhost's product, as Linear.forward calls it below the switch
+    assert decode_head(torch.randn(4, 32), 1) is None  # torch's from there: the caller runs compute_logits

@@ -48,9 +48,10 @@ class DecodeHead:
         memory; None where the head's weight is no longer the one this was built for, or under autograd
         (the caller then calls `compute_logits`). `hidden` must be fp32, 2-D and contiguous, as the one-call
         decode runner returns it (checking it here cost ~5 us a step, cold)."""
-        if self.head._parameters["weight"] is not self.weight or torch.is_grad_enabled():
-            return None
         rows = hidden.shape[0]
+        if (self.head._parameters["weight"] is not self.weight or torch.is_grad_enabled()
+                or rows >= self.head.blas_from_rows):  # from there Linear.forward calls torch's product
+            return None
         views = self._views.get(rows)
         if views is None:
             if rows > self._buffer.shape[0]:
