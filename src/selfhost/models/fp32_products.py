@@ -67,12 +67,8 @@ def blas_from_rows(seconds: dict[str, float]) -> int:
 def choose_blas_from_rows(in_features: int, out_features: int, threads: int) -> tuple[int, bool]:
     """(switch, whether it came from the cache) for products of this shape on `threads` threads."""
     shape = (min(in_features, PROBE_MAX_IN), min(out_features, PROBE_MAX_OUT))
-    key = CHOICES.key(f"{shape[0]}x{shape[1]}", f"threads={threads}")
-    seconds, cached = CHOICES.get(key), True
-    if not (isinstance(seconds, dict) and len(seconds) == 2 * len(PROBE_ROWS)
-            and all(isinstance(v, (int, float)) and v > 0 for v in seconds.values())):
-        seconds, cached = measure(*shape, threads), False
-        CHOICES.put(key, seconds)
+    seconds, cached = CHOICES.seconds((f"{shape[0]}x{shape[1]}", f"threads={threads}"), 2 * len(PROBE_ROWS),
+                                      lambda: measure(*shape, threads))
     return blas_from_rows(seconds), cached
 
 

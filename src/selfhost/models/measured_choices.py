@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from selfhost.cpu_identity import read_cpu_identity
@@ -50,6 +51,18 @@ class MeasuredChoices:
 
     def get(self, key: str):
         return self.read().get(key)
+
+    def seconds(self, parts: tuple, count: int, measure: Callable[[], dict[str, float]]) -> tuple[dict[str, float], bool]:
+        """The timings cached under these key parts (`count` positive numbers), else `measure()`'s, then
+        cached; and whether they came from the cache."""
+        key = self.key(*parts)
+        cached = self.get(key)
+        if (isinstance(cached, dict) and len(cached) == count
+                and all(isinstance(v, (int, float)) and v > 0 for v in cached.values())):
+            return cached, True
+        measured = measure()
+        self.put(key, measured)
+        return measured, False
 
     def put(self, key: str, value) -> None:
         path, entries = self.path, self.read()

@@ -60,8 +60,12 @@ def cache_path() -> Path:
     return CHOICES.path
 
 
+def _key_parts(in_features: int, out_features: int, threads: int) -> tuple[str, str]:
+    return f"{in_features}x{out_features}", f"threads={threads}"
+
+
 def _cache_key(in_features: int, out_features: int, threads: int) -> str:
-    return CHOICES.key(f"{in_features}x{out_features}", f"threads={threads}")
+    return CHOICES.key(*_key_parts(in_features, out_features, threads))
 
 
 @torch.inference_mode()
@@ -82,11 +86,7 @@ def measure(in_features: int, out_features: int, threads: int) -> dict[str, floa
 
 def choose_weight_dtype(in_features: int, out_features: int, threads: int = 1) -> PrecisionChoice:
     """bf16 or fp32 weights for a CPU model whose MLP maps in_features -> out_features."""
-    key = _cache_key(in_features, out_features, threads)
-    seconds, cached = CHOICES.get(key), True
-    if not (isinstance(seconds, dict) and all(isinstance(v, (int, float)) and v > 0 for v in seconds.values())
-            and len(seconds) == 4):
-        seconds, cached = measure(in_features, out_features, threads), False
-        CHOICES.put(key, seconds)
+    seconds, cached = CHOICES.seconds(_key_parts(in_features, out_features, threads), 4,
+                                      lambda: measure(in_features, out_features, threads))
     wins = all(seconds[f"float32@{rows}"] >= MIN_GAIN * seconds[f"bfloat16@{rows}"] for rows in (1, BATCH_ROWS))
     return PrecisionChoice("bfloat16" if wins else "float32", best_layout(), seconds, cached)

@@ -59,12 +59,8 @@ def widened_from_rows(in_features: int, out_features: int, threads: int) -> int:
     if not widened_available() or in_features % 32:
         return NEVER
     shape = (min(in_features, PROBE_MAX_IN) // 32 * 32, min(out_features, PROBE_MAX_OUT))
-    key = CHOICES.key(f"{shape[0]}x{shape[1]}", f"threads={threads}")
-    seconds, cached = CHOICES.get(key), True
-    if not (isinstance(seconds, dict) and len(seconds) == 2 * len(PROBE_ROWS)
-            and all(isinstance(v, (int, float)) and v > 0 for v in seconds.values())):
-        seconds, cached = measure(*shape, threads), False
-        CHOICES.put(key, seconds)
+    seconds, cached = CHOICES.seconds((f"{shape[0]}x{shape[1]}", f"threads={threads}"), 2 * len(PROBE_ROWS),
+                                      lambda: measure(*shape, threads))
     switch = takeover_rows({r: seconds[f"dots@{r}"] for r in PROBE_ROWS},
                            {r: seconds[f"widened@{r}"] for r in PROBE_ROWS}, MIN_GAIN)
     log.debug("int8 products: activations in int8 blocks, weights widened to bf16 %s (%s)",
