@@ -6,8 +6,9 @@ matrix-vector product reaches about 16 GB/s on this class of machine. So fp32
 inference on CPU goes elsewhere, without copying any weight:
 - on CPUs with AVX-512: selfhost's `_gemm_cpu.c` (dot products on weights read
   in place up to a few hundred rows, packed panels beyond), up to the row count
-  from which torch's MKL product was measured faster on this CPU (Intel Xeons;
-  models/fp32_products.py), every product where it never was (AMD).
+  from which torch's MKL product was measured faster on this CPU (from 128 rows
+  on a Xeon; models/fp32_products.py), every product where it never is (as
+  expected on AMD, where MKL takes generic paths).
   On a 2-core AMD EPYC it streams a decode step's weights at ~38 GB/s, runs
   a 32-row batch step 1.5x faster than OpenBLAS and prompt chunks 1.6x faster
   than the OpenBLAS AVX2 kernels this machine's environment pins;
