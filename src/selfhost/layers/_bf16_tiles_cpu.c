@@ -210,7 +210,7 @@ static Py_ssize_t round_up(Py_ssize_t v, Py_ssize_t to);
  * as lane & 0xffff0000. Each then meets one broadcast x value per row: the 16 lanes are
  * 16 outputs, so sums need no horizontal reduction. A chunk is 4 blocks (64 outputs)
  * and walks the rows 4 at a time; the chunk's weights stay in L2 across row passes. */
-enum { FEW_BLOCKS = 4, FEW_ROWS = 4 };
+enum { FEW_BLOCKS = 4, FEW_ROWS = 4, PREFETCH_LINES = 32 };
 
 typedef struct {
     const float *x; /* (M, K32): K32 == K, or a zero-padded copy */
@@ -239,7 +239,10 @@ FEW_AVX512 static inline __attribute__((always_inline)) void widened_kernel(cons
         for (int i = 0; i < 16; i++) {
             __m512 even[MOST_BLOCKS], odd[MOST_BLOCKS];
             for (int c = 0; c < blocks; c++) {
-                __m512i pairs = _mm512_loadu_si512((const void *)(tile + c * kblocks * TILE_ELEMS + i * 32));
+                const uint16_t *line = tile + c * kblocks * TILE_ELEMS + i * 32;
+                /* Few rows only stream the weights: ask for each block's line PREFETCH_LINES ahead */
+                if (rows <= FEW_ROWS) _mm_prefetch((const char *)line + 64 * PREFETCH_LINES, _MM_HINT_T0);
+                __m512i pairs = _mm512_loadu_si512((const void *)line);
                 even[c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
                 odd[c] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
             }
