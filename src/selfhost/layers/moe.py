@@ -121,6 +121,12 @@ class ExpertKernel:
         return cls(experts, kind, few_rows_max)
 
 
+def expert_module_ids(model: nn.Module) -> set[int]:
+    """ids of every module inside a mixture's experts: they keep the products their one C call runs
+    (models/fp32_products.py, quant/apply.py), so the Python expert loop it is checked against matches it."""
+    return {id(m) for moe in model.modules() if type(moe) is SparseMoE for m in moe.experts.modules()}
+
+
 class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, expert_size: int, num_experts: int, top_k: int, normalize_top_k: bool,
                  activation: str, shared_expert_size: int = 0, shared_expert_gated: bool = True,

@@ -24,7 +24,7 @@ from torch import nn
 
 from selfhost.layers import linear
 from selfhost.layers.linear import Linear
-from selfhost.layers.moe import SparseMoE
+from selfhost.layers.moe import expert_module_ids
 from selfhost.models.measured_choices import MeasuredChoices, takeover_rows
 from selfhost.timing import best_seconds
 
@@ -77,7 +77,7 @@ def use_measured_fp32_products(model: nn.Module, in_features: int, out_features:
     if not linear.USE_GEMM:  # no selfhost product to switch from
         return NEVER
     switch, cached = choose_blas_from_rows(in_features, out_features, torch.get_num_threads())
-    experts = {id(m) for moe in model.modules() if type(moe) is SparseMoE for m in moe.experts.modules()}
+    experts = expert_module_ids(model)
     for module in model.modules():
         if type(module) is Linear and id(module) not in experts:
             module.blas_from_rows = switch

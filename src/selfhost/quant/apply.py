@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from selfhost.errors import InvalidParameterError
-from selfhost.layers.moe import SparseMoE
+from selfhost.layers.moe import expert_module_ids
 from selfhost.models.decoder import CausalLM
 from selfhost.quant.config import QuantConfig
 from selfhost.quant.int4 import Int4Embedding, Int4Linear
@@ -128,7 +128,7 @@ def _prepare(model: nn.Module, kernel: str | None) -> None:
     int8_switch = _int8_widened_from_rows(model, kernel)
     # A mixture's experts keep the int8 dots: their one C call (layers/moe.py) and the Python loop it is
     # checked against must run the same products.
-    experts = {id(m) for moe in model.modules() if type(moe) is SparseMoE for m in moe.experts.modules()}
+    experts = expert_module_ids(model)
     for module in model.modules():
         if isinstance(module, Int8Linear):
             module.prepare(kernel, sys.maxsize if id(module) in experts else int8_switch)
