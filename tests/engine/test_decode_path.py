@@ -97,8 +97,9 @@ def test_preemption_and_prefix_hits_equal_the_general_path(tiny_checkpoint, kv_c
 
 
 def reference_prepare(chunks, block_size):
-    runner = ModelRunner.__new__(ModelRunner)  # `_prepare` reads only these two
+    runner = ModelRunner.__new__(ModelRunner)  # `_prepare` reads only these (the cache for verifications)
     runner.block_size, runner.device = block_size, torch.device("cpu")
+    runner.cache = SimpleNamespace(use_cpu_kernel=True)  # verifications as single queries, as on CPU
     return runner._prepare(chunks, num_threads=2)
 
 
@@ -109,15 +110,18 @@ def test_inputs_equal_prepare_as_tables_grow_change_and_rows_come_and_go():
     b = SimpleNamespace(token_ids=list(range(20, 29)), block_table=[1, 2, 5])
     c = SimpleNamespace(token_ids=[7] * 30, block_table=list(range(20, 28)))
 
-    def step(*seqs, proposed=None):
+    def step(*seqs, proposed=None, verify=None):
         chunks = [ScheduledChunk(s, len(s.token_ids) - 1, 1) for s in seqs]
         if proposed is not None:  # a draft model's pass: the one token fed is the last proposal
             chunks[0] = ScheduledChunk(seqs[0], len(seqs[0].token_ids), 1, (proposed,))
+        for i, tokens in (verify or {}).items():  # speculative decoding: the last token, then proposals to check
+            chunks[i] = ScheduledChunk(seqs[i], len(seqs[i].token_ids) - 1, 1 + len(tokens), tuple(tokens))
         got, want = inputs.prepare(chunks, 2), reference_prepare(chunks, bs)
         for g, w in zip(got[:2], want[:2]):
             assert torch.equal(g, w)
         gm, wm = got[2], want[2]
-        assert (gm.num_single, gm.chunks, gm.num_threads, gm.store_first) == (wm.num_single, [], 2, False)
+        assert (gm.num_single, gm.chunks, gm.num_threads) == (wm.num_single, [], 2)
+        assert gm.store_first == wm.store_first == bool(verify)
         for name in ("slot_mapping", "single_block_tables", "single_context_lens"):
             assert torch.equal(getattr(gm, name), getattr(wm, name)), name
 
@@ -140,6 +144,13 @@ def test_inputs_equal_prepare_as_tables_grow_change_and_rows_come_and_go():
     grow(c)
     step(c)
     step(c, a, proposed=99)
+    # Verifications: k + 1 queries of one sequence, their slots crossing into a block the table already has.
+    b.block_table.append(6)
+    c.block_table.append(50)
+    step(a, b, verify={1: [5, 6, 7, 8]})
+    step(b, verify={0: [1]})
+    step(c, a, b, verify={0: [4, 4], 2: [9, 9, 9]})
+    step(a, b)  # back to plain decodes: the rows shrink again
 
 
 def test_head_equals_compute_logits_and_declines_what_it_cannot_run(tiny_checkpoint):
@@ -173,3 +184,37 @@ def test_begin_and_end_time_the_step_and_restore_torch_threads():
     with threads.step(1) as num_threads:  # the context manager is the same pair
         assert num_threads == 2 and torch.get_num_threads() == 1
     assert len(times) == 3
+
+
+@pytest.mark.parametrize("case", ["greedy", "greedy_logprobs", "seeded_top_p", "stop_string"])
+def test_verification_steps_equal_the_general_path(tiny_checkpoint, monkeypatch, case):
+    """Speculative decoding (prompt lookup, proposing whenever it can): verifications of several sequences
+    beside plain decodes (penalties do not speculate) take the decode path, with the same outputs."""
+    from tests.speculative.conftest import always
+
+    path = str(tiny_checkpoint("llama"))
+    rng = random.Random(3)
+    prompts = [(m * 6)[:rng.randint(8, 40)] for m in ([rng.randrange(3, 512) for _ in range(rng.randint(2, 6))]
+                                                        for _ in range(8))]
+    params = [SamplingParams(max_tokens=rng.randint(8, 30), ignore_eos=True, seed=i, **PARAMS[case])
+              for i in range(len(prompts))]
+    params[1] = SamplingParams(max_tokens=20, temperature=0, repetition_penalty=1.2, ignore_eos=True)  # plain beside
+    settings = dict(kv_cache_memory="4MiB", speculative="ngram", num_speculative_tokens=4)
+    reference = always(general(LLM(path, **settings)))
+    expected = run_staggered(reference, prompts, params)
+    verified = []
+    original = ModelRunner._run_decode
+
+    def counting(self, chunks, *args):
+        verified.append(sum(bool(c.proposed) for c in chunks))
+        return original(self, chunks, *args)
+
+    monkeypatch.setattr(ModelRunner, "_run_decode", counting)
+    llm = always(LLM(path, **settings))
+    assert run_staggered(llm, prompts, params) == expected
+    assert max(verified) >= 1  # verification steps took the path
+    stats, reference_stats = llm.engine.stats(), reference.engine.stats()
+    assert (stats.spec_proposed_tokens, stats.spec_accepted_tokens) == (reference_stats.spec_proposed_tokens,
+                                                                        reference_stats.spec_accepted_tokens)
+    if PARAMS[case].get("temperature") == 0:  # greedy continuations of repeating prompts copy a lot
+        assert max(verified) > 1 and stats.spec_accepted_tokens > 0  # several verifications a step; some kept

@@ -1,7 +1,8 @@
 """A decode step's inputs, written into buffers kept from one step to the next (CPU).
 
 When every chunk of a step is a single token (decodes, a prompt's last token), its fields are four
-integers per sequence and a padded block table. `ModelRunner._prepare` builds them as fresh lists and
+integers per sequence and a padded block table; a verification of k proposed tokens (speculative
+decoding, on CPU) is k + 1 such queries of one sequence. `ModelRunner._prepare` builds them as fresh lists and
 one fresh tensor each step; at a ~500 us demo-model token that cost ~35-45 us, most of it for values
 that did not change (the block tables). Here each field has an int64 buffer that lives as long as the
 runner (a numpy view to write it, a torch view of the same memory to hand to the model), the
@@ -23,7 +24,7 @@ from selfhost.engine.scheduler import ScheduledChunk
 
 
 class DecodeInputs:
-    """The inputs of steps in which every chunk is one token, in buffers reused across steps."""
+    """The inputs of steps of single-token queries (decodes, verifications), in buffers reused across steps."""
 
     def __init__(self, block_size: int):
         self.block_size = block_size
@@ -50,17 +51,30 @@ class DecodeInputs:
         self._shape = self._views_shape = (0, 0)  # new buffers: every row is written again, new views made
 
     def prepare(self, chunks: list[ScheduledChunk], num_threads: int) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
-        """(input_ids, positions, metadata) of a step whose chunks are all one token each, as `_prepare` builds them."""
-        bs, rows = self.block_size, len(chunks)
+        """(input_ids, positions, metadata) of a step of single-token queries, as `_prepare` builds them: chunks
+        of one token each, and verifications of proposed tokens (one query per checked position, every key
+        of the step written before any query attends, as `_prepare` does with `verify_as_single_queries`)."""
+        bs = self.block_size
         ids, positions, slots, tables = [], [], [], []
+        verifying = False
         for chunk in chunks:
-            seq, start = chunk.seq, chunk.start
+            seq, start, num = chunk.seq, chunk.start, chunk.num_tokens
             table = seq.block_table
-            # A draft model's later passes feed the token proposed by the pass before (not yet the sequence's).
-            ids.append(chunk.proposed[0] if chunk.proposed else seq.token_ids[start])
-            positions.append(start)
-            slots.append(table[start // bs] * bs + start % bs)
-            tables.append(table)
+            if num == 1:
+                # A draft model's later passes feed the token proposed by the pass before (not yet the sequence's).
+                ids.append(chunk.proposed[0] if chunk.proposed else seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+                tables.append(table)
+                continue
+            verifying = True  # the sequence's own token, then the proposals it checks
+            ids.extend(seq.token_ids[start:start + chunk.num_own_tokens])
+            ids.extend(chunk.proposed)
+            for position in range(start, start + num):
+                positions.append(position)
+                slots.append(table[position // bs] * bs + position % bs)
+                tables.append(table)
+        rows = len(ids)
         max_len = max(positions) + 1
         width = -(-max_len // bs)  # tables padded to the longest context in the step, as _prepare does
         if rows > self._capacity or rows * width > self._tables.size:
@@ -86,6 +100,7 @@ class DecodeInputs:
             single_context_lens=context_lens,
             chunks=[],
             num_threads=num_threads,
+            store_first=verifying,
         )
         return input_ids, positions_t, meta
 

@@ -6,7 +6,8 @@ those rows alone (a prompt chunk in the middle of a long prompt needs none).
 The exception is a request that asks for prompt logprobs: its prefill rows go
 through the LM head too, in slices, and only when such a request is in the step.
 
-Decode steps (every chunk one token that completes its sequence) take a lean path on CPU:
+Decode steps (every chunk one token that completes its sequence, some followed by proposed tokens
+to verify) take a lean path on CPU:
 their inputs are written into buffers kept across steps (decode_inputs.py) and `_run_decode`
 skips the general bookkeeping. At a ~500 us demo-model token, Python around the model was
 ~200 us of it; outputs are the general path's, bit for bit (tests/engine/test_decode_path.py).
@@ -132,28 +133,36 @@ class ModelRunner:
         with self.cpu_threads.step(sum(c.num_tokens for c in chunks)) as num_threads:
             return self._run(chunks, num_threads)
 
-    @staticmethod
-    def _decode_rows(chunks: list[ScheduledChunk]) -> tuple[list, list | None, bool] | None:
-        """Each chunk's sampler row, their grammars (None where none is constrained) and whether every row
-        is plain greedy, when the step is a decode step: every chunk one token of its own that completes
-        its sequence and scores no prompt token. None for any other step (the general path)."""
-        rows, grammars, constrained, greedy = [], [], False, True
+    def _decode_rows(self, chunks: list[ScheduledChunk]) -> tuple[list, list | None, bool, bool] | None:
+        """Each sampled chunk's sampler row, their grammars (None where none is constrained), whether every such
+        row is plain greedy and whether any chunk verifies proposals, when the step is a decode step: every
+        chunk one token of its own that completes its sequence and scores no prompt token, some of them
+        followed by proposed tokens to verify (as single queries: `verify_as_single_queries`). None for any
+        other step (the general path)."""
+        rows, grammars, constrained, greedy, verifying = [], [], False, True, False
         for chunk in chunks:
             seq = chunk.seq
-            if (chunk.num_tokens != 1 or chunk.proposed or chunk.start + 1 != len(seq.token_ids)
+            if (chunk.num_own_tokens != 1 or chunk.start + 1 != len(seq.token_ids)
                     or (seq.prompt_logprobs is not None and seq.needs_prompt_logprobs)):
                 return None
+            if chunk.proposed:  # speculation never proposes for a constrained sequence
+                if not self.verify_as_single_queries:
+                    return None
+                verifying = True
+                continue
             rows.append(seq.sampler_row)
             grammars.append(seq.grammar)
             constrained = constrained or seq.grammar is not None
             greedy = greedy and seq.plain_greedy
-        return rows, grammars if constrained else None, greedy and not constrained
+        return rows, grammars if constrained else None, greedy and not constrained, verifying
 
-    def _run_decode(self, chunks: list[ScheduledChunk], rows: list, grammars: list | None, greedy: bool) -> StepResult:
-        """`_run` for a decode step: one row per chunk, each sampled, in the chunks' order (what `_run`
-        does for such a step, without its sort, row bookkeeping and gather; the head into a kept buffer)."""
+    def _run_decode(self, chunks: list[ScheduledChunk], rows: list, grammars: list | None, greedy: bool,
+                    verifying: bool) -> StepResult:
+        """`_run` for a decode step: one row per query, in the chunks' order (what `_run` does for such a
+        step, without its sort, row bookkeeping and gather; the head into a kept buffer)."""
         threads = self.cpu_threads
-        num_threads = threads.begin(len(chunks))  # `step` without its generator's Python
+        # `step` without its generator's Python
+        num_threads = threads.begin(sum(c.num_tokens for c in chunks) if verifying else len(chunks))
         try:
             # torch.inference_mode()'s own guard, entered directly: the decorator's Python (a copy of the
             # mode object per call) cost ~8 us of a decode step here, run cold after the layers.
@@ -165,14 +174,34 @@ class ModelRunner:
                 head = self._decode_head(hidden, num_threads) if from_runner and self._decode_head else None
                 if head is None:
                     logits = self.model.compute_logits(hidden, num_threads)
-                elif greedy:  # each row's argmax, straight from the buffer
+                elif greedy and not verifying:  # each row's argmax, straight from the buffer
                     return StepResult(chunks, plain_greedy(head[1]))
                 else:
                     logits = head[0]
+                if verifying:
+                    return self._split_verified(chunks, logits, rows, grammars)
                 masks = self.grammars.step_masks(grammars) if grammars is not None else None
                 return StepResult(chunks, sample(logits, rows, masks))
         finally:
             threads.end()
+
+    def _split_verified(self, chunks: list[ScheduledChunk], logits: torch.Tensor, rows: list,
+                        grammars: list | None) -> StepResult:
+        """A decode step with verifications: each verifying chunk's rows go back to be checked, the other
+        chunks' last rows are sampled (their sampler `rows` and `grammars` in the chunks' order)."""
+        finishing, sampled_rows, verified, end = [], [], [], 0
+        for chunk in chunks:
+            first, end = end, end + chunk.num_tokens
+            if chunk.proposed:
+                verified.append((chunk, logits[first:end]))
+            else:
+                finishing.append(chunk)
+                sampled_rows.append(first)
+        sampled = None
+        if finishing:
+            masks = self.grammars.step_masks(grammars) if grammars is not None else None
+            sampled = sample(logits[sampled_rows], rows, masks)
+        return StepResult(finishing, sampled, [], verified)
 
     def _decode_hidden(self, chunks: list[ScheduledChunk], num_threads: int) -> tuple[torch.Tensor, bool]:
         """A decode step's final hidden states, and whether the one-call runner made them: its inputs from
