@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from selfhost.gateway.entrance import GatewayEntrance
 from selfhost.server.settings import ServerSettings
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.server.conftest import LoopbackServer
@@ -36,9 +37,20 @@ def refused_url() -> str:
         return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
-@pytest.fixture
-def gateway(tmp_path):
-    """gateway(toml) -> a started LoopbackServer serving that config; stopped at the test's end."""
+def set_entrance(server: LoopbackServer, on: bool) -> LoopbackServer:
+    """The server's app with (on) or without the lean entrance in front (before it starts)."""
+    app = server.app
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not GatewayEntrance]
+    if on:
+        app.add_middleware(GatewayEntrance, gateway=app.state.gateway)
+    return server
+
+
+@pytest.fixture(params=["full-stack", "entrance"])
+def gateway(tmp_path, request):
+    """gateway(toml) -> a started LoopbackServer serving that config; stopped at the test's end.
+
+    Every test runs twice: through FastAPI's whole middleware stack and through the lean entrance."""
     started = []
 
     def start(toml: str, timeout_s: float = 1.0, **settings) -> LoopbackServer:
@@ -49,7 +61,7 @@ def gateway(tmp_path):
         config.write_text(f'[gateway]\nledger = "sqlite:///{ledger}"\ntimeout_s = {timeout_s}\nbackoff_s = 0\n'
                           + textwrap.dedent(toml))
         server = LoopbackServer(ServerSettings(config=config, responses_db=tmp_path / "r.db", **settings))
-        started.append(server.start())
+        started.append(set_entrance(server, request.param == "entrance").start())
         return server
 
     yield start

@@ -47,7 +47,12 @@ class GatewayRouter:
             except APIError as err:
                 return await error_response(Request(scope), err)(scope, receive, send)
             return await self._local(scope, body, receive, send, name)
-        name = canonical(name)
+        await self.serve_named(scope, receive, send, body, raw, canonical(name))
+
+    async def serve_named(self, scope, receive, send, body: bytes, raw: dict, name: str) -> None:
+        """A request whose body names `name` (canonical): admitted, then proxied or served locally.
+
+        Also the lean entrance's way in (entrance.GatewayEntrance), so both paths run this same code."""
         try:
             key_name, reservation = self.gateway.admission.admit(scope, name, raw)
         except APIError as err:
