@@ -34,15 +34,19 @@ class GatewayEntrance:
     def __init__(self, app, gateway):
         self.app, self.gateway = app, gateway
         self.router = _inner(app, GatewayRouter)
+        self._body_limit: tuple[object, int] = (None, 0)  # (settings, its max_body_bytes_value), parsed once
 
     async def __call__(self, scope, receive, send):
         if not (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in LEAN_PATHS):
             return await self.app(scope, receive, send)
         state = scope["app"].state
         settings = state.settings
-        if settings.cors or not _within_limits(scope["headers"], settings):
+        if self._body_limit[0] is not settings:  # a property that parses its text on every read
+            self._body_limit = (settings, settings.max_body_bytes_value)
+        max_body_bytes = self._body_limit[1]
+        if settings.cors or not _within_limits(scope["headers"], settings, max_body_bytes):
             return await self.app(scope, receive, send)
-        messages, body = await _read(receive, settings.max_body_bytes_value)
+        messages, body = await _read(receive, max_body_bytes)
         raw = _json_object(body) if body is not None else None
         name = raw.get("model") if raw is not None else None
         digest = _key_digest(scope, settings.api_key) if isinstance(name, str) else None
@@ -68,13 +72,13 @@ def _inner(app, kind):
     return layer
 
 
-def _within_limits(headers, settings) -> bool:
+def _within_limits(headers, settings, max_body_bytes: int) -> bool:
     """What guards.RequestLimits would let through without a word: else it answers (431/413) itself."""
     if len(headers) > settings.max_headers or sum(len(k) + len(v) for k, v in headers) > settings.max_header_bytes:
         return False
     for key, value in headers:
         if key == b"content-length":
-            return value.isdigit() and int(value) <= settings.max_body_bytes_value
+            return value.isdigit() and int(value) <= max_body_bytes
     return False  # a chunked body: the full stack reads and bounds it
 
 
