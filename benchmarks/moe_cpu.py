@@ -2,6 +2,7 @@
 
     python benchmarks/moe_cpu.py [--tokens 64] [--requests 32] [--output-tokens 32] [--threads N]
     python benchmarks/moe_cpu.py --quick        # smoke sizes
+    python benchmarks/moe_cpu.py --only int8,transformers   # some rows only
 
 Models (random weights, built once under --model-root):
   moe    Qwen3-MoE layout scaled to ~410M total parameters: hidden 768, 12 layers, 16 experts of
@@ -86,6 +87,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke sizes: 8 tokens, 4 requests, 1 repeat")
     ap.add_argument("--threads", type=int, default=None, help="threads every system gets (default: all CPUs)")
     ap.add_argument("--peer-timeout", type=float, default=3600)
+    ap.add_argument("--only", default=None, metavar="TEXT[,TEXT...]",
+                    help="run only the rows whose label holds one of these texts, e.g. 'int8,transformers' "
+                         "(default: every row)")
     args = ap.parse_args()
     if args.quick:
         args.tokens, args.requests, args.output_tokens, args.repeats = 8, 4, 8, 1
@@ -111,6 +115,12 @@ def main() -> None:
         (Peer("transformers", "transformers MoE static batch", {"batching": "static"}, "fp32", ("throughput",)),
          "moe"),
     ]
+    if args.only:
+        wanted = [text.strip().lower() for text in args.only.split(",") if text.strip()]
+        rows = [(peer, model) for peer, model in rows if any(text in peer.label.lower() for text in wanted)]
+        if not rows:
+            ap.error(f"--only {args.only!r} matches no row; labels: selfhost MoE fp32/bf16/int8, selfhost dense "
+                     "(same active size) fp32/bf16, transformers MoE fp32, transformers MoE static batch")
     limits, limits_error = measure_limits(threads)
     launch_args = argparse.Namespace(vllm_python=None, vllm_venv=None, vllm_pip_args="", vllm_kvcache_gib=4,
                                      vllm_threads_bind=None, vllm_multiprocessing=False, threads=threads)
