@@ -70,10 +70,14 @@ class DecodeInputs:
             verifying = True  # the sequence's own token, then the proposals it checks
             ids.extend(seq.token_ids[start:start + chunk.num_own_tokens])
             ids.extend(chunk.proposed)
-            for position in range(start, start + num):
-                positions.append(position)
-                slots.append(table[position // bs] * bs + position % bs)
-                tables.append(table)
+            end = start + num
+            positions.extend(range(start, end))
+            first, last = start // bs, (end - 1) // bs
+            if first == last:  # one block (the usual case): consecutive slots
+                slots.extend(range(table[first] * bs + start % bs, table[first] * bs + (end - 1) % bs + 1))
+            else:
+                slots.extend(table[position // bs] * bs + position % bs for position in range(start, end))
+            tables.extend([table] * num)
         rows = len(ids)
         max_len = max(positions) + 1
         width = -(-max_len // bs)  # tables padded to the longest context in the step, as _prepare does
