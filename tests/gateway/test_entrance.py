@@ -55,6 +55,8 @@ def _requests(virtual_keys: dict) -> list[tuple[str, str, dict, bytes]]:
     return [
         ("chat", "/v1/chat/completions", op, body(CHAT)),
         ("chat via x-api-key", "/v1/chat/completions", {"x-api-key": OPERATOR_KEY}, body(CHAT)),
+        ("chat sent as a form", "/v1/chat/completions",
+         {**op, "Content-Type": "application/x-www-form-urlencoded"}, body(CHAT)),
         ("stream", "/v1/chat/completions", op, body({**CHAT, "stream": True})),
         ("stream with usage", "/v1/chat/completions", op,
          body({**CHAT, "stream": True, "stream_options": {"include_usage": True}})),
@@ -115,7 +117,7 @@ def test_both_paths_answer_alike_and_write_the_same_ledger(pair, upstreams):
                 for row in server.app.state.gateway.ledger.rows()]
 
     assert ledger(full) == ledger(lean)
-    assert len(ledger(lean)) == 9  # eight proxied answers with the operator's key, one with a virtual key
+    assert len(ledger(lean)) == 10  # nine proxied answers with the operator's key, one with a virtual key
 
 
 def test_only_the_ordinary_case_skips_the_stack(pair, monkeypatch):

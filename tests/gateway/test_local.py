@@ -3,6 +3,7 @@ every remote failure."""
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import httpx
@@ -65,6 +66,12 @@ def test_remote_failure_falls_back_to_the_local_model(mixed):
             "model": "flaky", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}) as r:
         assert r.headers["x-selfhost-backend"] == "local/tiny"
         assert r.read().decode().rstrip().endswith("data: [DONE]")
+    # `curl -d`'s Content-Type: the local route still reads the body as JSON (app.AssumeJSON), on either path.
+    form = httpx.post(mixed.url + "/v1/chat/completions", timeout=60,
+                      content=json.dumps({"model": "flaky", "messages": [{"role": "user", "content": "hi"}],
+                                          "max_tokens": 4}),
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 200 and form.headers["x-selfhost-backend"] == "local/tiny"
 
 
 def test_a_real_selfhost_serve_as_the_upstream(mixed, gateway):

@@ -8,8 +8,8 @@ takes a POST to the OpenAI or Ollama endpoints whose body names a remote model a
 hands it straight to GatewayRouter.serve_named, the code the full stack runs too;
 the access log and the last-resort catch keep their own classes around it.
 
-Only the ordinary case takes the short path: headers within the limits, a
-Content-Length within the body limit, the `--api-key` key (or a virtual key) present
+Only the ordinary case takes the short path: headers within the limits, a JSON
+Content-Type, a Content-Length within the body limit, the `--api-key` key (or a virtual key) present
 and right, no CORS configured, a JSON body naming a remote model. Anything else
 (an error to answer, a local model, a malformed body) is replayed, message for
 message, into the full stack, which answers exactly as it does without this.
@@ -73,13 +73,21 @@ def _inner(app, kind):
 
 
 def _within_limits(headers, settings, max_body_bytes: int) -> bool:
-    """What guards.RequestLimits would let through without a word: else it answers (431/413) itself."""
+    """What guards.RequestLimits would let through without a word (else it answers, 431 or 413), with a JSON
+    Content-Type (else app.AssumeJSON rewrites it, which a local fallback's route needs)."""
     if len(headers) > settings.max_headers or sum(len(k) + len(v) for k, v in headers) > settings.max_header_bytes:
         return False
+    length = content_type = None
     for key, value in headers:
         if key == b"content-length":
-            return value.isdigit() and int(value) <= max_body_bytes
-    return False  # a chunked body: the full stack reads and bounds it
+            length = value
+        elif key == b"content-type":
+            if content_type is not None:
+                return False
+            content_type = value
+    # No Content-Length: a chunked body, which the full stack reads and bounds.
+    return (content_type == b"application/json" and length is not None and length.isdigit()
+            and int(length) <= max_body_bytes)
 
 
 def _key_digest(scope, api_keys: list[str]) -> bytes | None:
