@@ -22,7 +22,7 @@ import secrets
 
 from selfhost.gateway.admission import carries_virtual_key, presented_key
 from selfhost.gateway.ollama_bridge import OLLAMA_PATHS
-from selfhost.gateway.router import ENDPOINTS, GatewayRouter, _json_object
+from selfhost.gateway.router import ENDPOINTS, GatewayRouter, json_object
 from selfhost.server.app import AccessLog
 from selfhost.server.guards import API_KEY_DIGEST, CatchAll
 from selfhost.server.models import canonical
@@ -47,7 +47,7 @@ class GatewayEntrance:
         if settings.cors or not _within_limits(scope["headers"], settings, max_body_bytes):
             return await self.app(scope, receive, send)
         messages, body = await _read(receive, max_body_bytes)
-        raw = _json_object(body) if body is not None else None
+        raw = json_object(body) if body is not None else None
         name = raw.get("model") if raw is not None else None
         digest = _key_digest(scope, settings.api_key) if isinstance(name, str) else None
         if digest is None or not self.gateway.table.is_remote(name := canonical(name)):

@@ -39,7 +39,7 @@ class GatewayRouter:
         if not is_post or (scope["path"] not in ENDPOINTS and scope["path"] not in OLLAMA_PATHS):
             return await self.app(scope, receive, send)
         body = await _read_body(receive)
-        raw = _json_object(body)
+        raw = json_object(body)
         name = raw.get("model") if raw is not None else None
         if not isinstance(name, str):  # selfhost's routes say what is wrong with the body (after the key)
             try:
@@ -194,7 +194,8 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-def _json_object(body: bytes) -> dict | None:
+def json_object(body: bytes) -> dict | None:
+    """The body as a JSON object; None when it is not one (the routes behind say what is wrong with it)."""
     try:
         payload = wire_json.loads(body)
     except ValueError:
