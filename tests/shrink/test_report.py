@@ -55,3 +55,42 @@ def test_shrink_report_writes_table_json_and_plot(teacher_dir, corpus_file, tmp_
     assert rows["int8"]["perplexity"] == pytest.approx(rows["fp32"]["perplexity"], rel=0.05)
     assert set(report["frontier"]) <= set(rows) and "pruned+int8" in report["frontier"]  # the smallest always is
     assert "| pruned+int8 |" in (out / "shrink_report.md").read_text()
+
+
+def test_speeds_are_timed_in_turn_each_repeat_running_every_variant_once():
+    from types import SimpleNamespace
+
+    from selfhost.shrink import report
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def generate(self, prompts, params):
+            calls.append(self.name)
+            return [SimpleNamespace(token_ids=[0] * params.max_tokens) for _ in prompts]
+
+    rates = report._interleaved_tok_s([(Fake("a"), [[1]], 4), (Fake("b"), [[1], [2]], 3)], repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then alternating
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
+@pytest.mark.parametrize("free_bytes,groups", [(10**12, [3]), (4 * 150, [1, 1, 1]), (4 * 250, [2, 1])])
+def test_variants_are_loaded_side_by_side_while_a_quarter_of_free_memory_holds_them(monkeypatch, free_bytes, groups):
+    from selfhost.shrink import report
+
+    variants = [Variant(name, "m", None) for name in ("fp32", "a", "b")]
+    monkeypatch.setattr("selfhost.host_memory.available_memory_bytes", lambda: free_bytes)
+    monkeypatch.setattr(report, "_load", lambda v, ids, s: report._Loaded(v, None, [], [], 1, 100))
+    measured = []
+
+    def measure(group, eval_ids, settings):
+        measured.append(len(group))
+        return [VariantRow(g.variant.name, None, g.weight_bytes, 1.0, 1.0, 1.0) for g in group]
+
+    monkeypatch.setattr(report, "_measure_group", measure)
+    rows = report.measure_all(variants, [1] * 64, report.MeasureSettings())
+    assert measured == groups
+    assert [r.name for r in rows] == ["fp32", "a", "b"]  # in the variants' order whatever the grouping

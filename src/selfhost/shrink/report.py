@@ -71,42 +71,66 @@ class VariantRow:
     name: str
     num_params: int | None  # None where quantized modules hold the weights
     weight_bytes: int
-    decode_tok_s: float  # one sequence, median of `repeats`
+    decode_tok_s: float  # one sequence, median of `repeats` (timed in turn with the variants loaded beside it)
     batch_tok_s: float  # generated tokens per second over `batch_size` sequences at once
     perplexity: float
 
 
-def _generation_tok_s(llm, prompts: list[list[int]], max_tokens: int, repeats: int) -> float:
-    from selfhost import SamplingParams
+@dataclass(frozen=True)
+class _Loaded:
+    """A variant loaded for measuring, with the prompts its speed is timed on."""
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    llm.generate(prompts, params)  # warm-up: allocator, thread pool, kernel choice
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params)
-        rates.append(sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start))
-    return statistics.median(rates)
+    variant: Variant
+    llm: object  # selfhost.LLM
+    prompt: list[int]  # one sequence's prompt (decode speed)
+    prompts: list[list[int]]  # `batch_size` prompts (batched throughput)
+    max_tokens: int
+    weight_bytes: int
 
 
-def measure_variant(variant: Variant, eval_ids: list[int], settings: MeasureSettings) -> VariantRow:
+def _load(variant: Variant, eval_ids: list[int], settings: MeasureSettings) -> _Loaded:
     from selfhost import LLM
     from selfhost.quant.apply import weight_bytes
-    from selfhost.quant.perplexity import perplexity
 
     llm = LLM(variant.model, device="cpu", dtype="float32", quantization=variant.quantization,
               max_num_seqs=settings.batch_size)
-    prompt = eval_ids[:16]
-    prompts = [eval_ids[i * 16 : i * 16 + 16] for i in range(settings.batch_size)]
-    tokens = min(settings.decode_tokens, llm.max_model_len - 16)
-    return VariantRow(
-        name=variant.name,
-        num_params=sum(p.numel() for p in llm.model.parameters()) if variant.quantization is None else None,
-        weight_bytes=weight_bytes(llm.model),
-        decode_tok_s=_generation_tok_s(llm, [prompt], tokens, settings.repeats),
-        batch_tok_s=_generation_tok_s(llm, prompts, tokens, max(1, settings.repeats // 2)),
-        perplexity=perplexity(llm.model, eval_ids, settings.ppl_window).perplexity,
-    )
+    return _Loaded(variant, llm, eval_ids[:16], [eval_ids[i * 16 : i * 16 + 16] for i in range(settings.batch_size)],
+                   min(settings.decode_tokens, llm.max_model_len - 16), weight_bytes(llm.model))
+
+
+def _interleaved_tok_s(runs: list[tuple[object, list[list[int]], int]], repeats: int) -> list[float]:
+    """Generated tokens per second of each (llm, prompts, max_tokens), median of `repeats` timed runs. Each
+    repeat runs every entry once, in turn: on a machine whose load drifts all entries see the same drift, so
+    their ratios hold (timed one after another, a pruned model with 60% of the teacher's layer work had read
+    0.89x the teacher under a load of 3-5)."""
+    from selfhost import SamplingParams
+
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True) for _, _, max_tokens in runs]
+    for (llm, prompts, _), sampling in zip(runs, params):
+        llm.generate(prompts, sampling)  # warm-up: allocator, thread pool, kernel choice
+    rates: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for (llm, prompts, _), sampling, timed in zip(runs, params, rates):
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, sampling)
+            timed.append(sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start))
+    return [statistics.median(timed) for timed in rates]
+
+
+def _measure_group(group: list[_Loaded], eval_ids: list[int], settings: MeasureSettings) -> list[VariantRow]:
+    """Rows for variants loaded together, their speeds timed interleaved."""
+    from selfhost.quant.perplexity import perplexity
+
+    decode = _interleaved_tok_s([(g.llm, [g.prompt], g.max_tokens) for g in group], settings.repeats)
+    batch = _interleaved_tok_s([(g.llm, g.prompts, g.max_tokens) for g in group], max(1, settings.repeats // 2))
+    return [VariantRow(
+        name=g.variant.name,
+        num_params=sum(p.numel() for p in g.llm.model.parameters()) if g.variant.quantization is None else None,
+        weight_bytes=g.weight_bytes,
+        decode_tok_s=decode_tok_s,
+        batch_tok_s=batch_tok_s,
+        perplexity=perplexity(g.llm.model, eval_ids, settings.ppl_window).perplexity,
+    ) for g, decode_tok_s, batch_tok_s in zip(group, decode, batch)]
 
 
 def check_shared_tokenizer(variants: list[Variant]) -> None:
@@ -144,14 +168,26 @@ def eval_token_ids(variants: list[Variant], text: str, settings: MeasureSettings
 
 def measure_all(variants: list[Variant], eval_ids: list[int], settings: MeasureSettings,
                 console: Console | None = None) -> list[VariantRow]:
-    """One row per variant, each loaded afresh; progress on `console`."""
+    """One row per variant; progress on `console`. Variants are loaded side by side while their weights
+    fit in a quarter of the free memory, and each such group's speeds are timed interleaved
+    (`_interleaved_tok_s`); past that the group is measured and dropped before the next loads."""
+    from selfhost.host_memory import available_memory_bytes
+
     console = console or Console(stderr=True)
-    rows = []
+    budget = available_memory_bytes() // 4
+    rows: list[VariantRow] = []
+    group: list[_Loaded] = []
     for i, variant in enumerate(variants, start=1):
-        console.print(f"[{i}/{len(variants)}] measuring {variant.name} ({variant.model}"
+        console.print(f"[{i}/{len(variants)}] loading {variant.name} ({variant.model}"
                       f"{', ' + variant.quantization if variant.quantization else ''})...", highlight=False)
-        rows.append(measure_variant(variant, eval_ids, settings))
-    return rows
+        loaded = _load(variant, eval_ids, settings)
+        if group and sum(g.weight_bytes for g in group) + loaded.weight_bytes > budget:
+            console.print(f"measuring {len(group)} variant(s)...", highlight=False)
+            rows += _measure_group(group, eval_ids, settings)
+            group = []
+        group.append(loaded)
+    console.print(f"measuring {len(group)} variant(s), timed in turn...", highlight=False)
+    return rows + _measure_group(group, eval_ids, settings)
 
 
 def frontier(rows: list[VariantRow]) -> list[str]:
