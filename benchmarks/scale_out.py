@@ -8,8 +8,8 @@ selfhost's OpenAI API on Serve's proxy; the benchmark model of scale_sim.py (~14
 Llama). Printed per run: requests/s, output tokens/s, TTFT p50/p99, and the simulator's
 prediction for the same arrivals from the step model it measures first (1 thread).
 Prefix workload: 8 system prompts of 384 tokens, each followed by a distinct 32-token
-question, at --shared-rate/s, on two replicas whose KV caches each hold about half of the
-system prompts, with prefix-aware routing and with round-robin, back to back, --repeats pairs
+question, at --shared-rate/s, on two replicas whose KV caches each hold half of the system
+prompts beside their running requests (PREFIX_KV_BLOCKS), with prefix-aware routing and with round-robin, back to back, --repeats pairs
 (alternating which goes first; the figures are medians of the pairs' ratios): cluster-wide prefix hit rate (engine counters) beside the ideal (every
 repeat of a system prompt hits), TTFT, per replica the requests, TTFT, hit rate and the running
 and waiting sequences it reported, and the simulator's prediction with the same prefix cache
@@ -40,11 +40,21 @@ import httpx
 from selfhost.cluster.config import ClusterConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.scale_sim import SCALE_LLAMA, build_model, measure, simulate, summarize
+from benchmarks.scale_sim import SCALE_LLAMA, build_model, measure, simulate, simulate_on_cores, summarize
 
 OUTPUT_TOKENS = 64
+CORES = 2  # the Ray instance's CPUs: the replicas (one each) and everything else share them
 SHARED_TOKENS, QUESTION_TOKENS = 384, 32  # the shared-prompt workload: a system prompt, then a question
-PREFIX_KV_CACHE = "16MiB"  # ~2,700 tokens of this model: about 4 of the 8 system prompts beside the running requests
+SYSTEM_PROMPTS = 8
+KV_BYTES_PER_TOKEN = 6 * 2 * 2 * 64 * 4  # SCALE_LLAMA: 6 layers x K and V x 2 KV heads x 64 dims x fp32
+# The workload's premise: more system prompts than one replica's cache holds, as many as the two caches
+# hold together. So each replica's cache holds half of them (4 x 24 blocks) beside its running requests
+# (room for 4, each 6 blocks of its own: question and output); prefix routing can keep every prompt
+# cached, round-robin makes each replica cycle through all 8. (Until 2026-12-07 this was 16 MiB, 170
+# blocks, which held 7 of the 8 prompts idle and ~6 beside the running requests: round-robin hardly
+# thrashed, so the run measured a milder case than the one it described.)
+PREFIX_KV_BLOCKS = (SYSTEM_PROMPTS // 2) * SHARED_TOKENS // 16 + 4 * (QUESTION_TOKENS + OUTPUT_TOKENS) // 16
+PREFIX_KV_CACHE = f"{PREFIX_KV_BLOCKS * 16 * KV_BYTES_PER_TOKEN}B"
 
 
 def _prompts(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -53,10 +63,11 @@ def _prompts(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
 
 
 async def _one(client: httpx.AsyncClient, url: str, prompt: list[int], at: float, t0: float,
-               served: list[str]) -> tuple:
+               served: list[str], events: list[int] | None = None) -> tuple:
+    """(sent, first event, done); `served` gets the replica, `events` the number of token events."""
     await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
     sent = time.perf_counter()
-    first = None
+    first, count = None, 0
     # logprobs=0: every token is an event. Most of this random model's tokens decode to no text, and the
     # server sends no empty-text event, so without it the first event came near the end of the output.
     body = {"model": "bench", "prompt": prompt, "max_tokens": OUTPUT_TOKENS, "ignore_eos": True, "stream": True,
@@ -65,8 +76,11 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: list[int], at: float
         response.raise_for_status()
         served.append(response.headers.get("x-selfhost-replica", "?"))
         async for line in response.aiter_lines():
-            if line.startswith("data: {") and first is None:
-                first = time.perf_counter()
+            if line.startswith("data: {"):
+                count += 1
+                first = first if first is not None else time.perf_counter()
+    if events is not None:
+        events.append(count)
     return sent, first, time.perf_counter()
 
 
@@ -74,12 +88,15 @@ async def _drive(url: str, prompts: list[list[int]], arrivals: list[float], trac
     """Figures of the run; `trace` (if given) gets (replica, sent, first token, done) per request."""
     limits = httpx.Limits(max_connections=len(prompts))
     served: list[list[str]] = [[] for _ in prompts]
+    events: list[int] = []
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
-        times = await asyncio.gather(*(_one(client, url, p, a, t0, s) for p, a, s in zip(prompts, arrivals, served)))
+        times = await asyncio.gather(*(_one(client, url, p, a, t0, s, events)
+                                       for p, a, s in zip(prompts, arrivals, served)))
     if trace is not None:
         trace.extend((s[0] if s else "?", *t) for s, t in zip(served, times))
-    return summarize(times, OUTPUT_TOKENS)
+    # Events the client read per output token: 1 when each token is its own event, less when merged.
+    return {**summarize(times, OUTPUT_TOKENS), "events_per_token": sum(events) / (len(prompts) * OUTPUT_TOKENS)}
 
 
 class _BoardSampler:
@@ -133,6 +150,27 @@ def _per_replica(sampler: _BoardSampler, after: dict, trace: list) -> dict:
     return out
 
 
+ROLES = {"Frontend": "front end", "ProxyActor": "proxy", "EngineReplica": "replicas"}
+
+
+def _cpu_by_role() -> dict[str, float]:
+    """CPU seconds so far of this Ray instance's processes by their part (Ray names them in their titles);
+    'driver' is this process (the load generator)."""
+    import psutil
+
+    out = {"driver": sum(psutil.Process().cpu_times()[:2])}
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        role = next((name for key, name in ROLES.items() if key in title and title.startswith("ray::")), None)
+        if role is None:
+            continue
+        try:
+            out[role] = out.get(role, 0.0) + sum(proc.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return out
+
+
 def _ideal_hit_rate(prompts: list[list[int]], shared_tokens: int, block_tokens: int = 16) -> float:
     """The best any router can do: every repeat of a shared part hits all its full blocks, nothing else hits."""
     seen, hit = set(), 0
@@ -145,7 +183,8 @@ def _ideal_hit_rate(prompts: list[list[int]], shared_tokens: int, block_tokens: 
 
 
 def _deploy(model_dir: Path, replicas: int, routing: str, port: int, kv_cache: str = "512MiB",
-            stream_interval_ms: float = ClusterConfig.stream_interval_ms):
+            stream_interval_ms: float = ClusterConfig.stream_interval_ms, multiplex: bool = True,
+            merge: bool = True):
     from ray import serve
 
     from selfhost.cluster.app import build_app
@@ -154,7 +193,8 @@ def _deploy(model_dir: Path, replicas: int, routing: str, port: int, kv_cache: s
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cluster = ClusterConfig(replicas=replicas, routing=routing, app_name=f"bench{replicas}{routing}",
-                            stream_interval_ms=stream_interval_ms)
+                            stream_interval_ms=stream_interval_ms, multiplex_streams=multiplex,
+                            merge_deltas=merge)
     settings = ServerSettings(models=[f"bench={model_dir}"], weight_dtype="float32", kv_cache_memory=kv_cache,
                               log_level="warning")
     serve.run(build_app(app_args(settings, cluster)), name=cluster.app_name, route_prefix="/")
@@ -170,7 +210,8 @@ def _lone_overhead(model_dir: Path, step, args) -> float:
     """
     from ray import serve
 
-    app = _deploy(model_dir, 1, "prefix", args.port, args.shared_kv_cache, args.stream_interval_ms)
+    app = _deploy(model_dir, 1, "prefix", args.port, args.shared_kv_cache, args.stream_interval_ms, args.multiplex,
+                  args.merge)
     url = f"http://127.0.0.1:{args.port}"
     systems = _prompts(9, SHARED_TOKENS, SHARED_TOKENS, seed=7)
     questions = _prompts(18, QUESTION_TOKENS, QUESTION_TOKENS, seed=8)
@@ -212,6 +253,12 @@ def main() -> None:
     parser.add_argument("--stream-interval-ms", type=float, default=ClusterConfig.stream_interval_ms,
                         help="ClusterConfig.stream_interval_ms: a replica's least time between two messages of a "
                              "stream (0: one per engine step).")
+    parser.add_argument("--no-multiplex", dest="multiplex", action="store_false",
+                        help="One Ray stream per request (ClusterConfig.multiplex_streams=False) instead of one per "
+                             "replica carrying every request's deltas.")
+    parser.add_argument("--no-merge", dest="merge", action="store_false",
+                        help="One event per token (ClusterConfig.merge_deltas=False) instead of one per message "
+                             "with every token of the request it carries.")
     parser.add_argument("--only", choices=("all", "throughput", "shared"), default="all")
     parser.add_argument("--trace", type=Path, help="Write each shared-prompt request and the replicas' figures "
                         "over time here (JSON).")
@@ -227,7 +274,10 @@ def main() -> None:
         cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
                    platform.processor())
     print(f"{time.strftime('%Y-%m-%d %H:%M')} | {cpu} | {os.cpu_count()} CPUs | load {os.getloadavg()} | "
-          f"stream interval {args.stream_interval_ms:g} ms")
+          f"stream interval {args.stream_interval_ms:g} ms | "
+          f"{'one stream per replica' if args.multiplex else 'one stream per request'}"
+          f"{', tokens merged per message' if args.multiplex and args.merge else ', an event per token'} | "
+          f"shared-prompt KV cache {args.shared_kv_cache} per replica")
     model_dir = build_model(Path("/tmp/selfhost-scale-llama"))
     step = measure(model_dir)
     print(f"step model (1 thread): {step.base_s * 1e3:.2f} ms + {step.decode_s * 1e3:.3f} ms/decode row + "
@@ -240,21 +290,35 @@ def main() -> None:
     prompts = _prompts(args.requests, 64, 192, seed=2)
     mean_prompt = round(sum(map(len, prompts)) / len(prompts))
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    ray.init(address="local", num_cpus=CORES, include_dashboard=False, log_to_driver=False, logging_level="warning")
     results, traces = {}, {}
     try:
         args.overhead_s = _lone_overhead(model_dir, step, args)
         for replicas in (1, 2) if args.only in ("all", "throughput") else ():
-            app = _deploy(model_dir, replicas, "prefix", args.port, stream_interval_ms=args.stream_interval_ms)
+            app = _deploy(model_dir, replicas, "prefix", args.port, stream_interval_ms=args.stream_interval_ms,
+                          multiplex=args.multiplex, merge=args.merge)
+            before = _cpu_by_role()
             real = asyncio.run(_drive(f"http://127.0.0.1:{args.port}", prompts, arrivals))
+            cpu = {role: seconds - before.get(role, 0.0) for role, seconds in _cpu_by_role().items()}
+            tokens = args.requests * OUTPUT_TOKENS
+            # Everything on these cores but the replicas: Serve's proxy, the front end, this load generator.
+            serving_s = sum(sec for role, sec in cpu.items() if role != "replicas") / tokens
             predicted = simulate(step, replicas, args.rate, args.requests, mean_prompt, OUTPUT_TOKENS,
                                  arrivals=arrivals, overhead_s=args.overhead_s)
-            results[replicas] = real
+            on_cores = simulate_on_cores(step, replicas, CORES, serving_s, args.rate, args.requests, mean_prompt,
+                                         OUTPUT_TOKENS, arrivals=arrivals, overhead_s=args.overhead_s)
+            results[replicas] = {**real, "cpu_s": cpu, "serving_cpu_ms_per_token": serving_s * 1e3}
             print(f"{replicas} replica(s): {real['requests_per_s']:.2f} req/s, {real['output_tok_s']:.0f} output "
                   f"tok/s, TTFT p50 {real['ttft_p50_s'] * 1e3:.0f} ms, p99 {real['ttft_p99_s'] * 1e3:.0f} ms | "
                   f"simulated {predicted['output_tok_s']:.0f} tok/s "
                   f"({predicted['output_tok_s'] / real['output_tok_s'] - 1:+.0%}), TTFT p50 "
-                  f"{predicted['ttft_p50_s'] * 1e3:.0f} ms")
+                  f"{predicted['ttft_p50_s'] * 1e3:.0f} ms | with the serving path's CPU on {CORES} cores "
+                  f"{on_cores['output_tok_s']:.0f} tok/s ({on_cores['output_tok_s'] / real['output_tok_s'] - 1:+.0%}, "
+                  f"steps x{on_cores['cpu_slowdown']:.2f}), TTFT p50 {on_cores['ttft_p50_s'] * 1e3:.0f} ms")
+            print("  CPU over the run (s): " + ", ".join(f"{role} {sec:.1f}" for role, sec in sorted(cpu.items()))
+                  + f" | all but the replicas {serving_s * 1e3:.2f} ms, front end + proxy "
+                  f"{(cpu.get('front end', 0) + cpu.get('proxy', 0)) / tokens * 1e3:.2f} ms per streamed token; "
+                  f"{real['events_per_token']:.2f} events per token")
             serve.delete(app)
         for repeat in range(args.repeats if args.only in ("all", "shared") else 0):
             # Alternating order, so a change in the machine's other load hits both routings alike.
@@ -270,6 +334,7 @@ def main() -> None:
     summary, verdicts = {}, []
     if 1 in results:
         summary["speedup_2_vs_1"] = round(results[2]["output_tok_s"] / results[1]["output_tok_s"], 2)
+        summary["serving_cpu_ms_per_token"] = [round(results[n]["serving_cpu_ms_per_token"], 3) for n in (1, 2)]
         verdicts.append(f"speedup >= 1.7: {summary['speedup_2_vs_1'] >= 1.7}")
     if "prefix" in results:
         # Each repeat ran both routings back to back: compare within a pair, so the machine's drifting other
@@ -298,12 +363,13 @@ def _shared_run(model_dir: Path, routing: str, step, args) -> tuple[dict, dict]:
     """
     from ray import serve
 
-    app = _deploy(model_dir, 2, routing, args.port, args.shared_kv_cache, args.stream_interval_ms)
-    systems = _prompts(8, SHARED_TOKENS, SHARED_TOKENS, seed=3)
+    app = _deploy(model_dir, 2, routing, args.port, args.shared_kv_cache, args.stream_interval_ms, args.multiplex,
+                  args.merge)
+    systems = _prompts(SYSTEM_PROMPTS, SHARED_TOKENS, SHARED_TOKENS, seed=3)
     questions = _prompts(args.shared_requests, QUESTION_TOKENS, QUESTION_TOKENS, seed=4 if routing == "prefix" else 5)
     # Each request's system prompt drawn at random (a cyclic order would line up with round-robin).
     pick = random.Random(6)
-    shared = [systems[pick.randrange(8)] + q for q in questions]
+    shared = [systems[pick.randrange(SYSTEM_PROMPTS)] + q for q in questions]
     arrivals = [i / args.shared_rate for i in range(len(shared))]
     sampler, trace = _BoardSampler(app), []
     real = asyncio.run(_drive(f"http://127.0.0.1:{args.port}", shared, arrivals, trace))

@@ -151,6 +151,7 @@ def simulate(model: StepModel, replicas: int, rate: float, num_requests: int, pr
             for _ in range(replicas)]
     table, turn, served = PrefixTable(), itertools.count(), [0] * replicas
     unique_ids = itertools.count(-1, -1)  # output tokens: never shared with another request
+    busy_s = 0.0  # every replica's steps together
     events = [(t, 0, i) for i, t in enumerate(arrivals)]  # (time, kind 0 = arrival / 1 = step end, index)
     heapq.heapify(events)
     while events:
@@ -188,6 +189,7 @@ def simulate(model: StepModel, replicas: int, rate: float, num_requests: int, pr
         if not decode and not prefill:
             continue
         end = now + model.step_s(len(decode), prefill)
+        busy_s += end - now
         for s in replica.running:
             if s.prompt_left == 0 and (s in decode or s.first_token is None):
                 s.output_left -= 1
@@ -199,11 +201,48 @@ def simulate(model: StepModel, replicas: int, rate: float, num_requests: int, pr
         replica.busy_until = end
         heapq.heappush(events, (end, 1, index))
     out = summarize([(s.arrival, s.first_token + overhead_s, s.done + overhead_s) for s in seqs], output_tokens)
+    out["busy_s"] = busy_s
     if prompts is not None:
         queried = sum(r.cache.prefix_queried_tokens for r in pool)
         out["hit_rate"] = sum(r.cache.prefix_hit_tokens for r in pool) / queried if queried else 0.0
         out["served"] = served
     return out
+
+
+def simulate_on_cores(model: StepModel, replicas: int, cores: float, serving_cpu_s_per_token: float,
+                      *args, iterations: int = 14, **kwargs) -> dict:
+    """`simulate` where the replicas share `cores` with the serving path (HTTP proxy, front end, Ray, the
+    load generator), which spends `serving_cpu_s_per_token` of CPU per streamed output token (scale_out.py
+    measures it per run). Every step stretches by one factor s >= 1 (each replica gets 1/s of a core while
+    busy), the least for which the replicas' CPU and the serving path's fit the cores:
+    busy(s) / wall(s) / s + throughput(s) x cost <= cores (bisection; the left side falls as s grows). A uniform slow-down, not a scheduler: it puts the serving
+    path's CPU into the throughput figure, which plain `simulate` leaves out. The result carries
+    `cpu_slowdown`."""
+    def run(s: float) -> dict:
+        out = simulate(StepModel(model.base_s * s, model.decode_s * s, model.prefill_s * s), replicas, *args,
+                       **kwargs)
+        out["cpu_slowdown"] = s
+        return out
+
+    def fits(out: dict) -> bool:
+        # A replica whose steps run s times slower holds 1/s of a core while busy.
+        replicas_cores = out["busy_s"] / out["wall_s"] / out["cpu_slowdown"]
+        return replicas_cores + out["output_tok_s"] * serving_cpu_s_per_token <= cores
+
+    best = run(1.0)
+    if fits(best):
+        return best
+    low, high = 1.0, 2.0
+    while not fits(best := run(high)) and high < 1e3:
+        low, high = high, high * 2
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        out = run(middle)
+        if fits(out):
+            high, best = middle, out
+        else:
+            low = middle
+    return best
 
 
 def summarize(times: list[tuple[float, float, float]], output_tokens: int) -> dict:

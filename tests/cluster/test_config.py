@@ -2,7 +2,7 @@
 
 import pytest
 
-from selfhost.cluster.config import ClusterConfig
+from selfhost.cluster.config import STREAM_SLOTS, ClusterConfig
 from selfhost.errors import InvalidParameterError
 
 
@@ -44,3 +44,11 @@ def test_autoscale_text():
 def test_unknown_setting_is_refused():
     with pytest.raises(InvalidParameterError, match="unknown cluster setting"):
         ClusterConfig.from_dict({"replica": 2})
+
+
+def test_multiplexed_streams_keep_slots_for_the_front_ends_delta_streams():
+    options = ClusterConfig(max_ongoing_requests=10).deployment_options()
+    assert options["max_ongoing_requests"] == 10 + STREAM_SLOTS
+    assert options["request_router_config"]["request_router_kwargs"]["max_ongoing"] == 10
+    assert ClusterConfig(max_ongoing_requests=10, multiplex_streams=False).deployment_options()[
+        "max_ongoing_requests"] == 10

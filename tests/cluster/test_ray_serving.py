@@ -139,3 +139,35 @@ def test_killing_a_replica_mid_traffic(app, ray_instance):
     with ThreadPoolExecutor(4) as pool:
         assert all(text for _, text in pool.map(lambda i: _complete(app.url, _prompt(5000 + i, 10)), range(4)))
     app.wait_for(lambda: app.running_replicas() == 2, timeout_s=120, what="Ray to replace the replica")
+
+
+def _stream_text(url: str, prompt: list[int], max_tokens: int) -> tuple[str, int, str | None]:
+    """(joined text, tokens the events' logprobs name, finish reason) of a streamed completion."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "logprobs": 0}
+    text, tokens, finish = "", 0, None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            text += choice["text"]
+            tokens += len((choice.get("logprobs") or {}).get("tokens") or [])
+            finish = choice.get("finish_reason") or finish
+    return text, tokens, finish
+
+
+def test_concurrent_streams_carry_every_token_of_the_engines_output(app, cluster_model):
+    """Each replica's one stream to the front end carries all of its requests' tokens, several to an event
+    when they waited together: every stream still adds up to the engine's greedy output, token for token."""
+    from selfhost import LLM, SamplingParams
+
+    prompts = [_prompt(7000 + i, 12 + i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        streamed = list(pool.map(lambda p: _stream_text(app.url, p, 24), prompts))
+    llm = LLM(str(cluster_model), kv_cache_memory="32MiB")
+    expected = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
+    assert [text for text, _, _ in streamed] == [out.text for out in expected]
+    assert [tokens for _, tokens, _ in streamed] == [len(out.token_ids) for out in expected]
+    assert all(finish in ("length", "stop") for _, _, finish in streamed)

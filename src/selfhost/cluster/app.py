@@ -33,4 +33,5 @@ def build_app(args: dict[str, Any]) -> Application:
                                 max_ongoing_requests=FRONTEND_MAX_ONGOING_REQUESTS)
     stats = board.bind()
     return frontend.bind(server, engine.bind(server, cluster.cpus_per_replica, stats,
-                                                  cluster.stream_interval_ms / 1e3), stats)
+                                                  cluster.stream_interval_ms / 1e3, cluster.merge_deltas), stats,
+                         cluster.multiplex_streams)

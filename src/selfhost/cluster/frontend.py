@@ -91,11 +91,11 @@ class ReplicaCollector:
 class Frontend:
     """The ingress deployment's class (app.py wraps it with serve.ingress)."""
 
-    def __init__(self, server_settings: dict[str, Any], engine_handle, board_handle):
+    def __init__(self, server_settings: dict[str, Any], engine_handle, board_handle, multiplex: bool = True):
         from selfhost.server.settings import ServerSettings
 
         self.settings = ServerSettings(**server_settings)
-        self.engine = RemoteEngine(engine_handle, board_handle)
+        self.engine = RemoteEngine(engine_handle, board_handle, multiplex=multiplex)
 
     def __serve_build_asgi_app__(self):
         from selfhost.server.app import create_app

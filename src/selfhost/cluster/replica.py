@@ -2,10 +2,12 @@
 
 The model loads exactly as `selfhost serve` loads it (ModelRegistry, the same
 settings), inside the replica's Ray worker, which Ray gives the replica's CPU
-share (torch then uses that many threads) or GPU. `generate` streams the engine's
-StreamDeltas back to the front end in lists (`batched`: the first at once, then
-at most one message per interval), first announcing which replica took the
-request; a thread reports the engine's figures to the StatsBoard every second.
+share (torch then uses that many threads) or GPU. `generate` first announces
+which replica took the request; then either it streams the request's StreamDeltas
+itself in lists (`batched`: the first at once, then at most one message per
+interval), or, when the front end names its outbox, it puts them there and the
+front end's one `deltas` stream per replica carries all of its requests' deltas
+(outbox.py). A thread reports the engine's figures to the StatsBoard every second.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from selfhost.cluster.outbox import Outbox
 from selfhost.outputs import StreamDelta
 from selfhost.sampling_params import SamplingParams
 
@@ -98,7 +101,8 @@ def load_served_model(settings):
 
 
 class EngineReplica:
-    def __init__(self, server_settings: dict[str, Any], cpus: float, board=None, stream_interval_s: float = 0.0):
+    def __init__(self, server_settings: dict[str, Any], cpus: float, board=None, stream_interval_s: float = 0.0,
+                 merge_deltas: bool = False):
         import torch
         from ray import serve
 
@@ -111,19 +115,49 @@ class EngineReplica:
         self.num_requests = 0
         self.board = board
         self.stream_interval_s = stream_interval_s
+        self.merge_deltas = merge_deltas  # a multiplexed request's waiting deltas go as one (outbox.merge)
+        self._outboxes: dict[str, Outbox] = {}  # front end id -> its requests' deltas waiting to be sent
         self._stop = threading.Event()
         if board is not None:
             threading.Thread(target=self._report_forever, name="selfhost-stats", daemon=True).start()
         log.info("replica %s ready: %s", self.replica, self.served.name)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                       cache_salt: bytes | None = None):
-        """ReplicaHello, then lists of the engine's deltas; a consumer that goes away aborts the request."""
+                       cache_salt: bytes | None = None, outbox: str | None = None):
+        """ReplicaHello, then lists of the engine's deltas, or with `outbox` (a front end's id) nothing more:
+        the deltas go to that front end's `deltas` stream and this call ends when the request does. Either
+        way a consumer that goes away aborts the request, and the engine's error is raised here."""
         self.num_requests += 1
         yield ReplicaHello(self.replica)
         deltas = self.engine.generate(prompt_ids, params, request_id, cache_salt)
-        async for batch in batched(deltas, self.stream_interval_s):
+        if outbox is None:
+            async for batch in batched(deltas, self.stream_interval_s):
+                yield batch
+            return
+        box = self._outboxes.get(outbox)
+        if box is None:
+            box = self._outboxes[outbox] = Outbox(self.merge_deltas)
+        box.begin()
+        try:
+            first = True
+            async for delta in deltas:
+                box.put(request_id, delta, first)
+                first = False
+        finally:
+            box.end()
+
+    async def deltas(self, outbox: str, replica: str):
+        """Every delta of front end `outbox`'s requests here, in lists of (request id, deltas); ends when that
+        front end has had nothing under way here for a while. The router sends this call to `replica`."""
+        if replica != self.replica:  # a router that did not honour the target: end at once, the caller retries
+            return
+        box = self._outboxes.get(outbox)
+        if box is None:
+            box = self._outboxes[outbox] = Outbox(self.merge_deltas)
+        async for batch in box.drain(self.stream_interval_s):
             yield batch
+        if box.idle and self._outboxes.get(outbox) is box:
+            del self._outboxes[outbox]  # a front end that went away leaves nothing behind
 
     def describe(self) -> dict[str, Any]:
         """What the front end needs to serve this model without loading it: limits, shape, sizes."""

@@ -9,6 +9,13 @@ up to a second or more old: after a burst they still show a drained replica
 busy, which is enough to push a prefix off its owner, and with the app's one
 front end they add nothing this count lacks. Serve still refuses a replica
 whose queue is full (`max_ongoing_requests`) and retries elsewhere.
+
+A front end's `deltas` call (its stream of every delta of its requests on one
+replica, outbox.py) names that replica and goes there and nowhere else. Requests
+are matched to the replica chosen for them, not handed out first come first
+served (Serve's FIFOMixin gives a chosen replica to the oldest waiting request,
+which sent a prefix elsewhere than the table recorded, or a `deltas` call to a
+replica it did not name).
 """
 
 from __future__ import annotations
@@ -17,7 +24,6 @@ import itertools
 from collections import Counter
 
 from ray.serve.request_router import (
-    FIFOMixin,
     PendingRequest,
     RequestRouter,
     RunningReplica,
@@ -37,10 +43,35 @@ def _prompt_of(request: PendingRequest | None) -> tuple[list[int], bytes | None]
     return request.args[0], salt
 
 
-class _CountingRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, **_ignored):
+def _named_replica(request: PendingRequest | None) -> str | None:
+    """The replica a `deltas` call names (EngineReplica.deltas(outbox, replica)); None for any other call."""
+    if request is None or request.metadata.call_method != "deltas" or len(request.args) < 2:
+        return None
+    return request.args[1]
+
+
+class _CountingRouter(RequestRouter):
+    def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, max_ongoing: int | None = None, **_ignored):
         self.imbalance = imbalance
+        # Requests this router lets a replica hold, plus one for this front end's own `deltas` call (the
+        # counts cannot tell the calls apart); None: Serve's limit alone. With multiplexed streams the
+        # deployment's limit is higher by config.STREAM_SLOTS, so a `deltas` call finds room on a full replica.
+        self.max_ongoing = max_ongoing
         self.in_flight: Counter = Counter()
+
+    def _open(self, candidates: list[RunningReplica]) -> list[RunningReplica]:
+        """Candidates with room for another request (an empty list: Serve waits and asks again)."""
+        if self.max_ongoing is None:
+            return candidates
+        return [r for r in candidates if self.in_flight[r.replica_id] <= self.max_ongoing]
+
+    def _named(self, candidates: list[RunningReplica], request: PendingRequest | None) -> list[list[RunningReplica]] | None:
+        """A `deltas` call's route: its replica alone, or nothing while that one is not running (Serve waits
+        and asks again; the front end stops asking once the replica is lost). None: not such a call."""
+        name = _named_replica(request)
+        if name is None:
+            return None
+        return [[r] for r in candidates if r.replica_id.unique_id == name][:1]
 
     def on_send_request(self, replica_id) -> None:
         super().on_send_request(replica_id)
@@ -54,6 +85,14 @@ class _CountingRouter(FIFOMixin, RequestRouter):
         return {r.replica_id: self.in_flight[r.replica_id] for r in candidates}
 
 
+def _back_off_on_refusal(request: PendingRequest | None) -> None:
+    """Serve retries a request every replica refused (a full queue) at once, again and again, unless the
+    router asks it to back off (25 ms doubling to 0.5 s); without this a full replica had the front end's
+    routing thread spinning, a core's worth of CPU on a two-core box."""
+    if request is not None:
+        request.routing_context.should_backoff = True
+
+
 class PrefixAffinityRouter(_CountingRouter):
     """A request goes to the owner of its longest known prefix, within a bounded imbalance (prefix_table.py)."""
 
@@ -63,6 +102,13 @@ class PrefixAffinityRouter(_CountingRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        _back_off_on_refusal(pending_request)
+        if not candidate_replicas:
+            return []
+        named = self._named(candidate_replicas, pending_request)
+        if named is not None:
+            return named
+        candidate_replicas = self._open(candidate_replicas)
         if not candidate_replicas:
             return []
         by_id = {r.replica_id: r for r in candidate_replicas}
@@ -89,8 +135,14 @@ class RoundRobinRouter(_CountingRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        _back_off_on_refusal(pending_request)
         if not candidate_replicas:
             return []
-        ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        named = self._named(candidate_replicas, pending_request)
+        if named is not None:
+            return named
+        ordered = sorted(self._open(candidate_replicas), key=lambda r: r.replica_id.unique_id)
+        if not ordered:
+            return []
         first = next(self._turn) % len(ordered)
         return [[ordered[first]], ordered[first + 1:] + ordered[:first]]
