@@ -162,6 +162,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
                        max_header_bytes=settings.max_header_bytes)
     app.add_middleware(CatchAll)
     app.add_middleware(AccessLog, metrics=metrics)
+    if gateway is not None:  # outermost: a remote model's ordinary request skips the stack above (same answers)
+        from selfhost.gateway.entrance import GatewayEntrance
+
+        app.add_middleware(GatewayEntrance, gateway=gateway)
     return app
 
 
