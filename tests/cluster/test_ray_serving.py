@@ -116,8 +116,11 @@ def test_killing_a_replica_mid_traffic(app, ray_instance):
 
     app.wait_for(lambda: len(app.replicas()) == 2, timeout_s=15, what="both replicas on the board")
     started = threading.Event()
-    with ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(_stream, app.url, _prompt(4000 + i, 10), 900, started) for i in range(12)]
+    # Four batches of MAX_NUM_SEQS per replica: the victim still has requests it has not started when it is
+    # killed, although the board that names it is up to a second old.
+    requests = 8 * MAX_NUM_SEQS
+    with ThreadPoolExecutor(requests) as pool:
+        futures = [pool.submit(_stream, app.url, _prompt(4000 + i, 10), 900, started) for i in range(requests)]
         assert started.wait(60)
         # The replica with the most requests: it has some running and some not yet started.
         board = app.wait_for(lambda: (b := app.replicas()) and max(b.values(), key=lambda s: s["num_waiting"])
@@ -131,10 +134,12 @@ def test_killing_a_replica_mid_traffic(app, ray_instance):
     # including those waiting in the victim's engine, finish on the surviving replica.
     assert len(failed) <= MAX_NUM_SEQS
     assert all(r["error"]["code"] == "replica_lost" for r in failed)
-    assert sum(r["error"] is None for r in results) >= 12 - MAX_NUM_SEQS
+    assert sum(r["error"] is None for r in results) >= requests - MAX_NUM_SEQS
     # A retried request names both replicas: the one that took it and died, and the one that answered.
-    retried = [r for r in results if r["error"] is None and victim["replica"] in r["replica"].split(",")]
-    assert retried and all(len(r["replica"].split(",")) == 2 for r in retried)
+    # (A request the victim finished before it was killed names the victim alone.)
+    retried = [r for r in results if r["error"] is None and len(r["replica"].split(",")) == 2]
+    assert retried and all(victim["replica"] in r["replica"].split(",") for r in retried)
+    assert all(r["replica"] != victim["replica"] or r["text"] for r in results if r["error"] is None)
     # New requests are answered, and Ray restores the replica count.
     with ThreadPoolExecutor(4) as pool:
         assert all(text for _, text in pool.map(lambda i: _complete(app.url, _prompt(5000 + i, 10)), range(4)))

@@ -21,9 +21,9 @@ def replica(name: str):
     return SimpleNamespace(replica_id=ReplicaID(name), name=name)
 
 
-def call(method: str, *args):
-    return SimpleNamespace(metadata=SimpleNamespace(call_method=method), args=list(args),
-                           routing_context=SimpleNamespace(should_backoff=False))
+def call(method: str, *args, request_id: str = "internal-0"):
+    return SimpleNamespace(metadata=SimpleNamespace(call_method=method, internal_request_id=request_id),
+                           args=list(args), routing_context=SimpleNamespace(should_backoff=False))
 
 
 def router(cls, **kwargs):
@@ -48,22 +48,43 @@ def test_a_deltas_call_goes_to_the_replica_it_names_or_waits(cls):
     assert waiting.routing_context.should_backoff
 
 
+def send(r, target, request=None):
+    """What Serve does once a replica takes a call the router chose for it."""
+    r.in_flight[target.replica_id] += 1
+
+
 @pytest.mark.parametrize("cls", [PrefixAffinityRouter, RoundRobinRouter])
-def test_requests_stay_within_max_ongoing_plus_the_front_ends_stream(cls):
+def test_requests_stay_within_max_ongoing_beside_the_front_ends_stream(cls):
     r = router(cls, imbalance=8, max_ongoing=2)
     a, b = replica("a"), replica("b")
-    for _ in range(3):  # two requests and the front end's `deltas` call
-        r.in_flight[a.replica_id] += 1
+    assert choose(r, [a, b], call("deltas", "fe", "a", request_id="stream-a")) == [["a"]]
+    for _ in range(3):  # the front end's `deltas` call and two requests
+        send(r, a)
     request = call("generate", list(range(64)), None, "req-1", None, "front-end-1")
     for _ in range(4):
         assert choose(r, [a, b], request)[0] == ["b"]
-    for _ in range(3):
-        r.in_flight[b.replica_id] += 1
+    for _ in range(2):
+        send(r, b)
     request.routing_context.should_backoff = False
     assert choose(r, [a, b], request) == []  # Serve waits and asks again...
     assert request.routing_context.should_backoff  # ...after a pause: retrying at once spun a core
-    r.in_flight[a.replica_id] -= 1
+    r.on_request_completed(a.replica_id, "some-request")
     assert choose(r, [a, b], request)[0] == ["a"]
+    r.on_request_completed(a.replica_id, "stream-a")  # the stream ends: it leaves no room of its own
+    assert r._load(a.replica_id) == 1
+
+
+def test_an_open_stream_does_not_make_its_replica_look_busier():
+    """New prefixes go to the least busy replica; the front end's stream to one must not tip that."""
+    r = router(PrefixAffinityRouter, imbalance=8, max_ongoing=64)
+    a, b = replica("a"), replica("b")
+    choose(r, [a, b], call("deltas", "fe", "a", request_id="stream-a"))
+    for target in (a, a, b):  # the stream, then one request on each replica
+        send(r, target)
+    assert r._loads([a, b]) == {a.replica_id: 1, b.replica_id: 1}
+    picks = [choose(r, [a, b], call("generate", list(range(100 * i, 100 * i + 64)), None, f"r{i}", None, "fe",
+                                    request_id=f"req-{i}"))[0][0] for i in range(4)]
+    assert sorted(picks) == ["a", "a", "b", "b"]  # equally busy: new prefixes alternate
 
 
 def test_prefix_routing_keeps_a_shared_prefix_on_one_replica():

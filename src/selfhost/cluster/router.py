@@ -53,17 +53,24 @@ def _named_replica(request: PendingRequest | None) -> str | None:
 class _CountingRouter(RequestRouter):
     def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, max_ongoing: int | None = None, **_ignored):
         self.imbalance = imbalance
-        # Requests this router lets a replica hold, plus one for this front end's own `deltas` call (the
-        # counts cannot tell the calls apart); None: Serve's limit alone. With multiplexed streams the
-        # deployment's limit is higher by config.STREAM_SLOTS, so a `deltas` call finds room on a full replica.
+        # Requests this router lets a replica hold (its `deltas` streams aside); None: Serve's limit alone.
+        # With multiplexed streams the deployment's limit is higher by config.STREAM_SLOTS, so a `deltas`
+        # call finds room on a replica full of requests.
         self.max_ongoing = max_ongoing
-        self.in_flight: Counter = Counter()
+        self.in_flight: Counter = Counter()  # every call in flight, `deltas` streams included
+        # `deltas` calls routed (Serve's internal request id -> replica), so loads leave them out: a replica
+        # whose stream to the front end is open is no busier for it.
+        self._streams: dict[str, object] = {}
+
+    def _load(self, replica_id) -> int:
+        streams = sum(1 for r in self._streams.values() if r == replica_id)
+        return max(0, self.in_flight[replica_id] - streams)
 
     def _open(self, candidates: list[RunningReplica]) -> list[RunningReplica]:
         """Candidates with room for another request (an empty list: Serve waits and asks again)."""
         if self.max_ongoing is None:
             return candidates
-        return [r for r in candidates if self.in_flight[r.replica_id] <= self.max_ongoing]
+        return [r for r in candidates if self._load(r.replica_id) < self.max_ongoing]
 
     def _named(self, candidates: list[RunningReplica], request: PendingRequest | None) -> list[list[RunningReplica]] | None:
         """A `deltas` call's route: its replica alone, or nothing while that one is not running (Serve waits
@@ -71,18 +78,22 @@ class _CountingRouter(RequestRouter):
         name = _named_replica(request)
         if name is None:
             return None
-        return [[r] for r in candidates if r.replica_id.unique_id == name][:1]
+        chosen = [r for r in candidates if r.replica_id.unique_id == name][:1]
+        if chosen:
+            self._streams[request.metadata.internal_request_id] = chosen[0].replica_id
+        return [chosen] if chosen else []
 
     def on_send_request(self, replica_id) -> None:
         super().on_send_request(replica_id)
         self.in_flight[replica_id] += 1
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        self._streams.pop(internal_request_id, None)
         if self.in_flight[replica_id] > 0:
             self.in_flight[replica_id] -= 1
 
     def _loads(self, candidates: list[RunningReplica]) -> dict:
-        return {r.replica_id: self.in_flight[r.replica_id] for r in candidates}
+        return {r.replica_id: self._load(r.replica_id) for r in candidates}
 
 
 def _back_off_on_refusal(request: PendingRequest | None) -> None:
