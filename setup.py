@@ -48,7 +48,8 @@ setup(
     ext_modules=[
         kernel("_cpu_pool", headers=("_cpu_pool.h",)),
         kernel("quant._int8_cpu", uses_pool=True,
-               headers=("quant/_int8_block_avx2.h", "quant/_int8_widened_avx512.h", "_kernel_capsules.h")),
+               headers=("quant/_int8_block_avx2.h", "quant/_int8_widened_avx512.h", "quant/_int8_rows_vnni.h",
+                        "_kernel_capsules.h")),
         kernel("layers._matvec_cpu", uses_pool=True),
         kernel("layers._gemm_cpu", uses_pool=True, headers=("_kernel_capsules.h",)),
         kernel("layers._bf16_tiles_cpu", uses_pool=True,
