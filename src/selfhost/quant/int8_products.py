@@ -8,6 +8,10 @@ the weights per call, then runs the many-row bf16 product on the exact fp32 rows
 from 32 rows there, slower below 16 (2026-12-07). Where the crossover lies depends on the CPU (with
 AMX the widened product runs on tiles), so it is measured once per CPU on the model's MLP shape
 (capped) and cached (models/measured_choices.py).
+
+Without AMX, where AVX-512 VNNI runs, a third product takes every row count from 2: the dots' own int8
+blocks on a register-blocked VNNI kernel (quant/_int8_rows_vnni.h), ahead of both the dots and the
+widened product there (2026-12-07), so the widened switch is not measured on such CPUs (quant/apply.py).
 """
 
 from __future__ import annotations
