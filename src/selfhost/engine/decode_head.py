@@ -30,6 +30,8 @@ class DecodeHead:
         self.vocab, self.in_features = head.out_features, head.in_features
         self._buffer = np.zeros((0, self.vocab), dtype=np.float32)
         self._views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # rows -> (tensor, array) of one memory
+        # None from an extension built before it had the entry (the caller then takes the logits path).
+        self._gemm_argmax = getattr(linear._gemm_cpu, "gemm_argmax", None)
 
     @classmethod
     def for_model(cls, model) -> DecodeHead | None:
@@ -60,9 +62,9 @@ class DecodeHead:
         the same C call: read cold from Python after the layers, numpy's argmax and the array view cost
         ~25 us of a demo-model step."""
         views = self._views_for(hidden.shape[0])
-        if views is None:
+        if views is None or self._gemm_argmax is None:
             return None
-        tokens = linear._gemm_cpu.gemm_argmax(hidden.data_ptr(), self.weight.data_ptr(), views[0].data_ptr(),
+        tokens = self._gemm_argmax(hidden.data_ptr(), self.weight.data_ptr(), views[0].data_ptr(),
                                               hidden.shape[0], self.vocab, self.in_features, num_threads)
         return views, tokens
 
