@@ -127,7 +127,7 @@ class Recording:
         # just before their trailing arguments (kv_kind; the fused decode step's store_first too;
         # the prefill kernel's tiles flag; then an int8 cache's two scale addresses); the one-call
         # decode runner takes the products' and the attention's counts before its flags.
-        positions = {"gemm": (6,), "decode_attention": (-4,), "rope_decode_attention": (-5,), "rope_store": (-4,),
+        positions = {"gemm": (6,), "gemm_argmax": (6,), "decode_attention": (-4,), "rope_decode_attention": (-5,), "rope_store": (-4,),
                      "prefill_attention": (-5,), "run_layers": (-4, -3)}[name]
 
         def call(*args):

@@ -164,7 +164,10 @@ def test_head_equals_compute_logits_and_declines_what_it_cannot_run(tiny_checkpo
             tensor, array = head(hidden[:rows], 2)
             assert torch.equal(tensor, model.compute_logits(hidden[:rows], 2))
             assert array.shape == (rows, model.spec.vocab_size) and (array == tensor.numpy()).all()
-    assert head(hidden, 2) is None  # gradients on: Linear.forward would take F.linear
+            (tensor, array), tokens = head.greedy(hidden[:rows], 2)
+            assert torch.equal(tensor, model.compute_logits(hidden[:rows], 2))
+            assert tokens == tensor.argmax(dim=-1).tolist()
+    assert head(hidden, 2) is None and head.greedy(hidden, 2) is None  # gradients on: Linear.forward takes F.linear
     assert DecodeHead.for_model(LLM(str(tiny_checkpoint("gemma2"))).model) is None  # final soft-cap
 
 

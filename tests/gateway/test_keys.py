@@ -50,7 +50,7 @@ def test_concurrent_requests_reserve_their_estimates(gateway, upstreams):
         statuses = list(pool.map(lambda _: post(server, key).status_code, range(32)))
     admitted = statuses.count(200)
     # Without reservations every request would pass (nothing is spent when they arrive).
-    assert admitted == int(budget / estimate) and statuses.count(429) == 32 - admitted
+    assert admitted == int(budget / estimate) and statuses.count(429) == 32 - admitted, statuses
     spent = sum(Decimal(r["cost_usd"]) for r in server.app.state.gateway.ledger.rows())
     assert spent == admitted * HAND_PRICE_USD
     assert spent - budget < admitted * HAND_PRICE_USD  # the overshoot is bounded by what was admitted

@@ -85,3 +85,26 @@ def test_gemm_with_empty_inner_dimension_writes_zeros():
     x, w = np.empty((3, 0), np.float32), np.empty((4, 0), np.float32)
     linear._gemm_cpu.gemm(x.ctypes.data, w.ctypes.data, y.ctypes.data, 3, 4, 0, 1)
     assert (y == 0).all()
+
+
+@needs_gemm
+@pytest.mark.parametrize("out_features", [1, 15, 16, 17, 40, 4096])
+def test_gemm_argmax_is_numpys_argmax_of_the_product(out_features):
+    """Each row's first largest value (integer sums: many exact ties), the first NaN where a column holds one
+    (in the 16-wide body or the tail), and rows of -inf: the index numpy's argmax gives, with y written too."""
+    rng = np.random.default_rng(out_features)
+    rows, in_features = 7, 24
+    x = np.abs(rng.integers(0, 3, (rows, in_features))).astype(np.float32) + 1  # positive: signs stay put
+    cases = {"ties": None, "nan": out_features - 1, "nan_early": out_features // 3, "ninf": -1}
+    for case, column in cases.items():
+        w = rng.integers(0, 2, (out_features, in_features)).astype(np.float32)
+        if case.startswith("nan"):
+            w[column, 5] = np.nan
+        if case == "ninf":
+            w[:] = -np.inf
+        y = np.zeros((rows, out_features), dtype=np.float32)
+        tokens = linear._gemm_cpu.gemm_argmax(x.ctypes.data, w.ctypes.data, y.ctypes.data, rows, out_features,
+                                              in_features, 2)
+        expected = x.astype(np.float64) @ w.T.astype(np.float64)
+        assert np.array_equal(y, expected.astype(np.float32), equal_nan=True), case
+        assert tokens == y.argmax(axis=-1).tolist(), case

@@ -9,7 +9,7 @@ from scipy.stats import chi2
 from selfhost.speculative.adaptive import (PROBE_EVERY, AcceptanceCounts, AcceptanceModel, Candidate,
                                            expected_tokens, plan_lengths)
 from selfhost.speculative.ngram import NgramProposer
-from selfhost.speculative.verify import accept_greedy, accept_sampled, draw, row_argmax
+from selfhost.speculative.verify import accept_argmax, accept_greedy, accept_sampled, draw, row_argmax
 
 
 def test_ngram_continues_the_most_recent_longest_match():
@@ -54,6 +54,7 @@ def test_greedy_acceptance_reads_rows_lazily_and_agrees_with_torchs_argmax():
         expected = best[:keep + 1]
         assert accept_greedy(logits, proposed) == expected
         assert accept_greedy(logits.double(), proposed) == expected  # torch's own path
+        assert accept_argmax(best, proposed) == expected  # from the argmax a greedy step found with the logits
 
 
 def test_row_argmax_is_torchs_first_maximum():

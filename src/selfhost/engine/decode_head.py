@@ -30,6 +30,8 @@ class DecodeHead:
         self.vocab, self.in_features = head.out_features, head.in_features
         self._buffer = np.zeros((0, self.vocab), dtype=np.float32)
         self._views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # rows -> (tensor, array) of one memory
+        # None from an extension built before it had the entry (the caller then takes the logits path).
+        self._gemm_argmax = getattr(linear._gemm_cpu, "gemm_argmax", None)
 
     @classmethod
     def for_model(cls, model) -> DecodeHead | None:
@@ -48,7 +50,26 @@ class DecodeHead:
         memory; None where the head's weight is no longer the one this was built for, or under autograd
         (the caller then calls `compute_logits`). `hidden` must be fp32, 2-D and contiguous, as the one-call
         decode runner returns it (checking it here cost ~5 us a step, cold)."""
-        rows = hidden.shape[0]
+        views = self._views_for(hidden.shape[0])
+        if views is None:
+            return None
+        linear._gemm_cpu.gemm(hidden.data_ptr(), self.weight.data_ptr(), views[0].data_ptr(), hidden.shape[0],
+                              self.vocab, self.in_features, num_threads)
+        return views
+
+    def greedy(self, hidden: torch.Tensor, num_threads: int) -> tuple[tuple[torch.Tensor, np.ndarray], list[int]] | None:
+        """`__call__`, and each row's argmax (the first largest logit, or the first NaN, as numpy's) found in
+        the same C call: read cold from Python after the layers, numpy's argmax and the array view cost
+        ~25 us of a demo-model step."""
+        views = self._views_for(hidden.shape[0])
+        if views is None or self._gemm_argmax is None:
+            return None
+        tokens = self._gemm_argmax(hidden.data_ptr(), self.weight.data_ptr(), views[0].data_ptr(),
+                                              hidden.shape[0], self.vocab, self.in_features, num_threads)
+        return views, tokens
+
+    def _views_for(self, rows: int) -> tuple[torch.Tensor, np.ndarray] | None:
+        """The buffer's first `rows` rows, or None where this head does not run (see `__call__`)."""
         if (self.head._parameters["weight"] is not self.weight or torch.is_grad_enabled()
                 or rows >= self.head.blas_from_rows):  # from there Linear.forward calls torch's product
             return None
@@ -59,7 +80,4 @@ class DecodeHead:
                 self._views.clear()  # views of the old buffer
             array = self._buffer[:rows]
             views = self._views[rows] = (torch.from_numpy(array), array)
-        tensor, _ = views
-        linear._gemm_cpu.gemm(hidden.data_ptr(), self.weight.data_ptr(), tensor.data_ptr(), rows, self.vocab,
-                              self.in_features, num_threads)
         return views

@@ -240,8 +240,8 @@ class LLMEngine:
                 seq.append(token_id, logprob)
                 updated.append(seq)
             self._advance_grammars(updated)
-        for chunk, logits in result.verifying:
-            self._accept_verified(chunk, logits)
+        for chunk, logits, argmax in result.verifying:
+            self._accept_verified(chunk, logits, argmax)
             updated.append(chunk.seq)
         for chunk in chunks:
             self.block_manager.commit_full_blocks(chunk.seq)
@@ -256,10 +256,10 @@ class LLMEngine:
             self.speculator.record_step(chunks, forward_seconds)
         return updated
 
-    def _accept_verified(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:
+    def _accept_verified(self, chunk: ScheduledChunk, logits: torch.Tensor, argmax: list[int] | None) -> None:
         """Append what the verification kept; roll the cache back past the last accepted proposal."""
         seq = chunk.seq
-        tokens, logprobs = self.speculator.verify(seq, chunk.proposed, logits)
+        tokens, logprobs = self.speculator.verify(seq, chunk.proposed, logits, argmax)
         seq.extend(tokens, logprobs)  # a stop token or string, or max_tokens, may end it inside the run
         # KV is valid for the sequence's own token and the accepted proposals; the last token appended
         # (the target's own) has none yet, exactly as after a plain decode step.

@@ -27,7 +27,7 @@ from selfhost.engine.paged_cache import PagedKVCache, StepMetadata
 from selfhost.engine.scheduler import ScheduledChunk
 from selfhost.engine.sequence import Sequence
 from selfhost.engine.cpu_threads import CpuThreads
-from selfhost.layers.sampler import SampleResult, plain_greedy, sample, score_tokens
+from selfhost.layers.sampler import SampleResult, sample, score_tokens
 from selfhost.models.decoder import CausalLM
 from selfhost.outputs import TokenLogprob
 
@@ -43,8 +43,9 @@ class StepResult:
     sampled: SampleResult | None
     # Newly scored prompt tokens per sequence, in prompt order.
     prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
-    # Chunks carrying proposed tokens, each with its (1 + proposals, vocab) logits to verify them against.
-    verifying: list[tuple[ScheduledChunk, torch.Tensor]] = field(default_factory=list)
+    # Chunks carrying proposed tokens, each with its (1 + proposals, vocab) logits to verify them against
+    # and, where the step found them already, those rows' argmax (the greedy choice at each position).
+    verifying: list[tuple[ScheduledChunk, torch.Tensor, list[int] | None]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -134,8 +135,8 @@ class ModelRunner:
             return self._run(chunks, num_threads)
 
     def _decode_rows(self, chunks: list[ScheduledChunk]) -> tuple[list, list | None, bool, bool] | None:
-        """Each sampled chunk's sampler row, their grammars (None where none is constrained), whether every such
-        row is plain greedy and whether any chunk verifies proposals, when the step is a decode step: every
+        """Each sampled chunk's sampler row, their grammars (None where none is constrained), whether every
+        sequence is plain greedy and whether any chunk verifies proposals, when the step is a decode step: every
         chunk one token of its own that completes its sequence and scores no prompt token, some of them
         followed by proposed tokens to verify (as single queries: `verify_as_single_queries`). None for any
         other step (the general path)."""
@@ -149,6 +150,7 @@ class ModelRunner:
                 if not self.verify_as_single_queries:
                     return None
                 verifying = True
+                greedy = greedy and seq.plain_greedy
                 continue
             rows.append(seq.sampler_row)
             grammars.append(seq.grammar)
@@ -171,34 +173,43 @@ class ModelRunner:
                 if self._decode_head is True:
                     self._decode_head = DecodeHead.for_model(self.model)
                 # The head takes the runner's states (fp32, 2-D, contiguous by construction) only.
-                head = self._decode_head(hidden, num_threads) if from_runner and self._decode_head else None
-                if head is None:
+                head = self._decode_head if from_runner and self._decode_head else None
+                logits = tokens = None
+                if head is not None and greedy:  # every row's argmax found with the logits, in C
+                    found = head.greedy(hidden, num_threads)
+                    if found is not None:
+                        (logits, _), tokens = found
+                elif head is not None:
+                    views = head(hidden, num_threads)
+                    logits = views[0] if views is not None else None
+                if logits is None:
                     logits = self.model.compute_logits(hidden, num_threads)
-                elif greedy and not verifying:  # each row's argmax, straight from the buffer
-                    return StepResult(chunks, plain_greedy(head[1]))
-                else:
-                    logits = head[0]
                 if verifying:
-                    return self._split_verified(chunks, logits, rows, grammars)
+                    return self._split_verified(chunks, logits, tokens, rows, grammars)
+                if tokens is not None:
+                    return StepResult(chunks, SampleResult(tokens, [None] * len(tokens)))
                 masks = self.grammars.step_masks(grammars) if grammars is not None else None
                 return StepResult(chunks, sample(logits, rows, masks))
         finally:
             threads.end()
 
-    def _split_verified(self, chunks: list[ScheduledChunk], logits: torch.Tensor, rows: list,
-                        grammars: list | None) -> StepResult:
+    def _split_verified(self, chunks: list[ScheduledChunk], logits: torch.Tensor, tokens: list[int] | None,
+                        rows: list, grammars: list | None) -> StepResult:
         """A decode step with verifications: each verifying chunk's rows go back to be checked, the other
-        chunks' last rows are sampled (their sampler `rows` and `grammars` in the chunks' order)."""
+        chunks' last rows are sampled (their sampler `rows` and `grammars` in the chunks' order). `tokens`:
+        every row's argmax where the step is all plain greedy (then they are the sampled tokens too)."""
         finishing, sampled_rows, verified, end = [], [], [], 0
         for chunk in chunks:
             first, end = end, end + chunk.num_tokens
             if chunk.proposed:
-                verified.append((chunk, logits[first:end]))
+                verified.append((chunk, logits[first:end], None if tokens is None else tokens[first:end]))
             else:
                 finishing.append(chunk)
                 sampled_rows.append(first)
         sampled = None
-        if finishing:
+        if finishing and tokens is not None:
+            sampled = SampleResult([tokens[i] for i in sampled_rows], [None] * len(sampled_rows))
+        elif finishing:
             masks = self.grammars.step_masks(grammars) if grammars is not None else None
             sampled = sample(logits[sampled_rows], rows, masks)
         return StepResult(finishing, sampled, [], verified)
@@ -294,7 +305,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden if in_order else hidden[rows], num_threads)
         verified, i = [], num_sampled
         for chunk, _ in verifying:
-            verified.append((chunk, logits[i:i + chunk.num_tokens]))
+            verified.append((chunk, logits[i:i + chunk.num_tokens], None))
             i += chunk.num_tokens
         sampled = None
         if finishing:

@@ -28,9 +28,10 @@
  * than a product per expert, a step's chosen experts share two trips to the thread pool: every
  * expert's gate_up rows in chunks, then (after SwiGLU and the activations' quantization) every
  * expert's down rows; a decode step's two experts thus stream their weights on all threads.
- * An int8 expert with INT8_WIDENED_ROWS rows or more (a prompt's) runs on the bf16 tile kernels
- * instead where the CPU has AVX-512: its integers widened, exact, into the bf16 tile layout (see
- * int8_widened_experts).
+ * An int8 expert with many rows (a prompt's) leaves the dots: with AMX, from INT8_WIDENED_ROWS, for
+ * the bf16 tile kernels, its integers widened, exact, into their layout (int8_widened_experts);
+ * without AMX, from INT8_VNNI_ROWS (2), for a register-blocked VNNI kernel on the same int8 blocks
+ * (../quant/_int8_rows_vnni.h), equal to the dots within fp32 summation order.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -47,6 +48,9 @@
 #include <immintrin.h>
 
 #include "../quant/_int8_block_avx2.h"
+#include "../quant/_int8_rows_vnni.h"
+#else
+#define VNNI_STRIP 32 /* the VNNI kernel's strip width; it runs on x86-64 only */
 #endif
 #include "../_cpu_pool.h"
 #include "../quant/_int8_widened_avx512.h"
@@ -278,14 +282,14 @@ static void int8_products(Int8Job *job, Py_ssize_t E, Py_ssize_t widened_rows, P
     pool_run(int8_unit, job, units, num_threads);
 }
 
-/* ---- int8 experts with many rows: their integers as bf16 weights on the tile kernels ----
+/* ---- int8 experts with many rows, with AMX: their integers as bf16 weights on the tile kernels ----
  * A prompt's expert meets dozens of rows, where the int8 dots above are bound by their per-block
  * work (~80 GMAC/s on 2 cores). Integers up to 127 are exact in bf16, so an expert's int8 rows are
  * widened into the bf16 tile layout (_bf16_tiles_cpu.c's `pack`) in a scratch buffer and run through
- * the tiles' many-row product (AMX, or without it their AVX-512 widening kernel, 2-2.6x the dots
- * from 32 rows on a Xeon without AMX); the row scales multiply its outputs. The weights are exact;
- * the activations are rounded to bf16 on AMX (relative 2^-9), exact without it, instead of to int8
- * blocks, so these rows are nearer exact weight-only int8 than the few-row path, not its bits. */
+ * the tiles' many-row product on AMX; the row scales multiply its outputs. The weights are exact;
+ * the activations are rounded to bf16 (relative 2^-9) instead of to int8 blocks, so these rows are
+ * nearer exact weight-only int8 than the few-row path, not its bits. (Without AMX the tiles' AVX-512
+ * widening kernel ran 2-2.6x the dots from 32 rows; the VNNI kernel below runs faster still.) */
 #define INT8_WIDENED_ROWS 32 /* an expert's rows from which widening its weights pays (16-64 measured alike, noisy VM) */
 #define PACK_OUT 64      /* _bf16_tiles_cpu.c's output padding */
 
@@ -343,19 +347,96 @@ static void silu_mul(const float *gate_up, float *out, Py_ssize_t rows, Py_ssize
         }
 }
 
+/* ---- int8 experts with many rows on AVX-512 VNNI (no AMX): ../quant/_int8_rows_vnni.h ----
+ * Unit c packs strip items[2c + 1] (32 outputs) of expert items[2c]'s weight into a scratch strip
+ * of its own (~24 KiB for K = 768: it stays in L1/L2 while every row of the expert passes over it)
+ * and runs all the expert's rows against it. The same int8 blocks as the dots. One layer of 16
+ * experts (768 x 768, top-2) on two loaded Xeon cores without AMX, 2026-12-07, dots (or widened from
+ * 32 rows) -> this kernel: 32 tokens (~4 rows an expert) 1.8-4.5 -> 1.3-1.9 ms, 256 tokens 22 -> 3.3-5.3,
+ * 1024 tokens 42-63 -> 10.5-11.9; with one row an expert, packing a strip costs more than the dots'
+ * single pass over it (0.10-0.15 -> 0.17-0.22 ms), so single-stream decode keeps the dots. */
+#define INT8_VNNI_ROWS 2 /* an expert's rows from which the register-blocked VNNI kernel takes over */
+
+typedef struct {
+    const uint8_t *xu;         /* activation rows offset to unsigned, K each */
+    const float *xscale;       /* K / QBLOCK scales a row */
+    const Py_ssize_t *sources; /* slot -> activation row (NULL: the slot itself) */
+    const int64_t *table;
+    int weight_field, scales_field;
+    const Py_ssize_t *starts;
+    const Py_ssize_t *items;
+    float *out; /* (slots, N) */
+    Py_ssize_t N, K;
+    int failed; /* a unit found no memory */
+} VnniJob;
+
+#ifdef SELFHOST_X86
+static void vnni_unit(const void *context, long unit) {
+    VnniJob *j = (VnniJob *)context;
+    const Py_ssize_t e = j->items[2 * unit], n0 = j->items[2 * unit + 1] * VNNI_STRIP;
+    const int8_t *w = PTR(const int8_t *, j->table[e * EXPERT_FIELDS + j->weight_field]);
+    const float *wscale = PTR(const float *, j->table[e * EXPERT_FIELDS + j->scales_field]);
+    int8_t *strip = aligned_alloc(64, (vnni_strip_bytes(j->K) + 63) / 64 * 64);
+    if (!strip) {
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    vnni_pack_strip(w, j->N, j->K, n0, strip);
+    const Py_ssize_t begin = j->starts[e], width = j->N - n0 < VNNI_STRIP ? j->N - n0 : VNNI_STRIP;
+    /* rows through `sources` (tokens), or the expert's own slots from `begin` */
+    const Py_ssize_t first = j->sources ? 0 : begin;
+    vnni_rows_strip(j->xu + first * j->K, j->xscale + first * (j->K / QBLOCK), j->sources ? j->sources + begin : NULL,
+                    j->starts[e + 1] - begin, strip, j->K, wscale, j->out + begin * j->N, j->N, n0, (int)width);
+    free(strip);
+}
+#endif
+
+/* Runs `job` over the strips of every chosen expert with `from_rows` rows or more; -1 without memory. */
+static int vnni_products(VnniJob *job, Py_ssize_t E, Py_ssize_t from_rows, Py_ssize_t *items, int num_threads) {
+    long units = 0;
+    for (Py_ssize_t e = 0; e < E; e++)
+        if (job->starts[e + 1] - job->starts[e] >= from_rows)
+            for (Py_ssize_t c = 0; c * VNNI_STRIP < job->N; c++) items[2 * units] = e, items[2 * units++ + 1] = c;
+    job->items = items, job->failed = 0;
+#ifdef SELFHOST_X86
+    if (units) pool_run(vnni_unit, job, units, num_threads);
+#endif
+    return job->failed ? -1 : 0;
+}
+
+/* Where an int8 expert with many rows goes: with AMX, to the tile kernels (weights widened to bf16,
+ * from INT8_WIDENED_ROWS); without it, to the VNNI kernel (from INT8_VNNI_ROWS); within the ISA cap. */
+enum { MANY_DOTS, MANY_WIDENED, MANY_VNNI };
+
+static int int8_many_rows(void) {
+    if (int8_level() < 2) return MANY_DOTS;
+    if (tiles && tiles->swiglu) return MANY_WIDENED;
+#ifdef SELFHOST_X86
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return MANY_VNNI;
+#endif
+    return MANY_DOTS;
+}
+
+/* Activation bytes offset into [1, 255] for vpdpbusd (top bit flipped: + 128). */
+static void offset_bytes(const int8_t *q, uint8_t *u, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) u[i] = (uint8_t)q[i] ^ 0x80u;
+}
+
 /* Every chosen int8 expert over its rows (`rows`: pair ids grouped by expert, `starts` per expert),
  * each pair's result row to results (pairs, H); -1 without memory. */
 static int int8_experts(const int64_t *table, const float *x, Py_ssize_t T, Py_ssize_t k, const Py_ssize_t *starts,
                         const Py_ssize_t *rows, float *results, Py_ssize_t H, Py_ssize_t I, Py_ssize_t E,
                         int num_threads) {
     const Py_ssize_t pairs = T * k;
-    const int level = int8_level();
     dot_tile_fn dot_tile = dot_tile_c;
     quantize_fn quantize = quantize_rows_c;
 #ifdef SELFHOST_X86
+    const int level = int8_level();
     if (level >= 1) dot_tile = level >= 2 ? dot_tile_vnni : dot_tile_avx2, quantize = quantize_rows_avx2;
 #endif
-    const Py_ssize_t most_chunks = ((2 * I > H ? 2 * I : H) + CHUNK_N - 1) / CHUNK_N;
+    const Py_ssize_t wide = 2 * I > H ? 2 * I : H, deep = H > I ? H : I;
+    const Py_ssize_t most_chunks = (wide + (CHUNK_N < VNNI_STRIP ? CHUNK_N : VNNI_STRIP) - 1) /
+                                   (CHUNK_N < VNNI_STRIP ? CHUNK_N : VNNI_STRIP);
     float *floats = malloc(sizeof(float) * (size_t)(T * (H / QBLOCK) + pairs * (2 * I + I + I / QBLOCK + H)));
     int8_t *bytes = malloc((size_t)(T * H + pairs * I));
     Py_ssize_t *index = malloc(sizeof(Py_ssize_t) * (size_t)(pairs + 2 * E * most_chunks));
@@ -369,20 +450,29 @@ static int int8_experts(const int64_t *table, const float *x, Py_ssize_t T, Py_s
     Py_ssize_t *tokens = index, *items = index + pairs; /* slot -> token; the pool's units */
     for (Py_ssize_t slot = 0; slot < pairs; slot++) tokens[slot] = rows[slot] / k;
 
-    /* experts with many rows go to the tile kernels (where they are, within the cap); the most rows any has */
-    const Py_ssize_t widened_rows = level >= 2 && tiles ? INT8_WIDENED_ROWS : PY_SSIZE_T_MAX;
-    Py_ssize_t widened_most = 0;
-    for (Py_ssize_t e = 0; e < E; e++)
-        if (starts[e + 1] - starts[e] >= widened_rows && starts[e + 1] - starts[e] > widened_most)
-            widened_most = starts[e + 1] - starts[e];
-    const Py_ssize_t wide = 2 * I > H ? 2 * I : H, deep = H > I ? H : I;
+    const int many = int8_many_rows();
+    const Py_ssize_t vnni_rows = many == MANY_VNNI ? INT8_VNNI_ROWS : PY_SSIZE_T_MAX;
+    const Py_ssize_t widened_rows = many == MANY_WIDENED ? INT8_WIDENED_ROWS : PY_SSIZE_T_MAX;
+    const Py_ssize_t dots_below = vnni_rows < widened_rows ? vnni_rows : widened_rows;
+    /* the most rows any widened expert has */
+    Py_ssize_t widened_most = 0, vnni_any = 0;
+    for (Py_ssize_t e = 0; e < E; e++) {
+        const Py_ssize_t count = starts[e + 1] - starts[e];
+        if (count >= widened_rows && count > widened_most) widened_most = count;
+        vnni_any |= count >= vnni_rows;
+    }
     uint16_t *packed = widened_most ? malloc(sizeof(uint16_t) * (size_t)(round_up(wide, PACK_OUT) * deep)) : NULL;
     float *widened_x = widened_most ? malloc(sizeof(float) * (size_t)(widened_most * H)) : NULL;
-    int status = widened_most && (!packed || !widened_x) ? -1 : 0;
+    uint8_t *unsigned_bytes = vnni_any ? malloc((size_t)(T * H + pairs * I)) : NULL;
+    int status = (widened_most && (!packed || !widened_x)) || (vnni_any && !unsigned_bytes) ? -1 : 0;
+    uint8_t *xu = unsigned_bytes, *act_u = unsigned_bytes ? unsigned_bytes + T * H : NULL;
 
     if (!status) quantize(x, T, H, xq, xscale); /* each token once, however many experts it chose */
+    if (!status && vnni_any) offset_bytes(xq, xu, T * H);
     Int8Job job = {xq, xscale, tokens, table, GATE_UP_W, GATE_UP_SCALES, starts, NULL, gate_up, 2 * I, H, dot_tile};
-    if (!status) int8_products(&job, E, widened_rows, items, num_threads);
+    VnniJob vjob = {xu, xscale, tokens, table, GATE_UP_W, GATE_UP_SCALES, starts, NULL, gate_up, 2 * I, H, 0};
+    if (!status) int8_products(&job, E, dots_below, items, num_threads);
+    if (!status && vnni_any) status = vnni_products(&vjob, E, vnni_rows, items, num_threads);
     for (Py_ssize_t e = 0; e < E && !status && widened_most; e++) { /* the widened experts' gate_up into their slots */
         const Py_ssize_t begin = starts[e], count = starts[e + 1] - begin;
         if (count < widened_rows) continue;
@@ -396,7 +486,12 @@ static int int8_experts(const int64_t *table, const float *x, Py_ssize_t T, Py_s
         silu_mul(gate_up, act, pairs, I, num_threads);
         quantize(act, pairs, I, act_q, act_scale);
         job = (Int8Job){act_q, act_scale, NULL, table, DOWN_W, DOWN_SCALES, starts, NULL, ys, H, I, dot_tile};
-        int8_products(&job, E, widened_rows, items, num_threads);
+        int8_products(&job, E, dots_below, items, num_threads);
+    }
+    if (!status && vnni_any) {
+        offset_bytes(act_q, act_u, pairs * I);
+        vjob = (VnniJob){act_u, act_scale, NULL, table, DOWN_W, DOWN_SCALES, starts, NULL, ys, H, I, 0};
+        status = vnni_products(&vjob, E, vnni_rows, items, num_threads);
     }
     for (Py_ssize_t e = 0; e < E && !status && widened_most; e++) {
         const Py_ssize_t begin = starts[e], count = starts[e + 1] - begin;
@@ -407,7 +502,7 @@ static int int8_experts(const int64_t *table, const float *x, Py_ssize_t T, Py_s
     }
     for (Py_ssize_t slot = 0; slot < pairs && !status; slot++)
         memcpy(results + rows[slot] * H, ys + slot * H, (size_t)H * sizeof(float));
-    free(floats), free(bytes), free(index), free(packed), free(widened_x);
+    free(floats), free(bytes), free(index), free(packed), free(widened_x), free(unsigned_bytes);
     return status;
 }
 
@@ -574,6 +669,15 @@ static PyObject *int8_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(names[int8_level() < 0 ? 0 : int8_level()]);
 }
 
+static PyObject *int8_many_rows_py(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    switch (int8_many_rows()) {
+        case MANY_WIDENED: return Py_BuildValue("(sn)", "widened", (Py_ssize_t)INT8_WIDENED_ROWS);
+        case MANY_VNNI: return Py_BuildValue("(sn)", "vnni", (Py_ssize_t)INT8_VNNI_ROWS);
+        default: return Py_BuildValue("(sO)", "dots", Py_None);
+    }
+}
+
 static PyObject *expert_fields(PyObject *self, PyObject *args) {
     (void)self, (void)args;
     return PyLong_FromLong(EXPERT_FIELDS);
@@ -585,6 +689,9 @@ static PyMethodDef methods[] = {
     {"expert_fields", expert_fields, METH_NOARGS, "Addresses per expert in the table `run` reads."},
     {"int8_isa", int8_isa, METH_NOARGS,
      "int8_isa() -> 'avx512-vnni', 'avx2' or 'c': the instructions int8 experts run on now (CPU and limit_isa)."},
+    {"int8_many_rows", int8_many_rows_py, METH_NOARGS,
+     "int8_many_rows() -> (path, from_rows): where int8 experts with many rows go now (CPU and limit_isa): "
+     "'widened' (bf16 on AMX tiles), 'vnni' (the register-blocked VNNI kernel) or 'dots' (from_rows None)."},
     {"limit_isa", limit_isa, METH_VARARGS,
      "Cap the int8 experts' instruction set (2 AVX-512 VNNI, 1 AVX2, 0 portable C); returns the previous cap. "
      "For tests: every level gives the same bits."},

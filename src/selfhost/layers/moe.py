@@ -18,9 +18,11 @@ over its rows and the weighted sum) with the same arithmetic in the same order, 
 outputs equal the loop's below bit for bit; only the Python between them goes (~0.1 ms a layer
 for a decode step, ~2.5 ms for a 32-request one on a 2-core VM). int8 experts' products are the
 call's own (quantized activations, as Int8Linear's kernel), all chosen experts' chunks in one
-trip to the thread pool per product; an expert with 32 rows or more (a prompt's) runs on AMX where
-the CPU has it, its integers widened exactly to bf16 (activations rounded to bf16 there, nearer exact
-int8 than the loop, not its bits). SELFHOST_MOE=python keeps the loop (to compare).
+trip to the thread pool per product; an expert with many rows (a prompt's) leaves those dots: on AMX
+(from 32 rows) its integers widened exactly to bf16 (activations rounded to bf16 there, nearer exact
+int8 than the loop, not its bits), on AVX-512 VNNI without AMX (from 2 rows) a register-blocked
+kernel on the loop's own int8 blocks (its sums in another order). SELFHOST_MOE=python keeps the loop
+(to compare).
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@
 #ifdef SELFHOST_X86
 #include "../_kernel_capsules.h"
 #include "_int8_widened_avx512.h"
+#include "_int8_rows_vnni.h"
 
 /* layers._bf16_tiles_cpu's products (AVX-512 CPUs): many rows through the widened weights. NULL elsewhere. */
 static const Bf16TileKernels *tiles;
@@ -345,6 +346,57 @@ static int linear_cpu(const float *x, const int8_t *w, const float *wscale, cons
 
 #endif /* SELFHOST_INT8 */
 
+#ifdef SELFHOST_X86
+/* ---- several rows on AVX-512 VNNI (_int8_rows_vnni.h): the dots' int8 blocks, register-blocked ----
+ * Unit s packs weight strip s (32 outputs) and runs every row against it. */
+typedef struct {
+    const uint8_t *xu;
+    const float *xscale, *wscale, *bias;
+    const int8_t *w;
+    float *out;
+    Py_ssize_t M, N, K;
+    int failed;
+} VnniLinear;
+
+static void vnni_linear_unit(const void *context, long s) {
+    VnniLinear *j = (VnniLinear *)context;
+    const Py_ssize_t n0 = (Py_ssize_t)s * VNNI_STRIP, width = j->N - n0 < VNNI_STRIP ? j->N - n0 : VNNI_STRIP;
+    int8_t *strip = aligned_alloc(64, (vnni_strip_bytes(j->K) + 63) / 64 * 64);
+    if (!strip) {
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    vnni_pack_strip(j->w, j->N, j->K, n0, strip);
+    vnni_rows_strip(j->xu, j->xscale, NULL, j->M, strip, j->K, j->wscale, j->out, j->N, n0, (int)width);
+    free(strip);
+    if (j->bias)
+        for (Py_ssize_t m = 0; m < j->M; m++)
+            for (Py_ssize_t n = n0; n < n0 + width; n++) j->out[m * j->N + n] += j->bias[n];
+}
+
+static int vnni_ready(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+/* linear_cpu's product (K % 32 == 0) on the VNNI kernel; -1 without memory. Without the GIL. */
+static int linear_vnni_cpu(const float *x, const int8_t *w, const float *wscale, const float *bias, float *out,
+                           Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+    int8_t *xq = malloc((size_t)(M * K));
+    float *xscale = malloc(sizeof(float) * (size_t)(M * (K / QBLOCK)));
+    if (!xq || !xscale) {
+        free(xq), free(xscale);
+        return -1;
+    }
+    quantize_rows(x, M, K, xq, xscale);
+    for (Py_ssize_t i = 0; i < M * K; i++) xq[i] = (int8_t)((uint8_t)xq[i] ^ 0x80u); /* offset to unsigned */
+    VnniLinear job = {(const uint8_t *)xq, xscale, wscale, bias, w, out, M, N, K, 0};
+    pool_run(vnni_linear_unit, &job, (long)((N + VNNI_STRIP - 1) / VNNI_STRIP), num_threads < 1 ? 1 : num_threads);
+    free(xq), free(xscale);
+    return job.failed ? -1 : 0;
+}
+#endif
+
 PyDoc_STRVAR(available_doc, "available() -> bool: this build and this CPU can run `linear`.");
 
 static PyObject *available(PyObject *self, PyObject *unused) {
@@ -458,8 +510,53 @@ static PyObject *linear_widened(PyObject *self, PyObject *args) {
 #endif
 }
 
+PyDoc_STRVAR(linear_vnni_doc,
+             "linear_vnni(x, w, wscale, bias, out, M, N, K, num_threads)\n\n"
+             "`linear`'s product (activations in int8 blocks of 32, exact int32 block sums) on a register-blocked\n"
+             "AVX-512 VNNI kernel, K a multiple of 32: the same integers, summed in fp32 in another order.\n"
+             "Needs vnni_available().");
+
+static PyObject *vnni_available(PyObject *self, PyObject *unused) {
+#ifdef SELFHOST_X86
+    return PyBool_FromLong(vnni_ready());
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *linear_vnni(PyObject *self, PyObject *args) {
+    unsigned long long x, w, wscale, bias, out;
+    Py_ssize_t M, N, K;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKKKnnni", &x, &w, &wscale, &bias, &out, &M, &N, &K, &num_threads)) return NULL;
+#ifdef SELFHOST_X86
+    if (!vnni_ready()) {
+        PyErr_SetString(PyExc_RuntimeError, "linear_vnni: needs AVX-512 VNNI");
+        return NULL;
+    }
+    if (M < 0 || N < 0 || K <= 0 || K % 32 || !x || !w || !wscale || !out) {
+        PyErr_SetString(PyExc_ValueError, "linear_vnni: K must be a positive multiple of 32, buffers non-null");
+        return NULL;
+    }
+    if (M == 0 || N == 0) Py_RETURN_NONE;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = linear_vnni_cpu((const float *)x, (const int8_t *)w, (const float *)wscale, bias ? (const float *)bias : NULL,
+                         (float *)out, M, N, K, num_threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    (void)x, (void)w, (void)wscale, (void)bias, (void)out, (void)M, (void)N, (void)K, (void)num_threads;
+    PyErr_SetString(PyExc_RuntimeError, "linear_vnni: built without x86-64 support");
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
+    {"vnni_available", vnni_available, METH_NOARGS, "vnni_available() -> bool: `linear_vnni` runs here."},
+    {"linear_vnni", linear_vnni, METH_VARARGS, linear_vnni_doc},
     {"widened_available", widened_available, METH_NOARGS, "widened_available() -> bool: `linear_widened` runs here."},
     {"linear_widened", linear_widened, METH_VARARGS, linear_widened_doc},
     {"isa", isa, METH_NOARGS, isa_doc},

@@ -21,7 +21,7 @@ from selfhost.models.decoder import CausalLM
 from selfhost.quant.config import QuantConfig
 from selfhost.quant.int4 import Int4Embedding, Int4Linear
 from selfhost.quant.int8 import Int8Embedding, Int8Linear, default_int8_kernel
-from selfhost.quant.int8_products import widened_from_rows
+from selfhost.quant.int8_products import NEVER, vnni_from_rows, widened_from_rows
 
 QUANTIZED_MODULES = (Int8Linear, Int4Linear, Int8Embedding, Int4Embedding)
 EMBEDDING = "model.embed_tokens"
@@ -125,15 +125,28 @@ def quantize_model(model: CausalLM, config: QuantConfig, kernel: str | None = No
 
 
 def _prepare(model: nn.Module, kernel: str | None) -> None:
-    int8_switch = _int8_widened_from_rows(model, kernel)
+    vnni_switch = _int8_vnni_from_rows(model, kernel)
+    # Without AMX the VNNI kernel outruns the widened product at every row count it was measured at.
+    int8_switch = NEVER if vnni_switch != NEVER else _int8_widened_from_rows(model, kernel)
     # A mixture's experts keep the int8 dots: their one C call (layers/moe.py) and the Python loop it is
     # checked against must run the same products.
     experts = expert_module_ids(model)
     for module in model.modules():
         if isinstance(module, Int8Linear):
-            module.prepare(kernel, sys.maxsize if id(module) in experts else int8_switch)
+            if id(module) in experts:
+                module.prepare(kernel, sys.maxsize, sys.maxsize)
+            else:
+                module.prepare(kernel, int8_switch, vnni_switch)
         elif isinstance(module, QUANTIZED_MODULES):
             module.prepare(kernel if kernel and isinstance(module, Int4Linear) else None)
+
+
+def _int8_vnni_from_rows(model: nn.Module, kernel: str | None) -> int:
+    """The int8 layers' switch to the VNNI kernel, where they run the "avx2" kernel on the CPU."""
+    layer = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
+    if layer is None or (kernel or default_int8_kernel(layer.qweight.device)) != "avx2":
+        return NEVER
+    return vnni_from_rows()
 
 
 def _int8_widened_from_rows(model: nn.Module, kernel: str | None) -> int:

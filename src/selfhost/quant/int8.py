@@ -83,9 +83,11 @@ def default_int8_kernel(device: torch.device) -> str:
     return "fbgemm" if fbgemm_available() else "dequant"
 
 
-def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, widened_from_rows: int):
+def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, widened_from_rows: int,
+                 vnni_from_rows: int = sys.maxsize):
     """y = x @ (q * scale)^T + b for fp32 x of any leading shape, through the C kernel: its int8 dots,
-    or from `widened_from_rows` rows its product on the weights widened to bf16 (int8_products.py).
+    from `vnni_from_rows` rows the same int8 blocks on its register-blocked VNNI kernel, or from
+    `widened_from_rows` rows its product on the weights widened to bf16 (int8_products.py).
 
     The weights' addresses are taken once: a decode step makes over a hundred
     of these calls and attribute lookups would cost more than small products.
@@ -101,7 +103,8 @@ def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
             x = x.contiguous()
         rows = x.numel() // in_features
         out = torch.empty(*x.shape[:-1], out_features)
-        product = _int8_cpu.linear_widened if rows >= widened_from_rows else _int8_cpu.linear
+        product = (_int8_cpu.linear_widened if rows >= widened_from_rows
+                   else _int8_cpu.linear_vnni if rows >= vnni_from_rows else _int8_cpu.linear)
         product(x.data_ptr(), weight_ptr, scales_ptr, bias_ptr, out.data_ptr(), rows, out_features, in_features,
                 num_threads)
         return out
@@ -142,9 +145,11 @@ class Int8Linear(nn.Module):
             module.bias = linear.bias.detach().clone()
         return module
 
-    def prepare(self, kernel: str | None = None, widened_from_rows: int = sys.maxsize) -> None:
+    def prepare(self, kernel: str | None = None, widened_from_rows: int = sys.maxsize,
+                vnni_from_rows: int = sys.maxsize) -> None:
         """Turn the stored weights into the kernel's layout; once, after loading. widened_from_rows: the
-        "avx2" kernel's measured switch to widened weights (int8_products.py; never by default)."""
+        "avx2" kernel's measured switch to widened weights; vnni_from_rows: its switch to the VNNI kernel
+        (int8_products.py; never by default)."""
         kernel = kernel or default_int8_kernel(self.qweight.device)
         assert kernel in INT8_KERNELS, kernel
         self._storage_bytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.bias)
@@ -153,8 +158,10 @@ class Int8Linear(nn.Module):
             assert avx2_available() and self.qweight.device.type == "cpu", "the avx2 kernel is not available here"
             self.qweight, self.scales = self.qweight.contiguous(), self.scales.float().contiguous()
             bias = None if self.bias is None else self.bias.float().contiguous()
+            whole_blocks = self.in_features % 32 == 0  # both many-row products take whole blocks of 32 only
             self._avx2 = _avx2_linear(self.qweight, self.scales, bias,
-                                      widened_from_rows if self.in_features % 32 == 0 else sys.maxsize)
+                                      widened_from_rows if whole_blocks else sys.maxsize,
+                                      vnni_from_rows if whole_blocks else sys.maxsize)
         if kernel == "fbgemm":
             self._packed = _fbgemm_pack(self.qweight, self.scales, self.bias)
             # The packed copy is all the kernel reads; do not keep the weight twice.

@@ -8,6 +8,10 @@ the weights per call, then runs the many-row bf16 product on the exact fp32 rows
 from 32 rows there, slower below 16 (2026-12-07). Where the crossover lies depends on the CPU (with
 AMX the widened product runs on tiles), so it is measured once per CPU on the model's MLP shape
 (capped) and cached (models/measured_choices.py).
+
+Without AMX, where AVX-512 VNNI runs, a third product takes every row count from 2: the dots' own int8
+blocks on a register-blocked VNNI kernel (quant/_int8_rows_vnni.h), ahead of both the dots and the
+widened product there (2026-12-07), so the widened switch is not measured on such CPUs (quant/apply.py).
 """
 
 from __future__ import annotations
@@ -66,3 +70,22 @@ def widened_from_rows(in_features: int, out_features: int, threads: int) -> int:
     log.debug("int8 products: activations in int8 blocks, weights widened to bf16 %s (%s)",
              "never" if switch is None else f"from {switch} rows", "cached measurement" if cached else "measured now")
     return NEVER if switch is None else switch
+
+
+VNNI_FROM_ROWS = 2  # one row keeps the dots: packing a strip costs more than their single pass over it
+
+
+def vnni_available() -> bool:
+    """The register-blocked VNNI kernel (quant/_int8_rows_vnni.h) runs here, and AMX does not (where it
+    does, the widened product runs on tiles and stays the many-row choice)."""
+    from selfhost.layers.bf16_linear import amx_available
+    from selfhost.quant.int8 import _int8_cpu, avx2_available
+
+    return avx2_available() and _int8_cpu.vnni_available() and not amx_available()
+
+
+def vnni_from_rows() -> int:
+    """Rows from which int8 layers take the VNNI kernel instead of the dots and the widened product
+    (on a Xeon without AMX, 2026-12-07: 4-6x the widened product from 256 rows in a MoE layer, ahead
+    of the dots from 2 rows); NEVER where it cannot run."""
+    return VNNI_FROM_ROWS if vnni_available() else NEVER

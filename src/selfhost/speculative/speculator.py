@@ -25,7 +25,7 @@ from selfhost.speculative.config import SpeculativeConfig
 from selfhost.speculative.draft import DraftProposer
 from selfhost.speculative.ngram import NgramIndex, NgramProposer
 from selfhost.speculative.step_cost import REQUIRED_GAIN, RobustAverage, StepCostModel
-from selfhost.speculative.verify import accept_greedy, accept_sampled
+from selfhost.speculative.verify import accept_argmax, accept_greedy, accept_sampled
 
 # Without a measured plain step of the current size, one in this many steps runs without
 # proposals, so the comparison always has both sides.
@@ -313,22 +313,25 @@ class Speculator:
         lengths[min(range(len(candidates)), key=lambda i: candidates[i][1].last_proposed)] = 1
         return lengths
 
-    def verify(self, seq: Sequence, proposed: tuple[int, ...], logits: torch.Tensor
+    def verify(self, seq: Sequence, proposed: tuple[int, ...], logits: torch.Tensor, argmax: list[int] | None = None
                ) -> tuple[list[int], list[Logprobs | None]]:
         """The tokens to append after a verifying step, and their logprobs where the request asked.
 
-        logits: (1 + len(proposed), vocab), row i predicting the token after proposal i - 1."""
+        logits: (1 + len(proposed), vocab), row i predicting the token after proposal i - 1; argmax: those
+        rows' argmax where the step found them already (a plain greedy step on CPU)."""
         started = time.perf_counter()
         try:
-            return self._verify(seq, proposed, logits)
+            return self._verify(seq, proposed, logits, argmax)
         finally:
             self._step_overhead += time.perf_counter() - started
 
-    def _verify(self, seq: Sequence, proposed: tuple[int, ...], logits: torch.Tensor
+    def _verify(self, seq: Sequence, proposed: tuple[int, ...], logits: torch.Tensor, argmax: list[int] | None
                 ) -> tuple[list[int], list[Logprobs | None]]:
         state = seq.speculation
         row = seq.sampler_row
-        if state.greedy:
+        if argmax is not None:
+            tokens = accept_argmax(argmax, proposed)
+        elif state.greedy:
             tokens = accept_greedy(logits, proposed)
         else:
             probs = filter_logits(logits.float(), [row] * logits.shape[0]).softmax(dim=-1)

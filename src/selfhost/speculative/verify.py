@@ -46,6 +46,17 @@ def accept_greedy(target_logits: torch.Tensor, proposed: Sequence[int]) -> list[
     return out
 
 
+def accept_argmax(argmax: Sequence[int], proposed: Sequence[int]) -> list[int]:
+    """`accept_greedy` from the rows' argmax, already found (by the step that made the logits)."""
+    out = []
+    for i, token in enumerate(proposed):
+        out.append(argmax[i])
+        if argmax[i] != token:
+            return out
+    out.append(argmax[len(proposed)])
+    return out
+
+
 def accept_sampled(target_probs: torch.Tensor, proposed: list[int], draft_probs: torch.Tensor | None,
                    generator: torch.Generator | None = None) -> list[int]:
     """target_probs: (k + 1, vocab) rows of p (after temperature and filters); draft_probs: (k, vocab)
