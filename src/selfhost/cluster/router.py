@@ -83,6 +83,15 @@ class _CountingRouter(RequestRouter):
             self._streams[request.metadata.internal_request_id] = chosen[0].replica_id
         return [chosen] if chosen else []
 
+    def _settled(self, candidates: list[RunningReplica], request: PendingRequest | None
+                 ) -> list[list[RunningReplica]] | None:
+        """What either router answers before choosing: back off after a refusal (see _back_off_on_refusal),
+        nothing while no replica runs, a `deltas` call's named replica. None: the router chooses."""
+        _back_off_on_refusal(request)
+        if not candidates:
+            return []
+        return self._named(candidates, request)
+
     def on_send_request(self, replica_id) -> None:
         super().on_send_request(replica_id)
         self.in_flight[replica_id] += 1
@@ -113,12 +122,9 @@ class PrefixAffinityRouter(_CountingRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        _back_off_on_refusal(pending_request)
-        if not candidate_replicas:
-            return []
-        named = self._named(candidate_replicas, pending_request)
-        if named is not None:
-            return named
+        settled = self._settled(candidate_replicas, pending_request)
+        if settled is not None:
+            return settled
         candidate_replicas = self._open(candidate_replicas)
         if not candidate_replicas:
             return []
@@ -146,12 +152,9 @@ class RoundRobinRouter(_CountingRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        _back_off_on_refusal(pending_request)
-        if not candidate_replicas:
-            return []
-        named = self._named(candidate_replicas, pending_request)
-        if named is not None:
-            return named
+        settled = self._settled(candidate_replicas, pending_request)
+        if settled is not None:
+            return settled
         ordered = sorted(self._open(candidate_replicas), key=lambda r: r.replica_id.unique_id)
         if not ordered:
             return []
