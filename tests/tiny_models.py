@@ -41,6 +41,9 @@ MOE_CONFIGS = {
 
 TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    # widths that are no multiple of 32 (the demo model's MLP is 432 wide): the bf16 kernels' padded tails
+    "llama-odd-widths": ("LlamaConfig", dict(hidden_size=80, intermediate_size=72, num_attention_heads=5,
+                                             num_key_value_heads=1)),
     "llama3-rope": (
         "LlamaConfig",
         dict(

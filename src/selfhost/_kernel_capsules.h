@@ -13,7 +13,8 @@
 #include <Python.h>
 #include <stdint.h>
 
-#define SELFHOST_KERNELS_VERSION 3 /* 2: RopeDecodeStep took an int8 cache's scales; 3: Bf16TileKernels.linear never NULL */
+#define SELFHOST_KERNELS_VERSION 4 /* 2: RopeDecodeStep took an int8 cache's scales; 3: Bf16TileKernels.linear never
+                                    * NULL; 4: Bf16TileKernels.linear_few_rows takes any K */
 
 typedef struct { /* layers._norm_cpu */
     int version;
@@ -28,9 +29,10 @@ typedef struct { /* layers._activation_cpu (x86-64 with AVX-512 only) */
 
 typedef struct { /* layers._bf16_tiles_cpu: products on the packed layout */
     int version;
-    /* few rows on AVX-512, exact activations; K % 32 == 0 */
-    void (*linear_few_rows)(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M,
-                            Py_ssize_t N, Py_ssize_t K, int num_threads);
+    /* few rows on AVX-512, exact activations, any K (past a multiple of 32 through a zero-padded copy of x);
+     * -1 without memory for that copy */
+    int (*linear_few_rows)(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M,
+                           Py_ssize_t N, Py_ssize_t K, int num_threads);
     /* many rows: on AMX tiles, activations rounded to bf16; without AMX the few-row kernel (exact
      * activations, any K); -1 without memory */
     int (*linear)(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M, Py_ssize_t N,

@@ -140,11 +140,13 @@ class LLM:
                                 self.kv_cache_dtype, self.adapters, speculative_config, draft_model)
 
     def _load_draft(self, draft: str, allow_pickle: bool):
-        """The draft model for speculative decoding, in the target's dtype and device, checked to share its tokenizer."""
+        """The draft model for speculative decoding, in the target's dtype, weight precision and device, checked to
+        share its tokenizer."""
         from selfhost.tokenizer import check_same_tokenizer
 
         draft_dir = resolve_model(draft, allow_pickle=allow_pickle)
-        draft_model = load_model(draft_dir, self.dtype, self.device, None, allow_pickle)
+        draft_model = load_model(draft_dir, self.dtype, self.device, None, allow_pickle,
+                                 bf16_weights=uses_bf16_weights(self.model))
         # A proposal is a token id: it means the same text to both models only under one vocabulary.
         check_same_tokenizer(self.tokenizer.hf, Tokenizer(draft_dir).hf, self.model.spec.vocab_size,
                              draft_model.spec.vocab_size, ("the target", f"the draft model {draft}"),

@@ -102,13 +102,19 @@ def test_a_cpu_plans_bf16_weights_at_its_bf16_kernels_rates():
 def test_fit_on_this_cpu_plans_the_precision_run_would_pick(tmp_path, monkeypatch, bf16_wins):
     """`selfhost fit --device local` asks the same cached measurement the loader asks
     (weight_dtype="auto"), so the plan's weights are the bytes `selfhost run` would load."""
+    from selfhost import LLM
     from selfhost.cli.plan import _unquantized_precision
+    from selfhost.layers.linear import Linear
     from selfhost.models import weight_precision
 
     spec = model_from_checkpoint(DEMO)
     monkeypatch.setenv("SELFHOST_CACHE_DIR", str(tmp_path))
     fp32_s, bf16_s = (2.0, 1.0) if bf16_wins else (1.0, 1.0)
-    key = weight_precision._cache_key(spec.arch.hidden, spec.arch.intermediate, 1)
+    arch = spec.arch
+    loaded = LLM(None, kv_cache_memory="16MiB", weight_dtype="float32").model  # the loader's count of the bytes
+    streamed = sum(4 * m.weight.numel() for m in loaded.modules() if type(m) is Linear)
+    key = weight_precision._cache_key(arch.hidden, arch.intermediate, 1,
+                                      weight_precision.copies_for(arch.hidden, arch.intermediate, streamed))
     weight_precision.cache_path().write_text(json.dumps({key: {
         "float32@1": fp32_s, "bfloat16@1": bf16_s, f"float32@{weight_precision.BATCH_ROWS}": fp32_s,
         f"bfloat16@{weight_precision.BATCH_ROWS}": bf16_s}}))

@@ -121,14 +121,14 @@ class Recording:
 
     def __getattr__(self, name):
         real = getattr(self._module, name)
-        if not callable(real) or name in ("available", "limit_isa", "narrow_cache_available", "layer_fields"):
+        if not callable(real) or name in ("available", "limit_isa", "narrow_cache_available", "layer_fields", "model"):
             return real
         # Where each kernel takes its thread count: gemm's is 7th; the attention kernels' comes
         # just before their trailing arguments (kv_kind; the fused decode step's store_first too;
         # the prefill kernel's tiles flag; then an int8 cache's two scale addresses); the one-call
         # decode runner takes the products' and the attention's counts before its flags.
         positions = {"gemm": (6,), "gemm_argmax": (6,), "decode_attention": (-4,), "rope_decode_attention": (-5,), "rope_store": (-4,),
-                     "prefill_attention": (-5,), "run_layers": (-4, -3)}[name]
+                     "prefill_attention": (-5,), "run_layers": (-3, -2), "greedy_passes": (-2, -1)}[name]
 
         def call(*args):
             self._calls.extend((name, args[p]) for p in positions)

@@ -55,8 +55,8 @@ def _count_runner_steps(monkeypatch):
 
 
 @needs_runner
-# untied head; q|k|v bias; sliding window; q/k norm
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
+# untied head; q|k|v bias; sliding window; q/k norm; widths no multiple of 32
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3", "llama-odd-widths"])
 @pytest.mark.parametrize("kv_cache_dtype", ["bfloat16", "float32", "int8"])
 @pytest.mark.parametrize("weights", list(WEIGHTS))
 def test_runner_steps_equal_the_python_path(tiny_checkpoint, monkeypatch, family, kv_cache_dtype, weights):
@@ -116,7 +116,7 @@ def test_the_runner_declines_or_refuses_a_step_without_touching_the_cache(tiny_c
                                   single_block_tables=torch.zeros(1, 1, dtype=torch.long),
                                   single_context_lens=torch.tensor([1]), chunks=[])
         keys, values = cache.k.clone(), cache.v.clone()
-        vocab, positions = llm.engine.runner.model.spec.vocab_size, runner.cos.shape[0]
+        vocab, positions = llm.engine.runner.model.spec.vocab_size, runner.rotary_rows
         for ids, at in (([vocab], [3]), ([-1], [3]), ([5], [positions])):  # past the embedding or the rotary table
             with pytest.raises(ValueError, match="outside its table"):
                 runner(torch.tensor(ids), torch.tensor(at), cache, 1)

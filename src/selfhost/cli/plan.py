@@ -130,7 +130,9 @@ def _unquantized_precision(spec: ModelSpec, dev: DeviceSpec) -> tuple[Precision,
     from selfhost.models.weight_precision import choose_weight_dtype
 
     arch = spec.arch
-    choice = choose_weight_dtype(arch.hidden, arch.intermediate or arch.moe_intermediate)
+    # a decode step streams the active linear weights: all but an untied input embedding (a lookup)
+    streamed = 4 * (arch.active_params() - (0 if arch.tied_embeddings else arch.vocab * arch.hidden))
+    choice = choose_weight_dtype(arch.hidden, arch.intermediate or arch.moe_intermediate, streamed_bytes=streamed)
     precision = CPU_BF16 if choice.weight_dtype == "bfloat16" else PRECISIONS["fp32"]
     return precision, f"planned as `selfhost run` loads it here: {choice.describe()}"
 

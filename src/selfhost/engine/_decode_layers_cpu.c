@@ -10,7 +10,7 @@
  * Layers this runs (engine/decode_layers.py decides, once per model): pre-norm Llama-style
  * blocks (RMSNorm, fused q|k|v projection with optional bias, optional q/k head norms, full-width rotary, attention
  * over the paged cache with its C kernel, o projection, RMSNorm, fused gate|up, SwiGLU, down),
- * every product of one kind: bf16 "tiles" weights (K a multiple of 32) or bf16 weights in rows
+ * every product of one kind: bf16 "tiles" weights or bf16 weights in rows
  * (both within their few-row kernel's range), or fp32 weights on the AVX-512 product; a bias
  * is added after the product as Linear and Bf16Linear add it. Anything else keeps the
  * Python path.
@@ -73,8 +73,7 @@ static int product(int kind, Py_ssize_t few_rows_max, const float *x, int64_t w,
     if (kind == BF16_TILES) { /* the tile kernels add the bias themselves, as Bf16Linear has them do */
         if (M > few_rows_max)
             return tiles->linear(x, PTR(const uint16_t *, w), PTR(const float *, bias), y, M, N, K, num_threads);
-        tiles->linear_few_rows(x, PTR(const uint16_t *, w), PTR(const float *, bias), y, M, N, K, num_threads);
-        return 0;
+        return tiles->linear_few_rows(x, PTR(const uint16_t *, w), PTR(const float *, bias), y, M, N, K, num_threads);
     }
     if (kind == FP32)
         gemm->gemm(x, PTR(const float *, w), y, M, N, K, num_threads);
@@ -90,114 +89,106 @@ static int kind_available(int kind) {
     return kind == BF16_TILES ? tiles != NULL : (kind == FP32 || kind == BF16_ROWS) ? gemm != NULL : 0;
 }
 
-static PyObject *run_layers(PyObject *self, PyObject *args) {
-    (void)self;
-    unsigned long long layers, ids, positions, embed, cos_table, sin_table, final_norm, out, slots, tables, lens;
-    Py_ssize_t num_layers, vocab, table_rows, tokens, hidden, intermediate, num_heads, num_kv_heads, head_dim;
-    Py_ssize_t block_size, num_blocks, max_blocks;
+/* What stays the same from one step to the next: the model's layer table and sizes (decode_layers.py
+ * builds it once per model and cache with `model(...)`; a capsule holds it). */
+typedef struct {
+    const int64_t *table;
+    Py_ssize_t num_layers, few_rows_max, vocab, table_rows, hidden, intermediate, num_heads, num_kv_heads, head_dim;
+    Py_ssize_t block_size, num_blocks;
+    const float *embed, *cos_table, *sin_table, *final_norm;
     float eps, qk_eps, final_eps, norm_offset, scale, softcap;
-    int kind, num_threads, attention_threads, kv_kind, store_first;
-    Py_ssize_t few_rows_max;
-    if (!PyArg_ParseTuple(args, "KninKKKnKKnKKKKKnnnnnnnnnffffffiiip", &layers, &num_layers, &kind, &few_rows_max, &ids,
-                          &positions, &embed, &vocab, &cos_table, &sin_table, &table_rows, &final_norm, &out, &slots,
-                          &tables, &lens, &tokens, &hidden, &intermediate, &num_heads, &num_kv_heads, &head_dim,
-                          &block_size, &num_blocks, &max_blocks, &eps, &qk_eps, &final_eps, &norm_offset, &scale,
-                          &softcap, &num_threads, &attention_threads, &kv_kind, &store_first))
-        return NULL;
-    if (kind < 0 || kind >= KINDS || !kind_available(kind)) {
-        PyErr_SetString(PyExc_ValueError, "run_layers: this product kind's kernels are not built for this CPU");
-        return NULL;
-    }
-    if (num_layers < 0 || tokens <= 0 || hidden <= 0 || intermediate <= 0 || num_heads <= 0 || num_kv_heads <= 0 ||
-        head_dim <= 0 || (kind == BF16_TILES && (hidden % 32 || intermediate % 32 || (num_heads * head_dim) % 32))) {
-        PyErr_SetString(PyExc_ValueError, "run_layers: sizes the product kernel cannot take");
-        return NULL;
-    }
-    const int64_t *table = PTR(const int64_t *, layers), *token_ids = PTR(const int64_t *, ids);
-    const int64_t *token_positions = PTR(const int64_t *, positions);
-    for (Py_ssize_t t = 0; t < tokens; t++) /* an id or position past its table would read past it */
-        if (token_ids[t] < 0 || token_ids[t] >= vocab || token_positions[t] < 0 || token_positions[t] >= table_rows) {
-            PyErr_SetString(PyExc_ValueError, "run_layers: a token id or position outside its table");
-            return NULL;
-        }
+    int kind, kv_kind;
+} Model;
+
+/* One pass over the layers: `tokens` single-token queries (ids, positions, their cache slots, each
+ * query's block table row of `max_blocks` and context length); `out` gets the final norm's rows. */
+typedef struct {
+    const int64_t *ids, *positions, *slots, *tables, *lens;
+    Py_ssize_t tokens, max_blocks;
+    float *out;
+    int num_threads, attention_threads, store_first;
+} Pass;
+
+enum { PASS_OK = 0, PASS_NO_MEMORY = -1, PASS_ATTENTION_REFUSED = -2, PASS_BAD_EXPERTS = -3 };
+
+/* The pass (no Python calls: runs with the GIL released); a PASS_ status. Ids and positions are the
+ * caller's to check. */
+static int forward(const Model *m, const Pass *p) {
+    const Py_ssize_t tokens = p->tokens, hidden = m->hidden, intermediate = m->intermediate;
+    const Py_ssize_t num_heads = m->num_heads, num_kv_heads = m->num_kv_heads, head_dim = m->head_dim;
+    const int kind = m->kind, num_threads = p->num_threads;
+    const Py_ssize_t few_rows_max = m->few_rows_max;
     const Py_ssize_t q_size = num_heads * head_dim, qkv_size = (num_heads + 2 * num_kv_heads) * head_dim;
-    /* the step's buffers in one block: x, h, qkv, attention output, gate|up, activation, cos, sin */
-    float *xs = malloc((size_t)(tokens * (2 * hidden + qkv_size + q_size + 3 * intermediate + 2 * head_dim)) *
-                       sizeof(float));
-    if (!xs) return PyErr_NoMemory();
-    float *hs = xs + tokens * hidden, *qkvs = hs + tokens * hidden, *attns = qkvs + tokens * qkv_size;
-    float *gate_ups = attns + tokens * q_size, *acts = gate_ups + tokens * 2 * intermediate;
-    float *cos = acts + tokens * intermediate, *sin = cos + tokens * head_dim;
-    for (Py_ssize_t t = 0; t < tokens; t++) { /* the embedding rows and the rotary rows, as the model's lookups */
-        memcpy(xs + t * hidden, PTR(const float *, embed) + token_ids[t] * hidden, (size_t)hidden * sizeof(float));
-        memcpy(cos + t * head_dim, PTR(const float *, cos_table) + token_positions[t] * head_dim,
-               (size_t)head_dim * sizeof(float));
-        memcpy(sin + t * head_dim, PTR(const float *, sin_table) + token_positions[t] * head_dim,
-               (size_t)head_dim * sizeof(float));
-    }
-    RopeDecodeStep step = {qkvs, cos, sin, PTR(const int64_t *, slots),
-                           PTR(const int64_t *, tables), PTR(const int64_t *, lens), NULL, NULL, NULL, NULL, attns,
-                           tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, 0, scale,
-                           softcap, attention_threads, kv_kind, store_first};
     /* scratch of the mixture-of-experts layers, for the most experts and choices any layer has */
     Py_ssize_t most_experts = 0, most_chosen = 0;
-    for (Py_ssize_t l = 0; l < num_layers; l++) {
-        const int64_t *f = table + l * LAYER_FIELDS;
+    for (Py_ssize_t l = 0; l < m->num_layers; l++) {
+        const int64_t *f = m->table + l * LAYER_FIELDS;
         if (f[GATE_UP_W]) continue;
-        if (!moe || f[NUM_EXPERTS] <= 0 || f[TOP_K] <= 0 || f[TOP_K] > f[NUM_EXPERTS]) {
-            PyErr_SetString(PyExc_ValueError, "run_layers: a mixture-of-experts layer this build or table cannot run");
-            free(xs);
-            return NULL;
-        }
+        if (!moe || f[NUM_EXPERTS] <= 0 || f[TOP_K] <= 0 || f[TOP_K] > f[NUM_EXPERTS]) return PASS_BAD_EXPERTS;
         most_experts = f[NUM_EXPERTS] > most_experts ? f[NUM_EXPERTS] : most_experts;
         most_chosen = f[TOP_K] > most_chosen ? f[TOP_K] : most_chosen;
     }
-    float *moe_logits = NULL, *moe_weights = NULL, *moe_out = NULL;
-    int64_t *moe_experts = NULL;
-    if (most_experts) {
-        moe_logits = malloc((size_t)(tokens * (most_experts + most_chosen + hidden)) * sizeof(float));
-        moe_experts = malloc((size_t)(tokens * most_chosen) * sizeof(int64_t));
-        if (!moe_logits || !moe_experts) {
-            free(moe_logits), free(moe_experts), free(xs);
-            return PyErr_NoMemory();
-        }
-        moe_weights = moe_logits + tokens * most_experts, moe_out = moe_weights + tokens * most_chosen;
+    /* the pass's buffers in one block: x, h, qkv, attention output, gate|up, activation, cos, sin, then the
+     * experts' logits, weights, output and choices */
+    const size_t floats = (size_t)(tokens * (2 * hidden + qkv_size + q_size + 3 * intermediate + 2 * head_dim +
+                                             most_experts + most_chosen + hidden));
+    float *xs = malloc(floats * sizeof(float) + (size_t)(tokens * most_chosen) * sizeof(int64_t));
+    if (!xs) return PASS_NO_MEMORY;
+    float *hs = xs + tokens * hidden, *qkvs = hs + tokens * hidden, *attns = qkvs + tokens * qkv_size;
+    float *gate_ups = attns + tokens * q_size, *acts = gate_ups + tokens * 2 * intermediate;
+    float *cos = acts + tokens * intermediate, *sin = cos + tokens * head_dim;
+    float *moe_logits = sin + tokens * head_dim, *moe_weights = moe_logits + tokens * most_experts;
+    float *moe_out = moe_weights + tokens * most_chosen;
+    int64_t *moe_experts = (int64_t *)(xs + floats);
+    for (Py_ssize_t t = 0; t < tokens; t++) { /* the embedding rows and the rotary rows, as the model's lookups */
+        memcpy(xs + t * hidden, m->embed + p->ids[t] * hidden, (size_t)hidden * sizeof(float));
+        memcpy(cos + t * head_dim, m->cos_table + p->positions[t] * head_dim, (size_t)head_dim * sizeof(float));
+        memcpy(sin + t * head_dim, m->sin_table + p->positions[t] * head_dim, (size_t)head_dim * sizeof(float));
     }
-    int status = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t l = 0; l < num_layers && status == 0; l++) {
-        const int64_t *f = table + l * LAYER_FIELDS;
-        norm->rms_norm(xs, PTR(const float *, f[INPUT_NORM]), hs, tokens, hidden, eps, norm_offset);
+    RopeDecodeStep step = {qkvs, cos, sin, p->slots, p->tables, p->lens, NULL, NULL, NULL, NULL, attns,
+                           tokens, num_heads, num_kv_heads, head_dim, m->block_size, m->num_blocks, p->max_blocks, 0,
+                           m->scale, m->softcap, p->attention_threads, m->kv_kind, p->store_first};
+    int status = PASS_OK;
+    for (Py_ssize_t l = 0; l < m->num_layers && status == PASS_OK; l++) {
+        const int64_t *f = m->table + l * LAYER_FIELDS;
+        norm->rms_norm(xs, PTR(const float *, f[INPUT_NORM]), hs, tokens, hidden, m->eps, m->norm_offset);
         if ((status = product(kind, few_rows_max, hs, f[QKV_W], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
         if (f[Q_NORM]) /* in place: the kernel reads a row's squares before it writes the row */
             for (Py_ssize_t t = 0; t < tokens; t++) {
                 float *q = qkvs + t * qkv_size;
-                norm->rms_norm(q, PTR(const float *, f[Q_NORM]), q, num_heads, head_dim, qk_eps, norm_offset);
-                norm->rms_norm(q + q_size, PTR(const float *, f[K_NORM]), q + q_size, num_kv_heads, head_dim, qk_eps,
-                               norm_offset);
+                norm->rms_norm(q, PTR(const float *, f[Q_NORM]), q, num_heads, head_dim, m->qk_eps, m->norm_offset);
+                norm->rms_norm(q + q_size, PTR(const float *, f[K_NORM]), q + q_size, num_kv_heads, head_dim,
+                               m->qk_eps, m->norm_offset);
             }
         step.k = PTR(void *, f[K_CACHE]), step.v = PTR(void *, f[V_CACHE]), step.window = (Py_ssize_t)f[WINDOW];
         step.k_scales = PTR(float *, f[K_SCALES]), step.v_scales = PTR(float *, f[V_SCALES]);
-        if ((status = attention->rope_decode_attention(&step))) break;
+        if (attention->rope_decode_attention(&step)) {
+            status = PASS_ATTENTION_REFUSED;
+            break;
+        }
         if ((status = product(kind, few_rows_max, attns, f[O_W], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
         add_into(xs, hs, tokens * hidden);
-        norm->rms_norm(xs, PTR(const float *, f[POST_NORM]), hs, tokens, hidden, eps, norm_offset);
+        norm->rms_norm(xs, PTR(const float *, f[POST_NORM]), hs, tokens, hidden, m->eps, m->norm_offset);
         if (!f[GATE_UP_W]) { /* mixture of experts, as SparseMoE.forward takes it */
             float scaling;
             const int32_t scaling_bits = (int32_t)f[SCALING];
             memcpy(&scaling, &scaling_bits, sizeof scaling);
             if ((status = product((int)f[ROUTER_KIND], (Py_ssize_t)f[ROUTER_SWITCH], hs, f[ROUTER_W], 0, moe_logits,
-                                  tokens, (Py_ssize_t)f[NUM_EXPERTS], hidden, num_threads)) ||
-                (status = moe->routed_softmax_top_k(PTR(const int64_t *, f[EXPERTS]), (int)f[EXPERT_KIND],
-                                                    (Py_ssize_t)f[EXPERT_SWITCH], hs, moe_logits, moe_experts,
-                                                    moe_weights, moe_out, tokens, hidden, (Py_ssize_t)f[EXPERT_WIDTH],
-                                                    (Py_ssize_t)f[NUM_EXPERTS], (Py_ssize_t)f[TOP_K],
-                                                    (int)f[NORMALIZE], scaling, num_threads)))
+                                  tokens, (Py_ssize_t)f[NUM_EXPERTS], hidden, num_threads)))
                 break;
+            if (moe->routed_softmax_top_k(PTR(const int64_t *, f[EXPERTS]), (int)f[EXPERT_KIND],
+                                          (Py_ssize_t)f[EXPERT_SWITCH], hs, moe_logits, moe_experts, moe_weights,
+                                          moe_out, tokens, hidden, (Py_ssize_t)f[EXPERT_WIDTH],
+                                          (Py_ssize_t)f[NUM_EXPERTS], (Py_ssize_t)f[TOP_K], (int)f[NORMALIZE],
+                                          scaling, num_threads)) {
+                status = PASS_NO_MEMORY;
+                break;
+            }
             add_into(xs, moe_out, tokens * hidden);
             continue;
         }
-        if (kind == BF16_TILES && tokens > few_rows_max && !f[GATE_UP_B] && tiles->swiglu && intermediate % 32 == 0) {
+        if (kind == BF16_TILES && tokens > few_rows_max && !f[GATE_UP_B] && tiles->swiglu && intermediate % 32 == 0 &&
+            hidden % 32 == 0) {
             /* the MLP in one AMX call, as GatedMLP takes it (layers/bf16_linear.py: swiglu_tiles) */
             if ((status = tiles->swiglu(hs, PTR(const uint16_t *, f[GATE_UP_W]), PTR(const uint16_t *, f[DOWN_W]),
                                         PTR(const float *, f[DOWN_B]), hs, tokens, intermediate, hidden, num_threads)))
@@ -213,16 +204,177 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
         }
         add_into(xs, hs, tokens * hidden);
     }
-    if (status == 0) /* the model's final norm, as CausalLM.forward applies it */
-        norm->rms_norm(xs, PTR(const float *, final_norm), PTR(float *, out), tokens, hidden, final_eps, norm_offset);
-    Py_END_ALLOW_THREADS
-    free(moe_logits), free(moe_experts), free(xs);
-    if (status == -1) return PyErr_NoMemory();
-    if (status) {
-        PyErr_SetString(PyExc_ValueError, "run_layers: the attention kernel refused the step's sizes");
+    if (status == PASS_OK) /* the model's final norm, as CausalLM.forward applies it */
+        norm->rms_norm(xs, m->final_norm, p->out, tokens, hidden, m->final_eps, m->norm_offset);
+    free(xs);
+    return status;
+}
+
+/* Sets the Python error of a failed pass; NULL. */
+static PyObject *pass_error(int status) {
+    if (status == PASS_NO_MEMORY) return PyErr_NoMemory();
+    PyErr_SetString(PyExc_ValueError, status == PASS_BAD_EXPERTS
+                                          ? "run_layers: a mixture-of-experts layer this build or table cannot run"
+                                          : "run_layers: the attention kernel refused the step's sizes");
+    return NULL;
+}
+
+static void free_model(PyObject *capsule) { free(PyCapsule_GetPointer(capsule, "selfhost.decode_layers.model")); }
+
+static PyObject *model(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long layers, embed, cos_table, sin_table, final_norm;
+    Model m;
+    if (!PyArg_ParseTuple(args, "KninKnKKnKnnnnnnnffffffi", &layers, &m.num_layers, &m.kind, &m.few_rows_max, &embed,
+                          &m.vocab, &cos_table, &sin_table, &m.table_rows, &final_norm, &m.hidden, &m.intermediate,
+                          &m.num_heads, &m.num_kv_heads, &m.head_dim, &m.block_size, &m.num_blocks, &m.eps, &m.qk_eps,
+                          &m.final_eps, &m.norm_offset, &m.scale, &m.softcap, &m.kv_kind))
+        return NULL;
+    if (m.kind < 0 || m.kind >= KINDS || !kind_available(m.kind)) {
+        PyErr_SetString(PyExc_ValueError, "run_layers: this product kind's kernels are not built for this CPU");
         return NULL;
     }
-    Py_RETURN_NONE;
+    if (m.num_layers < 0 || m.hidden <= 0 || m.intermediate <= 0 || m.num_heads <= 0 || m.num_kv_heads <= 0 ||
+        m.head_dim <= 0 || m.vocab <= 0 || m.table_rows <= 0 || m.block_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "run_layers: sizes the product kernel cannot take");
+        return NULL;
+    }
+    m.table = PTR(const int64_t *, layers), m.embed = PTR(const float *, embed);
+    m.cos_table = PTR(const float *, cos_table), m.sin_table = PTR(const float *, sin_table);
+    m.final_norm = PTR(const float *, final_norm);
+    Model *kept = malloc(sizeof m);
+    if (!kept) return PyErr_NoMemory();
+    *kept = m;
+    PyObject *capsule = PyCapsule_New(kept, "selfhost.decode_layers.model", free_model);
+    if (!capsule) free(kept);
+    return capsule;
+}
+
+static const Model *model_of(PyObject *capsule) {
+    return PyCapsule_GetPointer(capsule, "selfhost.decode_layers.model");
+}
+
+/* Whether every id is a row of the embedding and every position one of the rotary table (one past
+ * either would read past it); sets the error if not. */
+static int ids_and_positions_valid(const Model *m, const int64_t *ids, const int64_t *positions, Py_ssize_t n) {
+    for (Py_ssize_t t = 0; t < n; t++)
+        if (ids[t] < 0 || ids[t] >= m->vocab || positions[t] < 0 || positions[t] >= m->table_rows) {
+            PyErr_SetString(PyExc_ValueError, "run_layers: a token id or position outside its table");
+            return 0;
+        }
+    return 1;
+}
+
+static PyObject *run_layers(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule;
+    unsigned long long ids, positions, out, slots, tables, lens;
+    Pass p;
+    if (!PyArg_ParseTuple(args, "OKKKKKKnniip", &capsule, &ids, &positions, &out, &slots, &tables, &lens, &p.tokens,
+                          &p.max_blocks, &p.num_threads, &p.attention_threads, &p.store_first))
+        return NULL;
+    const Model *m = model_of(capsule);
+    if (!m) return NULL;
+    if (p.tokens <= 0) {
+        PyErr_SetString(PyExc_ValueError, "run_layers: a step of no tokens");
+        return NULL;
+    }
+    p.ids = PTR(const int64_t *, ids), p.positions = PTR(const int64_t *, positions);
+    p.slots = PTR(const int64_t *, slots), p.tables = PTR(const int64_t *, tables), p.lens = PTR(const int64_t *, lens);
+    p.out = PTR(float *, out);
+    if (!ids_and_positions_valid(m, p.ids, p.positions, p.tokens)) return NULL;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = forward(m, &p);
+    Py_END_ALLOW_THREADS
+    return status ? pass_error(status) : (Py_INCREF(Py_None), Py_None);
+}
+
+/* The first largest of n values (a proposal: any tie-break would do, this one is numpy's). */
+static int64_t first_argmax(const float *row, Py_ssize_t n) {
+    Py_ssize_t best = 0;
+    for (Py_ssize_t i = 1; i < n; i++)
+        if (row[i] > row[best]) best = i;
+    return best;
+}
+
+/* A draft model's greedy proposals for n sequences in one call: each pass's rows through the layers,
+ * the head, the argmax, and the argmax fed to the next pass (see speculative/draft.py). */
+static PyObject *greedy_passes(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *capsule;
+    unsigned long long head_w, head_b, ids0, positions0, slots0, tables0, lens0, last_rows, tokens_io, starts, tables,
+        wanted_at;
+    Py_ssize_t head_switch, head_rows, rows0, max_blocks0, n, max_blocks;
+    int head_kind, store_first0, num_threads, attention_threads;
+    if (!PyArg_ParseTuple(args, "OKKinnKKKKKnnpKKKKnnKii", &capsule, &head_w, &head_b, &head_kind, &head_switch,
+                          &head_rows, &ids0, &positions0, &slots0, &tables0, &lens0, &rows0, &max_blocks0,
+                          &store_first0, &last_rows, &tokens_io, &starts, &tables, &n, &max_blocks, &wanted_at,
+                          &num_threads, &attention_threads))
+        return NULL;
+    const Model *m = model_of(capsule);
+    if (!m) return NULL;
+    const int64_t *wanted = PTR(const int64_t *, wanted_at), *start = PTR(const int64_t *, starts);
+    const int64_t *last = PTR(const int64_t *, last_rows);
+    int64_t *tokens = PTR(int64_t *, tokens_io);
+    if (head_kind < 0 || head_kind >= KINDS || !kind_available(head_kind) || head_rows <= 0 || head_rows > m->vocab ||
+        n <= 0 || rows0 < 0) {
+        PyErr_SetString(PyExc_ValueError, "greedy_passes: a head or sizes the kernels cannot take");
+        return NULL;
+    }
+    const Py_ssize_t passes = wanted[0];
+    for (Py_ssize_t i = 0; i < n; i++) { /* longest first: pass j's rows are the first ones */
+        const int64_t last_position = start[i] + wanted[i] - 2; /* the last fed proposal's */
+        if (wanted[i] < 1 || wanted[i] > passes || (i && wanted[i] > wanted[i - 1]) ||
+            (wanted[i] > 1 && (start[i] < 0 || last_position >= m->table_rows ||
+                               last_position >= max_blocks * m->block_size)) ||
+            (rows0 && (last[i] < 0 || last[i] >= rows0)) || (!rows0 && (tokens[i * passes] < 0 ||
+                                                                         tokens[i * passes] >= m->vocab))) {
+            PyErr_SetString(PyExc_ValueError, "greedy_passes: proposal lengths, positions or rows out of range");
+            return NULL;
+        }
+    }
+    if (rows0 && !ids_and_positions_valid(m, PTR(const int64_t *, ids0), PTR(const int64_t *, positions0), rows0))
+        return NULL;
+    const Py_ssize_t hidden = m->hidden, rows = rows0 > n ? rows0 : n;
+    /* final norm rows, the rows the head reads, logits; then ids, positions, slots and lengths of a later pass */
+    float *states = malloc((size_t)(rows * hidden + n * hidden + n * head_rows) * sizeof(float) +
+                           (size_t)(4 * n) * sizeof(int64_t));
+    if (!states) return PyErr_NoMemory();
+    float *heads = states + rows * hidden, *logits = heads + n * hidden;
+    int64_t *ids = (int64_t *)(logits + n * head_rows), *positions = ids + n, *slots = positions + n, *lens = slots + n;
+    const int64_t *table = PTR(const int64_t *, tables);
+    int status = PASS_OK;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t pass = rows0 ? 0 : 1; pass < passes && status == PASS_OK; pass++) {
+        Py_ssize_t active = 0; /* sequences that want this pass's proposal */
+        while (active < n && wanted[active] > pass) active++;
+        const float *head_in = states;
+        if (pass == 0) { /* catching up: each sequence's own tokens, its last row proposes */
+            Pass first = {PTR(const int64_t *, ids0), PTR(const int64_t *, positions0), PTR(const int64_t *, slots0),
+                          PTR(const int64_t *, tables0), PTR(const int64_t *, lens0), rows0, max_blocks0, states,
+                          num_threads, attention_threads, store_first0};
+            if ((status = forward(m, &first))) break;
+            for (Py_ssize_t i = 0; i < active; i++)
+                memcpy(heads + i * hidden, states + last[i] * hidden, (size_t)hidden * sizeof(float));
+            head_in = heads;
+        } else { /* the token the pass before proposed, one position on */
+            for (Py_ssize_t i = 0; i < active; i++) {
+                const int64_t position = start[i] + pass - 1;
+                ids[i] = tokens[i * passes + pass - 1], positions[i] = position, lens[i] = position + 1;
+                slots[i] = table[i * max_blocks + position / m->block_size] * m->block_size + position % m->block_size;
+            }
+            Pass next = {ids, positions, slots, table, lens, active, max_blocks, states, num_threads, attention_threads, 0};
+            if ((status = forward(m, &next))) break;
+        }
+        if ((status = product(head_kind, head_switch, head_in, head_w, head_b, logits, active, head_rows, hidden,
+                              num_threads)))
+            break;
+        for (Py_ssize_t i = 0; i < active; i++) tokens[i * passes + pass] = first_argmax(logits + i * head_rows, head_rows);
+    }
+    Py_END_ALLOW_THREADS
+    free(states);
+    return status ? pass_error(status) : (Py_INCREF(Py_None), Py_None);
 }
 
 static PyObject *available(PyObject *self, PyObject *args) {
@@ -241,7 +393,9 @@ static PyMethodDef methods[] = {
     {"available", available, METH_VARARGS,
      "available(kind=0): True when every kernel the runner calls for products of `kind` is built for this CPU."},
     {"layer_fields", layer_fields, METH_NOARGS, "int64 values per layer in the runner's layer table."},
+    {"model", model, METH_VARARGS, "The model's layer table and sizes, kept for its steps (a capsule)."},
     {"run_layers", run_layers, METH_VARARGS, "A decode step's decoder layers in one call (see the module's source)."},
+    {"greedy_passes", greedy_passes, METH_VARARGS, "A draft model's greedy proposals in one call (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -56,9 +56,7 @@ def runner_available(kind: str = "bf16_tiles") -> bool:
 def _product_kind(module) -> tuple[str, int] | None:
     """(kind, few-row switch) of the kernels `module.forward` calls, or None for a module the runner lacks."""
     if type(module) is Bf16Linear and module.few_rows_max > 0:
-        if module.layout == "tiles":
-            return ("bf16_tiles", module.few_rows_max) if module.in_features % 32 == 0 else None
-        return "bf16_rows", module.few_rows_max
+        return ("bf16_tiles" if module.layout == "tiles" else "bf16_rows"), module.few_rows_max
     if type(module) is linear.Linear and linear.USE_GEMM and module.weight.is_contiguous():
         return "fp32", module.blas_from_rows - 1  # the AVX-512 product up to torch's rows (fp32_products.py)
     return None
@@ -140,8 +138,6 @@ class DecodeLayers:
             table += ([0 if t is None else t.data_ptr() for t in row] + [attn.sliding_window or 0]
                       + [0 if t is None else t.data_ptr() for t in qk_norms] + _moe_fields(mlp))
             assert len(table) == (i + 1) * fields
-        # The table holds addresses: keep every tensor it names alive as long as it is used.
-        self._keep = (layers, cache)
         self.num_layers = len(layers)
         self.table = torch.tensor(table, dtype=torch.int64)
         attn = layers[0].self_attn
@@ -151,13 +147,19 @@ class DecodeLayers:
         # the dense MLPs' width (the runner's gate|up scratch); a model of experts only has none
         self.hidden, self.intermediate = spec.hidden_size, dense[0].down_proj.in_features if dense else 32
         norm = layers[0].input_layernorm
-        self.eps, self.norm_offset = norm.eps, norm.weight_offset
-        self.qk_eps = attn.q_norm.eps if attn.q_norm is not None else 0.0
-        # what the model does around its layers: the embedding, the rotary tables, the final norm
-        self.embed, self.final_norm = model.model.embed_tokens.weight, model.model.norm.weight
-        self.final_eps = model.model.norm.eps
         rotary = model.rotaries[0]
-        self.cos, self.sin = rotary.cos, rotary.signed_sin
+        embed = model.model.embed_tokens.weight
+        self.embed_rows, self.rotary_rows = embed.shape[0], rotary.cos.shape[0]
+        # What every step passes but never changes, parsed and checked once: a C struct behind a capsule.
+        self.c_model = _decode_layers_cpu.model(
+            self.table.data_ptr(), self.num_layers, PRODUCT_KINDS[kind], switch, embed.data_ptr(), embed.shape[0],
+            rotary.cos.data_ptr(), rotary.signed_sin.data_ptr(), rotary.cos.shape[0], model.model.norm.weight.data_ptr(),
+            self.hidden, self.intermediate, self.num_heads, self.num_kv_heads, self.head_dim, cache.block_size,
+            cache.num_blocks, norm.eps, attn.q_norm.eps if attn.q_norm is not None else 0.0, model.model.norm.eps,
+            norm.weight_offset, self.scale, self.softcap or 0.0, cache.kv_kind,
+        )  # fmt: skip
+        # The table and the struct hold addresses: keep every tensor they name alive as long as they are used.
+        self._keep = (layers, cache, embed, rotary.cos, rotary.signed_sin, model.model.norm.weight)
 
     @classmethod
     def for_model(cls, model, cache) -> DecodeLayers | None:
@@ -188,15 +190,46 @@ class DecodeLayers:
                 or torch.is_grad_enabled()):
             return None
         out = torch.empty(tokens, self.hidden)
-        tables, cache = meta.single_block_tables, self.cache
-        num_blocks, block_size = cache.num_blocks, cache.block_size
+        tables = meta.single_block_tables
         _decode_layers_cpu.run_layers(
-            self.table.data_ptr(), self.num_layers, PRODUCT_KINDS[self.kind], self.switch,
-            input_ids.data_ptr(), positions.data_ptr(), self.embed.data_ptr(), self.embed.shape[0],
-            self.cos.data_ptr(), self.sin.data_ptr(), self.cos.shape[0], self.final_norm.data_ptr(), out.data_ptr(),
-            meta.slot_mapping.data_ptr(), tables.data_ptr(), meta.single_context_lens.data_ptr(), tokens,
-            self.hidden, self.intermediate, self.num_heads, self.num_kv_heads, self.head_dim, block_size, num_blocks,
-            tables.shape[1], self.eps, self.qk_eps, self.final_eps, self.norm_offset, self.scale, self.softcap or 0.0,
-            num_threads, meta.num_threads, cache.kv_kind, meta.store_first,
+            self.c_model, input_ids.data_ptr(), positions.data_ptr(), out.data_ptr(), meta.slot_mapping.data_ptr(),
+            tables.data_ptr(), meta.single_context_lens.data_ptr(), tokens, tables.shape[1], num_threads,
+            meta.num_threads, meta.store_first,
         )  # fmt: skip
         return out
+
+    def head_kind(self, head) -> tuple[str, int] | None:
+        """(kind, switch) of an output head `greedy_passes` can call: one of the runner's product kinds whose
+        rows are embedding rows (its argmax feeds the next pass); else None."""
+        kind = _product_kind(head)
+        if kind is None or not runner_available(kind[0]) or head.out_features > self.embed_rows:
+            return None
+        return kind
+
+    def greedy_passes(self, head, head_kind: tuple[str, int], first: tuple | None, last_rows: torch.Tensor,
+                      tokens: torch.Tensor, starts: torch.Tensor, tables: torch.Tensor, wanted: torch.Tensor,
+                      num_threads: int) -> None:
+        """A draft model's greedy proposals for n sequences in one call, into `tokens` (n, passes): pass 0
+        runs `first` (input_ids, positions, metadata of the sequences' own tokens as single queries; row
+        `last_rows[i]` proposes sequence i's first token) or, where `first` is None, takes `tokens[:, 0]` as
+        given; pass j > 0 feeds proposal j at position `starts[i] + j - 1` through block table row
+        `tables[i]`. `wanted` (n,): each sequence's proposal count, largest first. The head's product is
+        the kernel its module calls within its few-row range (beyond it, the same kernel on more rows: a
+        proposal's bits need not be the module's, verification decides)."""
+        kind, switch = head_kind
+        if first is None:
+            ids0 = positions0 = slots0 = tables0 = lens0 = 0
+            rows0 = max_blocks0 = 0
+            store_first = False
+        else:
+            input_ids, positions, meta = first
+            ids0, positions0, slots0 = input_ids.data_ptr(), positions.data_ptr(), meta.slot_mapping.data_ptr()
+            tables0, lens0 = meta.single_block_tables.data_ptr(), meta.single_context_lens.data_ptr()
+            rows0, max_blocks0, store_first = input_ids.shape[0], meta.single_block_tables.shape[1], meta.store_first
+        bias = head.bias
+        _decode_layers_cpu.greedy_passes(
+            self.c_model, head.weight.data_ptr(), 0 if bias is None else bias.data_ptr(), PRODUCT_KINDS[kind], switch,
+            head.out_features, ids0, positions0, slots0, tables0, lens0, rows0, max_blocks0, store_first,
+            last_rows.data_ptr(), tokens.data_ptr(), starts.data_ptr(), tables.data_ptr(), tokens.shape[0],
+            tables.shape[1], wanted.data_ptr(), num_threads, num_threads,
+        )  # fmt: skip

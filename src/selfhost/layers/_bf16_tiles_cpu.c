@@ -459,7 +459,7 @@ static int swiglu_product(const float *x, const uint16_t *gate_up, const uint16_
     return 0;
 }
 
-static Bf16TileKernels kernels = {SELFHOST_KERNELS_VERSION, few_rows_product, NULL, NULL};
+static Bf16TileKernels kernels = {SELFHOST_KERNELS_VERSION, widened_product, NULL, NULL};
 
 #endif /* SELFHOST_AMX */
 

@@ -82,8 +82,7 @@ static int product(int kind, Py_ssize_t few_rows_max, const float *x, int64_t w,
                    Py_ssize_t N, Py_ssize_t K, int num_threads) {
     if (kind == BF16_TILES) {
         if (M > few_rows_max) return tiles->linear(x, PTR(const uint16_t *, w), NULL, y, M, N, K, num_threads);
-        tiles->linear_few_rows(x, PTR(const uint16_t *, w), NULL, y, M, N, K, num_threads);
-        return 0;
+        return tiles->linear_few_rows(x, PTR(const uint16_t *, w), NULL, y, M, N, K, num_threads);
     }
     gemm->gemm(x, PTR(const float *, w), y, M, N, K, num_threads);
     return 0;

@@ -187,9 +187,11 @@ def load_model(
             place_weights_in_arena(model, keep_values=True)
     model.weight_precision = None
     if bf16_weights == "auto":
+        from selfhost.layers.linear import Linear
         from selfhost.models.weight_precision import choose_weight_dtype
 
-        model.weight_precision = choose_weight_dtype(spec.hidden_size, spec.intermediate_size)
+        streamed = sum(4 * m.weight.numel() for m in model.modules() if type(m) is Linear)
+        model.weight_precision = choose_weight_dtype(spec.hidden_size, spec.intermediate_size, streamed_bytes=streamed)
         log.info("%s", model.weight_precision.describe())
         bf16_weights = model.weight_precision.weight_dtype == "bfloat16"
     if bf16_weights:
