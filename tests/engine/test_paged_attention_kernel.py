@@ -449,3 +449,54 @@ def test_fused_prompt_step_equals_rotary_then_attend(kv_dtype, num_heads, num_kv
     # and the attention is the same kernels' over the same cache and queries.
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
     assert torch.equal(outs[0], outs[1])
+
+
+def verification_step(num_heads, num_kv_heads, head_dim, block_size, queries, kv_dtype, seed):
+    """A step of a decode query, a verification (`queries` consecutive positions of one sequence, one more
+    key each, the sequence's table for all), and another decode query; keys and values random."""
+    lens = [23, 40, 70]  # keys already in the cache (the verification's: up to its first query's)
+    cache, tables, gen = random_cache(num_kv_heads, head_dim, block_size,
+                                      [lens[0], lens[1] + queries + block_size, lens[2]], seed, kv_dtype)
+    rows = [(0, lens[0])] + [(1, lens[1] + i) for i in range(queries)] + [(2, lens[2])]
+    width = max(len(t) for t in tables)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    step = dict(slots=[tables[s][(n - 1) // block_size] * block_size + (n - 1) % block_size for s, n in rows],
+                tables=[padded[s] for s, _ in rows], lens=[n for _, n in rows])
+    heads = torch.randn(len(rows), num_heads + 2 * num_kv_heads, head_dim, generator=gen)
+    cos = torch.randn(len(rows), 1, head_dim, generator=gen)
+    sin = torch.randn(len(rows), 1, head_dim, generator=gen)
+    return cache, step, heads, cos, sin
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window,softcap,queries",
+                         [(9, 3, 64, None, None, 5), (4, 4, 32, None, 30.0, 9), (8, 2, 64, 60, None, 7),
+                          (4, 2, 32, None, None, 20)])
+@pytest.mark.parametrize("threads", [1, 2])
+@needs_kernel
+def test_a_verification_attends_as_its_queries_one_by_one(kv_dtype, num_heads, num_kv_heads, head_dim, window, softcap,
+                                                          queries, threads):
+    """A verification's queries (store_first) are read as one group over the keys (AVX-512, fp32 or bf16
+    cache, no window cut; groups of at most 16): the same outputs, bit for bit, as each query in a step
+    of its own after the ones before it, over any cache."""
+    if kv_dtype != torch.float32 and not paged_cache.narrow_cache_kernels_available(kv_dtype):
+        pytest.skip("this CPU has no kernels for a narrow cache")
+    block_size, scale = 16, head_dim**-0.5
+    outs, caches = [], []
+    for together in (True, False):
+        cache, step, heads, cos, sin = verification_step(num_heads, num_kv_heads, head_dim, block_size, queries,
+                                                         kv_dtype, seed=5)
+        singles = [range(len(step["lens"]))] if together else [[r] for r in range(len(step["lens"]))]
+        out = []
+        for rows in singles:
+            rows = list(rows)
+            cache.meta = StepMetadata(
+                slot_mapping=torch.tensor([step["slots"][r] for r in rows]), num_single=len(rows),
+                single_block_tables=torch.tensor([step["tables"][r] for r in rows]),
+                single_context_lens=torch.tensor([step["lens"][r] for r in rows]), chunks=[],
+                num_threads=threads, store_first=together)
+            out.append(cache.rope_attend(1, heads[rows], cos[rows], sin[rows], num_heads, scale, window, softcap))
+        outs.append(torch.cat(out))
+        caches.append(cache)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert torch.equal(outs[0], outs[1])

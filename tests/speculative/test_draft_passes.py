@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,21 +54,33 @@ def test_fused_passes_propose_and_cache_what_the_pass_by_pass_path_does(target, 
     assert torch.equal(cache[0], cache_ref[0]) and torch.equal(cache[1], cache_ref[1])
 
 
+def call(runner, head, head_kind, lengths, wanted, froms, tables, proposals, catch_up, passes=3):
+    """greedy_passes on a buffer laid out as the C call reads it; the buffer back."""
+    n, width = len(lengths), len(tables[0])
+    fields = np.array([*lengths, *wanted, *froms, *[b for row in tables for b in row], *proposals, *catch_up],
+                      dtype=np.int64)
+    runner.greedy_passes(head, head_kind, fields.ctypes.data, n, passes, width, len(catch_up), 1)
+    return fields
+
+
 @needs_runner
-def test_fused_passes_refuse_lengths_or_positions_out_of_range(target):
+def test_fused_passes_refuse_lengths_positions_blocks_or_ids_out_of_range(target):
     llm = LLM(target, speculative=f"draft:{target}", kv_cache_memory="4MiB")
     proposer = llm.engine.speculator.draft
     runner, head_kind = proposer._fused_runner()
-    head = proposer.model.lm_head
-    tokens = torch.zeros(2, 3, dtype=torch.int64)
-    tables = torch.zeros(2, 1, dtype=torch.int64)
-    starts = torch.tensor([4, 4])
-    last = torch.zeros(2, dtype=torch.int64)
-    for wanted, at, why in (([1, 3], starts, "longest first"), ([3, 0], starts, "at least one"),
-                            ([3, 3], torch.tensor([runner.rotary_rows, 4]), "past the rotary table"),
-                            ([3, 3], torch.tensor([proposer.blocks.block_size, 4]), "past the block table")):
-        with pytest.raises(ValueError, match="out of range"):
-            runner.greedy_passes(head, head_kind, None, last, tokens, at, tables, torch.tensor(wanted), 1)
-    tokens[0, 0] = llm.model.spec.vocab_size  # a given first proposal that is no token
-    with pytest.raises(ValueError, match="out of range"):
-        runner.greedy_passes(head, head_kind, None, last, tokens, starts, tables, torch.tensor([3, 3]), 1)
+    head, vocab, bs = proposer.model.lm_head, llm.model.spec.vocab_size, proposer.blocks.block_size
+    given = [5, 0, 0, 6, 0, 0]  # first proposals given (no catch-up rows)
+    fine = dict(lengths=[4, 4], wanted=[3, 3], froms=[3, 3], tables=[[0], [1]], proposals=given, catch_up=[])
+    assert call(runner, head, head_kind, **fine)[-6:].tolist() != given  # in range: passes 1 and 2 ran
+    for change, message in (
+        (dict(wanted=[1, 3]), "out of range"),  # not largest first
+        (dict(wanted=[3, 0]), "out of range"),  # a sequence that wants nothing
+        (dict(lengths=[runner.rotary_rows, 4], tables=[[0] * 64, [1] * 64]), "out of range"),  # past the rotary table
+        (dict(lengths=[bs, 4]), "out of range"),  # past the block table's width
+        (dict(tables=[[proposer.cache.num_blocks], [1]]), "names no block"),
+        (dict(proposals=[vocab, 0, 0, 6, 0, 0]), "out of range"),  # a given first proposal that is no token
+        (dict(froms=[2, 3], catch_up=[7, vocab, 8]), "outside the embedding"),
+        (dict(froms=[2, 3], catch_up=[7, 8]), "do not add up"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call(runner, head, head_kind, **{**fine, **change})

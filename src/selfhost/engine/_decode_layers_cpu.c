@@ -298,73 +298,102 @@ static int64_t first_argmax(const float *row, Py_ssize_t n) {
     return best;
 }
 
-/* A draft model's greedy proposals for n sequences in one call: each pass's rows through the layers,
- * the head, the argmax, and the argmax fed to the next pass (see speculative/draft.py). */
+/* A draft model's greedy proposals for n sequences in one call (speculative/draft.py): each pass's rows
+ * through the layers, the head, the argmax, and the argmax fed to the next pass.
+ *
+ * `buffer` (int64, written by the caller; see DraftPasses in decode_layers.py): per sequence its length
+ * (where its first proposal goes), how many proposals it wants (largest first: pass j's rows are the
+ * first ones), and the first position it has no KV for; then its block table rows (n x width); then the
+ * proposals (n x passes, written here; column 0 given where rows0 is 0); then the ids of the positions
+ * the first pass catches up on, sequence after sequence (rows0 of them). Pass 0 runs those as single
+ * queries, every key stored before any query attends (store_first), and each sequence's last row
+ * proposes; pass j > 0 feeds proposal j at the sequence's length + j - 1. */
 static PyObject *greedy_passes(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *capsule;
-    unsigned long long head_w, head_b, ids0, positions0, slots0, tables0, lens0, last_rows, tokens_io, starts, tables,
-        wanted_at;
-    Py_ssize_t head_switch, head_rows, rows0, max_blocks0, n, max_blocks;
-    int head_kind, store_first0, num_threads, attention_threads;
-    if (!PyArg_ParseTuple(args, "OKKinnKKKKKnnpKKKKnnKii", &capsule, &head_w, &head_b, &head_kind, &head_switch,
-                          &head_rows, &ids0, &positions0, &slots0, &tables0, &lens0, &rows0, &max_blocks0,
-                          &store_first0, &last_rows, &tokens_io, &starts, &tables, &n, &max_blocks, &wanted_at,
-                          &num_threads, &attention_threads))
+    unsigned long long head_w, head_b, buffer;
+    Py_ssize_t head_switch, head_rows, n, passes, width, rows0;
+    int head_kind, num_threads, attention_threads;
+    if (!PyArg_ParseTuple(args, "OKKinnKnnnnii", &capsule, &head_w, &head_b, &head_kind, &head_switch, &head_rows,
+                          &buffer, &n, &passes, &width, &rows0, &num_threads, &attention_threads))
         return NULL;
     const Model *m = model_of(capsule);
     if (!m) return NULL;
-    const int64_t *wanted = PTR(const int64_t *, wanted_at), *start = PTR(const int64_t *, starts);
-    const int64_t *last = PTR(const int64_t *, last_rows);
-    int64_t *tokens = PTR(int64_t *, tokens_io);
     if (head_kind < 0 || head_kind >= KINDS || !kind_available(head_kind) || head_rows <= 0 || head_rows > m->vocab ||
-        n <= 0 || rows0 < 0) {
+        n <= 0 || passes <= 0 || width <= 0 || rows0 < 0) {
         PyErr_SetString(PyExc_ValueError, "greedy_passes: a head or sizes the kernels cannot take");
         return NULL;
     }
-    const Py_ssize_t passes = wanted[0];
-    for (Py_ssize_t i = 0; i < n; i++) { /* longest first: pass j's rows are the first ones */
-        const int64_t last_position = start[i] + wanted[i] - 2; /* the last fed proposal's */
-        if (wanted[i] < 1 || wanted[i] > passes || (i && wanted[i] > wanted[i - 1]) ||
-            (wanted[i] > 1 && (start[i] < 0 || last_position >= m->table_rows ||
-                               last_position >= max_blocks * m->block_size)) ||
-            (rows0 && (last[i] < 0 || last[i] >= rows0)) || (!rows0 && (tokens[i * passes] < 0 ||
-                                                                         tokens[i * passes] >= m->vocab))) {
+    int64_t *fields = PTR(int64_t *, buffer);
+    const int64_t *length = fields, *wanted = fields + n, *from = fields + 2 * n, *table = fields + 3 * n;
+    int64_t *tokens = fields + 3 * n + n * width;
+    const int64_t *catch_up = tokens + n * passes;
+    const Py_ssize_t bs = m->block_size;
+    Py_ssize_t rows = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const int64_t first = rows0 ? from[i] : length[i] - 1; /* the first position a pass writes */
+        const int64_t last = length[i] + wanted[i] - 2;         /* ... and the last: the last fed proposal's */
+        rows += rows0 ? length[i] - from[i] : 0;
+        if (wanted[i] < 1 || wanted[0] != passes || (i && wanted[i] > wanted[i - 1]) || first < 0 ||
+            first > length[i] - 1 || last >= m->table_rows || last >= width * bs ||
+            (!rows0 && (tokens[i * passes] < 0 || tokens[i * passes] >= m->vocab))) {
             PyErr_SetString(PyExc_ValueError, "greedy_passes: proposal lengths, positions or rows out of range");
             return NULL;
         }
+        for (int64_t b = first / bs; b <= last / bs; b++)
+            if (table[i * width + b] < 0 || table[i * width + b] >= m->num_blocks) {
+                PyErr_SetString(PyExc_ValueError, "greedy_passes: a block table names no block of the cache");
+                return NULL;
+            }
     }
-    if (rows0 && !ids_and_positions_valid(m, PTR(const int64_t *, ids0), PTR(const int64_t *, positions0), rows0))
+    if (rows != rows0) {
+        PyErr_SetString(PyExc_ValueError, "greedy_passes: the catch-up rows do not add up");
         return NULL;
-    const Py_ssize_t hidden = m->hidden, rows = rows0 > n ? rows0 : n;
-    /* final norm rows, the rows the head reads, logits; then ids, positions, slots and lengths of a later pass */
-    float *states = malloc((size_t)(rows * hidden + n * hidden + n * head_rows) * sizeof(float) +
-                           (size_t)(4 * n) * sizeof(int64_t));
+    }
+    for (Py_ssize_t r = 0; r < rows0; r++)
+        if (catch_up[r] < 0 || catch_up[r] >= m->vocab) {
+            PyErr_SetString(PyExc_ValueError, "greedy_passes: a token id outside the embedding");
+            return NULL;
+        }
+    const Py_ssize_t hidden = m->hidden, most = rows0 > n ? rows0 : n;
+    /* final norm rows, the rows the head reads, logits; then a pass's positions, slots, lengths, the rows of the
+     * sequence each row's table is (pass 0), their tables, and each sequence's last row */
+    float *states = malloc((size_t)(most * hidden + n * hidden + n * head_rows) * sizeof(float) +
+                           (size_t)(3 * most + most * width + n) * sizeof(int64_t));
     if (!states) return PyErr_NoMemory();
-    float *heads = states + rows * hidden, *logits = heads + n * hidden;
-    int64_t *ids = (int64_t *)(logits + n * head_rows), *positions = ids + n, *slots = positions + n, *lens = slots + n;
-    const int64_t *table = PTR(const int64_t *, tables);
+    float *heads = states + most * hidden, *logits = heads + n * hidden;
+    int64_t *positions = (int64_t *)(logits + n * head_rows), *slots = positions + most, *lens = slots + most;
+    int64_t *tables = lens + most, *last_row = tables + most * width;
     int status = PASS_OK;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t pass = rows0 ? 0 : 1; pass < passes && status == PASS_OK; pass++) {
         Py_ssize_t active = 0; /* sequences that want this pass's proposal */
         while (active < n && wanted[active] > pass) active++;
         const float *head_in = states;
-        if (pass == 0) { /* catching up: each sequence's own tokens, its last row proposes */
-            Pass first = {PTR(const int64_t *, ids0), PTR(const int64_t *, positions0), PTR(const int64_t *, slots0),
-                          PTR(const int64_t *, tables0), PTR(const int64_t *, lens0), rows0, max_blocks0, states,
-                          num_threads, attention_threads, store_first0};
+        if (pass == 0) { /* catching up: each sequence's own tokens as single queries, its last row proposes */
+            Py_ssize_t r = 0;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                for (int64_t position = from[i]; position < length[i]; position++, r++) {
+                    positions[r] = position, lens[r] = position + 1;
+                    slots[r] = table[i * width + position / bs] * bs + position % bs;
+                    memcpy(tables + r * width, table + i * width, (size_t)width * sizeof(int64_t));
+                }
+                last_row[i] = r - 1;
+            }
+            Pass first = {catch_up, positions, slots, tables, lens, rows0, width, states, num_threads,
+                          attention_threads, rows0 > n};
             if ((status = forward(m, &first))) break;
             for (Py_ssize_t i = 0; i < active; i++)
-                memcpy(heads + i * hidden, states + last[i] * hidden, (size_t)hidden * sizeof(float));
+                memcpy(heads + i * hidden, states + last_row[i] * hidden, (size_t)hidden * sizeof(float));
             head_in = heads;
         } else { /* the token the pass before proposed, one position on */
+            int64_t *ids = last_row; /* free after pass 0 */
             for (Py_ssize_t i = 0; i < active; i++) {
-                const int64_t position = start[i] + pass - 1;
+                const int64_t position = length[i] + pass - 1;
                 ids[i] = tokens[i * passes + pass - 1], positions[i] = position, lens[i] = position + 1;
-                slots[i] = table[i * max_blocks + position / m->block_size] * m->block_size + position % m->block_size;
+                slots[i] = table[i * width + position / bs] * bs + position % bs;
             }
-            Pass next = {ids, positions, slots, table, lens, active, max_blocks, states, num_threads, attention_threads, 0};
+            Pass next = {ids, positions, slots, table, lens, active, width, states, num_threads, attention_threads, 0};
             if ((status = forward(m, &next))) break;
         }
         if ((status = product(head_kind, head_switch, head_in, head_w, head_b, logits, active, head_rows, hidden,

@@ -64,6 +64,7 @@ typedef struct {
     float scale, softcap; /* softcap 0: none */
     Py_ssize_t window;    /* 0: every earlier key is visible */
     Py_ssize_t item_begin, item_end; /* pairs: seq * num_kv_heads + kv_head */
+    Py_ssize_t item_end_all;         /* the step's pairs (a chunk's job sees its own range above) */
     /* Fused decode step (rope_decode_attention): q, k, v are still the projection's
      * (S, H + 2 Hkv, D) rows, unrotated; each pair rotates its query heads and its key,
      * and writes the key and value into the cache slot before attending. */
@@ -237,10 +238,11 @@ static inline Py_ssize_t run_start(const Job *job, const int64_t *table, Py_ssiz
 }
 
 /* Requires BS % 16 == 0. The 16-key runs of positions [first, len) are scored RUNS_FOR(heads)
- * at a time; a last call short of runs repeats its first run with nothing kept. */
-AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head, const float *q, Py_ssize_t first,
-                                 Py_ssize_t len, float *scores) {
-    Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim, bs = job->block_size;
+ * at a time for `group` query vectors (q: group x dim; scores: group rows of len - first); a
+ * last call short of runs repeats its first run with nothing kept. */
+AVX512 static void scores_avx512(const Job *job, Py_ssize_t seq, Py_ssize_t head, const float *q, Py_ssize_t group,
+                                 Py_ssize_t first, Py_ssize_t len, float *scores) {
+    Py_ssize_t dim = job->head_dim, bs = job->block_size;
     Py_ssize_t count = len - first;
     const int64_t *table = job->tables + seq * job->max_blocks;
     const Py_ssize_t head_start = head * job->num_blocks * dim * bs; /* elements */
@@ -717,7 +719,91 @@ typedef struct {
     int16_t *w16;
 } PairScratch;
 
+/* A speculative verification's queries (store_first): one sequence's consecutive positions, each with
+ * the same block table and one more key than the query before. Where the kernels below serve them
+ * (AVX-512, an fp32 or bf16 cache, every key visible: no window cut), they attend as one group: the
+ * keys and values are read once for all of them, where single queries read them once each (a demo
+ * model's nine-row verification read ~0.5 MB of keys and values per query). Each query's scores
+ * are the single query's (the same sums), its softmax runs over its own keys, and the weights of the
+ * keys past its own are zeros in the shared sum of values (adding a zero product leaves every sum
+ * as it was): the outputs are the single queries', bit for bit. */
+#define GROUP_QUERIES_MAX 16
+
+#ifdef SELFHOST_X86
+static int groups_queries(const Job *job) {
+    return job->store_first && job->use_avx512 && (job->kv_kind == KV_FP32 || job->kv_kind == KV_BF16) &&
+           job->block_size % 16 == 0 && job->head_dim % 16 == 0;
+}
+
+/* Whether query b attends in query a's group (b right after a, see above). */
+static int same_verification(const Job *job, Py_ssize_t a, Py_ssize_t b) {
+    const Py_ssize_t len = job->lens[b];
+    if (job->lens[a] + 1 != len || (job->window > 0 && len > job->window)) return 0;
+    const Py_ssize_t blocks = (len + job->block_size - 1) / job->block_size;
+    return memcmp(job->tables + a * job->max_blocks, job->tables + b * job->max_blocks,
+                  sizeof(int64_t) * (size_t)blocks) == 0;
+}
+
+/* How many queries attend with `seq` as their group's first (1: alone), or 0 where seq is in the group
+ * of a query before it. Groups are cut at GROUP_QUERIES_MAX queries. */
+static Py_ssize_t group_queries(const Job *job, Py_ssize_t seq, Py_ssize_t num_seqs) {
+    if (!groups_queries(job)) return 1;
+    Py_ssize_t start = seq;
+    while (start > 0 && same_verification(job, start - 1, start)) start--;
+    if ((seq - start) % GROUP_QUERIES_MAX) return 0;
+    Py_ssize_t n = 1;
+    while (n < GROUP_QUERIES_MAX && seq + n < num_seqs && same_verification(job, seq + n - 1, seq + n)) n++;
+    return n;
+}
+
+/* `n` queries from `seq` on as one group (see GROUP_QUERIES_MAX) for kv head `head`. */
+static void attend_group(const Job *job, Py_ssize_t seq, Py_ssize_t n, Py_ssize_t head, const PairScratch *scratch) {
+    const Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim, rows = n * group;
+    const Py_ssize_t count = job->lens[seq + n - 1]; /* the last query's keys: every query's, and more */
+    float *scores = scratch->scores, *q = scratch->q_rotated;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (job->cos != NULL)
+            rotate_queries(job, seq + i, head, q + i * group * dim); /* keys stored in the step's first pass */
+        else
+            memcpy(q + i * group * dim, job->q + ((seq + i) * job->num_heads + head * group) * dim,
+                   sizeof(float) * (size_t)(group * dim));
+    }
+    value_rows(job, seq, head, 0, count, scratch->values);
+    scores_avx512(job, seq, head, q, rows, 0, count, scores);
+    float *out[WEIGHTED_ROWS_MAX];
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        float *row = scores + r * count;
+        const Py_ssize_t own = job->lens[seq + r / group];
+        if (job->softcap > 0.0f)
+            for (Py_ssize_t p = 0; p < own; p++) row[p] = tanhf(row[p] / job->softcap) * job->softcap;
+        softmax_avx512(row, own);
+        memset(row + own, 0, sizeof(float) * (size_t)(count - own));
+    }
+    for (Py_ssize_t r0 = 0; r0 < rows; r0 += WEIGHTED_ROWS_MAX) {
+        const int take = rows - r0 < WEIGHTED_ROWS_MAX ? (int)(rows - r0) : WEIGHTED_ROWS_MAX;
+        for (int r = 0; r < take; r++) {
+            const Py_ssize_t i = (r0 + r) / group, g = (r0 + r) % group;
+            out[r] = job->out + ((seq + i) * job->num_heads + head * group + g) * dim;
+        }
+        weighted_rows(take, job->kv_kind, out, NULL, scores + r0 * count, count, scratch->values, count, dim);
+    }
+}
+#else
+static Py_ssize_t group_queries(const Job *job, Py_ssize_t seq, Py_ssize_t num_seqs) {
+    (void)job, (void)seq, (void)num_seqs;
+    return 1; /* the grouped kernels are AVX-512's */
+}
+#endif
+
 static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, const PairScratch *scratch) {
+#ifdef SELFHOST_X86
+    const Py_ssize_t queries = group_queries(job, seq, job->item_end_all / job->num_kv_heads);
+    if (queries == 0) return; /* attended in its group */
+    if (queries > 1) {
+        attend_group(job, seq, queries, head, scratch);
+        return;
+    }
+#endif
     float *scores = scratch->scores, *value_scales = scratch->value_scales, *q_rotated = scratch->q_rotated;
     const void **values = scratch->values;
     Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim;
@@ -745,7 +831,7 @@ static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, const P
     if (job->kv_kind == KV_INT8) /* check_pairs: VNNI, block_size % 16 == 0 */
         scores_int8(job, seq, head, q, first, len, scores, scratch->query_pairs, scratch->query_factors);
     else if (job->use_avx512 && job->block_size % 16 == 0)
-        scores_avx512(job, seq, head, q, first, len, scores);
+        scores_avx512(job, seq, head, q, group, first, len, scores);
     else if (job->use_avx2 && job->block_size % 8 == 0)
         scores_avx2(job, seq, head, q, first, len, scores);
     else
@@ -793,14 +879,17 @@ static void attend_pair(const Job *job, Py_ssize_t seq, Py_ssize_t head, const P
 }
 
 static void run_job(Job *job) {
-    Py_ssize_t longest = 1;
+    Py_ssize_t longest = 1, most_queries = 1; /* the longest context, the largest group of queries (attend_group) */
+    const Py_ssize_t num_seqs = job->item_end_all / job->num_kv_heads;
     for (Py_ssize_t item = job->item_begin; item < job->item_end; item++) {
-        Py_ssize_t len = job->lens[item / job->num_kv_heads];
+        const Py_ssize_t seq = item / job->num_kv_heads, queries = group_queries(job, seq, num_seqs);
+        Py_ssize_t len = job->lens[queries > 1 ? seq + queries - 1 : seq];
         if (len > longest) longest = len;
+        if (queries > most_queries) most_queries = queries;
     }
-    const Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim;
+    const Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim, rows = group * most_queries;
     const Py_ssize_t padded = longest + 1 + 64; /* an int8 cache's staged weights: WEIGHT_CHUNK multiples */
-    const size_t floats = (size_t)((group + 1) * longest + (group + 1) * dim + group + group * dim / 2 + padded +
+    const size_t floats = (size_t)((rows + 1) * longest + (rows + 1) * dim + group + group * dim / 2 + padded +
                                    group * (padded / 64 + 1) + (group * padded + 1) / 2);
     float *block = malloc(sizeof(float) * floats);
     const void **values = malloc(sizeof(void *) * (size_t)longest);
@@ -810,9 +899,9 @@ static void run_job(Job *job) {
         return;
     }
     PairScratch scratch = {.scores = block, .values = values};
-    scratch.value_scales = block + group * longest;
+    scratch.value_scales = block + rows * longest;
     scratch.q_rotated = scratch.value_scales + longest;
-    scratch.query_factors = scratch.q_rotated + (group + 1) * dim;
+    scratch.query_factors = scratch.q_rotated + (rows + 1) * dim;
     scratch.query_pairs = (int32_t *)(scratch.query_factors + group);
     scratch.stage = (float *)(scratch.query_pairs + group * dim / 2);
     scratch.chunk_scales = scratch.stage + padded;
@@ -938,7 +1027,7 @@ static const char *check_pairs(Job *whole) {
 static int attend_pairs(Job *whole, Py_ssize_t num_seqs, int num_threads) {
     int failed = 0;
     whole->item_begin = 0;
-    whole->item_end = num_seqs * whole->num_kv_heads;
+    whole->item_end = whole->item_end_all = num_seqs * whole->num_kv_heads;
     whole->failed = &failed;
     long num_chunks = (long)((whole->item_end + PAIRS_PER_CHUNK - 1) / PAIRS_PER_CHUNK);
     int threads = num_threads < 1 ? 1 : num_threads;

@@ -206,30 +206,17 @@ class DecodeLayers:
             return None
         return kind
 
-    def greedy_passes(self, head, head_kind: tuple[str, int], first: tuple | None, last_rows: torch.Tensor,
-                      tokens: torch.Tensor, starts: torch.Tensor, tables: torch.Tensor, wanted: torch.Tensor,
-                      num_threads: int) -> None:
-        """A draft model's greedy proposals for n sequences in one call, into `tokens` (n, passes): pass 0
-        runs `first` (input_ids, positions, metadata of the sequences' own tokens as single queries; row
-        `last_rows[i]` proposes sequence i's first token) or, where `first` is None, takes `tokens[:, 0]` as
-        given; pass j > 0 feeds proposal j at position `starts[i] + j - 1` through block table row
-        `tables[i]`. `wanted` (n,): each sequence's proposal count, largest first. The head's product is
-        the kernel its module calls within its few-row range (beyond it, the same kernel on more rows: a
-        proposal's bits need not be the module's, verification decides)."""
+    def greedy_passes(self, head, head_kind: tuple[str, int], fields: int, n: int, passes: int, width: int,
+                      rows0: int, num_threads: int) -> None:
+        """A draft model's greedy proposals for n sequences in one call (see greedy_passes in
+        _decode_layers_cpu.c for the int64 buffer at address `fields`: lengths, proposal counts, first
+        positions without KV, block tables n x `width`, the proposals n x `passes`, then `rows0` catch-up
+        ids; rows0 0: the first proposals are given). The head's product is the kernel its module calls
+        within its few-row range (beyond it, the same kernel on more rows: a proposal's bits need not be
+        the module's, verification decides)."""
         kind, switch = head_kind
-        if first is None:
-            ids0 = positions0 = slots0 = tables0 = lens0 = 0
-            rows0 = max_blocks0 = 0
-            store_first = False
-        else:
-            input_ids, positions, meta = first
-            ids0, positions0, slots0 = input_ids.data_ptr(), positions.data_ptr(), meta.slot_mapping.data_ptr()
-            tables0, lens0 = meta.single_block_tables.data_ptr(), meta.single_context_lens.data_ptr()
-            rows0, max_blocks0, store_first = input_ids.shape[0], meta.single_block_tables.shape[1], meta.store_first
         bias = head.bias
         _decode_layers_cpu.greedy_passes(
             self.c_model, head.weight.data_ptr(), 0 if bias is None else bias.data_ptr(), PRODUCT_KINDS[kind], switch,
-            head.out_features, ids0, positions0, slots0, tables0, lens0, rows0, max_blocks0, store_first,
-            last_rows.data_ptr(), tokens.data_ptr(), starts.data_ptr(), tables.data_ptr(), tokens.shape[0],
-            tables.shape[1], wanted.data_ptr(), num_threads, num_threads,
+            head.out_features, fields, n, passes, width, rows0, num_threads, num_threads,
         )  # fmt: skip

@@ -209,8 +209,8 @@ static Py_ssize_t round_up(Py_ssize_t v, Py_ssize_t to);
  * the top half of an fp32, so the even members widen exactly as lane << 16 and the odd
  * as lane & 0xffff0000. Each then meets one broadcast x value per row: the 16 lanes are
  * 16 outputs, so sums need no horizontal reduction. A chunk is 4 blocks (64 outputs)
- * and walks the rows 4 at a time; the chunk's weights stay in L2 across row passes. */
-enum { FEW_BLOCKS = 4, FEW_ROWS = 4, PREFETCH_LINES = 32 };
+ * and walks the rows (run_few_rows_chunk); the chunk's weights stay in L2 across row passes. */
+enum { FEW_BLOCKS = 4, PREFETCH_LINES = 32 };
 
 typedef struct {
     const float *x; /* (M, K32): K32 == K, or a zero-padded copy */
@@ -223,11 +223,14 @@ typedef struct {
 
 #define FEW_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-/* Rows [m0, m0 + rows) x outputs of blocks [nb0, nb0 + blocks) over all of K. `rows` and `blocks`
- * are constants at every call, so each call site compiles to its own fully unrolled kernel with
- * the sums in registers (rows x blocks of the 32 zmm registers). */
+/* Rows [m0, m0 + rows) x outputs of blocks [nb0, nb0 + blocks) over all of K. `rows`, `blocks` and
+ * `stream` are constants at every call, so each call site compiles to its own fully unrolled kernel
+ * with the sums in registers (rows x blocks of the 32 zmm registers). Every output's sum runs over K
+ * in the same order whatever the rows and blocks of the pass: the same bits at any row count.
+ * `stream`: the weights come from memory once (a few-row product), so each block's line is asked
+ * for PREFETCH_LINES ahead; the many-row driver's stay in L1/L2 while its rows pass. */
 FEW_AVX512 static inline __attribute__((always_inline)) void widened_kernel(const FewRows *p, int rows, int blocks,
-                                                                            Py_ssize_t m0, Py_ssize_t nb0) {
+                                                                            int stream, Py_ssize_t m0, Py_ssize_t nb0) {
     enum { MOST_ROWS = 12, MOST_BLOCKS = 4 };
     const Py_ssize_t kblocks = p->K32 / TILE_K;
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
@@ -241,7 +244,7 @@ FEW_AVX512 static inline __attribute__((always_inline)) void widened_kernel(cons
             for (int c = 0; c < blocks; c++) {
                 const uint16_t *line = tile + c * kblocks * TILE_ELEMS + i * 32;
                 /* Few rows only stream the weights: ask for each block's line PREFETCH_LINES ahead */
-                if (rows <= FEW_ROWS) _mm_prefetch((const char *)line + 64 * PREFETCH_LINES, _MM_HINT_T0);
+                if (stream) _mm_prefetch((const char *)line + 64 * PREFETCH_LINES, _MM_HINT_T0);
                 __m512i pairs = _mm512_loadu_si512((const void *)line);
                 even[c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
                 odd[c] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
@@ -266,16 +269,29 @@ FEW_AVX512 static inline __attribute__((always_inline)) void widened_kernel(cons
     }
 }
 
+/* 5..12 rows over two of the chunk's blocks at a time: rows x 2 sums and 4 widened vectors in registers. */
+#define FEW_ROWS_CASE(n)                                                                  \
+    case n:                                                                               \
+        for (int half = 0; half < FEW_BLOCKS; half += 2) widened_kernel(p, n, 2, 1, m0, nb0 + half); \
+        break;
+
+/* A chunk's 64 outputs for every row: up to 4 rows in one pass over all 4 blocks, 5 to 12 rows in one
+ * pass over each half, 12 at a time beyond. Each pass widens the chunk's weights again: 4 rows a pass
+ * had widened a speculative verification's 9 rows three times (4 + 4 + 1), now once. */
 FEW_AVX512 static void run_few_rows_chunk(const void *context, long chunk) {
     const FewRows *p = (const FewRows *)context;
     const Py_ssize_t nb0 = (Py_ssize_t)chunk * FEW_BLOCKS;
-    for (Py_ssize_t m0 = 0; m0 < p->M; m0 += FEW_ROWS) {
-        switch (p->M - m0 < FEW_ROWS ? (int)(p->M - m0) : FEW_ROWS) {
-            case 1: widened_kernel(p, 1, FEW_BLOCKS, m0, nb0); break;
-            case 2: widened_kernel(p, 2, FEW_BLOCKS, m0, nb0); break;
-            case 3: widened_kernel(p, 3, FEW_BLOCKS, m0, nb0); break;
-            default: widened_kernel(p, 4, FEW_BLOCKS, m0, nb0); break;
+    for (Py_ssize_t m0 = 0; m0 < p->M;) {
+        const int rows = p->M - m0 < 12 ? (int)(p->M - m0) : 12;
+        switch (rows) {
+            case 1: widened_kernel(p, 1, FEW_BLOCKS, 1, m0, nb0); break;
+            case 2: widened_kernel(p, 2, FEW_BLOCKS, 1, m0, nb0); break;
+            case 3: widened_kernel(p, 3, FEW_BLOCKS, 1, m0, nb0); break;
+            case 4: widened_kernel(p, 4, FEW_BLOCKS, 1, m0, nb0); break;
+            FEW_ROWS_CASE(5) FEW_ROWS_CASE(6) FEW_ROWS_CASE(7) FEW_ROWS_CASE(8)
+            FEW_ROWS_CASE(9) FEW_ROWS_CASE(10) FEW_ROWS_CASE(11) FEW_ROWS_CASE(12)
         }
+        m0 += rows;
     }
 }
 
@@ -293,11 +309,11 @@ FEW_AVX512 static void run_wide_chunk(const void *context, long chunk) {
     const Py_ssize_t m_begin = (Py_ssize_t)(chunk / out_chunks) * p->group_rows;
     const Py_ssize_t m_end = m_begin + p->group_rows < p->M ? m_begin + p->group_rows : p->M;
     Py_ssize_t m0 = m_begin;
-    for (; m0 + WIDE_ROWS <= m_end; m0 += WIDE_ROWS) widened_kernel(p, WIDE_ROWS, WIDE_BLOCKS, m0, nb0);
+    for (; m0 + WIDE_ROWS <= m_end; m0 += WIDE_ROWS) widened_kernel(p, WIDE_ROWS, WIDE_BLOCKS, 0, m0, nb0);
     /* what is left: 8 and 4 rows (a 32-row decode batch is 12 + 12 + 8), then one at a time */
-    for (; m0 + 8 <= m_end; m0 += 8) widened_kernel(p, 8, WIDE_BLOCKS, m0, nb0);
-    for (; m0 + 4 <= m_end; m0 += 4) widened_kernel(p, 4, WIDE_BLOCKS, m0, nb0);
-    for (; m0 < m_end; m0++) widened_kernel(p, 1, WIDE_BLOCKS, m0, nb0);
+    for (; m0 + 8 <= m_end; m0 += 8) widened_kernel(p, 8, WIDE_BLOCKS, 0, m0, nb0);
+    for (; m0 + 4 <= m_end; m0 += 4) widened_kernel(p, 4, WIDE_BLOCKS, 0, m0, nb0);
+    for (; m0 < m_end; m0++) widened_kernel(p, 1, WIDE_BLOCKS, 0, m0, nb0);
 }
 
 static int few_rows_ready; /* AVX-512 F/BW/VL; set once, when the module loads */

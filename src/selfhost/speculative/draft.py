@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from selfhost.engine.block_manager import BlockManager
@@ -50,6 +51,21 @@ class DraftSequence:
         return len(self.token_ids)
 
 
+class PassFields:
+    """The int64 buffer a fused call of greedy passes reads and writes (DecodeLayers.greedy_passes), kept
+    across calls (grown by doubling)."""
+
+    def __init__(self):
+        self.array = np.zeros(0, dtype=np.int64)
+        self.address = 0
+
+    def layout(self, size: int) -> np.ndarray:
+        if size > self.array.size:
+            self.array = np.zeros(max(size, 2 * self.array.size), dtype=np.int64)
+            self.address = self.array.ctypes.data
+        return self.array
+
+
 @dataclass(frozen=True)
 class Proposal:
     tokens: list[int]
@@ -84,6 +100,8 @@ class DraftProposer:
         self.runner = ModelRunner(model, self.cache, device)
         # (one-call decode runner, head kind) where greedy passes run in one C call; None: pass by pass.
         self._fused: tuple | None | bool = device.type == "cpu"  # True: not looked for yet
+        self._fields = PassFields()
+        self.caught_up_prompt = False  # whether the last `propose` caught a sequence up on a prompt's worth
 
     def _state(self, seq: Sequence) -> DraftSequence:
         state = seq.speculation.draft
@@ -117,6 +135,9 @@ class DraftProposer:
             state.fed_from = state.num_tokens
             states.append(state)
             wanted.append(k)
+        # A prompt-sized catch-up (a sequence's first proposal, or the first after a long pause) is a one-off:
+        # the speculator leaves such a call out of what it expects a pass to cost.
+        self.caught_up_prompt = any(s.num_tokens - s.num_computed_tokens > CATCH_UP_AS_QUERIES for s in states)
         fused = self._fused_runner() if states and all(s.sampler_row.is_greedy for s in states) else None
         if fused is not None:
             by_seq = self._greedy_passes(fused, states, wanted)
@@ -162,37 +183,49 @@ class DraftProposer:
     def _greedy_passes(self, fused: tuple, states: list[DraftSequence],
                        wanted: list[int]) -> dict[int, tuple[list[int], list]]:
         """`_passes` for greedy sequences in one C call (DecodeLayers.greedy_passes): the same passes over the
-        same cache, without ~0.2 ms of Python each (a one-layer demo draft's pass is ~40 us of C)."""
+        same cache. Python right after the C kernels runs cold (a torch call ~10 us), so the call's fields
+        go into one int64 buffer kept across calls: ~60 us of Python a call where tensors had cost ~250."""
         runner, head_kind = fused
         order = sorted(range(len(states)), key=lambda i: -wanted[i])  # the C call's passes take a prefix of rows
         states, wanted = [states[i] for i in order], [wanted[i] for i in order]
         n, passes, bs = len(states), wanted[0], self.blocks.block_size
-        starts = [s.num_tokens for s in states]  # where each first proposal goes
-        width = -(-max(start + k - 1 for start, k in zip(starts, wanted)) // bs)
-        tables = torch.zeros(n, width, dtype=torch.int64)
-        for i, state in enumerate(states):
+        lengths = [s.num_tokens for s in states]  # where each first proposal goes
+        froms = [s.num_computed_tokens for s in states]
+        width = -(-max(length + k - 1 for length, k in zip(lengths, wanted)) // bs)
+        # A prompt to catch up on (the first pass of a sequence) goes through the engine's general path.
+        rows0 = sum(lengths) - sum(froms) if all(a - b <= CATCH_UP_AS_QUERIES for a, b in zip(lengths, froms)) else 0
+        fields = self._fields.layout(3 * n + n * width + n * passes + rows0)
+        fields[:n], fields[n:2 * n], fields[2 * n:3 * n] = lengths, wanted, froms
+        at = 3 * n
+        for state in states:
             row = state.block_table[:width]
-            tables[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
-        tokens = torch.zeros(n, passes, dtype=torch.int64)
-        chunks = [self._catch_up(s) for s in states]
-        ends = torch.tensor([c.num_tokens for c in chunks], dtype=torch.int64).cumsum(0)
-        threads = self.runner.cpu_threads
-        with threads.step(int(ends[-1])) as num_threads, torch.inference_mode():
-            if all(c.num_tokens == 1 or c.proposed for c in chunks):  # single queries: pass 0 in the call too
-                first = self.runner._decode_inputs.prepare(chunks, num_threads)
-            else:  # a prompt to catch up on: pass 0 on the general path
-                first = None
-                tokens[:, 0] = torch.tensor(row_argmax(self.runner._last_logits(chunks, num_threads)))
-            if first is not None or passes > 1:
-                runner.greedy_passes(self.model.lm_head, head_kind, first, ends - 1, tokens,
-                                     torch.tensor(starts, dtype=torch.int64), tables,
-                                     torch.tensor(wanted, dtype=torch.int64), num_threads)
+            fields[at:at + len(row)] = row
+            fields[at + len(row):at + width] = 0
+            at += width
+        proposals_at = at
+        if rows0:
+            ids = []
+            for state, start, length in zip(states, froms, lengths):
+                ids += state.token_ids[start:length]
+            fields[proposals_at + n * passes:proposals_at + n * passes + rows0] = ids
+        else:
+            logits = self.runner.last_logits([self._catch_up(s) for s in states])
+            fields[proposals_at:proposals_at + n * passes:passes] = row_argmax(logits)
+        if rows0 or passes > 1:
+            threads = self.runner.cpu_threads
+            num_threads = threads.begin(max(rows0, n))
+            try:
+                runner.greedy_passes(self.model.lm_head, head_kind, self._fields.address, n, passes, width, rows0,
+                                     num_threads)
+            finally:
+                threads.end()
+        proposed = fields[proposals_at:proposals_at + n * passes].tolist()
         out = {}
-        for state, start, k, row in zip(states, starts, wanted, tokens.tolist()):
-            proposed = row[:k]
-            state.fed = proposed[:-1]  # passes 1.. fed all but the last proposal
-            state.num_computed_tokens = start + k - 1
-            out[id(state)] = (proposed, [])
+        for i, (state, length, k) in enumerate(zip(states, lengths, wanted)):
+            tokens = proposed[i * passes:i * passes + k]
+            state.fed = tokens[:-1]  # passes 1.. fed all but the last proposal
+            state.num_computed_tokens = length + k - 1
+            out[id(state)] = (tokens, [])
         return out
 
     @staticmethod
