@@ -67,14 +67,15 @@ def count_decode_steps(monkeypatch) -> list:
     return steps
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # gemma2: a soft-capped head (compute_logits)
+@pytest.mark.parametrize("family,weights", [("qwen2", "float32"), ("gemma2", "float32"),  # gemma2: soft-capped head
+                                            ("qwen2", "bfloat16")])  # a bf16 head (its tiles kernel)
 @pytest.mark.parametrize("case", sorted(PARAMS))
-def test_outputs_equal_the_general_path(tiny_checkpoint, monkeypatch, family, case):
+def test_outputs_equal_the_general_path(tiny_checkpoint, monkeypatch, family, weights, case):
     path = str(tiny_checkpoint(family))
     prompts, params = workload(10, seed=len(case), settings=PARAMS[case])
-    expected = run_staggered(general(LLM(path, kv_cache_memory="4MiB")), prompts, params)
+    expected = run_staggered(general(LLM(path, kv_cache_memory="4MiB", weight_dtype=weights)), prompts, params)
     steps = count_decode_steps(monkeypatch)
-    assert run_staggered(LLM(path, kv_cache_memory="4MiB"), prompts, params) == expected
+    assert run_staggered(LLM(path, kv_cache_memory="4MiB", weight_dtype=weights), prompts, params) == expected
     assert steps and max(steps) > 1  # decode steps of one and of several sequences took the path
 
 
@@ -153,21 +154,26 @@ def test_inputs_equal_prepare_as_tables_grow_change_and_rows_come_and_go():
     step(a, b)  # back to plain decodes: the rows shrink again
 
 
-def test_head_equals_compute_logits_and_declines_what_it_cannot_run(tiny_checkpoint):
-    model = LLM(str(tiny_checkpoint("qwen2"))).model
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_head_equals_compute_logits_and_declines_what_it_cannot_run(tiny_checkpoint, weights):
+    model = LLM(str(tiny_checkpoint("qwen2")), weight_dtype=weights).model
+    # from 4 rows on, the module calls another product (torch's fp32 one, the many-row bf16 one)
+    setattr(model.lm_head, "blas_from_rows" if weights == "float32" else "few_rows_max", 4 if weights == "float32" else 3)
     head = DecodeHead.for_model(model)
     if head is None:
-        pytest.skip("the head is not on selfhost's AVX-512 product here")
-    hidden = torch.randn(5, model.spec.hidden_size)
+        pytest.skip("the head is not on selfhost's AVX-512 products here")
+    hidden = torch.randn(3, model.spec.hidden_size)
     with torch.inference_mode():
-        for rows in (1, 5, 3):
+        for rows in (1, 3, 2):
             tensor, array = head(hidden[:rows], 2)
             assert torch.equal(tensor, model.compute_logits(hidden[:rows], 2))
             assert array.shape == (rows, model.spec.vocab_size) and (array == tensor.numpy()).all()
             (tensor, array), tokens = head.greedy(hidden[:rows], 2)
             assert torch.equal(tensor, model.compute_logits(hidden[:rows], 2))
             assert tokens == tensor.argmax(dim=-1).tolist()
-    assert head(hidden, 2) is None and head.greedy(hidden, 2) is None  # gradients on: Linear.forward takes F.linear
+    assert head(hidden, 2) is None and head.greedy(hidden, 2) is None  # gradients on: the module's own forward
+    with torch.inference_mode():
+        assert head(torch.randn(4, model.spec.hidden_size), 2) is None
     assert DecodeHead.for_model(LLM(str(tiny_checkpoint("gemma2"))).model) is None  # final soft-cap
 
 

@@ -52,6 +52,7 @@
 #define SELFHOST_AMX 1
 #define AMX AMX_TARGET
 #include "../_exp_avx512.h"
+#include "_row_argmax_avx512.h"
 #include "_swiglu_avx512.h"
 
 enum { TILE_ROWS = 16, TILE_K = 32, TILE_ELEMS = TILE_ROWS * TILE_K, OUT_PER_CHUNK = 32 };
@@ -605,6 +606,23 @@ static PyObject *linear_few_rows(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* linear_few_rows(), then each row's argmax (_row_argmax_avx512.h) as a list: a greedy decode step's
+ * tokens from a bf16 head (engine/decode_head.py). */
+static PyObject *linear_few_rows_argmax(PyObject *self, PyObject *args) {
+    PyObject *none = linear_few_rows(self, args);
+    if (!none) return NULL;
+    Py_DECREF(none);
+#ifdef SELFHOST_AMX
+    unsigned long long x, w, bias, y;
+    Py_ssize_t M, N, K;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKKnnni", &x, &w, &bias, &y, &M, &N, &K, &num_threads)) return NULL;
+    return rows_argmax((const float *)y, M, N);
+#else
+    return NULL; /* linear_few_rows() raised */
+#endif
+}
+
 static PyObject *swiglu_mlp(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long x, gate_up, down, down_bias, y;
@@ -644,6 +662,8 @@ static PyMethodDef methods[] = {
     {"linear", linear, METH_VARARGS,
      "linear(x, packed_w, bias_or_0, y, M, N, K, num_threads): y = x @ W^T (+ bias) on AMX, x rounded to bf16 "
      "(without AMX: the few-row kernel, x exact)."},
+    {"linear_few_rows_argmax", linear_few_rows_argmax, METH_VARARGS,
+     "linear_few_rows(), then each row's first largest value's index (the first NaN's), as a list."},
     {"linear_few_rows", linear_few_rows, METH_VARARGS,
      "linear_few_rows(x, packed_w, bias_or_0, y, M, N, K, num_threads): the same product on AVX-512, x exact."},
     {"swiglu_mlp", swiglu_mlp, METH_VARARGS,
