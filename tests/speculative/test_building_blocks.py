@@ -215,6 +215,42 @@ def test_a_curve_that_overprices_wider_steps_is_measured_again(target):
     seq.proposed = []
 
 
+@pytest.mark.parametrize("streams", [1, 4])
+def test_a_batch_whose_plan_is_empty_skips_its_lookups_until_the_next_plan(target, monkeypatch, streams):
+    """Several streams whose plan came out empty look up nothing until the plan is made again
+    (REPLAN_IDLE_EVERY steps on); one stream looks up every step, so a quote is proposed as it starts."""
+    from selfhost import LLM, SamplingParams
+    from selfhost.speculative import ngram
+    from selfhost.speculative.speculator import PROBE_EVERY, REPLAN_IDLE_EVERY, Speculator
+
+    llm = LLM(target, speculative="ngram", num_speculative_tokens=4, kv_cache_memory="4MiB")
+    speculator = llm.engine.speculator
+    assert isinstance(speculator, Speculator)
+    cost = speculator.step_cost_for(streams)
+    for n in range(streams, streams + 20):  # a wider step costs its full share: no proposal pays, any could
+        cost.record(n, 0.010 * n / streams)
+    seqs = []
+    for i in range(streams):
+        seq = llm.engine.add_request(f"r{i}", [5, 6, 7, 8] * 10, SamplingParams(max_tokens=500, temperature=0,
+                                                                              ignore_eos=True))
+        seq.num_computed_tokens = seq.num_tokens - 1  # decoding
+        seqs.append(seq)
+    monkeypatch.setattr(speculator, "_could_pay", lambda *args: True)  # lookups are what is counted here
+    lookups, original = [], ngram.NgramIndex.lookup
+    monkeypatch.setattr(ngram.NgramIndex, "lookup", lambda self, *args: lookups.append(1) or original(self, *args))
+    steps = PROBE_EVERY - 1  # no probe among them
+    per_step = []
+    for _ in range(steps):
+        before = len(lookups)
+        speculator.propose(seqs, 64)
+        per_step.append(len(lookups) - before)
+        assert not any(seq.proposed for seq in seqs)
+    if streams == 1:
+        assert per_step == [1] * steps
+    else:
+        assert per_step == [streams if i % REPLAN_IDLE_EVERY == 0 else 0 for i in range(steps)]
+
+
 def test_probes_that_change_nothing_come_ever_less_often(target):
     """Where nothing pays (a draft model's probe also catches the draft up: ~1.3 ms), each unpriced probe that
     leaves the verdict as it was doubles the wait for the next, up to UNPRICED_PROBE_MAX steps."""
