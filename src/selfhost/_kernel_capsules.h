@@ -75,6 +75,19 @@ typedef struct { /* layers._moe_cpu: a layer's routed experts, softmax top-k rou
                                 int num_threads);
 } MoeKernels;
 
+typedef struct { /* quant._int8_cpu (x86-64): int8 weights (N, K), one fp32 scale per output row; -1 without memory */
+    int version;
+    /* the activations in int8 blocks of 32 (AVX2 dots); any K */
+    int (*linear)(const float *x, const int8_t *w, const float *wscale, const float *bias, float *y, Py_ssize_t M,
+                  Py_ssize_t N, Py_ssize_t K, int num_threads);
+    /* the same integers on the register-blocked VNNI kernel, K % 32 == 0; NULL without AVX-512 VNNI */
+    int (*linear_vnni)(const float *x, const int8_t *w, const float *wscale, const float *bias, float *y,
+                       Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads);
+    /* the weights widened exactly onto the bf16 tiles' many-row product, K % 32 == 0; NULL without them */
+    int (*linear_widened)(const float *x, const int8_t *w, const float *wscale, const float *bias, float *y,
+                          Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads);
+} Int8Kernels;
+
 /* The struct behind capsule `name` of module `module`, NULL with a Python error set. */
 static inline const void *kernels_import(const char *module, const char *name) {
     PyObject *imported = PyImport_ImportModule(module);

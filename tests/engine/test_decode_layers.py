@@ -21,14 +21,17 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 61))]
 # How each case is loaded: the weights' dtype, the bf16 layout (AMX tiles, or W's rows), and the
 # few-row switch, pinned (it is measured at load): 8 sends the decode steps' 3 rows to the few-row
 # kernel on both paths, 1 sends them to the AMX product.
+# "int8": int8 weights (and embedding) on quant/_int8_cpu.c's products, at the switches measured here.
 WEIGHTS = {"bf16_tiles": ("bfloat16", "tiles", 8), "bf16_tiles_amx": ("bfloat16", "tiles", 1),
-           "bf16_rows": ("bfloat16", "rows", 8), "fp32": ("float32", None, 8)}
+           "bf16_rows": ("bfloat16", "rows", 8), "fp32": ("float32", None, 8), "int8": (None, None, 8)}
 
 
 def _load(path, kv_cache_dtype, weights="bf16_tiles", monkeypatch=None, **kwargs):
     weight_dtype, layout, switch = WEIGHTS[weights]
     if layout is not None and monkeypatch is not None:
         monkeypatch.setattr(bf16_weights, "best_layout", lambda: layout)
+    if weights == "int8":
+        kwargs["quantization"] = "int8"
     llm = LLM(path, weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype, **kwargs)
     for module in llm.engine.runner.model.modules():
         if isinstance(module, Bf16Linear):
@@ -100,7 +103,7 @@ def test_models_the_runner_does_not_know_keep_the_python_path(tiny_checkpoint):
         return llm.engine.runner._layers_runner
 
     assert isinstance(runner(_load(str(tiny_checkpoint("llama")), "bfloat16")), DecodeLayers)
-    assert runner(LLM(str(tiny_checkpoint("llama")), quantization="int8")) is None  # int8 products
+    assert runner(LLM(str(tiny_checkpoint("llama")), quantization="int4")) is None  # int4 products
     assert runner(_load(str(tiny_checkpoint("gemma2")), "bfloat16")) is None  # sandwich norms, soft-capping
 
 
@@ -145,7 +148,7 @@ def moe_checkpoint(tmp_path_factory):
 
 @needs_runner
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-@pytest.mark.parametrize("weights", ["bf16_tiles", "bf16_tiles_amx", "fp32"])
+@pytest.mark.parametrize("weights", ["bf16_tiles", "bf16_tiles_amx", "fp32", "int8"])
 def test_runner_takes_mixture_of_experts_layers_bit_for_bit(moe_checkpoint, monkeypatch, family, weights):
     """The router's product and the experts' one C call (layers/_moe_cpu.c) inside the runner:
     the same kernels as SparseMoE.forward, so the same tokens and logprobs."""

@@ -47,8 +47,9 @@ def test_a_damaged_cache_is_measured_again(monkeypatch, tmp_path):
     assert json.loads((tmp_path / "weight_precision.json").read_text())  # rewritten whole
 
 
-def test_the_real_measurement_times_both_precisions():
-    measured = weight_precision.measure(64, 96, threads=1)
+@pytest.mark.parametrize("copies", [1, 3])
+def test_the_real_measurement_times_both_precisions(copies):
+    measured = weight_precision.measure(64, 96, threads=1, copies=copies)
     assert set(measured) == set(seconds(1, 1, 1, 1)) and all(v > 0 for v in measured.values())
 
 
@@ -72,3 +73,36 @@ def test_auto_leaves_models_without_the_option_as_they_are(tiny_checkpoint):
 
     llm = LLM(str(tiny_checkpoint("llama")), kv_cache_memory="16MiB", weight_dtype="auto", quantization="int8")
     assert llm.weight_precision is None and llm.engine.stats().weight_dtype == "int8"
+
+
+def test_the_probe_sweeps_as_many_copies_as_the_model_streams(monkeypatch, tmp_path):
+    """A decode step streams every weight once, so the probe times a product among as many copies as the
+    model's linear weights fill (a power of two, capped), not one product left hot in the core's cache."""
+    monkeypatch.setenv("SELFHOST_CACHE_DIR", str(tmp_path))
+    one = 4 * 64 * 128  # fp32 bytes of one copy
+    assert weight_precision.copies_for(64, 128, None) == 1
+    assert [weight_precision.copies_for(64, 128, n * one) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 2, 4, 8, 8]
+    most = weight_precision.copies_for(64, 128, 10**15)
+    assert most * one <= weight_precision.WORKING_SET_CAP < 2 * most * one
+    calls = []
+    monkeypatch.setattr(weight_precision, "measure", lambda *args: calls.append(args) or seconds(2.0, 1.0, 4.0, 1.0))
+    choose_weight_dtype(64, 128, streamed_bytes=5 * one)
+    choose_weight_dtype(64, 128, streamed_bytes=7 * one)  # the same copies: the cached answer
+    choose_weight_dtype(64, 128)
+    assert calls == [(64, 128, 1, 4), (64, 128, 1, 1)]
+
+
+def test_auto_probes_the_loaded_models_own_bytes(monkeypatch, tmp_path):
+    from selfhost import LLM
+    from selfhost.layers.linear import Linear
+
+    monkeypatch.setenv("SELFHOST_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(weight_precision, "measure", lambda *args: calls.append(args) or seconds(2.0, 1.0, 4.0, 1.0))
+    llm = LLM(None, kv_cache_memory="16MiB", weight_dtype="auto")
+    exact = LLM(None, kv_cache_memory="16MiB", weight_dtype="float32").model
+    streamed = sum(4 * m.weight.numel() for m in exact.modules() if type(m) is Linear)
+    spec = exact.spec
+    assert calls == [(spec.hidden_size, spec.intermediate_size, 1,
+                      weight_precision.copies_for(spec.hidden_size, spec.intermediate_size, streamed))]
+    assert calls[0][3] > 1 and llm.weight_precision.weight_dtype == "bfloat16"

@@ -11,9 +11,11 @@
  * blocks (RMSNorm, fused q|k|v projection with optional bias, optional q/k head norms, full-width rotary, attention
  * over the paged cache with its C kernel, o projection, RMSNorm, fused gate|up, SwiGLU, down),
  * every product of one kind: bf16 "tiles" weights or bf16 weights in rows
- * (both within their few-row kernel's range), or fp32 weights on the AVX-512 product; a bias
- * is added after the product as Linear and Bf16Linear add it. Anything else keeps the
- * Python path.
+ * (both within their few-row kernel's range), fp32 weights on the AVX-512 product, or int8
+ * weights on quant/_int8_cpu.c's products (the dots, VNNI or widened by the same row switches as
+ * Int8Linear; an int8 embedding's rows dequantized as Int8Embedding does); a bias is added after
+ * the product as Linear and Bf16Linear add it (the int8 products add theirs). Anything else
+ * keeps the Python path.
  *
  * The call takes the step's token ids and positions and returns the final norm's output: it gathers
  * the embedding rows and the rotary rows itself (a copy, as the model's lookups) and keeps its
@@ -41,6 +43,8 @@ enum {
     INPUT_NORM, QKV_W, QKV_B, O_W, O_B, POST_NORM, GATE_UP_W, GATE_UP_B, DOWN_W, DOWN_B, K_CACHE, V_CACHE, K_SCALES,
     V_SCALES, WINDOW,
     Q_NORM, K_NORM,
+    /* int8 weights' per-output scales of the qkv, o, gate|up and down products, and the router's (0: not int8) */
+    QKV_S, O_S, GATE_UP_S, DOWN_S, ROUTER_S,
     /* a mixture-of-experts MLP (GATE_UP_W 0): router weight and its product's kind and switch, the
      * experts' table (layers/moe.py's ExpertKernel) with their kind, switch and width, the number
      * of experts, how many each token takes, renormalise (0/1), the routed scaling as fp32 bits */
@@ -55,9 +59,10 @@ static const Bf16TileKernels *tiles;
 static const GemmKernels *gemm;
 static const AttentionKernels *attention;
 static const MoeKernels *moe;
+static const Int8Kernels *int8;
 
 /* The products' kind (decode_layers.py's PRODUCT_KINDS). */
-enum { BF16_TILES, FP32, BF16_ROWS, KINDS };
+enum { BF16_TILES, FP32, BF16_ROWS, INT8, KINDS };
 
 #define PTR(type, value) ((type)(uintptr_t)(value))
 
@@ -68,8 +73,18 @@ static void add_into(float *x, const float *y, Py_ssize_t n) {
 
 /* y = x @ W^T (+ bias) through the kernel the layer's module would call (for tiles: the few-row
  * kernel up to `few_rows_max` rows, the many-row product beyond, as Bf16Linear switches); -1 without memory. */
-static int product(int kind, Py_ssize_t few_rows_max, const float *x, int64_t w, int64_t bias, float *y,
-                   Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+static int product(int kind, Py_ssize_t few_rows_max, Py_ssize_t vnni_from, const float *x, int64_t w, int64_t scales,
+                   int64_t bias, float *y, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+    if (kind == INT8) { /* as Int8Linear's closure picks (quant/int8.py): widened, VNNI or the dots; the bias in the call */
+        int (*linear)(const float *, const int8_t *, const float *, const float *, float *, Py_ssize_t, Py_ssize_t,
+                      Py_ssize_t, int) = int8->linear;
+        if (M > few_rows_max && int8->linear_widened)
+            linear = int8->linear_widened;
+        else if (M >= vnni_from && int8->linear_vnni)
+            linear = int8->linear_vnni;
+        return linear(x, PTR(const int8_t *, w), PTR(const float *, scales), PTR(const float *, bias), y, M, N, K,
+                      num_threads);
+    }
     if (kind == BF16_TILES) { /* the tile kernels add the bias themselves, as Bf16Linear has them do */
         if (M > few_rows_max)
             return tiles->linear(x, PTR(const uint16_t *, w), PTR(const float *, bias), y, M, N, K, num_threads);
@@ -86,6 +101,7 @@ static int product(int kind, Py_ssize_t few_rows_max, const float *x, int64_t w,
 
 static int kind_available(int kind) {
     if (!(norm && activation && attention)) return 0;
+    if (kind == INT8) return int8 != NULL;
     return kind == BF16_TILES ? tiles != NULL : (kind == FP32 || kind == BF16_ROWS) ? gemm != NULL : 0;
 }
 
@@ -95,7 +111,9 @@ typedef struct {
     const int64_t *table;
     Py_ssize_t num_layers, few_rows_max, vocab, table_rows, hidden, intermediate, num_heads, num_kv_heads, head_dim;
     Py_ssize_t block_size, num_blocks;
+    Py_ssize_t vnni_from; /* int8 products: rows from which the VNNI kernel runs (the widened from few_rows_max + 1) */
     const float *embed, *cos_table, *sin_table, *final_norm;
+    const int8_t *embed_int8; /* an int8 embedding's rows (then `embed` holds its per-row scales); NULL: fp32 rows */
     float eps, qk_eps, final_eps, norm_offset, scale, softcap;
     int kind, kv_kind;
 } Model;
@@ -141,7 +159,12 @@ static int forward(const Model *m, const Pass *p) {
     float *moe_out = moe_weights + tokens * most_chosen;
     int64_t *moe_experts = (int64_t *)(xs + floats);
     for (Py_ssize_t t = 0; t < tokens; t++) { /* the embedding rows and the rotary rows, as the model's lookups */
-        memcpy(xs + t * hidden, m->embed + p->ids[t] * hidden, (size_t)hidden * sizeof(float));
+        if (m->embed_int8) { /* Int8Embedding: each integer times its row's scale, one fp32 product as torch's */
+            const int8_t *q = m->embed_int8 + p->ids[t] * hidden;
+            const float scale = m->embed[p->ids[t]];
+            for (Py_ssize_t d = 0; d < hidden; d++) xs[t * hidden + d] = (float)q[d] * scale;
+        } else
+            memcpy(xs + t * hidden, m->embed + p->ids[t] * hidden, (size_t)hidden * sizeof(float));
         memcpy(cos + t * head_dim, m->cos_table + p->positions[t] * head_dim, (size_t)head_dim * sizeof(float));
         memcpy(sin + t * head_dim, m->sin_table + p->positions[t] * head_dim, (size_t)head_dim * sizeof(float));
     }
@@ -152,7 +175,7 @@ static int forward(const Model *m, const Pass *p) {
     for (Py_ssize_t l = 0; l < m->num_layers && status == PASS_OK; l++) {
         const int64_t *f = m->table + l * LAYER_FIELDS;
         norm->rms_norm(xs, PTR(const float *, f[INPUT_NORM]), hs, tokens, hidden, m->eps, m->norm_offset);
-        if ((status = product(kind, few_rows_max, hs, f[QKV_W], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
+        if ((status = product(kind, few_rows_max, m->vnni_from, hs, f[QKV_W], f[QKV_S], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
         if (f[Q_NORM]) /* in place: the kernel reads a row's squares before it writes the row */
             for (Py_ssize_t t = 0; t < tokens; t++) {
                 float *q = qkvs + t * qkv_size;
@@ -166,14 +189,15 @@ static int forward(const Model *m, const Pass *p) {
             status = PASS_ATTENTION_REFUSED;
             break;
         }
-        if ((status = product(kind, few_rows_max, attns, f[O_W], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
+        if ((status = product(kind, few_rows_max, m->vnni_from, attns, f[O_W], f[O_S], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
         add_into(xs, hs, tokens * hidden);
         norm->rms_norm(xs, PTR(const float *, f[POST_NORM]), hs, tokens, hidden, m->eps, m->norm_offset);
         if (!f[GATE_UP_W]) { /* mixture of experts, as SparseMoE.forward takes it */
             float scaling;
             const int32_t scaling_bits = (int32_t)f[SCALING];
             memcpy(&scaling, &scaling_bits, sizeof scaling);
-            if ((status = product((int)f[ROUTER_KIND], (Py_ssize_t)f[ROUTER_SWITCH], hs, f[ROUTER_W], 0, moe_logits,
+            if ((status = product((int)f[ROUTER_KIND], (Py_ssize_t)f[ROUTER_SWITCH], m->vnni_from, hs, f[ROUTER_W], f[ROUTER_S], 0,
+                                  moe_logits,
                                   tokens, (Py_ssize_t)f[NUM_EXPERTS], hidden, num_threads)))
                 break;
             if (moe->routed_softmax_top_k(PTR(const int64_t *, f[EXPERTS]), (int)f[EXPERT_KIND],
@@ -194,11 +218,11 @@ static int forward(const Model *m, const Pass *p) {
                                         PTR(const float *, f[DOWN_B]), hs, tokens, intermediate, hidden, num_threads)))
                 break;
         } else {
-            if ((status = product(kind, few_rows_max, hs, f[GATE_UP_W], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate,
+            if ((status = product(kind, few_rows_max, m->vnni_from, hs, f[GATE_UP_W], f[GATE_UP_S], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate,
                                   hidden, num_threads)))
                 break;
             activation->silu_mul(gate_ups, acts, tokens, intermediate, num_threads);
-            if ((status = product(kind, few_rows_max, acts, f[DOWN_W], f[DOWN_B], hs, tokens, hidden, intermediate,
+            if ((status = product(kind, few_rows_max, m->vnni_from, acts, f[DOWN_W], f[DOWN_S], f[DOWN_B], hs, tokens, hidden, intermediate,
                                   num_threads)))
                 break;
         }
@@ -223,12 +247,13 @@ static void free_model(PyObject *capsule) { free(PyCapsule_GetPointer(capsule, "
 
 static PyObject *model(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long layers, embed, cos_table, sin_table, final_norm;
+    unsigned long long layers, embed, embed_int8, cos_table, sin_table, final_norm;
     Model m;
-    if (!PyArg_ParseTuple(args, "KninKnKKnKnnnnnnnffffffi", &layers, &m.num_layers, &m.kind, &m.few_rows_max, &embed,
-                          &m.vocab, &cos_table, &sin_table, &m.table_rows, &final_norm, &m.hidden, &m.intermediate,
-                          &m.num_heads, &m.num_kv_heads, &m.head_dim, &m.block_size, &m.num_blocks, &m.eps, &m.qk_eps,
-                          &m.final_eps, &m.norm_offset, &m.scale, &m.softcap, &m.kv_kind))
+    if (!PyArg_ParseTuple(args, "KninnKKnKKnKnnnnnnnffffffi", &layers, &m.num_layers, &m.kind, &m.few_rows_max,
+                          &m.vnni_from, &embed, &embed_int8, &m.vocab, &cos_table, &sin_table, &m.table_rows,
+                          &final_norm, &m.hidden, &m.intermediate, &m.num_heads, &m.num_kv_heads, &m.head_dim,
+                          &m.block_size, &m.num_blocks, &m.eps, &m.qk_eps, &m.final_eps, &m.norm_offset, &m.scale,
+                          &m.softcap, &m.kv_kind))
         return NULL;
     if (m.kind < 0 || m.kind >= KINDS || !kind_available(m.kind)) {
         PyErr_SetString(PyExc_ValueError, "run_layers: this product kind's kernels are not built for this CPU");
@@ -240,6 +265,7 @@ static PyObject *model(PyObject *self, PyObject *args) {
         return NULL;
     }
     m.table = PTR(const int64_t *, layers), m.embed = PTR(const float *, embed);
+    m.embed_int8 = PTR(const int8_t *, embed_int8);
     m.cos_table = PTR(const float *, cos_table), m.sin_table = PTR(const float *, sin_table);
     m.final_norm = PTR(const float *, final_norm);
     Model *kept = malloc(sizeof m);
@@ -396,7 +422,7 @@ static PyObject *greedy_passes(PyObject *self, PyObject *args) {
             Pass next = {ids, positions, slots, table, lens, active, width, states, num_threads, attention_threads, 0};
             if ((status = forward(m, &next))) break;
         }
-        if ((status = product(head_kind, head_switch, head_in, head_w, head_b, logits, active, head_rows, hidden,
+        if ((status = product(head_kind, head_switch, m->vnni_from, head_in, head_w, 0, head_b, logits, active, head_rows, hidden,
                               num_threads)))
             break;
         for (Py_ssize_t i = 0; i < active; i++) tokens[i * passes + pass] = first_argmax(logits + i * head_rows, head_rows);
@@ -439,5 +465,6 @@ PyMODINIT_FUNC PyInit__decode_layers_cpu(void) {
     gemm = kernels_import_optional("selfhost.layers._gemm_cpu", "selfhost.layers._gemm_cpu._kernels");
     attention = kernels_import_optional("selfhost.engine._paged_attention_cpu", "selfhost.engine._paged_attention_cpu._kernels");
     moe = kernels_import_optional("selfhost.layers._moe_cpu", "selfhost.layers._moe_cpu._kernels");
+    int8 = kernels_import_optional("selfhost.quant._int8_cpu", "selfhost.quant._int8_cpu._kernels");
     return PyModule_Create(&module);
 }

@@ -32,6 +32,7 @@ from selfhost.layers.bf16_linear import Bf16Linear
 from selfhost.layers.mlp import GatedMLP
 from selfhost.layers.moe import SparseMoE
 from selfhost.layers.norm import RMSNorm
+from selfhost.quant.int8 import Int8Embedding, Int8Linear
 
 try:
     from selfhost.engine import _decode_layers_cpu
@@ -45,7 +46,10 @@ _PYTHON_ONLY = os.environ.get("SELFHOST_DECODE_LAYERS", "c") == "python"
 
 # The runner's product kinds (its C enum) -> how many rows a step may have for the kernel the
 # layer's module would call to be the one the runner calls.
-PRODUCT_KINDS = {"bf16_tiles": 0, "fp32": 1, "bf16_rows": 2}
+PRODUCT_KINDS = {"bf16_tiles": 0, "fp32": 1, "bf16_rows": 2, "int8": 3}
+# An int8 product's "switch": (few-row max, the widened product's from there on; rows from which the VNNI
+# kernel runs), the row counts Int8Linear.prepare was given.
+NEVER = sys.maxsize
 
 
 def runner_available(kind: str = "bf16_tiles") -> bool:
@@ -53,8 +57,12 @@ def runner_available(kind: str = "bf16_tiles") -> bool:
             and _decode_layers_cpu.available(PRODUCT_KINDS[kind]))
 
 
-def _product_kind(module) -> tuple[str, int] | None:
+def _product_kind(module) -> tuple[str, int | tuple[int, int]] | None:
     """(kind, few-row switch) of the kernels `module.forward` calls, or None for a module the runner lacks."""
+    if type(module) is Int8Linear:
+        if module.kernel != "avx2" or module._avx2 is None:
+            return None
+        return "int8", (module.widened_from_rows - 1, module.vnni_from_rows)
     if type(module) is Bf16Linear and module.few_rows_max > 0:
         return ("bf16_tiles" if module.layout == "tiles" else "bf16_rows"), module.few_rows_max
     if type(module) is linear.Linear and linear.USE_GEMM and module.weight.is_contiguous():
@@ -65,7 +73,7 @@ def _product_kind(module) -> tuple[str, int] | None:
 def _rows_max(kind: str, switch: int) -> int:
     """Most rows a step may have for the runner to call the kernels the modules would: "rows" bf16
     weights and fp32 ones go to torch's matmul beyond the switch, which the runner cannot call."""
-    return switch if kind in ("bf16_rows", "fp32") else sys.maxsize
+    return switch if kind in ("bf16_rows", "fp32") else NEVER
 
 
 def _moe_router(mlp) -> tuple[str, int] | None:
@@ -86,7 +94,11 @@ def _layer_products(layer) -> list | None:
     if not (type(attn) is Attention and attn.sinks is None and not layer.sandwich):
         return None
     if type(mlp) is SparseMoE:
-        return None if _moe_router(mlp) is None else [_product_kind(m) for m in (attn.qkv_proj, attn.o_proj)]
+        router = _moe_router(mlp)
+        if router is None:
+            return None
+        own = [_product_kind(m) for m in (attn.qkv_proj, attn.o_proj)]
+        return own + [router] if router[0] == "int8" else own  # an int8 router shares the layers' switches
     if type(mlp) is not GatedMLP:
         return None
     return [_product_kind(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
@@ -99,9 +111,20 @@ def _moe_fields(mlp) -> list[int]:
     kind, switch = _moe_router(mlp)
     experts = mlp.expert_kernel()
     scaling_bits = struct.unpack("<i", struct.pack("<f", mlp.routed_scaling_factor))[0]
-    return [mlp.gate.weight.data_ptr(), PRODUCT_KINDS[kind], switch, experts.table.data_ptr(), experts.kind,
+    few_rows_max = switch[0] if kind == "int8" else switch  # an int8 router's VNNI switch is the layers' (for_model)
+    return [_weight(mlp.gate).data_ptr(), PRODUCT_KINDS[kind], few_rows_max, experts.table.data_ptr(), experts.kind,
             experts.few_rows_max, experts.intermediate, mlp.num_experts, mlp.top_k, int(mlp.normalize_top_k),
             scaling_bits]
+
+
+def _weight(module) -> torch.Tensor:
+    """The tensor a product reads as its weights: an int8 layer's integers, else `weight`."""
+    return module.qweight if type(module) is Int8Linear else module.weight
+
+
+def _scales(module) -> torch.Tensor | None:
+    """An int8 layer's per-output scales; None for other kinds."""
+    return module.scales if type(module) is Int8Linear else None
 
 
 def _surroundings_qualify(model) -> bool:
@@ -110,11 +133,19 @@ def _surroundings_qualify(model) -> bool:
     embed, norm, rotaries = model.model.embed_tokens, model.model.norm, getattr(model, "rotaries", None)
     first = model.model.layers[0]
     tables = [] if not rotaries else [rotaries[0].cos, rotaries[0].signed_sin]
-    return (type(embed) is nn.Embedding and model.spec.embed_scale is None and type(norm) is RMSNorm
+    if type(embed) is Int8Embedding:  # rows dequantized in the call, as Int8Embedding.forward does
+        int8_rows = (embed.qweight.device.type == "cpu" and embed.qweight.is_contiguous()
+                     and embed.out_dtype == torch.float32 and embed.scales.dtype == torch.float32)
+        embed_ok, tables = int8_rows, tables + [embed.scales]
+    elif type(embed) is nn.Embedding:
+        embed_ok, tables = True, tables + [embed.weight]
+    else:
+        return False
+    return (embed_ok and model.spec.embed_scale is None and type(norm) is RMSNorm
             and type(first.input_layernorm) is RMSNorm and norm.weight_offset == first.input_layernorm.weight_offset
             and len(rotaries) == 1 and rotaries[0].rotary_dim == first.self_attn.head_dim
             and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-                    for t in (embed.weight, norm.weight, *tables)))
+                    for t in (norm.weight, *tables)))
 
 
 class DecodeLayers:
@@ -129,14 +160,17 @@ class DecodeLayers:
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             dense = type(mlp) is GatedMLP
-            mlp_weights = ([mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias]
+            mlp_products = [mlp.gate_up_proj, mlp.down_proj] if dense else [None, None]
+            mlp_weights = ([_weight(mlp.gate_up_proj), mlp.gate_up_proj.bias, _weight(mlp.down_proj), mlp.down_proj.bias]
                            if dense else [None] * 4)
-            row = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+            row = [layer.input_layernorm.weight, _weight(attn.qkv_proj), attn.qkv_proj.bias, _weight(attn.o_proj),
                    attn.o_proj.bias, layer.post_attention_layernorm.weight, *mlp_weights, cache.k[i], cache.v[i],
                    *cache.layer_scales(i)]
             qk_norms = [None, None] if attn.q_norm is None else [attn.q_norm.weight, attn.k_norm.weight]
+            scales = [None if m is None else _scales(m) for m in (attn.qkv_proj, attn.o_proj, *mlp_products)]
+            scales.append(_scales(mlp.gate) if type(mlp) is SparseMoE else None)
             table += ([0 if t is None else t.data_ptr() for t in row] + [attn.sliding_window or 0]
-                      + [0 if t is None else t.data_ptr() for t in qk_norms] + _moe_fields(mlp))
+                      + [0 if t is None else t.data_ptr() for t in (*qk_norms, *scales)] + _moe_fields(mlp))
             assert len(table) == (i + 1) * fields
         self.num_layers = len(layers)
         self.table = torch.tensor(table, dtype=torch.int64)
@@ -148,18 +182,23 @@ class DecodeLayers:
         self.hidden, self.intermediate = spec.hidden_size, dense[0].down_proj.in_features if dense else 32
         norm = layers[0].input_layernorm
         rotary = model.rotaries[0]
-        embed = model.model.embed_tokens.weight
+        embedding = model.model.embed_tokens
+        # an int8 embedding: its integers, and its per-row scales where an fp32 one has its rows
+        embed, embed_int8 = ((embedding.scales, embedding.qweight) if type(embedding) is Int8Embedding
+                             else (embedding.weight, None))
         self.embed_rows, self.rotary_rows = embed.shape[0], rotary.cos.shape[0]
+        few_rows_max, vnni_from = switch if kind == "int8" else (switch, NEVER)
         # What every step passes but never changes, parsed and checked once: a C struct behind a capsule.
         self.c_model = _decode_layers_cpu.model(
-            self.table.data_ptr(), self.num_layers, PRODUCT_KINDS[kind], switch, embed.data_ptr(), embed.shape[0],
+            self.table.data_ptr(), self.num_layers, PRODUCT_KINDS[kind], few_rows_max, vnni_from, embed.data_ptr(),
+            0 if embed_int8 is None else embed_int8.data_ptr(), embed.shape[0],
             rotary.cos.data_ptr(), rotary.signed_sin.data_ptr(), rotary.cos.shape[0], model.model.norm.weight.data_ptr(),
             self.hidden, self.intermediate, self.num_heads, self.num_kv_heads, self.head_dim, cache.block_size,
             cache.num_blocks, norm.eps, attn.q_norm.eps if attn.q_norm is not None else 0.0, model.model.norm.eps,
             norm.weight_offset, self.scale, self.softcap or 0.0, cache.kv_kind,
         )  # fmt: skip
         # The table and the struct hold addresses: keep every tensor they name alive as long as they are used.
-        self._keep = (layers, cache, embed, rotary.cos, rotary.signed_sin, model.model.norm.weight)
+        self._keep = (layers, cache, embed, embed_int8, rotary.cos, rotary.signed_sin, model.model.norm.weight)
 
     @classmethod
     def for_model(cls, model, cache) -> DecodeLayers | None:
@@ -202,7 +241,7 @@ class DecodeLayers:
         """(kind, switch) of an output head `greedy_passes` can call: one of the runner's product kinds whose
         rows are embedding rows (its argmax feeds the next pass); else None."""
         kind = _product_kind(head)
-        if kind is None or not runner_available(kind[0]) or head.out_features > self.embed_rows:
+        if kind is None or kind[0] == "int8" or not runner_available(kind[0]) or head.out_features > self.embed_rows:
             return None
         return kind
 

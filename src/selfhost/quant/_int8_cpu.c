@@ -395,6 +395,15 @@ static int linear_vnni_cpu(const float *x, const int8_t *w, const float *wscale,
     free(xq), free(xscale);
     return job.failed ? -1 : 0;
 }
+
+/* linear_widened's product, for the capsule. */
+static int linear_widened_cpu(const float *x, const int8_t *w, const float *wscale, const float *bias, float *out,
+                              Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+    return int8_widened_product(tiles->linear, x, w, wscale, bias, out, M, N, K, num_threads < 1 ? 1 : num_threads);
+}
+
+/* What the decode-step runner calls (engine/_decode_layers_cpu.c): the same three products. */
+static Int8Kernels kernels = {SELFHOST_KERNELS_VERSION, linear_cpu, NULL, NULL};
 #endif
 
 PyDoc_STRVAR(available_doc, "available() -> bool: this build and this CPU can run `linear`.");
@@ -579,5 +588,11 @@ PyMODINIT_FUNC PyInit__int8_cpu(void) {
 #ifdef SELFHOST_NEON
     neon_has_dotprod = cpu_has_dotprod();
 #endif
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+#ifdef SELFHOST_X86
+    kernels.linear_vnni = vnni_ready() ? linear_vnni_cpu : NULL;
+    kernels.linear_widened = tiles ? linear_widened_cpu : NULL;
+    if (m && isa_of_cpu() && kernels_export(m, "selfhost.quant._int8_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
+#endif
+    return m;
 }

@@ -134,6 +134,8 @@ class Int8Linear(nn.Module):
         self._avx2 = None  # the avx2 kernel bound to this module's weights
         self._reduce_range = not _cpu_has_vnni()
         self._storage_bytes = 0
+        # the "avx2" kernel's row switches as prepared (the decode-step runner calls the same products)
+        self.widened_from_rows = self.vnni_from_rows = sys.maxsize
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
@@ -159,9 +161,9 @@ class Int8Linear(nn.Module):
             self.qweight, self.scales = self.qweight.contiguous(), self.scales.float().contiguous()
             bias = None if self.bias is None else self.bias.float().contiguous()
             whole_blocks = self.in_features % 32 == 0  # both many-row products take whole blocks of 32 only
-            self._avx2 = _avx2_linear(self.qweight, self.scales, bias,
-                                      widened_from_rows if whole_blocks else sys.maxsize,
-                                      vnni_from_rows if whole_blocks else sys.maxsize)
+            self.widened_from_rows = widened_from_rows if whole_blocks else sys.maxsize
+            self.vnni_from_rows = vnni_from_rows if whole_blocks else sys.maxsize
+            self._avx2 = _avx2_linear(self.qweight, self.scales, bias, self.widened_from_rows, self.vnni_from_rows)
         if kernel == "fbgemm":
             self._packed = _fbgemm_pack(self.qweight, self.scales, self.bias)
             # The packed copy is all the kernel reads; do not keep the weight twice.
