@@ -9,11 +9,14 @@ bit for bit; it only skips the trips back to Python between them.
 attention (q/k-normed heads included, as Qwen3's) with SwiGLU MLPs, or softmax-routed experts
 without a shared one (Mixtral, Qwen3-MoE), whose attention and dense products are all of one
 kind the runner calls the same kernel for (bf16 "tiles" or "rows" weights within their few-row
-kernel's range, or fp32 weights on the AVX-512 product), with the paged cache's C kernels, an fp32
-embedding and one full-width rotary table. The model then offers each step to it
-(`CausalLM.forward`): it takes decode-only steps (embedding, every layer and the final norm in
-one call) and returns None for anything else (prompt chunks, larger batches than a "rows"
-switch).
+kernel's range, fp32 weights on the AVX-512 product, or int8 weights on their "avx2" kernel's
+products), with the paged cache's C kernels, an fp32 or int8 embedding and one full-width rotary
+table. The model then offers each step to it (`CausalLM.forward`): it takes decode-only steps
+(embedding, every layer and the final norm in one call) and returns None for anything else (prompt
+chunks, larger batches than a "rows" switch).
+
+A draft model's greedy passes for speculative decoding run here too (`greedy_passes`): every pass's
+layers, its head and argmax, the argmax fed to the next pass, in one call.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ _PYTHON_ONLY = os.environ.get("SELFHOST_DECODE_LAYERS", "c") == "python"
 # The runner's product kinds (its C enum) -> how many rows a step may have for the kernel the
 # layer's module would call to be the one the runner calls.
 PRODUCT_KINDS = {"bf16_tiles": 0, "fp32": 1, "bf16_rows": 2, "int8": 3}
-# An int8 product's "switch": (few-row max, the widened product's from there on; rows from which the VNNI
-# kernel runs), the row counts Int8Linear.prepare was given.
+# A row switch that never comes. An int8 product's "switch" is a pair: (the most rows before its widened
+# product, the rows from which its VNNI kernel runs), the row counts Int8Linear.prepare was given.
 NEVER = sys.maxsize
 
 
