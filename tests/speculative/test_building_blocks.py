@@ -371,32 +371,3 @@ def test_a_batchs_step_times_do_not_price_one_streams_proposals(target):
     speculator.propose([seq], 64)
     assert seq.proposed == [5, 6, 7, 8]
     seq.proposed = []
-
-
-def test_sampled_steps_do_not_price_greedy_proposals(target):
-    """Step times are kept apart for greedy batches and for batches with a sampled sequence (which filter,
-    draw and verify by rejection in Python): a sampled workload had left the greedy curves overpriced."""
-    from types import SimpleNamespace
-
-    from selfhost import LLM, SamplingParams
-    from selfhost.speculative.speculator import Speculator
-
-    llm = LLM(target, speculative="ngram", num_speculative_tokens=4, kv_cache_memory="4MiB")
-    speculator = llm.engine.speculator
-    assert isinstance(speculator, Speculator)
-    decode = lambda tokens: SimpleNamespace(num_tokens=tokens, num_own_tokens=1)  # noqa: E731
-    sampled = llm.engine.add_request("s", [5, 6, 7, 8] * 10, SamplingParams(max_tokens=200, temperature=0.8,
-                                                                          ignore_eos=True))
-    greedy = llm.engine.add_request("g", [5, 6, 7, 8] * 10, SamplingParams(max_tokens=200, temperature=0,
-                                                                         ignore_eos=True))
-    for seq in (sampled, greedy):
-        seq.num_computed_tokens = seq.num_tokens - 1  # decoding
-    for n in (1, 2, 3):
-        speculator.propose([sampled], 64)
-        speculator.record_step([decode(n)], 0.050)  # sampled steps: dear
-        speculator.propose([greedy], 64)
-        speculator.record_step([decode(n)], 0.010 * (1 + 0.02 * (n - 1)))
-    assert speculator.step_cost_for(1, greedy=True).seconds(3) < 0.011
-    assert speculator.step_cost_for(1, greedy=False).seconds(3) > 0.045
-    for seq in (sampled, greedy):
-        seq.proposed = []

@@ -94,11 +94,7 @@ class Speculator:
         # The model's forward and sampling by the step's token count, one curve per number of sequences in the
         # step: 8 tokens for 4 sequences cost ~2x 8 tokens for one (a context and a sampled row each), and one
         # curve for both had made a single stream's proposals look dear after a batch (copy 1.7x -> 1.3-1.5x).
-        # Keyed by whether every decoding sequence of the step is greedy as well: a sampled step filters, draws and
-        # verifies by rejection in Python (a demo-model step ~0.55 ms against ~0.22 greedy), and a sampled
-        # workload had left the greedy curves of its widths overpriced for good (4-32 streams 0.87-0.89x).
-        self.step_costs: dict[tuple[int, bool], StepCostModel] = {}
-        self._batch_greedy = True  # whether this step's decoding sequences are all greedy (set by propose)
+        self.step_costs: dict[int, StepCostModel] = {}
         self.acceptance = AcceptanceModel()  # how often proposals are kept, by what they rest on
         # What speculation costs besides the wider forward, as running averages: per speculating
         # sequence (proposing by lookup, verifying), and per draft-model pass (batched over sequences).
@@ -119,11 +115,11 @@ class Speculator:
         self._could_pay_cache: dict[tuple[int, int, int, bool], tuple[bool, int]] = {}  # step shape -> (answer, until)
         self._proposed = self._accepted = self._verifications = self._steps = 0
 
-    def step_cost_for(self, sequences: int, greedy: bool = True) -> StepCostModel:
-        """The step-time curve of steps that run `sequences` sequences, all greedy or not."""
-        cost = self.step_costs.get((sequences, greedy))
+    def step_cost_for(self, sequences: int) -> StepCostModel:
+        """The step-time curve of steps that run `sequences` sequences."""
+        cost = self.step_costs.get(sequences)
         if cost is None:
-            cost = self.step_costs[(sequences, greedy)] = StepCostModel()
+            cost = self.step_costs[sequences] = StepCostModel()
         return cost
 
     @property
@@ -176,7 +172,6 @@ class Speculator:
             greedy = greedy and state.greedy
             if state.eligible and not seq.is_finished:
                 eligible.append((seq, state))
-        self._batch_greedy = greedy
         if not eligible:
             self._streak = 0
             return 0.0
@@ -218,7 +213,7 @@ class Speculator:
             self._streak = 0
             return 0.0
         lengths = (self._probe(candidates) if unpriced_probe
-                   else self._lengths(self.step_cost_for(len(running), greedy), plain_tokens, decoding, candidates))
+                   else self._lengths(self.step_cost_for(len(running)), plain_tokens, decoding, candidates))
         if not any(lengths):
             self._streak = 0
             return 0.0
@@ -262,7 +257,7 @@ class Speculator:
         cached = self._could_pay_cache.get(key)
         if cached is not None and cached[1] > self._propose_calls:
             return cached[0]
-        cost = self.step_cost_for(sequences, greedy)
+        cost = self.step_cost_for(sequences)
         plain = cost.seconds(plain_tokens)
         if plain is None or decoding == 0:
             return plain is None  # nothing measured yet: not cached, the first steps measure
@@ -374,7 +369,7 @@ class Speculator:
                 break
             num_tokens += chunk.num_tokens
         else:
-            self.step_cost_for(len(chunks), self._batch_greedy).record(num_tokens, seconds)
+            self.step_cost_for(len(chunks)).record(num_tokens, seconds)
         if self._step_sequences:
             per_sequence = self._step_overhead / self._step_sequences
             self._seconds_per_sequence[self._step_greedy].record(per_sequence)
