@@ -225,11 +225,13 @@ static int int8_level(void) {
     return level < isa_limit ? level : isa_limit;
 }
 
-/* The chosen experts' products of one kind (gate_up or down) as one job for the pool: unit c is
- * weight rows [chunk * CHUNK_N, ...) of expert items[2c] (chunk items[2c + 1]) against that
- * expert's rows, which are slots starts[e] .. starts[e + 1] of out (rows grouped by expert). */
+/* The chosen experts' products of one kind (gate_up or down) as one job for the pool, on the dots
+ * (int8_unit: unit c is weight rows [chunk * CHUNK_N, ...) of expert items[2c], chunk items[2c + 1])
+ * or on the VNNI kernel (vnni_unit below: unit c is a strip of 32 outputs), against that expert's
+ * rows, which are slots starts[e] .. starts[e + 1] of out (rows grouped by expert). */
 typedef struct {
-    const int8_t *xq;          /* quantized activation rows, K each */
+    const int8_t *xq;          /* quantized activation rows, K each (the dots) */
+    const uint8_t *xu;         /* the same offset to unsigned (the VNNI kernel; NULL where it does not run) */
     const float *xscale;       /* K / QBLOCK scales a row */
     const Py_ssize_t *sources; /* slot -> activation row (NULL: the slot itself) */
     const int64_t *table;
@@ -239,14 +241,21 @@ typedef struct {
     float *out; /* (slots, N) */
     Py_ssize_t N, K;
     dot_tile_fn dot_tile;
+    int failed; /* a VNNI unit found no memory */
 } Int8Job;
+
+/* Expert e's int8 weight rows and their scales for the job's product. */
+static const int8_t *expert_weight(const Int8Job *j, Py_ssize_t e, const float **wscale) {
+    *wscale = PTR(const float *, j->table[e * EXPERT_FIELDS + j->scales_field]);
+    return PTR(const int8_t *, j->table[e * EXPERT_FIELDS + j->weight_field]);
+}
 
 static void int8_unit(const void *context, long unit) {
     const Int8Job *j = context;
     const Py_ssize_t e = j->items[2 * unit], n_begin = j->items[2 * unit + 1] * CHUNK_N, K = j->K;
     const Py_ssize_t n_end = n_begin + CHUNK_N < j->N ? n_begin + CHUNK_N : j->N, nb = K / QBLOCK;
-    const int8_t *w = PTR(const int8_t *, j->table[e * EXPERT_FIELDS + j->weight_field]);
-    const float *wscale = PTR(const float *, j->table[e * EXPERT_FIELDS + j->scales_field]);
+    const float *wscale;
+    const int8_t *w = expert_weight(j, e, &wscale);
     float dots[TILE];
     {   /* the tiles prefetch PREFETCH_BYTES ahead: ask for the first stretch up front */
         const char *start = (const char *)(w + n_begin * K);
@@ -356,25 +365,12 @@ static void silu_mul(const float *gate_up, float *out, Py_ssize_t rows, Py_ssize
  * single pass over it (0.10-0.15 -> 0.17-0.22 ms), so single-stream decode keeps the dots. */
 #define INT8_VNNI_ROWS 2 /* an expert's rows from which the register-blocked VNNI kernel takes over */
 
-typedef struct {
-    const uint8_t *xu;         /* activation rows offset to unsigned, K each */
-    const float *xscale;       /* K / QBLOCK scales a row */
-    const Py_ssize_t *sources; /* slot -> activation row (NULL: the slot itself) */
-    const int64_t *table;
-    int weight_field, scales_field;
-    const Py_ssize_t *starts;
-    const Py_ssize_t *items;
-    float *out; /* (slots, N) */
-    Py_ssize_t N, K;
-    int failed; /* a unit found no memory */
-} VnniJob;
-
 #ifdef SELFHOST_X86
 static void vnni_unit(const void *context, long unit) {
-    VnniJob *j = (VnniJob *)context;
+    Int8Job *j = (Int8Job *)context;
     const Py_ssize_t e = j->items[2 * unit], n0 = j->items[2 * unit + 1] * VNNI_STRIP;
-    const int8_t *w = PTR(const int8_t *, j->table[e * EXPERT_FIELDS + j->weight_field]);
-    const float *wscale = PTR(const float *, j->table[e * EXPERT_FIELDS + j->scales_field]);
+    const float *wscale;
+    const int8_t *w = expert_weight(j, e, &wscale);
     int8_t *strip = aligned_alloc(64, (vnni_strip_bytes(j->K) + 63) / 64 * 64);
     if (!strip) {
         __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
@@ -391,7 +387,7 @@ static void vnni_unit(const void *context, long unit) {
 #endif
 
 /* Runs `job` over the strips of every chosen expert with `from_rows` rows or more; -1 without memory. */
-static int vnni_products(VnniJob *job, Py_ssize_t E, Py_ssize_t from_rows, Py_ssize_t *items, int num_threads) {
+static int vnni_products(Int8Job *job, Py_ssize_t E, Py_ssize_t from_rows, Py_ssize_t *items, int num_threads) {
     long units = 0;
     for (Py_ssize_t e = 0; e < E; e++)
         if (job->starts[e + 1] - job->starts[e] >= from_rows)
@@ -468,10 +464,9 @@ static int int8_experts(const int64_t *table, const float *x, Py_ssize_t T, Py_s
 
     if (!status) quantize(x, T, H, xq, xscale); /* each token once, however many experts it chose */
     if (!status && vnni_any) offset_bytes(xq, xu, T * H);
-    Int8Job job = {xq, xscale, tokens, table, GATE_UP_W, GATE_UP_SCALES, starts, NULL, gate_up, 2 * I, H, dot_tile};
-    VnniJob vjob = {xu, xscale, tokens, table, GATE_UP_W, GATE_UP_SCALES, starts, NULL, gate_up, 2 * I, H, 0};
+    Int8Job job = {xq, xu, xscale, tokens, table, GATE_UP_W, GATE_UP_SCALES, starts, NULL, gate_up, 2 * I, H, dot_tile, 0};
     if (!status) int8_products(&job, E, dots_below, items, num_threads);
-    if (!status && vnni_any) status = vnni_products(&vjob, E, vnni_rows, items, num_threads);
+    if (!status && vnni_any) status = vnni_products(&job, E, vnni_rows, items, num_threads);
     for (Py_ssize_t e = 0; e < E && !status && widened_most; e++) { /* the widened experts' gate_up into their slots */
         const Py_ssize_t begin = starts[e], count = starts[e + 1] - begin;
         if (count < widened_rows) continue;
@@ -484,13 +479,12 @@ static int int8_experts(const int64_t *table, const float *x, Py_ssize_t T, Py_s
     if (!status) {
         silu_mul(gate_up, act, pairs, I, num_threads);
         quantize(act, pairs, I, act_q, act_scale);
-        job = (Int8Job){act_q, act_scale, NULL, table, DOWN_W, DOWN_SCALES, starts, NULL, ys, H, I, dot_tile};
+        job = (Int8Job){act_q, act_u, act_scale, NULL, table, DOWN_W, DOWN_SCALES, starts, NULL, ys, H, I, dot_tile, 0};
         int8_products(&job, E, dots_below, items, num_threads);
     }
     if (!status && vnni_any) {
         offset_bytes(act_q, act_u, pairs * I);
-        vjob = (VnniJob){act_u, act_scale, NULL, table, DOWN_W, DOWN_SCALES, starts, NULL, ys, H, I, 0};
-        status = vnni_products(&vjob, E, vnni_rows, items, num_threads);
+        status = vnni_products(&job, E, vnni_rows, items, num_threads);
     }
     for (Py_ssize_t e = 0; e < E && !status && widened_most; e++) {
         const Py_ssize_t begin = starts[e], count = starts[e + 1] - begin;
