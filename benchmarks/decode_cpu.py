@@ -56,9 +56,8 @@ def main() -> None:
     peers = [*options.selfhost_peers(args, names)]
     if "transformers" in args.systems:
         peers.append(Peer("transformers", "transformers fp32", {"batching": "sequential"}, "fp32", names))
-    peers += options.vllm_peers(args, names)
-
     model_dir = ensure_model(args.model_dir)
+    peers += options.vllm_peers(args, names, model_dir)
     peers += options.llama_cpp_peers(args, names, lambda weight_type: _gguf(model_dir, weight_type))
     limits, limits_error = measure_limits(args.threads)
     launch = options.launchers(args)

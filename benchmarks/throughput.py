@@ -76,9 +76,8 @@ def main() -> None:
         prompt_row = "sequential" if "sequential" in batching else batching[0]
         peers += [Peer("transformers", TRANSFORMERS_BATCHING[b], {"batching": b}, "fp32",
                        names if b == prompt_row else ("throughput",)) for b in batching]
-    peers += options.vllm_peers(args, names)
-
     model_dir = ensure_model(args.model_dir)
+    peers += options.vllm_peers(args, names, model_dir)
     limits, limits_error = measure_limits(args.threads)
     launch = options.launchers(args)
     work_dir = Path(tempfile.mkdtemp(prefix="selfhost-bench-throughput-"))

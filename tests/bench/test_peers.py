@@ -4,12 +4,15 @@ No test here depends on how fast this machine is."""
 
 import argparse
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.model_costs import decode_bytes_per_token, prompt_flops
-from benchmarks.peers import options, report
+from benchmarks.peers import options, report, vllm_int8
 from benchmarks.peers.driver import Peer, PeerRun, clean_environment, run_peer
 from selfhost.bench.machine_limits import MachineLimits
 
@@ -32,17 +35,59 @@ def test_list_options_map_spellings_drop_repeats_and_name_the_choices():
         parse("fp16")
 
 
-def test_peers_follow_the_options():
+def test_peers_follow_the_options(tmp_path):
     ap = argparse.ArgumentParser()
     options.add_peer_options(ap)
     args = ap.parse_args(["--systems", "selfhost,vllm", "--weight-dtype", "bfloat16", "--vllm-dtype", "fp32,bf16"])
-    labels = [p.label for p in options.selfhost_peers(args, ("decode",)) + options.vllm_peers(args, ("decode",))]
+    labels = [p.label for p in
+              options.selfhost_peers(args, ("decode",)) + options.vllm_peers(args, ("decode",), tmp_path)]
     assert labels == ["selfhost bf16", "vLLM CPU fp32", "vLLM CPU bf16"]
     assert "transformers" not in args.systems
     args = ap.parse_args(["--systems", "vllm", "--vllm-dtype", "bf16", "--vllm-kv-cache-dtype", "auto,fp8"])
-    peers = options.vllm_peers(args, ("decode",))
+    peers = options.vllm_peers(args, ("decode",), tmp_path)
     assert [p.label for p in peers] == ["vLLM CPU bf16", "vLLM CPU bf16 kv fp8"]
     assert [p.settings["kv_cache_dtype"] for p in peers] == ["auto", "fp8"]
+    assert not any("model_dir" in p.settings for p in peers)  # the model the job names
+
+
+def test_int8_rows_run_selfhost_quantization_and_vllm_w8a8_on_a_copy_written_once(tiny_checkpoint, tmp_path):
+    model_dir = shutil.copytree(tiny_checkpoint("llama"), tmp_path / "model")  # the copy is written beside it
+    ap = argparse.ArgumentParser()
+    options.add_peer_options(ap)
+    args = ap.parse_args(["--systems", "selfhost,vllm", "--weight-dtype", "fp32,int8", "--vllm-dtype", "int8"])
+    selfhost = options.selfhost_peers(args, ("ttft",))
+    assert [(p.label, p.weight_precision) for p in selfhost] == [("selfhost fp32", "fp32"), ("selfhost int8", "int8")]
+    assert selfhost[1].settings["quantization"] == "int8" and selfhost[0].settings.get("quantization") is None
+    (vllm,) = options.vllm_peers(args, ("ttft",), model_dir)
+    assert vllm.weight_precision == "int8" and vllm.settings["dtype"] == "float32"
+    copy = Path(vllm.settings["model_dir"])
+    assert copy == model_dir / "vllm-w8a8" and (copy / "config.json").exists()
+    written = (copy / "model.safetensors").stat().st_mtime_ns
+    options.vllm_peers(args, ("ttft",), model_dir)
+    assert (copy / "model.safetensors").stat().st_mtime_ns == written  # kept, not rewritten
+
+
+def test_the_w8a8_copy_holds_int8_rows_that_give_back_the_weights(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    model_dir = shutil.copytree(tiny_checkpoint("llama"), tmp_path / "model")
+    copy = vllm_int8.w8a8_checkpoint(model_dir)
+    original = load_file(next(model_dir.glob("*.safetensors")))
+    quantized = load_file(copy / "model.safetensors")
+    linear = [n for n in original if n.endswith("_proj.weight")]
+    assert linear and all(quantized[n].dtype == torch.int8 for n in linear)
+    for name in linear:
+        w, q, scale = original[name].float(), quantized[name].float(), quantized[name[:-6] + "weight_scale"]
+        assert scale.shape == (w.shape[0], 1)
+        assert q.abs().amax(dim=1).eq(127).all()  # each row's largest weight maps to +-127
+        torch.testing.assert_close(q * scale, w, atol=float(scale.max()) / 2 + 1e-7, rtol=0)
+    kept = [n for n in original if n not in linear]
+    assert all(torch.equal(quantized[n], original[n]) for n in kept)  # embeddings, norms, the head
+    config = json.loads((copy / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]["group_0"]
+    assert groups["weights"]["strategy"] == "channel" and groups["input_activations"]["dynamic"] is True
+    assert config["quantization_config"]["ignore"] == ["lm_head"]
+    assert not list(model_dir.glob(".vllm-w8a8-*"))  # no staging folder left behind
 
 
 def test_agreement_counts_identical_outputs_and_the_shared_leading_tokens():
