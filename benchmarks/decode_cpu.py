@@ -6,6 +6,8 @@
 Each system runs in a process of its own with only its own documented settings
 (benchmarks/peers/), on the same token ids, one after another; each gets --threads
 threads. The machine's read bandwidth and peak matmul rates are measured first.
+--rounds N runs the whole list N times in turn and pools each row's timed runs: on a
+VM whose speed drifts over minutes, every row then gets some of the fast minutes.
 
 Decode: one prompt of --prompt-tokens, --tokens new tokens (eos ignored, greedy),
 best of --repeats runs, each on a prompt of its own. Columns: new tokens/s over the
@@ -29,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import make_prompts  # noqa: E402
 from benchmarks.peers import options, report  # noqa: E402
-from benchmarks.peers.driver import Peer, ensure_model, measure_limits, run_peer  # noqa: E402
+from benchmarks.peers.driver import Peer, ensure_model, measure_limits, run_peers  # noqa: E402
 
 TASKS = ("decode", "ttft")
 
@@ -62,21 +64,20 @@ def main() -> None:
     limits, limits_error = measure_limits(args.threads)
     launch = options.launchers(args)
     work_dir = Path(tempfile.mkdtemp(prefix="selfhost-bench-decode-"))
-    runs = []
-    for peer in peers:
-        job = {"model_dir": str(model_dir), "threads": args.threads, "settings": peer.settings,
-               "tasks": [tasks[name] for name in peer.tasks]}
-        runs.append(run_peer(peer, launch[peer.system], job, work_dir, args.peer_timeout))
+    runs = run_peers(peers, launch, lambda peer: {"model_dir": str(model_dir), "threads": args.threads,
+                                                  "settings": peer.settings,
+                                                  "tasks": [tasks[name] for name in peer.tasks]},
+                     work_dir, args.peer_timeout, args.rounds)
 
     print()
     print(*report.limits_lines(limits, limits_error), sep="\n")
     print(f"\nSingle-stream decode: Llama-shaped ~125M random model, prompt {args.prompt_tokens} tokens, "
-          f"{args.tokens} new tokens, best of {args.repeats}, {args.threads} threads")
+          f"{args.tokens} new tokens, best of {args.repeats * args.rounds}, {args.threads} threads")
     print(*report.speed_table(runs, "decode", report.best_tok_s, "tok/s", lambda v: f"{v:.1f}",
                               higher_is_better=True, extra=report.decode_extra_columns(limits, model_dir)),
           report.DECODE_LEGEND, sep="\n")
-    report.print_ttft_and_footer(runs, limits, model_dir, args.ttft_tokens if "ttft" in tasks else 0, args.ttft_repeats,
-                                 work_dir, args.save_json)
+    report.print_ttft_and_footer(runs, limits, model_dir, args.ttft_tokens if "ttft" in tasks else 0,
+                                 args.ttft_repeats * args.rounds, work_dir, args.save_json)
 
 
 def _gguf(model_dir: Path, weight_type: str) -> Path:

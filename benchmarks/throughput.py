@@ -6,6 +6,7 @@
 Each system runs in a process of its own with only its own documented settings
 (benchmarks/peers/), on the same token ids, one after another; each gets --threads
 threads. The machine's read bandwidth and peak matmul rates are measured first.
+--rounds N runs the whole list N times in turn, each row's timed runs pooled.
 
 Throughput: --requests requests with prompts of 64-512 tokens, --output-tokens new
 tokens each (eos ignored, greedy), all submitted at once; output tokens/s.
@@ -29,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import make_prompts  # noqa: E402
 from benchmarks.peers import options, report  # noqa: E402
-from benchmarks.peers.driver import Peer, ensure_model, measure_limits, run_peer  # noqa: E402
+from benchmarks.peers.driver import Peer, ensure_model, measure_limits, run_peers  # noqa: E402
 
 TRANSFORMERS_BATCHING = {"continuous": "transformers generate_batch", "static": "transformers static batch",
                          "sequential": "transformers sequential"}
@@ -81,13 +82,14 @@ def main() -> None:
     limits, limits_error = measure_limits(args.threads)
     launch = options.launchers(args)
     work_dir = Path(tempfile.mkdtemp(prefix="selfhost-bench-throughput-"))
-    runs = []
-    for peer in peers:
+
+    def job_for(peer: Peer) -> dict:
         tasks = {"throughput": sequential if peer.settings.get("batching") == "sequential" else throughput,
                  "ttft": ttft}
-        job = {"model_dir": str(model_dir), "threads": args.threads, "settings": peer.settings,
-               "tasks": [tasks[name] for name in peer.tasks]}
-        runs.append(run_peer(peer, launch[peer.system], job, work_dir, args.peer_timeout))
+        return {"model_dir": str(model_dir), "threads": args.threads, "settings": peer.settings,
+                "tasks": [tasks[name] for name in peer.tasks]}
+
+    runs = run_peers(peers, launch, job_for, work_dir, args.peer_timeout, args.rounds)
 
     print()
     print(*report.limits_lines(limits, limits_error), sep="\n")
@@ -96,8 +98,8 @@ def main() -> None:
           f"{args.sequential_requests} requests)")
     print(*report.speed_table(runs, "throughput", report.best_tok_s, "output tok/s", lambda v: f"{v:.1f}",
                               higher_is_better=True, extra={}), sep="\n")
-    report.print_ttft_and_footer(runs, limits, model_dir, args.ttft_tokens if args.ttft_tokens else 0, args.ttft_repeats,
-                                 work_dir, args.save_json)
+    report.print_ttft_and_footer(runs, limits, model_dir, args.ttft_tokens if args.ttft_tokens else 0,
+                                 args.ttft_repeats * args.rounds, work_dir, args.save_json)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,42 @@ def run_peer(peer: Peer, launch: Launch, job: dict[str, Any], work_dir: Path, ti
     return run
 
 
+def run_peers(peers: list[Peer], launch: dict[str, Launch], job_for: Callable[[Peer], dict[str, Any]],
+              work_dir: Path, timeout_s: float, rounds: int = 1) -> list[PeerRun]:
+    """Every peer `rounds` times, in turn (p1, p2, .. then p1, p2, .. again), one process each: a
+    VM whose speed drifts over minutes then slows or speeds every system alike, not whichever
+    happened to run in its slow minutes. Each peer's timed runs of all its rounds are pooled."""
+    runs: dict[str, list[PeerRun]] = {p.label: [] for p in peers}
+    for round_index in range(rounds):
+        for peer in peers:
+            folder = work_dir if rounds == 1 else work_dir / f"round-{round_index + 1}"
+            folder.mkdir(parents=True, exist_ok=True)
+            runs[peer.label].append(run_peer(peer, launch[peer.system], job_for(peer), folder, timeout_s))
+    return [pool_rounds(runs[p.label]) for p in peers]
+
+
+def pool_rounds(rounds: list[PeerRun]) -> PeerRun:
+    """One peer's rounds as one run: the timed runs of every round that produced a result, in order;
+    a round that failed is a note (all failed: the first one's error)."""
+    done = [r for r in rounds if r.result is not None]
+    first = rounds[0]
+    pooled = PeerRun(first.peer, notes=list(first.notes), seconds=sum(r.seconds for r in rounds))
+    pooled.notes += [f"round {i + 1} of {len(rounds)}: {r.error}" for i, r in enumerate(rounds) if r.result is None]
+    if not done:
+        pooled.error = first.error
+        return pooled
+    result = json.loads(json.dumps(done[0].result))  # a copy: the rounds' own results stay as they were
+    for extra in done[1:]:
+        for name, task in extra.result.get("tasks", {}).items():
+            into = result["tasks"].setdefault(name, {key: [] for key in task})
+            for key, values in task.items():
+                into.setdefault(key, []).extend(values)
+    if len(rounds) > 1:
+        result["load_seconds"] = [r.result.get("load_seconds") for r in done]
+    pooled.result = result
+    return pooled
+
+
 def _end_process_group(proc: subprocess.Popen) -> None:
     """End what the peer left running in its session (its own group only), then reap it."""
     for sig in (signal.SIGTERM, signal.SIGKILL):

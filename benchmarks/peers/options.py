@@ -78,6 +78,10 @@ def add_peer_options(ap: argparse.ArgumentParser, systems: tuple[str, ...] = SYS
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "selfhost-bench-llama125m",
                     help="the ~125M random Llama (benchmarks/common.py), built there when missing")
     ap.add_argument("--peer-timeout", type=float, default=3600, help="seconds one peer may take (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole list of rows this many times in turn, each row's timed runs pooled over "
+                         "its rounds: on a machine whose speed drifts, no row gets only its slow minutes "
+                         "(default: %(default)s)")
     ap.add_argument("--save-json", type=Path, default=None,
                     help="also write the limits and every peer's result (token ids included) to this file")
 

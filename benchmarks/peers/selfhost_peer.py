@@ -32,7 +32,8 @@ class SelfhostEngine:
                        kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype)
         self.params = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         self._info = {"selfhost": selfhost.__version__, "torch": torch.__version__, "weight_dtype": weight_dtype,
-                      "quantization": quantization, "kv_cache_dtype": str(self.llm.kv_cache_dtype).removeprefix("torch."), "threads": threads}
+                      "quantization": quantization,
+                      "kv_cache_dtype": str(self.llm.kv_cache_dtype).removeprefix("torch."), "threads": threads}
 
     @property
     def info(self) -> dict[str, Any]:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from benchmarks.model_costs import decode_bytes_per_token, prompt_flops
-from benchmarks.peers import options, report, vllm_int8
-from benchmarks.peers.driver import Peer, PeerRun, clean_environment, run_peer
+from benchmarks.peers import driver, options, report, vllm_int8
+from benchmarks.peers.driver import Peer, PeerRun, clean_environment, pool_rounds, run_peer
 from selfhost.bench.machine_limits import MachineLimits
 
 
@@ -229,3 +229,42 @@ def test_a_peer_venv_that_fails_to_install_raises_the_peers_reason_and_is_not_ma
         make_venv(venv, [["install", "--no-index", str(tmp_path / "no-such-package")]], "nothing-here", Unavailable,
                   "try another index")
     assert not is_installed(venv)  # the next run installs again instead of trusting a broken venv
+
+
+def _round(peer, seconds, error=None):
+    run = PeerRun(peer, seconds=1.0)
+    if error:
+        run.error = error
+    else:
+        run.result = {"info": {"round": seconds[0]}, "load_seconds": 2.0,
+                      "tasks": {"ttft": {"seconds": seconds, "output_tokens": [1] * len(seconds),
+                                         "others_cpu": [0.0] * len(seconds), "token_ids": [[[7]]] * len(seconds)}}}
+    return run
+
+
+def test_rounds_run_every_row_in_turn_and_pool_each_rows_timed_runs(monkeypatch, tmp_path):
+    peers = [Peer("selfhost", "a", {}, "fp32", ("ttft",)), Peer("vllm", "b", {}, "fp32", ("ttft",))]
+    order, clock = [], iter([0.5, 0.9, 0.4, 0.8, 0.6, 0.7])
+
+    def fake_run_peer(peer, launch, job, work_dir, timeout_s):
+        order.append((peer.label, work_dir.name))
+        return _round(peer, [next(clock)])
+
+    monkeypatch.setattr(driver, "run_peer", fake_run_peer)
+    runs = driver.run_peers(peers, {"selfhost": None, "vllm": None}, lambda p: {}, tmp_path, 10, rounds=3)
+    assert order == [("a", "round-1"), ("b", "round-1"), ("a", "round-2"), ("b", "round-2"),
+                     ("a", "round-3"), ("b", "round-3")]  # interleaved, each round its own folder
+    assert [r.task("ttft")["seconds"] for r in runs] == [[0.5, 0.4, 0.6], [0.9, 0.8, 0.7]]
+    assert report.best_seconds(runs[0].task("ttft")) == 0.4 and runs[0].seconds == 3.0
+    assert runs[0].result["load_seconds"] == [2.0, 2.0, 2.0]
+
+
+def test_a_failed_round_is_a_note_and_a_row_with_no_result_keeps_its_error():
+    peer = Peer("vllm", "b", {}, "fp32", ("ttft",))
+    rounds = [_round(peer, [0.9]), _round(peer, [], error="crashed"), _round(peer, [0.7])]
+    pooled = pool_rounds(rounds)
+    assert pooled.error is None and pooled.task("ttft")["seconds"] == [0.9, 0.7]
+    assert pooled.notes == ["round 2 of 3: crashed"]
+    assert rounds[0].result["tasks"]["ttft"]["seconds"] == [0.9]  # the rounds' own results untouched
+    failed = pool_rounds([_round(peer, [], error="no venv"), _round(peer, [], error="no venv")])
+    assert failed.result is None and failed.error == "no venv"
