@@ -123,8 +123,9 @@ def pool_rounds(rounds: list[PeerRun]) -> PeerRun:
             into = result["tasks"].setdefault(name, {key: [] for key in task})
             for key, values in task.items():
                 into.setdefault(key, []).extend(values)
-    if len(rounds) > 1:
-        result["load_seconds"] = [r.result.get("load_seconds") for r in done]
+    if len(rounds) > 1:  # the slowest load, and how many rounds the timed runs come from
+        result["load_seconds"] = max(r.result.get("load_seconds", 0.0) for r in done)
+        result["rounds"] = len(done)
     pooled.result = result
     return pooled
 

@@ -153,8 +153,10 @@ def settings_lines(runs: list[PeerRun]) -> list[str]:
     for run in runs:
         if run.result:
             info = ", ".join(f"{k}={v}" for k, v in run.result["info"].items() if v is not None and v != "")
-            lines.append(f"  {run.peer.label}: {info}; load {run.result['load_seconds']:.0f} s, "
-                         f"process {run.seconds:.0f} s")
+            rounds = run.result.get("rounds")
+            lines.append(f"  {run.peer.label}: {info}; load {run.result['load_seconds']:.0f} s"
+                         + (f" (the slowest of {rounds} rounds), processes" if rounds else ", process")
+                         + f" {run.seconds:.0f} s")
         lines += [f"  {run.peer.label}: {note}" for note in run.notes]
     return lines
 

@@ -256,7 +256,9 @@ def test_rounds_run_every_row_in_turn_and_pool_each_rows_timed_runs(monkeypatch,
                      ("a", "round-3"), ("b", "round-3")]  # interleaved, each round its own folder
     assert [r.task("ttft")["seconds"] for r in runs] == [[0.5, 0.4, 0.6], [0.9, 0.8, 0.7]]
     assert report.best_seconds(runs[0].task("ttft")) == 0.4 and runs[0].seconds == 3.0
-    assert runs[0].result["load_seconds"] == [2.0, 2.0, 2.0]
+    assert runs[0].result["load_seconds"] == 2.0 and runs[0].result["rounds"] == 3
+    (line,) = [x for x in report.settings_lines(runs) if x.startswith("  a:")]
+    assert line.endswith("load 2 s (the slowest of 3 rounds), processes 3 s")
 
 
 def test_a_failed_round_is_a_note_and_a_row_with_no_result_keeps_its_error():
