@@ -239,35 +239,50 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _last_logits(self, chunks: list[ScheduledChunk], num_threads: int) -> torch.Tensor:
-        ordered, hidden = self._forward(chunks, num_threads)
+        ordered, hidden = self._forward(chunks, num_threads, _last_rows)
         ends, row_of = 0, {}
         for chunk in ordered:
             ends += chunk.num_tokens
             row_of[id(chunk)] = ends - 1
         return self.model.compute_logits(hidden[[row_of[id(c)] for c in chunks]], num_threads)
 
-    def _forward(self, chunks: list[ScheduledChunk], num_threads: int) -> tuple[list[ScheduledChunk], torch.Tensor]:
-        """The step's hidden states; rows follow the returned order of the chunks."""
+    def _forward(self, chunks: list[ScheduledChunk], num_threads: int,
+                 rows_read=None) -> tuple[list[ScheduledChunk], torch.Tensor]:
+        """The step's hidden states; rows follow the returned order of the chunks. `rows_read(chunks)`,
+        given the chunks in that order, names the rows the caller will read: the others are left
+        unset past the last layer's attention (CausalLM.forward's output_rows)."""
         if self._decode_inputs is not None and all(c.num_tokens == 1 for c in chunks):
             inputs = self._decode_inputs.prepare(chunks, num_threads)  # all single queries: order kept
         else:
             # Single-token queries first: they are attended as one batch (see paged_cache).
             chunks = sorted(chunks, key=self._is_multi_token_query)
             inputs = self._prepare(chunks, num_threads)
-        return chunks, self._hidden(chunks, *inputs, num_threads)
+        return chunks, self._hidden(chunks, *inputs, num_threads, rows_read(chunks) if rows_read else None)
 
     def _hidden(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: StepMetadata, num_threads: int) -> torch.Tensor:
-        """The model's final hidden states for the step's prepared inputs."""
+                meta: StepMetadata, num_threads: int, rows: list[int] | None = None) -> torch.Tensor:
+        """The model's final hidden states for the step's prepared inputs; with `rows`, only those
+        rows are computed past the last layer's attention (a prompt's last layer then multiplies one
+        row, not thousands) and the other rows of the result are unset memory that nobody reads.
+        Adapters keep every row: their per-row slots are laid out for the whole step."""
+        num_tokens = input_ids.shape[0]
+        output_rows = None
+        if rows is not None and len(rows) < num_tokens and self.adapters is None and isinstance(self.model, CausalLM):
+            output_rows = self._tensor(rows or [num_tokens - 1])  # rows read: none, when no chunk ends here
         self.cache.meta = meta
         if self.adapters is not None:
             self.adapters.begin_step([(c.seq.lora_slot, c.num_tokens) for c in chunks], self.device)
         try:
-            return self.model(input_ids, positions, self.cache, num_threads, self._decode_runner())
+            if output_rows is None:
+                return self.model(input_ids, positions, self.cache, num_threads, self._decode_runner())
+            read = self.model(input_ids, positions, self.cache, num_threads, self._decode_runner(), output_rows)
         finally:
             self.cache.meta = None
             if self.adapters is not None:
                 self.adapters.end_step()
+        hidden = read.new_empty((num_tokens, read.shape[1]))
+        hidden[output_rows] = read
+        return hidden
 
     def _decode_runner(self) -> DecodeLayers | None:
         """The one-call decode runner for this model and cache, looked for on the first step (after
@@ -283,7 +298,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _run(self, chunks: list[ScheduledChunk], num_threads: int) -> StepResult:
-        chunks, hidden = self._forward(chunks, num_threads)
+        chunks, hidden = self._forward(chunks, num_threads, _rows_run_reads)
+        # Only the rows _rows_run_reads names were computed: a new reader of `hidden` goes there too.
         ends, rows, finishing, scoring, verifying = 0, [], [], [], []
         for chunk in chunks:
             if chunk.seq.needs_prompt_logprobs:
@@ -342,3 +358,25 @@ class ModelRunner:
             out.append((seq, scored[i : i + num]))
             i += num
         return out
+
+
+def _rows_run_reads(chunks: list[ScheduledChunk]) -> list[int]:
+    """The hidden rows ModelRunner._run reads, the chunks in row order: every row of a chunk that
+    scores prompt tokens or verifies proposals, the last row of one that completes its sequence."""
+    rows, end = [], 0
+    for chunk in chunks:
+        first, end = end, end + chunk.num_tokens
+        if chunk.seq.needs_prompt_logprobs or chunk.proposed:
+            rows.extend(range(first, end))
+        elif chunk.completes_sequence:
+            rows.append(end - 1)
+    return rows
+
+
+def _last_rows(chunks: list[ScheduledChunk]) -> list[int]:
+    """Each chunk's last row, the chunks in row order (a draft model's passes read only these)."""
+    rows, end = [], 0
+    for chunk in chunks:
+        end += chunk.num_tokens
+        rows.append(end - 1)
+    return rows

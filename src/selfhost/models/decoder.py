@@ -66,11 +66,17 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, num_threads: int = 1
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVStore, num_threads: int = 1,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """rows: where only these rows' outputs are wanted (the last layer of a prompt step), every
+        row still attends and writes its keys and values, and the rest of the layer runs on `rows`
+        alone; the output then has one row per entry of `rows`."""
         # Submodules are called through .forward: nn.Module.__call__ (hook dispatch) costs
         # ~1 ms per decoded token across 30 layers, and this model registers no hooks.
         attn_out = self.self_attn.forward(self.input_layernorm.forward(x, num_threads), cos, sin, kv, num_threads)
+        if rows is not None:
+            x, attn_out = x.index_select(0, rows), attn_out.index_select(0, rows)
         if self.sandwich:
             x = x + self.post_attention_layernorm.forward(attn_out)
             mlp_out = self.mlp.forward(self.pre_feedforward_layernorm.forward(x), num_threads)
@@ -108,24 +114,29 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVStore, num_threads: int = 1,
-                layers_runner=None) -> torch.Tensor:
+                layers_runner=None, output_rows: torch.Tensor | None = None) -> torch.Tensor:
         """(T,) token ids and positions -> (T, hidden) final hidden states.
 
         num_threads: how many threads selfhost's CPU kernels use in this forward pass
         (the engine chooses it per step); ignored on GPUs and by torch's own ops.
         layers_runner: the engine's one-call decode runner (engine/decode_layers.py), offered
         the step first; it returns the final hidden states (embedding, every layer and the final
-        norm in one C call), or None where it declines the step."""
+        norm in one C call), or None where it declines the step.
+        output_rows: (N,) int64 rows whose states the caller will read (a prompt's last token, a
+        verification's rows): the result is then (N, hidden), in that order. Nothing after the last
+        layer's attention depends on another row, so the rest of that layer (its MLP: most of a
+        layer's products) runs on those rows only; every row's keys and values are still written."""
         if layers_runner is not None and (hidden := layers_runner(input_ids, positions, kv, num_threads)) is not None:
-            return hidden
+            return hidden if output_rows is None else hidden.index_select(0, output_rows)
         x = self.model.embed_tokens(input_ids)  # (T, hidden)
         if self.spec.embed_scale is not None:
             # The reference rounds the scale to the activation dtype first.
             x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
         tables = [rotary.lookup(positions, x.dtype) for rotary in self.rotaries]
-        for layer, rope_idx in zip(self.model.layers, self.spec.layer_rope):
+        last = len(self.model.layers) - 1
+        for i, (layer, rope_idx) in enumerate(zip(self.model.layers, self.spec.layer_rope)):
             cos, sin = tables[rope_idx]
-            x = layer.forward(x, cos, sin, kv, num_threads)
+            x = layer.forward(x, cos, sin, kv, num_threads, output_rows if i == last else None)
         return self.model.norm.forward(x)
 
     def compute_logits(self, hidden: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
