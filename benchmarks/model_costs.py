@@ -15,11 +15,17 @@ from selfhost.plan.precision import get_precision
 from selfhost.plan.speed import attention_flops_per_token, decode_weight_bytes
 
 
-def decode_bytes_per_token(model_dir: Path, weight_precision: str) -> float:
+def decode_bytes_per_token(model_dir: Path, weight_precision: str, head_precision: str | None = None) -> float:
     """Weight bytes one single-sequence decode step reads (every linear weight and the
-    output head; the input embedding is a row lookup), at `weight_precision` ("fp32", "bf16")."""
+    output head; the input embedding is a row lookup), at `weight_precision` ("fp32", "bf16",
+    "int8"); `head_precision`: the output head's, where a system keeps it in another one."""
     model = model_from_config_file(Path(model_dir) / "config.json", "benchmark model")
-    return decode_weight_bytes(model, get_precision(weight_precision), concurrency=1)
+    precision = get_precision(weight_precision)
+    total = decode_weight_bytes(model, precision, concurrency=1)
+    if head_precision is None:
+        return total
+    embed, head = embedding_split(model)
+    return total + (head or embed) * (get_precision(head_precision).bytes_per_weight - precision.bytes_per_weight)
 
 
 def prompt_flops(model_dir: Path, prompt_tokens: int) -> float:

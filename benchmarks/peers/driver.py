@@ -33,8 +33,9 @@ class Peer:
     system: str  # "selfhost", "transformers" or "vllm": picks benchmarks/peers/<system>_peer.py
     label: str  # the row's name
     settings: dict[str, Any]  # handed to the peer script as the job's settings
-    weight_precision: str  # "fp32" or "bf16": bytes each weight costs, and the peak its prompts run against
+    weight_precision: str  # "fp32", "bf16" or "int8": bytes each weight costs, and the peak its prompts run against
     tasks: tuple[str, ...]  # names of the benchmark's tasks this peer runs
+    head_precision: str | None = None  # the output head's, where the system keeps it in another precision
 
 
 @dataclass

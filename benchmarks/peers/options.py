@@ -119,7 +119,8 @@ def vllm_peers(args: argparse.Namespace, tasks: tuple[str, ...], model_dir: Path
     return [Peer("vllm", f"vLLM CPU {p}" + (" W8A8, fp32 head" if p == "int8" else "")
                  + ("" if kv == "auto" else f" kv {kv}"),
                  {"dtype": VLLM_DTYPE[p], "kv_cache_dtype": kv,
-                  **({"model_dir": str(vllm_int8.w8a8_checkpoint(model_dir))} if p == "int8" else {})}, p, tasks)
+                  **({"model_dir": str(vllm_int8.w8a8_checkpoint(model_dir))} if p == "int8" else {})}, p, tasks,
+                 head_precision="fp32" if p == "int8" else None)
             for p in args.vllm_dtype for kv in args.vllm_kv_cache_dtype]
 
 

@@ -104,15 +104,16 @@ def speed_table(runs: list[PeerRun], task: str, metric: Metric, metric_header: s
 
 def decode_extra_columns(limits: MachineLimits | None, model_dir: Path) -> dict[str, Callable[[PeerRun, float], str]]:
     """Weights read per token and the share of the read bandwidth that makes at the row's speed."""
+    def read(run: PeerRun) -> float:
+        return decode_bytes_per_token(model_dir, run.peer.weight_precision, run.peer.head_precision)
+
     def weights(run: PeerRun, tok_s: float) -> str:
-        return f"{decode_bytes_per_token(model_dir, run.peer.weight_precision) / 1e6:.0f}"
+        return f"{read(run) / 1e6:.0f}"
 
     def share(run: PeerRun, tok_s: float) -> str:
         if limits is None:
             return "n/a"
-        fraction = bandwidth_fraction(decode_bytes_per_token(model_dir, run.peer.weight_precision), tok_s,
-                                      limits.read_gb_s)
-        return f"{fraction:.0%}"
+        return f"{bandwidth_fraction(read(run), tok_s, limits.read_gb_s):.0%}"
 
     return {"weight MB/token": weights, "of read bandwidth": share}
 

@@ -60,6 +60,7 @@ def test_int8_rows_run_selfhost_quantization_and_vllm_w8a8_on_a_copy_written_onc
     assert selfhost[1].settings["quantization"] == "int8" and selfhost[0].settings.get("quantization") is None
     (vllm,) = options.vllm_peers(args, ("ttft",), model_dir)
     assert vllm.weight_precision == "int8" and vllm.settings["dtype"] == "float32"
+    assert vllm.head_precision == "fp32" and selfhost[1].head_precision is None  # vLLM's recipe keeps its head
     copy = Path(vllm.settings["model_dir"])
     assert copy == model_dir / "vllm-w8a8" and (copy / "config.json").exists()
     written = (copy / "model.safetensors").stat().st_mtime_ns
@@ -134,6 +135,8 @@ def test_model_arithmetic_by_hand(tmp_path):
     # q 8x8, k and v 8x4 each, o 8x8, gate/up/down 3 x 8x16: 576 linear weights; head 10x8.
     assert decode_bytes_per_token(tmp_path, "fp32") == (576 + 80) * 4
     assert decode_bytes_per_token(tmp_path, "bf16") == (576 + 80) * 2
+    # vLLM's W8A8 rows: int8 linears (a 2-byte scale per 128 weights) and an fp32 head.
+    assert decode_bytes_per_token(tmp_path, "int8", head_precision="fp32") == 576 * (1 + 2 / 128) + 80 * 4
     # 3 tokens: 2*576*3 linear, attention 4*layers*heads*head_dim*(1+2+3), head once.
     assert prompt_flops(tmp_path, 3) == 2 * 576 * 3 + 4 * 1 * 2 * 4 * 6 + 2 * 80
 
