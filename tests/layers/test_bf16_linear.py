@@ -306,3 +306,25 @@ def test_the_widening_kernels_give_the_same_bits_at_any_row_count():
     alone = torch.cat([layer(x[i : i + 1], 1) for i in range(40)])
     for rows in range(2, 41):
         assert torch.equal(layer(x[:rows], 2), alone[:rows]), rows
+
+
+def test_the_switch_is_measured_once_per_shape_and_layout_and_follows_the_timings(monkeypatch, tmp_path):
+    monkeypatch.setenv("SELFHOST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(bf16_linear, "tiles_available", lambda: True)
+    monkeypatch.setattr(bf16_linear, "c_kernel_available", lambda: True)
+    monkeypatch.setattr(bf16_linear, "amx_available", lambda: True)
+    calls = []
+
+    def timings(in_features, out_features, layout):  # the few-row kernel loses from 16 rows on
+        calls.append((in_features, out_features, layout))
+        return {**{f"few@{r}": 1.0 + (r >= 16) for r in bf16_linear._PROBE_ROWS},
+                **{f"many@{r}": 1.5 for r in bf16_linear._PROBE_ROWS}}
+
+    monkeypatch.setattr(bf16_linear, "measure", timings)
+    assert measure_few_rows_max(64, 128, "tiles") == 12 and measure_few_rows_max(64, 128, "tiles") == 12
+    assert measure_few_rows_max(64, 128, "rows") == 12 and measure_few_rows_max(64, 256, "tiles") == 12
+    assert calls == [(64, 128, "tiles"), (64, 128, "rows"), (64, 256, "tiles")]  # the repeat came from the cache
+    monkeypatch.setattr(bf16_linear, "measure", lambda *args: {k: 1.0 for k in timings(*args)} | {"few@1": 2.0})
+    # a slower few-row kernel at one row: "rows" runs torch's product from the first row, "tiles" keeps its
+    # one-row decode on the exact kernel whatever the probe says
+    assert measure_few_rows_max(32, 32, "rows") == 0 and measure_few_rows_max(32, 32, "tiles") == 64

@@ -193,14 +193,9 @@ def _warm_best_seconds(run) -> float:
 
 
 @torch.inference_mode()
-def measure_few_rows_max(in_features: int, out_features: int, layout: str = "rows") -> int:
-    """The most rows for which the layout's few-row kernel beats its many-row product on a layer
-    of this shape, both on one thread (the count decode steps start from); 0 without the few-row
-    kernel. Takes well under a second."""
-    if not (tiles_available() if layout == "tiles" else c_kernel_available()):
-        return 0
-    if layout == "tiles" and not amx_available():
-        return max(_PROBE_ROWS)  # the many-row product is the few-row kernel itself: nothing to measure
+def measure(in_features: int, out_features: int, layout: str) -> dict[str, float]:
+    """Best-of-n seconds of the few-row kernel ("few@R") and the many-row product ("many@R") on one
+    thread (the count decode steps start from), for every probed row count R."""
     layer = Bf16Linear(in_features, out_features, bias=False, few_rows_max=max(_PROBE_ROWS), layout=layout)
     layer.weight.normal_()
     many_rows_layer = Bf16Linear(in_features, out_features, bias=False, few_rows_max=0, layout=layout)
@@ -208,17 +203,39 @@ def measure_few_rows_max(in_features: int, out_features: int, layout: str = "row
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        # One row (single-stream decode) only streams weights: the few-row kernel reads the same
-        # bytes with exact activations, where AMX would fill 1/16 of a tile (and, on a 32000-row
-        # output head, ran at half the bandwidth here). A noisy probe must not lose that.
-        few_rows_max = 1 if layout == "tiles" else 0
+        seconds = {}
         for rows in _PROBE_ROWS:
-            if rows <= few_rows_max:
-                continue
             x = torch.randn(rows, in_features)
-            if _warm_best_seconds(lambda: layer.forward(x, 1)) > _warm_best_seconds(lambda: many_rows_layer.forward(x, 1)):
-                break
-            few_rows_max = rows
-        return few_rows_max
+            seconds[f"few@{rows}"] = _warm_best_seconds(lambda: layer.forward(x, 1))
+            seconds[f"many@{rows}"] = _warm_best_seconds(lambda: many_rows_layer.forward(x, 1))
+        return seconds
     finally:
         torch.set_num_threads(threads)
+
+
+def measure_few_rows_max(in_features: int, out_features: int, layout: str = "rows") -> int:
+    """The most rows up to which the layout's few-row kernel beats its many-row product on a layer of
+    this shape at every probed count; 0 without the few-row kernel. Measured once per CPU, shape and
+    layout and cached (models/measured_choices.py): two loads of a model on one machine then run the
+    same kernels, so their bf16 outputs agree (the many-row AMX product rounds activations to bf16,
+    the few-row kernel does not)."""
+    from selfhost.models.measured_choices import MeasuredChoices
+
+    if not (tiles_available() if layout == "tiles" else c_kernel_available()):
+        return 0
+    if layout == "tiles" and not amx_available():
+        return max(_PROBE_ROWS)  # the many-row product is the few-row kernel itself: nothing to measure
+    seconds, _ = MeasuredChoices("bf16_products").seconds(
+        (f"{in_features}x{out_features}", layout), 2 * len(_PROBE_ROWS),
+        lambda: measure(in_features, out_features, layout))
+    # One row (single-stream decode) only streams weights: the few-row kernel reads the same bytes
+    # with exact activations, where AMX would fill 1/16 of a tile (and, on a 32000-row output head,
+    # ran at half the bandwidth here). A noisy probe must not lose that.
+    few_rows_max = 1 if layout == "tiles" else 0
+    for rows in _PROBE_ROWS:
+        if rows <= few_rows_max:
+            continue
+        if seconds[f"few@{rows}"] > seconds[f"many@{rows}"]:
+            break
+        few_rows_max = rows
+    return few_rows_max
