@@ -21,8 +21,9 @@ DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16",
 # LLM(...) arguments per precision: int8 is selfhost's own quantization of the fp32 checkpoint
 SELFHOST_WEIGHTS = {"fp32": {"weight_dtype": None}, "bf16": {"weight_dtype": "bfloat16"},
                     "int8": {"weight_dtype": None, "quantization": "int8"}}
-# vllm.LLM(dtype=...) per precision; int8 runs vLLM's W8A8 path on a checkpoint written for it (vllm_int8.py)
-VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "int8": "float32"}
+# vllm.LLM(dtype=...) per precision; int8 runs vLLM's W8A8 path on a checkpoint written for it (vllm_int8.py),
+# its activations (and unquantized head) in vllm_int8_dtype()
+VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 VLLM_KV_CACHE_DTYPES = ("auto", "fp8")  # vllm.LLM(kv_cache_dtype=...)
 SELFHOST_KV_CACHE_DTYPES = ("auto", "int8")  # selfhost.LLM(kv_cache_dtype=...)
 
@@ -116,12 +117,23 @@ def vllm_peers(args: argparse.Namespace, tasks: tuple[str, ...], model_dir: Path
     written once beside it."""
     if "vllm" not in args.systems:
         return []
-    return [Peer("vllm", f"vLLM CPU {p}" + (" W8A8, fp32 head" if p == "int8" else "")
+    int8_head = DTYPES[vllm_int8_dtype()]
+    return [Peer("vllm", f"vLLM CPU {p}" + (f" W8A8, {int8_head} head" if p == "int8" else "")
                  + ("" if kv == "auto" else f" kv {kv}"),
-                 {"dtype": VLLM_DTYPE[p], "kv_cache_dtype": kv,
+                 {"dtype": vllm_int8_dtype() if p == "int8" else VLLM_DTYPE[p], "kv_cache_dtype": kv,
                   **({"model_dir": str(vllm_int8.w8a8_checkpoint(model_dir))} if p == "int8" else {})}, p, tasks,
-                 head_precision="fp32" if p == "int8" else None)
+                 head_precision=int8_head if p == "int8" else None)
             for p in args.vllm_dtype for kv in args.vllm_kv_cache_dtype]
+
+
+def vllm_int8_dtype(isa_flags: tuple[str, ...] | None = None) -> str:
+    """The activations' dtype vLLM's W8A8 rows run in: on AMX CPUs vLLM 0.32 takes its AMX int8 kernel
+    (int8_scaled_mm_with_quant), which accepts only bf16 or fp16 activations; elsewhere its oneDNN int8
+    product, which takes fp32 ones."""
+    from selfhost.cpu_identity import read_cpu_identity
+
+    flags = read_cpu_identity().isa_flags if isa_flags is None else isa_flags
+    return "bfloat16" if "amx_int8" in flags else "float32"
 
 
 def llama_cpp_peers(args: argparse.Namespace, tasks: tuple[str, ...], gguf_for) -> list[Peer]:

@@ -59,8 +59,11 @@ def test_int8_rows_run_selfhost_quantization_and_vllm_w8a8_on_a_copy_written_onc
     assert [(p.label, p.weight_precision) for p in selfhost] == [("selfhost fp32", "fp32"), ("selfhost int8", "int8")]
     assert selfhost[1].settings["quantization"] == "int8" and selfhost[0].settings.get("quantization") is None
     (vllm,) = options.vllm_peers(args, ("ttft",), model_dir)
-    assert vllm.weight_precision == "int8" and vllm.settings["dtype"] == "float32"
-    assert vllm.head_precision == "fp32" and selfhost[1].head_precision is None  # vLLM's recipe keeps its head
+    assert vllm.weight_precision == "int8" and vllm.settings["dtype"] == options.vllm_int8_dtype()
+    assert options.vllm_int8_dtype(("avx512f", "amx_bf16", "amx_int8")) == "bfloat16"  # vLLM's AMX int8 kernel
+    assert options.vllm_int8_dtype(("avx512f", "avx512_vnni")) == "float32"
+    head = "bf16" if options.vllm_int8_dtype() == "bfloat16" else "fp32"
+    assert vllm.head_precision == head and selfhost[1].head_precision is None  # vLLM's recipe keeps its head
     copy = Path(vllm.settings["model_dir"])
     assert copy == model_dir / "vllm-w8a8" and (copy / "config.json").exists()
     written = (copy / "model.safetensors").stat().st_mtime_ns
