@@ -54,7 +54,7 @@ def test_an_int8_layer_takes_the_vnni_kernel_from_its_switch():
         assert torch.equal(layer(x, 2), _product(_int8_cpu.linear_widened, layer, x))
 
 
-def test_vnni_switch_only_where_it_runs_and_amx_does_not(monkeypatch):
+def test_vnni_switch_only_where_it_runs(monkeypatch):
     monkeypatch.setattr(int8_products, "vnni_available", lambda: False)
     assert int8_products.vnni_from_rows() == int8_products.NEVER
     monkeypatch.setattr(int8_products, "vnni_available", lambda: True)

@@ -73,17 +73,40 @@ def test_an_int8_layer_takes_the_widened_product_from_its_switch():
 def test_the_switch_is_measured_once_per_cpu_and_shape(monkeypatch, tmp_path):
     monkeypatch.setenv("SELFHOST_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(int8_products, "widened_available", lambda: True)
+    monkeypatch.setattr(int8_products, "vnni_available", lambda: False)  # against the dots
     calls = []
     faster_from_24 = {**{f"dots@{r}": 1.0 for r in PROBE_ROWS}, **{f"widened@{r}": 2.0 if r < 24 else 0.5
                                                                    for r in PROBE_ROWS}}
     monkeypatch.setattr(int8_products, "measure", lambda *args: calls.append(args) or faster_from_24)
     assert widened_from_rows(64, 128, 2) == 24 and widened_from_rows(64, 128, 2) == 24
-    assert calls == [(64, 128, 2)]
+    assert calls == [(64, 128, 2, "dots")]
     assert widened_from_rows(40, 128, 2) == NEVER  # not a multiple of 32: never measured
     assert len(json.loads((tmp_path / "int8_products.json").read_text())) == 1
 
 
+def test_with_vnni_the_switch_is_measured_against_it_on_amx_and_never_taken_without(monkeypatch, tmp_path):
+    from selfhost.layers import bf16_linear
+
+    monkeypatch.setenv("SELFHOST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(int8_products, "widened_available", lambda: True)
+    monkeypatch.setattr(int8_products, "vnni_available", lambda: True)
+    calls = []
+    rows = int8_products.VNNI_PROBE_ROWS
+    faster_from_256 = {**{f"vnni@{r}": 1.0 for r in rows}, **{f"widened@{r}": 2.0 if r < 256 else 0.5 for r in rows}}
+    monkeypatch.setattr(int8_products, "measure", lambda *args: calls.append(args) or faster_from_256)
+    monkeypatch.setattr(bf16_linear, "amx_available", lambda: False)
+    assert widened_from_rows(64, 128, 2) == NEVER and calls == []  # VNNI without AMX: never measured
+    monkeypatch.setattr(bf16_linear, "amx_available", lambda: True)
+    assert widened_from_rows(64, 128, 2) == 256 and widened_from_rows(64, 128, 2) == 256
+    assert calls == [(64, 128, 2, "vnni")]
+
+
 @needs_widened
-def test_the_real_measurement_times_both_products():
-    measured = int8_products.measure(64, 96, threads=1)
-    assert len(measured) == 2 * len(PROBE_ROWS) and all(v > 0 for v in measured.values())
+@pytest.mark.parametrize("incumbent", ["dots", "vnni"])
+def test_the_real_measurement_times_both_products(incumbent):
+    if incumbent == "vnni" and not int8_products.vnni_available():
+        pytest.skip("the VNNI kernel needs AVX-512 VNNI")
+    measured = int8_products.measure(64, 96, threads=1, incumbent=incumbent)
+    rows = int8_products.probe_rows(incumbent)
+    assert set(measured) == {f"{name}@{r}" for r in rows for name in (incumbent, "widened")}
+    assert all(v > 0 for v in measured.values())

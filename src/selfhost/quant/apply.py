@@ -126,8 +126,7 @@ def quantize_model(model: CausalLM, config: QuantConfig, kernel: str | None = No
 
 def _prepare(model: nn.Module, kernel: str | None) -> None:
     vnni_switch = _int8_vnni_from_rows(model, kernel)
-    # Without AMX the VNNI kernel outruns the widened product at every row count it was measured at.
-    int8_switch = NEVER if vnni_switch != NEVER else _int8_widened_from_rows(model, kernel)
+    int8_switch = _int8_widened_from_rows(model, kernel)  # NEVER where VNNI runs without AMX
     # A mixture's experts keep the int8 dots: their one C call (layers/moe.py) and the Python loop it is
     # checked against must run the same products.
     experts = expert_module_ids(model)

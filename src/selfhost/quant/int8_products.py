@@ -1,17 +1,20 @@
-"""From how many rows an int8 linear layer's product widens its weights to bf16 instead of
-quantizing the activations (quant/_int8_cpu.c's `linear_widened` against its `linear`).
+"""Which product an int8 linear layer runs for how many rows (quant/_int8_cpu.c).
 
-The int8 dots (activations in int8 blocks, exact int32 sums) read each weight once per row group
-but pay per-block work for every row: ~140 GOP/s on two Xeon cores without AMX at any row count.
-Widening the integers (exact in bf16) into layers/_bf16_tiles_cpu.c's layout costs one pass over
-the weights per call, then runs the many-row bf16 product on the exact fp32 rows: 2-2.6x faster
-from 32 rows there, slower below 16 (2026-12-07). Where the crossover lies depends on the CPU (with
-AMX the widened product runs on tiles), so it is measured once per CPU on the model's MLP shape
-(capped) and cached (models/measured_choices.py).
+Three products read the stored (out, in) int8 weights:
+- the dots: activations quantized in blocks of 32 (exact int32 sums per block), four weight rows at a
+  time; one pass over the weights, the choice for one row (single-stream decode);
+- the VNNI kernel (quant/_int8_rows_vnni.h, AVX-512 VNNI): the same int8 blocks, register-blocked over
+  rows; far ahead of the dots from 2 rows (4-6x on a 32-row step);
+- the widened product: the integers (exact in bf16) widened into layers/_bf16_tiles_cpu.c's layout, one
+  pass over the weights per call, then its many-row bf16 product on the fp32 rows (AMX tiles where the
+  CPU has them, which round the activations to bf16).
 
-Without AMX, where AVX-512 VNNI runs, a third product takes every row count from 2: the dots' own int8
-blocks on a register-blocked VNNI kernel (quant/_int8_rows_vnni.h), ahead of both the dots and the
-widened product there (2026-12-07), so the widened switch is not measured on such CPUs (quant/apply.py).
+Where the CPU has VNNI and no AMX, VNNI takes every row count from 2 (the widened product there runs
+on the AVX-512 widening kernel and lost at every count measured, 2026-12-07). With AMX the widened
+product overtakes VNNI somewhere past a few dozen rows (on a Xeon with AMX, 2026-12-07: VNNI 1.7x
+ahead at 32 rows, the widened product 1.3-1.5x ahead at 512 on 768x2304 and 2048x768), and without
+VNNI it overtakes the dots; where, depends on the CPU and the shape, so it is measured once per CPU
+on the model's MLP shape (capped) and cached (models/measured_choices.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from selfhost.timing import best_seconds
 
 log = logging.getLogger(__name__)
 
-PROBE_ROWS = (8, 16, 24, 32, 48, 64)
+PROBE_ROWS = (8, 16, 24, 32, 48, 64)  # against the dots
+VNNI_PROBE_ROWS = (32, 64, 128, 256, 512)  # against the VNNI kernel
 PROBE_MAX_IN, PROBE_MAX_OUT = 1024, 4096
 MIN_GAIN = 1.05
 NEVER = sys.maxsize
@@ -40,35 +44,46 @@ def widened_available() -> bool:
 
 
 @torch.inference_mode()
-def measure(in_features: int, out_features: int, threads: int) -> dict[str, float]:
+def measure(in_features: int, out_features: int, threads: int, incumbent: str = "dots") -> dict[str, float]:
+    """Best-of-n seconds of the incumbent ("dots" or "vnni") and the widened product at its probe rows."""
     from selfhost.quant.int8 import _int8_cpu, quantize_int8
 
     generator = torch.Generator().manual_seed(0)
     q, scales = quantize_int8(torch.randn(out_features, in_features, generator=generator))
+    products = {"dots": _int8_cpu.linear, "vnni": _int8_cpu.linear_vnni}
     seconds = {}
-    for rows in PROBE_ROWS:
+    for rows in probe_rows(incumbent):
         x = torch.randn(rows, in_features, generator=generator)
         out = torch.empty(rows, out_features)
         args = (x.data_ptr(), q.data_ptr(), scales.data_ptr(), 0, out.data_ptr(), rows, out_features, in_features,
                 threads)
-        for name, product in (("dots", _int8_cpu.linear), ("widened", _int8_cpu.linear_widened)):
+        for name, product in ((incumbent, products[incumbent]), ("widened", _int8_cpu.linear_widened)):
             product(*args)  # warm
             seconds[f"{name}@{rows}"] = best_seconds(lambda: product(*args))
     return seconds
 
 
+def probe_rows(incumbent: str) -> tuple[int, ...]:
+    return VNNI_PROBE_ROWS if incumbent == "vnni" else PROBE_ROWS
+
+
 def widened_from_rows(in_features: int, out_features: int, threads: int) -> int:
     """Rows from which int8 layers of this shape take the widened product; NEVER where it never pays
-    or cannot run (no AVX-512 tile kernels, or an input width that is not a multiple of 32)."""
-    if not widened_available() or in_features % 32:
+    or cannot run (no AVX-512 tile kernels, VNNI without AMX, or an input width that is not a
+    multiple of 32)."""
+    from selfhost.layers.bf16_linear import amx_available
+
+    if not widened_available() or in_features % 32 or (vnni_available() and not amx_available()):
         return NEVER
+    incumbent = "vnni" if vnni_available() else "dots"
+    rows = probe_rows(incumbent)
     shape = (min(in_features, PROBE_MAX_IN) // 32 * 32, min(out_features, PROBE_MAX_OUT))
-    seconds, cached = CHOICES.seconds((f"{shape[0]}x{shape[1]}", f"threads={threads}"), 2 * len(PROBE_ROWS),
-                                      lambda: measure(*shape, threads))
-    switch = takeover_rows({r: seconds[f"dots@{r}"] for r in PROBE_ROWS},
-                           {r: seconds[f"widened@{r}"] for r in PROBE_ROWS}, MIN_GAIN)
-    log.debug("int8 products: activations in int8 blocks, weights widened to bf16 %s (%s)",
-             "never" if switch is None else f"from {switch} rows", "cached measurement" if cached else "measured now")
+    seconds, cached = CHOICES.seconds((f"{shape[0]}x{shape[1]}", f"threads={threads}", f"against {incumbent}"),
+                                      2 * len(rows), lambda: measure(*shape, threads, incumbent))
+    switch = takeover_rows({r: seconds[f"{incumbent}@{r}"] for r in rows},
+                           {r: seconds[f"widened@{r}"] for r in rows}, MIN_GAIN)
+    log.debug("int8 products: the widened product takes over from %s %s (%s)", incumbent,
+              "never" if switch is None else f"at {switch} rows", "cached measurement" if cached else "measured now")
     return NEVER if switch is None else switch
 
 
@@ -76,16 +91,13 @@ VNNI_FROM_ROWS = 2  # one row keeps the dots: packing a strip costs more than th
 
 
 def vnni_available() -> bool:
-    """The register-blocked VNNI kernel (quant/_int8_rows_vnni.h) runs here, and AMX does not (where it
-    does, the widened product runs on tiles and stays the many-row choice)."""
-    from selfhost.layers.bf16_linear import amx_available
+    """The register-blocked VNNI kernel (quant/_int8_rows_vnni.h) runs here."""
     from selfhost.quant.int8 import _int8_cpu, avx2_available
 
-    return avx2_available() and _int8_cpu.vnni_available() and not amx_available()
+    return avx2_available() and _int8_cpu.vnni_available()
 
 
 def vnni_from_rows() -> int:
-    """Rows from which int8 layers take the VNNI kernel instead of the dots and the widened product
-    (on a Xeon without AMX, 2026-12-07: 4-6x the widened product from 256 rows in a MoE layer, ahead
-    of the dots from 2 rows); NEVER where it cannot run."""
+    """Rows from which int8 layers take the VNNI kernel instead of the dots (up to the widened
+    product's switch, where that is measured); NEVER where it cannot run."""
     return VNNI_FROM_ROWS if vnni_available() else NEVER
