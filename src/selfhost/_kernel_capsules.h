@@ -13,8 +13,9 @@
 #include <Python.h>
 #include <stdint.h>
 
-#define SELFHOST_KERNELS_VERSION 4 /* 2: RopeDecodeStep took an int8 cache's scales; 3: Bf16TileKernels.linear never
-                                    * NULL; 4: Bf16TileKernels.linear_few_rows takes any K */
+#define SELFHOST_KERNELS_VERSION 5 /* 2: RopeDecodeStep took an int8 cache's scales; 3: Bf16TileKernels.linear never
+                                    * NULL; 4: Bf16TileKernels.linear_few_rows takes any K; 5: its swiglu takes
+                                    * gate|up output scales */
 
 typedef struct { /* layers._norm_cpu */
     int version;
@@ -38,9 +39,10 @@ typedef struct { /* layers._bf16_tiles_cpu: products on the packed layout */
     int (*linear)(const float *x, const uint16_t *w, const float *bias, float *y, Py_ssize_t M, Py_ssize_t N,
                   Py_ssize_t K, int num_threads);
     /* y = down(silu(gate(x)) * up(x)) on AMX tiles, the same bits as linear, SwiGLU, linear; gate|up
-     * without bias, I and K multiples of 32; y may be x; NULL without AMX; -1 without memory */
-    int (*swiglu)(const float *x, const uint16_t *gate_up, const uint16_t *down, const float *down_bias, float *y,
-                  Py_ssize_t M, Py_ssize_t I, Py_ssize_t K, int num_threads);
+     * without bias, I and K multiples of 32; gate_up_scale: NULL, or (2I,) factors of gate|up's outputs
+     * (int8 weights widened: their row scales); y may be x; NULL without AMX; -1 without memory */
+    int (*swiglu)(const float *x, const uint16_t *gate_up, const float *gate_up_scale, const uint16_t *down,
+                  const float *down_bias, float *y, Py_ssize_t M, Py_ssize_t I, Py_ssize_t K, int num_threads);
 } Bf16TileKernels;
 
 typedef struct { /* layers._gemm_cpu (AVX-512): fp32 weights, and bf16 weights in their (N, K) rows */

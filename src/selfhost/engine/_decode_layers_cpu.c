@@ -214,7 +214,7 @@ static int forward(const Model *m, const Pass *p) {
         if (kind == BF16_TILES && tokens > few_rows_max && !f[GATE_UP_B] && tiles->swiglu && intermediate % 32 == 0 &&
             hidden % 32 == 0) {
             /* the MLP in one AMX call, as GatedMLP takes it (layers/bf16_linear.py: swiglu_tiles) */
-            if ((status = tiles->swiglu(hs, PTR(const uint16_t *, f[GATE_UP_W]), PTR(const uint16_t *, f[DOWN_W]),
+            if ((status = tiles->swiglu(hs, PTR(const uint16_t *, f[GATE_UP_W]), NULL, PTR(const uint16_t *, f[DOWN_W]),
                                         PTR(const float *, f[DOWN_B]), hs, tokens, intermediate, hidden, num_threads)))
                 break;
         } else {

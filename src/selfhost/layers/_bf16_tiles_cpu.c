@@ -412,16 +412,20 @@ static int tiles_product(const float *x, const uint16_t *w, const float *bias, f
 typedef struct {
     const uint16_t *xb; /* the input rows as A tiles (Mp x K32) */
     const uint16_t *w;  /* gate|up, packed: gate outputs [0, I), up outputs [I, 2I) */
+    const float *scale; /* NULL, or (2I,) factors of gate|up's sums (int8 weights' row scales) */
     uint16_t *act;      /* out: silu(gate) * up as A tiles (Mp x I) */
     Py_ssize_t I, K32, Mp, group_rows, act_blocks; /* act_blocks = I / 32 */
 } SwiGluProduct;
 
-/* silu(g) * u of C tiles g, u (16 rows x 16 outputs, in staging) to bf16 into the 16-column half
- * `half` of act tile (row tile, block). */
-AMX static inline __attribute__((always_inline)) void swiglu_into_tile(const float *g, const float *u, uint16_t *tile,
-                                                                       int half) {
+/* silu(g) * u of C tiles g, u (16 rows x 16 outputs, in staging), each output times its factor in
+ * gs, us where given (NULL: none), to bf16 into the 16-column half `half` of act tile (row tile, block). */
+AMX static inline __attribute__((always_inline)) void swiglu_into_tile(const float *g, const float *u, const float *gs,
+                                                                       const float *us, uint16_t *tile, int half) {
+    const __m512 gscale = gs ? _mm512_loadu_ps(gs) : _mm512_set1_ps(1.0f), uscale = us ? _mm512_loadu_ps(us) : gscale;
     for (int r = 0; r < TILE_ROWS; r++) {
-        __m512 a = silu_times(_mm512_load_ps(g + 16 * r), _mm512_load_ps(u + 16 * r));
+        __m512 gate = _mm512_load_ps(g + 16 * r), up = _mm512_load_ps(u + 16 * r);
+        if (gs) gate = _mm512_mul_ps(gate, gscale), up = _mm512_mul_ps(up, uscale); /* as linear's scaling pass */
+        __m512 a = silu_times(gate, up);
         _mm256_store_si256((__m256i *)(tile + r * TILE_K + 16 * half), (__m256i)_mm512_cvtneps_pbh(a));
     }
 }
@@ -438,6 +442,7 @@ AMX static void run_swiglu_chunk(const void *context, long chunk) {
     for (int half = 0; half < 2; half++) {
         const Py_ssize_t j = 2 * t + half; /* gate block j, up block j + I/16 */
         const uint16_t *b0 = p->w + j * kblocks * TILE_ELEMS, *b1 = p->w + (j + up_offset) * kblocks * TILE_ELEMS;
+        const float *gs = p->scale ? p->scale + 16 * j : NULL, *us = p->scale ? p->scale + 16 * (j + up_offset) : NULL;
         for (Py_ssize_t m = m_begin; m < m_end; m += 2 * TILE_ROWS) {
             const int pair = m + 2 * TILE_ROWS <= m_end; /* else one 16-row tile left */
             const uint16_t *a0 = p->xb + m * p->K32;
@@ -445,11 +450,11 @@ AMX static void run_swiglu_chunk(const void *context, long chunk) {
             _tile_stored(0, staging[0], 64);
             _tile_stored(1, staging[1], 64);
             uint16_t *tile = p->act + (m / TILE_ROWS) * p->I * TILE_ROWS + t * TILE_ELEMS;
-            swiglu_into_tile(staging[0], staging[1], tile, half);
+            swiglu_into_tile(staging[0], staging[1], gs, us, tile, half);
             if (pair) {
                 _tile_stored(2, staging[2], 64);
                 _tile_stored(3, staging[3], 64);
-                swiglu_into_tile(staging[2], staging[3], tile + p->I * TILE_ROWS, half);
+                swiglu_into_tile(staging[2], staging[3], gs, us, tile + p->I * TILE_ROWS, half);
             }
         }
     }
@@ -458,8 +463,8 @@ AMX static void run_swiglu_chunk(const void *context, long chunk) {
 /* y = down(silu(gate(x)) * up(x)) (+ down bias) for M > 0 rows of K inputs; I % 32 == 0 and the
  * gate|up product without bias. y may be x (x is read whole into tiles first). -1 without
  * memory. Also the decode-step runner's (../_kernel_capsules.h). */
-static int swiglu_product(const float *x, const uint16_t *gate_up, const uint16_t *down, const float *down_bias,
-                          float *y, Py_ssize_t M, Py_ssize_t I, Py_ssize_t K, int num_threads) {
+static int swiglu_product(const float *x, const uint16_t *gate_up, const float *gate_up_scale, const uint16_t *down,
+                          const float *down_bias, float *y, Py_ssize_t M, Py_ssize_t I, Py_ssize_t K, int num_threads) {
     const int threads = num_threads < 1 ? 1 : num_threads;
     const Py_ssize_t K32 = round_up(K, 32), Mp = round_up(M, TILE_ROWS);
     uint16_t *xb = rounded_tiles(x, M, K, threads);
@@ -469,7 +474,7 @@ static int swiglu_product(const float *x, const uint16_t *gate_up, const uint16_
         return -1;
     }
     const Py_ssize_t group_rows = group_rows_for(K32, Mp);
-    SwiGluProduct p = {xb, gate_up, act, I, K32, Mp, group_rows, I / 32};
+    SwiGluProduct p = {xb, gate_up, gate_up_scale, act, I, K32, Mp, group_rows, I / 32};
     pool_run(run_swiglu_chunk, &p, (long)(p.act_blocks * ((Mp + group_rows - 1) / group_rows)), threads);
     product_of_tiles(act, down, down_bias, y, M, K, I, threads);
     free(xb), free(act);
@@ -641,7 +646,7 @@ static PyObject *swiglu_mlp(PyObject *self, PyObject *args) {
     if (M == 0) Py_RETURN_NONE;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = swiglu_product((const float *)x, (const uint16_t *)gate_up, (const uint16_t *)down,
+    status = swiglu_product((const float *)x, (const uint16_t *)gate_up, NULL, (const uint16_t *)down,
                             down_bias ? (const float *)down_bias : NULL, (float *)y, M, I, K, num_threads);
     Py_END_ALLOW_THREADS
     if (status < 0) return PyErr_NoMemory();

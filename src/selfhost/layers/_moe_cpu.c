@@ -528,7 +528,7 @@ static int module_experts(const Step *s, const Py_ssize_t *starts, const Py_ssiz
             memcpy(xs + r * H, s->x + (rows[begin + r] / s->k) * H, (size_t)H * sizeof(float));
         if (s->kind == BF16_TILES && count > s->few_rows_max && tiles->swiglu) {
             /* past the switch, GatedMLP's own choice: the whole MLP in one AMX call, the same bits */
-            if ((status = tiles->swiglu(xs, PTR(const uint16_t *, w[GATE_UP_W]), PTR(const uint16_t *, w[DOWN_W]),
+            if ((status = tiles->swiglu(xs, PTR(const uint16_t *, w[GATE_UP_W]), NULL, PTR(const uint16_t *, w[DOWN_W]),
                                         NULL, ys, count, I, H, s->num_threads)))
                 break;
         } else {

@@ -137,6 +137,10 @@ class Bf16Linear(nn.Module):
             out = _on_threads(num_threads, lambda: F.linear(x.to(torch.bfloat16), weight).to(x.dtype))
         return out if bias is None else out.add_(bias.to(out.dtype))
 
+    def swiglu(self, down: nn.Module, x: torch.Tensor, num_threads: int) -> torch.Tensor | None:
+        """This gate|up layer's MLP in one call (GatedMLP), or None: see `swiglu_tiles`."""
+        return swiglu_tiles(self, down, x, num_threads)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
                 f"few_rows_max={self.few_rows_max}")

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from selfhost.layers.activation import gated
-from selfhost.layers.bf16_linear import swiglu_tiles
 from selfhost.layers.linear import Linear
 
 
@@ -20,6 +19,9 @@ class GatedMLP(nn.Module):
         self.plain_swiglu = activation == "silu"
 
     def forward(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
-        if self.plain_swiglu and (out := swiglu_tiles(self.gate_up_proj, self.down_proj, x, num_threads)) is not None:
+        # The whole MLP in one call where the gate|up layer has one (bf16 tiles, int8) and its weights,
+        # rows and the down layer allow it; each weight format owns its fused kernel.
+        fused = getattr(self.gate_up_proj, "swiglu", None) if self.plain_swiglu else None
+        if fused is not None and (out := fused(self.down_proj, x, num_threads)) is not None:
             return out
         return self.down_proj.forward(self.act(self.gate_up_proj.forward(x, num_threads), num_threads), num_threads)

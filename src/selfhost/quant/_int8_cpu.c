@@ -519,6 +519,54 @@ static PyObject *linear_widened(PyObject *self, PyObject *args) {
 #endif
 }
 
+PyDoc_STRVAR(swiglu_widened_doc,
+             "swiglu_widened(x, gate_up, gate_up_scale, down, down_scale, down_bias, out, M, I, K, num_threads)\n\n"
+             "out (M, K) = down(silu(gate(x)) * up(x)) for int8 gate|up (2I, K) and down (K, I) with their row scales,\n"
+             "both widened as in linear_widened and multiplied in one AMX call (layers._bf16_tiles_cpu's SwiGLU):\n"
+             "the same bits as linear_widened, silu(gate) * up, linear_widened. I and K multiples of 32, gate|up\n"
+             "without bias, down_bias 0 for none; out may be x. Needs swiglu_available().");
+
+static PyObject *swiglu_available(PyObject *self, PyObject *unused) {
+#ifdef SELFHOST_X86
+    return PyBool_FromLong(tiles != NULL && tiles->swiglu != NULL);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *swiglu_widened(PyObject *self, PyObject *args) {
+    unsigned long long x, gate_up, gate_up_scale, down, down_scale, down_bias, out;
+    Py_ssize_t M, I, K;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKKKKKnnni", &x, &gate_up, &gate_up_scale, &down, &down_scale, &down_bias, &out, &M,
+                          &I, &K, &num_threads))
+        return NULL;
+#ifdef SELFHOST_X86
+    if (!tiles || !tiles->swiglu) {
+        PyErr_SetString(PyExc_RuntimeError, "swiglu_widened: needs AMX and selfhost's bf16 tile kernels");
+        return NULL;
+    }
+    if (M < 0 || I <= 0 || I % 32 || K <= 0 || K % 32 || !x || !gate_up || !gate_up_scale || !down || !down_scale || !out) {
+        PyErr_SetString(PyExc_ValueError, "swiglu_widened: I and K must be positive multiples of 32, buffers non-null");
+        return NULL;
+    }
+    if (M == 0) Py_RETURN_NONE;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = int8_widened_swiglu(tiles->swiglu, (const float *)x, (const int8_t *)gate_up, (const float *)gate_up_scale,
+                             (const int8_t *)down, (const float *)down_scale, down_bias ? (const float *)down_bias : NULL,
+                             (float *)out, M, I, K, num_threads < 1 ? 1 : num_threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    (void)x, (void)gate_up, (void)gate_up_scale, (void)down, (void)down_scale, (void)down_bias, (void)out, (void)M,
+        (void)I, (void)K, (void)num_threads;
+    PyErr_SetString(PyExc_RuntimeError, "swiglu_widened: built without x86-64 support");
+    return NULL;
+#endif
+}
+
 PyDoc_STRVAR(linear_vnni_doc,
              "linear_vnni(x, w, wscale, bias, out, M, N, K, num_threads)\n\n"
              "`linear`'s product (activations in int8 blocks of 32, exact int32 block sums) on a register-blocked\n"
@@ -568,6 +616,8 @@ static PyMethodDef methods[] = {
     {"linear_vnni", linear_vnni, METH_VARARGS, linear_vnni_doc},
     {"widened_available", widened_available, METH_NOARGS, "widened_available() -> bool: `linear_widened` runs here."},
     {"linear_widened", linear_widened, METH_VARARGS, linear_widened_doc},
+    {"swiglu_available", swiglu_available, METH_NOARGS, "swiglu_available() -> bool: `swiglu_widened` runs here."},
+    {"swiglu_widened", swiglu_widened, METH_VARARGS, swiglu_widened_doc},
     {"isa", isa, METH_NOARGS, isa_doc},
     {"linear", (PyCFunction)(void (*)(void))linear, METH_FASTCALL, linear_doc},
     {NULL, NULL, 0, NULL},

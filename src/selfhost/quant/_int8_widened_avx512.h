@@ -67,25 +67,54 @@ __attribute__((target("avx512f"))) static void int8_scale_rows_unit(const void *
     }
 }
 
+/* q (N, K) widened into the bf16 tile layout by the pool's threads; NULL without memory. */
+static inline uint16_t *int8_widened(const int8_t *q, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+    const Py_ssize_t groups = (N + 63) / 64 * 4; /* the tile layout pads outputs to 64 */
+    uint16_t *packed = aligned_alloc(64, sizeof(uint16_t) * (size_t)(groups * 16 * K) + 64);
+    if (!packed) return NULL;
+    const Int8PackJob job = {q, packed, N, K};
+    pool_run(int8_pack_group_unit, &job, (long)groups, num_threads);
+    return packed;
+}
+
+/* y *= scale (+ bias) per output, by the pool's threads (one scalar pass on the calling thread had
+ * taken ~6% of an int8 1024-token prompt on a 2-core Xeon with AMX, 2026-12-07). */
+static inline void int8_scale_outputs(float *y, const float *scale, const float *bias, Py_ssize_t M, Py_ssize_t N,
+                                      int num_threads) {
+    const Int8ScaleJob scaling = {y, scale, bias, M, N};
+    pool_run(int8_scale_rows_unit, &scaling, (long)((M + INT8_SCALE_ROWS - 1) / INT8_SCALE_ROWS), num_threads);
+}
+
 /* y (M, N) = x (M, K) @ (q * scale)^T (+ bias) through `linear` (a Bf16TileKernels product) on the
- * widened weights; K % 32 == 0. Without the GIL; -1 without memory. The scales and bias go on in a
- * pass of the pool's threads (one scalar pass on the calling thread had taken ~6% of an int8
- * 1024-token prompt on a 2-core Xeon with AMX, 2026-12-07). */
+ * widened weights; K % 32 == 0. Without the GIL; -1 without memory. */
 static inline int int8_widened_product(int (*linear)(const float *, const uint16_t *, const float *, float *, Py_ssize_t,
                                                      Py_ssize_t, Py_ssize_t, int),
                                        const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
                                        Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
-    const Py_ssize_t groups = (N + 63) / 64 * 4; /* the tile layout pads outputs to 64 */
-    uint16_t *packed = aligned_alloc(64, sizeof(uint16_t) * (size_t)(groups * 16 * K) + 64);
+    uint16_t *packed = int8_widened(q, N, K, num_threads);
     if (!packed) return -1;
-    const Int8PackJob job = {q, packed, N, K};
-    pool_run(int8_pack_group_unit, &job, (long)groups, num_threads);
     int status = linear(x, packed, NULL, y, M, N, K, num_threads);
     free(packed);
-    if (status) return status;
-    const Int8ScaleJob scaling = {y, scale, bias, M, N};
-    pool_run(int8_scale_rows_unit, &scaling, (long)((M + INT8_SCALE_ROWS - 1) / INT8_SCALE_ROWS), num_threads);
-    return 0;
+    if (!status) int8_scale_outputs(y, scale, bias, M, N, num_threads);
+    return status;
+}
+
+/* y (M, K) = down(silu(gate(x)) * up(x)) for int8 gate|up (2I, K) and down (K, I) with their row scales,
+ * through `swiglu` (Bf16TileKernels.swiglu: the MLP in one AMX call) on the widened weights: the same bits
+ * as int8_widened_product, SwiGLU, int8_widened_product. I and K multiples of 32, gate|up without bias;
+ * y may be x. Without the GIL; -1 without memory. */
+static inline int int8_widened_swiglu(int (*swiglu)(const float *, const uint16_t *, const float *, const uint16_t *,
+                                                    const float *, float *, Py_ssize_t, Py_ssize_t, Py_ssize_t, int),
+                                      const float *x, const int8_t *gate_up, const float *gate_up_scale,
+                                      const int8_t *down, const float *down_scale, const float *down_bias, float *y,
+                                      Py_ssize_t M, Py_ssize_t I, Py_ssize_t K, int num_threads) {
+    uint16_t *gate_up_packed = int8_widened(gate_up, 2 * I, K, num_threads), *down_packed = int8_widened(down, K, I, num_threads);
+    int status = gate_up_packed && down_packed
+                     ? swiglu(x, gate_up_packed, gate_up_scale, down_packed, NULL, y, M, I, K, num_threads)
+                     : -1;
+    free(gate_up_packed), free(down_packed);
+    if (!status) int8_scale_outputs(y, down_scale, down_bias, M, K, num_threads);
+    return status;
 }
 
 #endif /* SELFHOST_X86 */

@@ -189,8 +189,35 @@ class Int8Linear(nn.Module):
         out = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
+    def swiglu(self, down: nn.Module, x: torch.Tensor, num_threads: int) -> torch.Tensor | None:
+        """This gate|up layer's MLP in one call (GatedMLP), or None: see `swiglu_int8`."""
+        return swiglu_int8(self, down, x, num_threads)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+def swiglu_int8(gate_up: nn.Module, down: nn.Module, x: torch.Tensor, num_threads: int) -> torch.Tensor | None:
+    """down(silu(gate(x)) * up(x)) in one call (`_int8_cpu.swiglu_widened`: both weights widened, then the
+    MLP in one AMX call) where both layers are int8 on the "avx2" kernel and the rows reach their widened
+    switch, so the separate calls would widen too; the same bits as those (the gate|up scales applied as
+    the sums leave the tiles). None elsewhere."""
+    if not (type(gate_up) is Int8Linear and type(down) is Int8Linear and gate_up._avx2 is not None
+            and down._avx2 is not None and gate_up.bias is None and x.dtype == torch.float32
+            and x.device.type == "cpu" and not torch.is_grad_enabled() and _int8_cpu.swiglu_available()):
+        return None
+    hidden, intermediate = gate_up.in_features, down.in_features
+    rows = x.numel() // hidden
+    if (rows < max(gate_up.widened_from_rows, down.widened_from_rows) or gate_up.out_features != 2 * intermediate
+            or down.out_features != hidden or hidden % 32 or intermediate % 32):
+        return None
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], hidden)
+    _int8_cpu.swiglu_widened(x.data_ptr(), gate_up.qweight.data_ptr(), gate_up.scales.data_ptr(),
+                             down.qweight.data_ptr(), down.scales.data_ptr(),
+                             0 if down.bias is None else down.bias.data_ptr(), out.data_ptr(), rows, intermediate,
+                             hidden, num_threads)
+    return out
 
 
 class Int8Embedding(nn.Module):
