@@ -10,6 +10,9 @@ from selfhost.engine.decode_layers import DecodeLayers, runner_available
 from selfhost.engine.paged_cache import StepMetadata
 from selfhost.layers.bf16_linear import Bf16Linear, tiles_available
 from selfhost.models import bf16_weights
+from selfhost.quant import apply as quant_apply
+from selfhost.quant import int8_products
+from selfhost.quant.int8 import Int8Linear
 from selfhost.speculative.speculator import Speculator
 
 needs_runner = pytest.mark.skipif(
@@ -21,17 +24,23 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 61))]
 # How each case is loaded: the weights' dtype, the bf16 layout (AMX tiles, or W's rows), and the
 # few-row switch, pinned (it is measured at load): 8 sends the decode steps' 3 rows to the few-row
 # kernel on both paths, 1 sends them to the AMX product.
-# "int8": int8 weights (and embedding) on quant/_int8_cpu.c's products, at the switches measured here.
+# "int8": int8 weights (and embedding) on quant/_int8_cpu.c's products, at the switches measured here;
+# "int8_amx": the AMX-INT8 kernel's switch pinned at 2 rows (where the CPU has it).
 WEIGHTS = {"bf16_tiles": ("bfloat16", "tiles", 8), "bf16_tiles_amx": ("bfloat16", "tiles", 1),
-           "bf16_rows": ("bfloat16", "rows", 8), "fp32": ("float32", None, 8), "int8": (None, None, 8)}
+           "bf16_rows": ("bfloat16", "rows", 8), "fp32": ("float32", None, 8), "int8": (None, None, 8),
+           "int8_amx": (None, None, 8)}
 
 
 def _load(path, kv_cache_dtype, weights="bf16_tiles", monkeypatch=None, **kwargs):
     weight_dtype, layout, switch = WEIGHTS[weights]
     if layout is not None and monkeypatch is not None:
         monkeypatch.setattr(bf16_weights, "best_layout", lambda: layout)
-    if weights == "int8":
+    if weights.startswith("int8"):
         kwargs["quantization"] = "int8"
+    if weights == "int8_amx":
+        if not int8_products.amx_available():
+            pytest.skip("the AMX-INT8 kernel needs a CPU with AMX")
+        monkeypatch.setattr(quant_apply, "amx_from_rows", lambda *args: 2)
     llm = LLM(path, weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype, **kwargs)
     for module in llm.engine.runner.model.modules():
         if isinstance(module, Bf16Linear):
@@ -68,6 +77,9 @@ def test_runner_steps_equal_the_python_path(tiny_checkpoint, monkeypatch, family
     llm = _load(str(tiny_checkpoint(family)), kv_cache_dtype, weights, monkeypatch)
     with_runner = _outputs(llm, params)
     assert llm.engine.runner._layers_runner.kind == weights.removesuffix("_amx")
+    if weights == "int8_amx":  # every layer's products past 2 rows on AMX (odd widths: never, VNNI neither)
+        switches = {m.amx_from_rows for m in llm.model.modules() if isinstance(m, Int8Linear)}
+        assert switches == ({decode_layers.NEVER} if family == "llama-odd-widths" else {2})
     assert taken.count(True) >= 20  # the decode steps went through it; prompt steps were declined
     assert taken.count(False) >= 1
     monkeypatch.setattr(decode_layers, "_PYTHON_ONLY", True)

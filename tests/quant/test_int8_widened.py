@@ -74,6 +74,7 @@ def test_the_switch_is_measured_once_per_cpu_and_shape(monkeypatch, tmp_path):
     monkeypatch.setenv("SELFHOST_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(int8_products, "widened_available", lambda: True)
     monkeypatch.setattr(int8_products, "vnni_available", lambda: False)  # against the dots
+    monkeypatch.setattr(int8_products, "amx_available", lambda: False)
     calls = []
     faster_from_24 = {**{f"dots@{r}": 1.0 for r in PROBE_ROWS}, **{f"widened@{r}": 2.0 if r < 24 else 0.5
                                                                    for r in PROBE_ROWS}}
@@ -90,6 +91,7 @@ def test_with_vnni_the_switch_is_measured_against_it_on_amx_and_never_taken_with
     monkeypatch.setenv("SELFHOST_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(int8_products, "widened_available", lambda: True)
     monkeypatch.setattr(int8_products, "vnni_available", lambda: True)
+    monkeypatch.setattr(int8_products, "amx_available", lambda: False)
     calls = []
     rows = int8_products.VNNI_PROBE_ROWS
     faster_from_256 = {**{f"vnni@{r}": 1.0 for r in rows}, **{f"widened@{r}": 2.0 if r < 256 else 0.5 for r in rows}}
@@ -99,14 +101,36 @@ def test_with_vnni_the_switch_is_measured_against_it_on_amx_and_never_taken_with
     monkeypatch.setattr(bf16_linear, "amx_available", lambda: True)
     assert widened_from_rows(64, 128, 2) == 256 and widened_from_rows(64, 128, 2) == 256
     assert calls == [(64, 128, 2, "vnni")]
+    # with the AMX-INT8 kernel, widths that are multiples of 64 measure against it, the others against VNNI
+    monkeypatch.setattr(int8_products, "amx_available", lambda: True)
+    faster_from_256 = {k.replace("vnni", "amx"): v for k, v in faster_from_256.items()}
+    assert widened_from_rows(64, 128, 2) == 256 and calls[-1] == (64, 128, 2, "amx")
+
+
+def test_the_amx_switch_is_measured_against_vnni_once_and_only_where_it_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("SELFHOST_CACHE_DIR", str(tmp_path))
+    calls = []
+    rows = int8_products.AMX_PROBE_ROWS
+    faster_from_12 = {**{f"vnni@{r}": 1.0 for r in rows}, **{f"amx@{r}": 1.2 if r < 12 else 0.6 for r in rows}}
+    monkeypatch.setattr(int8_products, "measure", lambda *args: calls.append(args) or faster_from_12)
+    monkeypatch.setattr(int8_products, "vnni_available", lambda: True)
+    monkeypatch.setattr(int8_products, "amx_available", lambda: False)
+    assert int8_products.amx_from_rows(128, 256, 2) == NEVER and calls == []
+    monkeypatch.setattr(int8_products, "amx_available", lambda: True)
+    assert int8_products.amx_from_rows(96, 256, 2) == NEVER and calls == []  # not a multiple of 64
+    assert int8_products.amx_from_rows(128, 256, 2) == 12 and int8_products.amx_from_rows(128, 256, 2) == 12
+    assert calls == [(128, 256, 2, "vnni", "amx")]
 
 
 @needs_widened
-@pytest.mark.parametrize("incumbent", ["dots", "vnni"])
-def test_the_real_measurement_times_both_products(incumbent):
-    if incumbent == "vnni" and not int8_products.vnni_available():
+@pytest.mark.parametrize("incumbent,challenger", [("dots", "widened"), ("vnni", "widened"), ("amx", "widened"),
+                                                  ("vnni", "amx")])
+def test_the_real_measurement_times_both_products(incumbent, challenger):
+    if "vnni" == incumbent and not int8_products.vnni_available():
         pytest.skip("the VNNI kernel needs AVX-512 VNNI")
-    measured = int8_products.measure(64, 96, threads=1, incumbent=incumbent)
-    rows = int8_products.probe_rows(incumbent)
-    assert set(measured) == {f"{name}@{r}" for r in rows for name in (incumbent, "widened")}
+    if "amx" in (incumbent, challenger) and not int8_products.amx_available():
+        pytest.skip("the AMX kernel needs AMX-INT8")
+    measured = int8_products.measure(64, 96, threads=1, incumbent=incumbent, challenger=challenger)
+    rows = int8_products.AMX_PROBE_ROWS if challenger == "amx" else int8_products.probe_rows(incumbent)
+    assert set(measured) == {f"{name}@{r}" for r in rows for name in (incumbent, challenger)}
     assert all(v > 0 for v in measured.values())

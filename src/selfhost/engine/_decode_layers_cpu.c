@@ -73,13 +73,16 @@ static void add_into(float *x, const float *y, Py_ssize_t n) {
 
 /* y = x @ W^T (+ bias) through the kernel the layer's module would call (for tiles: the few-row
  * kernel up to `few_rows_max` rows, the many-row product beyond, as Bf16Linear switches); -1 without memory. */
-static int product(int kind, Py_ssize_t few_rows_max, Py_ssize_t vnni_from, const float *x, int64_t w, int64_t scales,
+static int product(int kind, Py_ssize_t few_rows_max, Py_ssize_t vnni_from, Py_ssize_t amx_from, const float *x,
+                   int64_t w, int64_t scales,
                    int64_t bias, float *y, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
-    if (kind == INT8) { /* as Int8Linear's closure picks (quant/int8.py): widened, VNNI or the dots; the bias in the call */
+    if (kind == INT8) { /* as Int8Linear's closure picks (quant/int8.py): widened, AMX, VNNI or the dots; the bias in the call */
         int (*linear)(const float *, const int8_t *, const float *, const float *, float *, Py_ssize_t, Py_ssize_t,
                       Py_ssize_t, int) = int8->linear;
         if (M > few_rows_max && int8->linear_widened)
             linear = int8->linear_widened;
+        else if (M >= amx_from && int8->linear_amx && K % 64 == 0)
+            linear = int8->linear_amx;
         else if (M >= vnni_from && int8->linear_vnni)
             linear = int8->linear_vnni;
         return linear(x, PTR(const int8_t *, w), PTR(const float *, scales), PTR(const float *, bias), y, M, N, K,
@@ -112,6 +115,7 @@ typedef struct {
     Py_ssize_t num_layers, few_rows_max, vocab, table_rows, hidden, intermediate, num_heads, num_kv_heads, head_dim;
     Py_ssize_t block_size, num_blocks;
     Py_ssize_t vnni_from; /* int8 products: rows from which the VNNI kernel runs (the widened from few_rows_max + 1) */
+    Py_ssize_t amx_from;  /* ... and the AMX-INT8 one, for widths that are multiples of 64 */
     const float *embed, *cos_table, *sin_table, *final_norm;
     const int8_t *embed_int8; /* an int8 embedding's rows (then `embed` holds its per-row scales); NULL: fp32 rows */
     float eps, qk_eps, final_eps, norm_offset, scale, softcap;
@@ -175,7 +179,7 @@ static int forward(const Model *m, const Pass *p) {
     for (Py_ssize_t l = 0; l < m->num_layers && status == PASS_OK; l++) {
         const int64_t *f = m->table + l * LAYER_FIELDS;
         norm->rms_norm(xs, PTR(const float *, f[INPUT_NORM]), hs, tokens, hidden, m->eps, m->norm_offset);
-        if ((status = product(kind, few_rows_max, m->vnni_from, hs, f[QKV_W], f[QKV_S], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
+        if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, hs, f[QKV_W], f[QKV_S], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
         if (f[Q_NORM]) /* in place: the kernel reads a row's squares before it writes the row */
             for (Py_ssize_t t = 0; t < tokens; t++) {
                 float *q = qkvs + t * qkv_size;
@@ -189,14 +193,14 @@ static int forward(const Model *m, const Pass *p) {
             status = PASS_ATTENTION_REFUSED;
             break;
         }
-        if ((status = product(kind, few_rows_max, m->vnni_from, attns, f[O_W], f[O_S], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
+        if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, attns, f[O_W], f[O_S], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
         add_into(xs, hs, tokens * hidden);
         norm->rms_norm(xs, PTR(const float *, f[POST_NORM]), hs, tokens, hidden, m->eps, m->norm_offset);
         if (!f[GATE_UP_W]) { /* mixture of experts, as SparseMoE.forward takes it */
             float scaling;
             const int32_t scaling_bits = (int32_t)f[SCALING];
             memcpy(&scaling, &scaling_bits, sizeof scaling);
-            if ((status = product((int)f[ROUTER_KIND], (Py_ssize_t)f[ROUTER_SWITCH], m->vnni_from, hs, f[ROUTER_W], f[ROUTER_S], 0,
+            if ((status = product((int)f[ROUTER_KIND], (Py_ssize_t)f[ROUTER_SWITCH], m->vnni_from, m->amx_from, hs, f[ROUTER_W], f[ROUTER_S], 0,
                                   moe_logits,
                                   tokens, (Py_ssize_t)f[NUM_EXPERTS], hidden, num_threads)))
                 break;
@@ -218,11 +222,11 @@ static int forward(const Model *m, const Pass *p) {
                                         PTR(const float *, f[DOWN_B]), hs, tokens, intermediate, hidden, num_threads)))
                 break;
         } else {
-            if ((status = product(kind, few_rows_max, m->vnni_from, hs, f[GATE_UP_W], f[GATE_UP_S], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate,
+            if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, hs, f[GATE_UP_W], f[GATE_UP_S], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate,
                                   hidden, num_threads)))
                 break;
             activation->silu_mul(gate_ups, acts, tokens, intermediate, num_threads);
-            if ((status = product(kind, few_rows_max, m->vnni_from, acts, f[DOWN_W], f[DOWN_S], f[DOWN_B], hs, tokens, hidden, intermediate,
+            if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, acts, f[DOWN_W], f[DOWN_S], f[DOWN_B], hs, tokens, hidden, intermediate,
                                   num_threads)))
                 break;
         }
@@ -249,8 +253,8 @@ static PyObject *model(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long layers, embed, embed_int8, cos_table, sin_table, final_norm;
     Model m;
-    if (!PyArg_ParseTuple(args, "KninnKKnKKnKnnnnnnnffffffi", &layers, &m.num_layers, &m.kind, &m.few_rows_max,
-                          &m.vnni_from, &embed, &embed_int8, &m.vocab, &cos_table, &sin_table, &m.table_rows,
+    if (!PyArg_ParseTuple(args, "KninnnKKnKKnKnnnnnnnffffffi", &layers, &m.num_layers, &m.kind, &m.few_rows_max,
+                          &m.vnni_from, &m.amx_from, &embed, &embed_int8, &m.vocab, &cos_table, &sin_table, &m.table_rows,
                           &final_norm, &m.hidden, &m.intermediate, &m.num_heads, &m.num_kv_heads, &m.head_dim,
                           &m.block_size, &m.num_blocks, &m.eps, &m.qk_eps, &m.final_eps, &m.norm_offset, &m.scale,
                           &m.softcap, &m.kv_kind))
@@ -422,7 +426,7 @@ static PyObject *greedy_passes(PyObject *self, PyObject *args) {
             Pass next = {ids, positions, slots, table, lens, active, width, states, num_threads, attention_threads, 0};
             if ((status = forward(m, &next))) break;
         }
-        if ((status = product(head_kind, head_switch, m->vnni_from, head_in, head_w, 0, head_b, logits, active, head_rows, hidden,
+        if ((status = product(head_kind, head_switch, m->vnni_from, m->amx_from, head_in, head_w, 0, head_b, logits, active, head_rows, hidden,
                               num_threads)))
             break;
         for (Py_ssize_t i = 0; i < active; i++) tokens[i * passes + pass] = first_argmax(logits + i * head_rows, head_rows);

@@ -50,8 +50,9 @@ _PYTHON_ONLY = os.environ.get("SELFHOST_DECODE_LAYERS", "c") == "python"
 # The runner's product kinds (its C enum) -> how many rows a step may have for the kernel the
 # layer's module would call to be the one the runner calls.
 PRODUCT_KINDS = {"bf16_tiles": 0, "fp32": 1, "bf16_rows": 2, "int8": 3}
-# A row switch that never comes. An int8 product's "switch" is a pair: (the most rows before its widened
-# product, the rows from which its VNNI kernel runs), the row counts Int8Linear.prepare was given.
+# A row switch that never comes. An int8 product's "switch" is a triple: (the most rows before its widened
+# product, the rows from which its VNNI kernel runs, the rows from which its AMX one runs), the row counts
+# Int8Linear.prepare was given.
 NEVER = sys.maxsize
 
 
@@ -60,12 +61,12 @@ def runner_available(kind: str = "bf16_tiles") -> bool:
             and _decode_layers_cpu.available(PRODUCT_KINDS[kind]))
 
 
-def _product_kind(module) -> tuple[str, int | tuple[int, int]] | None:
+def _product_kind(module) -> tuple[str, int | tuple[int, int, int]] | None:
     """(kind, few-row switch) of the kernels `module.forward` calls, or None for a module the runner lacks."""
     if type(module) is Int8Linear:
         if module.kernel != "avx2" or module._avx2 is None:
             return None
-        return "int8", (module.widened_from_rows - 1, module.vnni_from_rows)
+        return "int8", (module.widened_from_rows - 1, module.vnni_from_rows, module.amx_from_rows)
     if type(module) is Bf16Linear and module.few_rows_max > 0:
         return ("bf16_tiles" if module.layout == "tiles" else "bf16_rows"), module.few_rows_max
     if type(module) is linear.Linear and linear.USE_GEMM and module.weight.is_contiguous():
@@ -190,10 +191,11 @@ class DecodeLayers:
         embed, embed_int8 = ((embedding.scales, embedding.qweight) if type(embedding) is Int8Embedding
                              else (embedding.weight, None))
         self.embed_rows, self.rotary_rows = embed.shape[0], rotary.cos.shape[0]
-        few_rows_max, vnni_from = switch if kind == "int8" else (switch, NEVER)
+        few_rows_max, vnni_from, amx_from = switch if kind == "int8" else (switch, NEVER, NEVER)
         # What every step passes but never changes, parsed and checked once: a C struct behind a capsule.
         self.c_model = _decode_layers_cpu.model(
-            self.table.data_ptr(), self.num_layers, PRODUCT_KINDS[kind], few_rows_max, vnni_from, embed.data_ptr(),
+            self.table.data_ptr(), self.num_layers, PRODUCT_KINDS[kind], few_rows_max, vnni_from, amx_from,
+            embed.data_ptr(),
             0 if embed_int8 is None else embed_int8.data_ptr(), embed.shape[0],
             rotary.cos.data_ptr(), rotary.signed_sin.data_ptr(), rotary.cos.shape[0], model.model.norm.weight.data_ptr(),
             self.hidden, self.intermediate, self.num_heads, self.num_kv_heads, self.head_dim, cache.block_size,

@@ -50,6 +50,7 @@
 #include "../_kernel_capsules.h"
 #include "_int8_widened_avx512.h"
 #include "_int8_rows_vnni.h"
+#include "_int8_tiles_amx.h"
 
 /* layers._bf16_tiles_cpu's products (AVX-512 CPUs): many rows through the widened weights. NULL elsewhere. */
 static const Bf16TileKernels *tiles;
@@ -402,8 +403,16 @@ static int linear_widened_cpu(const float *x, const int8_t *w, const float *wsca
     return int8_widened_product(tiles->linear, x, w, wscale, bias, out, M, N, K, num_threads < 1 ? 1 : num_threads);
 }
 
-/* What the decode-step runner calls (engine/_decode_layers_cpu.c): the same three products. */
-static Int8Kernels kernels = {SELFHOST_KERNELS_VERSION, linear_cpu, NULL, NULL};
+#ifdef SELFHOST_AMX_TILES
+/* linear_amx's product, for the capsule. */
+static int linear_amx_cpu(const float *x, const int8_t *w, const float *wscale, const float *bias, float *out,
+                          Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+    return amx_int8_product(x, w, wscale, bias, out, M, N, K, num_threads < 1 ? 1 : num_threads);
+}
+#endif
+
+/* What the decode-step runner calls (engine/_decode_layers_cpu.c): the same four products. */
+static Int8Kernels kernels = {SELFHOST_KERNELS_VERSION, linear_cpu, NULL, NULL, NULL};
 #endif
 
 PyDoc_STRVAR(available_doc, "available() -> bool: this build and this CPU can run `linear`.");
@@ -567,6 +576,49 @@ static PyObject *swiglu_widened(PyObject *self, PyObject *args) {
 #endif
 }
 
+PyDoc_STRVAR(linear_amx_doc,
+             "linear_amx(x, w, wscale, bias, out, M, N, K, num_threads)\n\n"
+             "y = x @ (w * wscale)^T + bias on AMX-INT8 tiles, K a multiple of 64: each row of x quantized to int8\n"
+             "with one scale (its largest magnitude / 127), exact int32 sums over K (W8A8, as vLLM's CPU path).\n"
+             "Needs amx_available().");
+
+static PyObject *amx_available(PyObject *self, PyObject *unused) {
+#ifdef SELFHOST_AMX_TILES
+    return PyBool_FromLong(amx_int8_ready);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *linear_amx(PyObject *self, PyObject *args) {
+    unsigned long long x, w, wscale, bias, out;
+    Py_ssize_t M, N, K;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKKKnnni", &x, &w, &wscale, &bias, &out, &M, &N, &K, &num_threads)) return NULL;
+#ifdef SELFHOST_AMX_TILES
+    if (!amx_int8_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "linear_amx: this CPU or kernel does not offer AMX-INT8");
+        return NULL;
+    }
+    if (M < 0 || N < 0 || K <= 0 || K % 64 || !x || !w || !wscale || !out) {
+        PyErr_SetString(PyExc_ValueError, "linear_amx: K must be a positive multiple of 64, buffers non-null");
+        return NULL;
+    }
+    if (M == 0 || N == 0) Py_RETURN_NONE;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = amx_int8_product((const float *)x, (const int8_t *)w, (const float *)wscale, bias ? (const float *)bias : NULL,
+                          (float *)out, M, N, K, num_threads < 1 ? 1 : num_threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    (void)x, (void)w, (void)wscale, (void)bias, (void)out, (void)M, (void)N, (void)K, (void)num_threads;
+    PyErr_SetString(PyExc_RuntimeError, "linear_amx: built without AMX support");
+    return NULL;
+#endif
+}
+
 PyDoc_STRVAR(linear_vnni_doc,
              "linear_vnni(x, w, wscale, bias, out, M, N, K, num_threads)\n\n"
              "`linear`'s product (activations in int8 blocks of 32, exact int32 block sums) on a register-blocked\n"
@@ -614,6 +666,8 @@ static PyMethodDef methods[] = {
     {"available", available, METH_NOARGS, available_doc},
     {"vnni_available", vnni_available, METH_NOARGS, "vnni_available() -> bool: `linear_vnni` runs here."},
     {"linear_vnni", linear_vnni, METH_VARARGS, linear_vnni_doc},
+    {"amx_available", amx_available, METH_NOARGS, "amx_available() -> bool: `linear_amx` runs here."},
+    {"linear_amx", linear_amx, METH_VARARGS, linear_amx_doc},
     {"widened_available", widened_available, METH_NOARGS, "widened_available() -> bool: `linear_widened` runs here."},
     {"linear_widened", linear_widened, METH_VARARGS, linear_widened_doc},
     {"swiglu_available", swiglu_available, METH_NOARGS, "swiglu_available() -> bool: `swiglu_widened` runs here."},
@@ -632,6 +686,9 @@ PyMODINIT_FUNC PyInit__int8_cpu(void) {
 #endif
 #ifdef SELFHOST_X86
     __builtin_cpu_init();
+#ifdef SELFHOST_AMX_TILES
+    amx_int8_ready = amx_int8_request();
+#endif
     if (__builtin_cpu_supports("avx512f"))
         tiles = kernels_import_optional("selfhost.layers._bf16_tiles_cpu", "selfhost.layers._bf16_tiles_cpu._kernels");
 #endif
@@ -642,6 +699,9 @@ PyMODINIT_FUNC PyInit__int8_cpu(void) {
 #ifdef SELFHOST_X86
     kernels.linear_vnni = vnni_ready() ? linear_vnni_cpu : NULL;
     kernels.linear_widened = tiles ? linear_widened_cpu : NULL;
+#ifdef SELFHOST_AMX_TILES
+    kernels.linear_amx = amx_int8_ready ? linear_amx_cpu : NULL;
+#endif
     if (m && isa_of_cpu() && kernels_export(m, "selfhost.quant._int8_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
 #endif
     return m;

@@ -21,7 +21,7 @@ from selfhost.models.decoder import CausalLM
 from selfhost.quant.config import QuantConfig
 from selfhost.quant.int4 import Int4Embedding, Int4Linear
 from selfhost.quant.int8 import Int8Embedding, Int8Linear, default_int8_kernel
-from selfhost.quant.int8_products import NEVER, vnni_from_rows, widened_from_rows
+from selfhost.quant.int8_products import NEVER, amx_from_rows, vnni_from_rows, widened_from_rows
 
 QUANTIZED_MODULES = (Int8Linear, Int4Linear, Int8Embedding, Int4Embedding)
 EMBEDDING = "model.embed_tokens"
@@ -127,6 +127,7 @@ def quantize_model(model: CausalLM, config: QuantConfig, kernel: str | None = No
 def _prepare(model: nn.Module, kernel: str | None) -> None:
     vnni_switch = _int8_vnni_from_rows(model, kernel)
     int8_switch = _int8_widened_from_rows(model, kernel)  # NEVER where VNNI runs without AMX
+    amx_switch = _int8_measured_switch(model, kernel, amx_from_rows)
     # A mixture's experts keep the int8 dots: their one C call (layers/moe.py) and the Python loop it is
     # checked against must run the same products.
     experts = expert_module_ids(model)
@@ -135,7 +136,7 @@ def _prepare(model: nn.Module, kernel: str | None) -> None:
             if id(module) in experts:
                 module.prepare(kernel, sys.maxsize, sys.maxsize)
             else:
-                module.prepare(kernel, int8_switch, vnni_switch)
+                module.prepare(kernel, int8_switch, vnni_switch, amx_switch)
         elif isinstance(module, QUANTIZED_MODULES):
             module.prepare(kernel if kernel and isinstance(module, Int4Linear) else None)
 
@@ -150,11 +151,17 @@ def _int8_vnni_from_rows(model: nn.Module, kernel: str | None) -> int:
 
 def _int8_widened_from_rows(model: nn.Module, kernel: str | None) -> int:
     """The int8 layers' measured switch to widened weights, where they run the "avx2" kernel on the CPU."""
+    return _int8_measured_switch(model, kernel, widened_from_rows)
+
+
+def _int8_measured_switch(model: nn.Module, kernel: str | None, switch) -> int:
+    """`switch(hidden, intermediate, threads)` (a measured row switch of int8_products.py) where the
+    int8 layers run the "avx2" kernel on the CPU; never elsewhere."""
     spec = getattr(model, "spec", None)
     layer = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
     if spec is None or layer is None or (kernel or default_int8_kernel(layer.qweight.device)) != "avx2":
         return sys.maxsize
-    return widened_from_rows(spec.hidden_size, spec.intermediate_size, torch.get_num_threads())
+    return switch(spec.hidden_size, spec.intermediate_size, torch.get_num_threads())
 
 
 def weight_bytes(model: nn.Module) -> int:

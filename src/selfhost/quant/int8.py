@@ -84,10 +84,12 @@ def default_int8_kernel(device: torch.device) -> str:
 
 
 def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, widened_from_rows: int,
-                 vnni_from_rows: int = sys.maxsize):
+                 vnni_from_rows: int = sys.maxsize, amx_from_rows: int = sys.maxsize):
     """y = x @ (q * scale)^T + b for fp32 x of any leading shape, through the C kernel: its int8 dots,
-    from `vnni_from_rows` rows the same int8 blocks on its register-blocked VNNI kernel, or from
-    `widened_from_rows` rows its product on the weights widened to bf16 (int8_products.py).
+    from `vnni_from_rows` rows the same int8 blocks on its register-blocked VNNI kernel, from
+    `amx_from_rows` rows (input widths that are multiples of 64) its AMX-INT8 kernel with one scale per
+    activation row, or from `widened_from_rows` rows its product on the weights widened to bf16
+    (int8_products.py).
 
     The weights' addresses are taken once: a decode step makes over a hundred
     of these calls and attribute lookups would cost more than small products.
@@ -97,6 +99,7 @@ def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
     assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
     out_features, in_features = qweight.shape
     weight_ptr, scales_ptr, bias_ptr = qweight.data_ptr(), scales.data_ptr(), 0 if bias is None else bias.data_ptr()
+    amx_from = amx_from_rows if in_features % 64 == 0 else sys.maxsize
 
     def linear(x: torch.Tensor, num_threads: int, _keep=(qweight, scales, bias)) -> torch.Tensor:
         if not x.is_contiguous():
@@ -104,6 +107,7 @@ def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
         rows = x.numel() // in_features
         out = torch.empty(*x.shape[:-1], out_features)
         product = (_int8_cpu.linear_widened if rows >= widened_from_rows
+                   else _int8_cpu.linear_amx if rows >= amx_from
                    else _int8_cpu.linear_vnni if rows >= vnni_from_rows else _int8_cpu.linear)
         product(x.data_ptr(), weight_ptr, scales_ptr, bias_ptr, out.data_ptr(), rows, out_features, in_features,
                 num_threads)
@@ -135,7 +139,7 @@ class Int8Linear(nn.Module):
         self._reduce_range = not _cpu_has_vnni()
         self._storage_bytes = 0
         # the "avx2" kernel's row switches as prepared (the decode-step runner calls the same products)
-        self.widened_from_rows = self.vnni_from_rows = sys.maxsize
+        self.widened_from_rows = self.vnni_from_rows = self.amx_from_rows = sys.maxsize
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
@@ -148,10 +152,10 @@ class Int8Linear(nn.Module):
         return module
 
     def prepare(self, kernel: str | None = None, widened_from_rows: int = sys.maxsize,
-                vnni_from_rows: int = sys.maxsize) -> None:
+                vnni_from_rows: int = sys.maxsize, amx_from_rows: int = sys.maxsize) -> None:
         """Turn the stored weights into the kernel's layout; once, after loading. widened_from_rows: the
-        "avx2" kernel's measured switch to widened weights; vnni_from_rows: its switch to the VNNI kernel
-        (int8_products.py; never by default)."""
+        "avx2" kernel's measured switch to widened weights; vnni_from_rows and amx_from_rows: its switches
+        to the VNNI and AMX-INT8 kernels (int8_products.py; never by default)."""
         kernel = kernel or default_int8_kernel(self.qweight.device)
         assert kernel in INT8_KERNELS, kernel
         self._storage_bytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.bias)
@@ -163,7 +167,11 @@ class Int8Linear(nn.Module):
             whole_blocks = self.in_features % 32 == 0  # both many-row products take whole blocks of 32 only
             self.widened_from_rows = widened_from_rows if whole_blocks else sys.maxsize
             self.vnni_from_rows = vnni_from_rows if whole_blocks else sys.maxsize
-            self._avx2 = _avx2_linear(self.qweight, self.scales, bias, self.widened_from_rows, self.vnni_from_rows)
+            # the AMX kernel's switch is the model's (one for the decode-step runner); a layer whose width
+            # is not a multiple of 64 stays on VNNI past it, in the runner too
+            self.amx_from_rows = amx_from_rows if whole_blocks else sys.maxsize
+            self._avx2 = _avx2_linear(self.qweight, self.scales, bias, self.widened_from_rows, self.vnni_from_rows,
+                                      self.amx_from_rows)
         if kernel == "fbgemm":
             self._packed = _fbgemm_pack(self.qweight, self.scales, self.bias)
             # The packed copy is all the kernel reads; do not keep the weight twice.

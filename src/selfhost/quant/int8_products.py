@@ -7,7 +7,11 @@ Three products read the stored (out, in) int8 weights:
   rows; far ahead of the dots from 2 rows (4-6x on a 32-row step);
 - the widened product: the integers (exact in bf16) widened into layers/_bf16_tiles_cpu.c's layout, one
   pass over the weights per call, then its many-row bf16 product on the fp32 rows (AMX tiles where the
-  CPU has them, which round the activations to bf16).
+  CPU has them, which round the activations to bf16);
+- the AMX-INT8 kernel (quant/_int8_tiles_amx.h, input widths that are multiples of 64): each activation
+  row quantized with one scale (W8A8, as vLLM's CPU int8), exact int32 sums on the tiles; on a Xeon with
+  AMX (2026-12-07) 1.4-2x VNNI at 32 rows and 1.6-1.9x the widened product at 1024 (3,100-3,600 GOP/s on
+  two cores), 10-20% behind VNNI below 8 rows.
 
 Where the CPU has VNNI and no AMX, VNNI takes every row count from 2 (the widened product there runs
 on the AVX-512 widening kernel and lost at every count measured, 2026-12-07). With AMX the widened
@@ -30,7 +34,8 @@ from selfhost.timing import best_seconds
 log = logging.getLogger(__name__)
 
 PROBE_ROWS = (8, 16, 24, 32, 48, 64)  # against the dots
-VNNI_PROBE_ROWS = (32, 64, 128, 256, 512)  # against the VNNI kernel
+VNNI_PROBE_ROWS = (32, 64, 128, 256, 512)  # the widened product against the VNNI or AMX kernel
+AMX_PROBE_ROWS = (4, 8, 12, 16, 24, 32, 48, 64)  # the AMX kernel against VNNI
 PROBE_MAX_IN, PROBE_MAX_OUT = 1024, 4096
 MIN_GAIN = 1.05
 NEVER = sys.maxsize
@@ -44,45 +49,72 @@ def widened_available() -> bool:
 
 
 @torch.inference_mode()
-def measure(in_features: int, out_features: int, threads: int, incumbent: str = "dots") -> dict[str, float]:
-    """Best-of-n seconds of the incumbent ("dots" or "vnni") and the widened product at its probe rows."""
+def measure(in_features: int, out_features: int, threads: int, incumbent: str = "dots",
+            challenger: str = "widened") -> dict[str, float]:
+    """Best-of-n seconds of the incumbent ("dots", "vnni" or "amx") and the widened product at its probe rows;
+    for incumbent "vnni" with challenger "amx", of VNNI and the AMX kernel at AMX_PROBE_ROWS."""
     from selfhost.quant.int8 import _int8_cpu, quantize_int8
 
     generator = torch.Generator().manual_seed(0)
     q, scales = quantize_int8(torch.randn(out_features, in_features, generator=generator))
-    products = {"dots": _int8_cpu.linear, "vnni": _int8_cpu.linear_vnni}
+    products = {"dots": _int8_cpu.linear, "vnni": _int8_cpu.linear_vnni, "amx": _int8_cpu.linear_amx,
+                "widened": _int8_cpu.linear_widened}
     seconds = {}
-    for rows in probe_rows(incumbent):
+    for rows in AMX_PROBE_ROWS if challenger == "amx" else probe_rows(incumbent):
         x = torch.randn(rows, in_features, generator=generator)
         out = torch.empty(rows, out_features)
         args = (x.data_ptr(), q.data_ptr(), scales.data_ptr(), 0, out.data_ptr(), rows, out_features, in_features,
                 threads)
-        for name, product in ((incumbent, products[incumbent]), ("widened", _int8_cpu.linear_widened)):
+        for name, product in ((incumbent, products[incumbent]), (challenger, products[challenger])):
             product(*args)  # warm
             seconds[f"{name}@{rows}"] = best_seconds(lambda: product(*args))
     return seconds
 
 
 def probe_rows(incumbent: str) -> tuple[int, ...]:
-    return VNNI_PROBE_ROWS if incumbent == "vnni" else PROBE_ROWS
+    return PROBE_ROWS if incumbent == "dots" else VNNI_PROBE_ROWS
 
 
 def widened_from_rows(in_features: int, out_features: int, threads: int) -> int:
     """Rows from which int8 layers of this shape take the widened product; NEVER where it never pays
     or cannot run (no AVX-512 tile kernels, VNNI without AMX, or an input width that is not a
     multiple of 32)."""
-    from selfhost.layers.bf16_linear import amx_available
+    from selfhost.layers import bf16_linear
 
-    if not widened_available() or in_features % 32 or (vnni_available() and not amx_available()):
+    if not widened_available() or in_features % 32 or (vnni_available() and not bf16_linear.amx_available()):
         return NEVER
-    incumbent = "vnni" if vnni_available() else "dots"
+    incumbent = "amx" if amx_available() and in_features % 64 == 0 else "vnni" if vnni_available() else "dots"
     rows = probe_rows(incumbent)
-    shape = (min(in_features, PROBE_MAX_IN) // 32 * 32, min(out_features, PROBE_MAX_OUT))
+    shape = (min(in_features, PROBE_MAX_IN) // (64 if incumbent == "amx" else 32) * (64 if incumbent == "amx" else 32),
+             min(out_features, PROBE_MAX_OUT))
     seconds, cached = CHOICES.seconds((f"{shape[0]}x{shape[1]}", f"threads={threads}", f"against {incumbent}"),
                                       2 * len(rows), lambda: measure(*shape, threads, incumbent))
     switch = takeover_rows({r: seconds[f"{incumbent}@{r}"] for r in rows},
                            {r: seconds[f"widened@{r}"] for r in rows}, MIN_GAIN)
     log.debug("int8 products: the widened product takes over from %s %s (%s)", incumbent,
+              "never" if switch is None else f"at {switch} rows", "cached measurement" if cached else "measured now")
+    return NEVER if switch is None else switch
+
+
+def amx_available() -> bool:
+    """The AMX-INT8 kernel (quant/_int8_tiles_amx.h) runs here."""
+    from selfhost.quant.int8 import _int8_cpu, avx2_available
+
+    return avx2_available() and _int8_cpu.amx_available()
+
+
+def amx_from_rows(in_features: int, out_features: int, threads: int) -> int:
+    """Rows from which int8 layers of this shape (widths that are multiples of 64) take the AMX kernel
+    instead of VNNI: measured once per CPU on the model's MLP shape (capped) and cached; NEVER where
+    it cannot run or never pays."""
+    if not (amx_available() and vnni_available()) or in_features % 64:
+        return NEVER
+    shape = (min(in_features, PROBE_MAX_IN) // 64 * 64, min(out_features, PROBE_MAX_OUT))
+    seconds, cached = CHOICES.seconds((f"{shape[0]}x{shape[1]}", f"threads={threads}", "amx against vnni"),
+                                      2 * len(AMX_PROBE_ROWS), lambda: measure(*shape, threads, "vnni", "amx"))
+    switch = takeover_rows({r: seconds[f"vnni@{r}"] for r in AMX_PROBE_ROWS},
+                           {r: seconds[f"amx@{r}"] for r in AMX_PROBE_ROWS}, MIN_GAIN)
+    log.debug("int8 products: the AMX kernel takes over from VNNI %s (%s)",
               "never" if switch is None else f"at {switch} rows", "cached measurement" if cached else "measured now")
     return NEVER if switch is None else switch
 

@@ -1,0 +1,161 @@
+/* int8 weights times int8 activations on AMX tiles (TDPBSSD): W8A8 with a scale per activation row.
+ *
+ * Why: on a CPU with AMX, VNNI's register-blocked kernel (_int8_rows_vnni.h) is bound by its
+ * vpdpbusd instructions (~500-900 GOP/s on two Xeon cores, 2026-12-07), and widening the
+ * integers to bf16 for the bf16 tiles writes and reads twice the weights' bytes each call. One
+ * TDPBSSD multiplies a 16x64 int8 tile by a 64x16 one into 16x16 int32 sums: 16,384 products.
+ *
+ * The price is the activations' grain: a tile sums 64 inputs at once, and a sum over K must stay
+ * in int32 to keep that rate, so each activation row is quantized with one scale (its largest
+ * magnitude / 127, rounded to nearest even), where the dots and VNNI take one per 32 inputs.
+ * vLLM's CPU W8A8 does the same. Sums are exact integers (|sum| <= K x 127 x 127 < 2^31 for
+ * K < 133,000); the result is float(sum) x row scale x weight scale (+ bias).
+ *
+ * Layout: the activations become A tiles (16 rows x 64 inputs, contiguous, rows padded to 16 with
+ * zeros); each unit of work packs the weights of 32 outputs with vnni_pack_strip, whose 64-byte
+ * quad rows of 16 outputs are already TDPBSSD's B rows (row i: inputs 4i..4i+3 of each output), so
+ * 16 consecutive quads are one B tile; then every row passes that strip, 32 rows at a time into four
+ * C tiles. K must be a multiple of 64 (whole tiles; the caller keeps other widths on VNNI).
+ *
+ * Include after _int8_rows_vnni.h and ../_cpu_pool.h, x86-64 GCC only.
+ */
+#ifndef SELFHOST_INT8_TILES_AMX_H
+#define SELFHOST_INT8_TILES_AMX_H
+
+#include "../_amx_tiles.h"
+
+#ifdef SELFHOST_AMX_TILES
+#define AMX_INT8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni,amx-tile,amx-bf16,amx-int8")))
+
+/* AMX-INT8 granted here (VNNI packs the strips); set once, when the module loads. */
+static int amx_int8_ready;
+
+static int amx_int8_request(void) {
+    return amx_request() && __builtin_cpu_supports("amx-int8") && __builtin_cpu_supports("avx512vnni");
+}
+
+typedef struct {
+    const float *x;
+    int8_t *xq;     /* A tiles: (Mp / 16) x (K / 64) tiles of 16 x 64 */
+    float *xscale;  /* (Mp,) */
+    Py_ssize_t M, K;
+} AmxQuantJob;
+
+/* Rows [16t, 16t + 16) quantized, each with its own scale, into row tile t (zeros past M). */
+AMX_INT8_TARGET static void amx_quantize_unit(const void *context, long t) {
+    const AmxQuantJob *j = (const AmxQuantJob *)context;
+    const Py_ssize_t kblocks = j->K / 64;
+    for (Py_ssize_t m = (Py_ssize_t)t * 16; m < (Py_ssize_t)(t + 1) * 16; m++) {
+        int8_t *row = j->xq + (Py_ssize_t)t * kblocks * AMX_TILE_ROWS * 64 + (m % 16) * 64; /* + kb * 1024 */
+        if (m >= j->M) {
+            for (Py_ssize_t kb = 0; kb < kblocks; kb++) memset(row + kb * 1024, 0, 64);
+            j->xscale[m] = 0.0f;
+            continue;
+        }
+        const float *x = j->x + m * j->K;
+        __m512 most = _mm512_setzero_ps();
+        for (Py_ssize_t k = 0; k < j->K; k += 16) most = _mm512_max_ps(most, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+        const float amax = _mm512_reduce_max_ps(most);
+        const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        for (Py_ssize_t kb = 0; kb < kblocks; kb++)
+            for (int c = 0; c < 4; c++) {
+                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + kb * 64 + 16 * c), inverse));
+                _mm_storeu_si128((__m128i *)(row + kb * 1024 + 16 * c), _mm512_cvtsepi32_epi8(q));
+            }
+        j->xscale[m] = amax / 127.0f;
+    }
+}
+
+typedef struct {
+    const int8_t *xq;
+    const float *xscale, *wscale, *bias;
+    const int8_t *w;
+    float *y;
+    Py_ssize_t M, Mp, N, K;
+    int failed;
+} AmxInt8Job;
+
+/* C tile t (16 rows from m, 16 outputs from n) in staging to y: sums x row scale x weight scale + bias. */
+AMX_INT8_TARGET static inline void amx_int8_store(const AmxInt8Job *j, const int32_t *staging, Py_ssize_t m,
+                                                  Py_ssize_t n) {
+    const Py_ssize_t cols = j->N - n < 16 ? j->N - n : 16;
+    if (cols <= 0) return;
+    const __mmask16 mask = (__mmask16)(cols >= 16 ? 0xffff : (1u << cols) - 1);
+    const __m512 wscale = _mm512_maskz_loadu_ps(mask, j->wscale + n);
+    const __m512 bias = j->bias ? _mm512_maskz_loadu_ps(mask, j->bias + n) : _mm512_setzero_ps();
+    for (Py_ssize_t r = 0; r < 16 && m + r < j->M; r++) {
+        const __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(staging + 16 * r));
+        const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(sums, _mm512_set1_ps(j->xscale[m + r])), wscale);
+        _mm512_mask_storeu_ps(j->y + (m + r) * j->N + n, mask, _mm512_add_ps(scaled, bias));
+    }
+}
+
+/* Unit s: outputs [32s, 32s + 32) packed into a strip, then every row against it. */
+AMX_INT8_TARGET static void amx_int8_unit(const void *context, long s) {
+    AmxInt8Job *j = (AmxInt8Job *)context;
+    const Py_ssize_t n0 = (Py_ssize_t)s * VNNI_STRIP, kblocks = j->K / 64, quads = j->K / 4;
+    int8_t *strip = aligned_alloc(64, (vnni_strip_bytes(j->K) + 63) / 64 * 64);
+    if (!strip) {
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    vnni_pack_strip(j->w, j->N, j->K, n0, strip);
+    const int8_t *b0 = strip, *b1 = strip + quads * 64;
+    int32_t staging[4][256] __attribute__((aligned(64)));
+    amx_configure();
+    for (Py_ssize_t m = 0; m < j->Mp; m += 32) {
+        const int single = m + 32 > j->Mp;
+        const int8_t *a0 = j->xq + (m / 16) * kblocks * 1024, *a1 = a0 + kblocks * 1024;
+        _tile_zero(0);
+        _tile_zero(1);
+        if (!single) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
+            _tile_loadd(4, a0 + kb * 1024, 64);
+            _tile_loadd(6, b0 + kb * 1024, 64);
+            _tile_loadd(7, b1 + kb * 1024, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            if (!single) {
+                _tile_loadd(5, a1 + kb * 1024, 64);
+                _tile_dpbssd(2, 5, 6);
+                _tile_dpbssd(3, 5, 7);
+            }
+        }
+        _tile_stored(0, staging[0], 64);
+        _tile_stored(1, staging[1], 64);
+        amx_int8_store(j, staging[0], m, n0);
+        amx_int8_store(j, staging[1], m, n0 + 16);
+        if (!single) {
+            _tile_stored(2, staging[2], 64);
+            _tile_stored(3, staging[3], 64);
+            amx_int8_store(j, staging[2], m + 16, n0);
+            amx_int8_store(j, staging[3], m + 16, n0 + 16);
+        }
+    }
+    free(strip);
+}
+
+/* y (M, N) = quantized rows of x (M, K) @ q^T x scales (+ bias) on AMX-INT8, K % 64 == 0. Without the
+ * GIL; -1 without memory. */
+static int amx_int8_product(const float *x, const int8_t *q, const float *wscale, const float *bias, float *y,
+                            Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+    const Py_ssize_t Mp = (M + 15) / 16 * 16;
+    int8_t *xq = aligned_alloc(64, (size_t)(Mp * K) + 64);
+    float *xscale = malloc(sizeof(float) * (size_t)Mp);
+    if (!xq || !xscale) {
+        free(xq), free(xscale);
+        return -1;
+    }
+    const AmxQuantJob quantizing = {x, xq, xscale, M, K};
+    pool_run(amx_quantize_unit, &quantizing, (long)(Mp / 16), num_threads);
+    AmxInt8Job job = {xq, xscale, wscale, bias, q, y, M, Mp, N, K, 0};
+    pool_run(amx_int8_unit, &job, (long)((N + VNNI_STRIP - 1) / VNNI_STRIP), num_threads);
+    free(xq), free(xscale);
+    return job.failed ? -1 : 0;
+}
+
+#endif /* SELFHOST_AMX_TILES */
+#endif /* SELFHOST_INT8_TILES_AMX_H */
