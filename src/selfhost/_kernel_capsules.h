@@ -88,7 +88,7 @@ typedef struct { /* quant._int8_cpu (x86-64): int8 weights (N, K), one fp32 scal
     /* the weights widened exactly onto the bf16 tiles' many-row product, K % 32 == 0; NULL without them */
     int (*linear_widened)(const float *x, const int8_t *w, const float *wscale, const float *bias, float *y,
                           Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads);
-    /* AMX-INT8 tiles, each activation row quantized with one scale (W8A8), K % 64 == 0; NULL without AMX-INT8 */
+    /* AMX-INT8 tiles, each activation row quantized with one scale (W8A8), K % 32 == 0; NULL without AMX-INT8 */
     int (*linear_amx)(const float *x, const int8_t *w, const float *wscale, const float *bias, float *y,
                       Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads);
 } Int8Kernels;

@@ -31,7 +31,8 @@ def amx(x, q, scales, bias, threads):
 
 @needs_amx
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 33, 100])
-@pytest.mark.parametrize("in_features,out_features", [(64, 48), (128, 70), (256, 5), (192, 33)])
+@pytest.mark.parametrize("in_features,out_features", [(64, 48), (128, 70), (256, 5), (192, 33), (96, 40), (160, 17),
+                                                      (32, 64)])  # 96, 160, 32: a last half tile
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_product_is_per_row_w8a8(rows, in_features, out_features, bias):
     gen = torch.Generator().manual_seed(rows * out_features)
@@ -49,9 +50,9 @@ def test_the_product_is_per_row_w8a8(rows, in_features, out_features, bias):
 
 @needs_amx
 def test_bad_widths_are_refused():
-    q, scales = quantize_int8(torch.randn(8, 96))
-    with pytest.raises(ValueError, match="multiple of 64"):
-        amx(torch.randn(4, 96), q, scales, None, 1)
+    q, scales = quantize_int8(torch.randn(8, 80))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        amx(torch.randn(4, 80), q, scales, None, 1)
 
 
 @needs_amx
@@ -66,10 +67,11 @@ def test_an_int8_layer_takes_the_amx_kernel_from_its_switch_where_its_width_allo
         product(x.data_ptr(), layer.qweight.data_ptr(), layer.scales.data_ptr(), layer.bias.data_ptr(), out.data_ptr(),
                 rows, 40, 128, 2)
         assert torch.equal(layer(x, 2), out)
-    narrow = Int8Linear.from_float(torch.nn.Linear(96, 40))  # 96 inputs: VNNI past the switch too
-    narrow.prepare("avx2", widened_from_rows=sys.maxsize, vnni_from_rows=2, amx_from_rows=8)
-    x = torch.randn(20, 96, generator=gen)
-    out = torch.empty(20, 40)
-    _int8_cpu.linear_vnni(x.data_ptr(), narrow.qweight.data_ptr(), narrow.scales.data_ptr(), narrow.bias.data_ptr(),
-                          out.data_ptr(), 20, 40, 96, 2)
-    assert torch.equal(narrow(x, 2), out)
+    odd = Int8Linear.from_float(torch.nn.Linear(40, 16))  # 40 inputs, not whole blocks of 32: the dots
+    odd.prepare("avx2", widened_from_rows=sys.maxsize, vnni_from_rows=2, amx_from_rows=8)
+    assert odd.amx_from_rows == odd.vnni_from_rows == sys.maxsize
+    x = torch.randn(20, 40, generator=gen)
+    out = torch.empty(20, 16)
+    _int8_cpu.linear(x.data_ptr(), odd.qweight.data_ptr(), odd.scales.data_ptr(), odd.bias.data_ptr(), out.data_ptr(),
+                     20, 16, 40, 2)
+    assert torch.equal(odd(x, 2), out)

@@ -81,7 +81,7 @@ static int product(int kind, Py_ssize_t few_rows_max, Py_ssize_t vnni_from, Py_s
                       Py_ssize_t, int) = int8->linear;
         if (M > few_rows_max && int8->linear_widened)
             linear = int8->linear_widened;
-        else if (M >= amx_from && int8->linear_amx && K % 64 == 0)
+        else if (M >= amx_from && int8->linear_amx)
             linear = int8->linear_amx;
         else if (M >= vnni_from && int8->linear_vnni)
             linear = int8->linear_vnni;
@@ -115,7 +115,7 @@ typedef struct {
     Py_ssize_t num_layers, few_rows_max, vocab, table_rows, hidden, intermediate, num_heads, num_kv_heads, head_dim;
     Py_ssize_t block_size, num_blocks;
     Py_ssize_t vnni_from; /* int8 products: rows from which the VNNI kernel runs (the widened from few_rows_max + 1) */
-    Py_ssize_t amx_from;  /* ... and the AMX-INT8 one, for widths that are multiples of 64 */
+    Py_ssize_t amx_from;  /* ... and the AMX-INT8 one */
     const float *embed, *cos_table, *sin_table, *final_norm;
     const int8_t *embed_int8; /* an int8 embedding's rows (then `embed` holds its per-row scales); NULL: fp32 rows */
     float eps, qk_eps, final_eps, norm_offset, scale, softcap;

@@ -578,7 +578,7 @@ static PyObject *swiglu_widened(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(linear_amx_doc,
              "linear_amx(x, w, wscale, bias, out, M, N, K, num_threads)\n\n"
-             "y = x @ (w * wscale)^T + bias on AMX-INT8 tiles, K a multiple of 64: each row of x quantized to int8\n"
+             "y = x @ (w * wscale)^T + bias on AMX-INT8 tiles, K a multiple of 32: each row of x quantized to int8\n"
              "with one scale (its largest magnitude / 127), exact int32 sums over K (W8A8, as vLLM's CPU path).\n"
              "Needs amx_available().");
 
@@ -600,8 +600,8 @@ static PyObject *linear_amx(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "linear_amx: this CPU or kernel does not offer AMX-INT8");
         return NULL;
     }
-    if (M < 0 || N < 0 || K <= 0 || K % 64 || !x || !w || !wscale || !out) {
-        PyErr_SetString(PyExc_ValueError, "linear_amx: K must be a positive multiple of 64, buffers non-null");
+    if (M < 0 || N < 0 || K <= 0 || K % 32 || !x || !w || !wscale || !out) {
+        PyErr_SetString(PyExc_ValueError, "linear_amx: K must be a positive multiple of 32, buffers non-null");
         return NULL;
     }
     if (M == 0 || N == 0) Py_RETURN_NONE;

@@ -15,7 +15,9 @@
  * zeros); each unit of work packs the weights of 32 outputs with vnni_pack_strip, whose 64-byte
  * quad rows of 16 outputs are already TDPBSSD's B rows (row i: inputs 4i..4i+3 of each output), so
  * 16 consecutive quads are one B tile; then every row passes that strip, 32 rows at a time into four
- * C tiles. K must be a multiple of 64 (whole tiles; the caller keeps other widths on VNNI).
+ * C tiles. K must be a multiple of 32; where it is not one of 64, the activations are zero-padded to
+ * the next 64 and the last B tile's second half reads past the group's quads into bytes that only
+ * ever meet those zeros (the strip is allocated a tile longer so that they exist).
  *
  * Include after _int8_rows_vnni.h and ../_cpu_pool.h, x86-64 GCC only.
  */
@@ -36,15 +38,15 @@ static int amx_int8_request(void) {
 
 typedef struct {
     const float *x;
-    int8_t *xq;     /* A tiles: (Mp / 16) x (K / 64) tiles of 16 x 64 */
+    int8_t *xq;     /* A tiles: (Mp / 16) x (K64 / 64) tiles of 16 x 64 */
     float *xscale;  /* (Mp,) */
-    Py_ssize_t M, K;
+    Py_ssize_t M, K, K64;
 } AmxQuantJob;
 
 /* Rows [16t, 16t + 16) quantized, each with its own scale, into row tile t (zeros past M). */
 AMX_INT8_TARGET static void amx_quantize_unit(const void *context, long t) {
     const AmxQuantJob *j = (const AmxQuantJob *)context;
-    const Py_ssize_t kblocks = j->K / 64;
+    const Py_ssize_t kblocks = j->K64 / 64;
     for (Py_ssize_t m = (Py_ssize_t)t * 16; m < (Py_ssize_t)(t + 1) * 16; m++) {
         int8_t *row = j->xq + (Py_ssize_t)t * kblocks * AMX_TILE_ROWS * 64 + (m % 16) * 64; /* + kb * 1024 */
         if (m >= j->M) {
@@ -54,12 +56,14 @@ AMX_INT8_TARGET static void amx_quantize_unit(const void *context, long t) {
         }
         const float *x = j->x + m * j->K;
         __m512 most = _mm512_setzero_ps();
-        for (Py_ssize_t k = 0; k < j->K; k += 16) most = _mm512_max_ps(most, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+        for (Py_ssize_t k = 0; k < j->K; k += 16) most = _mm512_max_ps(most, _mm512_abs_ps(_mm512_loadu_ps(x + k))); /* K % 16 == 0 */
         const float amax = _mm512_reduce_max_ps(most);
         const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
         for (Py_ssize_t kb = 0; kb < kblocks; kb++)
             for (int c = 0; c < 4; c++) {
-                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + kb * 64 + 16 * c), inverse));
+                const Py_ssize_t k = kb * 64 + 16 * c; /* past K (a last half tile): zeros */
+                const __m512 v = k < j->K ? _mm512_loadu_ps(x + k) : _mm512_setzero_ps();
+                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inverse));
                 _mm_storeu_si128((__m128i *)(row + kb * 1024 + 16 * c), _mm512_cvtsepi32_epi8(q));
             }
         j->xscale[m] = amax / 127.0f;
@@ -71,7 +75,7 @@ typedef struct {
     const float *xscale, *wscale, *bias;
     const int8_t *w;
     float *y;
-    Py_ssize_t M, Mp, N, K;
+    Py_ssize_t M, Mp, N, K, K64;
     int failed;
 } AmxInt8Job;
 
@@ -93,8 +97,8 @@ AMX_INT8_TARGET static inline void amx_int8_store(const AmxInt8Job *j, const int
 /* Unit s: outputs [32s, 32s + 32) packed into a strip, then every row against it. */
 AMX_INT8_TARGET static void amx_int8_unit(const void *context, long s) {
     AmxInt8Job *j = (AmxInt8Job *)context;
-    const Py_ssize_t n0 = (Py_ssize_t)s * VNNI_STRIP, kblocks = j->K / 64, quads = j->K / 4;
-    int8_t *strip = aligned_alloc(64, (vnni_strip_bytes(j->K) + 63) / 64 * 64);
+    const Py_ssize_t n0 = (Py_ssize_t)s * VNNI_STRIP, kblocks = j->K64 / 64, quads = j->K / 4;
+    int8_t *strip = aligned_alloc(64, (vnni_strip_bytes(j->K) + 63) / 64 * 64 + 1024); /* + a tile: see above */
     if (!strip) {
         __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         return;
@@ -138,20 +142,20 @@ AMX_INT8_TARGET static void amx_int8_unit(const void *context, long s) {
     free(strip);
 }
 
-/* y (M, N) = quantized rows of x (M, K) @ q^T x scales (+ bias) on AMX-INT8, K % 64 == 0. Without the
+/* y (M, N) = quantized rows of x (M, K) @ q^T x scales (+ bias) on AMX-INT8, K % 32 == 0. Without the
  * GIL; -1 without memory. */
 static int amx_int8_product(const float *x, const int8_t *q, const float *wscale, const float *bias, float *y,
                             Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
-    const Py_ssize_t Mp = (M + 15) / 16 * 16;
-    int8_t *xq = aligned_alloc(64, (size_t)(Mp * K) + 64);
+    const Py_ssize_t Mp = (M + 15) / 16 * 16, K64 = (K + 63) / 64 * 64;
+    int8_t *xq = aligned_alloc(64, (size_t)(Mp * K64) + 64);
     float *xscale = malloc(sizeof(float) * (size_t)Mp);
     if (!xq || !xscale) {
         free(xq), free(xscale);
         return -1;
     }
-    const AmxQuantJob quantizing = {x, xq, xscale, M, K};
+    const AmxQuantJob quantizing = {x, xq, xscale, M, K, K64};
     pool_run(amx_quantize_unit, &quantizing, (long)(Mp / 16), num_threads);
-    AmxInt8Job job = {xq, xscale, wscale, bias, q, y, M, Mp, N, K, 0};
+    AmxInt8Job job = {xq, xscale, wscale, bias, q, y, M, Mp, N, K, K64, 0};
     pool_run(amx_int8_unit, &job, (long)((N + VNNI_STRIP - 1) / VNNI_STRIP), num_threads);
     free(xq), free(xscale);
     return job.failed ? -1 : 0;

@@ -87,8 +87,7 @@ def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
                  vnni_from_rows: int = sys.maxsize, amx_from_rows: int = sys.maxsize):
     """y = x @ (q * scale)^T + b for fp32 x of any leading shape, through the C kernel: its int8 dots,
     from `vnni_from_rows` rows the same int8 blocks on its register-blocked VNNI kernel, from
-    `amx_from_rows` rows (input widths that are multiples of 64) its AMX-INT8 kernel with one scale per
-    activation row, or from `widened_from_rows` rows its product on the weights widened to bf16
+    `amx_from_rows` rows its AMX-INT8 kernel with one scale per activation row, or from `widened_from_rows` rows its product on the weights widened to bf16
     (int8_products.py).
 
     The weights' addresses are taken once: a decode step makes over a hundred
@@ -99,7 +98,6 @@ def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
     assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
     out_features, in_features = qweight.shape
     weight_ptr, scales_ptr, bias_ptr = qweight.data_ptr(), scales.data_ptr(), 0 if bias is None else bias.data_ptr()
-    amx_from = amx_from_rows if in_features % 64 == 0 else sys.maxsize
 
     def linear(x: torch.Tensor, num_threads: int, _keep=(qweight, scales, bias)) -> torch.Tensor:
         if not x.is_contiguous():
@@ -107,7 +105,7 @@ def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
         rows = x.numel() // in_features
         out = torch.empty(*x.shape[:-1], out_features)
         product = (_int8_cpu.linear_widened if rows >= widened_from_rows
-                   else _int8_cpu.linear_amx if rows >= amx_from
+                   else _int8_cpu.linear_amx if rows >= amx_from_rows
                    else _int8_cpu.linear_vnni if rows >= vnni_from_rows else _int8_cpu.linear)
         product(x.data_ptr(), weight_ptr, scales_ptr, bias_ptr, out.data_ptr(), rows, out_features, in_features,
                 num_threads)
@@ -167,8 +165,6 @@ class Int8Linear(nn.Module):
             whole_blocks = self.in_features % 32 == 0  # both many-row products take whole blocks of 32 only
             self.widened_from_rows = widened_from_rows if whole_blocks else sys.maxsize
             self.vnni_from_rows = vnni_from_rows if whole_blocks else sys.maxsize
-            # the AMX kernel's switch is the model's (one for the decode-step runner); a layer whose width
-            # is not a multiple of 64 stays on VNNI past it, in the runner too
             self.amx_from_rows = amx_from_rows if whole_blocks else sys.maxsize
             self._avx2 = _avx2_linear(self.qweight, self.scales, bias, self.widened_from_rows, self.vnni_from_rows,
                                       self.amx_from_rows)

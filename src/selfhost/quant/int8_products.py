@@ -8,7 +8,7 @@ Three products read the stored (out, in) int8 weights:
 - the widened product: the integers (exact in bf16) widened into layers/_bf16_tiles_cpu.c's layout, one
   pass over the weights per call, then its many-row bf16 product on the fp32 rows (AMX tiles where the
   CPU has them, which round the activations to bf16);
-- the AMX-INT8 kernel (quant/_int8_tiles_amx.h, input widths that are multiples of 64): each activation
+- the AMX-INT8 kernel (quant/_int8_tiles_amx.h): each activation
   row quantized with one scale (W8A8, as vLLM's CPU int8), exact int32 sums on the tiles; on a Xeon with
   AMX (2026-12-07) 1.4-2x VNNI at 32 rows and 1.6-1.9x the widened product at 1024 (3,100-3,600 GOP/s on
   two cores), 10-20% behind VNNI below 8 rows.
@@ -83,10 +83,9 @@ def widened_from_rows(in_features: int, out_features: int, threads: int) -> int:
 
     if not widened_available() or in_features % 32 or (vnni_available() and not bf16_linear.amx_available()):
         return NEVER
-    incumbent = "amx" if amx_available() and in_features % 64 == 0 else "vnni" if vnni_available() else "dots"
+    incumbent = "amx" if amx_available() else "vnni" if vnni_available() else "dots"
     rows = probe_rows(incumbent)
-    shape = (min(in_features, PROBE_MAX_IN) // (64 if incumbent == "amx" else 32) * (64 if incumbent == "amx" else 32),
-             min(out_features, PROBE_MAX_OUT))
+    shape = (min(in_features, PROBE_MAX_IN) // 32 * 32, min(out_features, PROBE_MAX_OUT))
     seconds, cached = CHOICES.seconds((f"{shape[0]}x{shape[1]}", f"threads={threads}", f"against {incumbent}"),
                                       2 * len(rows), lambda: measure(*shape, threads, incumbent))
     switch = takeover_rows({r: seconds[f"{incumbent}@{r}"] for r in rows},
@@ -104,12 +103,11 @@ def amx_available() -> bool:
 
 
 def amx_from_rows(in_features: int, out_features: int, threads: int) -> int:
-    """Rows from which int8 layers of this shape (widths that are multiples of 64) take the AMX kernel
-    instead of VNNI: measured once per CPU on the model's MLP shape (capped) and cached; NEVER where
-    it cannot run or never pays."""
-    if not (amx_available() and vnni_available()) or in_features % 64:
+    """Rows from which int8 layers of this shape take the AMX kernel instead of VNNI: measured once per
+    CPU on the model's MLP shape (capped) and cached; NEVER where it cannot run or never pays."""
+    if not (amx_available() and vnni_available()) or in_features % 32:
         return NEVER
-    shape = (min(in_features, PROBE_MAX_IN) // 64 * 64, min(out_features, PROBE_MAX_OUT))
+    shape = (min(in_features, PROBE_MAX_IN) // 32 * 32, min(out_features, PROBE_MAX_OUT))
     seconds, cached = CHOICES.seconds((f"{shape[0]}x{shape[1]}", f"threads={threads}", "amx against vnni"),
                                       2 * len(AMX_PROBE_ROWS), lambda: measure(*shape, threads, "vnni", "amx"))
     switch = takeover_rows({r: seconds[f"vnni@{r}"] for r in AMX_PROBE_ROWS},
