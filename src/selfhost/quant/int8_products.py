@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 PROBE_ROWS = (8, 16, 24, 32, 48, 64)  # against the dots
 VNNI_PROBE_ROWS = (32, 64, 128, 256, 512)  # the widened product against the VNNI or AMX kernel
-AMX_PROBE_ROWS = (4, 8, 12, 16, 24, 32, 48, 64)  # the AMX kernel against VNNI
+AMX_PROBE_ROWS = (2, 4, 8, 12, 16, 24, 32, 48, 64)  # the AMX kernel against VNNI
 PROBE_MAX_IN, PROBE_MAX_OUT = 1024, 4096
 MIN_GAIN = 1.05
 NEVER = sys.maxsize
