@@ -71,25 +71,28 @@ static void add_into(float *x, const float *y, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) x[i] += y[i];
 }
 
-/* y = x @ W^T (+ bias) through the kernel the layer's module would call (for tiles: the few-row
- * kernel up to `few_rows_max` rows, the many-row product beyond, as Bf16Linear switches); -1 without memory. */
-static int product(int kind, Py_ssize_t few_rows_max, Py_ssize_t vnni_from, Py_ssize_t amx_from, const float *x,
-                   int64_t w, int64_t scales,
-                   int64_t bias, float *y, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+/* y = x @ W^T (+ bias) through the kernel the layer's module would call for `choice` rows (for tiles: the
+ * few-row kernel up to `few_rows_max` rows, the many-row product beyond, as Bf16Linear switches): M itself,
+ * or in a step with verifications the number of sequences, so that each checked position gets the bits a
+ * plain decode step of the same sequences gives it (every kernel's row is the same at any M); -1 without
+ * memory. */
+static int product(int kind, Py_ssize_t few_rows_max, Py_ssize_t vnni_from, Py_ssize_t amx_from, Py_ssize_t choice,
+                   const float *x, int64_t w, int64_t scales, int64_t bias, float *y, Py_ssize_t M, Py_ssize_t N,
+                   Py_ssize_t K, int num_threads) {
     if (kind == INT8) { /* as Int8Linear's closure picks (quant/int8.py): widened, AMX, VNNI or the dots; the bias in the call */
         int (*linear)(const float *, const int8_t *, const float *, const float *, float *, Py_ssize_t, Py_ssize_t,
                       Py_ssize_t, int) = int8->linear;
-        if (M > few_rows_max && int8->linear_widened)
+        if (choice > few_rows_max && int8->linear_widened)
             linear = int8->linear_widened;
-        else if (M >= amx_from && int8->linear_amx)
+        else if (choice >= amx_from && int8->linear_amx)
             linear = int8->linear_amx;
-        else if (M >= vnni_from && int8->linear_vnni)
+        else if (choice >= vnni_from && int8->linear_vnni)
             linear = int8->linear_vnni;
         return linear(x, PTR(const int8_t *, w), PTR(const float *, scales), PTR(const float *, bias), y, M, N, K,
                       num_threads);
     }
     if (kind == BF16_TILES) { /* the tile kernels add the bias themselves, as Bf16Linear has them do */
-        if (M > few_rows_max)
+        if (choice > few_rows_max)
             return tiles->linear(x, PTR(const uint16_t *, w), PTR(const float *, bias), y, M, N, K, num_threads);
         return tiles->linear_few_rows(x, PTR(const uint16_t *, w), PTR(const float *, bias), y, M, N, K, num_threads);
     }
@@ -127,6 +130,7 @@ typedef struct {
 typedef struct {
     const int64_t *ids, *positions, *slots, *tables, *lens;
     Py_ssize_t tokens, max_blocks;
+    Py_ssize_t choice_rows; /* the rows the products' kernels are chosen for (see product) */
     float *out;
     int num_threads, attention_threads, store_first;
 } Pass;
@@ -179,7 +183,7 @@ static int forward(const Model *m, const Pass *p) {
     for (Py_ssize_t l = 0; l < m->num_layers && status == PASS_OK; l++) {
         const int64_t *f = m->table + l * LAYER_FIELDS;
         norm->rms_norm(xs, PTR(const float *, f[INPUT_NORM]), hs, tokens, hidden, m->eps, m->norm_offset);
-        if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, hs, f[QKV_W], f[QKV_S], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
+        if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, hs, f[QKV_W], f[QKV_S], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
         if (f[Q_NORM]) /* in place: the kernel reads a row's squares before it writes the row */
             for (Py_ssize_t t = 0; t < tokens; t++) {
                 float *q = qkvs + t * qkv_size;
@@ -193,14 +197,14 @@ static int forward(const Model *m, const Pass *p) {
             status = PASS_ATTENTION_REFUSED;
             break;
         }
-        if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, attns, f[O_W], f[O_S], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
+        if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, attns, f[O_W], f[O_S], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
         add_into(xs, hs, tokens * hidden);
         norm->rms_norm(xs, PTR(const float *, f[POST_NORM]), hs, tokens, hidden, m->eps, m->norm_offset);
         if (!f[GATE_UP_W]) { /* mixture of experts, as SparseMoE.forward takes it */
             float scaling;
             const int32_t scaling_bits = (int32_t)f[SCALING];
             memcpy(&scaling, &scaling_bits, sizeof scaling);
-            if ((status = product((int)f[ROUTER_KIND], (Py_ssize_t)f[ROUTER_SWITCH], m->vnni_from, m->amx_from, hs, f[ROUTER_W], f[ROUTER_S], 0,
+            if ((status = product((int)f[ROUTER_KIND], (Py_ssize_t)f[ROUTER_SWITCH], m->vnni_from, m->amx_from, p->choice_rows, hs, f[ROUTER_W], f[ROUTER_S], 0,
                                   moe_logits,
                                   tokens, (Py_ssize_t)f[NUM_EXPERTS], hidden, num_threads)))
                 break;
@@ -215,18 +219,18 @@ static int forward(const Model *m, const Pass *p) {
             add_into(xs, moe_out, tokens * hidden);
             continue;
         }
-        if (kind == BF16_TILES && tokens > few_rows_max && !f[GATE_UP_B] && tiles->swiglu && intermediate % 32 == 0 &&
+        if (kind == BF16_TILES && p->choice_rows > few_rows_max && !f[GATE_UP_B] && tiles->swiglu && intermediate % 32 == 0 &&
             hidden % 32 == 0) {
             /* the MLP in one AMX call, as GatedMLP takes it (layers/bf16_linear.py: swiglu_tiles) */
             if ((status = tiles->swiglu(hs, PTR(const uint16_t *, f[GATE_UP_W]), NULL, PTR(const uint16_t *, f[DOWN_W]),
                                         PTR(const float *, f[DOWN_B]), hs, tokens, intermediate, hidden, num_threads)))
                 break;
         } else {
-            if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, hs, f[GATE_UP_W], f[GATE_UP_S], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate,
+            if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, hs, f[GATE_UP_W], f[GATE_UP_S], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate,
                                   hidden, num_threads)))
                 break;
             activation->silu_mul(gate_ups, acts, tokens, intermediate, num_threads);
-            if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, acts, f[DOWN_W], f[DOWN_S], f[DOWN_B], hs, tokens, hidden, intermediate,
+            if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, acts, f[DOWN_W], f[DOWN_S], f[DOWN_B], hs, tokens, hidden, intermediate,
                                   num_threads)))
                 break;
         }
@@ -300,13 +304,13 @@ static PyObject *run_layers(PyObject *self, PyObject *args) {
     PyObject *capsule;
     unsigned long long ids, positions, out, slots, tables, lens;
     Pass p;
-    if (!PyArg_ParseTuple(args, "OKKKKKKnniip", &capsule, &ids, &positions, &out, &slots, &tables, &lens, &p.tokens,
-                          &p.max_blocks, &p.num_threads, &p.attention_threads, &p.store_first))
+    if (!PyArg_ParseTuple(args, "OKKKKKKnnniip", &capsule, &ids, &positions, &out, &slots, &tables, &lens, &p.tokens,
+                          &p.choice_rows, &p.max_blocks, &p.num_threads, &p.attention_threads, &p.store_first))
         return NULL;
     const Model *m = model_of(capsule);
     if (!m) return NULL;
-    if (p.tokens <= 0) {
-        PyErr_SetString(PyExc_ValueError, "run_layers: a step of no tokens");
+    if (p.tokens <= 0 || p.choice_rows <= 0 || p.choice_rows > p.tokens) {
+        PyErr_SetString(PyExc_ValueError, "run_layers: a step of no tokens, or kernel rows outside 1..tokens");
         return NULL;
     }
     p.ids = PTR(const int64_t *, ids), p.positions = PTR(const int64_t *, positions);
@@ -410,7 +414,7 @@ static PyObject *greedy_passes(PyObject *self, PyObject *args) {
                 }
                 last_row[i] = r - 1;
             }
-            Pass first = {catch_up, positions, slots, tables, lens, rows0, width, states, num_threads,
+            Pass first = {catch_up, positions, slots, tables, lens, rows0, width, rows0, states, num_threads,
                           attention_threads, rows0 > n};
             if ((status = forward(m, &first))) break;
             for (Py_ssize_t i = 0; i < active; i++)
@@ -423,10 +427,10 @@ static PyObject *greedy_passes(PyObject *self, PyObject *args) {
                 ids[i] = tokens[i * passes + pass - 1], positions[i] = position, lens[i] = position + 1;
                 slots[i] = table[i * width + position / bs] * bs + position % bs;
             }
-            Pass next = {ids, positions, slots, table, lens, active, width, states, num_threads, attention_threads, 0};
+            Pass next = {ids, positions, slots, table, lens, active, width, active, states, num_threads, attention_threads, 0};
             if ((status = forward(m, &next))) break;
         }
-        if ((status = product(head_kind, head_switch, m->vnni_from, m->amx_from, head_in, head_w, 0, head_b, logits, active, head_rows, hidden,
+        if ((status = product(head_kind, head_switch, m->vnni_from, m->amx_from, active, head_in, head_w, 0, head_b, logits, active, head_rows, hidden,
                               num_threads)))
             break;
         for (Py_ssize_t i = 0; i < active; i++) tokens[i * passes + pass] = first_argmax(logits + i * head_rows, head_rows);

@@ -64,30 +64,33 @@ class DecodeHead:
             return None
         return cls(head)
 
-    def __call__(self, hidden: torch.Tensor, num_threads: int) -> tuple[torch.Tensor, np.ndarray] | None:
+    def __call__(self, hidden: torch.Tensor, num_threads: int,
+                 choice_rows: int | None = None) -> tuple[torch.Tensor, np.ndarray] | None:
         """(rows, vocab) fp32 logits of (rows, hidden) hidden states, as a tensor and an array over the same
         memory; None where the head's weight is no longer the one this was built for, or under autograd
         (the caller then calls `compute_logits`). `hidden` must be fp32, 2-D and contiguous, as the one-call
-        decode runner returns it (checking it here cost ~5 us a step, cold)."""
-        views = self._views_for(hidden.shape[0])
+        decode runner returns it (checking it here cost ~5 us a step, cold). `choice_rows`: the rows the
+        kernel is chosen for, as the runner's (decode_layers.py)."""
+        views = self._views_for(hidden.shape[0], choice_rows)
         if views is None:
             return None
         self._product(hidden.data_ptr(), views[0].data_ptr(), hidden.shape[0], num_threads)
         return views
 
-    def greedy(self, hidden: torch.Tensor, num_threads: int) -> tuple[tuple[torch.Tensor, np.ndarray], list[int]] | None:
+    def greedy(self, hidden: torch.Tensor, num_threads: int,
+               choice_rows: int | None = None) -> tuple[tuple[torch.Tensor, np.ndarray], list[int]] | None:
         """`__call__`, and each row's argmax (the first largest logit, or the first NaN, as numpy's) found in
         the same C call: read cold from Python after the layers, numpy's argmax and the array view cost
         ~25 us of a demo-model step."""
-        views = self._views_for(hidden.shape[0])
+        views = self._views_for(hidden.shape[0], choice_rows)
         if views is None or self._argmax is None:
             return None
         return views, self._argmax(hidden.data_ptr(), views[0].data_ptr(), hidden.shape[0], num_threads)
 
-    def _views_for(self, rows: int) -> tuple[torch.Tensor, np.ndarray] | None:
+    def _views_for(self, rows: int, choice_rows: int | None) -> tuple[torch.Tensor, np.ndarray] | None:
         """The buffer's first `rows` rows, or None where this head does not run (see `__call__`)."""
         if (self.head._parameters["weight"] is not self.weight or torch.is_grad_enabled()
-                or rows >= self.rows_limit):
+                or (choice_rows or rows) >= self.rows_limit):
             return None
         views = self._views.get(rows)
         if views is None:

@@ -224,10 +224,13 @@ class DecodeLayers:
         kind, switch = kinds.pop()
         return cls(model, cache, kind, switch) if runner_available(kind) else None
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv, num_threads: int) -> torch.Tensor | None:
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv, num_threads: int,
+                 choice_rows: int | None = None) -> torch.Tensor | None:
         """The step's final hidden states (T, hidden), normalised by the model's final norm: the embedding
         and rotary rows gathered, every layer, the norm, in one call; None for a step the runner does not
-        take (the caller then runs the model's own forward)."""
+        take (the caller then runs the model's own forward). `choice_rows`: the rows the products' kernels
+        are chosen for (default T): a step with verifications passes its number of sequences, so each
+        checked position runs the kernels a plain decode step of those sequences runs, with its bits."""
         meta = kv.meta if kv is self.cache else None
         tokens = input_ids.shape[0]
         if (meta is None or meta.chunks or meta.num_single != tokens or tokens > self.rows_max
@@ -237,7 +240,8 @@ class DecodeLayers:
         tables = meta.single_block_tables
         _decode_layers_cpu.run_layers(
             self.c_model, input_ids.data_ptr(), positions.data_ptr(), out.data_ptr(), meta.slot_mapping.data_ptr(),
-            tables.data_ptr(), meta.single_context_lens.data_ptr(), tokens, tables.shape[1], num_threads,
+            tables.data_ptr(), meta.single_context_lens.data_ptr(), tokens, choice_rows or tokens, tables.shape[1],
+            num_threads,
             meta.num_threads, meta.store_first,
         )  # fmt: skip
         return out

@@ -170,17 +170,19 @@ class ModelRunner:
             # mode object per call) cost ~8 us of a decode step here, run cold after the layers.
             with torch._C._InferenceMode(True):
                 hidden, from_runner = self._decode_hidden(chunks, num_threads)
+                # kernels chosen for the step's sequences: a checked position gets a plain decode's bits
+                sequences = len(chunks)
                 if self._decode_head is True:
                     self._decode_head = DecodeHead.for_model(self.model)
                 # The head takes the runner's states (fp32, 2-D, contiguous by construction) only.
                 head = self._decode_head if from_runner and self._decode_head else None
                 logits = tokens = None
                 if head is not None and greedy:  # every row's argmax found with the logits, in C
-                    found = head.greedy(hidden, num_threads)
+                    found = head.greedy(hidden, num_threads, sequences)
                     if found is not None:
                         (logits, _), tokens = found
                 elif head is not None:
-                    views = head(hidden, num_threads)
+                    views = head(hidden, num_threads, sequences)
                     logits = views[0] if views is not None else None
                 if logits is None:
                     logits = self.model.compute_logits(hidden, num_threads)
@@ -223,7 +225,7 @@ class ModelRunner:
         if runner is not None and not (model._forward_hooks or model._forward_pre_hooks):
             self.cache.meta = meta
             try:
-                hidden = runner(input_ids, positions, self.cache, num_threads)
+                hidden = runner(input_ids, positions, self.cache, num_threads, len(chunks))
             finally:
                 self.cache.meta = None
             if hidden is not None:
