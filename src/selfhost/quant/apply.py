@@ -126,7 +126,7 @@ def quantize_model(model: CausalLM, config: QuantConfig, kernel: str | None = No
 
 def _prepare(model: nn.Module, kernel: str | None) -> None:
     vnni_switch = _int8_vnni_from_rows(model, kernel)
-    int8_switch = _int8_widened_from_rows(model, kernel)  # NEVER where VNNI runs without AMX
+    int8_switch = _int8_measured_switch(model, kernel, widened_from_rows)  # NEVER where VNNI runs without AMX
     amx_switch = _int8_measured_switch(model, kernel, amx_from_rows)
     # A mixture's experts keep the int8 dots: their one C call (layers/moe.py) and the Python loop it is
     # checked against must run the same products.
@@ -147,11 +147,6 @@ def _int8_vnni_from_rows(model: nn.Module, kernel: str | None) -> int:
     if layer is None or (kernel or default_int8_kernel(layer.qweight.device)) != "avx2":
         return NEVER
     return vnni_from_rows()
-
-
-def _int8_widened_from_rows(model: nn.Module, kernel: str | None) -> int:
-    """The int8 layers' measured switch to widened weights, where they run the "avx2" kernel on the CPU."""
-    return _int8_measured_switch(model, kernel, widened_from_rows)
 
 
 def _int8_measured_switch(model: nn.Module, kernel: str | None, switch) -> int:
