@@ -28,6 +28,8 @@ def flat(value: float) -> dict[int, float]:
     ({64: 1.5, 128: 1.2, 256: 0.8, 512: 0.7, 1024: 0.6}, 256),  # overtakes from 256 rows
     ({64: 0.5, 128: 1.2, 256: 1.2, 512: 1.2, 1024: 1.2}, NEVER),  # one fast small probe is not enough
     ({64: 1.5, 128: 0.5, 256: 1.1, 512: 0.8, 1024: 0.8}, 128),  # one slow probe above is outweighed
+    ({64: 1.5, 128: 1.5, 256: 1.5, 512: 1.5, 1024: 0.5}, NEVER),  # a win at the last probe alone: not enough
+    ({64: 1.5, 128: 1.5, 256: 1.5, 512: 0.5, 1024: 0.5}, 512),  # two probes: taken
 ])
 def test_the_switch_is_where_torch_wins_at_and_above(torch_s, expected):
     assert blas_from_rows(seconds(flat(1.0), torch_s)) == expected

@@ -79,11 +79,14 @@ class MeasuredChoices:
 def takeover_rows(incumbent: dict[int, float], challenger: dict[int, float], min_gain: float) -> int | None:
     """The fewest probed rows R from which a challenger kernel takes over from an incumbent: it must win
     by `min_gain` both at R and over all probes of R rows and more summed (the big steps, where the time
-    goes, weigh most, and one disturbed probe above R does not flip the answer on its own); None where
-    it never does. Both map probed row counts to best-of-n seconds."""
+    goes, weigh most, and one disturbed probe above R does not flip the answer on its own), and R may not
+    be the last probe (a win there would rest on that one probe: on a Xeon with AMX, 2026-12-07, a
+    probe taken under load had put the int8 widened product's switch at the last probe, 512 rows, where
+    two quiet measurements found it never wins); None where it never does. Both map probed row counts
+    to best-of-n seconds."""
     probes = sorted(incumbent)
 
     def wins(rows: list[int]) -> bool:
         return min_gain * sum(challenger[r] for r in rows) <= sum(incumbent[r] for r in rows)
 
-    return next((r for r in probes if wins([r]) and wins([s for s in probes if s >= r])), None)
+    return next((r for r in probes[:-1] if wins([r]) and wins([s for s in probes if s >= r])), None)
