@@ -67,6 +67,6 @@ setup(
                headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h", "_kernel_capsules.h")),
         kernel("engine._decode_layers_cpu", headers=("_kernel_capsules.h",)),
         kernel("engine._prefill_attention_cpu", uses_pool=True,
-               headers=("engine/_weighted_rows_avx512.h", "_exp_avx512.h", "_amx_tiles.h")),
+               headers=("engine/_weighted_rows_avx512.h", "engine/_prefill_tiles_amx.h", "_exp_avx512.h", "_amx_tiles.h")),
     ]
 )

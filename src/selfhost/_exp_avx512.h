@@ -2,8 +2,6 @@
  * SwiGLU kernel (sigmoid): x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor
  * polynomial (relative error below 2e-7), 2^n built in the exponent bits. Below -87 the
  * input is clamped, which keeps 2^n a normal float; e^-87 is ~0 to every caller.
- * `exp_nonpositive_coarse_avx512` is the same to about 5e-5 (degree 4, one-part ln2, 2^n
- * by scalef: 8 instructions instead of 13) for results rounded to bf16 next (2^-9).
  * Header-only; callers guard the include for x86-64 GCC/Clang.
  */
 #ifndef SELFHOST_EXP_AVX512_H
@@ -25,18 +23,6 @@ __attribute__((target("avx512f"))) static inline __m512 exp_nonpositive_avx512(_
     poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
     __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(poly, _mm512_castsi512_ps(two_n));
-}
-
-__attribute__((target("avx512f"))) static inline __m512 exp_nonpositive_coarse_avx512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), x);
-    __m512 poly = _mm512_set1_ps(1.0f / 24.0f);
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 6.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.5f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(poly, n);
 }
 
 #endif /* SELFHOST_EXP_AVX512_H */

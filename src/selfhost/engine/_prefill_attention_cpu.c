@@ -58,14 +58,10 @@
 
 #define AVX512 __attribute__((target("avx512f")))
 #define QUERY_BLOCK 32 /* query positions per unit of work */
-/* On AMX tiles: a unit rearranges each key block into B tiles for all its rows, so more rows
- * share that work (a 1024-token prompt, 9 heads over 3: 2.08 -> 1.73 ms a layer on two threads,
- * the same bits; the AVX-512 kernel gained nothing from 64 and lost at 128). */
-#define TILE_QUERY_BLOCK 64
+#define TILE_QUERY_BLOCK 64 /* the same on AMX tiles (_prefill_tiles_amx.h) */
 #define MAX_QUERY_BLOCK TILE_QUERY_BLOCK
 #define KEY_BLOCK 64   /* keys per step of the online softmax: four zmm of scores per row */
-#define TILE_KEY_BLOCK 128 /* the same on AMX tiles: fewer output rescales per key (see below) */
-#define MAX_KEY_BLOCK TILE_KEY_BLOCK
+#define TILE_KEY_BLOCK 64 /* the same on AMX tiles: a block's keys and values, 16 KB, stay in L1 with the rest (128: 30% slower) */
 #define ROWS 6         /* query rows per score product: 6 x 4 accumulators */
 #define MAX_GROUP 16   /* query heads per kv head this kernel takes (GQA groups are 1-16) */
 #define MAX_ROWS (MAX_QUERY_BLOCK * MAX_GROUP)
@@ -83,6 +79,11 @@ typedef struct {
     int tiles; /* AMX products (bf16 or int8 cache) */
     const float *k_scales, *v_scales; /* int8: the layer's (Hkv, NB, BS) scales */
     Py_ssize_t query_block; /* query positions per unit: QUERY_BLOCK, or TILE_QUERY_BLOCK with tiles */
+    /* tiles (_prefill_tiles_amx.h): the keys and values its group of chunks rearranged, the group's
+     * first chunk, and the index of its first unit */
+    const struct Rearranged *rearranged;
+    Py_ssize_t group_chunk0;
+    long unit_offset;
 } Job;
 
 
@@ -159,15 +160,15 @@ static inline Py_ssize_t int8_key_element(Py_ssize_t at, Py_ssize_t d, Py_ssize_
 /* Per-unit scratch, one per thread. */
 typedef struct {
     float panel[1024 * KEY_BLOCK] __attribute__((aligned(64))); /* head_dim <= 1024 */
-    float scores[(MAX_ROWS + 16) * MAX_KEY_BLOCK] __attribute__((aligned(64))); /* rows padded to tiles of 16 */
+    float scores[QUERY_BLOCK * MAX_GROUP * KEY_BLOCK] __attribute__((aligned(64)));
     float row_max[MAX_ROWS], row_sum[MAX_ROWS], rescale[MAX_ROWS];
     const float *q_rows[MAX_ROWS];
     float *out_rows[MAX_ROWS];
     Py_ssize_t row_pos[MAX_ROWS];
-    const void *values[MAX_KEY_BLOCK]; /* int8: each key's pair of rows (values in pairs of keys) */
+    const void *values[KEY_BLOCK]; /* int8: each key's pair of rows (values in pairs of keys) */
     float value_panel[KEY_BLOCK * 1024] __attribute__((aligned(64))); /* int8, AVX-512: the block's values */
-    float key_scales[MAX_KEY_BLOCK] __attribute__((aligned(64)));   /* int8: scale x each key's scale */
-    float value_scales[MAX_KEY_BLOCK] __attribute__((aligned(64))); /* int8: each value's scale */
+    float key_scales[KEY_BLOCK] __attribute__((aligned(64)));   /* int8: scale x each key's scale */
+    float value_scales[KEY_BLOCK] __attribute__((aligned(64))); /* int8: each value's scale */
 } Scratch;
 
 static _Thread_local Scratch *scratch;
@@ -194,23 +195,22 @@ AVX512 static void scale_probabilities(Scratch *s, Py_ssize_t rows, Py_ssize_t w
         }
 }
 
-/* Scores of keys [k0, k0 + block) -> probabilities in place (0 where a row may not look),
+/* Scores of keys [k0, k0 + KEY_BLOCK) -> probabilities in place (0 where a row may not look),
  * each row's running max and sum updated and its output's rescale factor set. Rows are
- * `block` floats apart; block is KEY_BLOCK, or TILE_KEY_BLOCK on the tiles path, which
- * rounds the probabilities to bf16 next and so takes the coarser exp (`coarse`). A row's
- * scores stay in registers between its two passes; a block the row sees whole needs no
- * mask. With an int8 cache (`per_key`) each key's scores take its scale from s->key_scales. */
+ * KEY_BLOCK floats apart. A row's scores stay in registers between its two passes; a block
+ * the row sees whole needs no mask. With an int8 cache (`per_key`) each key's scores take its
+ * scale from s->key_scales. */
 AVX512 static inline __attribute__((always_inline)) void softmax_block(const Job *job, Scratch *s, Py_ssize_t rows,
-                                                                     Py_ssize_t k0, const int block, const int coarse,
-                                                                     const int per_key) {
+                                                                     Py_ssize_t k0, const int per_key) {
+    const int block = KEY_BLOCK;
     const __m512 lane = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512 scale = _mm512_set1_ps(job->scale);
     for (Py_ssize_t r = 0; r < rows; r++) {
         const Py_ssize_t pos = s->row_pos[r];
         const Py_ssize_t first_key = job->window > 0 && pos + 1 > job->window ? pos + 1 - job->window : 0;
         float *row = s->scores + r * block;
-        __m512 x[MAX_KEY_BLOCK / 16];
-        __mmask16 keep[MAX_KEY_BLOCK / 16];
+        __m512 x[KEY_BLOCK / 16];
+        __mmask16 keep[KEY_BLOCK / 16];
         __m512 peak = _mm512_set1_ps(-INFINITY);
         if (first_key <= k0 && k0 + block - 1 <= pos) {
             for (int c = 0; c < block / 16; c++) {
@@ -238,8 +238,7 @@ AVX512 static inline __attribute__((always_inline)) void softmax_block(const Job
         __m512 shift = _mm512_set1_ps(new_max), total = _mm512_setzero_ps();
         for (int c = 0; c < block / 16; c++) {
             __m512 shifted = _mm512_sub_ps(x[c], shift);
-            __m512 p = _mm512_maskz_mov_ps(keep[c], coarse ? exp_nonpositive_coarse_avx512(shifted)
-                                                           : exp_nonpositive_avx512(shifted));
+            __m512 p = _mm512_maskz_mov_ps(keep[c], exp_nonpositive_avx512(shifted));
             _mm512_store_ps(row + c * 16, p);
             total = _mm512_add_ps(total, p);
         }
@@ -355,10 +354,10 @@ AVX512 static void run_unit(const void *whole, long unit) {
             score_block(block_rows, s->q_rows + r0, s->panel, dim, s->scores + r0 * KEY_BLOCK);
         }
         if (int8) {
-            softmax_block(job, s, rows, k0, KEY_BLOCK, 0, 1);
+            softmax_block(job, s, rows, k0, 1);
             scale_probabilities(s, rows, width, KEY_BLOCK);
         } else
-            softmax_block(job, s, rows, k0, KEY_BLOCK, 0, 0);
+            softmax_block(job, s, rows, k0, 0);
         for (Py_ssize_t r0 = 0; r0 < rows; r0 += WEIGHTED_ROWS_MAX)
             weighted_rows(rows - r0 < WEIGHTED_ROWS_MAX ? (int)(rows - r0) : WEIGHTED_ROWS_MAX, int8 ? KV_FP32 : job->kv_kind,
                           s->out_rows + r0, s->rescale + r0, s->scores + r0 * KEY_BLOCK, KEY_BLOCK, s->values, width,
@@ -371,221 +370,7 @@ AVX512 static void run_unit(const void *whole, long unit) {
 }
 
 #ifdef SELFHOST_AMX_TILES
-/* ---- AMX tiles: a bf16 or int8 cache on CPUs with AMX-BF16 ----------------------------
- * (int8 keys and values enter the tiles as bf16 holding the same integers, exactly: at most
- * 8 significant bits; their scales go into the scores and the probabilities.)
- * The same units, key blocks and softmax, with both products on tiles: the unit's query
- * rows are rounded to bf16 once (A tiles), each block's keys and values are rearranged
- * into B tiles (pairs of dimensions for the scores, pairs of keys for the values), and
- * the unnormalised output rows stay fp32 in a buffer that C tiles load, accumulate into
- * and store back after each block's rescale. Queries and probabilities are rounded to
- * bf16 (keys and values already are), sums stay fp32: bf16 attention, as the bf16 weight
- * products around it. Row counts are padded to tiles of 16 with zero rows. A block is
- * 128 keys, twice the AVX-512 kernel's: each block's output tiles are loaded, rescaled
- * and stored once, so wider blocks spend fewer tile loads and stores per product. */
-#define TILE_MAX_DIM 256
-#define TILE_MAX_ROWS (MAX_ROWS + 16)
-
-typedef struct {
-    uint16_t q[TILE_MAX_ROWS * TILE_MAX_DIM] __attribute__((aligned(64)));  /* A tiles (row tile, dims/32) */
-    float o[TILE_MAX_ROWS * TILE_MAX_DIM] __attribute__((aligned(64)));     /* output rows, dim apart */
-    uint16_t p[TILE_MAX_ROWS * TILE_KEY_BLOCK] __attribute__((aligned(64)));     /* A tiles (row tile, keys/32) */
-    uint16_t k[TILE_KEY_BLOCK * TILE_MAX_DIM] __attribute__((aligned(64)));      /* B tiles (keys/16, dims/32) */
-    uint16_t v[TILE_KEY_BLOCK * TILE_MAX_DIM] __attribute__((aligned(64)));      /* B tiles (keys/32, dims/16) */
-    uint16_t zero_row[TILE_MAX_DIM] __attribute__((aligned(64)));           /* values past the block's keys */
-} TileScratch;
-
-static _Thread_local TileScratch *tile_scratch;
-static int tiles_ready; /* set once, when the module loads */
-
-/* The bf16 bits of an integer in [-127, 127]: its fp32 bits' upper half, exactly. */
-static inline uint16_t int8_to_bf16(int8_t x) {
-    float f = (float)x;
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    return (uint16_t)(bits >> 16);
-}
-
-/* 16 keys' pair row of an int8 cache (32 bytes: dims 2p, 2p + 1 of each key) as a B tile row:
- * the same pairs in bf16. */
-AMX_TARGET static inline __m512i int8_pairs_as_bf16(const int8_t *pairs) {
-    __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)pairs));
-    __m512i even = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 16), 16)));
-    __m512i odd = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(x, 16)));
-    return _mm512_or_si512(_mm512_srli_epi32(even, 16), _mm512_and_si512(odd, _mm512_set1_epi32((int)0xffff0000u)));
-}
-
-/* Keys [k0, k0 + TILE_KEY_BLOCK) as B tiles: tile (g, c) row i holds, for each key j of the
- * 16 from k0 + 16g, the dimension pair (2i, 2i + 1) of dims [32c, 32c + 32). A run of 16
- * keys inside one cache block (which keeps them dims-major) is two loads per row; runs
- * that straddle blocks, and keys past hi (zeros), are gathered one by one. */
-AMX_TARGET static void tile_keys(const Job *job, TileScratch *t, const Unit *u, Py_ssize_t k0) {
-    const Py_ssize_t dim = job->head_dim, bs = job->block_size, chunks = dim / 32;
-    const int int8 = job->kv_kind == KV_INT8;
-    const Py_ssize_t head_first = u->head * job->num_blocks * dim * bs; /* elements */
-    const uint16_t *head_keys = (const uint16_t *)job->k + head_first;
-    const int8_t *head_keys8 = (const int8_t *)job->k + head_first;
-    for (Py_ssize_t g = 0; g < TILE_KEY_BLOCK / 16; g++) {
-        const Py_ssize_t pos = k0 + g * 16; /* a multiple of 16 */
-        uint16_t *tiles = t->k + g * chunks * AMX_TILE_ELEMS;
-        if (pos >= u->hi) { /* past the last key: scores the mask drops */
-            memset(tiles, 0, sizeof(uint16_t) * (size_t)(chunks * AMX_TILE_ELEMS));
-            continue;
-        }
-        if (bs % 16 == 0 && pos + 16 <= u->hi) {
-            const Py_ssize_t at = u->table[pos / bs] * dim * bs + pos % bs;
-            for (Py_ssize_t d = 0; d < dim; d += 2)
-                _mm512_store_si512((void *)(tiles + d / 32 * AMX_TILE_ELEMS + d % 32 / 2 * 32),
-                                   int8 ? int8_pairs_as_bf16(head_keys8 + at + pos % bs + d / 2 * 2 * bs)
-                                        : amx_pair_rows(head_keys + at + d * bs, head_keys + at + (d + 1) * bs));
-            continue;
-        }
-        for (int j = 0; j < 16; j++) {
-            const Py_ssize_t key = pos + j, block = key < u->hi ? u->table[key / bs] * dim * bs : -1;
-            for (Py_ssize_t d = 0; d < dim; d++)
-                tiles[d / 32 * AMX_TILE_ELEMS + d % 32 / 2 * 32 + 2 * j + (d & 1)] =
-                    block < 0 ? 0
-                    : int8    ? int8_to_bf16(head_keys8[int8_key_element(block + 2 * (key % bs), d, bs)])
-                              : head_keys[block + key % bs + d * bs];
-        }
-    }
-}
-
-/* The block's values (rows s->values[0..width); int8: pairs of rows) as B tiles: tile (c, g) row i
- * holds, for each dimension of [16g, 16g + 16), the values of keys 32c + 2i and 32c + 2i + 1 (an int8
- * cache stores exactly that: its values are in pairs of keys). */
-AMX_TARGET static void tile_values(const Job *job, const Scratch *s, TileScratch *t, Py_ssize_t width) {
-    const Py_ssize_t groups = job->head_dim / 16;
-    const int int8 = job->kv_kind == KV_INT8;
-    for (Py_ssize_t c = 0; c * 32 < width; c++)
-        for (Py_ssize_t i = 0; i < 16; i++) {
-            const Py_ssize_t a = c * 32 + 2 * i, b = a + 1;
-            const void *va = a < width ? s->values[a] : t->zero_row; /* zeros, as int8 or bf16 */
-            const void *vb = b < width ? s->values[b] : t->zero_row;
-            for (Py_ssize_t g = 0; g < groups; g++) /* int8: b's value is a's partner (probability 0 past width) */
-                _mm512_store_si512((void *)(t->v + (c * groups + g) * AMX_TILE_ELEMS + i * 32),
-                                   int8 ? int8_pairs_as_bf16((const int8_t *)va + g * 32)
-                                        : amx_pair_rows((const uint16_t *)va + g * 16, (const uint16_t *)vb + g * 16));
-        }
-}
-
-/* 32 fp32 values to 32 bf16 (nearest even) at dst; zeros where `keep` is 0. */
-AMX_TARGET static inline void round_32(uint16_t *dst, const float *src, int keep) {
-    __m512i packed = keep ? (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src))
-                          : _mm512_setzero_si512();
-    _mm512_store_si512((void *)dst, packed);
-}
-
-#define SCORE_TILE(c_tile, b_tile, g)                                                  \
-    do {                                                                               \
-        _tile_loadd(b_tile, t->k + ((g) * chunks + kc) * AMX_TILE_ELEMS, 64);          \
-        _tile_dpbf16ps(c_tile, 4, b_tile);                                             \
-    } while (0)
-
-#define OUT_TILE_LOAD(i) \
-    if (count > (i)) _tile_loadd(i, o + (g0 + (i)) * 16, dim * (long)sizeof(float))
-#define OUT_TILE_STORE(i) \
-    if (count > (i)) _tile_stored(i, o + (g0 + (i)) * 16, dim * (long)sizeof(float))
-#define OUT_TILE_ADD(i, b_tile)                                                                   \
-    if (count > (i)) {                                                                            \
-        _tile_loadd(b_tile, t->v + (kc * groups + g0 + (i)) * AMX_TILE_ELEMS, 64);                 \
-        _tile_dpbf16ps(i, 4, b_tile);                                                             \
-    }
-
-AMX_TARGET static void run_unit_tiles(const void *whole, long unit) {
-    const Job *job = (const Job *)whole;
-    Unit u;
-    Scratch *s = begin_unit(job, unit, &u);
-    if (s == NULL) return;
-    if (tile_scratch == NULL) {
-        if (posix_memalign((void **)&tile_scratch, 64, sizeof(TileScratch)) != 0) {
-            tile_scratch = NULL;
-            atomic_store(job->failed, 1);
-            return;
-        }
-        memset(tile_scratch->zero_row, 0, sizeof tile_scratch->zero_row);
-    }
-    TileScratch *t = tile_scratch;
-    const Py_ssize_t dim = job->head_dim, rows = u.rows, chunks = dim / 32, groups = dim / 16;
-    const Py_ssize_t row_tiles = (rows + 15) / 16, padded = row_tiles * 16;
-    for (Py_ssize_t r = 0; r < padded; r++) {
-        uint16_t *dst = t->q + (r / 16 * chunks) * AMX_TILE_ELEMS + r % 16 * 32;
-        for (Py_ssize_t kc = 0; kc < chunks; kc++)
-            round_32(dst + kc * AMX_TILE_ELEMS, r < rows ? s->q_rows[r] + kc * 32 : NULL, r < rows);
-    }
-    memset(t->o, 0, sizeof(float) * (size_t)(padded * dim));
-    amx_configure();
-    for (Py_ssize_t k0 = u.lo - u.lo % 16; k0 < u.hi; k0 += TILE_KEY_BLOCK) {
-        const Py_ssize_t width = u.hi - k0 < TILE_KEY_BLOCK ? u.hi - k0 : TILE_KEY_BLOCK;
-        tile_keys(job, t, &u, k0);
-        const int int8 = job->kv_kind == KV_INT8;
-        for (Py_ssize_t j = 0; j < width; j++) /* int8: each key's pair of rows */
-            s->values[j] = cached_row(job, job->v, u.table, u.head, k0 + (int8 ? j & ~1 : j));
-        tile_values(job, s, t, width);
-        if (int8) block_scales(job, s, u.table, u.head, k0, width, TILE_KEY_BLOCK);
-        for (Py_ssize_t rt = 0; rt < row_tiles; rt++) /* scores: 16 rows x 64 keys in C tiles 0-3 */
-            for (Py_ssize_t half = 0; half * 64 < width; half++) {
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (Py_ssize_t kc = 0; kc < chunks; kc++) {
-                    _tile_loadd(4, t->q + (rt * chunks + kc) * AMX_TILE_ELEMS, 64);
-                    SCORE_TILE(0, 5, half * 4 + 0);
-                    SCORE_TILE(1, 6, half * 4 + 1);
-                    SCORE_TILE(2, 7, half * 4 + 2);
-                    SCORE_TILE(3, 5, half * 4 + 3);
-                }
-                float *scores = s->scores + rt * 16 * TILE_KEY_BLOCK + half * 64;
-                _tile_stored(0, scores, TILE_KEY_BLOCK * sizeof(float));
-                _tile_stored(1, scores + 16, TILE_KEY_BLOCK * sizeof(float));
-                _tile_stored(2, scores + 32, TILE_KEY_BLOCK * sizeof(float));
-                _tile_stored(3, scores + 48, TILE_KEY_BLOCK * sizeof(float));
-            }
-        if (int8) {
-            softmax_block(job, s, rows, k0, TILE_KEY_BLOCK, 1, 1);
-            scale_probabilities(s, rows, width, TILE_KEY_BLOCK);
-        } else
-            softmax_block(job, s, rows, k0, TILE_KEY_BLOCK, 1, 0);
-        for (Py_ssize_t r = 0; r < padded; r++) { /* probabilities to A tiles; outputs rescaled */
-            uint16_t *dst = t->p + (r / 16 * (TILE_KEY_BLOCK / 32)) * AMX_TILE_ELEMS + r % 16 * 32;
-            const float *row = s->scores + r * TILE_KEY_BLOCK;
-            for (Py_ssize_t kc = 0; kc * 32 < width; kc++) round_32(dst + kc * AMX_TILE_ELEMS, row + kc * 32, r < rows);
-            if (r < rows && s->rescale[r] != 1.0f) {
-                __m512 factor = _mm512_set1_ps(s->rescale[r]);
-                float *o = t->o + r * dim;
-                for (Py_ssize_t d = 0; d < dim; d += 16) _mm512_store_ps(o + d, _mm512_mul_ps(_mm512_load_ps(o + d), factor));
-            }
-        }
-        const Py_ssize_t key_chunks = (width + 31) / 32;
-        for (Py_ssize_t rt = 0; rt < row_tiles; rt++) { /* outputs += P V, 16 rows x 64 dims at a time */
-            float *o = t->o + rt * 16 * dim;
-            for (Py_ssize_t g0 = 0; g0 < groups; g0 += 4) {
-                const Py_ssize_t count = groups - g0 < 4 ? groups - g0 : 4;
-                OUT_TILE_LOAD(0);
-                OUT_TILE_LOAD(1);
-                OUT_TILE_LOAD(2);
-                OUT_TILE_LOAD(3);
-                for (Py_ssize_t kc = 0; kc < key_chunks; kc++) {
-                    _tile_loadd(4, t->p + (rt * (TILE_KEY_BLOCK / 32) + kc) * AMX_TILE_ELEMS, 64);
-                    OUT_TILE_ADD(0, 5);
-                    OUT_TILE_ADD(1, 6);
-                    OUT_TILE_ADD(2, 7);
-                    OUT_TILE_ADD(3, 5);
-                }
-                OUT_TILE_STORE(0);
-                OUT_TILE_STORE(1);
-                OUT_TILE_STORE(2);
-                OUT_TILE_STORE(3);
-            }
-        }
-    }
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        __m512 inv = _mm512_set1_ps(s->row_sum[r] > 0.0f ? 1.0f / s->row_sum[r] : 0.0f);
-        const float *o = t->o + r * dim;
-        for (Py_ssize_t d = 0; d < dim; d += 16) _mm512_storeu_ps(s->out_rows[r] + d, _mm512_mul_ps(_mm512_load_ps(o + d), inv));
-    }
-}
+#include "_prefill_tiles_amx.h"
 #endif /* SELFHOST_AMX_TILES */
 
 static int cpu_has_avx512(void) {
@@ -649,10 +434,12 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
     Py_ssize_t blocks = 0;
     for (Py_ssize_t c = 0; c < num_chunks; c++) blocks += (counts[c] + query_block - 1) / query_block;
     int64_t *unit_chunk = malloc(sizeof(int64_t) * (size_t)(blocks + 1)), *unit_position = malloc(sizeof(int64_t) * (size_t)(blocks + 1));
-    if (unit_chunk == NULL || unit_position == NULL) {
-        free(unit_chunk), free(unit_position);
+    Py_ssize_t *chunk_units = malloc(sizeof(Py_ssize_t) * (size_t)(num_chunks + 1)); /* units of each chunk, per kv head */
+    if (unit_chunk == NULL || unit_position == NULL || chunk_units == NULL) {
+        free(unit_chunk), free(unit_position), free(chunk_units);
         return PyErr_NoMemory();
     }
+    for (Py_ssize_t c = 0; c < num_chunks; c++) chunk_units[c] = (counts[c] + query_block - 1) / query_block;
     Py_ssize_t u = 0;
     for (Py_ssize_t c = 0; c < num_chunks; c++)
         for (Py_ssize_t i = 0; i < counts[c]; i += query_block) unit_chunk[u] = c, unit_position[u++] = i;
@@ -660,16 +447,19 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
     Job job = {(const float *)q, (const void *)k, (const void *)v, (float *)out, (const int64_t *)tables,
                (const int64_t *)first, counts, (const int64_t *)start, unit_chunk, unit_position, q_stride,
                num_heads, num_kv_heads, head_dim, block_size, num_blocks, max_blocks, window, scale, &failed,
-               kv_kind, tiles, (const float *)k_scales, (const float *)v_scales, query_block};
-    void (*work)(const void *, long) = run_unit;
+               kv_kind, tiles, (const float *)k_scales, (const float *)v_scales, query_block, NULL, 0, 0};
+    const int threads = num_threads < 1 ? 1 : num_threads;
+    int out_of_memory = 0;
 #ifdef SELFHOST_AMX_TILES
-    if (tiles) work = run_unit_tiles;
+    if (tiles) out_of_memory = run_tiles(&job, num_chunks, chunk_units, threads) != 0;
 #endif
-    Py_BEGIN_ALLOW_THREADS
-    pool_run(work, &job, (long)(blocks * num_kv_heads), num_threads < 1 ? 1 : num_threads);
-    Py_END_ALLOW_THREADS
-    free(unit_chunk), free(unit_position);
-    if (atomic_load(&failed)) return PyErr_NoMemory();
+    if (!tiles) {
+        Py_BEGIN_ALLOW_THREADS
+        pool_run(run_unit, &job, (long)(blocks * num_kv_heads), threads);
+        Py_END_ALLOW_THREADS
+    }
+    free(unit_chunk), free(unit_position), free(chunk_units);
+    if (out_of_memory || atomic_load(&failed)) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
     (void)q, (void)k, (void)v, (void)out, (void)tables, (void)first, (void)count, (void)start, (void)num_chunks;
