@@ -212,3 +212,28 @@ def test_int8_cache_is_refused_where_its_attention_cannot_read_it():
     from selfhost.llm import pick_kv_cache_dtype
 
     assert pick_kv_cache_dtype("int8", torch.float32, False) == torch.int8
+
+
+def test_auto_cache_is_bf16_under_quantized_weights_where_prompt_attention_has_tiles(monkeypatch):
+    from selfhost import llm as llm_module
+    from selfhost.quant.config import QuantConfig
+
+    cpu = torch.device("cpu")
+    quantized, plain = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    quantized.quant_config = QuantConfig(method="int8")
+    for tiles in (True, False):
+        monkeypatch.setattr(llm_module, "prompt_tiles_available", lambda tiles=tiles: tiles)
+        assert llm_module.narrow_weights(quantized, cpu) is tiles
+        assert llm_module.narrow_weights(plain, cpu) is False
+        picked = llm_module.pick_kv_cache_dtype("auto", torch.float32, llm_module.narrow_weights(quantized, cpu))
+        assert picked == (torch.bfloat16 if tiles else torch.float32)
+        # an explicit choice stands
+        assert llm_module.pick_kv_cache_dtype("float32", torch.float32, True) == torch.float32
+
+
+def test_an_int8_model_gets_the_cache_its_prompt_attention_reads_fastest():
+    from selfhost.engine.paged_cache import prompt_tiles_available
+
+    llm = LLM(DEMO, quantization="int8")
+    assert llm.kv_cache_dtype == (torch.bfloat16 if prompt_tiles_available() else torch.float32)
+    assert llm.engine.stats().kv_cache_dtype == str(llm.kv_cache_dtype).removeprefix("torch.")

@@ -30,7 +30,7 @@ WeightDtype = Annotated[
                  "bfloat16; float32: the weights as loaded (exact parity with transformers)."),
 ]
 KvCacheDtype = Annotated[
-    str, typer.Option(help="auto (bf16 under bf16 weights, else the model's dtype), bfloat16, float32, int8 (a "
+    str, typer.Option(help="auto (bf16 under bf16 weights, and under quantized ones on CPUs with AMX; else the model's dtype), bfloat16, float32, int8 (a "
                       "quarter of fp32's bytes plus a scale per token and head; not exact)."),
 ]
 Speculative = Annotated[

@@ -69,6 +69,11 @@ def narrow_cache_kernels_available(kv_dtype: torch.dtype = torch.bfloat16) -> bo
             and _paged_attention_cpu.narrow_cache_available(KV_KINDS[kv_dtype]))
 
 
+def prompt_tiles_available() -> bool:
+    """Prompt attention over a bf16 cache multiplies on AMX tiles here (an fp32 cache takes the AVX-512 kernel)."""
+    return narrow_cache_kernels_available() and _prefill_attention_cpu.tiles_available()
+
+
 @dataclass
 class StepMetadata:
     slot_mapping: torch.Tensor  # (T,) flat cache slot of each token

@@ -61,7 +61,7 @@ class ServerSettings(BaseSettings):
         "auto", description="auto (bf16 linear weights where that measures faster on this CPU), bfloat16, or "
         "float32 (the weights as loaded: exact parity with transformers)."
     )
-    kv_cache_dtype: str = Field("auto", description="auto (bf16 under bf16 weights, else the model's dtype), "
+    kv_cache_dtype: str = Field("auto", description="auto (bf16 under bf16 weights, and under quantized ones on CPUs with AMX; else the model's dtype), "
                                 "bfloat16, float32, int8 (a scale per token and head; not exact).")
     transformers_fallback: bool = Field(
         False, description="Run architectures without native support through transformers (slower)."
