@@ -63,9 +63,11 @@ static struct {
     int num_workers;
     pthread_mutex_t lock, one_caller;
     pthread_cond_t wake;
-    _Atomic uint64_t ticket;
-    _Atomic long done;
-    _Atomic int sleepers;
+    /* Each on a cache line of its own: every take writes `ticket`, every finish `done`, and the
+     * waiting caller reads `done`; sharing one line made the two cores hand it back and forth. */
+    _Alignas(64) _Atomic uint64_t ticket;
+    _Alignas(64) _Atomic long done;
+    _Alignas(64) _Atomic int sleepers;
     _Atomic int participants; /* workers with index below this may take chunks */
     _Atomic(pool_chunk_fn) fn;
     _Atomic(const void *) context;
@@ -90,10 +92,13 @@ static void work_on(uint32_t generation) {
     const void *context = atomic_load_explicit(&pool.context, memory_order_acquire);
     long num_chunks = atomic_load_explicit(&pool.num_chunks, memory_order_acquire), chunk;
     /* Fields of a later job are only visible after its close: the take then fails. */
+    long finished = 0;
     while (take_chunk(generation, num_chunks, &chunk)) {
         fn(context, chunk);
-        atomic_fetch_add(&pool.done, 1);
+        finished++;
     }
+    /* once, after this thread's last chunk (the caller waits for all of them: no earlier count helps it) */
+    if (finished) atomic_fetch_add(&pool.done, finished);
 }
 
 static void *worker_main(void *arg) {

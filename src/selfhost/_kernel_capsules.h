@@ -13,9 +13,9 @@
 #include <Python.h>
 #include <stdint.h>
 
-#define SELFHOST_KERNELS_VERSION 5 /* 2: RopeDecodeStep took an int8 cache's scales; 3: Bf16TileKernels.linear never
+#define SELFHOST_KERNELS_VERSION 6 /* 2: RopeDecodeStep took an int8 cache's scales; 3: Bf16TileKernels.linear never
                                     * NULL; 4: Bf16TileKernels.linear_few_rows takes any K; 5: its swiglu takes
-                                    * gate|up output scales, Int8Kernels.linear_amx */
+                                    * gate|up output scales, Int8Kernels.linear_amx; 6: which takes packed tiles */
 
 typedef struct { /* layers._norm_cpu */
     int version;
@@ -88,9 +88,10 @@ typedef struct { /* quant._int8_cpu (x86-64): int8 weights (N, K), one fp32 scal
     /* the weights widened exactly onto the bf16 tiles' many-row product, K % 32 == 0; NULL without them */
     int (*linear_widened)(const float *x, const int8_t *w, const float *wscale, const float *bias, float *y,
                           Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads);
-    /* AMX-INT8 tiles, each activation row quantized with one scale (W8A8), K % 32 == 0; NULL without AMX-INT8 */
-    int (*linear_amx)(const float *x, const int8_t *w, const float *wscale, const float *bias, float *y,
-                      Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads);
+    /* AMX-INT8 tiles, each activation row quantized with one scale (W8A8), K % 32 == 0; `packed`: w's tiles as
+     * _int8_cpu.pack_amx wrote them, or NULL (packed per call); NULL without AMX-INT8 */
+    int (*linear_amx)(const float *x, const int8_t *w, const int8_t *packed, const float *wscale, const float *bias,
+                      float *y, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads);
 } Int8Kernels;
 
 /* The struct behind capsule `name` of module `module`, NULL with a Python error set. */

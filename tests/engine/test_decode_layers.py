@@ -80,6 +80,9 @@ def test_runner_steps_equal_the_python_path(tiny_checkpoint, monkeypatch, family
     if weights == "int8_amx":  # every layer's products past 2 rows on AMX (odd widths: never, VNNI neither)
         switches = {m.amx_from_rows for m in llm.model.modules() if isinstance(m, Int8Linear)}
         assert switches == ({decode_layers.NEVER} if family == "llama-odd-widths" else {2})
+        # ... reading their tiles as packed at load (the runner is handed them; none where AMX never runs)
+        assert all((m.amx_packed is not None) == (m.amx_from_rows == 2)
+                   for m in llm.model.modules() if isinstance(m, Int8Linear))
     assert taken.count(True) >= 20  # the decode steps went through it; prompt steps were declined
     assert taken.count(False) >= 1
     monkeypatch.setattr(decode_layers, "_PYTHON_ONLY", True)

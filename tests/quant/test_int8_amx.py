@@ -21,12 +21,19 @@ def per_row_w8a8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: t
     return y + (0 if bias is None else bias.double())
 
 
-def amx(x, q, scales, bias, threads):
+def amx(x, q, scales, bias, threads, packed=None):
     rows, (n, k) = x.shape[0], q.shape
     out = torch.full((rows, n), float("nan"))
     _int8_cpu.linear_amx(x.data_ptr(), q.data_ptr(), scales.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                         out.data_ptr(), rows, n, k, threads)
+                         out.data_ptr(), rows, n, k, threads, 0 if packed is None else packed.data_ptr())
     return out
+
+
+def pack(q):
+    n, k = q.shape
+    packed = torch.full((_int8_cpu.amx_packed_bytes(n, k),), 77, dtype=torch.int8)  # no zeros to hide behind
+    _int8_cpu.pack_amx(q.data_ptr(), packed.data_ptr(), n, k)
+    return packed
 
 
 @needs_amx
@@ -42,10 +49,13 @@ def test_the_product_is_per_row_w8a8(rows, in_features, out_features, bias):
     if rows > 2:
         x[1] = 0  # a zero row: scale 0, outputs the bias
     expected = per_row_w8a8(x, q, scales, b)
+    packed = pack(q)
     for threads in (1, 2):
         out = amx(x, q, scales, b, threads)
         assert not out.isnan().any()  # every output written, nothing past N
         assert ((out.double() - expected).abs() <= 1e-5 * expected.abs().max() + 1e-6).all()
+        # tiles packed once give the bits the per-call packing gives
+        assert torch.equal(amx(x, q, scales, b, threads, packed), out)
 
 
 @needs_amx
@@ -53,6 +63,21 @@ def test_bad_widths_are_refused():
     q, scales = quantize_int8(torch.randn(8, 80))
     with pytest.raises(ValueError, match="multiple of 32"):
         amx(torch.randn(4, 80), q, scales, None, 1)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _int8_cpu.amx_packed_bytes(8, 80)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _int8_cpu.pack_amx(q.data_ptr(), q.data_ptr(), 8, 80)
+
+
+@needs_amx
+def test_packed_tiles_cover_every_strip():
+    """Strips of 32 outputs, inputs padded to 64: the size the kernel steps through; padding is zeros."""
+    assert _int8_cpu.amx_packed_bytes(40, 96) == 64 * 128
+    assert _int8_cpu.amx_packed_bytes(32, 64) == 32 * 64
+    q, _ = quantize_int8(torch.randn(33, 96))
+    packed = pack(q)
+    assert packed.numel() == 64 * 128
+    assert int((packed != 0).sum()) <= q.numel() and int((packed != 0).sum()) == int((q != 0).sum())
 
 
 @needs_amx
@@ -61,6 +86,7 @@ def test_an_int8_layer_takes_the_amx_kernel_from_its_switch_where_its_width_allo
     gen = torch.Generator().manual_seed(0)
     layer = Int8Linear.from_float(torch.nn.Linear(128, 40))
     layer.prepare("avx2", widened_from_rows=sys.maxsize, vnni_from_rows=2, amx_from_rows=8)
+    assert layer.amx_packed is not None and torch.equal(layer.amx_packed, pack(layer.qweight))
     for rows, product in ((7, _int8_cpu.linear_vnni), (8, _int8_cpu.linear_amx), (50, _int8_cpu.linear_amx)):
         x = torch.randn(rows, 128, generator=gen)
         out = torch.empty(rows, 40)
@@ -69,7 +95,7 @@ def test_an_int8_layer_takes_the_amx_kernel_from_its_switch_where_its_width_allo
         assert torch.equal(layer(x, 2), out)
     odd = Int8Linear.from_float(torch.nn.Linear(40, 16))  # 40 inputs, not whole blocks of 32: the dots
     odd.prepare("avx2", widened_from_rows=sys.maxsize, vnni_from_rows=2, amx_from_rows=8)
-    assert odd.amx_from_rows == odd.vnni_from_rows == sys.maxsize
+    assert odd.amx_from_rows == odd.vnni_from_rows == sys.maxsize and odd.amx_packed is None
     x = torch.randn(20, 40, generator=gen)
     out = torch.empty(20, 16)
     _int8_cpu.linear(x.data_ptr(), odd.qweight.data_ptr(), odd.scales.data_ptr(), odd.bias.data_ptr(), out.data_ptr(),

@@ -50,6 +50,8 @@ enum {
      * of experts, how many each token takes, renormalise (0/1), the routed scaling as fp32 bits */
     ROUTER_W, ROUTER_KIND, ROUTER_SWITCH, EXPERTS, EXPERT_KIND, EXPERT_SWITCH, EXPERT_WIDTH, NUM_EXPERTS, TOP_K,
     NORMALIZE, SCALING,
+    /* int8 weights' AMX tiles packed at load (Int8Linear.prepare), 0 where there are none */
+    QKV_P, O_P, GATE_UP_P, DOWN_P,
     LAYER_FIELDS
 };
 
@@ -77,15 +79,16 @@ static void add_into(float *x, const float *y, Py_ssize_t n) {
  * plain decode step of the same sequences gives it (every kernel's row is the same at any M); -1 without
  * memory. */
 static int product(int kind, Py_ssize_t few_rows_max, Py_ssize_t vnni_from, Py_ssize_t amx_from, Py_ssize_t choice,
-                   const float *x, int64_t w, int64_t scales, int64_t bias, float *y, Py_ssize_t M, Py_ssize_t N,
-                   Py_ssize_t K, int num_threads) {
+                   const float *x, int64_t w, int64_t packed, int64_t scales, int64_t bias, float *y, Py_ssize_t M,
+                   Py_ssize_t N, Py_ssize_t K, int num_threads) {
     if (kind == INT8) { /* as Int8Linear's closure picks (quant/int8.py): widened, AMX, VNNI or the dots; the bias in the call */
         int (*linear)(const float *, const int8_t *, const float *, const float *, float *, Py_ssize_t, Py_ssize_t,
                       Py_ssize_t, int) = int8->linear;
         if (choice > few_rows_max && int8->linear_widened)
             linear = int8->linear_widened;
         else if (choice >= amx_from && int8->linear_amx)
-            linear = int8->linear_amx;
+            return int8->linear_amx(x, PTR(const int8_t *, w), PTR(const int8_t *, packed), PTR(const float *, scales),
+                                    PTR(const float *, bias), y, M, N, K, num_threads);
         else if (choice >= vnni_from && int8->linear_vnni)
             linear = int8->linear_vnni;
         return linear(x, PTR(const int8_t *, w), PTR(const float *, scales), PTR(const float *, bias), y, M, N, K,
@@ -183,7 +186,7 @@ static int forward(const Model *m, const Pass *p) {
     for (Py_ssize_t l = 0; l < m->num_layers && status == PASS_OK; l++) {
         const int64_t *f = m->table + l * LAYER_FIELDS;
         norm->rms_norm(xs, PTR(const float *, f[INPUT_NORM]), hs, tokens, hidden, m->eps, m->norm_offset);
-        if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, hs, f[QKV_W], f[QKV_S], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
+        if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, hs, f[QKV_W], f[QKV_P], f[QKV_S], f[QKV_B], qkvs, tokens, qkv_size, hidden, num_threads))) break;
         if (f[Q_NORM]) /* in place: the kernel reads a row's squares before it writes the row */
             for (Py_ssize_t t = 0; t < tokens; t++) {
                 float *q = qkvs + t * qkv_size;
@@ -197,14 +200,14 @@ static int forward(const Model *m, const Pass *p) {
             status = PASS_ATTENTION_REFUSED;
             break;
         }
-        if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, attns, f[O_W], f[O_S], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
+        if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, attns, f[O_W], f[O_P], f[O_S], f[O_B], hs, tokens, hidden, q_size, num_threads))) break;
         add_into(xs, hs, tokens * hidden);
         norm->rms_norm(xs, PTR(const float *, f[POST_NORM]), hs, tokens, hidden, m->eps, m->norm_offset);
         if (!f[GATE_UP_W]) { /* mixture of experts, as SparseMoE.forward takes it */
             float scaling;
             const int32_t scaling_bits = (int32_t)f[SCALING];
             memcpy(&scaling, &scaling_bits, sizeof scaling);
-            if ((status = product((int)f[ROUTER_KIND], (Py_ssize_t)f[ROUTER_SWITCH], m->vnni_from, m->amx_from, p->choice_rows, hs, f[ROUTER_W], f[ROUTER_S], 0,
+            if ((status = product((int)f[ROUTER_KIND], (Py_ssize_t)f[ROUTER_SWITCH], m->vnni_from, m->amx_from, p->choice_rows, hs, f[ROUTER_W], 0, f[ROUTER_S], 0,
                                   moe_logits,
                                   tokens, (Py_ssize_t)f[NUM_EXPERTS], hidden, num_threads)))
                 break;
@@ -226,11 +229,11 @@ static int forward(const Model *m, const Pass *p) {
                                         PTR(const float *, f[DOWN_B]), hs, tokens, intermediate, hidden, num_threads)))
                 break;
         } else {
-            if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, hs, f[GATE_UP_W], f[GATE_UP_S], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate,
+            if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, hs, f[GATE_UP_W], f[GATE_UP_P], f[GATE_UP_S], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate,
                                   hidden, num_threads)))
                 break;
             activation->silu_mul(gate_ups, acts, tokens, intermediate, num_threads);
-            if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, acts, f[DOWN_W], f[DOWN_S], f[DOWN_B], hs, tokens, hidden, intermediate,
+            if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, acts, f[DOWN_W], f[DOWN_P], f[DOWN_S], f[DOWN_B], hs, tokens, hidden, intermediate,
                                   num_threads)))
                 break;
         }
@@ -430,7 +433,7 @@ static PyObject *greedy_passes(PyObject *self, PyObject *args) {
             Pass next = {ids, positions, slots, table, lens, active, width, active, states, num_threads, attention_threads, 0};
             if ((status = forward(m, &next))) break;
         }
-        if ((status = product(head_kind, head_switch, m->vnni_from, m->amx_from, active, head_in, head_w, 0, head_b, logits, active, head_rows, hidden,
+        if ((status = product(head_kind, head_switch, m->vnni_from, m->amx_from, active, head_in, head_w, 0, 0, head_b, logits, active, head_rows, hidden,
                               num_threads)))
             break;
         for (Py_ssize_t i = 0; i < active; i++) tokens[i * passes + pass] = first_argmax(logits + i * head_rows, head_rows);

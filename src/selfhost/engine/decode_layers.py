@@ -173,8 +173,10 @@ class DecodeLayers:
             qk_norms = [None, None] if attn.q_norm is None else [attn.q_norm.weight, attn.k_norm.weight]
             scales = [None if m is None else _scales(m) for m in (attn.qkv_proj, attn.o_proj, *mlp_products)]
             scales.append(_scales(mlp.gate) if type(mlp) is SparseMoE else None)
+            packed = [getattr(m, "amx_packed", None) for m in (attn.qkv_proj, attn.o_proj, *mlp_products)]
             table += ([0 if t is None else t.data_ptr() for t in row] + [attn.sliding_window or 0]
-                      + [0 if t is None else t.data_ptr() for t in (*qk_norms, *scales)] + _moe_fields(mlp))
+                      + [0 if t is None else t.data_ptr() for t in (*qk_norms, *scales)] + _moe_fields(mlp)
+                      + [0 if t is None else t.data_ptr() for t in packed])
             assert len(table) == (i + 1) * fields
         self.num_layers = len(layers)
         self.table = torch.tensor(table, dtype=torch.int64)

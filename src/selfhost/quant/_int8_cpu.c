@@ -405,9 +405,9 @@ static int linear_widened_cpu(const float *x, const int8_t *w, const float *wsca
 
 #ifdef SELFHOST_AMX_TILES
 /* linear_amx's product, for the capsule. */
-static int linear_amx_cpu(const float *x, const int8_t *w, const float *wscale, const float *bias, float *out,
-                          Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
-    return amx_int8_product(x, w, wscale, bias, out, M, N, K, num_threads < 1 ? 1 : num_threads);
+static int linear_amx_cpu(const float *x, const int8_t *w, const int8_t *packed, const float *wscale, const float *bias,
+                          float *out, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+    return amx_int8_product(x, w, packed, wscale, bias, out, M, N, K, num_threads < 1 ? 1 : num_threads);
 }
 #endif
 
@@ -577,10 +577,54 @@ static PyObject *swiglu_widened(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(linear_amx_doc,
-             "linear_amx(x, w, wscale, bias, out, M, N, K, num_threads)\n\n"
+             "linear_amx(x, w, wscale, bias, out, M, N, K, num_threads, packed=0)\n\n"
              "y = x @ (w * wscale)^T + bias on AMX-INT8 tiles, K a multiple of 32: each row of x quantized to int8\n"
              "with one scale (its largest magnitude / 127), exact int32 sums over K (W8A8, as vLLM's CPU path).\n"
+             "packed: w's tiles as pack_amx wrote them (read in order, no packing per call), or 0.\n"
              "Needs amx_available().");
+
+PyDoc_STRVAR(pack_amx_doc,
+             "pack_amx(w, packed, N, K)\n\n"
+             "w (N, K) int8, K a multiple of 32, as linear_amx's tiles into `packed` (amx_packed_bytes(N, K) bytes).");
+
+static PyObject *amx_packed_bytes_py(PyObject *self, PyObject *args) {
+    Py_ssize_t N, K;
+    if (!PyArg_ParseTuple(args, "nn", &N, &K)) return NULL;
+    if (N <= 0 || K <= 0 || K % 32) {
+        PyErr_SetString(PyExc_ValueError, "amx_packed_bytes: N positive, K a positive multiple of 32");
+        return NULL;
+    }
+#ifdef SELFHOST_AMX_TILES
+    return PyLong_FromSsize_t(amx_packed_bytes(N, K));
+#else
+    PyErr_SetString(PyExc_RuntimeError, "amx_packed_bytes: built without AMX support");
+    return NULL;
+#endif
+}
+
+static PyObject *pack_amx(PyObject *self, PyObject *args) {
+    unsigned long long w, packed;
+    Py_ssize_t N, K;
+    if (!PyArg_ParseTuple(args, "KKnn", &w, &packed, &N, &K)) return NULL;
+#ifdef SELFHOST_AMX_TILES
+    if (!amx_int8_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "pack_amx: this CPU or kernel does not offer AMX-INT8");
+        return NULL;
+    }
+    if (N <= 0 || K <= 0 || K % 32 || !w || !packed) {
+        PyErr_SetString(PyExc_ValueError, "pack_amx: N positive, K a positive multiple of 32, buffers non-null");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    amx_pack_weights((const int8_t *)w, N, K, (int8_t *)packed);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+#else
+    (void)w, (void)packed, (void)N, (void)K;
+    PyErr_SetString(PyExc_RuntimeError, "pack_amx: built without AMX support");
+    return NULL;
+#endif
+}
 
 static PyObject *amx_available(PyObject *self, PyObject *unused) {
 #ifdef SELFHOST_AMX_TILES
@@ -591,10 +635,11 @@ static PyObject *amx_available(PyObject *self, PyObject *unused) {
 }
 
 static PyObject *linear_amx(PyObject *self, PyObject *args) {
-    unsigned long long x, w, wscale, bias, out;
+    unsigned long long x, w, wscale, bias, out, packed = 0;
     Py_ssize_t M, N, K;
     int num_threads;
-    if (!PyArg_ParseTuple(args, "KKKKKnnni", &x, &w, &wscale, &bias, &out, &M, &N, &K, &num_threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKKKKnnni|K", &x, &w, &wscale, &bias, &out, &M, &N, &K, &num_threads, &packed))
+        return NULL;
 #ifdef SELFHOST_AMX_TILES
     if (!amx_int8_ready) {
         PyErr_SetString(PyExc_RuntimeError, "linear_amx: this CPU or kernel does not offer AMX-INT8");
@@ -607,13 +652,13 @@ static PyObject *linear_amx(PyObject *self, PyObject *args) {
     if (M == 0 || N == 0) Py_RETURN_NONE;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = amx_int8_product((const float *)x, (const int8_t *)w, (const float *)wscale, bias ? (const float *)bias : NULL,
-                          (float *)out, M, N, K, num_threads < 1 ? 1 : num_threads);
+    rc = amx_int8_product((const float *)x, (const int8_t *)w, (const int8_t *)packed, (const float *)wscale,
+                          bias ? (const float *)bias : NULL, (float *)out, M, N, K, num_threads < 1 ? 1 : num_threads);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
-    (void)x, (void)w, (void)wscale, (void)bias, (void)out, (void)M, (void)N, (void)K, (void)num_threads;
+    (void)x, (void)w, (void)wscale, (void)bias, (void)out, (void)M, (void)N, (void)K, (void)num_threads, (void)packed;
     PyErr_SetString(PyExc_RuntimeError, "linear_amx: built without AMX support");
     return NULL;
 #endif
@@ -668,6 +713,8 @@ static PyMethodDef methods[] = {
     {"linear_vnni", linear_vnni, METH_VARARGS, linear_vnni_doc},
     {"amx_available", amx_available, METH_NOARGS, "amx_available() -> bool: `linear_amx` runs here."},
     {"linear_amx", linear_amx, METH_VARARGS, linear_amx_doc},
+    {"pack_amx", pack_amx, METH_VARARGS, pack_amx_doc},
+    {"amx_packed_bytes", amx_packed_bytes_py, METH_VARARGS, "amx_packed_bytes(N, K) -> int: bytes pack_amx writes."},
     {"widened_available", widened_available, METH_NOARGS, "widened_available() -> bool: `linear_widened` runs here."},
     {"linear_widened", linear_widened, METH_VARARGS, linear_widened_doc},
     {"swiglu_available", swiglu_available, METH_NOARGS, "swiglu_available() -> bool: `swiglu_widened` runs here."},

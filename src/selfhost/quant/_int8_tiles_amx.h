@@ -12,10 +12,16 @@
  * K < 133,000); the result is float(sum) x row scale x weight scale (+ bias).
  *
  * Layout: the activations become A tiles (16 rows x 64 inputs, contiguous, rows padded to 16 and
- * inputs to a multiple of 64 with zeros); each unit of work packs the weights of 32 outputs into B
- * tiles (amx_pack_strip: row i of a tile holds inputs 4i..4i+3 of each of 16 outputs, a 16 x 16
- * transpose of 4-byte words, ~3x faster than gathering them), then every row passes that strip, 32
- * rows at a time into four C tiles. K must be a multiple of 16.
+ * inputs to a multiple of 64 with zeros); the weights of each 32 outputs are a strip of B tiles
+ * (amx_pack_strip: row i of a tile holds inputs 4i..4i+3 of each of 16 outputs, a 16 x 16 transpose
+ * of 4-byte words, ~3x faster than gathering them), then every row passes that strip, 32 rows at a
+ * time into four C tiles. K must be a multiple of 16.
+ *
+ * The strips are packed once, at load (amx_pack_weights, Int8Linear.prepare), where the caller has
+ * the copy: a batched decode step then streams them in order, prefetched, instead of transposing
+ * 16 rows of the (N, K) weights per call (whose strided reads the prefetchers followed badly: a
+ * 32-sequence decode step, 125M shape: 23.5 -> 19 ms). Without a copy each unit packs its
+ * strip per call into a per-thread buffer.
  *
  * Include after ../_cpu_pool.h, x86-64 GCC only.
  */
@@ -112,10 +118,22 @@ AMX_INT8_TARGET static void amx_pack_strip(const int8_t *q, Py_ssize_t N, Py_ssi
         }
 }
 
+/* Bytes of the strips of an (N, K) weight: N rounded up to AMX_STRIP outputs, K to 64 inputs. */
+static inline Py_ssize_t amx_packed_bytes(Py_ssize_t N, Py_ssize_t K) {
+    return (N + AMX_STRIP - 1) / AMX_STRIP * AMX_STRIP * ((K + 63) / 64 * 64);
+}
+
+/* Every strip of q (N, K) into `packed` (amx_packed_bytes), strip s at s x AMX_STRIP x K64 bytes. */
+AMX_INT8_TARGET static void amx_pack_weights(const int8_t *q, Py_ssize_t N, Py_ssize_t K, int8_t *packed) {
+    const Py_ssize_t strip_bytes = AMX_STRIP * ((K + 63) / 64 * 64);
+    for (Py_ssize_t n0 = 0; n0 < N; n0 += AMX_STRIP) amx_pack_strip(q, N, K, n0, packed + n0 / AMX_STRIP * strip_bytes);
+}
+
 typedef struct {
     const int8_t *xq;
     const float *xscale, *wscale, *bias;
     const int8_t *w;
+    const int8_t *packed; /* w's strips (amx_pack_weights), or NULL: each unit packs its own */
     float *y;
     Py_ssize_t M, Mp, N, K, K64;
     int failed;
@@ -151,16 +169,20 @@ static int8_t *amx_strip_scratch(size_t bytes) {
     return buffer;
 }
 
-/* Unit s: outputs [32s, 32s + 32) packed into a strip, then every row against it. */
+/* Unit s: outputs [32s, 32s + 32): their strip (packed at load, else here), then every row against it. */
 AMX_INT8_TARGET static void amx_int8_unit(const void *context, long s) {
     AmxInt8Job *j = (AmxInt8Job *)context;
     const Py_ssize_t n0 = (Py_ssize_t)s * AMX_STRIP, kblocks = j->K64 / 64;
-    int8_t *strip = amx_strip_scratch((size_t)(2 * kblocks * 1024));
+    const int8_t *strip = j->packed ? j->packed + (Py_ssize_t)s * 2 * kblocks * 1024 : NULL;
     if (!strip) {
-        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
-        return;
+        int8_t *scratch = amx_strip_scratch((size_t)(2 * kblocks * 1024));
+        if (!scratch) {
+            __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+            return;
+        }
+        amx_pack_strip(j->w, j->N, j->K, n0, scratch);
+        strip = scratch;
     }
-    amx_pack_strip(j->w, j->N, j->K, n0, strip);
     const int8_t *b0 = strip, *b1 = strip + kblocks * 1024;
     int32_t staging[4][256] __attribute__((aligned(64)));
     amx_configure();
@@ -174,6 +196,11 @@ AMX_INT8_TARGET static void amx_int8_unit(const void *context, long s) {
             _tile_zero(3);
         }
         for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
+            if (j->packed && m == 0) /* the first pass reads the strip from memory: ask two tiles ahead */
+                for (int line = 0; line < 16; line++) {
+                    _mm_prefetch((const char *)(b0 + (kb + 2) * 1024) + 64 * line, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(b1 + (kb + 2) * 1024) + 64 * line, _MM_HINT_T0);
+                }
             _tile_loadd(4, a0 + kb * 1024, 64);
             _tile_loadd(6, b0 + kb * 1024, 64);
             _tile_loadd(7, b1 + kb * 1024, 64);
@@ -198,10 +225,10 @@ AMX_INT8_TARGET static void amx_int8_unit(const void *context, long s) {
     }
 }
 
-/* y (M, N) = quantized rows of x (M, K) @ q^T x scales (+ bias) on AMX-INT8, K % 16 == 0. Without the
- * GIL; -1 without memory. */
-static int amx_int8_product(const float *x, const int8_t *q, const float *wscale, const float *bias, float *y,
-                            Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
+/* y (M, N) = quantized rows of x (M, K) @ q^T x scales (+ bias) on AMX-INT8, K % 16 == 0; `packed`: q's
+ * strips (amx_pack_weights) or NULL. Without the GIL; -1 without memory. */
+static int amx_int8_product(const float *x, const int8_t *q, const int8_t *packed, const float *wscale,
+                            const float *bias, float *y, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
     const Py_ssize_t Mp = (M + 15) / 16 * 16, K64 = (K + 63) / 64 * 64;
     int8_t *xq = aligned_alloc(64, (size_t)(Mp * K64) + 64);
     float *xscale = malloc(sizeof(float) * (size_t)Mp);
@@ -211,7 +238,7 @@ static int amx_int8_product(const float *x, const int8_t *q, const float *wscale
     }
     const AmxQuantJob quantizing = {x, xq, xscale, M, K, K64};
     pool_run(amx_quantize_unit, &quantizing, (long)(Mp / 16), num_threads);
-    AmxInt8Job job = {xq, xscale, wscale, bias, q, y, M, Mp, N, K, K64, 0};
+    AmxInt8Job job = {xq, xscale, wscale, bias, q, packed, y, M, Mp, N, K, K64, 0};
     pool_run(amx_int8_unit, &job, (long)((N + AMX_STRIP - 1) / AMX_STRIP), num_threads);
     free(xq), free(xscale);
     return job.failed ? -1 : 0;

@@ -84,11 +84,13 @@ def default_int8_kernel(device: torch.device) -> str:
 
 
 def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, widened_from_rows: int,
-                 vnni_from_rows: int = sys.maxsize, amx_from_rows: int = sys.maxsize):
+                 vnni_from_rows: int = sys.maxsize, amx_from_rows: int = sys.maxsize,
+                 amx_packed: torch.Tensor | None = None):
     """y = x @ (q * scale)^T + b for fp32 x of any leading shape, through the C kernel: its int8 dots,
     from `vnni_from_rows` rows the same int8 blocks on its register-blocked VNNI kernel, from
-    `amx_from_rows` rows its AMX-INT8 kernel with one scale per activation row, or from `widened_from_rows` rows its product on the weights widened to bf16
-    (int8_products.py).
+    `amx_from_rows` rows its AMX-INT8 kernel with one scale per activation row (reading `amx_packed`,
+    the weights' tiles packed at load, where given), or from `widened_from_rows` rows its product on
+    the weights widened to bf16 (int8_products.py).
 
     The weights' addresses are taken once: a decode step makes over a hundred
     of these calls and attribute lookups would cost more than small products.
@@ -98,14 +100,18 @@ def _avx2_linear(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
     assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
     out_features, in_features = qweight.shape
     weight_ptr, scales_ptr, bias_ptr = qweight.data_ptr(), scales.data_ptr(), 0 if bias is None else bias.data_ptr()
+    packed_ptr = 0 if amx_packed is None else amx_packed.data_ptr()
 
-    def linear(x: torch.Tensor, num_threads: int, _keep=(qweight, scales, bias)) -> torch.Tensor:
+    def linear(x: torch.Tensor, num_threads: int, _keep=(qweight, scales, bias, amx_packed)) -> torch.Tensor:
         if not x.is_contiguous():
             x = x.contiguous()
         rows = x.numel() // in_features
         out = torch.empty(*x.shape[:-1], out_features)
+        if widened_from_rows > rows >= amx_from_rows:
+            _int8_cpu.linear_amx(x.data_ptr(), weight_ptr, scales_ptr, bias_ptr, out.data_ptr(), rows, out_features,
+                                 in_features, num_threads, packed_ptr)
+            return out
         product = (_int8_cpu.linear_widened if rows >= widened_from_rows
-                   else _int8_cpu.linear_amx if rows >= amx_from_rows
                    else _int8_cpu.linear_vnni if rows >= vnni_from_rows else _int8_cpu.linear)
         product(x.data_ptr(), weight_ptr, scales_ptr, bias_ptr, out.data_ptr(), rows, out_features, in_features,
                 num_threads)
@@ -138,6 +144,8 @@ class Int8Linear(nn.Module):
         self._storage_bytes = 0
         # the "avx2" kernel's row switches as prepared (the decode-step runner calls the same products)
         self.widened_from_rows = self.vnni_from_rows = self.amx_from_rows = sys.maxsize
+        # Where the AMX-INT8 kernel runs: the weights' tiles packed once (a second copy, qweight's size)
+        self.amx_packed: torch.Tensor | None = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
@@ -151,9 +159,11 @@ class Int8Linear(nn.Module):
 
     def prepare(self, kernel: str | None = None, widened_from_rows: int = sys.maxsize,
                 vnni_from_rows: int = sys.maxsize, amx_from_rows: int = sys.maxsize) -> None:
-        """Turn the stored weights into the kernel's layout; once, after loading. widened_from_rows: the
-        "avx2" kernel's measured switch to widened weights; vnni_from_rows and amx_from_rows: its switches
-        to the VNNI and AMX-INT8 kernels (int8_products.py; never by default)."""
+        """Turn the stored weights into the kernel's layout; once, after loading (again after the weights
+        change). widened_from_rows: the "avx2" kernel's measured switch to widened weights; vnni_from_rows
+        and amx_from_rows: its switches to the VNNI and AMX-INT8 kernels (int8_products.py; never by
+        default). Where the AMX-INT8 kernel will run, its tiles are packed here, once: a copy as large as
+        qweight, which a batched step then streams in order instead of repacking per call."""
         kernel = kernel or default_int8_kernel(self.qweight.device)
         assert kernel in INT8_KERNELS, kernel
         self._storage_bytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.bias)
@@ -166,8 +176,14 @@ class Int8Linear(nn.Module):
             self.widened_from_rows = widened_from_rows if whole_blocks else sys.maxsize
             self.vnni_from_rows = vnni_from_rows if whole_blocks else sys.maxsize
             self.amx_from_rows = amx_from_rows if whole_blocks else sys.maxsize
+            self.amx_packed = None
+            if self.amx_from_rows < self.widened_from_rows:
+                self.amx_packed = torch.empty(_int8_cpu.amx_packed_bytes(self.out_features, self.in_features),
+                                              dtype=torch.int8)
+                _int8_cpu.pack_amx(self.qweight.data_ptr(), self.amx_packed.data_ptr(), self.out_features,
+                                   self.in_features)
             self._avx2 = _avx2_linear(self.qweight, self.scales, bias, self.widened_from_rows, self.vnni_from_rows,
-                                      self.amx_from_rows)
+                                      self.amx_from_rows, self.amx_packed)
         if kernel == "fbgemm":
             self._packed = _fbgemm_pack(self.qweight, self.scales, self.bias)
             # The packed copy is all the kernel reads; do not keep the weight twice.

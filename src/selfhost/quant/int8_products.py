@@ -57,7 +57,12 @@ def measure(in_features: int, out_features: int, threads: int, incumbent: str = 
 
     generator = torch.Generator().manual_seed(0)
     q, scales = quantize_int8(torch.randn(out_features, in_features, generator=generator))
-    products = {"dots": _int8_cpu.linear, "vnni": _int8_cpu.linear_vnni, "amx": _int8_cpu.linear_amx,
+    packed = None
+    if "amx" in (incumbent, challenger):  # as Int8Linear runs it: tiles packed at load
+        packed = torch.empty(_int8_cpu.amx_packed_bytes(out_features, in_features), dtype=torch.int8)
+        _int8_cpu.pack_amx(q.data_ptr(), packed.data_ptr(), out_features, in_features)
+    products = {"dots": _int8_cpu.linear, "vnni": _int8_cpu.linear_vnni,
+                "amx": lambda *args: _int8_cpu.linear_amx(*args, packed.data_ptr()),
                 "widened": _int8_cpu.linear_widened}
     seconds = {}
     for rows in AMX_PROBE_ROWS if challenger == "amx" else probe_rows(incumbent):
@@ -86,7 +91,8 @@ def widened_from_rows(in_features: int, out_features: int, threads: int) -> int:
     incumbent = "amx" if amx_available() else "vnni" if vnni_available() else "dots"
     rows = probe_rows(incumbent)
     shape = (min(in_features, PROBE_MAX_IN) // 32 * 32, min(out_features, PROBE_MAX_OUT))
-    seconds, cached = CHOICES.seconds((f"{shape[0]}x{shape[1]}", f"threads={threads}", f"against {incumbent}"),
+    against = "against amx (packed)" if incumbent == "amx" else f"against {incumbent}"
+    seconds, cached = CHOICES.seconds((f"{shape[0]}x{shape[1]}", f"threads={threads}", against),
                                       2 * len(rows), lambda: measure(*shape, threads, incumbent))
     switch = takeover_rows({r: seconds[f"{incumbent}@{r}"] for r in rows},
                            {r: seconds[f"widened@{r}"] for r in rows}, MIN_GAIN)
@@ -108,7 +114,7 @@ def amx_from_rows(in_features: int, out_features: int, threads: int) -> int:
     if not (amx_available() and vnni_available()) or in_features % 32:
         return NEVER
     shape = (min(in_features, PROBE_MAX_IN) // 32 * 32, min(out_features, PROBE_MAX_OUT))
-    seconds, cached = CHOICES.seconds((f"{shape[0]}x{shape[1]}", f"threads={threads}", "amx against vnni"),
+    seconds, cached = CHOICES.seconds((f"{shape[0]}x{shape[1]}", f"threads={threads}", "amx (packed) against vnni"),
                                       2 * len(AMX_PROBE_ROWS), lambda: measure(*shape, threads, "vnni", "amx"))
     switch = takeover_rows({r: seconds[f"vnni@{r}"] for r in AMX_PROBE_ROWS},
                            {r: seconds[f"amx@{r}"] for r in AMX_PROBE_ROWS}, MIN_GAIN)
