@@ -50,6 +50,8 @@
 #include "../_kernel_capsules.h"
 #include "_int8_widened_avx512.h"
 #include "_int8_rows_vnni.h"
+#include "../_exp_avx512.h"
+#include "../layers/_swiglu_avx512.h"
 #include "_int8_tiles_amx.h"
 
 /* layers._bf16_tiles_cpu's products (AVX-512 CPUs): many rows through the widened weights. NULL elsewhere. */
@@ -535,6 +537,48 @@ PyDoc_STRVAR(swiglu_widened_doc,
              "the same bits as linear_widened, silu(gate) * up, linear_widened. I and K multiples of 32, gate|up\n"
              "without bias, down_bias 0 for none; out may be x. Needs swiglu_available().");
 
+PyDoc_STRVAR(swiglu_amx_doc,
+             "swiglu_amx(x, gate_up_packed, gate_up_scale, down, down_packed, down_scale, down_bias, out, M, I, hidden,\n"
+             "           num_threads)\n\n"
+             "out = down(silu(gate(x)) * up(x)) on AMX-INT8 tiles: gate|up (2I outputs, no bias) given by its tiles as\n"
+             "pack_amx wrote them, down by its (hidden, I) weights and their tiles (down_packed 0: packed per call);\n"
+             "I and hidden multiples of 32. The bits of linear_amx, the SwiGLU pass and linear_amx in turn.");
+
+static PyObject *swiglu_amx(PyObject *self, PyObject *args) {
+    unsigned long long x, gate_up_packed, gate_up_scale, down, down_packed, down_scale, down_bias, out;
+    Py_ssize_t M, I, hidden;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKnnni", &x, &gate_up_packed, &gate_up_scale, &down, &down_packed, &down_scale,
+                          &down_bias, &out, &M, &I, &hidden, &num_threads))
+        return NULL;
+#ifdef SELFHOST_AMX_TILES
+    if (!amx_int8_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "swiglu_amx: this CPU or kernel does not offer AMX-INT8");
+        return NULL;
+    }
+    if (M < 0 || I <= 0 || I % 32 || hidden <= 0 || hidden % 32 || !x || !gate_up_packed || !gate_up_scale || !down ||
+        !down_scale || !out) {
+        PyErr_SetString(PyExc_ValueError, "swiglu_amx: I and hidden must be positive multiples of 32, buffers non-null");
+        return NULL;
+    }
+    if (M == 0) Py_RETURN_NONE;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = amx_swiglu_product((const float *)x, (const int8_t *)gate_up_packed, (const float *)gate_up_scale,
+                            (const int8_t *)down, (const int8_t *)down_packed, (const float *)down_scale,
+                            down_bias ? (const float *)down_bias : NULL, (float *)out, M, I, hidden,
+                            num_threads < 1 ? 1 : num_threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    (void)x, (void)gate_up_packed, (void)gate_up_scale, (void)down, (void)down_packed, (void)down_scale;
+    (void)down_bias, (void)out, (void)M, (void)I, (void)hidden, (void)num_threads;
+    PyErr_SetString(PyExc_RuntimeError, "swiglu_amx: built without AMX support");
+    return NULL;
+#endif
+}
+
 static PyObject *swiglu_available(PyObject *self, PyObject *unused) {
 #ifdef SELFHOST_X86
     return PyBool_FromLong(tiles != NULL && tiles->swiglu != NULL);
@@ -719,6 +763,7 @@ static PyMethodDef methods[] = {
     {"linear_widened", linear_widened, METH_VARARGS, linear_widened_doc},
     {"swiglu_available", swiglu_available, METH_NOARGS, "swiglu_available() -> bool: `swiglu_widened` runs here."},
     {"swiglu_widened", swiglu_widened, METH_VARARGS, swiglu_widened_doc},
+    {"swiglu_amx", swiglu_amx, METH_VARARGS, swiglu_amx_doc},
     {"isa", isa, METH_NOARGS, isa_doc},
     {"linear", (PyCFunction)(void (*)(void))linear, METH_FASTCALL, linear_doc},
     {NULL, NULL, 0, NULL},

@@ -244,5 +244,104 @@ static int amx_int8_product(const float *x, const int8_t *q, const int8_t *packe
     return job.failed ? -1 : 0;
 }
 
+/* ---- a SwiGLU MLP's gate|up product with its activation --------------------------------------
+ * h = silu(gate) * up straight from the gate|up product's tiles: unit s pairs the gate's 16-output
+ * group s with the up's group I/16 + s (packed tiles lie in 16-output groups, in order), so its C
+ * tiles hold matching gate and up sums; each is scaled as amx_int8_store scales it and
+ * ../layers/_swiglu_avx512.h's silu_times combines them, the bits the product, the SwiGLU pass
+ * and the down product's quantizing give in three calls, without writing the (M, 2I) product out
+ * and reading it back. */
+typedef struct {
+    const int8_t *xq;
+    const float *xscale;
+    const int8_t *packed; /* gate|up's tiles (amx_pack_weights), 2I outputs */
+    const float *wscale;  /* gate|up's per-output scales */
+    float *h;             /* (M, I) */
+    Py_ssize_t M, Mp, I, K64;
+} AmxSwigluJob;
+
+/* Rows [m, m + 16) x intermediate columns [n, n + 16) of h from their gate and up sums. */
+AMX_INT8_TARGET static inline void amx_swiglu_store(const AmxSwigluJob *j, const int32_t *gate_sums,
+                                                    const int32_t *up_sums, Py_ssize_t m, Py_ssize_t n) {
+    const __m512 gate_scale = _mm512_loadu_ps(j->wscale + n), up_scale = _mm512_loadu_ps(j->wscale + j->I + n);
+    const __m512 no_bias = _mm512_setzero_ps(); /* added as amx_int8_store adds a missing bias */
+    for (Py_ssize_t r = 0; r < 16 && m + r < j->M; r++) {
+        const __m512 row_scale = _mm512_set1_ps(j->xscale[m + r]);
+        const __m512 gate = _mm512_add_ps(
+            _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(gate_sums + 16 * r)), row_scale), gate_scale),
+            no_bias);
+        const __m512 up = _mm512_add_ps(
+            _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(up_sums + 16 * r)), row_scale), up_scale),
+            no_bias);
+        _mm512_storeu_ps(j->h + (m + r) * j->I + n, silu_times(gate, up));
+    }
+}
+
+AMX_INT8_TARGET static void amx_swiglu_unit(const void *context, long s) {
+    const AmxSwigluJob *j = (const AmxSwigluJob *)context;
+    const Py_ssize_t kblocks = j->K64 / 64, n = (Py_ssize_t)s * 16;
+    const int8_t *b0 = j->packed + (Py_ssize_t)s * kblocks * 1024, *b1 = j->packed + (j->I / 16 + s) * kblocks * 1024;
+    int32_t staging[4][256] __attribute__((aligned(64)));
+    amx_configure();
+    for (Py_ssize_t m = 0; m < j->Mp; m += 32) {
+        const int single = m + 32 > j->Mp;
+        const int8_t *a0 = j->xq + (m / 16) * kblocks * 1024, *a1 = a0 + kblocks * 1024;
+        _tile_zero(0);
+        _tile_zero(1);
+        if (!single) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
+            if (m == 0)
+                for (int line = 0; line < 16; line++) {
+                    _mm_prefetch((const char *)(b0 + (kb + 2) * 1024) + 64 * line, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(b1 + (kb + 2) * 1024) + 64 * line, _MM_HINT_T0);
+                }
+            _tile_loadd(4, a0 + kb * 1024, 64);
+            _tile_loadd(6, b0 + kb * 1024, 64);
+            _tile_loadd(7, b1 + kb * 1024, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            if (!single) {
+                _tile_loadd(5, a1 + kb * 1024, 64);
+                _tile_dpbssd(2, 5, 6);
+                _tile_dpbssd(3, 5, 7);
+            }
+        }
+        _tile_stored(0, staging[0], 64);
+        _tile_stored(1, staging[1], 64);
+        amx_swiglu_store(j, staging[0], staging[1], m, n);
+        if (!single) {
+            _tile_stored(2, staging[2], 64);
+            _tile_stored(3, staging[3], 64);
+            amx_swiglu_store(j, staging[2], staging[3], m + 16, n);
+        }
+    }
+}
+
+/* y (M, hidden) = down(silu(gate(x)) * up(x)) with gate|up's tiles packed (2I outputs, I % 32 == 0,
+ * no bias) and down's (or NULL), hidden % 32 == 0. Without the GIL; -1 without memory. */
+static int amx_swiglu_product(const float *x, const int8_t *gate_up_packed, const float *gate_up_scale,
+                              const int8_t *down, const int8_t *down_packed, const float *down_scale,
+                              const float *down_bias, float *y, Py_ssize_t M, Py_ssize_t I, Py_ssize_t hidden,
+                              int num_threads) {
+    const Py_ssize_t Mp = (M + 15) / 16 * 16, K64 = (hidden + 63) / 64 * 64;
+    int8_t *xq = aligned_alloc(64, (size_t)(Mp * K64) + 64);
+    float *xscale = malloc(sizeof(float) * (size_t)Mp), *h = malloc(sizeof(float) * (size_t)(M * I));
+    if (!xq || !xscale || !h) {
+        free(xq), free(xscale), free(h);
+        return -1;
+    }
+    const AmxQuantJob quantizing = {x, xq, xscale, M, hidden, K64};
+    pool_run(amx_quantize_unit, &quantizing, (long)(Mp / 16), num_threads);
+    const AmxSwigluJob job = {xq, xscale, gate_up_packed, gate_up_scale, h, M, Mp, I, K64};
+    pool_run(amx_swiglu_unit, &job, (long)(I / 16), num_threads);
+    free(xq), free(xscale);
+    const int rc = amx_int8_product(h, down, down_packed, down_scale, down_bias, y, M, hidden, I, num_threads);
+    free(h);
+    return rc;
+}
+
 #endif /* SELFHOST_AMX_TILES */
 #endif /* SELFHOST_INT8_TILES_AMX_H */

@@ -218,18 +218,31 @@ class Int8Linear(nn.Module):
 
 
 def swiglu_int8(gate_up: nn.Module, down: nn.Module, x: torch.Tensor, num_threads: int) -> torch.Tensor | None:
-    """down(silu(gate(x)) * up(x)) in one call (`_int8_cpu.swiglu_widened`: both weights widened, then the
-    MLP in one AMX call) where both layers are int8 on the "avx2" kernel and the rows reach their widened
-    switch, so the separate calls would widen too; the same bits as those (the gate|up scales applied as
-    the sums leave the tiles). None elsewhere."""
+    """down(silu(gate(x)) * up(x)) in one call where both layers are int8 on the "avx2" kernel and the
+    separate calls would take the same products: past both layers' AMX switch (below their widened
+    one), `_int8_cpu.swiglu_amx` (the activation applied to the gate|up sums as they leave the tiles,
+    without writing the (rows, 2 x intermediate) product out and reading it back); past their widened
+    switch, `_int8_cpu.swiglu_widened` (both weights widened, the MLP in one AMX call). The same bits
+    as the three calls either way. None elsewhere."""
     if not (type(gate_up) is Int8Linear and type(down) is Int8Linear and gate_up._avx2 is not None
             and down._avx2 is not None and gate_up.bias is None and x.dtype == torch.float32
-            and x.device.type == "cpu" and not torch.is_grad_enabled() and _int8_cpu.swiglu_available()):
+            and x.device.type == "cpu" and not torch.is_grad_enabled()):
         return None
     hidden, intermediate = gate_up.in_features, down.in_features
     rows = x.numel() // hidden
-    if (rows < max(gate_up.widened_from_rows, down.widened_from_rows) or gate_up.out_features != 2 * intermediate
-            or down.out_features != hidden or hidden % 32 or intermediate % 32):
+    if gate_up.out_features != 2 * intermediate or down.out_features != hidden or hidden % 32 or intermediate % 32:
+        return None
+    widened_from = max(gate_up.widened_from_rows, down.widened_from_rows)
+    if (gate_up.amx_packed is not None and down.amx_packed is not None
+            and max(gate_up.amx_from_rows, down.amx_from_rows) <= rows < widened_from):
+        x = x.contiguous()
+        out = torch.empty(*x.shape[:-1], hidden)
+        _int8_cpu.swiglu_amx(x.data_ptr(), gate_up.amx_packed.data_ptr(), gate_up.scales.data_ptr(),
+                             down.qweight.data_ptr(), down.amx_packed.data_ptr(), down.scales.data_ptr(),
+                             0 if down.bias is None else down.bias.data_ptr(), out.data_ptr(), rows, intermediate,
+                             hidden, num_threads)
+        return out
+    if rows < widened_from or not _int8_cpu.swiglu_available():
         return None
     x = x.contiguous()
     out = torch.empty(*x.shape[:-1], hidden)
