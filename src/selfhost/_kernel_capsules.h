@@ -13,9 +13,10 @@
 #include <Python.h>
 #include <stdint.h>
 
-#define SELFHOST_KERNELS_VERSION 6 /* 2: RopeDecodeStep took an int8 cache's scales; 3: Bf16TileKernels.linear never
+#define SELFHOST_KERNELS_VERSION 7 /* 2: RopeDecodeStep took an int8 cache's scales; 3: Bf16TileKernels.linear never
                                     * NULL; 4: Bf16TileKernels.linear_few_rows takes any K; 5: its swiglu takes
-                                    * gate|up output scales, Int8Kernels.linear_amx; 6: which takes packed tiles */
+                                    * gate|up output scales, Int8Kernels.linear_amx; 6: which takes packed tiles;
+                                    * 7: Int8Kernels.swiglu_amx */
 
 typedef struct { /* layers._norm_cpu */
     int version;
@@ -92,6 +93,11 @@ typedef struct { /* quant._int8_cpu (x86-64): int8 weights (N, K), one fp32 scal
      * _int8_cpu.pack_amx wrote them, or NULL (packed per call); NULL without AMX-INT8 */
     int (*linear_amx)(const float *x, const int8_t *w, const int8_t *packed, const float *wscale, const float *bias,
                       float *y, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads);
+    /* a SwiGLU MLP on those tiles, the activation applied as the gate|up sums leave them (gate|up by its packed
+     * tiles, no bias; down by its weights and tiles), I and hidden % 32 == 0, y may be x; NULL without AMX-INT8 */
+    int (*swiglu_amx)(const float *x, const int8_t *gate_up_packed, const float *gate_up_scale, const int8_t *down,
+                      const int8_t *down_packed, const float *down_scale, const float *down_bias, float *y,
+                      Py_ssize_t M, Py_ssize_t I, Py_ssize_t hidden, int num_threads);
 } Int8Kernels;
 
 /* The struct behind capsule `name` of module `module`, NULL with a Python error set. */

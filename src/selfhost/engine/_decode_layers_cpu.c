@@ -228,6 +228,14 @@ static int forward(const Model *m, const Pass *p) {
             if ((status = tiles->swiglu(hs, PTR(const uint16_t *, f[GATE_UP_W]), NULL, PTR(const uint16_t *, f[DOWN_W]),
                                         PTR(const float *, f[DOWN_B]), hs, tokens, intermediate, hidden, num_threads)))
                 break;
+        } else if (kind == INT8 && p->choice_rows >= m->amx_from && p->choice_rows <= few_rows_max && f[GATE_UP_P] &&
+                   f[DOWN_P] && !f[GATE_UP_B] && int8->swiglu_amx && intermediate % 32 == 0 && hidden % 32 == 0) {
+            /* the MLP in one call on AMX-INT8 tiles, as GatedMLP takes it (quant/int8.py: swiglu_int8) */
+            if ((status = int8->swiglu_amx(hs, PTR(const int8_t *, f[GATE_UP_P]), PTR(const float *, f[GATE_UP_S]),
+                                           PTR(const int8_t *, f[DOWN_W]), PTR(const int8_t *, f[DOWN_P]),
+                                           PTR(const float *, f[DOWN_S]), PTR(const float *, f[DOWN_B]), hs, tokens,
+                                           intermediate, hidden, num_threads)))
+                break;
         } else {
             if ((status = product(kind, few_rows_max, m->vnni_from, m->amx_from, p->choice_rows, hs, f[GATE_UP_W], f[GATE_UP_P], f[GATE_UP_S], f[GATE_UP_B], gate_ups, tokens, 2 * intermediate,
                                   hidden, num_threads)))

@@ -406,6 +406,14 @@ static int linear_widened_cpu(const float *x, const int8_t *w, const float *wsca
 }
 
 #ifdef SELFHOST_AMX_TILES
+/* swiglu_amx's MLP, for the capsule. */
+static int swiglu_amx_cpu(const float *x, const int8_t *gate_up_packed, const float *gate_up_scale, const int8_t *down,
+                          const int8_t *down_packed, const float *down_scale, const float *down_bias, float *y,
+                          Py_ssize_t M, Py_ssize_t I, Py_ssize_t hidden, int num_threads) {
+    return amx_swiglu_product(x, gate_up_packed, gate_up_scale, down, down_packed, down_scale, down_bias, y, M, I,
+                              hidden, num_threads < 1 ? 1 : num_threads);
+}
+
 /* linear_amx's product, for the capsule. */
 static int linear_amx_cpu(const float *x, const int8_t *w, const int8_t *packed, const float *wscale, const float *bias,
                           float *out, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int num_threads) {
@@ -413,8 +421,8 @@ static int linear_amx_cpu(const float *x, const int8_t *w, const int8_t *packed,
 }
 #endif
 
-/* What the decode-step runner calls (engine/_decode_layers_cpu.c): the same four products. */
-static Int8Kernels kernels = {SELFHOST_KERNELS_VERSION, linear_cpu, NULL, NULL, NULL};
+/* What the decode-step runner calls (engine/_decode_layers_cpu.c): the same four products and the AMX MLP. */
+static Int8Kernels kernels = {SELFHOST_KERNELS_VERSION, linear_cpu, NULL, NULL, NULL, NULL};
 #endif
 
 PyDoc_STRVAR(available_doc, "available() -> bool: this build and this CPU can run `linear`.");
@@ -793,6 +801,7 @@ PyMODINIT_FUNC PyInit__int8_cpu(void) {
     kernels.linear_widened = tiles ? linear_widened_cpu : NULL;
 #ifdef SELFHOST_AMX_TILES
     kernels.linear_amx = amx_int8_ready ? linear_amx_cpu : NULL;
+    kernels.swiglu_amx = amx_int8_ready ? swiglu_amx_cpu : NULL;
 #endif
     if (m && isa_of_cpu() && kernels_export(m, "selfhost.quant._int8_cpu._kernels", &kernels) < 0) Py_CLEAR(m);
 #endif
