@@ -74,7 +74,10 @@ def test_distinct_prefixes_spread(app):
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda i: _complete(app.url, _prompt(2000 + i, 64), max_tokens=24), range(8)))
     served = [replica for replica, _ in answers]
-    assert len(set(served)) == 2 and min(served.count(r) for r in set(served)) >= 2
+    # Both replicas serve them. How evenly is not fixed: a request that finds both idle goes to the one
+    # with fewer recent requests, and the shared-prefix test before this one left one replica five ahead,
+    # so the split depends on how many of the eight overlap in time (on the engine's speed).
+    assert len(set(served)) == 2
 
 
 def test_metrics_label_each_replica_and_the_response_names_it(app):
