@@ -169,6 +169,38 @@ static int8_t *amx_strip_scratch(size_t bytes) {
     return buffer;
 }
 
+/* C tiles 0-3 = the int32 sums over K of rows a0 (16 rows) and a0's next tile row (unless `single`) against
+ * the 16 outputs of b0 and of b1: tile 0 (a0, b0), 1 (a0, b1), 2 (a1, b0), 3 (a1, b1). `prefetch`: the first
+ * pass over tiles packed at load, read from memory (ask two tiles ahead). */
+AMX_INT8_TARGET static inline __attribute__((always_inline)) void amx_int8_sums(const int8_t *a0, const int8_t *b0,
+                                                                                const int8_t *b1, Py_ssize_t kblocks,
+                                                                                int single, int prefetch) {
+    const int8_t *a1 = a0 + kblocks * 1024;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (!single) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
+        if (prefetch)
+            for (int line = 0; line < 16; line++) {
+                _mm_prefetch((const char *)(b0 + (kb + 2) * 1024) + 64 * line, _MM_HINT_T0);
+                _mm_prefetch((const char *)(b1 + (kb + 2) * 1024) + 64 * line, _MM_HINT_T0);
+            }
+        _tile_loadd(4, a0 + kb * 1024, 64);
+        _tile_loadd(6, b0 + kb * 1024, 64);
+        _tile_loadd(7, b1 + kb * 1024, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        if (!single) {
+            _tile_loadd(5, a1 + kb * 1024, 64);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+        }
+    }
+}
+
 /* Unit s: outputs [32s, 32s + 32): their strip (packed at load, else here), then every row against it. */
 AMX_INT8_TARGET static void amx_int8_unit(const void *context, long s) {
     AmxInt8Job *j = (AmxInt8Job *)context;
@@ -188,30 +220,7 @@ AMX_INT8_TARGET static void amx_int8_unit(const void *context, long s) {
     amx_configure();
     for (Py_ssize_t m = 0; m < j->Mp; m += 32) {
         const int single = m + 32 > j->Mp;
-        const int8_t *a0 = j->xq + (m / 16) * kblocks * 1024, *a1 = a0 + kblocks * 1024;
-        _tile_zero(0);
-        _tile_zero(1);
-        if (!single) {
-            _tile_zero(2);
-            _tile_zero(3);
-        }
-        for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
-            if (j->packed && m == 0) /* the first pass reads the strip from memory: ask two tiles ahead */
-                for (int line = 0; line < 16; line++) {
-                    _mm_prefetch((const char *)(b0 + (kb + 2) * 1024) + 64 * line, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(b1 + (kb + 2) * 1024) + 64 * line, _MM_HINT_T0);
-                }
-            _tile_loadd(4, a0 + kb * 1024, 64);
-            _tile_loadd(6, b0 + kb * 1024, 64);
-            _tile_loadd(7, b1 + kb * 1024, 64);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(1, 4, 7);
-            if (!single) {
-                _tile_loadd(5, a1 + kb * 1024, 64);
-                _tile_dpbssd(2, 5, 6);
-                _tile_dpbssd(3, 5, 7);
-            }
-        }
+        amx_int8_sums(j->xq + (m / 16) * kblocks * 1024, b0, b1, kblocks, single, j->packed && m == 0);
         _tile_stored(0, staging[0], 64);
         _tile_stored(1, staging[1], 64);
         amx_int8_store(j, staging[0], m, n0);
@@ -285,30 +294,7 @@ AMX_INT8_TARGET static void amx_swiglu_unit(const void *context, long s) {
     amx_configure();
     for (Py_ssize_t m = 0; m < j->Mp; m += 32) {
         const int single = m + 32 > j->Mp;
-        const int8_t *a0 = j->xq + (m / 16) * kblocks * 1024, *a1 = a0 + kblocks * 1024;
-        _tile_zero(0);
-        _tile_zero(1);
-        if (!single) {
-            _tile_zero(2);
-            _tile_zero(3);
-        }
-        for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
-            if (m == 0)
-                for (int line = 0; line < 16; line++) {
-                    _mm_prefetch((const char *)(b0 + (kb + 2) * 1024) + 64 * line, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(b1 + (kb + 2) * 1024) + 64 * line, _MM_HINT_T0);
-                }
-            _tile_loadd(4, a0 + kb * 1024, 64);
-            _tile_loadd(6, b0 + kb * 1024, 64);
-            _tile_loadd(7, b1 + kb * 1024, 64);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(1, 4, 7);
-            if (!single) {
-                _tile_loadd(5, a1 + kb * 1024, 64);
-                _tile_dpbssd(2, 5, 6);
-                _tile_dpbssd(3, 5, 7);
-            }
-        }
+        amx_int8_sums(j->xq + (m / 16) * kblocks * 1024, b0, b1, kblocks, single, m == 0);
         _tile_stored(0, staging[0], 64);
         _tile_stored(1, staging[1], 64);
         amx_swiglu_store(j, staging[0], staging[1], m, n);
