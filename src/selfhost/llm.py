@@ -45,9 +45,10 @@ class LLM:
     measures faster on this CPU (the choice is logged, cached per CPU, and shown in
     `engine.stats()`); None or "float32" keeps the weights as loaded (exact parity
     with transformers). `kv_cache_dtype`: "auto" (bf16 under bf16 weights, and under
-    quantized ones where prompt attention runs on AMX tiles; else the model's dtype), "bfloat16" (half the bytes of keys and values under fp32
-    activations), "int8" (a quarter, plus a scale per token and kv head: not exact,
-    see README's "8-bit KV cache") or "float32".
+    quantized ones where prompt attention runs on AMX tiles; else the model's dtype),
+    "bfloat16" (half the bytes of keys and values under fp32 activations), "int8" (a
+    quarter, plus a scale per token and kv head: not exact, see README's "8-bit KV
+    cache") or "float32".
     `transformers_fallback=True` runs architectures selfhost has no native code
     for through transformers' modeling code: same API, much slower.
     A folder written by `selfhost export onnx` runs on ONNX Runtime instead (same
