@@ -49,7 +49,7 @@ setup(
         kernel("_cpu_pool", headers=("_cpu_pool.h",)),
         kernel("quant._int8_cpu", uses_pool=True,
                headers=("quant/_int8_block_avx2.h", "quant/_int8_widened_avx512.h", "quant/_int8_rows_vnni.h",
-                        "quant/_int8_tiles_amx.h", "_exp_avx512.h", "layers/_swiglu_avx512.h",
+                        "quant/_int8_tiles_amx.h", "_amx_tiles.h", "_exp_avx512.h", "layers/_swiglu_avx512.h",
                         "_kernel_capsules.h")),
         kernel("layers._matvec_cpu", uses_pool=True),
         kernel("layers._gemm_cpu", uses_pool=True, headers=("_kernel_capsules.h", "layers/_row_argmax_avx512.h")),

@@ -60,6 +60,14 @@ AMX_TARGET static inline void amx_configure(void) {
     if (memcmp(&current, &wanted, sizeof wanted) != 0) _tile_loadconfig(&wanted);
 }
 
+/* The 16 lines of a 1 KB tile asked for ahead of the tile load that needs them: `hint` _MM_HINT_T0
+ * (into L1) or _MM_HINT_T1 (L2). A tile load waits for all 16 of its lines; a product's first pass
+ * over weights read from memory asks this a few tiles ahead. */
+#define AMX_PREFETCH_TILE(tile, hint)                                                          \
+    do {                                                                                       \
+        for (int line_ = 0; line_ < 16; line_++) _mm_prefetch((const char *)(tile) + 64 * line_, hint); \
+    } while (0)
+
 /* Two rows of 16 bf16 each, a and b, as one tile row of 16 pairs (a[i], b[i]): the
  * "VNNI" order in which TDPBF16PS wants its B operand. */
 AMX_TARGET static inline __m512i amx_pair_rows(const uint16_t *a, const uint16_t *b) {

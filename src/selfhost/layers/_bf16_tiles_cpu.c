@@ -130,14 +130,10 @@ AMX static void store_partial(const Product *p, const float *staging, Py_ssize_t
  * the next chunk's, harmless). Later passes find the tiles in L1/L2. */
 AMX static inline __attribute__((always_inline)) void prefetch_weights(const uint16_t *b0, const uint16_t *b1,
                                                                        Py_ssize_t kb) {
-    const char *near0 = (const char *)(b0 + (kb + 2) * TILE_ELEMS), *near1 = (const char *)(b1 + (kb + 2) * TILE_ELEMS);
-    const char *far0 = (const char *)(b0 + (kb + 8) * TILE_ELEMS), *far1 = (const char *)(b1 + (kb + 8) * TILE_ELEMS);
-    for (int line = 0; line < 16; line++) {
-        _mm_prefetch(near0 + 64 * line, _MM_HINT_T0);
-        _mm_prefetch(near1 + 64 * line, _MM_HINT_T0);
-        _mm_prefetch(far0 + 64 * line, _MM_HINT_T1);
-        _mm_prefetch(far1 + 64 * line, _MM_HINT_T1);
-    }
+    AMX_PREFETCH_TILE(b0 + (kb + 2) * TILE_ELEMS, _MM_HINT_T0);
+    AMX_PREFETCH_TILE(b1 + (kb + 2) * TILE_ELEMS, _MM_HINT_T0);
+    AMX_PREFETCH_TILE(b0 + (kb + 8) * TILE_ELEMS, _MM_HINT_T1);
+    AMX_PREFETCH_TILE(b1 + (kb + 8) * TILE_ELEMS, _MM_HINT_T1);
 }
 
 /* C tiles 0-3 = rows a0 (and a1, unless `single`) x the 16 outputs of b0 and of b1, summed over

@@ -183,11 +183,10 @@ AMX_INT8_TARGET static inline __attribute__((always_inline)) void amx_int8_sums(
         _tile_zero(3);
     }
     for (Py_ssize_t kb = 0; kb < kblocks; kb++) {
-        if (prefetch)
-            for (int line = 0; line < 16; line++) {
-                _mm_prefetch((const char *)(b0 + (kb + 2) * 1024) + 64 * line, _MM_HINT_T0);
-                _mm_prefetch((const char *)(b1 + (kb + 2) * 1024) + 64 * line, _MM_HINT_T0);
-            }
+        if (prefetch) {
+            AMX_PREFETCH_TILE(b0 + (kb + 2) * 1024, _MM_HINT_T0);
+            AMX_PREFETCH_TILE(b1 + (kb + 2) * 1024, _MM_HINT_T0);
+        }
         _tile_loadd(4, a0 + kb * 1024, 64);
         _tile_loadd(6, b0 + kb * 1024, 64);
         _tile_loadd(7, b1 + kb * 1024, 64);
