@@ -207,6 +207,10 @@ def test_prefill_kernel_reads_strided_queries():
 needs_bf16_kernels = pytest.mark.skipif(
     not paged_cache.narrow_cache_kernels_available(), reason="the kernels take a bf16 cache on AVX-512 CPUs only"
 )
+needs_int8_kernels = pytest.mark.skipif(
+    not paged_cache.narrow_cache_kernels_available(torch.int8),
+    reason="the kernels take an int8 cache on CPUs with AVX-512 BW, VL and VNNI only",
+)
 
 
 @pytest.mark.parametrize("use_kernel", [pytest.param(True, marks=needs_bf16_kernels), False], ids=["kernel", "torch"])
@@ -416,10 +420,10 @@ def mixed_step(num_heads, num_kv_heads, head_dim, block_size, single_lens, chunk
     return cache, meta, heads, gen
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_kernels)],
-                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_kernels),
+                                      pytest.param(torch.int8, marks=needs_int8_kernels)], ids=["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,window",
-                         [(9, 3, 64, 16, None), (8, 2, 128, 16, 40), (4, 4, 64, 32, None)])
+                         [(9, 3, 64, 16, None), (8, 2, 128, 16, 40), (4, 4, 64, 32, None), (4, 2, 80, 16, None)])
 @pytest.mark.parametrize("threads", [1, 2])
 @needs_prefill_kernel
 def test_fused_prompt_step_equals_rotary_then_attend(kv_dtype, num_heads, num_kv_heads, head_dim, block_size, window,
@@ -445,9 +449,12 @@ def test_fused_prompt_step_equals_rotary_then_attend(kv_dtype, num_heads, num_kv
                                scale, window, None)
         caches.append(cache)
         outs.append(out)
-    # Keys and values land in the same slots with the same bits (rotation and rounding as torch's),
-    # and the attention is the same kernels' over the same cache and queries.
-    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    # Keys and values land in the same slots with the same bits (rotation and rounding as torch's; an
+    # int8 cache's scales too), and the attention is the same kernels' over the same cache and queries.
+    # The prompt chunks start inside blocks (50, 16 + 70), so the C writer's runs of a block's tokens
+    # (engine/_rope_store_avx512.h) start and end at any column.
+    for name in ("k", "v") + (("k_scale", "v_scale") if kv_dtype == torch.int8 else ()):
+        assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), name
     assert torch.equal(outs[0], outs[1])
 
 

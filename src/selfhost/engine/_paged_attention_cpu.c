@@ -50,6 +50,8 @@
 #include "../_cpu_pool.h"
 #include "../_exp_avx512.h"
 #include "_weighted_rows_avx512.h"
+#include "../_transpose_avx512.h"
+#include "_rope_store_avx512.h"
 #endif
 
 #define PAIRS_PER_CHUNK 4 /* (sequence, kv head) pairs per unit of work handed to the pool */
@@ -73,6 +75,7 @@ typedef struct {
     void *k_cache, *v_cache;
     int use_avx2, use_avx512;
     int kv_kind; /* KV_FP32, or KV_BF16 / KV_INT8 (AVX-512 paths only; _weighted_rows_avx512.h) */
+    int use_key_runs; /* rope_store writes keys a block's run at a time (_rope_store_avx512.h): AVX-512 BW + VL */
     /* Several queries of one sequence in the step (a speculative verification): every key and
      * value is written in a first pass, so each query sees the step's earlier tokens whichever
      * thread wrote them; the attention pass then only rotates its queries. */
@@ -618,6 +621,10 @@ AVX2 static void rotate_avx2(const float *x, const float *cos, const float *sin,
 static void rotate(const Job *job, const float *x, const float *cos, const float *sin, float *out) {
     Py_ssize_t dim = job->head_dim, half = dim / 2;
 #ifdef SELFHOST_X86
+    if (job->use_avx512 && half % 16 == 0) {
+        rotate_avx512(x, cos, sin, dim, out);
+        return;
+    }
     if (job->use_avx2 && half % 8 == 0) {
         rotate_avx2(x, cos, sin, dim, out);
         return;
@@ -637,6 +644,28 @@ static void rotate_queries(const Job *job, Py_ssize_t seq, Py_ssize_t head, floa
     for (Py_ssize_t g = 0; g < group; g++) rotate(job, row + (head * group + g) * dim, cos, sin, q_rotated + g * dim);
 }
 
+/* The value of token `seq` for kv head `head` into its cache slot (with its scale: an int8 cache). */
+static void store_value(const Job *job, Py_ssize_t seq, Py_ssize_t head) {
+    const Py_ssize_t dim = job->head_dim, bs = job->block_size, slot = job->slots[seq];
+    const float *value = job->q + (seq * (job->num_heads + 2 * job->num_kv_heads) + job->num_heads +
+                                   job->num_kv_heads + head) * dim;
+    const Py_ssize_t row_offset = (head * job->num_blocks * bs + slot) * dim;
+#ifdef SELFHOST_X86 /* bf16 and int8 caches are taken on AVX-512 only (check_pairs) */
+    if (job->kv_kind == KV_INT8) { /* into its pair of keys' rows (weighted_sums_int8): dim d of key j at
+                                    * (j / 2) * 2 D + 2 d + j % 2; its scale beside it: (Hkv, NB, BS), the slot's */
+        const Py_ssize_t j = slot % bs, block_at = (head * job->num_blocks + slot / bs) * dim * bs;
+        job->v_scales[head * job->num_blocks * bs + slot] =
+            int8_quantize_row(value, dim, (int8_t *)job->v_cache + block_at + j / 2 * 2 * dim + j % 2, 4, 2);
+        return;
+    }
+    if (job->kv_kind == KV_BF16) {
+        for (Py_ssize_t d = 0; d < dim; d += 16) bf16_round_16(value + d, (uint16_t *)job->v_cache + row_offset + d, 1);
+        return;
+    }
+#endif
+    memcpy((float *)job->v_cache + row_offset, value, sizeof(float) * (size_t)dim);
+}
+
 /* Fused step: rotate the pair's key into its cache slot, copy its value, rotate its query
  * heads into `q_rotated` (group * dim floats, then room for the key), or into their rows of
  * job->q_out where the job has one. */
@@ -645,37 +674,45 @@ static void rotate_and_store(const Job *job, Py_ssize_t seq, Py_ssize_t head, fl
     const float *row = job->q + seq * (job->num_heads + 2 * job->num_kv_heads) * dim;
     const float *cos = job->cos + seq * dim, *sin = job->sin + seq * dim;
     Py_ssize_t bs = job->block_size, slot = job->slots[seq];
-    Py_ssize_t row_offset = (head * job->num_blocks * bs + slot) * dim;
-    const float *value = row + (job->num_heads + job->num_kv_heads + head) * dim;
     /* the key is rotated next to the queries, then spread into its block's dims-major column */
     float *key = q_rotated + group * dim;
     rotate(job, row + (job->num_heads + head) * dim, cos, sin, key);
     Py_ssize_t column = (head * job->num_blocks + slot / bs) * dim * bs + slot % bs;
 #ifdef SELFHOST_X86 /* bf16 and int8 caches are taken on AVX-512 only (check_pairs) */
-    if (job->kv_kind == KV_INT8) { /* each row's scale beside it: (Hkv, NB, BS), the slot's entry */
-        Py_ssize_t scale_at = head * job->num_blocks * bs + slot;
-        /* the key into its block's pair rows (scores_int8): dims 2p, 2p + 1 of key j at p * 2 BS + 2 j;
-         * the value into its pair of keys' rows (weighted_sums_int8): dim d of key j at
-         * (j / 2) * 2 D + 2 d + j % 2 */
-        const Py_ssize_t block_at = (head * job->num_blocks + slot / bs) * dim * bs, j = slot % bs;
-        job->k_scales[scale_at] = int8_quantize_row(key, dim, (int8_t *)job->k_cache + block_at + 2 * j, 2 * bs, 1);
-        job->v_scales[scale_at] =
-            int8_quantize_row(value, dim, (int8_t *)job->v_cache + block_at + j / 2 * 2 * dim + j % 2, 4, 2);
-    } else if (job->kv_kind == KV_BF16) {
-        uint16_t *v_cache = job->v_cache, *k_cache = job->k_cache;
-        for (Py_ssize_t d = 0; d < dim; d += 16) { /* head_dim % 16 == 0 with a bf16 cache (check_pairs) */
-            bf16_round_16(value + d, v_cache + row_offset + d, 1);
-            bf16_round_16(key + d, k_cache + column + d * bs, bs);
-        }
-    } else
+    if (job->kv_kind == KV_INT8) /* into its block's pair rows (scores_int8): dims 2p, 2p + 1 of key j at
+                                  * p * 2 BS + 2 j; its scale as the value's */
+        job->k_scales[head * job->num_blocks * bs + slot] = int8_quantize_row(
+            key, dim, (int8_t *)job->k_cache + (head * job->num_blocks + slot / bs) * dim * bs + 2 * (slot % bs), 2 * bs, 1);
+    else if (job->kv_kind == KV_BF16)
+        for (Py_ssize_t d = 0; d < dim; d += 16) /* head_dim % 16 == 0 with a bf16 cache (check_pairs) */
+            bf16_round_16(key + d, (uint16_t *)job->k_cache + column + d * bs, bs);
+    else
 #endif
-    {
-        float *v_cache = job->v_cache, *k_cache = job->k_cache;
-        memcpy(v_cache + row_offset, value, sizeof(float) * (size_t)dim);
-        for (Py_ssize_t d = 0; d < dim; d++) k_cache[column + d * bs] = key[d];
-    }
+        for (Py_ssize_t d = 0; d < dim; d++) ((float *)job->k_cache)[column + d * bs] = key[d];
+    store_value(job, seq, head);
     rotate_queries(job, seq, head, job->q_out ? job->q_out + (seq * job->num_heads + head * group) * dim : q_rotated);
 }
+
+#ifdef SELFHOST_X86
+/* rope_store's keys of tokens [seq, end) for kv head `head`, from `seq` on as long as their slots follow one
+ * another inside one block (at most KEY_RUN_MAX): rotated into `keys` (KEY_RUN_MAX x dim floats), then written
+ * as one run (_rope_store_avx512.h). Returns how many tokens it took. */
+static Py_ssize_t store_key_run_from(const Job *job, Py_ssize_t seq, Py_ssize_t end, Py_ssize_t head, float *keys,
+                                     int8_t *bytes) {
+    const Py_ssize_t dim = job->head_dim, bs = job->block_size, slot = job->slots[seq], j0 = slot & (bs - 1);
+    Py_ssize_t n = 1;
+    while (n < KEY_RUN_MAX && seq + n < end && job->slots[seq + n] == slot + n && j0 + n < bs) n++;
+    const Py_ssize_t stride = job->num_heads + 2 * job->num_kv_heads;
+    for (Py_ssize_t i = 0; i < n; i++)
+        rotate(job, job->q + ((seq + i) * stride + job->num_heads + head) * dim, job->cos + (seq + i) * dim,
+               job->sin + (seq + i) * dim, keys + i * dim);
+    const Py_ssize_t block = head * job->num_blocks + (slot >> job->block_shift);
+    void *at = (char *)job->k_cache + block * dim * bs * kv_bytes(job->kv_kind);
+    float *scales = job->kv_kind == KV_INT8 ? job->k_scales + block * bs + j0 : NULL;
+    store_key_run(keys, (int)n, dim, bs, job->kv_kind, at, j0, scales, bytes);
+    return n;
+}
+#endif
 
 /* values[p] = the address of the value at position first + p (values are rows), for
  * p < count: one block-table lookup per block, no division per position (an integer
@@ -937,14 +974,28 @@ static void store_tokens_chunk(const void *whole, long chunk) {
     Py_ssize_t tokens = job->item_end / job->num_kv_heads;
     Py_ssize_t begin = (Py_ssize_t)chunk * TOKENS_PER_STORE, end = begin + TOKENS_PER_STORE;
     if (end > tokens) end = tokens;
-    Py_ssize_t group = job->num_heads / job->num_kv_heads;
-    float *scratch = malloc(sizeof(float) * (size_t)((group + 1) * job->head_dim));
+    const Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim;
+    /* the one-token path's (group + 1) x dim floats, or a run's keys and their int8 bytes */
+    const size_t floats = (size_t)(((group + 1) > KEY_RUN_MAX ? group + 1 : KEY_RUN_MAX) * dim + KEY_RUN_MAX * dim / 4);
+    float *scratch = malloc(sizeof(float) * floats);
     if (scratch == NULL) {
         *job->failed = 1;
         return;
     }
-    for (Py_ssize_t head = 0; head < job->num_kv_heads; head++)
+    for (Py_ssize_t head = 0; head < job->num_kv_heads; head++) {
+#ifdef SELFHOST_X86
+        if (job->use_key_runs) {
+            for (Py_ssize_t token = begin; token < end;)
+                token += store_key_run_from(job, token, end, head, scratch, (int8_t *)(scratch + KEY_RUN_MAX * dim));
+            for (Py_ssize_t token = begin; token < end; token++) {
+                store_value(job, token, head);
+                rotate_queries(job, token, head, job->q_out + (token * job->num_heads + head * group) * dim);
+            }
+            continue;
+        }
+#endif
         for (Py_ssize_t token = begin; token < end; token++) rotate_and_store(job, token, head, scratch);
+    }
     free(scratch);
 }
 
@@ -974,6 +1025,14 @@ static int cpu_has_avx512(void) {
 #endif
 }
 
+static int cpu_has_avx512_bw_vl(void) {
+#ifdef SELFHOST_X86
+    return cpu_has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
+
 /* The widest instruction set the kernels may use: 2 AVX-512, 1 AVX2, 0 portable C.
  * Tests lower it to check every path on one machine. */
 static int isa_limit = 2;
@@ -988,12 +1047,11 @@ static PyObject *limit_isa(PyObject *self, PyObject *args) {
 }
 
 /* Whether the kernels take a cache of this kind here: bf16 on AVX-512, int8 on AVX-512 with
- * BW and VNNI (scores_int8). */
+ * BW, VL and VNNI (scores_int8, int8_quantize_row). */
 static int cache_kind_available(int kind) {
 #ifdef SELFHOST_X86
     if (kind == KV_INT8)
-        return isa_limit >= 2 && cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vnni");
+        return isa_limit >= 2 && cpu_has_avx512_bw_vl() && __builtin_cpu_supports("avx512vnni");
 #endif
     return kind == 0 || (kind == 1 && isa_limit >= 2 && cpu_has_avx512());
 }
@@ -1014,6 +1072,7 @@ static const char *check_pairs(Job *whole) {
     whole->block_shift = __builtin_ctzll((unsigned long long)whole->block_size);
     whole->use_avx2 = isa_limit >= 1 && cpu_has_avx2();
     whole->use_avx512 = isa_limit >= 2 && cpu_has_avx512();
+    whole->use_key_runs = whole->use_avx512 && cpu_has_avx512_bw_vl() && whole->head_dim % 16 == 0;
     if (whole->kv_kind < 0 || whole->kv_kind > 2 || (whole->kv_kind == 2 && !(whole->k_scales && whole->v_scales)))
         return "decode_attention: kv_kind is 0 (fp32), 1 (bf16) or 2 (int8, with its scales)";
     if (whole->kv_kind && !(cache_kind_available(whole->kv_kind) && whole->block_size % 16 == 0 &&

@@ -52,6 +52,7 @@
 #include "../_exp_avx512.h"
 #include "_weighted_rows_avx512.h"
 #include "../_amx_tiles.h"
+#include "../_transpose_avx512.h"
 #endif
 
 #ifdef SELFHOST_PREFILL

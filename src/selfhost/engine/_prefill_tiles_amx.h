@@ -79,31 +79,6 @@ AMX_TARGET static inline __m512i int8_pairs_as_bf16(const int8_t *pairs) {
     return _mm512_or_si512(_mm512_srli_epi32(even, 16), _mm512_and_si512(odd, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-/* 16 x 16 32-bit elements transposed in registers (lane j of x[i] becomes lane i of x[j]): 64
- * shuffles, where 16 gathers or scatters cost several times more (and far more on CPUs whose
- * microcode guards gathers). */
-AMX_TARGET static inline void transpose_16x16(__m512i x[16]) {
-    __m512i a[16], b[16];
-    for (int i = 0; i < 16; i += 2) { /* lane l: (x_i[4l], x_i+1[4l], x_i[4l+1], x_i+1[4l+1]) and the next two */
-        a[i] = _mm512_unpacklo_epi32(x[i], x[i + 1]);
-        a[i + 1] = _mm512_unpackhi_epi32(x[i], x[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) { /* b[i + c], lane l: rows i .. i + 3 of column 4l + c */
-        b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
-        b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
-        b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
-        b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
-    }
-    for (int c = 0; c < 4; c++) { /* column 4l + c: lane l of b[c], b[4 + c], b[8 + c], b[12 + c] */
-        __m512i low01 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), high01 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xee);
-        __m512i low23 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), high23 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xee);
-        x[c] = _mm512_shuffle_i32x4(low01, low23, 0x88);
-        x[4 + c] = _mm512_shuffle_i32x4(low01, low23, 0xdd);
-        x[8 + c] = _mm512_shuffle_i32x4(high01, high23, 0x88);
-        x[12 + c] = _mm512_shuffle_i32x4(high01, high23, 0xdd);
-    }
-}
-
 /* 2^x for x <= RESCALE_SLACK (garbage where x is +inf or NaN: callers mask those lanes):
  * x = n + r with |r| <= 1/2, 2^r by the degree-4 Taylor polynomial of e^(r ln 2)
  * (relative error below 5e-5, for results rounded to bf16 next), 2^n by scalef, which takes

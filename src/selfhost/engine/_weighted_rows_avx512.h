@@ -41,32 +41,36 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
-/* 16 values to bf16 into slots `stride` apart: to nearest even, as torch's own conversion
- * (any NaN becomes the quiet 0x7fc0, as torch makes it), so the two writers of a bf16 cache
- * agree bit for bit. */
-__attribute__((target("avx512f"))) static inline void bf16_round_16(const float *in, uint16_t *out, Py_ssize_t stride) {
-    const __m512i bits = _mm512_castps_si512(_mm512_loadu_ps(in));
+/* 16 values as bf16: to nearest even, as torch's own conversion (any NaN becomes the quiet 0x7fc0, as
+ * torch makes it), so the writers of a bf16 cache agree bit for bit. */
+__attribute__((target("avx512f"))) static inline __m256i bf16_rounded(__m512 values) {
+    const __m512i bits = _mm512_castps_si512(values);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
                                                   _mm512_set1_epi32(0x7f800000));
-    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0)));
+}
+
+/* 16 values to bf16 (bf16_rounded) into slots `stride` apart. */
+__attribute__((target("avx512f"))) static inline void bf16_round_16(const float *in, uint16_t *out, Py_ssize_t stride) {
+    const __m256i rounded = bf16_rounded(_mm512_loadu_ps(in));
     if (stride == 1) {
-        _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(rounded));
+        _mm256_storeu_si256((__m256i *)out, rounded);
         return;
     }
     uint16_t lanes[16];
-    _mm256_storeu_si256((__m256i *)lanes, _mm512_cvtepi32_epi16(rounded));
+    _mm256_storeu_si256((__m256i *)lanes, rounded);
     for (int i = 0; i < 16; i++) out[i * stride] = lanes[i];
 }
 
 /* `dim` values (a multiple of 16) to int8, round(x * (127 / max|x|)) to nearest even, value e at
  * out[(e / 2) * pair_stride + (e % 2) * step] (an int8 cache's key: pairs of dimensions, 2 * block_size
- * and 1; its value: pairs of keys, every other byte, 4 and 2); returns the scale max|x| / 127 (0 for a
+ * and 1; its value: pairs of keys, every other byte, 4 and 2; a plain row: 2 and 1); returns the scale max|x| / 127 (0 for a
  * row of zeros). The same IEEE operations as paged_cache.py's quantize_rows, so the torch writer and
  * the kernels write the same bytes. */
-__attribute__((target("avx512f"))) static inline float int8_quantize_row(const float *in, Py_ssize_t dim, int8_t *out,
-                                                                         Py_ssize_t pair_stride, Py_ssize_t step) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static inline float int8_quantize_row(
+    const float *in, Py_ssize_t dim, int8_t *out, Py_ssize_t pair_stride, Py_ssize_t step) {
     __m512 peak = _mm512_setzero_ps();
     for (Py_ssize_t d = 0; d < dim; d += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_loadu_ps(in + d)));
     const float largest = _mm512_reduce_max_ps(peak);
@@ -75,6 +79,14 @@ __attribute__((target("avx512f"))) static inline float int8_quantize_row(const f
     for (Py_ssize_t d = 0; d < dim; d += 16) {
         __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(in + d), inv)); /* MXCSR: nearest even */
         __m128i bytes = _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi));
+        if (pair_stride == 2 && step == 1) { /* a row: 16 bytes in place */
+            _mm_storeu_si128((__m128i *)(out + d), bytes);
+            continue;
+        }
+        if (pair_stride == 4 && step == 2) { /* every other byte: the even bytes of 16 zero-widened words */
+            _mm256_mask_storeu_epi8(out + 2 * d, 0x55555555u, _mm256_cvtepu8_epi16(bytes));
+            continue;
+        }
         int8_t lanes[16];
         _mm_storeu_si128((__m128i *)lanes, bytes);
         for (int i = 0; i < 16; i += 2) {

@@ -21,7 +21,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the same IEEE operations, so both write the same bytes."""
     x = x.float()
     largest = x.abs().amax(dim=-1)
-    inv = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    # A true division: torch computes `127.0 / largest` as reciprocal(largest) * 127, rounded twice, which
+    # moved a product onto a tie (x.5) the C writer's single division does not reach, one byte apart.
+    inv = torch.where(largest > 0, torch.full_like(largest, 127.0) / largest, torch.zeros_like(largest))
     q = torch.round(x * inv.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, largest / 127.0
 

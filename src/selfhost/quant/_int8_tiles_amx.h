@@ -29,6 +29,7 @@
 #define SELFHOST_INT8_TILES_AMX_H
 
 #include "../_amx_tiles.h"
+#include "../_transpose_avx512.h"
 
 #ifdef SELFHOST_AMX_TILES
 #define AMX_STRIP 32 /* outputs per unit of work: two B tiles */
@@ -75,30 +76,6 @@ AMX_INT8_TARGET static void amx_quantize_unit(const void *context, long t) {
     }
 }
 
-/* r[0..15] (16 rows of 16 four-byte words) transposed in place: r[c] holds word c of every row. */
-AMX_INT8_TARGET static inline void transpose_words_16x16(__m512i r[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) { /* per 128-bit lane L: words 4L, 4L+1 / 4L+2, 4L+3 of rows i, i+1 */
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) { /* u[i + w]: word 4L + w of rows i..i+3 */
-        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int h = 0; h < 16; h += 8) /* t[h + w]: lanes 0, 2 of u[h + w], u[h + 4 + w]; t[h + 4 + w]: lanes 1, 3 */
-        for (int w = 0; w < 4; w++) {
-            t[h + w] = _mm512_shuffle_i32x4(u[h + w], u[h + 4 + w], 0x88);
-            t[h + 4 + w] = _mm512_shuffle_i32x4(u[h + w], u[h + 4 + w], 0xdd);
-        }
-    for (int j = 0; j < 8; j++) { /* t[j], t[j + 8]: words j and j + 8 of rows 0-7 and of rows 8-15 */
-        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
-        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
-    }
-}
-
 /* Outputs [n0, n0 + 32) of q (N, K) as B tiles: tile (g, kb) (at strip + (g * kblocks + kb) * 1024) row i
  * holds inputs 64kb + 4i .. + 3 of outputs n0 + 16g .. + 15; zeros past N and past K. */
 AMX_INT8_TARGET static void amx_pack_strip(const int8_t *q, Py_ssize_t N, Py_ssize_t K, Py_ssize_t n0, int8_t *strip) {
@@ -112,7 +89,7 @@ AMX_INT8_TARGET static void amx_pack_strip(const int8_t *q, Py_ssize_t N, Py_ssi
                 const Py_ssize_t n = n0 + 16 * g + i;
                 r[i] = n < N ? _mm512_maskz_loadu_epi8(inputs, q + n * K + kb * 64) : _mm512_setzero_si512();
             }
-            transpose_words_16x16(r);
+            transpose_16x16(r);
             int8_t *tile = strip + (g * kblocks + kb) * 1024;
             for (int c = 0; c < 16; c++) _mm512_store_si512(tile + 64 * c, r[c]);
         }
