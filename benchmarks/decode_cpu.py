@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke sizes: 8 tokens, 1 repeat, a 128-token prompt")
     options.add_peer_options(ap, options.SINGLE_STREAM_SYSTEMS)
     args = ap.parse_args()
+    amx_lines = options.keep_amx_off(args)
     if args.quick:
         args.tokens, args.repeats, args.ttft_tokens, args.ttft_repeats = 8, 1, 128, 1
 
@@ -70,7 +71,7 @@ def main() -> None:
                      work_dir, args.peer_timeout, args.rounds)
 
     print()
-    print(*report.limits_lines(limits, limits_error), sep="\n")
+    print(*report.limits_lines(limits, limits_error), *amx_lines, sep="\n")
     print(f"\nSingle-stream decode: Llama-shaped ~125M random model, prompt {args.prompt_tokens} tokens, "
           f"{args.tokens} new tokens, best of {args.repeats * args.rounds}, {args.threads} threads")
     print(*report.speed_table(runs, "decode", report.best_tok_s, "tok/s", lambda v: f"{v:.1f}",

@@ -57,6 +57,7 @@ def main() -> None:
                     help="smoke sizes: 4 requests of 16-64 tokens, 8 new tokens, 2 sequential, a 128-token prompt once")
     options.add_peer_options(ap)
     args = ap.parse_args()
+    amx_lines = options.keep_amx_off(args)
     prompt_range = (64, 512)
     if args.quick:
         args.requests, args.output_tokens, args.sequential_requests = 4, 8, 2
@@ -92,7 +93,7 @@ def main() -> None:
     runs = run_peers(peers, launch, job_for, work_dir, args.peer_timeout, args.rounds)
 
     print()
-    print(*report.limits_lines(limits, limits_error), sep="\n")
+    print(*report.limits_lines(limits, limits_error), *amx_lines, sep="\n")
     print(f"\n{args.requests} requests, prompts {prompt_range[0]}-{prompt_range[1]} tokens, {args.output_tokens} new "
           f"tokens each, all submitted at once, {args.threads} threads (transformers sequential: first "
           f"{args.sequential_requests} requests)")

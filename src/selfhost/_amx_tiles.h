@@ -15,6 +15,7 @@
 #define SELFHOST_AMX_TILES 1
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -31,9 +32,12 @@ typedef struct __attribute__((aligned(64))) {
     uint8_t rows[16];
 } AmxTileConfig;
 
-/* True when the CPU has AMX-BF16 (with the AVX-512 parts the kernels use around it) and
- * the kernel granted this process the tile state. */
+/* True when the CPU has AMX-BF16 (with the AVX-512 parts the kernels use around it), the
+ * kernel granted this process the tile state, and SELFHOST_NO_AMX (../cpu_identity.py) does not
+ * keep it off. */
 static int amx_request(void) {
+    const char *off = getenv("SELFHOST_NO_AMX");
+    if (off != NULL && off[0] != '\0' && strcmp(off, "0") != 0) return 0;
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
         !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512bf16") ||

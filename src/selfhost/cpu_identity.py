@@ -6,9 +6,22 @@ per CPU (models/weight_precision.py) and to head benchmark tables (bench/machine
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+
+# SELFHOST_NO_AMX=1 keeps selfhost's kernels (../_amx_tiles.h reads the same variable) and torch's oneDNN
+# (capped through ONEDNN_MAX_CPU_ISA: selfhost/__init__.py) off Intel AMX: to see what this machine does
+# without it (a stand-in for a CPU with AVX-512, VNNI and BF16 but no tiles), or where a hypervisor
+# does not keep the tile state. The CPU then reports no amx_* flags here, so choices measured and
+# cached per CPU are measured again for it.
+NO_AMX_VARIABLE = "SELFHOST_NO_AMX"
+AMX_FLAGS = ("amx_bf16", "amx_int8")
+
+
+def amx_disabled() -> bool:
+    return os.environ.get(NO_AMX_VARIABLE, "") not in ("", "0")
 
 # The flags that decide which kernels a CPU inference engine can use, in the order
 # printed: x86 vector and matrix extensions, then Arm's (/proc/cpuinfo "Features").
@@ -39,8 +52,13 @@ def parse_cpuinfo(text: str) -> CpuIdentity:
     return CpuIdentity(model=model, isa_flags=tuple(f for f in ISA_FLAGS if f in flags))
 
 
-def read_cpu_identity(path: Path = Path("/proc/cpuinfo")) -> CpuIdentity:
+def read_cpu_identity(path: Path = Path("/proc/cpuinfo"), as_reported: bool = False) -> CpuIdentity:
+    """This CPU; its amx flags dropped under SELFHOST_NO_AMX unless `as_reported` (what a program that checks
+    the CPU itself, as a benchmark's peer does, sees)."""
     try:
-        return parse_cpuinfo(path.read_text())
+        identity = parse_cpuinfo(path.read_text())
     except OSError:  # not Linux: the model only, no flags
         return CpuIdentity(model=platform.processor() or platform.machine() or "unknown", isa_flags=())
+    if amx_disabled() and not as_reported:
+        return CpuIdentity(identity.model, tuple(f for f in identity.isa_flags if f not in AMX_FLAGS))
+    return identity

@@ -15,6 +15,7 @@ from benchmarks.model_costs import decode_bytes_per_token, prompt_flops
 from benchmarks.peers import driver, options, report, vllm_int8
 from benchmarks.peers.driver import Peer, PeerRun, clean_environment, pool_rounds, run_peer
 from selfhost.bench.machine_limits import MachineLimits
+from selfhost.cpu_identity import read_cpu_identity
 
 
 def test_clean_environment_drops_thread_and_allocator_variables(monkeypatch):
@@ -33,6 +34,24 @@ def test_list_options_map_spellings_drop_repeats_and_name_the_choices():
     assert parse("float32, bf16,fp32") == ["fp32", "bf16"]
     with pytest.raises(argparse.ArgumentTypeError, match="'fp16' is not one of"):
         parse("fp16")
+
+
+def test_no_amx_reaches_every_peer_and_the_probe_through_their_environment(monkeypatch):
+    monkeypatch.delenv("SELFHOST_NO_AMX", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    ap = argparse.ArgumentParser()
+    options.add_peer_options(ap)
+    assert options.keep_amx_off(ap.parse_args([])) == [] and "SELFHOST_NO_AMX" not in clean_environment({})
+    with monkeypatch.context() as env:  # keep_amx_off sets os.environ: restored on leaving
+        env.setattr(options.os, "environ", dict(options.os.environ))
+        lines = options.keep_amx_off(ap.parse_args(["--no-amx"]))
+        assert lines and "AMX kept off" in lines[0]
+        peer_env = clean_environment({})  # what every peer and the probe start with
+        assert peer_env["SELFHOST_NO_AMX"] == "1" and peer_env["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_BF16"
+        assert not any(f.startswith("amx") for f in read_cpu_identity().isa_flags)
+        # vLLM checks the CPU itself: its W8A8 activations follow what the CPU reports, AMX or not.
+        assert options.vllm_int8_dtype() == options.vllm_int8_dtype(read_cpu_identity(as_reported=True).isa_flags)
+    assert "SELFHOST_NO_AMX" not in clean_environment({})
 
 
 def test_peers_follow_the_options(tmp_path):
