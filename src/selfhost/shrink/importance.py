@@ -84,10 +84,14 @@ def measure_importance(model: CausalLM, windows: torch.Tensor, console: Console 
 
     def layer_recorder(i: int):
         def wrap(forward):
-            def recorded(x, *args, **kwargs):
-                out = forward(x, *args, **kwargs)
-                layer_sum[i] += _angle(x, out).sum().double()
-                return out
+            # A layer takes the stream with the layer before's MLP output still to add (`pending`) and hands
+            # its own on the same way (DecoderLayer.forward): its input and output are those sums.
+            def recorded(x, cos, sin, kv, num_threads=1, rows=None, pending=None):
+                out, out_pending = forward(x, cos, sin, kv, num_threads, rows, pending)
+                x_in = x if pending is None else x + pending
+                x_out = out if out_pending is None else out + out_pending
+                layer_sum[i] += _angle(x_in, x_out).sum().double()
+                return out, out_pending
             return recorded
         return wrap
 
