@@ -12,14 +12,20 @@ import pytest
 from selfhost.cpu_identity import read_cpu_identity
 
 PROBE = """
-import json, os
+import importlib, json, os
 import selfhost
 from selfhost.cpu_identity import read_cpu_identity
-from selfhost.engine import _prefill_attention_cpu
-from selfhost.quant.int8 import _int8_cpu
-from selfhost.layers import _bf16_tiles_cpu
-print(json.dumps({"flags": read_cpu_identity().isa_flags, "prompt_tiles": _prefill_attention_cpu.tiles_available(),
-                  "int8_tiles": _int8_cpu.amx_available(), "bf16_tiles": _bf16_tiles_cpu.amx_available(),
+
+def tiles(module, check):  # False where the extension was not built (no compiler)
+    try:
+        return getattr(importlib.import_module(module), check)()
+    except ImportError:
+        return False
+
+print(json.dumps({"flags": read_cpu_identity().isa_flags,
+                  "prompt_tiles": tiles("selfhost.engine._prefill_attention_cpu", "tiles_available"),
+                  "int8_tiles": tiles("selfhost.quant._int8_cpu", "amx_available"),
+                  "bf16_tiles": tiles("selfhost.layers._bf16_tiles_cpu", "amx_available"),
                   "onednn_cap": os.environ.get("ONEDNN_MAX_CPU_ISA")}))
 """
 
