@@ -975,8 +975,11 @@ static void store_tokens_chunk(const void *whole, long chunk) {
     Py_ssize_t begin = (Py_ssize_t)chunk * TOKENS_PER_STORE, end = begin + TOKENS_PER_STORE;
     if (end > tokens) end = tokens;
     const Py_ssize_t group = job->num_heads / job->num_kv_heads, dim = job->head_dim;
-    /* the one-token path's (group + 1) x dim floats, or a run's keys and their int8 bytes */
-    const size_t floats = (size_t)(((group + 1) > KEY_RUN_MAX ? group + 1 : KEY_RUN_MAX) * dim + KEY_RUN_MAX * dim / 4);
+    size_t floats = (size_t)((group + 1) * dim); /* the one-token path's queries and key */
+#ifdef SELFHOST_X86
+    const size_t run_floats = (size_t)(KEY_RUN_MAX * dim + KEY_RUN_MAX * dim / 4); /* a run's keys, their int8 bytes */
+    if (run_floats > floats) floats = run_floats;
+#endif
     float *scratch = malloc(sizeof(float) * floats);
     if (scratch == NULL) {
         *job->failed = 1;
