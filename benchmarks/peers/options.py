@@ -86,9 +86,10 @@ def add_peer_options(ap: argparse.ArgumentParser, systems: tuple[str, ...] = SYS
     ap.add_argument("--save-json", type=Path, default=None,
                     help="also write the limits and every peer's result (token ids included) to this file")
     ap.add_argument("--no-amx", action="store_true",
-                    help="keep Intel AMX off in every row and in the probes: selfhost's kernels (SELFHOST_NO_AMX=1) "
-                         "and oneDNN (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), a stand-in on an AMX machine for a CPU "
-                         "with AVX-512, VNNI and BF16 but no tiles (vLLM's own AMX kernels are not covered)")
+                    help="keep Intel AMX off in every row and in the probes, as on a CPU with AVX-512, VNNI and BF16 "
+                         "but no tiles: selfhost's kernels (SELFHOST_NO_AMX=1), oneDNN "
+                         "(ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) and vLLM's kernel choice (torch's AMX check reads "
+                         "False in its process, vllm_peer.py)")
 
 
 def keep_amx_off(args: argparse.Namespace) -> list[str]:
@@ -98,9 +99,9 @@ def keep_amx_off(args: argparse.Namespace) -> list[str]:
         return []
     os.environ["SELFHOST_NO_AMX"] = "1"
     os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
-    return ["AMX kept off (--no-amx): selfhost's kernels (SELFHOST_NO_AMX=1) and oneDNN in every row "
-            "(ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16); vLLM's own AMX kernels, which it picks by torch's CPU check, "
-            "are not covered"]
+    return ["AMX kept off (--no-amx): selfhost's kernels (SELFHOST_NO_AMX=1), oneDNN in every row "
+            "(ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), and vLLM's kernel choice (torch.cpu._is_amx_tile_supported "
+            "reads False in its process)"]
 
 
 def list_of(allowed: dict[str, str] | tuple[str, ...], option: str) -> Callable[[str], list[str]]:
@@ -145,10 +146,11 @@ def vllm_peers(args: argparse.Namespace, tasks: tuple[str, ...], model_dir: Path
 def vllm_int8_dtype(isa_flags: tuple[str, ...] | None = None) -> str:
     """The activations' dtype vLLM's W8A8 rows run in: on AMX CPUs vLLM 0.32 takes its AMX int8 kernel
     (int8_scaled_mm_with_quant), which accepts only bf16 or fp16 activations; elsewhere its oneDNN int8
-    product, which takes fp32 ones. (vLLM checks the CPU itself: --no-amx does not hide AMX from it.)"""
+    product, which takes fp32 ones. Under --no-amx (SELFHOST_NO_AMX) the CPU reads as without AMX here and in
+    vLLM's process alike (vllm_peer.py)."""
     from selfhost.cpu_identity import read_cpu_identity
 
-    flags = read_cpu_identity(as_reported=True).isa_flags if isa_flags is None else isa_flags
+    flags = read_cpu_identity().isa_flags if isa_flags is None else isa_flags
     return "bfloat16" if "amx_int8" in flags else "float32"
 
 

@@ -143,6 +143,16 @@ def _preload_libraries(python: Path) -> tuple[list[str], list[str]]:
     return preload, notes
 
 
+if __name__ in ("__main__", "__mp_main__") and os.environ.get("SELFHOST_NO_AMX", "") not in ("", "0"):
+    # --no-amx (options.keep_amx_off): vLLM picks its AMX kernels (attention, int8 GEMM) by torch's CPUID check,
+    # which no variable changes; told False here, in the peer's process and in any worker spawned from it (not
+    # in the benchmark, which imports this file for launch()), it takes the kernels it takes on a CPU without
+    # tiles (its oneDNN products are capped by ONEDNN_MAX_CPU_ISA).
+    import torch.cpu
+
+    torch.cpu._is_amx_tile_supported = lambda: False
+
+
 class VllmEngine:
     def __init__(self, model_dir: str, dtype: str, kv_cache_dtype: str = "auto"):
         import torch

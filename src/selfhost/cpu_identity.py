@@ -52,13 +52,12 @@ def parse_cpuinfo(text: str) -> CpuIdentity:
     return CpuIdentity(model=model, isa_flags=tuple(f for f in ISA_FLAGS if f in flags))
 
 
-def read_cpu_identity(path: Path = Path("/proc/cpuinfo"), as_reported: bool = False) -> CpuIdentity:
-    """This CPU; its amx flags dropped under SELFHOST_NO_AMX unless `as_reported` (what a program that checks
-    the CPU itself, as a benchmark's peer does, sees)."""
+def read_cpu_identity(path: Path = Path("/proc/cpuinfo")) -> CpuIdentity:
+    """This CPU; its amx flags dropped under SELFHOST_NO_AMX."""
     try:
         identity = parse_cpuinfo(path.read_text())
     except OSError:  # not Linux: the model only, no flags
         return CpuIdentity(model=platform.processor() or platform.machine() or "unknown", isa_flags=())
-    if amx_disabled() and not as_reported:
+    if amx_disabled():
         return CpuIdentity(identity.model, tuple(f for f in identity.isa_flags if f not in AMX_FLAGS))
     return identity
