@@ -95,10 +95,13 @@ def add_peer_options(ap: argparse.ArgumentParser, systems: tuple[str, ...] = SYS
 def keep_amx_off(args: argparse.Namespace) -> list[str]:
     """With --no-amx, the variables that keep AMX off, set here so every peer's and the probe's clean environment
     inherits them (the benchmark process itself never runs a product); the lines saying so under the tables."""
+    from selfhost.cpu_identity import NO_AMX_VARIABLE, ONEDNN_ISA_WITHOUT_AMX
+
     if not args.no_amx:
         return []
-    os.environ["SELFHOST_NO_AMX"] = "1"
-    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
+    # oneDNN's cap too: vLLM's process does not import selfhost, which sets it from the first
+    os.environ[NO_AMX_VARIABLE] = "1"
+    os.environ["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISA_WITHOUT_AMX
     return ["AMX kept off (--no-amx): selfhost's kernels (SELFHOST_NO_AMX=1), oneDNN in every row "
             "(ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), and vLLM's kernel choice (torch.cpu._is_amx_tile_supported "
             "reads False in its process)"]

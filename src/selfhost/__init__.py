@@ -18,12 +18,12 @@ import sys
 OMP_POLICY_MISSED = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from selfhost.cpu_identity import amx_disabled  # noqa: E402  (no torch: safe before it)
+from selfhost.cpu_identity import ONEDNN_ISA_WITHOUT_AMX, amx_disabled  # noqa: E402  (no torch: safe before it)
 
 if amx_disabled():
-    # oneDNN (torch's bf16 and int8 CPU products) reads its cap when it first runs: AVX-512 with VNNI
-    # and BF16, the most a CPU without AMX offers (cpu_identity.py's SELFHOST_NO_AMX).
-    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    # oneDNN (torch's bf16 and int8 CPU products) reads its cap when it first runs (cpu_identity.py's
+    # SELFHOST_NO_AMX).
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", ONEDNN_ISA_WITHOUT_AMX)
 
 import importlib  # noqa: E402
 

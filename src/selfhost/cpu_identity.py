@@ -18,6 +18,8 @@ from pathlib import Path
 # cached per CPU are measured again for it.
 NO_AMX_VARIABLE = "SELFHOST_NO_AMX"
 AMX_FLAGS = ("amx_bf16", "amx_int8")
+# oneDNN's cap without AMX: AVX-512 with VNNI and BF16, the most a CPU without tiles offers.
+ONEDNN_ISA_WITHOUT_AMX = "AVX512_CORE_BF16"
 
 
 def amx_disabled() -> bool:
