@@ -10,6 +10,7 @@ import pytest
 from selfhost.gateway.entrance import GatewayEntrance
 from selfhost.server.settings import ServerSettings
 from tests.gateway.fake_upstream import FakeUpstream
+from tests.gateway.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 from tests.server.conftest import LoopbackServer
 
 UPSTREAM_KEY = "sk-upstream-SECRET-4242"
@@ -53,12 +54,12 @@ def gateway(tmp_path, request):
     Every test runs twice: through FastAPI's whole middleware stack and through the lean entrance."""
     started = []
 
-    def start(toml: str, timeout_s: float = 1.0, **settings) -> LoopbackServer:
+    def start(toml: str, timeout_s: float = 1.0, ledger: str | None = None, **settings) -> LoopbackServer:
         # 1 s makes the hang/stall tests quick; tests that hold many slow requests in flight on a
         # loaded CI machine pass a longer one (a 1 s limit once failed 6 of 32 there).
         config = tmp_path / "selfhost.toml"
-        ledger = tmp_path / "ledger.db"
-        config.write_text(f'[gateway]\nledger = "sqlite:///{ledger}"\ntimeout_s = {timeout_s}\nbackoff_s = 0\n'
+        ledger = ledger or f"sqlite:///{tmp_path / 'ledger.db'}"
+        config.write_text(f'[gateway]\nledger = "{ledger}"\ntimeout_s = {timeout_s}\nbackoff_s = 0\n'
                           + textwrap.dedent(toml))
         server = LoopbackServer(ServerSettings(config=config, responses_db=tmp_path / "r.db", **settings))
         started.append(set_entrance(server, request.param == "entrance").start())

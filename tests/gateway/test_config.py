@@ -29,8 +29,13 @@ def parse(*models, **gateway):
     ({**REMOTE, "url": "ftp://h"}, "must start with http://"),
     ({**REMOTE, "wieght": 2}, "wieght: Extra inputs are not permitted"),
     ({**REMOTE, "weight": 0}, "weight: Input should be greater than 0"),
-    ({"name": "x", "path": "/m", "usd_per_hour": 1.0}, "needs both `usd_per_hour` and `throughput_tok_s`"),
-    ({**REMOTE, "usd_per_hour": 1.0, "throughput_tok_s": 5}, "`usd_per_hour` prices local models"),
+    ({"name": "x", "path": "/m", "cost": {"rent_usd_per_hour": 1.0}}, "without `device`, the cost needs"),
+    ({"name": "x", "path": "/m", "cost": {"device": "rtx4090", "throughput_tok_s": 5, "bench_result": "b.json"}},
+     "`throughput_tok_s` or `bench_result`, not both"),
+    ({"name": "x", "path": "/m", "cost": {"device": "rtx4090", "price_usd": 1, "rent_usd_per_hour": 1}},
+     "not both"),
+    ({"name": "x", "path": "/m", "cost": {"devcie": "rtx4090"}}, "cost.devcie: Extra inputs are not permitted"),
+    ({**REMOTE, "cost": {"device": "rtx4090"}}, "`cost` prices local models"),
 ])
 def test_bad_entries_name_the_entry_and_the_problem(entry, message):
     with pytest.raises(GatewayConfigError, match="models\\]\\] #1 \\('") as err:

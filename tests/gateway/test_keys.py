@@ -123,7 +123,7 @@ def test_what_if_reprices_the_traffic(gateway, upstreams, cli, tmp_path):
     server = gateway(remote("gpt", upstreams[0].url, model="house-7b"))
     for _ in range(2):
         post(server, None)
-    local = ModelEntry(name="qwen", path="/m", usd_per_hour=0.36, throughput_tok_s=100)
+    local = ModelEntry(name="qwen", path="/m", cost={"rent_usd_per_hour": 0.36, "throughput_tok_s": 100})
     scenarios, requests, days = what_if(server.app.state.gateway.ledger, "gpt-4o-mini", local)
     by_label = {s.label: s for s in scenarios}
     assert requests == 2 and days == 1.0
@@ -135,7 +135,8 @@ def test_what_if_reprices_the_traffic(gateway, upstreams, cli, tmp_path):
     config = tmp_path / "what-if.toml"
     config.write_text(f'[gateway]\nledger = "sqlite:///{tmp_path / "ledger.db"}"\n'
                       + remote("gpt", upstreams[0].url, model="house-7b")
-                      + '[[models]]\nname = "qwen"\npath = "/m"\nusd_per_hour = 0.36\nthroughput_tok_s = 100\n')
+                      + '[[models]]\nname = "qwen"\npath = "/m"\n[models.cost]\nrent_usd_per_hour = 0.36\n'
+                      + 'throughput_tok_s = 100\n')
     result = cli.invoke(app, ["spend", "--what-if", "--api", "gpt-4o-mini", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "all through gpt-4o-mini" in result.output and "all on local qwen" in result.output

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 
 import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from selfhost.gateway.ledger import ledger_url
 
 from tests.gateway.conftest import remote
 from tests.live_server import free_port, wait_until_healthy
 
 
-def test_kill_9_mid_traffic_loses_and_duplicates_nothing(upstreams, tmp_path):
-    ledger = tmp_path / "ledger.db"
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_kill_9_mid_traffic_loses_and_duplicates_nothing(backend, upstreams, tmp_path, request):
+    url = f"sqlite:///{tmp_path / 'ledger.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     config = tmp_path / "selfhost.toml"
-    config.write_text(f'[gateway]\nledger = "sqlite:///{ledger}"\n' + remote("gpt", upstreams[0].url))
+    config.write_text(f'[gateway]\nledger = "{url}"\n' + remote("gpt", upstreams[0].url))
     port = free_port()
     with open(tmp_path / "server.log", "w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", "selfhost.cli", "serve", "--config", str(config), "--port",
@@ -29,8 +33,10 @@ def test_kill_9_mid_traffic_loses_and_duplicates_nothing(upstreams, tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
-    with sqlite3.connect(ledger) as db:
-        ids = [row[0] for row in db.execute("SELECT request_id FROM gateway_requests")]
+    engine = create_engine(ledger_url(url))  # read back by another client, as after a restart
+    with engine.connect() as conn:
+        ids = [row[0] for row in conn.execute(text("SELECT request_id FROM gateway_requests"))]
+    engine.dispose()
     assert len(ids) == len(set(ids))
     assert set(completed) <= set(ids), f"{len(set(completed) - set(ids))} completed requests missing"
     assert len(ids) - len(completed) <= 8  # at most the requests in flight at the kill

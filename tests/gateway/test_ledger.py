@@ -20,9 +20,17 @@ def entry(request_id: str) -> LedgerEntry:
                        priced=priced)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, tmp_path) -> str:
+    """Every ledger test runs on SQLite (the default) and on a real PostgreSQL server (tests/gateway/postgres.py)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
-def ledger(tmp_path):
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+def ledger(ledger_url):
+    ledger = Ledger(ledger_url)
     yield ledger
     ledger.close()
 
@@ -64,8 +72,8 @@ def test_rows_of_many_loop_turns_each_wait_for_their_own_commit(ledger):
     assert len(ledger.rows()) == 60
 
 
-def test_close_commits_rows_recorded_in_a_turn_that_has_not_ended(tmp_path):
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+def test_close_commits_rows_recorded_in_a_turn_that_has_not_ended(ledger_url):
+    ledger = Ledger(ledger_url)
 
     async def record_then_close_at_once():
         pending = [asyncio.ensure_future(ledger.record(entry(f"n-{i}"))) for i in range(5)]
@@ -74,7 +82,7 @@ def test_close_commits_rows_recorded_in_a_turn_that_has_not_ended(tmp_path):
         await asyncio.gather(*pending)
 
     asyncio.run(record_then_close_at_once())
-    assert len(Ledger(f"sqlite:///{tmp_path / 'ledger.db'}").rows()) == 5
+    assert len(Ledger(ledger_url).rows()) == 5
 
 
 def test_request_ids_are_32_hex_digits_and_unique():
@@ -85,8 +93,8 @@ def test_request_ids_are_32_hex_digits_and_unique():
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
-def test_close_commits_what_was_queued(tmp_path):
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+def test_close_commits_what_was_queued(ledger_url):
+    ledger = Ledger(ledger_url)
 
     async def queue_then_close():
         pending = [asyncio.ensure_future(ledger.record(entry(f"q-{i}"))) for i in range(50)]
@@ -95,7 +103,7 @@ def test_close_commits_what_was_queued(tmp_path):
         await asyncio.gather(*pending)
 
     asyncio.run(queue_then_close())
-    assert len(Ledger(f"sqlite:///{tmp_path / 'ledger.db'}").rows()) == 50
+    assert len(Ledger(ledger_url).rows()) == 50
 
 
 def test_the_writers_batch_insert_stores_rows_as_sqlalchemy_does(ledger):

@@ -14,8 +14,8 @@ from tests.gateway.conftest import refused_url, remote
 
 @pytest.fixture
 def mixed(gateway, upstreams, tiny_checkpoint):
-    local = (f'\n[[models]]\nname = "tiny"\npath = "{tiny_checkpoint("llama")}"\nusd_per_hour = 0.72\n'
-             'throughput_tok_s = 100\n')  # $0.72/h over 100 tok/s: $0.000002 a token
+    local = (f'\n[[models]]\nname = "tiny"\npath = "{tiny_checkpoint("llama")}"\n[models.cost]\n'
+             'rent_usd_per_hour = 0.72\nthroughput_tok_s = 100\n')  # $0.72/h over 100 tok/s: $0.000002 a token
     return gateway(local + remote("gpt", upstreams[0].url) + remote("flaky", refused_url(), fallbacks=["tiny"]),
                    kv_cache_memory="64MiB", weight_dtype="float32")
 
@@ -56,6 +56,28 @@ def test_local_answers_are_priced_from_the_cost_model_and_recorded(mixed):
     assert [(r["deployment"], r["usage_estimated"]) for r in rows] == [("local/tiny", False)] * 2
     assert Decimal(rows[0]["cost_usd"]) == expected and rows[0]["price_source"].startswith("cost model")
     assert Decimal(lines[-2].split("=", 1)[1]) == Decimal(rows[1]["cost_usd"])
+
+
+def test_local_answers_on_the_ollama_api_are_priced_and_recorded(mixed):
+    """Ollama's final object counts the tokens; a JSON answer carries its cost header, a stream's NDJSON passes
+    unchanged and its cost lands in the ledger (and the key's spend) when its `done` line passes."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 4}}
+    answer = httpx.post(mixed.url + "/api/chat", json={**body, "stream": False}, timeout=60)
+    assert answer.status_code == 200 and answer.headers["x-selfhost-backend"] == "local/tiny"
+    final = answer.json()
+    expected = (final["prompt_eval_count"] + final["eval_count"]) * PER_TOKEN_USD
+    assert final["eval_count"] >= 1 and Decimal(answer.headers["x-selfhost-cost-usd"]) == expected
+    with httpx.stream("POST", mixed.url + "/api/generate", timeout=60,
+                      json={"model": "tiny", "prompt": "hi", "options": {"num_predict": 3}}) as r:  # streams
+        objects = [json.loads(line) for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("application/x-ndjson")
+    assert objects[-1]["done"] is True and all(not o["done"] for o in objects[:-1])
+    rows = mixed.app.state.gateway.ledger.rows()
+    assert [(r["endpoint"], r["deployment"], r["usage_estimated"]) for r in rows] == [
+        ("api/chat", "local/tiny", False), ("api/generate", "local/tiny", False)]
+    assert (rows[1]["input_tokens"], rows[1]["output_tokens"]) == (
+        objects[-1]["prompt_eval_count"], objects[-1]["eval_count"])
+    assert Decimal(rows[1]["cost_usd"]) == (rows[1]["input_tokens"] + rows[1]["output_tokens"]) * PER_TOKEN_USD
 
 
 def test_remote_failure_falls_back_to_the_local_model(mixed):

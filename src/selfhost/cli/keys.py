@@ -129,12 +129,12 @@ def _what_if(config_path: Path, since: dt.date | None, api: str | None, local: s
     from selfhost.gateway.what_if import what_if
 
     config = load_gateway_config(config_path, check_env=False)
-    priced_locals = [e for e in config.local_entries if e.usd_per_hour is not None]
+    priced_locals = [e for e in config.local_entries if e.cost is not None]
     if local is not None:
         matches = [e for e in priced_locals if e.name == local]
         if not matches:
-            raise InvalidParameterError(f"--local {local!r} is not a local model with usd_per_hour and "
-                                        f"throughput_tok_s in {config_path} (priced: "
+            raise InvalidParameterError(f"--local {local!r} is not a local model with a [models.cost] "
+                                        f"in {config_path} (priced: "
                                         f"{', '.join(e.name for e in priced_locals) or 'none'})")
         local_entry = matches[0]
     else:

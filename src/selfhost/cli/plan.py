@@ -13,12 +13,12 @@ from rich.text import Text
 from selfhost.catalog import DeviceSpec, ModelSpec, get_device, load_models
 from selfhost.catalog.references import resolve_model_spec
 from selfhost.errors import InvalidParameterError
-from selfhost.plan.bench_result import measured_model_matches, read_bench_result
 from selfhost.plan.cost import CostComparison, SelfHostSetup
 from selfhost.plan.fit import FitReport, is_edge_capable, plan_fit, rank_fits
 from selfhost.plan.licence import licence_warnings
 from selfhost.plan.precision import CPU_BF16, PRECISIONS, Precision, default_precision, get_precision
 from selfhost.plan.report import HEADERS, comparison_rows, format_row
+from selfhost.plan.serving_cost import device_setup, serving_speed
 from selfhost.plan.speed import estimate_speculative
 from selfhost.plan.units import format_count, parse_count, parse_rate
 from selfhost.units import parse_size
@@ -305,42 +305,15 @@ def cost(
     precision = get_precision(quant or "int4")
     report = plan_fit(spec, dev, precision, context, concurrency)
 
-    decode_tok_s, prefill_tok_s, source = report.speed.decode_tok_s, report.speed.prefill_tok_s, "estimated by fit"
-    if bench_result is not None:
-        measured = read_bench_result(bench_result)
-        if measured.model is not None and not any_bench_model and not measured_model_matches(measured.model, spec):
-            raise InvalidParameterError(
-                f"{bench_result} measured model {measured.model!r}, not {spec.alias}: benchmark {spec.alias} "
-                "(or pass --any-bench-model to cost it with this throughput anyway)"
-            )
-        decode_tok_s, source = measured.output_tok_s, f"measured ({bench_result})"
-        if measured.model is None:
-            source = f"measured ({bench_result}, which names no model)"
-        prefill_tok_s = measured.prompt_tok_s or prefill_tok_s
-    elif not report.fits:
-        raise InvalidParameterError(
-            f"{spec.alias} at {precision.name} needs {report.memory.total_bytes / 1e9:,.1f} GB with context "
-            f"{report.request.context:,} x {concurrency}; {dev.name} has {dev.usable_bytes / 1e9:,.1f} GB usable. "
-            "Try --quant int4, a smaller --context/--concurrency, or a bigger --device"
-        )
-    # Seconds per token of the workload's mix: output at decode speed, prompt at prefill speed.
-    throughput = 1 / (output_share / decode_tok_s + (1 - output_share) / prefill_tok_s)
-
-    if price is not None and rent is not None:
-        raise InvalidParameterError("give --price (buy) or --rent (rent), not both")
-    if rent is None and price is None and dev.price_usd is None and dev.rent_usd_per_hour is None:
-        raise InvalidParameterError(f"{dev.name} has no price or rent in the catalog; pass --price or --rent")
-    renting = rent is not None or (price is None and dev.price_usd is None)
-    setup = SelfHostSetup(
-        device_name=dev.name, throughput_tok_s=throughput, power_w=power if power is not None else dev.power_w,
-        price_usd=None if renting else (price if price is not None else dev.price_usd),
-        rent_usd_per_hour=(rent if rent is not None else dev.rent_usd_per_hour) if renting else None,
-        amortisation_years=years, electricity_usd_per_kwh=electricity,
-    )
+    speed = serving_speed(spec, report, precision, bench_result, any_bench_model)
+    throughput = speed.mix_tok_s(output_share)
+    setup = device_setup(dev, throughput, price_usd=price, rent_usd_per_hour=rent, power_w=power,
+                         amortisation_years=years, electricity_usd_per_kwh=electricity)
     comparisons, unpriced = api_comparisons(setup, api, output_share, cached_share, request_tokens, month)
 
     console.print(f"{spec.alias} ({precision.name}) on {dev.name}: {throughput:,.1f} tokens/s in a "
-                  f"{output_share:.0%}-output mix ({source}; decode {decode_tok_s:,.1f}, prefill {prefill_tok_s:,.0f})")
+                  f"{output_share:.0%}-output mix ({speed.source}; decode {speed.decode_tok_s:,.1f}, "
+                  f"prefill {speed.prefill_tok_s:,.0f})")
     self_month = setup.monthly_usd(tokens)
     self_per_m = setup.usd_per_m_tokens(tokens)
     console.print(f"self-hosted at {format_count(tokens)} tokens/month: ${self_month:,.2f}/month"

@@ -7,6 +7,8 @@
     [[models]]                      # a local model, served by selfhost's engine
     name = "qwen"
     path = "Qwen/Qwen2.5-0.5B-Instruct"
+    [models.cost]                   # optional: its tokens priced as `selfhost cost` prices them
+    device = "rtx4090"
 
     [[models]]                      # a remote OpenAI-compatible deployment
     name = "gpt"
@@ -39,6 +41,41 @@ class GatewayConfigError(SelfhostError):
     """A gateway configuration that cannot be served as written."""
 
 
+class LocalCost(BaseModel):
+    """`[models.cost]` of a local model: its tokens priced as `selfhost cost` prices them.
+
+    The device's cost is a catalog device's purchase price amortised plus power, or its rent (each
+    overridable; without `device`, a price or rent and `throughput_tok_s` are needed). Its speed is
+    `throughput_tok_s` (measured, every token alike), a benchmark result file (`bench_result`: measured
+    decode and prefill), or else `selfhost fit`'s estimate for the model on the device."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str | None = None  # a catalog id (`selfhost fit --help` lists them) or "local" (measured here)
+    quant: str | None = None  # the precision fit plans with; default: fp32 on a CPU, fp16/bf16 on an accelerator
+    context: int | None = Field(None, ge=1)
+    concurrency: int = Field(8, ge=1)
+    throughput_tok_s: float | None = Field(None, gt=0)
+    bench_result: str | None = None
+    price_usd: float | None = Field(None, ge=0)
+    rent_usd_per_hour: float | None = Field(None, ge=0)
+    power_w: float | None = Field(None, ge=0)
+    amortisation_years: float = Field(3.0, gt=0)
+    electricity_usd_per_kwh: float = Field(0.15, ge=0)
+
+    @model_validator(mode="after")
+    def _enough(self) -> LocalCost:
+        if self.throughput_tok_s is not None and self.bench_result is not None:
+            raise ValueError("give `throughput_tok_s` or `bench_result`, not both")
+        if self.price_usd is not None and self.rent_usd_per_hour is not None:
+            raise ValueError("give `price_usd` (bought) or `rent_usd_per_hour` (rented), not both")
+        if self.device is None and (self.throughput_tok_s is None
+                                    or (self.price_usd is None and self.rent_usd_per_hour is None)):
+            raise ValueError("without `device`, the cost needs `throughput_tok_s` and `price_usd` or "
+                             "`rent_usd_per_hour`")
+        return self
+
+
 class ModelEntry(BaseModel):
     """One `[[models]]` entry: a local model or one remote deployment of a public model name."""
 
@@ -55,9 +92,7 @@ class ModelEntry(BaseModel):
     weight: float = Field(1.0, gt=0)
     max_concurrency: int | None = Field(None, ge=1)
     fallbacks: tuple[str, ...] = ()
-    # A local model's cost model: the device's dollars per hour and the tokens/s it completes when busy.
-    usd_per_hour: float | None = Field(None, ge=0)
-    throughput_tok_s: float | None = Field(None, gt=0)
+    cost: LocalCost | None = None  # a local model's cost model; without it its answers are unpriced
 
     @model_validator(mode="after")
     def _one_backend(self) -> ModelEntry:
@@ -70,11 +105,8 @@ class ModelEntry(BaseModel):
             raise ValueError("has both `path` and `url`; a local model takes `path`, a remote one `url`")
         if kind == "local" and self.path is None:
             raise ValueError("type 'local' needs `path`")
-        if (self.usd_per_hour is None) != (self.throughput_tok_s is None):
-            raise ValueError("a local model's cost needs both `usd_per_hour` and `throughput_tok_s`")
-        if kind != "local" and self.usd_per_hour is not None:
-            raise ValueError("`usd_per_hour` prices local models; a remote one is priced from the catalog "
-                             "(`price_model`)")
+        if kind != "local" and self.cost is not None:
+            raise ValueError("`cost` prices local models; a remote one is priced from the catalog (`price_model`)")
         if kind == "openai":
             if self.url is None or self.model is None:
                 raise ValueError("a remote model needs `url` and `model` (the upstream's id for it)")

@@ -1,6 +1,7 @@
 """The spend ledger: one row per completed gateway request, in a real database.
 
-SQLite in WAL mode by default (any SQLAlchemy URL otherwise). Each request is one
+SQLite in WAL mode by default; PostgreSQL (`postgresql://...`, through psycopg 3) or
+any other SQLAlchemy URL otherwise. Each request is one
 row keyed by a unique request id, committed before the client sees the end of its
 response: a `kill -9` of the server loses no request whose response completed, and a
 row can never be written twice (the key forbids it). With `synchronous=NORMAL`, WAL
@@ -119,11 +120,28 @@ def default_ledger_url() -> str:
     return f"sqlite:///{Path.home() / '.local' / 'share' / 'selfhost' / 'ledger.db'}"
 
 
+def ledger_url(url: str | None) -> str:
+    """`url` with a PostgreSQL URL's driver made psycopg 3 (`pip install 'selfhost[postgres]'`), which SQLAlchemy
+    would otherwise take to be psycopg2; a missing driver is one clear error, before the server starts."""
+    url = url or default_ledger_url()
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres", "postgresql+psycopg"):
+        return url
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        from selfhost.gateway.config import GatewayConfigError
+
+        raise GatewayConfigError("a PostgreSQL ledger needs the psycopg driver: pip install 'selfhost[postgres]'"
+                                 ) from None
+    return f"postgresql+psycopg{sep}{rest}"
+
+
 class Ledger:
     """One writer thread (SQLite allows one writer) commits the queued rows in batches, off the event loop."""
 
     def __init__(self, url: str | None = None):
-        url = url or default_ledger_url()
+        url = ledger_url(url)
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(url)

@@ -62,7 +62,7 @@ class GatewayRouter:
             if not self.gateway.table.is_remote(name):
                 metered = self._metered(scope, send, name, raw, key_name, reservation)
                 if metered is not None:
-                    body = json.dumps(self.gateway.local_meter.request_body(raw, ENDPOINTS[scope["path"]])).encode()
+                    body = json.dumps(self.gateway.local_meter.request_body(raw, _endpoint(scope["path"]))).encode()
                 return await self._local(scope, body, receive, metered or send, name)
             try:
                 if scope["path"] in OLLAMA_PATHS:
@@ -77,7 +77,7 @@ class GatewayRouter:
                 raw = {**raw, "model": result.name}
                 metered = self._metered(scope, send, result.name, raw, key_name, reservation)
                 if metered is not None:
-                    raw = self.gateway.local_meter.request_body(raw, ENDPOINTS[scope["path"]])
+                    raw = self.gateway.local_meter.request_body(raw, _endpoint(scope["path"]))
                 return await self._local(scope, json.dumps(raw).encode(), receive, metered or send, result.name)
             streaming = isinstance(result, StreamingResponse)
             if scope["path"] in OLLAMA_PATHS:
@@ -88,13 +88,12 @@ class GatewayRouter:
                 reservation.release()  # a no-op once the ledger settled it
 
     def _metered(self, scope, send, name: str, raw: dict, key_name, reservation):
-        """A `send` that prices and records a local model's OpenAI answer; None where it is not metered.
-
-        Ollama's local answers are not metered yet (their streams are NDJSON, their counts other fields)."""
+        """A `send` that prices and records a local model's answer (OpenAI or Ollama); None where the model has
+        no price (its answers are recorded as unpriced by the same wrapper)."""
         meter = self.gateway.local_meter
-        if scope["path"] not in ENDPOINTS or not meter.is_metered(name):
+        if not meter.is_metered(name):
             return None
-        return meter.wrap_send(send, name, ENDPOINTS[scope["path"]], raw, key_name, reservation)
+        return meter.wrap_send(send, name, _endpoint(scope["path"]), raw, key_name, reservation)
 
     async def _models(self, scope, receive, send) -> None:
         """/v1/models lists remote names after the local models; /v1/models/<remote name> is its card."""
@@ -125,6 +124,11 @@ class GatewayRouter:
             await send(message)
 
         await self.app(scope, _replay(body, receive), send_with_backend)
+
+
+def _endpoint(path: str) -> str:
+    """The ledger's name for an API path: "chat/completions", ..., or Ollama's "api/chat" / "api/generate"."""
+    return ENDPOINTS.get(path) or path.removeprefix("/")
 
 
 class VirtualKeyEntrance:

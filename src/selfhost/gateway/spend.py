@@ -35,7 +35,7 @@ def spend_by(ledger: Ledger, by: str = "model", since: dt.date | None = None) ->
     groups: dict[str, list] = {}
     with ledger.engine.connect() as conn:
         for row in conn.execute(query):
-            label = {"key": row.key_name or "(no key)", "model": row.model, "day": row.time.date().isoformat()}[by]
+            label = {"key": row.key_name or "(no key)", "model": row.model, "day": utc_day(row.time)}[by]
             acc = groups.setdefault(label, [0, 0, 0, Decimal(0), 0])
             acc[0] += 1
             acc[1] += row.input_tokens
@@ -45,3 +45,9 @@ def spend_by(ledger: Ledger, by: str = "model", since: dt.date | None = None) ->
             else:
                 acc[3] += Decimal(row.cost_usd)
     return [SpendRow(label, *acc) for label, acc in sorted(groups.items())]
+
+
+def utc_day(time: dt.datetime) -> str:
+    """The UTC date of a ledger time: SQLite gives back the UTC time as written, without a zone; PostgreSQL an
+    aware time in the session's zone, which may be another day."""
+    return (time.astimezone(dt.UTC) if time.tzinfo is not None else time).date().isoformat()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass
+from decimal import Decimal
 
 from selfhost.errors import InvalidParameterError
 
@@ -100,6 +101,19 @@ class SelfHostSetup:
     def floor_usd_per_m_tokens(self) -> float:
         """Cost per million tokens with every device fully busy: the best self-hosting can do."""
         return (self.fixed_usd_per_month / self.capacity_tokens_per_month + self.energy_usd_per_token) * 1e6
+
+    @property
+    def usd_per_busy_second(self) -> Decimal:
+        """One second of the device's work when it is fully busy: the fixed cost spread over every second of
+        its life or rental, plus the power it draws when bought. A token that takes 1/throughput seconds costs
+        the floor. In Decimal from the inputs as written (28 digits), not binary floats: the gateway prices with it."""
+        def exact(value: float) -> Decimal:
+            return Decimal(repr(value))
+
+        if self.is_rented:
+            return exact(self.rent_usd_per_hour) / 3600
+        life_s = exact(self.amortisation_years) * 12 * exact(HOURS_PER_MONTH) * 3600
+        return exact(self.price_usd) / life_s + exact(self.power_w) / 1000 / 3600 * exact(self.electricity_usd_per_kwh)
 
 
 @dataclass(frozen=True)
