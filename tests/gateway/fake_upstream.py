@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 SLOW_S = 0.3
 WORDS = ["Hello", " from", " upstream"]
+TOOL_ARGUMENTS = {"city": "Paris", "unit": "celsius"}
 # Usage every answer reports: hand-priced in the tests (cached and reasoning tokens included).
 USAGE = {"prompt_tokens": 1000, "completion_tokens": 80, "total_tokens": 1080,
          "prompt_tokens_details": {"cached_tokens": 200}, "completion_tokens_details": {"reasoning_tokens": 30}}
@@ -76,11 +77,40 @@ class FakeUpstream:
         if "messages" not in body and "prompt" not in body:
             return JSONResponse({"error": {"message": "messages or prompt required", "type": "invalid_request_error"}},
                                 status_code=400)
+        if body.get("tools"):
+            return self._tool_call(body)
         if body.get("stream"):
             return StreamingResponse(self._stream(body), media_type="text/event-stream")
         return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(WORDS) + " " + self.label},
                              "finish_reason": "stop"}], "usage": USAGE}
+
+    def _tool_call(self, body: dict):
+        """A request with tools: a call of the first tool with TOOL_ARGUMENTS, whole or (streamed) in three pieces
+        after a first delta with the call's id and name, as OpenAI sends them."""
+        name = body["tools"][0]["function"]["name"]
+        text = json.dumps(TOOL_ARGUMENTS)
+        if not body.get("stream"):
+            call = {"id": "call_up_0", "type": "function", "function": {"name": name, "arguments": text}}
+            return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                                 "finish_reason": "tool_calls"}], "usage": USAGE}
+
+        async def pieces():
+            deltas = [{"index": 0, "id": "call_up_0", "type": "function", "function": {"name": name, "arguments": ""}}]
+            deltas += [{"index": 0, "function": {"arguments": text[i:i + 8]}} for i in range(0, len(text), 8)]
+            for n, delta in enumerate(deltas):
+                chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                         "choices": [{"index": 0, "delta": {"tool_calls": [delta]},
+                                      "finish_reason": "tool_calls" if n == len(deltas) - 1 else None}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                         "choices": [], "usage": USAGE}
+                yield f"data: {json.dumps(usage)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(pieces(), media_type="text/event-stream")
 
     async def _stream(self, body: dict):
         for i, word in enumerate(WORDS):

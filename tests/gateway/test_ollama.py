@@ -9,6 +9,7 @@ import ollama
 import pytest
 
 from tests.gateway.conftest import remote
+from tests.gateway.fake_upstream import TOOL_ARGUMENTS
 from tests.gateway.test_cost import HAND_PRICE_USD
 
 
@@ -44,12 +45,45 @@ def test_ollama_answers_carry_backend_and_cost(server):
 def test_ollama_errors_keep_the_ollama_shape(server, upstreams):
     bad = httpx.post(server.url + "/api/chat", json={"model": "gpt", "messages": [{"role": "robot"}]})
     assert bad.status_code == 400 and isinstance(bad.json()["error"], str)
-    tools = httpx.post(server.url + "/api/chat", json={"model": "gpt", "messages": [], "tools": [
-        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]})
-    assert tools.status_code == 400 and "not supported yet" in tools.json()["error"]
+    orphan = httpx.post(server.url + "/api/chat", json={"model": "gpt", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "tool", "content": "21", "tool_name": "get_weather"}]})
+    assert orphan.status_code == 400 and "answers no earlier tool call" in orphan.json()["error"]
     upstreams[0].mode = "drop"
     with httpx.stream("POST", server.url + "/api/chat", json={"model": "gpt", "messages": [
             {"role": "user", "content": "hi"}]}) as response:
         lines = [line for line in response.iter_lines() if line]
     assert '"error"' in lines[-1] and "mid-stream" in lines[-1]
     assert upstreams[1].received == []
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_ollama_tool_calls_through_a_remote_model(server, upstreams):
+    """Ollama's tools reach the upstream as OpenAI's; its calls come back Ollama's way (arguments an object),
+    streamed ones once their pieces are joined; a conversation's calls and results get matching ids."""
+    client = ollama.Client(host=server.url)
+    asked = [{"role": "user", "content": "weather in Paris?"}]
+    answer = client.chat(model="gpt", messages=asked, tools=[WEATHER], stream=False)
+    assert [(c.function.name, dict(c.function.arguments)) for c in answer.message.tool_calls] == [
+        ("get_weather", TOOL_ARGUMENTS)]
+    assert upstreams[0].received[-1][1]["tools"] == [WEATHER]
+    streamed = list(client.chat(model="gpt", messages=asked, tools=[WEATHER], stream=True))
+    calls = [c for part in streamed for c in part.message.tool_calls or ()]
+    assert [(c.function.name, dict(c.function.arguments)) for c in calls] == [("get_weather", TOOL_ARGUMENTS)]
+    assert streamed[-1].done and streamed[-1].eval_count == 80
+    # The next turn: the call and its result, as the Ollama client sends them back.
+    conversation = asked + [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"function": {"name": "get_time", "arguments": {}}}]},
+        {"role": "tool", "content": "12:00", "tool_name": "get_time"},
+        {"role": "tool", "content": "21 C"}]
+    client.chat(model="gpt", messages=conversation, tools=[WEATHER], stream=False)
+    sent = upstreams[0].received[-1][1]["messages"]
+    assert [c["function"] for c in sent[1]["tool_calls"]] == [
+        {"name": "get_weather", "arguments": '{"city": "Paris"}'}, {"name": "get_time", "arguments": "{}"}]
+    ids = [c["id"] for c in sent[1]["tool_calls"]]
+    assert len(set(ids)) == 2
+    assert [(m["role"], m["tool_call_id"]) for m in sent[2:]] == [("tool", ids[1]), ("tool", ids[0])]
