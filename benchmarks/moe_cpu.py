@@ -1,20 +1,22 @@
-"""Mixture of experts on CPU: selfhost vs transformers, and vs a dense model of the same active size.
+"""Mixture of experts on CPU: selfhost vs transformers, llama.cpp, and a dense model of the same active size.
 
     python benchmarks/moe_cpu.py [--tokens 64] [--requests 32] [--output-tokens 32] [--threads N]
     python benchmarks/moe_cpu.py --quick        # smoke sizes
     python benchmarks/moe_cpu.py --only int8,transformers   # some rows only
+    python benchmarks/moe_cpu.py --no-llama-cpp  # without llama-cpp-python (its venv is built on first use, ~9 min)
 
 Models (random weights, built once under --model-root):
   moe    Qwen3-MoE layout scaled to ~410M total parameters: hidden 768, 12 layers, 16 experts of
          width 768, top-2 (~100M active per token, embeddings and head included)
   dense  a Llama of the same active size: hidden 768, 12 layers, MLP width 1536 (= 2 experts)
   moe int8  the MoE quantized by `selfhost quantize --method int8`
+  moe/model.{f16,q8_0}.gguf  the MoE exported by `selfhost export gguf`, for the llama.cpp rows
 selfhost runs the MoE and the dense model with fp32 weights and with bf16 weights
 (weight_dtype="bfloat16": AMX tiles where the CPU has them), the int8 MoE once.
 Each system runs in a process of its own (benchmarks/peers/), on the same token ids, one after
 another, with --threads threads. Decode: one 16-token prompt, --tokens new tokens, best of
 --repeats. Throughput: --requests prompts of 64-256 tokens, --output-tokens each, all at once
-(transformers: one padded static batch). Targets (issue 21): MoE decode >= 3x transformers,
+(transformers: one padded static batch; llama.cpp: decode only, at its fastest thread counts). Targets (issue 21): MoE decode >= 3x transformers,
 >= 0.7x the dense model of its active size; batched >= 3x transformers' static batch.
 """
 
@@ -54,13 +56,18 @@ for name, config in (("moe", transformers.Qwen3MoeConfig(**shape, **moe)),
         print(name, sum(p.numel() for p in model.parameters()) / 1e6, "M parameters")
 if not (root / "moe-int8" / "model.safetensors").exists():
     quantize_checkpoint(root / "moe", root / "moe-int8", QuantConfig("int8"))
+for weight_type in sys.argv[5].split(","):  # the llama.cpp rows' files, by selfhost's own exporter
+    if weight_type and not (root / "moe" / f"model.{weight_type}.gguf").exists():
+        from selfhost.quant.gguf_export import export_gguf
+        export_gguf(root / "moe", root / "moe" / f"model.{weight_type}.gguf", weight_type)
 """
 
 
-def build_models(root: Path) -> dict[str, Path]:
-    """The three folders, built in a separate process (the benchmark itself never loads torch)."""
-    subprocess.run([sys.executable, "-c", BUILD, repr(SHAPE), repr(MOE), str(DENSE_INTERMEDIATE), str(root)],
-                   cwd=REPO_ROOT, check=True, env=clean_environment({}))
+def build_models(root: Path, gguf_types: list[str]) -> dict[str, Path]:
+    """The three folders (and the MoE's GGUF files), built in a separate process (the benchmark itself never
+    loads torch)."""
+    subprocess.run([sys.executable, "-c", BUILD, repr(SHAPE), repr(MOE), str(DENSE_INTERMEDIATE), str(root),
+                    ",".join(gguf_types)], cwd=REPO_ROOT, check=True, env=clean_environment({}))
     return {name: root / name for name in ("moe", "dense", "moe-int8")}
 
 
@@ -87,6 +94,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke sizes: 8 tokens, 4 requests, 1 repeat")
     ap.add_argument("--threads", type=int, default=None, help="threads every system gets (default: all CPUs)")
     ap.add_argument("--peer-timeout", type=float, default=3600)
+    ap.add_argument("--no-llama-cpp", action="store_true",
+                    help="leave out the llama.cpp rows (the MoE exported to GGUF by selfhost, decode only)")
+    options.add_llama_cpp_options(ap)
     ap.add_argument("--only", default=None, metavar="TEXT[,TEXT...]",
                     help="run only the rows whose label holds one of these texts, e.g. 'int8,transformers' "
                          "(default: every row)")
@@ -95,7 +105,8 @@ def main() -> None:
         args.tokens, args.requests, args.output_tokens, args.repeats = 8, 4, 8, 1
     threads = args.threads or len(__import__("os").sched_getaffinity(0))
 
-    models = build_models(args.model_root)
+    gguf_types = [] if args.no_llama_cpp else args.llama_cpp_types
+    models = build_models(args.model_root, gguf_types)
     decode = {"name": "decode", "runs": [[p] for p in make_prompts(1 + args.repeats, 16, 16, seed=0)],
               "warmup_runs": 1, "max_tokens": args.tokens}
     throughput = {"name": "throughput", "runs": [make_prompts(args.requests, 64, 256, seed=10 + r)
@@ -114,16 +125,23 @@ def main() -> None:
         (Peer("transformers", "transformers MoE fp32", {"batching": "sequential"}, "fp32", ("decode",)), "moe"),
         (Peer("transformers", "transformers MoE static batch", {"batching": "static"}, "fp32", ("throughput",)),
          "moe"),
+        # llama.cpp serves one sequence at a time through llama-cpp-python: single-stream rows only.
+        *((Peer("llama_cpp", f"llama.cpp MoE {t}", {"gguf": str(models["moe"] / f"model.{t}.gguf"), "type": t},
+                options.LLAMA_CPP_TYPES[t], ("decode",)), "moe") for t in gguf_types),
     ]
     if args.only:
         wanted = [text.strip().lower() for text in args.only.split(",") if text.strip()]
         rows = [(peer, model) for peer, model in rows if any(text in peer.label.lower() for text in wanted)]
         if not rows:
             ap.error(f"--only {args.only!r} matches no row; labels: selfhost MoE fp32/bf16/int8, selfhost dense "
-                     "(same active size) fp32/bf16, transformers MoE fp32, transformers MoE static batch")
+                     "(same active size) fp32/bf16, transformers MoE fp32, transformers MoE static batch, llama.cpp "
+                     "MoE f16/q8_0")
     limits, limits_error = measure_limits(threads)
     launch_args = argparse.Namespace(vllm_python=None, vllm_venv=None, vllm_pip_args="", vllm_kvcache_gib=4,
-                                     vllm_threads_bind=None, vllm_multiprocessing=False, threads=threads)
+                                     vllm_threads_bind=None, vllm_multiprocessing=False, threads=threads,
+                                     llama_cpp_python=args.llama_cpp_python,
+                                     llama_cpp_pythonpath=args.llama_cpp_pythonpath,
+                                     llama_cpp_venv=args.llama_cpp_venv, llama_cpp_cmake_args=args.llama_cpp_cmake_args)
     launch = options.launchers(launch_args)
     work_dir = Path(tempfile.mkdtemp(prefix="selfhost-bench-moe-"))
     tasks = {"decode": decode, "throughput": throughput}
@@ -162,6 +180,10 @@ def main() -> None:
             print(f"  {precision} decode vs the dense model of the same active size: {moe / dense:.2f}x (target >= 0.7x)")
         if batch and hf_batch:
             print(f"  {precision} batched vs transformers' static batch: {batch / hf_batch:.2f}x (target >= 3x)")
+    for precision, weight_type in (("bf16", "f16"), ("int8", "q8_0")):  # the same weights at the nearest type
+        moe, peer = tok_s(f"selfhost MoE {precision}", "decode"), tok_s(f"llama.cpp MoE {weight_type}", "decode")
+        if moe and peer:
+            print(f"  {precision} decode vs llama.cpp {weight_type} on the same weights: {moe / peer:.2f}x")
     for run in runs:
         if run.error:
             print(f"  {run.peer.label}: {run.error}")

@@ -62,18 +62,7 @@ def add_peer_options(ap: argparse.ArgumentParser, systems: tuple[str, ...] = SYS
                     help="run vLLM's engine in its own processes (vLLM's default) instead of in the peer's process "
                          "(VLLM_ENABLE_V1_MULTIPROCESSING=0, with the thread binding vLLM would give its worker)")
     if "llama_cpp" in systems:
-        ap.add_argument("--llama-cpp-types", type=list_of(tuple(LLAMA_CPP_TYPES), "--llama-cpp-types"),
-                        default="f16,q8_0", help="llama.cpp rows' GGUF weight types (default: %(default)s)")
-        ap.add_argument("--llama-cpp-python", type=Path, default=None,
-                        help="a Python with llama-cpp-python installed (default: the one in --llama-cpp-venv)")
-        ap.add_argument("--llama-cpp-pythonpath", default=None,
-                        help=f"folders holding an importable llama_cpp build and its dependencies ({os.pathsep!r}-"
-                             "separated), put on the peer's PYTHONPATH; it runs in this benchmark's Python")
-        ap.add_argument("--llama-cpp-venv", type=Path, default=llama_cpp_peer.DEFAULT_VENV,
-                        help=f"venv for llama-cpp-python=={llama_cpp_peer.LLAMA_CPP_VERSION}, built on first use "
-                             "when missing (default: %(default)s)")
-        ap.add_argument("--llama-cpp-cmake-args", default="",
-                        help="CMAKE_ARGS for that build (e.g. '-DGGML_NATIVE=OFF -DGGML_AVX512=ON')")
+        add_llama_cpp_options(ap)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="threads every system gets (default: all CPUs, %(default)s)")
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "selfhost-bench-llama125m",
@@ -90,6 +79,22 @@ def add_peer_options(ap: argparse.ArgumentParser, systems: tuple[str, ...] = SYS
                          "but no tiles: selfhost's kernels (SELFHOST_NO_AMX=1), oneDNN "
                          "(ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) and vLLM's kernel choice (torch's AMX check reads "
                          "False in its process, vllm_peer.py)")
+
+
+def add_llama_cpp_options(ap: argparse.ArgumentParser) -> None:
+    """The llama.cpp rows' options (decode_cpu.py, moe_cpu.py)."""
+    ap.add_argument("--llama-cpp-types", type=list_of(tuple(LLAMA_CPP_TYPES), "--llama-cpp-types"),
+                    default="f16,q8_0", help="llama.cpp rows' GGUF weight types (default: %(default)s)")
+    ap.add_argument("--llama-cpp-python", type=Path, default=None,
+                    help="a Python with llama-cpp-python installed (default: the one in --llama-cpp-venv)")
+    ap.add_argument("--llama-cpp-pythonpath", default=None,
+                    help=f"folders holding an importable llama_cpp build and its dependencies ({os.pathsep!r}-"
+                         "separated), put on the peer's PYTHONPATH; it runs in this benchmark's Python")
+    ap.add_argument("--llama-cpp-venv", type=Path, default=llama_cpp_peer.DEFAULT_VENV,
+                    help=f"venv for llama-cpp-python=={llama_cpp_peer.LLAMA_CPP_VERSION}, built on first use "
+                         "when missing (default: %(default)s)")
+    ap.add_argument("--llama-cpp-cmake-args", default="",
+                    help="CMAKE_ARGS for that build (e.g. '-DGGML_NATIVE=OFF -DGGML_AVX512=ON')")
 
 
 def keep_amx_off(args: argparse.Namespace) -> list[str]:
