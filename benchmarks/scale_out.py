@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.scale_sim import SCALE_LLAMA, build_model, measure, simulate, simulate_on_cores, summarize
 
 OUTPUT_TOKENS = 64
-CORES = 2  # the Ray instance's CPUs: the replicas (one each) and everything else share them
 SHARED_TOKENS, QUESTION_TOKENS = 384, 32  # the shared-prompt workload: a system prompt, then a question
 SYSTEM_PROMPTS = 8
 KV_BYTES_PER_TOKEN = 6 * 2 * 2 * 64 * 4  # SCALE_LLAMA: 6 layers x K and V x 2 KV heads x 64 dims x fp32
@@ -259,6 +258,10 @@ def main() -> None:
     parser.add_argument("--no-merge", dest="merge", action="store_false",
                         help="One event per token (ClusterConfig.merge_deltas=False) instead of one per message "
                              "with every token of the request it carries.")
+    parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
+                        help="The Ray instance's CPUs, which the replicas (one each) and everything else share; the "
+                             "simulator spreads the serving path's CPU over them (default: this process's CPUs, "
+                             "%(default)s). Two replicas of one core each need a third core for the serving path.")
     parser.add_argument("--only", choices=("all", "throughput", "shared"), default="all")
     parser.add_argument("--trace", type=Path, help="Write each shared-prompt request and the replicas' figures "
                         "over time here (JSON).")
@@ -273,7 +276,7 @@ def main() -> None:
     with open("/proc/cpuinfo") as info:
         cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
                    platform.processor())
-    print(f"{time.strftime('%Y-%m-%d %H:%M')} | {cpu} | {os.cpu_count()} CPUs | load {os.getloadavg()} | "
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} | {cpu} | {os.cpu_count()} CPUs (Ray: {args.cores}) | load {os.getloadavg()} | "
           f"stream interval {args.stream_interval_ms:g} ms | "
           f"{'one stream per replica' if args.multiplex else 'one stream per request'}"
           f"{', tokens merged per message' if args.multiplex and args.merge else ', an event per token'} | "
@@ -290,7 +293,7 @@ def main() -> None:
     prompts = _prompts(args.requests, 64, 192, seed=2)
     mean_prompt = round(sum(map(len, prompts)) / len(prompts))
 
-    ray.init(address="local", num_cpus=CORES, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    ray.init(address="local", num_cpus=args.cores, include_dashboard=False, log_to_driver=False, logging_level="warning")
     results, traces = {}, {}
     try:
         args.overhead_s = _lone_overhead(model_dir, step, args)
@@ -305,14 +308,14 @@ def main() -> None:
             serving_s = sum(sec for role, sec in cpu.items() if role != "replicas") / tokens
             predicted = simulate(step, replicas, args.rate, args.requests, mean_prompt, OUTPUT_TOKENS,
                                  arrivals=arrivals, overhead_s=args.overhead_s)
-            on_cores = simulate_on_cores(step, replicas, CORES, serving_s, args.rate, args.requests, mean_prompt,
+            on_cores = simulate_on_cores(step, replicas, args.cores, serving_s, args.rate, args.requests, mean_prompt,
                                          OUTPUT_TOKENS, arrivals=arrivals, overhead_s=args.overhead_s)
             results[replicas] = {**real, "cpu_s": cpu, "serving_cpu_ms_per_token": serving_s * 1e3}
             print(f"{replicas} replica(s): {real['requests_per_s']:.2f} req/s, {real['output_tok_s']:.0f} output "
                   f"tok/s, TTFT p50 {real['ttft_p50_s'] * 1e3:.0f} ms, p99 {real['ttft_p99_s'] * 1e3:.0f} ms | "
                   f"simulated {predicted['output_tok_s']:.0f} tok/s "
                   f"({predicted['output_tok_s'] / real['output_tok_s'] - 1:+.0%}), TTFT p50 "
-                  f"{predicted['ttft_p50_s'] * 1e3:.0f} ms | with the serving path's CPU on {CORES} cores "
+                  f"{predicted['ttft_p50_s'] * 1e3:.0f} ms | with the serving path's CPU on {args.cores} cores "
                   f"{on_cores['output_tok_s']:.0f} tok/s ({on_cores['output_tok_s'] / real['output_tok_s'] - 1:+.0%}, "
                   f"steps x{on_cores['cpu_slowdown']:.2f}), TTFT p50 {on_cores['ttft_p50_s'] * 1e3:.0f} ms")
             print("  CPU over the run (s): " + ", ".join(f"{role} {sec:.1f}" for role, sec in sorted(cpu.items()))
