@@ -45,6 +45,7 @@ def test_a_bought_device_is_its_price_over_its_life_plus_power():
     # Rented, no catalog device: the rent alone, exactly.
     rented = rate(rent_usd_per_hour=0.72, throughput_tok_s=100)
     assert rented.usd_per_output_token == Decimal("0.72") / 3600 / 100 == Decimal("0.000002")
+    assert rented.describe().startswith("local m: $2 per million prompt tokens, $2 per million generated (cost model:")
 
 
 def test_measured_speeds_from_a_benchmark_result(tmp_path):
@@ -73,3 +74,4 @@ def test_without_cost_the_answers_are_unpriced():
     local = LocalRate(ModelEntry(name="m", path="/m"))
     cost = local.price(UsageRecord(input_tokens=3, output_tokens=2), estimated=False).cost
     assert not cost.is_priced and "no [models.cost]" in cost.reason
+    assert local.describe() == "local m: unpriced (no [models.cost])"

@@ -45,6 +45,13 @@ class LocalRate:
             self.usd_per_prompt_token = per_second / Decimal(repr(speed.prefill_tok_s))
             self.usd_per_output_token = per_second / Decimal(repr(speed.decode_tok_s))
 
+    def describe(self) -> str:
+        """What this model's tokens cost, for the start-up banner."""
+        if self.usd_per_prompt_token is None:
+            return f"local {self.name}: unpriced (no [models.cost])"
+        return (f"local {self.name}: ${float(self.usd_per_prompt_token) * 1e6:.4g} per million prompt tokens, "
+                f"${float(self.usd_per_output_token) * 1e6:.4g} per million generated ({self.source})")
+
     def price(self, usage: UsageRecord, estimated: bool) -> PricedUsage:
         model_id = f"local/{self.name}"
         if self.usd_per_prompt_token is None:

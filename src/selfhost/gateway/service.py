@@ -67,7 +67,9 @@ class Gateway:
         await asyncio.to_thread(self.ledger.close)
 
     def describe(self) -> str:
-        """One line for the start-up banner (no keys; the ledger URL without its password)."""
+        """The start-up banner's lines (no keys; the ledger URL without its password): the deployments and the
+        ledger, then what each local model's tokens cost."""
         names = {d.name for d in self.table.all()}
         url = self.ledger.engine.url.render_as_string(hide_password=True)
-        return f"gateway: {len(self.table.all())} remote deployment(s) of {len(names)} model(s), ledger {url}"
+        line = f"gateway: {len(self.table.all())} remote deployment(s) of {len(names)} model(s), ledger {url}"
+        return "\n  ".join([line, *(rate.describe() for rate in self.local_meter.rates.values())])
