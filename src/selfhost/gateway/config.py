@@ -51,7 +51,7 @@ class LocalCost(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    device: str | None = None  # a catalog id (`selfhost fit --help` lists them) or "local" (measured here)
+    device: str | None = None  # a catalog id (an unknown one is an error naming the nearest) or "local" (measured)
     quant: str | None = None  # the precision fit plans with; default: fp32 on a CPU, fp16/bf16 on an accelerator
     context: int | None = Field(None, ge=1)
     concurrency: int = Field(8, ge=1)

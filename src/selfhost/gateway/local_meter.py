@@ -72,25 +72,27 @@ def _cost_model(entry: ModelEntry) -> tuple[Decimal, ServingSpeed, str]:
     from selfhost.plan.precision import default_precision, get_precision
 
     cost = entry.cost
-    if cost.device is None:  # the config checked: throughput and a price or rent are given
-        speed = ServingSpeed(cost.throughput_tok_s, cost.throughput_tok_s, "throughput_tok_s (measured)")
-        setup = SelfHostSetup("the configured device", cost.throughput_tok_s, cost.power_w or 0.0, cost.price_usd,
-                              cost.rent_usd_per_hour, cost.amortisation_years, cost.electricity_usd_per_kwh)
-    else:
-        if cost.device.strip().lower() == "local":
-            from selfhost.bench.device_probe import measure_local_device
+    dev = None
+    if cost.device is not None and cost.device.strip().lower() == "local":
+        from selfhost.bench.device_probe import measure_local_device
 
-            dev = measure_local_device()
-        else:
-            dev = get_device(cost.device)
-        if cost.throughput_tok_s is not None:
-            speed = ServingSpeed(cost.throughput_tok_s, cost.throughput_tok_s, "throughput_tok_s (measured)")
-        else:
-            spec = resolve_model_spec(entry.path)
-            precision = get_precision(cost.quant) if cost.quant else default_precision(dev.kind)
-            report = plan_fit(spec, dev, precision, cost.context, cost.concurrency)
-            speed = serving_speed(spec, report, precision, Path(cost.bench_result) if cost.bench_result else None)
-        # What a busy second costs does not depend on the throughput the setup is given.
+        dev = measure_local_device()
+    elif cost.device is not None:
+        dev = get_device(cost.device)
+    if cost.throughput_tok_s is not None:
+        speed = ServingSpeed(cost.throughput_tok_s, cost.throughput_tok_s, "throughput_tok_s (measured)")
+    else:  # config.LocalCost checked that a device is named
+        spec = resolve_model_spec(entry.path)
+        precision = get_precision(cost.quant) if cost.quant else default_precision(dev.kind)
+        report = plan_fit(spec, dev, precision, cost.context, cost.concurrency)
+        speed = serving_speed(spec, report, precision, Path(cost.bench_result) if cost.bench_result else None)
+    # What a busy second costs does not depend on the throughput the setup is given.
+    if dev is None:  # config.LocalCost checked that a price or a rent is given
+        setup = SelfHostSetup(device_name="the configured device", throughput_tok_s=speed.decode_tok_s,
+                              power_w=cost.power_w or 0.0, price_usd=cost.price_usd,
+                              rent_usd_per_hour=cost.rent_usd_per_hour, amortisation_years=cost.amortisation_years,
+                              electricity_usd_per_kwh=cost.electricity_usd_per_kwh)
+    else:
         setup = device_setup(dev, speed.decode_tok_s, cost.price_usd, cost.rent_usd_per_hour, cost.power_w,
                              cost.amortisation_years, cost.electricity_usd_per_kwh)
     bought = (f"rented at ${setup.rent_usd_per_hour:g}/h" if setup.is_rented else

@@ -88,8 +88,8 @@ class GatewayRouter:
                 reservation.release()  # a no-op once the ledger settled it
 
     def _metered(self, scope, send, name: str, raw: dict, key_name, reservation):
-        """A `send` that prices and records a local model's answer (OpenAI or Ollama); None where the model has
-        no price (its answers are recorded as unpriced by the same wrapper)."""
+        """A `send` that prices and records a local model's answer (OpenAI or Ollama; a model without
+        `[models.cost]` is recorded as unpriced); None for a model the config does not list."""
         meter = self.gateway.local_meter
         if not meter.is_metered(name):
             return None
