@@ -1,7 +1,7 @@
 """A real PostgreSQL server for the ledger's tests: pgserver's wheel carries the binaries, so no system install.
 
-One server per test session, on a Unix socket in a temporary folder (no TCP port), stopped at the end by
-pgserver (it stops only the server it started); each test gets a database of its own.
+One server per test session, on a Unix socket in a temporary folder (no TCP port), stopped and its folder
+deleted at the end by pgserver (it stops only the server it started); each test gets a database of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _databases = itertools.count()
 def postgres_server():
     import pgserver
     folder = tempfile.mkdtemp(prefix="selfhost-pg-")
-    server = pgserver.get_server(folder, cleanup_mode="stop")
+    server = pgserver.get_server(folder, cleanup_mode="delete")
     yield server
     server.cleanup()
 
