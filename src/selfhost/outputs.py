@@ -29,6 +29,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
     @property
     def is_finished(self) -> bool:
@@ -48,6 +49,7 @@ class StreamDelta:
     num_output_tokens: int
     # Set on a request's first delta only, when its params ask for prompt logprobs.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
     @property
     def is_finished(self) -> bool:

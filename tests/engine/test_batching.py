@@ -94,11 +94,14 @@ def test_prefix_cache_hit_and_unchanged_outputs(checkpoint, kv_cache_dtype):
     expected = [cold.generate([p], params)[0].token_ids for p in (a, b)]
 
     llm = LLM(checkpoint, kv_cache_memory="4MiB", kv_cache_dtype=kv_cache_dtype)
-    first = llm.generate([a], params)[0].token_ids
+    first_output = llm.generate([a], params)[0]
+    first = first_output.token_ids
     bm = llm.engine.block_manager
     hits_before = bm.prefix_hit_tokens
-    second = llm.generate([b], params)[0].token_ids
+    second_output = llm.generate([b], params)[0]
+    second = second_output.token_ids
     assert bm.prefix_hit_tokens - hits_before == 96
+    assert (first_output.num_cached_tokens, second_output.num_cached_tokens) == (0, 96)
     assert [first, second] == expected
     assert llm.engine.stats().prefix_hit_rate > 0
     assert_no_blocks_in_use(llm)

@@ -129,7 +129,8 @@ def test_what_if_reprices_the_traffic(gateway, upstreams, cli, tmp_path):
     assert requests == 2 and days == 1.0
     assert by_label["as recorded"].unpriced_requests == 2  # house-7b has no price
     assert by_label["all through gpt-4o-mini"].usd == 2 * HAND_PRICE_USD
-    assert by_label["all on local qwen"].usd == 2 * 1080 * Decimal("0.36") / (100 * 3600)
+    # On the local model the 200 prompt tokens the API read from its cache would come from the prefix cache: free.
+    assert by_label["all on local qwen"].usd == 2 * (1080 - 200) * Decimal("0.36") / (100 * 3600)
     assert by_label["all through gpt-4o-mini"].monthly_usd == (60 * HAND_PRICE_USD).quantize(Decimal("0.01"))
     # The command: the same ledger, named by a config that also has a priced local model.
     config = tmp_path / "what-if.toml"

@@ -58,6 +58,21 @@ def test_local_answers_are_priced_from_the_cost_model_and_recorded(mixed):
     assert Decimal(lines[-2].split("=", 1)[1]) == Decimal(rows[1]["cost_usd"])
 
 
+def test_prompt_tokens_from_the_prefix_cache_cost_nothing(mixed):
+    """A repeated prompt's cached tokens skipped the prefill, so the local price leaves them out."""
+    long = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 3
+    costs = []
+    for _ in range(2):
+        response = chat(mixed, "tiny", messages=[{"role": "user", "content": long}])
+        usage = response.json()["usage"]
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        expected = (usage["prompt_tokens"] - cached + usage["completion_tokens"]) * PER_TOKEN_USD
+        assert Decimal(response.headers["x-selfhost-cost-usd"]) == expected
+        costs.append((cached, expected))
+    assert costs[0][0] == 0 and costs[1][0] > 0
+    assert mixed.app.state.gateway.ledger.rows()[-1]["cached_input_tokens"] == costs[1][0]
+
+
 def test_local_answers_on_the_ollama_api_are_priced_and_recorded(mixed):
     """Ollama's final object counts the tokens; a JSON answer carries its cost header, a stream's NDJSON passes
     unchanged and its cost lands in the ledger (and the key's spend) when its `done` line passes."""

@@ -30,7 +30,8 @@ def merge(first: StreamDelta, then: StreamDelta) -> StreamDelta:
         [*(first.logprobs or ()), *(then.logprobs or ())]
     return StreamDelta(first.request_id, first.text + then.text, first.token_ids + then.token_ids, logprobs,
                        then.finish_reason, then.num_prompt_tokens, then.num_output_tokens,
-                       first.prompt_logprobs if first.prompt_logprobs is not None else then.prompt_logprobs)
+                       first.prompt_logprobs if first.prompt_logprobs is not None else then.prompt_logprobs,
+                       then.num_cached_tokens)
 
 
 class Outbox:

@@ -176,6 +176,7 @@ class AsyncEngine:
             num_prompt_tokens=len(seq.prompt_ids),
             num_output_tokens=len(seq.output_ids),
             prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
         )
         if seq.is_finished:
             self._requests.pop(seq.request_id, None)

@@ -87,9 +87,13 @@ class BlockManager:
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
 
     def record_admission(self, seq: Sequence) -> None:
-        """Count a sequence's prompt against the prefix-cache hit rate once it is admitted."""
+        """Count a sequence's prompt against the prefix-cache hit rate once it is admitted; the first admission
+        also tells the sequence how much of its prompt the cache held (a preempted one's later admissions
+        find its own blocks)."""
         self.prefix_queried_tokens += seq.num_tokens
         self.prefix_hit_tokens += seq.num_computed_tokens
+        if seq.num_preemptions == 0:
+            seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, len(seq.prompt_ids))
 
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:

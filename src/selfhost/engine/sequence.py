@@ -60,6 +60,8 @@ class Sequence:
         self.lora_name: str | None = None  # the adapter it asked for; None: the base model
         self.lora_slot: int | None = None  # the slot holding that adapter, taken at admission (lora/serving.py)
         self.num_computed_tokens = 0
+        # Prompt tokens its first admission found in the prefix cache (OpenAI's usage.cached_tokens).
+        self.num_cached_prompt_tokens = 0
         self.num_preemptions = 0
         # Speculative decoding (speculative/speculator.py): tokens proposed for the next step, and
         # the speculator's own per-sequence state (proposal length, draft-model cache).
@@ -137,4 +139,5 @@ class Sequence:
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
             finish_reason=self.finish_reason,
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
+            num_cached_tokens=self.num_cached_prompt_tokens,
         )

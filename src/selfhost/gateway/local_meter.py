@@ -5,7 +5,8 @@ model (config.LocalCost); from those `plan.serving_cost` works out, as `selfhost
 does, what a second of the device's work costs when it is fully busy (the cost model's
 floor). A prompt token then costs that over the prefill speed, a generated one over the
 decode speed; a workload of `selfhost cost`'s output share averages to its "best case"
-figure. Without `[models.cost]` the model is `unpriced`, never $0.
+figure. A prompt token the prefix cache held (usage's `cached_tokens`) was not computed:
+it costs nothing. Without `[models.cost]` the model is `unpriced`, never $0.
 
 The local routes answer as they always do; this wraps their ASGI `send`. A JSON answer
 is held until complete, priced from its `usage`, recorded, then sent with the cost
@@ -57,7 +58,8 @@ class LocalRate:
         if self.usd_per_prompt_token is None:
             cost = Unpriced(model_id, "no [models.cost] in its [[models]] entry")
             return PricedUsage(usage, cost, estimated)
-        input_usd = Decimal(str(usage.input_tokens)) * self.usd_per_prompt_token
+        # A prompt token read from the prefix cache skipped the prefill: no device time of its own.
+        input_usd = Decimal(str(usage.input_tokens - usage.cached_input_tokens)) * self.usd_per_prompt_token
         output_usd = Decimal(str(usage.output_tokens + usage.reasoning_tokens)) * self.usd_per_output_token
         cost = Cost(model_id, input_usd + output_usd, input_usd, output_usd, None, None, self.source)
         return PricedUsage(usage, cost, estimated)

@@ -20,9 +20,10 @@ from selfhost.tools.calls import check_tools
 from selfhost.tools.model_tools import OutputSplitter
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
-    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+def _usage(gen: Generation, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=gen.num_prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=gen.num_prompt_tokens + completion_tokens,
+                     prompt_tokens_details={"cached_tokens": gen.num_cached_tokens})
 
 
 def _finish(reason: str | None) -> str | None:
@@ -116,7 +117,7 @@ async def chat_completion(serving: Serving, req: ChatCompletionRequest, gen: Gen
                 finish = _finish_with_tools(r.finish_reason, parsed.calls)
         choices.append(ChatChoice(index=i, message=message, finish_reason=finish,
                                   logprobs=chat_logprobs(tokenizer, r.logprobs) if req.logprobs else None))
-    usage = _usage(gen.num_prompt_tokens, sum(len(r.token_ids) for r in results))
+    usage = _usage(gen, sum(len(r.token_ids) for r in results))
     return ChatCompletionResponse(id=random_id("chatcmpl"), model=req.model, choices=choices, usage=usage)
 
 
@@ -145,7 +146,7 @@ async def chat_completion_stream(serving: Serving, req: ChatCompletionRequest, g
             choice.logprobs = chat_logprobs(tokenizer, delta.logprobs)
         yield chunk([choice])
     if req.include_usage:
-        yield chunk([], _usage(gen.num_prompt_tokens, sum(completion_tokens)))
+        yield chunk([], _usage(gen, sum(completion_tokens)))
     yield sse("[DONE]")
 
 
@@ -211,7 +212,7 @@ async def completion(serving: Serving, req: CompletionRequest, gen: Generation) 
             logprobs = completion_logprobs(tokenizer, r.logprobs, len(prefix), echo_ids, r.prompt_logprobs)
         choices.append(CompletionChoice(index=i, text=prefix + r.text, logprobs=logprobs,
                                         finish_reason=_finish(r.finish_reason)))
-    usage = _usage(gen.num_prompt_tokens, sum(len(r.token_ids) for r in results))
+    usage = _usage(gen, sum(len(r.token_ids) for r in results))
     return CompletionResponse(id=random_id("cmpl"), model=req.model, choices=choices, usage=usage)
 
 
@@ -244,5 +245,5 @@ async def completion_stream(serving: Serving, req: CompletionRequest, gen: Gener
         yield chunk([CompletionChoice(index=index, text=delta.text, logprobs=logprobs,
                                       finish_reason=_finish(delta.finish_reason))])
     if req.include_usage:
-        yield chunk([], _usage(gen.num_prompt_tokens, sum(completion_tokens)))
+        yield chunk([], _usage(gen, sum(completion_tokens)))
     yield sse("[DONE]")

@@ -221,6 +221,8 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # OpenAI's: `cached_tokens`, the prompt tokens read from the prefix cache instead of computed.
+    prompt_tokens_details: dict[str, int] | None = None
 
 
 class TopLogprob(BaseModel):

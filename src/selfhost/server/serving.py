@@ -51,10 +51,17 @@ class Generation:
     request_id: str
     cache_salt: bytes | None = None  # prefix-cache scope (LLMEngine.add_request)
     started: float = field(default_factory=time.perf_counter)
+    cached_by_job: dict[int, int] = field(default_factory=dict)  # job -> prompt tokens the prefix cache held
 
     @property
     def num_prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens read from the prefix cache, each prompt counted once (as its first choice found it)."""
+        per_prompt = len(self.jobs) // max(1, len(self.prompts))
+        return sum(self.cached_by_job.get(i * per_prompt, 0) for i in range(len(self.prompts)))
 
 
 @dataclass
@@ -162,6 +169,7 @@ class Serving:
                         first_token = time.perf_counter()
                     new = delta.num_output_tokens - num_output[index]
                     num_output[index] = delta.num_output_tokens
+                    gen.cached_by_job[index] = delta.num_cached_tokens
                     self.metrics.observe_tokens(new)
                     yield index, delta
         finally:
