@@ -170,8 +170,9 @@ class CountTokensRequest(ConversationFields):
 # -- responses ------------------------------------------------------------------
 
 class AnthropicUsage(BaseModel):
-    input_tokens: int
+    input_tokens: int  # Anthropic's count leaves out the prompt tokens read from the cache
     output_tokens: int
+    cache_read_input_tokens: int = 0  # prompt tokens read from the prefix cache
 
 
 class MessageResponse(BaseModel):

@@ -109,8 +109,9 @@ async def _message(serving: Serving, req: MessagesRequest, gen: Generation) -> M
     content = ([TextBlock(text=text)] if text else []) + [_tool_use(c) for c in calls]
     return MessageResponse(id=message_id(), model=req.model, content=content,
                            stop_reason=_stop_reason(result.finish_reason, bool(calls), stop), stop_sequence=stop,
-                           usage=AnthropicUsage(input_tokens=gen.num_prompt_tokens,
-                                                output_tokens=len(result.token_ids)))
+                           usage=AnthropicUsage(input_tokens=gen.num_prompt_tokens - gen.num_cached_tokens,
+                                                output_tokens=len(result.token_ids),
+                                                cache_read_input_tokens=gen.num_cached_tokens))
 
 
 # -- streams ----------------------------------------------------------------------
@@ -192,5 +193,9 @@ async def _message_events(serving: Serving, req: MessagesRequest, gen: Generatio
         stop = _matched_stop(served.llm.tokenizer, text, token_ids, req.stop_sequences)
     yield _event("message_delta", {"delta": {"stop_reason": _stop_reason(finish, bool(calls), stop),
                                              "stop_sequence": stop},
-                                   "usage": {"output_tokens": len(token_ids)}})
+                                   # message_start goes out before the prompt is admitted; the split
+                                   # between computed and cached prompt tokens is known here
+                                   "usage": {"output_tokens": len(token_ids),
+                                             "input_tokens": gen.num_prompt_tokens - gen.num_cached_tokens,
+                                             "cache_read_input_tokens": gen.num_cached_tokens}})
     yield _event("message_stop", {})
