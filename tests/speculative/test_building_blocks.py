@@ -9,7 +9,8 @@ from scipy.stats import chi2
 from selfhost.speculative.adaptive import (PROBE_EVERY, AcceptanceCounts, AcceptanceModel, Candidate,
                                            expected_tokens, plan_lengths)
 from selfhost.speculative.ngram import NgramProposer
-from selfhost.speculative.verify import accept_argmax, accept_greedy, accept_sampled, draw, row_argmax
+from selfhost.layers.sampler import draw
+from selfhost.speculative.verify import accept_argmax, accept_greedy, accept_sampled, row_argmax
 
 
 def test_ngram_continues_the_most_recent_longest_match():

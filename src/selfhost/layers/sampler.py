@@ -45,8 +45,8 @@ class SamplerRow:
     num_logprobs: int | None = None  # alternatives returned per token; None: no logprobs at all
     logits_processors: tuple[LogitsProcessor, ...] = ()
     seed: int | None = None
-    # One generator per device, made on first use: torch.multinomial only takes a
-    # generator on the device of the probabilities it draws from.
+    # One generator per device, made on first use: a draw takes a generator on the device of the
+    # probabilities it draws from.
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, repr=False)
 
     @property
@@ -166,6 +166,19 @@ def plain_greedy(logits: np.ndarray) -> SampleResult:
     return SampleResult(logits.argmax(axis=-1).tolist(), [None] * logits.shape[0])
 
 
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One index drawn with probability proportional to `weights` (non-negative, not all zero).
+
+    On CPU by inverse CDF (a uniform from `generator` against the float64 running sum): ~10 us for
+    4,096 entries, where torch.multinomial takes ~110-210 (most of a small model's sampled decode step)."""
+    if weights.device.type != "cpu":
+        return int(torch.multinomial(weights, 1, generator=generator))
+    cdf = weights.double().numpy().cumsum()
+    u = float(torch.rand((), dtype=torch.float64, generator=generator)) * cdf[-1]
+    # The first entry whose running sum exceeds u: never one of zero weight (its sum equals its predecessor's).
+    return min(int(np.searchsorted(cdf, u, side="right")), len(cdf) - 1)
+
+
 def sample(logits: torch.Tensor, rows: list[SamplerRow], token_masks: TokenMasks | None = None) -> SampleResult:
     """logits: (N, vocab) fp32, one row per entry of `rows`; `token_masks` limit what some rows may sample.
 
@@ -193,8 +206,8 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow], token_masks: TokenMasks
     if sampled_rows:
         sub_rows = [rows[i] for i in sampled_rows]
         probs = filter_logits(logits[sampled_rows], sub_rows).softmax(dim=-1)
-        draws = [torch.multinomial(probs[j], 1, generator=r.generator(probs.device)) for j, r in enumerate(sub_rows)]
-        chosen[sampled_rows] = torch.cat(draws)
+        chosen[sampled_rows] = torch.tensor([draw(probs[j], r.generator(probs.device))
+                                             for j, r in enumerate(sub_rows)], dtype=chosen.dtype)
 
     token_ids = chosen.tolist()
     logprobs: list = [None] * len(rows)

@@ -20,7 +20,7 @@ from selfhost.engine.model_runner import ModelRunner
 from selfhost.engine.kv_stores import kv_cache_type
 from selfhost.engine.scheduler import ScheduledChunk
 from selfhost.engine.sequence import Sequence
-from selfhost.layers.sampler import filter_logits
+from selfhost.layers.sampler import draw, filter_logits
 from selfhost.layers.bf16_linear import Bf16Linear, best_layout, c_kernel_available, measure_few_rows_max, tiles_available
 from selfhost.layers.linear import Linear
 from selfhost.models.decoder import CausalLM
@@ -244,7 +244,7 @@ class DraftProposer:
         the draft's logits), with q kept for the rejection test."""
         row = state.sampler_row
         q = filter_logits(logits.unsqueeze(0).float(), [row]).softmax(dim=-1)[0]
-        return int(torch.multinomial(q, 1, generator=row.generator(q.device))), q
+        return draw(q, row.generator(q.device)), q
 
     def release(self, seq: Sequence) -> None:
         if seq.speculation is not None and seq.speculation.draft is not None:
