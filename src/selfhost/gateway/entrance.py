@@ -22,7 +22,8 @@ import secrets
 
 from selfhost.gateway.admission import carries_virtual_key, presented_key
 from selfhost.gateway.ollama_bridge import OLLAMA_PATHS
-from selfhost.gateway.router import ENDPOINTS, GatewayRouter, json_object
+from selfhost.gateway.router import ENDPOINTS, GatewayRouter
+from selfhost.gateway.wire_json import json_object
 from selfhost.server.app import AccessLog
 from selfhost.server.guards import API_KEY_DIGEST, CatchAll
 from selfhost.server.models import canonical

@@ -18,7 +18,6 @@ and drops it unless the client asked too); its cost goes in an SSE comment befor
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 from decimal import Decimal
 from pathlib import Path
@@ -29,6 +28,7 @@ from selfhost.gateway.ledger import Ledger, LedgerEntry, new_request_id
 from selfhost.gateway.proxy import COST_HEADER, REQUEST_ID_HEADER
 from selfhost.gateway.stream_tally import StreamTally
 from selfhost.gateway.usage import PricedUsage, usage_record
+from selfhost.gateway.wire_json import json_object
 from selfhost.plan.pricing import Cost, Unpriced, UsageRecord
 from selfhost.plan.serving_cost import ServingSpeed, device_setup, serving_speed
 
@@ -204,22 +204,14 @@ class LocalMeter:
 _OLLAMA_DONE = re.compile(rb'"done"\s*:\s*true')
 
 
-def _json_object(body: bytes) -> dict | None:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
-
-
 def _openai_usage(body: bytes) -> UsageRecord | None:
-    parsed = _json_object(body)
+    parsed = json_object(body)
     return usage_record(parsed.get("usage")) if parsed is not None else None
 
 
 def _ollama_usage(body: bytes) -> UsageRecord | None:
     """Ollama's final object counts the prompt (`prompt_eval_count`) and the generated tokens (`eval_count`)."""
-    parsed = _json_object(body)
+    parsed = json_object(body)
     if parsed is None or not isinstance(parsed.get("eval_count"), int):
         return None
     prompt = parsed.get("prompt_eval_count")

@@ -16,7 +16,7 @@ import json
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from selfhost.gateway import wire_json
+from selfhost.gateway.wire_json import json_object
 from selfhost.gateway.admission import carries_virtual_key, presented_key
 from selfhost.gateway.ollama_bridge import OLLAMA_PATHS, ollama_response, openai_payload
 from selfhost.gateway.proxy import BACKEND_HEADER, LocalFallback, ProxyRequest
@@ -196,12 +196,3 @@ def _replay(body: bytes, receive):
         return await receive()
 
     return replayed
-
-
-def json_object(body: bytes) -> dict | None:
-    """The body as a JSON object; None when it is not one (the routes behind say what is wrong with it)."""
-    try:
-        payload = wire_json.loads(body)
-    except ValueError:
-        return None
-    return payload if isinstance(payload, dict) else None

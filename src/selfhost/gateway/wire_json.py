@@ -28,6 +28,15 @@ def loads(data: bytes | str):
     return json.loads(data)
 
 
+def json_object(body: bytes) -> dict | None:
+    """The body as a JSON object; None when it is not one (whoever reads it says what is wrong with it)."""
+    try:
+        payload = loads(body)
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
 def dumps(value) -> bytes:
     """`value` as UTF-8 JSON text."""
     if orjson is not None:
