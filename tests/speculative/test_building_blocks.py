@@ -120,7 +120,13 @@ def test_acceptance_is_counted_by_position_and_evidence():
         model.record(own, "short match", proposed=4, accepted=0)  # only position 0 tried, rejected
     assert min(model.rates(own, "long match")) > 0.85
     short = model.rates(own, "short match")
-    assert short[0] < 0.1 and short[1:] == [0.5] * 3  # positions never reached keep the prior
+    assert short[0] < 0.1 and short[1] == short[2] == short[3]  # positions never reached: as the one before
+    # Proposals always kept at positions 0-2 and never longer: position 3, never tried, is priced as position 2
+    # (so a longer proposal gets made and measured), not at the first-position prior.
+    for _ in range(20):
+        model.record(own, "quote", proposed=3, accepted=3)
+    quote = model.rates(own, "quote")
+    assert quote[3] > 0.85 and abs(quote[3] - quote[2]) < 0.05
     # Another sequence starts from the engine's counts, then follows its own.
     other = AcceptanceCounts()
     assert model.rates(other, "short match")[0] < 0.1
@@ -217,12 +223,13 @@ def test_a_curve_that_overprices_wider_steps_is_measured_again(target):
 
 
 @pytest.mark.parametrize("streams", [1, 4])
-def test_a_batch_whose_plan_is_empty_skips_its_lookups_until_the_next_plan(target, monkeypatch, streams):
-    """Several streams whose plan came out empty look up nothing until the plan is made again
-    (REPLAN_IDLE_EVERY steps on); one stream looks up every step, so a quote is proposed as it starts."""
+def test_a_batch_whose_plan_is_empty_sits_out_until_the_next_plan(target, monkeypatch, streams):
+    """After a planned step that proposed nothing, the same batch's next steps look up nothing (and time nothing)
+    until every QUIET_STEPS_ONE_STREAM'th (one stream) or QUIET_STEPS_BATCH'th idle step plans again; a step
+    that proposes, or a batch of another size, plans at once."""
     from selfhost import LLM, SamplingParams
     from selfhost.speculative import ngram
-    from selfhost.speculative.speculator import PROBE_EVERY, REPLAN_IDLE_EVERY, Speculator
+    from selfhost.speculative.speculator import PROBE_EVERY, QUIET_STEPS_BATCH, QUIET_STEPS_ONE_STREAM, Speculator
 
     llm = LLM(target, speculative="ngram", num_speculative_tokens=4, kv_cache_memory="4MiB")
     speculator = llm.engine.speculator
@@ -239,17 +246,29 @@ def test_a_batch_whose_plan_is_empty_skips_its_lookups_until_the_next_plan(targe
     monkeypatch.setattr(speculator, "_could_pay", lambda *args: True)  # lookups are what is counted here
     lookups, original = [], ngram.NgramIndex.lookup
     monkeypatch.setattr(ngram.NgramIndex, "lookup", lambda self, *args: lookups.append(1) or original(self, *args))
+    gap = QUIET_STEPS_ONE_STREAM if streams == 1 else QUIET_STEPS_BATCH
+    assert PROBE_EVERY % gap == 0  # probes fall on planned steps
     steps = PROBE_EVERY - 1  # no probe among them
-    per_step = []
+    empty_steps = speculator.step_cost_for(0)  # record_step([]) times an empty step: 0 tokens, 0 sequences
+    per_step, timed = [], []
     for _ in range(steps):
         before = len(lookups)
         speculator.propose(seqs, 64)
         per_step.append(len(lookups) - before)
         assert not any(seq.proposed for seq in seqs)
-    if streams == 1:
-        assert per_step == [1] * steps
-    else:
-        assert per_step == [streams if i % REPLAN_IDLE_EVERY == 0 else 0 for i in range(steps)]
+        speculator.record_step([], 0.001)
+        timed.append(empty_steps.measured_counts.get(0) is not None and empty_steps._averages[0].count)
+    # Idle step i (1-based) is planned where i is a multiple of the gap; the first step always plans.
+    planned = [i == 0 or (i + 1) % gap == 0 for i in range(steps)]
+    assert per_step == [streams if p else 0 for p in planned]
+    assert [t for t, _ in zip(timed, planned)] == [sum(planned[:i + 1]) for i in range(steps)]  # sat-out steps untimed
+    # A batch of another size plans at once.
+    other = llm.engine.add_request("other", [5, 6, 7, 8] * 10, SamplingParams(max_tokens=500, temperature=0,
+                                                                           ignore_eos=True))
+    other.num_computed_tokens = other.num_tokens - 1
+    before = len(lookups)
+    speculator.propose(seqs + [other], 64)
+    assert len(lookups) - before == streams + 1
 
 
 def test_probes_that_change_nothing_come_ever_less_often(target):

@@ -30,11 +30,20 @@ from selfhost.speculative.verify import accept_argmax, accept_greedy, accept_sam
 # Without a measured plain step of the current size, one in this many steps runs without
 # proposals, so the comparison always has both sides.
 PLAIN_PROBE_EVERY = 16
-# While plans come out empty, the same candidates (same proposal lengths and evidence, same step size) are
-# planned again only every this many steps: a stream its proposals cannot speed up then pays for the lookup
-# alone. Evidence that changes (a longer match) is planned at once; the counts behind an empty plan change
-# only by probes (PROBE_EVERY).
-REPLAN_IDLE_EVERY = 8
+# After a step whose plan proposed nothing, the speculator sits out the following steps of the same batch
+# (no lookup, no plan, no step timing) and plans again only on every this many'th idle step: one stream's
+# lookup, plan and timing cost ~18 us of a ~0.3-0.4 ms step on text with nothing to copy (demo model, 2-core
+# Xeon: 0.91-0.94x of plain decoding), four streams' lookups ~12% of a step. A quote that starts is then
+# proposed up to QUIET_STEPS_ONE_STREAM - 1 tokens late. A draft model's proposals rest on nothing that changes
+# from one idle step to the next (a lookup's do: a match that starts), so a draft engine sits out until the next
+# probe (PROBE_EVERY). All divide PROBE_EVERY, so probes fall on planned steps.
+QUIET_STEPS_ONE_STREAM = 4
+QUIET_STEPS_BATCH = 8
+# While plans come out empty, candidates with the same evidence and step size are not planned again for this
+# many idle steps unless one may propose more tokens than then (fewer choices cannot make an empty plan pay):
+# evidence that changes (a longer match) is planned at once, and the counts behind an empty plan change only
+# by probes (one per PROBE_EVERY idle steps).
+REPLAN_IDLE_EVERY = PROBE_EVERY
 # A probe (see Speculator._lengths) is taken only if it makes its step at most this much dearer.
 PROBE_COST = 0.25
 # ... and after this many steps that propose nothing whatever the curve says it costs: one early slow
@@ -109,11 +118,17 @@ class Speculator:
         self._idle_steps = 0  # steps in a row where sequences could have proposed and none did
         self._unpriced_gap = UNPRICED_PROBE_EVERY  # idle steps from one unpriced probe to the next
         self._next_unpriced = UNPRICED_PROBE_EVERY  # ... the idle step that takes the next one
-        self._idle_key = None  # what the last empty plan was made for
-        # Empty plans of the idle streak by what they were made for -> the idle step until which they hold (see
-        # REPLAN_IDLE_EVERY): one stream's lookups find other matches step after step (a 2-token match, then a
-        # 3-token one, ...), and planning each anew cost ~21 us of a ~0.45 ms step on novel text (demo model).
-        self._empty_plans: dict[tuple, int] = {}
+        self._quiet_batch: int | None = None  # the batch size whose last planned step proposed nothing
+        self._sits_out = config.when == "measured"  # "always" looks up every step
+        # idle steps from one planned step to the next: (one stream, a batch)
+        self._quiet_steps = ((QUIET_STEPS_ONE_STREAM, QUIET_STEPS_BATCH) if config.method == "ngram"
+                             else (PROBE_EVERY, PROBE_EVERY))
+        self._quiet_step = False  # whether this step sat out (see QUIET_STEPS_ONE_STREAM)
+        # Empty plans of the idle streak by the step size and candidates' evidence -> (the idle step until which
+        # they hold, the candidates' lengths then) (see REPLAN_IDLE_EVERY): one stream's lookups find other
+        # matches step after step (a 2-token match, then a 3-token one, ...), and planning each anew cost ~21 us
+        # of a ~0.45 ms step on novel text (demo model).
+        self._empty_plans: dict[tuple, tuple[int, tuple[int, ...]]] = {}
         self._proposing_steps = 0
         self._propose_calls = 0  # steps so far (the engine proposes once a step)
         self._could_pay_cache: dict[tuple[int, int, int, bool], tuple[bool, int]] = {}  # step shape -> (answer, until)
@@ -152,10 +167,21 @@ class Speculator:
 
     def propose(self, running: list[Sequence], token_budget: int) -> None:
         """Set `seq.proposed` for the running sequences worth speculating on this step (others: [])."""
+        batch = len(running)
+        if batch == self._quiet_batch and (self._idle_steps + 1) % self._quiet_steps[batch > 1]:
+            # The last planned step proposed nothing, so no sequence holds a proposal: sit this one out.
+            self._propose_calls += 1
+            self._idle_steps += 1
+            self._quiet_step = True
+            return
+        self._quiet_step = False
+        self._quiet_batch = None
         started = time.perf_counter()
         draft_seconds = self._propose(running, token_budget)
         if self._step_sequences:
             self._step_overhead += time.perf_counter() - started - draft_seconds
+        if not self._sits_out:
+            self._quiet_batch = None
 
     def _propose(self, running: list[Sequence], token_budget: int) -> float:
         """propose(); returns the seconds the draft model's passes took."""
@@ -185,17 +211,9 @@ class Speculator:
             self._streak = 0
             self._idle_steps += 1
             if not self._unpriced_probe_due():
+                self._quiet_batch = len(running)
                 return 0.0
             unpriced_probe = True  # the curve may be what says no: measure a wider step now and then
-        elif (decoding > 1 and self._idle_key is not None and self._idle_key[0] == plain_tokens
-              and self._idle_steps % REPLAN_IDLE_EVERY):
-            # The last plan for a step of this shape proposed nothing: until it is made again (see
-            # REPLAN_IDLE_EVERY), skip the lookups too. Four streams' lookups cost ~12% of a step that
-            # then proposed nothing (copy workload, 2-core Xeon); one stream's lookup is kept every step,
-            # so a quote that starts is proposed at once.
-            self._streak = 0
-            self._idle_steps += 1
-            return 0.0
         candidates = []
         num_tokens = self.config.num_tokens
         for seq, state in eligible:
@@ -213,13 +231,18 @@ class Speculator:
             else:
                 state.evidence = (state.greedy,)
             candidates.append((seq, state, k))
-        if not candidates:
+        if not candidates:  # nothing to propose: an idle step
             self._streak = 0
+            if not unpriced_probe:  # (which counted it already)
+                self._idle_steps += 1
+            self._quiet_batch = len(running)
             return 0.0
         lengths = (self._probe(candidates) if unpriced_probe
                    else self._lengths(self.step_cost_for(len(running)), plain_tokens, decoding, candidates))
         if not any(lengths):
             self._streak = 0
+            if self._idle_steps:  # the plan proposed nothing (not a plain step taken to measure one)
+                self._quiet_batch = len(running)
             return 0.0
         self._streak += 1
         chosen = [(seq, state, k) for (seq, state, _), k in zip(candidates, lengths) if k > 0]
@@ -280,9 +303,11 @@ class Speculator:
         """How many tokens each candidate proposes this step (see adaptive.py); all zeros: a plain step."""
         if self.config.when == "always":
             return [k for _, _, k in candidates]
-        key = (plain_tokens, tuple((k, state.evidence) for _, state, k in candidates))
-        if self._empty_plans.get(key, -1) > self._idle_steps:
-            lengths = [0] * len(candidates)  # as a recent plan for the same candidates said (see REPLAN_IDLE_EVERY)
+        key = (plain_tokens, tuple(state.evidence for _, state, _ in candidates))
+        ks = tuple(k for _, _, k in candidates)
+        empty = self._empty_plans.get(key)
+        if empty is not None and empty[0] > self._idle_steps and all(map(int.__le__, ks, empty[1])):
+            lengths = [0] * len(candidates)  # as a recent plan for such candidates said (see REPLAN_IDLE_EVERY)
         elif plain_tokens not in cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
             return [0] * len(candidates)  # measure a plain step of this size
         elif cost.seconds(plain_tokens) is None:
@@ -295,17 +320,15 @@ class Speculator:
             if not any(lengths):
                 if len(self._empty_plans) >= 256:
                     self._empty_plans.clear()
-                self._empty_plans[key] = self._idle_steps + REPLAN_IDLE_EVERY
+                self._empty_plans[key] = (self._idle_steps + REPLAN_IDLE_EVERY, ks)
         # A step where nobody proposes still probes now and then: one token for the sequence that has gone
         # longest without proposing (its counts, and the engine's, would otherwise never change), where one
         # more token makes the step little dearer. One probe per PROBE_EVERY such steps, whatever the batch.
         if any(lengths):
-            self._idle_key = None
             self._idle_steps = 0
             self._empty_plans.clear()
             self._unpriced_gap = self._next_unpriced = UNPRICED_PROBE_EVERY
             return lengths
-        self._idle_key = key
         self._idle_steps += 1
         if self._idle_steps % PROBE_EVERY:
             return lengths
@@ -371,7 +394,10 @@ class Speculator:
 
         Only steps of decodes and verifications are timed: a prompt chunk of n tokens runs another
         path (the prompt kernels, the layers one by one) at another cost than n decode or
-        verification rows, and counted as one it would make proposals look dear."""
+        verification rows, and counted as one it would make proposals look dear. A step that sat out is
+        not timed either: the planned steps among the quiet ones keep the plain step's time current."""
+        if self._quiet_step:
+            return
         num_tokens = 0
         for chunk in chunks:
             if chunk.num_own_tokens != 1:
