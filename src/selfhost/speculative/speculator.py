@@ -30,15 +30,15 @@ from selfhost.speculative.verify import accept_argmax, accept_greedy, accept_sam
 # Without a measured plain step of the current size, one in this many steps runs without
 # proposals, so the comparison always has both sides.
 PLAIN_PROBE_EVERY = 16
-# After a step whose plan proposed nothing, the speculator sits out the following steps of the same batch
-# (no lookup, no plan, no step timing) and plans again only on every this many'th idle step: one stream's
-# lookup, plan and timing cost ~18 us of a ~0.3-0.4 ms step on text with nothing to copy (demo model, 2-core
-# Xeon: 0.91-0.94x of plain decoding), four streams' lookups ~12% of a step. A quote that starts is then
-# proposed up to QUIET_STEPS_ONE_STREAM - 1 tokens late. A draft model's proposals rest on nothing that changes
-# from one idle step to the next (a lookup's do: a match that starts), so a draft engine sits out until the next
-# probe (PROBE_EVERY). All divide PROBE_EVERY, so probes fall on planned steps.
-QUIET_STEPS_ONE_STREAM = 4
-QUIET_STEPS_BATCH = 8
+# After a step whose plan proposed nothing, the speculator sits out the same batch's following steps (no
+# lookup, no plan, no step timing) and plans again only on every QUIET_STEPS'th idle step: one stream's lookup,
+# plan and timing had cost ~18 us of a ~0.3-0.4 ms step on text with nothing to copy (demo model, 2-core Xeon:
+# 0.91-0.94x of plain decoding), four streams' lookups ~12% of a step. A quote that starts is then proposed up to
+# QUIET_STEPS - 1 tokens late (every 4th step measured no better on the copy workload, and ~3 us a step
+# dearer on novel text). A draft model's proposals rest on nothing that changes from one idle step to the next
+# (a lookup's do: a match that starts), so a draft engine sits out until the next probe (PROBE_EVERY). Both
+# divide PROBE_EVERY, so probes fall on planned steps.
+QUIET_STEPS = 8
 # While plans come out empty, candidates with the same evidence and step size are not planned again for this
 # many idle steps unless one may propose more tokens than then (fewer choices cannot make an empty plan pay):
 # evidence that changes (a longer match) is planned at once, and the counts behind an empty plan change only
@@ -120,10 +120,8 @@ class Speculator:
         self._next_unpriced = UNPRICED_PROBE_EVERY  # ... the idle step that takes the next one
         self._quiet_batch: int | None = None  # the batch size whose last planned step proposed nothing
         self._sits_out = config.when == "measured"  # "always" looks up every step
-        # idle steps from one planned step to the next: (one stream, a batch)
-        self._quiet_steps = ((QUIET_STEPS_ONE_STREAM, QUIET_STEPS_BATCH) if config.method == "ngram"
-                             else (PROBE_EVERY, PROBE_EVERY))
-        self._quiet_step = False  # whether this step sat out (see QUIET_STEPS_ONE_STREAM)
+        self._quiet_steps = QUIET_STEPS if config.method == "ngram" else PROBE_EVERY  # idle steps a plan holds
+        self._quiet_step = False  # whether this step sat out (see QUIET_STEPS)
         # Empty plans of the idle streak by the step size and candidates' evidence -> (the idle step until which
         # they hold, the candidates' lengths then) (see REPLAN_IDLE_EVERY): one stream's lookups find other
         # matches step after step (a 2-token match, then a 3-token one, ...), and planning each anew cost ~21 us
@@ -168,7 +166,7 @@ class Speculator:
     def propose(self, running: list[Sequence], token_budget: int) -> None:
         """Set `seq.proposed` for the running sequences worth speculating on this step (others: [])."""
         batch = len(running)
-        if batch == self._quiet_batch and (self._idle_steps + 1) % self._quiet_steps[batch > 1]:
+        if batch == self._quiet_batch and (self._idle_steps + 1) % self._quiet_steps:
             # The last planned step proposed nothing, so no sequence holds a proposal: sit this one out.
             self._propose_calls += 1
             self._idle_steps += 1
