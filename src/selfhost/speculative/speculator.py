@@ -38,11 +38,6 @@ PLAIN_PROBE_EVERY = 16
 # (a lookup's do: a match that starts), so a draft engine sits out until the next probe (PROBE_EVERY). Both
 # divide PROBE_EVERY, so probes fall on planned steps.
 QUIET_STEPS = 8
-# While plans come out empty, candidates with the same evidence and step size are not planned again for this
-# many idle steps unless one may propose more tokens than then (fewer choices cannot make an empty plan pay):
-# evidence that changes (a longer match) is planned at once, and the counts behind an empty plan change only
-# by probes (one per PROBE_EVERY idle steps).
-REPLAN_IDLE_EVERY = PROBE_EVERY
 # A probe (see Speculator._lengths) is taken only if it makes its step at most this much dearer.
 PROBE_COST = 0.25
 # ... and after this many steps that propose nothing whatever the curve says it costs: one early slow
@@ -89,11 +84,6 @@ class Speculator:
         self._sits_out = config.when == "measured"  # "always" looks up every step
         self._quiet_steps = QUIET_STEPS if config.method == "ngram" else PROBE_EVERY  # idle steps a plan holds
         self._quiet_step = False  # whether this step sat out (see QUIET_STEPS)
-        # Empty plans of the idle streak by the step size and candidates' evidence -> (the idle step until which
-        # they hold, the candidates' lengths then) (see REPLAN_IDLE_EVERY): one stream's lookups find other
-        # matches step after step (a 2-token match, then a 3-token one, ...), and planning each anew cost ~21 us
-        # of a ~0.45 ms step on novel text (demo model).
-        self._empty_plans: dict[tuple, tuple[int, tuple[int, ...]]] = {}
         self._proposing_steps = 0
         self._propose_calls = 0  # steps so far (the engine proposes once a step)
         self._could_pay_cache: dict[tuple[int, int, int, bool], tuple[bool, int]] = {}  # step shape -> (answer, until)
@@ -268,12 +258,7 @@ class Speculator:
         """How many tokens each candidate proposes this step (see adaptive.py); all zeros: a plain step."""
         if self.config.when == "always":
             return [k for _, _, k in candidates]
-        key = (plain_tokens, tuple(state.evidence for _, state, _ in candidates))
-        ks = tuple(k for _, _, k in candidates)
-        empty = self._empty_plans.get(key)
-        if empty is not None and empty[0] > self._idle_steps and all(map(int.__le__, ks, empty[1])):
-            lengths = [0] * len(candidates)  # as a recent plan for such candidates said (see REPLAN_IDLE_EVERY)
-        elif plain_tokens not in cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
+        if plain_tokens not in cost.measured_counts and self._streak >= PLAIN_PROBE_EVERY:
             return [0] * len(candidates)  # measure a plain step of this size
         elif cost.seconds(plain_tokens) is None:
             return [k for _, _, k in candidates]  # nothing measured yet: try, and the step is measured
@@ -282,16 +267,11 @@ class Speculator:
                 [Candidate(k, self.acceptance.rates(state.counts, state.evidence)) for _, state, k in candidates],
                 cost.seconds, plain_tokens, decoding, self._overhead_per_sequence(_all_greedy(candidates)),
                 self._draft_seconds_per_pass.value or 0.0, REQUIRED_GAIN)
-            if not any(lengths):
-                if len(self._empty_plans) >= 256:
-                    self._empty_plans.clear()
-                self._empty_plans[key] = (self._idle_steps + REPLAN_IDLE_EVERY, ks)
         # A step where nobody proposes still probes now and then: one token for the sequence that has gone
         # longest without proposing (its counts, and the engine's, would otherwise never change), where one
         # more token makes the step little dearer. One probe per PROBE_EVERY such steps, whatever the batch.
         if any(lengths):
             self._idle_steps = 0
-            self._empty_plans.clear()
             self._unpriced_gap = self._next_unpriced = UNPRICED_PROBE_EVERY
             return lengths
         self._idle_steps += 1
